@@ -1,0 +1,83 @@
+"""cloudio: cloud objects written in a process are at once readable by GDAL/Rasterio,
+fsspec/Zarr/Xarray and every worker of a Dask cluster.
+
+``import cloudio`` does no work: the public names below load their modules on
+first use, so no GDAL, gcsfs or emulator is touched until called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    BucketNotFoundError,
+    CloudioError,
+    ConfigurationError,
+    EmulatorError,
+    IntegrityError,
+    InvalidURLError,
+    ObjectNotFoundError,
+    UnsafeChunkingError,
+    UploadError,
+)
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "open": "._open",
+    "write_vrt": "._vrt",
+    "session": "._session",
+    "invalidate": "._session",
+    "filesystem": "._fsspec",
+    "zarr_store": "._zarr",
+    "open_zarr": "._xarray",
+    "to_zarr": "._xarray",
+    "save_array": "._arrays",
+    "load_array": "._arrays",
+    "Emulator": ".emulator",
+}
+
+__all__ = [
+    "BucketNotFoundError",
+    "CloudioError",
+    "ConfigurationError",
+    "Emulator",
+    "EmulatorError",
+    "IntegrityError",
+    "InvalidURLError",
+    "ObjectNotFoundError",
+    "UnsafeChunkingError",
+    "UploadError",
+    "__version__",
+    *_LAZY,
+]
+__all__ = list(dict.fromkeys(__all__))
+
+if TYPE_CHECKING:
+    from ._arrays import load_array, save_array
+    from ._fsspec import filesystem
+    from ._open import open
+    from ._session import invalidate, session
+    from ._vrt import write_vrt
+    from ._xarray import open_zarr, to_zarr
+    from ._zarr import zarr_store
+    from .emulator import Emulator
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name == "dask":
+        return importlib.import_module(".dask", __name__)
+    raise AttributeError(f"module 'cloudio' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | {"dask"})

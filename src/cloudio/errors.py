@@ -1,0 +1,57 @@
+"""One exception hierarchy, rooted at :class:`CloudioError`.
+
+Each subclass also derives from the builtin a caller already catches
+(``FileNotFoundError``, ``ValueError``, ...), the way zarr and rasterio mix
+their errors with builtins, so ``except FileNotFoundError`` keeps working.
+Messages name the URL and the next step; they never carry credentials.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CloudioError",
+    "InvalidURLError",
+    "ObjectNotFoundError",
+    "BucketNotFoundError",
+    "IntegrityError",
+    "UploadError",
+    "EmulatorError",
+    "UnsafeChunkingError",
+    "ConfigurationError",
+]
+
+
+class CloudioError(Exception):
+    """Root of every error cloudio raises."""
+
+
+class InvalidURLError(CloudioError, ValueError):
+    """A URL cloudio cannot map to one object or prefix."""
+
+
+class ObjectNotFoundError(CloudioError, FileNotFoundError):
+    """The object (or prefix) does not exist on the server."""
+
+
+class BucketNotFoundError(ObjectNotFoundError):
+    """The bucket itself does not exist."""
+
+
+class IntegrityError(CloudioError, OSError):
+    """What the server stored differs from what was sent (size or CRC32C)."""
+
+
+class UploadError(CloudioError, OSError):
+    """An upload failed after its retries; nothing was journaled."""
+
+
+class EmulatorError(CloudioError, RuntimeError):
+    """The GCS emulator could not be started or reached."""
+
+
+class UnsafeChunkingError(CloudioError, ValueError):
+    """Dask chunks would make several tasks write one Zarr shard."""
+
+
+class ConfigurationError(CloudioError, ValueError):
+    """An option or environment variable has a value cloudio cannot use."""
