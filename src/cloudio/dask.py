@@ -1,0 +1,122 @@
+"""Journal records travel between the processes of a Dask cluster.
+
+``cloudio.dask.install(client)`` wires three parts together:
+
+* the client forwards every change it records to the scheduler over its own
+  batched stream, *before* the graph it submits next (one FIFO stream);
+* a worker forwards every change a task records to the scheduler over the
+  worker's batched stream, before that task's "task-finished" message;
+* the scheduler relays each change at once to every other worker and client,
+  again before anything it sends later (a dependent task's "compute-task").
+
+So a task that runs after another task wrote (a dependency, or anything the
+client submits after seeing the result) always has the change in its
+process's journal first, and its caches are invalidated before it reads.
+Each receiver replays changes into its own journal without echoing them back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from ._journal import Change, journal
+
+if TYPE_CHECKING:
+    from distributed import Client, Scheduler, Worker
+
+__all__ = ["install"]
+
+log = logging.getLogger(__name__)
+_OP = "cloudio-journal"
+_PLUGIN = "cloudio-journal"
+
+
+def _encode(change: Change) -> dict[str, Any]:
+    return asdict(change)
+
+
+def _replay(changes: list[dict[str, Any]]) -> None:
+    journal().replay(Change(**c) for c in changes)
+
+
+try:
+    from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+except ImportError:  # pragma: no cover - optional dependency
+    SchedulerPlugin = WorkerPlugin = object  # type: ignore[assignment,misc]
+
+
+class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
+    """Scheduler side: relay each change to every worker and client but its sender."""
+
+    name = _PLUGIN
+    idempotent = True
+
+    async def start(self, scheduler: "Scheduler") -> None:
+        self.scheduler = scheduler
+
+        def relay(changes: list[dict[str, Any]], worker: str | None = None, client: str | None = None) -> None:
+            msg = {"op": _OP, "changes": changes}
+            for address, stream in list(scheduler.stream_comms.items()):
+                if address != worker:
+                    stream.send(dict(msg))
+            for client_id, stream in list(scheduler.client_comms.items()):
+                if client_id != client:
+                    stream.send(dict(msg))
+
+        scheduler.stream_handlers[_OP] = relay
+
+
+class _ForwardPlugin(WorkerPlugin):  # type: ignore[misc,valid-type]
+    """Worker side: forward local changes to the scheduler, replay the others'."""
+
+    name = _PLUGIN
+    idempotent = True
+
+    def setup(self, worker: "Worker") -> None:
+        self._worker = worker
+        worker.stream_handlers[_OP] = lambda changes, **_: _replay(changes)
+        journal().add_listener(self._forward)
+
+    def teardown(self, worker: "Worker") -> None:
+        journal().remove_listener(self._forward)
+
+    def _forward(self, change: Change) -> None:
+        worker = self._worker
+        # tasks record from executor threads; the stream belongs to the event loop
+        worker.loop.add_callback(worker.batched_send, {"op": _OP, "changes": [_encode(change)]})
+
+
+class _ClientForwarder:
+    def __init__(self, client: "Client") -> None:
+        self.client = client
+
+    def __call__(self, change: Change) -> None:
+        if self.client.status in ("running", "connecting", "newly-created"):
+            self.client._send_to_scheduler({"op": _OP, "changes": [_encode(change)]})
+
+
+_installed: dict[int, _ClientForwarder] = {}
+
+
+def install(client: "Client") -> None:
+    """Make journal records travel between ``client``'s process and every worker.
+
+    Call once per client, before submitting work that writes through cloudio.
+    Workers started later get the plugin too. Idempotent.
+
+    Notes
+    -----
+    Workers need cloudio installed and, for an emulator, ``STORAGE_EMULATOR_HOST``
+    in their environment (cloudio configures GDAL and gcsfs from it by itself).
+    """
+    if id(client) in _installed:
+        return
+    client.register_plugin(_RelayPlugin())
+    client.register_plugin(_ForwardPlugin())
+    forwarder = _ClientForwarder(client)
+    client._stream_handlers[_OP] = lambda changes, **_: _replay(changes)
+    journal().add_listener(forwarder)
+    _installed[id(client)] = forwarder
+    log.info("cloudio: journal relay installed on %s", client.scheduler.address if client.scheduler else client)

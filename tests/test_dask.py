@@ -1,0 +1,75 @@
+"""Journal records travel between Dask worker processes (cloudio.dask.install)."""
+
+from __future__ import annotations
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster_client(gcs_emulator):
+    # STORAGE_EMULATOR_HOST is set by gcs_emulator before the workers start, so they inherit it
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            import cloudio.dask
+
+            cloudio.dask.install(client)
+            yield client
+
+
+def _ls(prefix: str) -> list[str]:
+    """A raw gcsfs listing through the worker's long-lived (cached) instance."""
+    from cloudio._gcs import gcs_filesystem
+
+    return sorted(p.rsplit("/", 1)[-1] for p in gcs_filesystem().ls(prefix))
+
+
+def _write(url: str, data: bytes) -> str:
+    import cloudio
+
+    cloudio.filesystem(url).pipe(url, data)
+    return url
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def test_a_write_on_one_worker_is_seen_by_a_dependent_task_on_another(cluster_client, gcs_bucket):
+    client = cluster_client
+    w1, w2 = sorted(client.scheduler_info()["workers"])
+    assert client.submit(_pid, workers=[w1], pure=False).result() != client.submit(_pid, workers=[w2], pure=False).result()
+    prefix = f"{gcs_bucket}/d"
+    _write(f"{prefix}/a.bin", b"a")
+
+    # w1 lists d/ and caches the listing
+    assert client.submit(_ls, prefix, workers=[w1], allow_other_workers=False, pure=False).result() == ["a.bin"]
+    # w2 writes a new object; w1 lists again in a task that depends on the write
+    wrote = client.submit(_write, f"{prefix}/b.bin", b"b", workers=[w2], allow_other_workers=False, pure=False)
+    after = client.submit(lambda _, p: _ls(p), wrote, prefix, workers=[w1], allow_other_workers=False, pure=False)
+    assert after.result() == ["a.bin", "b.bin"]
+
+
+def test_a_write_in_the_client_reaches_the_workers(cluster_client, gcs_bucket):
+    client = cluster_client
+    w1 = sorted(client.scheduler_info()["workers"])[0]
+    prefix = f"{gcs_bucket}/e"
+    _write(f"{prefix}/a.bin", b"a")
+    assert client.submit(_ls, prefix, workers=[w1], pure=False).result() == ["a.bin"]
+    _write(f"{prefix}/c.bin", b"c")
+    assert client.submit(_ls, prefix, workers=[w1], pure=False).result() == ["a.bin", "c.bin"]
+
+
+def test_a_write_on_a_worker_reaches_the_client(cluster_client, gcs_bucket):
+    client = cluster_client
+    w1 = sorted(client.scheduler_info()["workers"])[0]
+    prefix = f"{gcs_bucket}/f"
+    _write(f"{prefix}/a.bin", b"a")
+    assert _ls(prefix) == ["a.bin"]
+    client.submit(_write, f"{prefix}/z.bin", b"z", workers=[w1], pure=False).result()
+    assert _ls(prefix) == ["a.bin", "z.bin"]
