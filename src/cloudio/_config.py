@@ -58,7 +58,7 @@ def _parse_endpoint(raw: str, source: str) -> Endpoint:
         raise ConfigurationError(
             f"{source}={raw!r} is not an emulator address; expected http://host:port (e.g. http://127.0.0.1:4443)"
         )
-    if parts.hostname in _GOOGLE_HOSTS:
+    if parts.hostname in _GOOGLE_HOSTS or parts.hostname.endswith((".googleapis.com", ".google.com")):
         raise ConfigurationError(
             f"{source}={raw!r} points at Google's own endpoint; cloudio uses anonymous access only with an "
             "emulator. Unset it to use real GCS with your credentials."

@@ -96,8 +96,10 @@ class Consumer:
     def on_change(self, change: Change) -> None:
         """Called by the journal for every change (outside its lock). Default: keep it pending."""
         with self._lock:
-            self._pending.pop(change.url, None)
-            self._pending[change.url] = change
+            old = self._pending.pop(change.url, None)
+            # writers notify outside the journal's lock, so two changes to one URL may
+            # arrive out of order: keep the newer one
+            self._pending[change.url] = old if old is not None and old.seq > change.seq else change
             if len(self._pending) > self._max:
                 for c in self._pending.values():
                     p = c.path
@@ -238,7 +240,12 @@ class WriteJournal:
 def _ensure_consumers() -> None:
     for lib, module in _CONSUMER_MODULES:
         if lib in sys.modules and module not in sys.modules:
-            importlib.import_module(module)  # registers its consumer with journal()
+            try:
+                importlib.import_module(module)  # registers its consumer with journal()
+            except ModuleNotFoundError as e:
+                if e.name != module:
+                    raise
+                # this build of cloudio has no consumer for that library: nothing to tell
 
 
 _journal = WriteJournal()

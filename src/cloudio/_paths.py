@@ -163,6 +163,8 @@ def normalize(url: str | os.PathLike[str]) -> str:
     """
     if is_gcs(url):
         return parse_gcs(os.fspath(url)).url
+    if not isinstance(url, str | os.PathLike):
+        raise InvalidURLError(f"{url!r} is not a URL or path (got {type(url).__name__})")
     s = os.fspath(url)
     scheme = s.split("://", 1)[0] if "://" in s else ""
     if scheme and scheme != "file":

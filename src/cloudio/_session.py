@@ -135,9 +135,13 @@ def current_consistency() -> Consistency:
     if env is not None and env.strip():
         raw = env.strip()
         try:
-            return _check_level(float(raw))
+            value: object = float(raw)
         except ValueError:
-            return _check_level(raw)
+            value = raw
+        try:
+            return _check_level(value)
+        except ConfigurationError as e:
+            raise ConfigurationError(f"CLOUDIO_CONSISTENCY={env!r}: {e}") from None
     return "session"
 
 

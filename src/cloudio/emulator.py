@@ -20,9 +20,11 @@ cloudio started, :meth:`Emulator.requests` parses those lines into
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -52,8 +54,10 @@ log = logging.getLogger(__name__)
 Mode = Literal["binary", "docker", "external"]
 _LINE_RE = re.compile(r'\\?"([A-Z]+) (\S+) HTTP/[0-9.]+\\?" (\d{3})')
 _MARK = "/_cloudio_mark/"
-_START_TIMEOUT = float(os.environ.get("CLOUDIO_EMULATOR_START_TIMEOUT", "30"))
+_DEFAULT_START_TIMEOUT = 30.0
 _live: set["Emulator"] = set()
+# The emulator is on loopback: never route its probes through an http_proxy from the environment.
+_urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +94,59 @@ def _binary_path() -> Path:
         ) from e
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: the emulator gets SIGTERM when the Python process dies, even on SIGKILL."""
+def _die_with_parent(parent: int) -> None:  # pragma: no cover - runs in the child
+    """Linux: the emulator gets SIGTERM when the Python process dies, even on SIGKILL.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child ends,
+    so servers are only ever forked from a thread that lives as long as the
+    process (see :func:`_popen`). If the parent died before ``prctl`` ran, the
+    signal will never come: exit at once instead.
+    """
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
+    if os.getppid() != parent:
+        os._exit(1)
     os.setpgrp()
+
+
+_spawn_lock = threading.Lock()
+_spawn_queue: "queue.SimpleQueue[tuple[concurrent.futures.Future[subprocess.Popen[bytes]], list[str], dict[str, object]]] | None" = None
+
+
+def _spawner_loop(q: "queue.SimpleQueue[tuple[concurrent.futures.Future[subprocess.Popen[bytes]], list[str], dict[str, object]]]") -> None:
+    while True:
+        fut, args, kwargs = q.get()
+        try:
+            fut.set_result(subprocess.Popen(args, **kwargs))  # type: ignore[call-overload]
+        except BaseException as e:  # handed to the caller's thread
+            fut.set_exception(e)
+
+
+def _popen(args: list[str], **kwargs: object) -> "subprocess.Popen[bytes]":
+    """``subprocess.Popen`` from a thread that lives as long as the process.
+
+    The main thread forks directly; any other thread (a thread pool, an
+    event loop's executor) hands the fork to one daemon thread, so the
+    server's parent-death signal is tied to the process, not to a thread
+    that may finish while the emulator is still in use.
+    """
+    global _spawn_queue
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(args, **kwargs)  # type: ignore[call-overload,no-any-return]
+    with _spawn_lock:
+        if _spawn_queue is None:
+            _spawn_queue = queue.SimpleQueue()
+            threading.Thread(
+                target=_spawner_loop, args=(_spawn_queue,), name="cloudio-emulator-spawner", daemon=True
+            ).start()
+        q = _spawn_queue
+    fut: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
+    q.put((fut, args, kwargs))
+    return fut.result()
 
 
 class Emulator:
@@ -114,6 +162,12 @@ class Emulator:
         ``"memory"`` (default) or ``"filesystem"`` (objects kept under ``root``).
     root
         Folder for the filesystem backend (a temporary one by default).
+    port
+        Port to listen on (binary and Docker modes); a free one by default.
+        Fixed ports clash under pytest-xdist: leave it unset in tests.
+    timeout
+        Seconds to wait for the server to answer; default from
+        ``CLOUDIO_EMULATOR_START_TIMEOUT``, else 30.
 
     Examples
     --------
@@ -128,6 +182,8 @@ class Emulator:
         *,
         backend: Literal["memory", "filesystem"] = "memory",
         root: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         if mode is None:
             env_mode = os.environ.get("CLOUDIO_EMULATOR")
@@ -146,6 +202,16 @@ class Emulator:
         self.mode: Mode = mode
         self.backend = backend
         self._root = Path(root) if root is not None else None
+        self._port = port
+        if timeout is None:
+            raw_timeout = os.environ.get("CLOUDIO_EMULATOR_START_TIMEOUT", "").strip()
+            try:
+                timeout = float(raw_timeout) if raw_timeout else _DEFAULT_START_TIMEOUT
+            except ValueError:
+                raise EmulatorError(
+                    f"CLOUDIO_EMULATOR_START_TIMEOUT={raw_timeout!r} is not a number of seconds"
+                ) from None
+        self.timeout = timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._container: object | None = None
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
@@ -178,7 +244,7 @@ class Emulator:
 
     def _start_binary(self) -> None:
         binary = _binary_path()
-        port = _free_port()
+        port = self._port if self._port is not None else _free_port()
         self._logdir = tempfile.TemporaryDirectory(prefix="cloudio-emulator-")
         self._logfile = Path(self._logdir.name) / "server.log"
         args = [
@@ -189,13 +255,20 @@ class Emulator:
         if self.backend == "filesystem":
             if self._root is None:
                 self._root = Path(self._logdir.name) / "data"
-            self._root.mkdir(parents=True, exist_ok=True)
+            try:
+                self._root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise EmulatorError(
+                    f"cannot use {self._root} as the emulator's filesystem root: {e}. Fix: pass "
+                    "root= a writable folder (or none for a temporary one), or backend='memory'."
+                ) from e
             args += ["-filesystem-root", str(self._root)]
         out = open(self._logfile, "wb")
         try:
-            self._proc = subprocess.Popen(
+            parent = os.getpid()
+            self._proc = _popen(
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None,
             )
         except OSError as e:
             raise EmulatorError(
@@ -214,7 +287,7 @@ class Emulator:
                 "CLOUDIO_EMULATOR=docker needs testcontainers: pip install 'cloudio[docker]'; "
                 "or unset CLOUDIO_EMULATOR to use the bundled binary"
             ) from e
-        port = _free_port()
+        port = self._port if self._port is not None else _free_port()
         try:
             c = (
                 DockerContainer("fsouza/fake-gcs-server:1.54")
@@ -245,7 +318,7 @@ class Emulator:
         self._url = _parse_endpoint(raw, "STORAGE_EMULATOR_HOST").url
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT
+        deadline = time.monotonic() + self.timeout
         probe = f"{self._url}/storage/v1/b"
         last: Exception | None = None
         delay = 0.01
@@ -257,7 +330,7 @@ class Emulator:
                     "free and the binary runs here, or set STORAGE_EMULATOR_HOST to a running emulator."
                 )
             try:
-                with urllib.request.urlopen(probe, timeout=2) as r:
+                with _urlopen(probe, timeout=2) as r:
                     if r.status == 200:
                         return
             except (urllib.error.URLError, OSError) as e:
@@ -265,7 +338,7 @@ class Emulator:
             time.sleep(delay)  # back-off between probes, not a guess at start-up time
             delay = min(delay * 2, 0.2)
         raise EmulatorError(
-            f"no answer from {probe} within {_START_TIMEOUT:.0f} s (last error: {last}). "
+            f"no answer from {probe} within {self.timeout:g} s (last error: {last}). "
             f"Server output ends with:\n{self.log_tail()}\nFix: raise "
             "CLOUDIO_EMULATOR_START_TIMEOUT, or check STORAGE_EMULATOR_HOST."
         )
@@ -315,6 +388,11 @@ class Emulator:
         return self._url is not None
 
     @property
+    def pid(self) -> int | None:
+        """Process id of the server cloudio started (binary mode), else None."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def client(self) -> "storage.Client":
         """A google-cloud-storage client with anonymous credentials, bound to this emulator."""
         if self._client is None:
@@ -336,11 +414,15 @@ class Emulator:
             headers={"Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=10):
+            with _urlopen(req, timeout=10):
                 pass
         except urllib.error.HTTPError as e:
             if e.code != 409:
-                raise EmulatorError(f"could not create bucket gs://{name} at {self.url}: HTTP {e.code}") from e
+                detail = e.read()[:300].decode(errors="replace").strip()
+                raise EmulatorError(
+                    f"could not create bucket gs://{name} at {self.url}: HTTP {e.code} {detail}. "
+                    "Bucket names are 3-63 characters of lowercase letters, digits, '-', '_' and '.'."
+                ) from e
         return f"gs://{name}"
 
     def log_tail(self, lines: int = 20) -> str:
@@ -361,7 +443,7 @@ class Emulator:
             )
         token = uuid.uuid4().hex
         try:
-            urllib.request.urlopen(f"{self.url}{_MARK}{token}", timeout=5).close()
+            _urlopen(f"{self.url}{_MARK}{token}", timeout=5).close()
         except urllib.error.HTTPError:
             pass  # 404 is expected: the point is the log line
         deadline = time.monotonic() + 5

@@ -10,6 +10,14 @@
     A fresh, empty bucket, as the string ``"gs://<name>"``.
 
 Each pytest-xdist worker starts its own server on a free port.
+
+gcsfs decides at *import* whether to ask a gRPC control API about each bucket
+(``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT``, on by default), which costs 60 s per
+bucket against an emulator. A user's test module typically imports gcsfs at
+the top, long before a fixture runs, so the plugin sets that variable to
+``false`` for the test session before any conftest or test module is
+imported, unless it is already set (an explicit value wins), and removes it
+again when the session ends.
 """
 
 from __future__ import annotations
@@ -22,7 +30,22 @@ import pytest
 
 from .emulator import Emulator
 
-_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+_HNS = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
+_ENV = ("STORAGE_EMULATOR_HOST", _HNS)
+_set_hns = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Keep gcsfs off its gRPC bucket lookup before conftests and tests import it."""
+    if _HNS not in os.environ:
+        os.environ[_HNS] = "false"
+        early_config.stash[_set_hns] = True
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.stash.get(_set_hns, False):
+        os.environ.pop(_HNS, None)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,164 @@
+"""``cloudio.save_array`` / ``cloudio.load_array``: NumPy and Dask arrays to Zarr and back.
+
+One array per store, on a journaled :func:`cloudio.zarr_store`. Dask arrays
+are written through the shard-safe path (:mod:`cloudio._shards`): each shard
+is written by one task.
+
+Lazy loading returns a Dask array chunked **by shard** (by chunk when the
+array is unsharded): a shard is the unit zarr writes and the unit one
+request fetches whole, so one task per shard makes one GET per task and
+writing the array back to a store with the same shards needs no rechunk.
+Pass ``chunks=`` to :func:`load_array` for another layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._shards import align, write_grid
+from ._zarr import JournaledStore, zarr_store
+
+if TYPE_CHECKING:
+    import dask.array
+    import zarr
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_array", "save_array"]
+
+
+def _is_dask(array: Any) -> bool:
+    try:
+        from dask.base import is_dask_collection
+    except ImportError:
+        return False
+    return bool(is_dask_collection(array))
+
+
+def save_array(
+    array: "np.ndarray | dask.array.Array",
+    url: str | os.PathLike[str] | JournaledStore,
+    chunks: tuple[int, ...] | int | str | None = None,
+    shards: tuple[int, ...] | int | str | None = None,
+    *,
+    rechunk: bool = True,
+    overwrite: bool = True,
+    **kwargs: Any,
+) -> "zarr.Array":
+    """Write a NumPy or Dask array to a new Zarr array at ``url``.
+
+    Parameters
+    ----------
+    array
+        The data. Dask arrays are computed with the scheduler in force, one
+        task per shard at most.
+    url
+        ``gs://bucket/a.zarr``, ``/vsigs/...``, a local path, or a
+        :func:`cloudio.zarr_store`.
+    chunks
+        Zarr chunk shape (the unit of reading). Default: a Dask array's
+        largest chunk per dimension, capped by ``shards``; zarr's automatic
+        choice for NumPy arrays.
+    shards
+        Zarr v3 shard shape (the unit of writing: one object per shard), or
+        None for an unsharded array.
+    rechunk
+        False: raise :class:`~cloudio.UnsafeChunkingError` instead of
+        rechunking Dask chunks that split shards.
+    overwrite
+        Replace whatever is stored at ``url`` (default), like ``numpy.save``.
+    **kwargs
+        Passed to :func:`zarr.create_array` (``compressors``, ``filters``,
+        ``serializer``, ``zarr_format``, ``fill_value``, ``attributes``,
+        ``dimension_names``...).
+
+    Returns
+    -------
+    zarr.Array
+        The array written, open on the journaled store.
+    """
+    import zarr
+
+    store = url if isinstance(url, JournaledStore) else zarr_store(url)
+    dask_input = _is_dask(array)
+    if not dask_input:
+        array = np.asarray(array)
+    if chunks is None:
+        if dask_input:
+            chunks = tuple(max(c) if c else 1 for c in array.chunks)
+            if isinstance(shards, tuple | list):
+                chunks = tuple(_divisor_at_most(s, c) for s, c in zip(shards, chunks, strict=True))
+            elif isinstance(shards, int):
+                chunks = tuple(_divisor_at_most(shards, c) for c in chunks)
+        else:
+            chunks = "auto"
+    if isinstance(shards, int) and not isinstance(shards, bool):
+        shards = (shards,) * array.ndim
+    if isinstance(chunks, int) and not isinstance(chunks, bool):
+        chunks = (chunks,) * array.ndim
+    z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=chunks, shards=shards,
+                          overwrite=overwrite, **kwargs)
+    if dask_input:
+        import dask.array as da
+
+        grid, sharded = write_grid(z)
+        safe = align(array, grid, name="array", url=store.root_url, sharded=sharded, rechunk=rechunk)
+        da.store(safe, z, lock=False, compute=True)
+    else:
+        z[...] = array
+    return z
+
+
+def _divisor_at_most(shard: int, chunk: int) -> int:
+    """The largest divisor of ``shard`` not above ``chunk`` (inner chunks must tile a shard)."""
+    c = max(1, min(shard, chunk))
+    while shard % c:
+        c -= 1
+    return c
+
+
+def load_array(
+    url: str | os.PathLike[str] | JournaledStore,
+    lazy: bool = False,
+    *,
+    chunks: Any = None,
+) -> "np.ndarray | dask.array.Array":
+    """Read the Zarr array at ``url`` as a NumPy array, or a Dask array when ``lazy``.
+
+    Parameters
+    ----------
+    url
+        ``gs://bucket/a.zarr``, ``/vsigs/...``, a local path, or a
+        :func:`cloudio.zarr_store`.
+    lazy
+        Return a Dask array chunked by shard (by chunk when unsharded).
+    chunks
+        Dask chunks for the lazy array instead of the shard shape.
+
+    Raises
+    ------
+    ObjectNotFoundError
+        When no array is stored at ``url``.
+    """
+    import zarr
+
+    from .errors import ObjectNotFoundError
+
+    store = url if isinstance(url, JournaledStore) else zarr_store(url, read_only=True)
+    try:
+        z = zarr.open_array(store, mode="r")
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError) as e:
+        raise ObjectNotFoundError(
+            f"{store.root_url}: no Zarr array found there; check the URL, or write one with cloudio.save_array"
+        ) from e
+    if not lazy:
+        return z[...]
+    import dask.array as da
+
+    if chunks is None:
+        chunks, _ = write_grid(z)
+    return da.from_zarr(z, chunks=chunks)

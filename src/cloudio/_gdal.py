@@ -1,0 +1,446 @@
+"""The GDAL face of the journal: what GDAL's ``/vsigs/`` caches hold, and clearing just that.
+
+What GDAL caches (measured with GDAL 3.10.3 and 3.12.2 against fake-gcs-server)
+--------------------------------------------------------------------------------
+* **Byte ranges and file properties** (size, exists / does-not-exist), keyed
+  by the object's URL. ``VSICurlPartialClearCache(p)`` drops every entry whose
+  URL *starts with* ``p``'s URL: clearing ``/vsigs/b/d/a.tif`` also drops
+  ``a.tif.ovr`` and ``a.tif.aux.xml`` (its sidecars, which is what we want),
+  and nothing else. That is the *file-level clear*.
+* **Directory listings**, keyed by the directory's path without a trailing
+  '/' (``/vsigs/b/d``). GDAL lists a directory when it opens a file there
+  (to find sidecars), and afterwards answers every ``stat`` in that directory
+  from the listing: a name written later "does not exist" (GDAL issue 11351)
+  even with ``GDAL_DISABLE_READDIR_ON_OPEN`` set, and only clearing
+  ``/vsigs/b/d`` fixes it. That string prefix also matches the URL of every
+  object below ``d`` (and ``d2/``...), so a listing clear throws away every
+  cached byte range under the directory: the *directory clear*, the expensive
+  one.
+
+The strategy
+------------
+Writes are applied at once (:meth:`GdalConsumer.on_change`) with file-level
+clears, so a read does no bookkeeping beyond a few dictionary lookups.
+Directory clears are avoided by keeping GDAL from listing directories at all:
+cloudio keeps its own listing of each directory it reads from (one request,
+the same one GDAL would have made, then kept current from the journal) and
+opens a file with ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` when that listing
+shows no sidecar for it. A new name then needs nothing but its file-level
+clear. Only when a file has sidecars, or is a VRT (whose sources GDAL opens
+normally, listing their directories), does GDAL list; those directories are
+remembered, and a change to their set of names turns into a directory clear
+the next time a read could see the difference (the new name itself, a
+sidecar, a VRT, a listing through cloudio). A directory GDAL listed behind
+cloudio's back (a raw ``rasterio.open``) is caught when an open of an object
+that exists fails: :mod:`cloudio._open` then clears the directory and retries.
+
+Options that datasets need while GDAL reads them lazily (the emulator
+endpoint, unsigned requests) are set as GDAL *path-specific* options on
+``/vsigs/<bucket>``, which hold in every thread and outlive any
+``rasterio.Env``; process-wide configuration is never touched, and anonymous
+requests are only ever configured for an emulator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import _config
+from ._config import emulator_endpoint
+from ._journal import Change, Consumer, journal
+from ._paths import GCSPath, is_gcs, parse_gcs
+from ._session import count
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GdalConsumer", "clear", "consumer", "ensure_endpoint", "listdir", "set_path_option"]
+
+#: names GDAL probes next to any raster whatever its own name (seen in its request log)
+_DIR_SIDECARS = frozenset({"metadata.dim", "summary.txt", "hdr.txt", "rpc.txt", "metadata.xml"})
+#: drivers whose datasets reference other files that GDAL opens itself
+_REFERENCING_SUFFIXES = (".vrt", ".xml")
+#: cloudio's own listing is only trusted when it fits one page (GDAL's own limit is 1000)
+LISTING_LIMIT = 1000
+#: the change of a directory listing whose new names are unknown (an external invalidation)
+_ANY = "\0any"
+
+
+# --------------------------------------------------------------------------------------------
+# reaching GDAL (the libgdal rasterio loaded; never a second copy)
+# --------------------------------------------------------------------------------------------
+
+_lib_handle: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    """The symbols of the libgdal rasterio already loaded, through its own extension module."""
+    global _lib_handle
+    if _lib_handle is None:
+        import rasterio._env
+
+        lib = ctypes.CDLL(rasterio._env.__file__)
+        lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
+        lib.VSICurlPartialClearCache.restype = None
+        lib.VSISetPathSpecificOption.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
+        lib.VSISetPathSpecificOption.restype = None
+        lib.VSIClearPathSpecificOptions.argtypes = [ctypes.c_char_p]
+        lib.VSIClearPathSpecificOptions.restype = None
+        lib.VSIReadDir.argtypes = [ctypes.c_char_p]
+        lib.VSIReadDir.restype = ctypes.POINTER(ctypes.c_char_p)
+        lib.CSLDestroy.argtypes = [ctypes.POINTER(ctypes.c_char_p)]
+        lib.CSLDestroy.restype = None
+        _lib_handle = lib
+    return _lib_handle
+
+
+def _partial_clear(vsi_prefix: str) -> None:
+    """GDAL's ``VSICurlPartialClearCache``: ``rasterio.cache.invalidate`` (rasterio >= 1.5) or ctypes."""
+    try:
+        from rasterio.cache import invalidate  # rasterio >= 1.5; passes /vsigs/ paths through
+    except ImportError:
+        _lib().VSICurlPartialClearCache(vsi_prefix.encode())
+    else:
+        invalidate(vsi_prefix)
+
+
+def clear(vsi_prefix: str) -> None:
+    """Drop everything GDAL caches whose path starts with ``vsi_prefix`` (a plain string prefix)."""
+    _partial_clear(vsi_prefix)
+    count("invalidations", cache="gdal")
+    log.debug("gdal: cleared %s", vsi_prefix)
+
+
+def set_path_option(prefix: str, key: str, value: str) -> None:
+    """``VSISetPathSpecificOption`` (GDAL >= 3.6): ``key=value`` for every path under ``prefix``."""
+    _lib().VSISetPathSpecificOption(prefix.encode(), key.encode(), value.encode())
+
+
+def clear_path_options(prefix: str) -> None:
+    """``VSIClearPathSpecificOptions`` for exactly ``prefix``."""
+    _lib().VSIClearPathSpecificOptions(prefix.encode())
+
+
+_endpoints: dict[str, object] = {}  # bucket -> the endpoint setting last applied to it
+_endpoints_lock = threading.Lock()
+
+
+def _endpoint_state() -> object:
+    """What decides the endpoint (cheap to compare on every open; parsed only on change)."""
+    return (_config._override[-1] if _config._override else None, os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+def ensure_endpoint(bucket: str) -> None:
+    """Point ``/vsigs/<bucket>`` at the emulator in force, for good (no-op for real GCS).
+
+    The prefix has no trailing '/': GDAL looks the options of a listing up with
+    the directory path ``/vsigs/<bucket>``, so ``/vsigs/<bucket>/`` would leave
+    listings signed and aimed at Google.
+    """
+    state = _endpoint_state()
+    if _endpoints.get(bucket) == state:
+        return
+    with _endpoints_lock:
+        ep = emulator_endpoint()
+        prefix = f"/vsigs/{bucket}"
+        had = bucket in _endpoints
+        if had:
+            clear_path_options(prefix)
+        if ep is not None:
+            for key, value in ep.gdal_options.items():
+                set_path_option(prefix, key, value)
+        if had:  # another server: what GDAL cached came from the old one
+            clear(prefix)
+        _endpoints[bucket] = state
+
+
+# --------------------------------------------------------------------------------------------
+# what GDAL and cloudio know about directories
+# --------------------------------------------------------------------------------------------
+
+
+def split_vsi(path: GCSPath) -> tuple[str, str]:
+    """``(directory as GDAL keys its listing, name)``: ``("/vsigs/b/d", "a.tif")``."""
+    vsi = path.vsi
+    i = vsi.rfind("/")
+    return vsi[:i], vsi[i + 1:]
+
+
+def dir_key(path: GCSPath) -> str:
+    """The directory holding ``path`` as GDAL keys its listing: ``/vsigs/b/d`` (no '/')."""
+    return split_vsi(path)[0]
+
+
+def is_sidecar(candidate: str, name: str) -> bool:
+    """Could GDAL read ``candidate`` (a sibling's name) as part of the dataset ``name``?
+
+    Also true for names that merely start with ``name``: a path-specific
+    option set on ``name`` would apply to them too.
+    """
+    c, n = candidate.lower(), name.lower()
+    if c == n:
+        return False
+    stem = n.rsplit(".", 1)[0]
+    return c.startswith((n, stem + ".", stem + "_")) or c in _DIR_SIDECARS
+
+
+@dataclass
+class _Dir:
+    """One directory, keyed like GDAL's listing (``/vsigs/b/d``)."""
+
+    names: set[str] | None = None  #: cloudio's own listing (None: not fetched, or too long)
+    listed_at: float = 0.0  #: when ``names`` was fetched from the server (0: never / dropped)
+    gdal_listed: bool = False  #: GDAL may hold a listing of it
+    changed: set[str] = field(default_factory=set)  #: names added/removed since GDAL listed it
+    plans: dict[str, bool] = field(default_factory=dict)  #: name -> GDAL must list (memo of ``names``)
+    empty_dir: set[str] = field(default_factory=set)  #: names opened with EMPTY_DIR set on their path
+
+
+#: returned by :meth:`GdalConsumer.plan_read` when cloudio's own listing must be fetched first
+NEEDS_LISTING = None
+_READDIR = "GDAL_DISABLE_READDIR_ON_OPEN"
+
+
+class GdalConsumer(Consumer):
+    """Applies journal changes to GDAL's caches; plans reads so that GDAL lists as little as possible."""
+
+    name = "gdal"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dirs: dict[str, _Dir] = {}
+        #: per journal key: (generation GDAL's cache holds, when checked)
+        self._seen: dict[str, tuple[int, float]] = {}
+        self._state = threading.RLock()
+
+    # -- changes (called by the journal, at once, in the writer's thread) ----------------------
+
+    def on_change(self, change: Change) -> None:
+        path = change.path
+        if path is None:  # a local path: GDAL reads local files afresh
+            return
+        if change.prefix:
+            self._apply_prefix(path)
+        else:
+            self._apply_object(path, change)
+
+    def _apply_object(self, path: GCSPath, change: Change) -> None:
+        clear(path.vsi)  # sizes, byte ranges, "does not exist"; also its sidecars' entries
+        key, name = split_vsi(path)
+        with self._state:
+            if change.generation is not None and change.kind == "write":
+                self._seen[change.url] = (change.generation, time.monotonic())
+            else:
+                self._seen.pop(change.url, None)
+            d = self._dirs.get(key)
+            if d is None:
+                return
+            if change.kind == "write":
+                new = d.names is None or name not in d.names
+                if d.names is not None:
+                    d.names.add(name)
+            else:
+                new = d.names is None or name in d.names
+                if d.names is not None:
+                    d.names.discard(name)
+            if new:  # a writer can't tell new from overwritten; cloudio's listing can
+                self._names_changed(key, d, name)
+
+    def _names_changed(self, key: str, d: _Dir, name: str) -> None:
+        d.plans.clear()
+        if d.gdal_listed:
+            d.changed.add(name)
+        for e in [e for e in d.empty_dir if e != name and name.startswith(e)]:
+            clear_path_options(f"{key}/{e}")  # EMPTY_DIR on e would also apply to the new name
+            d.empty_dir.discard(e)
+
+    def _apply_prefix(self, path: GCSPath) -> None:
+        """Someone wrote at or below ``path`` (an object or a "directory"): forget all of it."""
+        top = path.vsi.rstrip("/")
+        clear(top)  # also drops GDAL's listings of top and below
+        with self._state:
+            for url in [u for u in self._seen if parse_gcs(u).is_under(path)]:
+                del self._seen[url]
+            for key in [k for k in self._dirs if k == top or k.startswith(top + "/")]:
+                for e in self._dirs.pop(key).empty_dir:
+                    clear_path_options(f"{key}/{e}")
+            # the parent's set of names may have changed too (a new or deleted object at `path`)
+            if path.key:
+                pkey, name = split_vsi(GCSPath(path.bucket, path.key.rstrip("/")))
+                parent = self._dirs.get(pkey)
+                if parent is not None:
+                    parent.names = None
+                    parent.listed_at = 0.0
+                    self._names_changed(pkey, parent, _ANY)
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def set_listing(self, path: GCSPath, names: Iterable[str] | None) -> None:
+        """Store cloudio's listing of ``path``'s directory (None: too long to use)."""
+        fresh = set(names) if names is not None else None
+        key = dir_key(path)
+        with self._state:
+            d = self._dirs.setdefault(key, _Dir())
+            if d.listed_at:  # a refresh (bounded staleness) may find names GDAL's listing lacks
+                if d.names is None or fresh is None:
+                    self._names_changed(key, d, _ANY)
+                else:
+                    for n in d.names ^ fresh:
+                        self._names_changed(key, d, n)
+            d.names = fresh
+            d.plans.clear()
+            d.listed_at = time.monotonic()
+
+    def listing_age(self, path: GCSPath) -> float | None:
+        """Seconds since cloudio listed ``path``'s directory (None: never, or dropped)."""
+        d = self._dirs.get(dir_key(path))
+        if d is None or not d.listed_at:
+            return None
+        return time.monotonic() - d.listed_at
+
+    def plan_read(self, path: GCSPath) -> bool | None:
+        """Make GDAL's view of ``path``'s directory good enough to open ``path``.
+
+        Returns whether GDAL will list the directory when opening ``path``
+        (sidecars, a VRT, or a directory too long for cloudio to list), or
+        :data:`NEEDS_LISTING` when cloudio's own listing must be fetched first
+        (:meth:`set_listing`). When GDAL need not list, the path-specific option
+        ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` is set on the object's path:
+        it holds for this open without a ``rasterio.Env``, and GDAL never
+        caches a listing of the directory.
+        """
+        key, name = split_vsi(path)
+        with self._state:
+            d = self._dirs.get(key)
+            if d is None or not d.listed_at:
+                return NEEDS_LISTING
+            gdal_lists = d.plans.get(name)
+            if gdal_lists is None:
+                gdal_lists = (
+                    name.lower().endswith(_REFERENCING_SUFFIXES)
+                    or d.names is None
+                    or any(is_sidecar(n, name) for n in d.names)
+                )
+                d.plans[name] = gdal_lists
+            if d.changed and d.gdal_listed and (gdal_lists or name in d.changed or _ANY in d.changed):
+                self._clear_listing(key, d)
+            if gdal_lists:
+                d.gdal_listed = True
+                if name in d.empty_dir:
+                    clear_path_options(f"{key}/{name}")
+                    d.empty_dir.discard(name)
+            elif name not in d.empty_dir:
+                set_path_option(f"{key}/{name}", _READDIR, "EMPTY_DIR")
+                d.empty_dir.add(name)
+            return gdal_lists
+
+    def _clear_listing(self, key: str, d: _Dir) -> None:
+        """The expensive one: GDAL's listing of ``key`` and every cached byte below it."""
+        log.debug("gdal: listing of %s changed (%s); clearing the directory", key, sorted(d.changed)[:5])
+        clear(key)
+        d.gdal_listed = False
+        d.changed.clear()
+        for k, other in self._dirs.items():  # the string prefix also matched these listings
+            if k != key and k.startswith(key):
+                other.gdal_listed = False
+                other.changed.clear()
+
+    def forget_listing(self, path: GCSPath) -> None:
+        """GDAL holds a listing of ``path``'s directory we did not know about: clear it."""
+        with self._state:
+            key = dir_key(path)
+            self._clear_listing(key, self._dirs.setdefault(key, _Dir()))
+
+    def opened(self, files: Iterable[str]) -> None:
+        """GDAL opened these files normally (VRT sources): it may have listed their directories."""
+        with self._state:
+            for f in files:
+                if is_gcs(f):
+                    p = parse_gcs(f)
+                    if p.key:
+                        self._dirs.setdefault(dir_key(p), _Dir()).gdal_listed = True
+
+    def prepare_vrt(self, path: GCSPath) -> None:
+        """Before GDAL opens a VRT in ``path``'s bucket: no GDAL listing in the bucket may be stale.
+
+        Its sources may be new names anywhere; their directories are not known
+        before GDAL opens them.
+        """
+        prefix = f"/vsigs/{path.bucket}/"
+        with self._state:
+            for key, d in list(self._dirs.items()):
+                if key.startswith(prefix) and d.gdal_listed and d.changed:
+                    self._clear_listing(key, d)
+
+    # -- strong / bounded consistency ------------------------------------------------------------
+
+    def last_check(self, url: str) -> tuple[int, float] | None:
+        return self._seen.get(url)
+
+    def revalidated(self, path: GCSPath, generation: int) -> bool:
+        """The server reports ``generation`` for ``path``: clear GDAL's copy if it may differ.
+
+        Returns True when a clear was needed.
+        """
+        url = path.url
+        key, name = split_vsi(path)
+        with self._state:
+            seen = self._seen.get(url)
+            self._seen[url] = (generation, time.monotonic())
+            if seen is not None and seen[0] == generation:
+                return False
+            d = self._dirs.get(key)
+            if d is not None and d.names is not None and name not in d.names:
+                d.names.add(name)  # written elsewhere: a new name to this directory
+                self._names_changed(key, d, name)
+        clear(path.vsi)
+        return True
+
+    def mark_unknown(self, path: GCSPath) -> None:
+        """GDAL may now cache ``path`` at a generation we did not check."""
+        with self._state:
+            self._seen.pop(path.url, None)
+
+
+consumer: GdalConsumer = journal().register(GdalConsumer())  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------------------------
+# listings through GDAL
+# --------------------------------------------------------------------------------------------
+
+
+def listdir(url: str) -> list[str]:
+    """GDAL's listing of a directory (``VSIReadDir``), fresh with respect to the journal.
+
+    What GDAL cached for the directory is cleared first when names were added
+    or removed under it since GDAL last listed it, or when cloudio does not
+    know whether GDAL holds an older listing.
+    """
+    path = parse_gcs(url)
+    ensure_endpoint(path.bucket)
+    probe = GCSPath(path.bucket, (path.key.rstrip("/") + "/x") if path.key else "x")
+    key = dir_key(probe)
+    with consumer._state:
+        d = consumer._dirs.setdefault(key, _Dir())
+        if d.changed or not d.gdal_listed:
+            consumer._clear_listing(key, d)
+        d.gdal_listed = True
+    lib = _lib()
+    arr = lib.VSIReadDir(key.encode())
+    names: list[str] = []
+    if arr:
+        i = 0
+        while arr[i] is not None:
+            names.append(arr[i].decode())
+            i += 1
+        lib.CSLDestroy(arr)
+    consumer.set_listing(probe, names)
+    with consumer._state:
+        d.changed.clear()  # GDAL's listing was just made: nothing it lacks
+    return names

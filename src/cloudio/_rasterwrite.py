@@ -1,0 +1,274 @@
+"""Writing rasters to GCS: render locally with GDAL, upload once on a clean close.
+
+``cloudio.open(url, "w" | "w+" | "r+")`` lands here (through
+:func:`cloudio._open.open`). The dataset GDAL writes lives in a private
+temporary directory; when it closes without an exception the directory's
+files are uploaded with :func:`cloudio._upload.upload` (CRC32C checked,
+retried, then journaled) and the directory is removed. An exception inside
+the ``with`` block, or a failed upload, leaves nothing on the server and
+nothing in the journal; the temporary directory is removed in every case.
+
+GDAL's own ``/vsigs/`` writer is never used: it writes through a temporary
+file too, so nothing is lost, and the emulator rejects its ``PUT`` (see
+DESIGN.md).
+
+Drivers
+-------
+Any GDAL raster driver that can create (``GTiff``...) or create-copy
+(``COG``, ``PNG``, ``JPEG``...) a file: the latter are written through
+rasterio's buffered writer (an in-memory dataset copied to the file on
+close). The driver defaults to the one the key's extension names; ``COG``
+must be asked for with ``driver="COG"``. ``VRT`` is refused: use
+:func:`cloudio.write_vrt`. Sidecar files GDAL writes next to the dataset
+(``.aux.xml`` for a georeferenced PNG, ``.ovr``, ``.msk``) are uploaded next
+to the object, before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from contextlib import ExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from ._journal import journal
+from ._paths import GCSPath
+from ._upload import Uploaded, download, ensure_bucket, upload
+from .errors import ConfigurationError, UploadError
+
+if TYPE_CHECKING:
+    from rasterio.io import DatasetWriter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["open_write", "gcs_path_for_local"]
+
+_MODES = ("w", "w+", "r+")
+_CREATE_ONLY = frozenset({"width", "height", "count", "crs", "transform", "dtype", "nodata"})
+
+# local file of an open (or recently closed) writer -> the object it becomes, so that
+# write_vrt can point a VRT built on such a dataset at the object rather than the temp file
+_local_to_gcs: OrderedDict[str, GCSPath] = OrderedDict()
+_local_lock = threading.Lock()
+_LOCAL_MAX = 1024
+
+
+def gcs_path_for_local(local: str) -> GCSPath | None:
+    """The object a cloudio writer's temporary file stands for, if ``local`` is one."""
+    with _local_lock:
+        return _local_to_gcs.get(os.path.abspath(local))
+
+
+def _remember_local(local: str, path: GCSPath) -> None:
+    with _local_lock:
+        _local_to_gcs[os.path.abspath(local)] = path
+        while len(_local_to_gcs) > _LOCAL_MAX:
+            _local_to_gcs.popitem(last=False)
+
+
+class _UploadOnClose:
+    """Mixed in front of rasterio's writer classes: upload on a clean close.
+
+    ``name`` is the object's ``/vsigs/bucket/key`` path, as for a dataset
+    ``cloudio.open`` reads, not the temporary file; ``files`` still lists the
+    local files GDAL holds until the dataset closes.
+    """
+
+    _cloudio_path: GCSPath
+    _cloudio_local: str
+    _cloudio_state: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self._cloudio_path.vsi
+
+    @property
+    def uploaded(self) -> list[Uploaded]:
+        """What the close uploaded (empty before, or when nothing was uploaded)."""
+        return list(self._cloudio_state.get("uploaded", []))
+
+    def close(self) -> None:
+        """Close the dataset and upload it (and any sidecar files GDAL wrote)."""
+        self._cloudio_finish(upload_it=True)
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._cloudio_finish(upload_it=et is None)
+
+    def _cloudio_finish(self, *, upload_it: bool) -> None:
+        state = self._cloudio_state
+        with state["lock"]:
+            if state["done"]:
+                return
+            state["done"] = True
+            try:
+                super().close()  # type: ignore[misc] # GDAL flushes (or create-copies) into the temp file
+                if upload_it:
+                    state["uploaded"] = _upload_outputs(self._cloudio_local, self._cloudio_path)
+                else:
+                    log.info("%s: the dataset closed on an exception; nothing was uploaded", self._cloudio_path.url)
+            finally:
+                shutil.rmtree(state["tmpdir"], ignore_errors=True)
+
+
+def _upload_outputs(local: str, path: GCSPath) -> list[Uploaded]:
+    """Upload the sidecars GDAL wrote next to ``local``, then ``local`` itself.
+
+    If the main upload fails, the sidecars just uploaded are deleted again
+    (and the deletes journaled), so a failed write leaves no partial dataset.
+    """
+    if not os.path.exists(local):
+        raise UploadError(
+            f"{path.url}: GDAL produced no file to upload (expected {os.path.basename(local)}); "
+            "nothing was uploaded. Check the driver and creation options."
+        )
+    folder = os.path.dirname(local)
+    sidecars = sorted(n for n in os.listdir(folder) if n != os.path.basename(local))
+    done: list[Uploaded] = []
+    try:
+        for name in sidecars:
+            side = os.path.join(folder, name)
+            if os.path.isfile(side):
+                done.append(upload(side, path.parent.child(name)))
+        done.append(upload(local, path))
+    except BaseException:
+        _undo(done)
+        raise
+    return done
+
+
+def _undo(done: list[Uploaded]) -> None:
+    from ._gcs import gcs_filesystem
+    from ._paths import parse_gcs
+
+    fs = gcs_filesystem()
+    for up in done:
+        p = parse_gcs(up.url)
+        try:
+            fs.rm_file(p.fs_path)
+        except FileNotFoundError:
+            pass
+        except Exception:  # noqa: BLE001 - report but keep undoing the others
+            log.warning("could not delete %s after a failed write", up.url, exc_info=True)
+            continue
+        journal().record(up.url, "delete")
+
+
+_classes: dict[type, type] = {}
+
+
+def _uploading_class(base: type) -> type:
+    cls = _classes.get(base)
+    if cls is None:
+        cls = type(f"Cloudio{base.__name__}", (_UploadOnClose, base), {"__module__": __name__})
+        _classes[base] = cls
+    return cls
+
+
+def _driver_for(path: GCSPath, driver: str | None) -> str:
+    from rasterio.drivers import driver_from_extension
+
+    if driver is None:
+        try:
+            driver = driver_from_extension(path.key)
+        except ValueError as e:
+            raise ConfigurationError(
+                f"{path.url}: cannot tell the GDAL driver from the file name; pass driver= "
+                "(e.g. driver='GTiff' or driver='COG')"
+            ) from e
+    if driver.upper() == "VRT":
+        raise ConfigurationError(
+            f"{path.url}: VRT datasets are saved with cloudio.write_vrt(dataset, url), which "
+            "makes their source paths absolute /vsigs/ paths"
+        )
+    return driver
+
+
+def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: Any) -> "DatasetWriter":
+    """Open ``path`` for writing (``"w"``, ``"w+"``) or updating (``"r+"``).
+
+    Parameters
+    ----------
+    path
+        The object the dataset becomes.
+    mode
+        ``"w"``/``"w+"`` create a new dataset; ``"r+"`` updates a copy of the
+        current object, downloaded fresh (never from a cache).
+    driver
+        GDAL driver; by default the one the key's extension names.
+    **kwargs
+        As for :func:`rasterio.open`: ``width``, ``height``, ``count``,
+        ``crs``, ``transform``, ``dtype``, ``nodata``, ``sharing`` and
+        creation options.
+
+    Returns
+    -------
+    rasterio.io.DatasetWriter or rasterio.io.BufferedDatasetWriter
+        A subclass of the writer :func:`rasterio.open` would return whose
+        ``close()`` (and clean ``__exit__``) uploads; ``name`` is the
+        ``/vsigs/`` path.
+
+    Raises
+    ------
+    BucketNotFoundError
+        The bucket does not exist (checked at open, once per bucket).
+    ObjectNotFoundError
+        ``"r+"`` of an object that does not exist.
+    ConfigurationError
+        Unknown extension without ``driver=``, or ``driver="VRT"``.
+    UploadError, IntegrityError
+        From ``close()``, when the upload failed; nothing was journaled.
+    """
+    import rasterio  # noqa: F401 - registers drivers
+    from rasterio._path import _parse_path
+    from rasterio.env import env_ctx_if_needed
+    from rasterio.io import get_writer_for_driver, get_writer_for_path
+
+    if mode not in _MODES:
+        raise ValueError(f"{path.url}: mode {mode!r} is not a write mode; use 'w', 'w+' or 'r+'")
+    if mode != "r+":
+        driver = _driver_for(path, driver)
+    else:  # rasterio.open passes only driver, sharing and options when updating
+        kwargs = {k: v for k, v in kwargs.items() if not (k in _CREATE_ONLY and v is None)}
+    tmpdir = tempfile.mkdtemp(prefix="cloudio-write-")
+    local = os.path.join(tmpdir, path.name or "dataset")
+    try:
+        if mode == "r+":
+            download(path, local)  # raises the not-found errors, naming the URL
+        else:
+            ensure_bucket(path)
+        with env_ctx_if_needed():
+            if mode == "r+":
+                base = get_writer_for_path(_parse_path(local), driver=driver)
+            else:
+                base = get_writer_for_driver(driver)
+            if base is None:
+                raise ConfigurationError(
+                    f"{path.url}: GDAL driver {driver!r} can neither create nor create-copy files; "
+                    "choose another driver (e.g. driver='GTiff')"
+                )
+            cls = _uploading_class(base)
+            dataset = cls(_parse_path(local), mode, driver=driver, **kwargs)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    dataset._env = ExitStack()  # what rasterio.open attaches; closed by the dataset's close()
+    dataset._cloudio_path = path
+    dataset._cloudio_local = local
+    dataset._cloudio_state = state = {"lock": threading.RLock(), "done": False, "tmpdir": tmpdir}
+    # a dataset dropped without close() uploads nothing; its temporary files still go
+    weakref.finalize(dataset, _abandoned, state, path.url)
+    _remember_local(local, path)
+    log.debug("%s: writing through %s (driver %s, mode %s)", path.url, local, driver, mode)
+    return dataset
+
+
+def _abandoned(state: dict[str, Any], url: str) -> None:
+    if not state["done"]:
+        log.warning("%s: dataset was never closed; nothing was uploaded", url)
+    shutil.rmtree(state["tmpdir"], ignore_errors=True)

@@ -1,0 +1,177 @@
+"""``cloudio.write_vrt``: save any dataset, ``WarpedVRT`` included, as a VRT on GCS.
+
+GDAL serialises a dataset as VRT XML (``rasterio.shutil.copy(ds, "x.vrt",
+driver="VRT")``: a ``WarpedVRT`` keeps its warp options, destination CRS,
+transform, resampling and nodata; any other dataset becomes a VRT of simple
+sources). The XML is rendered into a private temporary folder, and every
+source path in it (``SourceFilename``, ``SourceDataset``) is rewritten to an
+absolute ``/vsigs/bucket/key`` path so that GDAL can open the VRT from
+anywhere:
+
+* ``gs://``, ``/vsigs_streaming/``, ``https://storage.googleapis.com`` and
+  ``/vsicurl/https://storage.googleapis.com/...`` spellings become ``/vsigs/``;
+* paths GDAL made relative to the temporary folder (``relativeToVRT="1"``)
+  are resolved first;
+* the temporary file of a dataset being written through ``cloudio.open(...,
+  "w"/"r+")`` becomes the object it will be uploaded to;
+* a plain local file or an in-memory (``/vsimem/``) dataset cannot be read
+  from anywhere else: :class:`~cloudio.errors.InvalidURLError` says so rather
+  than storing a VRT that only works on this machine.
+
+The XML is then uploaded with :func:`cloudio._upload.upload` (CRC32C checked,
+journaled), so a ``cloudio.open`` of the VRT right after, in the same process,
+sees it even where GDAL listed that prefix before (rasterio issue 3254, GDAL
+issue 11351).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING, Any
+
+from ._paths import GCSPath, is_gcs, parse_gcs
+from ._upload import upload
+from .errors import ConfigurationError, InvalidURLError
+
+if TYPE_CHECKING:
+    from rasterio.io import DatasetReaderBase
+
+log = logging.getLogger(__name__)
+
+__all__ = ["write_vrt", "absolute_sources"]
+
+#: elements whose text is a source dataset path in GDAL's VRT formats
+_SOURCE_TAGS = frozenset({"SourceFilename", "SourceDataset"})
+_VSICURL = "/vsicurl/"
+
+
+def write_vrt(dataset_or_vrt: "DatasetReaderBase | str | os.PathLike[str]", url: str | os.PathLike[str]) -> str:
+    """Save a dataset as VRT XML at ``url``, with absolute ``/vsigs/`` source paths.
+
+    Parameters
+    ----------
+    dataset_or_vrt
+        An open rasterio dataset (a :class:`rasterio.vrt.WarpedVRT`, a dataset
+        read with ``cloudio.open`` or ``rasterio.open``), the path or URL of a
+        raster or VRT, or VRT XML text (starting with ``<VRTDataset``).
+    url
+        Where the VRT goes: ``gs://bucket/key.vrt`` or ``/vsigs/bucket/key.vrt``.
+
+    Returns
+    -------
+    str
+        The object's URL as ``gs://bucket/key`` (the journal key); pass it to
+        ``cloudio.open`` to read the VRT.
+
+    Raises
+    ------
+    InvalidURLError
+        ``url`` is not a GCS object URL, or a source of the dataset is a local
+        or in-memory file that GDAL could not open from elsewhere.
+    ConfigurationError
+        The dataset is closed, or still being written through ``cloudio.open``.
+    UploadError, IntegrityError, BucketNotFoundError
+        From the upload; nothing was journaled.
+
+    Notes
+    -----
+    Sources are referenced, not copied: the VRT reads whatever the source
+    objects hold when it is opened.
+    """
+    path = parse_gcs(os.fspath(url), require_key=True)
+    tmpdir = tempfile.mkdtemp(prefix="cloudio-vrt-")
+    try:
+        local = os.path.join(tmpdir, path.name or "dataset.vrt")
+        xml_text = _render(dataset_or_vrt, local, path)
+        fixed = absolute_sources(xml_text, base_dir=tmpdir, url=path.url)
+        upload(fixed.encode("utf-8"), path, content_type="application/xml")
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    log.debug("wrote VRT %s", path.url)
+    return path.url
+
+
+def _render(obj: Any, local: str, target: GCSPath) -> str:
+    """VRT XML for ``obj``, as GDAL writes it to ``local``."""
+    import rasterio.shutil
+
+    if isinstance(obj, (str, os.PathLike)):
+        s = os.fspath(obj)
+        if s.lstrip().startswith("<VRTDataset"):
+            return s
+        from ._open import open as cloudio_open
+
+        with cloudio_open(s) as ds:
+            return _render(ds, local, target)
+    from ._rasterwrite import _UploadOnClose
+
+    if isinstance(obj, _UploadOnClose):
+        raise ConfigurationError(
+            f"{target.url}: {obj.name} is still being written through cloudio.open; close it first, "
+            f"then pass its URL ({obj._cloudio_path.url}) to write_vrt"
+        )
+    if getattr(obj, "closed", False):
+        raise ConfigurationError(
+            f"{target.url}: the dataset {getattr(obj, 'name', obj)!r} is closed; pass an open dataset or its URL"
+        )
+    rasterio.shutil.copy(obj, local, driver="VRT")
+    with open(local, encoding="utf-8") as f:
+        return f.read()
+
+
+def absolute_sources(xml_text: str, *, base_dir: str | None = None, url: str = "the VRT") -> str:
+    """Rewrite every source path in VRT XML to an absolute ``/vsigs/`` path.
+
+    Parameters
+    ----------
+    xml_text
+        The VRT XML.
+    base_dir
+        Folder that relative paths (``relativeToVRT="1"``) are relative to;
+        the current directory when None.
+    url
+        Named in error messages.
+
+    Raises
+    ------
+    InvalidURLError
+        A source is a local or in-memory file.
+    """
+    root = ET.fromstring(xml_text)
+    for el in root.iter():
+        if el.tag not in _SOURCE_TAGS or el.text is None:
+            continue
+        raw = el.text.strip()
+        if el.get("relativeToVRT") == "1" and not raw.startswith("/vsi"):
+            raw = os.path.normpath(os.path.join(base_dir or os.getcwd(), raw))
+        el.text = _absolute(raw, url)
+        if "relativeToVRT" in el.attrib:
+            el.set("relativeToVRT", "0")
+    return ET.tostring(root, encoding="unicode")
+
+
+def _absolute(src: str, url: str) -> str:
+    if is_gcs(src):
+        return parse_gcs(src).vsi
+    if src.startswith(_VSICURL) and is_gcs(src[len(_VSICURL):]):
+        return parse_gcs(src[len(_VSICURL):]).vsi
+    from ._rasterwrite import gcs_path_for_local
+
+    if not src.startswith("/vsi"):
+        mapped = gcs_path_for_local(src)
+        if mapped is not None:
+            return mapped.vsi
+        raise InvalidURLError(
+            f"{url}: source {src!r} is a local file, which GDAL could not open from anywhere else. "
+            "Upload it first (cloudio.open(gs_url, 'w', ...)) and build the VRT on the uploaded copy."
+        )
+    if src.startswith("/vsimem/"):
+        raise InvalidURLError(
+            f"{url}: source {src!r} lives in this process's memory only. Upload it first "
+            "(cloudio.open(gs_url, 'w', ...)) and build the VRT on the uploaded copy."
+        )
+    return src  # other GDAL virtual paths (/vsis3/, /vsizip//vsigs/...): left as they are

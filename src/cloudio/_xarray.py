@@ -1,0 +1,268 @@
+"""``cloudio.to_zarr`` / ``cloudio.open_zarr``: Xarray on a journaled Zarr store.
+
+Both are thin: keyword arguments go to :meth:`xarray.Dataset.to_zarr` and
+:func:`xarray.open_zarr` unchanged, with three additions.
+
+* Writes go through :func:`cloudio.zarr_store`, so every chunk, shard and
+  metadata document written is journaled and the other caches of the
+  process see it.
+* Dask-backed variables are rechunked first so that each Zarr shard (or
+  chunk, when unsharded) is written by exactly one task, whatever
+  ``safe_chunks`` says (see :mod:`cloudio._shards`); ``rechunk=False``
+  turns that into an :class:`~cloudio.UnsafeChunkingError` instead.
+* ``open_zarr`` does not trust a consolidated copy of the metadata that this
+  process made stale (a later write with ``consolidated=False``): it reads
+  the metadata documents themselves then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._shards import align
+from ._zarr import JournaledStore, consolidated_is_stale, written_here, zarr_store
+
+if TYPE_CHECKING:
+    import xarray
+
+log = logging.getLogger(__name__)
+
+__all__ = ["open_zarr", "to_zarr"]
+
+
+def _store(url: str | os.PathLike[str] | JournaledStore, read_only: bool,
+           storage_options: Mapping[str, Any] | None) -> JournaledStore:
+    if isinstance(url, JournaledStore):
+        return url
+    return zarr_store(url, read_only=read_only, **dict(storage_options or {}))
+
+
+def _is_dask(data: Any) -> bool:
+    try:
+        from dask.base import is_dask_collection
+    except ImportError:  # no dask, no tasks, nothing to align
+        return False
+    return bool(is_dask_collection(data))
+
+
+def _grid_from_encoding(enc: Mapping[str, Any], ndim: int) -> tuple[tuple[int, ...], bool] | None:
+    """The write grid a new array will get from its encoding: shards, else chunks; None if unknown."""
+    for key, sharded in (("shards", True), ("chunks", False)):
+        val = enc.get(key)
+        if val is None:
+            continue
+        if isinstance(val, int) and not isinstance(val, bool):
+            return (int(val),) * ndim, sharded
+        if isinstance(val, tuple | list) and len(val) == ndim and all(isinstance(v, int) for v in val):
+            return tuple(int(v) for v in val), sharded
+        return None  # "auto", a dict or a rectilinear spec: zarr decides; see _open_existing afterwards
+    return None
+
+
+def _open_existing(store: JournaledStore, group: str | None, name: Hashable) -> Any | None:
+    """The existing Zarr array for variable ``name``, or None."""
+    import zarr
+
+    path = f"{group.strip('/')}/{name}" if group else str(name)
+    try:
+        return zarr.open_array(store.with_read_only(True), path=path, mode="r")
+    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None  # not there yet, or a group: a new array will be created
+
+
+def _resolve_region(dataset: "xarray.Dataset", store: JournaledStore, region: Any, group: str | None,
+                    ) -> dict[Hashable, slice]:
+    """Region slices with ``"auto"`` replaced by positions found from the store's indexes."""
+    import xarray as xr
+
+    if region is None:
+        return {}
+    if region == "auto":
+        region = {dim: "auto" for dim in dataset.dims}
+    out: dict[Hashable, slice] = {}
+    existing = None
+    for dim, sl in region.items():
+        if isinstance(sl, slice):
+            out[dim] = sl
+            continue
+        if sl != "auto" or dim not in dataset.indexes:
+            continue
+        if existing is None:
+            existing = xr.open_zarr(store.with_read_only(True), group=group, consolidated=False, chunks=None)
+        idx = existing.indexes[dim].get_indexer(dataset.indexes[dim])
+        if len(idx) and (idx >= 0).all():
+            out[dim] = slice(int(idx.min()), int(idx.max()) + 1)
+    return out
+
+
+def _align_dataset(dataset: "xarray.Dataset", store: JournaledStore, kwargs: Mapping[str, Any],
+                   rechunk: bool) -> "xarray.Dataset":
+    """Rechunk every Dask-backed variable so no two tasks write one shard; see :mod:`cloudio._shards`."""
+    dask_vars = {name: var for name, var in dataset.variables.items() if _is_dask(var.data)}
+    if not dask_vars:
+        return dataset
+    append_dim = kwargs.get("append_dim")
+    region_arg = kwargs.get("region")
+    mode = kwargs.get("mode")
+    if mode is None:
+        mode = "a" if append_dim is not None else ("r+" if region_arg is not None else "w-")
+    group = kwargs.get("group")
+    encoding = kwargs.get("encoding") or {}
+    region = _resolve_region(dataset, store, region_arg, group) if region_arg is not None else {}
+    may_exist = mode not in ("w", "w-")
+
+    replaced: dict[Hashable, Any] = {}
+    for name, var in dask_vars.items():
+        existing = _open_existing(store, group, name) if may_exist else None
+        offsets = [0] * var.ndim
+        if existing is not None:
+            from ._shards import write_grid
+
+            grid, sharded = write_grid(existing)
+            for i, dim in enumerate(var.dims):
+                if append_dim is not None and dim == append_dim:
+                    offsets[i] = int(existing.shape[i])
+                elif dim in region:
+                    offsets[i] = int(region[dim].indices(int(existing.shape[i]))[0])
+        else:
+            enc = {**var.encoding, **encoding.get(name, {})}
+            found = _grid_from_encoding(enc, var.ndim)
+            if found is None:
+                if any(isinstance(enc.get(k), str | dict) for k in ("chunks", "shards")):
+                    log.warning("%s: %r: cannot check Dask chunks against zarr's automatic grid %r",
+                                store.root_url, name, enc.get("shards", enc.get("chunks")))
+                    continue
+                # No grid requested: xarray takes the Dask chunks as Zarr chunks, which must be
+                # regular. Ragged chunks get the largest chunk as their grid.
+                grid = tuple(max(c) if c else 1 for c in var.chunks)
+                sharded = False
+            else:
+                grid, sharded = found
+        new = align(var.data, grid, offsets=offsets, name=str(name), url=store.root_url, sharded=sharded,
+                    rechunk=rechunk)
+        if new is not var.data:
+            replaced[name] = var.copy(deep=False, data=new)
+    if not replaced:
+        return dataset
+    out = dataset.copy(deep=False)
+    coords = {k: v for k, v in replaced.items() if k in dataset.coords}
+    data = {k: v for k, v in replaced.items() if k not in dataset.coords}
+    if coords:
+        out = out.assign_coords(coords)
+    if data:
+        out = out.assign(data)
+    for name, var in replaced.items():  # assign() keeps data but may drop encoding
+        out[name].encoding = dict(var.encoding)
+        if "preferred_chunks" in out[name].encoding:
+            del out[name].encoding["preferred_chunks"]
+    return out
+
+
+def to_zarr(dataset: "xarray.Dataset", url: str | os.PathLike[str] | JournaledStore, *,
+            rechunk: bool = True, **kwargs: Any) -> Any:
+    """Write ``dataset`` to Zarr at ``url`` with every write journaled and shard-safe Dask chunks.
+
+    Parameters
+    ----------
+    dataset
+        The dataset to write; NumPy- or Dask-backed.
+    url
+        ``gs://bucket/store.zarr``, ``/vsigs/...``, a local path, or a
+        :func:`cloudio.zarr_store`.
+    rechunk
+        True (default): Dask chunks that would make several tasks write one
+        shard (or unsharded chunk) are rechunked onto shard boundaries, also
+        with ``safe_chunks=False``. False: raise
+        :class:`~cloudio.UnsafeChunkingError` instead.
+    **kwargs
+        Passed to :meth:`xarray.Dataset.to_zarr`: ``mode``, ``append_dim``,
+        ``region``, ``encoding`` (``chunks``, ``shards``, ``compressors``...),
+        ``zarr_format``, ``consolidated``, ``compute``, ``group``,
+        ``safe_chunks``, ``storage_options`` (gcsfs options)...
+
+    Returns
+    -------
+    Whatever :meth:`xarray.Dataset.to_zarr` returns (a ``Delayed`` with ``compute=False``).
+
+    Raises
+    ------
+    UnsafeChunkingError
+        With ``rechunk=False``, when Dask chunks split a shard.
+    """
+    storage_options = kwargs.pop("storage_options", None)
+    store = _store(url, False, storage_options)
+    if kwargs.get("safe_chunks") is False and rechunk is False:
+        log.debug("%s: safe_chunks=False with rechunk=False: misaligned chunks raise", store.root_url)
+    aligned = _align_dataset(dataset, store, kwargs, rechunk)
+    mode = kwargs.get("mode") or ("a" if kwargs.get("append_dim") is not None else
+                                  "r+" if kwargs.get("region") is not None else "w-")
+    if mode == "r+":  # the only write mode in which xarray reads consolidated metadata
+        _avoid_stale_consolidated(store, kwargs)
+    log.debug("to_zarr %s (%s)", store.root_url, {k: v for k, v in kwargs.items() if k != "encoding"})
+    return aligned.to_zarr(store, **kwargs)
+
+
+def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> "xarray.Dataset":
+    """Open the Zarr store at ``url`` with Xarray, seeing every write made in this process.
+
+    Parameters
+    ----------
+    url
+        ``gs://bucket/store.zarr``, ``/vsigs/...``, a local path, or a
+        :func:`cloudio.zarr_store`.
+    **kwargs
+        Passed to :func:`xarray.open_zarr` (``group``, ``chunks``,
+        ``consolidated``, ``zarr_format``, ``decode_times``...).
+        ``storage_options`` are gcsfs options.
+
+    Returns
+    -------
+    xarray.Dataset
+        Lazily loaded. ``.encoding`` of each variable holds ``chunks`` and, for
+        sharded Zarr v3 arrays, ``shards``.
+
+    Notes
+    -----
+    When this process changed the store's metadata after its consolidated
+    copy was written, the consolidated copy is ignored (also when
+    ``consolidated=True`` was asked for) and the metadata documents are read.
+    """
+    import xarray as xr
+
+    storage_options = kwargs.pop("storage_options", None)
+    store = _store(url, True, storage_options)
+    _avoid_stale_consolidated(store, kwargs)
+    ds = xr.open_zarr(store, **kwargs)
+    _fill_shards(ds, store, kwargs.get("group"))
+    return ds
+
+
+def _avoid_stale_consolidated(store: JournaledStore, kwargs: dict[str, Any]) -> None:
+    """Set ``consolidated=False`` in ``kwargs`` when this process made the consolidated copy stale.
+
+    Also when no consolidated copy was ever written after this process wrote
+    metadata there: xarray would otherwise look for one first (a wasted
+    request, and a warning when it is missing).
+    """
+    group = kwargs.get("group")
+    root = store.root_url + (f"/{str(group).strip('/')}" if group else "")
+    consolidated = kwargs.get("consolidated")
+    if consolidated is not False and written_here(root) and consolidated_is_stale(root):
+        if consolidated:
+            log.info("%s: consolidated metadata is older than writes made here; reading metadata documents", root)
+        kwargs["consolidated"] = False
+
+
+def _fill_shards(ds: "xarray.Dataset", store: JournaledStore, group: str | None) -> None:
+    """Put ``shards`` into ``.encoding`` where this xarray version does not (older than 2025.10)."""
+    missing = [name for name, var in ds.variables.items() if "shards" not in var.encoding and var.ndim]
+    if not missing:
+        return
+    for name in missing:
+        arr = _open_existing(store, group, name)
+        if arr is not None:
+            ds.variables[name].encoding["shards"] = getattr(arr, "shards", None)
+

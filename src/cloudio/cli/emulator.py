@@ -1,0 +1,74 @@
+"""``cloudio emulator``: the embedded GCS emulator in the foreground, for local development.
+
+Prints the ``export STORAGE_EMULATOR_HOST=...`` line to paste into another
+shell (cloudio, gcsfs and google-cloud-storage there then use this emulator),
+and runs until Ctrl-C (SIGINT) or SIGTERM, then stops the server and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from types import FrameType
+
+from ..errors import ConfigurationError, EmulatorError
+from ._ui import err
+
+
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "emulator", parents=[parent],
+        help="run the embedded GCS emulator in the foreground (Ctrl-C stops it)",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--bucket", action="append", default=[], metavar="NAME",
+                   help="create this bucket at start (repeatable)")
+    p.add_argument("--backend", choices=("memory", "filesystem"), default="memory",
+                   help="keep objects in memory (default) or on disk under --root")
+    p.add_argument("--root", help="folder for --backend filesystem (default: a temporary one)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..emulator import Emulator
+
+    mode = os.environ.get("CLOUDIO_EMULATOR", "").strip() or "binary"
+    if mode == "external":
+        raise ConfigurationError(
+            "CLOUDIO_EMULATOR=external attaches to a running emulator, but `cloudio emulator` starts one: "
+            "unset CLOUDIO_EMULATOR (or set it to 'docker')"
+        )
+    if args.root is not None and args.backend != "filesystem":
+        raise ConfigurationError("--root is only used with --backend filesystem; add --backend filesystem")
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    emu = Emulator(mode=mode, backend=args.backend, root=args.root)  # type: ignore[arg-type]
+    try:
+        emu.start()
+        for name in args.bucket:
+            emu.create_bucket(name)
+        print(f"export STORAGE_EMULATOR_HOST={emu.url}", flush=True)
+        buckets = f"; buckets: {', '.join('gs://' + b for b in args.bucket)}" if args.bucket else ""
+        err(f"fake-gcs-server ({mode}, {args.backend} backend) is running at {emu.url}{buckets}")
+        err("Paste the export line above into another shell; Ctrl-C here stops the emulator.")
+        proc = getattr(emu, "_proc", None)  # the binary's process, to notice if it dies on its own
+        while not stop.wait(0.5):
+            if proc is not None and proc.poll() is not None:
+                raise EmulatorError(
+                    f"fake-gcs-server at {emu.url} exited on its own with code {proc.returncode}; "
+                    "run `cloudio emulator --debug` to see why"
+                )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        emu.stop()
+    err("emulator stopped")
+    return 0

@@ -1,0 +1,342 @@
+"""``cloudio inspect URL [--plot out.png]``: what a Zarr store or a raster holds.
+
+A Zarr store (v2 or v3) prints as a tree of groups and arrays with shape,
+dtype, chunks, shards, codecs, stored and logical bytes and the compression
+ratio; a raster prints its profile and overviews. ``--plot`` writes a
+quicklook PNG: a 2-D slice (the first index of every leading dimension,
+decimated to at most 1024 pixels a side) with a colour bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from .._paths import is_gcs, normalize
+from ..errors import CloudioError, ConfigurationError, ObjectNotFoundError
+from ._ui import human_bytes, progress
+
+_MAX_PIXELS = 1024
+
+
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "inspect", parents=[parent],
+        help="show a Zarr store as a tree, or a raster's profile; --plot writes a quicklook PNG",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("url", help="gs://bucket/store.zarr, gs://bucket/image.tif, /vsigs/..., or a local path")
+    p.add_argument("--plot", metavar="PNG", help="write a quicklook image (a 2-D slice with a colour bar)")
+    p.add_argument("--var", help="Zarr: the array to plot (path inside the store; default: the first 2-D one)")
+    p.add_argument("--band", type=int, default=1, help="raster: the band to plot (default 1)")
+    p.set_defaults(func=run)
+
+
+# -- opening -----------------------------------------------------------------------------------
+
+
+def _check_exists_locally(url: str) -> None:
+    if not is_gcs(url) and not url.startswith("/vsi") and not os.path.exists(normalize(url)):
+        raise ObjectNotFoundError(f"{url!r} does not exist; give a gs:// URL or an existing local path")
+
+
+_ZARR_META = ("zarr.json", ".zgroup", ".zarray")
+
+
+def _has_zarr_metadata(url: str) -> bool:
+    """Whether a Zarr node's metadata document sits at ``url`` (a plain existence check)."""
+    if is_gcs(url):
+        from .._gcs import gcs_filesystem
+        from .._paths import parse_gcs
+
+        fs = gcs_filesystem()
+        base = parse_gcs(url).fs_path.rstrip("/")
+        return any(fs.exists(f"{base}/{name}") for name in _ZARR_META)
+    base = normalize(url)
+    return any(os.path.exists(os.path.join(base, name)) for name in _ZARR_META)
+
+
+def _open_zarr(url: str) -> Any | None:
+    """The Zarr group or array at ``url``, or None when there is no Zarr metadata there."""
+    if url.startswith("/vsi") and not url.startswith(("/vsigs/", "/vsigs_streaming/")):
+        return None
+    if not _has_zarr_metadata(url):
+        return None
+    import zarr
+
+    import cloudio
+
+    return zarr.open(store=cloudio.zarr_store(url, read_only=True), mode="r")
+
+
+def _open_raster(url: str) -> Any:
+    import rasterio.errors
+
+    import cloudio
+
+    try:
+        return cloudio.open(url)
+    except ObjectNotFoundError as e:  # cloudio's own message names the URL and what it checked
+        raise type(e)(f"{e} (no Zarr metadata there either)") from e
+    except FileNotFoundError as e:
+        raise ObjectNotFoundError(
+            f"nothing at {url!r}: no Zarr metadata (zarr.json, .zgroup, .zarray) and no raster; check the URL"
+        ) from e
+    except rasterio.errors.RasterioIOError as e:
+        raise CloudioError(
+            f"{url!r} is neither a Zarr store nor a raster GDAL can read ({' '.join(str(e).split())}); "
+            "cloudio inspect takes a Zarr store (v2 or v3) or a raster (GeoTIFF, VRT, ...)"
+        ) from e
+
+
+# -- Zarr --------------------------------------------------------------------------------------
+
+
+def _fmt_config(cfg: Any) -> str:
+    if isinstance(cfg, dict):
+        return ", ".join(f"{k}={_fmt_config(v)}" for k, v in cfg.items())
+    if isinstance(cfg, (list, tuple)):
+        return "x".join(str(v) for v in cfg) if all(isinstance(v, int) for v in cfg) else str(list(cfg))
+    return str(getattr(cfg, "value", cfg))
+
+
+def _fmt_codec(c: Any) -> str:
+    if hasattr(c, "to_dict"):
+        d = c.to_dict()
+        name, cfg = d.get("name", type(c).__name__), dict(d.get("configuration") or {})
+    elif hasattr(c, "get_config"):  # numcodecs (Zarr v2)
+        cfg = dict(c.get_config())
+        name = cfg.pop("id", type(c).__name__)
+    else:
+        return type(c).__name__
+    return f"{name}({_fmt_config(cfg)})" if cfg else name
+
+
+def codec_chain(arr: Any) -> str:
+    """The codecs a chunk passes through, in order (inside the shard for sharded arrays)."""
+    if getattr(arr.metadata, "zarr_format", 3) == 2:
+        parts = [_fmt_codec(f) for f in (arr.filters or ())]
+        parts += [_fmt_codec(c) for c in (arr.compressors or ())]
+        return " > ".join(parts) if parts else "none"
+    codecs = list(arr.metadata.codecs)
+    if len(codecs) == 1 and type(codecs[0]).__name__ == "ShardingCodec":
+        sh = codecs[0]
+        inner = " > ".join(_fmt_codec(c) for c in sh.codecs)
+        index = " > ".join(_fmt_codec(c) for c in sh.index_codecs)
+        return f"{inner}  (per chunk in each shard; shard index: {index})"
+    return " > ".join(_fmt_codec(c) for c in codecs)
+
+
+def _shape(t: Any) -> str:
+    return "(" + ", ".join(str(v) for v in t) + ")" if t is not None else "-"
+
+
+def _array_lines(arr: Any) -> tuple[str, list[str], int, int]:
+    stored = int(arr.nbytes_stored())
+    logical = int(arr.nbytes)
+    ratio = f"{logical / stored:.2f}x" if stored else "-"
+    head = f"{arr.dtype}  {_shape(arr.shape)}"
+    details = [f"chunks {_shape(arr.chunks)}" + (f"  shards {_shape(arr.shards)}" if arr.shards else "")
+               + f"  zarr v{arr.metadata.zarr_format}"]
+    details.append(f"codecs: {codec_chain(arr)}")
+    details.append(f"stored {human_bytes(stored)}, logical {human_bytes(logical)}, ratio {ratio}")
+    dims = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS")
+    if dims:
+        details.append("dims: " + ", ".join(str(d) for d in dims))
+    return head, details, stored, logical
+
+
+def _attrs_line(node: Any) -> str | None:
+    keys = [k for k in node.attrs.asdict() if not k.startswith("_ARRAY_DIMENSIONS")]
+    if not keys:
+        return None
+    shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+    return f"attrs: {shown}"
+
+
+def _walk(node: Any, indent: str, out: list[str], totals: list[int]) -> None:
+    members = sorted(node.members(), key=lambda kv: kv[0])
+    for i, (name, child) in enumerate(members):
+        last = i == len(members) - 1
+        branch, cont = ("└── ", "    ") if last else ("├── ", "│   ")
+        if hasattr(child, "shape"):
+            head, details, stored, logical = _array_lines(child)
+            totals[0] += stored
+            totals[1] += logical
+            out.append(f"{indent}{branch}{name}  {head}")
+            attrs = _attrs_line(child)
+            for d in details + ([attrs] if attrs else []):
+                out.append(f"{indent}{cont}    {d}")
+        else:
+            out.append(f"{indent}{branch}{name}/  (group)")
+            attrs = _attrs_line(child)
+            if attrs:
+                out.append(f"{indent}{cont}    {attrs}")
+            _walk(child, indent + cont, out, totals)
+
+
+def zarr_tree(url: str, node: Any) -> str:
+    fmt = node.metadata.zarr_format
+    if hasattr(node, "shape"):
+        head, details, _, _ = _array_lines(node)
+        return "\n".join([f"{url}  (Zarr v{fmt} array)  {head}", *("    " + d for d in details)])
+    out = [f"{url}  (Zarr v{fmt} group)"]
+    attrs = _attrs_line(node)
+    if attrs:
+        out.append(f"    {attrs}")
+    totals = [0, 0]
+    _walk(node, "", out, totals)
+    stored, logical = totals
+    ratio = f"{logical / stored:.2f}x" if stored else "-"
+    out.append(f"total: stored {human_bytes(stored)} (array data and metadata), logical {human_bytes(logical)}, "
+               f"ratio {ratio}")
+    return "\n".join(out)
+
+
+def _arrays(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if hasattr(node, "shape"):
+        yield path or node.basename or "array", node
+        return
+    for name, child in sorted(node.members(), key=lambda kv: kv[0]):
+        yield from _arrays(child, f"{path}/{name}" if path else name)
+
+
+# -- rasters -----------------------------------------------------------------------------------
+
+
+def raster_profile(url: str, ds: Any) -> str:
+    p = ds.profile
+    lines = [f"{url}  (raster, driver {ds.driver})"]
+    rows = [
+        ("size", f"{ds.width} x {ds.height} pixels, {ds.count} band(s), {', '.join(sorted(set(ds.dtypes)))}"),
+        ("crs", ds.crs.to_string() if ds.crs else "none"),
+        ("transform", " ".join(f"{v:g}" for v in tuple(ds.transform)[:6])),
+        ("resolution", f"{ds.res[0]:g} x {ds.res[1]:g}"),
+        ("bounds", ", ".join(f"{v:g}" for v in ds.bounds)),
+        ("nodata", str(ds.nodata)),
+        ("blocks", ", ".join(sorted({f"{h}x{w}" for h, w in ds.block_shapes}))
+         + ("  (tiled)" if p.get("tiled") else "")),
+        ("compression", str(ds.compression.value if ds.compression else "none")),
+        ("interleave", str(ds.interleaving.value if ds.interleaving else "-")),
+    ]
+    for i in range(1, ds.count + 1):
+        ovr = ds.overviews(i)
+        desc = ds.descriptions[i - 1]
+        label = f"band {i}" + (f" ({desc})" if desc else "")
+        rows.append((label, f"{ds.dtypes[i - 1]}, overviews: {', '.join(map(str, ovr)) if ovr else 'none'}"))
+    w = max(len(k) for k, _ in rows)
+    lines += [f"    {k.ljust(w)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+# -- plotting ----------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ConfigurationError(
+            "cloudio inspect --plot needs matplotlib: pip install 'cloudio[cli]'"
+        ) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_plot(png: str, data: Any, title: str, label: str, xlabel: str = "", ylabel: str = "",
+               extent: tuple[float, float, float, float] | None = None) -> None:
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=100)
+    try:
+        if data.ndim == 1:
+            ax.plot(np.arange(data.shape[0]), data)
+            ax.set_ylabel(label)
+        else:
+            im = ax.imshow(data, cmap="viridis", interpolation="nearest", extent=extent)
+            fig.colorbar(im, ax=ax, label=label, shrink=0.85)
+        ax.set_title(title, fontsize=10)
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        fig.savefig(png, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _step(n: int) -> int:
+    return max(1, math.ceil(n / _MAX_PIXELS))
+
+
+def plot_zarr(node: Any, png: str, var: str | None, url: str) -> str:
+    arrays = list(_arrays(node))
+    if not arrays:
+        raise CloudioError(f"{url!r} holds no arrays to plot")
+    if var is not None:
+        found = [(n, a) for n, a in arrays if n == var.strip("/")]
+        if not found:
+            raise CloudioError(f"{url!r} has no array {var!r}; it has: {', '.join(n for n, _ in arrays)}")
+        name, arr = found[0]
+    else:
+        name, arr = max(arrays, key=lambda na: (min(na[1].ndim, 2), na[1].size))
+    if arr.ndim == 0:
+        raise CloudioError(f"{url!r}: array {name!r} is a scalar; pick another with --var")
+    lead = (0,) * max(arr.ndim - 2, 0)
+    tail = tuple(slice(None, None, _step(n)) for n in arr.shape[len(lead):])
+    data = arr[lead + tail]
+    dims = list(getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS") or [])
+    idx = ", ".join([*(f"{d}=0" if d else "0" for d in (dims[:len(lead)] or [""] * len(lead))),
+                     *(f"::{s.step}" if s.step > 1 else ":" for s in tail)])
+    title = f"{url}\n{name}[{idx}]  {arr.dtype}"
+    xl = dims[-1] if dims else ""
+    yl = dims[-2] if len(dims) >= 2 and arr.ndim >= 2 else ""
+    _save_plot(png, data, title, f"{name} ({arr.dtype})", xl, yl)
+    return name
+
+
+def plot_raster(ds: Any, png: str, band: int, url: str) -> None:
+    if not 1 <= band <= ds.count:
+        raise CloudioError(f"{url!r} has bands 1..{ds.count}; --band {band} is not one of them")
+    step = max(_step(ds.width), _step(ds.height))
+    shape = (max(1, ds.height // step), max(1, ds.width // step))
+    data = ds.read(band, out_shape=shape, masked=True)
+    title = f"{url}\nband {band}" + (f", decimated 1:{step}" if step > 1 else "") + f"  {ds.dtypes[band - 1]}"
+    b = ds.bounds
+    unit = f" ({ds.crs.to_string()})" if ds.crs else ""
+    extent = (b.left, b.right, b.bottom, b.top) if ds.crs or not ds.transform.is_identity else None
+    _save_plot(png, data, title, f"band {band} ({ds.dtypes[band - 1]})", f"x{unit}", f"y{unit}", extent)
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    url: str = args.url
+    normalize(url)  # a malformed URL fails here, naming itself
+    _check_exists_locally(url)
+    if args.plot:
+        _pyplot()  # fail before any work when matplotlib is missing
+    node = _open_zarr(url)
+    if node is not None:
+        with progress(f"measuring {url}"):
+            text = zarr_tree(url, node)
+        print(text)
+        if args.plot:
+            name = plot_zarr(node, args.plot, args.var, url)
+            print(f"quicklook of {name} written to {args.plot}")
+        return 0
+    with _open_raster(url) as ds:
+        print(raster_profile(url, ds))
+        if args.plot:
+            plot_raster(ds, args.plot, args.band, url)
+            print(f"quicklook of band {args.band} written to {args.plot}")
+    return 0

@@ -1,0 +1,66 @@
+"""Helpers for the characterization tests: raw libraries, configured by hand."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from gcsfs.core import GCSFileSystem
+
+    from cloudio.emulator import Emulator
+
+
+def raw_gcsfs(emu: "Emulator", *, separate: bool = False, asynchronous: bool = False) -> "GCSFileSystem":
+    """A plain gcsfs filesystem on the emulator.
+
+    ``separate=True`` makes a new instance with its own listing cache (another
+    writer); otherwise fsspec hands back the instance it already has for these
+    arguments, as it does in user code.
+    """
+    from gcsfs.core import GCSFileSystem
+
+    fs = GCSFileSystem(
+        endpoint_url=emu.url, token="anon", skip_instance_cache=separate, asynchronous=asynchronous
+    )
+    assert type(fs) is GCSFileSystem  # the raw library, nothing wrapped
+    return fs
+
+
+def geotiff(size: int, value: int) -> bytes:
+    """A ``size`` x ``size`` single-band uint8 GeoTIFF filled with ``value``."""
+    from rasterio.io import MemoryFile
+
+    with MemoryFile() as mf:
+        with mf.open(driver="GTiff", width=size, height=size, count=1, dtype="uint8") as ds:
+            ds.write(np.full((1, size, size), value, dtype="uint8"))
+        return bytes(mf.read())
+
+
+def gdal_readdir(path: str) -> list[str]:
+    """GDAL's own ``VSIReadDir(path)``, through the GDAL library rasterio loaded."""
+    import rasterio._env
+
+    lib = ctypes.CDLL(rasterio._env.__file__)
+    lib.VSIReadDir.restype = ctypes.POINTER(ctypes.c_char_p)
+    lib.VSIReadDir.argtypes = [ctypes.c_char_p]
+    lib.CSLDestroy.argtypes = [ctypes.POINTER(ctypes.c_char_p)]
+    lib.CSLDestroy.restype = None
+    arr = lib.VSIReadDir(path.encode())
+    names: list[str] = []
+    if arr:
+        i = 0
+        while arr[i] is not None:
+            names.append(arr[i].decode())
+            i += 1
+        lib.CSLDestroy(arr)
+    return sorted(names)
+
+
+def rasterio_version() -> tuple[int, int]:
+    import rasterio
+
+    major, minor = rasterio.__version__.split(".")[:2]
+    return int(major), int(minor)

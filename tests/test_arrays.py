@@ -1,0 +1,92 @@
+"""cloudio.save_array / load_array: NumPy and Dask arrays to Zarr and back."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+import cloudio
+from cloudio._shards import aligned_chunks, misaligned_dims
+from cloudio.errors import ObjectNotFoundError, UnsafeChunkingError
+
+
+def test_numpy_roundtrip(gcs_bucket):
+    url = f"{gcs_bucket}/np.zarr"
+    data = np.arange(300 * 200, dtype="i8").reshape(300, 200)
+    z = cloudio.save_array(data, url, chunks=(50, 50), shards=(100, 100))
+    assert z.shards == (100, 100) and z.chunks == (50, 50)
+    back = cloudio.load_array(url)
+    assert isinstance(back, np.ndarray) and back.dtype == data.dtype
+    np.testing.assert_array_equal(back, data)
+    # save again: overwritten, new shape
+    cloudio.save_array(data[:10], url)
+    assert cloudio.load_array(url).shape == (10, 200)
+
+
+def test_lazy_load_is_chunked_by_shard(gcs_bucket):
+    url = f"{gcs_bucket}/lazy.zarr"
+    data = np.random.default_rng(0).standard_normal((250, 130)).astype("f4")
+    cloudio.save_array(data, url, chunks=(25, 26), shards=(100, 130))
+    arr = cloudio.load_array(url, lazy=True)
+    assert isinstance(arr, da.Array)
+    assert arr.chunks == ((100, 100, 50), (130,))
+    assert arr.compute().tobytes() == data.tobytes()
+    # unsharded: by chunk; or as asked
+    cloudio.save_array(data, f"{gcs_bucket}/plain.zarr", chunks=(50, 65))
+    assert cloudio.load_array(f"{gcs_bucket}/plain.zarr", lazy=True).chunks == ((50,) * 5, (65, 65))
+    assert cloudio.load_array(url, lazy=True, chunks=(250, 10)).chunks[0] == (250,)
+
+
+@pytest.mark.parametrize("chunks", [(100, 100), ((37, 463, 500), (1000,)), ((999, 1), (1, 999))])
+def test_dask_misaligned_chunks_written_exactly(gcs_bucket, chunks):
+    url = f"{gcs_bucket}/dask.zarr"
+    data = np.random.default_rng(1).standard_normal((1000, 1000)).astype("f4")
+    with dask.config.set(scheduler="threads"):
+        cloudio.save_array(da.from_array(data, chunks=chunks), url, chunks=(100, 100), shards=(500, 500))
+    assert cloudio.load_array(url).tobytes() == data.tobytes()
+
+
+def test_dask_rechunk_forbidden(gcs_bucket):
+    url = f"{gcs_bucket}/forbid.zarr"
+    arr = da.zeros((1000, 1000), chunks=(100, 100), dtype="f4")
+    with pytest.raises(UnsafeChunkingError, match=r"shards of shape \(1000, 1000\)"):
+        cloudio.save_array(arr, url, chunks=(100, 100), shards=(1000, 1000), rechunk=False)
+
+
+def test_dask_default_chunks_follow_dask(gcs_bucket):
+    url = f"{gcs_bucket}/dflt.zarr"
+    arr = da.arange(1000, chunks=300, dtype="i4")
+    z = cloudio.save_array(arr, url, shards=600)
+    assert z.shards == (600,) and z.chunks == (300,)
+    np.testing.assert_array_equal(cloudio.load_array(url), np.arange(1000, dtype="i4"))
+
+
+def test_missing_array_raises(gcs_bucket):
+    with pytest.raises(ObjectNotFoundError, match="no Zarr array"):
+        cloudio.load_array(f"{gcs_bucket}/nothing.zarr")
+
+
+def test_kwargs_reach_zarr(gcs_bucket):
+    url = f"{gcs_bucket}/kw.zarr"
+    z = cloudio.save_array(np.ones((4, 4), "u2"), url, zarr_format=2, compressors=None,
+                           attributes={"units": "m"})
+    assert z.metadata.zarr_format == 2
+    again = zarr.open_array(cloudio.zarr_store(url, read_only=True))
+    assert again.attrs["units"] == "m"
+
+
+def test_alignment_rules():
+    # boundaries 100..900 of 100-chunks do not fall on 1000-multiples: rechunked to one shard each
+    assert misaligned_dims(((100,) * 20,), (1000,)) == [0]
+    assert aligned_chunks(((100,) * 20,), (1000,)) == ((1000, 1000),)
+    # offset 130 (region start): first chunk ends at the first shard boundary
+    assert aligned_chunks(((100,) * 5 + (50,),), (200,), (130,)) == ((70, 200, 200, 80),)
+    # append onto a partial shard: 150 stored, shards of 100
+    assert aligned_chunks(((50,) * 5,), (100,), (150,)) == ((50, 100, 100),)
+    # big chunks stay big: nearest shard multiple
+    assert aligned_chunks(((2500, 2500),), (1000,)) == ((2000, 2000, 1000),)
+    # aligned dims untouched, even when ragged
+    assert aligned_chunks(((1000, 2000, 7),), (1000,)) == ((1000, 2000, 7),)

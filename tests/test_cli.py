@@ -1,0 +1,276 @@
+"""The ``cloudio`` command, run as a user runs it: a separate process, exit codes and output.
+
+``demo`` and ``check`` without a URL start their own embedded emulator (the
+subprocess gets no ``STORAGE_EMULATOR_HOST``); the other tests point the
+subprocess at the session's emulator through ``STORAGE_EMULATOR_HOST``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cloudio
+
+CLI = [sys.executable, "-m", "cloudio.cli"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _env(emulator_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "CLOUDIO_EMULATOR")}
+    env["COLUMNS"] = "160"
+    if emulator_url is not None:
+        env["STORAGE_EMULATOR_HOST"] = emulator_url
+    return env
+
+
+def run_cli(*args: str, emulator_url: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=_env(emulator_url), timeout=timeout)
+
+
+# -- demo and check on their own embedded emulator -----------------------------------------
+
+
+def test_demo_exits_zero_and_shows_both_sides():
+    r = run_cli("demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "cloudio: right at every step (5/5)" in out
+    for step in ("Write a GeoTIFF", "WarpedVRT", "Overwrite a GeoTIFF", "Sharded Zarr v3", "Append a variable"):
+        assert step in out
+    # the raw side really is stale or wrong where DESIGN.md measured it
+    assert re.search(r"STALE: 64x64, value 1 \(the old\s+file\)", out) or "Read failed" in out
+    assert re.search(r"WRONG: .*safe_chunks=False: [\d,]+ of\s+160,000\s+values\s+wrong", out, re.S)
+    assert "ok: 128x128, value 2" in out
+    assert "requests raw / cloudio" in out
+    assert "Traceback" not in r.stderr
+    assert "[5/5]" in r.stderr  # progress went to stderr
+
+
+def test_check_all_cases_consistent():
+    r = run_cli("check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == "6/6 cases consistent"
+    for name in ("overwrite", "delete", "new-object", "vrt", "zarr-member", "sharded-dask"):
+        assert re.search(rf"^{name}: ", r.stdout, re.M), name
+    assert "STALE: exists() is still True" in r.stdout
+    assert "ok: exists() is False" in r.stdout
+
+
+def test_check_json_parses():
+    r = run_cli("check", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True
+    assert doc["consistent"] == doc["total"] == 6
+    names = [c["name"] for c in doc["cases"]]
+    assert names == ["overwrite", "delete", "new-object", "vrt", "zarr-member", "sharded-dask"]
+    for c in doc["cases"]:
+        assert c["consistent"] is True
+        assert c["cloudio"]["verdict"] == "correct"
+        assert c["raw"]["verdict"] in ("correct", "stale", "wrong", "error")
+        assert isinstance(c["cloudio"]["requests"], int)
+    # at least the listing cases are stale with raw gcsfs
+    verdicts = {c["name"]: c["raw"]["verdict"] for c in doc["cases"]}
+    assert verdicts["delete"] == verdicts["new-object"] == "stale"
+
+
+def test_check_on_a_bucket_prefix_cleans_up(gcs_emulator, gcs_bucket):
+    prefix = f"{gcs_bucket}/ci"
+    r = run_cli("check", prefix, emulator_url=gcs_emulator.url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "6/6 cases consistent"
+    assert f"in {prefix}/cloudio-check-" in r.stdout
+    bucket = gcs_bucket.removeprefix("gs://")
+    left = list(gcs_emulator.client.list_blobs(bucket))
+    assert left == [], [b.name for b in left]
+
+
+# -- inspect -----------------------------------------------------------------------------------
+
+
+def _field() -> np.ndarray:
+    y, x = np.mgrid[0:120, 0:160]
+    return (np.sin(x / 15.0) * np.cos(y / 20.0)).astype("float32")
+
+
+@pytest.fixture
+def zarr_url(gcs_bucket):
+    import zarr
+
+    url = f"{gcs_bucket}/tree.zarr"
+    g = zarr.open_group(cloudio.zarr_store(url), mode="w", zarr_format=3, attributes={"title": "cli test"})
+    a = g.create_array("temperature", shape=(3, 120, 160), chunks=(1, 40, 40), shards=(1, 120, 160),
+                       dtype="float32", dimension_names=("time", "y", "x"),
+                       compressors=zarr.codecs.ZstdCodec(level=3))
+    a[:] = np.stack([_field()] * 3)
+    g.create_group("masks").create_array("land", shape=(120, 160), chunks=(60, 80), dtype="uint8")[:] = (
+        _field() > 0
+    ).astype("uint8")
+    return url
+
+
+@pytest.fixture
+def raster_url(gcs_bucket):
+    from rasterio.io import MemoryFile
+    from rasterio.transform import Affine
+
+    url = f"{gcs_bucket}/img.tif"
+    with MemoryFile() as mf:
+        with mf.open(driver="GTiff", width=160, height=120, count=1, dtype="float32", crs="EPSG:32631",
+                     transform=Affine(10, 0, 500000, 0, -10, 5000000), tiled=True, blockxsize=64,
+                     blockysize=64, compress="deflate") as dst:
+            dst.write(_field(), 1)
+            dst.build_overviews([2, 4])
+        cloudio.filesystem(url).pipe(url, mf.read())
+    return url
+
+
+def test_inspect_zarr_tree(gcs_emulator, zarr_url):
+    r = run_cli("inspect", zarr_url, emulator_url=gcs_emulator.url)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith(f"{zarr_url}  (Zarr v3 group)")
+    assert "temperature  float32  (3, 120, 160)" in out
+    assert "chunks (1, 40, 40)  shards (1, 120, 160)" in out
+    assert "zstd(level=3" in out and "crc32c" in out
+    assert "masks/  (group)" in out and "land  uint8  (120, 160)" in out
+    assert "dims: time, y, x" in out
+    m = re.search(r"total: stored ([\d.]+) (KiB|MiB|B) .*logical ([\d.]+) (KiB|MiB|B), ratio ([\d.]+)x", out)
+    assert m, out
+    assert float(m.group(5)) > 1.0  # zstd on a smooth field compresses
+
+
+def test_inspect_raster_profile(gcs_emulator, raster_url):
+    r = run_cli("inspect", raster_url, emulator_url=gcs_emulator.url)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "(raster, driver GTiff)" in out
+    assert "160 x 120 pixels, 1 band(s), float32" in out
+    assert "EPSG:32631" in out
+    assert "overviews: 2, 4" in out
+    assert "DEFLATE" in out
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_SIGNATURE
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.mark.parametrize("which", ["zarr", "raster"])
+def test_inspect_plot_writes_png(gcs_emulator, request, tmp_path, which):
+    pytest.importorskip("matplotlib")
+    url = request.getfixturevalue(f"{which}_url")
+    png = tmp_path / "quick.png"
+    r = run_cli("inspect", url, "--plot", str(png), emulator_url=gcs_emulator.url)
+    assert r.returncode == 0, r.stderr
+    assert f"written to {png}" in r.stdout
+    w, h = _png_size(png)
+    assert (w, h) == (700, 550)
+    assert png.stat().st_size > 10_000  # an image with a colour bar, not an empty canvas
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, named", [
+    (["inspect", "gs://x"], "gs://x"),
+    (["inspect", "s3://bucket/key.tif"], "s3://bucket/key.tif"),
+    (["check", "not-a-url"], "not-a-url"),
+    (["demo", "--url", "gs://UPPER/prefix"], "gs://UPPER/prefix"),
+])
+def test_bad_url_is_one_line_exit_2(args, named):
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert named in lines[0] and "error" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_object_names_it(gcs_emulator, gcs_bucket):
+    url = f"{gcs_bucket}/nothing/here.tif"
+    r = run_cli("inspect", url, emulator_url=gcs_emulator.url)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and url.removeprefix("gs://") in lines[0], r.stderr
+
+
+def test_debug_shows_traceback():
+    r = run_cli("inspect", "gs://x", "--debug")
+    assert r.returncode == 2
+    assert "Traceback" in r.stderr and "InvalidURLError" in r.stderr
+
+
+def test_no_command_prints_help():
+    r = run_cli()
+    assert r.returncode == 2
+    assert "demo" in r.stderr and "check" in r.stderr and "inspect" in r.stderr
+
+
+# -- emulator ----------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the server process")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_emulator_command_prints_export_and_stops_cleanly(sig):
+    p = subprocess.Popen([*CLI, "emulator", "--bucket", "dev"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=_env(None))
+    try:
+        line = p.stdout.readline().strip()  # type: ignore[union-attr]
+        m = re.fullmatch(r"export STORAGE_EMULATOR_HOST=(http://127\.0\.0\.1:\d+)", line)
+        assert m, line
+        url = m.group(1)
+        with urllib.request.urlopen(f"{url}/storage/v1/b/dev", timeout=5) as resp:  # bucket created
+            assert json.load(resp)["name"] == "dev"
+        servers = _children(p.pid)
+        assert servers, "the fake-gcs-server child process"
+        p.send_signal(sig)
+        rc = p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert rc == 0, p.stderr.read()  # type: ignore[union-attr]
+    assert "emulator stopped" in p.stderr.read()  # type: ignore[union-attr]
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in servers)
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2)

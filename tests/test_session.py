@@ -1,0 +1,146 @@
+"""cloudio.session: the level in force (nested, per thread, from the environment) and its counters."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import cloudio
+from cloudio._journal import journal
+from cloudio._session import count, current_consistency, process_stats, session
+from cloudio.errors import ConfigurationError, InvalidURLError
+
+
+@pytest.fixture(autouse=True)
+def _no_env_level(monkeypatch):
+    monkeypatch.delenv("CLOUDIO_CONSISTENCY", raising=False)
+
+
+def test_default_is_session_level():
+    assert current_consistency() == "session"
+    assert session().consistency == "session"
+
+
+def test_nesting_restores_the_outer_level():
+    with cloudio.session("strong") as outer:
+        assert current_consistency() == "strong"
+        with session(2.5):
+            assert current_consistency() == 2.5
+            with session("session"):
+                assert current_consistency() == "session"
+            assert current_consistency() == 2.5
+        assert current_consistency() == "strong"
+        assert outer.consistency == "strong"
+    assert current_consistency() == "session"
+
+
+def test_an_exception_still_restores_the_level():
+    with pytest.raises(RuntimeError):
+        with session("strong"):
+            raise RuntimeError("boom")
+    assert current_consistency() == "session"
+
+
+def test_threads_without_a_session_use_the_most_recent_one():
+    seen: list[object] = []
+    with session(30):
+        with ThreadPoolExecutor(2) as pool:  # worker threads entered no session themselves
+            seen.append(pool.submit(current_consistency).result())
+            with session("strong"):
+                seen.append(pool.submit(current_consistency).result())
+            seen.append(pool.submit(current_consistency).result())
+    with ThreadPoolExecutor(1) as pool:
+        seen.append(pool.submit(current_consistency).result())
+    assert seen == [30, "strong", 30, "session"]
+
+
+def test_a_threads_own_session_wins_over_the_process_fallback():
+    got: dict[str, object] = {}
+    entered, release = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with session("strong"):
+            entered.set()
+            release.wait(5)
+            got["worker"] = current_consistency()
+
+    with session(10):
+        t = threading.Thread(target=worker)
+        t.start()
+        entered.wait(5)
+        got["main"] = current_consistency()  # the main thread's own session, not the newest one
+        release.set()
+        t.join()
+    assert got == {"worker": "strong", "main": 10}
+
+
+@pytest.mark.parametrize("bad", ["weak", "", None, -1, -0.5, True, [1], "STRONG"])
+def test_bad_levels_raise_configuration_error(bad):
+    with pytest.raises(ConfigurationError, match="consistency="):
+        session(bad)
+
+
+@pytest.mark.parametrize(("raw", "level"), [("strong", "strong"), ("session", "session"), ("5", 5.0), (" 0.5 ", 0.5)])
+def test_environment_gives_the_default_level(monkeypatch, raw, level):
+    monkeypatch.setenv("CLOUDIO_CONSISTENCY", raw)
+    assert current_consistency() == level
+    with session("session"):
+        assert current_consistency() == "session"  # explicit wins over the environment
+
+
+@pytest.mark.parametrize(("raw", "why"), [("sometimes", "not a level"), ("-3", ">= 0")])
+def test_bad_environment_level_raises_configuration_error(monkeypatch, raw, why):
+    monkeypatch.setenv("CLOUDIO_CONSISTENCY", raw)
+    with pytest.raises(ConfigurationError, match="CLOUDIO_CONSISTENCY") as e:
+        current_consistency()
+    assert why in str(e.value)
+
+
+def test_counters_go_to_every_open_session_and_the_process():
+    base_uploads = process_stats.uploads
+    with session() as outer:
+        count("opens")
+        with session("strong") as inner:
+            count("uploads")
+            count("bytes_uploaded", 100)
+            count("invalidations", 2, cache="gdal")
+            count("invalidations", cache="fsspec")
+        count("revalidations")
+    count("opens")  # after both closed: only the process counters move
+    assert inner.stats.as_dict() == {
+        "opens": 0, "uploads": 1, "bytes_uploaded": 100, "revalidations": 0,
+        "invalidations": {"gdal": 2, "fsspec": 1},
+    }
+    assert outer.stats.as_dict() == {
+        "opens": 1, "uploads": 1, "bytes_uploaded": 100, "revalidations": 1,
+        "invalidations": {"gdal": 2, "fsspec": 1},
+    }
+    assert process_stats.uploads == base_uploads + 1
+    assert "consistency='strong'" in repr(inner)
+
+
+def test_counters_from_worker_threads_are_counted():
+    with session() as s:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: count("opens"), range(100)))
+    assert s.stats.opens == 100
+
+
+def test_invalidate_records_a_prefix_change_under_the_normalized_key():
+    seq = journal().seq
+    cloudio.invalidate("/vsigs/bkt-session-test/d/")
+    cloudio.invalidate("https://storage.googleapis.com/bkt-session-test/d/a.tif")
+    changes = [(c.url, c.kind, c.prefix) for c in journal().since(seq)]
+    assert changes == [
+        ("gs://bkt-session-test/d/", "invalidate", True),
+        ("gs://bkt-session-test/d/a.tif", "invalidate", True),
+    ]
+
+
+def test_invalidate_rejects_bad_urls():
+    seq = journal().seq
+    with pytest.raises(InvalidURLError, match="s3://bkt/k"):
+        cloudio.invalidate("s3://bkt/k")
+    assert journal().since(seq) == []
