@@ -5,17 +5,20 @@ v3 store with ``cloudio.save_array`` / ``cloudio.load_array`` (journaled
 store, shard-safe path, inner chunks 1024 x 1024, shards 2048 x 2048, no
 compression, CRC32C on the shard index as zarr does by default), and moves
 the same bytes as objects of the same sizes (one per shard) with gcsfs's own
-``pipe`` and ``cat`` at zarr's concurrency (``async.concurrency``). Both
-sides run on one local emulator in one process; the order alternates
-(baseline, cloudio, cloudio, baseline) and each figure is the mean of its
-two runs so drift affects both alike.
+``pipe`` and ``cat`` at zarr's concurrency (``async.concurrency``). A third
+side, zarr's own ``FsspecStore`` without cloudio, separates zarr's cost from
+cloudio's. All run on one local emulator in one process, in rounds whose
+order rotates so drift and machine load affect every side alike; each
+figure is the median over the rounds, and objects are deleted after each
+run so the in-memory emulator stays small.
 
 Throughput = bytes / seconds. Target: cloudio / baseline >= 0.8 for
-write + read together.
+write + read together (``ratio``).
 
 Run: ``.venv/bin/python benchmarks/bench_zarr.py`` (writes
-``benchmarks/results/zarr.json``; ``BENCH_ZARR_N`` changes the side,
-``BENCH_PROFILE=1`` prints a profile of the cloudio side).
+``benchmarks/results/zarr.json``, or ``zarr_py312.json`` under Python 3.12;
+``BENCH_ROUNDS`` (default 5), ``BENCH_ZARR_N`` changes the side,
+``BENCH_PROFILE=1`` prints a profile of one more cloudio run).
 """
 
 from __future__ import annotations

@@ -73,3 +73,17 @@ def test_a_write_on_a_worker_reaches_the_client(cluster_client, gcs_bucket):
     assert _ls(prefix) == ["a.bin"]
     client.submit(_write, f"{prefix}/z.bin", b"z", workers=[w1], pure=False).result()
     assert _ls(prefix) == ["a.bin", "z.bin"]
+
+
+@pytest.mark.characterization
+def test_without_install_a_worker_keeps_its_stale_listing(gcs_emulator, gcs_bucket):
+    """The 'before': journals are per process, so without the relay a worker never hears."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            prefix = f"{gcs_bucket}/g"
+            _write(f"{prefix}/a.bin", b"a")
+            assert client.submit(_ls, prefix, pure=False).result() == ["a.bin"]
+            _write(f"{prefix}/b.bin", b"b")  # journaled in this process only
+            assert client.submit(_ls, prefix, pure=False).result() == ["a.bin"]

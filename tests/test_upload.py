@@ -280,3 +280,51 @@ def test_download_missing_object(gcs_emulator: Emulator, gcs_bucket: str, tmp_pa
         download(url, tmp_path / "x")
     assert url in str(ei.value)
     assert not isinstance(ei.value, cloudio.BucketNotFoundError)
+
+
+# -- the same faults through cloudio.open(url, "w") -----------------------------------------------
+
+def _profile(driver: str) -> dict[str, object]:
+    from affine import Affine
+
+    return dict(driver=driver, width=16, height=16, count=1, dtype="uint8", crs="EPSG:4326",
+                transform=Affine(0.1, 0, 10, 0, -0.1, 50))
+
+
+def test_corrupted_raster_write_raises_at_close_and_leaves_nothing(
+    gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy
+) -> None:
+    import numpy as np
+
+    url = f"{gcs_bucket}/d/r.tif"
+    seq = journal().seq
+    proxy.always = "corrupt"
+    with pytest.raises(cloudio.IntegrityError, match=url):
+        with cloudio.open(url, "w", **_profile("GTiff")) as ds:
+            ds.write(np.ones((1, 16, 16), "uint8"))
+            local = ds.files[0]
+    assert ds.closed and not os.path.exists(os.path.dirname(local))
+    assert len(proxy.uploads()) == 3  # ATTEMPTS
+    assert _stored(gcs_emulator, url) is None
+    assert _records(url, seq) == []
+
+
+def test_failed_main_upload_removes_its_sidecar(gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy) -> None:
+    import numpy as np
+
+    url = f"{gcs_bucket}/d/p.png"
+    seq = journal().seq
+    proxy.plan = [None, "403"]  # the .aux.xml goes through, the PNG is refused
+    with pytest.raises(cloudio.UploadError, match=url):
+        with cloudio.open(url, "w", **_profile("PNG")) as ds:
+            ds.write(np.ones((1, 16, 16), "uint8"))
+    assert _stored(gcs_emulator, url) is None
+    assert _stored(gcs_emulator, url + ".aux.xml") is None
+    assert _records(url, seq) == []
+    assert [c.kind for c in _records(url + ".aux.xml", seq)] == ["write", "delete"]
+
+
+def test_missing_local_file(gcs_emulator: Emulator, gcs_bucket: str, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError) as ei:
+        upload(tmp_path / "nope.bin", f"{gcs_bucket}/x.bin")
+    assert not isinstance(ei.value, cloudio.CloudioError) and "nope.bin" in str(ei.value)

@@ -60,7 +60,7 @@ def test_write_then_read_bit_exact(gcs_emulator: Emulator, gcs_bucket: str) -> N
     raw = fs.cat_file(parse_gcs(url).fs_path)
     blob = _blob(gcs_emulator, url)
     assert len(raw) == blob.size == fs.info(parse_gcs(url).fs_path)["size"]
-    assert _crc(raw) == blob.crc32c
+    assert _crc(raw) == blob.crc32c == ds.uploaded[0].crc32c  # what GDAL rendered is what is stored
     [rec] = _records(url, seq)
     assert (rec.kind, rec.generation, rec.size) == ("write", blob.generation, blob.size)
     assert (s.stats.uploads, s.stats.bytes_uploaded) == (1, blob.size)
@@ -202,3 +202,31 @@ def test_driver_errors(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     with cloudio.open(f"{gcs_bucket}/ok.tif", "w", **no_driver) as ds:  # GTiff from the extension
         ds.write(np.ones((1, 64, 64), "uint8"))
     assert ds.driver == "GTiff"
+
+
+def test_dataset_dropped_without_close_uploads_nothing(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    import gc
+
+    url = f"{gcs_bucket}/dropped.tif"
+    seq = journal().seq
+    ds = cloudio.open(url, "w", **PROFILE)
+    ds.write(np.ones((1, 64, 64), "uint8"))
+    folder = os.path.dirname(ds.files[0])
+    del ds
+    gc.collect()
+    assert not os.path.exists(folder)
+    assert _blob(gcs_emulator, url) is None and _records(url, seq) == []
+
+
+def test_threads_write_concurrently(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def write(i: int) -> None:
+        with cloudio.open(f"{gcs_bucket}/t/{i}.tif", "w", **PROFILE) as ds:
+            ds.write(np.full((1, 64, 64), i + 1, "uint8"))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(8)))
+    for i in range(8):
+        with cloudio.open(f"{gcs_bucket}/t/{i}.tif") as r:
+            assert r.read().max() == r.read().min() == i + 1

@@ -197,3 +197,21 @@ def test_local_path(tmp_path):
     cloudio.to_zarr(_ds(), str(path), mode="w", consolidated=False)
     cloudio.to_zarr(_ds(2, start=4), str(path), append_dim="t", consolidated=False)
     assert cloudio.open_zarr(str(path)).sizes["t"] == 6
+
+
+def test_region_auto_and_group(gcs_bucket):
+    """region="auto" finds the offset from the stored index; shards stay one task each; groups work."""
+    url = f"{gcs_bucket}/auto.zarr"
+    t = np.arange(600)
+    base = xr.Dataset({"v": (("t",), da.zeros(600, chunks=200, dtype="f8"))}, coords={"t": t})
+    cloudio.to_zarr(base, url, group="g", mode="w", zarr_format=3, consolidated=False,
+                    encoding={"v": {"chunks": (50,), "shards": (200,)}})
+    upd = xr.Dataset({"v": (("t",), da.arange(150, 470, chunks=40, dtype="f8"))}, coords={"t": t[150:470]})
+    with dask.config.set(scheduler="threads"):
+        cloudio.to_zarr(upd, url, group="g", region="auto", mode="r+", safe_chunks=False)
+    got = cloudio.open_zarr(url, group="g").v.values
+    expect = np.zeros(600)
+    expect[150:470] = np.arange(150, 470)
+    np.testing.assert_array_equal(got, expect)
+    with pytest.raises(UnsafeChunkingError, match="offset"):
+        cloudio.to_zarr(upd, url, group="g", region="auto", mode="r+", safe_chunks=False, rechunk=False)

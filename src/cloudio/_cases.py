@@ -596,16 +596,14 @@ def append_variable(ctx: Context) -> CaseResult:
 
     def check(opened: Any, listing: list[str], want: np.ndarray) -> tuple[Verdict, str]:
         names = sorted(opened.data_vars)
-        problems = []
-        if names != ["v", "w"]:
-            problems.append(f"variables {', '.join(names)}")
-        elif _wrong(opened["w"].values, want):
-            problems.append("w has wrong values")
-        if "w" not in listing:
-            problems.append(f"store listing {', '.join(n for n in listing if not n.startswith('.'))}")
-        if problems:
-            return "stale", "; ".join(problems) + " (w missing)"
-        return "correct", "variables v, w; listing has w/"
+        ok = names == ["v", "w"] and not _wrong(opened["w"].values, want)
+        parts = [f"xarray sees {', '.join(names)}" + ("" if ok or "w" not in names else " (w wrong)")]
+        if "w" in listing:
+            parts.append("ls() lists w/")
+        else:
+            ok = False
+            parts.append(f"ls() lists {', '.join(n for n in listing if not n.startswith('.'))}: no w/")
+        return ("correct" if ok else "stale"), "; ".join(parts)
 
     def raw() -> tuple[Verdict, str]:
         ds, data = _dask_dataset()
@@ -637,7 +635,7 @@ def append_variable(ctx: Context) -> CaseResult:
         opened = cloudio.open_zarr(url)
         return check(opened, _names(fs.ls(url)), data * 2)
 
-    return _case(ctx, append_variable, "variables v, w; listing has w/", raw, cio)
+    return _case(ctx, append_variable, "xarray sees v, w; ls() lists w/", raw, cio)
 
 
 #: every staleness case ``cloudio check`` runs, in order

@@ -50,6 +50,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import _config
 from ._config import emulator_endpoint
@@ -67,6 +68,7 @@ _DIR_SIDECARS = frozenset({"metadata.dim", "summary.txt", "hdr.txt", "rpc.txt", 
 _REFERENCING_SUFFIXES = (".vrt", ".xml")
 #: cloudio's own listing is only trusted when it fits one page (GDAL's own limit is 1000)
 LISTING_LIMIT = 1000
+_RECLEAR_MAX = 10_000
 #: the change of a directory listing whose new names are unknown (an external invalidation)
 _ANY = "\0any"
 
@@ -130,9 +132,20 @@ _endpoints: dict[str, object] = {}  # bucket -> the endpoint setting last applie
 _endpoints_lock = threading.Lock()
 
 
+#: os.environ's own mapping (CPython, POSIX: bytes keys); a missing key costs no KeyError there
+_ENV_DATA: dict[bytes, bytes] | None = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def env_raw(name: bytes) -> object:
+    """The environment variable ``name`` as stored, cheaply (called on every open)."""
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(name)
+    return os.environ.get(name.decode())
+
+
 def _endpoint_state() -> object:
     """What decides the endpoint (cheap to compare on every open; parsed only on change)."""
-    return (_config._override[-1] if _config._override else None, os.environ.get("STORAGE_EMULATOR_HOST"))
+    return (_config._override[-1] if _config._override else None, env_raw(b"STORAGE_EMULATOR_HOST"))
 
 
 def ensure_endpoint(bucket: str) -> None:
@@ -169,6 +182,22 @@ def split_vsi(path: GCSPath) -> tuple[str, str]:
     vsi = path.vsi
     i = vsi.rfind("/")
     return vsi[:i], vsi[i + 1:]
+
+
+class Target(NamedTuple):
+    """An object to open, with what every open needs precomputed (cached per URL by the caller)."""
+
+    path: GCSPath
+    vsi: str  #: /vsigs/b/d/a.tif
+    dir: str  #: /vsigs/b/d, the key of GDAL's listing
+    name: str  #: a.tif
+    vrt: bool  #: GDAL opens its sources itself
+
+
+def target(path: GCSPath) -> Target:
+    vsi = path.vsi
+    i = vsi.rfind("/")
+    return Target(path, vsi, vsi[:i], vsi[i + 1:], vsi.lower().endswith(".vrt"))
 
 
 def dir_key(path: GCSPath) -> str:
@@ -216,6 +245,9 @@ class GdalConsumer(Consumer):
         self._dirs: dict[str, _Dir] = {}
         #: per journal key: (generation GDAL's cache holds, when checked)
         self._seen: dict[str, tuple[int, float]] = {}
+        #: objects written since their last open: cleared again at that open, because a download
+        #: that began before the write completed may have put old bytes back into GDAL's cache
+        self._reclear: set[str] = set()
         self._state = threading.RLock()
 
     # -- changes (called by the journal, at once, in the writer's thread) ----------------------
@@ -233,6 +265,9 @@ class GdalConsumer(Consumer):
         clear(path.vsi)  # sizes, byte ranges, "does not exist"; also its sidecars' entries
         key, name = split_vsi(path)
         with self._state:
+            if len(self._reclear) >= _RECLEAR_MAX:  # bounded: written objects nobody reads again
+                self._reclear.clear()
+            self._reclear.add(path.vsi)
             if change.generation is not None and change.kind == "write":
                 self._seen[change.url] = (change.generation, time.monotonic())
             else:
@@ -303,7 +338,7 @@ class GdalConsumer(Consumer):
             return None
         return time.monotonic() - d.listed_at
 
-    def plan_read(self, path: GCSPath) -> bool | None:
+    def plan_read(self, t: Target) -> bool | None:
         """Make GDAL's view of ``path``'s directory good enough to open ``path``.
 
         Returns whether GDAL will list the directory when opening ``path``
@@ -314,7 +349,14 @@ class GdalConsumer(Consumer):
         it holds for this open without a ``rasterio.Env``, and GDAL never
         caches a listing of the directory.
         """
-        key, name = split_vsi(path)
+        key, name = t.dir, t.name
+        d = self._dirs.get(key)
+        if d is not None and not d.changed and not self._reclear:  # the fast path, lock-free: no change
+            planned = d.plans.get(name)
+            if planned is False and name in d.empty_dir:
+                return False
+            if planned is True and d.gdal_listed and name not in d.empty_dir:
+                return True
         with self._state:
             d = self._dirs.get(key)
             if d is None or not d.listed_at:
@@ -329,6 +371,9 @@ class GdalConsumer(Consumer):
                 d.plans[name] = gdal_lists
             if d.changed and d.gdal_listed and (gdal_lists or name in d.changed or _ANY in d.changed):
                 self._clear_listing(key, d)
+            if t.vsi in self._reclear:
+                self._reclear.discard(t.vsi)
+                clear(t.vsi)
             if gdal_lists:
                 d.gdal_listed = True
                 if name in d.empty_dir:

@@ -166,6 +166,11 @@ def normalize(url: str | os.PathLike[str]) -> str:
     if not isinstance(url, str | os.PathLike):
         raise InvalidURLError(f"{url!r} is not a URL or path (got {type(url).__name__})")
     s = os.fspath(url)
+    if s.startswith("/vsi"):
+        raise InvalidURLError(
+            f"{s!r}: only /vsigs/ among GDAL's virtual file systems is supported yet; "
+            "use gs://<bucket>/<key>, /vsigs/<bucket>/<key> or a local path"
+        )
     scheme = s.split("://", 1)[0] if "://" in s else ""
     if scheme and scheme != "file":
         raise InvalidURLError(

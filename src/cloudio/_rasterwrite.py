@@ -21,7 +21,12 @@ close). The driver defaults to the one the key's extension names; ``COG``
 must be asked for with ``driver="COG"``. ``VRT`` is refused: use
 :func:`cloudio.write_vrt`. Sidecar files GDAL writes next to the dataset
 (``.aux.xml`` for a georeferenced PNG, ``.ovr``, ``.msk``) are uploaded next
-to the object, before it.
+to the object, before it; if the object's own upload then fails, they are
+deleted again.
+
+Known limits: an overwrite does not delete sidecars an earlier version had
+and this one lacks (finding them would cost a listing request per write),
+and ``"r+"`` downloads only the object itself, not its sidecars.
 """
 
 from __future__ import annotations

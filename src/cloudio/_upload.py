@@ -206,20 +206,23 @@ def upload(
     fs = _filesystem(fs)
     if content_type is None:
         content_type = mimetypes.guess_type(path.key)[0] or "application/octet-stream"
-    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
-    size = len(source) if is_bytes else os.path.getsize(source)  # type: ignore[arg-type]
+    if not isinstance(source, (bytes, bytearray, memoryview)) and not os.path.isfile(source):
+        raise FileNotFoundError(f"{os.fspath(source)!r}: no such local file to upload to {path.url}")
     last: BaseException | None = None
+    size = 0
     for attempt in range(max(1, attempts)):
         if attempt:
             delay = _BACKOFF * 2 ** (attempt - 1)
             log.info("upload of %s: attempt %d of %d in %.2f s (%s)", path.url, attempt + 1, attempts, delay, last)
             time.sleep(delay)
         try:
-            meta, sent_crc = _send(fs, path, source, size, content_type, chunk_size, simple_limit)
+            meta, sent_crc, size = _send(fs, path, source, content_type, chunk_size, simple_limit)
             generation = _check_stored(fs, path, meta, size, sent_crc)
-        except FileNotFoundError as e:
+        except FileNotFoundError as e:  # 404: no bucket, or a resumable session that vanished
             _forget_bucket(path.bucket)
-            raise _bucket_missing(path) from e
+            ensure_bucket(path, fs)  # raises BucketNotFoundError when that is the reason
+            last = e
+            continue
         except Exception as e:
             if not _is_transient(e):
                 raise UploadError(
@@ -267,12 +270,11 @@ def _send(
     fs: "gcsfs.GCSFileSystem",
     path: GCSPath,
     source: Source,
-    size: int,
     content_type: str,
     chunk_size: int,
     simple_limit: int,
-) -> tuple[dict[str, Any], str]:
-    """One upload; returns the server's object resource and the CRC32C of the bytes sent."""
+) -> tuple[dict[str, Any], str, int]:
+    """One upload; returns the server's object resource, the CRC32C and the size of the bytes sent."""
     from fsspec.asyn import sync
 
     # gcsfs's module-level upload helpers return the object resource the server
@@ -281,11 +283,13 @@ def _send(
     from gcsfs.core import initiate_upload, simple_upload, upload_chunk
 
     checksum = google_crc32c.Checksum()
+    in_memory = isinstance(source, (bytes, bytearray, memoryview))
+    size = len(source) if in_memory else os.path.getsize(source)  # type: ignore[arg-type]
     if size < simple_limit:
-        data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else _read_all(source)
+        data = bytes(source) if in_memory else _read_all(source)  # type: ignore[arg-type]
         checksum.update(data)
         meta = sync(fs.loop, simple_upload, fs, path.bucket, path.key, data, None, "none", content_type)
-        return meta, _crc_b64(checksum)
+        return meta, _crc_b64(checksum), len(data)
     location = sync(fs.loop, initiate_upload, fs, path.bucket, path.key, content_type)
     meta = None
     offset = 0
@@ -302,7 +306,7 @@ def _send(
         raise
     if offset != size:
         raise _Mismatch(f"the local file changed size while uploading ({size} -> {offset} bytes)")
-    return meta or {}, _crc_b64(checksum)
+    return meta or {}, _crc_b64(checksum), size
 
 
 def _read_all(source: str | os.PathLike[str]) -> bytes:

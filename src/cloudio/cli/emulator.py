@@ -13,6 +13,7 @@ import signal
 import threading
 from types import FrameType
 
+from .._paths import parse_gcs
 from ..errors import ConfigurationError, EmulatorError
 from ._ui import err
 
@@ -29,6 +30,7 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", paren
     p.add_argument("--backend", choices=("memory", "filesystem"), default="memory",
                    help="keep objects in memory (default) or on disk under --root")
     p.add_argument("--root", help="folder for --backend filesystem (default: a temporary one)")
+    p.add_argument("--port", type=int, help="listen on this port of 127.0.0.1 (default: a free one)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
             "CLOUDIO_EMULATOR=external attaches to a running emulator, but `cloudio emulator` starts one: "
             "unset CLOUDIO_EMULATOR (or set it to 'docker')"
         )
+    for name in args.bucket:
+        parse_gcs(f"gs://{name}")  # an invalid bucket name fails here, before anything starts
     if args.root is not None and args.backend != "filesystem":
         raise ConfigurationError("--root is only used with --backend filesystem; add --backend filesystem")
     stop = threading.Event()
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    emu = Emulator(mode=mode, backend=args.backend, root=args.root)  # type: ignore[arg-type]
+    emu = Emulator(mode=mode, backend=args.backend, root=args.root, port=args.port)  # type: ignore[arg-type]
     try:
         emu.start()
         for name in args.bucket:
