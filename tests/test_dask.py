@@ -12,7 +12,7 @@ def cluster_client(gcs_emulator):
     # STORAGE_EMULATOR_HOST is set by gcs_emulator before the workers start, so they inherit it
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             import cloudio.dask
 
@@ -80,7 +80,7 @@ def test_without_install_a_worker_keeps_its_stale_listing(gcs_emulator, gcs_buck
     """The 'before': journals are per process, so without the relay a worker never hears."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             prefix = f"{gcs_bucket}/g"
             _write(f"{prefix}/a.bin", b"a")

@@ -105,6 +105,19 @@ class _UploadOnClose:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self._cloudio_finish(upload_it=et is None)
 
+    def __del__(self) -> None:
+        # rasterio >= 1.5 closes a dataset dropped without close(), like io.IOBase. Here that
+        # would upload from a finalizer, where a failure can only be printed and ignored: a
+        # dropped writer uploads nothing, with rasterio 1.4 and 1.5 alike.
+        state = getattr(self, "_cloudio_state", None)
+        if state is None or state["done"]:
+            return
+        log.warning("%s: dataset was never closed; nothing was uploaded", self._cloudio_path.url)
+        try:
+            self._cloudio_finish(upload_it=False)
+        except Exception:  # noqa: BLE001 - nothing to report to in a finalizer
+            log.debug("closing an abandoned writer failed", exc_info=True)
+
     def _cloudio_finish(self, *, upload_it: bool) -> None:
         state = self._cloudio_state
         with state["lock"]:
