@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-OPENS = int(os.environ.get("BENCH_OPENS", "400"))
+OPENS = int(os.environ.get("BENCH_OPENS", "2000"))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

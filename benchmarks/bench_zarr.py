@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -37,6 +38,23 @@ N = int(os.environ.get("BENCH_ZARR_N", "8192"))
 CHUNK = 1024
 SHARD = 2048
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+
+
+CPU: list[tuple[float, float]] = []  # (client, emulator) CPU seconds of the last timed write+read
+
+
+def _cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cpu_pid(pid: int | None) -> float:
+    """CPU seconds used so far by process ``pid`` (the emulator), from /proc; 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return 0.0
 
 
 def main() -> None:
@@ -61,11 +79,12 @@ def main() -> None:
             fs.rm(root, recursive=True)
 
         def zarr_roundtrip(store, url: str) -> tuple[float, float]:
-            t0 = time.perf_counter()
+            t0, c0, e0 = time.perf_counter(), _cpu_self(), _cpu_pid(emu.pid)
             cloudio.save_array(data, store, chunks=(CHUNK, CHUNK), shards=(SHARD, SHARD), compressors=None)
             t1 = time.perf_counter()
             back = cloudio.load_array(store)
-            t2 = time.perf_counter()
+            t2, c2, e2 = time.perf_counter(), _cpu_self(), _cpu_pid(emu.pid)
+            CPU.append((c2 - c0, e2 - e0))
             assert back.tobytes() == data.tobytes(), f"{url}: roundtrip is not bit-exact"
             return t1 - t0, t2 - t1
 
@@ -81,13 +100,14 @@ def main() -> None:
             from zarr.storage import FsspecStore
 
             store = FsspecStore(gcs_filesystem(asynchronous=True), path=path)
-            t0 = time.perf_counter()
+            t0, c0, e0 = time.perf_counter(), _cpu_self(), _cpu_pid(emu.pid)
             z = zarr.create_array(store, shape=data.shape, dtype=data.dtype, chunks=(CHUNK, CHUNK),
                                   shards=(SHARD, SHARD), compressors=None)
             z[...] = data
             t1 = time.perf_counter()
             back = zarr.open_array(store.with_read_only(True), mode="r")[...]
-            t2 = time.perf_counter()
+            t2, c2, e2 = time.perf_counter(), _cpu_self(), _cpu_pid(emu.pid)
+            CPU.append((c2 - c0, e2 - e0))
             assert back.tobytes() == data.tobytes()
             rm(path)
             return t1 - t0, t2 - t1
@@ -110,11 +130,12 @@ def main() -> None:
                 take = min(size, nbytes - pos)
                 objs[f"{root}/{i}"] = bytes(flat[pos:pos + take]) + b"\0" * (size - take)
                 pos += take
-            t0 = time.perf_counter()
+            t0, c0, e0 = time.perf_counter(), _cpu_self(), _cpu_pid(emu.pid)
             fs.pipe(objs, batch_size=concurrency)
             t1 = time.perf_counter()
             out = fs.cat(list(objs), batch_size=concurrency)
-            t2 = time.perf_counter()
+            t2, c2, e2 = time.perf_counter(), _cpu_self(), _cpu_pid(emu.pid)
+            CPU.append((c2 - c0, e2 - e0))
             assert all(out[k] == v for k, v in objs.items()), "baseline roundtrip differs"
             rm(root)
             return t1 - t0, t2 - t1
@@ -126,10 +147,14 @@ def main() -> None:
         sizes = shard_sizes()
 
         runs: dict[str, list[tuple[float, float]]] = {"cloudio": [], "zarr": [], "baseline": []}
+        cpu: dict[str, list[tuple[float, float]]] = {"cloudio": [], "zarr": [], "baseline": []}
         order = [("baseline", lambda: run_baseline(sizes)), ("cloudio", run_cloudio), ("zarr", run_zarr_plain)]
+        load_before = os.getloadavg()[0]
         for r in range(ROUNDS):  # rotate the order so drift and load affect every side alike
             for name, fn in order[r % 3:] + order[:r % 3]:
                 runs[name].append(fn())
+                cpu[name].append(CPU.pop())
+        load_after = os.getloadavg()[0]
         if os.environ.get("BENCH_PROFILE"):
             import cProfile
             import pstats
@@ -166,6 +191,12 @@ def main() -> None:
         "mib_per_s": {"cloudio_write": round(stored / mib / cw, 1), "cloudio_read": round(stored / mib / cr, 1),
                       "pipe": round(stored / mib / bw, 1), "cat": round(stored / mib / br, 1)},
         "all_seconds": {k: [[round(w, 3), round(r, 3)] for w, r in v] for k, v in runs.items()},
+        # CPU seconds of the timed write+read, this process and the emulator:
+        # what each side costs whatever else runs on the machine
+        "median_cpu_seconds": {k: {"client": round(med([c for c, _ in v]), 3), "emulator": round(med([e for _, e in v]), 3)}
+                               for k, v in cpu.items()},
+        "load_average_1min": {"before": round(load_before, 2), "after": round(load_after, 2),
+                              "cpus": os.cpu_count()},
         "ratio_write": round(bw / cw, 3),
         "ratio_read": round(br / cr, 3),
         "ratio": round(bt / ct, 3),

@@ -55,7 +55,7 @@ def test_demo_exits_zero_and_shows_both_sides():
     assert re.search(r"WRONG: .*safe_chunks=False: [\d,]+ of 160,000 values wrong", out)
     assert "does not exist in the file system" in out  # the VRT GDAL cannot reopen (rasterio #3254)
     assert "ok: 128x128, value 2" in out
-    assert "requests raw / cloudio" in out
+    assert re.search(r"requests\s*$", out.splitlines()[3]) and "raw / cloudio" in out  # a two-line header
     assert "Traceback" not in r.stderr
     assert "[5/5]" in r.stderr  # progress went to stderr
 
@@ -277,3 +277,47 @@ def test_emulator_command_prints_export_and_stops_cleanly(sig):
     assert not any(_alive(pid) for pid in servers)
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2)
+
+
+def test_demo_below_a_bucket_prefix_cleans_up(gcs_emulator, gcs_bucket):
+    r = run_cli("demo", "--url", f"{gcs_bucket}/demo", emulator_url=gcs_emulator.url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cloudio: right at every step (5/5)" in r.stdout
+    assert "requests" not in r.stdout.splitlines()[3]  # an attached emulator's log is not ours to count
+    left = list(gcs_emulator.client.list_blobs(gcs_bucket.removeprefix("gs://")))
+    assert left == [], [b.name for b in left]
+
+
+# -- in-process pieces -------------------------------------------------------------------------
+
+
+def test_table_wraps_to_the_width():
+    from cloudio.cli._ui import table
+
+    text = table(["a", "b"], [["short", "a long cell " * 10], ["x", "y"]], max_width=60)
+    lines = text.splitlines()
+    assert all(len(line) <= 60 for line in lines)
+    assert lines[0].split() == ["a", "b"]
+    assert "x" in lines[-1] and "y" in lines[-1]
+    assert sum("a long cell" in line for line in lines) > 1  # the long cell wrapped onto several lines
+
+
+def test_main_returns_exit_status_in_process(capsys):
+    from cloudio.cli import main
+
+    assert main(["inspect", "gs://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gs://x" in err
+
+
+def test_unreachable_emulator_is_one_line_at_once():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    r = run_cli("inspect", "gs://some-bucket/a.tif", emulator_url=url, timeout=30)
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and url in lines[0] and "cloudio emulator" in lines[0], r.stderr

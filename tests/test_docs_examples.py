@@ -87,6 +87,16 @@ def test_docs_have_runnable_examples() -> None:
     assert any(b.test_file for b in runnable)
 
 
+def test_index_links_every_page_and_links_resolve() -> None:
+    index = (DOCS / "index.md").read_text()
+    linked = set(re.findall(r"\]\(([\w-]+\.md)\)", index))
+    pages = {p.name for p in _pages()} - {"index.md"}
+    assert pages <= linked, f"docs/index.md's page list lacks {sorted(pages - linked)}: add a line for each"
+    for page in _pages():
+        for target in re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
 def test_block_parser_finds_lines_and_kinds(tmp_path: Path) -> None:
     page = tmp_path / "p.md"
     page.write_text(

@@ -230,3 +230,22 @@ def test_threads_write_concurrently(gcs_emulator: Emulator, gcs_bucket: str) -> 
     for i in range(8):
         with cloudio.open(f"{gcs_bucket}/t/{i}.tif") as r:
             assert r.read().max() == r.read().min() == i + 1
+
+
+def test_fsspec_reads_full_new_size_after_gdal_write(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A user's own fsspec filesystem listed the prefix before; the write grows the file."""
+    url = f"{gcs_bucket}/d/g.tif"
+    with cloudio.open(url, "w", **{**PROFILE, "width": 8, "height": 8}) as ds:
+        ds.write(np.ones((1, 8, 8), "uint8"))
+    fs = cloudio.filesystem(gcs_bucket)
+    key = parse_gcs(url).fs_path
+    old = fs.ls(parse_gcs(url).parent.fs_path, detail=True)[0]["size"]
+    big = _pattern((256, 256), 6)
+    with cloudio.open(url, "w", **{**PROFILE, "width": 256, "height": 256}) as ds:
+        ds.write(big)
+    blob = _blob(gcs_emulator, url)
+    assert blob.size > old
+    assert fs.info(key)["size"] == blob.size
+    with fs.open(key, "rb") as f:
+        data = f.read()
+    assert len(data) == blob.size and _crc(data) == blob.crc32c

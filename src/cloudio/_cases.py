@@ -192,13 +192,15 @@ class Context:
 _GDAL_TAILS = (", and is not recognized as a supported dataset name", ", unless CPL_VSIL_USE_TEMP_FILE")
 
 
-def _describe(e: BaseException) -> str:
+def _describe(e: BaseException, with_type: bool = True) -> str:
     msg = " ".join(str(e).split()) or repr(e)
     for tail in _GDAL_TAILS:
         msg = msg.split(tail, 1)[0]
+    if msg.startswith("Attempt to create new") and " failed: " in msg:  # GDAL's wrapper around the reason
+        msg = msg.split(" failed: ", 1)[1]
     if len(msg) > 160:
         msg = msg[:157] + "..."
-    return f"{type(e).__name__}: {msg}"
+    return f"{type(e).__name__}: {msg}" if with_type else msg
 
 
 @contextmanager
@@ -296,13 +298,13 @@ def write_geotiff(ctx: Context) -> CaseResult:
                     dst.write(np.full((1, n, n), value, "uint8"))
             problem = None
         except Exception as e:
-            problem = _describe(e)
+            problem = _describe(e, with_type=False)
         fs = ctx.raw_fs()
         ok = fs.exists(url) and fs.info(url)["size"] > 0
         # the later steps need the file: upload it the raw way (rasterio in memory + gcsfs)
         ctx.raw_fs().pipe(url, _geotiff_bytes(n, value))
         if problem is not None:
-            return "error", f"rasterio.open(..., 'w') failed: {problem} (then uploaded with gcsfs)"
+            return "error", f"rasterio.open(..., 'w'): {problem} (then uploaded with gcsfs)"
         if not ok:
             return "error", "rasterio wrote nothing: the object does not exist (uploaded with gcsfs instead)"
         return "correct", "written by GDAL"
@@ -388,12 +390,12 @@ def vrt_next_to_source(ctx: Context) -> CaseResult:
                     rasterio.shutil.copy(vrt, ctx.vsi(vrt_url), driver="VRT")
                     saved = "saved"
                 except Exception as e:
-                    saved = f"rasterio.shutil.copy failed ({_describe(e)})"
+                    saved = f"rasterio.shutil.copy: {_describe(e, with_type=False)}"
             try:
                 with rasterio.open(ctx.vsi(vrt_url)) as v:
                     got = v.read(1)
             except Exception as e:
-                return "error", f"{saved}; reopen: {_describe(e)}"
+                return "error", f"{saved}; rasterio.open: {_describe(e, with_type=False)}"
         if got.shape == expected.shape and np.array_equal(got, expected):
             return "correct", f"{saved}; reopened {got.shape[0]}x{got.shape[1]} EPSG:4326"
         return "wrong", f"{saved}; reopened pixels differ from the warp"

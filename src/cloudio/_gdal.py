@@ -48,9 +48,10 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import _config
 from ._config import emulator_endpoint
@@ -68,7 +69,13 @@ _DIR_SIDECARS = frozenset({"metadata.dim", "summary.txt", "hdr.txt", "rpc.txt", 
 _REFERENCING_SUFFIXES = (".vrt", ".xml")
 #: cloudio's own listing is only trusted when it fits one page (GDAL's own limit is 1000)
 LISTING_LIMIT = 1000
+#: After a write, downloads that were already in flight (issued by a dataset open while the
+#: write completed, served the old bytes) may land in GDAL's cache after cloudio cleared it.
+#: When a dataset of the object was open at the write, opens of it within this many seconds
+#: clear it again, and so does the first open after. In-flight requests last milliseconds.
+REFRESH_GRACE = float(os.environ.get("CLOUDIO_GDAL_REFRESH_GRACE", "1.0"))
 _RECLEAR_MAX = 10_000
+_TRACK_MAX = 100_000
 #: the change of a directory listing whose new names are unknown (an external invalidation)
 _ANY = "\0any"
 
@@ -245,9 +252,14 @@ class GdalConsumer(Consumer):
         self._dirs: dict[str, _Dir] = {}
         #: per journal key: (generation GDAL's cache holds, when checked)
         self._seen: dict[str, tuple[int, float]] = {}
-        #: objects written since their last open: cleared again at that open, because a download
-        #: that began before the write completed may have put old bytes back into GDAL's cache
-        self._reclear: set[str] = set()
+        #: objects written recently (vsi path -> when): cleared again when opened, because a
+        #: download that began before the write completed may have put old bytes back into
+        #: GDAL's cache (see REFRESH_GRACE)
+        self._reclear: dict[str, float] = {}
+        #: vsi path -> changes applied to it: an open that saw the number change raced a write
+        self._epoch: dict[str, int] = {}
+        #: vsi path -> datasets cloudio opened on it (weak): open ones may be downloading
+        self._readers: dict[str, list[weakref.ref[Any]]] = {}
         self._state = threading.RLock()
 
     # -- changes (called by the journal, at once, in the writer's thread) ----------------------
@@ -265,9 +277,14 @@ class GdalConsumer(Consumer):
         clear(path.vsi)  # sizes, byte ranges, "does not exist"; also its sidecars' entries
         key, name = split_vsi(path)
         with self._state:
-            if len(self._reclear) >= _RECLEAR_MAX:  # bounded: written objects nobody reads again
-                self._reclear.clear()
-            self._reclear.add(path.vsi)
+            if len(self._epoch) >= _TRACK_MAX:
+                self._epoch.clear()
+            self._epoch[path.vsi] = self._epoch.get(path.vsi, 0) + 1
+            if self._open_readers(path.vsi):
+                if len(self._reclear) >= _RECLEAR_MAX:
+                    self._sweep(force=True)
+                self._reclear.pop(path.vsi, None)  # keep insertion order = time order
+                self._reclear[path.vsi] = time.monotonic()
             if change.generation is not None and change.kind == "write":
                 self._seen[change.url] = (change.generation, time.monotonic())
             else:
@@ -275,15 +292,18 @@ class GdalConsumer(Consumer):
             d = self._dirs.get(key)
             if d is None:
                 return
+            if change.kind == "invalidate" or d.names is None:
+                # written elsewhere (or no listing): new, overwritten or deleted, who knows
+                d.names, d.listed_at = None, 0.0
+                self._names_changed(key, d, name)
+                return
             if change.kind == "write":
-                new = d.names is None or name not in d.names
-                if d.names is not None:
-                    d.names.add(name)
+                new = name not in d.names  # a writer can't tell new from overwritten; the listing can
+                d.names.add(name)
             else:
-                new = d.names is None or name in d.names
-                if d.names is not None:
-                    d.names.discard(name)
-            if new:  # a writer can't tell new from overwritten; cloudio's listing can
+                new = name in d.names
+                d.names.discard(name)
+            if new:
                 self._names_changed(key, d, name)
 
     def _names_changed(self, key: str, d: _Dir, name: str) -> None:
@@ -338,10 +358,26 @@ class GdalConsumer(Consumer):
             return None
         return time.monotonic() - d.listed_at
 
-    def plan_read(self, t: Target) -> bool | None:
-        """Make GDAL's view of ``path``'s directory good enough to open ``path``.
+    def fast_plan(self, t: Target) -> bool | None:
+        """The plan of the last open of ``t`` when nothing changed in its directory since, else None.
 
-        Returns whether GDAL will list the directory when opening ``path``
+        Lock-free (dictionary reads are atomic); a write racing with it
+        completes after this read began, which may then miss it.
+        """
+        d = self._dirs.get(t.dir)
+        if d is None or d.changed or self._reclear:
+            return None
+        planned = d.plans.get(t.name)
+        if planned is False and t.name in d.empty_dir:
+            return False
+        if planned is True and d.gdal_listed and t.name not in d.empty_dir:
+            return True
+        return None
+
+    def plan_read(self, t: Target) -> bool | None:
+        """Make GDAL's view of ``t``'s directory good enough to open ``t``.
+
+        Returns whether GDAL will list the directory when opening ``t``
         (sidecars, a VRT, or a directory too long for cloudio to list), or
         :data:`NEEDS_LISTING` when cloudio's own listing must be fetched first
         (:meth:`set_listing`). When GDAL need not list, the path-specific option
@@ -349,14 +385,10 @@ class GdalConsumer(Consumer):
         it holds for this open without a ``rasterio.Env``, and GDAL never
         caches a listing of the directory.
         """
+        planned = self.fast_plan(t)
+        if planned is not None:
+            return planned
         key, name = t.dir, t.name
-        d = self._dirs.get(key)
-        if d is not None and not d.changed and not self._reclear:  # the fast path, lock-free: no change
-            planned = d.plans.get(name)
-            if planned is False and name in d.empty_dir:
-                return False
-            if planned is True and d.gdal_listed and name not in d.empty_dir:
-                return True
         with self._state:
             d = self._dirs.get(key)
             if d is None or not d.listed_at:
@@ -371,9 +403,13 @@ class GdalConsumer(Consumer):
                 d.plans[name] = gdal_lists
             if d.changed and d.gdal_listed and (gdal_lists or name in d.changed or _ANY in d.changed):
                 self._clear_listing(key, d)
-            if t.vsi in self._reclear:
-                self._reclear.discard(t.vsi)
+            written = self._reclear.get(t.vsi)
+            if written is not None:
                 clear(t.vsi)
+                if time.monotonic() - written > REFRESH_GRACE:
+                    del self._reclear[t.vsi]
+            if self._reclear:
+                self._sweep()
             if gdal_lists:
                 d.gdal_listed = True
                 if name in d.empty_dir:
@@ -383,6 +419,49 @@ class GdalConsumer(Consumer):
                 set_path_option(f"{key}/{name}", _READDIR, "EMPTY_DIR")
                 d.empty_dir.add(name)
             return gdal_lists
+
+    # -- datasets that outlive the open ------------------------------------------------------------
+
+    def epoch(self, t: Target) -> int | None:
+        """Taken before an open; see :meth:`opened_dataset`."""
+        return self._epoch.get(t.vsi)
+
+    def opened_dataset(self, t: Target, ds: Any, epoch: int | None) -> None:
+        """After an open: undo a race with a write, and remember the dataset while it lives.
+
+        If a write of the object was applied while GDAL was opening it, the
+        bytes GDAL downloaded may be the old ones, now in its cache: clear
+        them (the dataset keeps what it read). The dataset is kept by weak
+        reference so that a later write knows it may still be downloading.
+        """
+        vsi = t.vsi
+        if self._epoch.get(vsi) != epoch:
+            clear(vsi)
+        refs = self._readers.get(vsi)
+        if refs is None:
+            if len(self._readers) >= _TRACK_MAX:
+                with self._state:
+                    for key in [k for k in self._readers if not self._open_readers(k)]:
+                        del self._readers[key]
+            self._readers[vsi] = [weakref.ref(ds)]
+        elif len(refs) < 8:
+            refs.append(weakref.ref(ds))
+        else:
+            refs[:] = [r for r in refs if _is_open(r)] + [weakref.ref(ds)]
+
+    def _open_readers(self, vsi: str) -> bool:
+        refs = self._readers.get(vsi)
+        return refs is not None and any(_is_open(r) for r in list(refs))
+
+    def _sweep(self, force: bool = False) -> None:
+        """Drop re-clear entries past their grace, clearing them one last time (cheap, in memory)."""
+        now = time.monotonic()
+        while self._reclear:
+            vsi, written = next(iter(self._reclear.items()))  # oldest first (insertion order)
+            if not force and now - written <= REFRESH_GRACE:
+                break
+            clear(vsi)
+            del self._reclear[vsi]
 
     def _clear_listing(self, key: str, d: _Dir) -> None:
         """The expensive one: GDAL's listing of ``key`` and every cached byte below it."""
@@ -450,6 +529,11 @@ class GdalConsumer(Consumer):
         """GDAL may now cache ``path`` at a generation we did not check."""
         with self._state:
             self._seen.pop(path.url, None)
+
+
+def _is_open(ref: "weakref.ref[Any]") -> bool:
+    ds = ref()
+    return ds is not None and not ds.closed
 
 
 consumer: GdalConsumer = journal().register(GdalConsumer())  # type: ignore[assignment]

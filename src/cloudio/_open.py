@@ -105,7 +105,21 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
             transform=transform, dtype=dtype, nodata=nodata, sharing=sharing, opener=opener, **kwargs,
         )
     if mode == "r":
-        dataset = _open_read(t, driver, sharing, kwargs)
+        if (
+            driver is None and not kwargs and not t.vrt and _consistency() == "session"
+            and _gdal.consumer.fast_plan(t) is not None
+            and _gdal._endpoints.get(t.path.bucket) == _gdal._endpoint_state()
+        ):  # the common case, kept cheap: read before, nothing written since, nothing to check
+            c = _gdal.consumer
+            epoch = c.epoch(t)
+            try:
+                dataset = rasterio.open(t.vsi, "r", driver=driver, sharing=sharing)
+            except RasterioIOError:
+                dataset = _open_read(t, driver, sharing, kwargs)
+            else:
+                c.opened_dataset(t, dataset, epoch)
+        else:
+            dataset = _open_read(t, driver, sharing, kwargs)
         _count("opens")
         return dataset
     if mode in _WRITE_MODES:
@@ -175,15 +189,28 @@ def _open_read(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[
 
 def _gdal_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
     c = _gdal.consumer
+    epoch = c.epoch(t)
+    ds = _gdal_open_planned(t, driver, sharing, kwargs)
+    c.opened_dataset(t, ds, epoch)
+    return ds
+
+
+def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
+    c = _gdal.consumer
     if c.plan_read(t) is _gdal.NEEDS_LISTING:
-        c.set_listing(t.path, _list_names(t.path))
+        names = _list_names(t.path)
+        if names is _NO_BUCKET:  # let GDAL fail; the failure is diagnosed by the caller
+            return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing, **kwargs)
+        c.set_listing(t.path, names)
         c.plan_read(t)
-    if t.vrt:
+    if t.vrt or (driver or "").upper() == "VRT":
         c.prepare_vrt(t.path)
         ds = rasterio.open(t.vsi, "r", driver=driver, sharing=sharing, **kwargs)
         c.opened(ds.files)
         return ds
-    return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing, **kwargs)
+    if kwargs:
+        return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing, **kwargs)
+    return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,8 +229,15 @@ def _where() -> str:
     return f"the emulator at {ep.url}" if ep is not None else "Google Cloud Storage"
 
 
-def _list_names(path: GCSPath) -> list[str] | None:
-    """Names directly in ``path``'s directory: one listing request (None when over one page)."""
+_NO_BUCKET: Any = object()
+
+
+def _list_names(path: GCSPath) -> Any:
+    """Names directly in ``path``'s directory: one listing request.
+
+    None when they fill more than one page (GDAL then lists for itself);
+    ``_NO_BUCKET`` when the bucket does not exist.
+    """
     from ._gdal import LISTING_LIMIT
 
     prefix = path.parent.key
@@ -213,7 +247,7 @@ def _list_names(path: GCSPath) -> list[str] | None:
             maxResults=LISTING_LIMIT,
         )
     except FileNotFoundError:
-        return []  # no bucket: the open fails next and is diagnosed there
+        return _NO_BUCKET
     if out.get("nextPageToken"):
         return None
     names = [item["name"][len(prefix):] for item in out.get("items", [])]
@@ -243,7 +277,9 @@ def _revalidate(path: GCSPath, max_age: float | None) -> None:
     if max_age is not None:  # bounded staleness also covers cloudio's listing (sidecars)
         age = _gdal.consumer.listing_age(path)
         if age is not None and age > max_age:
-            _gdal.consumer.set_listing(path, _list_names(path))
+            names = _list_names(path)
+            if names is not _NO_BUCKET:
+                _gdal.consumer.set_listing(path, names)
 
 
 def _raise_if_missing(path: GCSPath, cause: BaseException) -> None:

@@ -147,14 +147,16 @@ def current_consistency() -> Consistency:
 
 def count(name: str, n: int = 1, *, cache: str | None = None) -> None:
     """Add ``n`` to counter ``name`` (or to ``invalidations[cache]``) of every open session."""
-    with _lock:
-        targets = [*_open_sessions, process_stats]
-        for t in targets:
-            st = t.stats if isinstance(t, session) else t
-            if name == "invalidations":
-                st.invalidations[cache or "?"] += n
-            else:
-                setattr(st, name, getattr(st, name) + n)
+    with _lock:  # called on every open: no per-call list, no isinstance
+        if name == "invalidations":
+            key = cache or "?"
+            process_stats.invalidations[key] += n
+            for s in _open_sessions:
+                s.stats.invalidations[key] += n
+        else:
+            setattr(process_stats, name, getattr(process_stats, name) + n)
+            for s in _open_sessions:
+                setattr(s.stats, name, getattr(s.stats, name) + n)
 
 
 def invalidate(url_or_prefix: str | os.PathLike[str]) -> None:

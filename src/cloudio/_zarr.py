@@ -28,6 +28,8 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from zarr.abc.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ._journal import journal
@@ -35,7 +37,6 @@ from ._paths import is_gcs, normalize, parse_gcs
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
-    from zarr.core.buffer import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     def __init__(self, store: "Store", root_url: str) -> None:
         super().__init__(store)
         self._root_url = root_url.rstrip("/")
+        # zarr's FsspecStore.set copies each value into a new bytes object before gcsfs copies it
+        # again into the request body; for gcsfs we hand over a view and save the first copy
+        # (a 16 MB shard is a 16 MB memcpy: about 10% of the client's CPU on a sharded write).
+        fs = getattr(store, "fs", None)
+        self._direct = type(store) is FsspecStore and type(fs).__module__.startswith("gcsfs")
 
     @property
     def root_url(self) -> str:
@@ -186,8 +192,24 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     # -- what writes -------------------------------------------------------------------------
 
     async def set(self, key: str, value: "Buffer") -> None:
-        await self._store.set(key, value)
+        if self._direct:
+            await self._pipe(key, value)
+        else:
+            await self._store.set(key, value)
         self._wrote(key, value)
+
+    async def _pipe(self, key: str, value: "Buffer") -> None:
+        """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy."""
+        store: FsspecStore = self._store  # type: ignore[assignment]
+        if not store._is_open:
+            await store._open()
+        store._check_writable()
+        if not isinstance(value, Buffer):
+            raise TypeError(f"JournaledStore.set(): `value` must be a Buffer instance, got {type(value)}")
+        arr = value.as_numpy_array()  # a view for host buffers
+        view = memoryview(np.ascontiguousarray(arr)).cast("B")
+        root = store.path.rstrip("/")  # as zarr's _dereference_path
+        await store.fs._pipe_file((f"{root}/{key}" if root else key).rstrip("/"), view)
 
     async def set_if_not_exists(self, key: str, value: "Buffer") -> None:
         # Whether the wrapped store wrote is not reported; recording a write that did not

@@ -113,11 +113,13 @@ def _die_with_parent(parent: int) -> None:  # pragma: no cover - runs in the chi
     os.setpgrp()
 
 
+#: one fork request: (where to put the process, argv, Popen keywords)
+_SpawnJob = tuple["concurrent.futures.Future[subprocess.Popen[bytes]]", list[str], dict[str, object]]
 _spawn_lock = threading.Lock()
-_spawn_queue: "queue.SimpleQueue[tuple[concurrent.futures.Future[subprocess.Popen[bytes]], list[str], dict[str, object]]] | None" = None
+_spawn_queue: "queue.SimpleQueue[_SpawnJob] | None" = None
 
 
-def _spawner_loop(q: "queue.SimpleQueue[tuple[concurrent.futures.Future[subprocess.Popen[bytes]], list[str], dict[str, object]]]") -> None:
+def _spawner_loop(q: "queue.SimpleQueue[_SpawnJob]") -> None:
     while True:
         fut, args, kwargs = q.get()
         try:

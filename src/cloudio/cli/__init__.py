@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..errors import CloudioError, ConfigurationError, InvalidURLError, ObjectNotFoundError
@@ -50,20 +51,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(debug: bool) -> None:
+def _configure_logging(debug: bool) -> Callable[[], None]:
+    """Log to stderr for this command; return a function that puts everything back.
+
+    ``main`` may run inside another program (tests call it in-process), so the
+    root logger's handlers and levels are restored afterwards.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
+    names = ["cloudio"] + (
+        # third-party libraries' debug logs drown cloudio's; keep theirs at INFO
+        ["urllib3", "google", "aiohttp", "asyncio", "fsspec", "gcsfs", "rasterio", "matplotlib"] if debug else []
+    )
+    saved = [(root, root.level)] + [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.ERROR)
+    # without --debug, only cloudio's own warnings: the failure itself is reported as one line
+    root.setLevel(logging.DEBUG if debug else logging.CRITICAL + 1)
     logging.getLogger("cloudio").setLevel(logging.DEBUG if debug else logging.WARNING)
-    if debug:  # third-party libraries' debug logs drown cloudio's; keep theirs at INFO
-        for noisy in ("urllib3", "google", "aiohttp", "asyncio", "fsspec", "gcsfs", "rasterio", "matplotlib"):
-            logging.getLogger(noisy).setLevel(logging.INFO)
+    for n in names[1:]:
+        logging.getLogger(n).setLevel(logging.INFO)
+
+    def restore() -> None:
+        root.removeHandler(handler)
+        for logger, level in saved:
+            logger.setLevel(level)
+
+    return restore
 
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def _unreachable_hint(e: BaseException) -> str:
+    """A next step when the failure is the emulator not answering."""
+    from .._config import emulator_endpoint
+
+    try:
+        ep = emulator_endpoint()
+    except CloudioError:
+        return ""
+    if ep is None or not isinstance(e, OSError) or ep.host not in str(e):
+        return ""
+    return (f"; nothing answers at STORAGE_EMULATOR_HOST={ep.url}: start an emulator there "
+            "(`cloudio emulator --port ...`) or unset STORAGE_EMULATOR_HOST")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     debug = bool(getattr(args, "debug", False))
-    _configure_logging(debug)
+    restore_logging = _configure_logging(debug)
     prog = f"cloudio {args.command}"
     try:
         with warnings.catch_warnings():
@@ -84,9 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `cloudio check | head`
-        sys.stderr.close()
-        return 0
+    except BrokenPipeError:  # `cloudio check | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
+        return 1
     except CloudioError as e:
         if debug:
             traceback.print_exc()
@@ -96,9 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             traceback.print_exc()
-        hint = "" if debug else " (run again with --debug for the traceback)"
-        print(f"{prog}: error: {type(e).__name__}: {_one_line(e)}{hint}", file=sys.stderr)
+        hint = "" if debug else " (--debug shows the traceback)"
+        target = getattr(args, "url", None)
+        where = f" {target}" if target else ""
+        print(f"{prog}{where}: error: {type(e).__name__}: {_one_line(e)}{_unreachable_hint(e)}{hint}",
+              file=sys.stderr)
         return 1
+    finally:
+        restore_logging()
 
 
 if __name__ == "__main__":  # pragma: no cover

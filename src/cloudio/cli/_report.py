@@ -23,7 +23,7 @@ def requests_cell(r: CaseResult) -> str:
 
 def results_table(results: Sequence[CaseResult], first: str = "case", numbered: bool = False) -> str:
     show_requests = any(r.raw.requests is not None or r.cloudio.requests is not None for r in results)
-    headers = [first, "raw libraries", "cloudio"] + (["requests raw / cloudio"] if show_requests else [])
+    headers = [first, "raw libraries", "cloudio"] + (["requests\nraw / cloudio"] if show_requests else [])
     rows = []
     for i, r in enumerate(results, 1):
         label = f"{i}. {r.title}" if numbered else f"{r.name}: {r.title}"

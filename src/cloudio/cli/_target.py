@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .._cases import new_run_prefix
 from .._config import emulator_endpoint, pop_endpoint, push_endpoint
 from .._paths import is_gcs, parse_gcs
-from ..errors import BucketNotFoundError, InvalidURLError
+from ..errors import BucketNotFoundError, CloudioError, ConfigurationError, InvalidURLError
 from ._ui import err, progress
 
 if TYPE_CHECKING:
@@ -71,6 +71,12 @@ def _check_url(url: str, command: str) -> None:
 
 
 def _ensure_bucket(url: str) -> None:
+    """On an emulator, create the bucket; on GCS, check that objects can be written below ``url``.
+
+    The check writes and removes one empty object: what the run needs is
+    permission to create objects, which a bucket-metadata request would not
+    tell (many roles may write objects but not read bucket metadata).
+    """
     bucket = parse_gcs(url).bucket
     if emulator_endpoint() is not None:
         from ..emulator import Emulator
@@ -78,13 +84,31 @@ def _ensure_bucket(url: str) -> None:
         emu = Emulator(mode="external").start()  # attach to STORAGE_EMULATOR_HOST
         emu.create_bucket(bucket)
         return
-    from .._gcs import gcs_filesystem
+    import cloudio
 
-    if not gcs_filesystem().exists(bucket):
+    probe = new_run_prefix(url, "probe").rstrip("/") + ".probe"
+    fs = cloudio.filesystem(probe)
+    try:
+        fs.pipe(probe, b"")
+        fs.rm(probe)
+    except FileNotFoundError as e:
         raise BucketNotFoundError(
             f"gs://{bucket} does not exist or these credentials cannot see it (from {url!r}); "
             "create it, pass a bucket you can write to, or run without a URL to use the embedded emulator"
-        )
+        ) from e
+    except CloudioError:
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) and "connect" in str(e).lower():
+            raise ConfigurationError(
+                f"cannot reach Google Cloud Storage to write below {url!r} ({' '.join(str(e).split())[:200]}); "
+                "check the network and proxy settings, or run without a URL to use the embedded emulator"
+            ) from e
+        raise ConfigurationError(
+            f"cannot write below {url!r} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); check your "
+            "credentials (gcloud auth application-default login, GOOGLE_APPLICATION_CREDENTIALS) and that "
+            "they may create objects there, or run without a URL to use the embedded emulator"
+        ) from e
 
 
 def _cleanup(root: str) -> None:
@@ -109,6 +133,7 @@ def run_target(url: str | None, command: str, keep: bool = False) -> Iterator[Ta
                          f"the embedded GCS emulator at {emu.url}")
         return
     _check_url(url, command)
+    require_reachable_emulator()
     _ensure_bucket(url)
     root = new_run_prefix(url, command)
     ep = emulator_endpoint()
@@ -120,3 +145,29 @@ def run_target(url: str | None, command: str, keep: bool = False) -> Iterator[Ta
             err(f"kept {root}")
         else:
             _cleanup(root)
+
+
+def require_reachable_emulator() -> None:
+    """Fail fast, in one line, when ``STORAGE_EMULATOR_HOST`` names a server that does not answer.
+
+    Without this, gcsfs retries a refused connection for about half a minute.
+    """
+    import urllib.error
+    import urllib.request
+
+    from ..errors import EmulatorError
+
+    ep = emulator_endpoint()
+    if ep is None:
+        return
+    probe = f"{ep.url}/storage/v1/b"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    try:
+        opener.open(probe, timeout=5).close()
+    except urllib.error.HTTPError:
+        return  # it answers; what it answered is the command's business
+    except (urllib.error.URLError, OSError) as e:
+        raise EmulatorError(
+            f"nothing answers at STORAGE_EMULATOR_HOST={ep.url} ({getattr(e, 'reason', e)}): start an "
+            "emulator there (`cloudio emulator --port ...`) or unset STORAGE_EMULATOR_HOST"
+        ) from e

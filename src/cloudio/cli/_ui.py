@@ -30,8 +30,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], max_width: int 
     """
     total = max_width if max_width is not None else width()
     ncol = len(headers)
-    natural = [max([len(headers[i])] + [max((len(line) for line in str(r[i]).splitlines()), default=0)
-                                        for r in rows]) for i in range(ncol)]
+    def longest(v: object) -> int:
+        return max((len(line) for line in str(v).splitlines()), default=0)
+
+    natural = [max([longest(headers[i])] + [longest(r[i]) for r in rows]) for i in range(ncol)]
     widths = list(natural)
     budget = total - len(_GAP) * (ncol - 1)
     while sum(widths) > budget:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .._paths import is_gcs, normalize
 from ..errors import CloudioError, ConfigurationError, ObjectNotFoundError
+from ._target import require_reachable_emulator
 from ._ui import human_bytes, progress
 
 _MAX_PIXELS = 1024
@@ -214,9 +215,9 @@ def raster_profile(url: str, ds: Any) -> str:
     rows = [
         ("size", f"{ds.width} x {ds.height} pixels, {ds.count} band(s), {', '.join(sorted(set(ds.dtypes)))}"),
         ("crs", ds.crs.to_string() if ds.crs else "none"),
-        ("transform", " ".join(f"{v:g}" for v in tuple(ds.transform)[:6])),
-        ("resolution", f"{ds.res[0]:g} x {ds.res[1]:g}"),
-        ("bounds", ", ".join(f"{v:g}" for v in ds.bounds)),
+        ("transform", " ".join(f"{v:.12g}" for v in tuple(ds.transform)[:6])),
+        ("resolution", f"{ds.res[0]:.12g} x {ds.res[1]:.12g}"),
+        ("bounds", "left {:.12g}, bottom {:.12g}, right {:.12g}, top {:.12g}".format(*ds.bounds)),
         ("nodata", str(ds.nodata)),
         ("blocks", ", ".join(sorted({f"{h}x{w}" for h, w in ds.block_shapes}))
          + ("  (tiled)" if p.get("tiled") else "")),
@@ -261,6 +262,9 @@ def _save_plot(png: str, data: Any, title: str, label: str, xlabel: str = "", yl
             ax.set_ylabel(label)
         else:
             im = ax.imshow(data, cmap="viridis", interpolation="nearest", extent=extent)
+            if extent is not None:  # map coordinates: plain numbers, few enough to read
+                ax.ticklabel_format(useOffset=False, style="plain")
+                ax.locator_params(nbins=5)
             fig.colorbar(im, ax=ax, label=label, shrink=0.85)
         ax.set_title(title, fontsize=10)
         if xlabel:
@@ -323,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
     url: str = args.url
     normalize(url)  # a malformed URL fails here, naming itself
     _check_exists_locally(url)
+    if is_gcs(url):
+        require_reachable_emulator()
     if args.plot:
         _pyplot()  # fail before any work when matplotlib is missing
     node = _open_zarr(url)
