@@ -426,3 +426,43 @@ def test_rasterio_15_cache_module_is_used(gcs_bucket: str) -> None:
     fs.pipe(url, tif(2))
     assert cloud_read(url) == ((1, 64, 64), 2)
     assert callable(rasterio.cache.invalidate)
+
+
+# -- a dataset open across an overwrite ----------------------------------------------------------
+
+
+def _read_or_error(ds) -> object:  # type: ignore[no-untyped-def]
+    try:
+        return read(ds)
+    except RasterioIOError as e:
+        return f"error: {e}"
+
+
+@pytest.mark.characterization
+def test_raw_old_dataset_poisons_later_opens(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A dataset opened before an overwrite and read after it leaves GDAL's cache torn for good."""
+    url = f"{gcs_bucket}/d/a.tif"
+    put_elsewhere(gcs_emulator, url, tif(1, 32))
+    with raw_env(gcs_emulator):
+        old = rasterio.open(url.replace("gs://", "/vsigs/"))
+        put_elsewhere(gcs_emulator, url, tif(2, 48))
+        _gdal.clear(url.replace("gs://", "/vsigs/"))  # even an exact clear right after the write
+        _read_or_error(old)  # the old dataset reads new bytes cut at its old size
+        old.close()
+        with rasterio.open(url.replace("gs://", "/vsigs/")) as ds:
+            assert _read_or_error(ds) != ((1, 48, 48), 2)
+
+
+def test_old_dataset_does_not_poison_cloudio_opens(gcs_bucket: str) -> None:
+    url = f"{gcs_bucket}/d/a.tif"
+    fs = cloudio.filesystem(url)
+    fs.pipe(url, tif(1, 32))
+    old = cloudio.open(url)
+    fs.pipe(url, tif(2, 48))
+    _read_or_error(old)  # may be torn: it was opened before the write (GDAL reads lazily)
+    with cloudio.open(url) as ds:  # while the old one is still open
+        assert read(ds) == ((1, 48, 48), 2)
+    _read_or_error(old)
+    old.close()
+    for _ in range(2):  # and after it closed
+        assert cloud_read(url) == ((1, 48, 48), 2)

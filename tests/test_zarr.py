@@ -117,7 +117,7 @@ def test_local_store_is_journaled(tmp_path):
     np.testing.assert_array_equal(cloudio.load_array(str(path)), np.arange(10, dtype="i2"))
 
 
-def test_store_pickles_with_its_root():
+def test_store_pickles_with_its_root(gcs_emulator):
     import pickle
 
     store = cloudio.zarr_store("gs://some-bucket/p.zarr", read_only=True)
@@ -153,6 +153,7 @@ def test_sharded_v3_roundtrip_1000(gcs_emulator, gcs_bucket):
     _roundtrip_sharded(gcs_emulator, f"{gcs_bucket}/s1000.zarr", 1000, 100, 500)
 
 
+@pytest.mark.slow
 def test_sharded_v3_roundtrip_4000(gcs_emulator, gcs_bucket):
     # one 64 MB shard: large enough that gcsfs uploads it in several resumable parts
     _roundtrip_sharded(gcs_emulator, f"{gcs_bucket}/s4000.zarr", 4000, 500, 4000)
@@ -172,3 +173,13 @@ def test_new_array_visible_to_zarrs_own_store_instance(gcs_bucket):
     g2 = zarr.open_group(cloudio.zarr_store(url), mode="a")
     del g2["x"]
     assert sorted(zarr.open_group(theirs, mode="r").array_keys()) == ["y"]
+
+
+def test_failed_write_leaves_no_record(gcs_emulator):
+    """A write the server refused (no such bucket) raises and is not journaled."""
+    url = "gs://cloudio-no-such-bucket-5/a.zarr"
+    seq = journal().seq
+    store = cloudio.zarr_store(url)
+    with pytest.raises(cloudio.BucketNotFoundError, match="cloudio-no-such-bucket-5.*create it"):
+        zarr.create_array(store, shape=(4,), dtype="u1")
+    assert journal().since(seq, read=url) == []

@@ -17,6 +17,15 @@ What GDAL caches (measured with GDAL 3.10.3 and 3.12.2 against fake-gcs-server)
   cached byte range under the directory: the *directory clear*, the expensive
   one.
 
+* **Path-specific options** (``VSISetPathSpecificOption``, GDAL >= 3.6) are
+  looked up by string prefix; for listings GDAL looks up the directory path,
+  so options for a bucket must be set on ``/vsigs/<bucket>`` (no '/').
+  ``GDAL_DISABLE_READDIR_ON_OPEN`` is honoured per path too.
+* A dataset keeps the size and offsets it read at open. Read after its
+  object was overwritten, it puts new bytes cut at the old size into the
+  shared cache (or old bytes, from downloads in flight at the write): every
+  later open of the URL reads a torn file until the next clear.
+
 The strategy
 ------------
 Writes are applied at once (:meth:`GdalConsumer.on_change`) with file-level
@@ -24,15 +33,22 @@ clears, so a read does no bookkeeping beyond a few dictionary lookups.
 Directory clears are avoided by keeping GDAL from listing directories at all:
 cloudio keeps its own listing of each directory it reads from (one request,
 the same one GDAL would have made, then kept current from the journal) and
-opens a file with ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` when that listing
-shows no sidecar for it. A new name then needs nothing but its file-level
-clear. Only when a file has sidecars, or is a VRT (whose sources GDAL opens
-normally, listing their directories), does GDAL list; those directories are
-remembered, and a change to their set of names turns into a directory clear
-the next time a read could see the difference (the new name itself, a
-sidecar, a VRT, a listing through cloudio). A directory GDAL listed behind
-cloudio's back (a raw ``rasterio.open``) is caught when an open of an object
-that exists fails: :mod:`cloudio._open` then clears the directory and retries.
+sets ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` on the path of each object
+whose listing shows no sidecar (a path-specific option: no ``rasterio.Env``
+per open). A new name then needs nothing but its file-level clear. Only when
+a file has sidecars, or is a VRT (whose sources GDAL opens normally, listing
+their directories), does GDAL list; those directories are remembered, and a
+change to their set of names turns into a directory clear the next time a
+read could see the difference (the new name itself, a sidecar, a VRT, a
+listing through cloudio). A directory GDAL listed behind cloudio's back (a
+raw ``rasterio.open``) is caught when an open of an object that exists
+fails: :mod:`cloudio._open` then clears the directory and retries.
+
+Datasets cloudio opened are remembered weakly. A write of an object with
+datasets still open (or being opened: a seqlock on a per-object epoch tells)
+marks the object, and every open of it clears it again until those datasets
+are closed, and once more after. Datasets opened with plain rasterio are
+out of reach: close them before overwriting their objects.
 
 Options that datasets need while GDAL reads them lazily (the emulator
 endpoint, unsigned requests) are set as GDAL *path-specific* options on
@@ -69,11 +85,6 @@ _DIR_SIDECARS = frozenset({"metadata.dim", "summary.txt", "hdr.txt", "rpc.txt", 
 _REFERENCING_SUFFIXES = (".vrt", ".xml")
 #: cloudio's own listing is only trusted when it fits one page (GDAL's own limit is 1000)
 LISTING_LIMIT = 1000
-#: After a write, downloads that were already in flight (issued by a dataset open while the
-#: write completed, served the old bytes) may land in GDAL's cache after cloudio cleared it.
-#: When a dataset of the object was open at the write, opens of it within this many seconds
-#: clear it again, and so does the first open after. In-flight requests last milliseconds.
-REFRESH_GRACE = float(os.environ.get("CLOUDIO_GDAL_REFRESH_GRACE", "1.0"))
 _RECLEAR_MAX = 10_000
 _TRACK_MAX = 100_000
 #: the change of a directory listing whose new names are unknown (an external invalidation)
@@ -108,14 +119,21 @@ def _lib() -> ctypes.CDLL:
     return _lib_handle
 
 
+_clear_fn: Any = None
+
+
 def _partial_clear(vsi_prefix: str) -> None:
     """GDAL's ``VSICurlPartialClearCache``: ``rasterio.cache.invalidate`` (rasterio >= 1.5) or ctypes."""
-    try:
-        from rasterio.cache import invalidate  # rasterio >= 1.5; passes /vsigs/ paths through
-    except ImportError:
-        _lib().VSICurlPartialClearCache(vsi_prefix.encode())
-    else:
-        invalidate(vsi_prefix)
+    global _clear_fn
+    if _clear_fn is None:
+        try:
+            from rasterio.cache import invalidate  # rasterio >= 1.5; passes /vsigs/ paths through
+
+            _clear_fn = invalidate
+        except ImportError:
+            fn = _lib().VSICurlPartialClearCache
+            _clear_fn = lambda prefix: fn(prefix.encode())  # noqa: E731
+    _clear_fn(vsi_prefix)
 
 
 def clear(vsi_prefix: str) -> None:
@@ -252,10 +270,12 @@ class GdalConsumer(Consumer):
         self._dirs: dict[str, _Dir] = {}
         #: per journal key: (generation GDAL's cache holds, when checked)
         self._seen: dict[str, tuple[int, float]] = {}
-        #: objects written recently (vsi path -> when): cleared again when opened, because a
-        #: download that began before the write completed may have put old bytes back into
-        #: GDAL's cache (see REFRESH_GRACE)
-        self._reclear: dict[str, float] = {}
+        #: objects written while datasets of them were open (vsi path -> those datasets, weakly).
+        #: Such a dataset keeps the old size and offsets, and whatever it reads after the
+        #: write lands in GDAL's shared cache under the object's URL: old bytes from downloads
+        #: in flight, or new bytes cut at the old size. Each open of the object clears it
+        #: again until those datasets are closed (and once more after that).
+        self._reclear: dict[str, list[weakref.ref[Any]]] = {}
         #: vsi path -> changes applied to it: an open that saw the number change raced a write
         self._epoch: dict[str, int] = {}
         #: vsi path -> datasets cloudio opened on it (weak): open ones may be downloading
@@ -274,17 +294,9 @@ class GdalConsumer(Consumer):
             self._apply_object(path, change)
 
     def _apply_object(self, path: GCSPath, change: Change) -> None:
-        clear(path.vsi)  # sizes, byte ranges, "does not exist"; also its sidecars' entries
         key, name = split_vsi(path)
+        self._object_changed(path.vsi)
         with self._state:
-            if len(self._epoch) >= _TRACK_MAX:
-                self._epoch.clear()
-            self._epoch[path.vsi] = self._epoch.get(path.vsi, 0) + 1
-            if self._open_readers(path.vsi):
-                if len(self._reclear) >= _RECLEAR_MAX:
-                    self._sweep(force=True)
-                self._reclear.pop(path.vsi, None)  # keep insertion order = time order
-                self._reclear[path.vsi] = time.monotonic()
             if change.generation is not None and change.kind == "write":
                 self._seen[change.url] = (change.generation, time.monotonic())
             else:
@@ -306,6 +318,24 @@ class GdalConsumer(Consumer):
             if new:
                 self._names_changed(key, d, name)
 
+    def _object_changed(self, vsi: str) -> None:
+        """The file-level clear, safe against opens and reads running at the same time."""
+        with self._state:
+            # A seqlock: the epoch is odd while the clear runs. An open that overlaps any part
+            # of this sees an odd or changed epoch, or has its dataset collected here as stale
+            # (see opened_dataset, which registers before it reads the epoch).
+            epoch = self._epoch.pop(vsi, 0) + 1
+            self._epoch[vsi] = epoch  # re-inserted: the dict stays in order of last write
+            if len(self._epoch) > _TRACK_MAX:
+                for old in list(self._epoch)[: _TRACK_MAX // 2]:
+                    del self._epoch[old]
+            stale = [r for r in list(self._readers.get(vsi, ())) if _is_open(r)]
+            if stale:
+                self._mark_stale(vsi, stale)
+        clear(vsi)  # sizes, byte ranges, "does not exist"; also its sidecars' entries
+        with self._state:
+            self._epoch[vsi] = self._epoch.get(vsi, 0) + 1
+
     def _names_changed(self, key: str, d: _Dir, name: str) -> None:
         d.plans.clear()
         if d.gdal_listed:
@@ -317,6 +347,11 @@ class GdalConsumer(Consumer):
     def _apply_prefix(self, path: GCSPath) -> None:
         """Someone wrote at or below ``path`` (an object or a "directory"): forget all of it."""
         top = path.vsi.rstrip("/")
+        with self._state:  # datasets open below: as for a write of each (see _object_changed)
+            for vsi in [v for v in self._readers if v.startswith(top)]:
+                stale = [r for r in list(self._readers.get(vsi, ())) if _is_open(r)]
+                if stale:
+                    self._mark_stale(vsi, stale)
         clear(top)  # also drops GDAL's listings of top and below
         with self._state:
             for url in [u for u in self._seen if parse_gcs(u).is_under(path)]:
@@ -365,7 +400,7 @@ class GdalConsumer(Consumer):
         completes after this read began, which may then miss it.
         """
         d = self._dirs.get(t.dir)
-        if d is None or d.changed or self._reclear:
+        if d is None or d.changed or (self._reclear and t.vsi in self._reclear):
             return None
         planned = d.plans.get(t.name)
         if planned is False and t.name in d.empty_dir:
@@ -403,13 +438,12 @@ class GdalConsumer(Consumer):
                 d.plans[name] = gdal_lists
             if d.changed and d.gdal_listed and (gdal_lists or name in d.changed or _ANY in d.changed):
                 self._clear_listing(key, d)
-            written = self._reclear.get(t.vsi)
-            if written is not None:
-                clear(t.vsi)
-                if time.monotonic() - written > REFRESH_GRACE:
+            stale = self._reclear.get(t.vsi)
+            if stale is not None:
+                clear(t.vsi)  # whatever datasets older than the last write put back
+                stale[:] = [r for r in stale if _is_open(r)]
+                if not stale:  # all closed before this clear: nothing can put old bytes back
                     del self._reclear[t.vsi]
-            if self._reclear:
-                self._sweep()
             if gdal_lists:
                 d.gdal_listed = True
                 if name in d.empty_dir:
@@ -435,33 +469,40 @@ class GdalConsumer(Consumer):
         reference so that a later write knows it may still be downloading.
         """
         vsi = t.vsi
-        if self._epoch.get(vsi) != epoch:
-            clear(vsi)
+        ref = weakref.ref(ds)
+        # registered before the epoch is compared (the write side does the reverse)
         refs = self._readers.get(vsi)
         if refs is None:
             if len(self._readers) >= _TRACK_MAX:
                 with self._state:
                     for key in [k for k in self._readers if not self._open_readers(k)]:
                         del self._readers[key]
-            self._readers[vsi] = [weakref.ref(ds)]
+            self._readers[vsi] = [ref]
         elif len(refs) < 8:
-            refs.append(weakref.ref(ds))
+            refs.append(ref)
         else:
-            refs[:] = [r for r in refs if _is_open(r)] + [weakref.ref(ds)]
+            refs[:] = [r for r in refs if _is_open(r)] + [ref]
+        if self._epoch.get(vsi) != epoch or (epoch or 0) % 2:  # a write landed while GDAL was opening it
+            with self._state:
+                self._mark_stale(vsi, [ref])
+            clear(vsi)
 
     def _open_readers(self, vsi: str) -> bool:
         refs = self._readers.get(vsi)
         return refs is not None and any(_is_open(r) for r in list(refs))
 
-    def _sweep(self, force: bool = False) -> None:
-        """Drop re-clear entries past their grace, clearing them one last time (cheap, in memory)."""
-        now = time.monotonic()
-        while self._reclear:
-            vsi, written = next(iter(self._reclear.items()))  # oldest first (insertion order)
-            if not force and now - written <= REFRESH_GRACE:
-                break
-            clear(vsi)
-            del self._reclear[vsi]
+    def _mark_stale(self, vsi: str, refs: list["weakref.ref[Any]"]) -> None:
+        """Datasets of ``vsi`` that know an older version than the server now holds."""
+        if vsi not in self._reclear and len(self._reclear) >= _RECLEAR_MAX:
+            self._sweep()
+        self._reclear.setdefault(vsi, []).extend(refs)
+
+    def _sweep(self) -> None:
+        """Forget objects whose stale datasets are all closed, clearing them one last time."""
+        for vsi, refs in list(self._reclear.items()):
+            if not any(_is_open(r) for r in refs):
+                clear(vsi)
+                del self._reclear[vsi]
 
     def _clear_listing(self, key: str, d: _Dir) -> None:
         """The expensive one: GDAL's listing of ``key`` and every cached byte below it."""
@@ -522,7 +563,7 @@ class GdalConsumer(Consumer):
             if d is not None and d.names is not None and name not in d.names:
                 d.names.add(name)  # written elsewhere: a new name to this directory
                 self._names_changed(key, d, name)
-        clear(path.vsi)
+        self._object_changed(path.vsi)
         return True
 
     def mark_unknown(self, path: GCSPath) -> None:

@@ -34,6 +34,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ._journal import journal
 from ._paths import is_gcs, normalize, parse_gcs
+from .errors import BucketNotFoundError, CloudioError
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -192,10 +193,19 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     # -- what writes -------------------------------------------------------------------------
 
     async def set(self, key: str, value: "Buffer") -> None:
-        if self._direct:
-            await self._pipe(key, value)
-        else:
-            await self._store.set(key, value)
+        try:
+            if self._direct:
+                await self._pipe(key, value)
+            else:
+                await self._store.set(key, value)
+        except FileNotFoundError as e:  # an upload answered 404: the bucket is not there
+            if isinstance(e, CloudioError) or not is_gcs(self._root_url):
+                raise
+            bucket = parse_gcs(self._root_url).bucket
+            raise BucketNotFoundError(
+                f"{self._url(key)}: the upload was refused because bucket {bucket!r} does not exist; "
+                "create it first (or check the URL)"
+            ) from e
         self._wrote(key, value)
 
     async def _pipe(self, key: str, value: "Buffer") -> None:
