@@ -16,7 +16,8 @@ Throughput = bytes / seconds. Target: cloudio / baseline >= 0.8 for
 write + read together (``ratio``).
 
 Run: ``.venv/bin/python benchmarks/bench_zarr.py`` (writes
-``benchmarks/results/zarr.json``, or ``zarr_py312.json`` under Python 3.12;
+``benchmarks/results/zarr.json``, or ``zarr_py312.json`` under Python 3.12,
+with ``_no_hugepage_advice`` before ``.json`` for the diagnosis below;
 ``BENCH_ROUNDS`` (default 5), ``BENCH_ZARR_N`` changes the side,
 ``BENCH_PROFILE=1`` prints a profile of one more cloudio run).
 
@@ -222,7 +223,8 @@ def main() -> None:
     }
     result["target_met"] = result["ratio"] >= 0.8
     RESULTS.mkdir(exist_ok=True)
-    name = "zarr.json" if sys.version_info[:2] == (3, 11) else f"zarr_py{sys.version_info[0]}{sys.version_info[1]}.json"
+    name = "zarr" if sys.version_info[:2] == (3, 11) else f"zarr_py{sys.version_info[0]}{sys.version_info[1]}"
+    name += ".json" if hugepages else "_no_hugepage_advice.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -90,3 +90,23 @@ def test_alignment_rules():
     assert aligned_chunks(((2500, 2500),), (1000,)) == ((2000, 2000, 1000),)
     # aligned dims untouched, even when ragged
     assert aligned_chunks(((1000, 2000, 7),), (1000,)) == ((1000, 2000, 7),)
+
+
+def test_numpy_hugepage_advice_is_restored(gcs_bucket):
+    """load_array turns NumPy's huge-page hint off while zarr decodes, then puts it back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hint = pytest.importorskip("numpy._core.multiarray")._set_madvise_hugepage
+    url = f"{gcs_bucket}/hint.zarr"
+    cloudio.save_array(np.arange(1000, dtype="f8"), url, chunks=(100,), shards=(500,))
+    before = hint(True)
+    try:
+        with ThreadPoolExecutor(4) as pool:  # overlapping reads restore once, at the end
+            outs = list(pool.map(lambda _: cloudio.load_array(url), range(8)))
+        assert all((o == np.arange(1000)).all() for o in outs)
+        assert hint(True) is True  # still on afterwards
+        hint(False)
+        cloudio.load_array(url)
+        assert hint(False) is False  # a caller's "off" is kept too
+    finally:
+        hint(before)

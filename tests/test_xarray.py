@@ -215,3 +215,18 @@ def test_region_auto_and_group(gcs_bucket):
     np.testing.assert_array_equal(got, expect)
     with pytest.raises(UnsafeChunkingError, match="offset"):
         cloudio.to_zarr(upd, url, group="g", region="auto", mode="r+", safe_chunks=False, rechunk=False)
+
+
+def test_append_with_dims_in_another_order(gcs_bucket):
+    """xarray transposes to the stored order; the shard check uses that order too."""
+    url = f"{gcs_bucket}/order.zarr"
+    a = np.arange(100 * 30, dtype="f4").reshape(100, 30)
+    ds = xr.Dataset({"v": (("t", "x"), da.from_array(a, chunks=(50, 30)))})
+    cloudio.to_zarr(ds, url, mode="w", zarr_format=3, consolidated=False,
+                    encoding={"v": {"chunks": (10, 10), "shards": (40, 30)}})
+    b = np.arange(70 * 30, dtype="f4").reshape(70, 30) + 10_000
+    more = xr.Dataset({"v": (("x", "t"), da.from_array(b.T, chunks=(30, 7)))})
+    with dask.config.set(scheduler="threads"):
+        cloudio.to_zarr(more, url, append_dim="t", safe_chunks=False)
+    got = cloudio.open_zarr(url).v.values
+    assert got.tobytes() == np.concatenate([a, b]).tobytes()

@@ -166,7 +166,9 @@ def test_new_array_visible_to_zarrs_own_store_instance(gcs_bucket):
     url = f"{gcs_bucket}/vis.zarr"
     g = zarr.open_group(cloudio.zarr_store(url), mode="w")
     g.create_array("x", shape=(2,), dtype="u1")
-    theirs = FsspecStore.from_url(url, storage_options=dict(gcsfs_options()))
+    # options differing from cloudio's (a default value spelled out) make fsspec build another instance
+    theirs = FsspecStore.from_url(url, storage_options={**gcsfs_options(), "requester_pays": False})
+    assert theirs.fs is not cloudio.zarr_store(url)._store.fs
     assert sorted(zarr.open_group(theirs, mode="r").array_keys()) == ["x"]  # listing now cached there
     zarr.open_group(cloudio.zarr_store(url), mode="a").create_array("y", shape=(3,), dtype="u1")
     assert sorted(zarr.open_group(theirs, mode="r").array_keys()) == ["x", "y"]

@@ -393,6 +393,16 @@ class GdalConsumer(Consumer):
             return None
         return time.monotonic() - d.listed_at
 
+    def unchanged(self, t: Target) -> bool:
+        """Can ``t`` be opened exactly as last time, with no bookkeeping? (the per-open fast path)
+
+        True when it is not a VRT, its bucket's endpoint options are in force
+        and nothing changed in its directory since it was last planned.
+        """
+        if t.vrt or _endpoints.get(t.path.bucket) != _endpoint_state():
+            return False
+        return self.fast_plan(t) is not None
+
     def fast_plan(self, t: Target) -> bool | None:
         """The plan of the last open of ``t`` when nothing changed in its directory since, else None.
 
@@ -470,22 +480,31 @@ class GdalConsumer(Consumer):
         """
         vsi = t.vsi
         ref = weakref.ref(ds)
-        # registered before the epoch is compared (the write side does the reverse)
-        refs = self._readers.get(vsi)
-        if refs is None:
-            if len(self._readers) >= _TRACK_MAX:
+        # registered before the epoch is compared (the write side does the reverse); lock-free:
+        # a list is only ever replaced whole (by _prune_readers), so re-append if it was
+        while True:
+            refs = self._readers.get(vsi)
+            if refs is None:
                 with self._state:
-                    for key in [k for k in self._readers if not self._open_readers(k)]:
-                        del self._readers[key]
-            self._readers[vsi] = [ref]
-        elif len(refs) < 8:
+                    refs = self._readers.setdefault(vsi, [])
             refs.append(ref)
-        else:
-            refs[:] = [r for r in refs if _is_open(r)] + [ref]
+            if self._readers.get(vsi) is refs:
+                break
+        if len(refs) > 16:
+            self._prune_readers(vsi)
         if self._epoch.get(vsi) != epoch or (epoch or 0) % 2:  # a write landed while GDAL was opening it
             with self._state:
                 self._mark_stale(vsi, [ref])
             clear(vsi)
+
+    def _prune_readers(self, vsi: str) -> None:
+        with self._state:
+            refs = self._readers.get(vsi)
+            if refs is not None:
+                self._readers[vsi] = [r for r in list(refs) if _is_open(r)]
+            if len(self._readers) > _TRACK_MAX:
+                for key in [k for k, v in self._readers.items() if not any(_is_open(r) for r in v)]:
+                    del self._readers[key]
 
     def _open_readers(self, vsi: str) -> bool:
         refs = self._readers.get(vsi)

@@ -105,13 +105,10 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
             transform=transform, dtype=dtype, nodata=nodata, sharing=sharing, opener=opener, **kwargs,
         )
     if mode == "r":
-        if (
-            driver is None and not kwargs and not t.vrt and _consistency() == "session"
-            and _gdal.consumer.fast_plan(t) is not None
-            and _gdal._endpoints.get(t.path.bucket) == _gdal._endpoint_state()
-        ):  # the common case, kept cheap: read before, nothing written since, nothing to check
-            c = _gdal.consumer
-            epoch = c.epoch(t)
+        c = _gdal.consumer
+        if driver is None and not kwargs and _consistency() == "session" and c.unchanged(t):
+            # the common case, kept cheap: read before, nothing written since, nothing to check
+            epoch = c.epoch(t)  # see GdalConsumer.opened_dataset
             try:
                 dataset = rasterio.open(t.vsi, "r", driver=driver, sharing=sharing)
             except RasterioIOError:
@@ -248,6 +245,9 @@ def _list_names(path: GCSPath) -> Any:
         )
     except FileNotFoundError:
         return _NO_BUCKET
+    except OSError as e:  # e.g. no permission to list: GDAL finds sidecars its own way
+        log.debug("could not list gs://%s/%s: %s", path.bucket, prefix, e)
+        return None
     if out.get("nextPageToken"):
         return None
     names = [item["name"][len(prefix):] for item in out.get("items", [])]

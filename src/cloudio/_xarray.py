@@ -73,6 +73,14 @@ def _open_existing(store: JournaledStore, group: str | None, name: Hashable) -> 
         return None  # not there yet, or a group: a new array will be created
 
 
+def _stored_dims(zarr_array: Any) -> tuple[Hashable, ...] | None:
+    """Dimension names of a stored array (v3 metadata, or xarray's v2 attribute)."""
+    names = getattr(zarr_array.metadata, "dimension_names", None)
+    if names is None:
+        names = zarr_array.attrs.get("_ARRAY_DIMENSIONS")
+    return tuple(names) if names is not None else None
+
+
 def _resolve_region(dataset: "xarray.Dataset", store: JournaledStore, region: Any, group: str | None,
                     ) -> dict[Hashable, slice]:
     """Region slices with ``"auto"`` replaced by positions found from the store's indexes."""
@@ -122,6 +130,10 @@ def _align_dataset(dataset: "xarray.Dataset", store: JournaledStore, kwargs: Map
             from ._shards import write_grid
 
             grid, sharded = write_grid(existing)
+            stored_dims = _stored_dims(existing)
+            if stored_dims is not None and stored_dims != tuple(var.dims) and set(stored_dims) == set(var.dims):
+                var = var.transpose(*stored_dims)  # xarray writes it in the stored order
+                replaced[name] = var
             for i, dim in enumerate(var.dims):
                 if append_dim is not None and dim == append_dim:
                     offsets[i] = int(existing.shape[i])
