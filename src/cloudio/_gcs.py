@@ -14,6 +14,15 @@ if TYPE_CHECKING:
     import gcsfs
 
 
+#: asynchronous instances cloudio made, kept for the life of the process. gcsfs's
+#: finalizer closes an asynchronous instance's session on fsspec's own loop, not
+#: the loop (zarr's) that owns it, and raises "attached to a different loop" from
+#: the garbage collector (fsspec/gcsfs#606 fixed the synchronous case only). They
+#: live as long as fsspec's instance cache would keep them anyway; this only
+#: stops ``clear_instance_cache()`` from handing them to that finalizer.
+_keep_async: list["gcsfs.GCSFileSystem"] = []
+
+
 def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> "gcsfs.GCSFileSystem":
     """A gcsfs filesystem for the emulator in force (or real GCS), fsspec-cached as usual.
 
@@ -23,6 +32,9 @@ def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> "gcsfs.GCSFi
     import gcsfs
 
     opts: dict[str, Any] = {**gcsfs_options(), **kwargs}
-    if asynchronous:
-        opts["asynchronous"] = True
-    return gcsfs.GCSFileSystem(**opts)
+    if not asynchronous:
+        return gcsfs.GCSFileSystem(**opts)
+    fs = gcsfs.GCSFileSystem(**opts, asynchronous=True)
+    if not any(k is fs for k in _keep_async):
+        _keep_async.append(fs)
+    return fs

@@ -22,14 +22,25 @@ if TYPE_CHECKING:
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
+#: asynchronous gcsfs instances dropped from fsspec's cache are kept alive here: gcsfs's
+#: finalizer would close their sessions on the wrong event loop and raise from the
+#: garbage collector, in whatever later test happens to trigger a collection.
+_dropped_async: list[object] = []
+
+
+def _clear_gcsfs_instances() -> None:
+    from gcsfs.core import GCSFileSystem
+
+    _dropped_async.extend(fs for fs in GCSFileSystem._cache.values() if getattr(fs, "asynchronous", False))
+    GCSFileSystem.clear_instance_cache()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_fsspec_instances() -> Iterator[None]:
     """No gcsfs instance (nor its listing cache) survives from one test to the next."""
-    from gcsfs.core import GCSFileSystem
-
-    GCSFileSystem.clear_instance_cache()
+    _clear_gcsfs_instances()
     yield
-    GCSFileSystem.clear_instance_cache()
+    _clear_gcsfs_instances()
 
 
 @pytest.fixture
