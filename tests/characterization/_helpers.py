@@ -13,6 +13,13 @@ if TYPE_CHECKING:
     from cloudio.emulator import Emulator
 
 
+#: asynchronous gcsfs instances are never let go: gcsfs's finalizer closes their
+#: sessions on fsspec's loop, not the one that owns them (zarr's), and raises
+#: "attached to a different loop" from the garbage collector, in whatever later
+#: test happens to trigger a collection.
+KEEP_ASYNC: list[object] = []
+
+
 def raw_gcsfs(emu: "Emulator", *, separate: bool = False, asynchronous: bool = False) -> "GCSFileSystem":
     """A plain gcsfs filesystem on the emulator.
 
@@ -26,6 +33,8 @@ def raw_gcsfs(emu: "Emulator", *, separate: bool = False, asynchronous: bool = F
         endpoint_url=emu.url, token="anon", skip_instance_cache=separate, asynchronous=asynchronous
     )
     assert type(fs) is GCSFileSystem  # the raw library, nothing wrapped
+    if asynchronous:
+        KEEP_ASYNC.append(fs)
     return fs
 
 

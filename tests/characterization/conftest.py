@@ -22,16 +22,13 @@ if TYPE_CHECKING:
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
-#: asynchronous gcsfs instances dropped from fsspec's cache are kept alive here: gcsfs's
-#: finalizer would close their sessions on the wrong event loop and raise from the
-#: garbage collector, in whatever later test happens to trigger a collection.
-_dropped_async: list[object] = []
-
-
 def _clear_gcsfs_instances() -> None:
+    """Drop fsspec's cached gcsfs instances, keeping asynchronous ones alive (see KEEP_ASYNC)."""
     from gcsfs.core import GCSFileSystem
 
-    _dropped_async.extend(fs for fs in GCSFileSystem._cache.values() if getattr(fs, "asynchronous", False))
+    from ._helpers import KEEP_ASYNC
+
+    KEEP_ASYNC.extend(fs for fs in GCSFileSystem._cache.values() if getattr(fs, "asynchronous", False))
     GCSFileSystem.clear_instance_cache()
 
 
