@@ -321,3 +321,25 @@ def test_unreachable_emulator_is_one_line_at_once():
     assert r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and url in lines[0] and "cloudio emulator" in lines[0], r.stderr
+
+
+def test_progress_on_a_terminal_is_a_rich_spinner_then_a_tick():
+    """FORCE_COLOR makes rich treat stderr as a terminal, as an interactive shell would."""
+    env = _env(None)
+    env["FORCE_COLOR"] = "1"
+    code = (
+        "from cloudio.cli._ui import progress\n"
+        "with progress('counting', 1, 2):\n"
+        "    pass\n"
+        "try:\n"
+        "    with progress('failing', 2, 2):\n"
+        "        raise ValueError('x')\n"
+        "except ValueError:\n"
+        "    pass\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b[" in r.stderr  # styled for a terminal
+    assert "\u2713" in r.stderr and "[1/2] counting" in r.stderr
+    assert "\u2717" in r.stderr and "[2/2] failing" in r.stderr
+    assert r.stdout == ""  # progress never mixes into results

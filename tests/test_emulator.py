@@ -246,8 +246,18 @@ def test_unknown_mode_and_backend_are_errors(clean_env: pytest.MonkeyPatch) -> N
         Emulator(mode="binary", backend="s3")  # type: ignore[arg-type]
 
 
+def _docker_engine() -> bool:
+    try:
+        import docker
+
+        return bool(docker.from_env().ping())
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_docker_engine(), reason="a Docker engine is running here")
 def test_docker_mode_without_engine_is_a_clear_error(clean_env: pytest.MonkeyPatch) -> None:
-    """No Docker engine runs here; testcontainers may or may not be installed."""
+    """No Docker engine: testcontainers may or may not be installed; either way one clear error."""
     clean_env.setenv("CLOUDIO_EMULATOR", "docker")
     emu = Emulator()
     assert emu.mode == "docker"
@@ -261,6 +271,18 @@ def test_docker_mode_without_engine_is_a_clear_error(clean_env: pytest.MonkeyPat
     else:
         assert "Docker" in msg and "engine" in msg
     assert "unset CLOUDIO_EMULATOR" in msg
+    assert not emu.running
+
+
+@pytest.mark.skipif(not _docker_engine(), reason="needs a running Docker engine (none on this project's CI)")
+def test_docker_mode_serves_and_counts_requests(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("CLOUDIO_EMULATOR", "docker")
+    with Emulator() as emu:
+        assert emu.mode == "docker" and emu.url.startswith("http://127.0.0.1:")
+        emu.create_bucket("dock")
+        emu.client.bucket("dock").blob("k").upload_from_string(b"hello")
+        assert emu.client.bucket("dock").blob("k").download_as_bytes() == b"hello"
+        assert any(r.method == "GET" and "/dock/" in r.path for r in emu.requests())
     assert not emu.running
 
 

@@ -20,6 +20,7 @@ from rasterio.io import MemoryFile
 
 import cloudio
 from cloudio import _gdal
+from cloudio._gdal import vsi_readdir
 from cloudio._journal import journal
 from cloudio.emulator import Emulator
 
@@ -74,20 +75,6 @@ def put_elsewhere(emu: Emulator, url: str, data: bytes) -> None:
     emu.client.bucket(bucket).blob(key).upload_from_string(data)
 
 
-def gdal_readdir(vsi_dir: str) -> list[str]:
-    """GDAL's own listing (VSIReadDir), as any GDAL tool would see it."""
-    lib = _gdal._lib()
-    arr = lib.VSIReadDir(vsi_dir.encode())
-    out: list[str] = []
-    i = 0
-    while arr and arr[i] is not None:
-        out.append(arr[i].decode())
-        i += 1
-    if arr:
-        lib.CSLDestroy(arr)
-    return out
-
-
 def data_gets(emu: Emulator, since: int) -> int:
     return emu.count(("GET", "HEAD"), since=since)
 
@@ -100,9 +87,9 @@ def test_raw_listing_misses_new_object(gcs_emulator: Emulator, gcs_bucket: str) 
     put_elsewhere(gcs_emulator, f"{gcs_bucket}/d/a.tif", tif(1))
     vsi = gcs_bucket.replace("gs://", "/vsigs/") + "/d"
     with raw_env(gcs_emulator):
-        assert gdal_readdir(vsi) == ["a.tif"]
+        assert vsi_readdir(vsi) == ["a.tif"]
         put_elsewhere(gcs_emulator, f"{gcs_bucket}/d/b.tif", tif(2))
-        assert gdal_readdir(vsi) == ["a.tif"]  # stale: b.tif missing
+        assert vsi_readdir(vsi) == ["a.tif"]  # stale: b.tif missing
 
 
 def test_listing_through_cloudio_sees_new_object(gcs_bucket: str) -> None:
@@ -176,7 +163,7 @@ def test_open_after_gcsfs_overwrite_through_cloudio(gcs_bucket: str) -> None:
 def test_raw_open_of_new_object_in_listed_prefix_fails(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     put_elsewhere(gcs_emulator, f"{gcs_bucket}/d/a.tif", tif(1))
     with raw_env(gcs_emulator):
-        assert gdal_readdir(gcs_bucket.replace("gs://", "/vsigs/") + "/d") == ["a.tif"]
+        assert vsi_readdir(gcs_bucket.replace("gs://", "/vsigs/") + "/d") == ["a.tif"]
         put_elsewhere(gcs_emulator, f"{gcs_bucket}/d/b.tif", tif(2))
         with pytest.raises(RasterioIOError, match="does not exist"):
             raw_read(f"{gcs_bucket}/d/b.tif")
@@ -202,7 +189,7 @@ def test_new_object_in_prefix_raw_rasterio_listed(gcs_emulator: Emulator, gcs_bu
     fs = cloudio.filesystem(gcs_bucket)
     fs.pipe(f"{gcs_bucket}/d/a.tif", tif(1))
     with raw_env(gcs_emulator):
-        assert gdal_readdir(gcs_bucket.replace("gs://", "/vsigs/") + "/d") == ["a.tif"]
+        assert vsi_readdir(gcs_bucket.replace("gs://", "/vsigs/") + "/d") == ["a.tif"]
     fs.pipe(f"{gcs_bucket}/d/b.tif", tif(2))
     assert cloud_read(f"{gcs_bucket}/d/b.tif") == ((1, 64, 64), 2)
 

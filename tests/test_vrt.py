@@ -17,6 +17,7 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
 import cloudio
+from cloudio._gdal import vsi_readdir
 from cloudio._journal import journal
 from cloudio._paths import parse_gcs
 from cloudio._vrt import absolute_sources
@@ -51,7 +52,7 @@ def test_warped_vrt_round_trip_in_listed_prefix(gcs_emulator: Emulator, gcs_buck
     _src(src_url)
     # GDAL lists d/ behind cloudio's back, as any GDAL tool would: warped.vrt is not there yet
     with rasterio.Env(CPL_GS_ENDPOINT=gcs_emulator.url + "/", GS_NO_SIGN_REQUEST="YES"):
-        assert _gdal_readdir(parse_gcs(src_url).parent.vsi.rstrip("/")) == ["src.tif"]
+        assert vsi_readdir(parse_gcs(src_url).parent.vsi.rstrip("/")) == ["src.tif"]
     seq = journal().seq
     with cloudio.open(src_url) as src:
         with WarpedVRT(src, crs="EPSG:4326", resampling=Resampling.bilinear) as vrt:
@@ -164,25 +165,11 @@ def test_raw_rasterio_cannot_reopen_vrt_in_listed_prefix(gcs_emulator: Emulator,
         with WarpedVRT(src, crs="EPSG:4326") as vrt:
             xml = absolute_sources(_render_xml(vrt))
     with rasterio.Env(**env):
-        assert _gdal_readdir(parse_gcs(src_url).parent.vsi.rstrip("/")) == ["src.tif"]
+        assert vsi_readdir(parse_gcs(src_url).parent.vsi.rstrip("/")) == ["src.tif"]
         p = parse_gcs(f"{gcs_bucket}/d/warped.vrt")
         gcs_emulator.client.bucket(p.bucket).blob(p.key).upload_from_string(xml)
         with pytest.raises(RasterioIOError, match="does not exist"):
             rasterio.open(p.vsi)
-
-
-def _gdal_readdir(vsi_dir: str) -> list[str]:
-    """GDAL's own listing (VSIReadDir), which it then keeps, as any GDAL tool would."""
-    from cloudio import _gdal
-
-    lib = _gdal._lib()
-    arr = lib.VSIReadDir(vsi_dir.encode())
-    out: list[str] = []
-    while arr and arr[len(out)] is not None:
-        out.append(arr[len(out)].decode())
-    if arr:
-        lib.CSLDestroy(arr)
-    return out
 
 
 def _render_xml(ds) -> str:  # type: ignore[no-untyped-def]

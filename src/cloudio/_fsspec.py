@@ -33,6 +33,7 @@ holds listings, and the emulator never uses them.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import sys
@@ -236,16 +237,10 @@ class _JournalingGCSFileMixin:
         return super().__exit__(exc_type, exc, tb)  # type: ignore[misc]
 
 
-_file_classes: dict[type, type] = {}
-
-
+@functools.cache
 def _journaling_file_class(cls: type) -> type:
     """``cls`` with :class:`_JournalingGCSFileMixin` in front (one subclass per file class)."""
-    sub = _file_classes.get(cls)
-    if sub is None:
-        sub = type(f"Journaling{cls.__name__}", (_JournalingGCSFileMixin, cls), {"__module__": __name__})
-        _file_classes[cls] = sub
-    return sub
+    return type(f"Journaling{cls.__name__}", (_JournalingGCSFileMixin, cls), {"__module__": __name__})
 
 
 def _gcs_url(fs: Any, path: str) -> str:

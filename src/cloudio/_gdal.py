@@ -119,6 +119,18 @@ def _lib() -> ctypes.CDLL:
     return _lib_handle
 
 
+def vsi_readdir(vsi_dir: str) -> list[str]:
+    """GDAL's own ``VSIReadDir``: the listing GDAL makes, and then keeps in its cache."""
+    lib = _lib()
+    arr = lib.VSIReadDir(vsi_dir.encode())
+    names: list[str] = []
+    if arr:
+        while arr[len(names)] is not None:
+            names.append(arr[len(names)].decode())
+        lib.CSLDestroy(arr)
+    return names
+
+
 _clear_fn: Any = None
 
 
@@ -620,15 +632,7 @@ def listdir(url: str) -> list[str]:
         if d.changed or not d.gdal_listed:
             consumer._clear_listing(key, d)
         d.gdal_listed = True
-    lib = _lib()
-    arr = lib.VSIReadDir(key.encode())
-    names: list[str] = []
-    if arr:
-        i = 0
-        while arr[i] is not None:
-            names.append(arr[i].decode())
-            i += 1
-        lib.CSLDestroy(arr)
+    names = vsi_readdir(key)
     consumer.set_listing(probe, names)
     with consumer._state:
         d.changed.clear()  # GDAL's listing was just made: nothing it lacks

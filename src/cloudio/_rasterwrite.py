@@ -31,6 +31,7 @@ and ``"r+"`` downloads only the object itself, not its sidecars.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -177,15 +178,10 @@ def _undo(done: list[Uploaded]) -> None:
         journal().record(up.url, "delete")
 
 
-_classes: dict[type, type] = {}
-
-
+@functools.cache
 def _uploading_class(base: type) -> type:
-    cls = _classes.get(base)
-    if cls is None:
-        cls = type(f"Cloudio{base.__name__}", (_UploadOnClose, base), {"__module__": __name__})
-        _classes[base] = cls
-    return cls
+    """``base`` with :class:`_UploadOnClose` in front (one subclass per dataset class)."""
+    return type(f"Cloudio{base.__name__}", (_UploadOnClose, base), {"__module__": __name__})
 
 
 def _driver_for(path: GCSPath, driver: str | None) -> str:

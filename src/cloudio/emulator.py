@@ -293,12 +293,14 @@ class Emulator:
         try:
             c = (
                 DockerContainer("fsouza/fake-gcs-server:1.54")
-                .with_bind_ports(port, port)
                 .with_command(
                     f"-scheme http -host 0.0.0.0 -port {port} -public-host 127.0.0.1:{port} "
                     f"-external-url http://127.0.0.1:{port} -backend memory -log-level info"
                 )
             )
+            # published on 127.0.0.1 only (docker-py takes a (host_ip, port) pair;
+            # testcontainers' with_bind_ports would publish on every interface)
+            c.ports[f"{port}/tcp"] = ("127.0.0.1", port)  # type: ignore[assignment]
             c.start()
         except Exception as e:
             raise EmulatorError(
@@ -356,8 +358,10 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-        container, self._container = self._container, None
+        container = self._container
         if container is not None:
+            self._last_log = self.log_tail()
+            self._container = None
             try:
                 container.stop()  # type: ignore[attr-defined]
             except Exception:  # pragma: no cover
@@ -427,11 +431,20 @@ class Emulator:
                 ) from e
         return f"gs://{name}"
 
+    def _log_text(self) -> str | None:
+        """The server's output so far: its log file (binary mode) or the container's logs."""
+        if self._logfile is not None and self._logfile.exists():
+            return self._logfile.read_text(errors="replace")
+        if self._container is not None:
+            out, err = self._container.get_logs()  # type: ignore[attr-defined]
+            return (out or b"").decode(errors="replace") + (err or b"").decode(errors="replace")
+        return None
+
     def log_tail(self, lines: int = 20) -> str:
-        if self._logfile is None or not self._logfile.exists():
+        text = self._log_text()
+        if text is None:
             return getattr(self, "_last_log", "(no output captured)")
-        text = self._logfile.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return "\n".join(text.splitlines()[-lines:])
 
     def requests(self) -> list[Request]:
         """Every request the server logged so far, oldest first.
@@ -439,7 +452,7 @@ class Emulator:
         A marker request is sent and awaited first, so every request that
         completed before this call is in the list.
         """
-        if self._logfile is None:
+        if self._log_text() is None:
             raise EmulatorError(
                 f"request counts need an emulator cloudio started (mode {self.mode!r} has no log here)"
             )
@@ -450,7 +463,7 @@ class Emulator:
             pass  # 404 is expected: the point is the log line
         deadline = time.monotonic() + 5
         while True:
-            text = self._logfile.read_text(errors="replace")
+            text = self._log_text() or ""
             if token in text or time.monotonic() > deadline:
                 break
             time.sleep(0.002)

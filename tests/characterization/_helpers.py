@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,23 +48,10 @@ def geotiff(size: int, value: int) -> bytes:
 
 
 def gdal_readdir(path: str) -> list[str]:
-    """GDAL's own ``VSIReadDir(path)``, through the GDAL library rasterio loaded."""
-    import rasterio._env
+    """GDAL's own ``VSIReadDir(path)`` (a ctypes binding only: no cloudio cache in the way)."""
+    from cloudio._gdal import vsi_readdir
 
-    lib = ctypes.CDLL(rasterio._env.__file__)
-    lib.VSIReadDir.restype = ctypes.POINTER(ctypes.c_char_p)
-    lib.VSIReadDir.argtypes = [ctypes.c_char_p]
-    lib.CSLDestroy.argtypes = [ctypes.POINTER(ctypes.c_char_p)]
-    lib.CSLDestroy.restype = None
-    arr = lib.VSIReadDir(path.encode())
-    names: list[str] = []
-    if arr:
-        i = 0
-        while arr[i] is not None:
-            names.append(arr[i].decode())
-            i += 1
-        lib.CSLDestroy(arr)
-    return sorted(names)
+    return sorted(vsi_readdir(path))
 
 
 def rasterio_version() -> tuple[int, int]:

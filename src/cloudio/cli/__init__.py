@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cloudio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (demo, check, inspect, emulator):
-        module.add_parser(sub, common)
+        p = sub.add_parser(
+            module.__name__.rsplit(".", 1)[1], parents=[common], help=module.HELP,
+            description=(module.__doc__ or "").split("\n\n", 1)[-1],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 

@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 _MIN_COL = 10
 _GAP = "  "
@@ -82,13 +83,40 @@ def err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _rich_console() -> Any:
+    """A rich console on stderr when stderr is a terminal (or ``FORCE_COLOR`` says so) and rich is installed."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    console = Console(stderr=True)
+    return console if console.is_terminal else None
+
+
 @contextmanager
 def progress(label: str, step: int | None = None, total: int | None = None) -> Iterator[None]:
-    """One stderr line per piece of long work: ``[2/6] label ...`` then its time."""
+    """Show a piece of long work on stderr while it runs, then how long it took.
+
+    On a terminal with rich installed (``cloudio[cli]``): a spinner, then a
+    tick line. Otherwise (pipes, CI logs): ``[2/6] label ...`` then its time.
+    """
     head = f"[{step}/{total}] " if step is not None and total is not None else ""
     t0 = time.perf_counter()
-    err(f"{head}{label} ...")
+    console = _rich_console()
+    if console is None:
+        err(f"{head}{label} ...")
+        try:
+            yield
+        finally:
+            err(f"{' ' * len(head)}done in {time.perf_counter() - t0:.1f} s")
+        return
+    from rich.markup import escape
+
+    ok = False
     try:
-        yield
+        with console.status(escape(f"{head}{label}")):
+            yield
+        ok = True
     finally:
-        err(f"{' ' * len(head)}done in {time.perf_counter() - t0:.1f} s")
+        mark = "[green]\u2713[/]" if ok else "[red]\u2717[/]"
+        console.print(f"{mark} {escape(head + label)} [dim]{time.perf_counter() - t0:.1f} s[/]", highlight=False)

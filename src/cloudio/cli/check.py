@@ -20,17 +20,13 @@ from ._target import run_target
 from ._ui import progress
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "check", parents=[parent],
-        help="run every staleness case: raw libraries vs cloudio",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "run every staleness case: raw libraries vs cloudio"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", nargs="?", help="gs://bucket/prefix to run in (default: the embedded emulator)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.add_argument("--keep", action="store_true", help="keep the objects written below URL")
-    p.set_defaults(func=run)
 
 
 def run_cases(url: str | None, keep: bool = False) -> tuple[list[CaseResult], str, str]:

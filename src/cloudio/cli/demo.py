@@ -20,16 +20,12 @@ from ._target import run_target
 from ._ui import progress
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "demo", parents=[parent],
-        help="show raw libraries going stale and cloudio staying right, step by step",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "show raw libraries going stale and cloudio staying right, step by step"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="gs://bucket/prefix to run in (default: the embedded emulator)")
     p.add_argument("--keep", action="store_true", help="keep the objects written below --url")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

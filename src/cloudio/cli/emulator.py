@@ -18,20 +18,16 @@ from ..errors import ConfigurationError, EmulatorError
 from ._ui import err
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "emulator", parents=[parent],
-        help="run the embedded GCS emulator in the foreground (Ctrl-C stops it)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "run the embedded GCS emulator in the foreground (Ctrl-C stops it)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket", action="append", default=[], metavar="NAME",
                    help="create this bucket at start (repeatable)")
     p.add_argument("--backend", choices=("memory", "filesystem"), default="memory",
                    help="keep objects in memory (default) or on disk under --root")
     p.add_argument("--root", help="folder for --backend filesystem (default: a temporary one)")
     p.add_argument("--port", type=int, help="listen on this port of 127.0.0.1 (default: a free one)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

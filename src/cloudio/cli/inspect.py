@@ -23,18 +23,14 @@ from ._ui import human_bytes, progress
 _MAX_PIXELS = 1024
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "inspect", parents=[parent],
-        help="show a Zarr store as a tree, or a raster's profile; --plot writes a quicklook PNG",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "show a Zarr store as a tree, or a raster's profile; --plot writes a quicklook PNG"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="gs://bucket/store.zarr, gs://bucket/image.tif, /vsigs/..., or a local path")
     p.add_argument("--plot", metavar="PNG", help="write a quicklook image (a 2-D slice with a colour bar)")
     p.add_argument("--var", help="Zarr: the array to plot (path inside the store; default: the first 2-D one)")
     p.add_argument("--band", type=int, default=1, help="raster: the band to plot (default 1)")
-    p.set_defaults(func=run)
 
 
 # -- opening -----------------------------------------------------------------------------------
