@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import _shardio
+from ._shardio import plain_layout
 from ._shards import align, write_grid
 from ._zarr import JournaledStore, zarr_store
 
@@ -111,6 +113,8 @@ def save_array(
         grid, sharded = write_grid(z)
         safe = align(array, grid, name="array", url=store.root_url, sharded=sharded, rechunk=rechunk)
         da.store(safe, z, lock=False, compute=True)
+    elif (layout := plain_layout(z)) is not None and array.size:
+        _shardio.write(z, layout, array)  # one copy per chunk, straight into a reused shard buffer
     else:
         with _no_hugepage_advice():  # zarr encodes into fresh buffers; see _no_hugepage_advice
             z[...] = array
@@ -228,6 +232,12 @@ def load_array(
         ) from e
     if not lazy:
         out = _prefaulted(z.shape, z.dtype)
+        layout = plain_layout(z) if z.size else None
+        if layout is not None:
+            if out is None:
+                out = np.empty(z.shape, dtype=layout.dtype)
+            _shardio.read(z, layout, out)  # one copy per chunk, straight from the shard's bytes
+            return out
         if out is None:
             with _no_hugepage_advice():
                 return z[...]

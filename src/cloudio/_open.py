@@ -117,7 +117,7 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
                 c.opened_dataset(t, dataset, epoch)
         else:
             dataset = _open_read(t, driver, sharing, kwargs)
-        _count("opens")
+        next(_session._opens)  # count("opens"), lock-free
         return dataset
     if mode in _WRITE_MODES:
         from ._rasterwrite import open_write

@@ -1,0 +1,254 @@
+"""Whole-array reads and writes of plain sharded Zarr v3 arrays, one buffer per shard.
+
+Why: for an uncompressed sharded array, zarr's codec pipeline builds every
+inner chunk as a fresh array, merges it into a fresh shard array, compares it
+with the fill value in full, and concatenates the shard's bytes again before
+the upload; on reads it decodes into fresh buffers before copying into the
+output. Each of those passes touches new memory, and first touches of pages
+are what a 256 MiB round trip spends most of its time on here
+(``benchmarks/bench_zarr.py``). When the layout is the plain one, the bytes of
+a shard are just its chunks in a row followed by an index, so
+:func:`save_array` and :func:`load_array` copy each chunk once, straight
+between the user's array and a shard buffer, and leave the transport to the
+same journaled store zarr uses.
+
+"Plain" means: Zarr v3, one ``sharding_indexed`` codec whose inner codecs
+are only ``bytes`` (native byte order) and whose index codecs are ``bytes``
++ ``crc32c`` (zarr's default), a fixed-size numeric dtype, the default
+chunk-key encoding. Anything else (compressors, filters, transposes,
+variable-length types) returns None from :func:`plain_layout` and goes
+through zarr. The objects written are the ones zarr writes: chunks equal to
+the fill value are left out unless ``write_empty_chunks`` is on, chunks
+beyond the array's edge always, a shard with no chunk left is not written, and zarr reads them back bit for bit
+(tests/test_shardio.py checks both directions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import IntegrityError
+
+if TYPE_CHECKING:
+    import zarr
+
+log = logging.getLogger(__name__)
+
+_NO_CHUNK = 2**64 - 1  # index entry of a chunk left out of a shard
+_NATIVE = "little" if sys.byteorder == "little" else "big"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every chunk of a plain sharded array lives."""
+
+    shape: tuple[int, ...]
+    shard: tuple[int, ...]
+    chunk: tuple[int, ...]
+    dtype: np.dtype
+    fill: Any
+    index_at_end: bool
+    write_empty: bool
+
+    @property
+    def per_shard(self) -> tuple[int, ...]:
+        return tuple(s // c for s, c in zip(self.shard, self.chunk))
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return math.prod(self.chunk) * self.dtype.itemsize
+
+    @property
+    def index_nbytes(self) -> int:
+        return math.prod(self.per_shard) * 16 + 4
+
+    def shards(self) -> itertools.product:
+        return itertools.product(*(range(-(-n // s)) for n, s in zip(self.shape, self.shard)))
+
+    def chunk_slices(self, shard: tuple[int, ...], chunk: tuple[int, ...]) -> tuple[slice, ...] | None:
+        """Where chunk ``chunk`` of shard ``shard`` sits in the array (None: wholly outside it)."""
+        lo = [si * s + ci * c for si, s, ci, c in zip(shard, self.shard, chunk, self.chunk)]
+        if any(start >= n for start, n in zip(lo, self.shape)):
+            return None
+        return tuple(slice(start, min(start + c, n)) for start, c, n in zip(lo, self.chunk, self.shape))
+
+
+def plain_layout(z: "zarr.Array") -> Layout | None:
+    """The array's :class:`Layout` when it is plain (see the module docstring), else None."""
+    try:
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+        from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
+
+        md = z.metadata
+        if md.zarr_format != 3 or len(md.codecs) != 1 or not isinstance(md.codecs[0], ShardingCodec):
+            return None
+        sharding = md.codecs[0]
+        dtype = np.dtype(z.dtype)
+        if dtype.kind not in "biufc" or dtype.hasobject:
+            return None
+
+        def native_bytes(codec: Any) -> bool:
+            endian = getattr(codec, "endian", None)
+            return isinstance(codec, BytesCodec) and (endian is None or endian.value == _NATIVE)
+
+        if len(sharding.codecs) != 1 or not native_bytes(sharding.codecs[0]):
+            return None
+        index = sharding.index_codecs
+        if len(index) != 2 or not isinstance(index[0], BytesCodec) or not isinstance(index[1], Crc32cCodec):
+            return None
+        if getattr(index[0].endian, "value", "little") != "little":
+            return None
+        enc = md.chunk_key_encoding
+        if not isinstance(enc, DefaultChunkKeyEncoding) or enc.separator != "/":
+            return None
+        shard = tuple(int(s) for s in md.chunk_grid.chunk_shape)
+        chunk = tuple(int(c) for c in sharding.chunk_shape)
+        if any(s % c for s, c in zip(shard, chunk)) or not z.shape:
+            return None
+        return Layout(
+            shape=tuple(int(n) for n in z.shape), shard=shard, chunk=chunk, dtype=dtype,
+            fill=np.asarray(md.fill_value, dtype=dtype)[()],
+            index_at_end=sharding.index_location.value == "end",
+            write_empty=bool(z._async_array.config.write_empty_chunks),
+        )
+    except (AttributeError, ImportError, TypeError, ValueError):  # another zarr: let zarr do it
+        log.debug("not a plain sharded layout", exc_info=True)
+        return None
+
+
+def _is_fill(block: np.ndarray, fill: Any) -> bool:
+    """``block`` holds only the fill value (first element first: most chunks differ there)."""
+    first = block.flat[0]
+    if isinstance(fill, np.floating | np.complexfloating) and np.isnan(fill):
+        return bool(np.isnan(first)) and bool(np.isnan(block).all())
+    return bool(first == fill) and bool((block == fill).all())
+
+
+def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.ndarray) -> memoryview | None:
+    """Shard ``shard`` of ``array`` as stored bytes, built in ``buf``; None when it holds no chunk."""
+    per = layout.per_shard
+    index = np.full(per + (2,), _NO_CHUNK, dtype="<u8")
+    size = layout.chunk_nbytes
+    pos = 0 if layout.index_at_end else layout.index_nbytes
+    for c in itertools.product(*(range(n) for n in per)):
+        where = layout.chunk_slices(shard, c)
+        if where is None:  # beyond the array's edge: never stored
+            continue
+        block = array[where]
+        if not layout.write_empty and _is_fill(block, layout.fill):
+            continue
+        dst = buf[pos:pos + size].view(layout.dtype).reshape(layout.chunk)
+        if block.shape != layout.chunk:
+            dst[...] = layout.fill  # zarr pads edge chunks with the fill value
+        dst[tuple(slice(0, n) for n in block.shape)] = block
+        index[c] = (pos, size)
+        pos += size
+    if pos == (0 if layout.index_at_end else layout.index_nbytes):
+        return None
+    import google_crc32c
+
+    raw = index.tobytes()
+    at = pos if layout.index_at_end else 0
+    buf[at:at + len(raw)] = np.frombuffer(raw, dtype="u1")
+    buf[at + len(raw):at + len(raw) + 4] = np.frombuffer(
+        google_crc32c.value(raw).to_bytes(4, "little"), dtype="u1"
+    )
+    end = pos + (layout.index_nbytes if layout.index_at_end else 0)
+    return memoryview(buf[:end])
+
+
+def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.ndarray, url: str) -> None:
+    """Copy every chunk of one stored shard into ``out``; fill where a chunk is left out."""
+    import google_crc32c
+
+    n = layout.index_nbytes
+    raw = data[-n:] if layout.index_at_end else data[:n]
+    if len(data) < n or google_crc32c.value(raw[:-4].tobytes()) != int.from_bytes(raw[-4:].tobytes(), "little"):
+        raise IntegrityError(
+            f"{url}: the shard index fails its CRC32C check (the object is damaged or not a shard); "
+            "rewrite the array"
+        )
+    index = np.frombuffer(raw[:-4].tobytes(), dtype="<u8").reshape(layout.per_shard + (2,))
+    size = layout.chunk_nbytes
+    for c in itertools.product(*(range(k) for k in layout.per_shard)):
+        where = layout.chunk_slices(shard, c)
+        if where is None:
+            continue
+        offset, nbytes = (int(v) for v in index[c])
+        if offset == _NO_CHUNK:
+            out[where] = layout.fill
+            continue
+        if nbytes != size or offset + nbytes > len(data):
+            raise IntegrityError(f"{url}: chunk {c} of the shard has {nbytes} bytes, not {size}; rewrite the array")
+        block = data[offset:offset + size].view(layout.dtype).reshape(layout.chunk)
+        out[where] = block[tuple(slice(0, s.stop - s.start) for s in where)]
+
+
+def _concurrency() -> int:
+    import zarr
+
+    return max(1, int(zarr.config.get("async.concurrency")))
+
+
+def write(z: "zarr.Array", layout: Layout, array: np.ndarray) -> None:
+    """Write all of ``array`` into ``z``: one encode and one upload per shard, ``async.concurrency`` at a time.
+
+    Each worker reuses one shard buffer, so after the first shards no new
+    memory is touched.
+    """
+    from zarr.core.buffer.cpu import Buffer
+    from zarr.core.sync import sync
+
+    store = z.store_path
+    buf_size = layout.index_nbytes + math.prod(layout.per_shard) * layout.chunk_nbytes
+    shards = list(layout.shards())
+
+    async def worker(queue: list[tuple[int, ...]]) -> None:
+        buf = np.empty(buf_size, dtype="u1")
+        while queue:
+            shard = queue.pop()
+            key = z.metadata.encode_chunk_key(shard)
+            view = _encode(layout, array, shard, buf)
+            if view is not None:
+                await (store / key).set(Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
+
+    async def run() -> None:
+        await asyncio.gather(*(worker(shards) for _ in range(min(_concurrency(), len(shards)))))
+
+    sync(run())
+
+
+def read(z: "zarr.Array", layout: Layout, out: np.ndarray) -> None:
+    """Fill ``out`` with all of ``z``: one GET per shard, ``async.concurrency`` at a time."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    store = z.store_path
+    proto = default_buffer_prototype()
+    shards = list(layout.shards())
+
+    async def worker(queue: list[tuple[int, ...]]) -> None:
+        while queue:
+            shard = queue.pop()
+            key = z.metadata.encode_chunk_key(shard)
+            got = await (store / key).get(prototype=proto)
+            if got is None:
+                for c in itertools.product(*(range(k) for k in layout.per_shard)):
+                    where = layout.chunk_slices(shard, c)
+                    if where is not None:
+                        out[where] = layout.fill
+                continue
+            _decode(layout, got.as_numpy_array(), shard, out, f"{store}/{key}")
+
+    async def run() -> None:
+        await asyncio.gather(*(worker(shards) for _ in range(min(_concurrency(), len(shards)))))
+
+    sync(run())

@@ -1,0 +1,106 @@
+"""The one-buffer-per-shard path of save_array/load_array writes what zarr writes and reads what zarr reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+import cloudio
+from cloudio._shardio import plain_layout
+from cloudio.emulator import Emulator
+from cloudio.errors import IntegrityError
+
+SHAPE, SHARDS, CHUNKS = (1000, 1300), (256, 512), (128, 128)  # ragged edges in both dimensions
+
+
+def _data(dtype: str, fill: float) -> np.ndarray:
+    a = np.random.default_rng(7).standard_normal(SHAPE).astype(dtype)
+    a[:128, :128] = fill  # one chunk of fill value: left out of its shard
+    a[256:512, 512:1024] = fill  # one whole shard of it: not written at all
+    a[900:, 1200:] = fill  # fill at the ragged corner
+    return a
+
+
+def _objects(emu: Emulator, url: str) -> dict[str, int]:
+    bucket, prefix = url.removeprefix("gs://").split("/", 1)
+    return {
+        b.name.removeprefix(prefix + "/"): b.size
+        for b in emu.client.list_blobs(bucket, prefix=prefix + "/c/")
+    }
+
+
+def _zarr_written(url: str, a: np.ndarray, **kwargs: object) -> zarr.Array:
+    """The same array written by zarr's own codec pipeline."""
+    z = zarr.create_array(cloudio.zarr_store(url), shape=a.shape, dtype=a.dtype, chunks=CHUNKS,
+                          shards=SHARDS, compressors=None, **kwargs)
+    z[...] = a
+    return z
+
+
+@pytest.mark.parametrize(("dtype", "fill"), [("float32", 0.0), ("float64", np.nan), ("int16", -9999)])
+def test_writes_the_objects_zarr_writes_and_zarr_reads_them(gcs_emulator: Emulator, gcs_bucket: str,
+                                                          dtype: str, fill: float) -> None:
+    a = _data(dtype, fill)
+    ours = cloudio.save_array(a, f"{gcs_bucket}/ours.zarr", chunks=CHUNKS, shards=SHARDS,
+                              compressors=None, fill_value=fill)
+    assert plain_layout(ours) is not None  # the fast path was the one taken
+    _zarr_written(f"{gcs_bucket}/theirs.zarr", a, fill_value=fill)
+    theirs = _objects(gcs_emulator, f"{gcs_bucket}/theirs.zarr")
+    assert _objects(gcs_emulator, f"{gcs_bucket}/ours.zarr") == theirs  # same shards, same sizes
+    assert "c/1/1" not in theirs  # the all-fill shard
+    back = zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/ours.zarr"), mode="r")[...]
+    np.testing.assert_array_equal(back, a)
+    assert back.tobytes() == a.tobytes()
+
+
+def test_write_empty_chunks_writes_every_chunk_like_zarr(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    a = _data("float32", 0.0)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        cloudio.save_array(a, f"{gcs_bucket}/ours.zarr", chunks=CHUNKS, shards=SHARDS, compressors=None)
+        _zarr_written(f"{gcs_bucket}/theirs.zarr", a)
+    theirs = _objects(gcs_emulator, f"{gcs_bucket}/theirs.zarr")
+    assert _objects(gcs_emulator, f"{gcs_bucket}/ours.zarr") == theirs
+    assert "c/1/1" in theirs
+
+
+@pytest.mark.parametrize("index_location", ["end", "start"])
+def test_reads_what_zarr_wrote_bit_exact(gcs_emulator: Emulator, gcs_bucket: str, index_location: str) -> None:
+    from zarr.codecs import ShardingCodec
+
+    a = _data("float32", np.nan)
+    url = f"{gcs_bucket}/theirs.zarr"
+    z = zarr.create_array(
+        cloudio.zarr_store(url), shape=a.shape, dtype=a.dtype, chunks=SHARDS, compressors=None,
+        serializer=ShardingCodec(chunk_shape=CHUNKS, index_location=index_location), fill_value=np.nan,
+    )
+    z[...] = a
+    assert plain_layout(z) is not None
+    n0 = len(gcs_emulator.requests())
+    back = cloudio.load_array(url)
+    shard_gets = [r for r in gcs_emulator.requests()[n0:] if r.method == "GET" and "%2Fc%2F" in r.path]
+    assert len(shard_gets) == 4 * 3  # one GET per shard, the missing one (404) included
+    assert back.tobytes() == a.tobytes()  # NaN payloads and all
+
+
+def test_a_damaged_shard_is_an_integrity_error_naming_it(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/bad.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    bucket, prefix = url.removeprefix("gs://").split("/", 1)
+    blob = gcs_emulator.client.bucket(bucket).blob(f"{prefix}/c/0/1")
+    raw = bytearray(blob.download_as_bytes())
+    raw[-10] ^= 0xFF  # inside the index
+    cloudio.filesystem(url).pipe(f"{url}/c/0/1", bytes(raw))
+    with pytest.raises(IntegrityError, match=r"bad\.zarr/c/0/1.*CRC32C"):
+        cloudio.load_array(url)
+
+
+def test_other_layouts_are_left_to_zarr(gcs_bucket: str) -> None:
+    a = _data("float32", 0.0)
+    compressed = cloudio.save_array(a, f"{gcs_bucket}/z.zarr", chunks=CHUNKS, shards=SHARDS)  # zstd
+    unsharded = cloudio.save_array(a, f"{gcs_bucket}/u.zarr", chunks=CHUNKS, compressors=None)
+    v2 = cloudio.save_array(a, f"{gcs_bucket}/v2.zarr", chunks=CHUNKS, zarr_format=2, compressors=None)
+    assert [plain_layout(z) for z in (compressed, unsharded, v2)] == [None, None, None]
+    for name in ("z", "u", "v2"):
+        assert cloudio.load_array(f"{gcs_bucket}/{name}.zarr").tobytes() == a.tobytes()
