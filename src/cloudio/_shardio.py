@@ -95,16 +95,17 @@ def plain_layout(z: "zarr.Array") -> Layout | None:
         if dtype.kind not in "biufc" or dtype.hasobject:
             return None
 
-        def native_bytes(codec: Any) -> bool:
+        def bytes_in(codec: Any, order: str) -> bool:
             endian = getattr(codec, "endian", None)
-            return isinstance(codec, BytesCodec) and (endian is None or endian.value == _NATIVE)
+            return isinstance(codec, BytesCodec) and (endian is None or _name(endian) == order)
 
-        if len(sharding.codecs) != 1 or not native_bytes(sharding.codecs[0]):
+        if len(sharding.codecs) != 1 or not bytes_in(sharding.codecs[0], _NATIVE):
             return None
         index = sharding.index_codecs
-        if len(index) != 2 or not isinstance(index[0], BytesCodec) or not isinstance(index[1], Crc32cCodec):
+        if len(index) != 2 or not bytes_in(index[0], "little") or not isinstance(index[1], Crc32cCodec):
             return None
-        if getattr(index[0].endian, "value", "little") != "little":
+        config = z._async_array.config
+        if not getattr(config, "read_missing_chunks", True):  # zarr >= 3.2 may refuse missing chunks
             return None
         enc = md.chunk_key_encoding
         if not isinstance(enc, DefaultChunkKeyEncoding) or enc.separator != "/":
@@ -116,12 +117,17 @@ def plain_layout(z: "zarr.Array") -> Layout | None:
         return Layout(
             shape=tuple(int(n) for n in z.shape), shard=shard, chunk=chunk, dtype=dtype,
             fill=np.asarray(md.fill_value, dtype=dtype)[()],
-            index_at_end=sharding.index_location.value == "end",
-            write_empty=bool(z._async_array.config.write_empty_chunks),
+            index_at_end=_name(sharding.index_location) == "end",
+            write_empty=bool(config.write_empty_chunks),
         )
     except (AttributeError, ImportError, TypeError, ValueError):  # another zarr: let zarr do it
         log.debug("not a plain sharded layout", exc_info=True)
         return None
+
+
+def _name(value: Any) -> str:
+    """An enum member's value or a plain string (zarr 3.1 uses enums where 3.4 uses strings)."""
+    return str(getattr(value, "value", value))
 
 
 def _is_fill(block: np.ndarray, fill: Any) -> bool:
