@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -198,63 +199,65 @@ def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.nd
         out[where] = block[tuple(slice(0, s.stop - s.start) for s in where)]
 
 
-def _concurrency() -> int:
-    import zarr
+def _each_shard(layout: Layout, new_job: Callable[[], Callable[[tuple[int, ...]], Awaitable[None]]]) -> None:
+    """Run a job for every shard on zarr's event loop, ``async.concurrency`` workers at a time.
 
-    return max(1, int(zarr.config.get("async.concurrency")))
+    ``new_job`` is called once per worker, so a worker can keep a buffer.
+    """
+    import zarr
+    from zarr.core.sync import sync
+
+    shards = list(layout.shards())
+
+    async def worker() -> None:
+        job = new_job()
+        while shards:
+            await job(shards.pop())
+
+    async def run() -> None:
+        n = min(max(1, int(zarr.config.get("async.concurrency"))), len(shards))
+        await asyncio.gather(*(worker() for _ in range(n)))
+
+    sync(run())
 
 
 def write(z: "zarr.Array", layout: Layout, array: np.ndarray) -> None:
-    """Write all of ``array`` into ``z``: one encode and one upload per shard, ``async.concurrency`` at a time.
+    """Write all of ``array`` into ``z``: one encode and one upload per shard.
 
-    Each worker reuses one shard buffer, so after the first shards no new
+    Each worker reuses one shard buffer, so after its first shard no new
     memory is touched.
     """
     from zarr.core.buffer.cpu import Buffer
-    from zarr.core.sync import sync
 
-    store = z.store_path
-    buf_size = layout.index_nbytes + math.prod(layout.per_shard) * layout.chunk_nbytes
-    shards = list(layout.shards())
+    size = layout.index_nbytes + math.prod(layout.per_shard) * layout.chunk_nbytes
 
-    async def worker(queue: list[tuple[int, ...]]) -> None:
-        buf = np.empty(buf_size, dtype="u1")
-        while queue:
-            shard = queue.pop()
-            key = z.metadata.encode_chunk_key(shard)
+    def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
+        buf = np.empty(size, dtype="u1")
+
+        async def job(shard: tuple[int, ...]) -> None:
             view = _encode(layout, array, shard, buf)
             if view is not None:
-                await (store / key).set(Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
+                key = z.metadata.encode_chunk_key(shard)
+                await (z.store_path / key).set(Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
 
-    async def run() -> None:
-        await asyncio.gather(*(worker(shards) for _ in range(min(_concurrency(), len(shards)))))
+        return job
 
-    sync(run())
+    _each_shard(layout, new_job)
 
 
 def read(z: "zarr.Array", layout: Layout, out: np.ndarray) -> None:
-    """Fill ``out`` with all of ``z``: one GET per shard, ``async.concurrency`` at a time."""
+    """Fill ``out`` with all of ``z``: one GET per shard."""
     from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
 
-    store = z.store_path
     proto = default_buffer_prototype()
-    shards = list(layout.shards())
 
-    async def worker(queue: list[tuple[int, ...]]) -> None:
-        while queue:
-            shard = queue.pop()
-            key = z.metadata.encode_chunk_key(shard)
-            got = await (store / key).get(prototype=proto)
-            if got is None:
-                for c in itertools.product(*(range(k) for k in layout.per_shard)):
-                    where = layout.chunk_slices(shard, c)
-                    if where is not None:
-                        out[where] = layout.fill
-                continue
-            _decode(layout, got.as_numpy_array(), shard, out, f"{store}/{key}")
+    async def job(shard: tuple[int, ...]) -> None:
+        key = z.metadata.encode_chunk_key(shard)
+        got = await (z.store_path / key).get(prototype=proto)
+        if got is None:  # a shard of nothing but the fill value
+            where = zip(shard, layout.shard, layout.shape)
+            out[tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in where)] = layout.fill
+        else:
+            _decode(layout, got.as_numpy_array(), shard, out, f"{z.store_path}/{key}")
 
-    async def run() -> None:
-        await asyncio.gather(*(worker(shards) for _ in range(min(_concurrency(), len(shards)))))
-
-    sync(run())
+    _each_shard(layout, lambda: job)
