@@ -343,3 +343,22 @@ def test_progress_on_a_terminal_is_a_rich_spinner_then_a_tick():
     assert "\u2713" in r.stderr and "[1/2] counting" in r.stderr
     assert "\u2717" in r.stderr and "[2/2] failing" in r.stderr
     assert r.stdout == ""  # progress never mixes into results
+
+
+def test_zarr_quicklook_keeps_the_aspect_of_a_decimated_array(tmp_path):
+    """A 600 x 2400 array, decimated 1:3 on both axes, is still drawn four times wider than high."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+    import zarr
+
+    from cloudio.cli.inspect import plot_zarr
+
+    z = zarr.create_array(zarr.storage.MemoryStore(), shape=(600, 2400), dtype="f4", chunks=(600, 600))
+    z[...] = np.arange(2400, dtype="f4")[None, :]
+    png = tmp_path / "wide.png"
+    plot_zarr(z, str(png), None, "memory://wide")
+    rgb = matplotlib.image.imread(png)[..., :3]
+    coloured = (rgb.max(axis=2) - rgb.min(axis=2)) > 0.2  # viridis pixels, not the white/grey frame
+    rows, cols = np.nonzero(coloured[:, : int(rgb.shape[1] * 0.8)])  # left of the colour bar
+    aspect = (cols.max() - cols.min()) / (rows.max() - rows.min())
+    assert 3.6 < aspect < 4.4, aspect

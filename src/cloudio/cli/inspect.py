@@ -258,7 +258,7 @@ def _save_plot(png: str, data: Any, title: str, label: str, xlabel: str = "", yl
             ax.set_ylabel(label)
         else:
             im = ax.imshow(data, cmap="viridis", interpolation="nearest", extent=extent)
-            if extent is not None:  # map coordinates: plain numbers, few enough to read
+            if extent is not None:  # plain numbers, few enough to read
                 ax.ticklabel_format(useOffset=False, style="plain")
                 ax.locator_params(nbins=5)
             fig.colorbar(im, ax=ax, label=label, shrink=0.85)
@@ -291,7 +291,8 @@ def plot_zarr(node: Any, png: str, var: str | None, url: str) -> str:
     if arr.ndim == 0:
         raise CloudioError(f"{url!r}: array {name!r} is a scalar; pick another with --var")
     lead = (0,) * max(arr.ndim - 2, 0)
-    tail = tuple(slice(None, None, _step(n)) for n in arr.shape[len(lead):])
+    step = max(_step(n) for n in arr.shape[len(lead):])  # one step for both axes keeps the aspect
+    tail = tuple(slice(None, None, step) for _ in arr.shape[len(lead):])
     data = arr[lead + tail]
     dims = list(getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS") or [])
     idx = ", ".join([*(f"{d}=0" if d else "0" for d in (dims[:len(lead)] or [""] * len(lead))),
@@ -299,7 +300,9 @@ def plot_zarr(node: Any, png: str, var: str | None, url: str) -> str:
     title = f"{url}\n{name}[{idx}]  {arr.dtype}"
     xl = dims[-1] if dims else ""
     yl = dims[-2] if len(dims) >= 2 and arr.ndim >= 2 else ""
-    _save_plot(png, data, title, f"{name} ({arr.dtype})", xl, yl)
+    # axes count the array's own indices, not the decimated picture's
+    extent = (0, arr.shape[-1], arr.shape[-2], 0) if arr.ndim >= 2 else None
+    _save_plot(png, data, title, f"{name} ({arr.dtype})", xl, yl, extent)
     return name
 
 
