@@ -71,6 +71,11 @@ class Layout:
     def index_nbytes(self) -> int:
         return math.prod(self.per_shard) * 16 + 4
 
+    @property
+    def shard_nbytes(self) -> int:
+        """The largest a stored shard can be: every chunk, and the index."""
+        return math.prod(self.per_shard) * self.chunk_nbytes + self.index_nbytes
+
     def shards(self) -> itertools.product:
         return itertools.product(*(range(-(-n // s)) for n, s in zip(self.shape, self.shard)))
 
@@ -199,10 +204,16 @@ def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.nd
         out[where] = block[tuple(slice(0, s.stop - s.start) for s in where)]
 
 
-def _each_shard(layout: Layout, new_job: Callable[[], Callable[[tuple[int, ...]], Awaitable[None]]]) -> None:
-    """Run a job for every shard on zarr's event loop, ``async.concurrency`` workers at a time.
+#: what the workers of one read or write may hold at once (each holds one whole shard)
+_MEMORY_BUDGET = 1 << 30
 
-    ``new_job`` is called once per worker, so a worker can keep a buffer.
+
+def _each_shard(layout: Layout, new_job: Callable[[], Callable[[tuple[int, ...]], Awaitable[None]]]) -> None:
+    """Run a job for every shard on zarr's event loop, ``async.concurrency`` workers at most.
+
+    ``new_job`` is called once per worker, so a worker can keep a buffer;
+    fewer workers run when that many whole shards would not fit in
+    :data:`_MEMORY_BUDGET`.
     """
     import zarr
     from zarr.core.sync import sync
@@ -215,7 +226,8 @@ def _each_shard(layout: Layout, new_job: Callable[[], Callable[[tuple[int, ...]]
             await job(shards.pop())
 
     async def run() -> None:
-        n = min(max(1, int(zarr.config.get("async.concurrency"))), len(shards))
+        n = min(int(zarr.config.get("async.concurrency")), len(shards), _MEMORY_BUDGET // layout.shard_nbytes)
+        n = max(1, n)
         await asyncio.gather(*(worker() for _ in range(n)))
 
     sync(run())
@@ -229,7 +241,7 @@ def write(z: "zarr.Array", layout: Layout, array: np.ndarray) -> None:
     """
     from zarr.core.buffer.cpu import Buffer
 
-    size = layout.index_nbytes + math.prod(layout.per_shard) * layout.chunk_nbytes
+    size = layout.shard_nbytes
 
     def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
         buf = np.empty(size, dtype="u1")
