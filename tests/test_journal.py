@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from cloudio._journal import ORIGIN, Change, Consumer, WriteJournal, journal
+from cloudio._journal import EVERYTHING, ORIGIN, Change, Consumer, WriteJournal, journal
 
 
 @pytest.fixture
@@ -124,7 +124,12 @@ def test_memory_is_bounded():
     for i in range(1000):
         j.record(f"gs://bkt{i % 3}/k{i}", "write")
     assert len(j) == 50 and len(j._latest) <= 50
-    assert [c.url for c in j.since(0)][0] == "gs://bkt2/k950"  # the newest 50 remain
+    got = j.since(0)
+    assert (got[0].url, got[0].prefix, got[0].seq) == (EVERYTHING, True, -1)  # 950 changes are gone: say so
+    assert got[0].touches("gs://any-bucket/any/key")
+    assert [c.url for c in got[1:]][0] == "gs://bkt2/k950" and len(got) == 51  # the newest 50 remain
+    assert j.since(950)[0].url == "gs://bkt2/k950"  # nothing missing after seq 950: no marker
+    assert j.since(1000) == []
     assert j.latest("gs://bkt0/k0") is None and j.latest("gs://bkt0/k999") is not None
     assert cons.pending <= 20 and len(cons._overflowed) <= 3  # one root per bucket at most
     taken = cons.take("gs://bkt0/k1")  # long gone from the pending set: covered bucket-wide

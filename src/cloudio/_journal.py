@@ -69,8 +69,14 @@ class Change:
         return _under(self.url, read) or (self.prefix and _under(read, self.url))
 
 
+#: the URL of a change that covers everything (see :meth:`WriteJournal.since`)
+EVERYTHING = ""
+
+
 def _under(url: str, prefix: str) -> bool:
     """``url`` equals ``prefix`` or lies below it as a path ('/'-separated)."""
+    if prefix == EVERYTHING:
+        return True
     p = prefix.rstrip("/")
     u = url.rstrip("/")
     if p.endswith(":/"):  # "gs://" style roots never occur; guard anyway
@@ -192,10 +198,19 @@ class WriteJournal:
         return self._last_seq
 
     def since(self, seq: int, read: str | None = None) -> list[Change]:
-        """Changes newer than ``seq`` (touching ``read`` when given), oldest first."""
+        """Changes newer than ``seq`` (touching ``read`` when given), oldest first.
+
+        When some of them are no longer kept (more than ``max_records`` since
+        ``seq``), the list starts with an invalidation of everything
+        (``url == EVERYTHING``, ``seq == -1``), never a silently partial answer.
+        """
         with self._lock:
             records = [c for c in self._records if c.seq > seq]
-        return [c for c in records if read is None or c.touches(read)]
+            dropped = self._last_seq > seq and (not records or records[0].seq > seq + 1)
+        out = [c for c in records if read is None or c.touches(read)]
+        if dropped:
+            out.insert(0, Change(seq=-1, url=EVERYTHING, kind="invalidate", prefix=True))
+        return out
 
     def latest(self, url: str) -> Change | None:
         """The newest change recorded for exactly ``url``, if still remembered."""
