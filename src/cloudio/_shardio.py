@@ -19,8 +19,9 @@ chunk-key encoding. Anything else (compressors, filters, transposes,
 variable-length types) returns None from :func:`plain_layout` and goes
 through zarr. The objects written are the ones zarr writes: chunks equal to
 the fill value are left out unless ``write_empty_chunks`` is on, chunks
-beyond the array's edge always, a shard with no chunk left is not written, and zarr reads them back bit for bit
-(tests/test_shardio.py checks both directions).
+beyond the array's edge always, a shard with no chunk left is not written,
+and zarr reads them back bit for bit (tests/test_shardio.py checks both
+directions).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import itertools
 import logging
 import math
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,12 +80,12 @@ class Layout:
     def shards(self) -> itertools.product:
         return itertools.product(*(range(-(-n // s)) for n, s in zip(self.shape, self.shard)))
 
-    def chunk_slices(self, shard: tuple[int, ...], chunk: tuple[int, ...]) -> tuple[slice, ...] | None:
-        """Where chunk ``chunk`` of shard ``shard`` sits in the array (None: wholly outside it)."""
-        lo = [si * s + ci * c for si, s, ci, c in zip(shard, self.shard, chunk, self.chunk)]
-        if any(start >= n for start, n in zip(lo, self.shape)):
-            return None
-        return tuple(slice(start, min(start + c, n)) for start, c, n in zip(lo, self.chunk, self.shape))
+    def chunks_in(self, shard: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
+        """Each chunk of ``shard`` that overlaps the array: its place in the shard, and in the array."""
+        for c in itertools.product(*(range(n) for n in self.per_shard)):
+            lo = [si * s + ci * k for si, s, ci, k in zip(shard, self.shard, c, self.chunk)]
+            if all(start < n for start, n in zip(lo, self.shape)):  # chunks beyond the edge are never stored
+                yield c, tuple(slice(start, min(start + k, n)) for start, k, n in zip(lo, self.chunk, self.shape))
 
 
 def plain_layout(z: "zarr.Array") -> Layout | None:
@@ -146,14 +147,10 @@ def _is_fill(block: np.ndarray, fill: Any) -> bool:
 
 def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.ndarray) -> memoryview | None:
     """Shard ``shard`` of ``array`` as stored bytes, built in ``buf``; None when it holds no chunk."""
-    per = layout.per_shard
-    index = np.full(per + (2,), _NO_CHUNK, dtype="<u8")
+    index = np.full(layout.per_shard + (2,), _NO_CHUNK, dtype="<u8")
     size = layout.chunk_nbytes
     pos = 0 if layout.index_at_end else layout.index_nbytes
-    for c in itertools.product(*(range(n) for n in per)):
-        where = layout.chunk_slices(shard, c)
-        if where is None:  # beyond the array's edge: never stored
-            continue
+    for c, where in layout.chunks_in(shard):
         block = array[where]
         if not layout.write_empty and _is_fill(block, layout.fill):
             continue
@@ -182,18 +179,15 @@ def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.nd
     import google_crc32c
 
     n = layout.index_nbytes
-    raw = data[-n:] if layout.index_at_end else data[:n]
-    if len(data) < n or google_crc32c.value(raw[:-4].tobytes()) != int.from_bytes(raw[-4:].tobytes(), "little"):
+    raw = (data[-n:] if layout.index_at_end else data[:n]).tobytes()
+    if len(data) < n or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         raise IntegrityError(
             f"{url}: the shard index fails its CRC32C check (the object is damaged or not a shard); "
             "rewrite the array"
         )
-    index = np.frombuffer(raw[:-4].tobytes(), dtype="<u8").reshape(layout.per_shard + (2,))
+    index = np.frombuffer(raw[:-4], dtype="<u8").reshape(layout.per_shard + (2,))
     size = layout.chunk_nbytes
-    for c in itertools.product(*(range(k) for k in layout.per_shard)):
-        where = layout.chunk_slices(shard, c)
-        if where is None:
-            continue
+    for c, where in layout.chunks_in(shard):
         offset, nbytes = (int(v) for v in index[c])
         if offset == _NO_CHUNK:
             out[where] = layout.fill

@@ -452,7 +452,7 @@ class Emulator:
         A marker request is sent and awaited first, so every request that
         completed before this call is in the list.
         """
-        if self._log_text() is None:
+        if self._logfile is None and self._container is None:
             raise EmulatorError(
                 f"request counts need an emulator cloudio started (mode {self.mode!r} has no log here)"
             )
