@@ -18,6 +18,8 @@ __all__ = [
     "EmulatorError",
     "UnsafeChunkingError",
     "ConfigurationError",
+    "TransientError",
+    "IncompleteWriteError",
 ]
 
 
@@ -55,3 +57,17 @@ class UnsafeChunkingError(CloudioError, ValueError):
 
 class ConfigurationError(CloudioError, ValueError):
     """An option or environment variable has a value cloudio cannot use."""
+
+
+class TransientError(CloudioError, ConnectionError):
+    """The server or network failed past cloudio's retries and time limit (503, 429, reset, timeout).
+
+    Nothing is known to be wrong with the request: the operation can be retried.
+    """
+
+
+class IncompleteWriteError(CloudioError, OSError):
+    """A multi-object write (a Zarr array or dataset) was started and never committed.
+
+    Reading it would mix old and new objects; rewrite it, or delete it.
+    """

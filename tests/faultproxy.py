@@ -1,0 +1,195 @@
+"""A fault-injecting HTTP proxy in front of the real emulator.
+
+Everything is forwarded to fake-gcs-server unchanged unless a :class:`Rule`
+matches the request; the emulator itself is never bypassed or mocked. Faults:
+
+``status``   answer ``code`` (503, 429, 403, ...) without forwarding
+``hang``     accept the request and never answer (until the proxy closes)
+``delay``    forward after sleeping ``seconds``
+``reset``    forward, send the headers and ``after`` bytes of the body, then reset the connection (RST)
+``flip``     flip one byte: of the upload body (``where="request"``, the last data byte) or of the response body
+``kill``     call ``action()`` (e.g. stop the emulator) and then reset the connection
+
+Rules are tried in the order added; each has a ``times`` budget (None = forever).
+``log`` records ``(method, path, status_or_fault)`` for every request.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection"}
+_TAIL = re.compile(rb"\r?\n--[^\r\n]*--\r?\n?$")  # the end of a multipart body
+
+
+@dataclass
+class Rule:
+    fault: str
+    method: str | None = None
+    path: str | None = None  # a regular expression searched in the request path (with query)
+    times: int | None = 1
+    code: int = 503
+    seconds: float = 0.0
+    after: int = 0
+    where: str = "response"
+    action: Callable[[], None] | None = None
+    hits: int = field(default=0)
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.times is not None and self.hits >= self.times:
+            return False
+        if self.method is not None and method != self.method:
+            return False
+        return self.path is None or re.search(self.path, path) is not None
+
+
+def _flip_request(body: bytes) -> bytes:
+    m = _TAIL.search(body)
+    i = (m.start() - 1) if m else len(body) // 2
+    if i < 0 or not body:
+        return body
+    return body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1:]
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self.rules: list[Rule] = []
+        self.log: list[tuple[str, str, object]] = []
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" in self.headers.get("Transfer-Encoding", ""):
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().strip(), 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _reset(self) -> None:
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
+
+            def _handle(self) -> None:
+                body = self._body()
+                rule = proxy._take(self.command, self.path)
+                fault = rule.fault if rule else None
+                if rule is not None and fault == "status":
+                    proxy._note(self.command, self.path, rule.code)
+                    msg = b'{"error": {"code": %d, "message": "injected by the test proxy"}}' % rule.code
+                    self.send_response(rule.code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                if fault == "hang":
+                    proxy._note(self.command, self.path, "hang")
+                    proxy._closing.wait()
+                    self._reset()
+                    return
+                if rule is not None and fault == "kill":
+                    proxy._note(self.command, self.path, "kill")
+                    if rule.action is not None:
+                        rule.action()
+                    self._reset()
+                    return
+                if rule is not None and fault == "delay":
+                    time.sleep(rule.seconds)
+                if rule is not None and fault == "flip" and rule.where == "request":
+                    body = _flip_request(body)
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    r = conn.getresponse()
+                    data = r.read()
+                    status = r.status
+                    resp_headers = r.getheaders()
+                finally:
+                    conn.close()
+                if rule is not None and fault == "flip" and rule.where == "response" and data:
+                    i = len(data) // 2
+                    data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+                self.send_response(status)
+                for k, v in resp_headers:
+                    if k.lower() not in _HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if rule is not None and fault == "reset":
+                    proxy._note(self.command, self.path, "reset")
+                    self.wfile.write(data[: min(rule.after, max(len(data) - 1, 0))])
+                    self._reset()
+                    return
+                proxy._note(self.command, self.path, status)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def add(self, fault: str, **kw: object) -> Rule:
+        rule = Rule(fault, **kw)  # type: ignore[arg-type]
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        with self._lock:
+            self.rules.clear()
+
+    def _take(self, method: str, path: str) -> Rule | None:
+        with self._lock:
+            for rule in self.rules:
+                if rule.matches(method, path):
+                    rule.hits += 1
+                    return rule
+        return None
+
+    def _note(self, method: str, path: str, status: object) -> None:
+        with self._lock:
+            self.log.append((method, path, status))
+
+    def requests(self, path: str | None = None) -> list[tuple[str, str, object]]:
+        with self._lock:
+            return [e for e in self.log if path is None or re.search(path, e[1])]
+
+    def __enter__(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=5)
