@@ -123,7 +123,7 @@ def test_context_manager_binds_loopback_only_and_stops(clean_env: pytest.MonkeyP
 
 
 def test_two_emulators_use_different_free_ports(clean_env: pytest.MonkeyPatch) -> None:
-    with Emulator() as a, Emulator() as b:
+    with Emulator() as a, Emulator(mode="binary") as b:  # in a's block, Emulator() would attach to a
         assert a.url != b.url
         a.create_bucket("only-on-a")
         assert [x.name for x in a.client.list_buckets()] == ["only-on-a"]
@@ -227,6 +227,21 @@ def test_failed_start_port_in_use_reports_server_output(clean_env: pytest.Monkey
     assert not emu.running and emu.pid is None
 
 
+def test_busy_port_is_an_error_not_someone_elses_server(clean_env: pytest.MonkeyPatch) -> None:
+    """A port another emulator listens on: an error naming it, never a silent attach."""
+    with Emulator() as other:
+        other.create_bucket("theirs")
+        port = int(other.url.rsplit(":", 1)[1])
+        emu = Emulator(port=port)
+        with pytest.raises(EmulatorError) as info:
+            emu.start()
+        msg = str(info.value)
+        assert "bind: address already in use" in msg and str(port) in msg
+        assert "Fix:" in msg
+        assert not emu.running and emu.pid is None
+        assert other.client.bucket("theirs").exists()  # the other server is untouched
+
+
 def test_failed_start_bad_filesystem_root(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     not_a_dir = tmp_path / "plain-file"
     not_a_dir.write_text("x")
@@ -300,10 +315,21 @@ def test_client_create_bucket_upload_download(clean_env: pytest.MonkeyPatch) -> 
         assert emu.client.project == "cloudio-test"
 
 
-def test_create_bucket_rejected_name_says_why(clean_env: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["b", "b1", "Upper", "-dash", "a" * 64])
+def test_create_bucket_refuses_what_cloudio_cannot_address(clean_env: pytest.MonkeyPatch, name: str) -> None:
+    """One rule, GCS's: a name the emulator is not even asked to create, with the rule in the message."""
+    from cloudio.errors import InvalidURLError
+
     with Emulator() as emu:
-        with pytest.raises(EmulatorError, match=r"gs://b .*HTTP 400.*3-63 characters"):
-            emu.create_bucket("b")
+        before = emu.requests()
+        with pytest.raises(InvalidURLError, match=r"3-63 characters") as info:
+            emu.create_bucket(name)
+        assert f"gs://{name}" in str(info.value)
+        assert [r for r in emu.requests()[len(before):] if r.method == "POST"] == []
+        ok = "b" * 63 + "." + "c" * 63  # 127 characters with dots: GCS accepts it, so do both
+        assert emu.create_bucket(ok) == f"gs://{ok}"
+        cloudio_path = __import__("cloudio._paths", fromlist=["parse_gcs"]).parse_gcs(f"gs://{ok}/k")
+        assert cloudio_path.bucket == ok and emu.has_bucket(ok)
 
 
 def test_requests_are_parsed_and_counted_exactly(clean_env: pytest.MonkeyPatch) -> None:
@@ -438,3 +464,53 @@ def test_emulator_options_are_anonymous_only_for_the_emulator(clean_env: pytest.
         clean_env.setenv("STORAGE_EMULATOR_HOST", emu.url)
         assert _config.gdal_options() == {"CPL_GS_ENDPOINT": emu.url + "/", "GS_NO_SIGN_REQUEST": "YES"}
         assert _config.gcsfs_options() == {"endpoint_url": emu.url, "token": "anon"}
+
+
+# -- a script's own emulator -----------------------------------------------------------------
+
+_SCRIPT = textwrap.dedent('''
+    import os
+    import numpy as np
+    import cloudio
+    from cloudio import _config
+
+    with cloudio.Emulator() as emu:
+        emu.create_bucket("scripted")
+        with cloudio.open("gs://scripted/a.tif", "w", driver="GTiff", width=8, height=8, count=1,
+                          dtype="uint8") as dst:
+            dst.write(np.full((1, 8, 8), 7, "uint8"))
+        with cloudio.open("gs://scripted/a.tif") as src:
+            assert src.read(1).max() == 7
+        assert cloudio.filesystem("gs://scripted/").ls("scripted") == ["scripted/a.tif"]
+        assert os.environ["STORAGE_EMULATOR_HOST"] == emu.url
+    assert "STORAGE_EMULATOR_HOST" not in os.environ and "CPL_GS_ENDPOINT" not in os.environ
+    assert _config.emulator_endpoint() is None
+    print("ok")
+''')
+
+
+def test_with_emulator_points_the_script_at_itself(tmp_path: Path) -> None:
+    """``with cloudio.Emulator():`` in a plain script: cloudio, gcsfs and GDAL use it, then stop."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STORAGE_EMULATOR_HOST", "CLOUDIO_EMULATOR", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+                        "CPL_GS_ENDPOINT", "GS_NO_SIGN_REQUEST")}
+    env["CLOUDSDK_CONFIG"] = str(tmp_path)  # no gcloud credentials either
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_no_emulator_and_no_credentials_fails_at_once(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    clean_env.delenv("GS_NO_SIGN_REQUEST", raising=False)
+    clean_env.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # gcloud's application-default file: absent
+    with pytest.raises(ConfigurationError) as info:
+        _config.require_credentials("gs://b1/a.tif")
+    msg = str(info.value)
+    assert "gs://b1/a.tif" in msg and "STORAGE_EMULATOR_HOST" in msg and "GOOGLE_APPLICATION_CREDENTIALS" in msg
+    clean_env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+    _config.require_credentials("gs://b1/a.tif")  # credentials named: gcsfs's business from here
+    clean_env.delenv("GOOGLE_APPLICATION_CREDENTIALS")
+    clean_env.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    _config.require_credentials("gs://b1/a.tif")

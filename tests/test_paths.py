@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
+from cloudio._paths import (
+    BUCKET_RULE,
+    GCSPath,
+    check_bucket,
+    is_gcs,
+    normalize,
+    parse_gcs,
+)
 from cloudio.errors import CloudioError, InvalidURLError
 
 
@@ -22,10 +29,7 @@ from cloudio.errors import CloudioError, InvalidURLError
         "https://storage.cloud.google.com/bkt/d/a.tif",
         "https://storage.googleapis.com/download/storage/v1/b/bkt/o/d%2Fa.tif?alt=media",
         "https://storage.googleapis.com/storage/v1/b/bkt/o/d%2Fa.tif",
-        "gs://bkt/d//a.tif",
-        "gs://bkt/./d/./a.tif",
-        "gs://bkt/d/x/../a.tif",
-        "/vsigs/bkt/e/../d/a.tif",
+        "https://storage.googleapis.com/download/storage/v1/b/bkt/o/d%2Fa.tif?alt=media#frag",
     ],
 )
 def test_every_spelling_is_one_key(url):
@@ -69,23 +73,91 @@ def test_is_under_matches_whole_segments():
     assert not parse_gcs("gs://bkt/dd/a.tif").is_under(d)
     assert not parse_gcs("gs://other/d/a.tif").is_under(d)
     assert parse_gcs("gs://bkt/x").is_under(parse_gcs("gs://bkt/"))
-    assert parse_gcs("gs://bkt/d/").child("e/../f.tif") == GCSPath("bkt", "d/f.tif")
+    assert parse_gcs("gs://bkt/d/").child("e/f.tif") == GCSPath("bkt", "d/e/f.tif")
 
 
 @pytest.mark.parametrize(
     "url",
-    ["gs://bkt/..", "gs://bkt/../other/k", "gs://bkt/a/../../k", "/vsigs/bkt/../k",
-     "https://storage.googleapis.com/bkt/a/../../k", "https://storage.googleapis.com/bkt/%2E%2E/k"],
+    ["gs://bkt/..", "gs://bkt/../other/k", "gs://bkt/a/../../k", "gs://bkt/d/x/../a.tif", "/vsigs/bkt/../k",
+     "/vsigs/bkt/e/../d/a.tif", "https://storage.googleapis.com/bkt/a/../../k",
+     "https://storage.googleapis.com/bkt/%2E%2E/k"],
 )
-def test_dotdot_never_escapes_the_bucket(url):
+def test_dotdot_segments_are_refused_not_resolved(url):
+    """GCS keeps 'a/../k' literally while GDAL resolves it: two objects for one URL, so refused."""
     with pytest.raises(InvalidURLError) as e:
         normalize(url)
     assert url in str(e.value) and "'..'" in str(e.value)
 
 
-def test_child_cannot_climb_out_either():
-    with pytest.raises(InvalidURLError, match=r"\.\."):
-        parse_gcs("gs://bkt/d/").child("../../x")
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("gs://bkt/d//a.tif", "empty segment"),
+        ("gs://bkt//a.tif", "empty segment"),
+        ("gs://bkt//", "empty segment"),
+        ("/vsigs/bkt/d//", "empty segment"),
+        ("https://storage.googleapis.com/bkt/d%2F%2Fa.tif", "empty segment"),
+        ("gs://bkt/./d/a.tif", "'.' segment"),
+        ("gs://bkt/d/.", "'.' segment"),
+        ("gs://bkt/d/a\n.tif", "control character"),
+        ("gs://bkt/d/a.tif\x00.x", "control character"),
+        ("gs://bkt/d/a\r", "control character"),
+        ("gs://bkt/\ud800", "not valid Unicode"),
+        ("gs://bkt/" + "k" * 1025, "1025 bytes"),
+        ("gs:/bkt/d/a.tif", "not a well-formed GCS URL"),
+        ("gs:bkt/d/a.tif", "not a well-formed GCS URL"),
+        ("GS://bkt/d/a.tif", "not a well-formed GCS URL"),
+        (" gs://bkt/d/a.tif", "not a well-formed GCS URL"),
+        ("\ngcs://bkt/d/a.tif", "not a well-formed GCS URL"),
+        ("Https://storage.googleapis.com/bkt/k", "not a well-formed GCS URL"),
+        ("https:/storage.googleapis.com/bkt/k", "not a well-formed GCS URL"),
+        ("https://storage.googleapis.com/bkt/k?generation=12", "generation"),
+    ],
+)
+def test_urls_tools_would_read_as_another_object_are_refused(url, why):
+    assert is_gcs(url)  # so that cloudio.open never hands them to rasterio
+    with pytest.raises(InvalidURLError) as e:
+        normalize(url)
+    assert repr(url) in str(e.value) and why in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["a b ", "a%2Fb", "k?generation=5", "k#1", "d/", "ü/ß.tif", "a:b@c", "k" * 1024])
+def test_legal_keys_stay_literal(key):
+    assert parse_gcs(f"gs://bkt/{key}").key == key
+    assert normalize(f"/vsigs/bkt/{key}") == f"gs://bkt/{key}"
+
+
+def test_child_checks_its_name_like_any_key():
+    for name in ("../../x", "e/../f", "./x", "a//b", "x\n"):
+        with pytest.raises(InvalidURLError, match=r"gs://bkt/d/"):
+            parse_gcs("gs://bkt/d/").child(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["abc", "a-b_c.d", "0a9", "a" * 63, "a" * 63 + ".b", ".".join(["a" * 63] * 3) + "." + "b" * 30,
+     "my.bucket.example.com", "x1.2.3.4", "gogle-ok"],
+)
+def test_bucket_names_gcs_accepts(name):
+    assert len(name) <= 222
+    check_bucket(name)
+    assert parse_gcs(f"gs://{name}/k").bucket == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["b1", "ab", "a" * 64, "a" * 64 + ".b", ".".join(["a" * 63] * 3) + "." + "b" * 31,
+     "Abc", "a b", "a*b", "-abc", "abc-", "_abc", "abc.", "192.168.5.4", "goog-data", "my-google-data",
+     "my-g00gle-data", "mygoogle", "a/b"],
+)
+def test_bucket_names_gcs_refuses_with_one_rule_everywhere(name):
+    with pytest.raises(InvalidURLError) as e:
+        check_bucket(name)
+    assert repr(name) in str(e.value) and BUCKET_RULE in str(e.value) and "3-63 characters" in str(e.value)
+    if "/" not in name:
+        with pytest.raises(InvalidURLError) as e:
+            normalize(f"gs://{name}/k")
+        assert repr(f"gs://{name}/k") in str(e.value) and BUCKET_RULE in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 import cloudio
@@ -76,13 +77,36 @@ def test_a_threads_own_session_wins_over_the_process_fallback():
     assert got == {"worker": "strong", "main": 10}
 
 
-@pytest.mark.parametrize("bad", ["weak", "", None, -1, -0.5, True, [1], "STRONG"])
+@pytest.mark.parametrize("bad", ["weak", "", None, -1, -0.5, True, [1], "STRONG", "5", 1j])
 def test_bad_levels_raise_configuration_error(bad):
     with pytest.raises(ConfigurationError, match="consistency="):
         session(bad)
 
 
-@pytest.mark.parametrize(("raw", "level"), [("strong", "strong"), ("session", "session"), ("5", 5.0), (" 0.5 ", 0.5)])
+@pytest.mark.parametrize("bad", [float("nan"), np.float64("nan"), float("-inf"), -1e-9])
+def test_nan_and_negative_bounds_are_refused_naming_the_value(bad):
+    with pytest.raises(ConfigurationError) as e:
+        session(bad)
+    assert f"consistency={bad!r}" in str(e.value)
+    assert "seconds >= 0" in str(e.value) and "'session'" in str(e.value) and "'strong'" in str(e.value)
+
+
+def test_an_infinite_bound_is_the_session_level():
+    """Cached state is never older than infinity: no revalidation at all, as at "session"."""
+    assert session(float("inf")).consistency == "session"
+    with session(np.float64("inf")):
+        assert current_consistency() == "session"
+
+
+@pytest.mark.parametrize(("value", "level"), [(0, 0), (2.5, 2.5), (np.float64(3.0), 3.0), (np.int64(7), 7.0)])
+def test_numbers_of_any_real_type_are_bounds(value, level):
+    got = session(value).consistency
+    assert got == level and type(got) in (int, float)
+
+
+@pytest.mark.parametrize(
+    ("raw", "level"), [("strong", "strong"), ("session", "session"), ("5", 5.0), (" 0.5 ", 0.5), ("inf", "session")]
+)
 def test_environment_gives_the_default_level(monkeypatch, raw, level):
     monkeypatch.setenv("CLOUDIO_CONSISTENCY", raw)
     assert current_consistency() == level
@@ -90,7 +114,7 @@ def test_environment_gives_the_default_level(monkeypatch, raw, level):
         assert current_consistency() == "session"  # explicit wins over the environment
 
 
-@pytest.mark.parametrize(("raw", "why"), [("sometimes", "not a level"), ("-3", ">= 0")])
+@pytest.mark.parametrize(("raw", "why"), [("sometimes", "not a level"), ("-3", ">= 0"), ("nan", ">= 0")])
 def test_bad_environment_level_raises_configuration_error(monkeypatch, raw, why):
     monkeypatch.setenv("CLOUDIO_CONSISTENCY", raw)
     with pytest.raises(ConfigurationError, match="CLOUDIO_CONSISTENCY") as e:

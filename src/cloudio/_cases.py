@@ -3,8 +3,9 @@
 ``cloudio demo`` and ``cloudio check`` are built from these plain functions.
 Each case function takes a :class:`Context` and returns a :class:`CaseResult`
 holding two :class:`Outcome` objects: what the raw libraries returned (plain
-``rasterio.open`` with the endpoint's GDAL options, plain gcsfs, zarr and
-xarray, in this same process so their caches are warm) and what cloudio
+``rasterio.open`` with GDAL configured through process environment variables,
+as users configure it for GCS; plain gcsfs, zarr and xarray; in this same
+process so their caches are warm) and what cloudio
 returned for the same scenario, plus the requests each side made when the
 emulator's request log is available.
 
@@ -21,6 +22,7 @@ Nothing here prints: the CLI renders the results.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._config import gcsfs_options, gdal_options, prepare_gcsfs_import
+from ._config import emulator_endpoint, gcsfs_options, gdal_options, prepare_gcsfs_import
 from ._paths import parse_gcs
 
 if TYPE_CHECKING:
@@ -127,6 +129,11 @@ class Context:
     def url(self, side: str, name: str) -> str:
         return f"{self.root}{side}/{self.folder}{name}"
 
+    @property
+    def on_emulator(self) -> bool:
+        """Whether this run talks to an emulator (its limitations are then labelled as such)."""
+        return emulator_endpoint() is not None
+
     @staticmethod
     def vsi(url: str) -> str:
         return parse_gcs(url).vsi
@@ -152,11 +159,30 @@ class Context:
 
         return gcsfs.GCSFileSystem(**self.storage_options, skip_instance_cache=True)
 
-    def gdal_env(self) -> Any:
-        """``rasterio.Env`` with the endpoint's GDAL options: how raw rasterio reaches it."""
+    @contextmanager
+    def gdal_env(self) -> Iterator[None]:
+        """Raw rasterio configured as users configure GDAL for GCS: process environment variables.
+
+        On real GCS, credentials come from the environment (``GS_*``,
+        ``GOOGLE_APPLICATION_CREDENTIALS``); the emulator's ``CPL_GS_ENDPOINT``
+        and ``GS_NO_SIGN_REQUEST`` are set the same way, for this side only.
+        (Passed as ``rasterio.Env`` options instead, rasterio 1.4.4 / GDAL 3.10
+        re-lists the directory at each open, and GDAL issue 11351 does not show.)
+        """
         import rasterio
 
-        return rasterio.Env(**gdal_options())
+        opts = gdal_options()
+        saved = {k: os.environ.get(k) for k in opts}
+        os.environ.update(opts)
+        try:
+            with rasterio.Env():
+                yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     # -- counting ----------------------------------------------------------------------------
 
@@ -258,6 +284,16 @@ def _geotiff_bytes(n: int, value: int) -> bytes:
         return bytes(mf.read())
 
 
+def _vrt_xml(vrt: Any) -> bytes:
+    """A dataset's VRT XML, rendered in memory by GDAL (what a user then uploads)."""
+    import rasterio.shutil
+    from rasterio.io import MemoryFile
+
+    with MemoryFile(ext=".vrt") as mf:
+        rasterio.shutil.copy(vrt, mf.name, driver="VRT")
+        return bytes(mf.read())
+
+
 def _cloudio_write_geotiff(url: str, n: int, value: int) -> None:
     import cloudio
 
@@ -284,7 +320,13 @@ def _names(paths: list[str]) -> list[str]:
 
 @_named("write", "Write a GeoTIFF")
 def write_geotiff(ctx: Context) -> CaseResult:
-    """Write a GeoTIFF to the bucket. Raw GDAL cannot write a GeoTIFF to ``/vsigs/``."""
+    """Write a GeoTIFF to the bucket.
+
+    Raw GDAL refuses to create a GeoTIFF on ``/vsigs/`` (random writes need
+    ``CPL_VSIL_USE_TEMP_FILE_FOR_RANDOM_WRITE``), on real GCS as on the
+    emulator. With that option set, GDAL uploads with an XML-API PUT, which
+    the emulator does not support: that outcome is labelled as the emulator's.
+    """
     import rasterio
 
     n, value = 64, 1
@@ -303,9 +345,12 @@ def write_geotiff(ctx: Context) -> CaseResult:
         ok = fs.exists(url) and fs.info(url)["size"] > 0
         # the later steps need the file: upload it the raw way (rasterio in memory + gcsfs)
         ctx.raw_fs().pipe(url, _geotiff_bytes(n, value))
-        if problem is not None:
+        if problem is not None:  # GDAL's own limitation, the same on real GCS
             return "error", f"rasterio.open(..., 'w'): {problem} (then uploaded with gcsfs)"
         if not ok:
+            if ctx.on_emulator:
+                return "error", ("emulator limitation: GDAL's upload is an XML-API PUT, which "
+                                 "fake-gcs-server does not support (uploaded with gcsfs instead)")
             return "error", "rasterio wrote nothing: the object does not exist (uploaded with gcsfs instead)"
         return "correct", "written by GDAL"
 
@@ -370,27 +415,43 @@ def overwrite(ctx: Context) -> CaseResult:
     return _case(ctx, overwrite, "128x128, value 2", raw, cio)
 
 
+def _vrt_source(ctx: Context, side: str) -> str:
+    """The WarpedVRT's source: a GeoTIFF in a fresh ``warp/`` folder, written the side's way."""
+    url = ctx.url(side, "warp/scene.tif")
+    if side == RAW:
+        ctx.raw_fs().pipe(url, _geotiff_bytes(64, 1))
+    else:
+        _cloudio_write_geotiff(url, 64, 1)
+    return url
+
+
 @_named("vrt", "Save a WarpedVRT next to its source, reopen it")
 def vrt_next_to_source(ctx: Context) -> CaseResult:
     """A WarpedVRT saved in the prefix of its source (which GDAL has listed), reopened at once.
 
-    rasterio issue 3254, GDAL issue 11351.
+    rasterio issue 3254, GDAL issue 11351: raw GDAL answers "does not exist"
+    from its cached listing of the folder. The raw side renders the VRT with
+    GDAL and uploads it with a separate gcsfs client (the JSON API): GDAL's own
+    ``/vsigs/`` upload is an XML-API PUT, which the emulator does not support,
+    and its failure would hide the cache bug behind an emulator limitation.
+
+    The source is a GeoTIFF of its own, in a folder nobody touched before:
+    GDAL does not trust a listing it made of an empty folder (as step 1's
+    refused write leaves in ``cloudio demo``) and would then ask for each file.
     """
     import rasterio
-    import rasterio.shutil
     from rasterio.vrt import WarpedVRT
 
     def raw() -> tuple[Verdict, str]:
-        src_url = _scene(ctx, RAW)
-        vrt_url = ctx.url(RAW, "scene_4326.vrt")
+        src_url = _vrt_source(ctx, RAW)
+        vrt_url = ctx.url(RAW, "warp/scene_4326.vrt")
         with ctx.gdal_env():
             with rasterio.open(ctx.vsi(src_url)) as src, WarpedVRT(src, crs="EPSG:4326") as vrt:
                 expected = vrt.read(1)
-                try:
-                    rasterio.shutil.copy(vrt, ctx.vsi(vrt_url), driver="VRT")
-                    saved = "saved"
-                except Exception as e:
-                    saved = f"rasterio.shutil.copy: {_describe(e, with_type=False)}"
+                xml = _vrt_xml(vrt)
+            # another client saves it (GDAL's own /vsigs/ upload is an XML-API PUT the emulator lacks)
+            ctx.other_fs().pipe(vrt_url, xml)
+            saved = "saved with gcsfs"
             try:
                 with rasterio.open(ctx.vsi(vrt_url)) as v:
                     got = v.read(1)
@@ -403,8 +464,8 @@ def vrt_next_to_source(ctx: Context) -> CaseResult:
     def cio() -> tuple[Verdict, str]:
         import cloudio
 
-        src_url = _scene(ctx, CLOUDIO)
-        vrt_url = ctx.url(CLOUDIO, "scene_4326.vrt")
+        src_url = _vrt_source(ctx, CLOUDIO)
+        vrt_url = ctx.url(CLOUDIO, "warp/scene_4326.vrt")
         with cloudio.open(src_url) as src, WarpedVRT(src, crs="EPSG:4326") as vrt:
             expected = vrt.read(1)
             cloudio.write_vrt(vrt, vrt_url)

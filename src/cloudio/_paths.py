@@ -3,8 +3,16 @@
 ``gs://b/k``, ``/vsigs/b/k``, ``/vsigs_streaming/b/k``,
 ``https://storage.googleapis.com/b/k`` (and the emulator's own
 ``http://127.0.0.1:P/b/k``) all become the journal key ``gs://b/k``. Local
-paths pass through as absolute paths. ``..`` segments are resolved inside the
-bucket and may never climb above it.
+paths pass through as absolute paths.
+
+GCS keys are literal, but the faces are not: GDAL resolves ``/./`` and stops
+at NUL, while gcsfs reads every key as written. So that one URL never names
+two objects, a key is either kept literally on every face or refused with
+:class:`InvalidURLError` on every face: empty segments (``//``, a leading
+``/``), ``.`` and ``..`` segments and control characters are refused, as are
+GCS URLs spelled so that rasterio or gcsfs would read them differently
+(``gs:/b/k``, ``GS://b/k``, `` gs://b/k``). A trailing ``/`` names a prefix.
+Bucket names follow GCS's own rule (:func:`check_bucket`).
 """
 
 from __future__ import annotations
@@ -13,11 +21,25 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import InvalidURLError
 
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_BUCKET_CHARS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
+_IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+_GOOGLE_RE = re.compile(r"g[o0][o0]g[l1]e")  # "google" and its close misspellings ("g00gle")
+BUCKET_RULE = (
+    "GCS bucket names are 3-63 characters (up to 222 with dots, each dot-separated part at most 63) "
+    "of lowercase letters, digits, '-', '_' and '.', start and end with a letter or digit, "
+    "are not an IP address, and neither start with 'goog' nor contain 'google' or a close misspelling"
+)
+_KEY_MAX_BYTES = 1024
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+#: what rasterio (urllib) and gcsfs would still read as a GCS URL: any case, leading blanks, any slashes
+_LOOSE_GCS_RE = re.compile(
+    r"^[\x00-\x20]*(gs|gcs)\s*:|^[\x00-\x20]*https?\s*:/*(storage\.googleapis\.com|storage\.cloud\.google\.com)(/|$)",
+    re.IGNORECASE,
+)
 _VSI_PREFIXES = ("/vsigs/", "/vsigs_streaming/")
 _HTTP_HOSTS = ("storage.googleapis.com", "storage.cloud.google.com")
 _UNSUPPORTED = ("s3", "az", "abfs", "abfss", "adl", "hdfs", "ftp", "sftp", "memory", "http", "https")
@@ -56,8 +78,10 @@ class GCSPath:
         return posixpath.basename(self.key.rstrip("/"))
 
     def child(self, name: str) -> "GCSPath":
+        """The object ``name`` in this directory; ``name`` is checked like any key."""
         base = self.key if (not self.key or self.key.endswith("/")) else self.key + "/"
-        return GCSPath(self.bucket, _clean_key(base + name, self.url))
+        check_key(base + name, f"{self.url.rstrip('/')}/{name}")
+        return GCSPath(self.bucket, base + name)
 
     def is_under(self, prefix: "GCSPath") -> bool:
         """True when this path equals ``prefix`` or lies below it (as a directory)."""
@@ -68,34 +92,60 @@ class GCSPath:
         return not p or k == p or k.startswith(p + "/")
 
 
-def _clean_key(raw: str, url: str) -> str:
-    """Resolve ``.``/``..`` within the bucket, keep a trailing '/' (a prefix)."""
-    trailing = raw.endswith("/")
-    parts: list[str] = []
-    for seg in raw.split("/"):
-        if seg in ("", "."):
-            continue
-        if seg == "..":
-            if not parts:
-                raise InvalidURLError(
-                    f"{url!r}: '..' climbs above the bucket; write the key relative to the bucket root"
-                )
-            parts.pop()
-            continue
-        parts.append(seg)
-    key = "/".join(parts)
-    return key + "/" if (trailing and key) else key
+def check_key(key: str, url: str) -> None:
+    """Refuse a key some face would read as another object (see the module docstring).
 
-
-def _check_bucket(bucket: str, url: str) -> str:
-    if not bucket:
-        raise InvalidURLError(f"{url!r} names no bucket; expected gs://<bucket>/<key> or /vsigs/<bucket>/<key>")
-    if not _BUCKET_RE.match(bucket):
+    ``url`` is named in the message. A trailing '/' (a prefix) is allowed.
+    """
+    bad = _CONTROL_RE.search(key)
+    if bad:
         raise InvalidURLError(
-            f"{url!r}: {bucket!r} is not a valid GCS bucket name "
-            "(3-222 characters: lowercase letters, digits, '-', '_' and '.')"
+            f"{url!r}: the key contains the control character {bad.group()!r}; GCS forbids CR and LF "
+            "and GDAL stops reading a path at NUL, so cloudio refuses them. Remove it from the key."
         )
-    return bucket
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise InvalidURLError(f"{url!r}: the key is not valid Unicode (GCS keys are UTF-8); fix the key") from e
+    if size > _KEY_MAX_BYTES:
+        raise InvalidURLError(f"{url!r}: the key is {size} bytes long; GCS keys are at most 1024 bytes of UTF-8")
+    for seg in key.removesuffix("/").split("/") if key else ():
+        if seg == "":
+            raise InvalidURLError(
+                f"{url!r}: the key has an empty segment ('//' or a leading '/'); GCS keys are literal and "
+                "cloudio refuses keys that tools read differently. Remove the extra '/'."
+            )
+        if seg in (".", ".."):
+            raise InvalidURLError(
+                f"{url!r}: the key has a {seg!r} segment, which GDAL resolves but GCS and gcsfs keep "
+                "literally; write the key without it, relative to the bucket root."
+            )
+
+
+def check_bucket(name: str, *, url: str | None = None) -> None:
+    """Refuse ``name`` unless GCS itself would accept it as a bucket name (:data:`BUCKET_RULE`).
+
+    Shared by URL parsing and :meth:`cloudio.emulator.Emulator.create_bucket`, so a
+    bucket the emulator was asked to make is one cloudio can address, and vice versa.
+
+    Raises
+    ------
+    InvalidURLError
+        Naming ``url`` (or the bucket) and the rule.
+    """
+    where = repr(url) if url is not None else f"gs://{name}"
+    if not name:
+        raise InvalidURLError(f"{where} names no bucket; expected gs://<bucket>/<key> or /vsigs/<bucket>/<key>")
+    parts = name.split(".")
+    if not (
+        _BUCKET_CHARS_RE.match(name)
+        and 3 <= len(name) <= (222 if len(parts) > 1 else 63)
+        and all(len(p) <= 63 for p in parts)
+        and not _IPV4_RE.match(name)
+        and not name.startswith("goog")
+        and not _GOOGLE_RE.search(name)
+    ):
+        raise InvalidURLError(f"{where}: {name!r} is not a valid GCS bucket name. {BUCKET_RULE}.")
 
 
 def parse_gcs(url: str, *, require_key: bool = False) -> GCSPath:
@@ -103,6 +153,11 @@ def parse_gcs(url: str, *, require_key: bool = False) -> GCSPath:
     if not isinstance(url, str | os.PathLike):
         raise InvalidURLError(f"{url!r} is not a URL or path (got {type(url).__name__})")
     url = os.fspath(url)
+    if _misspelled(url):
+        raise InvalidURLError(
+            f"{url!r} is not a well-formed GCS URL, and tools would read it differently; write it "
+            "gs://<bucket>/<key> (lowercase scheme, two slashes, nothing before it)"
+        )
     rest: str | None = None
     for vsi in _VSI_PREFIXES:
         if url.startswith(vsi):
@@ -115,6 +170,11 @@ def parse_gcs(url: str, *, require_key: bool = False) -> GCSPath:
             parts = urlsplit(url)
             path = unquote(parts.path)
             if parts.hostname in _HTTP_HOSTS or _is_emulator_netloc(parts.netloc):
+                if "generation" in parse_qs(parts.query):
+                    raise InvalidURLError(
+                        f"{url!r} names one generation of an object; cloudio reads the live object only. "
+                        "Drop '?generation=' (or copy that generation to a key of its own)"
+                    )
                 rest = path.lstrip("/")
                 if rest.startswith("download/storage/v1/b/") or rest.startswith("storage/v1/b/"):
                     # JSON-API media links: .../b/<bucket>/o/<key>
@@ -128,11 +188,20 @@ def parse_gcs(url: str, *, require_key: bool = False) -> GCSPath:
         else:
             raise InvalidURLError(f"{url!r} is not a GCS URL; use gs://<bucket>/<key> or /vsigs/<bucket>/<key>")
     bucket, _, key = rest.partition("/")
-    _check_bucket(bucket, url)
-    key = _clean_key(key, url)
+    check_bucket(bucket, url=url)
+    check_key(key, url)
     if require_key and not key:
         raise InvalidURLError(f"{url!r} names a bucket but no object; add the object's key after the bucket")
     return GCSPath(bucket, key)
+
+
+def _misspelled(s: str) -> bool:
+    """True for a GCS URL that rasterio or gcsfs would read but not as cloudio's canonical spelling."""
+    if not _LOOSE_GCS_RE.match(s):
+        return False
+    if s.startswith(("gs://", "gcs://")):
+        return False
+    return not (s.startswith(("http://", "https://")) and urlsplit(s).hostname in _HTTP_HOSTS)
 
 
 def _is_emulator_netloc(netloc: str) -> bool:
@@ -145,8 +214,8 @@ def is_gcs(url: object) -> bool:
     if not isinstance(url, str | os.PathLike):
         return False
     s = os.fspath(url)
-    if s.startswith(_VSI_PREFIXES) or s.startswith(("gs://", "gcs://")):
-        return True
+    if s.startswith(_VSI_PREFIXES) or s.startswith(("gs://", "gcs://")) or _misspelled(s):
+        return True  # a misspelled GCS URL is GCS's business too: parse_gcs refuses it
     if s.startswith(("http://", "https://")):
         parts = urlsplit(s)
         return parts.hostname in _HTTP_HOSTS or _is_emulator_netloc(parts.netloc)

@@ -10,7 +10,8 @@ Consistency levels
     Also sees writes made elsewhere: one metadata request per open compares
     the object's generation with the one the cache saw.
 a number of seconds
-    Bounded staleness: cached state older than that is revalidated.
+    Bounded staleness: cached state older than that is revalidated. ``inf``
+    is the ``"session"`` level; NaN and negative numbers are refused.
 
 The level comes from the innermost session of the current context; in a
 thread that entered none (a Dask or thread-pool worker), from the session
@@ -23,6 +24,8 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
+import math
+import numbers
 import os
 import threading
 from collections import Counter
@@ -83,14 +86,22 @@ class Stats:
 
 
 def _check_level(consistency: object) -> Consistency:
+    """The level ``consistency`` names; ``inf`` seconds never revalidates, so it is ``"session"``."""
     if consistency in ("session", "strong"):
         return consistency  # type: ignore[return-value]
-    if isinstance(consistency, (int, float)) and not isinstance(consistency, bool):
-        if consistency < 0:
-            raise ConfigurationError(f"consistency={consistency!r}: a staleness bound must be >= 0 seconds")
-        return consistency
+    if isinstance(consistency, numbers.Real) and not isinstance(consistency, bool):
+        if math.isnan(consistency) or consistency < 0:
+            raise ConfigurationError(
+                f"consistency={consistency!r}: a staleness bound must be a number of seconds >= 0 "
+                "(or 'session', 'strong')"
+            )
+        if math.isinf(consistency):
+            return "session"
+        if isinstance(consistency, int | float) and type(consistency) in (int, float):
+            return consistency
+        return float(consistency)  # numpy scalars and other reals: a plain float, as from the environment
     raise ConfigurationError(
-        f"consistency={consistency!r} is not a level; use 'session', 'strong' or a number of seconds"
+        f"consistency={consistency!r} is not a level; use 'session', 'strong' or a number of seconds >= 0"
     )
 
 

@@ -54,10 +54,32 @@ log = logging.getLogger(__name__)
 Mode = Literal["binary", "docker", "external"]
 _LINE_RE = re.compile(r'\\?"([A-Z]+) (\S+) HTTP/[0-9.]+\\?" (\d{3})')
 _MARK = "/_cloudio_mark/"
+#: what fake-gcs-server logs once it listens (before that, an answer on its port is someone else's)
+_STARTED = "server started at"
 _DEFAULT_START_TIMEOUT = 30.0
 _live: set["Emulator"] = set()
 # The emulator is on loopback: never route its probes through an http_proxy from the environment.
 _urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
+
+
+#: the image of the server the bundled binary is (docker/fake-gcs/compose.yaml uses the same)
+IMAGE = "fsouza/fake-gcs-server:1.54"
+
+
+def server_flags(port: int, *, host: str = "127.0.0.1", backend: str = "memory") -> list[str]:
+    """fake-gcs-server's command line, the one source for the binary, Docker and compose.yaml.
+
+    ``-public-host`` must match the address clients use, or GDAL's path-style
+    requests (``GET /bucket/key``) get 404; ``-external-url`` is where
+    resumable uploads continue; ``-log-level info`` logs one line per request
+    (:meth:`Emulator.requests`). ``host`` is ``0.0.0.0`` only inside a
+    container, whose port is published on 127.0.0.1.
+    """
+    return [
+        "-scheme", "http", "-host", host, "-port", str(port),
+        "-public-host", f"127.0.0.1:{port}", "-external-url", f"http://127.0.0.1:{port}",
+        "-log-level", "info", "-backend", backend,
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +181,8 @@ class Emulator:
     mode
         ``"binary"``, ``"docker"`` or ``"external"``; default from
         ``CLOUDIO_EMULATOR``, else ``"external"`` when ``STORAGE_EMULATOR_HOST``
-        is set, else ``"binary"``.
+        is set (also by an enclosing ``with Emulator()`` block) and no ``port``
+        is given, else ``"binary"``.
     backend
         ``"memory"`` (default) or ``"filesystem"`` (objects kept under ``root``).
     root
@@ -191,8 +214,8 @@ class Emulator:
             env_mode = os.environ.get("CLOUDIO_EMULATOR")
             if env_mode is not None and env_mode.strip():
                 mode = env_mode.strip()  # type: ignore[assignment]
-            elif os.environ.get("STORAGE_EMULATOR_HOST", "").strip():
-                mode = "external"
+            elif port is None and os.environ.get("STORAGE_EMULATOR_HOST", "").strip():
+                mode = "external"  # (a port asks for a server of its own)
             else:
                 mode = "binary"
         if mode not in ("binary", "docker", "external"):
@@ -222,6 +245,7 @@ class Emulator:
         self._client: storage.Client | None = None
         self._lock = threading.Lock()
         self._owns_root = False
+        self._saved_env: dict[str, str | None] | None = None  #: set while the process points here
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -249,11 +273,7 @@ class Emulator:
         port = self._port if self._port is not None else _free_port()
         self._logdir = tempfile.TemporaryDirectory(prefix="cloudio-emulator-")
         self._logfile = Path(self._logdir.name) / "server.log"
-        args = [
-            str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-            "-public-host", f"127.0.0.1:{port}", "-external-url", f"http://127.0.0.1:{port}",
-            "-log-level", "info", "-backend", self.backend,
-        ]
+        args = [str(binary), *server_flags(port, backend=self.backend)]
         if self.backend == "filesystem":
             if self._root is None:
                 self._root = Path(self._logdir.name) / "data"
@@ -292,11 +312,8 @@ class Emulator:
         port = self._port if self._port is not None else _free_port()
         try:
             c = (
-                DockerContainer("fsouza/fake-gcs-server:1.54")
-                .with_command(
-                    f"-scheme http -host 0.0.0.0 -port {port} -public-host 127.0.0.1:{port} "
-                    f"-external-url http://127.0.0.1:{port} -backend memory -log-level info"
-                )
+                DockerContainer(IMAGE)
+                .with_command(server_flags(port, host="0.0.0.0"))
             )
             # published on 127.0.0.1 only (docker-py takes a (host_ip, port) pair;
             # testcontainers' with_bind_ports would publish on every interface)
@@ -328,15 +345,26 @@ class Emulator:
         delay = 0.01
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
+                tail = self.log_tail()
+                if "address already in use" in tail:
+                    port = self._url.rsplit(":", 1)[1] if self._url else "?"
+                    raise EmulatorError(
+                        f"cannot listen on 127.0.0.1:{port} (bind: address already in use): another "
+                        f"server holds port {port}. Fix: pick another port, or leave it unset for a free "
+                        f"one; to use that server instead, set STORAGE_EMULATOR_HOST=http://127.0.0.1:{port}."
+                    )
                 raise EmulatorError(
                     f"fake-gcs-server exited with code {self._proc.returncode} before answering at "
-                    f"{self._url}. Its output ends with:\n{self.log_tail()}\nFix: check the port is "
+                    f"{self._url}. Its output ends with:\n{tail}\nFix: check the port is "
                     "free and the binary runs here, or set STORAGE_EMULATOR_HOST to a running emulator."
                 )
             try:
-                with _urlopen(probe, timeout=2) as r:
-                    if r.status == 200:
-                        return
+                # a server we started must have said it listens: an answer could be another
+                # server's, already on a port passed explicitly
+                if self._started_here():
+                    with _urlopen(probe, timeout=2) as r:
+                        if r.status == 200:
+                            return
             except (urllib.error.URLError, OSError) as e:
                 last = e
             time.sleep(delay)  # back-off between probes, not a guess at start-up time
@@ -346,6 +374,15 @@ class Emulator:
             f"Server output ends with:\n{self.log_tail()}\nFix: raise "
             "CLOUDIO_EMULATOR_START_TIMEOUT, or check STORAGE_EMULATOR_HOST."
         )
+
+    def _started_here(self) -> bool:
+        """Whether the server cloudio started (binary mode) has logged that it listens."""
+        if self._proc is None or self._logfile is None:
+            return True
+        try:
+            return _STARTED in self._logfile.read_text(errors="replace")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """Stop a server cloudio started (attached servers are left running)."""
@@ -375,10 +412,56 @@ class Emulator:
         self._client = None
 
     def __enter__(self) -> "Emulator":
-        return self.start()
+        """Start, and point this process's cloudio, gcsfs, google-cloud-storage and GDAL here.
+
+        A script then needs nothing else: ``with cloudio.Emulator() as emu:``.
+        ``start()`` alone only starts the server (the pytest fixture and the
+        CLI set the environment themselves).
+        """
+        self.start()
+        try:
+            self._point_process()
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
+        try:
+            self._unpoint_process()
+        finally:
+            self.stop()
+
+    def _point_process(self) -> None:
+        """This process's libraries use this server until :meth:`_unpoint_process`."""
+        from . import _config
+
+        ep = _config._parse_endpoint(self.url, "emulator")
+        env = {"STORAGE_EMULATOR_HOST": ep.url, **ep.gdal_options}
+        if "gcsfs" not in sys.modules:  # read by gcsfs at import: too late once imported
+            env.setdefault(_config._HNS_ENV, os.environ.get(_config._HNS_ENV, "false"))
+        elif getattr(getattr(sys.modules["gcsfs"], "GCSFileSystem", None), "__name__", "") != "GCSFileSystem":
+            log.warning(
+                "gcsfs was imported before the emulator started, with %s on: each new bucket costs "
+                "a 60 s gRPC lookup. Fix: set %s=false before importing gcsfs (or start the "
+                "emulator first).", _config._HNS_ENV, _config._HNS_ENV,
+            )
+        self._saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        _config.push_endpoint(ep.url)
+
+    def _unpoint_process(self) -> None:
+        saved, self._saved_env = self._saved_env, None
+        if saved is None:
+            return
+        from . import _config
+
+        _config.pop_endpoint()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
     # -- what it offers ------------------------------------------------------------------------
 
@@ -413,7 +496,15 @@ class Emulator:
         return self._client
 
     def create_bucket(self, name: str) -> str:
-        """Create bucket ``name`` (idempotent); return ``gs://name``."""
+        """Create bucket ``name`` (idempotent); return ``gs://name``.
+
+        A name GCS would refuse is refused here first, by the same check
+        cloudio's URLs pass (:func:`cloudio._paths.check_bucket`), so every
+        bucket made here is one cloudio can address.
+        """
+        from ._paths import check_bucket
+
+        check_bucket(name)
         body = json.dumps({"name": name}).encode()
         req = urllib.request.Request(
             f"{self.url}/storage/v1/b", data=body, method="POST",
@@ -427,9 +518,21 @@ class Emulator:
                 detail = e.read()[:300].decode(errors="replace").strip()
                 raise EmulatorError(
                     f"could not create bucket gs://{name} at {self.url}: HTTP {e.code} {detail}. "
-                    "Bucket names are 3-63 characters of lowercase letters, digits, '-', '_' and '.'."
+                    "Fix: check the emulator's output (log_tail()), or restart it."
                 ) from e
         return f"gs://{name}"
+
+    def has_bucket(self, name: str) -> bool:
+        """Whether bucket ``name`` exists on this server (nothing is created)."""
+        from urllib.parse import quote
+
+        try:
+            with _urlopen(f"{self.url}/storage/v1/b/{quote(name, safe='')}", timeout=10):
+                return True
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return False
+            raise EmulatorError(f"could not look up bucket gs://{name} at {self.url}: HTTP {e.code}") from e
 
     def _log_text(self) -> str | None:
         """The server's output so far: its log file (binary mode) or the container's logs."""

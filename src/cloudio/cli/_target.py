@@ -71,7 +71,7 @@ def _check_url(url: str, command: str) -> None:
 
 
 def _ensure_bucket(url: str) -> None:
-    """On an emulator, create the bucket; on GCS, check that objects can be written below ``url``.
+    """Check the bucket exists (never create it); on GCS, also that objects can be written below ``url``.
 
     The check writes and removes one empty object: what the run needs is
     permission to create objects, which a bucket-metadata request would not
@@ -82,7 +82,12 @@ def _ensure_bucket(url: str) -> None:
         from ..emulator import Emulator
 
         emu = Emulator(mode="external").start()  # attach to STORAGE_EMULATOR_HOST
-        emu.create_bucket(bucket)
+        if not emu.has_bucket(bucket):
+            raise BucketNotFoundError(
+                f"gs://{bucket} does not exist on the emulator at {emu.url} (from {url!r}): the bucket "
+                f"does not exist; create it (`cloudio emulator --bucket {bucket}`, or "
+                f"Emulator.create_bucket({bucket!r})), or run without a URL to use the embedded emulator"
+            )
         return
     import cloudio
 

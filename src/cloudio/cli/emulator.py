@@ -13,7 +13,7 @@ import signal
 import threading
 from types import FrameType
 
-from .._paths import parse_gcs
+from .._paths import check_bucket
 from ..errors import ConfigurationError, EmulatorError
 from ._ui import err
 
@@ -22,8 +22,8 @@ HELP = "run the embedded GCS emulator in the foreground (Ctrl-C stops it)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bucket", action="append", default=[], metavar="NAME",
-                   help="create this bucket at start (repeatable)")
+    p.add_argument("--bucket", action="extend", nargs="+", default=[], metavar="NAME",
+                   help="create these buckets at start (several names, or repeat the option)")
     p.add_argument("--backend", choices=("memory", "filesystem"), default="memory",
                    help="keep objects in memory (default) or on disk under --root")
     p.add_argument("--root", help="folder for --backend filesystem (default: a temporary one)")
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             "unset CLOUDIO_EMULATOR (or set it to 'docker')"
         )
     for name in args.bucket:
-        parse_gcs(f"gs://{name}")  # an invalid bucket name fails here, before anything starts
+        check_bucket(name)  # GCS's rule, before anything starts
     if args.root is not None and args.backend != "filesystem":
         raise ConfigurationError("--root is only used with --backend filesystem; add --backend filesystem")
     stop = threading.Event()
