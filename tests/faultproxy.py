@@ -6,11 +6,14 @@ matches the request; the emulator itself is never bypassed or mocked. Faults:
 ``status``   answer ``code`` (503, 429, 403, ...) without forwarding
 ``hang``     accept the request and never answer (until the proxy closes)
 ``delay``    forward after sleeping ``seconds``
+``late``     forward at once, then hold the upstream's answer for ``seconds`` (or until ``release`` is set)
+             before sending it: the server answered *before* whatever the test does meanwhile
 ``reset``    forward, send the headers and ``after`` bytes of the body, then reset the connection (RST)
 ``flip``     flip one byte: of the upload body (``where="request"``, the last data byte) or of the response body
 ``kill``     call ``action()`` (e.g. stop the emulator) and then reset the connection
 
 Rules are tried in the order added; each has a ``times`` budget (None = forever).
+``Rule.answered`` is set once the upstream answered a request the rule matched.
 ``log`` records ``(method, path, status_or_fault)`` for every request.
 """
 
@@ -36,18 +39,25 @@ class Rule:
     fault: str
     method: str | None = None
     path: str | None = None  # a regular expression searched in the request path (with query)
+    body: bytes | None = None  # a regular expression searched in the request body (e.g. an upload's object name)
     times: int | None = 1
     code: int = 503
     seconds: float = 0.0
     after: int = 0
     where: str = "response"
     action: Callable[[], None] | None = None
+    release: threading.Event | None = None  # "late": send the held answer when set (else after seconds)
+    skip: int = 0  # let the first ``skip`` matching requests through untouched (not counted as hits)
     hits: int = field(default=0)
+    skipped: int = field(default=0)
+    answered: threading.Event = field(default_factory=threading.Event)
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, body: bytes = b"") -> bool:
         if self.times is not None and self.hits >= self.times:
             return False
         if self.method is not None and method != self.method:
+            return False
+        if self.body is not None and re.search(self.body, body) is None:
             return False
         return self.path is None or re.search(self.path, path) is not None
 
@@ -95,7 +105,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                rule = proxy._take(self.command, self.path)
+                rule = proxy._take(self.command, self.path, body)
                 fault = rule.fault if rule else None
                 if rule is not None and fault == "status":
                     proxy._note(self.command, self.path, rule.code)
@@ -131,6 +141,13 @@ class FaultProxy:
                     resp_headers = r.getheaders()
                 finally:
                     conn.close()
+                if rule is not None:
+                    rule.answered.set()
+                if rule is not None and fault == "late":
+                    if rule.release is not None:
+                        rule.release.wait(rule.seconds or None)
+                    else:
+                        time.sleep(rule.seconds)
                 if rule is not None and fault == "flip" and rule.where == "response" and data:
                     i = len(data) // 2
                     data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
@@ -168,10 +185,13 @@ class FaultProxy:
         with self._lock:
             self.rules.clear()
 
-    def _take(self, method: str, path: str) -> Rule | None:
+    def _take(self, method: str, path: str, body: bytes = b"") -> Rule | None:
         with self._lock:
             for rule in self.rules:
-                if rule.matches(method, path):
+                if rule.matches(method, path, body):
+                    if rule.skipped < rule.skip:
+                        rule.skipped += 1
+                        continue
                     rule.hits += 1
                     return rule
         return None

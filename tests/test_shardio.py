@@ -104,3 +104,59 @@ def test_other_layouts_are_left_to_zarr(gcs_bucket: str) -> None:
     assert [plain_layout(z) for z in (compressed, unsharded, v2)] == [None, None, None]
     for name in ("z", "u", "v2"):
         assert cloudio.load_array(f"{gcs_bucket}/{name}.zarr").tobytes() == a.tobytes()
+
+
+# -- every shard is CRC32C-checked on the way up and on the way down ------------------------------
+
+_SHARD_UPLOAD = rb'"name": *"[^"]*/c/'  # the multipart body of a shard's upload names the object
+_SHARD_GET = r"/o/[^?]*%2Fc%2F"
+
+
+def _journaled(url: str, since: int) -> list[tuple[str, str]]:
+    from cloudio._journal import journal
+
+    return [(c.url, c.kind) for c in journal().since(since) if c.url.startswith(url + "/c/")]
+
+
+def test_a_shard_flipped_on_the_way_up_once_is_sent_again(gcs_emulator: Emulator, gcs_bucket: str,
+                                                          fault_proxy) -> None:
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/up.zarr"
+    rule = fault_proxy.add("flip", where="request", method="POST", path=r"/upload/", body=_SHARD_UPLOAD, times=1)
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    assert rule.hits == 1
+    fault_proxy.clear()
+    back = zarr.open_array(cloudio.zarr_store(url), mode="r")[...]  # zarr's own reader
+    assert back.tobytes() == a.tobytes()
+
+
+def test_a_shard_flipped_on_the_way_up_every_time_is_an_integrity_error(gcs_emulator: Emulator, gcs_bucket: str,
+                                                                       fault_proxy) -> None:
+    from cloudio._journal import journal
+
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/bad-up.zarr"
+    seq = journal().seq
+    fault_proxy.add("flip", where="request", method="POST", path=r"/upload/", body=_SHARD_UPLOAD, times=None)
+    with pytest.raises(IntegrityError, match=r"bad-up\.zarr/c/\d+/\d+.*CRC32C") as ei:
+        cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    shard = str(ei.value).split(":", 2)[0] + ":" + str(ei.value).split(":", 2)[1]
+    bucket, key = shard.removeprefix("gs://").split("/", 1)
+    assert gcs_emulator.client.bucket(bucket).get_blob(key) is None  # the corrupt copy is gone
+    assert (shard, "write") not in _journaled(url, seq)  # never journaled as good
+    assert (shard, "delete") in _journaled(url, seq)
+
+
+@pytest.mark.parametrize("times", [1, None])
+def test_a_shard_flipped_on_the_way_down(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy,
+                                         times: int | None) -> None:
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/down.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    rule = fault_proxy.add("flip", method="GET", path=_SHARD_GET, times=times)
+    if times == 1:
+        assert cloudio.load_array(url).tobytes() == a.tobytes()  # read again, correct
+        assert rule.hits == 1
+    else:
+        with pytest.raises(IntegrityError, match=r"down\.zarr/c/\d+/\d+.*CRC32C"):
+            cloudio.load_array(url)

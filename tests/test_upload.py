@@ -230,7 +230,7 @@ def test_corrupted_upload_raises_integrity_error_and_leaves_nothing(
     assert url in str(ei.value) and "CRC32C" in str(ei.value)
     assert proxy.uploads() == [200, 200]
     assert _stored(gcs_emulator, url) is None
-    assert _records(url, seq) == []
+    assert [c.kind for c in _records(url, seq)] == ["delete"]  # the journal says what the server holds
 
 
 def test_refused_upload_raises_upload_error(gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy) -> None:
@@ -306,7 +306,7 @@ def test_corrupted_raster_write_raises_at_close_and_leaves_nothing(
     assert ds.closed and not os.path.exists(os.path.dirname(local))
     assert len(proxy.uploads()) == 3  # ATTEMPTS
     assert _stored(gcs_emulator, url) is None
-    assert _records(url, seq) == []
+    assert [c.kind for c in _records(url, seq)] == ["delete"]
 
 
 def test_failed_main_upload_removes_its_sidecar(gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy) -> None:
@@ -328,3 +328,23 @@ def test_missing_local_file(gcs_emulator: Emulator, gcs_bucket: str, tmp_path) -
     with pytest.raises(FileNotFoundError) as ei:
         upload(tmp_path / "nope.bin", f"{gcs_bucket}/x.bin")
     assert not isinstance(ei.value, cloudio.CloudioError) and "nope.bin" in str(ei.value)
+
+
+def test_upload_whose_answer_is_lost_leaves_no_stale_view(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stored the new bytes, the answer never arrived: cloudio must not keep the old view."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/d/lost.bin"
+    old, new = b"o" * 10, b"n" * 100
+    upload(old, url)
+    fs = cloudio.filesystem(url)
+    assert fs.ls(f"{gcs_bucket[5:]}/d", detail=True)[0]["size"] == 10  # the listing now caches 10 bytes
+    fault_proxy.add("reset", method="POST", path=r"/upload/", times=None)  # forwarded, then the answer is cut
+    with pytest.raises(cloudio.TransientError, match="may or may not have been stored") as ei:
+        upload(new, url)
+    assert url in str(ei.value)
+    assert _stored(gcs_emulator, url) == new  # it did land
+    fault_proxy.clear()
+    with fs.open(url, "rb") as f:
+        assert f.read() == new  # not the new bytes cut at the cached 10

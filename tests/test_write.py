@@ -249,3 +249,68 @@ def test_fsspec_reads_full_new_size_after_gdal_write(gcs_emulator: Emulator, gcs
     with fs.open(key, "rb") as f:
         data = f.read()
     assert len(data) == blob.size and _crc(data) == blob.crc32c
+
+
+# -- what the journal says after a failed write, and writes that used to fail -------------------
+
+
+def test_failed_overwrite_journals_what_the_server_holds(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy) -> None:
+    url = f"{gcs_bucket}/d/over.tif"
+    with cloudio.open(url, "w", **PROFILE) as ds:
+        ds.write(_pattern((64, 64), 1))
+    with cloudio.open(url) as r:  # GDAL now caches the object
+        assert r.read().shape == (1, 64, 64)
+    fs = cloudio.filesystem(url)
+    fs.pipe(f"{gcs_bucket}/d/keep.bin", b"keeps the folder listable")
+    assert f"{url[5:]}" in fs.ls(f"{gcs_bucket}/d")  # and the listing caches it
+    fault_proxy.add("flip", where="request", method="POST", path=r"/upload/", times=None)
+    with pytest.raises(cloudio.IntegrityError, match=r"(?s)over\.tif.*PREVIOUS OBJECT.*IS GONE"):
+        with cloudio.open(url, "w", **PROFILE) as ds:
+            ds.write(_pattern((64, 64), 2))
+    fault_proxy.clear()
+    assert _blob(gcs_emulator, url) is None  # the server holds nothing...
+    with pytest.raises(cloudio.ObjectNotFoundError, match=r"over\.tif"):  # ...and cloudio says so
+        cloudio.open(url)
+    assert f"{url[5:]}" not in fs.ls(f"{gcs_bucket}/d")
+
+
+def test_key_with_a_300_byte_last_segment(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    name = "n" * 296 + ".tif"
+    url = f"{gcs_bucket}/d/{name}"
+    data = _pattern((64, 64), 3)
+    with cloudio.open(url, "w", **PROFILE) as ds:
+        ds.write(data)
+    with cloudio.open(url) as r:
+        assert r.driver == "GTiff" and (r.read() == data).all()
+    with cloudio.open(url, "r+") as ds:  # the update path downloads to a temp file as well
+        ds.write(data[:, ::-1].copy())
+    with cloudio.open(url) as r:
+        assert (r.read() == data[:, ::-1]).all()
+
+
+def test_r_plus_of_a_non_raster_names_the_url(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    url = f"{gcs_bucket}/d/notes.txt"
+    cloudio.filesystem(url).pipe(url, b"not a raster at all\n")
+    with pytest.raises(cloudio.CloudioError) as ei:
+        cloudio.open(url, "r+")
+    msg = str(ei.value)
+    assert url in msg and "cloudio-write-" not in msg and "raster" in msg
+    assert ei.value.__cause__ is not None
+
+
+def test_upload_that_never_gets_an_answer_ends(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/d/hang.tif"
+    cloudio.filesystem(url).ls(gcs_bucket)  # the bucket is known before the fault
+    fault_proxy.add("hang", method="POST", path=r"/upload/", times=None)
+    seq = journal().seq
+    t0 = time.monotonic()
+    with pytest.raises(cloudio.TransientError, match=r"hang\.tif") as ei, cloudio.open(url, "w", **PROFILE) as ds:
+        ds.write(_pattern((64, 64), 4))
+    assert time.monotonic() - t0 < 120  # generous: it ends, it does not hang
+    assert ei.value.__cause__ is not None
+    assert [c.kind for c in _records(url, seq)] == ["invalidate"]  # outcome unknown: caches dropped
+    assert _blob(gcs_emulator, url) is None

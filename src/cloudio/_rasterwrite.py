@@ -5,12 +5,16 @@
 temporary directory; when it closes without an exception the directory's
 files are uploaded with :func:`cloudio._upload.upload` (CRC32C checked,
 retried, then journaled) and the directory is removed. An exception inside
-the ``with`` block, or a failed upload, leaves nothing on the server and
-nothing in the journal; the temporary directory is removed in every case.
+the ``with`` block, or a failed upload, leaves nothing new on the server and
+nothing in the journal, except an overwrite whose corrupt upload replaced the
+old object and was deleted: that delete is journaled (see
+:mod:`cloudio._upload`). The temporary directory is removed in every case.
+The local file is named ``dataset`` plus the key's extension, so a key whose
+last segment is longer than a local file name may be (255 bytes) still works.
 
 GDAL's own ``/vsigs/`` writer is never used: it writes through a temporary
 file too, so nothing is lost, and the emulator rejects its ``PUT`` (see
-DESIGN.md).
+docs/design.md).
 
 Drivers
 -------
@@ -46,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from ._journal import journal
 from ._paths import GCSPath
 from ._upload import Uploaded, download, ensure_bucket, upload
-from .errors import ConfigurationError, UploadError
+from .errors import ConfigurationError, NotARasterError, UploadError
 
 if TYPE_CHECKING:
     from rasterio.io import DatasetWriter
@@ -146,14 +150,15 @@ def _upload_outputs(local: str, path: GCSPath) -> list[Uploaded]:
             f"{path.url}: GDAL produced no file to upload (expected {os.path.basename(local)}); "
             "nothing was uploaded. Check the driver and creation options."
         )
-    folder = os.path.dirname(local)
-    sidecars = sorted(n for n in os.listdir(folder) if n != os.path.basename(local))
+    folder, base = os.path.split(local)
+    sidecars = sorted(n for n in os.listdir(folder) if n != base)
     done: list[Uploaded] = []
     try:
         for name in sidecars:
             side = os.path.join(folder, name)
-            if os.path.isfile(side):
-                done.append(upload(side, path.parent.child(name)))
+            if os.path.isfile(side):  # GDAL names sidecars after the temp file: "dataset.tif.aux.xml"
+                remote = path.name + name[len(base):] if name.startswith(base) else name
+                done.append(upload(side, path.parent.child(remote)))
         done.append(upload(local, path))
     except BaseException:
         _undo(done)
@@ -203,6 +208,39 @@ def _driver_for(path: GCSPath, driver: str | None) -> str:
     return driver
 
 
+#: longest extension kept on the local file (drivers and sidecars go by it); longer ones are dropped
+_EXT_MAX = 16
+
+
+def _local_name(path: GCSPath) -> str:
+    """The temp file's name: ``dataset`` plus the key's extension, however long the key's last segment.
+
+    A GCS key's last segment may be up to 1024 bytes; a local file name at most 255.
+    """
+    ext = os.path.splitext(path.name)[1]
+    return "dataset" + (ext if len(ext) <= _EXT_MAX else "")
+
+
+def _open_update(path: GCSPath, local: str, driver: str | None, kwargs: dict[str, Any]) -> "DatasetWriter":
+    """Open the downloaded copy of ``path`` for update; a file GDAL cannot update is a NotARasterError."""
+    from rasterio._path import _parse_path
+    from rasterio.errors import RasterioError
+    from rasterio.io import get_writer_for_path
+
+    try:
+        try:
+            base = get_writer_for_path(_parse_path(local), driver=driver)
+        except TypeError as e:  # rasterio 1.4's get_dataset_driver says "not recognized" this way
+            raise RasterioError(str(e)) from e
+        return _uploading_class(base)(_parse_path(local), "r+", driver=driver, **kwargs)  # type: ignore[no-any-return]
+    except RasterioError as e:
+        raise NotARasterError(
+            f"{path.url}: GDAL cannot open this object for update "
+            f"({str(e).replace(local, path.url)}). Check that it is a raster in a format GDAL can "
+            "update in place (e.g. GTiff), or write a new dataset with mode 'w'."
+        ) from e
+
+
 def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: Any) -> "DatasetWriter":
     """Open ``path`` for writing (``"w"``, ``"w+"``) or updating (``"r+"``).
 
@@ -241,7 +279,7 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
     import rasterio  # noqa: F401 - registers drivers
     from rasterio._path import _parse_path
     from rasterio.env import env_ctx_if_needed
-    from rasterio.io import get_writer_for_driver, get_writer_for_path
+    from rasterio.io import get_writer_for_driver
 
     if mode not in _MODES:
         raise ValueError(f"{path.url}: mode {mode!r} is not a write mode; use 'w', 'w+' or 'r+'")
@@ -250,7 +288,7 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
     else:  # rasterio.open passes only driver, sharing and options when updating
         kwargs = {k: v for k, v in kwargs.items() if not (k in _CREATE_ONLY and v is None)}
     tmpdir = tempfile.mkdtemp(prefix="cloudio-write-")
-    local = os.path.join(tmpdir, path.name or "dataset")
+    local = os.path.join(tmpdir, _local_name(path))
     try:
         if mode == "r+":
             download(path, local)  # raises the not-found errors, naming the URL
@@ -258,16 +296,15 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
             ensure_bucket(path)
         with env_ctx_if_needed():
             if mode == "r+":
-                base = get_writer_for_path(_parse_path(local), driver=driver)
+                dataset = _open_update(path, local, driver, kwargs)
             else:
                 base = get_writer_for_driver(driver)
-            if base is None:
-                raise ConfigurationError(
-                    f"{path.url}: GDAL driver {driver!r} can neither create nor create-copy files; "
-                    "choose another driver (e.g. driver='GTiff')"
-                )
-            cls = _uploading_class(base)
-            dataset = cls(_parse_path(local), mode, driver=driver, **kwargs)
+                if base is None:
+                    raise ConfigurationError(
+                        f"{path.url}: GDAL driver {driver!r} can neither create nor create-copy files; "
+                        "choose another driver (e.g. driver='GTiff')"
+                    )
+                dataset = _uploading_class(base)(_parse_path(local), mode, driver=driver, **kwargs)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise

@@ -1,25 +1,31 @@
 """Verified transfers: one upload (or download) through gcsfs, checked against the server.
 
-Every byte cloudio writes to GCS goes through :func:`upload`: the data is sent
-once through the plain gcsfs filesystem of :func:`cloudio._gcs.gcs_filesystem`
-(a multipart upload below :data:`SIMPLE_LIMIT`, a resumable one above it, read
-from disk chunk by chunk so a multi-gigabyte file never sits in memory), and
-the size and CRC32C the server reports for the stored object are compared
-with the bytes sent. Only a verified upload is journaled; an object that does
-not match what was sent is deleted again and reported as
-:class:`~cloudio.errors.IntegrityError`. GDAL's own ``/vsigs/`` writer is never
-used (the emulator rejects its XML-API ``PUT`` and GDAL 3.12 may fail
-silently there; see DESIGN.md).
+Every byte cloudio writes to GCS goes through one primitive, :func:`put_verified`
+(async; :func:`upload` is its synchronous front for local files and bytes): the
+data is sent once through gcsfs (a multipart upload below :data:`SIMPLE_LIMIT`,
+a resumable one above it, a local file read chunk by chunk so a multi-gigabyte
+file never sits in memory), and the size and CRC32C in the object resource the
+server answers the upload with are compared with the bytes sent: no extra
+request. gcsfs's own ``consistency="crc32c"`` is not used: it needs ``crcmod``,
+raises only after the bad object is stored, and leaves it there.
+
+An object that does not match what was sent is deleted again; on a bucket
+without object versioning the previous object is then gone too. Whatever the
+outcome, the journal ends up matching the server: a verified upload is
+journaled as a write, a failure that deleted the object as a delete, a
+failure that never stored anything as nothing.
 
 Retries happen at two levels. gcsfs retries each HTTP request that fails
-with 408/429/5xx or a connection error (up to six times, with back-off);
-:func:`upload` then retries the whole upload, at most ``attempts`` times with
-back-off, when a resumable session broke or what the server stored did not
-match what was sent (a byte flipped in transit). Nothing else is retried.
+with 408/429/5xx or a connection error (up to six times, with back-off); the
+whole upload is then retried, at most ``attempts`` times with back-off, only
+when what the server stored did not match what was sent (a byte flipped in
+transit) or a resumable session vanished. A failure that outlasted gcsfs's
+retries is a :class:`~cloudio.errors.TransientError` (retry later), anything
+else an :class:`~cloudio.errors.UploadError`.
 
-:func:`download` is the counterpart for ``cloudio.open(url, "r+")``: a fresh
-copy of the current object, checked against the CRC32C of the object's
-metadata fetched first.
+:func:`download` (``cloudio.open(url, "r+")``) and :func:`get_verified` (whole
+shard reads) are the counterparts: the bytes are checked against the CRC32C
+the server reports for the object they came from.
 """
 
 from __future__ import annotations
@@ -30,28 +36,37 @@ import logging
 import mimetypes
 import os
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import google_crc32c
+import numpy as np
 
 from ._journal import Change, journal
 from ._paths import GCSPath, parse_gcs
 from ._session import count
-from .errors import BucketNotFoundError, IntegrityError, ObjectNotFoundError, UploadError
+from .errors import (
+    BucketNotFoundError,
+    CloudioError,
+    IntegrityError,
+    ObjectNotFoundError,
+    TransientError,
+    UploadError,
+)
 
 if TYPE_CHECKING:
     import gcsfs
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: below this size the bytes go in one multipart request (read into memory, as gcsfs does)
 SIMPLE_LIMIT = 8 * 2**20
 #: resumable uploads send the file in chunks of this size (a multiple of 256 KiB, as GCS requires)
 CHUNK_SIZE = 32 * 2**20
-#: whole-upload attempts, on top of the per-request retries of gcsfs
+#: whole-upload (or whole-read) attempts after a CRC32C mismatch, on top of gcsfs's per-request retries
 ATTEMPTS = 3
 _BACKOFF = 0.25  # seconds before the 2nd attempt; doubles each time
 
@@ -63,21 +78,26 @@ _buckets_lock = threading.Lock()
 
 @dataclass(frozen=True, slots=True)
 class Uploaded:
-    """What the server holds after a verified :func:`upload`."""
+    """What the server holds after a verified upload."""
 
     url: str  #: journal key ``gs://bucket/key``
     generation: int | None
     size: int
     crc32c: str  #: base64 of the big-endian CRC32C, as the JSON API reports it
-    change: Change  #: the journal record made for this upload
+    change: Change | None  #: the journal record made for this upload (None when the caller journals)
 
 
 class _Mismatch(Exception):
-    """The server stored something other than what was sent (retried, then IntegrityError)."""
+    """The server stored (or sent) something other than the bytes it should have."""
 
 
 def _crc_b64(checksum: "google_crc32c.Checksum") -> str:
     return base64.b64encode(checksum.digest()).decode("ascii")
+
+
+def _bytes_like(data: bytes | bytearray | memoryview) -> Any:
+    """``data`` in a form google_crc32c takes without a copy (it refuses memoryview and bytearray)."""
+    return data if isinstance(data, bytes) else np.frombuffer(data, dtype=np.uint8)
 
 
 def _as_path(url: GCSPath | str | os.PathLike[str]) -> GCSPath:
@@ -93,8 +113,8 @@ def _filesystem(fs: "gcsfs.GCSFileSystem | None") -> "gcsfs.GCSFileSystem":
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """Worth another whole-upload attempt: network trouble or a 408/429/5xx answer."""
-    if isinstance(exc, (_Mismatch, asyncio.TimeoutError, ConnectionError, TimeoutError)):
+    """Network trouble or a 408/429/5xx answer that outlasted gcsfs's retries: worth retrying later."""
+    if isinstance(exc, (asyncio.TimeoutError, ConnectionError, TimeoutError)):
         return True
     try:
         import aiohttp
@@ -104,7 +124,45 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientError) or is_retriable(exc)
 
 
+def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:
+    """The :class:`TransientError` for ``exc`` (raise it ``from exc``): ``doing`` failed past the retries."""
+    return TransientError(
+        f"{url}: {doing} failed past the retries ({type(exc).__name__}: {exc or 'no answer'}). "
+        "GCS (or STORAGE_EMULATOR_HOST) is unreachable, overloaded or too slow; retry later "
+        "(CLOUDIO_HTTP_TIMEOUT sets how long one request may take)."
+    )
+
+
+async def _bounded(fs: "gcsfs.GCSFileSystem", call: Awaitable[T]) -> T:
+    """Await one gcsfs call (its retries included) for at most the time limit of ``fs``.
+
+    gcsfs's per-request timeout does not bound its six retries and their
+    back-off; a server that accepts and never answers would hold a write for
+    minutes. The limit is the one tracked filesystems use
+    (:func:`cloudio._gcs.total_time_limit`, from ``CLOUDIO_HTTP_TIMEOUT``).
+    """
+    from ._gcs import total_time_limit
+
+    limit = total_time_limit(getattr(fs, "requests_timeout", None))
+    return await (call if limit is None else asyncio.wait_for(call, limit))
+
+
 # -- bucket existence ------------------------------------------------------------------------
+
+
+async def _ensure_bucket(path: GCSPath, fs: "gcsfs.GCSFileSystem") -> None:
+    with _buckets_lock:
+        if path.bucket in _known_buckets:
+            return
+    try:
+        await fs._call("GET", "b/{}", path.bucket, json_out=True)
+    except FileNotFoundError as e:
+        raise _bucket_missing(path) from e
+    except Exception as e:  # noqa: BLE001 - permissions may forbid bucket metadata; let the upload decide
+        log.debug("could not read metadata of bucket %s (%s); assuming it exists", path.bucket, e)
+        return
+    with _buckets_lock:
+        _known_buckets.add(path.bucket)
 
 
 def ensure_bucket(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> None:
@@ -114,19 +172,10 @@ def ensure_bucket(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> Non
     remembered (if it is deleted later, the upload itself fails with the
     same error).
     """
-    with _buckets_lock:
-        if path.bucket in _known_buckets:
-            return
+    from fsspec.asyn import sync
+
     fs = _filesystem(fs)
-    try:
-        fs.call("GET", "b/{}", path.bucket, json_out=True)
-    except FileNotFoundError as e:
-        raise _bucket_missing(path) from e
-    except Exception as e:  # noqa: BLE001 - permissions may forbid bucket metadata; let the upload decide
-        log.debug("could not read metadata of bucket %s (%s); assuming it exists", path.bucket, e)
-        return
-    with _buckets_lock:
-        _known_buckets.add(path.bucket)
+    sync(fs.loop, _ensure_bucket, path, fs)
 
 
 def _bucket_missing(path: GCSPath) -> BucketNotFoundError:
@@ -145,6 +194,130 @@ def _forget_bucket(bucket: str) -> None:
 # -- upload ----------------------------------------------------------------------------------
 
 
+async def put_verified(
+    fs: "gcsfs.GCSFileSystem",
+    url: GCSPath | str | os.PathLike[str],
+    source: Source,
+    *,
+    content_type: str | None = None,
+    record: bool = True,
+    attempts: int = ATTEMPTS,
+    chunk_size: int = CHUNK_SIZE,
+    simple_limit: int = SIMPLE_LIMIT,
+) -> Uploaded:
+    """Upload ``source`` to ``url`` and verify it against the server's answer: THE way cloudio writes.
+
+    Use this (on an asynchronous gcsfs, inside its loop) or :func:`upload`
+    (synchronous) for every object cloudio or a tracked filesystem writes.
+    The size and CRC32C in the object resource the upload request itself
+    returns are compared with the bytes sent, so verifying costs no request.
+
+    Parameters
+    ----------
+    fs
+        The gcsfs filesystem to send through (asynchronous or not; awaited on its loop).
+    url
+        The destination object (``gs://b/k``, ``/vsigs/b/k``, a gcsfs path ``b/k`` is not accepted).
+    source
+        Bytes (a memoryview is sent without a copy of its own) or a local file path.
+    content_type
+        Defaults to a guess from the key's extension.
+    record
+        Journal the successful write here. Pass False when the caller journals
+        it itself (``JournaledStore``); failures are journaled here either way.
+    attempts
+        Whole uploads tried when the stored object does not match what was sent.
+    chunk_size, simple_limit
+        Resumable chunk size (a multiple of 256 KiB) and the size from which
+        a resumable upload is used.
+
+    Raises
+    ------
+    IntegrityError
+        What the server stored never matched what was sent. That object was
+        deleted, and on a bucket without versioning the previous object with
+        it: the message says so and the delete is journaled.
+    TransientError
+        The server or network failed past gcsfs's retries (timeout, 5xx, reset).
+    BucketNotFoundError
+        The bucket does not exist.
+    UploadError
+        Any other refusal (403, 400...).
+    """
+    path = _as_path(url)
+    if chunk_size % (256 * 1024):
+        raise ValueError(f"chunk_size={chunk_size} must be a multiple of 256 KiB")
+    if content_type is None:
+        content_type = mimetypes.guess_type(path.key)[0] or "application/octet-stream"
+    if not isinstance(source, (bytes, bytearray, memoryview)) and not os.path.isfile(source):
+        raise FileNotFoundError(f"{os.fspath(source)!r}: no such local file to upload to {path.url}")
+    last: BaseException | None = None
+    deleted = False  # a corrupt copy was stored and deleted: the server holds nothing at path now
+    try:
+        for attempt in range(max(1, attempts)):
+            if attempt:
+                delay = _BACKOFF * 2 ** (attempt - 1)
+                log.info("upload of %s: attempt %d of %d in %.2f s (%s)", path.url, attempt + 1, attempts, delay, last)
+                await asyncio.sleep(delay)
+            try:
+                meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit)
+                generation = await _check_stored(fs, path, meta, size, sent_crc)
+            except _Mismatch as e:
+                deleted, last = True, e
+                continue
+            except FileNotFoundError as e:  # 404: no bucket, or a resumable session that vanished
+                _forget_bucket(path.bucket)
+                await _ensure_bucket(path, fs)  # raises BucketNotFoundError when that is the reason
+                last = e
+                continue
+            fs.invalidate_cache(path.fs_path)
+            change = journal().record(path.url, "write", generation=generation, size=size) if record else None
+            count("uploads")
+            count("bytes_uploaded", size)
+            log.debug("uploaded %s (%d bytes, generation %s)", path.url, size, generation)
+            return Uploaded(path.url, generation, size, sent_crc, change)
+        assert last is not None
+        raise _failure(path, last, attempts, deleted) from last
+    except BaseException as e:
+        if deleted:  # whatever ended the upload, the server no longer holds the object
+            fs.invalidate_cache(path.fs_path)
+            journal().record(path.url, "delete")
+        elif _outcome_unknown(e):  # the upload may have landed and its answer been lost
+            fs.invalidate_cache(path.fs_path)
+            journal().record(path.url, "invalidate")
+        if isinstance(e, CloudioError) or not isinstance(e, Exception):
+            raise
+        raise _failure(path, e, attempts, deleted) from e
+
+
+def _outcome_unknown(exc: BaseException) -> bool:
+    """A failure after which the server may hold the new object or the old one (a lost answer)."""
+    return isinstance(exc, TransientError) or (isinstance(exc, Exception) and _is_transient(exc))
+
+
+def _failure(path: GCSPath, exc: BaseException, attempts: int, deleted: bool) -> CloudioError:
+    if deleted:
+        gone = (f" THE PREVIOUS OBJECT AT {path.url} IS GONE: a corrupt upload replaced it and was deleted, "
+                "so nothing is stored there now (the delete is journaled).")
+    elif _outcome_unknown(exc):
+        gone = (" The upload may or may not have been stored (its answer was lost): cloudio dropped what it "
+                "had cached of the object, so the next read asks the server.")
+    else:
+        gone = " The server's object was not changed. Nothing was journaled."
+    if isinstance(exc, _Mismatch):
+        return IntegrityError(
+            f"{path.url}: what the server stored differs from what was sent ({exc}) in all {attempts} "
+            f"attempts.{gone} Check the network path to GCS (a proxy rewriting bodies?) and write again."
+        )
+    if _is_transient(exc):
+        err = transient_error(path.url, "upload", exc)
+        return TransientError(f"{err}{gone}")
+    return UploadError(
+        f"{path.url}: upload failed ({type(exc).__name__}: {exc}).{gone} Check that the bucket is "
+        "writable and GCS (or STORAGE_EMULATOR_HOST) is reachable, then write again."
+    )
+
+
 def upload(
     source: Source,
     url: GCSPath | str | os.PathLike[str],
@@ -155,118 +328,23 @@ def upload(
     chunk_size: int = CHUNK_SIZE,
     simple_limit: int = SIMPLE_LIMIT,
 ) -> Uploaded:
-    """Upload a local file or bytes to ``url``, verify it, then journal it.
+    """:func:`put_verified` for synchronous callers: upload a local file or bytes, verify, journal.
 
-    Parameters
-    ----------
-    source
-        A local file path (streamed from disk) or the bytes themselves.
-    url
-        The destination object (``gs://b/k``, ``/vsigs/b/k`` or a parsed path).
-    content_type
-        Defaults to a guess from the key's extension.
-    fs
-        The gcsfs filesystem to send through; default
-        :func:`cloudio._gcs.gcs_filesystem` (plain, untracked: this function
-        journals the write itself, exactly once).
-    attempts
-        Whole-upload attempts (each request inside is retried by gcsfs too).
-    chunk_size, simple_limit
-        Resumable chunk size (a multiple of 256 KiB) and the size from which
-        a resumable upload is used.
-
-    Returns
-    -------
-    Uploaded
-        Generation, size and CRC32C of the stored object, and the journal record.
-
-    Raises
-    ------
-    InvalidURLError
-        ``url`` does not name a GCS object.
-    BucketNotFoundError
-        The bucket does not exist.
-    IntegrityError
-        The server kept reporting a size or CRC32C other than what was sent;
-        the mismatching object was deleted.
-    UploadError
-        The upload failed after its retries. Nothing was journaled.
-
-    Notes
-    -----
-    On a bucket without object versioning an overwrite replaces the old
-    object when the upload completes; if that new object is then found
-    corrupt and deleted, the old one is gone too. The delete names the
-    generation just written, so on real GCS a concurrent newer write is
-    never removed (the emulator ignores ``generation`` on delete).
+    ``fs`` defaults to :func:`cloudio._gcs.gcs_filesystem` (plain, untracked:
+    this function journals the write itself, exactly once). Raises what
+    :func:`put_verified` raises; ``InvalidURLError`` when ``url`` names no object.
     """
+    from fsspec.asyn import sync
+
     path = _as_path(url)
-    if chunk_size % (256 * 1024):
-        raise ValueError(f"chunk_size={chunk_size} must be a multiple of 256 KiB")
     fs = _filesystem(fs)
-    if content_type is None:
-        content_type = mimetypes.guess_type(path.key)[0] or "application/octet-stream"
-    if not isinstance(source, (bytes, bytearray, memoryview)) and not os.path.isfile(source):
-        raise FileNotFoundError(f"{os.fspath(source)!r}: no such local file to upload to {path.url}")
-    last: BaseException | None = None
-    size = 0
-    for attempt in range(max(1, attempts)):
-        if attempt:
-            delay = _BACKOFF * 2 ** (attempt - 1)
-            log.info("upload of %s: attempt %d of %d in %.2f s (%s)", path.url, attempt + 1, attempts, delay, last)
-            time.sleep(delay)
-        try:
-            meta, sent_crc, size = _send(fs, path, source, content_type, chunk_size, simple_limit)
-            generation = _check_stored(fs, path, meta, size, sent_crc)
-        except FileNotFoundError as e:  # 404: no bucket, or a resumable session that vanished
-            _forget_bucket(path.bucket)
-            ensure_bucket(path, fs)  # raises BucketNotFoundError when that is the reason
-            last = e
-            continue
-        except Exception as e:
-            if not _is_transient(e):
-                raise UploadError(
-                    f"{path.url}: upload failed ({type(e).__name__}: {e}). Nothing was journaled. "
-                    "Check that the bucket is writable and GCS (or STORAGE_EMULATOR_HOST) is reachable, "
-                    "then write again."
-                ) from e
-            last = e
-            continue
-        break
-    else:
-        if isinstance(last, _Mismatch):
-            raise IntegrityError(
-                f"{path.url}: what the server stored differs from what was sent ({last}) in all "
-                f"{attempts} attempts; the stored object was deleted and nothing was journaled. "
-                "Check the network path to GCS (a proxy rewriting bodies?) and write again."
-            ) from last
-        raise UploadError(
-            f"{path.url}: upload failed after {attempts} attempts ({type(last).__name__}: {last}). "
-            "Nothing was journaled. Check that GCS (or STORAGE_EMULATOR_HOST) is reachable, then write again."
-        ) from last
-    fs.invalidate_cache(path.fs_path)
-    change = journal().record(path.url, "write", generation=generation, size=size)
-    count("uploads")
-    count("bytes_uploaded", size)
-    log.debug("uploaded %s (%d bytes, generation %s)", path.url, size, generation)
-    return Uploaded(path.url, generation, size, sent_crc, change)
+    return sync(  # type: ignore[no-any-return]
+        fs.loop, put_verified, fs, path, source, content_type=content_type, attempts=attempts,
+        chunk_size=chunk_size, simple_limit=simple_limit,
+    )
 
 
-def _chunks(source: Source, size: int, chunk_size: int) -> Iterator[bytes | memoryview]:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        view = memoryview(source)
-        for offset in range(0, max(size, 1), chunk_size):
-            yield view[offset: offset + chunk_size]
-        return
-    with open(source, "rb") as f:
-        while True:
-            block = f.read(chunk_size)
-            if not block:
-                return
-            yield block
-
-
-def _send(
+async def _send(
     fs: "gcsfs.GCSFileSystem",
     path: GCSPath,
     source: Source,
@@ -275,38 +353,50 @@ def _send(
     simple_limit: int,
 ) -> tuple[dict[str, Any], str, int]:
     """One upload; returns the server's object resource, the CRC32C and the size of the bytes sent."""
-    from fsspec.asyn import sync
-
     # gcsfs's module-level upload helpers return the object resource the server
     # answered with (generation, size, crc32c): verification needs no extra request,
-    # and cannot read a concurrent writer's object by mistake. fs.put_file drops it.
+    # and cannot read a concurrent writer's object by mistake. fs._pipe_file drops it.
     from gcsfs.core import initiate_upload, simple_upload, upload_chunk
 
     checksum = google_crc32c.Checksum()
     in_memory = isinstance(source, (bytes, bytearray, memoryview))
-    size = len(source) if in_memory else os.path.getsize(source)  # type: ignore[arg-type]
+    view = memoryview(source).cast("B") if in_memory else None  # type: ignore[arg-type]
+    size = view.nbytes if view is not None else os.path.getsize(source)  # type: ignore[arg-type]
     if size < simple_limit:
-        data = bytes(source) if in_memory else _read_all(source)  # type: ignore[arg-type]
-        checksum.update(data)
-        meta = sync(fs.loop, simple_upload, fs, path.bucket, path.key, data, None, "none", content_type)
-        return meta, _crc_b64(checksum), len(data)
-    location = sync(fs.loop, initiate_upload, fs, path.bucket, path.key, content_type)
+        data: bytes | memoryview = view if view is not None else _read_all(source)  # type: ignore[arg-type]
+        checksum.update(_bytes_like(data))
+        meta = await _bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
+        return meta, _crc_b64(checksum), size
+    location = await _bounded(fs, initiate_upload(fs, path.bucket, path.key, content_type))
     meta = None
     offset = 0
     try:
-        for block in _chunks(source, size, chunk_size):
-            checksum.update(bytes(block))
-            meta = sync(fs.loop, upload_chunk, fs, location, block, offset, size, content_type)
+        for block in _chunks(view if view is not None else source, chunk_size):
+            checksum.update(_bytes_like(block))
+            meta = await _bounded(fs, upload_chunk(fs, location, block, offset, size, content_type))
             offset += len(block)
     except BaseException:
         try:  # cancel the session: an unfinished resumable upload never becomes an object
-            sync(fs.loop, fs._call, "DELETE", location)
+            await _bounded(fs, fs._call("DELETE", location))
         except Exception:  # noqa: BLE001 - the session expires on its own anyway
             log.debug("could not cancel resumable upload of %s", path.url, exc_info=True)
         raise
     if offset != size:
-        raise _Mismatch(f"the local file changed size while uploading ({size} -> {offset} bytes)")
+        raise UploadError(
+            f"{path.url}: the local file changed size while uploading ({size} -> {offset} bytes); "
+            "nothing was stored. Write again once the file is complete."
+        )
     return meta or {}, _crc_b64(checksum), size
+
+
+def _chunks(source: memoryview | str | os.PathLike[str], chunk_size: int) -> Iterator[bytes | memoryview]:
+    if isinstance(source, memoryview):
+        for offset in range(0, max(source.nbytes, 1), chunk_size):
+            yield source[offset: offset + chunk_size]
+        return
+    with open(source, "rb") as f:
+        while block := f.read(chunk_size):
+            yield block
 
 
 def _read_all(source: str | os.PathLike[str]) -> bytes:
@@ -314,12 +404,12 @@ def _read_all(source: str | os.PathLike[str]) -> bytes:
         return f.read()
 
 
-def _check_stored(
+async def _check_stored(
     fs: "gcsfs.GCSFileSystem", path: GCSPath, meta: dict[str, Any], size: int, sent_crc: str
 ) -> int | None:
     """Compare the stored object with what was sent; delete it and raise _Mismatch if it differs."""
     if "crc32c" not in meta or "size" not in meta:
-        meta = fs.call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)
+        meta = await _bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
     generation = int(meta["generation"]) if meta.get("generation") not in (None, "", "0") else None
     got_size = int(meta.get("size", -1))
     got_crc = meta.get("crc32c")
@@ -327,18 +417,14 @@ def _check_stored(
         return generation
     log.warning("%s: stored object differs from what was sent (size %s vs %s, crc32c %s vs %s); deleting it",
                 path.url, got_size, size, got_crc, sent_crc)
-    _delete(fs, path, generation)
-    raise _Mismatch(f"server reports size {got_size} and CRC32C {got_crc}, sent {size} bytes with CRC32C {sent_crc}")
-
-
-def _delete(fs: "gcsfs.GCSFileSystem", path: GCSPath, generation: int | None) -> None:
     params = {"generation": str(generation)} if generation is not None else {}
-    try:
-        fs.call("DELETE", "b/{}/o/{}", path.bucket, path.key, **params)
+    try:  # naming the generation: on real GCS a concurrent newer write is never removed
+        await _bounded(fs, fs._call("DELETE", "b/{}/o/{}", path.bucket, path.key, **params))
     except FileNotFoundError:
         pass
     finally:
         fs.invalidate_cache(path.fs_path)
+    raise _Mismatch(f"server reports size {got_size} and CRC32C {got_crc}, sent {size} bytes with CRC32C {sent_crc}")
 
 
 # -- download --------------------------------------------------------------------------------
@@ -349,11 +435,11 @@ def object_metadata(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> d
 
     Raises
     ------
-    ObjectNotFoundError, BucketNotFoundError
+    ObjectNotFoundError, BucketNotFoundError, TransientError
     """
     fs = _filesystem(fs)
     try:
-        return fs.call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)
+        return fs.call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)  # type: ignore[no-any-return]
     except FileNotFoundError as e:
         _forget_bucket(path.bucket)
         ensure_bucket(path, fs)  # raises BucketNotFoundError when that is the reason
@@ -361,6 +447,10 @@ def object_metadata(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> d
             f"{path.url}: no such object. Check the key (list the prefix gs://{path.bucket}/"
             f"{path.parent.key}), or open with mode 'w' to create it."
         ) from e
+    except Exception as e:
+        if _is_transient(e):
+            raise transient_error(path.url, "reading the object's metadata", e) from e
+        raise
 
 
 def download(
@@ -378,8 +468,10 @@ def download(
 
     Raises
     ------
-    ObjectNotFoundError, BucketNotFoundError, IntegrityError
+    ObjectNotFoundError, BucketNotFoundError, IntegrityError, TransientError
     """
+    import time
+
     path = _as_path(url)
     fs = _filesystem(fs)
     last = ""
@@ -393,6 +485,10 @@ def download(
         except FileNotFoundError:
             last = "the object disappeared during the download"
             continue  # deleted in between: the next metadata request says so
+        except Exception as e:
+            if _is_transient(e):
+                raise transient_error(path.url, "download", e) from e
+            raise
         checksum = google_crc32c.Checksum()
         got = 0
         with open(local, "rb") as f:
@@ -406,4 +502,61 @@ def download(
     raise IntegrityError(
         f"{path.url}: downloaded bytes never matched the object's metadata ({last}); is it being "
         "overwritten continuously? Retry when writes to it have stopped."
+    )
+
+
+def _header_crc(headers: Any) -> str | None:
+    """The ``crc32c=`` part of a response's X-Goog-Hash, when it describes the bytes received."""
+    if headers.get("X-Goog-Stored-Content-Encoding", "identity") != "identity":
+        return None  # the hash is of the stored (compressed) bytes, not of what arrived
+    for part in headers.get("X-Goog-Hash", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "crc32c":
+            return value
+    return None
+
+
+async def get_verified(
+    fs: "gcsfs.GCSFileSystem", url: GCSPath | str | os.PathLike[str], *, attempts: int = ATTEMPTS
+) -> bytes | None:
+    """The whole object at ``url`` (one GET), checked against the CRC32C in the response's X-Goog-Hash.
+
+    For every full-object read whose bytes pass through cloudio. The hash
+    describes the very generation sent, so no metadata request is needed;
+    a response without one (a composite or gzip-stored object) is returned
+    unchecked. A mismatch is fetched again, at most ``attempts`` times.
+
+    Returns None when the object does not exist.
+
+    Raises
+    ------
+    IntegrityError
+        The bytes never matched the server's CRC32C.
+    TransientError
+        The server or network failed past gcsfs's retries.
+    """
+    path = _as_path(url)
+    last = ""
+    for attempt in range(max(1, attempts)):
+        if attempt:
+            await asyncio.sleep(_BACKOFF * 2 ** (attempt - 1))
+        try:
+            headers, data = await _bounded(fs, fs._call("GET", fs.url(path.fs_path)))
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            if _is_transient(e):
+                raise transient_error(path.url, "read", e) from e
+            raise
+        want = _header_crc(headers)
+        if want is None:
+            return data  # type: ignore[no-any-return]
+        got = base64.b64encode(google_crc32c.value(_bytes_like(data)).to_bytes(4, "big")).decode("ascii")
+        if got == want:
+            return data  # type: ignore[no-any-return]
+        last = f"got {len(data)} bytes with CRC32C {got}, the server says {want}"
+        log.warning("%s: read bytes differ from the server's CRC32C (%s); reading again", path.url, last)
+    raise IntegrityError(
+        f"{path.url}: the bytes received never matched the CRC32C the server sent ({last}) in "
+        f"{attempts} attempts. Check the network path to GCS (a proxy rewriting bodies?) and read again."
     )

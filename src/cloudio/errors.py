@@ -20,6 +20,7 @@ __all__ = [
     "ConfigurationError",
     "TransientError",
     "IncompleteWriteError",
+    "NotARasterError",
 ]
 
 
@@ -71,3 +72,11 @@ class IncompleteWriteError(CloudioError, OSError):
 
     Reading it would mix old and new objects; rewrite it, or delete it.
     """
+
+
+class NotARasterError(CloudioError, OSError):
+    """The object exists but GDAL does not recognise it as a raster it can update."""
+
+
+class ReadError(CloudioError, OSError):
+    """GDAL could not read an object that exists (not a raster, or truncated), even after a retry."""
