@@ -54,7 +54,12 @@ Options that datasets need while GDAL reads them lazily (the emulator
 endpoint, unsigned requests) are set as GDAL *path-specific* options on
 ``/vsigs/<bucket>``, which hold in every thread and outlive any
 ``rasterio.Env``; process-wide configuration is never touched, and anonymous
-requests are only ever configured for an emulator.
+requests are only ever configured for an emulator. The same options carry
+GDAL's timeouts and retries (:func:`cloudio._config.gdal_http_options`,
+``CLOUDIO_HTTP_TIMEOUT``; GDAL's defaults wait forever), except those the
+user set in the environment or in the ``rasterio.Env`` in force: a
+path-specific option would win over theirs. When the endpoint changes, the
+options of every bucket are removed.
 """
 
 from __future__ import annotations
@@ -165,8 +170,15 @@ def clear_path_options(prefix: str) -> None:
     _lib().VSIClearPathSpecificOptions(prefix.encode())
 
 
-_endpoints: dict[str, object] = {}  # bucket -> the endpoint setting last applied to it
+_endpoints: dict[str, object] = {}  # bucket -> the settings last applied to it
 _endpoints_lock = threading.Lock()
+_applied_endpoint: list[object] = [None]  # the endpoint state the options of _endpoints point at
+
+#: GDAL options cloudio sets per bucket; a user's own setting of any of these wins
+_HTTP_KEYS = (
+    "GDAL_HTTP_TIMEOUT", "GDAL_HTTP_CONNECTTIMEOUT", "GDAL_HTTP_MAX_RETRY",
+    "GDAL_HTTP_RETRY_DELAY", "GDAL_HTTP_RETRY_CODES",
+)
 
 
 #: os.environ's own mapping (CPython, POSIX: bytes keys); a missing key costs no KeyError there
@@ -180,32 +192,75 @@ def env_raw(name: bytes) -> object:
     return os.environ.get(name.decode())
 
 
+_rio_local: Any = None
+
+
+def _user_http_keys() -> tuple[str, ...]:
+    """Which of :data:`_HTTP_KEYS` the user set (a ``rasterio.Env`` in this thread, or the environment)."""
+    global _rio_local
+    if _rio_local is None:
+        import rasterio.env
+
+        _rio_local = rasterio.env.local
+    env = getattr(_rio_local, "_env", None)
+    if env is None:  # the common case, kept cheap
+        return ()
+    opts = getattr(env, "options", {})
+    return tuple(k for k in _HTTP_KEYS if k in opts)
+
+
 def _endpoint_state() -> object:
-    """What decides the endpoint (cheap to compare on every open; parsed only on change)."""
-    return (_config._override[-1] if _config._override else None, env_raw(b"STORAGE_EMULATOR_HOST"))
+    """What decides the options of a bucket (cheap to compare on every open; parsed only on change)."""
+    return (
+        _config._override[-1] if _config._override else None,
+        env_raw(b"STORAGE_EMULATOR_HOST"),
+        env_raw(b"CLOUDIO_HTTP_TIMEOUT"),
+        _user_http_keys(),
+    )
+
+
+def bucket_prefix(bucket: str) -> str:
+    """``/vsigs/<bucket>``, no '/': GDAL looks the options of every listing up by the bucket alone.
+
+    Measured with GDAL 3.10: with ``/vsigs/<bucket>/`` listings of any
+    directory go unsigned to Google. The string prefix also reaches buckets
+    whose names extend this one, but only for the endpoint in force: on a
+    change of endpoint every bucket's options are removed.
+    """
+    return f"/vsigs/{bucket}"
 
 
 def ensure_endpoint(bucket: str) -> None:
-    """Point ``/vsigs/<bucket>`` at the emulator in force, for good (no-op for real GCS).
+    """Set ``bucket``'s GDAL options: the emulator in force (if any), timeouts and retries.
 
-    The prefix has no trailing '/': GDAL looks the options of a listing up with
-    the directory path ``/vsigs/<bucket>``, so ``/vsigs/<bucket>/`` would leave
-    listings signed and aimed at Google.
+    They are path-specific options on ``/vsigs/<bucket>`` (see
+    :func:`bucket_prefix`), so they hold for datasets read lazily in any
+    thread. An HTTP option the user set in the environment or in a
+    ``rasterio.Env`` is left to them (a path-specific option would win over
+    it). When the endpoint changes, every bucket's options are removed and
+    what GDAL cached from the old server is dropped.
     """
     state = _endpoint_state()
     if _endpoints.get(bucket) == state:
         return
     with _endpoints_lock:
+        endpoint_state = state[:2]  # type: ignore[index]
+        if _applied_endpoint[0] != endpoint_state:
+            for old in list(_endpoints):  # another server: nothing set or cached for the old one holds
+                clear_path_options(bucket_prefix(old))
+                clear(f"/vsigs/{old}")
+            _endpoints.clear()
+            _applied_endpoint[0] = endpoint_state
         ep = emulator_endpoint()
-        prefix = f"/vsigs/{bucket}"
-        had = bucket in _endpoints
-        if had:
-            clear_path_options(prefix)
+        prefix = bucket_prefix(bucket)
+        clear_path_options(prefix)
         if ep is not None:
             for key, value in ep.gdal_options.items():
                 set_path_option(prefix, key, value)
-        if had:  # another server: what GDAL cached came from the old one
-            clear(prefix)
+        user = set(state[3]) | {k for k in _HTTP_KEYS if k in os.environ}  # type: ignore[index]
+        for key, value in _config.gdal_http_options().items():
+            if key not in user:
+                set_path_option(prefix, key, value)
         _endpoints[bucket] = state
 
 
@@ -229,12 +284,17 @@ class Target(NamedTuple):
     dir: str  #: /vsigs/b/d, the key of GDAL's listing
     name: str  #: a.tif
     vrt: bool  #: GDAL opens its sources itself
+    open_as: str  #: what rasterio.open gets: the user's gs:// spelling keeps rasterio's ``.name``
 
 
-def target(path: GCSPath) -> Target:
+def target(path: GCSPath, spelling: str | None = None) -> Target:
+    """``spelling``: the URL as the user wrote it; used as is when rasterio maps it to ``vsi`` itself."""
     vsi = path.vsi
     i = vsi.rfind("/")
-    return Target(path, vsi, vsi[:i], vsi[i + 1:], vsi.lower().endswith(".vrt"))
+    open_as = vsi
+    if spelling is not None and spelling == path.url and not any(c in spelling for c in "?#%"):
+        open_as = spelling  # rasterio turns gs://b/k into /vsigs/b/k and names the dataset gs://b/k
+    return Target(path, vsi, vsi[:i], vsi[i + 1:], vsi.lower().endswith(".vrt"), open_as)
 
 
 def dir_key(path: GCSPath) -> str:

@@ -11,6 +11,16 @@ The flow of a read of a GCS object::
       4. rasterio.open("/vsigs/b/k") with the plan's options
       5. on failure only: diagnose (object / bucket missing) or retry once
          after clearing a directory listing GDAL held behind cloudio's back
+         (and the object's own cache: a reset mid-download leaves part of a
+         range there, which GDAL would serve to every later open)
+
+The dataset returned reads lazily; its ``read``/``read_masks``/``dataset_mask``
+do the same on failure: clear the object's GDAL cache, retry once, and raise
+a :class:`~cloudio.errors.CloudioError` naming the URL (``TransientError``
+for 5xx/429, resets and timeouts, which GDAL itself already retried, see
+:func:`cloudio._config.gdal_http_options`), with GDAL's error as the cause.
+These errors are also :class:`rasterio.errors.RasterioIOError`, so code written
+for :func:`rasterio.open` keeps catching them.
 
 Writes (``"w"``, ``"w+"``, ``"r+"``) go to :mod:`cloudio._rasterwrite`, which
 renders locally and uploads on close. Local paths, file objects and other
@@ -21,26 +31,132 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
 import rasterio
 from rasterio.errors import RasterioIOError
+from rasterio.io import DatasetReader
 
 from . import _gdal, _session
 from ._config import emulator_endpoint
 from ._paths import GCSPath, is_gcs, parse_gcs
 from ._session import count, current_consistency
-from .errors import BucketNotFoundError, ObjectNotFoundError
-
-if TYPE_CHECKING:
-    from rasterio.io import DatasetReader
+from .errors import BucketNotFoundError, CloudioError, ConfigurationError, ObjectNotFoundError, ReadError, TransientError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["open"]
 
 _WRITE_MODES = ("w", "w+", "r+")
+#: what GDAL says when the server or the network failed (after GDAL's own retries)
+_TRANSIENT = re.compile(
+    r"HTTP (?:response )?code:? *(?:429|5\d\d)|timed? ?out|timeout|reset|transfer closed|Connection|"
+    r"Could(?:n't| not) (?:connect|resolve)|Recv failure|Send failure|Empty reply|SSL",
+    re.IGNORECASE,
+)
+
+
+class TransientReadError(TransientError, RasterioIOError):
+    """A :class:`TransientError` that code catching rasterio's own read errors also catches."""
+
+
+class DatasetReadError(ReadError, RasterioIOError):
+    """A :class:`ReadError` that code catching rasterio's own read errors also catches."""
+
+
+class _Reader(DatasetReader):
+    """What cloudio.open returns for reading: rasterio's reader, whose reads survive a poisoned cache.
+
+    A failed read clears the object's GDAL cache (where a reset or a
+    timeout may have left part of a range) and is retried once; a second
+    failure raises cloudio's error naming the URL.
+    """
+
+    _cloudio_target: _gdal.Target
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read(*args, **kwargs)
+        except RasterioIOError as e:
+            return _retry_read(self, e, super().read, args, kwargs)
+
+    def read_masks(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_masks(*args, **kwargs)
+        except RasterioIOError as e:
+            return _retry_read(self, e, super().read_masks, args, kwargs)
+
+    def dataset_mask(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().dataset_mask(*args, **kwargs)
+        except RasterioIOError as e:
+            return _retry_read(self, e, super().dataset_mask, args, kwargs)
+
+
+def _reader(ds: Any, t: _gdal.Target) -> Any:
+    """Make a plain DatasetReader a :class:`_Reader` (same object, same layout: a class swap)."""
+    if type(ds) is DatasetReader:
+        ds.__class__ = _Reader
+        ds._cloudio_target = t
+    return ds
+
+
+def _retry_read(ds: _Reader, first: RasterioIOError, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    t = ds._cloudio_target
+    log.info("%s: read failed (%s); clearing GDAL's cache of it and retrying once", t.path.url, first)
+    _gdal.clear(t.vsi)
+    try:
+        return fn(*args, **kwargs)
+    except RasterioIOError as e:
+        raise _read_error(t, e) from e
+
+
+def _messages(e: BaseException) -> str:
+    """The text of ``e`` and of the errors it was raised from (rasterio chains GDAL's own there)."""
+    out, seen = [], 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 8:
+        out.append(str(cur))
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return " <- ".join(out)
+
+
+#: a block GDAL could not fetch whole, even after clearing its cache and retrying
+_SHORT_READ = re.compile(r"got \d+ bytes, expected \d+")
+
+
+def _is_transient(e: BaseException) -> bool:
+    """Did the server or network fail (after GDAL's own retries)?"""
+    text = _messages(e)
+    return _TRANSIENT.search(text) is not None or _SHORT_READ.search(text) is not None
+
+
+def _transient(t: _gdal.Target, e: BaseException) -> TransientReadError:
+    return TransientReadError(
+        f"{t.path.url}: {_where()} did not answer in time or failed (HTTP 5xx/429, reset or timeout), "
+        f"even after GDAL's retries and one more after clearing its cache: {_messages(e)}. "
+        "Retry later; if the server is slow rather than down, raise CLOUDIO_HTTP_TIMEOUT (seconds)."
+    )
+
+
+def _read_error(t: _gdal.Target, e: RasterioIOError) -> CloudioError:
+    """cloudio's error for a GDAL failure that survived a clear and a retry (``e`` becomes its cause)."""
+    if _is_transient(e):
+        return _transient(t, e)
+    try:
+        _object_metadata(t.path)
+    except FileNotFoundError as nf:
+        return _not_found(t.path, nf)
+    except OSError as oe:
+        log.debug("could not diagnose %s: %s", t.path.url, oe)
+        return _transient(t, e)
+    return DatasetReadError(
+        f"{t.path.url} exists on {_where()} but GDAL could not read it: {_messages(e)}. "
+        "Check that it is a complete raster in a format GDAL reads (download it and open it locally)."
+    )
 
 
 def open(  # noqa: A001 - the public name mirrors rasterio.open
@@ -85,6 +201,15 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
         The bucket does not exist.
     InvalidURLError
         A malformed GCS URL.
+    TransientError
+        The server or network kept failing (5xx, 429, resets, timeouts) past
+        GDAL's retries and one more of cloudio's; also raised by the dataset's
+        reads. Retry later.
+    ReadError
+        The object exists but GDAL cannot read it (not a raster, truncated).
+    ConfigurationError
+        A mode that does not exist, or a VRT opened for writing (use
+        :func:`cloudio.write_vrt`).
 
     Notes
     -----
@@ -96,6 +221,11 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
     check is older. Sidecar files (``.ovr``, ``.aux.xml``, ``.msk``) written
     elsewhere are seen after :func:`cloudio.invalidate` of the directory.
     """
+    if mode != "r" and mode not in _WRITE_MODES:
+        raise ConfigurationError(
+            f"{fp!r}: mode {mode!r} does not exist; rasterio's modes are 'r' (read), 'w' (write a new "
+            "dataset), 'w+' (write, then read back) and 'r+' (update). There is no 'b': datasets are binary."
+        )
     t = _parsed.get(fp) if type(fp) is str else None  # the fast path: a URL read before
     if t is None and opener is None:
         t = _target(fp)
@@ -110,24 +240,29 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
             # the common case, kept cheap: read before, nothing written since, nothing to check
             epoch = c.epoch(t)  # see GdalConsumer.opened_dataset
             try:
-                dataset = rasterio.open(t.vsi, "r", driver=driver, sharing=sharing)
+                dataset = rasterio.open(t.open_as, "r", driver=driver, sharing=sharing)
             except RasterioIOError:
                 dataset = _open_read(t, driver, sharing, kwargs)
             else:
                 c.opened_dataset(t, dataset, epoch)
+                _reader(dataset, t)
         else:
             dataset = _open_read(t, driver, sharing, kwargs)
         next(_session._opens)  # count("opens"), lock-free
         return dataset
-    if mode in _WRITE_MODES:
-        from ._rasterwrite import open_write
-
-        return open_write(
-            t.path, mode, driver, width=width, height=height, count=count, crs=crs,
-            transform=transform, dtype=dtype, nodata=nodata, sharing=sharing, **kwargs,
+    if t.vrt or (driver or "").upper() == "VRT":
+        raise ConfigurationError(
+            f"{t.path.url}: GDAL cannot write or update a VRT on GCS (mode {mode!r}). Build the VRT "
+            "with rasterio (e.g. rasterio.vrt.WarpedVRT, or locally) and save it with "
+            "cloudio.write_vrt(dataset_or_vrt, url), which also makes its sources absolute /vsigs/ paths."
         )
-    # let rasterio phrase its own error for unknown modes
-    return rasterio.open(t.vsi, mode, driver=driver, sharing=sharing, **kwargs)
+    from ._rasterwrite import open_write
+
+    return open_write(
+        t.path, mode, driver, width=width, height=height, count=count, crs=crs,
+        transform=transform, dtype=dtype, nodata=nodata, sharing=sharing, **kwargs,
+    )
+
 
 
 # the public function shadows the builtin and the parameter `count` shadows the counter
@@ -144,7 +279,7 @@ def _target(fp: Any) -> _gdal.Target | None:
     if not isinstance(fp, (str, os.PathLike)) or not is_gcs(fp):
         return None
     s = os.fspath(fp)
-    t = _gdal.target(parse_gcs(s, require_key=True))
+    t = _gdal.target(parse_gcs(s, require_key=True), s)
     if s.startswith(("gs://", "/vsigs/")):  # http(s) spellings depend on the emulator in force
         if len(_parsed) >= _PARSED_MAX:
             _parsed.clear()
@@ -174,14 +309,18 @@ def _open_read(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[
     try:
         return _gdal_open(t, driver, sharing, kwargs)
     except RasterioIOError as e:
-        # off the happy path: now, and only now, ask the server what is wrong
-        _raise_if_missing(t.path, e)
-        # the object exists, so GDAL answered from a listing made behind cloudio's back
-        _gdal.consumer.forget_listing(t.path)
+        if _is_transient(e):  # GDAL retried already; what it cached of the object may be partial
+            _gdal.clear(t.vsi)
+        else:
+            # off the happy path: now, and only now, ask the server what is wrong
+            _raise_if_missing(t, e)
+            # the object exists: GDAL answered from a listing made behind cloudio's back, or
+            # from part of a range a broken download left (the directory clear drops both)
+            _gdal.consumer.forget_listing(t.path)
         try:
             return _gdal_open(t, driver, sharing, kwargs)
-        except RasterioIOError:
-            raise e from None
+        except RasterioIOError as e2:
+            raise _read_error(t, e2) from e2
 
 
 def _gdal_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
@@ -189,7 +328,7 @@ def _gdal_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[
     epoch = c.epoch(t)
     ds = _gdal_open_planned(t, driver, sharing, kwargs)
     c.opened_dataset(t, ds, epoch)
-    return ds
+    return _reader(ds, t)
 
 
 def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
@@ -197,17 +336,17 @@ def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwarg
     if c.plan_read(t) is _gdal.NEEDS_LISTING:
         names = _list_names(t.path)
         if names is _NO_BUCKET:  # let GDAL fail; the failure is diagnosed by the caller
-            return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing, **kwargs)
+            return rasterio.open(t.open_as, "r", driver=driver, sharing=sharing, **kwargs)
         c.set_listing(t.path, names)
         c.plan_read(t)
     if t.vrt or (driver or "").upper() == "VRT":
         c.prepare_vrt(t.path)
-        ds = rasterio.open(t.vsi, "r", driver=driver, sharing=sharing, **kwargs)
+        ds = rasterio.open(t.open_as, "r", driver=driver, sharing=sharing, **kwargs)
         c.opened(ds.files)
         return ds
     if kwargs:
-        return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing, **kwargs)
-    return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing)
+        return rasterio.open(t.open_as, "r", driver=driver, sharing=sharing, **kwargs)
+    return rasterio.open(t.open_as, "r", driver=driver, sharing=sharing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,15 +421,15 @@ def _revalidate(path: GCSPath, max_age: float | None) -> None:
                 _gdal.consumer.set_listing(path, names)
 
 
-def _raise_if_missing(path: GCSPath, cause: BaseException) -> None:
+def _raise_if_missing(t: _gdal.Target, cause: RasterioIOError) -> None:
     """Raise the not-found error that says why, unless the object exists."""
     try:
-        _object_metadata(path)
+        _object_metadata(t.path)
     except FileNotFoundError:
-        raise _not_found(path, cause) from cause
-    except OSError as e:  # the server is unreachable or refuses: keep rasterio's error
-        log.debug("could not diagnose %s: %s", path.url, e)
-        raise cause from None
+        raise _not_found(t.path, cause) from cause
+    except OSError as e:  # the server is unreachable or refuses
+        log.debug("could not diagnose %s: %s", t.path.url, e)
+        raise _transient(t, cause) from cause
 
 
 def _not_found(path: GCSPath, cause: BaseException) -> ObjectNotFoundError:
