@@ -14,7 +14,9 @@ matches the request; the emulator itself is never bypassed or mocked. Faults:
 
 Rules are tried in the order added; each has a ``times`` budget (None = forever).
 ``Rule.answered`` is set once the upstream answered a request the rule matched.
-``log`` records ``(method, path, status_or_fault)`` for every request.
+``log`` records ``(method, path, status_or_fault)`` for every request. A ``Location``
+naming the emulator (a resumable upload's session) is rewritten to the proxy, so
+the chunks of a resumable upload pass through it too.
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ class FaultProxy:
                     i = len(data) // 2
                     data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
                 self.send_response(status)
+                upstream = f"{proxy.upstream.scheme}://{proxy.upstream.netloc}"
                 for k, v in resp_headers:
+                    if k.lower() == "location" and v.startswith(upstream):
+                        v = proxy.url + v[len(upstream):]  # resumable uploads stay behind the proxy
                     if k.lower() not in _HOP:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))

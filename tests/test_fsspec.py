@@ -479,3 +479,81 @@ def test_bad_urls_raise_invalid_url_error():
         cloudio.filesystem("s3://bucket/k")
     with pytest.raises(InvalidURLError, match="gs://B_A_D"):
         cloudio.filesystem("gs://B_A_D/k")
+
+
+# ----------------------------------------------------------------------------------------------
+# the tracked filesystem verifies bytes, names transient failures, and never hangs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_byte_flipped_on_the_way_up_is_not_stored_or_journaled(fault_proxy, gcs_emulator, b):
+    fs = cloudio.filesystem(f"gs://{b}")
+    fault_proxy.add("flip", where="request", method="POST", path=r"/upload/")
+    seq = journal().seq
+    with pytest.raises(cloudio.IntegrityError, match=f"gs://{b}/d/a.bin") as e:
+        fs.pipe(f"{b}/d/a.bin", b"x" * 1000)
+    assert isinstance(e.value.__cause__, Exception)
+    assert [k for _u, k, _p in _changes_since(seq)] == ["delete"]  # the write is not journaled
+    assert gcs_emulator.client.bucket(b).get_blob("d/a.bin") is None  # no corrupt object left
+
+
+def test_a_byte_flipped_in_an_open_wb_upload_raises(fault_proxy, gcs_emulator, b):
+    fs = cloudio.filesystem(f"gs://{b}")
+    fault_proxy.add("flip", where="request", method="POST", path=r"upload_id=", times=None)
+    seq = journal().seq
+    with pytest.raises(cloudio.IntegrityError, match=f"gs://{b}/w.bin"):
+        with fs.open(f"{b}/w.bin", "wb") as f:
+            f.write(b"y" * 5000)
+    assert "write" not in [k for _u, k, _p in _changes_since(seq)]
+    assert gcs_emulator.client.bucket(b).get_blob("w.bin") is None
+
+
+def test_a_byte_flipped_in_a_put_raises(fault_proxy, gcs_emulator, tmp_path, b):
+    fs = cloudio.filesystem(f"gs://{b}")
+    local = tmp_path / "p.bin"
+    local.write_bytes(b"z" * 777)
+    fault_proxy.add("flip", where="request", method="POST", path=r"/upload/")
+    with pytest.raises(cloudio.IntegrityError, match=f"gs://{b}/p.bin"):
+        fs.put(str(local), f"{b}/p.bin")
+    assert gcs_emulator.client.bucket(b).get_blob("p.bin") is None
+
+
+def test_a_byte_flipped_on_the_way_down_raises_on_cat(fault_proxy, b):
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe(f"{b}/r.bin", b"r" * 1000)
+    assert fs.cat(f"{b}/r.bin") == b"r" * 1000
+    fault_proxy.add("flip", method="GET", path=r"/r\.bin")
+    with pytest.raises(cloudio.IntegrityError, match=f"gs://{b}/r.bin"):
+        fs.cat(f"{b}/r.bin")
+
+
+def test_503s_past_the_retries_raise_transient_error(fault_proxy, b, monkeypatch):
+    monkeypatch.setattr("gcsfs.retry.random.random", lambda: 0.0)  # keep gcsfs's backoff short
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe(f"{b}/t.bin", b"t")
+    fault_proxy.add("status", code=503, method="GET", path=r"/t\.bin", times=None)
+    with pytest.raises(cloudio.TransientError, match=f"gs://{b}/t.bin.*retr") as e:
+        fs.cat(f"{b}/t.bin")
+    assert isinstance(e.value, ConnectionError) and e.value.__cause__ is not None
+    fault_proxy.clear()
+    with pytest.raises(FileNotFoundError):  # fsspec's contract is untouched
+        fs.cat(f"{b}/missing.bin")
+
+
+def test_a_server_that_never_answers_raises_transient_error_in_bounded_time(fault_proxy, b, monkeypatch):
+    import time
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe(f"{b}/h.bin", b"h")
+    fault_proxy.add("hang", times=None)
+    t0 = time.monotonic()
+    with pytest.raises(cloudio.TransientError, match=f"gs://{b}/h.bin"):
+        fs.cat(f"{b}/h.bin")
+    assert time.monotonic() - t0 < 30  # 3 x the limit, far from forever
+
+
+def test_explicit_requests_timeout_wins(gcs_emulator, monkeypatch):
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "7")
+    assert cloudio.filesystem("gs://").requests_timeout.sock_read == 7
+    assert cloudio.filesystem("gs://", requests_timeout=11.0).requests_timeout == 11.0

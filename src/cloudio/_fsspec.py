@@ -28,27 +28,62 @@ alone. ``info`` of a bare bucket always asks the server. gcsfs's extended
 (HNS/zonal) filesystem also keeps a per-bucket layout cache and, for zonal
 buckets only, a pool of range readers keyed by object generation; neither
 holds listings, and the emulator never uses them.
+
+A listing in flight across an invalidation: the server may answer a listing
+before a write and gcsfs store it after the consumer dropped the listings,
+which would bring the old state back for good. Every invalidation therefore
+bumps an epoch for the paths (and prefixes) it touched; each listing call
+remembers the epoch it started at, and its ``dircache`` refuses to store a
+listing whose path was invalidated since. Cache hits are untouched (no lock).
+Instances cloudio makes (tracked ones, :func:`cloudio._gcs.gcs_filesystem`)
+are guarded from birth; other live gcsfs instances from the first change the
+consumer hands them, so a listing already in flight then is not covered.
+
+The tracked filesystem also verifies bytes and names its failures: every
+upload (``pipe``, ``put``, ``open("wb")``) is compared with the CRC32C and
+size the server stored (a mismatch deletes the object, journals the delete
+and raises :class:`~cloudio.IntegrityError`); a whole-object ``cat`` is
+checked against the ``x-goog-hash`` CRC32C the server sends. Network trouble
+that outlasts gcsfs's retries, or the time limit (``CLOUDIO_HTTP_TIMEOUT``,
+see :mod:`cloudio._gcs`), raises :class:`~cloudio.TransientError`;
+``FileNotFoundError`` stays what fsspec's contract says.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import logging
 import os
+import re
 import sys
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import unquote
 
 import fsspec
-from fsspec.asyn import sync_wrapper
+import google_crc32c
+from fsspec.asyn import sync, sync_wrapper
+from fsspec.dircache import DirCache
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 from ._config import emulator_endpoint, gcsfs_options, prepare_gcsfs_import
+from ._gcs import http_options, total_time_limit
 from ._journal import Change, Consumer, Kind, journal
-from ._paths import GCSPath, is_gcs, normalize, parse_gcs
+from ._paths import GCSPath, check_key, is_gcs, normalize, parse_gcs
+from ._upload import (
+    _check_stored,
+    _crc_b64,
+    _header_crc,
+    _is_transient,
+    _Mismatch,
+    transient_error,
+)
+from .errors import IntegrityError, TransientError
 
 __all__ = ["FsspecConsumer", "filesystem"]
 
@@ -95,6 +130,131 @@ def _live_gcs_filesystems() -> list[Any]:
         if isinstance(inst, core.GCSFileSystem):
             seen.setdefault(id(inst), inst)
     return list(seen.values())
+
+
+# --------------------------------------------------------------------------------------------
+# epochs: a listing that started before an invalidation of its path never lands
+# --------------------------------------------------------------------------------------------
+
+
+class _Epochs:
+    """The epoch of the last invalidation of each dircache key, and of each prefix.
+
+    Bumped (under a lock) by the consumer *before* it drops listings; read
+    without a lock when a listing is stored. Past ``limit`` entries everything
+    is forgotten and a floor takes their place: fills that started before it
+    are refused, as if every path had been invalidated.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.now = 0
+        self._floor = 0
+        self._paths: dict[str, int] = {}
+        self._prefixes: dict[str, int] = {}
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def bump(self, keys: list[str], prefixes: list[str]) -> None:
+        with self._lock:
+            self.now += 1
+            if len(self._paths) + len(self._prefixes) > self._limit:
+                self._floor = self.now  # before clearing: a reader never sees neither
+                self._paths.clear()
+                self._prefixes.clear()
+            for k in keys:
+                self._paths[k] = self.now
+            for p in prefixes:
+                self._prefixes[p] = self.now
+
+    def stale(self, key: str, start: int) -> bool:
+        """Was ``key`` (or a prefix holding it) invalidated after epoch ``start``?"""
+        if self._floor > start or self._paths.get(key, 0) > start:
+            return True
+        if self._prefixes:
+            for k in (key, *_ancestors(key)):
+                if self._prefixes.get(k, 0) > start:
+                    return True
+        return False
+
+
+_epochs = _Epochs()
+
+#: the epoch at which the listing call running in this context started (None: not a guarded call)
+_fill_start: contextvars.ContextVar[int | None] = contextvars.ContextVar("cloudio_fill_start", default=None)
+
+
+class _EpochDirCache(DirCache):
+    """fsspec's DirCache that refuses listings fetched before their path was invalidated.
+
+    Checked before storing and again after (the consumer bumps, then drops):
+    whichever of the two runs last sees the other, so a stale listing never stays.
+    """
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        start = _fill_start.get()
+        if start is None:
+            super().__setitem__(key, value)
+            return
+        if _epochs.stale(key, start):
+            log.debug("fsspec: not caching the listing of %s: invalidated while it was fetched", key)
+            return
+        super().__setitem__(key, value)
+        if _epochs.stale(key, start):
+            try:
+                if super().__getitem__(key) is value:
+                    self.pop(key, None)
+            except KeyError:
+                pass
+
+
+def _guarded(method: Any) -> Any:
+    """``method`` (a listing coroutine) with the epoch it started at in the context."""
+
+    @functools.wraps(method)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        token = _fill_start.set(_epochs.now)
+        try:
+            return await method(*args, **kwargs)
+        finally:
+            _fill_start.reset(token)
+
+    return run
+
+
+#: the gcsfs coroutines that store listings in ``dircache``
+_FILLERS = ("_list_objects", "_list_buckets", "_find")
+
+
+def guard_listings(fs: Any) -> None:
+    """Make ``fs`` refuse listings that an invalidation overtook (idempotent, per instance).
+
+    Instance attributes, not a subclass: the user's own instances keep their
+    class (and so pickle as before). ``find`` is rebound because fsspec bound it
+    to the unguarded ``_find`` when the instance was made.
+    """
+    if fs.__dict__.get("_cloudio_guarded"):
+        return
+    dircache = getattr(fs, "dircache", None)
+    if type(dircache) is DirCache:
+        dircache.__class__ = _EpochDirCache
+    for name in _FILLERS:
+        method = getattr(fs, name, None)
+        if method is not None:
+            setattr(fs, name, _guarded(method))
+    if "find" in fs.__dict__:
+        fs.find = sync_wrapper(fs._find, obj=fs)
+    fs.__dict__["_cloudio_guarded"] = True
+
+
+def _bump(change: Change, path: GCSPath) -> None:
+    target = path.fs_path
+    keys = [target, *_ancestors(target)]
+    prefixes: list[str] = []
+    if change.prefix:
+        prefixes.append(target)
+        if not path.key:
+            keys.append("")
+    _epochs.bump(keys, prefixes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,9 +315,11 @@ class FsspecConsumer(Consumer):
         path = change.path
         if path is None:  # local paths: LocalFileSystem keeps no listing cache
             return
+        _bump(change, path)  # first: a fill storing after this sees it, one storing before is dropped
         touched = 0
         for fs in _live_gcs_filesystems():
             try:
+                guard_listings(fs)
                 if _drop_stale(fs, change, path):
                     touched += 1
             except Exception:  # one odd instance must not keep the others stale
@@ -208,6 +370,62 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
+class _Crc32cChecker:
+    """gcsfs's consistency-checker interface, fed every byte a ``GCSFile`` uploads.
+
+    gcsfs's own ``"crc32c"`` checker needs crcmod; this one uses google-crc32c
+    and only keeps the object resource the final response carried, so the
+    comparison (and the delete of a corrupt object) happens in one place,
+    :meth:`_JournalingGCSMixin._verify_stored`.
+    """
+
+    def __init__(self) -> None:
+        self._sum = google_crc32c.Checksum()
+        self.meta: dict[str, Any] | None = None
+
+    def update(self, data: Any) -> None:
+        self._sum.update(bytes(data))
+
+    def validate_json_response(self, gcs_object: dict[str, Any]) -> None:
+        self.meta = gcs_object
+
+    def validate_headers(self, headers: Any) -> None:
+        pass
+
+    def validate_http_response(self, r: Any) -> None:
+        pass
+
+    def b64(self) -> str:
+        return _crc_b64(self._sum)
+
+
+def _crc_of(data: Any) -> str:
+    checksum = google_crc32c.Checksum()
+    checksum.update(bytes(data))
+    return _crc_b64(checksum)
+
+
+def _crc_of_file(local: str) -> str:
+    checksum = google_crc32c.Checksum()
+    with open(local, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            checksum.update(block)
+    return _crc_b64(checksum)
+
+
+_OBJECT_IN_URL = re.compile(r"/b/([^/?]+)(?:/o/([^?]+)|/o\?(?:.*&)?name=([^&]+))?")
+
+
+def _request_url(fs: Any, path: str, args: tuple[Any, ...]) -> str:
+    """The ``gs://`` URL a gcsfs request is about (its HTTP URL when none can be told)."""
+    http = fs._format_path(path, args)
+    m = _OBJECT_IN_URL.search(http)
+    if m is None:
+        return str(http.split("?", 1)[0])
+    key = m.group(2) or m.group(3) or ""
+    return f"gs://{unquote(m.group(1))}/{unquote(key)}"
+
+
 class _JournalingGCSFileMixin:
     """Mixed into gcsfs's file class for write modes: journal once the upload is final.
 
@@ -222,7 +440,14 @@ class _JournalingGCSFileMixin:
         done = super()._upload_chunk(final=final)  # type: ignore[misc]
         if final and done is not False and self.autocommit:  # type: ignore[attr-defined]
             url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
-            _record(url, "write", generation=getattr(self, "generation", None), size=self.offset)  # type: ignore[attr-defined]
+            checker: _Crc32cChecker = self.checker  # type: ignore[attr-defined]
+            try:
+                generation = sync(self.fs.loop, self.fs._verify_stored, url,  # type: ignore[attr-defined]
+                                  checker.meta or {}, self.offset, checker.b64())  # type: ignore[attr-defined]
+            except IntegrityError:
+                self.closed = True  # type: ignore[attr-defined]  # nothing left to send: no retry from __del__
+                raise
+            _record(url, "write", generation=generation, size=self.offset)  # type: ignore[attr-defined]
         return done
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -259,22 +484,79 @@ class _JournalingGCSMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _tracked[id(self)] = self  # type: ignore[assignment]
+        guard_listings(self)
 
     def _cloudio_url(self, path: str) -> str:
         return _gcs_url(self, path)
 
+    def split_path(self, path: str) -> tuple[str, str, str | None]:
+        """gcsfs's split, refusing keys GDAL would read as another object (``a//b``, ``./``)."""
+        bucket, key, generation = super().split_path(path)  # type: ignore[misc]
+        check_key(key, path if "://" in path else f"gs://{path}")
+        return bucket, key, generation
+
+    async def _call(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        """gcsfs's one request primitive, bounded in total time; transient failures become TransientError."""
+        limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
+        try:
+            call = super()._call(method, path, *args, **kwargs)  # type: ignore[misc]
+            return await (call if limit is None else asyncio.wait_for(call, limit))
+        except TransientError:
+            raise
+        except Exception as e:
+            if isinstance(e, FileNotFoundError) or not _is_transient(e):
+                raise
+            raise transient_error(_request_url(self, path, args), f"{method} request", e) from e
+
+    call = sync_wrapper(_call)  # GCSFile uploads through the sync ``call`` gcsfs bound to its own _call
+
+    async def _verify_stored(self, url: str, meta: dict[str, Any], size: int, crc: str) -> int | None:
+        """Compare the stored object with what was sent (the upload response serves when it has a
+        CRC32C); on a mismatch the object is deleted (journaled) and IntegrityError raised."""
+        path = parse_gcs(url, require_key=True)
+        try:
+            return await _check_stored(self, path, meta, size, crc)
+        except _Mismatch as e:
+            _record(url, "delete")
+            raise IntegrityError(
+                f"{url}: what the server stored differs from what was sent ({e}). The corrupt object was "
+                "deleted, so nothing is stored there now (the delete is journaled; a previous object there "
+                "is gone too). Check the network path to GCS (a proxy rewriting bodies?) and write again."
+            ) from e
+
     async def _pipe_file(self, path: str, data: Any, *args: Any, **kwargs: Any) -> Any:
         out = await super()._pipe_file(path, data, *args, **kwargs)  # type: ignore[misc]
-        # small uploads return the object resource (generation, size) at no cost
+        # small uploads return the object resource (generation, size, crc32c): no extra request
         meta = out if isinstance(out, dict) else {}
-        _record(self._cloudio_url(path), "write", generation=meta.get("generation"), size=meta.get("size", len(data)))
+        url = self._cloudio_url(path)
+        generation = await self._verify_stored(url, meta, len(data), _crc_of(data))
+        _record(url, "write", generation=generation, size=len(data))
         return out
 
     async def _put_file(self, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
         out = await super()._put_file(lpath, rpath, *args, **kwargs)  # type: ignore[misc]
         if not os.path.isdir(lpath):  # gcsfs skips directories
-            _record(self._cloudio_url(rpath), "write", size=os.path.getsize(lpath))
+            # gcsfs drops the upload's response here: one metadata request to verify
+            url = self._cloudio_url(rpath)
+            size = os.path.getsize(lpath)
+            generation = await self._verify_stored(url, {}, size, _crc_of_file(lpath))
+            _record(url, "write", generation=generation, size=size)
         return out
+
+    async def _cat_file(self, path: str, start: Any = None, end: Any = None, **kwargs: Any) -> Any:
+        """A whole object is checked against the CRC32C of the server's ``x-goog-hash``."""
+        if start is not None or end is not None or kwargs.get("concurrency", 1) > 1:
+            return await super()._cat_file(path, start=start, end=end, **kwargs)  # type: ignore[misc]
+        u = self.url(path, generation=kwargs.get("generation"))  # type: ignore[attr-defined]
+        headers, data = await self._call("GET", u)
+        want = _header_crc(headers)
+        if want is not None and _crc_of(data) != want:
+            raise IntegrityError(
+                f"{self._cloudio_url(path)}: the {len(data)} bytes received do not match the CRC32C the "
+                f"server sent ({want}); they were corrupted on the way. Check the network path to GCS and "
+                "read again."
+            )
+        return data
 
     async def _cp_file(self, path1: str, path2: str, *args: Any, **kwargs: Any) -> Any:
         out = await super()._cp_file(path1, path2, *args, **kwargs)  # type: ignore[misc]
@@ -342,6 +624,7 @@ class _JournalingGCSMixin:
             # gcsfs picks the file class (GCSFile, or ZonalFile for zonal buckets);
             # give that class the journaling mixin rather than re-implement the choice
             f.__class__ = _journaling_file_class(type(f))
+            f.checker = _Crc32cChecker()
         return f
 
 
@@ -536,4 +819,4 @@ def filesystem(url: str | os.PathLike[str] = "gs://", **storage_options: Any) ->
     name = "TrackedGCSFileSystem"
     if emulator_endpoint() is None and gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
         name = "TrackedExtendedGCSFileSystem"  # keep gcsfs's zonal/HNS support on real GCS
-    return _tracked_gcs_class(name)(**{**gcsfs_options(), **storage_options})
+    return _tracked_gcs_class(name)(**{**gcsfs_options(), **http_options(), **storage_options})

@@ -2,16 +2,31 @@
 
 cloudio's own uploads and metadata requests go through these; user-facing
 tracked filesystems live in :mod:`cloudio._fsspec`.
+
+Time limits. gcsfs waits forever by default: a server that accepts and never
+answers hangs ``cat`` for good. Every filesystem cloudio makes (these, and
+:func:`cloudio.filesystem`) passes gcsfs ``requests_timeout`` as an
+``aiohttp.ClientTimeout`` with connect and read limits of
+``CLOUDIO_HTTP_TIMEOUT`` seconds (default 30, :func:`cloudio._config.http_timeout`,
+shared with GDAL): a request may take as long as
+bytes keep arriving, but no step may stay silent longer. gcsfs retries such a
+failure up to 6 times with backoff; a tracked filesystem also bounds one
+whole call, retries included, to ``TOTAL_FACTOR`` times the limit, and raises
+:class:`~cloudio.TransientError` past it. An explicit ``requests_timeout``
+storage option wins over the environment variable.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._config import gcsfs_options, prepare_gcsfs_import
+from ._config import gcsfs_options, http_timeout, prepare_gcsfs_import
 
 if TYPE_CHECKING:
     import gcsfs
+
+#: one tracked call, gcsfs's retries included, may take this many times the limit
+TOTAL_FACTOR = 3
 
 
 #: asynchronous instances cloudio made, kept for the life of the process. gcsfs's
@@ -23,18 +38,41 @@ if TYPE_CHECKING:
 _keep_async: list["gcsfs.GCSFileSystem"] = []
 
 
+def http_options() -> dict[str, Any]:
+    """gcsfs options bounding every request (see the module docstring)."""
+    import aiohttp
+
+    limit = http_timeout()
+    return {"requests_timeout": aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)}
+
+
+def total_time_limit(requests_timeout: Any) -> float | None:
+    """How long one call of a filesystem with this ``requests_timeout`` may take, retries included."""
+    if isinstance(requests_timeout, (int, float)):
+        return TOTAL_FACTOR * float(requests_timeout)
+    limits = [getattr(requests_timeout, a, None) for a in ("total", "sock_read", "sock_connect", "connect")]
+    known = [float(v) for v in limits if v]
+    return TOTAL_FACTOR * max(known) if known else None
+
+
 def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> "gcsfs.GCSFileSystem":
     """A gcsfs filesystem for the emulator in force (or real GCS), fsspec-cached as usual.
 
-    Explicit ``kwargs`` win over the emulator's options.
+    Explicit ``kwargs`` win over the emulator's options and the time limits.
+    Its listings are guarded against fills an invalidation overtook.
     """
     prepare_gcsfs_import()
     import gcsfs
 
-    opts: dict[str, Any] = {**gcsfs_options(), **kwargs}
+    from ._fsspec import guard_listings
+
+    opts: dict[str, Any] = {**gcsfs_options(), **http_options(), **kwargs}
     if not asynchronous:
-        return gcsfs.GCSFileSystem(**opts)
+        fs = gcsfs.GCSFileSystem(**opts)
+        guard_listings(fs)
+        return fs
     fs = gcsfs.GCSFileSystem(**opts, asynchronous=True)
+    guard_listings(fs)
     if not any(k is fs for k in _keep_async):
         _keep_async.append(fs)
     return fs
