@@ -514,3 +514,23 @@ def test_no_emulator_and_no_credentials_fails_at_once(clean_env: pytest.MonkeyPa
     clean_env.delenv("GOOGLE_APPLICATION_CREDENTIALS")
     clean_env.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
     _config.require_credentials("gs://b1/a.tif")
+
+
+def test_no_credentials_fail_fast_through_the_public_calls(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import time
+
+    import numpy as np
+
+    import cloudio
+
+    clean_env.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    clean_env.delenv("GS_NO_SIGN_REQUEST", raising=False)
+    clean_env.setenv("CLOUDSDK_CONFIG", str(tmp_path))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigurationError, match="gs://no-creds/d"):
+        cloudio.filesystem("gs://no-creds/d")
+    with pytest.raises(ConfigurationError, match="STORAGE_EMULATOR_HOST"):
+        with cloudio.open("gs://no-creds/d/a.tif", "w", driver="GTiff", width=4, height=4, count=1,
+                          dtype="uint8") as ds:
+            ds.write(np.zeros((1, 4, 4), "uint8"))
+    assert time.monotonic() - t0 < 30  # not minutes of retries against storage.googleapis.com

@@ -71,7 +71,7 @@ from fsspec.asyn import sync, sync_wrapper
 from fsspec.dircache import DirCache
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
-from ._config import emulator_endpoint, gcsfs_options, prepare_gcsfs_import
+from ._config import emulator_endpoint, gcsfs_options, prepare_gcsfs_import, require_credentials
 from ._gcs import http_options, total_time_limit
 from ._journal import Change, Consumer, Kind, journal
 from ._paths import GCSPath, check_key, is_gcs, normalize, parse_gcs
@@ -819,4 +819,6 @@ def filesystem(url: str | os.PathLike[str] = "gs://", **storage_options: Any) ->
     name = "TrackedGCSFileSystem"
     if emulator_endpoint() is None and gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
         name = "TrackedExtendedGCSFileSystem"  # keep gcsfs's zonal/HNS support on real GCS
+    if "token" not in storage_options:
+        require_credentials(os.fspath(url))  # fail now, not after minutes of retries against Google
     return _tracked_gcs_class(name)(**{**gcsfs_options(), **http_options(), **storage_options})

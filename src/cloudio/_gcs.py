@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._config import gcsfs_options, http_timeout, prepare_gcsfs_import
+from ._config import gcsfs_options, http_timeout, prepare_gcsfs_import, require_credentials
 
 if TYPE_CHECKING:
     import gcsfs
@@ -67,6 +67,8 @@ def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> "gcsfs.GCSFi
     from ._fsspec import guard_listings
 
     opts: dict[str, Any] = {**gcsfs_options(), **http_options(), **kwargs}
+    if "token" not in opts:
+        require_credentials("gs:// URLs")  # fail now, not after minutes of retries against Google
     if not asynchronous:
         fs = gcsfs.GCSFileSystem(**opts)
         guard_listings(fs)
