@@ -188,6 +188,128 @@ def test_inspect_plot_writes_png(gcs_emulator, request, tmp_path, which):
     assert png.stat().st_size > 10_000  # an image with a colour bar, not an empty canvas
 
 
+@pytest.fixture
+def strip_raster_url(gcs_bucket):
+    """A raster whose blocks are not square (128 wide, 32 high), so their order shows."""
+    from rasterio.io import MemoryFile
+
+    url = f"{gcs_bucket}/strips.tif"
+    with MemoryFile() as mf:
+        with mf.open(driver="GTiff", width=160, height=120, count=1, dtype="uint8", tiled=True,
+                     blockxsize=128, blockysize=32) as dst:
+            dst.write(np.ones((120, 160), "uint8"), 1)
+        cloudio.filesystem(url).pipe(url, mf.read())
+    return url
+
+
+def test_inspect_raster_shapes_are_width_by_height(gcs_emulator, strip_raster_url):
+    """Size and blocks print in one order, width x height (as ``rio info`` and GDAL do), and say so."""
+    r = run_cli("inspect", strip_raster_url, emulator_url=gcs_emulator.url)
+    assert r.returncode == 0, r.stderr
+    rows = {line.strip().split("  ")[0]: line for line in r.stdout.splitlines()[1:]}
+    assert "160 x 120 pixels" in rows["size (width x height)"], r.stdout
+    assert "128 x 32" in rows["blocks (width x height)"], r.stdout
+
+
+def test_inspect_a_prefix_lists_its_objects(gcs_emulator, gcs_bucket):
+    fs = cloudio.filesystem(gcs_bucket)
+    fs.pipe(f"{gcs_bucket}/folder/a.bin", b"0123456789")
+    fs.pipe(f"{gcs_bucket}/folder/sub/b.bin", b"x" * 3000)
+    for url in (f"{gcs_bucket}/folder/", f"{gcs_bucket}/folder"):
+        r = run_cli("inspect", url, emulator_url=gcs_emulator.url)
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = r.stdout
+        assert out.startswith(f"{gcs_bucket}/folder/  (prefix)"), out
+        assert re.search(r"^\s+a\.bin\s+10 B$", out, re.MULTILINE), out
+        assert re.search(r"^\s+sub/b\.bin\s+2\.9 KiB$", out, re.MULTILINE), out
+        assert "2 objects, 2.9 KiB" in out
+
+
+@pytest.mark.parametrize("where", ["prefix", "bucket"])
+def test_inspect_an_empty_prefix_does_not_exist(gcs_emulator, gcs_bucket, where):
+    url = f"{gcs_bucket}/nothing/" if where == "prefix" else "gs://no-such-bucket-cli/"
+    r = run_cli("inspect", url, emulator_url=gcs_emulator.url)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and url in lines[0] and "does not exist" in lines[0], r.stderr
+
+
+def test_inspect_a_file_that_is_no_raster_is_exit_2(gcs_emulator, gcs_bucket):
+    url = f"{gcs_bucket}/notes.txt"
+    cloudio.filesystem(url).pipe(url, b"plain text, not a raster\n")
+    r = run_cli("inspect", url, emulator_url=gcs_emulator.url)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert url in lines[0] and "25 B" in lines[0] and "neither a Zarr store" in lines[0] and "nor a raster" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_inspect_an_unknown_var_is_exit_2_and_names_the_arrays(gcs_emulator, zarr_url, tmp_path):
+    r = run_cli("inspect", zarr_url, "--plot", str(tmp_path / "q.png"), "--var", "nope",
+                emulator_url=gcs_emulator.url)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert zarr_url in lines[0] and "'nope'" in lines[0], r.stderr
+    assert "masks/land" in lines[0] and "temperature" in lines[0], r.stderr
+
+
+def test_inspect_an_unknown_band_is_exit_2_and_names_the_band_count(gcs_emulator, raster_url, tmp_path):
+    r = run_cli("inspect", raster_url, "--plot", str(tmp_path / "q.png"), "--band", "3",
+                emulator_url=gcs_emulator.url)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert raster_url in lines[0] and "1 band" in lines[0] and "--band 3" in lines[0], r.stderr
+    assert not (tmp_path / "q.png").exists()
+
+
+def test_quicklook_of_a_root_array_is_titled_by_the_url_and_its_colour_bar_fits(gcs_bucket, tmp_path,
+                                                                                 monkeypatch):
+    """A wide root array: the title names the store, the colour bar is no taller than the image."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+    import zarr
+
+    from cloudio.cli.inspect import plot_zarr
+
+    url = f"{gcs_bucket}/wide.zarr"
+    z = zarr.create_array(cloudio.zarr_store(url), shape=(100, 400), dtype="f4", chunks=(100, 200))
+    z[...] = np.arange(400, dtype="f4")[None, :]
+    saved: list[matplotlib.figure.Figure] = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig: matplotlib.figure.Figure, *args: object, **kwargs: object) -> None:
+        saved.append(fig)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    node = zarr.open(store=cloudio.zarr_store(url, read_only=True), mode="r")
+    assert plot_zarr(node, str(tmp_path / "wide.png"), None, url) == "wide.zarr"
+    (fig,) = saved
+    (image_ax,) = [ax for ax in fig.axes if ax.images]
+    (bar_ax,) = [ax for ax in fig.axes if ax is not image_ax]
+    title = image_ax.get_title().splitlines()
+    assert title[0] == url and title[1].startswith("wide.zarr["), title
+    image, bar = image_ax.get_window_extent(), bar_ax.get_window_extent()
+    assert bar.height <= image.height + 1, (bar.height, image.height)
+    assert bar.height >= 0.8 * image.height, (bar.height, image.height)
+    assert bar.x0 >= image.x1  # to the right of the image
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["check"], ["inspect"], ["emulator"]])
+def test_help_shows_no_rest_markup(command, capsys):
+    from cloudio.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: cloudio" in out
+    assert "``" not in out, out
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -252,13 +374,15 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the server process")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_emulator_command_prints_export_and_stops_cleanly(sig):
-    p = subprocess.Popen([*CLI, "emulator", "--bucket", "dev"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen([*CLI, "emulator", "--bucket", "dev", "dev-two"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=_env(None))
     try:
         line = p.stdout.readline().strip()  # type: ignore[union-attr]
         m = re.fullmatch(r"export STORAGE_EMULATOR_HOST=(http://127\.0\.0\.1:\d+)", line)
         assert m, line
         url = m.group(1)
+        with urllib.request.urlopen(f"{url}/storage/v1/b/dev-two", timeout=5):  # several names at once
+            pass
         with urllib.request.urlopen(f"{url}/storage/v1/b/dev", timeout=5) as resp:  # bucket created
             assert json.load(resp)["name"] == "dev"
         servers = _children(p.pid)
@@ -277,6 +401,23 @@ def test_emulator_command_prints_export_and_stops_cleanly(sig):
     assert not any(_alive(pid) for pid in servers)
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2)
+
+
+def test_emulator_command_on_a_busy_port_fails_without_export(gcs_emulator):
+    port = gcs_emulator.url.rsplit(":", 1)[1]
+    r = run_cli("emulator", "--port", port, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "export" not in r.stdout and "is running" not in r.stderr
+    assert "bind: address already in use" in r.stderr and port in r.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "demo"])
+def test_missing_bucket_is_exit_2_and_not_created(gcs_emulator, command):
+    args = (command, "gs://missing-bucket-cli/x") if command == "check" else (command, "--url", "gs://missing-bucket-cli/x")
+    r = run_cli(*args, emulator_url=gcs_emulator.url, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "bucket does not exist" in r.stderr and "gs://missing-bucket-cli" in r.stderr
+    assert not gcs_emulator.has_bucket("missing-bucket-cli")
 
 
 def test_demo_below_a_bucket_prefix_cleans_up(gcs_emulator, gcs_bucket):
@@ -362,3 +503,72 @@ def test_zarr_quicklook_keeps_the_aspect_of_a_decimated_array(tmp_path):
     rows, cols = np.nonzero(coloured[:, : int(rgb.shape[1] * 0.8)])  # left of the colour bar
     aspect = (cols.max() - cols.min()) / (rows.max() - rows.min())
     assert 3.6 < aspect < 4.4, aspect
+
+
+# -- the cases behind demo and check -----------------------------------------------------------
+
+
+def test_raw_vrt_failure_is_gdals_listing_cache(gcs_emulator, gcs_bucket):
+    """The raw side's 'does not exist' is GDAL's cached listing of the folder (GDAL #11351).
+
+    The VRT really is on the server (uploaded by another client); GDAL's listing
+    of its folder lacks it; clearing the VRT's own entry changes nothing;
+    clearing the folder's listing makes the same raw reopen work.
+    """
+    import rasterio
+
+    from cloudio import _gdal
+    from cloudio._cases import RAW, Context, vrt_next_to_source
+    from cloudio._paths import parse_gcs
+
+    ctx = Context(f"{gcs_bucket}/run/", gcs_emulator)
+    result = vrt_next_to_source(ctx)
+    assert result.raw.verdict == "error", result.raw
+    assert "does not exist in the file system" in result.raw.detail
+    assert result.cloudio.correct, result.cloudio
+    vrt_url = ctx.url(RAW, "warp/scene_4326.vrt")
+    assert ctx.other_fs().cat(vrt_url).startswith(b"<VRTDataset")  # on the server: not an upload failure
+    vrt = parse_gcs(vrt_url)
+    folder = _gdal.dir_key(vrt)
+    with ctx.gdal_env():
+        assert "scene_4326.vrt" not in _gdal.vsi_readdir(folder + "/")  # GDAL's cached listing
+        _gdal.clear(vrt.vsi)  # the VRT's own cache entry alone: still "does not exist"
+        with pytest.raises(rasterio.errors.RasterioIOError, match="does not exist"):
+            rasterio.open(vrt.vsi)
+        _gdal.clear(folder)  # the folder's listing: the same raw reopen now works
+        with rasterio.open(vrt.vsi) as v:
+            assert v.crs == "EPSG:4326" and v.read(1).any()
+
+
+# -- the set-up scripts ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_setup_script_says_what_it_installs_and_how_long(tmp_path):
+    """A fresh install is announced (what, how long) on stderr; a current one is silent."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls"
+    stub = venv / "bin" / "python"  # a stand-in interpreter: records what pip would have been asked
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    stub.chmod(0o755)
+    cmd = ["bash", "-c", f'source "{ROOT}/scripts/_venv.sh"']
+    env = {**os.environ, "VENV": str(venv)}
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "installing cloudio[test]" in first.stderr and "minutes" in first.stderr
+    assert re.search(r"installed in \d+ s", first.stderr)
+    assert "-e " in calls.read_text()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stderr == ""
+
+
+def test_license_is_an_spdx_string_setuptools_understands():
+    """setuptools >= 77 warns about a TOML-table license; an SPDX string needs that floor."""
+    import tomllib
+
+    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert doc["project"]["license"] == "MIT"
+    floor = [r for r in doc["build-system"]["requires"] if r.startswith("setuptools")]
+    assert floor == ["setuptools>=77"]

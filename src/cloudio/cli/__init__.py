@@ -9,7 +9,8 @@ Exit status
 0   success (``demo``/``check``: cloudio was right at every step)
 1   ``demo``/``check`` found cloudio inconsistent, or an operation failed
 2   bad command line or input: a malformed URL, an object or bucket that
-    does not exist, an option or environment variable with an unusable value
+    does not exist, a file ``inspect`` cannot read as a Zarr store or a
+    raster, an option or environment variable with an unusable value
 130 interrupted (Ctrl-C), except ``cloudio emulator`` for which Ctrl-C is
     the normal way to stop and exits 0
 """
@@ -19,18 +20,32 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from ..errors import CloudioError, ConfigurationError, InvalidURLError, ObjectNotFoundError
+from ..errors import (
+    CloudioError,
+    ConfigurationError,
+    InvalidURLError,
+    NotARasterError,
+    ObjectNotFoundError,
+)
 
 __all__ = ["main", "build_parser"]
 
 #: errors that mean "fix what you typed or your set-up" (exit status 2)
-_INPUT_ERRORS = (InvalidURLError, ObjectNotFoundError, ConfigurationError)
+_INPUT_ERRORS = (InvalidURLError, ObjectNotFoundError, ConfigurationError, NotARasterError)
+#: a reST literal in a module docstring: ``x``
+_LITERAL_RE = re.compile(r"``([^`]+)``")
+
+
+def _plain(text: str) -> str:
+    """A docstring as --help shows it: reST literals become plain options or quoted text."""
+    return _LITERAL_RE.sub(lambda m: m.group(1) if m.group(1).startswith("-") else f'"{m.group(1)}"', text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (demo, check, inspect, emulator):
         p = sub.add_parser(
             module.__name__.rsplit(".", 1)[1], parents=[common], help=module.HELP,
-            description=(module.__doc__ or "").split("\n\n", 1)[-1],
+            description=_plain((module.__doc__ or "").split("\n\n", 1)[-1]),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)

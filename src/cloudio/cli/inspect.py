@@ -1,10 +1,14 @@
-"""``cloudio inspect URL [--plot out.png]``: what a Zarr store or a raster holds.
+"""``cloudio inspect URL [--plot out.png]``: what a Zarr store, a raster or a prefix holds.
 
 A Zarr store (v2 or v3) prints as a tree of groups and arrays with shape,
 dtype, chunks, shards, codecs, stored and logical bytes and the compression
-ratio; a raster prints its profile and overviews. ``--plot`` writes a
-quicklook PNG: a 2-D slice (the first index of every leading dimension,
-decimated to at most 1024 pixels a side) with a colour bar.
+ratio; a raster prints its profile and overviews, sizes as width x height
+(the order of GDAL and rio info); a prefix (a URL ending in /, or one with
+objects below it and none at it) lists the objects below it with their sizes.
+``--plot`` writes a quicklook PNG: a 2-D slice (the first index of every
+leading dimension, decimated to at most 1024 pixels a side) with a colour bar.
+Exit status 2 when there is nothing at the URL, when it is neither a Zarr
+store nor a raster, or when ``--var`` or ``--band`` names nothing it holds.
 """
 
 from __future__ import annotations
@@ -15,22 +19,32 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from .._paths import is_gcs, normalize
-from ..errors import CloudioError, ConfigurationError, ObjectNotFoundError
+from .._paths import is_gcs, normalize, parse_gcs
+from ..errors import (
+    BucketNotFoundError,
+    ConfigurationError,
+    NotARasterError,
+    ObjectNotFoundError,
+    ReadError,
+    TransientError,
+)
 from ._target import require_reachable_emulator
 from ._ui import human_bytes, progress
 
 _MAX_PIXELS = 1024
+#: a prefix listing prints at most this many objects (and counts the rest)
+_MAX_LISTED = 200
 
 
-HELP = "show a Zarr store as a tree, or a raster's profile; --plot writes a quicklook PNG"
+HELP = "show a Zarr store as a tree, a raster's profile or a prefix's objects; --plot writes a quicklook PNG"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", help="gs://bucket/store.zarr, gs://bucket/image.tif, /vsigs/..., or a local path")
+    p.add_argument("url", help="gs://bucket/store.zarr, gs://bucket/image.tif, gs://bucket/prefix/ (to list it), "
+                               "/vsigs/..., or a local path")
     p.add_argument("--plot", metavar="PNG", help="write a quicklook image (a 2-D slice with a colour bar)")
     p.add_argument("--var", help="Zarr: the array to plot (path inside the store; default: the first 2-D one)")
-    p.add_argument("--band", type=int, default=1, help="raster: the band to plot (default 1)")
+    p.add_argument("--band", type=int, help="raster: the band to plot (default 1)")
 
 
 # -- opening -----------------------------------------------------------------------------------
@@ -70,6 +84,25 @@ def _open_zarr(url: str) -> Any | None:
     return zarr.open(store=cloudio.zarr_store(url, read_only=True), mode="r")
 
 
+def _object_size(url: str) -> int | None:
+    """The size of the object or file at ``url``, for a message (None when it cannot be had)."""
+    try:
+        if is_gcs(url):
+            import cloudio
+
+            key = normalize(url)
+            return int(cloudio.filesystem(key).info(key)["size"])
+        return os.path.getsize(normalize(url))
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _gdal_reason(e: BaseException) -> str:
+    """GDAL's own first complaint, without the chain of retries cloudio's message repeats."""
+    cause = e.__cause__ if isinstance(e.__cause__, Exception) else e
+    return " ".join(str(cause).split(" <- ")[0].split())[:200]
+
+
 def _open_raster(url: str) -> Any:
     import rasterio.errors
 
@@ -83,11 +116,85 @@ def _open_raster(url: str) -> Any:
         raise ObjectNotFoundError(
             f"nothing at {url!r}: no Zarr metadata (zarr.json, .zgroup, .zarray) and no raster; check the URL"
         ) from e
-    except rasterio.errors.RasterioIOError as e:
-        raise CloudioError(
-            f"{url!r} is neither a Zarr store nor a raster GDAL can read ({' '.join(str(e).split())}); "
-            "cloudio inspect takes a Zarr store (v2 or v3) or a raster (GeoTIFF, VRT, ...)"
+    except TransientError:
+        raise
+    except (rasterio.errors.RasterioIOError, ReadError) as e:
+        size = _object_size(url)
+        what = f"exists ({human_bytes(size)})" if size is not None else "exists"
+        raise NotARasterError(
+            f"{url} {what} but is neither a Zarr store (no zarr.json, .zgroup or .zarray) nor a raster GDAL "
+            f"can read (GDAL: {_gdal_reason(e)}); cloudio inspect takes a Zarr store (v2 or v3), a raster "
+            "(GeoTIFF, VRT, ...) or a prefix ending in / to list"
         ) from e
+
+
+# -- prefixes ----------------------------------------------------------------------------------
+
+
+def _names_a_prefix(url: str) -> bool:
+    """Whether ``url`` can only mean a prefix: a trailing ``/``, a bucket root, a local directory."""
+    if is_gcs(url):
+        return url.endswith("/") or not parse_gcs(url).key
+    return not url.startswith("/vsi") and os.path.isdir(normalize(url))
+
+
+def _objects_below(url: str) -> list[tuple[str, int]]:
+    """(name relative to the prefix, size) of every object below ``url``, sorted by name."""
+    if url.startswith("/vsi") and not is_gcs(url):
+        return []
+    if is_gcs(url):
+        import cloudio
+
+        path = parse_gcs(url)
+        fs = cloudio.filesystem(path.url)
+        base = path.fs_path
+    else:
+        import fsspec
+
+        fs = fsspec.filesystem("file")
+        base = normalize(url).rstrip("/")
+    try:
+        found = fs.find(base, detail=True)
+    except FileNotFoundError:
+        return []
+    head = base + "/"
+    return sorted((p[len(head):], int(info.get("size") or 0)) for p, info in found.items()
+                  if p.startswith(head) and info.get("type") != "directory")
+
+
+def prefix_listing(url: str, objects: list[tuple[str, int]]) -> str:
+    """The objects below a prefix, one a line with its size, then their count and total size."""
+    shown = objects[:_MAX_LISTED]
+    sizes = [human_bytes(n) for _, n in shown]
+    w = max(len(name) for name, _ in shown)
+    sw = max(len(v) for v in sizes)
+    prefix = url if url.endswith("/") else url + "/"
+    lines = [f"{prefix}  (prefix)"]
+    lines += [f"    {name.ljust(w)}  {v.rjust(sw)}" for (name, _), v in zip(shown, sizes)]
+    if len(objects) > len(shown):
+        lines.append(f"    ... and {len(objects) - len(shown)} more")
+    total = sum(n for _, n in objects)
+    lines.append(f"{len(objects)} object{'s' if len(objects) != 1 else ''}, {human_bytes(total)}")
+    return "\n".join(lines)
+
+
+def _empty_prefix(url: str) -> ObjectNotFoundError:
+    """The error for a prefix with nothing below it, naming the missing bucket when that is why."""
+    if is_gcs(url):
+        import cloudio
+
+        bucket = parse_gcs(url).bucket
+        if not cloudio.filesystem(url).exists(bucket):
+            return BucketNotFoundError(
+                f"{url}: bucket gs://{bucket} does not exist (or these credentials cannot see it); "
+                "check the bucket name"
+            )
+    elif os.path.isdir(normalize(url)):
+        return ObjectNotFoundError(f"{url} is an empty directory; nothing to inspect there")
+    return ObjectNotFoundError(
+        f"{url} does not exist: no object at it or below it (and no Zarr metadata); check the URL, "
+        "or inspect the prefix above it to see what is there"
+    )
 
 
 # -- Zarr --------------------------------------------------------------------------------------
@@ -194,12 +301,45 @@ def zarr_tree(url: str, node: Any) -> str:
     return "\n".join(out)
 
 
-def _arrays(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+def _last_segment(url: str) -> str:
+    """A root array's name: the store's own (``gs://b/t.zarr/`` -> ``t.zarr``)."""
+    return url.rstrip("/").rsplit("/", 1)[-1] or url
+
+
+def _arrays(node: Any, url: str, path: str = "") -> Iterator[tuple[str, Any]]:
     if hasattr(node, "shape"):
-        yield path or node.basename or "array", node
+        yield path or node.basename or _last_segment(url), node
         return
     for name, child in sorted(node.members(), key=lambda kv: kv[0]):
-        yield from _arrays(child, f"{path}/{name}" if path else name)
+        yield from _arrays(child, url, f"{path}/{name}" if path else name)
+
+
+def _pick_array(node: Any, var: str | None, url: str) -> tuple[str, Any]:
+    """The array ``--var`` names (default: the largest 2-D one); bad input names what there is."""
+    arrays = list(_arrays(node, url))
+    if not arrays:
+        raise ConfigurationError(f"{url} holds no arrays to plot; drop --plot")
+    if var is not None:
+        found = [(n, a) for n, a in arrays if n == var.strip("/")]
+        if not found:
+            raise ConfigurationError(
+                f"{url} has no array {var!r}; its arrays are: {', '.join(n for n, _ in arrays)} "
+                "(pass one of them to --var)"
+            )
+        name, arr = found[0]
+    else:
+        name, arr = max(arrays, key=lambda na: (min(na[1].ndim, 2), na[1].size))
+    if arr.ndim == 0:
+        raise ConfigurationError(f"{url}: array {name!r} is a scalar; pick another with --var")
+    return name, arr
+
+
+def _check_band(ds: Any, band: int, url: str) -> None:
+    if not 1 <= band <= ds.count:
+        raise ConfigurationError(
+            f"{url} has {ds.count} band{'s' if ds.count != 1 else ''} (1..{ds.count}); "
+            f"--band {band} is not one of them"
+        )
 
 
 # -- rasters -----------------------------------------------------------------------------------
@@ -209,13 +349,15 @@ def raster_profile(url: str, ds: Any) -> str:
     p = ds.profile
     lines = [f"{url}  (raster, driver {ds.driver})"]
     rows = [
-        ("size", f"{ds.width} x {ds.height} pixels, {ds.count} band(s), {', '.join(sorted(set(ds.dtypes)))}"),
+        ("size (width x height)",
+         f"{ds.width} x {ds.height} pixels, {ds.count} band(s), {', '.join(sorted(set(ds.dtypes)))}"),
         ("crs", ds.crs.to_string() if ds.crs else "none"),
         ("transform", " ".join(f"{v:.12g}" for v in tuple(ds.transform)[:6])),
-        ("resolution", f"{ds.res[0]:.12g} x {ds.res[1]:.12g}"),
+        ("resolution (x, y)", f"{ds.res[0]:.12g}, {ds.res[1]:.12g}"),
         ("bounds", "left {:.12g}, bottom {:.12g}, right {:.12g}, top {:.12g}".format(*ds.bounds)),
         ("nodata", str(ds.nodata)),
-        ("blocks", ", ".join(sorted({f"{h}x{w}" for h, w in ds.block_shapes}))
+        # rasterio's block_shapes are (rows, cols): printed the other way, like the size
+        ("blocks (width x height)", ", ".join(sorted({f"{w} x {h}" for h, w in ds.block_shapes}))
          + ("  (tiled)" if p.get("tiled") else "")),
         ("compression", str(ds.compression.value if ds.compression else "none")),
         ("interleave", str(ds.interleaving.value if ds.interleaving else "-")),
@@ -233,44 +375,45 @@ def raster_profile(url: str, ds: Any) -> str:
 # -- plotting ----------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
+def _require_matplotlib() -> None:
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError as e:
         raise ConfigurationError(
             "cloudio inspect --plot needs matplotlib: pip install 'cloudio[cli]'"
         ) from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save_plot(png: str, data: Any, title: str, label: str, xlabel: str = "", ylabel: str = "",
                extent: tuple[float, float, float, float] | None = None) -> None:
-    import numpy as np
+    """Draw ``data`` (1-D: a line; 2-D: an image with a colour bar as tall as the image) into ``png``.
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=100)
-    try:
-        if data.ndim == 1:
-            ax.plot(np.arange(data.shape[0]), data)
-            ax.set_ylabel(label)
-        else:
-            im = ax.imshow(data, cmap="viridis", interpolation="nearest", extent=extent)
-            if extent is not None:  # plain numbers, few enough to read
-                ax.ticklabel_format(useOffset=False, style="plain")
-                ax.locator_params(nbins=5)
-            fig.colorbar(im, ax=ax, label=label, shrink=0.85)
-        ax.set_title(title, fontsize=10)
-        if xlabel:
-            ax.set_xlabel(xlabel)
-        if ylabel:
-            ax.set_ylabel(ylabel)
-        fig.tight_layout()
-        fig.savefig(png, format="png")
-    finally:
-        plt.close(fig)
+    A bare Figure, not pyplot: no global figure registry, no GUI backend.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    fig = Figure(figsize=(7, 5.5), dpi=100)
+    ax = fig.add_subplot()
+    if data.ndim == 1:
+        ax.plot(np.arange(data.shape[0]), data)
+        ax.set_ylabel(label)
+    else:
+        im = ax.imshow(data, cmap="viridis", interpolation="nearest", extent=extent)
+        if extent is not None:  # plain numbers, few enough to read
+            ax.ticklabel_format(useOffset=False, style="plain")
+            ax.locator_params(nbins=5)
+        # an axes divided off the image's own follows its aspect: the bar is exactly as tall
+        cax = make_axes_locatable(ax).append_axes("right", size=0.2, pad=0.1)  # inches
+        fig.colorbar(im, cax=cax, label=label)
+    ax.set_title(title, fontsize=10)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(png, format="png")
 
 
 def _step(n: int) -> int:
@@ -278,18 +421,8 @@ def _step(n: int) -> int:
 
 
 def plot_zarr(node: Any, png: str, var: str | None, url: str) -> str:
-    arrays = list(_arrays(node))
-    if not arrays:
-        raise CloudioError(f"{url!r} holds no arrays to plot")
-    if var is not None:
-        found = [(n, a) for n, a in arrays if n == var.strip("/")]
-        if not found:
-            raise CloudioError(f"{url!r} has no array {var!r}; it has: {', '.join(n for n, _ in arrays)}")
-        name, arr = found[0]
-    else:
-        name, arr = max(arrays, key=lambda na: (min(na[1].ndim, 2), na[1].size))
-    if arr.ndim == 0:
-        raise CloudioError(f"{url!r}: array {name!r} is a scalar; pick another with --var")
+    """Write the quicklook of one array of ``node`` to ``png``; return the array's name."""
+    name, arr = _pick_array(node, var, url)
     lead = (0,) * max(arr.ndim - 2, 0)
     step = max(_step(n) for n in arr.shape[len(lead):])  # one step for both axes keeps the aspect
     tail = tuple(slice(None, None, step) for _ in arr.shape[len(lead):])
@@ -307,8 +440,7 @@ def plot_zarr(node: Any, png: str, var: str | None, url: str) -> str:
 
 
 def plot_raster(ds: Any, png: str, band: int, url: str) -> None:
-    if not 1 <= band <= ds.count:
-        raise CloudioError(f"{url!r} has bands 1..{ds.count}; --band {band} is not one of them")
+    _check_band(ds, band, url)
     step = max(_step(ds.width), _step(ds.height))
     shape = (max(1, ds.height // step), max(1, ds.width // step))
     data = ds.read(band, out_shape=shape, masked=True)
@@ -322,6 +454,16 @@ def plot_raster(ds: Any, png: str, band: int, url: str) -> None:
 # -- the command -------------------------------------------------------------------------------
 
 
+def _list_prefix(url: str, objects: list[tuple[str, int]], args: argparse.Namespace) -> int:
+    if args.plot:
+        raise ConfigurationError(
+            f"{url} is a prefix holding {len(objects)} objects, not one Zarr store or raster; "
+            "give --plot the URL of one of them"
+        )
+    print(prefix_listing(url, objects))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     url: str = args.url
     normalize(url)  # a malformed URL fails here, naming itself
@@ -329,9 +471,13 @@ def run(args: argparse.Namespace) -> int:
     if is_gcs(url):
         require_reachable_emulator()
     if args.plot:
-        _pyplot()  # fail before any work when matplotlib is missing
+        _require_matplotlib()  # fail before any work when matplotlib is missing
     node = _open_zarr(url)
     if node is not None:
+        if args.band is not None:
+            raise ConfigurationError(f"{url} is a Zarr store; --band is for rasters (choose an array with --var)")
+        if args.var is not None:
+            _pick_array(node, args.var, url)  # a --var that names nothing fails before any work
         with progress(f"measuring {url}"):
             text = zarr_tree(url, node)
         print(text)
@@ -339,9 +485,27 @@ def run(args: argparse.Namespace) -> int:
             name = plot_zarr(node, args.plot, args.var, url)
             print(f"quicklook of {name} written to {args.plot}")
         return 0
-    with _open_raster(url) as ds:
+    if _names_a_prefix(url):
+        objects = _objects_below(url)
+        if not objects:
+            raise _empty_prefix(url)
+        return _list_prefix(url, objects, args)
+    try:
+        ds = _open_raster(url)
+    except ObjectNotFoundError:
+        objects = _objects_below(url)  # no object at the URL: perhaps a prefix without its '/'
+        if not objects:
+            raise
+        return _list_prefix(url, objects, args)
+    band = 1 if args.band is None else args.band
+    with ds:
+        if args.var is not None:
+            raise ConfigurationError(
+                f"{url} is a raster with {ds.count} band(s); --var is for Zarr stores (choose a band with --band)"
+            )
+        _check_band(ds, band, url)
         print(raster_profile(url, ds))
         if args.plot:
-            plot_raster(ds, args.plot, args.band, url)
-            print(f"quicklook of band {args.band} written to {args.plot}")
+            plot_raster(ds, args.plot, band, url)
+            print(f"quicklook of band {band} written to {args.plot}")
     return 0
