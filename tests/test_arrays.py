@@ -9,6 +9,7 @@ import pytest
 import zarr
 
 import cloudio
+from cloudio._paths import parse_gcs
 from cloudio._shards import aligned_chunks, misaligned_dims
 from cloudio.errors import ObjectNotFoundError, UnsafeChunkingError
 
@@ -110,3 +111,42 @@ def test_numpy_hugepage_advice_is_restored(gcs_bucket):
         assert hint(False) is False  # a caller's "off" is kept too
     finally:
         hint(before)
+
+
+def test_unsafe_chunking_refused_before_anything_is_touched(gcs_emulator, gcs_bucket):
+    """rechunk=False raises before the old array's zarr.json (or anything else) is overwritten."""
+    url = f"{gcs_bucket}/keep.zarr"
+    old = np.arange(1000 * 1000, dtype="f4").reshape(1000, 1000)
+    cloudio.save_array(old, url, chunks=(100, 100), shards=(500, 500))
+    before = len(gcs_emulator.requests())
+    with pytest.raises(UnsafeChunkingError):
+        cloudio.save_array(da.zeros((1000, 1000), chunks=(100, 100), dtype="f4"), url, chunks=(100, 100),
+                           shards=(1000, 1000), rechunk=False)
+    assert [r for r in gcs_emulator.requests()[before:] if r.method != "GET"] == []
+    np.testing.assert_array_equal(cloudio.load_array(url), old)
+
+
+def test_corrupt_metadata_is_a_cloudio_error(gcs_emulator, gcs_bucket):
+    url = f"{gcs_bucket}/corrupt.zarr"
+    cloudio.save_array(np.ones(10, "u1"), url)
+    p = parse_gcs(f"{url}/zarr.json")
+    gcs_emulator.client.bucket(p.bucket).blob(p.key).upload_from_string(b'{"zarr_format": 3, "node_ty')
+    with pytest.raises(cloudio.IntegrityError, match=f"{url}.*not valid JSON") as info:
+        cloudio.load_array(url)
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(cloudio.IntegrityError, match=url):
+        cloudio.open_zarr(url, consolidated=False)
+
+
+def test_load_array_of_a_group_names_the_right_call(gcs_bucket):
+    url = f"{gcs_bucket}/grp.zarr"
+    zarr.open_group(cloudio.zarr_store(url), mode="w").create_array("a", shape=(3,), dtype="u1")
+    with pytest.raises(cloudio.ConfigurationError, match=f"{url} is a Zarr group.*open_zarr") as info:
+        cloudio.load_array(url)
+    assert info.value.__cause__ is not None
+    assert cloudio.load_array(f"{url}/a").shape == (3,)
+
+
+def test_load_array_missing_bucket(gcs_emulator):
+    with pytest.raises(cloudio.BucketNotFoundError, match="cloudio-no-such-bucket-7.*create the bucket"):
+        cloudio.load_array("gs://cloudio-no-such-bucket-7/a.zarr")

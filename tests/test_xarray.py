@@ -10,6 +10,7 @@ import xarray as xr
 import zarr
 
 import cloudio
+from cloudio._paths import parse_gcs
 from cloudio.errors import CloudioError, UnsafeChunkingError
 
 pytestmark = [
@@ -175,7 +176,8 @@ def test_compute_false_is_shard_safe_and_journaled(gcs_bucket):
     ds, data = _dask_ds(1000, (100, 100))
     delayed = cloudio.to_zarr(ds, url, mode="w", zarr_format=3, consolidated=False, compute=False,
                               safe_chunks=False, encoding={"v": {"chunks": (100, 100), "shards": (500, 500)}})
-    assert np.isnan(cloudio.open_zarr(url).v.values).all()  # metadata only so far
+    with pytest.raises(cloudio.IncompleteWriteError, match=url):  # metadata only so far: not readable
+        cloudio.open_zarr(url)
     with dask.config.set(scheduler="threads"):
         delayed.compute()
     assert cloudio.open_zarr(url).v.values.tobytes() == data.tobytes()
@@ -230,3 +232,23 @@ def test_append_with_dims_in_another_order(gcs_bucket):
         cloudio.to_zarr(more, url, append_dim="t", safe_chunks=False)
     got = cloudio.open_zarr(url).v.values
     assert got.tobytes() == np.concatenate([a, b]).tobytes()
+
+
+def test_open_zarr_missing_store_bucket_or_not_zarr(gcs_emulator, gcs_bucket):
+    """cloudio's errors, as clear as cloudio.open's, with zarr's or xarray's as the cause."""
+    url = f"{gcs_bucket}/nothing.zarr"
+    with pytest.raises(cloudio.ObjectNotFoundError, match=f"{url}: no Zarr store there.*to_zarr") as info:
+        cloudio.open_zarr(url)
+    assert not isinstance(info.value, cloudio.BucketNotFoundError) and info.value.__cause__ is not None
+    with pytest.raises(cloudio.BucketNotFoundError, match="cloudio-no-such-bucket-8.*create the bucket"):
+        cloudio.open_zarr("gs://cloudio-no-such-bucket-8/a.zarr")
+    tif = f"{gcs_bucket}/image.tif"
+    p = parse_gcs(tif)
+    gcs_emulator.client.bucket(p.bucket).blob(p.key).upload_from_string(b"II*\x00not really a tiff")
+    with pytest.raises(cloudio.ConfigurationError, match=r"image.tif is a single object.*cloudio.open"):
+        cloudio.open_zarr(tif)
+
+
+def test_to_zarr_missing_bucket(gcs_emulator):
+    with pytest.raises(cloudio.BucketNotFoundError, match="(?i)cloudio-no-such-bucket-9.*create it"):
+        cloudio.to_zarr(_ds(), "gs://cloudio-no-such-bucket-9/a.zarr")

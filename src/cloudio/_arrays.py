@@ -9,6 +9,12 @@ array is unsharded): a shard is the unit zarr writes and the unit one
 request fetches whole, so one task per shard makes one GET per task and
 writing the array back to a store with the same shards needs no rechunk.
 Pass ``chunks=`` to :func:`load_array` for another layout.
+
+``save_array`` checks its arguments against an in-memory copy of the array's
+metadata before the first request, then writes under a write-in-progress
+marker (:class:`cloudio._zarr.WriteMark`) that ``load_array`` checks: a write
+that failed part way reads as :class:`~cloudio.IncompleteWriteError`, never as
+a mix of old values, new values and fill values.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 from . import _shardio
 from ._shardio import plain_layout
 from ._shards import align, write_grid
-from ._zarr import JournaledStore, zarr_store
+from ._zarr import JournaledStore, WriteMark, check_complete, cloudio_errors, zarr_store
 
 if TYPE_CHECKING:
     import dask.array
@@ -85,6 +91,15 @@ def save_array(
     -------
     zarr.Array
         The array written, open on the journaled store.
+
+    Raises
+    ------
+    UnsafeChunkingError
+        With ``rechunk=False``, when Dask chunks split a shard; nothing is written then.
+    TransientError
+        When the server or network kept failing past the retries. The store
+        stays marked as an incomplete write (readers through cloudio get
+        :class:`~cloudio.IncompleteWriteError`) until a ``save_array`` succeeds.
     """
     import zarr
 
@@ -105,19 +120,31 @@ def save_array(
         shards = (shards,) * array.ndim
     if isinstance(chunks, int) and not isinstance(chunks, bool):
         chunks = (chunks,) * array.ndim
-    z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=chunks, shards=shards,
-                          overwrite=overwrite, **kwargs)
+    # Validate everything before touching anything: the array zarr would create, made in memory
+    # (no request), settles the grid the Dask chunks must fit and rejects bad arguments.
+    probe = zarr.create_array(zarr.storage.MemoryStore(), shape=array.shape, dtype=array.dtype, chunks=chunks,
+                              shards=shards, **kwargs)
     if dask_input:
-        import dask.array as da
+        grid, sharded = write_grid(probe)
+        array = align(array, grid, name="array", url=store.root_url, sharded=sharded, rechunk=rechunk)
+    with cloudio_errors(store, writing=True, node="array", writer="cloudio.save_array"):
+        mark = WriteMark(store, "save_array").begin()
+        try:
+            z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=chunks, shards=shards,
+                                  overwrite=overwrite, **kwargs)
+            if dask_input:
+                import dask.array as da
 
-        grid, sharded = write_grid(z)
-        safe = align(array, grid, name="array", url=store.root_url, sharded=sharded, rechunk=rechunk)
-        da.store(safe, z, lock=False, compute=True)
-    elif (layout := plain_layout(z)) is not None and array.size:
-        _shardio.write(z, layout, array)  # one copy per chunk, straight into a reused shard buffer
-    else:
-        with _no_hugepage_advice():  # zarr encodes into fresh buffers; see _no_hugepage_advice
-            z[...] = array
+                da.store(array, z, lock=False, compute=True)
+            elif (layout := plain_layout(z)) is not None and array.size:
+                _shardio.write(z, layout, array)  # one copy per chunk, straight into a reused shard buffer
+            else:
+                with _no_hugepage_advice():  # zarr encodes into fresh buffers; see _no_hugepage_advice
+                    z[...] = array
+        except BaseException:
+            mark.fail()
+            raise
+        mark.commit()
     return z
 
 
@@ -217,19 +244,26 @@ def load_array(
     Raises
     ------
     ObjectNotFoundError
-        When no array is stored at ``url``.
+        When no array is stored at ``url`` (:class:`~cloudio.BucketNotFoundError`: no such bucket).
+    ConfigurationError
+        When ``url`` holds a Zarr group or a single object (a GeoTIFF) instead of an array.
+    IncompleteWriteError
+        When a write to ``url`` started and never committed (see docs/consistency.md).
+    IntegrityError
+        When the array's metadata is not valid JSON.
+    TransientError
+        When the server or network kept failing past the retries.
     """
+    store = url if isinstance(url, JournaledStore) else zarr_store(url, read_only=True)
+    with cloudio_errors(store, writing=False, node="array", writer="cloudio.save_array"):
+        check_complete(store)
+        return _load(store, lazy, chunks)
+
+
+def _load(store: JournaledStore, lazy: bool, chunks: Any) -> "np.ndarray | dask.array.Array":
     import zarr
 
-    from .errors import ObjectNotFoundError
-
-    store = url if isinstance(url, JournaledStore) else zarr_store(url, read_only=True)
-    try:
-        z = zarr.open_array(store, mode="r")
-    except (FileNotFoundError, zarr.errors.NodeNotFoundError) as e:
-        raise ObjectNotFoundError(
-            f"{store.root_url}: no Zarr array found there; check the URL, or write one with cloudio.save_array"
-        ) from e
+    z = zarr.open_array(store, mode="r")
     if not lazy:
         out = _prefaulted(z.shape, z.dtype)
         layout = plain_layout(z) if z.size else None

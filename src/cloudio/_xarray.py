@@ -23,7 +23,15 @@ from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._shards import align
-from ._zarr import JournaledStore, consolidated_is_stale, written_here, zarr_store
+from ._zarr import (
+    JournaledStore,
+    WriteMark,
+    check_complete,
+    cloudio_errors,
+    consolidated_is_stale,
+    written_here,
+    zarr_store,
+)
 
 if TYPE_CHECKING:
     import xarray
@@ -202,7 +210,19 @@ def to_zarr(dataset: "xarray.Dataset", url: str | os.PathLike[str] | JournaledSt
     Raises
     ------
     UnsafeChunkingError
-        With ``rechunk=False``, when Dask chunks split a shard.
+        With ``rechunk=False``, when Dask chunks split a shard; nothing is written then.
+    BucketNotFoundError
+        When the bucket does not exist.
+    TransientError
+        When the server or network kept failing past the retries. The store
+        stays marked as an incomplete write (:func:`open_zarr` raises
+        :class:`~cloudio.IncompleteWriteError`) until a ``to_zarr`` succeeds.
+
+    Notes
+    -----
+    ``<store>/.cloudio-write-in-progress`` is written before the first object
+    and removed after the last (with ``compute=False``, by a last task of the
+    returned graph), whatever the mode; see docs/consistency.md.
     """
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, False, storage_options)
@@ -214,7 +234,26 @@ def to_zarr(dataset: "xarray.Dataset", url: str | os.PathLike[str] | JournaledSt
     if mode == "r+":  # the only write mode in which xarray reads consolidated metadata
         _avoid_stale_consolidated(store, kwargs)
     log.debug("to_zarr %s (%s)", store.root_url, {k: v for k, v in kwargs.items() if k != "encoding"})
-    return aligned.to_zarr(store, **kwargs)
+    with cloudio_errors(store, writing=True):
+        mark = WriteMark(store, f"to_zarr mode={mode!r}").begin()
+        try:
+            out = aligned.to_zarr(store, **kwargs)
+        except BaseException:
+            mark.fail()
+            raise
+        if kwargs.get("compute", True) is False:
+            # the graph writes the chunks later, wherever it runs: the marker goes after it
+            import dask
+
+            return dask.delayed(_commit, pure=False)(out, mark)
+        mark.commit()
+    return out
+
+
+def _commit(result: Any, mark: WriteMark) -> Any:
+    """Remove the marker once the delayed write of ``to_zarr(..., compute=False)`` has run."""
+    mark.commit()
+    return result
 
 
 def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> "xarray.Dataset":
@@ -236,19 +275,33 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> "x
         Lazily loaded. ``.encoding`` of each variable holds ``chunks`` and, for
         sharded Zarr v3 arrays, ``shards``.
 
+    Raises
+    ------
+    ObjectNotFoundError
+        No Zarr store at ``url`` (:class:`~cloudio.BucketNotFoundError`: no such bucket).
+    ConfigurationError
+        ``url`` is a single object (a GeoTIFF), not a store.
+    IncompleteWriteError
+        A write to ``url`` started and never committed.
+    IntegrityError
+        A metadata document is not valid JSON.
+
     Notes
     -----
     When this process changed the store's metadata after its consolidated
     copy was written, the consolidated copy is ignored (also when
     ``consolidated=True`` was asked for) and the metadata documents are read.
+    One more request than ``xarray.open_zarr``: the GET of the write marker.
     """
     import xarray as xr
 
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, True, storage_options)
-    _avoid_stale_consolidated(store, kwargs)
-    ds = xr.open_zarr(store, **kwargs)
-    _fill_shards(ds, store, kwargs.get("group"))
+    with cloudio_errors(store, writing=False):
+        check_complete(store)
+        _avoid_stale_consolidated(store, kwargs)
+        ds = xr.open_zarr(store, **kwargs)
+        _fill_shards(ds, store, kwargs.get("group"))
     return ds
 
 

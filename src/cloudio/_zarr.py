@@ -16,6 +16,12 @@ trust it see the old shapes and variables. :func:`consolidated_is_stale`
 answers, from the metadata writes seen in this process, whether that copy
 is older than the metadata it summarises; :func:`cloudio.open_zarr` then
 reads the metadata documents themselves.
+
+A write of many objects is not atomic on GCS. :class:`WriteMark` puts a small
+marker object at the store's root for the duration of ``save_array`` and
+``to_zarr``; :func:`check_complete` makes their readers refuse a store whose
+write never committed (docs/consistency.md says what this does and does not
+guarantee). The store hides the marker from zarr's listings.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import logging
 import os
 import posixpath
 import threading
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import zarr
@@ -35,6 +42,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ._journal import journal
 from ._paths import is_gcs, normalize, parse_gcs
+from ._upload import put_verified
 from .errors import BucketNotFoundError, CloudioError
 
 if TYPE_CHECKING:
@@ -44,6 +52,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["JournaledStore", "consolidated_is_stale", "store_url", "zarr_store"]
 
+#: values below this go up in one request, as gcsfs's own pipe does (a shard is already in memory)
+_ONE_REQUEST_LIMIT = 50 * 2**20
 _ZARR_VERSION = tuple(int(p) for p in zarr.__version__.split(".")[:2] if p.isdigit())
 
 #: names of the documents that describe a node (v3) or an array/group (v2)
@@ -140,18 +150,26 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         The store doing the work (``FsspecStore`` or ``LocalStore``).
     root_url
         The journal key of the store's root (``gs://bucket/prefix`` or an
-        absolute local path); keys are joined to it with ``/``.
+        absolute local path); keys are joined to it with ``/``. Derived from
+        the wrapped store when None (zarr's ``WrapperStore.open`` passes none).
 
     Notes
     -----
     Reads, listings and everything else are delegated untouched. Writes are
     journaled after the wrapped store returned; a write that raised is not
-    recorded.
+    recorded. ``set_sync``/``delete_sync`` exist only when the wrapped store
+    has them: zarr checks for them (``SupportsSetSync``) and would otherwise
+    call methods that cannot work.
     """
 
-    def __init__(self, store: "Store", root_url: str) -> None:
+    def __new__(cls, store: Store, root_url: str | None = None) -> Self:
+        sync_capable = hasattr(store, "set_sync") and hasattr(store, "delete_sync")
+        chosen = _SyncJournaledStore if cls is JournaledStore and sync_capable else cls
+        return super().__new__(chosen)  # type: ignore[arg-type]
+
+    def __init__(self, store: Store, root_url: str | None = None) -> None:
         super().__init__(store)
-        self._root_url = root_url.rstrip("/")
+        self._root_url = (root_url if root_url is not None else _root_of(store)).rstrip("/")
         # zarr's FsspecStore.set copies each value into a new bytes object before gcsfs copies it
         # again into the request body; for gcsfs we hand over a view and save the first copy
         # (a 16 MB shard is a 16 MB memcpy: about 10% of the client's CPU on a sharded write).
@@ -214,7 +232,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         self._wrote(key, value)
 
     async def _pipe(self, key: str, value: "Buffer") -> None:
-        """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy."""
+        """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy, CRC32C-verified.
+
+        Raises IntegrityError, TransientError or UploadError (see
+        :func:`cloudio._upload.put_verified`) naming the object's URL.
+        """
         store: FsspecStore = self._store  # type: ignore[assignment]
         if not store._is_open:
             await store._open()
@@ -223,8 +245,9 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             raise TypeError(f"JournaledStore.set(): `value` must be a Buffer instance, got {type(value)}")
         arr = value.as_numpy_array()  # a view for host buffers
         view = memoryview(np.ascontiguousarray(arr)).cast("B")
-        root = store.path.rstrip("/")  # as zarr's _dereference_path
-        await store.fs._pipe_file((f"{root}/{key}" if root else key).rstrip("/"), view)
+        # verified against the CRC32C the server answers with; the store journals a success itself
+        await put_verified(store.fs, self._url(key), view, content_type="application/octet-stream",
+                           record=False, simple_limit=_ONE_REQUEST_LIMIT)
 
     async def set_if_not_exists(self, key: str, value: "Buffer") -> None:
         # Whether the wrapped store wrote is not reported; recording a write that did not
@@ -242,14 +265,67 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         self._deleted(key, prefix=False)
 
     async def delete_dir(self, prefix: str) -> None:
-        await self._store.delete_dir(prefix)
+        if not prefix.strip("/") and _marked(self._root_url):
+            await self._delete_all_but_marker()
+        else:
+            await self._store.delete_dir(prefix)
         self._deleted(prefix, prefix=True)
 
     async def clear(self) -> None:
-        await self._store.clear()
+        if _marked(self._root_url):
+            await self._delete_all_but_marker()
+        else:
+            await self._store.clear()
         self._deleted("", prefix=True)
 
-    # zarr >= 3.2 writes through these when the wrapped store can (LocalStore)
+    # -- what lists: the write-in-progress marker is cloudio's, not a node of the hierarchy --
+
+    async def list(self) -> AsyncIterator[str]:
+        async for key in self._store.list():
+            if key != MARKER:
+                yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        async for key in self._store.list_prefix(prefix):
+            if key != MARKER:
+                yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        async for key in self._store.list_dir(prefix):
+            if key != MARKER or prefix.strip("/"):
+                yield key
+
+    async def _delete_all_but_marker(self) -> None:
+        """Empty the store but keep the write-in-progress marker (``mode="w"`` inside a marked write).
+
+        Why: zarr empties the store before writing a new node; taking the marker with it
+        would leave a half-deleted old array that readers take as complete.
+        """
+        import asyncio
+
+        store = self._store
+        store._check_writable()
+        keys = [k async for k in store.list_prefix("") if k != MARKER]
+        if not keys:
+            return
+        try:
+            if isinstance(store, FsspecStore):  # one batched delete, as FsspecStore.delete_dir makes
+                root = store.path.rstrip("/")
+                try:
+                    await store.fs._rm([f"{root}/{k}" if root else k for k in keys])
+                except FileNotFoundError:  # deleted meanwhile: gone either way
+                    pass
+            else:
+                await asyncio.gather(*(store.delete(k) for k in keys))
+        except BaseException:
+            self._deleted("", prefix=True)  # some may be gone: caches and the write's marker must know
+            raise
+
+
+
+class _SyncJournaledStore(JournaledStore):
+    """A :class:`JournaledStore` over a store with synchronous writes (``LocalStore``, zarr >= 3.2)."""
+
     def set_sync(self, key: str, value: "Buffer") -> None:
         self._store.set_sync(key, value)  # type: ignore[attr-defined]
         self._wrote(key, value)
@@ -257,6 +333,20 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     def delete_sync(self, key: str) -> None:
         self._store.delete_sync(key)  # type: ignore[attr-defined]
         self._deleted(key, prefix=False)
+
+
+def _root_of(store: Store) -> str:
+    """The journal key of a store's root, from the store itself."""
+    fs = getattr(store, "fs", None)
+    path = getattr(store, "path", None)
+    if fs is not None and isinstance(path, str):
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        scheme = "gs" if protocol in ("gs", "gcs") else protocol
+        return f"{scheme}://{path.strip('/')}"
+    root = getattr(store, "root", None)
+    if root is not None:
+        return store_url(os.fspath(root))
+    raise TypeError(f"JournaledStore: cannot tell the root URL of {store!r}; pass root_url")
 
 
 def store_url(url: str | os.PathLike[str]) -> str:
@@ -308,3 +398,243 @@ def zarr_store(url: str | os.PathLike[str], read_only: bool = False, **storage_o
             os.makedirs(root, exist_ok=True)
         inner = LocalStore(root, read_only=read_only)
     return JournaledStore(inner, root)
+
+
+# -- the write-in-progress marker ------------------------------------------------------------
+
+#: object at a store's root while a multi-object write (save_array, to_zarr) is under way
+MARKER = ".cloudio-write-in-progress"
+
+_marks_lock = threading.Lock()
+_marks: dict[str, int] = {}  # store root -> writes of this process under way there
+
+
+def _marked(root_url: str) -> bool:
+    with _marks_lock:
+        return _marks.get(root_url, 0) > 0
+
+
+class WriteMark:
+    """The marker of one multi-object write (``save_array``, ``to_zarr``) at a store's root.
+
+    :meth:`begin` puts ``<store>/.cloudio-write-in-progress`` (JSON: host, pid,
+    time, uuid, operation) before the first object of the write; readers through
+    cloudio refuse the store while it is there (:func:`check_complete`).
+    :meth:`commit` removes it (unless a later writer replaced it with its own).
+    :meth:`fail` leaves it when the write changed anything in the store, since
+    the store may then mix old and new objects; it removes it when nothing but
+    the marker was written (the write was refused before it started).
+    """
+
+    def __init__(self, store: JournaledStore, operation: str) -> None:
+        self.store = store
+        self.operation = operation
+        self.token = ""
+        self._seq = 0
+
+    def begin(self) -> Self:
+        import datetime
+        import socket
+        import uuid
+
+        from zarr.core.buffer import default_buffer_prototype
+
+        self.token = uuid.uuid4().hex
+        doc = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "uuid": self.token,
+            "operation": self.operation,
+        }
+        root = self.store.root_url
+        with _marks_lock:
+            _marks[root] = _marks.get(root, 0) + 1
+        try:
+            _sync(self.store.set(MARKER, default_buffer_prototype().buffer.from_bytes(json.dumps(doc).encode())))
+        except BaseException:
+            _release(root)
+            raise
+        self._seq = journal().seq
+        return self
+
+    def commit(self) -> None:
+        try:
+            doc = _read_marker(self.store)
+            if doc is not None and doc.get("uuid") == self.token:
+                _sync(self.store.delete(MARKER))
+        finally:
+            _release(self.store.root_url)
+
+    def fail(self) -> None:
+        if self._changed():
+            log.warning("%s: %s failed part way; the store stays marked incomplete", self.store.root_url,
+                        self.operation)
+            _release(self.store.root_url)
+            return
+        try:
+            self.commit()
+        except Exception as e:  # noqa: BLE001 - any failure: a marker left behind errs on the safe side
+            log.warning("%s: could not remove the write marker after a refused %s: %s", self.store.root_url,
+                        self.operation, e)
+
+    def _changed(self) -> bool:
+        """Whether anything but the marker was written or deleted in the store since :meth:`begin`."""
+        marker = self.store._url(MARKER)
+        return any(c.seq == -1 or (c.kind in ("write", "delete") and c.url != marker)
+                   for c in journal().since(self._seq, read=self.store.root_url))
+
+    def __enter__(self) -> Self:
+        return self.begin()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.fail()
+
+
+def _release(root_url: str) -> None:
+    with _marks_lock:
+        n = _marks.get(root_url, 0) - 1
+        if n > 0:
+            _marks[root_url] = n
+        else:
+            _marks.pop(root_url, None)
+
+
+def _read_marker(store: JournaledStore) -> dict[str, Any] | None:
+    from zarr.core.buffer import default_buffer_prototype
+
+    buf = _sync(store.get(MARKER, prototype=default_buffer_prototype()))
+    if buf is None:
+        return None
+    try:
+        doc = json.loads(buf.to_bytes())
+    except ValueError:
+        doc = None
+    return doc if isinstance(doc, dict) else {}
+
+
+def check_complete(store: JournaledStore) -> None:
+    """Raise :class:`~cloudio.IncompleteWriteError` when a write to ``store`` started and never committed.
+
+    Costs one GET of the marker (a 404 when all is well).
+    """
+    from .errors import IncompleteWriteError
+
+    doc = _read_marker(store)
+    if doc is None:
+        return
+    url = store.root_url
+    who = f"by {doc.get('host', '?')} (pid {doc.get('pid', '?')}, {doc.get('operation', 'a write')})"
+    raise IncompleteWriteError(
+        f"{url}: a write started at {doc.get('time', 'an unknown time')} {who} never finished, so the "
+        "store may mix old and new objects. Write it again (cloudio.save_array / cloudio.to_zarr with "
+        "mode='w'); if you know the data is complete, remove the mark with "
+        f"cloudio.filesystem({url!r}).rm({url + '/' + MARKER!r})."
+    )
+
+
+def _sync(coro: Any) -> Any:
+    """Run a store coroutine on zarr's event loop, as zarr's own synchronous API does."""
+    from zarr.core.sync import sync
+
+    return sync(coro)
+
+
+# -- errors of the Zarr entry points -----------------------------------------------------------
+
+
+def _transient(e: BaseException) -> bool:
+    """Whether ``e`` is a server or network failure that outlasted gcsfs's retries."""
+    if isinstance(e, CloudioError):
+        return False
+    if isinstance(e, TimeoutError | ConnectionError):
+        return True
+    try:
+        import aiohttp
+
+        if isinstance(e, aiohttp.ClientError):
+            return True
+    except ImportError:
+        pass
+    try:
+        from gcsfs.retry import HttpError
+    except ImportError:
+        return False
+    return isinstance(e, HttpError) and getattr(e, "code", None) in (408, 429, 500, 502, 503, 504)
+
+
+@contextmanager
+def cloudio_errors(store: JournaledStore, *, writing: bool, node: str = "store",
+                   writer: str = "cloudio.to_zarr") -> Iterator[None]:
+    """Re-raise what zarr, xarray or gcsfs raise inside as :func:`cloudio_error` says, with it as the cause."""
+    try:
+        yield
+    except Exception as e:
+        err = cloudio_error(store, e, writing=writing, node=node, writer=writer)
+        if err is not None:
+            raise err from e
+        raise
+
+
+def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, node: str = "store",
+                  writer: str = "cloudio.to_zarr") -> CloudioError | None:
+    """The :class:`~cloudio.CloudioError` a user should see for ``e`` raised by zarr, xarray or gcsfs.
+
+    None when ``e`` is already cloudio's, or an error of the caller's own making
+    (a wrong argument) that zarr or xarray explains well enough.
+    """
+    from .errors import ConfigurationError, IntegrityError, TransientError
+
+    url = store.root_url
+    if isinstance(e, CloudioError):
+        return None
+    if _transient(e):
+        then = ("the store is marked incomplete until a write succeeds: run the write again"
+                if writing else "try again later")
+        return TransientError(f"{url}: the server or network kept failing past the retries "
+                              f"({type(e).__name__}: {e}); {then}.")
+    if isinstance(e, json.JSONDecodeError | UnicodeDecodeError):
+        return IntegrityError(f"{url}: a Zarr metadata document there is not valid JSON ({e}); the store is "
+                              f"damaged: write it again with {writer}.")
+    wrong_type = tuple(t for t in (getattr(zarr.errors, "NodeTypeValidationError", None),
+                                   getattr(zarr.errors, "ContainsGroupError", None)) if t is not None)
+    if node == "array" and wrong_type and isinstance(e, wrong_type):
+        return ConfigurationError(f"{url} is a Zarr group, not an array; open it with cloudio.open_zarr or "
+                                  f"zarr.open_group, or load one of its arrays (cloudio.load_array({url!r} + "
+                                  "'/<name>')).")
+    if isinstance(e, FileNotFoundError):
+        return _not_found(store, node, writer)
+    return None
+
+
+def _not_found(store: JournaledStore, node: str, writer: str) -> CloudioError:
+    """Why there is no Zarr node at the store's root: no bucket, an object in its place, or nothing."""
+    from .errors import ConfigurationError, ObjectNotFoundError
+
+    url = store.root_url
+    if is_gcs(url):
+        from ._gcs import gcs_filesystem
+
+        path = parse_gcs(url)
+        fs = gcs_filesystem()
+        try:
+            fs.call("GET", "b/{}", path.bucket, json_out=True)
+        except FileNotFoundError:
+            return BucketNotFoundError(f"{url}: bucket {path.bucket!r} does not exist; check the bucket name, "
+                                       "or create the bucket first.")
+        except OSError as e:  # cannot tell: say what is known
+            log.debug("could not check bucket %s: %s", path.bucket, e)
+        try:
+            is_object = fs.info(path.fs_path).get("type") == "file"
+        except OSError:
+            is_object = False
+    else:
+        is_object = os.path.isfile(url)
+    if is_object:
+        return ConfigurationError(f"{url} is a single object, not a Zarr store; open rasters with "
+                                  f"cloudio.open({url!r}), or point at the store's directory.")
+    return ObjectNotFoundError(f"{url}: no Zarr {node} there (no zarr.json, .zgroup or .zarray); check the URL, "
+                               f"or write one with {writer}.")

@@ -1,0 +1,136 @@
+"""Zarr writes that fail half way: readers through cloudio refuse the store instead of mixing old and new.
+
+Faults come from the proxy in front of the real emulator (tests/faultproxy.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import types
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import cloudio
+from cloudio._paths import parse_gcs
+
+MARKER = ".cloudio-write-in-progress"  # the documented name (docs/consistency.md)
+
+_real_sleep = asyncio.sleep
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfs's back-off between retries shortened to 10 ms (6 tries still made, 33 s of waiting saved)."""
+    import gcsfs.retry
+
+    async def sleep(_seconds: float) -> None:
+        await _real_sleep(0.01)
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=sleep))
+
+
+def _uploads_fail_after(fault_proxy, n: int):
+    return fault_proxy.add("status", code=503, method="POST", path=r"/upload/", times=None, skip=n)
+
+
+def _marker_exists(emu, url: str) -> bool:
+    p = parse_gcs(f"{url}/{MARKER}")
+    return emu.client.bucket(p.bucket).get_blob(p.key) is not None
+
+
+def test_save_array_failing_half_way_is_refused_until_rewritten(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                 quick_retries):
+    url = f"{gcs_bucket}/half.zarr"
+    old = np.arange(200 * 200, dtype="i4").reshape(200, 200)
+    new = -old
+    cloudio.save_array(old, url, chunks=(50, 50), shards=(100, 100))  # 4 shards
+    assert not _marker_exists(gcs_emulator, url)  # removed on commit
+
+    _uploads_fail_after(fault_proxy, 3)  # the marker, zarr.json and one shard go through
+    t0 = time.monotonic()
+    with pytest.raises((cloudio.TransientError, cloudio.UploadError)) as info:
+        cloudio.save_array(new, url, chunks=(50, 50), shards=(100, 100))
+    assert time.monotonic() - t0 < 30  # generous: does not wait out gcsfs's default back-off
+    assert url in str(info.value) and info.value.__cause__ is not None
+    assert _marker_exists(gcs_emulator, url)
+
+    fault_proxy.clear()
+    with pytest.raises(cloudio.IncompleteWriteError) as info:
+        cloudio.load_array(url)
+    msg = str(info.value)
+    assert url in msg and "save_array" in msg and MARKER in msg
+    with pytest.raises(cloudio.IncompleteWriteError):
+        cloudio.load_array(url, lazy=True)
+
+    cloudio.save_array(new, url, chunks=(50, 50), shards=(100, 100))  # a rewrite clears it
+    np.testing.assert_array_equal(cloudio.load_array(url), new)
+    assert not _marker_exists(gcs_emulator, url)
+
+
+def test_marker_can_be_removed_by_hand(gcs_emulator, gcs_bucket, fault_proxy, quick_retries):
+    """The call the error message names removes the marker, and the store reads again."""
+    url = f"{gcs_bucket}/byhand.zarr"
+    _uploads_fail_after(fault_proxy, 2)  # marker and zarr.json; no shard
+    with pytest.raises((cloudio.TransientError, cloudio.UploadError)):
+        cloudio.save_array(np.ones((100, 100), "u1"), url, chunks=(50, 50), shards=(50, 50))
+    fault_proxy.clear()
+    with pytest.raises(cloudio.IncompleteWriteError):
+        cloudio.load_array(url)
+    cloudio.filesystem(url).rm(f"{url}/{MARKER}")
+    assert cloudio.load_array(url).shape == (100, 100)
+
+
+def _ds(scale: float) -> xr.Dataset:
+    x = np.arange(8 * 6, dtype="f8").reshape(8, 6) * scale
+    return xr.Dataset({"x": (("t", "y"), x)}, coords={"t": np.arange(8), "y": np.arange(6)})
+
+
+@pytest.mark.parametrize("mode", ["w", "a"])
+def test_to_zarr_failing_half_way_is_refused_until_rewritten(gcs_emulator, gcs_bucket, fault_proxy, quick_retries,
+                                                             mode):
+    url = f"{gcs_bucket}/half-ds.zarr"
+    enc = {"x": {"chunks": (2, 6)}}
+    cloudio.to_zarr(_ds(1.0), url, mode="w", encoding=enc, consolidated=False)
+    assert not _marker_exists(gcs_emulator, url)
+
+    _uploads_fail_after(fault_proxy, 3)
+    new = _ds(-1.0) if mode == "w" else _ds(-1.0).assign(z=_ds(2.0).x)
+    with pytest.raises((cloudio.TransientError, cloudio.UploadError)) as info:
+        cloudio.to_zarr(new, url, mode=mode, **({"encoding": enc} if mode == "w" else {}), consolidated=False)
+    assert url in str(info.value)
+    fault_proxy.clear()
+    with pytest.raises(cloudio.IncompleteWriteError, match=url):
+        cloudio.open_zarr(url, consolidated=False)
+
+    cloudio.to_zarr(_ds(-1.0), url, mode="w", encoding=enc, consolidated=False)
+    np.testing.assert_array_equal(cloudio.open_zarr(url, consolidated=False).x.values, _ds(-1.0).x.values)
+    assert not _marker_exists(gcs_emulator, url)
+
+
+def test_to_zarr_compute_false_removes_marker_after_the_graph(gcs_emulator, gcs_bucket):
+    import dask
+
+    url = f"{gcs_bucket}/delayed.zarr"
+    ds = _ds(1.0).chunk({"t": 2})
+    delayed = cloudio.to_zarr(ds, url, mode="w", compute=False, consolidated=False)
+    assert _marker_exists(gcs_emulator, url)  # metadata written, chunks not yet
+    with pytest.raises(cloudio.IncompleteWriteError):
+        cloudio.open_zarr(url, consolidated=False)
+    with dask.config.set(scheduler="threads"):
+        delayed.compute()
+    assert not _marker_exists(gcs_emulator, url)
+    np.testing.assert_array_equal(cloudio.open_zarr(url, consolidated=False).x.values, ds.x.values)
+
+
+def test_refused_write_leaves_no_marker(gcs_emulator, gcs_bucket):
+    """A write refused before it changed anything (mode="w-" on an existing store) leaves the store readable."""
+    url = f"{gcs_bucket}/exists.zarr"
+    cloudio.to_zarr(_ds(1.0), url, mode="w", consolidated=False)
+    with pytest.raises(Exception) as info:
+        cloudio.to_zarr(_ds(2.0), url, mode="w-", consolidated=False)
+    assert not isinstance(info.value, cloudio.IncompleteWriteError)
+    assert not _marker_exists(gcs_emulator, url)
+    np.testing.assert_array_equal(cloudio.open_zarr(url, consolidated=False).x.values, _ds(1.0).x.values)
