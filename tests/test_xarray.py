@@ -252,3 +252,13 @@ def test_open_zarr_missing_store_bucket_or_not_zarr(gcs_emulator, gcs_bucket):
 def test_to_zarr_missing_bucket(gcs_emulator):
     with pytest.raises(cloudio.BucketNotFoundError, match="(?i)cloudio-no-such-bucket-9.*create it"):
         cloudio.to_zarr(_ds(), "gs://cloudio-no-such-bucket-9/a.zarr")
+
+
+def test_to_zarr_mode_w_minus_into_a_fresh_store(gcs_bucket):
+    """The write-in-progress mark is cloudio's, not data: mode="w-" sees an empty store."""
+    url = f"{gcs_bucket}/fresh.zarr"
+    ds = xr.Dataset({"t": (("y",), np.arange(4.0))})
+    cloudio.to_zarr(ds, url, mode="w-", zarr_format=3, consolidated=False)
+    assert (cloudio.open_zarr(url, consolidated=False)["t"].values == np.arange(4.0)).all()
+    with pytest.raises(FileExistsError):  # and a store that holds data still refuses w-
+        cloudio.to_zarr(ds, url, mode="w-", zarr_format=3, consolidated=False)

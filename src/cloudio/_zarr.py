@@ -295,6 +295,14 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             if key != MARKER or prefix.strip("/"):
                 yield key
 
+    async def is_empty(self, prefix: str) -> bool:
+        # the wrapped store would count the marker: mode="w-" into a fresh store must not fail
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        async for _ in self.list_prefix(prefix):
+            return False
+        return True
+
     async def _delete_all_but_marker(self) -> None:
         """Empty the store but keep the write-in-progress marker (``mode="w"`` inside a marked write).
 
