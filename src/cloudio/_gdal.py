@@ -82,7 +82,7 @@ from ._session import count
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GdalConsumer", "clear", "consumer", "ensure_endpoint", "listdir", "set_path_option"]
+__all__ = ["GdalConsumer", "clear", "consumer", "ensure_endpoint", "gate", "listdir", "set_path_option"]
 
 #: names GDAL probes next to any raster whatever its own name (seen in its request log)
 _DIR_SIDECARS = frozenset({"metadata.dim", "summary.txt", "hdr.txt", "rpc.txt", "metadata.xml"})
@@ -127,7 +127,11 @@ def _lib() -> ctypes.CDLL:
 def vsi_readdir(vsi_dir: str) -> list[str]:
     """GDAL's own ``VSIReadDir``: the listing GDAL makes, and then keeps in its cache."""
     lib = _lib()
-    arr = lib.VSIReadDir(vsi_dir.encode())
+    gate.enter()
+    try:
+        arr = lib.VSIReadDir(vsi_dir.encode())
+    finally:
+        gate.exit()
     names: list[str] = []
     if arr:
         while arr[len(names)] is not None:
@@ -153,9 +157,114 @@ def _partial_clear(vsi_prefix: str) -> None:
     _clear_fn(vsi_prefix)
 
 
+class _Depth(threading.local):
+    """Per thread: how deeply it is nested in shared sections (a class default: no getattr fallback)."""
+
+    n = 0
+
+
+class _Gate:
+    """A readers-writer lock: GDAL I/O of cloudio's datasets is shared, clearing GDAL's caches exclusive.
+
+    GDAL 3.10 corrupts its heap (the process aborts) when
+    ``VSICurlPartialClearCache`` runs while another thread opens, reads or
+    closes a ``/vsigs/`` file. Clears prefer writers: a clear waits for the
+    I/O in flight, and I/O starting meanwhile waits for the clear. The shared
+    side costs one uncontended mutex acquire on entry and one on exit; it
+    waits on the condition only when a clear is pending.
+
+    Reentrant: a thread inside a shared section enters again without waiting
+    (a clear waiting for the readers cannot deadlock it), and a clear it calls
+    is deferred, run by the last reader to leave before anyone else reads. A
+    clear that waited :data:`CLEAR_WAIT` seconds (a read stuck on the network)
+    is deferred the same way rather than block its writer longer.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._turn = threading.Condition(self._mutex)
+        self._readers = 0  #: threads inside shared sections
+        self._waiting = 0  #: clears waiting for the readers to leave
+        self._clearing = False  #: a clear is running
+        self._deferred: list[str] = []  #: clears to run when the last reader leaves
+        self._depth = _Depth()  #: per thread: nesting of shared sections
+
+    def enter(self) -> None:
+        """Start GDAL I/O (shared)."""
+        local = self._depth
+        depth = local.n
+        if depth:
+            local.n = depth + 1
+            return
+        with self._mutex:
+            while self._waiting or self._clearing or self._deferred:
+                self._turn.wait()
+            self._readers += 1
+        local.n = 1
+
+    def exit(self) -> None:
+        """End GDAL I/O; the last reader out runs the deferred clears."""
+        local = self._depth
+        depth = local.n - 1
+        local.n = depth
+        if depth:
+            return
+        with self._mutex:
+            self._readers -= 1
+            if self._readers or not (self._waiting or self._deferred):
+                return
+            if not self._deferred:
+                self._turn.notify_all()
+                return
+            todo, self._deferred = self._deferred, []
+            self._clearing = True
+        self._run(todo)
+
+    def clear(self, vsi_prefix: str) -> None:
+        """Run a clear alone: after the I/O in flight, before any that starts later."""
+        if self._depth.n:  # inside a shared section: waiting for ourselves would deadlock
+            with self._mutex:
+                self._deferred.append(vsi_prefix)
+            log.debug("gdal: clear of %s deferred until this thread's GDAL I/O ends", vsi_prefix)
+            return
+        deadline = time.monotonic() + CLEAR_WAIT
+        with self._mutex:
+            self._waiting += 1
+            try:
+                while self._readers or self._clearing:
+                    left = deadline - time.monotonic()
+                    if left <= 0 and self._readers:
+                        self._deferred.append(vsi_prefix)
+                        log.warning("gdal: GDAL I/O kept %s from being cleared for %.0f s; deferred to its end",
+                                    vsi_prefix, CLEAR_WAIT)
+                        return
+                    self._turn.wait(max(left, 0.05))
+            finally:
+                self._waiting -= 1
+            self._clearing = True
+        self._run([vsi_prefix])
+
+    def _run(self, prefixes: list[str]) -> None:
+        try:
+            for p in prefixes:
+                _partial_clear(p)
+        finally:
+            with self._mutex:
+                self._clearing = False
+                self._turn.notify_all()
+
+
+#: seconds a clear waits for GDAL I/O in flight before it is deferred to the end of that I/O
+CLEAR_WAIT = 30.0
+gate = _Gate()
+
+
 def clear(vsi_prefix: str) -> None:
-    """Drop everything GDAL caches whose path starts with ``vsi_prefix`` (a plain string prefix)."""
-    _partial_clear(vsi_prefix)
+    """Drop everything GDAL caches whose path starts with ``vsi_prefix`` (a plain string prefix).
+
+    Never while GDAL I/O of a dataset cloudio opened is in flight (see :class:`_Gate`).
+    """
+    gate.clear(vsi_prefix)
     count("invalidations", cache="gdal")
     log.debug("gdal: cleared %s", vsi_prefix)
 
@@ -280,21 +389,21 @@ class Target(NamedTuple):
     """An object to open, with what every open needs precomputed (cached per URL by the caller)."""
 
     path: GCSPath
-    vsi: str  #: /vsigs/b/d/a.tif
+    vsi: str  #: /vsigs/b/d/a.tif: what rasterio.open gets (a gs:// URL costs rasterio a parse per open)
     dir: str  #: /vsigs/b/d, the key of GDAL's listing
     name: str  #: a.tif
     vrt: bool  #: GDAL opens its sources itself
-    open_as: str  #: what rasterio.open gets: the user's gs:// spelling keeps rasterio's ``.name``
+    shown: str  #: the dataset's ``.name``: what rasterio.open of the user's spelling would report
 
 
 def target(path: GCSPath, spelling: str | None = None) -> Target:
-    """``spelling``: the URL as the user wrote it; used as is when rasterio maps it to ``vsi`` itself."""
+    """``spelling``: the URL as the user wrote it; rasterio names a dataset opened as gs://b/k so."""
     vsi = path.vsi
     i = vsi.rfind("/")
-    open_as = vsi
+    shown = vsi
     if spelling is not None and spelling == path.url and not any(c in spelling for c in "?#%"):
-        open_as = spelling  # rasterio turns gs://b/k into /vsigs/b/k and names the dataset gs://b/k
-    return Target(path, vsi, vsi[:i], vsi[i + 1:], vsi.lower().endswith(".vrt"), open_as)
+        shown = spelling
+    return Target(path, vsi, vsi[:i], vsi[i + 1:], vsi.lower().endswith(".vrt"), shown)
 
 
 def dir_key(path: GCSPath) -> str:
@@ -538,11 +647,11 @@ class GdalConsumer(Consumer):
 
     # -- datasets that outlive the open ------------------------------------------------------------
 
-    def epoch(self, t: Target) -> int | None:
-        """Taken before an open; see :meth:`opened_dataset`."""
-        return self._epoch.get(t.vsi)
+    def epoch(self, t: Target) -> int:
+        """Taken before an open; see :meth:`opened_dataset` (odd: a write is being applied)."""
+        return self._epoch.get(t.vsi, 0)
 
-    def opened_dataset(self, t: Target, ds: Any, epoch: int | None) -> None:
+    def opened_dataset(self, t: Target, ds: Any, epoch: int) -> None:
         """After an open: undo a race with a write, and remember the dataset while it lives.
 
         If a write of the object was applied while GDAL was opening it, the
@@ -564,7 +673,7 @@ class GdalConsumer(Consumer):
                 break
         if len(refs) > 16:
             self._prune_readers(vsi)
-        if self._epoch.get(vsi) != epoch or (epoch or 0) % 2:  # a write landed while GDAL was opening it
+        if self._epoch.get(vsi, 0) != epoch or epoch & 1:  # a write landed while GDAL was opening it
             with self._state:
                 self._mark_stale(vsi, [ref])
             clear(vsi)

@@ -22,6 +22,14 @@ for 5xx/429, resets and timeouts, which GDAL itself already retried, see
 These errors are also :class:`rasterio.errors.RasterioIOError`, so code written
 for :func:`rasterio.open` keeps catching them.
 
+Its GDAL I/O (open, reads, ``files``, ``overviews``, close) runs on the shared
+side of :data:`cloudio._gdal.gate`, so that no cache clear runs meanwhile (GDAL
+3.10 corrupts its heap otherwise). A read of an object this process overwrote
+since the open, or while the read ran, may mix the old header with new bytes:
+it is done again from a fresh open of the object (the new version) when the
+layout is the same, and raises :class:`~cloudio.errors.StaleDatasetError`
+otherwise. Never a torn read.
+
 Writes (``"w"``, ``"w+"``, ``"r+"``) go to :mod:`cloudio._rasterwrite`, which
 renders locally and uploads on close. Local paths, file objects and other
 inputs go straight to :func:`rasterio.open`.
@@ -43,7 +51,15 @@ from . import _gdal, _session
 from ._config import emulator_endpoint
 from ._paths import GCSPath, is_gcs, parse_gcs
 from ._session import count, current_consistency
-from .errors import BucketNotFoundError, CloudioError, ConfigurationError, ObjectNotFoundError, ReadError, TransientError
+from .errors import (
+    BucketNotFoundError,
+    CloudioError,
+    ConfigurationError,
+    ObjectNotFoundError,
+    ReadError,
+    StaleDatasetError,
+    TransientError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,51 +82,159 @@ class DatasetReadError(ReadError, RasterioIOError):
     """A :class:`ReadError` that code catching rasterio's own read errors also catches."""
 
 
-class _Reader(DatasetReader):
-    """What cloudio.open returns for reading: rasterio's reader, whose reads survive a poisoned cache.
+class StaleDatasetReadError(StaleDatasetError, RasterioIOError):
+    """A :class:`StaleDatasetError` that code catching rasterio's own read errors also catches."""
 
-    A failed read clears the object's GDAL cache (where a reset or a
-    timeout may have left part of a range) and is retried once; a second
-    failure raises cloudio's error naming the URL.
+
+_gate = _gdal.gate
+#: reads of a dataset whose object keeps changing under them, before giving up
+_READ_ATTEMPTS = 4
+
+
+class _Reader(DatasetReader):
+    """What cloudio.open returns for reading: rasterio's reader, made safe against writes in this process.
+
+    GDAL I/O runs inside :data:`cloudio._gdal.gate` (shared). A read that may
+    be torn by an overwrite is done again from a fresh open (see :func:`_io`).
+    A failed read clears the object's GDAL cache (where a reset or a timeout
+    may have left part of a range) and is retried once; a second failure
+    raises cloudio's error naming the URL.
     """
 
     _cloudio_target: _gdal.Target
+    _cloudio_epoch: int  #: the object's epoch when the open began (see GdalConsumer.opened_dataset)
+    _cloudio_open: tuple[str | None, dict[str, Any]] = (None, {})  #: driver and options it was opened with
+    _cloudio_fresh: "_Reader | None" = None  #: a later open of the object that reads go to
+
+    @property  # type: ignore[override]
+    def name(self) -> str:
+        """As rasterio names the user's spelling (GDAL itself opened the ``/vsigs/`` path: cheaper)."""
+        return self._cloudio_target.shown
+
+    @property  # type: ignore[override]
+    def files(self) -> list[str]:
+        _gate.enter()
+        try:
+            return DatasetReader.files.__get__(self)  # type: ignore[attr-defined,no-any-return]
+        finally:
+            _gate.exit()
 
     def read(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().read(*args, **kwargs)
-        except RasterioIOError as e:
-            return _retry_read(self, e, super().read, args, kwargs)
+        return _io(self, DatasetReader.read, args, kwargs)
 
     def read_masks(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().read_masks(*args, **kwargs)
-        except RasterioIOError as e:
-            return _retry_read(self, e, super().read_masks, args, kwargs)
+        return _io(self, DatasetReader.read_masks, args, kwargs)
 
     def dataset_mask(self, *args: Any, **kwargs: Any) -> Any:
+        return _io(self, DatasetReader.dataset_mask, args, kwargs)
+
+    def checksum(self, *args: Any, **kwargs: Any) -> Any:
+        return _io(self, DatasetReader.checksum, args, kwargs)
+
+    def statistics(self, *args: Any, **kwargs: Any) -> Any:
+        return _io(self, DatasetReader.statistics, args, kwargs)
+
+    def stats(self, *args: Any, **kwargs: Any) -> Any:
+        return _io(self, DatasetReader.stats, args, kwargs)
+
+    def overviews(self, *args: Any, **kwargs: Any) -> Any:
+        _gate.enter()  # GDAL looks for .ovr files on first use
         try:
-            return super().dataset_mask(*args, **kwargs)
-        except RasterioIOError as e:
-            return _retry_read(self, e, super().dataset_mask, args, kwargs)
+            return DatasetReader.overviews(self, *args, **kwargs)
+        finally:
+            _gate.exit()
+
+    def close(self) -> None:
+        fresh = self._cloudio_fresh
+        if fresh is not None:
+            self._cloudio_fresh = None
+            fresh.close()
+        _gate.enter()
+        try:
+            DatasetReader.close(self)
+        finally:
+            _gate.exit()
 
 
-def _reader(ds: Any, t: _gdal.Target) -> Any:
+def _reader(ds: Any, t: _gdal.Target, epoch: int, driver: str | None = None, kwargs: dict[str, Any] | None = None) -> Any:
     """Make a plain DatasetReader a :class:`_Reader` (same object, same layout: a class swap)."""
     if type(ds) is DatasetReader:
         ds.__class__ = _Reader
         ds._cloudio_target = t
+        ds._cloudio_epoch = epoch
+        if driver is not None or kwargs:
+            ds._cloudio_open = (driver, kwargs or {})
     return ds
 
 
+def _io(ds: _Reader, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``fn(ds, ...)`` inside the gate, from a dataset that knows the object's version the read saw.
+
+    The object's epoch (:class:`cloudio._gdal.GdalConsumer`) is compared
+    before and after: a write applied since the dataset's open, or during the
+    read, means the header may be older than the bytes. Then the read is
+    done again from a fresh open of the object.
+    """
+    epochs = _gdal.consumer._epoch
+    vsi = ds._cloudio_target.vsi
+    src = ds._cloudio_fresh or ds
+    for _ in range(_READ_ATTEMPTS):
+        before = epochs.get(vsi, 0)
+        if before != src._cloudio_epoch or before & 1:
+            src = _renew(ds)
+            before = src._cloudio_epoch
+        _gate.enter()
+        try:
+            out = fn(src, *args, **kwargs)
+        except RasterioIOError as e:
+            failed: RasterioIOError | None = e
+        else:
+            failed = None
+        finally:
+            _gate.exit()
+        if failed is not None:
+            out = _retry_read(src, failed, fn, args, kwargs)
+        if epochs.get(vsi, 0) == before and not before & 1:
+            return out
+    raise _stale(ds._cloudio_target, "it kept changing during each of %d reads" % _READ_ATTEMPTS)
+
+
+def _renew(ds: _Reader) -> _Reader:
+    """A fresh open of ``ds``'s object, kept to close with ``ds``; the same layout, or StaleDatasetError."""
+    t = ds._cloudio_target
+    driver, kwargs = ds._cloudio_open
+    fresh = _open_read(t, driver, False, kwargs)
+    if (fresh.width, fresh.height, fresh.count, fresh.dtypes, fresh.block_shapes) != (
+        ds.width, ds.height, ds.count, ds.dtypes, ds.block_shapes
+    ):
+        fresh.close()
+        raise _stale(t, "the new version's size, bands, data types or blocks differ from the dataset's")
+    old, ds._cloudio_fresh = ds._cloudio_fresh, fresh
+    if old is not None:
+        old.close()
+    log.debug("%s: overwritten while open; reading from a fresh open of it", t.path.url)
+    return fresh
+
+
+def _stale(t: _gdal.Target, why: str) -> StaleDatasetReadError:
+    return StaleDatasetReadError(
+        f"{t.path.url}: overwritten by this process while this dataset was open ({why}); "
+        "reopen it with cloudio.open."
+    )
+
+
 def _retry_read(ds: _Reader, first: RasterioIOError, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Outside the gate (the clear waits for GDAL I/O in flight): clear, then read once more."""
     t = ds._cloudio_target
     log.info("%s: read failed (%s); clearing GDAL's cache of it and retrying once", t.path.url, first)
     _gdal.clear(t.vsi)
+    _gate.enter()
     try:
-        return fn(*args, **kwargs)
+        return fn(ds, *args, **kwargs)
     except RasterioIOError as e:
         raise _read_error(t, e) from e
+    finally:
+        _gate.exit()
 
 
 def _messages(e: BaseException) -> str:
@@ -239,13 +363,18 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
         if driver is None and not kwargs and _consistency() == "session" and c.unchanged(t):
             # the common case, kept cheap: read before, nothing written since, nothing to check
             epoch = c.epoch(t)  # see GdalConsumer.opened_dataset
+            _gate.enter()
             try:
-                dataset = rasterio.open(t.open_as, "r", driver=driver, sharing=sharing)
+                dataset = rasterio.open(t.vsi, "r", sharing=sharing)
             except RasterioIOError:
+                dataset = None
+            finally:
+                _gate.exit()
+            if dataset is None:
                 dataset = _open_read(t, driver, sharing, kwargs)
             else:
                 c.opened_dataset(t, dataset, epoch)
-                _reader(dataset, t)
+                _reader(dataset, t, epoch)
         else:
             dataset = _open_read(t, driver, sharing, kwargs)
         next(_session._opens)  # count("opens"), lock-free
@@ -328,7 +457,18 @@ def _gdal_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[
     epoch = c.epoch(t)
     ds = _gdal_open_planned(t, driver, sharing, kwargs)
     c.opened_dataset(t, ds, epoch)
-    return _reader(ds, t)
+    return _reader(ds, t, epoch, driver, kwargs)
+
+
+def _rio_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
+    """``rasterio.open`` of the ``/vsigs/`` path inside the gate (no cache clear meanwhile)."""
+    _gate.enter()
+    try:
+        if kwargs:
+            return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing, **kwargs)
+        return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing)
+    finally:
+        _gate.exit()
 
 
 def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
@@ -336,17 +476,20 @@ def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwarg
     if c.plan_read(t) is _gdal.NEEDS_LISTING:
         names = _list_names(t.path)
         if names is _NO_BUCKET:  # let GDAL fail; the failure is diagnosed by the caller
-            return rasterio.open(t.open_as, "r", driver=driver, sharing=sharing, **kwargs)
+            return _rio_open(t, driver, sharing, kwargs)
         c.set_listing(t.path, names)
         c.plan_read(t)
     if t.vrt or (driver or "").upper() == "VRT":
         c.prepare_vrt(t.path)
-        ds = rasterio.open(t.open_as, "r", driver=driver, sharing=sharing, **kwargs)
-        c.opened(ds.files)
+        ds = _rio_open(t, driver, sharing, kwargs)
+        _gate.enter()
+        try:
+            files = ds.files
+        finally:
+            _gate.exit()
+        c.opened(files)
         return ds
-    if kwargs:
-        return rasterio.open(t.open_as, "r", driver=driver, sharing=sharing, **kwargs)
-    return rasterio.open(t.open_as, "r", driver=driver, sharing=sharing)
+    return _rio_open(t, driver, sharing, kwargs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ __all__ = [
     "TransientError",
     "IncompleteWriteError",
     "NotARasterError",
+    "ReadError",
+    "StaleDatasetError",
 ]
 
 
@@ -80,3 +82,10 @@ class NotARasterError(CloudioError, OSError):
 
 class ReadError(CloudioError, OSError):
     """GDAL could not read an object that exists (not a raster, or truncated), even after a retry."""
+
+
+class StaleDatasetError(ReadError):
+    """The object was overwritten by this process while a dataset of it was open, into another layout.
+
+    Reading on would mix the dataset's old header with the new bytes; reopen it.
+    """
