@@ -30,7 +30,7 @@ fill value in full and joins the shard's bytes again; on reads it decodes
 into fresh buffers before the copy into the output: plain ``FsspecStore``
 runs at 0.5-0.75 of ``pipe``/``cat`` here. cloudio's ``save_array`` and
 ``load_array`` take the one-buffer-per-shard path for plain sharded arrays
-(``cloudio._shardio``: each chunk copied once, between the user's array and
+(``cloudio._zarr.shard_codec``: each chunk copied once, between the user's array and
 a reused shard buffer; one GET or upload per shard through the same
 journaled store) and zarr's pipeline for everything else.
 ``BENCH_NUMPY_HUGEPAGE=0`` turns NumPy's huge-page advice off for the whole
@@ -79,7 +79,7 @@ def main() -> None:
     import zarr
 
     import cloudio
-    from cloudio._gcs import gcs_filesystem
+    from cloudio._gcs.client import gcs_filesystem
     from cloudio.emulator import Emulator
 
     hugepages = os.environ.get("BENCH_NUMPY_HUGEPAGE", "1") != "0"

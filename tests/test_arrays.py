@@ -10,7 +10,7 @@ import zarr
 
 import cloudio
 from cloudio._paths import parse_gcs
-from cloudio._shards import aligned_chunks, misaligned_dims
+from cloudio._zarr.shard_safety import aligned_chunks, misaligned_dims
 from cloudio.errors import ObjectNotFoundError, UnsafeChunkingError
 
 

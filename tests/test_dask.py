@@ -22,7 +22,7 @@ def cluster_client(gcs_emulator):
 
 def _ls(prefix: str) -> list[str]:
     """A raw gcsfs listing through the worker's long-lived (cached) instance."""
-    from cloudio._gcs import gcs_filesystem
+    from cloudio._gcs.client import gcs_filesystem
 
     return sorted(p.rsplit("/", 1)[-1] for p in gcs_filesystem().ls(prefix))
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import cloudio
-from cloudio._gcs import gcs_filesystem
+from cloudio._gcs.client import gcs_filesystem
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """What GDAL's /vsigs/ caches do, measured at the emulator, and what cloudio's GDAL consumer makes of it.
 
-These pin the facts ``cloudio._gdal`` is built on (see its docstring): a
+These pin the facts ``cloudio._gdal.cache`` is built on (see its docstring): a
 file-level clear leaves the neighbours cached, a directory clear does not,
 a listing GDAL holds hides new names whatever GDAL_DISABLE_READDIR_ON_OPEN
 says, and path-specific options reach listings only without a trailing '/'.
@@ -15,7 +15,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.io import MemoryFile
 
 import cloudio
-from cloudio import _gdal
+from cloudio._gdal import cache as _gdal
 from cloudio.emulator import Emulator
 
 

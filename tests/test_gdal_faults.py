@@ -17,7 +17,8 @@ from rasterio.errors import RasterioIOError
 from rasterio.io import MemoryFile
 
 import cloudio
-from cloudio import _config, _gdal
+from cloudio import _config
+from cloudio._gdal import cache as _gdal
 from cloudio.emulator import Emulator
 
 

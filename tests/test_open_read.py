@@ -19,8 +19,8 @@ from rasterio.errors import RasterioIOError
 from rasterio.io import MemoryFile
 
 import cloudio
-from cloudio import _gdal
-from cloudio._gdal import vsi_readdir
+from cloudio._gdal import cache as _gdal
+from cloudio._gdal.cache import vsi_readdir
 from cloudio._journal import journal
 from cloudio.emulator import Emulator
 
@@ -129,7 +129,7 @@ def test_open_after_overwrite_through_cloudio(gcs_bucket: str) -> None:
 
 @pytest.mark.characterization
 def test_raw_open_after_gcsfs_overwrite_is_stale_or_torn(gcs_emulator: Emulator, gcs_bucket: str) -> None:
-    from cloudio._gcs import gcs_filesystem
+    from cloudio._gcs.client import gcs_filesystem
 
     url = f"{gcs_bucket}/d/a.tif"
     fs = gcs_filesystem(skip_instance_cache=True)
@@ -145,7 +145,7 @@ def test_raw_open_after_gcsfs_overwrite_is_stale_or_torn(gcs_emulator: Emulator,
 
 
 def test_open_after_gcsfs_overwrite_through_cloudio(gcs_bucket: str) -> None:
-    from cloudio._gcs import gcs_filesystem
+    from cloudio._gcs.client import gcs_filesystem
 
     url = f"{gcs_bucket}/d/a.tif"
     fs = gcs_filesystem(skip_instance_cache=True)

@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 import cloudio
-from cloudio._shardio import plain_layout
+from cloudio._zarr.shard_codec import plain_layout
 from cloudio.emulator import Emulator
 from cloudio.errors import IntegrityError
 

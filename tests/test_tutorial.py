@@ -17,7 +17,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 import cloudio
-from cloudio._gcs import gcs_filesystem
+from cloudio._gcs.client import gcs_filesystem
 from cloudio._paths import parse_gcs
 
 

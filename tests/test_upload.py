@@ -1,4 +1,4 @@
-"""Verified uploads (cloudio._upload) against the real emulator.
+"""Verified uploads (cloudio._gcs.transfer) against the real emulator.
 
 Faults are injected by a small HTTP proxy in front of the real emulator
 (answer 503 once, flip a byte of the uploaded body, refuse with 403); the
@@ -23,7 +23,7 @@ import cloudio
 from cloudio import _config
 from cloudio._journal import journal
 from cloudio._paths import parse_gcs
-from cloudio._upload import download, upload
+from cloudio._gcs.transfer import download, upload
 from cloudio.emulator import Emulator
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection"}
@@ -263,7 +263,7 @@ def test_bad_url(gcs_emulator: Emulator) -> None:
 def test_download_is_fresh_after_overwrite_elsewhere(gcs_emulator: Emulator, gcs_bucket: str, tmp_path) -> None:
     url = f"{gcs_bucket}/d/a.bin"
     upload(b"a" * 10, url)
-    from cloudio._gcs import gcs_filesystem
+    from cloudio._gcs.client import gcs_filesystem
 
     fs = gcs_filesystem()
     fs.ls(url[5:].rsplit("/", 1)[0])  # gcsfs now caches the 10-byte size

@@ -13,7 +13,7 @@ import rasterio
 from affine import Affine
 
 import cloudio
-from cloudio._gcs import gcs_filesystem
+from cloudio._gcs.client import gcs_filesystem
 from cloudio._journal import journal
 from cloudio._paths import parse_gcs
 from cloudio.emulator import Emulator

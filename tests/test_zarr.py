@@ -58,7 +58,7 @@ def test_store_is_a_zarr_store_and_journals_every_write(gcs_bucket):
 
 
 def _bytes_of(url: str) -> bytes:
-    from cloudio._gcs import gcs_filesystem
+    from cloudio._gcs.client import gcs_filesystem
 
     return gcs_filesystem().cat_file(parse_gcs(url).fs_path)
 
@@ -79,7 +79,7 @@ def test_deletes_are_journaled(gcs_bucket):
 
 def test_no_extra_requests(gcs_emulator, gcs_bucket):
     """Journaling adds no request: the same writes through zarr's own store cost the same."""
-    from cloudio._gcs import gcs_filesystem
+    from cloudio._gcs.client import gcs_filesystem
 
     data = np.arange(64 * 64, dtype="f4").reshape(64, 64)
 

@@ -18,9 +18,9 @@ from zarr.storage import FsspecStore
 from zarr.testing.store import StoreTests
 
 from cloudio._config import gcsfs_options
-from cloudio._gcs import _keep_async, gcs_filesystem
+from cloudio._gcs.client import _keep_async, gcs_filesystem
 from cloudio._paths import parse_gcs
-from cloudio._zarr import JournaledStore
+from cloudio._zarr.store import JournaledStore
 
 pytestmark = [
     pytest.mark.asyncio,

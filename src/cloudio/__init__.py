@@ -11,7 +11,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from cloudio.errors import (
     BucketNotFoundError,
     CloudioError,
     ConfigurationError,
@@ -34,16 +34,16 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "open": "._open",
-    "write_vrt": "._vrt",
+    "open": "._gdal.open",
+    "write_vrt": "._gdal.vrt",
     "session": "._session",
     "invalidate": "._session",
-    "filesystem": "._fsspec",
-    "zarr_store": "._zarr",
-    "open_zarr": "._xarray",
-    "to_zarr": "._xarray",
-    "save_array": "._arrays",
-    "load_array": "._arrays",
+    "filesystem": "._fsspec.filesystem",
+    "zarr_store": "._zarr.store",
+    "open_zarr": "._zarr.xarray",
+    "to_zarr": "._zarr.xarray",
+    "save_array": "._zarr.arrays",
+    "load_array": "._zarr.arrays",
     "Emulator": ".emulator",
 }
 
@@ -69,14 +69,14 @@ __all__ = [
 __all__ = list(dict.fromkeys(__all__))
 
 if TYPE_CHECKING:
-    from ._arrays import load_array, save_array
-    from ._fsspec import filesystem
-    from ._open import open
-    from ._session import invalidate, session
-    from ._vrt import write_vrt
-    from ._xarray import open_zarr, to_zarr
-    from ._zarr import zarr_store
-    from .emulator import Emulator
+    from cloudio._zarr.arrays import load_array, save_array
+    from cloudio._fsspec.filesystem import filesystem
+    from cloudio._gdal.open import open
+    from cloudio._session import invalidate, session
+    from cloudio._gdal.vrt import write_vrt
+    from cloudio._zarr.xarray import open_zarr, to_zarr
+    from cloudio._zarr.store import zarr_store
+    from cloudio.emulator import Emulator
 
 
 def __getattr__(name: str) -> Any:

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .errors import ConfigurationError
+from cloudio.errors import ConfigurationError
 
 #: gcsfs 2026.x asks a gRPC control API for each bucket's layout; against an
 #: emulator that waits 60 s per bucket. Must be set before gcsfs is imported.

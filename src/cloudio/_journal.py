@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._paths import GCSPath, is_gcs, parse_gcs
+from cloudio._paths import GCSPath, is_gcs, parse_gcs
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ Kind = Literal["write", "delete", "invalidate"]
 #: caches that register a consumer when their library is loaded in this process:
 #: (library whose import means the cache may hold state, cloudio module that registers it).
 #: A library not yet imported holds no cache, so nothing can be stale there.
-_CONSUMER_MODULES = (("rasterio", "cloudio._gdal"), ("fsspec", "cloudio._fsspec"))
+_CONSUMER_MODULES = (("rasterio", "cloudio._gdal.cache"), ("fsspec", "cloudio._fsspec.filesystem"))
 ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 

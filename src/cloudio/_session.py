@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Union
 
-from ._journal import journal
-from ._paths import normalize
-from .errors import ConfigurationError
+from cloudio._journal import journal
+from cloudio._paths import normalize
+from cloudio.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 

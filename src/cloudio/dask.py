@@ -21,7 +21,7 @@ import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ._journal import Change, journal
+from cloudio._journal import Change, journal
 
 if TYPE_CHECKING:
     from distributed import Client, Scheduler, Worker

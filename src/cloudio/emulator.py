@@ -42,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
-from .errors import EmulatorError
+from cloudio.errors import EmulatorError
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -328,7 +328,7 @@ class Emulator:
         self._url = f"http://127.0.0.1:{port}"
 
     def _attach(self) -> None:
-        from ._config import _parse_endpoint
+        from cloudio._config import _parse_endpoint
 
         raw = os.environ.get("STORAGE_EMULATOR_HOST", "")
         if not raw.strip():
@@ -434,7 +434,7 @@ class Emulator:
 
     def _point_process(self) -> None:
         """This process's libraries use this server until :meth:`_unpoint_process`."""
-        from . import _config
+        from cloudio import _config
 
         ep = _config._parse_endpoint(self.url, "emulator")
         env = {"STORAGE_EMULATOR_HOST": ep.url, **ep.gdal_options}
@@ -454,7 +454,7 @@ class Emulator:
         saved, self._saved_env = self._saved_env, None
         if saved is None:
             return
-        from . import _config
+        from cloudio import _config
 
         _config.pop_endpoint()
         for k, v in saved.items():
@@ -502,7 +502,7 @@ class Emulator:
         cloudio's URLs pass (:func:`cloudio._paths.check_bucket`), so every
         bucket made here is one cloudio can address.
         """
-        from ._paths import check_bucket
+        from cloudio._paths import check_bucket
 
         check_bucket(name)
         body = json.dumps({"name": name}).encode()

@@ -39,8 +39,8 @@ from flytekit.models.core.types import BlobType
 from flytekit.models.literals import Blob, BlobMetadata, Literal, Scalar
 from flytekit.models.types import LiteralType
 
-from ._xarray import open_zarr, to_zarr
-from .errors import ConfigurationError
+from cloudio._zarr.xarray import open_zarr, to_zarr
+from cloudio.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .emulator import Emulator
+from cloudio.emulator import Emulator
 
 _HNS = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
 _ENV = ("STORAGE_EMULATOR_HOST", _HNS)

@@ -26,8 +26,8 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 
-from .. import __version__
-from ..errors import (
+from cloudio import __version__
+from cloudio.errors import (
     CloudioError,
     ConfigurationError,
     InvalidURLError,
@@ -49,7 +49,7 @@ def _plain(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import check, demo, emulator, inspect
+    from cloudio.cli import check, demo, emulator, inspect
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -107,7 +107,7 @@ def _one_line(e: BaseException) -> str:
 
 def _unreachable_hint(e: BaseException) -> str:
     """A next step when the failure is the emulator not answering."""
-    from .._config import emulator_endpoint
+    from cloudio._config import emulator_endpoint
 
     try:
         ep = emulator_endpoint()

@@ -1,5 +1,5 @@
 """``python -m cloudio.cli``: the same as the ``cloudio`` console script."""
 
-from . import main
+from cloudio.cli import main
 
 raise SystemExit(main())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .._cases import CaseResult, Outcome
-from ._ui import table
+from cloudio.cli.cases import CaseResult, Outcome
+from cloudio.cli._ui import table
 
 _WORD = {"correct": "ok", "stale": "STALE", "wrong": "WRONG", "error": "ERROR", "skipped": "skipped"}
 

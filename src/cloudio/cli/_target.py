@@ -15,14 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .._cases import new_run_prefix
-from .._config import emulator_endpoint, pop_endpoint, push_endpoint
-from .._paths import is_gcs, parse_gcs
-from ..errors import BucketNotFoundError, CloudioError, ConfigurationError, InvalidURLError
-from ._ui import err, progress
+from cloudio.cli.cases import new_run_prefix
+from cloudio._config import emulator_endpoint, pop_endpoint, push_endpoint
+from cloudio._paths import is_gcs, parse_gcs
+from cloudio.errors import BucketNotFoundError, CloudioError, ConfigurationError, InvalidURLError
+from cloudio.cli._ui import err, progress
 
 if TYPE_CHECKING:
-    from ..emulator import Emulator
+    from cloudio.emulator import Emulator
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Target:
 
 @contextmanager
 def _embedded() -> Iterator["Emulator"]:
-    from ..emulator import Emulator
+    from cloudio.emulator import Emulator
 
     mode = os.environ.get("CLOUDIO_EMULATOR", "").strip() or "binary"
     emu = Emulator(mode=mode)  # type: ignore[arg-type]
@@ -79,7 +79,7 @@ def _ensure_bucket(url: str) -> None:
     """
     bucket = parse_gcs(url).bucket
     if emulator_endpoint() is not None:
-        from ..emulator import Emulator
+        from cloudio.emulator import Emulator
 
         emu = Emulator(mode="external").start()  # attach to STORAGE_EMULATOR_HOST
         if not emu.has_bucket(bucket):
@@ -160,7 +160,7 @@ def require_reachable_emulator() -> None:
     import urllib.error
     import urllib.request
 
-    from ..errors import EmulatorError
+    from cloudio.errors import EmulatorError
 
     ep = emulator_endpoint()
     if ep is None:

@@ -13,9 +13,9 @@ import signal
 import threading
 from types import FrameType
 
-from .._paths import check_bucket
-from ..errors import ConfigurationError, EmulatorError
-from ._ui import err
+from cloudio._paths import check_bucket
+from cloudio.errors import ConfigurationError, EmulatorError
+from cloudio.cli._ui import err
 
 
 HELP = "run the embedded GCS emulator in the foreground (Ctrl-C stops it)"
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..emulator import Emulator
+    from cloudio.emulator import Emulator
 
     mode = os.environ.get("CLOUDIO_EMULATOR", "").strip() or "binary"
     if mode == "external":

@@ -19,8 +19,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from .._paths import is_gcs, normalize, parse_gcs
-from ..errors import (
+from cloudio._paths import is_gcs, normalize, parse_gcs
+from cloudio.errors import (
     BucketNotFoundError,
     ConfigurationError,
     NotARasterError,
@@ -28,8 +28,8 @@ from ..errors import (
     ReadError,
     TransientError,
 )
-from ._target import require_reachable_emulator
-from ._ui import human_bytes, progress
+from cloudio.cli._target import require_reachable_emulator
+from cloudio.cli._ui import human_bytes, progress
 
 _MAX_PIXELS = 1024
 #: a prefix listing prints at most this many objects (and counts the rest)
@@ -61,8 +61,8 @@ _ZARR_META = ("zarr.json", ".zgroup", ".zarray")
 def _has_zarr_metadata(url: str) -> bool:
     """Whether a Zarr node's metadata document sits at ``url`` (a plain existence check)."""
     if is_gcs(url):
-        from .._gcs import gcs_filesystem
-        from .._paths import parse_gcs
+        from cloudio._gcs.client import gcs_filesystem
+        from cloudio._paths import parse_gcs
 
         fs = gcs_filesystem()
         base = parse_gcs(url).fs_path.rstrip("/")

@@ -1,7 +1,7 @@
 """Plain (untracked) gcsfs filesystems configured for the endpoint in force.
 
 cloudio's own uploads and metadata requests go through these; user-facing
-tracked filesystems live in :mod:`cloudio._fsspec`.
+tracked filesystems live in :mod:`cloudio._fsspec.filesystem`.
 
 Time limits. gcsfs waits forever by default: a server that accepts and never
 answers hangs ``cat`` for good. Every filesystem cloudio makes (these, and
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._config import gcsfs_options, http_timeout, prepare_gcsfs_import, require_credentials
+from cloudio._config import gcsfs_options, http_timeout, prepare_gcsfs_import, require_credentials
 
 if TYPE_CHECKING:
     import gcsfs
@@ -64,7 +64,7 @@ def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> "gcsfs.GCSFi
     prepare_gcsfs_import()
     import gcsfs
 
-    from ._fsspec import guard_listings
+    from cloudio._fsspec.filesystem import guard_listings
 
     opts: dict[str, Any] = {**gcsfs_options(), **http_options(), **kwargs}
     if "token" not in opts:

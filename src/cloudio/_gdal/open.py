@@ -2,7 +2,7 @@
 
 The flow of a read of a GCS object::
 
-    journal changes ──(applied at write time)──► GDAL caches (cloudio._gdal)
+    journal changes ──(applied at write time)──► GDAL caches (cloudio._gdal.cache)
     cloudio.open(url)
       1. normalise the URL; point /vsigs/<bucket> at the emulator if one is in force
       2. consistency "strong" / N seconds: one metadata request -> clear on a new generation
@@ -23,14 +23,14 @@ These errors are also :class:`rasterio.errors.RasterioIOError`, so code written
 for :func:`rasterio.open` keeps catching them.
 
 Its GDAL I/O (open, reads, ``files``, ``overviews``, close) runs on the shared
-side of :data:`cloudio._gdal.gate`, so that no cache clear runs meanwhile (GDAL
+side of :data:`cloudio._gdal.cache.gate`, so that no cache clear runs meanwhile (GDAL
 3.10 corrupts its heap otherwise). A read of an object this process overwrote
 since the open, or while the read ran, may mix the old header with new bytes:
 it is done again from a fresh open of the object (the new version) when the
 layout is the same, and raises :class:`~cloudio.errors.StaleDatasetError`
 otherwise. Never a torn read.
 
-Writes (``"w"``, ``"w+"``, ``"r+"``) go to :mod:`cloudio._rasterwrite`, which
+Writes (``"w"``, ``"w+"``, ``"r+"``) go to :mod:`cloudio._gdal.write`, which
 renders locally and uploads on close. Local paths, file objects and other
 inputs go straight to :func:`rasterio.open`.
 """
@@ -47,11 +47,13 @@ import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.io import DatasetReader
 
-from . import _gdal, _session
-from ._config import emulator_endpoint
-from ._paths import GCSPath, is_gcs, parse_gcs
-from ._session import count, current_consistency
-from .errors import (
+from cloudio import _session
+
+from cloudio._gdal import cache as _gdal
+from cloudio._config import emulator_endpoint
+from cloudio._paths import GCSPath, is_gcs, parse_gcs
+from cloudio._session import count, current_consistency
+from cloudio.errors import (
     BucketNotFoundError,
     CloudioError,
     ConfigurationError,
@@ -94,7 +96,7 @@ _READ_ATTEMPTS = 4
 class _Reader(DatasetReader):
     """What cloudio.open returns for reading: rasterio's reader, made safe against writes in this process.
 
-    GDAL I/O runs inside :data:`cloudio._gdal.gate` (shared). A read that may
+    GDAL I/O runs inside :data:`cloudio._gdal.cache.gate` (shared). A read that may
     be torn by an overwrite is done again from a fresh open (see :func:`_io`).
     A failed read clears the object's GDAL cache (where a reset or a timeout
     may have left part of a range) and is retried once; a second failure
@@ -170,7 +172,7 @@ def _reader(ds: Any, t: _gdal.Target, epoch: int, driver: str | None = None, kwa
 def _io(ds: _Reader, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``fn(ds, ...)`` inside the gate, from a dataset that knows the object's version the read saw.
 
-    The object's epoch (:class:`cloudio._gdal.GdalConsumer`) is compared
+    The object's epoch (:class:`cloudio._gdal.cache.GdalConsumer`) is compared
     before and after: a write applied since the dataset's open, or during the
     read, means the header may be older than the bytes. Then the read is
     done again from a fresh open of the object.
@@ -385,7 +387,7 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
             "with rasterio (e.g. rasterio.vrt.WarpedVRT, or locally) and save it with "
             "cloudio.write_vrt(dataset_or_vrt, url), which also makes its sources absolute /vsigs/ paths."
         )
-    from ._rasterwrite import open_write
+    from cloudio._gdal.write import open_write
 
     return open_write(
         t.path, mode, driver, width=width, height=height, count=count, crs=crs,
@@ -498,7 +500,7 @@ def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwarg
 
 
 def _fs() -> Any:
-    from ._gcs import gcs_filesystem
+    from cloudio._gcs.client import gcs_filesystem
 
     return gcs_filesystem()
 
@@ -517,7 +519,7 @@ def _list_names(path: GCSPath) -> Any:
     None when they fill more than one page (GDAL then lists for itself);
     ``_NO_BUCKET`` when the bucket does not exist.
     """
-    from ._gdal import LISTING_LIMIT
+    from cloudio._gdal.cache import LISTING_LIMIT
 
     prefix = path.parent.key
     try:

@@ -42,7 +42,7 @@ change to their set of names turns into a directory clear the next time a
 read could see the difference (the new name itself, a sidecar, a VRT, a
 listing through cloudio). A directory GDAL listed behind cloudio's back (a
 raw ``rasterio.open``) is caught when an open of an object that exists
-fails: :mod:`cloudio._open` then clears the directory and retries.
+fails: :mod:`cloudio._gdal.open` then clears the directory and retries.
 
 Datasets cloudio opened are remembered weakly. A write of an object with
 datasets still open (or being opened: a seqlock on a per-object epoch tells)
@@ -74,11 +74,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from . import _config
-from ._config import emulator_endpoint
-from ._journal import Change, Consumer, journal
-from ._paths import GCSPath, is_gcs, parse_gcs
-from ._session import count
+from cloudio import _config
+from cloudio._config import emulator_endpoint
+from cloudio._journal import Change, Consumer, journal
+from cloudio._paths import GCSPath, is_gcs, parse_gcs
+from cloudio._session import count
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._config import emulator_endpoint, gcsfs_options, gdal_options, prepare_gcsfs_import
-from ._paths import parse_gcs
+from cloudio._config import emulator_endpoint, gcsfs_options, gdal_options, prepare_gcsfs_import
+from cloudio._paths import parse_gcs
 
 if TYPE_CHECKING:
-    from .emulator import Emulator
+    from cloudio.emulator import Emulator
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import UnsafeChunkingError
+from cloudio.errors import UnsafeChunkingError
 
 if TYPE_CHECKING:
     import dask.array

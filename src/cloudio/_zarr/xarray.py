@@ -8,7 +8,7 @@ Both are thin: keyword arguments go to :meth:`xarray.Dataset.to_zarr` and
   process see it.
 * Dask-backed variables are rechunked first so that each Zarr shard (or
   chunk, when unsharded) is written by exactly one task, whatever
-  ``safe_chunks`` says (see :mod:`cloudio._shards`); ``rechunk=False``
+  ``safe_chunks`` says (see :mod:`cloudio._zarr.shard_safety`); ``rechunk=False``
   turns that into an :class:`~cloudio.UnsafeChunkingError` instead.
 * ``open_zarr`` does not trust a consolidated copy of the metadata that this
   process made stale (a later write with ``consolidated=False``): it reads
@@ -22,8 +22,8 @@ import os
 from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._shards import align
-from ._zarr import (
+from cloudio._zarr.shard_safety import align
+from cloudio._zarr.store import (
     JournaledStore,
     WriteMark,
     check_complete,
@@ -116,7 +116,7 @@ def _resolve_region(dataset: "xarray.Dataset", store: JournaledStore, region: An
 
 def _align_dataset(dataset: "xarray.Dataset", store: JournaledStore, kwargs: Mapping[str, Any],
                    rechunk: bool) -> "xarray.Dataset":
-    """Rechunk every Dask-backed variable so no two tasks write one shard; see :mod:`cloudio._shards`."""
+    """Rechunk every Dask-backed variable so no two tasks write one shard; see :mod:`cloudio._zarr.shard_safety`."""
     dask_vars = {name: var for name, var in dataset.variables.items() if _is_dask(var.data)}
     if not dask_vars:
         return dataset
@@ -135,7 +135,7 @@ def _align_dataset(dataset: "xarray.Dataset", store: JournaledStore, kwargs: Map
         existing = _open_existing(store, group, name) if may_exist else None
         offsets = [0] * var.ndim
         if existing is not None:
-            from ._shards import write_grid
+            from cloudio._zarr.shard_safety import write_grid
 
             grid, sharded = write_grid(existing)
             stored_dims = _stored_dims(existing)

@@ -35,7 +35,7 @@ which would bring the old state back for good. Every invalidation therefore
 bumps an epoch for the paths (and prefixes) it touched; each listing call
 remembers the epoch it started at, and its ``dircache`` refuses to store a
 listing whose path was invalidated since. Cache hits are untouched (no lock).
-Instances cloudio makes (tracked ones, :func:`cloudio._gcs.gcs_filesystem`)
+Instances cloudio makes (tracked ones, :func:`cloudio._gcs.client.gcs_filesystem`)
 are guarded from birth; other live gcsfs instances from the first change the
 consumer hands them, so a listing already in flight then is not covered.
 
@@ -45,7 +45,7 @@ size the server stored (a mismatch deletes the object, journals the delete
 and raises :class:`~cloudio.IntegrityError`); a whole-object ``cat`` is
 checked against the ``x-goog-hash`` CRC32C the server sends. Network trouble
 that outlasts gcsfs's retries, or the time limit (``CLOUDIO_HTTP_TIMEOUT``,
-see :mod:`cloudio._gcs`), raises :class:`~cloudio.TransientError`;
+see :mod:`cloudio._gcs.client`), raises :class:`~cloudio.TransientError`;
 ``FileNotFoundError`` stays what fsspec's contract says.
 """
 
@@ -71,11 +71,11 @@ from fsspec.asyn import sync, sync_wrapper
 from fsspec.dircache import DirCache
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
-from ._config import emulator_endpoint, gcsfs_options, prepare_gcsfs_import, require_credentials
-from ._gcs import http_options, total_time_limit
-from ._journal import Change, Consumer, Kind, journal
-from ._paths import GCSPath, check_key, is_gcs, normalize, parse_gcs
-from ._upload import (
+from cloudio._config import emulator_endpoint, gcsfs_options, prepare_gcsfs_import, require_credentials
+from cloudio._gcs.client import http_options, total_time_limit
+from cloudio._journal import Change, Consumer, Kind, journal
+from cloudio._paths import GCSPath, check_key, is_gcs, normalize, parse_gcs
+from cloudio._gcs.transfer import (
     _check_stored,
     _crc_b64,
     _header_crc,
@@ -83,7 +83,7 @@ from ._upload import (
     _Mismatch,
     transient_error,
 )
-from .errors import IntegrityError, TransientError
+from cloudio.errors import IntegrityError, TransientError
 
 __all__ = ["FsspecConsumer", "filesystem"]
 
@@ -325,7 +325,7 @@ class FsspecConsumer(Consumer):
             except Exception:  # one odd instance must not keep the others stale
                 log.exception("fsspec: could not invalidate listings of %r for %s", fs, change.url)
         if touched:
-            from ._session import count
+            from cloudio._session import count
 
             count("invalidations", touched, cache="fsspec")
             log.debug("fsspec: %s %s -> dropped listings in %d instance(s)", change.kind, change.url, touched)

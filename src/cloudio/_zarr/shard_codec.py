@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import IntegrityError
+from cloudio.errors import IntegrityError
 
 if TYPE_CHECKING:
     import zarr
@@ -260,8 +260,8 @@ def _shard_getter(z: "zarr.Array") -> Callable[[str], Awaitable[np.ndarray | Non
     from zarr.core.buffer import default_buffer_prototype
     from zarr.storage import FsspecStore
 
-    from ._upload import get_verified
-    from ._zarr import JournaledStore
+    from cloudio._gcs.transfer import get_verified
+    from cloudio._zarr.store import JournaledStore
 
     store = z.store_path.store
     inner = getattr(store, "_store", None)

@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import google_crc32c
 import numpy as np
 
-from ._journal import Change, journal
-from ._paths import GCSPath, parse_gcs
-from ._session import count
-from .errors import (
+from cloudio._journal import Change, journal
+from cloudio._paths import GCSPath, parse_gcs
+from cloudio._session import count
+from cloudio.errors import (
     BucketNotFoundError,
     CloudioError,
     IntegrityError,
@@ -107,7 +107,7 @@ def _as_path(url: GCSPath | str | os.PathLike[str]) -> GCSPath:
 def _filesystem(fs: "gcsfs.GCSFileSystem | None") -> "gcsfs.GCSFileSystem":
     if fs is not None:
         return fs
-    from ._gcs import gcs_filesystem
+    from cloudio._gcs.client import gcs_filesystem
 
     return gcs_filesystem()
 
@@ -139,9 +139,9 @@ async def _bounded(fs: "gcsfs.GCSFileSystem", call: Awaitable[T]) -> T:
     gcsfs's per-request timeout does not bound its six retries and their
     back-off; a server that accepts and never answers would hold a write for
     minutes. The limit is the one tracked filesystems use
-    (:func:`cloudio._gcs.total_time_limit`, from ``CLOUDIO_HTTP_TIMEOUT``).
+    (:func:`cloudio._gcs.client.total_time_limit`, from ``CLOUDIO_HTTP_TIMEOUT``).
     """
-    from ._gcs import total_time_limit
+    from cloudio._gcs.client import total_time_limit
 
     limit = total_time_limit(getattr(fs, "requests_timeout", None))
     return await (call if limit is None else asyncio.wait_for(call, limit))
@@ -330,7 +330,7 @@ def upload(
 ) -> Uploaded:
     """:func:`put_verified` for synchronous callers: upload a local file or bytes, verify, journal.
 
-    ``fs`` defaults to :func:`cloudio._gcs.gcs_filesystem` (plain, untracked:
+    ``fs`` defaults to :func:`cloudio._gcs.client.gcs_filesystem` (plain, untracked:
     this function journals the write itself, exactly once). Raises what
     :func:`put_verified` raises; ``InvalidURLError`` when ``url`` names no object.
     """

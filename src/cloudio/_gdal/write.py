@@ -1,14 +1,14 @@
 """Writing rasters to GCS: render locally with GDAL, upload once on a clean close.
 
 ``cloudio.open(url, "w" | "w+" | "r+")`` lands here (through
-:func:`cloudio._open.open`). The dataset GDAL writes lives in a private
+:func:`cloudio._gdal.open.open`). The dataset GDAL writes lives in a private
 temporary directory; when it closes without an exception the directory's
-files are uploaded with :func:`cloudio._upload.upload` (CRC32C checked,
+files are uploaded with :func:`cloudio._gcs.transfer.upload` (CRC32C checked,
 retried, then journaled) and the directory is removed. An exception inside
 the ``with`` block, or a failed upload, leaves nothing new on the server and
 nothing in the journal, except an overwrite whose corrupt upload replaced the
 old object and was deleted: that delete is journaled (see
-:mod:`cloudio._upload`). The temporary directory is removed in every case.
+:mod:`cloudio._gcs.transfer`). The temporary directory is removed in every case.
 The local file is named ``dataset`` plus the key's extension, so a key whose
 last segment is longer than a local file name may be (255 bytes) still works.
 
@@ -47,10 +47,10 @@ from contextlib import ExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._journal import journal
-from ._paths import GCSPath
-from ._upload import Uploaded, download, ensure_bucket, upload
-from .errors import ConfigurationError, NotARasterError, UploadError
+from cloudio._journal import journal
+from cloudio._paths import GCSPath
+from cloudio._gcs.transfer import Uploaded, download, ensure_bucket, upload
+from cloudio.errors import ConfigurationError, NotARasterError, UploadError
 
 if TYPE_CHECKING:
     from rasterio.io import DatasetWriter
@@ -167,8 +167,8 @@ def _upload_outputs(local: str, path: GCSPath) -> list[Uploaded]:
 
 
 def _undo(done: list[Uploaded]) -> None:
-    from ._gcs import gcs_filesystem
-    from ._paths import parse_gcs
+    from cloudio._gcs.client import gcs_filesystem
+    from cloudio._paths import parse_gcs
 
     fs = gcs_filesystem()
     for up in done:

@@ -1,7 +1,7 @@
 """``cloudio.save_array`` / ``cloudio.load_array``: NumPy and Dask arrays to Zarr and back.
 
 One array per store, on a journaled :func:`cloudio.zarr_store`. Dask arrays
-are written through the shard-safe path (:mod:`cloudio._shards`): each shard
+are written through the shard-safe path (:mod:`cloudio._zarr.shard_safety`): each shard
 is written by one task.
 
 Lazy loading returns a Dask array chunked **by shard** (by chunk when the
@@ -12,7 +12,7 @@ Pass ``chunks=`` to :func:`load_array` for another layout.
 
 ``save_array`` checks its arguments against an in-memory copy of the array's
 metadata before the first request, then writes under a write-in-progress
-marker (:class:`cloudio._zarr.WriteMark`) that ``load_array`` checks: a write
+marker (:class:`cloudio._zarr.store.WriteMark`) that ``load_array`` checks: a write
 that failed part way reads as :class:`~cloudio.IncompleteWriteError`, never as
 a mix of old values, new values and fill values.
 """
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _shardio
-from ._shardio import plain_layout
-from ._shards import align, write_grid
-from ._zarr import JournaledStore, WriteMark, check_complete, cloudio_errors, zarr_store
+from cloudio._zarr import shard_codec as _shardio
+from cloudio._zarr.shard_codec import plain_layout
+from cloudio._zarr.shard_safety import align, write_grid
+from cloudio._zarr.store import JournaledStore, WriteMark, check_complete, cloudio_errors, zarr_store
 
 if TYPE_CHECKING:
     import dask.array

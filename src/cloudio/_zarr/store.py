@@ -40,10 +40,10 @@ import zarr
 from zarr.abc.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from ._journal import journal
-from ._paths import is_gcs, normalize, parse_gcs
-from ._upload import put_verified
-from .errors import BucketNotFoundError, CloudioError
+from cloudio._journal import journal
+from cloudio._paths import is_gcs, normalize, parse_gcs
+from cloudio._gcs.transfer import put_verified
+from cloudio.errors import BucketNotFoundError, CloudioError
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -235,7 +235,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy, CRC32C-verified.
 
         Raises IntegrityError, TransientError or UploadError (see
-        :func:`cloudio._upload.put_verified`) naming the object's URL.
+        :func:`cloudio._gcs.transfer.put_verified`) naming the object's URL.
         """
         store: FsspecStore = self._store  # type: ignore[assignment]
         if not store._is_open:
@@ -394,7 +394,7 @@ def zarr_store(url: str | os.PathLike[str], read_only: bool = False, **storage_o
     root = store_url(url)
     inner: Store
     if is_gcs(url):
-        from ._gcs import gcs_filesystem
+        from cloudio._gcs.client import gcs_filesystem
 
         path = parse_gcs(os.fspath(url))
         fs = gcs_filesystem(asynchronous=True, **storage_options)
@@ -529,7 +529,7 @@ def check_complete(store: JournaledStore) -> None:
 
     Costs one GET of the marker (a 404 when all is well).
     """
-    from .errors import IncompleteWriteError
+    from cloudio.errors import IncompleteWriteError
 
     doc = _read_marker(store)
     if doc is None:
@@ -594,7 +594,7 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
     None when ``e`` is already cloudio's, or an error of the caller's own making
     (a wrong argument) that zarr or xarray explains well enough.
     """
-    from .errors import ConfigurationError, IntegrityError, TransientError
+    from cloudio.errors import ConfigurationError, IntegrityError, TransientError
 
     url = store.root_url
     if isinstance(e, CloudioError):
@@ -620,11 +620,11 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
 
 def _not_found(store: JournaledStore, node: str, writer: str) -> CloudioError:
     """Why there is no Zarr node at the store's root: no bucket, an object in its place, or nothing."""
-    from .errors import ConfigurationError, ObjectNotFoundError
+    from cloudio.errors import ConfigurationError, ObjectNotFoundError
 
     url = store.root_url
     if is_gcs(url):
-        from ._gcs import gcs_filesystem
+        from cloudio._gcs.client import gcs_filesystem
 
         path = parse_gcs(url)
         fs = gcs_filesystem()

@@ -18,7 +18,7 @@ anywhere:
   from anywhere else: :class:`~cloudio.errors.InvalidURLError` says so rather
   than storing a VRT that only works on this machine.
 
-The XML is then uploaded with :func:`cloudio._upload.upload` (CRC32C checked,
+The XML is then uploaded with :func:`cloudio._gcs.transfer.upload` (CRC32C checked,
 journaled), so a ``cloudio.open`` of the VRT right after, in the same process,
 sees it even where GDAL listed that prefix before (rasterio issue 3254, GDAL
 issue 11351).
@@ -33,9 +33,9 @@ import tempfile
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
-from ._paths import GCSPath, is_gcs, parse_gcs
-from ._upload import upload
-from .errors import ConfigurationError, InvalidURLError
+from cloudio._paths import GCSPath, is_gcs, parse_gcs
+from cloudio._gcs.transfer import upload
+from cloudio.errors import ConfigurationError, InvalidURLError
 
 if TYPE_CHECKING:
     from rasterio.io import DatasetReaderBase
@@ -103,11 +103,11 @@ def _render(obj: Any, local: str, target: GCSPath) -> str:
         s = os.fspath(obj)
         if s.lstrip().startswith("<VRTDataset"):
             return s
-        from ._open import open as cloudio_open
+        from cloudio._gdal.open import open as cloudio_open
 
         with cloudio_open(s) as ds:
             return _render(ds, local, target)
-    from ._rasterwrite import _UploadOnClose
+    from cloudio._gdal.write import _UploadOnClose
 
     if isinstance(obj, _UploadOnClose):
         raise ConfigurationError(
@@ -159,7 +159,7 @@ def _absolute(src: str, url: str) -> str:
         return parse_gcs(src).vsi
     if src.startswith(_VSICURL) and is_gcs(src[len(_VSICURL):]):
         return parse_gcs(src[len(_VSICURL):]).vsi
-    from ._rasterwrite import gcs_path_for_local
+    from cloudio._gdal.write import gcs_path_for_local
 
     if not src.startswith("/vsi"):
         mapped = gcs_path_for_local(src)
