@@ -1,16 +1,23 @@
 """The write journal: every write, delete and invalidation cloudio saw, in order.
 
-Writers (``cloudio.open(..., "w")``, tracked fsspec filesystems, Zarr stores,
-``write_vrt``, :func:`cloudio.invalidate`, records arriving from other Dask
-workers) call :meth:`WriteJournal.record`. Each cache that must hear about
-changes registers a :class:`Consumer`; the journal hands it every change at
-once, and the consumer either acts at once (fsspec's in-memory listings) or
-keeps it pending until a read under that prefix asks (:meth:`Consumer.take`),
-so nothing is cleared when nothing was written.
+What is live, and who uses it:
 
-Memory is bounded: the journal keeps the last ``max_records`` changes and the
-last change per URL in an LRU of the same size; a consumer whose pending set
-overflows collapses it into one whole-bucket invalidation.
+* :meth:`WriteJournal.record`: every writer (``cloudio.open(..., "w")``,
+  tracked fsspec filesystems, Zarr stores, ``write_vrt``,
+  :func:`cloudio.invalidate`) and :meth:`WriteJournal.replay` (records from
+  other Dask workers, :mod:`cloudio.dask`).
+* :class:`Consumer`: each cache that can go stale (GDAL's, every gcsfs
+  instance's listings) registers one and hears every change at once, in the
+  writer's thread, so nothing is cleared when nothing was written.
+* listeners (:meth:`WriteJournal.add_listener`): the Dask relay forwards
+  local changes to the other processes.
+* :attr:`WriteJournal.seq` and :meth:`WriteJournal.since`: "did anything
+  under this store change since then?" (the Zarr write-in-progress mark,
+  :mod:`cloudio._zarr.store`); ``seq`` also stamps a session's start.
+
+Memory is bounded: the journal keeps the last ``max_records`` changes, and
+:meth:`~WriteJournal.since` says so (a leading invalidation of everything)
+when some of the changes asked for are no longer kept.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 import socket
 import sys
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,7 +43,7 @@ Kind = Literal["write", "delete", "invalidate"]
 #: caches that register a consumer when their library is loaded in this process:
 #: (library whose import means the cache may hold state, cloudio module that registers it).
 #: A library not yet imported holds no cache, so nothing can be stale there.
-_CONSUMER_MODULES = (("rasterio", "cloudio._gdal.cache"), ("fsspec", "cloudio._fsspec.filesystem"))
+_CONSUMER_MODULES = (("rasterio", "cloudio._gdal.cache"), ("fsspec", "cloudio._fsspec.consumer"))
 ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
@@ -85,57 +92,17 @@ def _under(url: str, prefix: str) -> bool:
 
 
 class Consumer:
-    """A cache's view of the journal: the changes it has not acted on yet.
+    """A cache that must hear about changes: it acts on each one as it is recorded.
 
-    Subclasses override :meth:`on_change` to act at once, or leave it and
-    call :meth:`take` before each read.
+    Writers notify outside the journal's lock, so two changes to one URL may
+    arrive out of order (compare ``seq`` where that matters).
     """
 
     name = "cache"
 
-    def __init__(self, max_pending: int = 20_000) -> None:
-        self._pending: OrderedDict[str, Change] = OrderedDict()
-        self._overflowed: set[str] = set()  # buckets (or "" for local) whose pending set overflowed
-        self._max = max_pending
-        self._lock = threading.RLock()
-
     def on_change(self, change: Change) -> None:
-        """Called by the journal for every change (outside its lock). Default: keep it pending."""
-        with self._lock:
-            old = self._pending.pop(change.url, None)
-            # writers notify outside the journal's lock, so two changes to one URL may
-            # arrive out of order: keep the newer one
-            self._pending[change.url] = old if old is not None and old.seq > change.seq else change
-            if len(self._pending) > self._max:
-                for c in self._pending.values():
-                    p = c.path
-                    self._overflowed.add(f"gs://{p.bucket}/" if p is not None else "/")
-                log.warning("%s: more than %d pending changes; invalidating whole buckets instead", self.name, self._max)
-                self._pending.clear()
-
-    def take(self, read: str) -> list[Change]:
-        """Remove and return the pending changes that touch ``read``, oldest first.
-
-        After an overflow, a whole-bucket prefix change is returned instead.
-        """
-        with self._lock:
-            out = [c for c in self._pending.values() if c.touches(read)]
-            for c in out:
-                del self._pending[c.url]
-            for root in [r for r in self._overflowed if _under(read, r) or _under(r, read)]:
-                self._overflowed.discard(root)
-                out.append(Change(seq=-1, url=root, kind="invalidate", prefix=True))
-            return out
-
-    def peek(self, read: str) -> list[Change]:
-        """The pending changes touching ``read``, left pending."""
-        with self._lock:
-            return [c for c in self._pending.values() if c.touches(read)]
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        """Called by the journal for every change, in the writer's thread, outside its lock."""
+        raise NotImplementedError
 
 
 class WriteJournal:
@@ -146,8 +113,6 @@ class WriteJournal:
         self._seq = itertools.count(1)
         self._last_seq = 0
         self._records: deque[Change] = deque(maxlen=max_records)
-        self._latest: OrderedDict[str, Change] = OrderedDict()
-        self._max = max_records
         self._consumers: list[Consumer] = []
         self._listeners: list[Callable[[Change], None]] = []
 
@@ -170,10 +135,6 @@ class WriteJournal:
             seq = next(self._seq)
             change = Change(seq, url, kind, generation, size, prefix, origin if origin is not None else ORIGIN)
             self._records.append(change)
-            self._latest.pop(url, None)
-            self._latest[url] = change
-            if len(self._latest) > self._max:
-                self._latest.popitem(last=False)
             self._last_seq = seq
             consumers = list(self._consumers)
             listeners = list(self._listeners) if notify_listeners else []
@@ -212,12 +173,8 @@ class WriteJournal:
             out.insert(0, Change(seq=-1, url=EVERYTHING, kind="invalidate", prefix=True))
         return out
 
-    def latest(self, url: str) -> Change | None:
-        """The newest change recorded for exactly ``url``, if still remembered."""
-        with self._lock:
-            return self._latest.get(url)
-
     def __len__(self) -> int:
+        """How many changes are kept (at most ``max_records``: the load benchmark reports it)."""
         with self._lock:
             return len(self._records)
 

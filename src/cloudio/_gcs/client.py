@@ -64,7 +64,7 @@ def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> "gcsfs.GCSFi
     prepare_gcsfs_import()
     import gcsfs
 
-    from cloudio._fsspec.filesystem import guard_listings
+    from cloudio._fsspec.consumer import guard_listings
 
     opts: dict[str, Any] = {**gcsfs_options(), **http_options(), **kwargs}
     if "token" not in opts:
