@@ -1,4 +1,7 @@
-"""Shared fixtures: the fault-injecting proxy in front of the real emulator."""
+"""Shared fixtures: the fault-injecting proxy in front of the real emulator, the journal's records.
+
+Raster helpers shared by several test files live in ``tests/rasters.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,10 @@ import pytest
 from faultproxy import FaultProxy
 
 from cloudio import _config
+from cloudio._journal import Change, journal
 from cloudio.emulator import Emulator
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture
@@ -20,3 +26,18 @@ def fault_proxy(gcs_emulator: Emulator) -> Iterator[FaultProxy]:
             yield p
         finally:
             _config.pop_endpoint()
+
+
+@pytest.fixture
+def journal_records() -> Iterator[list[Change]]:
+    """Every change recorded in this process while the test runs, in the order heard.
+
+    A listener, not the journal's own history: the journal keeps only what
+    the library needs, and a test sees exactly its own changes.
+    """
+    heard: list[Change] = []
+    journal().add_listener(heard.append)
+    try:
+        yield heard
+    finally:
+        journal().remove_listener(heard.append)

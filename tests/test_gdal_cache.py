@@ -8,28 +8,14 @@ says, and path-specific options reach listings only without a trailing '/'.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import rasterio
 from rasterio.errors import RasterioIOError
-from rasterio.io import MemoryFile
+from rasters import put, tif
 
 import cloudio
 from cloudio._gdal import cache as _gdal
 from cloudio.emulator import Emulator
-
-
-def tif(value: int, size: int = 64) -> bytes:
-    with MemoryFile() as mem:
-        with mem.open(driver="GTiff", width=size, height=size, count=1, dtype="uint8",
-                      tiled=True, blockxsize=16, blockysize=16) as ds:
-            ds.write(np.full((1, size, size), value, "uint8"))
-        return mem.read()
-
-
-def put(emu: Emulator, url: str, data: bytes) -> None:
-    bucket, key = url[len("gs://"):].split("/", 1)
-    emu.client.bucket(bucket).blob(key).upload_from_string(data)
 
 
 def vsi(url: str) -> str:

@@ -14,30 +14,14 @@ import pytest
 import rasterio
 from faultproxy import FaultProxy
 from rasterio.errors import RasterioIOError
-from rasterio.io import MemoryFile
+from rasters import noise as pixels
+from rasters import noise_tif as tif
+from rasters import put
 
 import cloudio
 from cloudio import _config
 from cloudio._gdal import cache as _gdal
 from cloudio.emulator import Emulator
-
-
-def tif(size: int = 1024) -> bytes:
-    """A tiled GeoTIFF of noise (about ``size * size`` bytes, so reads span several ranges)."""
-    with MemoryFile() as mem:
-        with mem.open(driver="GTiff", width=size, height=size, count=1, dtype="uint8",
-                      tiled=True, blockxsize=128, blockysize=128) as ds:
-            ds.write(pixels(size))
-        return mem.read()
-
-
-def pixels(size: int = 1024) -> np.ndarray:
-    return np.random.default_rng(7).integers(0, 255, (1, size, size), dtype="uint8")
-
-
-def put(emu: Emulator, url: str, data: bytes) -> None:
-    bucket, key = url[len("gs://"):].split("/", 1)
-    emu.client.bucket(bucket).blob(key).upload_from_string(data)
 
 
 def gdal_gets(proxy: FaultProxy, key: str) -> list[object]:

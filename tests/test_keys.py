@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 from affine import Affine
-from rasterio.io import MemoryFile
+from rasters import pixel as _pixel
+from rasters import tif
 
 import cloudio
 from cloudio.errors import InvalidURLError
@@ -24,16 +25,7 @@ _GRID = Affine(1, 0, 0, 0, -1, 4)  # 4x4 pixels of 1 unit, north up
 
 def _tif(value: int) -> bytes:
     """A 4x4 one-band GeoTIFF filled with ``value``: which object was read shows in its pixels."""
-    with MemoryFile() as mf:
-        with mf.open(driver="GTiff", width=4, height=4, count=1, dtype="uint8",
-                     transform=_GRID) as ds:
-            ds.write(np.full((1, 4, 4), value, "uint8"))
-        return bytes(mf.read())
-
-
-def _pixel(data: bytes) -> int:
-    with MemoryFile(data) as mf, mf.open() as ds:
-        return int(ds.read(1)[0, 0])
+    return tif(value, 4, tiled=False, transform=_GRID)
 
 
 def _put(emu: Any, bucket: str, objects: dict[str, int]) -> None:

@@ -12,11 +12,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import rasterio
 from rasterio.errors import RasterioIOError
-from rasterio.io import MemoryFile
+from rasters import tif
 
 import cloudio
 from cloudio._gdal import cache as _gdal
@@ -25,15 +24,6 @@ from cloudio._journal import journal
 from cloudio.emulator import Emulator
 
 RASTERIO_15 = tuple(int(x) for x in rasterio.__version__.split(".")[:2]) >= (1, 5)
-
-
-def tif(value: int, size: int = 64, overview: bool = False) -> bytes:
-    """A small tiled GeoTIFF filled with ``value``."""
-    with MemoryFile() as mem:
-        with mem.open(driver="GTiff", width=size, height=size, count=1, dtype="uint8",
-                      tiled=True, blockxsize=16, blockysize=16) as ds:
-            ds.write(np.full((1, size, size), value, "uint8"))
-        return mem.read()
 
 
 def ovr_for(value: int, size: int, tmp_path) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]

@@ -164,3 +164,99 @@ def test_gcs_bucket_is_fresh_and_empty(gcs_emulator: Emulator, gcs_bucket: str, 
     assert list(gcs_emulator.client.list_blobs(name)) == []  # and holds nothing
     bucket.blob(f"left-behind-{round_}").upload_from_string(b"x")  # the next test must not see this
     _seen_buckets.append(name)
+
+
+# -- what the plugin does to a run, with pytester (a fresh pytest process in a folder of its own) --
+
+_HNS = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
+
+
+@pytest.fixture
+def fresh_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment of a fresh shell: nothing this session's plugin or emulator set."""
+    for key in ("STORAGE_EMULATOR_HOST", "CLOUDIO_EMULATOR", _HNS):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_a_project_using_no_fixture_sees_no_environment_change(pytester: pytest.Pytester, fresh_shell: None) -> None:
+    pytester.makeconftest(f"import os\nassert {_HNS!r} not in os.environ\n")
+    pytester.makepyfile(test_plain=f"""
+        import os
+
+        import cloudio  # installed, imported, but no emulator fixture used
+
+        assert {_HNS!r} not in os.environ
+
+
+        def test_environment_untouched():
+            assert {_HNS!r} not in os.environ
+            assert "STORAGE_EMULATOR_HOST" not in os.environ
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_opting_in_sets_the_variable_before_conftests_import_gcsfs(
+    pytester: pytest.Pytester, fresh_shell: None
+) -> None:
+    pytester.makeini("[pytest]\ncloudio_emulator = true\n")
+    pytester.makeconftest(f"import os\nassert os.environ[{_HNS!r}] == 'false'\nimport gcsfs\n")
+    pytester.makepyfile(test_opted_in="""
+        import gcsfs
+
+
+        def test_gcsfs_from_the_conftest_works(gcs_emulator, gcs_bucket):
+            assert gcsfs.GCSFileSystem is gcsfs.core.GCSFileSystem  # no gRPC bucket lookup
+            fs = gcsfs.GCSFileSystem(endpoint_url=gcs_emulator.url, token="anon")
+            fs.pipe(f"{gcs_bucket}/a.txt", b"abc")
+            assert fs.cat(f"{gcs_bucket}/a.txt") == b"abc"
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_gcsfs_imported_too_early_is_named_with_the_fix(pytester: pytest.Pytester, fresh_shell: None) -> None:
+    pytester.makeconftest("import gcsfs  # before any fixture, without the ini option\n")
+    pytester.makepyfile(test_late="""
+        def test_uses_the_emulator(gcs_emulator):
+            assert gcs_emulator.running
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*PytestConfigWarning: gcsfs was imported before*cloudio_emulator = true*"])
+
+
+@_linux
+def test_options_fixture_and_factory(pytester: pytest.Pytester, fresh_shell: None, tmp_path: Path) -> None:
+    root = tmp_path / "gcs-data"
+    pytester.makeconftest(f"""
+        import pytest
+
+
+        @pytest.fixture(scope="session")
+        def gcs_emulator_options():
+            return {{"mode": "binary", "backend": "filesystem", "root": {str(root)!r}}}
+    """)
+    pytester.makepyfile(test_factory=f"""
+        import json
+        from pathlib import Path
+
+
+        def test_the_session_emulator_follows_the_options(gcs_emulator, gcs_bucket):
+            bucket = gcs_bucket.removeprefix("gs://")
+            gcs_emulator.client.bucket(bucket).blob("d/a.bin").upload_from_string(b"kept")
+            assert (Path({str(root)!r}) / bucket / "d" / "a.bin").read_bytes() == b"kept"
+
+
+        def test_the_factory_starts_more(gcs_emulator, gcs_emulator_factory):
+            extra = [gcs_emulator_factory(mode="binary") for _ in range(2)]
+            assert len({{gcs_emulator.url, *(e.url for e in extra)}}) == 3
+            assert extra[0].create_bucket("other") == "gs://other"
+            assert [b.name for b in gcs_emulator.client.list_buckets()].count("other") == 0
+            Path("pids.json").write_text(json.dumps([gcs_emulator.pid, *(e.pid for e in extra)]))
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    pids = json.loads((pytester.path / "pids.json").read_text())
+    assert len(pids) == 3 and all(isinstance(p, int) for p in pids)
+    assert all(_process_gone(p) for p in pids)  # all stopped when the session ended

@@ -27,10 +27,9 @@ import itertools
 import random
 import threading
 
-import numpy as np
 import pytest
+import rasters
 from rasterio.errors import RasterioIOError
-from rasterio.io import MemoryFile
 
 import cloudio
 
@@ -40,12 +39,7 @@ OPS = 14
 
 
 def tif(version: int) -> bytes:
-    size = 16 + (version % 4) * 16  # sizes go up and down between versions
-    with MemoryFile() as mem:
-        with mem.open(driver="GTiff", width=size, height=size, count=1, dtype="uint8",
-                      tiled=True, blockxsize=16, blockysize=16) as ds:
-            ds.write(np.full((1, size, size), version, "uint8"))
-        return mem.read()
+    return rasters.tif(version, 16 + (version % 4) * 16)  # sizes go up and down between versions
 
 
 @pytest.mark.timeout(240)
@@ -139,3 +133,104 @@ def test_eight_threads_no_stale_reads(gcs_bucket: str) -> None:
     for key, v in sorted(committed.items()):
         with cloudio.open(key) as ds:
             assert int(ds.read()[0, 0, 0]) == v
+
+
+# -- a write and cloudio's GDAL reads of the same object never overlap ---------------------------
+
+
+def _read_in_thread(ds: object, out: list[object]) -> threading.Thread:
+    def run() -> None:
+        try:
+            out.append(ds.read(1))  # type: ignore[attr-defined]
+        except Exception as e:  # reported by the test's assertions
+            out.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _until(cond: object, what: str, seconds: float = 30.0) -> None:
+    """Wait for ``cond()`` (a request reaching the proxy), failing the test instead of hanging."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)
+
+
+def _order(emu: object, key: str) -> list[str]:
+    """The emulator's log for ``key``: 'read' (a GET of its bytes) and 'upload' (any), in order."""
+    out = []
+    for r in emu.requests():  # type: ignore[attr-defined]
+        if r.method == "GET" and r.path.endswith("/" + key) and "/o/" not in r.path:
+            out.append("read")
+        elif r.method == "POST" and "/upload/" in r.path:
+            out.append("upload")
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_write_waits_for_a_read_of_the_same_object_in_flight(gcs_emulator, gcs_bucket: str, fault_proxy) -> None:
+    """The upload reaches the server only after the read it would have torn (GDAL crashes on that)."""
+    url = f"{gcs_bucket}/g/a.tif"
+    fs = cloudio.filesystem(url)
+    fs.pipe(url, rasters.tif(1, 512))  # the open reads the header; the pixels need more ranges
+    with cloudio.open(url) as ds:
+        opened = _order(gcs_emulator, "g/a.tif")  # the first upload, then the open's reads
+        slow = fault_proxy.add("delay", seconds=1.5, method="GET", path=r"/g/a\.tif$", times=1)
+        got: list[object] = []
+        reader = _read_in_thread(ds, got)
+        _until(lambda: slow.hits, "the read's GET")
+        fs.pipe(url, rasters.tif(2, 512))
+        reader.join(60)
+        assert not reader.is_alive()
+        a = got[0]
+        assert not isinstance(a, BaseException), a
+        assert a.min() == a.max() == 1  # type: ignore[union-attr]  # the version it began reading, whole
+        assert ds.read(1).min() == 2  # afterwards through a fresh open: the new version
+    order = _order(gcs_emulator, "g/a.tif")
+    second_upload = order.index("upload", 1)
+    assert order[:second_upload] == opened + ["read"], order  # the slow read reached the server before it
+
+
+@pytest.mark.timeout(120)
+def test_a_write_of_another_object_does_not_wait_for_a_read(gcs_emulator, gcs_bucket: str, fault_proxy) -> None:
+    url, other = f"{gcs_bucket}/g/a.tif", f"{gcs_bucket}/g/b.tif"
+    fs = cloudio.filesystem(url)
+    fs.pipe(url, rasters.tif(1, 512))
+    with cloudio.open(url) as ds:
+        slow = fault_proxy.add("delay", seconds=5, method="GET", path=r"/g/a\.tif$", times=1)
+        got: list[object] = []
+        reader = _read_in_thread(ds, got)
+        _until(lambda: slow.hits, "the read's GET")
+        fs.pipe(other, rasters.tif(3, 16))  # would wait the 5 s if writes were serialised with all reads
+        assert reader.is_alive(), "the read of a.tif finished before the write of b.tif did"
+        reader.join(60)
+        assert got[0].min() == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(120)
+def test_a_write_behind_a_stuck_read_goes_ahead_after_change_wait(
+    gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cloudio._gdal import cache
+
+    monkeypatch.setattr(cache, "CHANGE_WAIT", 0.5)
+    url = f"{gcs_bucket}/g/a.tif"
+    fs = cloudio.filesystem(url)
+    fs.pipe(url, rasters.tif(1, 512))
+    with cloudio.open(url) as ds:
+        slow = fault_proxy.add("delay", seconds=5, method="GET", path=r"/g/a\.tif$", times=1)
+        got: list[object] = []
+        reader = _read_in_thread(ds, got)
+        _until(lambda: slow.hits, "the read's GET")
+        with caplog.at_level("WARNING", logger="cloudio._gdal.cache"):
+            fs.pipe(url, rasters.tif(2, 512))
+        assert reader.is_alive(), "the write waited for the stuck read to end"
+        assert any("/vsigs/" in r.getMessage() and "a.tif" in r.getMessage() and "still running" in r.getMessage()
+                   for r in caplog.records), caplog.text
+        reader.join(60)
+        assert not isinstance(got[0], BaseException), got[0]
+        assert got[0].min() == got[0].max()  # type: ignore[union-attr]  # one whole version, never torn

@@ -9,6 +9,9 @@ What is live, and who uses it:
 * :class:`Consumer`: each cache that can go stale (GDAL's, every gcsfs
   instance's listings) registers one and hears every change at once, in the
   writer's thread, so nothing is cleared when nothing was written.
+* :meth:`WriteJournal.changing`: writers wrap sending a write in it, so a
+  consumer with ``before_change``/``after_change`` hooks (GDAL's) keeps its
+  own I/O off the object while its content changes.
 * listeners (:meth:`WriteJournal.add_listener`): the Dask relay forwards
   local changes to the other processes.
 * :attr:`WriteJournal.seq` and :meth:`WriteJournal.since`: "did anything
@@ -31,10 +34,12 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Literal
 
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
+from cloudio._paths import is_under as _under
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +85,6 @@ class Change:
 EVERYTHING = ""
 
 
-def _under(url: str, prefix: str) -> bool:
-    """``url`` equals ``prefix`` or lies below it as a path ('/'-separated)."""
-    if prefix == EVERYTHING:
-        return True
-    p = prefix.rstrip("/")
-    u = url.rstrip("/")
-    if p.endswith(":/"):  # "gs://" style roots never occur; guard anyway
-        return u.startswith(p)
-    return u == p or u.startswith(p + "/")
 
 
 class Consumer:
@@ -191,6 +187,21 @@ class WriteJournal:
             if consumer in self._consumers:
                 self._consumers.remove(consumer)
 
+    def changing(self, url: str) -> ExitStack:
+        """``with journal().changing(url):`` around sending a write of ``url`` until it is recorded.
+
+        Consumers with ``before_change(url)`` / ``after_change(url)`` (GDAL's)
+        keep their own I/O of the object off it while its content changes on
+        the server. The hooks run when this is called, before the ``with``.
+        """
+        with self._lock:
+            hooked = [c for c in self._consumers if hasattr(c, "before_change")]
+        with ExitStack() as stack:  # a hook that fails releases those before it
+            for c in hooked:
+                c.before_change(url)  # type: ignore[attr-defined]
+                stack.callback(c.after_change, url)  # type: ignore[attr-defined]
+            return stack.pop_all()
+
     def add_listener(self, fn: Callable[[Change], None]) -> None:
         with self._lock:
             self._listeners.append(fn)
@@ -226,3 +237,9 @@ _journal = WriteJournal()
 def journal() -> WriteJournal:
     """The process-wide journal."""
     return _journal
+
+
+def reset() -> None:
+    """Forget every change recorded (the sequence keeps counting): :func:`cloudio._state.reset`."""
+    with _journal._lock:
+        _journal._records.clear()

@@ -1,46 +1,91 @@
 """pytest fixtures for a real GCS emulator; registered through ``pytest11``.
 
 ``gcs_emulator`` (session scope)
-    A running :class:`cloudio.emulator.Emulator`: the bundled binary, or the
-    server ``STORAGE_EMULATOR_HOST`` names (attach), or Docker when
+    A running :class:`cloudio.emulator.Emulator`, built from
+    ``gcs_emulator_options``: the bundled binary, or the server
+    ``STORAGE_EMULATOR_HOST`` names (attach), or Docker when
     ``CLOUDIO_EMULATOR=docker``. While it runs, ``STORAGE_EMULATOR_HOST``
     points at it, so cloudio, gcsfs and google-cloud-storage in this process
     (and processes it starts) use it. Restored afterwards.
+``gcs_emulator_options`` (session scope)
+    The keyword arguments of that ``Emulator`` (``mode``, ``port``,
+    ``backend``, ...); override the fixture in a conftest to change them.
+``gcs_emulator_factory`` (session scope)
+    A callable taking the same keywords and returning a further running
+    emulator; every one it started is stopped when the session ends.
 ``gcs_bucket`` (function scope)
-    A fresh, empty bucket, as the string ``"gs://<name>"``.
+    A fresh, empty bucket on ``gcs_emulator``, as the string ``"gs://<name>"``.
 
 Each pytest-xdist worker starts its own server on a free port.
 
 gcsfs decides at *import* whether to ask a gRPC control API about each bucket
 (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT``, on by default), which costs 60 s per
-bucket against an emulator. A user's test module typically imports gcsfs at
-the top, long before a fixture runs, so the plugin sets that variable to
-``false`` for the test session before any conftest or test module is
-imported, unless it is already set (an explicit value wins), and removes it
-again when the session ends.
+bucket against an emulator, and a test module typically imports gcsfs at
+the top, long before a fixture runs. Merely installing cloudio must not change
+other projects' runs, so the plugin sets that variable to ``false`` only for
+runs that use the emulator, as early as it can tell: before any conftest is
+imported when the ini option ``cloudio_emulator = true`` says so; otherwise
+just before importing a test module that names one of these fixtures; at the
+latest when the first emulator starts (with a warning if gcsfs was imported
+too early to see it). An explicit value in the environment wins; whatever the
+plugin set is removed when the session ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from cloudio.emulator import Emulator
 
 _HNS = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
-_ENV = ("STORAGE_EMULATOR_HOST", _HNS)
+_INI = "cloudio_emulator"
+#: a test module naming one of these will start an emulator
+_USES_FIXTURES = re.compile(rb"\b(gcs_emulator|gcs_bucket)\w*\b")
 _set_hns = pytest.StashKey[bool]()
+_warned = pytest.StashKey[bool]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        _INI, type="bool", default=False,
+        help="the tests use cloudio's GCS emulator: keep gcsfs off its gRPC bucket lookup "
+             f"({_HNS}=false) before any conftest or test module imports it",
+    )
+
+
+def _keep_gcsfs_off_grpc(config: pytest.Config) -> None:
+    """Set the variable for this session, unless the environment already has a value."""
+    if _HNS not in os.environ:
+        os.environ[_HNS] = "false"
+        config.stash[_set_hns] = True
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """Keep gcsfs off its gRPC bucket lookup before conftests and tests import it."""
-    if _HNS not in os.environ:
-        os.environ[_HNS] = "false"
-        early_config.stash[_set_hns] = True
+    """Projects that opted in get the variable before their conftests import gcsfs."""
+    if early_config.getini(_INI):
+        _keep_gcsfs_off_grpc(early_config)
+
+
+def pytest_collectstart(collector: pytest.Collector) -> None:
+    """Before a test module is imported: one that names an emulator fixture gets the variable first."""
+    if _HNS in os.environ or not isinstance(collector, pytest.Module):
+        return
+    try:
+        source = collector.path.read_bytes()
+    except OSError:
+        return  # pytest itself reports an unreadable module
+    if _USES_FIXTURES.search(source):
+        _keep_gcsfs_off_grpc(collector.config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -48,23 +93,62 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         os.environ.pop(_HNS, None)
 
 
+def _gcsfs_asks_grpc() -> bool:
+    """gcsfs is imported and chose its gRPC-probing class (the variable came too late)."""
+    gcsfs = sys.modules.get("gcsfs")
+    return gcsfs is not None and getattr(getattr(gcsfs, "GCSFileSystem", None), "__name__", "") != "GCSFileSystem"
+
+
 @pytest.fixture(scope="session")
-def gcs_emulator() -> Iterator[Emulator]:
+def gcs_emulator_options() -> dict[str, Any]:
+    """Keyword arguments of the session's :class:`~cloudio.emulator.Emulator`; override to change them.
+
+    ``mode=None`` follows ``CLOUDIO_EMULATOR`` and ``STORAGE_EMULATOR_HOST``;
+    ``port=None`` picks a free port.
+    """
+    return {"mode": None, "port": None, "backend": "memory"}
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Emulator]]:
+    """Start emulators on demand (keywords of :class:`~cloudio.emulator.Emulator`); all stop at session end."""
+    with contextlib.ExitStack() as stack:
+
+        def start(mode: str | None = None, **options: Any) -> Emulator:
+            config = request.config
+            if not config.stash.get(_warned, False) and _gcsfs_asks_grpc() and (
+                _HNS not in os.environ or config.stash.get(_set_hns, False)  # not the user's own choice
+            ):
+                config.stash[_warned] = True
+                warnings.warn(
+                    f"gcsfs was imported before cloudio's emulator fixtures could set {_HNS}=false, "
+                    "so each new bucket costs a 60 s gRPC lookup against the emulator. Fix: add "
+                    f"'{_INI} = true' to your pytest configuration (or export {_HNS}=false).",
+                    pytest.PytestConfigWarning, stacklevel=2,
+                )
+            _keep_gcsfs_off_grpc(config)
+            emu = Emulator(mode, **options)  # type: ignore[arg-type]
+            stack.callback(emu.stop)  # every one stops, even when another's stop fails
+            return emu.start()
+
+        yield start
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(
+    gcs_emulator_factory: Callable[..., Emulator], gcs_emulator_options: dict[str, Any]
+) -> Iterator[Emulator]:
     """A running fake-gcs-server for the whole test session."""
-    saved = {k: os.environ.get(k) for k in _ENV}
-    emu = Emulator()
-    emu.start()
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    emu = gcs_emulator_factory(**gcs_emulator_options)
     os.environ["STORAGE_EMULATOR_HOST"] = emu.url
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     try:
         yield emu
     finally:
-        emu.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if saved is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
 
 
 @pytest.fixture

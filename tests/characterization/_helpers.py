@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 if TYPE_CHECKING:
     from gcsfs.core import GCSFileSystem
@@ -38,13 +37,10 @@ def raw_gcsfs(emu: "Emulator", *, separate: bool = False, asynchronous: bool = F
 
 
 def geotiff(size: int, value: int) -> bytes:
-    """A ``size`` x ``size`` single-band uint8 GeoTIFF filled with ``value``."""
-    from rasterio.io import MemoryFile
+    """A ``size`` x ``size`` single-band uint8 GeoTIFF filled with ``value``, in strips."""
+    from rasters import tif
 
-    with MemoryFile() as mf:
-        with mf.open(driver="GTiff", width=size, height=size, count=1, dtype="uint8") as ds:
-            ds.write(np.full((1, size, size), value, dtype="uint8"))
-        return bytes(mf.read())
+    return tif(value, size, tiled=False)
 
 
 def gdal_readdir(path: str) -> list[str]:
