@@ -32,3 +32,35 @@ def test_http_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", bad)
         with pytest.raises(cloudio.ConfigurationError, match="CLOUDIO_HTTP_TIMEOUT"):
             _config.http_timeout()
+
+
+def test_every_variable_cloudio_reads_is_documented() -> None:
+    """docs/configuration.md lists every variable of ``_config.VARIABLES`` (the ones cloudio reads)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    missing = [v for v in _config.VARIABLES if f"`{v}`" not in doc]
+    assert not missing, missing
+
+
+def test_hns_switch_keeps_an_explicit_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_config.HNS_ENV, "true")
+    assert _config.emulator_environ("http://127.0.0.1:4443") == {
+        "STORAGE_EMULATOR_HOST": "http://127.0.0.1:4443", _config.HNS_ENV: "true",
+    }
+    assert _config.disable_gcsfs_hns() is False
+    monkeypatch.delenv(_config.HNS_ENV)
+    assert _config.emulator_environ("127.0.0.1:4443")[_config.HNS_ENV] == "false"
+
+
+def test_missing_bucket_reads_and_uploads_say_the_same(gcs_emulator) -> None:
+    """One bucket-missing message, whether GDAL's open or an upload found the bucket missing."""
+    from cloudio._gcs.transfer import upload
+
+    with pytest.raises(cloudio.BucketNotFoundError) as read:
+        cloudio.open("gs://cloudio-no-such-bucket-12/a.tif")
+    with pytest.raises(cloudio.BucketNotFoundError) as write:
+        upload(b"x", "gs://cloudio-no-such-bucket-12/a.tif")
+    assert str(read.value) == str(write.value)
+    assert "gs://cloudio-no-such-bucket-12/a.tif" in str(read.value) and "create the bucket" in str(read.value)
+    assert isinstance(read.value.__cause__, Exception) and isinstance(write.value.__cause__, Exception)

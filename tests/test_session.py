@@ -168,3 +168,26 @@ def test_invalidate_rejects_bad_urls():
     with pytest.raises(InvalidURLError, match="s3://bkt/k"):
         cloudio.invalidate("s3://bkt/k")
     assert journal().since(seq) == []
+
+
+def test_state_reset_returns_a_fresh_process(gcs_bucket: str) -> None:
+    """``cloudio._state.reset()``: sessions closed, endpoint stack empty, journal and buckets forgotten."""
+    import os
+
+    from cloudio import _config, _state
+    from cloudio._journal import journal
+
+    url = f"{gcs_bucket}/a.tif"
+    with cloudio.open(url, "w", driver="GTiff", width=4, height=4, count=1, dtype="uint8") as ds:
+        ds.write(np.full((1, 4, 4), 7, dtype="uint8"))
+    outer = session("strong").__enter__()
+    _config.push_endpoint("http://127.0.0.1:1")  # nothing listens: reset must drop it
+    assert current_consistency() == "strong" and len(journal()) > 0
+    _state.reset()
+    assert current_consistency() == "session"
+    assert _config.emulator_endpoint() == _config._parse_endpoint(os.environ["STORAGE_EMULATOR_HOST"], "env")
+    assert len(journal()) == 0
+    with cloudio.open(url) as ds:  # path options are set again for the emulator in force
+        assert ds.read(1).tolist() == [[7] * 4] * 4
+    outer.__exit__(None, None, None)  # exiting a session reset closed is harmless
+    assert current_consistency() == "session"

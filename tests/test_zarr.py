@@ -182,6 +182,6 @@ def test_failed_write_leaves_no_record(gcs_emulator):
     url = "gs://cloudio-no-such-bucket-5/a.zarr"
     seq = journal().seq
     store = cloudio.zarr_store(url)
-    with pytest.raises(cloudio.BucketNotFoundError, match="(?i)cloudio-no-such-bucket-5.*create it"):
+    with pytest.raises(cloudio.BucketNotFoundError, match="(?i)cloudio-no-such-bucket-5.*create the bucket"):
         zarr.create_array(store, shape=(4,), dtype="u1")
     assert journal().since(seq, read=url) == []

@@ -18,7 +18,7 @@ from zarr.storage import FsspecStore
 from zarr.testing.store import StoreTests
 
 from cloudio._config import gcsfs_options
-from cloudio._gcs.client import _keep_async, gcs_filesystem
+from cloudio._gcs.client import gcs_filesystem, keep_alive
 from cloudio._paths import parse_gcs
 from cloudio._zarr.store import JournaledStore
 
@@ -36,7 +36,7 @@ def _async_fs() -> Any:
 
     gcsfs.GCSFileSystem.clear_instance_cache()  # as zarr's tests do: an instance serves one loop
     fs = gcsfs.GCSFileSystem(asynchronous=True, **gcsfs_options())
-    _keep_async.append(fs)  # its finalizer would close the session on a loop that is gone (see _gcs)
+    keep_alive(fs)  # its finalizer would close the session on a loop that is gone (see _gcs)
     return fs
 
 

@@ -1,4 +1,10 @@
-"""Where GCS is: one place that points GDAL, gcsfs and google-cloud-storage at it.
+"""Where GCS is, and every setting cloudio reads: the one configuration module.
+
+Every environment variable cloudio reads is read here (:data:`VARIABLES`
+lists them; docs/configuration.md documents each), and every GCS-facing
+setting (endpoint, anonymous access, time limits, gcsfs's HNS switch) is
+derived here, so GDAL, gcsfs and google-cloud-storage are pointed at the
+same server.
 
 Resolution order (explicit > environment > default):
 
@@ -21,23 +27,65 @@ lower-casing and dropping a trailing dot).
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from cloudio import _state
 from cloudio.errors import ConfigurationError
 
 #: gcsfs 2026.x asks a gRPC control API for each bucket's layout; against an
 #: emulator that waits 60 s per bucket. Must be set before gcsfs is imported.
-_HNS_ENV = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
-#: Google's own domains: anonymous access is never configured for them or their subdomains
-_GOOGLE_DOMAINS = ("googleapis.com", "google.com")
+HNS_ENV = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
+EMULATOR_HOST_ENV = "STORAGE_EMULATOR_HOST"
+CONSISTENCY_ENV = "CLOUDIO_CONSISTENCY"
+EMULATOR_MODE_ENV = "CLOUDIO_EMULATOR"
+EMULATOR_START_TIMEOUT_ENV = "CLOUDIO_EMULATOR_START_TIMEOUT"
 HTTP_TIMEOUT_ENV = "CLOUDIO_HTTP_TIMEOUT"
 DEFAULT_HTTP_TIMEOUT = 30.0
+#: Google's own domains: anonymous access is never configured for them or their subdomains
+GOOGLE_DOMAINS = ("googleapis.com", "google.com")
+#: the hosts of GCS's own object URLs (``https://storage.googleapis.com/<bucket>/<key>``)
+GOOGLE_STORAGE_HOSTS = ("storage.googleapis.com", "storage.cloud.google.com")
 #: GDAL's retries of one request (on top of the first attempt), and the first delay (GDAL backs off)
 GDAL_MAX_RETRY = 3
 GDAL_RETRY_DELAY = 0.5
 
-_override: list[str] = []  # stack of explicit endpoints (innermost last)
+#: every environment variable cloudio reads (documented in docs/configuration.md)
+VARIABLES = (
+    EMULATOR_HOST_ENV, HTTP_TIMEOUT_ENV, CONSISTENCY_ENV, EMULATOR_MODE_ENV, EMULATOR_START_TIMEOUT_ENV,
+    HNS_ENV, "GOOGLE_APPLICATION_CREDENTIALS", "GS_NO_SIGN_REQUEST", "GCE_METADATA_HOST", "GCE_METADATA_IP",
+    "NUMPY_MADVISE_HUGEPAGE",
+)
+
+
+def env(name: str) -> str | None:
+    """The variable ``name`` stripped, or None when unset or blank (blank means "use the default")."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    return raw.strip()
+
+
+#: os.environ's own mapping (CPython, POSIX: bytes keys); a missing key costs no KeyError there
+_ENV_DATA: dict[bytes, bytes] | None = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def env_raw(name: bytes) -> object:
+    """The variable ``name`` as stored, compared only for change: the per-open fast path (no KeyError)."""
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(name)
+    return os.environ.get(name.decode())
+
+
+def endpoint_state() -> tuple[object, object, object]:
+    """What decides the endpoint and time limits, cheap to compare on every open (parsed only on change)."""
+    stack = _state.endpoints
+    return (
+        stack[-1] if stack else None,
+        env_raw(b"STORAGE_EMULATOR_HOST"),
+        env_raw(b"CLOUDIO_HTTP_TIMEOUT"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +130,13 @@ def _parse_endpoint(raw: str, source: str) -> Endpoint:
 def is_google_host(hostname: str) -> bool:
     """Is ``hostname`` one of Google's (``storage.googleapis.com.``, ``GoogleAPIs.com``, ...)?"""
     host = hostname.lower().rstrip(".")
-    return any(host == d or host.endswith("." + d) for d in _GOOGLE_DOMAINS)
+    return any(host == d or host.endswith("." + d) for d in GOOGLE_DOMAINS)
 
 
 def http_timeout() -> float:
     """Seconds one HTTP request may take: ``CLOUDIO_HTTP_TIMEOUT``, else 30 (shared by GDAL and gcsfs)."""
-    raw = os.environ.get(HTTP_TIMEOUT_ENV)
-    if raw is None or not raw.strip():
+    raw = env(HTTP_TIMEOUT_ENV)
+    if raw is None:
         return DEFAULT_HTTP_TIMEOUT
     try:
         value = float(raw)
@@ -122,24 +170,45 @@ def gdal_http_options() -> dict[str, str]:
 
 def emulator_endpoint() -> Endpoint | None:
     """The emulator in force for this process, or None for real GCS."""
-    if _override:
-        return _parse_endpoint(_override[-1], "endpoint")
-    env = os.environ.get("STORAGE_EMULATOR_HOST")
-    if env is not None and env.strip():
-        return _parse_endpoint(env, "STORAGE_EMULATOR_HOST")
+    if _state.endpoints:
+        return _parse_endpoint(_state.endpoints[-1], "endpoint")
+    host = env(EMULATOR_HOST_ENV)
+    if host is not None:
+        return _parse_endpoint(host, EMULATOR_HOST_ENV)
     return None
+
+
+def emulator_netloc() -> str | None:
+    """``host:port`` of ``STORAGE_EMULATOR_HOST`` as written (its http URLs name GCS objects), or None."""
+    host = env(EMULATOR_HOST_ENV)
+    if host is None:
+        return None
+    return urlsplit(host if "://" in host else f"http://{host}").netloc
 
 
 def push_endpoint(url: str) -> None:
     """Make ``url`` the emulator for this process until :func:`pop_endpoint`."""
     _parse_endpoint(url, "endpoint")
-    _override.append(url)
+    _state.endpoints.append(url)
     prepare_gcsfs_import()
 
 
 def pop_endpoint() -> None:
-    if _override:
-        _override.pop()
+    if _state.endpoints:
+        _state.endpoints.pop()
+
+
+def disable_gcsfs_hns(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Set ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` in ``environ`` (os.environ) unless already set.
+
+    THE one place cloudio sets it. Returns whether it was set here, so the
+    caller can remove it again.
+    """
+    target = os.environ if environ is None else environ
+    if HNS_ENV in target:
+        return False
+    target[HNS_ENV] = os.environ.get(HNS_ENV, "false")
+    return True
 
 
 def prepare_gcsfs_import() -> None:
@@ -149,7 +218,19 @@ def prepare_gcsfs_import() -> None:
     environment wins.
     """
     if emulator_endpoint() is not None:
-        os.environ.setdefault(_HNS_ENV, "false")
+        disable_gcsfs_hns()
+
+
+def emulator_environ(url: str) -> dict[str, str]:
+    """The environment that points other libraries and child processes at the emulator ``url``.
+
+    ``STORAGE_EMULATOR_HOST``, and gcsfs's HNS lookup off unless the
+    environment already says otherwise. Used by the pytest plugin and
+    ``cloudio demo``/``check``, which save and restore these keys.
+    """
+    values = {EMULATOR_HOST_ENV: _parse_endpoint(url, "emulator").url}
+    disable_gcsfs_hns(values)
+    return values
 
 
 def gcsfs_options() -> dict[str, object]:
@@ -173,11 +254,11 @@ def require_credentials(url: str) -> None:
     ``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's application-default file, a
     Compute Engine host; ``GS_NO_SIGN_REQUEST=YES`` asks for anonymous access.
     """
-    if emulator_endpoint() is not None or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "").strip():
+    if emulator_endpoint() is not None or env("GOOGLE_APPLICATION_CREDENTIALS"):
         return
-    if os.environ.get("GS_NO_SIGN_REQUEST", "").strip().upper() == "YES":
+    if (env("GS_NO_SIGN_REQUEST") or "").upper() == "YES":
         return
-    if os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP"):
+    if env("GCE_METADATA_HOST") or env("GCE_METADATA_IP"):
         return
     from google.auth import _cloud_sdk
     from google.auth.compute_engine import _metadata

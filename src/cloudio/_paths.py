@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from cloudio._config import GOOGLE_STORAGE_HOSTS, emulator_netloc
 from cloudio.errors import InvalidURLError
 
 _BUCKET_CHARS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
@@ -37,11 +38,11 @@ _KEY_MAX_BYTES = 1024
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 #: what rasterio (urllib) and gcsfs would still read as a GCS URL: any case, leading blanks, any slashes
 _LOOSE_GCS_RE = re.compile(
-    r"^[\x00-\x20]*(gs|gcs)\s*:|^[\x00-\x20]*https?\s*:/*(storage\.googleapis\.com|storage\.cloud\.google\.com)(/|$)",
+    r"^[\x00-\x20]*(gs|gcs)\s*:|^[\x00-\x20]*https?\s*:/*("
+    + "|".join(re.escape(h) for h in GOOGLE_STORAGE_HOSTS) + r")(/|$)",
     re.IGNORECASE,
 )
 _VSI_PREFIXES = ("/vsigs/", "/vsigs_streaming/")
-_HTTP_HOSTS = ("storage.googleapis.com", "storage.cloud.google.com")
 _UNSUPPORTED = ("s3", "az", "abfs", "abfss", "adl", "hdfs", "ftp", "sftp", "memory", "http", "https")
 
 
@@ -85,11 +86,21 @@ class GCSPath:
 
     def is_under(self, prefix: "GCSPath") -> bool:
         """True when this path equals ``prefix`` or lies below it (as a directory)."""
-        if self.bucket != prefix.bucket:
-            return False
-        p = prefix.key.rstrip("/")
-        k = self.key.rstrip("/")
-        return not p or k == p or k.startswith(p + "/")
+        return is_under(self.url, prefix.url)
+
+
+def is_under(url: str, prefix: str) -> bool:
+    """``url`` equals ``prefix`` or lies below it as a '/'-separated path: THE prefix test.
+
+    Journal keys or paths; trailing '/' are ignored, so ``gs://b/d`` and
+    ``gs://b/d/`` are the same prefix and ``gs://b/dd`` is not under it. The
+    empty prefix (:data:`cloudio._journal.EVERYTHING`) covers everything.
+    """
+    if not prefix:
+        return True
+    p = prefix.rstrip("/")
+    u = url.rstrip("/")
+    return u == p or u.startswith(p + "/")
 
 
 def check_key(key: str, url: str) -> None:
@@ -169,7 +180,7 @@ def parse_gcs(url: str, *, require_key: bool = False) -> GCSPath:
         elif url.startswith(("http://", "https://")):
             parts = urlsplit(url)
             path = unquote(parts.path)
-            if parts.hostname in _HTTP_HOSTS or _is_emulator_netloc(parts.netloc):
+            if parts.hostname in GOOGLE_STORAGE_HOSTS or _is_emulator_netloc(parts.netloc):
                 if "generation" in parse_qs(parts.query):
                     raise InvalidURLError(
                         f"{url!r} names one generation of an object; cloudio reads the live object only. "
@@ -201,12 +212,11 @@ def _misspelled(s: str) -> bool:
         return False
     if s.startswith(("gs://", "gcs://")):
         return False
-    return not (s.startswith(("http://", "https://")) and urlsplit(s).hostname in _HTTP_HOSTS)
+    return not (s.startswith(("http://", "https://")) and urlsplit(s).hostname in GOOGLE_STORAGE_HOSTS)
 
 
 def _is_emulator_netloc(netloc: str) -> bool:
-    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
-    return bool(host) and urlsplit(host if "://" in host else f"http://{host}").netloc == netloc
+    return emulator_netloc() == netloc
 
 
 def is_gcs(url: object) -> bool:
@@ -218,7 +228,7 @@ def is_gcs(url: object) -> bool:
         return True  # a misspelled GCS URL is GCS's business too: parse_gcs refuses it
     if s.startswith(("http://", "https://")):
         parts = urlsplit(s)
-        return parts.hostname in _HTTP_HOSTS or _is_emulator_netloc(parts.netloc)
+        return parts.hostname in GOOGLE_STORAGE_HOSTS or _is_emulator_netloc(parts.netloc)
     return False
 
 

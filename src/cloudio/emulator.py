@@ -42,6 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
+from cloudio import _config
 from cloudio.errors import EmulatorError
 
 if TYPE_CHECKING:
@@ -211,10 +212,10 @@ class Emulator:
         timeout: float | None = None,
     ) -> None:
         if mode is None:
-            env_mode = os.environ.get("CLOUDIO_EMULATOR")
-            if env_mode is not None and env_mode.strip():
-                mode = env_mode.strip()  # type: ignore[assignment]
-            elif port is None and os.environ.get("STORAGE_EMULATOR_HOST", "").strip():
+            env_mode = _config.env(_config.EMULATOR_MODE_ENV)
+            if env_mode is not None:
+                mode = env_mode  # type: ignore[assignment]
+            elif port is None and _config.env(_config.EMULATOR_HOST_ENV) is not None:
                 mode = "external"  # (a port asks for a server of its own)
             else:
                 mode = "binary"
@@ -229,7 +230,7 @@ class Emulator:
         self._root = Path(root) if root is not None else None
         self._port = port
         if timeout is None:
-            raw_timeout = os.environ.get("CLOUDIO_EMULATOR_START_TIMEOUT", "").strip()
+            raw_timeout = _config.env(_config.EMULATOR_START_TIMEOUT_ENV) or ""
             try:
                 timeout = float(raw_timeout) if raw_timeout else _DEFAULT_START_TIMEOUT
             except ValueError:
@@ -328,15 +329,13 @@ class Emulator:
         self._url = f"http://127.0.0.1:{port}"
 
     def _attach(self) -> None:
-        from cloudio._config import _parse_endpoint
-
-        raw = os.environ.get("STORAGE_EMULATOR_HOST", "")
-        if not raw.strip():
+        raw = _config.env(_config.EMULATOR_HOST_ENV) or ""
+        if not raw:
             raise EmulatorError(
                 "mode 'external' needs STORAGE_EMULATOR_HOST naming a running emulator "
                 "(e.g. http://127.0.0.1:4443); or use mode 'binary'"
             )
-        self._url = _parse_endpoint(raw, "STORAGE_EMULATOR_HOST").url
+        self._url = _config._parse_endpoint(raw, _config.EMULATOR_HOST_ENV).url
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -434,17 +433,15 @@ class Emulator:
 
     def _point_process(self) -> None:
         """This process's libraries use this server until :meth:`_unpoint_process`."""
-        from cloudio import _config
-
         ep = _config._parse_endpoint(self.url, "emulator")
         env = {"STORAGE_EMULATOR_HOST": ep.url, **ep.gdal_options}
         if "gcsfs" not in sys.modules:  # read by gcsfs at import: too late once imported
-            env.setdefault(_config._HNS_ENV, os.environ.get(_config._HNS_ENV, "false"))
+            _config.disable_gcsfs_hns(env)
         elif getattr(getattr(sys.modules["gcsfs"], "GCSFileSystem", None), "__name__", "") != "GCSFileSystem":
             log.warning(
                 "gcsfs was imported before the emulator started, with %s on: each new bucket costs "
                 "a 60 s gRPC lookup. Fix: set %s=false before importing gcsfs (or start the "
-                "emulator first).", _config._HNS_ENV, _config._HNS_ENV,
+                "emulator first).", _config.HNS_ENV, _config.HNS_ENV,
             )
         self._saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -454,8 +451,6 @@ class Emulator:
         saved, self._saved_env = self._saved_env, None
         if saved is None:
             return
-        from cloudio import _config
-
         _config.pop_endpoint()
         for k, v in saved.items():
             if v is None:
@@ -474,6 +469,7 @@ class Emulator:
 
     @property
     def running(self) -> bool:
+        """Whether the server was started (or attached to) and not stopped since."""
         return self._url is not None
 
     @property
@@ -544,6 +540,7 @@ class Emulator:
         return None
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the server's own output, for error messages and debugging."""
         text = self._log_text()
         if text is None:
             return getattr(self, "_last_log", "(no output captured)")

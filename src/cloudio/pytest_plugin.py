@@ -44,9 +44,10 @@ from typing import Any
 
 import pytest
 
+from cloudio import _config
 from cloudio.emulator import Emulator
 
-_HNS = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
+_HNS = _config.HNS_ENV
 _INI = "cloudio_emulator"
 #: a test module naming one of these will start an emulator
 _USES_FIXTURES = re.compile(rb"\b(gcs_emulator|gcs_bucket)\w*\b")
@@ -64,8 +65,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _keep_gcsfs_off_grpc(config: pytest.Config) -> None:
     """Set the variable for this session, unless the environment already has a value."""
-    if _HNS not in os.environ:
-        os.environ[_HNS] = "false"
+    if _config.disable_gcsfs_hns():
         config.stash[_set_hns] = True
 
 

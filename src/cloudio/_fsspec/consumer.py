@@ -39,6 +39,7 @@ import functools
 import logging
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -48,7 +49,9 @@ from fsspec.asyn import sync_wrapper
 from fsspec.dircache import DirCache
 
 from cloudio._journal import Change, Consumer, journal
-from cloudio._paths import GCSPath
+from cloudio._paths import GCSPath, parse_gcs
+from cloudio._session import current_level
+from cloudio.errors import CloudioError
 
 __all__ = ["FsspecConsumer", "guard_listings", "track"]
 
@@ -149,27 +152,101 @@ _fill_start: contextvars.ContextVar[int | None] = contextvars.ContextVar("cloudi
 
 
 class _EpochDirCache(DirCache):
-    """fsspec's DirCache that refuses listings fetched before their path was invalidated.
+    """fsspec's DirCache that refuses listings fetched before their path was invalidated,
+    and shows only the listings the consistency level in force may trust.
 
     Checked before storing and again after (the consumer bumps, then drops):
     whichever of the two runs last sees the other, so a stale listing never stays.
+
+    Levels (see :mod:`cloudio._session`): at ``"session"`` every listing kept is
+    shown, at no cost beyond reading the level. At ``"strong"`` none is (gcsfs
+    then asks the server, as an uncached gcsfs would); at ``N`` seconds, those
+    filled less than ``N`` seconds ago. Hidden listings stay stored: dropping is
+    the consumer's business (``pop``, ``__iter__`` and ``len`` see every one).
+    A listing refetched over one still stored is compared, name by name, on
+    generation and metageneration; what another writer changed becomes an
+    ``"invalidate"`` change in the journal, so every other cache forgets it too.
     """
+
+    def _fill_times(self) -> dict[str, float]:
+        # instances get this class by a __class__ swap, never through __init__
+        times: dict[str, float] | None = self.__dict__.get("_filled")
+        if times is None:
+            times = self.__dict__.setdefault("_filled", {})
+        return times
+
+    def __getitem__(self, item: str) -> Any:
+        level = current_level()
+        if level != "session":
+            if level == "strong":
+                raise KeyError(item)
+            filled = self._fill_times().get(item)
+            if filled is None or time.monotonic() - filled > level:
+                raise KeyError(item)
+        return super().__getitem__(item)
 
     def __setitem__(self, key: str, value: Any) -> None:
         start = _fill_start.get()
-        if start is None:
-            super().__setitem__(key, value)
-            return
-        if _epochs.stale(key, start):
+        if start is not None and _epochs.stale(key, start):
             log.debug("fsspec: not caching the listing of %s: invalidated while it was fetched", key)
             return
+        before = self._cache.get(key)
         super().__setitem__(key, value)
-        if _epochs.stale(key, start):
+        self._fill_times()[key] = time.monotonic()
+        if start is not None and _epochs.stale(key, start):
             try:
-                if super().__getitem__(key) is value:
+                if self._cache[key] is value:
                     self.pop(key, None)
             except KeyError:
                 pass
+        if before is not None and before is not value:
+            _invalidate_changed(key, before, value)
+
+    def pop(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        """Remove ``key`` whatever the level: a write or a consumer must drop hidden listings too."""
+        self._fill_times().pop(key, None)
+        return self._cache.pop(key, default)
+
+    def __delitem__(self, key: str) -> None:
+        self._fill_times().pop(key, None)
+        super().__delitem__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._cache))
+
+    def clear(self) -> None:
+        self._fill_times().clear()
+        super().clear()
+
+
+def _versions(listing: Any) -> dict[str, tuple[Any, Any, Any]]:
+    """name -> (type, generation, metageneration) of each entry of a gcsfs listing."""
+    out: dict[str, tuple[Any, Any, Any]] = {}
+    for entry in listing if isinstance(listing, list) else ():
+        if isinstance(entry, dict) and "name" in entry:
+            out[str(entry["name"]).rstrip("/")] = (entry.get("type"), entry.get("generation"),
+                                                    entry.get("metageneration"))
+    return out
+
+
+def _invalidate_changed(key: str, before: Any, after: Any) -> None:
+    """Journal an ``"invalidate"`` for each entry another writer changed between two listings of ``key``.
+
+    The one revalidation model of every face: a changed generation becomes the
+    targeted invalidation the journal drives for cloudio's own writes (GDAL's
+    caches of the object, other instances' listings). New or vanished
+    "directories" are invalidated as prefixes.
+    """
+    old, new = _versions(before), _versions(after)
+    changed = [name for name in old.keys() | new.keys() if old.get(name) != new.get(name)]
+    for name in sorted(changed):
+        kind = (new.get(name) or old[name])[0]
+        try:
+            url = parse_gcs(f"gs://{name}").url
+        except CloudioError:  # a name cloudio refuses (``a//b``): forget the whole listing instead
+            url, kind = parse_gcs(f"gs://{key}").url, "directory"
+        log.debug("fsspec: %s changed on the server (listing of %s)", url, key)
+        journal().record(url, "invalidate", prefix=kind == "directory")
 
 
 def _guarded(method: Any) -> Any:
@@ -186,6 +263,55 @@ def _guarded(method: Any) -> Any:
     return run
 
 
+def _revalidating_info(fs: Any, method: Any) -> Any:
+    """``fs._info`` that, at the strong and bounded levels, asks for the object itself first.
+
+    gcsfs's own ``_info`` without a trusted listing sends an object GET and a
+    directory listing at once (and sometimes a second object GET): at most one
+    request here when the path is an object, as for every file ``info``,
+    ``exists``, ``size`` and ``open(..., "rb")``. What the server answers is
+    compared with the parent's cached listing (generation and metageneration):
+    a difference is journaled as an ``"invalidate"`` of the object.
+    """
+
+    @functools.wraps(method)
+    async def run(path: str, generation: Any = None, **kwargs: Any) -> Any:
+        directory_info = getattr(fs, "_get_directory_info", None)
+        if generation is not None or directory_info is None or current_level() == "session":
+            return await method(path, generation=generation, **kwargs)
+        bucket, key, path_generation = fs.split_path(path)
+        if not key or path_generation:
+            return await method(path, generation=generation, **kwargs)
+        name = f"{bucket}/{key}".rstrip("/")
+        try:
+            found = await fs._get_object(path)
+        except FileNotFoundError:
+            found = None
+        if found is not None and not (found.get("size") == 0 and str(found.get("name", "")).endswith("/")):
+            _compare_with_listing(fs, name, found)
+            return found
+        _compare_with_listing(fs, name, None)
+        return await directory_info(name, bucket, key.rstrip("/"), None)
+
+    return run
+
+
+def _compare_with_listing(fs: Any, name: str, found: dict[str, Any] | None) -> None:
+    """Journal an ``"invalidate"`` of ``name`` when the parent's stored listing disagrees with ``found``."""
+    cache = getattr(getattr(fs, "dircache", None), "_cache", None)
+    if not isinstance(cache, dict) or "/" not in name:
+        return
+    listing = cache.get(name.rsplit("/", 1)[0])
+    if listing is None:
+        return
+    seen = _versions(listing).get(name)
+    now = None if found is None else (found.get("type"), found.get("generation"), found.get("metageneration"))
+    if seen != now and not (found is None and seen is not None and seen[0] == "directory"):
+        url = parse_gcs(f"gs://{name}").url
+        log.debug("fsspec: %s changed on the server (info)", url)
+        journal().record(url, "invalidate")
+
+
 #: the gcsfs coroutines that store listings in ``dircache``
 _FILLERS = ("_list_objects", "_list_buckets", "_find")
 
@@ -194,8 +320,10 @@ def guard_listings(fs: Any) -> None:
     """Make ``fs`` refuse listings that an invalidation overtook (idempotent, per instance).
 
     Instance attributes, not a subclass: the user's own instances keep their
-    class (and so pickle as before). ``find`` is rebound because fsspec bound it
-    to the unguarded ``_find`` when the instance was made.
+    class (and so pickle as before). ``find`` and ``info`` are rebound because
+    fsspec bound them to the unwrapped coroutines when the instance was made.
+    ``_info`` also revalidates at the strong and bounded levels
+    (:func:`_revalidating_info`).
     """
     if fs.__dict__.get("_cloudio_guarded"):
         return
@@ -206,8 +334,11 @@ def guard_listings(fs: Any) -> None:
         method = getattr(fs, name, None)
         if method is not None:
             setattr(fs, name, _guarded(method))
-    if "find" in fs.__dict__:
-        fs.find = sync_wrapper(fs._find, obj=fs)
+    if getattr(fs, "_info", None) is not None:
+        fs._info = _revalidating_info(fs, fs._info)
+    for name in ("find", "info"):  # fsspec bound these to the unwrapped coroutines
+        if name in fs.__dict__:
+            setattr(fs, name, sync_wrapper(getattr(fs, f"_{name}"), obj=fs))
     fs.__dict__["_cloudio_guarded"] = True
 
 
@@ -257,7 +388,7 @@ def _drop_stale(fs: Any, change: Change, path: GCSPath) -> bool:
         keys += [k for k in list(dircache) if k.rstrip("/") == target or k.startswith(below)]
         if not path.key:
             keys.append("")  # a whole bucket: it may be new, or gone, in the bucket list
-    elif change.kind == "write" and keys[1:2] and keys[1] in dircache:
+    elif change.kind == "write" and keys[1:2] and keys[1] in getattr(dircache, "_cache", dircache):
         # the parent was listed, so it existed and its own parents already show it:
         # only its listing (names, sizes) and a listing of the path itself changed
         keys = keys[:2]
@@ -269,10 +400,7 @@ def _drop_stale(fs: Any, change: Change, path: GCSPath) -> bool:
 
 
 class FsspecConsumer(Consumer):
-    """Acts at once on each change: fsspec listings are in memory, dropping them costs nothing.
-
-    Nothing stays pending, so :meth:`take` always returns ``[]`` for this consumer.
-    """
+    """Acts at once on each change: fsspec listings are in memory, dropping them costs nothing."""
 
     name = "fsspec"
 
@@ -302,3 +430,12 @@ _consumer = journal().register(FsspecConsumer())
 def track(fs: fsspec.AbstractFileSystem) -> None:
     """Keep ``fs`` (a tracked filesystem cloudio handed out) findable, even with ``skip_instance_cache``."""
     _tracked[id(fs)] = fs
+
+
+def reset() -> None:
+    """Forget listing epochs and tracked instances (:func:`cloudio._state.reset`); listings are dropped."""
+    global _epochs
+    for fs in _live_gcs_filesystems():
+        fs.invalidate_cache()
+    _tracked.clear()
+    _epochs = _Epochs()

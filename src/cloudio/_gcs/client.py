@@ -1,7 +1,10 @@
-"""Plain (untracked) gcsfs filesystems configured for the endpoint in force.
+"""THE GCS client module: plain (untracked) gcsfs filesystems for the endpoint in force,
+and the one object-metadata request with its not-found diagnosis.
 
 cloudio's own uploads and metadata requests go through these; user-facing
-tracked filesystems live in :mod:`cloudio._fsspec.filesystem`.
+tracked filesystems live in :mod:`cloudio._fsspec.filesystem`. Every "no such
+object" and "no such bucket" error of the GDAL face and of transfers is made
+by :func:`not_found` (one bucket-missing message, :func:`bucket_missing`).
 
 Time limits. gcsfs waits forever by default: a server that accepts and never
 answers hangs ``cat`` for good. Every filesystem cloudio makes (these, and
@@ -18,24 +21,27 @@ storage option wins over the environment variable.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
-from cloudio._config import gcsfs_options, http_timeout, prepare_gcsfs_import, require_credentials
+from cloudio import _state
+from cloudio._config import (
+    emulator_endpoint,
+    gcsfs_options,
+    http_timeout,
+    prepare_gcsfs_import,
+    require_credentials,
+)
+from cloudio._paths import GCSPath
+from cloudio.errors import BucketNotFoundError, ObjectNotFoundError
 
 if TYPE_CHECKING:
     import gcsfs
 
+log = logging.getLogger(__name__)
+
 #: one tracked call, gcsfs's retries included, may take this many times the limit
 TOTAL_FACTOR = 3
-
-
-#: asynchronous instances cloudio made, kept for the life of the process. gcsfs's
-#: finalizer closes an asynchronous instance's session on fsspec's own loop, not
-#: the loop (zarr's) that owns it, and raises "attached to a different loop" from
-#: the garbage collector (fsspec/gcsfs#606 fixed the synchronous case only). They
-#: live as long as fsspec's instance cache would keep them anyway; this only
-#: stops ``clear_instance_cache()`` from handing them to that finalizer.
-_keep_async: list["gcsfs.GCSFileSystem"] = []
 
 
 def http_options() -> dict[str, Any]:
@@ -75,6 +81,58 @@ def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> "gcsfs.GCSFi
         return fs
     fs = gcsfs.GCSFileSystem(**opts, asynchronous=True)
     guard_listings(fs)
-    if not any(k is fs for k in _keep_async):
-        _keep_async.append(fs)
+    # Kept for the life of the process (cloudio._state.keep_async). gcsfs's finalizer closes
+    # an asynchronous instance's session on fsspec's own loop, not the loop (zarr's) that
+    # owns it, and raises "attached to a different loop" from the garbage collector
+    # (fsspec/gcsfs#606 fixed the synchronous case only). They live as long as fsspec's
+    # instance cache would keep them anyway; this only stops ``clear_instance_cache()``
+    # from handing them to that finalizer.
+    keep_alive(fs)
     return fs
+
+
+def keep_alive(fs: "gcsfs.GCSFileSystem") -> None:
+    """Keep the asynchronous ``fs`` from gcsfs's finalizer for the life of the process (see above)."""
+    if not any(k is fs for k in _state.keep_async):
+        _state.keep_async.append(fs)
+
+
+def where() -> str:
+    """The server in force, for messages."""
+    ep = emulator_endpoint()
+    return f"the emulator at {ep.url}" if ep is not None else "Google Cloud Storage"
+
+
+def object_metadata(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> dict[str, Any]:
+    """The object's JSON-API resource: exactly one ``GET /storage/v1/b/<b>/o/<key>``, never cached.
+
+    Raises gcsfs's own errors (``FileNotFoundError`` when there is no such
+    object or bucket): callers turn them into cloudio's with :func:`not_found`.
+    """
+    fs = fs if fs is not None else gcs_filesystem()
+    return fs.call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)  # type: ignore[no-any-return]
+
+
+def bucket_missing(path: GCSPath) -> BucketNotFoundError:
+    """THE error for a bucket that does not exist (raise it ``from`` the library's error)."""
+    return BucketNotFoundError(
+        f"{path.url}: bucket gs://{path.bucket} does not exist on {where()}. Check the bucket name, or "
+        f"create the bucket first (gcloud storage buckets create gs://{path.bucket}, or "
+        f"Emulator.create_bucket({path.bucket!r}) against the emulator)."
+    )
+
+
+def not_found(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> ObjectNotFoundError:
+    """Why ``path`` was not found: its bucket is missing, or the object (one bucket request to tell)."""
+    fs = fs if fs is not None else gcs_filesystem()
+    try:
+        fs.call("GET", "b/{}", path.bucket, json_out=True)
+    except FileNotFoundError:
+        return bucket_missing(path)
+    except OSError as e:  # e.g. no permission to read bucket metadata: say what is certain
+        log.debug("could not read metadata of bucket %s: %s", path.bucket, e)
+    return ObjectNotFoundError(
+        f"{path.url} does not exist on {where()} (checked the object's metadata). Check the key (list "
+        f"gs://{path.bucket}/{path.parent.key} with cloudio.filesystem(url).ls(...)), or open it with "
+        "mode 'w' to create it."
+    )

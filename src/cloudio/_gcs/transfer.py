@@ -35,7 +35,6 @@ import base64
 import logging
 import mimetypes
 import os
-import threading
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,17 +42,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import google_crc32c
 import numpy as np
 
+from cloudio import _state
+from cloudio._gcs.client import (
+    bucket_missing,
+    gcs_filesystem,
+    not_found,
+    total_time_limit,
+)
+from cloudio._gcs.client import object_metadata as _stat
 from cloudio._journal import Change, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
-from cloudio.errors import (
-    BucketNotFoundError,
-    CloudioError,
-    IntegrityError,
-    ObjectNotFoundError,
-    TransientError,
-    UploadError,
-)
+from cloudio.errors import CloudioError, IntegrityError, TransientError, UploadError
 
 if TYPE_CHECKING:
     import gcsfs
@@ -71,9 +71,6 @@ ATTEMPTS = 3
 _BACKOFF = 0.25  # seconds before the 2nd attempt; doubles each time
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview
-
-_known_buckets: set[str] = set()
-_buckets_lock = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +102,7 @@ def _as_path(url: GCSPath | str | os.PathLike[str]) -> GCSPath:
 
 
 def _filesystem(fs: "gcsfs.GCSFileSystem | None") -> "gcsfs.GCSFileSystem":
-    if fs is not None:
-        return fs
-    from cloudio._gcs.client import gcs_filesystem
-
-    return gcs_filesystem()
+    return fs if fs is not None else gcs_filesystem()
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -141,8 +134,6 @@ async def _bounded(fs: "gcsfs.GCSFileSystem", call: Awaitable[T]) -> T:
     minutes. The limit is the one tracked filesystems use
     (:func:`cloudio._gcs.client.total_time_limit`, from ``CLOUDIO_HTTP_TIMEOUT``).
     """
-    from cloudio._gcs.client import total_time_limit
-
     limit = total_time_limit(getattr(fs, "requests_timeout", None))
     return await (call if limit is None else asyncio.wait_for(call, limit))
 
@@ -151,18 +142,18 @@ async def _bounded(fs: "gcsfs.GCSFileSystem", call: Awaitable[T]) -> T:
 
 
 async def _ensure_bucket(path: GCSPath, fs: "gcsfs.GCSFileSystem") -> None:
-    with _buckets_lock:
-        if path.bucket in _known_buckets:
+    with _state.buckets_lock:
+        if path.bucket in _state.known_buckets:
             return
     try:
         await fs._call("GET", "b/{}", path.bucket, json_out=True)
     except FileNotFoundError as e:
-        raise _bucket_missing(path) from e
+        raise bucket_missing(path) from e
     except Exception as e:  # noqa: BLE001 - permissions may forbid bucket metadata; let the upload decide
         log.debug("could not read metadata of bucket %s (%s); assuming it exists", path.bucket, e)
         return
-    with _buckets_lock:
-        _known_buckets.add(path.bucket)
+    with _state.buckets_lock:
+        _state.known_buckets.add(path.bucket)
 
 
 def ensure_bucket(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> None:
@@ -178,17 +169,9 @@ def ensure_bucket(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> Non
     sync(fs.loop, _ensure_bucket, path, fs)
 
 
-def _bucket_missing(path: GCSPath) -> BucketNotFoundError:
-    return BucketNotFoundError(
-        f"{path.url}: bucket gs://{path.bucket} does not exist. Create it first "
-        f"(gcloud storage buckets create gs://{path.bucket}, or Emulator.create_bucket("
-        f"{path.bucket!r}) against the emulator), or check the bucket name."
-    )
-
-
 def _forget_bucket(bucket: str) -> None:
-    with _buckets_lock:
-        _known_buckets.discard(bucket)
+    with _state.buckets_lock:
+        _state.known_buckets.discard(bucket)
 
 
 # -- upload ----------------------------------------------------------------------------------
@@ -253,6 +236,7 @@ async def put_verified(
         raise FileNotFoundError(f"{os.fspath(source)!r}: no such local file to upload to {path.url}")
     last: BaseException | None = None
     deleted = False  # a corrupt copy was stored and deleted: the server holds nothing at path now
+    changing = journal().changing(path.url)  # GDAL reads of it wait until the outcome is recorded
     try:
         for attempt in range(max(1, attempts)):
             if attempt:
@@ -288,6 +272,8 @@ async def put_verified(
         if isinstance(e, CloudioError) or not isinstance(e, Exception):
             raise
         raise _failure(path, e, attempts, deleted) from e
+    finally:
+        changing.close()
 
 
 def _outcome_unknown(exc: BaseException) -> bool:
@@ -439,14 +425,10 @@ def object_metadata(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> d
     """
     fs = _filesystem(fs)
     try:
-        return fs.call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)  # type: ignore[no-any-return]
+        return _stat(path, fs)
     except FileNotFoundError as e:
         _forget_bucket(path.bucket)
-        ensure_bucket(path, fs)  # raises BucketNotFoundError when that is the reason
-        raise ObjectNotFoundError(
-            f"{path.url}: no such object. Check the key (list the prefix gs://{path.bucket}/"
-            f"{path.parent.key}), or open with mode 'w' to create it."
-        ) from e
+        raise not_found(path, fs) from e
     except Exception as e:
         if _is_transient(e):
             raise transient_error(path.url, "reading the object's metadata", e) from e

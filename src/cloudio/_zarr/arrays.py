@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cloudio import _config
 from cloudio._zarr import shard_codec as _shardio
 from cloudio._zarr.shard_codec import plain_layout
 from cloudio._zarr.shard_safety import align, write_grid
+from cloudio._zarr.shard_safety import is_dask as _is_dask
 from cloudio._zarr.store import JournaledStore, WriteMark, check_complete, cloudio_errors, zarr_store
 
 if TYPE_CHECKING:
@@ -40,14 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["load_array", "save_array"]
-
-
-def _is_dask(array: Any) -> bool:
-    try:
-        from dask.base import is_dask_collection
-    except ImportError:
-        return False
-    return bool(is_dask_collection(array))
 
 
 def save_array(
@@ -182,7 +176,7 @@ def _no_hugepage_advice() -> Iterator[None]:
     except ImportError:  # another NumPy layout: leave NumPy's default alone
         yield
         return
-    if os.environ.get("NUMPY_MADVISE_HUGEPAGE") is not None:
+    if _config.env("NUMPY_MADVISE_HUGEPAGE") is not None:
         yield
         return
     with _advice_lock:

@@ -36,6 +36,15 @@ log = logging.getLogger(__name__)
 Chunks = tuple[tuple[int, ...], ...]
 
 
+def is_dask(obj: Any) -> bool:
+    """Is ``obj`` a Dask collection (whose chunks need aligning)? False when Dask is not installed."""
+    try:
+        from dask.base import is_dask_collection
+    except ImportError:  # no dask, no tasks, nothing to align
+        return False
+    return bool(is_dask_collection(obj))
+
+
 def misaligned_dims(chunks: Chunks, grid: Sequence[int], offsets: Sequence[int] | None = None) -> list[int]:
     """Dimensions whose inner Dask chunk boundaries do not fall on multiples of ``grid``.
 

@@ -26,13 +26,16 @@ guarantee). The store hides the marker from zarr's listings.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import posixpath
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
@@ -42,6 +45,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from cloudio._journal import journal
 from cloudio._paths import is_gcs, normalize, parse_gcs
+from cloudio._paths import is_under as _under
 from cloudio._gcs.transfer import put_verified
 from cloudio.errors import BucketNotFoundError, CloudioError
 
@@ -50,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JournaledStore", "consolidated_is_stale", "store_url", "zarr_store"]
+__all__ = ["JournaledStore", "MetadataCheck", "consolidated_is_stale", "revalidate", "store_url", "zarr_store"]
 
 #: values below this go up in one request, as gcsfs's own pipe does (a shard is already in memory)
 _ONE_REQUEST_LIMIT = 50 * 2**20
@@ -118,10 +122,6 @@ class _MetadataLog:
     def knows(self, root: str) -> bool:
         with self._lock:
             return any(_under(k, root) for k in self._meta) or root in self._consolidated
-
-
-def _under(url: str, root: str) -> bool:
-    return url == root or url.startswith(root + "/")
 
 
 _metadata = _MetadataLog()
@@ -417,6 +417,15 @@ _marks_lock = threading.Lock()
 _marks: dict[str, int] = {}  # store root -> writes of this process under way there
 
 
+def reset() -> None:
+    """Forget the metadata writes this process made (:func:`cloudio._state.reset`); marks under way stay."""
+    with _metadata._lock:
+        _metadata._meta.clear()
+        _metadata._consolidated.clear()
+    with _checked_lock:
+        _checked.clear()
+
+
 def _marked(root_url: str) -> bool:
     with _marks_lock:
         return _marks.get(root_url, 0) > 0
@@ -549,6 +558,115 @@ def _sync(coro: Any) -> Any:
     from zarr.core.sync import sync
 
     return sync(coro)
+
+
+# -- the strong and bounded levels: what another writer changed -------------------------------
+
+
+@dataclass(frozen=True)
+class MetadataCheck:
+    """What one listing of a store's metadata documents told (see :func:`revalidate`)."""
+
+    #: the write-in-progress marker is there (:func:`check_complete` then says by whom)
+    marked: bool
+    #: metadata documents, by URL: (generation, metageneration, updated)
+    documents: dict[str, tuple[str, str, datetime.datetime]]
+
+    def zarr_format(self, group_url: str) -> int | None:
+        """The Zarr format of the node at ``group_url`` as listed (None: no document there)."""
+        group_url = group_url.rstrip("/")
+        if any(f"{group_url}/{name}" in self.documents for name in (".zgroup", ".zarray", _V2_CONSOLIDATED)):
+            return 2
+        return 3 if f"{group_url}/zarr.json" in self.documents else None
+
+    def consolidated_is_stale(self, group_url: str) -> bool:
+        """True when a metadata document under ``group_url`` is newer than the group's consolidated copy.
+
+        The copy is ``.zmetadata`` (Zarr v2) or the group's ``zarr.json`` (v3,
+        which carries it); when neither is there, reading the documents
+        themselves is what zarr would fall back to anyway.
+        """
+        group_url = group_url.rstrip("/")
+        for name in (_V2_CONSOLIDATED, "zarr.json"):
+            copy_url = f"{group_url}/{name}"
+            if copy_url in self.documents:
+                break
+        else:
+            return True
+        written = self.documents[copy_url][2]
+        return any(doc[2] > written for url, doc in self.documents.items()
+                   if url != copy_url and _under(url, group_url))
+
+
+#: per store root: the metadata documents the last revalidation saw, and when (monotonic seconds)
+_checked_lock = threading.Lock()
+_checked: dict[str, tuple[float, MetadataCheck]] = {}
+
+
+def revalidate(store: JournaledStore) -> MetadataCheck | None:
+    """At the strong and bounded levels, list the store's metadata documents from the server.
+
+    None at the ``"session"`` level, for local stores, and at a bound of ``N``
+    seconds when the store was listed less than ``N`` seconds ago (the caller
+    then does what the session level does). One listing request per 1000
+    documents (``matchGlob`` keeps chunks out of it on GCS; the emulator
+    ignores it, so names are filtered here as well). A document whose
+    generation changed since the last listing is journaled as an
+    ``"invalidate"``: the same targeted invalidation cloudio's own writes
+    drive, so GDAL's and every fsspec instance's caches of it are dropped.
+    """
+    from cloudio._session import count, current_level
+
+    level = current_level()
+    root = store.root_url
+    if level == "session" or not is_gcs(root):
+        return None
+    now = time.monotonic()
+    with _checked_lock:
+        last = _checked.get(root)
+    if level != "strong" and last is not None and now - last[0] <= level:
+        return None
+    check = _sync(_list_metadata(store))
+    count("revalidations")
+    before = last[1].documents if last is not None else {}
+    for url, doc in check.documents.items():
+        old = before.get(url)
+        if old is not None and old[:2] != doc[:2]:
+            journal().record(url, "invalidate")
+    for url in before.keys() - check.documents.keys():
+        journal().record(url, "invalidate")
+    with _checked_lock:
+        _checked[root] = (now, check)
+    return check
+
+
+async def _list_metadata(store: JournaledStore) -> MetadataCheck:
+    inner = store._store
+    fs = getattr(inner, "fs", None)
+    if fs is None:
+        raise TypeError(f"{store.root_url}: revalidation needs an fsspec store")
+    path = parse_gcs(store.root_url)
+    prefix = f"{path.key.rstrip('/')}/" if path.key else ""
+    names = "{" + ",".join(sorted(_META_NAMES | {_V2_CONSOLIDATED, MARKER})) + "}"
+    documents: dict[str, tuple[str, str, datetime.datetime]] = {}
+    marked = False
+    token: str | None = None
+    while True:
+        page = await fs._call("GET", "b/{}/o", path.bucket, json_out=True, prefix=prefix or None,
+                              matchGlob=f"{prefix}**{names}", pageToken=token,
+                              fields="items(name,generation,metageneration,updated),nextPageToken")
+        for item in page.get("items", []):
+            name = str(item["name"])
+            base = name.rsplit("/", 1)[-1]
+            if name == f"{prefix}{MARKER}":
+                marked = True
+            elif base in _META_NAMES or base == _V2_CONSOLIDATED:
+                updated = datetime.datetime.fromisoformat(str(item["updated"]).replace("Z", "+00:00"))
+                documents[f"gs://{path.bucket}/{name}"] = (str(item.get("generation")),
+                                                          str(item.get("metageneration")), updated)
+        token = page.get("nextPageToken")
+        if not token:
+            return MetadataCheck(marked, documents)
 
 
 # -- errors of the Zarr entry points -----------------------------------------------------------

@@ -12,7 +12,9 @@ Both are thin: keyword arguments go to :meth:`xarray.Dataset.to_zarr` and
   turns that into an :class:`~cloudio.UnsafeChunkingError` instead.
 * ``open_zarr`` does not trust a consolidated copy of the metadata that this
   process made stale (a later write with ``consolidated=False``): it reads
-  the metadata documents themselves then.
+  the metadata documents themselves then. At the strong and bounded levels it
+  asks the server whether the copy is older than what it summarises, whoever
+  wrote it (:func:`cloudio._zarr.store.revalidate`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cloudio._zarr.shard_safety import align
+from cloudio._zarr.shard_safety import is_dask as _is_dask
 from cloudio._zarr.store import (
     JournaledStore,
+    MetadataCheck,
     WriteMark,
     check_complete,
     cloudio_errors,
     consolidated_is_stale,
+    revalidate,
     written_here,
     zarr_store,
 )
@@ -46,14 +51,6 @@ def _store(url: str | os.PathLike[str] | JournaledStore, read_only: bool,
     if isinstance(url, JournaledStore):
         return url
     return zarr_store(url, read_only=read_only, **dict(storage_options or {}))
-
-
-def _is_dask(data: Any) -> bool:
-    try:
-        from dask.base import is_dask_collection
-    except ImportError:  # no dask, no tasks, nothing to align
-        return False
-    return bool(is_dask_collection(data))
 
 
 def _grid_from_encoding(enc: Mapping[str, Any], ndim: int) -> tuple[tuple[int, ...], bool] | None:
@@ -205,7 +202,8 @@ def to_zarr(dataset: "xarray.Dataset", url: str | os.PathLike[str] | JournaledSt
 
     Returns
     -------
-    Whatever :meth:`xarray.Dataset.to_zarr` returns (a ``Delayed`` with ``compute=False``).
+    Any
+        Whatever :meth:`xarray.Dataset.to_zarr` returns (a ``Delayed`` with ``compute=False``).
 
     Raises
     ------
@@ -292,14 +290,26 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> "x
     copy was written, the consolidated copy is ignored (also when
     ``consolidated=True`` was asked for) and the metadata documents are read.
     One more request than ``xarray.open_zarr``: the GET of the write marker.
+
+    At the ``"strong"`` level (and past a bound of ``N`` seconds) one listing
+    of the store's metadata documents replaces that GET: a consolidated copy
+    older than any document it summarises, whoever wrote it, is not trusted,
+    and group membership and sizes come from the server (see
+    docs/consistency.md).
     """
     import xarray as xr
 
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, True, storage_options)
     with cloudio_errors(store, writing=False):
-        check_complete(store)
-        _avoid_stale_consolidated(store, kwargs)
+        check = revalidate(store)
+        if check is None:  # the session level (or a bound the last listing is within)
+            check_complete(store)
+            _avoid_stale_consolidated(store, kwargs)
+        else:
+            if check.marked:
+                check_complete(store)  # raises, saying who left the marker
+            _avoid_consolidated_older_than_members(store, check, kwargs)
         ds = xr.open_zarr(store, **kwargs)
         _fill_shards(ds, store, kwargs.get("group"))
     return ds
@@ -318,6 +328,27 @@ def _avoid_stale_consolidated(store: JournaledStore, kwargs: dict[str, Any]) -> 
     if consolidated is not False and written_here(root) and consolidated_is_stale(root):
         if consolidated:
             log.info("%s: consolidated metadata is older than writes made here; reading metadata documents", root)
+        kwargs["consolidated"] = False
+
+
+def _avoid_consolidated_older_than_members(store: JournaledStore, check: MetadataCheck,
+                                           kwargs: dict[str, Any]) -> None:
+    """Set ``consolidated=False`` when the server holds metadata newer than the consolidated copy.
+
+    The strong and bounded levels: whoever wrote it (another process, plain
+    zarr), a member array resized or added after the last consolidation is
+    read from its own document rather than from the outdated summary. The
+    Zarr format the listing shows is passed on, which spares xarray its
+    probes for the other format's documents.
+    """
+    group = kwargs.get("group")
+    root = store.root_url + (f"/{str(group).strip('/')}" if group else "")
+    zarr_format = check.zarr_format(root)
+    if zarr_format is not None:
+        kwargs.setdefault("zarr_format", zarr_format)
+    if kwargs.get("consolidated") is not False and check.consolidated_is_stale(root):
+        log.info("%s: consolidated metadata on the server is older than the documents it summarises; "
+                 "reading the documents", root)
         kwargs["consolidated"] = False
 
 

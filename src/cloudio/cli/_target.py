@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cloudio.cli.cases import new_run_prefix
+from cloudio import _config
 from cloudio._config import emulator_endpoint, pop_endpoint, push_endpoint
 from cloudio._paths import is_gcs, parse_gcs
 from cloudio.errors import BucketNotFoundError, CloudioError, ConfigurationError, InvalidURLError
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+_ENV = (_config.EMULATOR_HOST_ENV, _config.HNS_ENV)
 DEMO_BUCKET = "cloudio-demo"
 
 
@@ -41,13 +42,12 @@ class Target:
 def _embedded() -> Iterator["Emulator"]:
     from cloudio.emulator import Emulator
 
-    mode = os.environ.get("CLOUDIO_EMULATOR", "").strip() or "binary"
+    mode = _config.env(_config.EMULATOR_MODE_ENV) or "binary"
     emu = Emulator(mode=mode)  # type: ignore[arg-type]
     saved = {k: os.environ.get(k) for k in _ENV}
     with progress("starting the embedded GCS emulator (fake-gcs-server)"):
         emu.start()
-    os.environ["STORAGE_EMULATOR_HOST"] = emu.url
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    os.environ.update(_config.emulator_environ(emu.url))
     push_endpoint(emu.url)
     try:
         yield emu

@@ -13,6 +13,7 @@ import signal
 import threading
 from types import FrameType
 
+from cloudio import _config
 from cloudio._paths import check_bucket
 from cloudio.errors import ConfigurationError, EmulatorError
 from cloudio.cli._ui import err
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cloudio.emulator import Emulator
 
-    mode = os.environ.get("CLOUDIO_EMULATOR", "").strip() or "binary"
+    mode = _config.env(_config.EMULATOR_MODE_ENV) or "binary"
     if mode == "external":
         raise ConfigurationError(
             "CLOUDIO_EMULATOR=external attaches to a running emulator, but `cloudio emulator` starts one: "
