@@ -74,7 +74,7 @@ def round_writes(r: int) -> list[tuple[str, int, int]]:
 
 def worker(strategy: str, bucket: str, endpoint: str) -> dict[str, object]:
     import rasterio
-    import rasterio._env  # noqa: F401
+    import rasterio._env
     from rasterio.errors import RasterioIOError
 
     truth = initial_truth()
@@ -158,7 +158,7 @@ def worker(strategy: str, bucket: str, endpoint: str) -> dict[str, object]:
 def classify(path: str) -> str:
     if path.startswith("/storage/v1/b/") and "/o/" in path:
         return "metadata"
-    if "prefix=" in path or path.startswith("/storage/v1/b/") and path.split("?")[0].endswith("/o"):
+    if "prefix=" in path or (path.startswith("/storage/v1/b/") and path.split("?")[0].endswith("/o")):
         return "listing"
     return "object"
 

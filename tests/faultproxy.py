@@ -209,7 +209,7 @@ class FaultProxy:
         with self._lock:
             return [e for e in self.log if path is None or re.search(path, e[1])]
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 

@@ -518,8 +518,8 @@ def test_raw_vrt_failure_is_gdals_listing_cache(gcs_emulator, gcs_bucket):
     import rasterio
 
     from cloudio._gdal import cache as _gdal
-    from cloudio.cli.cases import RAW, Context, vrt_next_to_source
     from cloudio._paths import parse_gcs
+    from cloudio.cli.cases import RAW, Context, vrt_next_to_source
 
     ctx = Context(f"{gcs_bucket}/run/", gcs_emulator)
     result = vrt_next_to_source(ctx)

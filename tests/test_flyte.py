@@ -20,8 +20,8 @@ import cloudio
 from cloudio.emulator import Emulator
 
 pytest.importorskip("flytekit")
-from flytekit import task, workflow  # noqa: E402
-from flytekit.types.file import FlyteFile  # noqa: E402
+from flytekit import task, workflow
+from flytekit.types.file import FlyteFile
 
 _PROFILE = {"driver": "GTiff", "count": 1, "dtype": "uint8", "transform": Affine.identity()}
 

@@ -21,9 +21,9 @@ import pytest
 
 import cloudio
 from cloudio import _config
+from cloudio._gcs.transfer import download, upload
 from cloudio._journal import journal
 from cloudio._paths import parse_gcs
-from cloudio._gcs.transfer import download, upload
 from cloudio.emulator import Emulator
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection"}
@@ -118,7 +118,7 @@ class FaultProxy:
         with self._lock:
             return [s for m, p, s in self.log if p.startswith("/upload/")]
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 

@@ -18,9 +18,9 @@ from rasterio.vrt import WarpedVRT
 
 import cloudio
 from cloudio._gdal.cache import vsi_readdir
+from cloudio._gdal.vrt import absolute_sources
 from cloudio._journal import journal
 from cloudio._paths import parse_gcs
-from cloudio._gdal.vrt import absolute_sources
 from cloudio.emulator import Emulator
 
 PROFILE = dict(

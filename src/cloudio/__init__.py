@@ -68,16 +68,18 @@ __all__ = [
 ]
 __all__ = list(dict.fromkeys(__all__))
 
-if TYPE_CHECKING:
-    from cloudio._zarr.arrays import load_array, save_array
-    from cloudio._fsspec.filesystem import filesystem
-    from cloudio._gdal.open import open
-    from cloudio._session import invalidate, session
-    from cloudio._gdal.vrt import write_vrt
-    from cloudio._zarr.xarray import open_zarr, to_zarr
-    from cloudio._zarr.store import zarr_store
-    from cloudio.emulator import Emulator
-
+if TYPE_CHECKING:  # the lazy names, for type checkers (`X as X`: re-exported)
+    from cloudio._fsspec.filesystem import filesystem as filesystem
+    from cloudio._gdal.open import open as open
+    from cloudio._gdal.vrt import write_vrt as write_vrt
+    from cloudio._session import invalidate as invalidate
+    from cloudio._session import session as session
+    from cloudio._zarr.arrays import load_array as load_array
+    from cloudio._zarr.arrays import save_array as save_array
+    from cloudio._zarr.store import zarr_store as zarr_store
+    from cloudio._zarr.xarray import open_zarr as open_zarr
+    from cloudio._zarr.xarray import to_zarr as to_zarr
+    from cloudio.emulator import Emulator as Emulator
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:

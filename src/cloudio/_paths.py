@@ -69,7 +69,7 @@ class GCSPath:
         return f"{self.bucket}/{self.key}".rstrip("/") if self.key else self.bucket
 
     @property
-    def parent(self) -> "GCSPath":
+    def parent(self) -> GCSPath:
         """The 'directory' holding this object (key '' at the bucket root)."""
         head = posixpath.dirname(self.key.rstrip("/"))
         return GCSPath(self.bucket, head + "/" if head else "")
@@ -78,13 +78,13 @@ class GCSPath:
     def name(self) -> str:
         return posixpath.basename(self.key.rstrip("/"))
 
-    def child(self, name: str) -> "GCSPath":
+    def child(self, name: str) -> GCSPath:
         """The object ``name`` in this directory; ``name`` is checked like any key."""
         base = self.key if (not self.key or self.key.endswith("/")) else self.key + "/"
         check_key(base + name, f"{self.url.rstrip('/')}/{name}")
         return GCSPath(self.bucket, base + name)
 
-    def is_under(self, prefix: "GCSPath") -> bool:
+    def is_under(self, prefix: GCSPath) -> bool:
         """True when this path equals ``prefix`` or lies below it (as a directory)."""
         return is_under(self.url, prefix.url)
 

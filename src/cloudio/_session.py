@@ -107,7 +107,7 @@ def _check_level(consistency: object) -> Consistency:
     )
 
 
-class session:  # noqa: N801 - public name fixed by the design, used like a function
+class session:
     """Set the consistency level for the block and count what cloudio does in it.
 
     Parameters
@@ -131,7 +131,7 @@ class session:  # noqa: N801 - public name fixed by the design, used like a func
         self._token: contextvars.Token[session | None] | None = None
         self.journal_seq_at_entry = 0
 
-    def __enter__(self) -> "session":
+    def __enter__(self) -> session:
         self._token = _state.current_session.set(self)
         self.journal_seq_at_entry = journal().seq
         with _state.sessions_lock:

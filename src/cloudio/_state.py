@@ -30,13 +30,13 @@ if TYPE_CHECKING:
 endpoints: list[str] = []
 
 #: the innermost :class:`cloudio.session` of this context
-current_session: contextvars.ContextVar["session | None"] = contextvars.ContextVar("cloudio_session", default=None)
+current_session: contextvars.ContextVar[session | None] = contextvars.ContextVar("cloudio_session", default=None)
 #: every session open in the process, oldest first (worker threads take the level of the newest)
-open_sessions: list["session"] = []
+open_sessions: list[session] = []
 #: guards ``open_sessions`` and the session counters
 sessions_lock = threading.Lock()
 #: datasets opened, process-wide: ``next()`` on a count is atomic and lock-free (the open fast path)
-opens: "itertools.count[int]" = itertools.count()
+opens: itertools.count[int] = itertools.count()
 
 #: buckets an upload found to exist (one metadata request per bucket per process)
 known_buckets: set[str] = set()

@@ -53,7 +53,7 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
     name = _PLUGIN
     idempotent = True
 
-    async def start(self, scheduler: "Scheduler") -> None:
+    async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
 
         def relay(changes: list[dict[str, Any]], worker: str | None = None, client: str | None = None) -> None:
@@ -74,12 +74,12 @@ class _ForwardPlugin(WorkerPlugin):  # type: ignore[misc,valid-type]
     name = _PLUGIN
     idempotent = True
 
-    def setup(self, worker: "Worker") -> None:
+    def setup(self, worker: Worker) -> None:
         self._worker = worker
         worker.stream_handlers[_OP] = lambda changes, **_: _replay(changes)
         journal().add_listener(self._forward)
 
-    def teardown(self, worker: "Worker") -> None:
+    def teardown(self, worker: Worker) -> None:
         journal().remove_listener(self._forward)
 
     def _forward(self, change: Change) -> None:
@@ -89,7 +89,7 @@ class _ForwardPlugin(WorkerPlugin):  # type: ignore[misc,valid-type]
 
 
 class _ClientForwarder:
-    def __init__(self, client: "Client") -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
 
     def __call__(self, change: Change) -> None:
@@ -100,7 +100,7 @@ class _ClientForwarder:
 _installed: dict[int, _ClientForwarder] = {}
 
 
-def install(client: "Client") -> None:
+def install(client: Client) -> None:
     """Make journal records travel between ``client``'s process and every worker.
 
     Call once per client, before submitting work that writes through cloudio.

@@ -26,7 +26,6 @@ import logging
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -58,7 +57,7 @@ _MARK = "/_cloudio_mark/"
 #: what fake-gcs-server logs once it listens (before that, an answer on its port is someone else's)
 _STARTED = "server started at"
 _DEFAULT_START_TIMEOUT = 30.0
-_live: set["Emulator"] = set()
+_live: set[Emulator] = set()
 # The emulator is on loopback: never route its probes through an http_proxy from the environment.
 _urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
 
@@ -139,10 +138,10 @@ def _die_with_parent(parent: int) -> None:  # pragma: no cover - runs in the chi
 #: one fork request: (where to put the process, argv, Popen keywords)
 _SpawnJob = tuple["concurrent.futures.Future[subprocess.Popen[bytes]]", list[str], dict[str, object]]
 _spawn_lock = threading.Lock()
-_spawn_queue: "queue.SimpleQueue[_SpawnJob] | None" = None
+_spawn_queue: queue.SimpleQueue[_SpawnJob] | None = None
 
 
-def _spawner_loop(q: "queue.SimpleQueue[_SpawnJob]") -> None:
+def _spawner_loop(q: queue.SimpleQueue[_SpawnJob]) -> None:
     while True:
         fut, args, kwargs = q.get()
         try:
@@ -151,7 +150,7 @@ def _spawner_loop(q: "queue.SimpleQueue[_SpawnJob]") -> None:
             fut.set_exception(e)
 
 
-def _popen(args: list[str], **kwargs: object) -> "subprocess.Popen[bytes]":
+def _popen(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
     """``subprocess.Popen`` from a thread that lives as long as the process.
 
     The main thread forks directly; any other thread (a thread pool, an
@@ -250,7 +249,7 @@ class Emulator:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> "Emulator":
+    def start(self) -> Emulator:
         """Start (or attach to) the server and wait until it answers."""
         if self._url is not None:
             return self
@@ -410,7 +409,7 @@ class Emulator:
         self._url = None
         self._client = None
 
-    def __enter__(self) -> "Emulator":
+    def __enter__(self) -> Emulator:
         """Start, and point this process's cloudio, gcsfs, google-cloud-storage and GDAL here.
 
         A script then needs nothing else: ``with cloudio.Emulator() as emu:``.
@@ -478,7 +477,7 @@ class Emulator:
         return self._proc.pid if self._proc is not None else None
 
     @property
-    def client(self) -> "storage.Client":
+    def client(self) -> storage.Client:
         """A google-cloud-storage client with anonymous credentials, bound to this emulator."""
         if self._client is None:
             from google.auth.credentials import AnonymousCredentials

@@ -9,20 +9,20 @@ Messages name the URL and the next step; they never carry credentials.
 from __future__ import annotations
 
 __all__ = [
-    "CloudioError",
-    "InvalidURLError",
-    "ObjectNotFoundError",
     "BucketNotFoundError",
-    "IntegrityError",
-    "UploadError",
-    "EmulatorError",
-    "UnsafeChunkingError",
+    "CloudioError",
     "ConfigurationError",
-    "TransientError",
+    "EmulatorError",
     "IncompleteWriteError",
+    "IntegrityError",
+    "InvalidURLError",
     "NotARasterError",
+    "ObjectNotFoundError",
     "ReadError",
     "StaleDatasetError",
+    "TransientError",
+    "UnsafeChunkingError",
+    "UploadError",
 ]
 
 

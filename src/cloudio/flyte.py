@@ -101,7 +101,7 @@ def _chunk_like_store(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
-class DatasetTransformer(TypeTransformer[xr.Dataset]):
+class DatasetTransformer(TypeTransformer[xr.Dataset]):  # type: ignore[misc]  # flytekit is untyped
     """``xarray.Dataset`` <-> a Zarr v3 store under Flyte's raw output prefix, through cloudio."""
 
     def __init__(self) -> None:
@@ -121,7 +121,7 @@ class DatasetTransformer(TypeTransformer[xr.Dataset]):
         return str(python_val._repr_html_())
 
 
-class DataArrayTransformer(TypeTransformer[xr.DataArray]):
+class DataArrayTransformer(TypeTransformer[xr.DataArray]):  # type: ignore[misc]  # flytekit is untyped
     """``xarray.DataArray`` <-> a one-variable Zarr v3 store; name (None too), attrs and coordinates kept."""
 
     def __init__(self) -> None:

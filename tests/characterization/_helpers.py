@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-
 if TYPE_CHECKING:
     from gcsfs.core import GCSFileSystem
 
@@ -18,7 +17,7 @@ if TYPE_CHECKING:
 KEEP_ASYNC: list[object] = []
 
 
-def raw_gcsfs(emu: "Emulator", *, separate: bool = False, asynchronous: bool = False) -> "GCSFileSystem":
+def raw_gcsfs(emu: Emulator, *, separate: bool = False, asynchronous: bool = False) -> GCSFileSystem:
     """A plain gcsfs filesystem on the emulator.
 
     ``separate=True`` makes a new instance with its own listing cache (another

@@ -47,7 +47,7 @@ def bucket(gcs_bucket: str) -> str:
 
 
 @pytest.fixture
-def gdal_env(gcs_emulator: "Emulator") -> Iterator[None]:
+def gdal_env(gcs_emulator: Emulator) -> Iterator[None]:
     """GDAL's ``/vsigs/`` pointed at the emulator, set by hand (no cloudio)."""
     import rasterio
 

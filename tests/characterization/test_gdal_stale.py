@@ -14,7 +14,7 @@ from rasterio.errors import RasterioIOError
 
 from cloudio.emulator import Emulator
 
-from ._helpers import gdal_readdir, geotiff, raw_gcsfs, rasterio_version
+from ._helpers import gdal_readdir, geotiff, rasterio_version, raw_gcsfs
 
 pytestmark = [pytest.mark.characterization, pytest.mark.usefixtures("gdal_env")]
 

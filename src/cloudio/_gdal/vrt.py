@@ -33,8 +33,8 @@ import tempfile
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
-from cloudio._paths import GCSPath, is_gcs, parse_gcs
 from cloudio._gcs.transfer import upload
+from cloudio._paths import GCSPath, is_gcs, parse_gcs
 from cloudio.errors import ConfigurationError, InvalidURLError
 
 if TYPE_CHECKING:
@@ -42,14 +42,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_vrt", "absolute_sources"]
+__all__ = ["absolute_sources", "write_vrt"]
 
 #: elements whose text is a source dataset path in GDAL's VRT formats
 _SOURCE_TAGS = frozenset({"SourceFilename", "SourceDataset"})
 _VSICURL = "/vsicurl/"
 
 
-def write_vrt(dataset_or_vrt: "DatasetReaderBase | str | os.PathLike[str]", url: str | os.PathLike[str]) -> str:
+def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: str | os.PathLike[str]) -> str:
     """Save a dataset as VRT XML at ``url``, with absolute ``/vsigs/`` source paths.
 
     Parameters

@@ -47,9 +47,9 @@ from contextlib import ExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from cloudio._gcs.transfer import Uploaded, download, ensure_bucket, upload
 from cloudio._journal import journal
 from cloudio._paths import GCSPath
-from cloudio._gcs.transfer import Uploaded, download, ensure_bucket, upload
 from cloudio.errors import ConfigurationError, NotARasterError, UploadError
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["open_write", "gcs_path_for_local"]
+__all__ = ["gcs_path_for_local", "open_write"]
 
 _MODES = ("w", "w+", "r+")
 _CREATE_ONLY = frozenset({"width", "height", "count", "crs", "transform", "dtype", "nodata"})
@@ -120,7 +120,7 @@ class _UploadOnClose:
         log.warning("%s: dataset was never closed; nothing was uploaded", self._cloudio_path.url)
         try:
             self._cloudio_finish(upload_it=False)
-        except Exception:  # noqa: BLE001 - nothing to report to in a finalizer
+        except Exception:
             log.debug("closing an abandoned writer failed", exc_info=True)
 
     def _cloudio_finish(self, *, upload_it: bool) -> None:
@@ -177,7 +177,7 @@ def _undo(done: list[Uploaded]) -> None:
             fs.rm_file(p.fs_path)
         except FileNotFoundError:
             pass
-        except Exception:  # noqa: BLE001 - report but keep undoing the others
+        except Exception:
             log.warning("could not delete %s after a failed write", up.url, exc_info=True)
             continue
         journal().record(up.url, "delete")
@@ -221,7 +221,7 @@ def _local_name(path: GCSPath) -> str:
     return "dataset" + (ext if len(ext) <= _EXT_MAX else "")
 
 
-def _open_update(path: GCSPath, local: str, driver: str | None, kwargs: dict[str, Any]) -> "DatasetWriter":
+def _open_update(path: GCSPath, local: str, driver: str | None, kwargs: dict[str, Any]) -> DatasetWriter:
     """Open the downloaded copy of ``path`` for update; a file GDAL cannot update is a NotARasterError."""
     from rasterio._path import _parse_path
     from rasterio.errors import RasterioError
@@ -241,7 +241,7 @@ def _open_update(path: GCSPath, local: str, driver: str | None, kwargs: dict[str
         ) from e
 
 
-def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: Any) -> "DatasetWriter":
+def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: Any) -> DatasetWriter:
     """Open ``path`` for writing (``"w"``, ``"w+"``) or updating (``"r+"``).
 
     Parameters

@@ -116,7 +116,7 @@ def _fmt_chunks(chunks: Chunks, limit: int = 6) -> str:
 
 
 def align(
-    array: "dask.array.Array",
+    array: dask.array.Array,
     grid: Sequence[int],
     *,
     offsets: Sequence[int] | None = None,
@@ -124,7 +124,7 @@ def align(
     url: str = "",
     sharded: bool = True,
     rechunk: bool = True,
-) -> "dask.array.Array":
+) -> dask.array.Array:
     """Return ``array`` rechunked so that no two tasks write one shard (or chunk) of ``grid``.
 
     Parameters
@@ -168,7 +168,8 @@ def align(
     new = aligned_chunks(array.chunks, grid, offsets)
     log.info("%s: rechunking %r from %s to %s to match Zarr %s %s", url or "store", name,
              _fmt_chunks(array.chunks), _fmt_chunks(new), unit, grid)
-    return array.rechunk(new)
+    out: dask.array.Array = array.rechunk(new)
+    return out
 
 
 def write_grid(zarr_array: Any) -> tuple[tuple[int, ...], bool]:

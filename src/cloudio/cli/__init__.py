@@ -35,7 +35,7 @@ from cloudio.errors import (
     ObjectNotFoundError,
 )
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 #: errors that mean "fix what you typed or your set-up" (exit status 2)
 _INPUT_ERRORS = (InvalidURLError, ObjectNotFoundError, ConfigurationError, NotARasterError)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cloudio.cli.cases import CaseResult, Outcome
 from cloudio.cli._ui import table
+from cloudio.cli.cases import CaseResult, Outcome
 
 _WORD = {"correct": "ok", "stale": "STALE", "wrong": "WRONG", "error": "ERROR", "skipped": "skipped"}
 
@@ -17,8 +17,11 @@ def cell(o: Outcome) -> str:
 def requests_cell(r: CaseResult) -> str:
     if r.raw.requests is None and r.cloudio.requests is None:
         return "-"
-    fmt = lambda n: "-" if n is None else str(n)  # noqa: E731
-    return f"{fmt(r.raw.requests)} / {fmt(r.cloudio.requests)}"
+    return f"{_count(r.raw.requests)} / {_count(r.cloudio.requests)}"
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else str(n)
 
 
 def results_table(results: Sequence[CaseResult], first: str = "case", numbered: bool = False) -> str:

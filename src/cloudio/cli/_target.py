@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cloudio.cli.cases import new_run_prefix
 from cloudio import _config
 from cloudio._config import emulator_endpoint, pop_endpoint, push_endpoint
 from cloudio._paths import is_gcs, parse_gcs
-from cloudio.errors import BucketNotFoundError, CloudioError, ConfigurationError, InvalidURLError
 from cloudio.cli._ui import err, progress
+from cloudio.cli.cases import new_run_prefix
+from cloudio.errors import BucketNotFoundError, CloudioError, ConfigurationError, InvalidURLError
 
 if TYPE_CHECKING:
     from cloudio.emulator import Emulator
@@ -34,12 +34,12 @@ DEMO_BUCKET = "cloudio-demo"
 @dataclass
 class Target:
     root: str  #: gs://bucket/prefix/ this run owns
-    emulator: "Emulator | None"  #: set when cloudio started it (request counts available)
+    emulator: Emulator | None  #: set when cloudio started it (request counts available)
     where: str  #: for the header line
 
 
 @contextmanager
-def _embedded() -> Iterator["Emulator"]:
+def _embedded() -> Iterator[Emulator]:
     from cloudio.emulator import Emulator
 
     mode = _config.env(_config.EMULATOR_MODE_ENV) or "binary"

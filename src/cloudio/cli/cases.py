@@ -117,7 +117,7 @@ class Context:
     """
 
     root: str
-    emulator: "Emulator | None" = None
+    emulator: Emulator | None = None
     folder: str = ""
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -379,7 +379,7 @@ def _scene(ctx: Context, side: str) -> str:
         else:
             _cloudio_write_geotiff(url, 64, 1)
         ctx.state[key] = url
-    return ctx.state[key]
+    return str(ctx.state[key])
 
 
 @_named("overwrite", "Overwrite a GeoTIFF, read it again")

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from cloudio.cli.cases import CHECK_CASES, CaseResult, Context, case_name, case_title
 from cloudio.cli._report import results_table
 from cloudio.cli._target import run_target
 from cloudio.cli._ui import progress
-
+from cloudio.cli.cases import CHECK_CASES, CaseResult, Context, case_name, case_title
 
 HELP = "run every staleness case: raw libraries vs cloudio"
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from cloudio.cli.cases import DEMO_STEPS, CaseResult, Context, case_title
 from cloudio.cli._report import results_table
 from cloudio.cli._target import run_target
 from cloudio.cli._ui import progress
-
+from cloudio.cli.cases import DEMO_STEPS, CaseResult, Context, case_title
 
 HELP = "show raw libraries going stale and cloudio staying right, step by step"
 

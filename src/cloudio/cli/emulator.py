@@ -8,16 +8,14 @@ and runs until Ctrl-C (SIGINT) or SIGTERM, then stops the server and exits 0.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
 from types import FrameType
 
 from cloudio import _config
 from cloudio._paths import check_bucket
-from cloudio.errors import ConfigurationError, EmulatorError
 from cloudio.cli._ui import err
-
+from cloudio.errors import ConfigurationError, EmulatorError
 
 HELP = "run the embedded GCS emulator in the foreground (Ctrl-C stops it)"
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from cloudio._paths import is_gcs, normalize, parse_gcs
+from cloudio.cli._target import require_reachable_emulator
+from cloudio.cli._ui import human_bytes, progress
 from cloudio.errors import (
     BucketNotFoundError,
     ConfigurationError,
@@ -28,8 +30,6 @@ from cloudio.errors import (
     ReadError,
     TransientError,
 )
-from cloudio.cli._target import require_reachable_emulator
-from cloudio.cli._ui import human_bytes, progress
 
 _MAX_PIXELS = 1024
 #: a prefix listing prints at most this many objects (and counts the rest)
