@@ -187,6 +187,7 @@ async def put_verified(
     attempts: int = ATTEMPTS,
     chunk_size: int = CHUNK_SIZE,
     simple_limit: int = SIMPLE_LIMIT,
+    media: bool = False,
 ) -> Uploaded:
     """Upload ``source`` to ``url`` and verify it against the server's answer: THE way cloudio writes.
 
@@ -213,6 +214,9 @@ async def put_verified(
     chunk_size, simple_limit
         Resumable chunk size (a multiple of 256 KiB) and the size from which
         a resumable upload is used.
+    media
+        Send in-memory bytes below ``simple_limit`` as one ``uploadType=media``
+        request (:mod:`cloudio._gcs.fast`: no multipart body is built, so no copy).
 
     Raises
     ------
@@ -244,7 +248,7 @@ async def put_verified(
                 log.info("upload of %s: attempt %d of %d in %.2f s (%s)", path.url, attempt + 1, attempts, delay, last)
                 await asyncio.sleep(delay)
             try:
-                meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit)
+                meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit, media)
                 generation = await _check_stored(fs, path, meta, size, sent_crc)
             except _Mismatch as e:
                 deleted, last = True, e
@@ -337,6 +341,7 @@ async def _send(
     content_type: str,
     chunk_size: int,
     simple_limit: int,
+    media: bool = False,
 ) -> tuple[dict[str, Any], str, int]:
     """One upload; returns the server's object resource, the CRC32C and the size of the bytes sent."""
     # gcsfs's module-level upload helpers return the object resource the server
@@ -351,7 +356,12 @@ async def _send(
     if size < simple_limit:
         data: bytes | memoryview = view if view is not None else _read_all(source)  # type: ignore[arg-type]
         checksum.update(_bytes_like(data))
-        meta = await _bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
+        if media and view is not None:
+            from cloudio._gcs.fast import put_media
+
+            meta = await _bounded(fs, put_media(fs, path, view, content_type))
+        else:
+            meta = await _bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
         return meta, _crc_b64(checksum), size
     location = await _bounded(fs, initiate_upload(fs, path.bucket, path.key, content_type))
     meta = None

@@ -24,7 +24,10 @@ What GDAL caches (measured with GDAL 3.10.3 and 3.12.2 against fake-gcs-server)
 * A dataset keeps the size and offsets it read at open. Read after its
   object was overwritten, it puts new bytes cut at the old size into the
   shared cache (or old bytes, from downloads in flight at the write): every
-  later open of the URL reads a torn file until the next clear.
+  later open of the URL reads a torn file until the next clear. With several
+  threads, two versions of one URL in GDAL's caches corrupt its heap (GDAL
+  3.10 and 3.12 abort: "free(): invalid pointer"); a clear while *other*
+  objects are read is harmless.
 
 The strategy
 ------------
@@ -49,6 +52,24 @@ datasets still open (or being opened: a seqlock on a per-object epoch tells)
 marks the object, and every open of it clears it again until those datasets
 are closed, and once more after. Datasets opened with plain rasterio are
 out of reach: close them before overwriting their objects.
+
+Threads
+-------
+Guaranteed: cloudio's own writes (``cloudio.open(..., "w")``, every upload
+through :func:`cloudio._gcs.transfer.put_verified`, a tracked filesystem's
+``pipe``/``put``/``cp``/``rm``) and reads of datasets ``cloudio.open``
+returned, in any threads of one process, never crash GDAL and never return
+pixels from two versions. Each object has a readers-writer gate
+(:class:`_ObjectGates`): a writer holds it exclusively from before its bytes
+are sent until the change is recorded and cleared
+(:meth:`cloudio._journal.WriteJournal.changing`), cloudio's GDAL I/O of the
+object (open, each read, close) holds it shared, and a dataset opened before
+a change reads only through a fresh open (:mod:`cloudio._gdal.open`). Other
+objects never wait; a write waits at most :data:`CHANGE_WAIT` seconds for a
+read in flight, then goes ahead with a warning in the log. Not guaranteed:
+writes by other processes (or with other clients) while a dataset is open or
+being read, which is GDAL's own behaviour; datasets opened with plain
+``rasterio.open``; the sources of a VRT, which GDAL opens itself.
 
 Options that datasets need while GDAL reads them lazily (the emulator
 endpoint, unsigned requests) are set as GDAL *path-specific* options on
@@ -77,12 +98,12 @@ from typing import Any, NamedTuple
 from cloudio import _config
 from cloudio._config import emulator_endpoint
 from cloudio._journal import Change, Consumer, journal
-from cloudio._paths import GCSPath, is_gcs, parse_gcs
+from cloudio._paths import GCSPath, is_gcs, is_under, parse_gcs
 from cloudio._session import count
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GdalConsumer", "clear", "consumer", "ensure_endpoint", "gate", "listdir", "set_path_option"]
+__all__ = ["GdalConsumer", "clear", "consumer", "ensure_endpoint", "gates", "listdir", "set_path_option"]
 
 #: names GDAL probes next to any raster whatever its own name (seen in its request log)
 _DIR_SIDECARS = frozenset({"metadata.dim", "summary.txt", "hdr.txt", "rpc.txt", "metadata.xml"})
@@ -127,11 +148,7 @@ def _lib() -> ctypes.CDLL:
 def vsi_readdir(vsi_dir: str) -> list[str]:
     """GDAL's own ``VSIReadDir``: the listing GDAL makes, and then keeps in its cache."""
     lib = _lib()
-    gate.enter()
-    try:
-        arr = lib.VSIReadDir(vsi_dir.encode())
-    finally:
-        gate.exit()
+    arr = lib.VSIReadDir(vsi_dir.encode())
     names: list[str] = []
     if arr:
         while arr[len(names)] is not None:
@@ -157,114 +174,113 @@ def _partial_clear(vsi_prefix: str) -> None:
     _clear_fn(vsi_prefix)
 
 
-class _Depth(threading.local):
-    """Per thread: how deeply it is nested in shared sections (a class default: no getattr fallback)."""
+class _Held(threading.local):
+    """Per thread: the objects it is inside shared sections of, with their nesting depth."""
 
-    n = 0
+    def __init__(self) -> None:
+        self.depth: dict[str, int] = {}
 
 
-class _Gate:
-    """A readers-writer lock: GDAL I/O of cloudio's datasets is shared, clearing GDAL's caches exclusive.
+class _ObjectGates:
+    """Per object, a readers-writer lock: cloudio's GDAL I/O of it shared, a change of its content exclusive.
 
-    GDAL 3.10 corrupts its heap (the process aborts) when
-    ``VSICurlPartialClearCache`` runs while another thread opens, reads or
-    closes a ``/vsigs/`` file. Clears prefer writers: a clear waits for the
-    I/O in flight, and I/O starting meanwhile waits for the clear. The shared
-    side costs one uncontended mutex acquire on entry and one on exit; it
-    waits on the condition only when a clear is pending.
+    GDAL (3.10 and 3.12) corrupts its heap when ``/vsigs/`` handles of one
+    URL see two versions of the object: a handle that learnt the old size
+    reads after the content changed on the server (before or after the
+    clear), and its bytes meet those of handles that learnt the new size. So a
+    writer holds the object exclusively from before its bytes are sent until
+    the change is recorded and GDAL's cache of it cleared
+    (:meth:`GdalConsumer.before_change`), and the object's I/O in flight
+    (open, each read, close: never a dataset's whole life) finishes first.
+    Other objects' I/O never waits, and a write of an object with no I/O in
+    flight never waits either (one mutex, one dict lookup).
 
-    Reentrant: a thread inside a shared section enters again without waiting
-    (a clear waiting for the readers cannot deadlock it), and a clear it calls
-    is deferred, run by the last reader to leave before anyone else reads. A
-    clear that waited :data:`CLEAR_WAIT` seconds (a read stuck on the network)
-    is deferred the same way rather than block its writer longer.
+    Writers are preferred: shared sections starting while a change waits or
+    runs wait for it. Reentrant: a thread inside a shared section of an
+    object enters it again without waiting, and a change it makes of that
+    object does not wait for itself. A change that waited
+    :data:`CHANGE_WAIT` seconds for I/O in flight (a read stuck on the
+    network) goes ahead with a warning: that read may then see two versions.
     """
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
         self._turn = threading.Condition(self._mutex)
-        self._readers = 0  #: threads inside shared sections
-        self._waiting = 0  #: clears waiting for the readers to leave
-        self._clearing = False  #: a clear is running
-        self._deferred: list[str] = []  #: clears to run when the last reader leaves
-        self._depth = _Depth()  #: per thread: nesting of shared sections
+        self._readers: dict[str, int] = {}  #: vsi -> threads inside its shared sections
+        self._changing: dict[str, int] = {}  #: vsi -> changes holding or waiting for it
+        self._forced: set[str] = set()  #: vsi whose change gave up waiting: later ones don't wait again
+        self._held = _Held()
 
-    def enter(self) -> None:
-        """Start GDAL I/O (shared)."""
-        local = self._depth
-        depth = local.n
+    def enter(self, vsi: str) -> None:
+        """Start GDAL I/O of ``vsi`` (shared)."""
+        held = self._held.depth
+        depth = held.get(vsi)
         if depth:
-            local.n = depth + 1
+            held[vsi] = depth + 1
             return
         with self._mutex:
-            while self._waiting or self._clearing or self._deferred:
+            while vsi in self._changing:
                 self._turn.wait()
-            self._readers += 1
-        local.n = 1
+            self._readers[vsi] = self._readers.get(vsi, 0) + 1
+        held[vsi] = 1
 
-    def exit(self) -> None:
-        """End GDAL I/O; the last reader out runs the deferred clears."""
-        local = self._depth
-        depth = local.n - 1
-        local.n = depth
+    def exit(self, vsi: str) -> None:
+        """End GDAL I/O of ``vsi``."""
+        held = self._held.depth
+        depth = held[vsi] - 1
         if depth:
+            held[vsi] = depth
             return
+        del held[vsi]
         with self._mutex:
-            self._readers -= 1
-            if self._readers or not (self._waiting or self._deferred):
+            left = self._readers[vsi] - 1
+            if left:
+                self._readers[vsi] = left
                 return
-            if not self._deferred:
-                self._turn.notify_all()
-                return
-            todo, self._deferred = self._deferred, []
-            self._clearing = True
-        self._run(todo)
-
-    def clear(self, vsi_prefix: str) -> None:
-        """Run a clear alone: after the I/O in flight, before any that starts later."""
-        if self._depth.n:  # inside a shared section: waiting for ourselves would deadlock
-            with self._mutex:
-                self._deferred.append(vsi_prefix)
-            log.debug("gdal: clear of %s deferred until this thread's GDAL I/O ends", vsi_prefix)
-            return
-        deadline = time.monotonic() + CLEAR_WAIT
-        with self._mutex:
-            self._waiting += 1
-            try:
-                while self._readers or self._clearing:
-                    left = deadline - time.monotonic()
-                    if left <= 0 and self._readers:
-                        self._deferred.append(vsi_prefix)
-                        log.warning("gdal: GDAL I/O kept %s from being cleared for %.0f s; deferred to its end",
-                                    vsi_prefix, CLEAR_WAIT)
-                        return
-                    self._turn.wait(max(left, 0.05))
-            finally:
-                self._waiting -= 1
-            self._clearing = True
-        self._run([vsi_prefix])
-
-    def _run(self, prefixes: list[str]) -> None:
-        try:
-            for p in prefixes:
-                _partial_clear(p)
-        finally:
-            with self._mutex:
-                self._clearing = False
+            del self._readers[vsi]
+            if self._changing:
                 self._turn.notify_all()
 
+    def begin_change(self, vsi: str) -> None:
+        """Hold ``vsi`` exclusively: after its I/O in flight (at most :data:`CHANGE_WAIT` s), before any later."""
+        mine = 1 if vsi in self._held.depth else 0  # waiting for this thread's own I/O would deadlock
+        deadline = time.monotonic() + CHANGE_WAIT
+        with self._mutex:
+            self._changing[vsi] = self._changing.get(vsi, 0) + 1
+            while self._readers.get(vsi, 0) > mine and vsi not in self._forced:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("gdal: GDAL I/O of %s still running after %.0f s; changing it anyway (that "
+                                "read may mix two versions)", vsi, CHANGE_WAIT)
+                    self._forced.add(vsi)
+                    return
+                self._turn.wait(left)
 
-#: seconds a clear waits for GDAL I/O in flight before it is deferred to the end of that I/O
-CLEAR_WAIT = 30.0
-gate = _Gate()
+    def end_change(self, vsi: str) -> None:
+        """Let ``vsi``'s I/O resume."""
+        with self._mutex:
+            n = self._changing[vsi] - 1
+            if n:
+                self._changing[vsi] = n
+            else:
+                del self._changing[vsi]
+                self._forced.discard(vsi)
+            self._turn.notify_all()
+
+
+#: seconds a change of an object waits for cloudio's GDAL I/O of it in flight before going ahead
+CHANGE_WAIT = 30.0
+gates = _ObjectGates()
 
 
 def clear(vsi_prefix: str) -> None:
     """Drop everything GDAL caches whose path starts with ``vsi_prefix`` (a plain string prefix).
 
-    Never while GDAL I/O of a dataset cloudio opened is in flight (see :class:`_Gate`).
+    Safe while other objects are read (measured: GDAL's caches lock
+    themselves); what must not overlap I/O of an object is a change of its
+    content, see :class:`_ObjectGates`.
     """
-    gate.clear(vsi_prefix)
+    _partial_clear(vsi_prefix)
     count("invalidations", cache="gdal")
     log.debug("gdal: cleared %s", vsi_prefix)
 
@@ -290,17 +306,6 @@ _HTTP_KEYS = (
 )
 
 
-#: os.environ's own mapping (CPython, POSIX: bytes keys); a missing key costs no KeyError there
-_ENV_DATA: dict[bytes, bytes] | None = getattr(os.environ, "_data", None) if os.name == "posix" else None
-
-
-def env_raw(name: bytes) -> object:
-    """The environment variable ``name`` as stored, cheaply (called on every open)."""
-    if _ENV_DATA is not None:
-        return _ENV_DATA.get(name)
-    return os.environ.get(name.decode())
-
-
 _rio_local: Any = None
 
 
@@ -320,12 +325,7 @@ def _user_http_keys() -> tuple[str, ...]:
 
 def _endpoint_state() -> object:
     """What decides the options of a bucket (cheap to compare on every open; parsed only on change)."""
-    return (
-        _config._override[-1] if _config._override else None,
-        env_raw(b"STORAGE_EMULATOR_HOST"),
-        env_raw(b"CLOUDIO_HTTP_TIMEOUT"),
-        _user_http_keys(),
-    )
+    return (*_config.endpoint_state(), _user_http_keys())
 
 
 def bucket_prefix(bucket: str) -> str:
@@ -371,6 +371,23 @@ def ensure_endpoint(bucket: str) -> None:
             if key not in user:
                 set_path_option(prefix, key, value)
         _endpoints[bucket] = state
+
+
+def reset() -> None:
+    """Remove every path option cloudio set, and what GDAL and cloudio cached of those buckets.
+
+    For :func:`cloudio._state.reset`. Bookkeeping of datasets still open
+    (epochs, readers) is kept: it guards their reads.
+    """
+    with _endpoints_lock:
+        for old in list(_endpoints):
+            clear_path_options(bucket_prefix(old))
+            clear(f"/vsigs/{old}")
+        _endpoints.clear()
+        _applied_endpoint[0] = None
+    with consumer._state:
+        consumer._dirs.clear()
+        consumer._seen.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,6 +482,16 @@ class GdalConsumer(Consumer):
 
     # -- changes (called by the journal, at once, in the writer's thread) ----------------------
 
+    def before_change(self, url: str) -> None:
+        """A writer is about to change ``url`` on the server: hold its GDAL I/O off (see :class:`_ObjectGates`)."""
+        if is_gcs(url):
+            gates.begin_change(parse_gcs(url).vsi)
+
+    def after_change(self, url: str) -> None:
+        """The change of ``url`` is recorded (and GDAL's cache of it cleared): let its I/O resume."""
+        if is_gcs(url):
+            gates.end_change(parse_gcs(url).vsi)
+
     def on_change(self, change: Change) -> None:
         path = change.path
         if path is None:  # a local path: GDAL reads local files afresh
@@ -500,7 +527,15 @@ class GdalConsumer(Consumer):
                 self._names_changed(key, d, name)
 
     def _object_changed(self, vsi: str) -> None:
-        """The file-level clear, safe against opens and reads running at the same time."""
+        """The file-level clear, with the object held exclusively (at once inside its writer's :meth:`before_change`)."""
+        gates.begin_change(vsi)
+        try:
+            self._object_cleared(vsi)
+        finally:
+            gates.end_change(vsi)
+
+    def _object_cleared(self, vsi: str) -> None:
+        """Epoch, stale datasets and clear, as seen by readers that do not hold the object (seqlock)."""
         with self._state:
             # A seqlock: the epoch is odd while the clear runs. An open that overlaps any part
             # of this sees an odd or changed epoch, or has its dataset collected here as stale
@@ -537,7 +572,7 @@ class GdalConsumer(Consumer):
         with self._state:
             for url in [u for u in self._seen if parse_gcs(u).is_under(path)]:
                 del self._seen[url]
-            for key in [k for k in self._dirs if k == top or k.startswith(top + "/")]:
+            for key in [k for k in self._dirs if is_under(k, top)]:
                 for e in self._dirs.pop(key).empty_dir:
                     clear_path_options(f"{key}/{e}")
             # the parent's set of names may have changed too (a new or deleted object at `path`)

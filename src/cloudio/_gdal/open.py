@@ -23,12 +23,13 @@ These errors are also :class:`rasterio.errors.RasterioIOError`, so code written
 for :func:`rasterio.open` keeps catching them.
 
 Its GDAL I/O (open, reads, ``files``, ``overviews``, close) runs on the shared
-side of :data:`cloudio._gdal.cache.gate`, so that no cache clear runs meanwhile (GDAL
-3.10 corrupts its heap otherwise). A read of an object this process overwrote
-since the open, or while the read ran, may mix the old header with new bytes:
-it is done again from a fresh open of the object (the new version) when the
-layout is the same, and raises :class:`~cloudio.errors.StaleDatasetError`
-otherwise. Never a torn read.
+side of the object's gate (:data:`cloudio._gdal.cache.gates`), so that no write
+of the object through cloudio changes it on the server meanwhile (GDAL 3.10
+and 3.12 corrupt their heap when handles of one URL see two versions). A read
+through a dataset opened before such a write never touches the old handle: it
+is done from a fresh open of the object (the new version) when the layout is
+the same, and raises :class:`~cloudio.errors.StaleDatasetError` otherwise.
+Never a torn read, never a crash.
 
 Writes (``"w"``, ``"w+"``, ``"r+"``) go to :mod:`cloudio._gdal.write`, which
 renders locally and uploads on close. Local paths, file objects and other
@@ -47,17 +48,14 @@ import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.io import DatasetReader
 
-from cloudio import _session
-
+from cloudio import _state
 from cloudio._gdal import cache as _gdal
-from cloudio._config import emulator_endpoint
+from cloudio._gcs.client import gcs_filesystem, not_found, object_metadata, where
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
-from cloudio._session import count, current_consistency
+from cloudio._session import count, current_level
 from cloudio.errors import (
-    BucketNotFoundError,
     CloudioError,
     ConfigurationError,
-    ObjectNotFoundError,
     ReadError,
     StaleDatasetError,
     TransientError,
@@ -88,7 +86,7 @@ class StaleDatasetReadError(StaleDatasetError, RasterioIOError):
     """A :class:`StaleDatasetError` that code catching rasterio's own read errors also catches."""
 
 
-_gate = _gdal.gate
+_gates = _gdal.gates
 #: reads of a dataset whose object keeps changing under them, before giving up
 _READ_ATTEMPTS = 4
 
@@ -96,8 +94,8 @@ _READ_ATTEMPTS = 4
 class _Reader(DatasetReader):
     """What cloudio.open returns for reading: rasterio's reader, made safe against writes in this process.
 
-    GDAL I/O runs inside :data:`cloudio._gdal.cache.gate` (shared). A read that may
-    be torn by an overwrite is done again from a fresh open (see :func:`_io`).
+    GDAL I/O runs inside the object's gate (shared). A read after an overwrite
+    goes to a fresh open (see :func:`_io`).
     A failed read clears the object's GDAL cache (where a reset or a timeout
     may have left part of a range) and is retried once; a second failure
     raises cloudio's error naming the URL.
@@ -115,11 +113,7 @@ class _Reader(DatasetReader):
 
     @property  # type: ignore[override]
     def files(self) -> list[str]:
-        _gate.enter()
-        try:
-            return DatasetReader.files.__get__(self)  # type: ignore[attr-defined,no-any-return]
-        finally:
-            _gate.exit()
+        return _io(self, DatasetReader.files.__get__, (), {})  # type: ignore[attr-defined,no-any-return]
 
     def read(self, *args: Any, **kwargs: Any) -> Any:
         return _io(self, DatasetReader.read, args, kwargs)
@@ -140,22 +134,19 @@ class _Reader(DatasetReader):
         return _io(self, DatasetReader.stats, args, kwargs)
 
     def overviews(self, *args: Any, **kwargs: Any) -> Any:
-        _gate.enter()  # GDAL looks for .ovr files on first use
-        try:
-            return DatasetReader.overviews(self, *args, **kwargs)
-        finally:
-            _gate.exit()
+        return _io(self, DatasetReader.overviews, args, kwargs)  # GDAL reads overview IFDs, .ovr on first use
 
     def close(self) -> None:
         fresh = self._cloudio_fresh
         if fresh is not None:
             self._cloudio_fresh = None
             fresh.close()
-        _gate.enter()
+        vsi = self._cloudio_target.vsi
+        _gates.enter(vsi)
         try:
             DatasetReader.close(self)
         finally:
-            _gate.exit()
+            _gates.exit(vsi)
 
 
 def _reader(ds: Any, t: _gdal.Target, epoch: int, driver: str | None = None, kwargs: dict[str, Any] | None = None) -> Any:
@@ -170,33 +161,40 @@ def _reader(ds: Any, t: _gdal.Target, epoch: int, driver: str | None = None, kwa
 
 
 def _io(ds: _Reader, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``fn(ds, ...)`` inside the gate, from a dataset that knows the object's version the read saw.
+    """``fn(ds, ...)`` inside the object's gate, through a handle opened since the object's last change.
 
     The object's epoch (:class:`cloudio._gdal.cache.GdalConsumer`) is compared
-    before and after: a write applied since the dataset's open, or during the
-    read, means the header may be older than the bytes. Then the read is
-    done again from a fresh open of the object.
+    inside the gate, where no write through cloudio can change it: a handle
+    opened before a change never does I/O again (GDAL would mix two versions
+    in its cache, and crash); the read goes to a fresh open instead. The
+    epoch is compared once more after the read, for a write that gave up
+    waiting for it (:data:`cloudio._gdal.cache.CHANGE_WAIT`).
     """
     epochs = _gdal.consumer._epoch
     vsi = ds._cloudio_target.vsi
     src = ds._cloudio_fresh or ds
     for _ in range(_READ_ATTEMPTS):
-        before = epochs.get(vsi, 0)
-        if before != src._cloudio_epoch or before & 1:
-            src = _renew(ds)
-            before = src._cloudio_epoch
-        _gate.enter()
+        _gates.enter(vsi)
         try:
-            out = fn(src, *args, **kwargs)
-        except RasterioIOError as e:
-            failed: RasterioIOError | None = e
-        else:
-            failed = None
+            before = epochs.get(vsi, 0)
+            if before != src._cloudio_epoch or before & 1:
+                out, failed, current = None, None, False
+            else:
+                current = True
+                try:
+                    out = fn(src, *args, **kwargs)
+                except RasterioIOError as e:
+                    failed = e
+                else:
+                    failed = None
         finally:
-            _gate.exit()
+            _gates.exit(vsi)
+        if not current:
+            src = _renew(ds)  # outside the gate: it may list the directory and waits for writes
+            continue
         if failed is not None:
             out = _retry_read(src, failed, fn, args, kwargs)
-        if epochs.get(vsi, 0) == before and not before & 1:
+        if out is not _CHANGED and epochs.get(vsi, 0) == before:
             return out
     raise _stale(ds._cloudio_target, "it kept changing during each of %d reads" % _READ_ATTEMPTS)
 
@@ -225,18 +223,24 @@ def _stale(t: _gdal.Target, why: str) -> StaleDatasetReadError:
     )
 
 
+#: what :func:`_retry_read` returns when the object changed before the retry (read from a fresh open)
+_CHANGED: Any = object()
+
+
 def _retry_read(ds: _Reader, first: RasterioIOError, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Outside the gate (the clear waits for GDAL I/O in flight): clear, then read once more."""
+    """Clear what the failed read left in GDAL's cache, then read once more; :data:`_CHANGED` if overwritten."""
     t = ds._cloudio_target
     log.info("%s: read failed (%s); clearing GDAL's cache of it and retrying once", t.path.url, first)
     _gdal.clear(t.vsi)
-    _gate.enter()
+    _gates.enter(t.vsi)
     try:
+        if _gdal.consumer._epoch.get(t.vsi, 0) != ds._cloudio_epoch:
+            return _CHANGED  # meanwhile: this handle must not read again
         return fn(ds, *args, **kwargs)
     except RasterioIOError as e:
         raise _read_error(t, e) from e
     finally:
-        _gate.exit()
+        _gates.exit(t.vsi)
 
 
 def _messages(e: BaseException) -> str:
@@ -262,7 +266,7 @@ def _is_transient(e: BaseException) -> bool:
 
 def _transient(t: _gdal.Target, e: BaseException) -> TransientReadError:
     return TransientReadError(
-        f"{t.path.url}: {_where()} did not answer in time or failed (HTTP 5xx/429, reset or timeout), "
+        f"{t.path.url}: {where()} did not answer in time or failed (HTTP 5xx/429, reset or timeout), "
         f"even after GDAL's retries and one more after clearing its cache: {_messages(e)}. "
         "Retry later; if the server is slow rather than down, raise CLOUDIO_HTTP_TIMEOUT (seconds)."
     )
@@ -273,14 +277,14 @@ def _read_error(t: _gdal.Target, e: RasterioIOError) -> CloudioError:
     if _is_transient(e):
         return _transient(t, e)
     try:
-        _object_metadata(t.path)
-    except FileNotFoundError as nf:
-        return _not_found(t.path, nf)
+        object_metadata(t.path)
+    except FileNotFoundError:
+        return not_found(t.path)
     except OSError as oe:
         log.debug("could not diagnose %s: %s", t.path.url, oe)
         return _transient(t, e)
     return DatasetReadError(
-        f"{t.path.url} exists on {_where()} but GDAL could not read it: {_messages(e)}. "
+        f"{t.path.url} exists on {where()} but GDAL could not read it: {_messages(e)}. "
         "Check that it is a complete raster in a format GDAL reads (download it and open it locally)."
     )
 
@@ -362,16 +366,17 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
         )
     if mode == "r":
         c = _gdal.consumer
-        if driver is None and not kwargs and _consistency() == "session" and c.unchanged(t):
+        if driver is None and not kwargs and current_level() == "session" and c.unchanged(t):
             # the common case, kept cheap: read before, nothing written since, nothing to check
             epoch = c.epoch(t)  # see GdalConsumer.opened_dataset
-            _gate.enter()
+            vsi = t.vsi
+            _gates.enter(vsi)
             try:
-                dataset = rasterio.open(t.vsi, "r", sharing=sharing)
+                dataset = rasterio.open(vsi, "r", sharing=sharing)
             except RasterioIOError:
                 dataset = None
             finally:
-                _gate.exit()
+                _gates.exit(vsi)
             if dataset is None:
                 dataset = _open_read(t, driver, sharing, kwargs)
             else:
@@ -379,7 +384,7 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
                 _reader(dataset, t, epoch)
         else:
             dataset = _open_read(t, driver, sharing, kwargs)
-        next(_session._opens)  # count("opens"), lock-free
+        next(_state.opens)  # count("opens"), lock-free
         return dataset
     if t.vrt or (driver or "").upper() == "VRT":
         raise ConfigurationError(
@@ -418,23 +423,9 @@ def _target(fp: Any) -> _gdal.Target | None:
     return t
 
 
-def _consistency() -> Any:
-    """:func:`cloudio._session.current_consistency`, without its environment lookup when it can't matter.
-
-    The lookup of an unset variable costs a KeyError inside ``os.environ``,
-    about 1 us, a fifth of cloudio's whole per-open budget.
-    """
-    s = _session._current.get()
-    if s is not None:
-        return s.consistency
-    if not _session._open_sessions and _gdal.env_raw(b"CLOUDIO_CONSISTENCY") is None:
-        return "session"
-    return current_consistency()
-
-
 def _open_read(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
     _gdal.ensure_endpoint(t.path.bucket)
-    level = _consistency()
+    level = current_level()
     if level != "session":
         _revalidate(t.path, None if level == "strong" else float(level))
     try:
@@ -463,14 +454,14 @@ def _gdal_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[
 
 
 def _rio_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
-    """``rasterio.open`` of the ``/vsigs/`` path inside the gate (no cache clear meanwhile)."""
-    _gate.enter()
+    """``rasterio.open`` of the ``/vsigs/`` path inside its gate (no write through cloudio meanwhile)."""
+    _gates.enter(t.vsi)
     try:
         if kwargs:
             return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing, **kwargs)
         return rasterio.open(t.vsi, "r", driver=driver, sharing=sharing)
     finally:
-        _gate.exit()
+        _gates.exit(t.vsi)
 
 
 def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
@@ -484,11 +475,11 @@ def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwarg
     if t.vrt or (driver or "").upper() == "VRT":
         c.prepare_vrt(t.path)
         ds = _rio_open(t, driver, sharing, kwargs)
-        _gate.enter()
+        _gates.enter(t.vsi)
         try:
             files = ds.files
         finally:
-            _gate.exit()
+            _gates.exit(t.vsi)
         c.opened(files)
         return ds
     return _rio_open(t, driver, sharing, kwargs)
@@ -497,17 +488,6 @@ def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwarg
 # --------------------------------------------------------------------------------------------
 # requests to the server (metadata, listings): one each, never from a cache
 # --------------------------------------------------------------------------------------------
-
-
-def _fs() -> Any:
-    from cloudio._gcs.client import gcs_filesystem
-
-    return gcs_filesystem()
-
-
-def _where() -> str:
-    ep = emulator_endpoint()
-    return f"the emulator at {ep.url}" if ep is not None else "Google Cloud Storage"
 
 
 _NO_BUCKET: Any = object()
@@ -523,7 +503,7 @@ def _list_names(path: GCSPath) -> Any:
 
     prefix = path.parent.key
     try:
-        out = _fs().call(
+        out = gcs_filesystem().call(
             "GET", "b/{}/o", path.bucket, json_out=True, prefix=prefix or None, delimiter="/",
             maxResults=LISTING_LIMIT,
         )
@@ -539,22 +519,17 @@ def _list_names(path: GCSPath) -> Any:
     return names
 
 
-def _object_metadata(path: GCSPath) -> dict[str, Any]:
-    """The object's JSON-API metadata: exactly one ``GET /storage/v1/b/<b>/o/<key>``."""
-    return _fs().call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)  # type: ignore[no-any-return]
-
-
 def _revalidate(path: GCSPath, max_age: float | None) -> None:
     """Strong / bounded levels: compare the server's generation with what GDAL's cache holds."""
     last = _gdal.consumer.last_check(path.url)
     if max_age is not None and last is not None and time.monotonic() - last[1] <= max_age:
         return
     try:
-        meta = _object_metadata(path)
+        meta = object_metadata(path)
     except FileNotFoundError as e:
         _count("revalidations")
         _gdal.consumer.mark_unknown(path)
-        raise _not_found(path, e) from e
+        raise not_found(path) from e
     _count("revalidations")
     if _gdal.consumer.revalidated(path, int(meta["generation"])):
         log.debug("%s changed on the server (generation %s); cleared GDAL's copy", path.url, meta["generation"])
@@ -569,25 +544,10 @@ def _revalidate(path: GCSPath, max_age: float | None) -> None:
 def _raise_if_missing(t: _gdal.Target, cause: RasterioIOError) -> None:
     """Raise the not-found error that says why, unless the object exists."""
     try:
-        _object_metadata(t.path)
+        object_metadata(t.path)
     except FileNotFoundError:
-        raise _not_found(t.path, cause) from cause
+        raise not_found(t.path) from cause
     except OSError as e:  # the server is unreachable or refuses
         log.debug("could not diagnose %s: %s", t.path.url, e)
         raise _transient(t, cause) from cause
 
-
-def _not_found(path: GCSPath, cause: BaseException) -> ObjectNotFoundError:
-    try:
-        _fs().call("GET", "b/{}", path.bucket, json_out=True)
-    except FileNotFoundError:
-        return BucketNotFoundError(
-            f"{path.url}: bucket {path.bucket!r} does not exist on {_where()}. "
-            "Check the bucket name, or create the bucket first."
-        )
-    except OSError:
-        pass
-    return ObjectNotFoundError(
-        f"{path.url} does not exist on {_where()} (checked the object's metadata). Check the key; "
-        f"list gs://{path.bucket}/{path.parent.key} with cloudio.filesystem(url).ls(...) to see what is there."
-    )
