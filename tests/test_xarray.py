@@ -250,7 +250,7 @@ def test_open_zarr_missing_store_bucket_or_not_zarr(gcs_emulator, gcs_bucket):
 
 
 def test_to_zarr_missing_bucket(gcs_emulator):
-    with pytest.raises(cloudio.BucketNotFoundError, match="(?i)cloudio-no-such-bucket-9.*create it"):
+    with pytest.raises(cloudio.BucketNotFoundError, match="(?i)cloudio-no-such-bucket-9.*create the bucket"):
         cloudio.to_zarr(_ds(), "gs://cloudio-no-such-bucket-9/a.zarr")
 
 

@@ -8,7 +8,8 @@ Consistency levels
     nothing was written.
 ``"strong"``
     Also sees writes made elsewhere: one metadata request per open compares
-    the object's generation with the one the cache saw.
+    the object's generation with the one the cache saw; fsspec listings and
+    Zarr metadata come from the server (docs/consistency.md).
 a number of seconds
     Bounded staleness: cached state older than that is revalidated. ``inf``
     is the ``"session"`` level; NaN and negative numbers are refused.

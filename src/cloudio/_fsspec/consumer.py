@@ -30,6 +30,14 @@ Instances cloudio makes (tracked ones, :func:`cloudio._gcs.client.gcs_filesystem
 are guarded from birth (:func:`guard_listings`); other live gcsfs instances
 from the first change the consumer hands them, so a listing already in flight
 then is not covered.
+
+Other writers (the ``"strong"`` level and a bound of ``N`` seconds, see
+:mod:`cloudio._session`): the guarded ``dircache`` hides the listings the level
+may not trust (all of them, or those filled more than ``N`` seconds ago), so
+gcsfs asks the server; ``_info`` asks for the object itself. What the server
+answers is compared with what was kept (generation, metageneration), and a
+difference is journaled as an ``"invalidate"``: other writers' changes then
+reach every cache the way cloudio's own writes do.
 """
 
 from __future__ import annotations
@@ -192,7 +200,8 @@ class _EpochDirCache(DirCache):
             return
         before = self._cache.get(key)
         super().__setitem__(key, value)
-        self._fill_times()[key] = time.monotonic()
+        if key in self._cache:  # not with use_listings_cache=False
+            self._fill_times()[key] = time.monotonic()
         if start is not None and _epochs.stale(key, start):
             try:
                 if self._cache[key] is value:

@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -33,7 +33,14 @@ from cloudio._zarr import shard_codec as _shardio
 from cloudio._zarr.shard_codec import plain_layout
 from cloudio._zarr.shard_safety import align, write_grid
 from cloudio._zarr.shard_safety import is_dask as _is_dask
-from cloudio._zarr.store import JournaledStore, WriteMark, check_complete, cloudio_errors, zarr_store
+from cloudio._zarr.store import (
+    JournaledStore,
+    WriteMark,
+    check_complete,
+    cloudio_errors,
+    revalidate,
+    zarr_store,
+)
 
 if TYPE_CHECKING:
     import dask.array
@@ -247,17 +254,27 @@ def load_array(
         When the array's metadata is not valid JSON.
     TransientError
         When the server or network kept failing past the retries.
+
+    Notes
+    -----
+    At the ``"strong"`` level (and past a bound of ``N`` seconds) one listing
+    of the store's metadata documents replaces the GET of the write marker
+    (see docs/consistency.md).
     """
     store = url if isinstance(url, JournaledStore) else zarr_store(url, read_only=True)
     with cloudio_errors(store, writing=False, node="array", writer="cloudio.save_array"):
-        check_complete(store)
-        return _load(store, lazy, chunks)
+        check = revalidate(store)  # None at the session level: the marker's GET says what is needed
+        if check is None or check.marked:
+            check_complete(store)
+        return _load(store, lazy, chunks, None if check is None else check.zarr_format(store.root_url))
 
 
-def _load(store: JournaledStore, lazy: bool, chunks: Any) -> "np.ndarray | dask.array.Array":
+def _load(store: JournaledStore, lazy: bool, chunks: Any,
+          zarr_format: Literal[2, 3] | None = None) -> "np.ndarray | dask.array.Array":
     import zarr
 
-    z = zarr.open_array(store, mode="r")
+    # a format known from the server's listing spares zarr its probes for the other one's documents
+    z = zarr.open_array(store, mode="r", zarr_format=zarr_format)
     if not lazy:
         out = _prefaulted(z.shape, z.dtype)
         layout = plain_layout(z) if z.size else None

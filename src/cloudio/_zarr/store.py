@@ -36,7 +36,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
 import zarr
@@ -247,7 +247,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         view = memoryview(np.ascontiguousarray(arr)).cast("B")
         # verified against the CRC32C the server answers with; the store journals a success itself
         await put_verified(store.fs, self._url(key), view, content_type="application/octet-stream",
-                           record=False, simple_limit=_ONE_REQUEST_LIMIT)
+                           record=False, simple_limit=_ONE_REQUEST_LIMIT, media=True)
 
     async def set_if_not_exists(self, key: str, value: "Buffer") -> None:
         # Whether the wrapped store wrote is not reported; recording a write that did not
@@ -572,7 +572,7 @@ class MetadataCheck:
     #: metadata documents, by URL: (generation, metageneration, updated)
     documents: dict[str, tuple[str, str, datetime.datetime]]
 
-    def zarr_format(self, group_url: str) -> int | None:
+    def zarr_format(self, group_url: str) -> Literal[2, 3] | None:
         """The Zarr format of the node at ``group_url`` as listed (None: no document there)."""
         group_url = group_url.rstrip("/")
         if any(f"{group_url}/{name}" in self.documents for name in (".zgroup", ".zarray", _V2_CONSOLIDATED)):
@@ -626,7 +626,7 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
         last = _checked.get(root)
     if level != "strong" and last is not None and now - last[0] <= level:
         return None
-    check = _sync(_list_metadata(store))
+    check: MetadataCheck = _sync(_list_metadata(store))
     count("revalidations")
     before = last[1].documents if last is not None else {}
     for url, doc in check.documents.items():
