@@ -14,7 +14,9 @@ Sides, all in one process on one local emulator:
 ``ceiling``
     the fastest client's plain GET/PUT of the same objects at zarr's
     concurrency (``async.concurrency``): the best of obstore, tensorstore's
-    ``gcs`` kvstore and gcsfs per round, each also reported on its own.
+    ``gcs`` kvstore and gcsfs (GETs), of tensorstore's kvstore, gcsfs ``pipe``
+    and plain ``uploadType=media`` POSTs on aiohttp (PUTs) per round, each
+    also reported on its own.
 
 Every writer writes a fresh store per round and the store is deleted right
 after its timed write, so the in-memory emulator stays small; every reader
@@ -300,6 +302,22 @@ def put_gcsfs(env: Env, objs: dict[str, bytes], n: int) -> float:
     return time.perf_counter() - t0
 
 
+def put_media(env: Env, objs: dict[str, bytes], n: int) -> float:
+    """Plain ``uploadType=media`` POSTs on gcsfs's aiohttp session (the request cloudio's data path sends)."""
+    from zarr.core.sync import sync
+
+    from cloudio._gcs.client import gcs_filesystem
+    from cloudio._gcs.fast import put_media as media
+    from cloudio._paths import parse_gcs
+
+    fs = gcs_filesystem(asynchronous=True)
+    jobs = [lambda k=k, v=v: media(fs, parse_gcs(f"gs://{env.bucket}/{k}"), memoryview(v), "application/octet-stream")
+            for k, v in objs.items()]
+    t0 = time.perf_counter()
+    sync(_gather_limited(n, jobs))
+    return time.perf_counter() - t0
+
+
 def fetch_objects(env: Env, prefix: str) -> dict[str, bytes]:
     import obstore
 
@@ -311,7 +329,7 @@ def fetch_objects(env: Env, prefix: str) -> dict[str, bytes]:
 WRITERS = {"cloudio": write_cloudio, "tensorstore": write_tensorstore, "zarr_fsspec": write_zarr_fsspec}
 READERS = {"cloudio": read_cloudio, "tensorstore": read_tensorstore, "zarr_fsspec": read_zarr_fsspec,
            "zarr_obstore": read_zarr_obstore}
-PUTS = {"tensorstore_kvstore": put_tensorstore, "gcsfs_pipe": put_gcsfs}
+PUTS = {"tensorstore_kvstore": put_tensorstore, "gcsfs_pipe": put_gcsfs, "aiohttp_media_put": put_media}
 GETS = {"obstore_get": get_obstore, "tensorstore_kvstore": get_tensorstore, "gcsfs_cat": get_gcsfs}
 
 

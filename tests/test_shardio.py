@@ -96,19 +96,55 @@ def test_a_damaged_shard_is_an_integrity_error_naming_it(gcs_emulator: Emulator,
         cloudio.load_array(url)
 
 
-def test_other_layouts_are_left_to_zarr(gcs_bucket: str) -> None:
+@pytest.mark.parametrize("kind", ["zstd-sharded", "raw-unsharded", "zstd-unsharded"])
+@pytest.mark.parametrize("fill", [0.0, np.nan])
+def test_compressed_and_unsharded_layouts_take_the_fast_path_both_ways(
+    gcs_emulator: Emulator, gcs_bucket: str, kind: str, fill: float
+) -> None:
+    """zstd chunks (inside shards or not) and unsharded raw chunks: zarr's objects, read bit-exactly both ways."""
+    a = np.round(_data("float32", fill) * 8) / 8  # compressible
+    kw: dict[str, object] = {"chunks": CHUNKS, "fill_value": fill,
+                             "shards": SHARDS if kind.endswith("-sharded") else None,
+                             "compressors": zarr.codecs.ZstdCodec(level=3) if kind.startswith("zstd") else None}
+    ours = cloudio.save_array(a, f"{gcs_bucket}/ours.zarr", **kw)
+    layout = plain_layout(ours)
+    assert layout is not None and layout.sharded == kind.endswith("-sharded")
+    assert (layout.zstd is not None) == kind.startswith("zstd")
+    theirs = zarr.create_array(cloudio.zarr_store(f"{gcs_bucket}/theirs.zarr"), shape=a.shape, dtype=a.dtype,
+                               **kw)  # type: ignore[arg-type]
+    theirs[...] = a
+    ours_objects = _objects(gcs_emulator, f"{gcs_bucket}/ours.zarr")
+    theirs_objects = _objects(gcs_emulator, f"{gcs_bucket}/theirs.zarr")
+    assert sorted(ours_objects) == sorted(theirs_objects)  # the same chunks (and shards) left out
+    if kind == "raw-unsharded":
+        assert ours_objects == theirs_objects
+    assert zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/ours.zarr"), mode="r")[...].tobytes() == a.tobytes()
+    assert cloudio.load_array(f"{gcs_bucket}/theirs.zarr").tobytes() == a.tobytes()
+
+
+def test_a_damaged_zstd_chunk_is_an_integrity_error_naming_it(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     a = _data("float32", 0.0)
-    compressed = cloudio.save_array(a, f"{gcs_bucket}/z.zarr", chunks=CHUNKS, shards=SHARDS)  # zstd
-    unsharded = cloudio.save_array(a, f"{gcs_bucket}/u.zarr", chunks=CHUNKS, compressors=None)
+    url = f"{gcs_bucket}/badz.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS)  # unsharded, zstd
+    cloudio.filesystem(url).pipe(f"{url}/c/1/1", b"not a zstd frame")
+    with pytest.raises(IntegrityError, match=r"badz\.zarr/c/1/1.*zstd"):
+        cloudio.load_array(url)
+
+
+def test_other_layouts_are_left_to_zarr(gcs_bucket: str) -> None:
+    from zarr.codecs import BloscCodec
+
+    a = _data("float32", 0.0)
+    blosc = cloudio.save_array(a, f"{gcs_bucket}/b.zarr", chunks=CHUNKS, shards=SHARDS, compressors=BloscCodec())
     v2 = cloudio.save_array(a, f"{gcs_bucket}/v2.zarr", chunks=CHUNKS, zarr_format=2, compressors=None)
-    assert [plain_layout(z) for z in (compressed, unsharded, v2)] == [None, None, None]
-    for name in ("z", "u", "v2"):
+    assert [plain_layout(z) for z in (blosc, v2)] == [None, None]
+    for name in ("b", "v2"):
         assert cloudio.load_array(f"{gcs_bucket}/{name}.zarr").tobytes() == a.tobytes()
 
 
 # -- every shard is CRC32C-checked on the way up and on the way down ------------------------------
 
-_SHARD_UPLOAD = rb'"name": *"[^"]*/c/'  # the multipart body of a shard's upload names the object
+_SHARD_UPLOAD = r"/upload/.*uploadType=media.*name=[^&]*(/|%2F)c(/|%2F)"  # a shard's media upload
 _SHARD_GET = r"/o/[^?]*%2Fc%2F"
 
 
@@ -118,11 +154,23 @@ def _journaled(url: str, since: int) -> list[tuple[str, str]]:
     return [(c.url, c.kind) for c in journal().since(since) if c.url.startswith(url + "/c/")]
 
 
+def test_shards_go_up_as_one_media_request_each(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """No multipart body is built around a shard (cloudio._gcs.fast): one media upload per shard."""
+    a = _data("float32", 0.0)
+    n0 = len(gcs_emulator.requests())
+    cloudio.save_array(a, f"{gcs_bucket}/media.zarr", chunks=CHUNKS, shards=SHARDS, compressors=None)
+    ups = [r for r in gcs_emulator.requests()[n0:] if r.method == "POST" and "/upload/" in r.path]
+    shards = [r for r in ups if "%2Fc%2F" in r.path or "/c/" in r.path.partition("name=")[2]]
+    assert len(shards) == 4 * 3 - 1  # every shard but the all-fill one, once
+    assert all("uploadType=media" in r.path and r.status == 200 for r in shards), shards
+    assert zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/media.zarr"), mode="r")[...].tobytes() == a.tobytes()
+
+
 def test_a_shard_flipped_on_the_way_up_once_is_sent_again(gcs_emulator: Emulator, gcs_bucket: str,
                                                           fault_proxy) -> None:
     a = _data("float32", 0.0)
     url = f"{gcs_bucket}/up.zarr"
-    rule = fault_proxy.add("flip", where="request", method="POST", path=r"/upload/", body=_SHARD_UPLOAD, times=1)
+    rule = fault_proxy.add("flip", where="request", method="POST", path=_SHARD_UPLOAD, times=1)
     cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
     assert rule.hits == 1
     fault_proxy.clear()
@@ -137,7 +185,7 @@ def test_a_shard_flipped_on_the_way_up_every_time_is_an_integrity_error(gcs_emul
     a = _data("float32", 0.0)
     url = f"{gcs_bucket}/bad-up.zarr"
     seq = journal().seq
-    fault_proxy.add("flip", where="request", method="POST", path=r"/upload/", body=_SHARD_UPLOAD, times=None)
+    fault_proxy.add("flip", where="request", method="POST", path=_SHARD_UPLOAD, times=None)
     with pytest.raises(IntegrityError, match=r"bad-up\.zarr/c/\d+/\d+.*CRC32C") as ei:
         cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
     shard = str(ei.value).split(":", 2)[0] + ":" + str(ei.value).split(":", 2)[1]

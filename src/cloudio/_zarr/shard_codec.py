@@ -1,4 +1,4 @@
-"""Whole-array reads and writes of plain sharded Zarr v3 arrays, one buffer per shard.
+"""Whole-array reads and writes of plain Zarr v3 arrays, one buffer per shard (or per chunk).
 
 Why: for an uncompressed sharded array, zarr's codec pipeline builds every
 inner chunk as a fresh array, merges it into a fresh shard array, compares it
@@ -9,19 +9,29 @@ are what a 256 MiB round trip spends most of its time on here
 (``benchmarks/bench_zarr.py``). When the layout is the plain one, the bytes of
 a shard are just its chunks in a row followed by an index, so
 :func:`save_array` and :func:`load_array` copy each chunk once, straight
-between the user's array and a shard buffer, and leave the transport to the
-same journaled store zarr uses.
+between the user's array and a shard buffer each worker reuses (encoding and
+decoding in a worker thread, so the event loop keeps other transfers moving).
+Writes go through the same journaled store zarr uses (a media upload per
+shard, :mod:`cloudio._gcs.fast`); reads of GCS stream each shard into the
+worker's buffer, CRC32C-checked (:func:`cloudio._gcs.fast.get_into`).
 
-"Plain" means: Zarr v3, one ``sharding_indexed`` codec whose inner codecs
-are only ``bytes`` (native byte order) and whose index codecs are ``bytes``
-+ ``crc32c`` (zarr's default), a fixed-size numeric dtype, the default
-chunk-key encoding. Anything else (compressors, filters, transposes,
+The same holds with a ``zstd`` compressor (each chunk compressed on its own,
+in a worker thread, its compressed size in the index) and for unsharded
+arrays (one object per chunk, no index): there zarr's per-chunk Python work
+(a fresh array per chunk, an asyncio task per codec step) is what
+``benchmarks/bench_peers.py`` layouts b and c spent their time on.
+
+"Plain" means: Zarr v3, chunk codecs ``bytes`` (native byte order)
+optionally followed by ``zstd``, either directly (unsharded) or inside one
+``sharding_indexed`` codec whose index codecs are ``bytes`` + ``crc32c``
+(zarr's default), a fixed-size numeric dtype, the default chunk-key
+encoding. Anything else (other compressors, filters, transposes,
 variable-length types) returns None from :func:`plain_layout` and goes
 through zarr. The objects written are the ones zarr writes: chunks equal to
 the fill value are left out unless ``write_empty_chunks`` is on, chunks
 beyond the array's edge always, a shard with no chunk left is not written,
-and zarr reads them back bit for bit (tests/test_shardio.py checks both
-directions).
+and zarr reads them back bit for bit (tests/test_shardio.py and
+tests/test_peers.py check both directions).
 """
 
 from __future__ import annotations
@@ -59,6 +69,8 @@ class Layout:
     fill: Any
     index_at_end: bool
     write_empty: bool
+    sharded: bool = True  #: False: every chunk is an object of its own (``shard`` is then ``chunk``)
+    zstd: tuple[int, bool] | None = None  #: (level, checksum) of the chunks' zstd codec, if any
 
     @property
     def per_shard(self) -> tuple[int, ...]:
@@ -70,12 +82,25 @@ class Layout:
 
     @property
     def index_nbytes(self) -> int:
-        return math.prod(self.per_shard) * 16 + 4
+        return math.prod(self.per_shard) * 16 + 4 if self.sharded else 0
+
+    @property
+    def stored_chunk_nbytes(self) -> int:
+        """The most one stored chunk can take (zstd's worst case bound for incompressible data)."""
+        n = self.chunk_nbytes
+        return n if self.zstd is None else n + (n >> 7) + 1024
 
     @property
     def shard_nbytes(self) -> int:
         """The largest a stored shard can be: every chunk, and the index."""
-        return math.prod(self.per_shard) * self.chunk_nbytes + self.index_nbytes
+        return math.prod(self.per_shard) * self.stored_chunk_nbytes + self.index_nbytes
+
+    def compressor(self) -> Any:
+        """A numcodecs ``Zstd`` configured as the array's zstd codec (the one zarr 3.1 encodes with)."""
+        from numcodecs.zstd import Zstd
+
+        assert self.zstd is not None
+        return Zstd(level=self.zstd[0], checksum=self.zstd[1])
 
     def shards(self) -> itertools.product:
         return itertools.product(*(range(-(-n // s)) for n, s in zip(self.shape, self.shard)))
@@ -91,13 +116,13 @@ class Layout:
 def plain_layout(z: "zarr.Array") -> Layout | None:
     """The array's :class:`Layout` when it is plain (see the module docstring), else None."""
     try:
-        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
         from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
         md = z.metadata
-        if md.zarr_format != 3 or len(md.codecs) != 1 or not isinstance(md.codecs[0], ShardingCodec):
+        if md.zarr_format != 3 or not md.codecs:
             return None
-        sharding = md.codecs[0]
+        sharding = md.codecs[0] if isinstance(md.codecs[0], ShardingCodec) else None
         dtype = np.dtype(z.dtype)
         if dtype.kind not in "biufc" or dtype.hasobject:
             return None
@@ -106,11 +131,22 @@ def plain_layout(z: "zarr.Array") -> Layout | None:
             endian = getattr(codec, "endian", None)
             return isinstance(codec, BytesCodec) and (endian is None or _name(endian) == order)
 
-        if len(sharding.codecs) != 1 or not bytes_in(sharding.codecs[0], _NATIVE):
+        codecs = tuple(sharding.codecs) if sharding is not None else tuple(md.codecs)
+        if sharding is not None and len(md.codecs) != 1:
             return None
-        index = sharding.index_codecs
-        if len(index) != 2 or not bytes_in(index[0], "little") or not isinstance(index[1], Crc32cCodec):
+        if not codecs or len(codecs) > 2 or not bytes_in(codecs[0], _NATIVE):
             return None
+        zstd = None
+        if len(codecs) == 2:
+            if type(codecs[1]) is not ZstdCodec:
+                return None
+            from numcodecs.zstd import Zstd  # noqa: F401 - what the chunks are compressed with
+
+            zstd = (int(codecs[1].level), bool(codecs[1].checksum))
+        if sharding is not None:
+            index = sharding.index_codecs
+            if len(index) != 2 or not bytes_in(index[0], "little") or not isinstance(index[1], Crc32cCodec):
+                return None
         config = z._async_array.config
         if not getattr(config, "read_missing_chunks", True):  # zarr >= 3.2 may refuse missing chunks
             return None
@@ -118,14 +154,14 @@ def plain_layout(z: "zarr.Array") -> Layout | None:
         if not isinstance(enc, DefaultChunkKeyEncoding) or enc.separator != "/":
             return None
         shard = tuple(int(s) for s in md.chunk_grid.chunk_shape)
-        chunk = tuple(int(c) for c in sharding.chunk_shape)
+        chunk = tuple(int(c) for c in sharding.chunk_shape) if sharding is not None else shard
         if any(s % c for s, c in zip(shard, chunk)) or not z.shape:
             return None
         return Layout(
             shape=tuple(int(n) for n in z.shape), shard=shard, chunk=chunk, dtype=dtype,
             fill=np.asarray(md.fill_value, dtype=dtype)[()],
-            index_at_end=_name(sharding.index_location) == "end",
-            write_empty=bool(config.write_empty_chunks),
+            index_at_end=sharding is None or _name(sharding.index_location) == "end",
+            write_empty=bool(config.write_empty_chunks), sharded=sharding is not None, zstd=zstd,
         )
     except (AttributeError, ImportError, TypeError, ValueError):  # another zarr: let zarr do it
         log.debug("not a plain sharded layout", exc_info=True)
@@ -145,23 +181,38 @@ def _is_fill(block: np.ndarray, fill: Any) -> bool:
     return bool(first == fill) and bool((block == fill).all())
 
 
-def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.ndarray) -> memoryview | None:
-    """Shard ``shard`` of ``array`` as stored bytes, built in ``buf``; None when it holds no chunk."""
+def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.ndarray,
+            scratch: np.ndarray | None = None) -> memoryview | None:
+    """Shard ``shard`` of ``array`` as stored bytes, built in ``buf``; None when it holds no chunk.
+
+    ``scratch`` (one chunk's bytes) is where a chunk is laid out before zstd
+    compresses it into ``buf``; raw chunks are laid out in ``buf`` directly.
+    """
     index = np.full(layout.per_shard + (2,), _NO_CHUNK, dtype="<u8")
     size = layout.chunk_nbytes
-    pos = 0 if layout.index_at_end else layout.index_nbytes
+    codec = layout.compressor() if layout.zstd is not None else None
+    start = pos = 0 if layout.index_at_end else layout.index_nbytes
     for c, where in layout.chunks_in(shard):
         block = array[where]
         if not layout.write_empty and _is_fill(block, layout.fill):
             continue
-        dst = buf[pos:pos + size].view(layout.dtype).reshape(layout.chunk)
+        laid = buf[pos:pos + size] if codec is None else scratch
+        assert laid is not None
+        dst = laid.view(layout.dtype).reshape(layout.chunk)
         if block.shape != layout.chunk:
             dst[...] = layout.fill  # zarr pads edge chunks with the fill value
         dst[tuple(slice(0, n) for n in block.shape)] = block
-        index[c] = (pos, size)
-        pos += size
-    if pos == (0 if layout.index_at_end else layout.index_nbytes):
+        n = size
+        if codec is not None:
+            packed = codec.encode(laid)
+            n = len(packed)
+            buf[pos:pos + n] = np.frombuffer(packed, dtype="u1")
+        index[c] = (pos, n)
+        pos += n
+    if pos == start:
         return None
+    if not layout.sharded:
+        return memoryview(buf[:pos])
     import google_crc32c
 
     raw = index.tobytes()
@@ -174,10 +225,12 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
     return memoryview(buf[:end])
 
 
-def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.ndarray, url: str) -> None:
-    """Copy every chunk of one stored shard into ``out``; fill where a chunk is left out."""
+def _shard_index(layout: Layout, data: np.ndarray, url: str) -> np.ndarray:
+    """The (offset, nbytes) of every chunk of a stored shard, its CRC32C checked."""
     import google_crc32c
 
+    if not layout.sharded:  # one chunk, the whole object
+        return np.array([0, len(data)], dtype="<u8").reshape(layout.per_shard + (2,))
     n = layout.index_nbytes
     raw = (data[-n:] if layout.index_at_end else data[:n]).tobytes()
     if len(data) < n or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
@@ -185,16 +238,31 @@ def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.nd
             f"{url}: the shard index fails its CRC32C check (the object is damaged or not a shard); "
             "rewrite the array"
         )
-    index = np.frombuffer(raw[:-4], dtype="<u8").reshape(layout.per_shard + (2,))
+    return np.frombuffer(raw[:-4], dtype="<u8").reshape(layout.per_shard + (2,))
+
+
+def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.ndarray, url: str) -> None:
+    """Copy every chunk of one stored shard (or chunk object) into ``out``; fill where a chunk is left out."""
+    index = _shard_index(layout, data, url)
     size = layout.chunk_nbytes
+    codec = layout.compressor() if layout.zstd is not None else None
     for c, where in layout.chunks_in(shard):
         offset, nbytes = (int(v) for v in index[c])
         if offset == _NO_CHUNK:
             out[where] = layout.fill
             continue
-        if nbytes != size or offset + nbytes > len(data):
-            raise IntegrityError(f"{url}: chunk {c} of the shard has {nbytes} bytes, not {size}; rewrite the array")
-        block = data[offset:offset + size].view(layout.dtype).reshape(layout.chunk)
+        if offset + nbytes > len(data) or (codec is None and nbytes != size):
+            raise IntegrityError(f"{url}: chunk {c} has {nbytes} bytes, not {size}; rewrite the array")
+        raw = data[offset:offset + nbytes]
+        if codec is not None:
+            try:
+                raw = np.frombuffer(codec.decode(raw), dtype="u1")
+            except RuntimeError as e:  # numcodecs' zstd reports a bad frame so
+                raise IntegrityError(f"{url}: chunk {c} is not a valid zstd frame ({e}); rewrite the array") from e
+            if len(raw) != size:
+                raise IntegrityError(f"{url}: chunk {c} decompresses to {len(raw)} bytes, not {size}; "
+                                     "rewrite the array")
+        block = raw.view(layout.dtype).reshape(layout.chunk)
         out[where] = block[tuple(slice(0, s.stop - s.start) for s in where)]
 
 
@@ -227,6 +295,18 @@ def _each_shard(layout: Layout, new_job: Callable[[], Callable[[tuple[int, ...]]
     sync(run())
 
 
+#: shards (or chunk objects) at least this large are encoded and decoded in a worker thread
+_THREAD_MIN_BYTES = 1 << 20
+
+
+async def _offload(layout: Layout, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` in a worker thread when the shard is large: NumPy copies and zstd release the GIL,
+    so the event loop keeps other requests moving meanwhile; small chunks are not worth the hand-off."""
+    if layout.shard_nbytes >= _THREAD_MIN_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
 def write(z: "zarr.Array", layout: Layout, array: np.ndarray) -> None:
     """Write all of ``array`` into ``z``: one encode and one upload per shard.
 
@@ -239,9 +319,10 @@ def write(z: "zarr.Array", layout: Layout, array: np.ndarray) -> None:
 
     def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
         buf = np.empty(size, dtype="u1")
+        scratch = np.empty(layout.chunk_nbytes, dtype="u1") if layout.zstd is not None else None
 
         async def job(shard: tuple[int, ...]) -> None:
-            view = _encode(layout, array, shard, buf)
+            view = await _offload(layout, _encode, layout, array, shard, buf, scratch)
             if view is not None:
                 key = z.metadata.encode_chunk_key(shard)
                 await (z.store_path / key).set(Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
@@ -251,8 +332,9 @@ def write(z: "zarr.Array", layout: Layout, array: np.ndarray) -> None:
     _each_shard(layout, new_job)
 
 
-def _shard_getter(z: "zarr.Array") -> Callable[[str], Awaitable[np.ndarray | None]]:
-    """How to GET one whole shard: CRC32C-checked against the server's X-Goog-Hash on GCS.
+def _shard_getter(z: "zarr.Array") -> Callable[[str, np.ndarray], Awaitable[np.ndarray | None]]:
+    """How to GET one whole shard: on GCS into the worker's reused buffer, CRC32C-checked against
+    the server's X-Goog-Hash (:func:`cloudio._gcs.fast.get_into`).
 
     The shard index's own CRC32C covers only the index; the chunks' bytes are
     checked here, for free (the hash comes with the response).
@@ -260,7 +342,8 @@ def _shard_getter(z: "zarr.Array") -> Callable[[str], Awaitable[np.ndarray | Non
     from zarr.core.buffer import default_buffer_prototype
     from zarr.storage import FsspecStore
 
-    from cloudio._gcs.transfer import get_verified
+    from cloudio._gcs.fast import get_into
+    from cloudio._paths import parse_gcs
     from cloudio._zarr.store import JournaledStore
 
     store = z.store_path.store
@@ -269,14 +352,14 @@ def _shard_getter(z: "zarr.Array") -> Callable[[str], Awaitable[np.ndarray | Non
         fs = inner.fs
         base = "/".join(p for p in (store.root_url, z.store_path.path.strip("/")) if p)
 
-        async def get_gcs(key: str) -> np.ndarray | None:
-            got = await get_verified(fs, f"{base}/{key}")
+        async def get_gcs(key: str, buf: np.ndarray) -> np.ndarray | None:
+            got = await get_into(fs, parse_gcs(f"{base}/{key}"), buf)
             return None if got is None else np.frombuffer(got, dtype="u1")
 
         return get_gcs
     proto = default_buffer_prototype()
 
-    async def get_other(key: str) -> np.ndarray | None:
+    async def get_other(key: str, buf: np.ndarray) -> np.ndarray | None:
         got = await (z.store_path / key).get(prototype=proto)
         return None if got is None else got.as_numpy_array()
 
@@ -284,16 +367,21 @@ def _shard_getter(z: "zarr.Array") -> Callable[[str], Awaitable[np.ndarray | Non
 
 
 def read(z: "zarr.Array", layout: Layout, out: np.ndarray) -> None:
-    """Fill ``out`` with all of ``z``: one GET per shard."""
+    """Fill ``out`` with all of ``z``: one GET per shard, into a buffer each worker reuses."""
     get = _shard_getter(z)
 
-    async def job(shard: tuple[int, ...]) -> None:
-        key = z.metadata.encode_chunk_key(shard)
-        got = await get(key)
-        if got is None:  # a shard of nothing but the fill value
-            where = zip(shard, layout.shard, layout.shape)
-            out[tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in where)] = layout.fill
-        else:
-            _decode(layout, got, shard, out, f"{z.store_path}/{key}")
+    def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
+        buf = np.empty(layout.shard_nbytes, dtype="u1")
 
-    _each_shard(layout, lambda: job)
+        async def job(shard: tuple[int, ...]) -> None:
+            key = z.metadata.encode_chunk_key(shard)
+            got = await get(key, buf)
+            if got is None:  # a shard of nothing but the fill value
+                where = zip(shard, layout.shard, layout.shape)
+                out[tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in where)] = layout.fill
+            else:
+                await _offload(layout, _decode, layout, got, shard, out, f"{z.store_path}/{key}")
+
+        return job
+
+    _each_shard(layout, new_job)
