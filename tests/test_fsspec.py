@@ -557,3 +557,18 @@ def test_explicit_requests_timeout_wins(gcs_emulator, monkeypatch):
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "7")
     assert cloudio.filesystem("gs://").requests_timeout.sock_read == 7
     assert cloudio.filesystem("gs://", requests_timeout=11.0).requests_timeout == 11.0
+
+
+def test_a_garbled_answer_is_a_transient_error_not_a_decoding_error(fault_proxy, b):
+    """A listing or upload answer with a byte flipped on the way: cloudio's error, retryable, naming the URL."""
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe(f"gs://{b}/g/a.bin", b"x" * 100)
+    fs.invalidate_cache()
+    fault_proxy.add("flip", method="GET", path=rf"/b/{b}/o\?", times=None)
+    with pytest.raises(cloudio.TransientError, match=f"gs://{b}/.*garbled") as ei:
+        fs.ls(f"{b}/g")
+    assert isinstance(ei.value.__cause__, ValueError)
+    fault_proxy.clear()
+    fault_proxy.add("flip", method="POST", path=r"/upload/", times=None)
+    with pytest.raises(cloudio.TransientError, match=f"gs://{b}/.*garbled"):
+        fs.pipe(f"gs://{b}/g/c.bin", b"y" * 100)

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import mimetypes
 import os
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import google_crc32c
 import numpy as np
@@ -53,7 +55,7 @@ from cloudio._gcs.client import object_metadata as _stat
 from cloudio._journal import Change, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
-from cloudio.errors import CloudioError, IntegrityError, TransientError, UploadError
+from cloudio.errors import CloudioError, ConflictError, IntegrityError, TransientError, UploadError
 
 if TYPE_CHECKING:
     import gcsfs
@@ -109,6 +111,8 @@ def _is_transient(exc: BaseException) -> bool:
     """Network trouble or a 408/429/5xx answer that outlasted gcsfs's retries: worth retrying later."""
     if isinstance(exc, (asyncio.TimeoutError, ConnectionError, TimeoutError)):
         return True
+    if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):  # an answer garbled on the way
+        return True
     try:
         import aiohttp
         from gcsfs.retry import is_retriable
@@ -119,6 +123,11 @@ def _is_transient(exc: BaseException) -> bool:
 
 def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:
     """The :class:`TransientError` for ``exc`` (raise it ``from exc``): ``doing`` failed past the retries."""
+    if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):
+        return TransientError(
+            f"{url}: {doing} failed: the server's answer arrived garbled ({type(exc).__name__}: {exc}); "
+            "something between here and GCS changed it. Retry; if it persists, check proxies on the way."
+        )
     return TransientError(
         f"{url}: {doing} failed past the retries ({type(exc).__name__}: {exc or 'no answer'}). "
         "GCS (or STORAGE_EMULATOR_HOST) is unreachable, overloaded or too slow; retry later "
@@ -188,6 +197,7 @@ async def put_verified(
     chunk_size: int = CHUNK_SIZE,
     simple_limit: int = SIMPLE_LIMIT,
     media: bool = False,
+    if_generation_match: int | None = None,
 ) -> Uploaded:
     """Upload ``source`` to ``url`` and verify it against the server's answer: THE way cloudio writes.
 
@@ -217,6 +227,12 @@ async def put_verified(
     media
         Send in-memory bytes below ``simple_limit`` as one ``uploadType=media``
         request (:mod:`cloudio._gcs.fast`: no multipart body is built, so no copy).
+    if_generation_match
+        Write only if the object is at this generation (0: only if it does not
+        exist). Sent as GCS's ``ifGenerationMatch`` precondition on every upload
+        path; small uploads then go as one multipart request, the one path
+        fake-gcs-server enforces it on, and resumable ones check the generation
+        first as well (the emulator ignores it there; real GCS enforces it).
 
     Raises
     ------
@@ -228,6 +244,8 @@ async def put_verified(
         The server or network failed past gcsfs's retries (timeout, 5xx, reset).
     BucketNotFoundError
         The bucket does not exist.
+    ConflictError
+        ``if_generation_match`` did not hold: nothing was stored or journaled.
     UploadError
         Any other refusal (403, 400...).
     """
@@ -240,6 +258,7 @@ async def put_verified(
         raise FileNotFoundError(f"{os.fspath(source)!r}: no such local file to upload to {path.url}")
     last: BaseException | None = None
     deleted = False  # a corrupt copy was stored and deleted: the server holds nothing at path now
+    guard = if_generation_match
     changing = journal().changing(path.url)  # GDAL reads of it wait until the outcome is recorded
     try:
         for attempt in range(max(1, attempts)):
@@ -248,11 +267,17 @@ async def put_verified(
                 log.info("upload of %s: attempt %d of %d in %.2f s (%s)", path.url, attempt + 1, attempts, delay, last)
                 await asyncio.sleep(delay)
             try:
-                meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit, media)
+                meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit, media,
+                                                   guard)
                 generation = await _check_stored(fs, path, meta, size, sent_crc)
             except _Mismatch as e:
                 deleted, last = True, e
+                guard = 0 if guard is not None else None  # the copy that passed the guard is deleted
                 continue
+            except FileExistsError as e:  # gcsfs's mapping of 412: the precondition failed
+                if guard is None:
+                    raise
+                raise ConflictError(path.url, guard, await _generation(fs, path)) from e
             except FileNotFoundError as e:  # 404: no bucket, or a resumable session that vanished
                 _forget_bucket(path.bucket)
                 await _ensure_bucket(path, fs)  # raises BucketNotFoundError when that is the reason
@@ -317,6 +342,7 @@ def upload(
     attempts: int = ATTEMPTS,
     chunk_size: int = CHUNK_SIZE,
     simple_limit: int = SIMPLE_LIMIT,
+    if_generation_match: int | None = None,
 ) -> Uploaded:
     """:func:`put_verified` for synchronous callers: upload a local file or bytes, verify, journal.
 
@@ -330,8 +356,46 @@ def upload(
     fs = _filesystem(fs)
     return sync(  # type: ignore[no-any-return]
         fs.loop, put_verified, fs, path, source, content_type=content_type, attempts=attempts,
-        chunk_size=chunk_size, simple_limit=simple_limit,
+        chunk_size=chunk_size, simple_limit=simple_limit, if_generation_match=if_generation_match,
     )
+
+
+async def _generation(fs: "gcsfs.GCSFileSystem", path: GCSPath) -> int:
+    """The generation the server holds at ``path`` now (0: no object), for a guard or a conflict's message."""
+    try:
+        meta = await _bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True,
+                                           fields="generation"))
+    except FileNotFoundError:
+        return 0
+    return int(meta.get("generation") or 0)
+
+
+async def _multipart(fs: "gcsfs.GCSFileSystem", path: GCSPath, data: bytes | memoryview, content_type: str,
+                     generation: int) -> dict[str, Any]:
+    """gcsfs's ``simple_upload`` with an ``ifGenerationMatch`` of any generation (gcsfs sends only 0)."""
+    boundary = "==0=="
+    head = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+            f"{json.dumps({'name': path.key})}\r\n--{boundary}\r\nContent-Type: {content_type}\r\n\r\n")
+    body = head.encode() + bytes(data) + f"\r\n--{boundary}--".encode()
+    meta = await fs._call("POST", f"{fs._location}/upload/storage/v1/b/{quote(path.bucket, safe='')}/o",
+                          uploadType="multipart", ifGenerationMatch=str(generation), json_out=True, data=body,
+                          headers={"Content-Type": f'multipart/related; boundary="{boundary}"'})
+    return meta  # type: ignore[no-any-return]
+
+
+async def _initiate(fs: "gcsfs.GCSFileSystem", path: GCSPath, content_type: str, generation: int | None) -> str:
+    """A resumable upload session (gcsfs's ``initiate_upload``, with ``ifGenerationMatch`` when guarded)."""
+    if generation is None:
+        from gcsfs.core import initiate_upload
+
+        return await initiate_upload(fs, path.bucket, path.key, content_type)  # type: ignore[no-any-return]
+    if await _generation(fs, path) != generation:  # the emulator ignores the precondition on this path
+        raise FileExistsError(path.url)
+    headers, _ = await fs._call("POST", f"{fs._location}/upload/storage/v1/b/{quote(path.bucket, safe='')}/o",
+                                uploadType="resumable", name=path.key, ifGenerationMatch=str(generation),
+                                json={"name": path.key}, headers={"X-Upload-Content-Type": content_type})
+    location = headers["Location"]
+    return str(location[0] if isinstance(location, list) else location)
 
 
 async def _send(
@@ -342,12 +406,16 @@ async def _send(
     chunk_size: int,
     simple_limit: int,
     media: bool = False,
+    guard: int | None = None,
 ) -> tuple[dict[str, Any], str, int]:
-    """One upload; returns the server's object resource, the CRC32C and the size of the bytes sent."""
+    """One upload; returns the server's object resource, the CRC32C and the size of the bytes sent.
+
+    ``guard``: the ``ifGenerationMatch`` precondition, or None.
+    """
     # gcsfs's module-level upload helpers return the object resource the server
     # answered with (generation, size, crc32c): verification needs no extra request,
     # and cannot read a concurrent writer's object by mistake. fs._pipe_file drops it.
-    from gcsfs.core import initiate_upload, simple_upload, upload_chunk
+    from gcsfs.core import simple_upload, upload_chunk
 
     checksum = google_crc32c.Checksum()
     in_memory = isinstance(source, (bytes, bytearray, memoryview))
@@ -356,14 +424,16 @@ async def _send(
     if size < simple_limit:
         data: bytes | memoryview = view if view is not None else _read_all(source)  # type: ignore[arg-type]
         checksum.update(_bytes_like(data))
-        if media and view is not None:
+        if guard is not None:  # multipart: the upload path the emulator enforces preconditions on
+            meta = await _bounded(fs, _multipart(fs, path, data, content_type, guard))
+        elif media and view is not None:
             from cloudio._gcs.fast import put_media
 
             meta = await _bounded(fs, put_media(fs, path, view, content_type))
         else:
             meta = await _bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
         return meta, _crc_b64(checksum), size
-    location = await _bounded(fs, initiate_upload(fs, path.bucket, path.key, content_type))
+    location = await _bounded(fs, _initiate(fs, path, content_type, guard))
     meta = None
     offset = 0
     try:
@@ -443,6 +513,14 @@ def object_metadata(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> d
         if _is_transient(e):
             raise transient_error(path.url, "reading the object's metadata", e) from e
         raise
+
+
+def object_generation(url: GCSPath | str | os.PathLike[str], fs: "gcsfs.GCSFileSystem | None" = None) -> int:
+    """The generation the server holds at ``url`` now, 0 when there is no object (one metadata request)."""
+    from fsspec.asyn import sync
+
+    fs = _filesystem(fs)
+    return sync(fs.loop, _generation, fs, _as_path(url))  # type: ignore[no-any-return]
 
 
 def download(
