@@ -12,6 +12,7 @@ __all__ = [
     "BucketNotFoundError",
     "CloudioError",
     "ConfigurationError",
+    "ConflictError",
     "EmulatorError",
     "IncompleteWriteError",
     "IntegrityError",
@@ -60,6 +61,36 @@ class UnsafeChunkingError(CloudioError, ValueError):
 
 class ConfigurationError(CloudioError, ValueError):
     """An option or environment variable has a value cloudio cannot use."""
+
+
+class ConflictError(CloudioError, FileExistsError):
+    """A guarded write (``if_generation_match=``) lost a race: the object is not at the generation required.
+
+    Nothing was uploaded or journaled. ``FileExistsError`` is what gcsfs raises
+    for the same 412 answer, so callers of plain gcsfs keep catching it.
+    """
+
+    def __init__(self, url: str, expected: int, actual: int, *, next_step: str = "") -> None:
+        self.url = url
+        #: the generation the write required (0: that no object exists)
+        self.expected = expected
+        #: the generation the server holds (0: no object)
+        self.actual = actual
+        want = "no object there (generation 0)" if expected == 0 else f"generation {expected}"
+        held = "no object (generation 0)" if actual == 0 else f"generation {actual}"
+        step = next_step or ("Read the object again, decide whether your write still applies, and write "
+                             f"again with if_generation_match={actual}.")
+        super().__init__(f"{url}: not written: the write required {want} but the server holds {held} "
+                         f"(another writer changed it). Nothing was uploaded or journaled. {step}")
+
+    def __reduce__(self) -> tuple[object, ...]:  # a Dask worker's error pickles back whole
+        return (_conflict, (self.url, self.expected, self.actual, str(self)))
+
+
+def _conflict(url: str, expected: int, actual: int, message: str) -> ConflictError:
+    err = ConflictError(url, expected, actual)
+    err.args = (message,)
+    return err
 
 
 class TransientError(CloudioError, ConnectionError):

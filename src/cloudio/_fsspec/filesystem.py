@@ -51,11 +51,12 @@ from cloudio._gcs.transfer import (
     _header_crc,
     _is_transient,
     _Mismatch,
+    put_verified,
     transient_error,
 )
 from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
-from cloudio.errors import IntegrityError, TransientError
+from cloudio.errors import ConfigurationError, IntegrityError, TransientError
 
 __all__ = ["TrackedLocalFileSystem", "filesystem"]
 
@@ -252,20 +253,37 @@ class _JournalingGCSMixin:
                 "is gone too). Check the network path to GCS (a proxy rewriting bodies?) and write again."
             ) from e
 
+    async def _guarded_put(self, url: str, source: Any, guard: Any) -> dict[str, Any]:
+        """A write with ``if_generation_match=``: :func:`put_verified`'s precondition; ConflictError if it fails."""
+        if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
+            raise ConfigurationError(f"{url}: if_generation_match={guard!r} is not a generation; pass the "
+                                     "object's generation (an int), or 0 to write only if it does not exist.")
+        up = await put_verified(self, url, source, record=False, if_generation_match=guard)
+        _record(url, "write", generation=up.generation, size=up.size)
+        return {"name": parse_gcs(url).key, "generation": str(up.generation), "size": str(up.size),
+                "crc32c": up.crc32c}
+
     async def _pipe_file(self, path: str, data: Any, *args: Any, **kwargs: Any) -> Any:
-        out = await super()._pipe_file(path, data, *args, **kwargs)  # type: ignore[misc]
-        # small uploads return the object resource (generation, size, crc32c): no extra request
-        meta = out if isinstance(out, dict) else {}
         url = self._cloudio_url(path)
-        generation = await self._verify_stored(url, meta, len(data), _crc_of(data))
-        _record(url, "write", generation=generation, size=len(data))
+        if "if_generation_match" in kwargs:
+            return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
+        with journal().changing(url):  # GDAL reads of it wait until the write is recorded
+            out = await super()._pipe_file(path, data, *args, **kwargs)  # type: ignore[misc]
+            # small uploads return the object resource (generation, size, crc32c): no extra request
+            meta = out if isinstance(out, dict) else {}
+            generation = await self._verify_stored(url, meta, len(data), _crc_of(data))
+            _record(url, "write", generation=generation, size=len(data))
         return out
 
     async def _put_file(self, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
-        out = await super()._put_file(lpath, rpath, *args, **kwargs)  # type: ignore[misc]
-        if not os.path.isdir(lpath):  # gcsfs skips directories
+        if os.path.isdir(lpath):  # gcsfs skips directories
+            return await super()._put_file(lpath, rpath, *args, **kwargs)  # type: ignore[misc]
+        url = self._cloudio_url(rpath)
+        if "if_generation_match" in kwargs:
+            return await self._guarded_put(url, lpath, kwargs.pop("if_generation_match"))
+        with journal().changing(url):  # GDAL reads of it wait until the write is recorded
+            out = await super()._put_file(lpath, rpath, *args, **kwargs)  # type: ignore[misc]
             # gcsfs drops the upload's response here: one metadata request to verify
-            url = self._cloudio_url(rpath)
             size = os.path.getsize(lpath)
             generation = await self._verify_stored(url, {}, size, _crc_of_file(lpath))
             _record(url, "write", generation=generation, size=size)
@@ -287,8 +305,10 @@ class _JournalingGCSMixin:
         return data
 
     async def _cp_file(self, path1: str, path2: str, *args: Any, **kwargs: Any) -> Any:
-        out = await super()._cp_file(path1, path2, *args, **kwargs)  # type: ignore[misc]
-        _record(self._cloudio_url(path2), "write")
+        url = self._cloudio_url(path2)
+        with journal().changing(url):
+            out = await super()._cp_file(path1, path2, *args, **kwargs)  # type: ignore[misc]
+            _record(url, "write")
         return out
 
     async def _merge(self, path: str, paths: Any, *args: Any, **kwargs: Any) -> Any:
@@ -314,9 +334,12 @@ class _JournalingGCSMixin:
         return out
 
     async def _rm_file(self, path: str, **kwargs: Any) -> Any:
-        out = await super()._rm_file(path, **kwargs)  # type: ignore[misc]
-        if self.split_path(path)[1]:  # type: ignore[attr-defined]  # a bucket goes through _rmdir
-            _record(self._cloudio_url(path), "delete")
+        if not self.split_path(path)[1]:  # type: ignore[attr-defined]  # a bucket goes through _rmdir
+            return await super()._rm_file(path, **kwargs)  # type: ignore[misc]
+        url = self._cloudio_url(path)
+        with journal().changing(url):
+            out = await super()._rm_file(path, **kwargs)  # type: ignore[misc]
+            _record(url, "delete")
         return out
 
     async def _rm_files(self, paths: list[str], *args: Any, **kwargs: Any) -> Any:

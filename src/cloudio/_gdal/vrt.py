@@ -49,7 +49,8 @@ _SOURCE_TAGS = frozenset({"SourceFilename", "SourceDataset"})
 _VSICURL = "/vsicurl/"
 
 
-def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: str | os.PathLike[str]) -> str:
+def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: str | os.PathLike[str], *,
+              if_generation_match: int | None = None) -> str:
     """Save a dataset as VRT XML at ``url``, with absolute ``/vsigs/`` source paths.
 
     Parameters
@@ -60,6 +61,9 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
         raster or VRT, or VRT XML text (starting with ``<VRTDataset``).
     url
         Where the VRT goes: ``gs://bucket/key.vrt`` or ``/vsigs/bucket/key.vrt``.
+    if_generation_match
+        Write only if the object is at this generation (0: only if there is
+        none yet), so a concurrent writer's VRT is never replaced unseen.
 
     Returns
     -------
@@ -76,6 +80,8 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
         The dataset is closed, or still being written through ``cloudio.open``.
     UploadError, IntegrityError, BucketNotFoundError
         From the upload; nothing was journaled.
+    ConflictError
+        ``if_generation_match`` did not hold; nothing was uploaded or journaled.
 
     Notes
     -----
@@ -88,7 +94,7 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
         local = os.path.join(tmpdir, path.name or "dataset.vrt")
         xml_text = _render(dataset_or_vrt, local, path)
         fixed = absolute_sources(xml_text, base_dir=tmpdir, url=path.url)
-        upload(fixed.encode("utf-8"), path, content_type="application/xml")
+        upload(fixed.encode("utf-8"), path, content_type="application/xml", if_generation_match=if_generation_match)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     log.debug("wrote VRT %s", path.url)

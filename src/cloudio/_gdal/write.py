@@ -47,10 +47,10 @@ from contextlib import ExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from cloudio._gcs.transfer import Uploaded, download, ensure_bucket, upload
+from cloudio._gcs.transfer import Uploaded, download, ensure_bucket, object_generation, upload
 from cloudio._journal import journal
 from cloudio._paths import GCSPath
-from cloudio.errors import ConfigurationError, NotARasterError, UploadError
+from cloudio.errors import ConfigurationError, ConflictError, NotARasterError, UploadError
 
 if TYPE_CHECKING:
     from rasterio.io import DatasetWriter
@@ -132,18 +132,21 @@ class _UploadOnClose:
             try:
                 super().close()  # type: ignore[misc] # GDAL flushes (or create-copies) into the temp file
                 if upload_it:
-                    state["uploaded"] = _upload_outputs(self._cloudio_local, self._cloudio_path)
+                    state["uploaded"] = _upload_outputs(self._cloudio_local, self._cloudio_path, state["guard"])
                 else:
                     log.info("%s: the dataset closed on an exception; nothing was uploaded", self._cloudio_path.url)
             finally:
                 shutil.rmtree(state["tmpdir"], ignore_errors=True)
 
 
-def _upload_outputs(local: str, path: GCSPath) -> list[Uploaded]:
+def _upload_outputs(local: str, path: GCSPath, guard: int | None = None) -> list[Uploaded]:
     """Upload the sidecars GDAL wrote next to ``local``, then ``local`` itself.
 
     If the main upload fails, the sidecars just uploaded are deleted again
     (and the deletes journaled), so a failed write leaves no partial dataset.
+    ``guard`` (``if_generation_match``) is checked before any sidecar goes up,
+    so a write that lost its race uploads nothing; the object's own upload
+    carries it as a precondition for a race decided in between.
     """
     if not os.path.exists(local):
         raise UploadError(
@@ -153,13 +156,17 @@ def _upload_outputs(local: str, path: GCSPath) -> list[Uploaded]:
     folder, base = os.path.split(local)
     sidecars = sorted(n for n in os.listdir(folder) if n != base)
     done: list[Uploaded] = []
+    if guard is not None and sidecars:
+        held = object_generation(path)
+        if held != guard:
+            raise ConflictError(path.url, guard, held)
     try:
         for name in sidecars:
             side = os.path.join(folder, name)
             if os.path.isfile(side):  # GDAL names sidecars after the temp file: "dataset.tif.aux.xml"
                 remote = path.name + name[len(base):] if name.startswith(base) else name
                 done.append(upload(side, path.parent.child(remote)))
-        done.append(upload(local, path))
+        done.append(upload(local, path, if_generation_match=guard))
     except BaseException:
         _undo(done)
         raise
@@ -256,7 +263,9 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
     **kwargs
         As for :func:`rasterio.open`: ``width``, ``height``, ``count``,
         ``crs``, ``transform``, ``dtype``, ``nodata``, ``sharing`` and
-        creation options.
+        creation options; and ``if_generation_match`` (cloudio's): ``close()``
+        uploads only if the object is then at that generation (0: only if
+        it does not exist), else raises :class:`~cloudio.ConflictError`.
 
     Returns
     -------
@@ -275,6 +284,8 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
         Unknown extension without ``driver=``, or ``driver="VRT"``.
     UploadError, IntegrityError
         From ``close()``, when the upload failed; nothing was journaled.
+    ConflictError
+        From ``close()``, when ``if_generation_match`` did not hold; nothing was uploaded.
     """
     import rasterio  # noqa: F401 - registers drivers
     from rasterio._path import _parse_path
@@ -283,6 +294,10 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
 
     if mode not in _MODES:
         raise ValueError(f"{path.url}: mode {mode!r} is not a write mode; use 'w', 'w+' or 'r+'")
+    guard = kwargs.pop("if_generation_match", None)
+    if guard is not None and (isinstance(guard, bool) or not isinstance(guard, int) or guard < 0):
+        raise ConfigurationError(f"{path.url}: if_generation_match={guard!r} is not a generation; pass the "
+                                 "object's generation (an int), or 0 to write only if it does not exist.")
     if mode != "r+":
         driver = _driver_for(path, driver)
     else:  # rasterio.open passes only driver, sharing and options when updating
@@ -311,7 +326,7 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
     dataset._env = ExitStack()  # what rasterio.open attaches; closed by the dataset's close()
     dataset._cloudio_path = path
     dataset._cloudio_local = local
-    dataset._cloudio_state = state = {"lock": threading.RLock(), "done": False, "tmpdir": tmpdir}
+    dataset._cloudio_state = state = {"lock": threading.RLock(), "done": False, "tmpdir": tmpdir, "guard": guard}
     # a dataset dropped without close() uploads nothing; its temporary files still go
     weakref.finalize(dataset, _abandoned, state, path.url)
     _remember_local(local, path)

@@ -47,7 +47,7 @@ from cloudio._journal import journal
 from cloudio._paths import is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
 from cloudio._gcs.transfer import put_verified
-from cloudio.errors import BucketNotFoundError, CloudioError
+from cloudio.errors import BucketNotFoundError, CloudioError, ConflictError
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -175,6 +175,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         # (a 16 MB shard is a 16 MB memcpy: about 10% of the client's CPU on a sharded write).
         # Checked against zarr 3.1 to 3.4; a newer zarr gets its own set() until checked again.
         fs = getattr(store, "fs", None)
+        self._guards: dict[str, int] = {}  # key -> generation its next write needs (see guarding)
         self._direct = (type(store) is FsspecStore and type(fs).__module__.startswith("gcsfs")
                         and _ZARR_VERSION < (3, 5))
 
@@ -217,7 +218,9 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     async def set(self, key: str, value: "Buffer") -> None:
         try:
-            if self._direct:
+            if key in self._guards and is_gcs(self._root_url) and isinstance(self._store, FsspecStore):
+                await self._pipe(key, value, self._guards[key])
+            elif self._direct:
                 await self._pipe(key, value)
             else:
                 await self._store.set(key, value)
@@ -231,7 +234,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             ) from e
         self._wrote(key, value)
 
-    async def _pipe(self, key: str, value: "Buffer") -> None:
+    async def _pipe(self, key: str, value: "Buffer", guard: int | None = None) -> None:
         """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy, CRC32C-verified.
 
         Raises IntegrityError, TransientError or UploadError (see
@@ -247,7 +250,60 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         view = memoryview(np.ascontiguousarray(arr)).cast("B")
         # verified against the CRC32C the server answers with; the store journals a success itself
         await put_verified(store.fs, self._url(key), view, content_type="application/octet-stream",
-                           record=False, simple_limit=_ONE_REQUEST_LIMIT, media=True)
+                           record=False, simple_limit=_ONE_REQUEST_LIMIT, media=True, if_generation_match=guard)
+
+    # -- guarded read-modify-write: metadata two writers may change at once ------------------
+
+    @contextmanager
+    def guarding(self, key: str, generation: int) -> Iterator[None]:
+        """Inside the block, a write of ``key`` needs the object at ``generation`` (0: absent).
+
+        A write that finds another generation raises :class:`~cloudio.ConflictError`
+        and stores nothing; the caller reads again and retries. Local stores
+        have no generations: there the guard is not checked.
+        """
+        self._guards[key] = generation
+        try:
+            yield
+        finally:
+            self._guards.pop(key, None)
+
+    async def get_generation(self, key: str) -> tuple[bytes | None, int]:
+        """The object at ``key`` and its generation in one GET: (None, 0) when it does not exist."""
+        inner = self._store
+        if not isinstance(inner, FsspecStore) or not is_gcs(self._root_url):
+            from zarr.core.buffer import default_buffer_prototype
+
+            buf = await inner.get(key, prototype=default_buffer_prototype())
+            return (None if buf is None else buf.to_bytes()), 0
+        try:
+            headers, data = await inner.fs._call("GET", inner.fs.url(parse_gcs(self._url(key)).fs_path))
+        except FileNotFoundError:
+            return None, 0
+        return data, int(headers.get("X-Goog-Generation") or 0)
+
+    async def delete_guarded(self, key: str, generation: int) -> None:
+        """Delete ``key`` only if it is at ``generation`` (``ifGenerationMatch``, enforced by GCS).
+
+        fake-gcs-server ignores the precondition on deletes; the caller read
+        the generation just before, which leaves the emulator a window of one request.
+        """
+        inner = self._store
+        if not isinstance(inner, FsspecStore) or not is_gcs(self._root_url):
+            await self.delete(key)
+            return
+        path = parse_gcs(self._url(key))
+        try:
+            await inner.fs._call("DELETE", "b/{}/o/{}", path.bucket, path.key, ifGenerationMatch=str(generation))
+        except FileNotFoundError:
+            pass
+        except FileExistsError as e:  # 412
+            from cloudio._gcs.transfer import _generation
+
+            raise ConflictError(path.url, generation, await _generation(inner.fs, path)) from e
+        finally:
+            inner.fs.invalidate_cache(path.fs_path)
+        self._deleted(key, prefix=False)
 
     async def set_if_not_exists(self, key: str, value: "Buffer") -> None:
         # Whether the wrapped store wrote is not reported; recording a write that did not
@@ -434,30 +490,39 @@ def _marked(root_url: str) -> bool:
 class WriteMark:
     """The marker of one multi-object write (``save_array``, ``to_zarr``) at a store's root.
 
-    :meth:`begin` puts ``<store>/.cloudio-write-in-progress`` (JSON: host, pid,
-    time, uuid, operation) before the first object of the write; readers through
-    cloudio refuse the store while it is there (:func:`check_complete`).
-    :meth:`commit` removes it (unless a later writer replaced it with its own).
-    :meth:`fail` leaves it when the write changed anything in the store, since
-    the store may then mix old and new objects; it removes it when nothing but
+    :meth:`begin` adds this write to ``<store>/.cloudio-write-in-progress``
+    (JSON: the writers under way, each with host, pid, time, uuid, operation;
+    the latest also at the top level) before the first object of the write;
+    readers through cloudio refuse the store while it is there
+    (:func:`check_complete`). :meth:`commit` takes this write off the list and
+    removes the marker when no writer is left. A write that ``replaces`` the
+    store (``mode="w"``, ``save_array``) also takes off the writers listed
+    before it began: a failed write's mark goes with a rewrite. :meth:`fail`
+    leaves this write listed when it changed anything in the store, since the
+    store may then mix old and new objects; it takes it off when nothing but
     the marker was written (the write was refused before it started).
+
+    Two processes writing one store at once share the marker: each change of
+    the list is a read-modify-write guarded by the marker's generation and
+    retried on conflict, so one writer's commit never removes the mark of
+    another still under way.
     """
 
-    def __init__(self, store: JournaledStore, operation: str) -> None:
+    def __init__(self, store: JournaledStore, operation: str, *, replaces: bool = True) -> None:
         self.store = store
         self.operation = operation
+        self.replaces = replaces
         self.token = ""
         self._seq = 0
+        self._before: list[dict[str, Any]] = []  # the writers listed when this one began
 
     def begin(self) -> Self:
         import datetime
         import socket
         import uuid
 
-        from zarr.core.buffer import default_buffer_prototype
-
         self.token = uuid.uuid4().hex
-        doc = {
+        entry = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -467,19 +532,29 @@ class WriteMark:
         root = self.store.root_url
         with _marks_lock:
             _marks[root] = _marks.get(root, 0) + 1
+
+        def add(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            self._before = writers
+            return [*writers, entry]
+
         try:
-            _sync(self.store.set(MARKER, default_buffer_prototype().buffer.from_bytes(json.dumps(doc).encode())))
+            # on GCS the marker is usually absent: one create-only request, read only when it is not
+            _sync(_update_marker(self.store, add, read_first=not is_gcs(root)))
         except BaseException:
             _release(root)
             raise
         self._seq = journal().seq
         return self
 
-    def commit(self) -> None:
+    def commit(self, *, replacing: bool | None = None) -> None:
+        """Take this write (and, when it replaces the store, the writers listed before it) off the marker."""
+        gone = self._before if (self.replaces if replacing is None else replacing) else []
+
+        def remove(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [w for w in writers if w.get("uuid") != self.token and w not in gone]
+
         try:
-            doc = _read_marker(self.store)
-            if doc is not None and doc.get("uuid") == self.token:
-                _sync(self.store.delete(MARKER))
+            _sync(_update_marker(self.store, remove, read_first=True))
         finally:
             _release(self.store.root_url)
 
@@ -490,7 +565,7 @@ class WriteMark:
             _release(self.store.root_url)
             return
         try:
-            self.commit()
+            self.commit(replacing=False)
         except Exception as e:  # noqa: BLE001 - any failure: a marker left behind errs on the safe side
             log.warning("%s: could not remove the write marker after a refused %s: %s", self.store.root_url,
                         self.operation, e)
@@ -509,6 +584,47 @@ class WriteMark:
             self.commit()
         else:
             self.fail()
+
+
+#: read-modify-write rounds of the marker before a ConflictError is given up on (each loses to a writer that
+#: changed the marker in between; a handful of writers settle in a few rounds)
+_MARK_ATTEMPTS = 20
+
+
+def _writers(data: bytes | None) -> list[dict[str, Any]]:
+    """The writers a marker document lists (one anonymous writer for a marker cloudio did not write)."""
+    if data is None:
+        return []
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = {}
+    if not isinstance(doc, dict):
+        doc = {}
+    listed = doc.get("writers")
+    return [w for w in listed if isinstance(w, dict)] if isinstance(listed, list) else [doc]
+
+
+async def _update_marker(store: JournaledStore, change: Any, *, read_first: bool) -> None:
+    """Apply ``change`` (writers -> writers) to the marker: write it, or delete it when no writer is left."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    data, generation = await store.get_generation(MARKER) if read_first else (None, 0)
+    for _ in range(_MARK_ATTEMPTS):
+        writers = change(_writers(data))
+        try:
+            if writers:
+                doc = {**writers[-1], "writers": writers}
+                with store.guarding(MARKER, generation):
+                    await store.set(MARKER, default_buffer_prototype().buffer.from_bytes(json.dumps(doc).encode()))
+            elif data is not None:
+                await store.delete_guarded(MARKER, generation)
+            return
+        except ConflictError as e:
+            log.debug("%s: the write marker changed meanwhile (%s); reading it again", store.root_url, e)
+            data, generation = await store.get_generation(MARKER)
+    raise ConflictError(store._url(MARKER), generation, (await store.get_generation(MARKER))[1],
+                        next_step=f"{_MARK_ATTEMPTS} writers changed it in turn; retry the write.")
 
 
 def _release(root_url: str) -> None:

@@ -24,12 +24,14 @@ import os
 from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from cloudio._paths import is_gcs
 from cloudio._zarr.shard_safety import align
 from cloudio._zarr.shard_safety import is_dask as _is_dask
 from cloudio._zarr.store import (
     JournaledStore,
     MetadataCheck,
     WriteMark,
+    _sync,
     check_complete,
     cloudio_errors,
     consolidated_is_stale,
@@ -231,11 +233,18 @@ def to_zarr(dataset: "xarray.Dataset", url: str | os.PathLike[str] | JournaledSt
                                   "r+" if kwargs.get("region") is not None else "w-")
     if mode == "r+":  # the only write mode in which xarray reads consolidated metadata
         _avoid_stale_consolidated(store, kwargs)
+    # appends race with other writers on the consolidated copy: it is rewritten here, guarded
+    guarded = (mode == "a" and kwargs.get("consolidated") is not False and kwargs.get("compute", True) is not False
+               and is_gcs(store.root_url))
+    if guarded:
+        kwargs["consolidated"] = False
     log.debug("to_zarr %s (%s)", store.root_url, {k: v for k, v in kwargs.items() if k != "encoding"})
     with cloudio_errors(store, writing=True):
-        mark = WriteMark(store, f"to_zarr mode={mode!r}").begin()
+        mark = WriteMark(store, f"to_zarr mode={mode!r}", replaces=mode in ("w", "w-")).begin()
         try:
             out = aligned.to_zarr(store, **kwargs)
+            if guarded:
+                consolidate_guarded(store, kwargs.get("zarr_format"))
         except BaseException:
             mark.fail()
             raise
@@ -246,6 +255,43 @@ def to_zarr(dataset: "xarray.Dataset", url: str | os.PathLike[str] | JournaledSt
             return dask.delayed(_commit, pure=False)(out, mark)
         mark.commit()
     return out
+
+
+#: rounds of guarded consolidation before the ConflictError is raised (each one lost to another writer's)
+_CONSOLIDATE_ATTEMPTS = 20
+
+
+def consolidate_guarded(store: JournaledStore, zarr_format: int | None = None) -> None:
+    """``zarr.consolidate_metadata`` of the store's root as a read-modify-write guarded by generation.
+
+    Why: the consolidated copy is rewritten whole from a listing of the
+    members; two writers appending different variables at once can each
+    list before the other's variable exists, and the later write then drops
+    the other's variable from it (plain xarray does). Here the copy's
+    generation is read before the listing and required by its write; a
+    writer that lost the race lists again and retries. One request more than
+    xarray's own consolidation.
+    """
+    import zarr
+
+    from cloudio.errors import ConflictError
+
+    last: ConflictError | None = None
+    for _ in range(_CONSOLIDATE_ATTEMPTS):
+        key, fmt = "zarr.json", 3
+        data, generation = (None, 0) if zarr_format == 2 else _sync(store.get_generation(key))
+        if data is None:
+            key, fmt = ".zmetadata", 2
+            _, generation = _sync(store.get_generation(key))
+        try:
+            with store.guarding(key, generation):
+                zarr.consolidate_metadata(store, zarr_format=fmt)
+            return
+        except ConflictError as e:
+            log.info("%s: another writer consolidated meanwhile; listing the members again", store.root_url)
+            last = e
+    assert last is not None
+    raise last
 
 
 def _commit(result: Any, mark: WriteMark) -> Any:
