@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 #: URLs recorded inside the current compound operation (mv), to know what its parts covered
 _recorded: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("cloudio_fsspec_recorded", default=None)
+#: the object a write is about, for errors of requests whose URL does not name it (multipart uploads)
+_writing: contextvars.ContextVar[str | None] = contextvars.ContextVar("cloudio_fsspec_writing", default=None)
 
 
 def _record(url: str, kind: Kind, *, generation: Any = None, size: Any = None, prefix: bool = False) -> None:
@@ -235,7 +237,10 @@ class _JournalingGCSMixin:
         except Exception as e:
             if isinstance(e, FileNotFoundError) or not _is_transient(e):
                 raise
-            raise transient_error(_request_url(self, path, args), f"{method} request", e) from e
+            url = _request_url(self, path, args)
+            if url.endswith("/") and _writing.get() is not None:
+                url = str(_writing.get())
+            raise transient_error(url, f"{method} request", e) from e
 
     call = sync_wrapper(_call)  # GCSFile uploads through the sync ``call`` gcsfs bound to its own _call
 
@@ -267,12 +272,16 @@ class _JournalingGCSMixin:
         url = self._cloudio_url(path)
         if "if_generation_match" in kwargs:
             return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
-        with journal().changing(url):  # GDAL reads of it wait until the write is recorded
-            out = await super()._pipe_file(path, data, *args, **kwargs)  # type: ignore[misc]
-            # small uploads return the object resource (generation, size, crc32c): no extra request
-            meta = out if isinstance(out, dict) else {}
-            generation = await self._verify_stored(url, meta, len(data), _crc_of(data))
-            _record(url, "write", generation=generation, size=len(data))
+        token = _writing.set(url)
+        try:
+            with journal().changing(url):  # GDAL reads of it wait until the write is recorded
+                out = await super()._pipe_file(path, data, *args, **kwargs)  # type: ignore[misc]
+                # small uploads return the object resource (generation, size, crc32c): no extra request
+                meta = out if isinstance(out, dict) else {}
+                generation = await self._verify_stored(url, meta, len(data), _crc_of(data))
+                _record(url, "write", generation=generation, size=len(data))
+        finally:
+            _writing.reset(token)
         return out
 
     async def _put_file(self, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
