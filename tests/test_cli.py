@@ -517,7 +517,7 @@ def test_raw_vrt_failure_is_gdals_listing_cache(gcs_emulator, gcs_bucket):
     """
     import rasterio
 
-    from cloudio._gdal import cache as _gdal
+    from cloudio._gdal import bindings, targets
     from cloudio._paths import parse_gcs
     from cloudio.cli.cases import RAW, Context, vrt_next_to_source
 
@@ -529,13 +529,13 @@ def test_raw_vrt_failure_is_gdals_listing_cache(gcs_emulator, gcs_bucket):
     vrt_url = ctx.url(RAW, "warp/scene_4326.vrt")
     assert ctx.other_fs().cat(vrt_url).startswith(b"<VRTDataset")  # on the server: not an upload failure
     vrt = parse_gcs(vrt_url)
-    folder = _gdal.dir_key(vrt)
+    folder = targets.dir_key(vrt)
     with ctx.gdal_env():
-        assert "scene_4326.vrt" not in _gdal.vsi_readdir(folder + "/")  # GDAL's cached listing
-        _gdal.clear(vrt.vsi)  # the VRT's own cache entry alone: still "does not exist"
+        assert "scene_4326.vrt" not in bindings.vsi_readdir(folder + "/")  # GDAL's cached listing
+        bindings.clear(vrt.vsi)  # the VRT's own cache entry alone: still "does not exist"
         with pytest.raises(rasterio.errors.RasterioIOError, match="does not exist"):
             rasterio.open(vrt.vsi)
-        _gdal.clear(folder)  # the folder's listing: the same raw reopen now works
+        bindings.clear(folder)  # the folder's listing: the same raw reopen now works
         with rasterio.open(vrt.vsi) as v:
             assert v.crs == "EPSG:4326" and v.read(1).any()
 

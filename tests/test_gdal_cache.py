@@ -1,6 +1,6 @@
 """What GDAL's /vsigs/ caches do, measured at the emulator, and what cloudio's GDAL consumer makes of it.
 
-These pin the facts ``cloudio._gdal.cache`` is built on (see its docstring): a
+These pin the facts ``cloudio._gdal.consumer`` is built on (see its docstring): a
 file-level clear leaves the neighbours cached, a directory clear does not,
 a listing GDAL holds hides new names whatever GDAL_DISABLE_READDIR_ON_OPEN
 says, and path-specific options reach listings only without a trailing '/'.
@@ -14,7 +14,7 @@ from rasterio.errors import RasterioIOError
 from rasters import put, tif
 
 import cloudio
-from cloudio._gdal import cache as _gdal
+from cloudio._gdal import bindings, consumer as gdal_consumer, endpoint, targets
 from cloudio.emulator import Emulator
 
 
@@ -33,20 +33,20 @@ def gets(emu: Emulator, since: int) -> list[str]:
 
 @pytest.fixture
 def emu_bucket(gcs_emulator: Emulator, gcs_bucket: str) -> str:
-    _gdal.ensure_endpoint(gcs_bucket[len("gs://"):])  # path-specific options, as cloudio.open sets them
+    endpoint.ensure_endpoint(gcs_bucket[len("gs://"):])  # path-specific options, as cloudio.open sets them
     return gcs_bucket
 
 
 def test_is_sidecar() -> None:
-    assert _gdal.is_sidecar("a.tif.ovr", "a.tif")
-    assert _gdal.is_sidecar("a.tif.aux.xml", "a.tif")
-    assert _gdal.is_sidecar("a.TFW", "a.tif")
-    assert _gdal.is_sidecar("a_rpc.txt", "a.tif")
-    assert _gdal.is_sidecar("METADATA.DIM", "a.tif")
-    assert _gdal.is_sidecar("a.tiff", "a.tif")  # would inherit a path-specific option set on a.tif
-    assert not _gdal.is_sidecar("a.tif", "a.tif")
-    assert not _gdal.is_sidecar("b.tif", "a.tif")
-    assert not _gdal.is_sidecar("ab.tif", "a.tif")
+    assert targets.is_sidecar("a.tif.ovr", "a.tif")
+    assert targets.is_sidecar("a.tif.aux.xml", "a.tif")
+    assert targets.is_sidecar("a.TFW", "a.tif")
+    assert targets.is_sidecar("a_rpc.txt", "a.tif")
+    assert targets.is_sidecar("METADATA.DIM", "a.tif")
+    assert targets.is_sidecar("a.tiff", "a.tif")  # would inherit a path-specific option set on a.tif
+    assert not targets.is_sidecar("a.tif", "a.tif")
+    assert not targets.is_sidecar("b.tif", "a.tif")
+    assert not targets.is_sidecar("ab.tif", "a.tif")
 
 
 def test_file_level_clear_keeps_neighbours_cached(gcs_emulator: Emulator, emu_bucket: str) -> None:
@@ -55,7 +55,7 @@ def test_file_level_clear_keeps_neighbours_cached(gcs_emulator: Emulator, emu_bu
     for name in ("a.tif", "b.tif", "a2.tif"):
         value(vsi(f"{emu_bucket}/d/{name}"))
     n = len(gcs_emulator.requests())
-    _gdal.clear(vsi(f"{emu_bucket}/d/a.tif"))
+    bindings.clear(vsi(f"{emu_bucket}/d/a.tif"))
     for name in ("a.tif", "b.tif", "a2.tif"):
         value(vsi(f"{emu_bucket}/d/{name}"))
     assert [p.rsplit("/", 1)[-1] for p in gets(gcs_emulator, n)] == ["a.tif"]
@@ -67,7 +67,7 @@ def test_directory_clear_drops_everything_below(gcs_emulator: Emulator, emu_buck
     for name in ("a.tif", "b.tif"):
         value(vsi(f"{emu_bucket}/d/{name}"))
     n = len(gcs_emulator.requests())
-    _gdal.clear(vsi(f"{emu_bucket}/d"))
+    bindings.clear(vsi(f"{emu_bucket}/d"))
     for name in ("a.tif", "b.tif"):
         value(vsi(f"{emu_bucket}/d/{name}"))
     paths = gets(gcs_emulator, n)
@@ -84,10 +84,10 @@ def test_listing_hides_new_names_even_with_readdir_disabled(gcs_emulator: Emulat
         with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN=option):
             with pytest.raises(RasterioIOError, match="does not exist"):
                 value(vsi(f"{emu_bucket}/d/b.tif"))
-    _gdal.clear(vsi(f"{emu_bucket}/d/b.tif"))  # a file-level clear is not enough either
+    bindings.clear(vsi(f"{emu_bucket}/d/b.tif"))  # a file-level clear is not enough either
     with pytest.raises(RasterioIOError, match="does not exist"):
         value(vsi(f"{emu_bucket}/d/b.tif"))
-    _gdal.clear(vsi(f"{emu_bucket}/d"))  # only the directory clear is
+    bindings.clear(vsi(f"{emu_bucket}/d"))  # only the directory clear is
     assert value(vsi(f"{emu_bucket}/d/b.tif")) == 2
 
 
@@ -106,7 +106,7 @@ def test_cloudio_opens_do_not_make_gdal_list(gcs_emulator: Emulator, emu_bucket:
 
 def test_path_specific_endpoint_reaches_listings(gcs_emulator: Emulator, emu_bucket: str) -> None:
     put(gcs_emulator, f"{emu_bucket}/d/a.tif", tif(1))
-    assert _gdal.listdir(f"{emu_bucket}/d/") == ["a.tif"]
+    assert gdal_consumer.listdir(f"{emu_bucket}/d/") == ["a.tif"]
 
 
 def test_prefix_invalidation_leaves_other_prefixes_cached(gcs_emulator: Emulator, emu_bucket: str) -> None:

@@ -20,7 +20,7 @@ from rasters import put
 
 import cloudio
 from cloudio import _config
-from cloudio._gdal import cache as _gdal
+from cloudio._gdal import bindings, endpoint
 from cloudio.emulator import Emulator
 
 
@@ -109,7 +109,7 @@ def test_hanging_server_gives_transient_error(obj: str, fault_proxy: FaultProxy,
 def test_timeouts_and_retries_are_set_on_the_bucket(gcs_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "7")
     bucket = gcs_bucket[len("gs://"):]
-    _gdal.ensure_endpoint(bucket)
+    endpoint.ensure_endpoint(bucket)
     assert path_option(f"/vsigs/{bucket}/k.tif", "GDAL_HTTP_TIMEOUT") == "7"
     assert path_option(f"/vsigs/{bucket}/k.tif", "GDAL_HTTP_MAX_RETRY") == "3"
 
@@ -117,9 +117,9 @@ def test_timeouts_and_retries_are_set_on_the_bucket(gcs_bucket: str, monkeypatch
 def test_user_gdal_config_wins(gcs_bucket: str) -> None:
     bucket = gcs_bucket[len("gs://"):]
     with rasterio.Env(GDAL_HTTP_TIMEOUT="123"):
-        _gdal.ensure_endpoint(bucket)
+        endpoint.ensure_endpoint(bucket)
         assert path_option(f"/vsigs/{bucket}/k.tif", "GDAL_HTTP_TIMEOUT") == "123"
-    _gdal.ensure_endpoint(bucket)
+    endpoint.ensure_endpoint(bucket)
     assert path_option(f"/vsigs/{bucket}/k.tif", "GDAL_HTTP_TIMEOUT") == f"{_config.http_timeout():g}"
 
 
@@ -128,7 +128,7 @@ def test_user_gdal_config_wins(gcs_bucket: str) -> None:
 
 def path_option(path: str, key: str) -> str | None:
     """GDAL's own ``VSIGetPathSpecificOption`` (falls back to the config option, like GDAL does)."""
-    fn = _gdal._lib().VSIGetPathSpecificOption
+    fn = bindings._lib().VSIGetPathSpecificOption
     fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
     fn.restype = ctypes.c_char_p
     out = fn(path.encode(), key.encode(), None)
@@ -137,7 +137,7 @@ def path_option(path: str, key: str) -> str | None:
 
 def test_options_reach_the_bucket_and_its_listings(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     bucket = gcs_bucket[len("gs://"):]
-    _gdal.ensure_endpoint(bucket)
+    endpoint.ensure_endpoint(bucket)
     assert path_option(f"/vsigs/{bucket}/k.tif", "CPL_GS_ENDPOINT") == gcs_emulator.url + "/"
     assert path_option(f"/vsigs/{bucket}", "GS_NO_SIGN_REQUEST") == "YES"  # GDAL's lookup for listings
 
@@ -145,16 +145,16 @@ def test_options_reach_the_bucket_and_its_listings(gcs_emulator: Emulator, gcs_b
 def test_options_are_removed_when_the_endpoint_changes(gcs_emulator: Emulator, gcs_bucket: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = gcs_bucket[len("gs://"):]
-    _gdal.ensure_endpoint(bucket)
+    endpoint.ensure_endpoint(bucket)
     assert path_option(f"/vsigs/{bucket}/k.tif", "GS_NO_SIGN_REQUEST") == "YES"
     monkeypatch.delenv("STORAGE_EMULATOR_HOST")
-    _gdal.ensure_endpoint("some-other-bucket")  # any open after the change
+    endpoint.ensure_endpoint("some-other-bucket")  # any open after the change
     try:
         assert path_option(f"/vsigs/{bucket}/k.tif", "GS_NO_SIGN_REQUEST") is None
         assert path_option(f"/vsigs/{bucket}/k.tif", "CPL_GS_ENDPOINT") is None
     finally:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
-        _gdal.ensure_endpoint(bucket)
+        endpoint.ensure_endpoint(bucket)
 
 
 def test_root_object_with_sidecar_reads_from_the_emulator(gcs_emulator: Emulator, gcs_bucket: str,

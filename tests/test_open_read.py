@@ -18,8 +18,8 @@ from rasterio.errors import RasterioIOError
 from rasters import tif
 
 import cloudio
-from cloudio._gdal import cache as _gdal
-from cloudio._gdal.cache import vsi_readdir
+from cloudio._gdal import bindings, consumer as gdal_consumer
+from cloudio._gdal.bindings import vsi_readdir
 from cloudio._journal import journal
 from cloudio.emulator import Emulator
 
@@ -85,11 +85,11 @@ def test_raw_listing_misses_new_object(gcs_emulator: Emulator, gcs_bucket: str) 
 def test_listing_through_cloudio_sees_new_object(gcs_bucket: str) -> None:
     fs = cloudio.filesystem(gcs_bucket)
     fs.pipe(f"{gcs_bucket}/d/a.tif", tif(1))
-    assert _gdal.listdir(f"{gcs_bucket}/d/") == ["a.tif"]
+    assert gdal_consumer.listdir(f"{gcs_bucket}/d/") == ["a.tif"]
     fs.pipe(f"{gcs_bucket}/d/b.tif", tif(2))
-    assert sorted(_gdal.listdir(f"{gcs_bucket}/d/")) == ["a.tif", "b.tif"]
+    assert sorted(gdal_consumer.listdir(f"{gcs_bucket}/d/")) == ["a.tif", "b.tif"]
     fs.rm(f"{gcs_bucket}/d/a.tif")
-    assert _gdal.listdir(f"{gcs_bucket}/d/") == ["b.tif"]
+    assert gdal_consumer.listdir(f"{gcs_bucket}/d/") == ["b.tif"]
 
 
 # -- row 2: overwrite with a new shape and new pixels --------------------------------------------
@@ -350,7 +350,7 @@ def test_dataset_read_in_another_thread_after_open_returned(gcs_emulator: Emulat
     url = f"{gcs_bucket}/d/a.tif"
     cloudio.filesystem(url).pipe(url, tif(4, 256))
     ds = cloudio.open(url)  # no rasterio.Env is active once this returns
-    _gdal.clear(url.replace("gs://", "/vsigs/"))  # make GDAL fetch the pixels lazily, later
+    bindings.clear(url.replace("gs://", "/vsigs/"))  # make GDAL fetch the pixels lazily, later
     n = len(gcs_emulator.requests())
     out: dict[str, object] = {}
 
@@ -372,7 +372,7 @@ def test_no_global_gdal_config_is_changed(gcs_bucket: str) -> None:
     url = f"{gcs_bucket}/a.tif"
     cloudio.filesystem(url).pipe(url, tif(1))
     cloud_read(url)
-    lib = _gdal._lib()
+    lib = bindings._lib()
     lib.CPLGetConfigOption.restype = ctypes.c_char_p
     for key in (b"CPL_GS_ENDPOINT", b"GS_NO_SIGN_REQUEST", b"GDAL_DISABLE_READDIR_ON_OPEN"):
         assert lib.CPLGetConfigOption(key, None) is None
@@ -402,7 +402,7 @@ def test_rasterio_15_cache_module_is_used(gcs_bucket: str) -> None:
     assert cloud_read(url) == ((1, 64, 64), 1)
     fs.pipe(url, tif(2))
     assert cloud_read(url) == ((1, 64, 64), 2)
-    assert _gdal._clear_fn is rasterio.cache.invalidate  # not the ctypes fallback
+    assert bindings._clear_fn is rasterio.cache.invalidate  # not the ctypes fallback
 
 
 # -- a dataset open across an overwrite ----------------------------------------------------------
@@ -423,7 +423,7 @@ def test_raw_old_dataset_poisons_later_opens(gcs_emulator: Emulator, gcs_bucket:
     with raw_env(gcs_emulator):
         old = rasterio.open(url.replace("gs://", "/vsigs/"))
         put_elsewhere(gcs_emulator, url, tif(2, 48))
-        _gdal.clear(url.replace("gs://", "/vsigs/"))  # even an exact clear right after the write
+        bindings.clear(url.replace("gs://", "/vsigs/"))  # even an exact clear right after the write
         _read_or_error(old)  # the old dataset reads new bytes cut at its old size
         old.close()
         with rasterio.open(url.replace("gs://", "/vsigs/")) as ds:

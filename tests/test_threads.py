@@ -217,9 +217,9 @@ def test_a_write_of_another_object_does_not_wait_for_a_read(gcs_emulator, gcs_bu
 def test_a_write_behind_a_stuck_read_goes_ahead_after_change_wait(
     gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from cloudio._gdal import cache
+    from cloudio._gdal import gates
 
-    monkeypatch.setattr(cache, "CHANGE_WAIT", 0.5)
+    monkeypatch.setattr(gates, "CHANGE_WAIT", 0.5)
     url = f"{gcs_bucket}/g/a.tif"
     fs = cloudio.filesystem(url)
     fs.pipe(url, rasters.tif(1, 512))
@@ -228,7 +228,7 @@ def test_a_write_behind_a_stuck_read_goes_ahead_after_change_wait(
         got: list[object] = []
         reader = _read_in_thread(ds, got)
         _until(lambda: slow.hits, "the read's GET")
-        with caplog.at_level("WARNING", logger="cloudio._gdal.cache"):
+        with caplog.at_level("WARNING", logger="cloudio._gdal.gates"):
             fs.pipe(url, rasters.tif(2, 512))
         assert reader.is_alive(), "the write waited for the stuck read to end"
         assert any("/vsigs/" in r.getMessage() and "a.tif" in r.getMessage() and "still running" in r.getMessage()

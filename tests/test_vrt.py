@@ -17,7 +17,7 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
 import cloudio
-from cloudio._gdal.cache import vsi_readdir
+from cloudio._gdal.bindings import vsi_readdir
 from cloudio._gdal.vrt import absolute_sources
 from cloudio._journal import journal
 from cloudio._paths import parse_gcs

@@ -48,7 +48,7 @@ Kind = Literal["write", "delete", "invalidate"]
 #: caches that register a consumer when their library is loaded in this process:
 #: (library whose import means the cache may hold state, cloudio module that registers it).
 #: A library not yet imported holds no cache, so nothing can be stale there.
-_CONSUMER_MODULES = (("rasterio", "cloudio._gdal.cache"), ("fsspec", "cloudio._fsspec.consumer"))
+_CONSUMER_MODULES = (("rasterio", "cloudio._gdal.consumer"), ("fsspec", "cloudio._fsspec.consumer"))
 ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 

@@ -47,7 +47,7 @@ keep_async: list[Any] = []
 #: modules owning state elsewhere, and the name of their reset function (called when loaded)
 _RESET_HOOKS = (
     ("cloudio._journal", "reset"),
-    ("cloudio._gdal.cache", "reset"),
+    ("cloudio._gdal.consumer", "reset"),
     ("cloudio._fsspec.consumer", "reset"),
     ("cloudio._zarr.store", "reset"),
 )

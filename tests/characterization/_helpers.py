@@ -44,7 +44,7 @@ def geotiff(size: int, value: int) -> bytes:
 
 def gdal_readdir(path: str) -> list[str]:
     """GDAL's own ``VSIReadDir(path)`` (a ctypes binding only: no cloudio cache in the way)."""
-    from cloudio._gdal.cache import vsi_readdir
+    from cloudio._gdal.bindings import vsi_readdir
 
     return sorted(vsi_readdir(path))
 

@@ -2,7 +2,7 @@
 
 The flow of a read of a GCS object::
 
-    journal changes ──(applied at write time)──► GDAL caches (cloudio._gdal.cache)
+    journal changes ──(applied at write time)──► GDAL caches (cloudio._gdal.consumer)
     cloudio.open(url)
       1. normalise the URL; point /vsigs/<bucket> at the emulator if one is in force
       2. consistency "strong" / N seconds: one metadata request -> clear on a new generation
@@ -23,7 +23,7 @@ These errors are also :class:`rasterio.errors.RasterioIOError`, so code written
 for :func:`rasterio.open` keeps catching them.
 
 Its GDAL I/O (open, reads, ``files``, ``overviews``, close) runs on the shared
-side of the object's gate (:data:`cloudio._gdal.cache.gates`), so that no write
+side of the object's gate (:data:`cloudio._gdal.gates.gates`), so that no write
 of the object through cloudio changes it on the server meanwhile (GDAL 3.10
 and 3.12 corrupt their heap when handles of one URL see two versions). A read
 through a dataset opened before such a write never touches the old handle: it
@@ -42,15 +42,19 @@ import logging
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.io import DatasetReader
 
 from cloudio import _state
-from cloudio._gdal import cache as _gdal
 from cloudio._gcs.client import gcs_filesystem, not_found, object_metadata, where
+from cloudio._gdal import bindings
+from cloudio._gdal.consumer import LISTING_LIMIT, NEEDS_LISTING, consumer
+from cloudio._gdal.endpoint import ensure_endpoint
+from cloudio._gdal.gates import gates as _gates
+from cloudio._gdal.targets import Target, target
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
 from cloudio._session import count, current_level
 from cloudio.errors import (
@@ -86,7 +90,8 @@ class StaleDatasetReadError(StaleDatasetError, RasterioIOError):
     """A :class:`StaleDatasetError` that code catching rasterio's own read errors also catches."""
 
 
-_gates = _gdal.gates
+#: the consumer's object epochs, read directly on the per-open fast path
+_epochs = consumer._epoch
 #: reads of a dataset whose object keeps changing under them, before giving up
 _READ_ATTEMPTS = 4
 
@@ -101,10 +106,10 @@ class _Reader(DatasetReader):
     raises cloudio's error naming the URL.
     """
 
-    _cloudio_target: _gdal.Target
+    _cloudio_target: Target
     _cloudio_epoch: int  #: the object's epoch when the open began (see GdalConsumer.opened_dataset)
     _cloudio_open: tuple[str | None, dict[str, Any]] = (None, {})  #: driver and options it was opened with
-    _cloudio_fresh: "_Reader | None" = None  #: a later open of the object that reads go to
+    _cloudio_fresh: _Reader | None = None  #: a later open of the object that reads go to
 
     @property  # type: ignore[override]
     def name(self) -> str:
@@ -137,9 +142,8 @@ class _Reader(DatasetReader):
         return _io(self, DatasetReader.overviews, args, kwargs)  # GDAL reads overview IFDs, .ovr on first use
 
     def close(self) -> None:
-        fresh = self._cloudio_fresh
-        if fresh is not None:
-            self._cloudio_fresh = None
+        if self._cloudio_fresh is not None:
+            fresh, self._cloudio_fresh = self._cloudio_fresh, None
             fresh.close()
         vsi = self._cloudio_target.vsi
         _gates.enter(vsi)
@@ -149,12 +153,11 @@ class _Reader(DatasetReader):
             _gates.exit(vsi)
 
 
-def _reader(ds: Any, t: _gdal.Target, epoch: int, driver: str | None = None, kwargs: dict[str, Any] | None = None) -> Any:
+def _reader(ds: Any, t: Target, epoch: int, driver: str | None = None, kwargs: dict[str, Any] | None = None) -> Any:
     """Make a plain DatasetReader a :class:`_Reader` (same object, same layout: a class swap)."""
     if type(ds) is DatasetReader:
         ds.__class__ = _Reader
-        ds._cloudio_target = t
-        ds._cloudio_epoch = epoch
+        ds.__dict__.update(_cloudio_target=t, _cloudio_epoch=epoch)
         if driver is not None or kwargs:
             ds._cloudio_open = (driver, kwargs or {})
     return ds
@@ -163,14 +166,14 @@ def _reader(ds: Any, t: _gdal.Target, epoch: int, driver: str | None = None, kwa
 def _io(ds: _Reader, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``fn(ds, ...)`` inside the object's gate, through a handle opened since the object's last change.
 
-    The object's epoch (:class:`cloudio._gdal.cache.GdalConsumer`) is compared
+    The object's epoch (:class:`cloudio._gdal.consumer.GdalConsumer`) is compared
     inside the gate, where no write through cloudio can change it: a handle
     opened before a change never does I/O again (GDAL would mix two versions
     in its cache, and crash); the read goes to a fresh open instead. The
     epoch is compared once more after the read, for a write that gave up
-    waiting for it (:data:`cloudio._gdal.cache.CHANGE_WAIT`).
+    waiting for it (:data:`cloudio._gdal.gates.CHANGE_WAIT`).
     """
-    epochs = _gdal.consumer._epoch
+    epochs = consumer._epoch
     vsi = ds._cloudio_target.vsi
     src = ds._cloudio_fresh or ds
     for _ in range(_READ_ATTEMPTS):
@@ -216,7 +219,7 @@ def _renew(ds: _Reader) -> _Reader:
     return fresh
 
 
-def _stale(t: _gdal.Target, why: str) -> StaleDatasetReadError:
+def _stale(t: Target, why: str) -> StaleDatasetReadError:
     return StaleDatasetReadError(
         f"{t.path.url}: overwritten by this process while this dataset was open ({why}); "
         "reopen it with cloudio.open."
@@ -231,10 +234,10 @@ def _retry_read(ds: _Reader, first: RasterioIOError, fn: Any, args: tuple[Any, .
     """Clear what the failed read left in GDAL's cache, then read once more; :data:`_CHANGED` if overwritten."""
     t = ds._cloudio_target
     log.info("%s: read failed (%s); clearing GDAL's cache of it and retrying once", t.path.url, first)
-    _gdal.clear(t.vsi)
+    bindings.clear(t.vsi)
     _gates.enter(t.vsi)
     try:
-        if _gdal.consumer._epoch.get(t.vsi, 0) != ds._cloudio_epoch:
+        if consumer._epoch.get(t.vsi, 0) != ds._cloudio_epoch:
             return _CHANGED  # meanwhile: this handle must not read again
         return fn(ds, *args, **kwargs)
     except RasterioIOError as e:
@@ -264,7 +267,7 @@ def _is_transient(e: BaseException) -> bool:
     return _TRANSIENT.search(text) is not None or _SHORT_READ.search(text) is not None
 
 
-def _transient(t: _gdal.Target, e: BaseException) -> TransientReadError:
+def _transient(t: Target, e: BaseException) -> TransientReadError:
     return TransientReadError(
         f"{t.path.url}: {where()} did not answer in time or failed (HTTP 5xx/429, reset or timeout), "
         f"even after GDAL's retries and one more after clearing its cache: {_messages(e)}. "
@@ -272,7 +275,7 @@ def _transient(t: _gdal.Target, e: BaseException) -> TransientReadError:
     )
 
 
-def _read_error(t: _gdal.Target, e: RasterioIOError) -> CloudioError:
+def _read_error(t: Target, e: RasterioIOError) -> CloudioError:
     """cloudio's error for a GDAL failure that survived a clear and a retry (``e`` becomes its cause)."""
     if _is_transient(e):
         return _transient(t, e)
@@ -289,7 +292,7 @@ def _read_error(t: _gdal.Target, e: RasterioIOError) -> CloudioError:
     )
 
 
-def open(  # noqa: A001 - the public name mirrors rasterio.open
+def open(
     fp: Any,
     mode: str = "r",
     driver: str | None = None,
@@ -303,7 +306,7 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
     sharing: bool = False,
     opener: Any = None,
     **kwargs: Any,
-) -> "DatasetReader":
+) -> DatasetReader:
     """Open a dataset for reading or writing, like :func:`rasterio.open`, fresh.
 
     Parameters
@@ -365,11 +368,11 @@ def open(  # noqa: A001 - the public name mirrors rasterio.open
             transform=transform, dtype=dtype, nodata=nodata, sharing=sharing, opener=opener, **kwargs,
         )
     if mode == "r":
-        c = _gdal.consumer
-        if driver is None and not kwargs and current_level() == "session" and c.unchanged(t):
+        c = consumer
+        if driver is None and not kwargs and c.unchanged(t) and current_level() == "session":
             # the common case, kept cheap: read before, nothing written since, nothing to check
-            epoch = c.epoch(t)  # see GdalConsumer.opened_dataset
             vsi = t.vsi
+            epoch = _epochs.get(vsi, 0)  # see GdalConsumer.opened_dataset
             _gates.enter(vsi)
             try:
                 dataset = rasterio.open(vsi, "r", sharing=sharing)
@@ -406,16 +409,16 @@ _count = count
 
 
 #: parsed gs:// and /vsigs/ spellings (their meaning never changes): a dict lookup per open
-_parsed: dict[str, _gdal.Target] = {}
+_parsed: dict[str, Target] = {}
 _PARSED_MAX = 10_000
 
 
-def _target(fp: Any) -> _gdal.Target | None:
+def _target(fp: Any) -> Target | None:
     """The object ``fp`` names, or None when ``fp`` is not a GCS URL (rasterio's business)."""
     if not isinstance(fp, (str, os.PathLike)) or not is_gcs(fp):
         return None
     s = os.fspath(fp)
-    t = _gdal.target(parse_gcs(s, require_key=True), s)
+    t = target(parse_gcs(s, require_key=True), s)
     if s.startswith(("gs://", "/vsigs/")):  # http(s) spellings depend on the emulator in force
         if len(_parsed) >= _PARSED_MAX:
             _parsed.clear()
@@ -423,8 +426,8 @@ def _target(fp: Any) -> _gdal.Target | None:
     return t
 
 
-def _open_read(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
-    _gdal.ensure_endpoint(t.path.bucket)
+def _open_read(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> DatasetReader:
+    ensure_endpoint(t.path.bucket)
     level = current_level()
     if level != "session":
         _revalidate(t.path, None if level == "strong" else float(level))
@@ -432,28 +435,28 @@ def _open_read(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[
         return _gdal_open(t, driver, sharing, kwargs)
     except RasterioIOError as e:
         if _is_transient(e):  # GDAL retried already; what it cached of the object may be partial
-            _gdal.clear(t.vsi)
+            bindings.clear(t.vsi)
         else:
             # off the happy path: now, and only now, ask the server what is wrong
             _raise_if_missing(t, e)
             # the object exists: GDAL answered from a listing made behind cloudio's back, or
             # from part of a range a broken download left (the directory clear drops both)
-            _gdal.consumer.forget_listing(t.path)
+            consumer.forget_listing(t.path)
         try:
             return _gdal_open(t, driver, sharing, kwargs)
         except RasterioIOError as e2:
             raise _read_error(t, e2) from e2
 
 
-def _gdal_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
-    c = _gdal.consumer
+def _gdal_open(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> DatasetReader:
+    c = consumer
     epoch = c.epoch(t)
     ds = _gdal_open_planned(t, driver, sharing, kwargs)
     c.opened_dataset(t, ds, epoch)
     return _reader(ds, t, epoch, driver, kwargs)
 
 
-def _rio_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
+def _rio_open(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> DatasetReader:
     """``rasterio.open`` of the ``/vsigs/`` path inside its gate (no write through cloudio meanwhile)."""
     _gates.enter(t.vsi)
     try:
@@ -464,9 +467,9 @@ def _rio_open(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[s
         _gates.exit(t.vsi)
 
 
-def _gdal_open_planned(t: _gdal.Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> "DatasetReader":
-    c = _gdal.consumer
-    if c.plan_read(t) is _gdal.NEEDS_LISTING:
+def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> DatasetReader:
+    c = consumer
+    if c.plan_read(t) is NEEDS_LISTING:
         names = _list_names(t.path)
         if names is _NO_BUCKET:  # let GDAL fail; the failure is diagnosed by the caller
             return _rio_open(t, driver, sharing, kwargs)
@@ -499,8 +502,6 @@ def _list_names(path: GCSPath) -> Any:
     None when they fill more than one page (GDAL then lists for itself);
     ``_NO_BUCKET`` when the bucket does not exist.
     """
-    from cloudio._gdal.cache import LISTING_LIMIT
-
     prefix = path.parent.key
     try:
         out = gcs_filesystem().call(
@@ -521,27 +522,27 @@ def _list_names(path: GCSPath) -> Any:
 
 def _revalidate(path: GCSPath, max_age: float | None) -> None:
     """Strong / bounded levels: compare the server's generation with what GDAL's cache holds."""
-    last = _gdal.consumer.last_check(path.url)
+    last = consumer.last_check(path.url)
     if max_age is not None and last is not None and time.monotonic() - last[1] <= max_age:
         return
     try:
         meta = object_metadata(path)
     except FileNotFoundError as e:
         _count("revalidations")
-        _gdal.consumer.mark_unknown(path)
+        consumer.mark_unknown(path)
         raise not_found(path) from e
     _count("revalidations")
-    if _gdal.consumer.revalidated(path, int(meta["generation"])):
+    if consumer.revalidated(path, int(meta["generation"])):
         log.debug("%s changed on the server (generation %s); cleared GDAL's copy", path.url, meta["generation"])
     if max_age is not None:  # bounded staleness also covers cloudio's listing (sidecars)
-        age = _gdal.consumer.listing_age(path)
+        age = consumer.listing_age(path)
         if age is not None and age > max_age:
             names = _list_names(path)
             if names is not _NO_BUCKET:
-                _gdal.consumer.set_listing(path, names)
+                consumer.set_listing(path, names)
 
 
-def _raise_if_missing(t: _gdal.Target, cause: RasterioIOError) -> None:
+def _raise_if_missing(t: Target, cause: RasterioIOError) -> None:
     """Raise the not-found error that says why, unless the object exists."""
     try:
         object_metadata(t.path)

@@ -60,7 +60,7 @@ through :func:`cloudio._gcs.transfer.put_verified`, a tracked filesystem's
 ``pipe``/``put``/``cp``/``rm``) and reads of datasets ``cloudio.open``
 returned, in any threads of one process, never crash GDAL and never return
 pixels from two versions. Each object has a readers-writer gate
-(:class:`_ObjectGates`): a writer holds it exclusively from before its bytes
+(:mod:`cloudio._gdal.gates`): a writer holds it exclusively from before its bytes
 are sent until the change is recorded and cleared
 (:meth:`cloudio._journal.WriteJournal.changing`), cloudio's GDAL I/O of the
 object (open, each read, close) holds it shared, and a dataset opened before
@@ -71,374 +71,57 @@ writes by other processes (or with other clients) while a dataset is open or
 being read, which is GDAL's own behaviour; datasets opened with plain
 ``rasterio.open``; the sources of a VRT, which GDAL opens itself.
 
-Options that datasets need while GDAL reads them lazily (the emulator
-endpoint, unsigned requests) are set as GDAL *path-specific* options on
-``/vsigs/<bucket>``, which hold in every thread and outlive any
-``rasterio.Env``; process-wide configuration is never touched, and anonymous
-requests are only ever configured for an emulator. The same options carry
-GDAL's timeouts and retries (:func:`cloudio._config.gdal_http_options`,
-``CLOUDIO_HTTP_TIMEOUT``; GDAL's defaults wait forever), except those the
-user set in the environment or in the ``rasterio.Env`` in force: a
-path-specific option would win over theirs. When the endpoint changes, the
-options of every bucket are removed.
+The GDAL calls themselves (:mod:`cloudio._gdal.bindings`) are collaborators
+(:class:`GdalCalls`), so that this logic is tested against a recording fake
+(tests/test_gdal_consumer_unit.py) as well as against GDAL. Gates live in
+:mod:`cloudio._gdal.gates`, per-bucket options in :mod:`cloudio._gdal.endpoint`,
+path helpers in :mod:`cloudio._gdal.targets`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-from cloudio import _config
-from cloudio._config import emulator_endpoint
+from cloudio._gdal import bindings
+from cloudio._gdal.endpoint import ensure_endpoint, in_force
+from cloudio._gdal.endpoint import reset as reset_endpoints
+from cloudio._gdal.gates import gates
+from cloudio._gdal.targets import REFERENCING_SUFFIXES, Target, dir_key, is_sidecar, split_vsi
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, is_gcs, is_under, parse_gcs
-from cloudio._session import count
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GdalConsumer", "clear", "consumer", "ensure_endpoint", "gates", "listdir", "set_path_option"]
+__all__ = ["NEEDS_LISTING", "GdalCalls", "GdalConsumer", "consumer", "listdir", "reset"]
 
-#: names GDAL probes next to any raster whatever its own name (seen in its request log)
-_DIR_SIDECARS = frozenset({"metadata.dim", "summary.txt", "hdr.txt", "rpc.txt", "metadata.xml"})
-#: drivers whose datasets reference other files that GDAL opens itself
-_REFERENCING_SUFFIXES = (".vrt", ".xml")
 #: cloudio's own listing is only trusted when it fits one page (GDAL's own limit is 1000)
 LISTING_LIMIT = 1000
 _RECLEAR_MAX = 10_000
 _TRACK_MAX = 100_000
+#: datasets remembered per object before the closed ones are dropped (amortised over the opens)
+_PRUNE_AT = 64
 #: the change of a directory listing whose new names are unknown (an external invalidation)
 _ANY = "\0any"
 
 
-# --------------------------------------------------------------------------------------------
-# reaching GDAL (the libgdal rasterio loaded; never a second copy)
-# --------------------------------------------------------------------------------------------
-
-_lib_handle: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    """The symbols of the libgdal rasterio already loaded, through its own extension module."""
-    global _lib_handle
-    if _lib_handle is None:
-        import rasterio._env
-
-        lib = ctypes.CDLL(rasterio._env.__file__)
-        lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
-        lib.VSICurlPartialClearCache.restype = None
-        lib.VSISetPathSpecificOption.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
-        lib.VSISetPathSpecificOption.restype = None
-        lib.VSIClearPathSpecificOptions.argtypes = [ctypes.c_char_p]
-        lib.VSIClearPathSpecificOptions.restype = None
-        lib.VSIReadDir.argtypes = [ctypes.c_char_p]
-        lib.VSIReadDir.restype = ctypes.POINTER(ctypes.c_char_p)
-        lib.CSLDestroy.argtypes = [ctypes.POINTER(ctypes.c_char_p)]
-        lib.CSLDestroy.restype = None
-        _lib_handle = lib
-    return _lib_handle
-
-
-def vsi_readdir(vsi_dir: str) -> list[str]:
-    """GDAL's own ``VSIReadDir``: the listing GDAL makes, and then keeps in its cache."""
-    lib = _lib()
-    arr = lib.VSIReadDir(vsi_dir.encode())
-    names: list[str] = []
-    if arr:
-        while arr[len(names)] is not None:
-            names.append(arr[len(names)].decode())
-        lib.CSLDestroy(arr)
-    return names
-
-
-_clear_fn: Any = None
-
-
-def _partial_clear(vsi_prefix: str) -> None:
-    """GDAL's ``VSICurlPartialClearCache``: ``rasterio.cache.invalidate`` (rasterio >= 1.5) or ctypes."""
-    global _clear_fn
-    if _clear_fn is None:
-        try:
-            from rasterio.cache import invalidate  # rasterio >= 1.5; passes /vsigs/ paths through
-
-            _clear_fn = invalidate
-        except ImportError:
-            fn = _lib().VSICurlPartialClearCache
-            _clear_fn = lambda prefix: fn(prefix.encode())  # noqa: E731
-    _clear_fn(vsi_prefix)
-
-
-class _Held(threading.local):
-    """Per thread: the objects it is inside shared sections of, with their nesting depth."""
-
-    def __init__(self) -> None:
-        self.depth: dict[str, int] = {}
-
-
-class _ObjectGates:
-    """Per object, a readers-writer lock: cloudio's GDAL I/O of it shared, a change of its content exclusive.
-
-    GDAL (3.10 and 3.12) corrupts its heap when ``/vsigs/`` handles of one
-    URL see two versions of the object: a handle that learnt the old size
-    reads after the content changed on the server (before or after the
-    clear), and its bytes meet those of handles that learnt the new size. So a
-    writer holds the object exclusively from before its bytes are sent until
-    the change is recorded and GDAL's cache of it cleared
-    (:meth:`GdalConsumer.before_change`), and the object's I/O in flight
-    (open, each read, close: never a dataset's whole life) finishes first.
-    Other objects' I/O never waits, and a write of an object with no I/O in
-    flight never waits either (one mutex, one dict lookup).
-
-    Writers are preferred: shared sections starting while a change waits or
-    runs wait for it. Reentrant: a thread inside a shared section of an
-    object enters it again without waiting, and a change it makes of that
-    object does not wait for itself. A change that waited
-    :data:`CHANGE_WAIT` seconds for I/O in flight (a read stuck on the
-    network) goes ahead with a warning: that read may then see two versions.
-    """
-
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._turn = threading.Condition(self._mutex)
-        self._readers: dict[str, int] = {}  #: vsi -> threads inside its shared sections
-        self._changing: dict[str, int] = {}  #: vsi -> changes holding or waiting for it
-        self._forced: set[str] = set()  #: vsi whose change gave up waiting: later ones don't wait again
-        self._held = _Held()
-
-    def enter(self, vsi: str) -> None:
-        """Start GDAL I/O of ``vsi`` (shared)."""
-        held = self._held.depth
-        depth = held.get(vsi)
-        if depth:
-            held[vsi] = depth + 1
-            return
-        with self._mutex:
-            while vsi in self._changing:
-                self._turn.wait()
-            self._readers[vsi] = self._readers.get(vsi, 0) + 1
-        held[vsi] = 1
-
-    def exit(self, vsi: str) -> None:
-        """End GDAL I/O of ``vsi``."""
-        held = self._held.depth
-        depth = held[vsi] - 1
-        if depth:
-            held[vsi] = depth
-            return
-        del held[vsi]
-        with self._mutex:
-            left = self._readers[vsi] - 1
-            if left:
-                self._readers[vsi] = left
-                return
-            del self._readers[vsi]
-            if self._changing:
-                self._turn.notify_all()
-
-    def begin_change(self, vsi: str) -> None:
-        """Hold ``vsi`` exclusively: after its I/O in flight (at most :data:`CHANGE_WAIT` s), before any later."""
-        mine = 1 if vsi in self._held.depth else 0  # waiting for this thread's own I/O would deadlock
-        deadline = time.monotonic() + CHANGE_WAIT
-        with self._mutex:
-            self._changing[vsi] = self._changing.get(vsi, 0) + 1
-            while self._readers.get(vsi, 0) > mine and vsi not in self._forced:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("gdal: GDAL I/O of %s still running after %.0f s; changing it anyway (that "
-                                "read may mix two versions)", vsi, CHANGE_WAIT)
-                    self._forced.add(vsi)
-                    return
-                self._turn.wait(left)
-
-    def end_change(self, vsi: str) -> None:
-        """Let ``vsi``'s I/O resume."""
-        with self._mutex:
-            n = self._changing[vsi] - 1
-            if n:
-                self._changing[vsi] = n
-            else:
-                del self._changing[vsi]
-                self._forced.discard(vsi)
-            self._turn.notify_all()
-
-
-#: seconds a change of an object waits for cloudio's GDAL I/O of it in flight before going ahead
-CHANGE_WAIT = 30.0
-gates = _ObjectGates()
-
-
-def clear(vsi_prefix: str) -> None:
-    """Drop everything GDAL caches whose path starts with ``vsi_prefix`` (a plain string prefix).
-
-    Safe while other objects are read (measured: GDAL's caches lock
-    themselves); what must not overlap I/O of an object is a change of its
-    content, see :class:`_ObjectGates`.
-    """
-    _partial_clear(vsi_prefix)
-    count("invalidations", cache="gdal")
-    log.debug("gdal: cleared %s", vsi_prefix)
-
-
-def set_path_option(prefix: str, key: str, value: str) -> None:
-    """``VSISetPathSpecificOption`` (GDAL >= 3.6): ``key=value`` for every path under ``prefix``."""
-    _lib().VSISetPathSpecificOption(prefix.encode(), key.encode(), value.encode())
-
-
-def clear_path_options(prefix: str) -> None:
-    """``VSIClearPathSpecificOptions`` for exactly ``prefix``."""
-    _lib().VSIClearPathSpecificOptions(prefix.encode())
-
-
-_endpoints: dict[str, object] = {}  # bucket -> the settings last applied to it
-_endpoints_lock = threading.Lock()
-_applied_endpoint: list[object] = [None]  # the endpoint state the options of _endpoints point at
-
-#: GDAL options cloudio sets per bucket; a user's own setting of any of these wins
-_HTTP_KEYS = (
-    "GDAL_HTTP_TIMEOUT", "GDAL_HTTP_CONNECTTIMEOUT", "GDAL_HTTP_MAX_RETRY",
-    "GDAL_HTTP_RETRY_DELAY", "GDAL_HTTP_RETRY_CODES",
-)
-
-
-_rio_local: Any = None
-
-
-def _user_http_keys() -> tuple[str, ...]:
-    """Which of :data:`_HTTP_KEYS` the user set (a ``rasterio.Env`` in this thread, or the environment)."""
-    global _rio_local
-    if _rio_local is None:
-        import rasterio.env
-
-        _rio_local = rasterio.env.local
-    env = getattr(_rio_local, "_env", None)
-    if env is None:  # the common case, kept cheap
-        return ()
-    opts = getattr(env, "options", {})
-    return tuple(k for k in _HTTP_KEYS if k in opts)
-
-
-def _endpoint_state() -> object:
-    """What decides the options of a bucket (cheap to compare on every open; parsed only on change)."""
-    return (*_config.endpoint_state(), _user_http_keys())
-
-
-def bucket_prefix(bucket: str) -> str:
-    """``/vsigs/<bucket>``, no '/': GDAL looks the options of every listing up by the bucket alone.
-
-    Measured with GDAL 3.10: with ``/vsigs/<bucket>/`` listings of any
-    directory go unsigned to Google. The string prefix also reaches buckets
-    whose names extend this one, but only for the endpoint in force: on a
-    change of endpoint every bucket's options are removed.
-    """
-    return f"/vsigs/{bucket}"
-
-
-def ensure_endpoint(bucket: str) -> None:
-    """Set ``bucket``'s GDAL options: the emulator in force (if any), timeouts and retries.
-
-    They are path-specific options on ``/vsigs/<bucket>`` (see
-    :func:`bucket_prefix`), so they hold for datasets read lazily in any
-    thread. An HTTP option the user set in the environment or in a
-    ``rasterio.Env`` is left to them (a path-specific option would win over
-    it). When the endpoint changes, every bucket's options are removed and
-    what GDAL cached from the old server is dropped.
-    """
-    state = _endpoint_state()
-    if _endpoints.get(bucket) == state:
-        return
-    with _endpoints_lock:
-        endpoint_state = state[:2]  # type: ignore[index]
-        if _applied_endpoint[0] != endpoint_state:
-            for old in list(_endpoints):  # another server: nothing set or cached for the old one holds
-                clear_path_options(bucket_prefix(old))
-                clear(f"/vsigs/{old}")
-            _endpoints.clear()
-            _applied_endpoint[0] = endpoint_state
-        ep = emulator_endpoint()
-        prefix = bucket_prefix(bucket)
-        clear_path_options(prefix)
-        if ep is not None:
-            for key, value in ep.gdal_options.items():
-                set_path_option(prefix, key, value)
-        user = set(state[3]) | {k for k in _HTTP_KEYS if k in os.environ}  # type: ignore[index]
-        for key, value in _config.gdal_http_options().items():
-            if key not in user:
-                set_path_option(prefix, key, value)
-        _endpoints[bucket] = state
-
-
-def reset() -> None:
-    """Remove every path option cloudio set, and what GDAL and cloudio cached of those buckets.
-
-    For :func:`cloudio._state.reset`. Bookkeeping of datasets still open
-    (epochs, readers) is kept: it guards their reads.
-    """
-    with _endpoints_lock:
-        for old in list(_endpoints):
-            clear_path_options(bucket_prefix(old))
-            clear(f"/vsigs/{old}")
-        _endpoints.clear()
-        _applied_endpoint[0] = None
-    with consumer._state:
-        consumer._dirs.clear()
-        consumer._seen.clear()
-
-
-# --------------------------------------------------------------------------------------------
-# what GDAL and cloudio know about directories
-# --------------------------------------------------------------------------------------------
-
-
-def split_vsi(path: GCSPath) -> tuple[str, str]:
-    """``(directory as GDAL keys its listing, name)``: ``("/vsigs/b/d", "a.tif")``."""
-    vsi = path.vsi
-    i = vsi.rfind("/")
-    return vsi[:i], vsi[i + 1:]
-
-
-class Target(NamedTuple):
-    """An object to open, with what every open needs precomputed (cached per URL by the caller)."""
-
-    path: GCSPath
-    vsi: str  #: /vsigs/b/d/a.tif: what rasterio.open gets (a gs:// URL costs rasterio a parse per open)
-    dir: str  #: /vsigs/b/d, the key of GDAL's listing
-    name: str  #: a.tif
-    vrt: bool  #: GDAL opens its sources itself
-    shown: str  #: the dataset's ``.name``: what rasterio.open of the user's spelling would report
-
-
-def target(path: GCSPath, spelling: str | None = None) -> Target:
-    """``spelling``: the URL as the user wrote it; rasterio names a dataset opened as gs://b/k so."""
-    vsi = path.vsi
-    i = vsi.rfind("/")
-    shown = vsi
-    if spelling is not None and spelling == path.url and not any(c in spelling for c in "?#%"):
-        shown = spelling
-    return Target(path, vsi, vsi[:i], vsi[i + 1:], vsi.lower().endswith(".vrt"), shown)
-
-
-def dir_key(path: GCSPath) -> str:
-    """The directory holding ``path`` as GDAL keys its listing: ``/vsigs/b/d`` (no '/')."""
-    return split_vsi(path)[0]
-
-
-def is_sidecar(candidate: str, name: str) -> bool:
-    """Could GDAL read ``candidate`` (a sibling's name) as part of the dataset ``name``?
-
-    Also true for names that merely start with ``name``: a path-specific
-    option set on ``name`` would apply to them too.
-    """
-    c, n = candidate.lower(), name.lower()
-    if c == n:
-        return False
-    stem = n.rsplit(".", 1)[0]
-    return c.startswith((n, stem + ".", stem + "_")) or c in _DIR_SIDECARS
+@dataclass(frozen=True)
+class GdalCalls:
+    """What the consumer does to GDAL, as collaborators (the real bindings by default; a fake in unit tests)."""
+
+    #: drop every cached entry whose path starts with the string (``VSICurlPartialClearCache``)
+    clear: Callable[[str], None] = bindings.clear
+    #: ``VSISetPathSpecificOption(prefix, key, value)``
+    set_path_option: Callable[[str, str, str], None] = bindings.set_path_option
+    #: ``VSIClearPathSpecificOptions(prefix)``
+    clear_path_options: Callable[[str], None] = bindings.clear_path_options
+    #: GDAL's listing of a directory (``VSIReadDir``), which GDAL then caches
+    listdir: Callable[[str], list[str]] = bindings.vsi_readdir
 
 
 @dataclass
@@ -463,7 +146,7 @@ class GdalConsumer(Consumer):
 
     name = "gdal"
 
-    def __init__(self) -> None:
+    def __init__(self, calls: GdalCalls | None = None) -> None:
         super().__init__()
         self._dirs: dict[str, _Dir] = {}
         #: per journal key: (generation GDAL's cache holds, when checked)
@@ -479,6 +162,7 @@ class GdalConsumer(Consumer):
         #: vsi path -> datasets cloudio opened on it (weak): open ones may be downloading
         self._readers: dict[str, list[weakref.ref[Any]]] = {}
         self._state = threading.RLock()
+        self.calls = calls if calls is not None else GdalCalls()
 
     # -- changes (called by the journal, at once, in the writer's thread) ----------------------
 
@@ -527,7 +211,7 @@ class GdalConsumer(Consumer):
                 self._names_changed(key, d, name)
 
     def _object_changed(self, vsi: str) -> None:
-        """The file-level clear, with the object held exclusively (at once inside its writer's :meth:`before_change`)."""
+        """The file-level clear, the object held exclusively (at once inside its writer's :meth:`before_change`)."""
         gates.begin_change(vsi)
         try:
             self._object_cleared(vsi)
@@ -548,7 +232,7 @@ class GdalConsumer(Consumer):
             stale = [r for r in list(self._readers.get(vsi, ())) if _is_open(r)]
             if stale:
                 self._mark_stale(vsi, stale)
-        clear(vsi)  # sizes, byte ranges, "does not exist"; also its sidecars' entries
+        self.calls.clear(vsi)  # sizes, byte ranges, "does not exist"; also its sidecars' entries
         with self._state:
             self._epoch[vsi] = self._epoch.get(vsi, 0) + 1
 
@@ -557,7 +241,7 @@ class GdalConsumer(Consumer):
         if d.gdal_listed:
             d.changed.add(name)
         for e in [e for e in d.empty_dir if e != name and name.startswith(e)]:
-            clear_path_options(f"{key}/{e}")  # EMPTY_DIR on e would also apply to the new name
+            self.calls.clear_path_options(f"{key}/{e}")  # EMPTY_DIR on e would also apply to the new name
             d.empty_dir.discard(e)
 
     def _apply_prefix(self, path: GCSPath) -> None:
@@ -568,16 +252,16 @@ class GdalConsumer(Consumer):
                 stale = [r for r in list(self._readers.get(vsi, ())) if _is_open(r)]
                 if stale:
                     self._mark_stale(vsi, stale)
-        clear(top)  # also drops GDAL's listings of top and below
+        self.calls.clear(top)  # also drops GDAL's listings of top and below
         with self._state:
             for url in [u for u in self._seen if parse_gcs(u).is_under(path)]:
                 del self._seen[url]
             for key in [k for k in self._dirs if is_under(k, top)]:
                 for e in self._dirs.pop(key).empty_dir:
-                    clear_path_options(f"{key}/{e}")
+                    self.calls.clear_path_options(f"{key}/{e}")
             # the parent's set of names may have changed too (a new or deleted object at `path`)
             if path.key:
-                pkey, name = split_vsi(GCSPath(path.bucket, path.key.rstrip("/")))
+                pkey, _ = split_vsi(GCSPath(path.bucket, path.key.rstrip("/")))
                 parent = self._dirs.get(pkey)
                 if parent is not None:
                     parent.names = None
@@ -615,9 +299,19 @@ class GdalConsumer(Consumer):
         True when it is not a VRT, its bucket's endpoint options are in force
         and nothing changed in its directory since it was last planned.
         """
-        if t.vrt or _endpoints.get(t.path.bucket) != _endpoint_state():
+        if t.vrt:
             return False
-        return self.fast_plan(t) is not None
+        d = self._dirs.get(t.dir)  # fast_plan, inlined: this runs on every open
+        if d is None or d.changed or (self._reclear and t.vsi in self._reclear):
+            return False
+        planned = d.plans.get(t.name)
+        if planned is False:
+            ok = t.name in d.empty_dir
+        elif planned is True:
+            ok = d.gdal_listed and t.name not in d.empty_dir
+        else:
+            return False
+        return ok and in_force(t.path.bucket)
 
     def fast_plan(self, t: Target) -> bool | None:
         """The plan of the last open of ``t`` when nothing changed in its directory since, else None.
@@ -657,7 +351,7 @@ class GdalConsumer(Consumer):
             gdal_lists = d.plans.get(name)
             if gdal_lists is None:
                 gdal_lists = (
-                    name.lower().endswith(_REFERENCING_SUFFIXES)
+                    name.lower().endswith(REFERENCING_SUFFIXES)
                     or d.names is None
                     or any(is_sidecar(n, name) for n in d.names)
                 )
@@ -666,17 +360,17 @@ class GdalConsumer(Consumer):
                 self._clear_listing(key, d)
             stale = self._reclear.get(t.vsi)
             if stale is not None:
-                clear(t.vsi)  # whatever datasets older than the last write put back
+                self.calls.clear(t.vsi)  # whatever datasets older than the last write put back
                 stale[:] = [r for r in stale if _is_open(r)]
                 if not stale:  # all closed before this clear: nothing can put old bytes back
                     del self._reclear[t.vsi]
             if gdal_lists:
                 d.gdal_listed = True
                 if name in d.empty_dir:
-                    clear_path_options(f"{key}/{name}")
+                    self.calls.clear_path_options(f"{key}/{name}")
                     d.empty_dir.discard(name)
             elif name not in d.empty_dir:
-                set_path_option(f"{key}/{name}", _READDIR, "EMPTY_DIR")
+                self.calls.set_path_option(f"{key}/{name}", _READDIR, "EMPTY_DIR")
                 d.empty_dir.add(name)
             return gdal_lists
 
@@ -696,22 +390,23 @@ class GdalConsumer(Consumer):
         """
         vsi = t.vsi
         ref = weakref.ref(ds)
+        readers = self._readers
         # registered before the epoch is compared (the write side does the reverse); lock-free:
         # a list is only ever replaced whole (by _prune_readers), so re-append if it was
         while True:
-            refs = self._readers.get(vsi)
+            refs = readers.get(vsi)
             if refs is None:
                 with self._state:
-                    refs = self._readers.setdefault(vsi, [])
+                    refs = readers.setdefault(vsi, [])
             refs.append(ref)
-            if self._readers.get(vsi) is refs:
+            if readers.get(vsi) is refs:
                 break
-        if len(refs) > 16:
+        if len(refs) > _PRUNE_AT:
             self._prune_readers(vsi)
-        if self._epoch.get(vsi, 0) != epoch or epoch & 1:  # a write landed while GDAL was opening it
+        if epoch & 1 or self._epoch.get(vsi, 0) != epoch:  # a write landed while GDAL was opening it
             with self._state:
                 self._mark_stale(vsi, [ref])
-            clear(vsi)
+            self.calls.clear(vsi)
 
     def _prune_readers(self, vsi: str) -> None:
         with self._state:
@@ -726,7 +421,7 @@ class GdalConsumer(Consumer):
         refs = self._readers.get(vsi)
         return refs is not None and any(_is_open(r) for r in list(refs))
 
-    def _mark_stale(self, vsi: str, refs: list["weakref.ref[Any]"]) -> None:
+    def _mark_stale(self, vsi: str, refs: list[weakref.ref[Any]]) -> None:
         """Datasets of ``vsi`` that know an older version than the server now holds."""
         if vsi not in self._reclear and len(self._reclear) >= _RECLEAR_MAX:
             self._sweep()
@@ -736,13 +431,13 @@ class GdalConsumer(Consumer):
         """Forget objects whose stale datasets are all closed, clearing them one last time."""
         for vsi, refs in list(self._reclear.items()):
             if not any(_is_open(r) for r in refs):
-                clear(vsi)
+                self.calls.clear(vsi)
                 del self._reclear[vsi]
 
     def _clear_listing(self, key: str, d: _Dir) -> None:
         """The expensive one: GDAL's listing of ``key`` and every cached byte below it."""
         log.debug("gdal: listing of %s changed (%s); clearing the directory", key, sorted(d.changed)[:5])
-        clear(key)
+        self.calls.clear(key)
         d.gdal_listed = False
         d.changed.clear()
         for k, other in self._dirs.items():  # the string prefix also matched these listings
@@ -806,8 +501,30 @@ class GdalConsumer(Consumer):
         with self._state:
             self._seen.pop(path.url, None)
 
+    # -- listings through GDAL -------------------------------------------------------------------
 
-def _is_open(ref: "weakref.ref[Any]") -> bool:
+    def gdal_listing(self, path: GCSPath) -> list[str]:
+        """GDAL's listing of the directory ``path`` names, fresh with respect to the journal.
+
+        What GDAL cached for the directory is cleared first when names were
+        added or removed under it since GDAL last listed it, or when cloudio
+        does not know whether GDAL holds an older listing.
+        """
+        probe = GCSPath(path.bucket, (path.key.rstrip("/") + "/x") if path.key else "x")
+        key = dir_key(probe)
+        with self._state:
+            d = self._dirs.setdefault(key, _Dir())
+            if d.changed or not d.gdal_listed:
+                self._clear_listing(key, d)
+            d.gdal_listed = True
+        names = self.calls.listdir(key)
+        self.set_listing(probe, names)
+        with self._state:
+            d.changed.clear()  # GDAL's listing was just made: nothing it lacks
+        return names
+
+
+def _is_open(ref: weakref.ref[Any]) -> bool:
     ds = ref()
     return ds is not None and not ds.closed
 
@@ -815,29 +532,20 @@ def _is_open(ref: "weakref.ref[Any]") -> bool:
 consumer: GdalConsumer = journal().register(GdalConsumer())  # type: ignore[assignment]
 
 
-# --------------------------------------------------------------------------------------------
-# listings through GDAL
-# --------------------------------------------------------------------------------------------
-
-
 def listdir(url: str) -> list[str]:
-    """GDAL's listing of a directory (``VSIReadDir``), fresh with respect to the journal.
-
-    What GDAL cached for the directory is cleared first when names were added
-    or removed under it since GDAL last listed it, or when cloudio does not
-    know whether GDAL holds an older listing.
-    """
+    """GDAL's listing of a directory (``VSIReadDir``), fresh with respect to the journal."""
     path = parse_gcs(url)
     ensure_endpoint(path.bucket)
-    probe = GCSPath(path.bucket, (path.key.rstrip("/") + "/x") if path.key else "x")
-    key = dir_key(probe)
+    return consumer.gdal_listing(path)
+
+
+def reset() -> None:
+    """Remove every path option cloudio set, and what GDAL and cloudio cached of those buckets.
+
+    For :func:`cloudio._state.reset`. Bookkeeping of datasets still open
+    (epochs, readers) is kept: it guards their reads.
+    """
+    reset_endpoints()
     with consumer._state:
-        d = consumer._dirs.setdefault(key, _Dir())
-        if d.changed or not d.gdal_listed:
-            consumer._clear_listing(key, d)
-        d.gdal_listed = True
-    names = vsi_readdir(key)
-    consumer.set_listing(probe, names)
-    with consumer._state:
-        d.changed.clear()  # GDAL's listing was just made: nothing it lacks
-    return names
+        consumer._dirs.clear()
+        consumer._seen.clear()

@@ -1,0 +1,118 @@
+"""Per-bucket GDAL options: the emulator endpoint in force, timeouts and retries.
+
+Options that datasets need while GDAL reads them lazily (the emulator
+endpoint, unsigned requests) are set as GDAL *path-specific* options on
+``/vsigs/<bucket>``, which hold in every thread and outlive any
+``rasterio.Env``; process-wide configuration is never touched, and anonymous
+requests are only ever configured for an emulator. The same options carry
+GDAL's timeouts and retries (:func:`cloudio._config.gdal_http_options`,
+``CLOUDIO_HTTP_TIMEOUT``; GDAL's defaults wait forever), except those the
+user set in the environment or in the ``rasterio.Env`` in force: a
+path-specific option would win over theirs. When the endpoint changes, the
+options of every bucket are removed, and what GDAL cached from the old server
+is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from cloudio import _config
+from cloudio._config import emulator_endpoint
+from cloudio._gdal.bindings import clear, clear_path_options, set_path_option
+
+__all__ = ["bucket_prefix", "ensure_endpoint", "in_force", "reset"]
+
+_endpoints: dict[str, tuple[tuple[object, object, object], tuple[str, ...]]] = {}  # bucket -> settings applied
+_endpoints_lock = threading.Lock()
+_applied_endpoint: list[object] = [None]  # the endpoint state the options of _endpoints point at
+
+#: GDAL options cloudio sets per bucket; a user's own setting of any of these wins
+_HTTP_KEYS = (
+    "GDAL_HTTP_TIMEOUT", "GDAL_HTTP_CONNECTTIMEOUT", "GDAL_HTTP_MAX_RETRY",
+    "GDAL_HTTP_RETRY_DELAY", "GDAL_HTTP_RETRY_CODES",
+)
+
+_rio_local: Any = None
+
+
+def _user_http_keys() -> tuple[str, ...]:
+    """Which of :data:`_HTTP_KEYS` the user set (a ``rasterio.Env`` in this thread, or the environment)."""
+    global _rio_local
+    if _rio_local is None:
+        import rasterio.env
+
+        _rio_local = rasterio.env.local
+    env = getattr(_rio_local, "_env", None)
+    if env is None:  # the common case, kept cheap
+        return ()
+    opts = getattr(env, "options", {})
+    return tuple(k for k in _HTTP_KEYS if k in opts)
+
+
+def _endpoint_state() -> tuple[tuple[object, object, object], tuple[str, ...]]:
+    """What decides the options of a bucket (cheap to compare on every open; parsed only on change)."""
+    return _config.endpoint_state(), _user_http_keys()
+
+
+def in_force(bucket: str) -> bool:
+    """Are ``bucket``'s options those :func:`ensure_endpoint` would set now? (the per-open check)"""
+    applied = _endpoints.get(bucket)
+    return applied is not None and applied[0] == _config.endpoint_state() and applied[1] == _user_http_keys()
+
+
+def bucket_prefix(bucket: str) -> str:
+    """``/vsigs/<bucket>``, no '/': GDAL looks the options of every listing up by the bucket alone.
+
+    Measured with GDAL 3.10: with ``/vsigs/<bucket>/`` listings of any
+    directory go unsigned to Google. The string prefix also reaches buckets
+    whose names extend this one, but only for the endpoint in force: on a
+    change of endpoint every bucket's options are removed.
+    """
+    return f"/vsigs/{bucket}"
+
+
+def ensure_endpoint(bucket: str) -> None:
+    """Set ``bucket``'s GDAL options: the emulator in force (if any), timeouts and retries.
+
+    They are path-specific options on ``/vsigs/<bucket>`` (see
+    :func:`bucket_prefix`), so they hold for datasets read lazily in any
+    thread. An HTTP option the user set in the environment or in a
+    ``rasterio.Env`` is left to them (a path-specific option would win over
+    it). When the endpoint changes, every bucket's options are removed and
+    what GDAL cached from the old server is dropped.
+    """
+    state = _endpoint_state()
+    if _endpoints.get(bucket) == state:
+        return
+    with _endpoints_lock:
+        endpoint_state = state[0][:2]
+        if _applied_endpoint[0] != endpoint_state:
+            for old in list(_endpoints):  # another server: nothing set or cached for the old one holds
+                clear_path_options(bucket_prefix(old))
+                clear(f"/vsigs/{old}")
+            _endpoints.clear()
+            _applied_endpoint[0] = endpoint_state
+        ep = emulator_endpoint()
+        prefix = bucket_prefix(bucket)
+        clear_path_options(prefix)
+        if ep is not None:
+            for key, value in ep.gdal_options.items():
+                set_path_option(prefix, key, value)
+        user = set(state[1]) | {k for k in _HTTP_KEYS if k in os.environ}
+        for key, value in _config.gdal_http_options().items():
+            if key not in user:
+                set_path_option(prefix, key, value)
+        _endpoints[bucket] = state
+
+
+def reset() -> None:
+    """Remove every path option set here, and what GDAL cached of those buckets."""
+    with _endpoints_lock:
+        for old in list(_endpoints):
+            clear_path_options(bucket_prefix(old))
+            clear(f"/vsigs/{old}")
+        _endpoints.clear()
+        _applied_endpoint[0] = None
