@@ -192,7 +192,8 @@ def cell(op: str, fault: str, cap: float) -> dict[str, Any]:
     if err is not None:
         from cloudio.errors import CloudioError
 
-        kind = type(err).__name__ if isinstance(err, CloudioError) else f"raw {type(err).__module__}.{type(err).__name__}"
+        raw = f"raw {type(err).__module__}.{type(err).__name__}"
+        kind = type(err).__name__ if isinstance(err, CloudioError) else raw
         out["outcome"] = kind
         out["message"] = str(err)[:500]
         if err.__cause__ is not None:

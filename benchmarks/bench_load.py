@@ -44,10 +44,11 @@ whose acceptable values are all "absent"; names whose state was in flight may
 be listed either way. A Zarr array is many objects written one by one: a
 ``load_array`` or listing overlapping a ``save_array`` of the same array may
 also see it absent or part-written (``IncompleteWriteError`` or mixed
-numbers, or zarr's fill value 0 where a chunk is not written yet); such reads are counted apart (``zarr_partial_reads_during_save``),
-not as stale; so are reads of an array whose saves overlapped each other and
-left a mix of their numbers, all acceptable (``zarr_reads_mixing_overlapping_saves``:
-no multi-object write is atomic against another). A read raising ``FileNotFoundError`` (cloudio's
+numbers, or zarr's fill value 0 where a chunk is not written yet); such reads
+are counted apart (``zarr_partial_reads_during_save``), not as stale; so are
+reads of an array whose saves overlapped each other and left a mix of their
+numbers, all acceptable (``zarr_reads_mixing_overlapping_saves``: no
+multi-object write is atomic against another). A read raising ``FileNotFoundError`` (cloudio's
 ``ObjectNotFoundError``) returned "absent"; any other exception is counted
 under errors by its type, and so is a write that raised.
 

@@ -415,7 +415,7 @@ def transport_sweep(env: Env, rounds: int, wide: int, log: Callable[[str], None]
              "tensorstore_kvstore": get_tensorstore}
     times: dict[str, list[float]] = {}
     stored = 0
-    for name, fn in cands.items():  # warm-up
+    for fn in cands.values():  # warm-up
         fn(env, keys, env.concurrency)
     for r in range(rounds):
         order = [(name, c) for c in (env.concurrency, wide) for name in cands]
@@ -507,7 +507,8 @@ def main() -> None:
     }
     if sweep:
         result["read_transports"] = sweep
-    name = args.out or ("peers" if sys.version_info[:2] == (3, 11) else f"peers_py{sys.version_info[0]}{sys.version_info[1]}")
+    default = "peers" if sys.version_info[:2] == (3, 11) else f"peers_py{sys.version_info[0]}{sys.version_info[1]}"
+    name = args.out or default
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / f"{name}.png")

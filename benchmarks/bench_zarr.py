@@ -216,7 +216,8 @@ def main() -> None:
         "all_seconds": {k: [[round(w, 3), round(r, 3)] for w, r in v] for k, v in runs.items()},
         # CPU seconds of the timed write+read, this process and the emulator:
         # what each side costs whatever else runs on the machine
-        "median_cpu_seconds": {k: {"client": round(med([c for c, _ in v]), 3), "emulator": round(med([e for _, e in v]), 3)}
+        "median_cpu_seconds": {k: {"client": round(med([c for c, _ in v]), 3),
+                                   "emulator": round(med([e for _, e in v]), 3)}
                                for k, v in cpu.items()},
         "load_average_1min": {"before": round(load_before, 2), "after": round(load_after, 2),
                               "cpus": os.cpu_count()},

@@ -43,7 +43,8 @@ def _pid() -> int:
 def test_a_write_on_one_worker_is_seen_by_a_dependent_task_on_another(cluster_client, gcs_bucket):
     client = cluster_client
     w1, w2 = sorted(client.scheduler_info()["workers"])
-    assert client.submit(_pid, workers=[w1], pure=False).result() != client.submit(_pid, workers=[w2], pure=False).result()
+    pid1 = client.submit(_pid, workers=[w1], pure=False).result()
+    assert pid1 != client.submit(_pid, workers=[w2], pure=False).result()
     prefix = f"{gcs_bucket}/d"
     _write(f"{prefix}/a.bin", b"a")
 

@@ -63,8 +63,8 @@ def _local_argv(command: list[str], port: int) -> list[str]:
 def compose_server(tmp_path: Path) -> Iterator[str]:
     port = emulator._free_port()
     argv = [str(emulator._binary_path()), "-data", str(HERE / "seed"), *_local_argv(_compose()["command"], port)]
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with open(tmp_path / "server.log", "wb") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = url
@@ -75,7 +75,6 @@ def compose_server(tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        log.close()
         if saved is None:
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:

@@ -105,7 +105,9 @@ def test_block_parser_finds_lines_and_kinds(tmp_path: Path) -> None:
         "```python\n# not run: signature\nf(x)\n```\n```bash\necho no\n```\n"
     )
     got = blocks(page)
-    assert [(b.line, b.skipped, b.test_file) for b in got] == [(4, False, None), (10, False, "test_a.py"), (14, True, None)]
+    assert [(b.line, b.skipped, b.test_file) for b in got] == [
+        (4, False, None), (10, False, "test_a.py"), (14, True, None)
+    ]
     assert got[0].code == "x = 1\n"
 
 
@@ -152,7 +154,8 @@ def test_page_examples_run(page: Path, tmp_path: Path) -> None:
                 assert not target.exists(), f"{page.name}: two blocks named {b.test_file}"
                 target.write_text(b.code)
             proc = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sorted(b.test_file for b in test_files)],
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 *sorted(b.test_file for b in test_files)],
                 cwd=folder, env=env, capture_output=True, text=True, timeout=_TIMEOUT,
             )
             assert proc.returncode == 0, (

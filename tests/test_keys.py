@@ -172,7 +172,8 @@ def _spellings(bucket: str) -> list[str]:
     return [
         f"gs:/{b}/d/a.tif", f"gs:{b}/d/a.tif", f"gs:///{b}/d/a.tif", f"GS://{b}/d/a.tif", f"Gcs://{b}/d/a.tif",
         f" gs://{b}/d/a.tif", f"\tgs://{b}/d/a.tif", f"gs://{b}/d/a.tif\n", f"gs://{b}/d/a.tif\x00.x",
-        f"gs://{b}/d/a\r.tif", f"HTTPS://storage.googleapis.com/{b}/d/a.tif", f"https:/storage.googleapis.com/{b}/d/a.tif",
+        f"gs://{b}/d/a\r.tif", f"HTTPS://storage.googleapis.com/{b}/d/a.tif",
+        f"https:/storage.googleapis.com/{b}/d/a.tif",
         f"https://storage.googleapis.com/{b}/d/a.tif?generation=1",
     ]
 

@@ -43,7 +43,8 @@ def _stored_xml(emu: Emulator, url: str) -> ET.Element:
 
 
 def _sources(root: ET.Element) -> list[tuple[str, str | None]]:
-    return [(el.text or "", el.get("relativeToVRT")) for el in root.iter() if el.tag in ("SourceFilename", "SourceDataset")]
+    return [(el.text or "", el.get("relativeToVRT"))
+            for el in root.iter() if el.tag in ("SourceFilename", "SourceDataset")]
 
 
 def test_warped_vrt_round_trip_in_listed_prefix(gcs_emulator: Emulator, gcs_bucket: str) -> None:
@@ -143,7 +144,8 @@ def test_local_sources_are_refused(gcs_emulator: Emulator, gcs_bucket: str, tmp_
 
 
 def test_relative_source_resolved_against_base_dir(tmp_path) -> None:
-    xml = '<VRTDataset><SimpleSource><SourceFilename relativeToVRT="1">a.tif</SourceFilename></SimpleSource></VRTDataset>'
+    xml = ('<VRTDataset><SimpleSource><SourceFilename relativeToVRT="1">a.tif</SourceFilename>'
+           '</SimpleSource></VRTDataset>')
     with pytest.raises(cloudio.InvalidURLError, match=str(tmp_path / "a.tif")):
         absolute_sources(xml, base_dir=str(tmp_path), url="gs://b/x.vrt")
 

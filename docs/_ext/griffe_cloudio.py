@@ -41,7 +41,9 @@ class CloudioDocstrings(griffe.Extension):
                 section.value = _typed_parameters(obj, section.value)
 
 
-def _typed_parameters(func: griffe.Function, params: list[griffe.DocstringParameter]) -> list[griffe.DocstringParameter]:
+def _typed_parameters(
+    func: griffe.Function, params: list[griffe.DocstringParameter]
+) -> list[griffe.DocstringParameter]:
     """One row per documented entry: a single name typed from the signature, a group untyped."""
     rows: list[griffe.DocstringParameter] = []
     for param in params:

@@ -187,7 +187,7 @@ def parse_gcs(url: str, *, require_key: bool = False) -> GCSPath:
                         "Drop '?generation=' (or copy that generation to a key of its own)"
                     )
                 rest = path.lstrip("/")
-                if rest.startswith("download/storage/v1/b/") or rest.startswith("storage/v1/b/"):
+                if rest.startswith(("download/storage/v1/b/", "storage/v1/b/")):
                     # JSON-API media links: .../b/<bucket>/o/<key>
                     tail = rest.split("/b/", 1)[1]
                     bucket, _, obj = tail.partition("/o/")

@@ -30,7 +30,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, Union
+from typing import Literal
 
 from cloudio import _config, _state
 from cloudio._journal import journal
@@ -39,7 +39,7 @@ from cloudio.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
-Consistency = Union[Literal["session", "strong"], float, int]
+Consistency = Literal["session", "strong"] | float | int
 
 
 @dataclass

@@ -285,20 +285,18 @@ class Emulator:
                     "root= a writable folder (or none for a temporary one), or backend='memory'."
                 ) from e
             args += ["-filesystem-root", str(self._root)]
-        out = open(self._logfile, "wb")
-        try:
-            parent = os.getpid()
-            self._proc = _popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None,
-            )
-        except OSError as e:
-            raise EmulatorError(
-                f"could not run {binary}: {e}. Fix: check it is executable (chmod +x), or set "
-                "CLOUDIO_EMULATOR=docker, or STORAGE_EMULATOR_HOST to a running emulator."
-            ) from e
-        finally:
-            out.close()
+        with open(self._logfile, "wb") as out:  # the child keeps its own copy of the descriptor
+            try:
+                parent = os.getpid()
+                self._proc = _popen(
+                    args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None,
+                )
+            except OSError as e:
+                raise EmulatorError(
+                    f"could not run {binary}: {e}. Fix: check it is executable (chmod +x), or set "
+                    "CLOUDIO_EMULATOR=docker, or STORAGE_EMULATOR_HOST to a running emulator."
+                ) from e
         self._url = f"http://127.0.0.1:{port}"
 
     def _start_docker(self) -> None:

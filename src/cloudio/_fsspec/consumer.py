@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 _tracked: weakref.WeakValueDictionary[int, fsspec.AbstractFileSystem] = weakref.WeakValueDictionary()
 
 
-def _all_subclasses(cls: type) -> Iterator[type]:
+def _all_subclasses(cls: type[Any]) -> Iterator[type[Any]]:
     yield cls
     for sub in cls.__subclasses__():
         yield from _all_subclasses(sub)
@@ -159,7 +159,7 @@ _epochs = _Epochs()
 _fill_start: contextvars.ContextVar[int | None] = contextvars.ContextVar("cloudio_fill_start", default=None)
 
 
-class _EpochDirCache(DirCache):
+class _EpochDirCache(DirCache):  # type: ignore[misc]  # fsspec ships no type information
     """fsspec's DirCache that refuses listings fetched before their path was invalidated,
     and shows only the listings the consistency level in force may trust.
 

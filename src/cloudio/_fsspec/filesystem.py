@@ -190,7 +190,8 @@ class _JournalingGCSFileMixin:
             finally:
                 self.closed = True  # type: ignore[attr-defined]
             return None
-        return super().__exit__(exc_type, exc, tb)  # type: ignore[misc]
+        super().__exit__(exc_type, exc, tb)  # type: ignore[misc]  # fsspec's returns None: exceptions propagate
+        return None
 
 
 @functools.cache
@@ -383,7 +384,8 @@ class _JournalingGCSMixin:
         if "r" not in mode:
             # gcsfs picks the file class (GCSFile, or ZonalFile for zonal buckets);
             # give that class the journaling mixin rather than re-implement the choice
-            f.__class__ = _journaling_file_class(type(f))
+            file_class: type = type(f)  # a plain class, hashable for the cache (gcsfs is untyped: f is Any)
+            f.__class__ = _journaling_file_class(file_class)
             f.checker = _Crc32cChecker()
         return f
 
@@ -447,7 +449,7 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-class _JournalingLocalFile(LocalFileOpener):
+class _JournalingLocalFile(LocalFileOpener):  # type: ignore[misc]  # fsspec ships no type information
     """A local file opened for writing, journaled when it is complete.
 
     Mode ``"w"`` writes to a temporary file that is moved in place at close (the
@@ -485,7 +487,7 @@ class _JournalingLocalFile(LocalFileOpener):
         return None
 
 
-class TrackedLocalFileSystem(LocalFileSystem):
+class TrackedLocalFileSystem(LocalFileSystem):  # type: ignore[misc]  # fsspec ships no type information
     """fsspec's local filesystem whose writes are recorded in cloudio's write journal."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

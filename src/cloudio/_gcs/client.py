@@ -61,7 +61,7 @@ def total_time_limit(requests_timeout: Any) -> float | None:
     return TOTAL_FACTOR * max(known) if known else None
 
 
-def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> "gcsfs.GCSFileSystem":
+def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> gcsfs.GCSFileSystem:
     """A gcsfs filesystem for the emulator in force (or real GCS), fsspec-cached as usual.
 
     Explicit ``kwargs`` win over the emulator's options and the time limits.
@@ -91,7 +91,7 @@ def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> "gcsfs.GCSFi
     return fs
 
 
-def keep_alive(fs: "gcsfs.GCSFileSystem") -> None:
+def keep_alive(fs: gcsfs.GCSFileSystem) -> None:
     """Keep the asynchronous ``fs`` from gcsfs's finalizer for the life of the process (see above)."""
     if not any(k is fs for k in _state.keep_async):
         _state.keep_async.append(fs)
@@ -103,7 +103,7 @@ def where() -> str:
     return f"the emulator at {ep.url}" if ep is not None else "Google Cloud Storage"
 
 
-def object_metadata(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> dict[str, Any]:
+def object_metadata(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> dict[str, Any]:
     """The object's JSON-API resource: exactly one ``GET /storage/v1/b/<b>/o/<key>``, never cached.
 
     Raises gcsfs's own errors (``FileNotFoundError`` when there is no such
@@ -122,7 +122,7 @@ def bucket_missing(path: GCSPath) -> BucketNotFoundError:
     )
 
 
-def not_found(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> ObjectNotFoundError:
+def not_found(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> ObjectNotFoundError:
     """Why ``path`` was not found: its bucket is missing, or the object (one bucket request to tell)."""
     fs = fs if fs is not None else gcs_filesystem()
     try:

@@ -31,17 +31,17 @@ cost a metadata request per object.
 
 from __future__ import annotations
 
-import logging
 import asyncio
 import base64
 import functools
+import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import google_crc32c
 import numpy as np
 
-from cloudio._gcs.transfer import ATTEMPTS, _BACKOFF, _bounded, _header_crc, _is_transient, transient_error
+from cloudio._gcs.transfer import _BACKOFF, ATTEMPTS, _bounded, _header_crc, _is_transient, transient_error
 from cloudio._paths import GCSPath
 from cloudio.errors import IntegrityError
 
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 async def put_media(
-    fs: "gcsfs.GCSFileSystem", path: GCSPath, data: bytes | memoryview, content_type: str
+    fs: gcsfs.GCSFileSystem, path: GCSPath, data: bytes | memoryview, content_type: str
 ) -> dict[str, Any]:
     """Upload ``data`` to ``path`` in one media request; return the server's object resource."""
     url = f"{fs._location}/upload/storage/v1/b/{quote(path.bucket, safe='')}/o"
@@ -65,7 +65,7 @@ class _TooLarge(Exception):
     """The object does not fit the caller's buffer."""
 
 
-async def _get_once(fs: "gcsfs.GCSFileSystem", url: str, buf: np.ndarray) -> tuple[int, str | None, str]:
+async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray) -> tuple[int, str | None, str]:
     """One GET of ``url`` into ``buf``: bytes received, the server's CRC32C (base64) or None, ours."""
     from gcsfs.retry import validate_response
 
@@ -93,7 +93,7 @@ def _retrying(retries: int) -> Any:
     return retry_request(retries=retries)(_get_once)
 
 
-async def get_into(fs: "gcsfs.GCSFileSystem", path: GCSPath, buf: np.ndarray, *,
+async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
                    attempts: int = ATTEMPTS) -> memoryview | None:
     """The whole object at ``path``, read into ``buf`` and checked against the response's CRC32C.
 
@@ -126,7 +126,7 @@ async def get_into(fs: "gcsfs.GCSFileSystem", path: GCSPath, buf: np.ndarray, *,
                 raise transient_error(path.url, "read", e) from e
             raise
         if want is None or got == want:
-            return memoryview(buf[:n])
+            return memoryview(buf[:n])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         last = f"got {n} bytes with CRC32C {got}, the server says {want}"
         log.warning("%s: read bytes differ from the server's CRC32C (%s); reading again", path.url, last)
     raise IntegrityError(

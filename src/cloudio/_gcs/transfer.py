@@ -90,7 +90,7 @@ class _Mismatch(Exception):
     """The server stored (or sent) something other than the bytes it should have."""
 
 
-def _crc_b64(checksum: "google_crc32c.Checksum") -> str:
+def _crc_b64(checksum: google_crc32c.Checksum) -> str:
     return base64.b64encode(checksum.digest()).decode("ascii")
 
 
@@ -103,7 +103,7 @@ def _as_path(url: GCSPath | str | os.PathLike[str]) -> GCSPath:
     return url if isinstance(url, GCSPath) else parse_gcs(os.fspath(url), require_key=True)
 
 
-def _filesystem(fs: "gcsfs.GCSFileSystem | None") -> "gcsfs.GCSFileSystem":
+def _filesystem(fs: gcsfs.GCSFileSystem | None) -> gcsfs.GCSFileSystem:
     return fs if fs is not None else gcs_filesystem()
 
 
@@ -135,7 +135,7 @@ def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:
     )
 
 
-async def _bounded(fs: "gcsfs.GCSFileSystem", call: Awaitable[T]) -> T:
+async def _bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
     """Await one gcsfs call (its retries included) for at most the time limit of ``fs``.
 
     gcsfs's per-request timeout does not bound its six retries and their
@@ -150,7 +150,7 @@ async def _bounded(fs: "gcsfs.GCSFileSystem", call: Awaitable[T]) -> T:
 # -- bucket existence ------------------------------------------------------------------------
 
 
-async def _ensure_bucket(path: GCSPath, fs: "gcsfs.GCSFileSystem") -> None:
+async def _ensure_bucket(path: GCSPath, fs: gcsfs.GCSFileSystem) -> None:
     with _state.buckets_lock:
         if path.bucket in _state.known_buckets:
             return
@@ -158,14 +158,14 @@ async def _ensure_bucket(path: GCSPath, fs: "gcsfs.GCSFileSystem") -> None:
         await fs._call("GET", "b/{}", path.bucket, json_out=True)
     except FileNotFoundError as e:
         raise bucket_missing(path) from e
-    except Exception as e:  # noqa: BLE001 - permissions may forbid bucket metadata; let the upload decide
+    except Exception as e:  # permissions may forbid bucket metadata; let the upload decide
         log.debug("could not read metadata of bucket %s (%s); assuming it exists", path.bucket, e)
         return
     with _state.buckets_lock:
         _state.known_buckets.add(path.bucket)
 
 
-def ensure_bucket(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> None:
+def ensure_bucket(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> None:
     """Raise :class:`BucketNotFoundError` unless ``path``'s bucket exists.
 
     One metadata request per bucket per process: a bucket seen once is
@@ -187,7 +187,7 @@ def _forget_bucket(bucket: str) -> None:
 
 
 async def put_verified(
-    fs: "gcsfs.GCSFileSystem",
+    fs: gcsfs.GCSFileSystem,
     url: GCSPath | str | os.PathLike[str],
     source: Source,
     *,
@@ -338,7 +338,7 @@ def upload(
     url: GCSPath | str | os.PathLike[str],
     *,
     content_type: str | None = None,
-    fs: "gcsfs.GCSFileSystem | None" = None,
+    fs: gcsfs.GCSFileSystem | None = None,
     attempts: int = ATTEMPTS,
     chunk_size: int = CHUNK_SIZE,
     simple_limit: int = SIMPLE_LIMIT,
@@ -360,7 +360,7 @@ def upload(
     )
 
 
-async def _generation(fs: "gcsfs.GCSFileSystem", path: GCSPath) -> int:
+async def _generation(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:
     """The generation the server holds at ``path`` now (0: no object), for a guard or a conflict's message."""
     try:
         meta = await _bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True,
@@ -370,7 +370,7 @@ async def _generation(fs: "gcsfs.GCSFileSystem", path: GCSPath) -> int:
     return int(meta.get("generation") or 0)
 
 
-async def _multipart(fs: "gcsfs.GCSFileSystem", path: GCSPath, data: bytes | memoryview, content_type: str,
+async def _multipart(fs: gcsfs.GCSFileSystem, path: GCSPath, data: bytes | memoryview, content_type: str,
                      generation: int) -> dict[str, Any]:
     """gcsfs's ``simple_upload`` with an ``ifGenerationMatch`` of any generation (gcsfs sends only 0)."""
     boundary = "==0=="
@@ -383,7 +383,7 @@ async def _multipart(fs: "gcsfs.GCSFileSystem", path: GCSPath, data: bytes | mem
     return meta  # type: ignore[no-any-return]
 
 
-async def _initiate(fs: "gcsfs.GCSFileSystem", path: GCSPath, content_type: str, generation: int | None) -> str:
+async def _initiate(fs: gcsfs.GCSFileSystem, path: GCSPath, content_type: str, generation: int | None) -> str:
     """A resumable upload session (gcsfs's ``initiate_upload``, with ``ifGenerationMatch`` when guarded)."""
     if generation is None:
         from gcsfs.core import initiate_upload
@@ -399,7 +399,7 @@ async def _initiate(fs: "gcsfs.GCSFileSystem", path: GCSPath, content_type: str,
 
 
 async def _send(
-    fs: "gcsfs.GCSFileSystem",
+    fs: gcsfs.GCSFileSystem,
     path: GCSPath,
     source: Source,
     content_type: str,
@@ -418,33 +418,35 @@ async def _send(
     from gcsfs.core import simple_upload, upload_chunk
 
     checksum = google_crc32c.Checksum()
-    in_memory = isinstance(source, (bytes, bytearray, memoryview))
-    view = memoryview(source).cast("B") if in_memory else None  # type: ignore[arg-type]
-    size = view.nbytes if view is not None else os.path.getsize(source)  # type: ignore[arg-type]
+    # bytes in memory as one flat view; a local file by its path
+    body: memoryview | str | os.PathLike[str] = (
+        memoryview(source).cast("B") if isinstance(source, (bytes, bytearray, memoryview)) else source
+    )
+    size = body.nbytes if isinstance(body, memoryview) else os.path.getsize(body)
     if size < simple_limit:
-        data: bytes | memoryview = view if view is not None else _read_all(source)  # type: ignore[arg-type]
+        data: bytes | memoryview = body if isinstance(body, memoryview) else _read_all(body)
         checksum.update(_bytes_like(data))
         if guard is not None:  # multipart: the upload path the emulator enforces preconditions on
             meta = await _bounded(fs, _multipart(fs, path, data, content_type, guard))
-        elif media and view is not None:
+        elif media and isinstance(body, memoryview):
             from cloudio._gcs.fast import put_media
 
-            meta = await _bounded(fs, put_media(fs, path, view, content_type))
+            meta = await _bounded(fs, put_media(fs, path, body, content_type))
         else:
             meta = await _bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
         return meta, _crc_b64(checksum), size
     location = await _bounded(fs, _initiate(fs, path, content_type, guard))
-    meta = None
+    last: dict[str, Any] | None = None  # the object resource, answered to the final chunk
     offset = 0
     try:
-        for block in _chunks(view if view is not None else source, chunk_size):
+        for block in _chunks(body, chunk_size):
             checksum.update(_bytes_like(block))
-            meta = await _bounded(fs, upload_chunk(fs, location, block, offset, size, content_type))
+            last = await _bounded(fs, upload_chunk(fs, location, block, offset, size, content_type))
             offset += len(block)
     except BaseException:
         try:  # cancel the session: an unfinished resumable upload never becomes an object
             await _bounded(fs, fs._call("DELETE", location))
-        except Exception:  # noqa: BLE001 - the session expires on its own anyway
+        except Exception:  # the session expires on its own anyway
             log.debug("could not cancel resumable upload of %s", path.url, exc_info=True)
         raise
     if offset != size:
@@ -452,7 +454,7 @@ async def _send(
             f"{path.url}: the local file changed size while uploading ({size} -> {offset} bytes); "
             "nothing was stored. Write again once the file is complete."
         )
-    return meta or {}, _crc_b64(checksum), size
+    return last or {}, _crc_b64(checksum), size
 
 
 def _chunks(source: memoryview | str | os.PathLike[str], chunk_size: int) -> Iterator[bytes | memoryview]:
@@ -471,7 +473,7 @@ def _read_all(source: str | os.PathLike[str]) -> bytes:
 
 
 async def _check_stored(
-    fs: "gcsfs.GCSFileSystem", path: GCSPath, meta: dict[str, Any], size: int, sent_crc: str
+    fs: gcsfs.GCSFileSystem, path: GCSPath, meta: dict[str, Any], size: int, sent_crc: str
 ) -> int | None:
     """Compare the stored object with what was sent; delete it and raise _Mismatch if it differs."""
     if "crc32c" not in meta or "size" not in meta:
@@ -496,7 +498,7 @@ async def _check_stored(
 # -- download --------------------------------------------------------------------------------
 
 
-def object_metadata(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> dict[str, Any]:
+def object_metadata(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> dict[str, Any]:
     """The object's JSON-API resource, fetched now (never from a listing cache).
 
     Raises
@@ -515,7 +517,7 @@ def object_metadata(path: GCSPath, fs: "gcsfs.GCSFileSystem | None" = None) -> d
         raise
 
 
-def object_generation(url: GCSPath | str | os.PathLike[str], fs: "gcsfs.GCSFileSystem | None" = None) -> int:
+def object_generation(url: GCSPath | str | os.PathLike[str], fs: gcsfs.GCSFileSystem | None = None) -> int:
     """The generation the server holds at ``url`` now, 0 when there is no object (one metadata request)."""
     from fsspec.asyn import sync
 
@@ -527,7 +529,7 @@ def download(
     url: GCSPath | str | os.PathLike[str],
     local: str | os.PathLike[str],
     *,
-    fs: "gcsfs.GCSFileSystem | None" = None,
+    fs: gcsfs.GCSFileSystem | None = None,
     attempts: int = ATTEMPTS,
 ) -> dict[str, Any]:
     """Copy the current object at ``url`` to the local file ``local``; return its metadata.
@@ -567,7 +569,8 @@ def download(
                 got += len(block)
         if got == int(meta.get("size", -1)) and _crc_b64(checksum) == meta.get("crc32c"):
             return meta
-        last = f"got {got} bytes with CRC32C {_crc_b64(checksum)}, metadata says {meta.get('size')} / {meta.get('crc32c')}"
+        last = (f"got {got} bytes with CRC32C {_crc_b64(checksum)}, "
+                f"metadata says {meta.get('size')} / {meta.get('crc32c')}")
         log.info("download of %s did not match its metadata (%s); retrying", path.url, last)
     raise IntegrityError(
         f"{path.url}: downloaded bytes never matched the object's metadata ({last}); is it being "
@@ -579,7 +582,8 @@ def _header_crc(headers: Any) -> str | None:
     """The ``crc32c=`` part of a response's X-Goog-Hash, when it describes the bytes received."""
     if headers.get("X-Goog-Stored-Content-Encoding", "identity") != "identity":
         return None  # the hash is of the stored (compressed) bytes, not of what arrived
-    for part in headers.get("X-Goog-Hash", "").split(","):
+    hashes: str = headers.get("X-Goog-Hash", "")  # e.g. "crc32c=...,md5=..."
+    for part in hashes.split(","):
         name, _, value = part.strip().partition("=")
         if name == "crc32c":
             return value
@@ -587,7 +591,7 @@ def _header_crc(headers: Any) -> str | None:
 
 
 async def get_verified(
-    fs: "gcsfs.GCSFileSystem", url: GCSPath | str | os.PathLike[str], *, attempts: int = ATTEMPTS
+    fs: gcsfs.GCSFileSystem, url: GCSPath | str | os.PathLike[str], *, attempts: int = ATTEMPTS
 ) -> bytes | None:
     """The whole object at ``url`` (one GET), checked against the CRC32C in the response's X-Goog-Hash.
 

@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -52,7 +52,7 @@ __all__ = ["load_array", "save_array"]
 
 
 def save_array(
-    array: "np.ndarray | dask.array.Array",
+    array: np.ndarray | dask.array.Array,
     url: str | os.PathLike[str] | JournaledStore,
     chunks: tuple[int, ...] | int | str | None = None,
     shards: tuple[int, ...] | int | str | None = None,
@@ -60,7 +60,7 @@ def save_array(
     rechunk: bool = True,
     overwrite: bool = True,
     **kwargs: Any,
-) -> "zarr.Array":
+) -> zarr.Array[Any]:
     """Write a NumPy or Dask array to a new Zarr array at ``url``.
 
     Parameters
@@ -110,7 +110,7 @@ def save_array(
         array = np.asarray(array)
     if chunks is None:
         if dask_input:
-            chunks = tuple(max(c) if c else 1 for c in array.chunks)
+            chunks = tuple(max(c) if c else 1 for c in cast("dask.array.Array", array).chunks)
             if isinstance(shards, tuple | list):
                 chunks = tuple(_divisor_at_most(s, c) for s, c in zip(shards, chunks, strict=True))
             elif isinstance(shards, int):
@@ -123,22 +123,28 @@ def save_array(
         chunks = (chunks,) * array.ndim
     # Validate everything before touching anything: the array zarr would create, made in memory
     # (no request), settles the grid the Dask chunks must fit and rejects bad arguments.
-    probe = zarr.create_array(zarr.storage.MemoryStore(), shape=array.shape, dtype=array.dtype, chunks=chunks,
-                              shards=shards, **kwargs)
+    # any other value is the user's, passed on for zarr to refuse
+    zarr_chunks = cast("tuple[int, ...] | Literal['auto']", chunks)
+    zarr_shards = cast("tuple[int, ...] | Literal['auto'] | None", shards)
+    probe = zarr.create_array(zarr.storage.MemoryStore(), shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
+                              shards=zarr_shards, **kwargs)
     if dask_input:
         grid, sharded = write_grid(probe)
-        array = align(array, grid, name="array", url=store.root_url, sharded=sharded, rechunk=rechunk)
+        array = align(cast("dask.array.Array", array), grid, name="array", url=store.root_url, sharded=sharded,
+                      rechunk=rechunk)
     with cloudio_errors(store, writing=True, node="array", writer="cloudio.save_array"):
         mark = WriteMark(store, "save_array").begin()
         try:
-            z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=chunks, shards=shards,
-                                  overwrite=overwrite, **kwargs)
+            z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
+                                  shards=zarr_shards, overwrite=overwrite, **kwargs)
             if dask_input:
                 import dask.array as da
 
-                da.store(array, z, lock=False, compute=True)
+                # dask types its targets as arrays; a zarr array takes __setitem__, all store needs
+                da.store(array, z, lock=False, compute=True)  # type: ignore[arg-type]
             elif (layout := plain_layout(z)) is not None and array.size:
-                _shardio.write(z, layout, array)  # one copy per chunk, straight into a reused shard buffer
+                # one copy per chunk, straight into a reused shard buffer
+                _shardio.write(z, layout, cast(np.ndarray, array))
             else:
                 with _no_hugepage_advice():  # zarr encodes into fresh buffers; see _no_hugepage_advice
                     z[...] = array
@@ -179,7 +185,7 @@ def _no_hugepage_advice() -> Iterator[None]:
     """
     global _advice_users, _advice_saved
     try:
-        from numpy._core.multiarray import _set_madvise_hugepage
+        from numpy._core.multiarray import _set_madvise_hugepage  # type: ignore[attr-defined]  # private: not in NumPy's stubs
     except ImportError:  # another NumPy layout: leave NumPy's default alone
         yield
         return
@@ -229,7 +235,7 @@ def load_array(
     lazy: bool = False,
     *,
     chunks: Any = None,
-) -> "np.ndarray | dask.array.Array":
+) -> np.ndarray | dask.array.Array:
     """Read the Zarr array at ``url`` as a NumPy array, or a Dask array when ``lazy``.
 
     Parameters
@@ -270,7 +276,7 @@ def load_array(
 
 
 def _load(store: JournaledStore, lazy: bool, chunks: Any,
-          zarr_format: Literal[2, 3] | None = None) -> "np.ndarray | dask.array.Array":
+          zarr_format: Literal[2, 3] | None = None) -> np.ndarray | dask.array.Array:
     import zarr
 
     # a format known from the server's listing spares zarr its probes for the other one's documents
@@ -285,7 +291,7 @@ def _load(store: JournaledStore, lazy: bool, chunks: Any,
             return out
         if out is None:
             with _no_hugepage_advice():
-                return z[...]
+                return cast(np.ndarray, z[...])  # a host (CPU) array: zarr answers with NumPy
         from zarr.core.buffer.cpu import NDBuffer
 
         z.get_basic_selection(Ellipsis, out=NDBuffer.from_numpy_array(out))
@@ -294,4 +300,4 @@ def _load(store: JournaledStore, lazy: bool, chunks: Any,
 
     if chunks is None:
         chunks, _ = write_grid(z)
-    return da.from_zarr(z, chunks=chunks)
+    return cast("dask.array.Array", da.from_zarr(z, chunks=chunks))

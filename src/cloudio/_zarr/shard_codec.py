@@ -74,7 +74,7 @@ class Layout:
 
     @property
     def per_shard(self) -> tuple[int, ...]:
-        return tuple(s // c for s, c in zip(self.shard, self.chunk))
+        return tuple(s // c for s, c in zip(self.shard, self.chunk, strict=True))
 
     @property
     def chunk_nbytes(self) -> int:
@@ -102,18 +102,20 @@ class Layout:
         assert self.zstd is not None
         return Zstd(level=self.zstd[0], checksum=self.zstd[1])
 
-    def shards(self) -> itertools.product:
-        return itertools.product(*(range(-(-n // s)) for n, s in zip(self.shape, self.shard)))
+    def shards(self) -> itertools.product[tuple[int, ...]]:
+        return itertools.product(*(range(-(-n // s)) for n, s in zip(self.shape, self.shard, strict=True)))
 
     def chunks_in(self, shard: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
         """Each chunk of ``shard`` that overlaps the array: its place in the shard, and in the array."""
         for c in itertools.product(*(range(n) for n in self.per_shard)):
-            lo = [si * s + ci * k for si, s, ci, k in zip(shard, self.shard, c, self.chunk)]
-            if all(start < n for start, n in zip(lo, self.shape)):  # chunks beyond the edge are never stored
-                yield c, tuple(slice(start, min(start + k, n)) for start, k, n in zip(lo, self.chunk, self.shape))
+            lo = [si * s + ci * k for si, s, ci, k in zip(shard, self.shard, c, self.chunk, strict=True)]
+            # chunks beyond the edge are never stored
+            if all(start < n for start, n in zip(lo, self.shape, strict=True)):
+                where = zip(lo, self.chunk, self.shape, strict=True)
+                yield c, tuple(slice(start, min(start + k, n)) for start, k, n in where)
 
 
-def plain_layout(z: "zarr.Array") -> Layout | None:
+def plain_layout(z: zarr.Array[Any]) -> Layout | None:
     """The array's :class:`Layout` when it is plain (see the module docstring), else None."""
     try:
         from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
@@ -153,9 +155,10 @@ def plain_layout(z: "zarr.Array") -> Layout | None:
         enc = md.chunk_key_encoding
         if not isinstance(enc, DefaultChunkKeyEncoding) or enc.separator != "/":
             return None
-        shard = tuple(int(s) for s in md.chunk_grid.chunk_shape)
+        grid: Any = md.chunk_grid  # regular here; its class differs across zarr versions, its chunk_shape does not
+        shard = tuple(int(s) for s in grid.chunk_shape)
         chunk = tuple(int(c) for c in sharding.chunk_shape) if sharding is not None else shard
-        if any(s % c for s, c in zip(shard, chunk)) or not z.shape:
+        if any(s % c for s, c in zip(shard, chunk, strict=True)) or not z.shape:
             return None
         return Layout(
             shape=tuple(int(n) for n in z.shape), shard=shard, chunk=chunk, dtype=dtype,
@@ -188,7 +191,7 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
     ``scratch`` (one chunk's bytes) is where a chunk is laid out before zstd
     compresses it into ``buf``; raw chunks are laid out in ``buf`` directly.
     """
-    index = np.full(layout.per_shard + (2,), _NO_CHUNK, dtype="<u8")
+    index = np.full((*layout.per_shard, 2), _NO_CHUNK, dtype="<u8")
     size = layout.chunk_nbytes
     codec = layout.compressor() if layout.zstd is not None else None
     start = pos = 0 if layout.index_at_end else layout.index_nbytes
@@ -212,7 +215,7 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
     if pos == start:
         return None
     if not layout.sharded:
-        return memoryview(buf[:pos])
+        return memoryview(buf[:pos])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
     import google_crc32c
 
     raw = index.tobytes()
@@ -222,7 +225,7 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
         google_crc32c.value(raw).to_bytes(4, "little"), dtype="u1"
     )
     end = pos + (layout.index_nbytes if layout.index_at_end else 0)
-    return memoryview(buf[:end])
+    return memoryview(buf[:end])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
 
 
 def _shard_index(layout: Layout, data: np.ndarray, url: str) -> np.ndarray:
@@ -230,7 +233,7 @@ def _shard_index(layout: Layout, data: np.ndarray, url: str) -> np.ndarray:
     import google_crc32c
 
     if not layout.sharded:  # one chunk, the whole object
-        return np.array([0, len(data)], dtype="<u8").reshape(layout.per_shard + (2,))
+        return np.array([0, len(data)], dtype="<u8").reshape((*layout.per_shard, 2))
     n = layout.index_nbytes
     raw = (data[-n:] if layout.index_at_end else data[:n]).tobytes()
     if len(data) < n or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
@@ -238,7 +241,7 @@ def _shard_index(layout: Layout, data: np.ndarray, url: str) -> np.ndarray:
             f"{url}: the shard index fails its CRC32C check (the object is damaged or not a shard); "
             "rewrite the array"
         )
-    return np.frombuffer(raw[:-4], dtype="<u8").reshape(layout.per_shard + (2,))
+    return np.frombuffer(raw[:-4], dtype="<u8").reshape((*layout.per_shard, 2))
 
 
 def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.ndarray, url: str) -> None:
@@ -307,7 +310,7 @@ async def _offload(layout: Layout, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def write(z: "zarr.Array", layout: Layout, array: np.ndarray) -> None:
+def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray) -> None:
     """Write all of ``array`` into ``z``: one encode and one upload per shard.
 
     Each worker reuses one shard buffer, so after its first shard no new
@@ -332,7 +335,7 @@ def write(z: "zarr.Array", layout: Layout, array: np.ndarray) -> None:
     _each_shard(layout, new_job)
 
 
-def _shard_getter(z: "zarr.Array") -> Callable[[str, np.ndarray], Awaitable[np.ndarray | None]]:
+def _shard_getter(z: zarr.Array[Any]) -> Callable[[str, np.ndarray], Awaitable[np.ndarray | None]]:
     """How to GET one whole shard: on GCS into the worker's reused buffer, CRC32C-checked against
     the server's X-Goog-Hash (:func:`cloudio._gcs.fast.get_into`).
 
@@ -366,7 +369,7 @@ def _shard_getter(z: "zarr.Array") -> Callable[[str, np.ndarray], Awaitable[np.n
     return get_other
 
 
-def read(z: "zarr.Array", layout: Layout, out: np.ndarray) -> None:
+def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray) -> None:
     """Fill ``out`` with all of ``z``: one GET per shard, into a buffer each worker reuses."""
     get = _shard_getter(z)
 
@@ -377,7 +380,7 @@ def read(z: "zarr.Array", layout: Layout, out: np.ndarray) -> None:
             key = z.metadata.encode_chunk_key(shard)
             got = await get(key, buf)
             if got is None:  # a shard of nothing but the fill value
-                where = zip(shard, layout.shard, layout.shape)
+                where = zip(shard, layout.shard, layout.shape, strict=True)
                 out[tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in where)] = layout.fill
             else:
                 await _offload(layout, _decode, layout, got, shard, out, f"{z.store_path}/{key}")

@@ -36,17 +36,17 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self, cast
 
 import numpy as np
 import zarr
 from zarr.abc.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
+from cloudio._gcs.transfer import put_verified
 from cloudio._journal import journal
 from cloudio._paths import is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
-from cloudio._gcs.transfer import put_verified
 from cloudio.errors import BucketNotFoundError, CloudioError, ConflictError
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class _MetadataLog:
         self._meta: dict[str, int] = {}  # node dir url -> seq of its last metadata write
         self._consolidated: dict[str, int] = {}  # group dir url -> seq of its last consolidated copy
 
-    def wrote(self, dir_url: str, name: str, value: "Buffer", seq: int) -> None:
+    def wrote(self, dir_url: str, name: str, value: Buffer, seq: int) -> None:
         consolidated = False
         if name == _V2_CONSOLIDATED:
             consolidated = True
@@ -165,7 +165,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     def __new__(cls, store: Store, root_url: str | None = None) -> Self:
         sync_capable = hasattr(store, "set_sync") and hasattr(store, "delete_sync")
         chosen = _SyncJournaledStore if cls is JournaledStore and sync_capable else cls
-        return super().__new__(chosen)  # type: ignore[arg-type]
+        return cast(Self, super().__new__(chosen))  # a subclass of cls when the store can sync
 
     def __init__(self, store: Store, root_url: str | None = None) -> None:
         super().__init__(store)
@@ -184,7 +184,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         """The journal key of the store's root."""
         return self._root_url
 
-    def _with_store(self, store: "Store") -> "JournaledStore":
+    def _with_store(self, store: Store) -> JournaledStore:
         return type(self)(store, self._root_url)
 
     def __repr__(self) -> str:
@@ -201,7 +201,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     def _url(self, key: str) -> str:
         return f"{self._root_url}/{key}" if key else self._root_url
 
-    def _wrote(self, key: str, value: "Buffer") -> None:
+    def _wrote(self, key: str, value: Buffer) -> None:
         url = self._url(key)
         change = journal().record(url, "write", size=len(value))
         slash = key.rfind("/")
@@ -216,7 +216,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     # -- what writes -------------------------------------------------------------------------
 
-    async def set(self, key: str, value: "Buffer") -> None:
+    async def set(self, key: str, value: Buffer) -> None:
         try:
             if key in self._guards and is_gcs(self._root_url) and isinstance(self._store, FsspecStore):
                 await self._pipe(key, value, self._guards[key])
@@ -234,7 +234,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             ) from e
         self._wrote(key, value)
 
-    async def _pipe(self, key: str, value: "Buffer", guard: int | None = None) -> None:
+    async def _pipe(self, key: str, value: Buffer, guard: int | None = None) -> None:
         """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy, CRC32C-verified.
 
         Raises IntegrityError, TransientError or UploadError (see
@@ -247,7 +247,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         if not isinstance(value, Buffer):
             raise TypeError(f"JournaledStore.set(): `value` must be a Buffer instance, got {type(value)}")
         arr = value.as_numpy_array()  # a view for host buffers
-        view = memoryview(np.ascontiguousarray(arr)).cast("B")
+        view = memoryview(np.ascontiguousarray(arr)).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         # verified against the CRC32C the server answers with; the store journals a success itself
         await put_verified(store.fs, self._url(key), view, content_type="application/octet-stream",
                            record=False, simple_limit=_ONE_REQUEST_LIMIT, media=True, if_generation_match=guard)
@@ -305,13 +305,13 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             inner.fs.invalidate_cache(path.fs_path)
         self._deleted(key, prefix=False)
 
-    async def set_if_not_exists(self, key: str, value: "Buffer") -> None:
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         # Whether the wrapped store wrote is not reported; recording a write that did not
         # happen only costs a cache a refetch, missing one would leave it stale.
         await self._store.set_if_not_exists(key, value)
         self._wrote(key, value)
 
-    async def _set_many(self, values: Iterable[tuple[str, "Buffer"]]) -> None:
+    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         import asyncio
 
         await asyncio.gather(*(self.set(k, v) for k, v in values))
@@ -390,7 +390,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 class _SyncJournaledStore(JournaledStore):
     """A :class:`JournaledStore` over a store with synchronous writes (``LocalStore``, zarr >= 3.2)."""
 
-    def set_sync(self, key: str, value: "Buffer") -> None:
+    def set_sync(self, key: str, value: Buffer) -> None:
         self._store.set_sync(key, value)  # type: ignore[attr-defined]
         self._wrote(key, value)
 
@@ -566,7 +566,7 @@ class WriteMark:
             return
         try:
             self.commit(replacing=False)
-        except Exception as e:  # noqa: BLE001 - any failure: a marker left behind errs on the safe side
+        except Exception as e:  # any failure: a marker left behind errs on the safe side
             log.warning("%s: could not remove the write marker after a refused %s: %s", self.store.root_url,
                         self.operation, e)
 

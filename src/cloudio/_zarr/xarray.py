@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Hashable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from cloudio._paths import is_gcs
 from cloudio._zarr.shard_safety import align
@@ -88,7 +88,7 @@ def _stored_dims(zarr_array: Any) -> tuple[Hashable, ...] | None:
     return tuple(names) if names is not None else None
 
 
-def _resolve_region(dataset: "xarray.Dataset", store: JournaledStore, region: Any, group: str | None,
+def _resolve_region(dataset: xarray.Dataset, store: JournaledStore, region: Any, group: str | None,
                     ) -> dict[Hashable, slice]:
     """Region slices with ``"auto"`` replaced by positions found from the store's indexes."""
     import xarray as xr
@@ -113,8 +113,8 @@ def _resolve_region(dataset: "xarray.Dataset", store: JournaledStore, region: An
     return out
 
 
-def _align_dataset(dataset: "xarray.Dataset", store: JournaledStore, kwargs: Mapping[str, Any],
-                   rechunk: bool) -> "xarray.Dataset":
+def _align_dataset(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any],
+                   rechunk: bool) -> xarray.Dataset:
     """Rechunk every Dask-backed variable so no two tasks write one shard; see :mod:`cloudio._zarr.shard_safety`."""
     dask_vars = {name: var for name, var in dataset.variables.items() if _is_dask(var.data)}
     if not dask_vars:
@@ -156,14 +156,16 @@ def _align_dataset(dataset: "xarray.Dataset", store: JournaledStore, kwargs: Map
                     continue
                 # No grid requested: xarray takes the Dask chunks as Zarr chunks, which must be
                 # regular. Ragged chunks get the largest chunk as their grid.
-                grid = tuple(max(c) if c else 1 for c in var.chunks)
+                dask_chunks = cast("tuple[tuple[int, ...], ...]", var.chunks)  # Dask-backed: never None
+                grid = tuple(max(c) if c else 1 for c in dask_chunks)
                 sharded = False
             else:
                 grid, sharded = found
         new = align(var.data, grid, offsets=offsets, name=str(name), url=store.root_url, sharded=sharded,
                     rechunk=rechunk)
         if new is not var.data:
-            replaced[name] = var.copy(deep=False, data=new)
+            # xarray's protocol for duck arrays names an __array_ufunc__ argument differently from dask's
+            replaced[name] = var.copy(deep=False, data=new)  # type: ignore[arg-type]
     if not replaced:
         return dataset
     out = dataset.copy(deep=False)
@@ -180,7 +182,7 @@ def _align_dataset(dataset: "xarray.Dataset", store: JournaledStore, kwargs: Map
     return out
 
 
-def to_zarr(dataset: "xarray.Dataset", url: str | os.PathLike[str] | JournaledStore, *,
+def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStore, *,
             rechunk: bool = True, **kwargs: Any) -> Any:
     """Write ``dataset`` to Zarr at ``url`` with every write journaled and shard-safe Dask chunks.
 
@@ -250,9 +252,9 @@ def to_zarr(dataset: "xarray.Dataset", url: str | os.PathLike[str] | JournaledSt
             raise
         if kwargs.get("compute", True) is False:
             # the graph writes the chunks later, wherever it runs: the marker goes after it
-            import dask
+            from dask.delayed import delayed
 
-            return dask.delayed(_commit, pure=False)(out, mark)
+            return delayed(_commit, pure=False)(out, mark)
         mark.commit()
     return out
 
@@ -277,6 +279,7 @@ def consolidate_guarded(store: JournaledStore, zarr_format: int | None = None) -
     from cloudio.errors import ConflictError
 
     last: ConflictError | None = None
+    fmt: Literal[2, 3]
     for _ in range(_CONSOLIDATE_ATTEMPTS):
         key, fmt = "zarr.json", 3
         data, generation = (None, 0) if zarr_format == 2 else _sync(store.get_generation(key))
@@ -300,7 +303,7 @@ def _commit(result: Any, mark: WriteMark) -> Any:
     return result
 
 
-def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> "xarray.Dataset":
+def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xarray.Dataset:
     """Open the Zarr store at ``url`` with Xarray, seeing every write made in this process.
 
     Parameters
@@ -356,7 +359,7 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> "x
             if check.marked:
                 check_complete(store)  # raises, saying who left the marker
             _avoid_consolidated_older_than_members(store, check, kwargs)
-        ds = xr.open_zarr(store, **kwargs)
+        ds: xarray.Dataset = xr.open_zarr(store, **kwargs)
         _fill_shards(ds, store, kwargs.get("group"))
     return ds
 
@@ -398,7 +401,7 @@ def _avoid_consolidated_older_than_members(store: JournaledStore, check: Metadat
         kwargs["consolidated"] = False
 
 
-def _fill_shards(ds: "xarray.Dataset", store: JournaledStore, group: str | None) -> None:
+def _fill_shards(ds: xarray.Dataset, store: JournaledStore, group: str | None) -> None:
     """Put ``shards`` into ``.encoding`` where this xarray version does not (older than 2025.10)."""
     missing = [name for name, var in ds.variables.items() if "shards" not in var.encoding and var.ndim]
     if not missing:

@@ -45,7 +45,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], max_width: int 
 
     def cells(values: Sequence[str]) -> list[list[str]]:
         out = []
-        for v, w in zip(values, widths):
+        for v, w in zip(values, widths, strict=False):  # a row's cells beyond the headers are not shown
             lines: list[str] = []
             for part in str(v).splitlines() or [""]:
                 lines.extend(textwrap.wrap(part, w, break_on_hyphens=False) or [""])
@@ -57,7 +57,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], max_width: int 
         height = max(len(c) for c in cs)
         lines = []
         for k in range(height):
-            parts = [(c[k] if k < len(c) else "").ljust(w) for c, w in zip(cs, widths)]
+            parts = [(c[k] if k < len(c) else "").ljust(w) for c, w in zip(cs, widths, strict=True)]
             lines.append(_GAP.join(parts).rstrip())
         return lines
 

@@ -170,7 +170,7 @@ def prefix_listing(url: str, objects: list[tuple[str, int]]) -> str:
     sw = max(len(v) for v in sizes)
     prefix = url if url.endswith("/") else url + "/"
     lines = [f"{prefix}  (prefix)"]
-    lines += [f"    {name.ljust(w)}  {v.rjust(sw)}" for (name, _), v in zip(shown, sizes)]
+    lines += [f"    {name.ljust(w)}  {v.rjust(sw)}" for (name, _), v in zip(shown, sizes, strict=True)]
     if len(objects) > len(shown):
         lines.append(f"    ... and {len(objects) - len(shown)} more")
     total = sum(n for _, n in objects)
