@@ -162,6 +162,14 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     call methods that cannot work.
     """
 
+    # zarr >= 3.4's WrapperStore defines the synchronous methods whatever it wraps, so zarr's runtime
+    # protocol checks (SupportsGetSync, ...) would claim them for a store that cannot: a member set to
+    # None reads as "not implemented" there. _SyncJournaledStore has them when the wrapped store does.
+    get_sync = None
+    get_ranges_sync = None
+    set_sync = None
+    delete_sync = None
+
     def __new__(cls, store: Store, root_url: str | None = None) -> Self:
         sync_capable = hasattr(store, "set_sync") and hasattr(store, "delete_sync")
         chosen = _SyncJournaledStore if cls is JournaledStore and sync_capable else cls
@@ -390,11 +398,15 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 class _SyncJournaledStore(JournaledStore):
     """A :class:`JournaledStore` over a store with synchronous writes (``LocalStore``, zarr >= 3.2)."""
 
-    def set_sync(self, key: str, value: Buffer) -> None:
+    # zarr's own forwarding, where this zarr has it (3.4): the wrapped store reads synchronously too
+    get_sync = getattr(WrapperStore, "get_sync", None)
+    get_ranges_sync = getattr(WrapperStore, "get_ranges_sync", None)
+
+    def set_sync(self, key: str, value: Buffer) -> None:  # type: ignore[override]
         self._store.set_sync(key, value)  # type: ignore[attr-defined]
         self._wrote(key, value)
 
-    def delete_sync(self, key: str) -> None:
+    def delete_sync(self, key: str) -> None:  # type: ignore[override]
         self._store.delete_sync(key)  # type: ignore[attr-defined]
         self._deleted(key, prefix=False)
 
