@@ -14,7 +14,8 @@ from rasterio.errors import RasterioIOError
 from rasters import put, tif
 
 import cloudio
-from cloudio._gdal import bindings, consumer as gdal_consumer, endpoint, targets
+from cloudio._gdal import bindings, endpoint, targets
+from cloudio._gdal import consumer as gdal_consumer
 from cloudio.emulator import Emulator
 
 
@@ -72,7 +73,7 @@ def test_directory_clear_drops_everything_below(gcs_emulator: Emulator, emu_buck
         value(vsi(f"{emu_bucket}/d/{name}"))
     paths = gets(gcs_emulator, n)
     assert sum("prefix=d" in p for p in paths) == 1  # the listing again
-    assert sum(p.endswith((".tif")) for p in paths) == 2  # and every object under it
+    assert sum(p.endswith(".tif") for p in paths) == 2  # and every object under it
 
 
 @pytest.mark.characterization

@@ -107,7 +107,9 @@ def run_workload(emulator: Emulator, bucket: str, tmp_path: Path, how: str) -> s
 
 
 @pytest.mark.timeout(180)
-def test_reads_racing_overwrites_neither_crash_nor_tear(gcs_emulator: Emulator, gcs_bucket: str, tmp_path: Path) -> None:
+def test_reads_racing_overwrites_neither_crash_nor_tear(
+    gcs_emulator: Emulator, gcs_bucket: str, tmp_path: Path
+) -> None:
     r = run_workload(gcs_emulator, gcs_bucket, tmp_path, "open")
     assert r.returncode == 0, f"workload exited with {r.returncode}: {r.stderr[-2000:]}"
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -153,7 +155,8 @@ def test_read_after_overwrite_in_another_layout_is_a_stale_dataset_error(gcs_buc
     fs.pipe(url, tif(1, 64))
     with cloudio.open(url) as ds:
         fs.pipe(url, tif(2, 128))
-        with pytest.raises(cloudio.StaleDatasetError, match=rf"{url}: overwritten by this process.*reopen it with cloudio.open"):
+        stale = rf"{url}: overwritten by this process.*reopen it with cloudio.open"
+        with pytest.raises(cloudio.StaleDatasetError, match=stale):
             ds.read(1)
     with cloudio.open(url) as ds:
         assert ds.read(1).shape == (128, 128)

@@ -25,7 +25,8 @@ from cloudio.emulator import Emulator
 
 
 def gdal_gets(proxy: FaultProxy, key: str) -> list[object]:
-    return [status for method, path, status in proxy.requests(key) if method == "GET" and not path.startswith("/storage/")]
+    requests = proxy.requests(key)
+    return [status for method, path, status in requests if method == "GET" and not path.startswith("/storage/")]
 
 
 @pytest.fixture

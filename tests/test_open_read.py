@@ -18,7 +18,8 @@ from rasterio.errors import RasterioIOError
 from rasters import tif
 
 import cloudio
-from cloudio._gdal import bindings, consumer as gdal_consumer
+from cloudio._gdal import bindings, endpoint
+from cloudio._gdal import consumer as gdal_consumer
 from cloudio._gdal.bindings import vsi_readdir
 from cloudio._journal import journal
 from cloudio.emulator import Emulator
@@ -443,3 +444,60 @@ def test_old_dataset_does_not_poison_cloudio_opens(gcs_bucket: str) -> None:
     old.close()
     for _ in range(2):  # and after it closed
         assert cloud_read(url) == ((1, 48, 48), 2)
+
+
+# -- the per-open fast path (one generation compared instead of re-planning) ----------------------
+
+
+def test_close_of_a_reader_makes_no_request(gcs_emulator: Emulator, gcs_bucket: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Why cloudio's close needs no gate: GDAL's close of a reader does no I/O of the object or its sidecars."""
+    data, ovr = ovr_for(4, 64, tmp_path)
+    put_elsewhere(gcs_emulator, f"{gcs_bucket}/d/a.tif", data)
+    put_elsewhere(gcs_emulator, f"{gcs_bucket}/d/a.tif.ovr", ovr)
+    for _ in range(2):  # the second open takes the fast path
+        ds = cloudio.open(f"{gcs_bucket}/d/a.tif")
+        assert read(ds) == ((1, 64, 64), 4)
+        assert ds.overviews(1) == [2]
+        assert int(ds.read(out_shape=(1, 32, 32))[0, 0, 0]) == 4  # from the .ovr
+        n = len(gcs_emulator.requests())
+        ds.close()
+        assert gcs_emulator.requests()[n:] == []
+
+
+def test_fast_path_sees_a_journaled_change(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    url = f"{gcs_bucket}/d/a.tif"
+    put_elsewhere(gcs_emulator, url, tif(1))
+    for _ in range(3):
+        assert cloud_read(url) == ((1, 64, 64), 1)
+    put_elsewhere(gcs_emulator, url, tif(2, 32))
+    cloudio.invalidate(url)
+    assert cloud_read(url) == ((1, 32, 32), 2)
+    put_elsewhere(gcs_emulator, f"{gcs_bucket}/d/a.tif.msk", tif(9))  # a new sidecar, announced
+    cloudio.invalidate(f"{gcs_bucket}/d/a.tif.msk")
+    with cloudio.open(url) as ds:
+        assert int(ds.read_masks(1)[0, 0]) == 255  # GDAL found the .msk (it holds 9s)
+
+
+def test_fast_path_does_not_skip_a_stronger_level(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    url = f"{gcs_bucket}/d/a.tif"
+    put_elsewhere(gcs_emulator, url, tif(1))
+    for _ in range(3):
+        assert cloud_read(url) == ((1, 64, 64), 1)
+    put_elsewhere(gcs_emulator, url, tif(2, 32))
+    with cloudio.session("strong") as s:
+        assert cloud_read(url) == ((1, 32, 32), 2)
+    assert s.stats.revalidations == 1
+    with cloudio.session(0):
+        n = len(gcs_emulator.requests())
+        assert cloud_read(url) == ((1, 32, 32), 2)
+        assert data_gets(gcs_emulator, n) == 2  # the object's metadata and its directory's listing
+
+
+def test_fast_path_follows_a_new_time_limit(gcs_emulator: Emulator, gcs_bucket: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    url = f"{gcs_bucket}/d/a.tif"
+    put_elsewhere(gcs_emulator, url, tif(1))
+    for _ in range(3):
+        assert cloud_read(url) == ((1, 64, 64), 1)
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "7")
+    assert cloud_read(url) == ((1, 64, 64), 1)
+    assert endpoint._endpoints[gcs_bucket[len("gs://"):]][0][2] == b"7"  # the bucket's options follow it

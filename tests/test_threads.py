@@ -194,7 +194,7 @@ def test_a_write_waits_for_a_read_of_the_same_object_in_flight(gcs_emulator, gcs
         assert ds.read(1).min() == 2  # afterwards through a fresh open: the new version
     order = _order(gcs_emulator, key, start)
     second_upload = order.index("upload", 1)
-    assert order[:second_upload] == opened + ["read"], order  # the slow read reached the server before it
+    assert order[:second_upload] == [*opened, "read"], order  # the slow read reached the server before it
 
 
 @pytest.mark.timeout(120)

@@ -88,7 +88,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudio._gdal import bindings
+from cloudio._gdal import bindings, generation
 from cloudio._gdal.endpoint import ensure_endpoint, in_force
 from cloudio._gdal.endpoint import reset as reset_endpoints
 from cloudio._gdal.gates import gates
@@ -235,6 +235,7 @@ class GdalConsumer(Consumer):
         self.calls.clear(vsi)  # sizes, byte ranges, "does not exist"; also its sidecars' entries
         with self._state:
             self._epoch[vsi] = self._epoch.get(vsi, 0) + 1
+        generation.bump()
 
     def _names_changed(self, key: str, d: _Dir, name: str) -> None:
         d.plans.clear()
@@ -243,6 +244,7 @@ class GdalConsumer(Consumer):
         for e in [e for e in d.empty_dir if e != name and name.startswith(e)]:
             self.calls.clear_path_options(f"{key}/{e}")  # EMPTY_DIR on e would also apply to the new name
             d.empty_dir.discard(e)
+        generation.bump()
 
     def _apply_prefix(self, path: GCSPath) -> None:
         """Someone wrote at or below ``path`` (an object or a "directory"): forget all of it."""
@@ -267,6 +269,7 @@ class GdalConsumer(Consumer):
                     parent.names = None
                     parent.listed_at = 0.0
                     self._names_changed(pkey, parent, _ANY)
+        generation.bump()
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -285,6 +288,7 @@ class GdalConsumer(Consumer):
             d.names = fresh
             d.plans.clear()
             d.listed_at = time.monotonic()
+        generation.bump()
 
     def listing_age(self, path: GCSPath) -> float | None:
         """Seconds since cloudio listed ``path``'s directory (None: never, or dropped)."""
@@ -364,6 +368,7 @@ class GdalConsumer(Consumer):
                 stale[:] = [r for r in stale if _is_open(r)]
                 if not stale:  # all closed before this clear: nothing can put old bytes back
                     del self._reclear[t.vsi]
+                generation.bump()
             if gdal_lists:
                 d.gdal_listed = True
                 if name in d.empty_dir:
@@ -426,6 +431,7 @@ class GdalConsumer(Consumer):
         if vsi not in self._reclear and len(self._reclear) >= _RECLEAR_MAX:
             self._sweep()
         self._reclear.setdefault(vsi, []).extend(refs)
+        generation.bump()
 
     def _sweep(self) -> None:
         """Forget objects whose stale datasets are all closed, clearing them one last time."""
@@ -433,6 +439,7 @@ class GdalConsumer(Consumer):
             if not any(_is_open(r) for r in refs):
                 self.calls.clear(vsi)
                 del self._reclear[vsi]
+        generation.bump()
 
     def _clear_listing(self, key: str, d: _Dir) -> None:
         """The expensive one: GDAL's listing of ``key`` and every cached byte below it."""
@@ -444,6 +451,7 @@ class GdalConsumer(Consumer):
             if k != key and k.startswith(key):
                 other.gdal_listed = False
                 other.changed.clear()
+        generation.bump()
 
     def forget_listing(self, path: GCSPath) -> None:
         """GDAL holds a listing of ``path``'s directory we did not know about: clear it."""
@@ -459,6 +467,7 @@ class GdalConsumer(Consumer):
                     p = parse_gcs(f)
                     if p.key:
                         self._dirs.setdefault(dir_key(p), _Dir()).gdal_listed = True
+        generation.bump()
 
     def prepare_vrt(self, path: GCSPath) -> None:
         """Before GDAL opens a VRT in ``path``'s bucket: no GDAL listing in the bucket may be stale.
@@ -549,3 +558,4 @@ def reset() -> None:
     with consumer._state:
         consumer._dirs.clear()
         consumer._seen.clear()
+    generation.bump()

@@ -21,6 +21,7 @@ from typing import Any
 
 from cloudio import _config
 from cloudio._config import emulator_endpoint
+from cloudio._gdal import generation
 from cloudio._gdal.bindings import clear, clear_path_options, set_path_option
 
 __all__ = ["bucket_prefix", "ensure_endpoint", "in_force", "reset"]
@@ -28,6 +29,9 @@ __all__ = ["bucket_prefix", "ensure_endpoint", "in_force", "reset"]
 _endpoints: dict[str, tuple[tuple[object, object, object], tuple[str, ...]]] = {}  # bucket -> settings applied
 _endpoints_lock = threading.Lock()
 _applied_endpoint: list[object] = [None]  # the endpoint state the options of _endpoints point at
+#: the state of the last options applied to any bucket (see :data:`cloudio._gdal.generation.current`,
+#: bumped with it: while the generation is unchanged, every bucket applied since holds this state)
+last_applied: list[object] = [None]
 
 #: GDAL options cloudio sets per bucket; a user's own setting of any of these wins
 _HTTP_KEYS = (
@@ -106,6 +110,8 @@ def ensure_endpoint(bucket: str) -> None:
             if key not in user:
                 set_path_option(prefix, key, value)
         _endpoints[bucket] = state
+        last_applied[0] = state
+        generation.bump()
 
 
 def reset() -> None:
@@ -116,3 +122,5 @@ def reset() -> None:
             clear(f"/vsigs/{old}")
         _endpoints.clear()
         _applied_endpoint[0] = None
+        last_applied[0] = None
+        generation.bump()

@@ -67,7 +67,10 @@ class _ObjectGates:
 
     def enter(self, vsi: str) -> None:
         """Start GDAL I/O of ``vsi`` (shared)."""
-        table = self._table()
+        try:
+            table = self._local.depth  # _table(), inlined: this runs on every open and read
+        except AttributeError:
+            table = self._table()
         depth = table.get(vsi)
         if depth:
             table[vsi] = depth + 1

@@ -45,12 +45,13 @@ import time
 from typing import Any
 
 import rasterio
+import rasterio.env
 from rasterio.errors import RasterioIOError
 from rasterio.io import DatasetReader
 
-from cloudio import _state
+from cloudio import _config, _state
 from cloudio._gcs.client import gcs_filesystem, not_found, object_metadata, where
-from cloudio._gdal import bindings
+from cloudio._gdal import bindings, endpoint, generation
 from cloudio._gdal.consumer import LISTING_LIMIT, NEEDS_LISTING, consumer
 from cloudio._gdal.endpoint import ensure_endpoint
 from cloudio._gdal.gates import gates as _gates
@@ -78,15 +79,15 @@ _TRANSIENT = re.compile(
 )
 
 
-class TransientReadError(TransientError, RasterioIOError):
+class TransientReadError(TransientError, RasterioIOError):  # type: ignore[misc]
     """A :class:`TransientError` that code catching rasterio's own read errors also catches."""
 
 
-class DatasetReadError(ReadError, RasterioIOError):
+class DatasetReadError(ReadError, RasterioIOError):  # type: ignore[misc]
     """A :class:`ReadError` that code catching rasterio's own read errors also catches."""
 
 
-class StaleDatasetReadError(StaleDatasetError, RasterioIOError):
+class StaleDatasetReadError(StaleDatasetError, RasterioIOError):  # type: ignore[misc]
     """A :class:`StaleDatasetError` that code catching rasterio's own read errors also catches."""
 
 
@@ -96,7 +97,7 @@ _epochs = consumer._epoch
 _READ_ATTEMPTS = 4
 
 
-class _Reader(DatasetReader):
+class _Reader(DatasetReader):  # type: ignore[misc]
     """What cloudio.open returns for reading: rasterio's reader, made safe against writes in this process.
 
     GDAL I/O runs inside the object's gate (shared). A read after an overwrite
@@ -141,23 +142,28 @@ class _Reader(DatasetReader):
     def overviews(self, *args: Any, **kwargs: Any) -> Any:
         return _io(self, DatasetReader.overviews, args, kwargs)  # GDAL reads overview IFDs, .ovr on first use
 
+    # close is rasterio's own, outside the gate: GDAL's close of a reader does no I/O of the object
+    # (checked in the emulator's log, tests/test_open_read.py); at most it uploads a .aux.xml
+    # sidecar that statistics() made (PAM), which is another object and never was gated.
+
+
+class _RenewedReader(_Reader):
+    """A :class:`_Reader` whose reads go to a fresh open (see :func:`_renew`), closed with it."""
+
     def close(self) -> None:
-        if self._cloudio_fresh is not None:
-            fresh, self._cloudio_fresh = self._cloudio_fresh, None
+        fresh, self._cloudio_fresh = self._cloudio_fresh, None
+        if fresh is not None:
             fresh.close()
-        vsi = self._cloudio_target.vsi
-        _gates.enter(vsi)
-        try:
-            DatasetReader.close(self)
-        finally:
-            _gates.exit(vsi)
+        DatasetReader.close(self)
 
 
 def _reader(ds: Any, t: Target, epoch: int, driver: str | None = None, kwargs: dict[str, Any] | None = None) -> Any:
     """Make a plain DatasetReader a :class:`_Reader` (same object, same layout: a class swap)."""
     if type(ds) is DatasetReader:
         ds.__class__ = _Reader
-        ds.__dict__.update(_cloudio_target=t, _cloudio_epoch=epoch)
+        d = ds.__dict__  # item by item: no keyword dict built on the per-open path
+        d["_cloudio_target"] = t
+        d["_cloudio_epoch"] = epoch
         if driver is not None or kwargs:
             ds._cloudio_open = (driver, kwargs or {})
     return ds
@@ -199,20 +205,21 @@ def _io(ds: _Reader, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             out = _retry_read(src, failed, fn, args, kwargs)
         if out is not _CHANGED and epochs.get(vsi, 0) == before:
             return out
-    raise _stale(ds._cloudio_target, "it kept changing during each of %d reads" % _READ_ATTEMPTS)
+    raise _stale(ds._cloudio_target, f"it kept changing during each of {_READ_ATTEMPTS} reads")
 
 
 def _renew(ds: _Reader) -> _Reader:
     """A fresh open of ``ds``'s object, kept to close with ``ds``; the same layout, or StaleDatasetError."""
     t = ds._cloudio_target
     driver, kwargs = ds._cloudio_open
-    fresh = _open_read(t, driver, False, kwargs)
+    fresh: _Reader = _open_read(t, driver, False, kwargs)
     if (fresh.width, fresh.height, fresh.count, fresh.dtypes, fresh.block_shapes) != (
         ds.width, ds.height, ds.count, ds.dtypes, ds.block_shapes
     ):
         fresh.close()
         raise _stale(t, "the new version's size, bands, data types or blocks differ from the dataset's")
     old, ds._cloudio_fresh = ds._cloudio_fresh, fresh
+    ds.__class__ = _RenewedReader  # only such datasets pay for a close of their own
     if old is not None:
         old.close()
     log.debug("%s: overwritten while open; reading from a fresh open of it", t.path.url)
@@ -369,13 +376,15 @@ def open(
         )
     if mode == "r":
         c = consumer
-        if driver is None and not kwargs and c.unchanged(t) and current_level() == "session":
+        vsi = t.vsi
+        if driver is None and not kwargs and (
+            (_memo.get(vsi) == _generation[0] and _as_before()) or _unchanged(t)
+        ):
             # the common case, kept cheap: read before, nothing written since, nothing to check
-            vsi = t.vsi
             epoch = _epochs.get(vsi, 0)  # see GdalConsumer.opened_dataset
             _gates.enter(vsi)
             try:
-                dataset = rasterio.open(vsi, "r", sharing=sharing)
+                dataset = rasterio.open(vsi, sharing=True) if sharing else rasterio.open(vsi)
             except RasterioIOError:
                 dataset = None
             finally:
@@ -384,7 +393,11 @@ def open(
                 dataset = _open_read(t, driver, sharing, kwargs)
             else:
                 c.opened_dataset(t, dataset, epoch)
-                _reader(dataset, t, epoch)
+                if type(dataset) is DatasetReader:  # _reader(), inlined
+                    dataset.__class__ = _Reader
+                    d = dataset.__dict__
+                    d["_cloudio_target"] = t
+                    d["_cloudio_epoch"] = epoch
         else:
             dataset = _open_read(t, driver, sharing, kwargs)
         next(_state.opens)  # count("opens"), lock-free
@@ -406,6 +419,51 @@ def open(
 
 # the public function shadows the builtin and the parameter `count` shadows the counter
 _count = count
+
+#: os.environ's own mapping (None off POSIX: then every open takes :func:`_unchanged`)
+_ENV: dict[bytes, bytes] | None = _config._ENV_DATA
+_stack = _state.endpoints
+_session = _state.current_session
+_sessions = _state.open_sessions
+_rio_local = rasterio.env.local
+#: vsi path -> the generation (:mod:`cloudio._gdal.generation`) at which it was last found unchanged
+_memo: dict[str, int] = {}
+_generation = generation.current
+
+
+def _as_before() -> bool:
+    """Is everything outside cloudio's bookkeeping as when the memo was made? (the per-open fast path)
+
+    The level is "session", no ``rasterio.Env`` is entered, and the endpoint
+    state (:func:`cloudio._config.endpoint_state`, inlined: no calls) is the
+    one applied last. Anything else, or a state this does not spell like
+    ``endpoint_state``, takes :func:`_unchanged`, which is always right.
+    """
+    env = _ENV
+    if env is None or _rio_local._env is not None:
+        return False
+    s = _session.get()
+    if s is None:
+        if _sessions or env.get(b"CLOUDIO_CONSISTENCY") is not None:
+            return False
+    elif s.consistency != "session":
+        return False
+    return (  # type: ignore[no-any-return]
+        ((_stack[-1] if _stack else None), env.get(b"STORAGE_EMULATOR_HOST"), env.get(b"CLOUDIO_HTTP_TIMEOUT")),
+        (),
+    ) == endpoint.last_applied[0]
+
+
+def _unchanged(t: Target) -> bool:
+    """The full check that ``t`` may be opened as last time; remembers a yes for :func:`_as_before`."""
+    g = _generation[0]  # read before the check: a change during it bumps the generation after
+    if not (consumer.unchanged(t) and current_level() == "session"):
+        return False
+    if _as_before():
+        if len(_memo) >= _PARSED_MAX:
+            _memo.clear()
+        _memo[t.vsi] = g
+    return True
 
 
 #: parsed gs:// and /vsigs/ spellings (their meaning never changes): a dict lookup per open
