@@ -143,6 +143,22 @@ def test_options_reach_the_bucket_and_its_listings(gcs_emulator: Emulator, gcs_b
     assert path_option(f"/vsigs/{bucket}", "GS_NO_SIGN_REQUEST") == "YES"  # GDAL's lookup for listings
 
 
+def test_options_do_not_reach_a_bucket_whose_name_extends_this_one(gcs_emulator: Emulator, gcs_bucket: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """GDAL matches path options by string prefix: /vsigs/data would also match /vsigs/data-prod."""
+    bucket = gcs_bucket[len("gs://"):]
+    monkeypatch.delenv("CPL_GS_ENDPOINT", raising=False)
+    monkeypatch.delenv("GS_NO_SIGN_REQUEST", raising=False)
+    endpoint.ensure_endpoint(bucket)
+    for sibling in (f"{bucket}-prod", f"{bucket}_x", f"{bucket}.eu", f"{bucket}0"):
+        assert path_option(f"/vsigs/{sibling}/k.tif", "CPL_GS_ENDPOINT") != gcs_emulator.url + "/", sibling
+        assert path_option(f"/vsigs/{sibling}/k.tif", "GS_NO_SIGN_REQUEST") in (None, "NO"), sibling
+        assert path_option(f"/vsigs/{sibling}", "GS_NO_SIGN_REQUEST") in (None, "NO"), sibling  # its listings
+    endpoint.ensure_endpoint(f"{bucket}-prod")  # a sibling cloudio reads itself gets the emulator
+    assert path_option(f"/vsigs/{bucket}-prod/k.tif", "CPL_GS_ENDPOINT") == gcs_emulator.url + "/"
+    assert path_option(f"/vsigs/{bucket}/k.tif", "GS_NO_SIGN_REQUEST") == "YES"
+
+
 def test_options_are_removed_when_the_endpoint_changes(gcs_emulator: Emulator, gcs_bucket: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = gcs_bucket[len("gs://"):]

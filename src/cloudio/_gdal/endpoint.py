@@ -41,6 +41,12 @@ _HTTP_KEYS = (
 
 _rio_local: Any = None
 
+#: characters a bucket name may continue with (GCS's rule): where GDAL's string-prefix match on
+#: /vsigs/<bucket> would reach a bucket whose name extends this one, a fence stops it
+_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-_."
+#: what a fence puts back for those buckets: the process-wide value, or GDAL's default
+_FENCED = {"CPL_GS_ENDPOINT": "https://storage.googleapis.com/", "GS_NO_SIGN_REQUEST": "NO"}
+
 
 def _user_http_keys() -> tuple[str, ...]:
     """Which of :data:`_HTTP_KEYS` the user set (a ``rasterio.Env`` in this thread, or the environment)."""
@@ -71,11 +77,32 @@ def bucket_prefix(bucket: str) -> str:
     """``/vsigs/<bucket>``, no '/': GDAL looks the options of every listing up by the bucket alone.
 
     Measured with GDAL 3.10: with ``/vsigs/<bucket>/`` listings of any
-    directory go unsigned to Google. The string prefix also reaches buckets
-    whose names extend this one, but only for the endpoint in force: on a
-    change of endpoint every bucket's options are removed.
+    directory go unsigned to Google. The string prefix would also reach
+    buckets whose names extend this one (``data`` -> ``data-prod``): GDAL
+    takes the longest key that matches, so :func:`_fence` sets, on
+    ``/vsigs/<bucket><c>`` for every character ``c`` a bucket name may hold,
+    the endpoint and signing options those buckets would have had anyway.
     """
     return f"/vsigs/{bucket}"
+
+
+def _fence(bucket: str, set_them: bool) -> None:
+    """Keep ``bucket``'s emulator options from buckets whose names extend it (see :func:`bucket_prefix`)."""
+    values = {k: os.environ.get(k, default) for k, default in _FENCED.items()}
+    for c in _NAME_CHARS:
+        prefix = bucket_prefix(bucket) + c
+        if (bucket + c) in _endpoints:  # a bucket cloudio set itself: its own options, longer, win anyway
+            continue
+        clear_path_options(prefix)
+        if set_them:
+            for key, value in values.items():
+                set_path_option(prefix, key, value)
+
+
+def _remove(bucket: str) -> None:
+    clear_path_options(bucket_prefix(bucket))
+    _fence(bucket, set_them=False)
+    clear(f"/vsigs/{bucket}")
 
 
 def ensure_endpoint(bucket: str) -> None:
@@ -95,8 +122,7 @@ def ensure_endpoint(bucket: str) -> None:
         endpoint_state = state[0][:2]
         if _applied_endpoint[0] != endpoint_state:
             for old in list(_endpoints):  # another server: nothing set or cached for the old one holds
-                clear_path_options(bucket_prefix(old))
-                clear(f"/vsigs/{old}")
+                _remove(old)
             _endpoints.clear()
             _applied_endpoint[0] = endpoint_state
         ep = emulator_endpoint()
@@ -105,6 +131,7 @@ def ensure_endpoint(bucket: str) -> None:
         if ep is not None:
             for key, value in ep.gdal_options.items():
                 set_path_option(prefix, key, value)
+            _fence(bucket, set_them=True)
         user = set(state[1]) | {k for k in _HTTP_KEYS if k in os.environ}
         for key, value in _config.gdal_http_options().items():
             if key not in user:
@@ -118,8 +145,7 @@ def reset() -> None:
     """Remove every path option set here, and what GDAL cached of those buckets."""
     with _endpoints_lock:
         for old in list(_endpoints):
-            clear_path_options(bucket_prefix(old))
-            clear(f"/vsigs/{old}")
+            _remove(old)
         _endpoints.clear()
         _applied_endpoint[0] = None
         last_applied[0] = None
