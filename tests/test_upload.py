@@ -8,135 +8,25 @@ emulator itself is never bypassed or mocked.
 from __future__ import annotations
 
 import base64
-import http.client
 import os
-import threading
 import uuid
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import google_crc32c
 import pytest
+from faultproxy import FaultProxy
 
 import cloudio
-from cloudio import _config
 from cloudio._gcs.transfer import download, upload
 from cloudio._journal import journal
 from cloudio._paths import parse_gcs
 from cloudio.emulator import Emulator
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection"}
-_TAIL = b"\n--==0==--"  # the end of gcsfs's multipart body
+_UPLOAD = r"^/upload/"
 
 
-class FaultProxy:
-    """Forward everything to the emulator; apply planned faults to upload requests.
-
-    ``plan`` is consumed one entry per upload request (``POST /upload/...``):
-    ``"503"`` answers 503 without forwarding, ``"403"`` answers 403,
-    ``"corrupt"`` flips the last data byte before forwarding, ``None``
-    forwards untouched. ``always`` applies to every upload once ``plan`` is empty.
-    """
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = urlsplit(upstream)
-        self.plan: list[str | None] = []
-        self.always: str | None = None
-        self.log: list[tuple[str, str, int]] = []
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
-            def _body(self) -> bytes:
-                if "chunked" in self.headers.get("Transfer-Encoding", ""):
-                    out = b""
-                    while True:
-                        size = int(self.rfile.readline().strip(), 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return out
-                        out += self.rfile.read(size)
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def _reply(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
-                self.send_response(status)
-                for k, v in headers:
-                    if k.lower() not in _HOP:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _handle(self) -> None:
-                body = self._body()
-                fault = proxy._next_fault(self.command, self.path)
-                if fault in ("503", "403"):
-                    code = int(fault)
-                    msg = b'{"error": {"code": %d, "message": "injected by the test proxy"}}' % code
-                    proxy._note(self.command, self.path, code)
-                    self._reply(code, msg, [("Content-Type", "application/json")])
-                    return
-                if fault == "corrupt" and body.endswith(_TAIL):
-                    i = len(body) - len(_TAIL) - 1
-                    body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1:]
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    r = conn.getresponse()
-                    data = r.read()
-                    proxy._note(self.command, self.path, r.status)
-                    self._reply(r.status, data, r.getheaders())
-                finally:
-                    conn.close()
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def _next_fault(self, method: str, path: str) -> str | None:
-        if not (method in ("POST", "PUT") and path.startswith("/upload/")):
-            return None
-        with self._lock:
-            return self.plan.pop(0) if self.plan else self.always
-
-    def _note(self, method: str, path: str, status: int) -> None:
-        with self._lock:
-            self.log.append((method, path, status))
-
-    def uploads(self) -> list[int]:
-        """Statuses of the upload requests, in order."""
-        with self._lock:
-            return [s for m, p, s in self.log if p.startswith("/upload/")]
-
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
-
-
-@pytest.fixture
-def proxy(gcs_emulator: Emulator) -> Iterator[FaultProxy]:
-    """A fault-injecting proxy in front of the emulator; cloudio's endpoint while the test runs."""
-    with FaultProxy(gcs_emulator.url) as p:
-        _config.push_endpoint(p.url)
-        try:
-            yield p
-        finally:
-            _config.pop_endpoint()
+def _uploads(proxy: FaultProxy) -> list[object]:
+    """Statuses of the upload requests that reached the proxy, in order."""
+    return [status for _, _, status in proxy.requests(_UPLOAD)]
 
 
 def _crc(data: bytes) -> str:
@@ -197,50 +87,50 @@ def test_upload_empty_object(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     assert _stored(gcs_emulator, url) == b"" and up.size == 0
 
 
-def test_transient_503_is_retried(gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy) -> None:
+def test_transient_503_is_retried(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy) -> None:
     url = f"{gcs_bucket}/d/retry.bin"
     data = os.urandom(5000)
     seq = journal().seq
-    proxy.plan = ["503"]
+    fault_proxy.add("status", code=503, path=_UPLOAD)
     up = upload(data, url)
-    assert proxy.uploads() == [503, 200]
+    assert _uploads(fault_proxy) == [503, 200]
     assert _stored(gcs_emulator, url) == data
     assert [c.generation for c in _records(url, seq)] == [up.generation]
 
 
-def test_corrupted_once_is_retried(gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy) -> None:
+def test_corrupted_once_is_retried(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy) -> None:
     url = f"{gcs_bucket}/d/flip.bin"
     data = os.urandom(5000)
     seq = journal().seq
-    proxy.plan = ["corrupt"]
+    fault_proxy.add("flip", where="request", path=_UPLOAD)
     up = upload(data, url)
-    assert proxy.uploads() == [200, 200]  # the emulator took the corrupt body; cloudio sent it again
+    assert _uploads(fault_proxy) == [200, 200]  # the emulator took the corrupt body; cloudio sent it again
     assert _stored(gcs_emulator, url) == data
     assert [c.generation for c in _records(url, seq)] == [up.generation]
 
 
 def test_corrupted_upload_raises_integrity_error_and_leaves_nothing(
-    gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
 ) -> None:
     url = f"{gcs_bucket}/d/bad.bin"
     seq = journal().seq
-    proxy.always = "corrupt"
+    fault_proxy.add("flip", where="request", path=_UPLOAD, times=None)
     with pytest.raises(cloudio.IntegrityError) as ei:
         upload(os.urandom(5000), url, attempts=2)
     assert url in str(ei.value) and "CRC32C" in str(ei.value)
-    assert proxy.uploads() == [200, 200]
+    assert _uploads(fault_proxy) == [200, 200]
     assert _stored(gcs_emulator, url) is None
     assert [c.kind for c in _records(url, seq)] == ["delete"]  # the journal says what the server holds
 
 
-def test_refused_upload_raises_upload_error(gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy) -> None:
+def test_refused_upload_raises_upload_error(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy) -> None:
     url = f"{gcs_bucket}/d/refused.bin"
     seq = journal().seq
-    proxy.always = "403"
+    fault_proxy.add("status", code=403, path=_UPLOAD, times=None)
     with pytest.raises(cloudio.UploadError) as ei:
         upload(b"x" * 100, url)
     assert url in str(ei.value) and "Nothing was journaled" in str(ei.value)
-    assert proxy.uploads() == [403]  # not retried: a refusal is not transient
+    assert _uploads(fault_proxy) == [403]  # not retried: a refusal is not transient
     assert _stored(gcs_emulator, url) is None
     assert _records(url, seq) == []
 
@@ -292,29 +182,31 @@ def _profile(driver: str) -> dict[str, object]:
 
 
 def test_corrupted_raster_write_raises_at_close_and_leaves_nothing(
-    gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
 ) -> None:
     import numpy as np
 
     url = f"{gcs_bucket}/d/r.tif"
     seq = journal().seq
-    proxy.always = "corrupt"
+    fault_proxy.add("flip", where="request", path=_UPLOAD, times=None)
     with pytest.raises(cloudio.IntegrityError, match=url):
         with cloudio.open(url, "w", **_profile("GTiff")) as ds:
             ds.write(np.ones((1, 16, 16), "uint8"))
             local = ds.files[0]
     assert ds.closed and not os.path.exists(os.path.dirname(local))
-    assert len(proxy.uploads()) == 3  # ATTEMPTS
+    assert len(_uploads(fault_proxy)) == 3  # ATTEMPTS
     assert _stored(gcs_emulator, url) is None
     assert [c.kind for c in _records(url, seq)] == ["delete"]
 
 
-def test_failed_main_upload_removes_its_sidecar(gcs_emulator: Emulator, gcs_bucket: str, proxy: FaultProxy) -> None:
+def test_failed_main_upload_removes_its_sidecar(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
+) -> None:
     import numpy as np
 
     url = f"{gcs_bucket}/d/p.png"
     seq = journal().seq
-    proxy.plan = [None, "403"]  # the .aux.xml goes through, the PNG is refused
+    fault_proxy.add("status", code=403, path=_UPLOAD, skip=1)  # the .aux.xml goes through, the PNG is refused
     with pytest.raises(cloudio.UploadError, match=url):
         with cloudio.open(url, "w", **_profile("PNG")) as ds:
             ds.write(np.ones((1, 16, 16), "uint8"))
