@@ -44,16 +44,8 @@ from cloudio._config import (
     require_credentials,
 )
 from cloudio._fsspec.consumer import guard_listings, track
-from cloudio._gcs.client import http_options, total_time_limit
-from cloudio._gcs.transfer import (
-    _check_stored,
-    _crc_b64,
-    _header_crc,
-    _is_transient,
-    _Mismatch,
-    put_verified,
-    transient_error,
-)
+from cloudio._gcs.client import header_crc, http_options, is_transient, total_time_limit, transient_error
+from cloudio._gcs.transfer import _check_stored, _crc_b64, _Mismatch, put_verified
 from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
 from cloudio.errors import ConfigurationError, IntegrityError, TransientError
@@ -236,7 +228,7 @@ class _JournalingGCSMixin:
         except TransientError:
             raise
         except Exception as e:
-            if isinstance(e, FileNotFoundError) or not _is_transient(e):
+            if isinstance(e, FileNotFoundError) or not is_transient(e):
                 raise
             url = _request_url(self, path, args)
             if url.endswith("/") and _writing.get() is not None:
@@ -305,7 +297,7 @@ class _JournalingGCSMixin:
             return await super()._cat_file(path, start=start, end=end, **kwargs)  # type: ignore[misc]
         u = self.url(path, generation=kwargs.get("generation"))  # type: ignore[attr-defined]
         headers, data = await self._call("GET", u)
-        want = _header_crc(headers)
+        want = header_crc(headers)
         if want is not None and _crc_of(data) != want:
             raise IntegrityError(
                 f"{self._cloudio_url(path)}: the {len(data)} bytes received do not match the CRC32C the "

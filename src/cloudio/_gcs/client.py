@@ -21,8 +21,11 @@ storage option wins over the environment variable.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloudio import _state
 from cloudio._config import (
@@ -33,7 +36,7 @@ from cloudio._config import (
     require_credentials,
 )
 from cloudio._paths import GCSPath
-from cloudio.errors import BucketNotFoundError, ObjectNotFoundError
+from cloudio.errors import BucketNotFoundError, ObjectNotFoundError, TransientError
 
 if TYPE_CHECKING:
     import gcsfs
@@ -136,3 +139,64 @@ def not_found(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> ObjectNot
         f"gs://{path.bucket}/{path.parent.key} with cloudio.filesystem(url).ls(...)), or open it with "
         "mode 'w' to create it."
     )
+
+
+# -- failures and time limits shared by every transfer ---------------------------------------
+
+T = TypeVar("T")
+
+#: whole-upload (or whole-read) attempts after a CRC32C mismatch, on top of gcsfs's per-request retries
+ATTEMPTS = 3
+BACKOFF = 0.25  # seconds before the 2nd attempt; doubles each time
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Network trouble or a 408/429/5xx answer that outlasted gcsfs's retries: worth retrying later."""
+    if isinstance(exc, (asyncio.TimeoutError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):  # an answer garbled on the way
+        return True
+    try:
+        import aiohttp
+        from gcsfs.retry import is_retriable
+    except ImportError:  # pragma: no cover - both are gcsfs dependencies
+        return False
+    return isinstance(exc, aiohttp.ClientError) or is_retriable(exc)
+
+
+def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:
+    """The :class:`TransientError` for ``exc`` (raise it ``from exc``): ``doing`` failed past the retries."""
+    if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):
+        return TransientError(
+            f"{url}: {doing} failed: the server's answer arrived garbled ({type(exc).__name__}: {exc}); "
+            "something between here and GCS changed it. Retry; if it persists, check proxies on the way."
+        )
+    return TransientError(
+        f"{url}: {doing} failed past the retries ({type(exc).__name__}: {exc or 'no answer'}). "
+        "GCS (or STORAGE_EMULATOR_HOST) is unreachable, overloaded or too slow; retry later "
+        "(CLOUDIO_HTTP_TIMEOUT sets how long one request may take)."
+    )
+
+
+async def bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
+    """Await one gcsfs call (its retries included) for at most the time limit of ``fs``.
+
+    gcsfs's per-request timeout does not bound its six retries and their
+    back-off; a server that accepts and never answers would hold a write for
+    minutes. The limit is the one tracked filesystems use
+    (:func:`cloudio._gcs.client.total_time_limit`, from ``CLOUDIO_HTTP_TIMEOUT``).
+    """
+    limit = total_time_limit(getattr(fs, "requests_timeout", None))
+    return await (call if limit is None else asyncio.wait_for(call, limit))
+
+
+def header_crc(headers: Any) -> str | None:
+    """The ``crc32c=`` part of a response's X-Goog-Hash, when it describes the bytes received."""
+    if headers.get("X-Goog-Stored-Content-Encoding", "identity") != "identity":
+        return None  # the hash is of the stored (compressed) bytes, not of what arrived
+    hashes: str = headers.get("X-Goog-Hash", "")  # e.g. "crc32c=...,md5=..."
+    for part in hashes.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "crc32c":
+            return value
+    return None

@@ -41,7 +41,7 @@ from urllib.parse import quote
 import google_crc32c
 import numpy as np
 
-from cloudio._gcs.transfer import _BACKOFF, ATTEMPTS, _bounded, _header_crc, _is_transient, transient_error
+from cloudio._gcs.client import ATTEMPTS, BACKOFF, bounded, header_crc, is_transient, transient_error
 from cloudio._paths import GCSPath
 from cloudio.errors import IntegrityError
 
@@ -82,7 +82,7 @@ async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray) -> tuple
             buf[n:end] = np.frombuffer(piece, dtype="u1")
             checksum.update(piece)
             n = end
-        return n, _header_crc(r.headers), base64.b64encode(checksum.digest()).decode("ascii")
+        return n, header_crc(r.headers), base64.b64encode(checksum.digest()).decode("ascii")
 
 
 @functools.cache
@@ -113,16 +113,16 @@ async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
     last = ""
     for attempt in range(max(1, attempts)):
         if attempt:
-            await asyncio.sleep(_BACKOFF * 2 ** (attempt - 1))
+            await asyncio.sleep(BACKOFF * 2 ** (attempt - 1))
         try:
-            n, want, got = await _bounded(fs, get(fs, url, buf))
+            n, want, got = await bounded(fs, get(fs, url, buf))
         except FileNotFoundError:
             return None
         except _TooLarge as e:
             raise IntegrityError(f"{path.url}: the object holds {e}, more than any shard or chunk of this array "
                                  "can take; it is not part of the array. Rewrite the array.") from e
         except Exception as e:
-            if _is_transient(e):
+            if is_transient(e):
                 raise transient_error(path.url, "read", e) from e
             raise
         if want is None or got == want:

@@ -36,7 +36,7 @@ import json
 import logging
 import mimetypes
 import os
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -46,12 +46,18 @@ import numpy as np
 
 from cloudio import _state
 from cloudio._gcs.client import (
+    ATTEMPTS,
+    BACKOFF,
+    bounded,
     bucket_missing,
     gcs_filesystem,
+    header_crc,
+    is_transient,
     not_found,
-    total_time_limit,
+    transient_error,
 )
 from cloudio._gcs.client import object_metadata as _stat
+from cloudio._gcs.fast import put_media
 from cloudio._journal import Change, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
@@ -68,9 +74,6 @@ T = TypeVar("T")
 SIMPLE_LIMIT = 8 * 2**20
 #: resumable uploads send the file in chunks of this size (a multiple of 256 KiB, as GCS requires)
 CHUNK_SIZE = 32 * 2**20
-#: whole-upload (or whole-read) attempts after a CRC32C mismatch, on top of gcsfs's per-request retries
-ATTEMPTS = 3
-_BACKOFF = 0.25  # seconds before the 2nd attempt; doubles each time
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview
 
@@ -105,46 +108,6 @@ def _as_path(url: GCSPath | str | os.PathLike[str]) -> GCSPath:
 
 def _filesystem(fs: gcsfs.GCSFileSystem | None) -> gcsfs.GCSFileSystem:
     return fs if fs is not None else gcs_filesystem()
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Network trouble or a 408/429/5xx answer that outlasted gcsfs's retries: worth retrying later."""
-    if isinstance(exc, (asyncio.TimeoutError, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):  # an answer garbled on the way
-        return True
-    try:
-        import aiohttp
-        from gcsfs.retry import is_retriable
-    except ImportError:  # pragma: no cover - both are gcsfs dependencies
-        return False
-    return isinstance(exc, aiohttp.ClientError) or is_retriable(exc)
-
-
-def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:
-    """The :class:`TransientError` for ``exc`` (raise it ``from exc``): ``doing`` failed past the retries."""
-    if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):
-        return TransientError(
-            f"{url}: {doing} failed: the server's answer arrived garbled ({type(exc).__name__}: {exc}); "
-            "something between here and GCS changed it. Retry; if it persists, check proxies on the way."
-        )
-    return TransientError(
-        f"{url}: {doing} failed past the retries ({type(exc).__name__}: {exc or 'no answer'}). "
-        "GCS (or STORAGE_EMULATOR_HOST) is unreachable, overloaded or too slow; retry later "
-        "(CLOUDIO_HTTP_TIMEOUT sets how long one request may take)."
-    )
-
-
-async def _bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
-    """Await one gcsfs call (its retries included) for at most the time limit of ``fs``.
-
-    gcsfs's per-request timeout does not bound its six retries and their
-    back-off; a server that accepts and never answers would hold a write for
-    minutes. The limit is the one tracked filesystems use
-    (:func:`cloudio._gcs.client.total_time_limit`, from ``CLOUDIO_HTTP_TIMEOUT``).
-    """
-    limit = total_time_limit(getattr(fs, "requests_timeout", None))
-    return await (call if limit is None else asyncio.wait_for(call, limit))
 
 
 # -- bucket existence ------------------------------------------------------------------------
@@ -263,7 +226,7 @@ async def put_verified(
     try:
         for attempt in range(max(1, attempts)):
             if attempt:
-                delay = _BACKOFF * 2 ** (attempt - 1)
+                delay = BACKOFF * 2 ** (attempt - 1)
                 log.info("upload of %s: attempt %d of %d in %.2f s (%s)", path.url, attempt + 1, attempts, delay, last)
                 await asyncio.sleep(delay)
             try:
@@ -307,7 +270,7 @@ async def put_verified(
 
 def _outcome_unknown(exc: BaseException) -> bool:
     """A failure after which the server may hold the new object or the old one (a lost answer)."""
-    return isinstance(exc, TransientError) or (isinstance(exc, Exception) and _is_transient(exc))
+    return isinstance(exc, TransientError) or (isinstance(exc, Exception) and is_transient(exc))
 
 
 def _failure(path: GCSPath, exc: BaseException, attempts: int, deleted: bool) -> CloudioError:
@@ -324,7 +287,7 @@ def _failure(path: GCSPath, exc: BaseException, attempts: int, deleted: bool) ->
             f"{path.url}: what the server stored differs from what was sent ({exc}) in all {attempts} "
             f"attempts.{gone} Check the network path to GCS (a proxy rewriting bodies?) and write again."
         )
-    if _is_transient(exc):
+    if is_transient(exc):
         err = transient_error(path.url, "upload", exc)
         return TransientError(f"{err}{gone}")
     return UploadError(
@@ -363,7 +326,7 @@ def upload(
 async def _generation(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:
     """The generation the server holds at ``path`` now (0: no object), for a guard or a conflict's message."""
     try:
-        meta = await _bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True,
+        meta = await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True,
                                            fields="generation"))
     except FileNotFoundError:
         return 0
@@ -427,25 +390,24 @@ async def _send(
         data: bytes | memoryview = body if isinstance(body, memoryview) else _read_all(body)
         checksum.update(_bytes_like(data))
         if guard is not None:  # multipart: the upload path the emulator enforces preconditions on
-            meta = await _bounded(fs, _multipart(fs, path, data, content_type, guard))
+            meta = await bounded(fs, _multipart(fs, path, data, content_type, guard))
         elif media and isinstance(body, memoryview):
-            from cloudio._gcs.fast import put_media
 
-            meta = await _bounded(fs, put_media(fs, path, body, content_type))
+            meta = await bounded(fs, put_media(fs, path, body, content_type))
         else:
-            meta = await _bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
+            meta = await bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
         return meta, _crc_b64(checksum), size
-    location = await _bounded(fs, _initiate(fs, path, content_type, guard))
+    location = await bounded(fs, _initiate(fs, path, content_type, guard))
     last: dict[str, Any] | None = None  # the object resource, answered to the final chunk
     offset = 0
     try:
         for block in _chunks(body, chunk_size):
             checksum.update(_bytes_like(block))
-            last = await _bounded(fs, upload_chunk(fs, location, block, offset, size, content_type))
+            last = await bounded(fs, upload_chunk(fs, location, block, offset, size, content_type))
             offset += len(block)
     except BaseException:
         try:  # cancel the session: an unfinished resumable upload never becomes an object
-            await _bounded(fs, fs._call("DELETE", location))
+            await bounded(fs, fs._call("DELETE", location))
         except Exception:  # the session expires on its own anyway
             log.debug("could not cancel resumable upload of %s", path.url, exc_info=True)
         raise
@@ -477,7 +439,7 @@ async def _check_stored(
 ) -> int | None:
     """Compare the stored object with what was sent; delete it and raise _Mismatch if it differs."""
     if "crc32c" not in meta or "size" not in meta:
-        meta = await _bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
+        meta = await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
     generation = int(meta["generation"]) if meta.get("generation") not in (None, "", "0") else None
     got_size = int(meta.get("size", -1))
     got_crc = meta.get("crc32c")
@@ -487,7 +449,7 @@ async def _check_stored(
                 path.url, got_size, size, got_crc, sent_crc)
     params = {"generation": str(generation)} if generation is not None else {}
     try:  # naming the generation: on real GCS a concurrent newer write is never removed
-        await _bounded(fs, fs._call("DELETE", "b/{}/o/{}", path.bucket, path.key, **params))
+        await bounded(fs, fs._call("DELETE", "b/{}/o/{}", path.bucket, path.key, **params))
     except FileNotFoundError:
         pass
     finally:
@@ -512,7 +474,7 @@ def object_metadata(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> dic
         _forget_bucket(path.bucket)
         raise not_found(path, fs) from e
     except Exception as e:
-        if _is_transient(e):
+        if is_transient(e):
             raise transient_error(path.url, "reading the object's metadata", e) from e
         raise
 
@@ -549,7 +511,7 @@ def download(
     last = ""
     for attempt in range(max(1, attempts)):
         if attempt:
-            time.sleep(_BACKOFF * 2 ** (attempt - 1))
+            time.sleep(BACKOFF * 2 ** (attempt - 1))
         meta = object_metadata(path, fs)
         fs.invalidate_cache(path.fs_path)  # gcsfs takes sizes from its listing cache; make it ask
         try:
@@ -558,7 +520,7 @@ def download(
             last = "the object disappeared during the download"
             continue  # deleted in between: the next metadata request says so
         except Exception as e:
-            if _is_transient(e):
+            if is_transient(e):
                 raise transient_error(path.url, "download", e) from e
             raise
         checksum = google_crc32c.Checksum()
@@ -576,18 +538,6 @@ def download(
         f"{path.url}: downloaded bytes never matched the object's metadata ({last}); is it being "
         "overwritten continuously? Retry when writes to it have stopped."
     )
-
-
-def _header_crc(headers: Any) -> str | None:
-    """The ``crc32c=`` part of a response's X-Goog-Hash, when it describes the bytes received."""
-    if headers.get("X-Goog-Stored-Content-Encoding", "identity") != "identity":
-        return None  # the hash is of the stored (compressed) bytes, not of what arrived
-    hashes: str = headers.get("X-Goog-Hash", "")  # e.g. "crc32c=...,md5=..."
-    for part in hashes.split(","):
-        name, _, value = part.strip().partition("=")
-        if name == "crc32c":
-            return value
-    return None
 
 
 async def get_verified(
@@ -613,16 +563,16 @@ async def get_verified(
     last = ""
     for attempt in range(max(1, attempts)):
         if attempt:
-            await asyncio.sleep(_BACKOFF * 2 ** (attempt - 1))
+            await asyncio.sleep(BACKOFF * 2 ** (attempt - 1))
         try:
-            headers, data = await _bounded(fs, fs._call("GET", fs.url(path.fs_path)))
+            headers, data = await bounded(fs, fs._call("GET", fs.url(path.fs_path)))
         except FileNotFoundError:
             return None
         except Exception as e:
-            if _is_transient(e):
+            if is_transient(e):
                 raise transient_error(path.url, "read", e) from e
             raise
-        want = _header_crc(headers)
+        want = header_crc(headers)
         if want is None:
             return data  # type: ignore[no-any-return]
         got = base64.b64encode(google_crc32c.value(_bytes_like(data)).to_bytes(4, "big")).decode("ascii")
