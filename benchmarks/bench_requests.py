@@ -1,4 +1,4 @@
-"""GET/HEAD requests on a read-heavy workload with interleaved writes (DESIGN.md, "Requests").
+"""GET/HEAD requests on a read-heavy workload with interleaved writes (docs/design.md, "Performance targets").
 
 Workload: ``PREFIXES`` prefixes of ``FILES`` small tiled GeoTIFFs (they fit GDAL's
 cache); every round overwrites one file (new shape, new pixels) and adds one new

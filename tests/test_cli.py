@@ -50,7 +50,7 @@ def test_demo_exits_zero_and_shows_both_sides():
     assert "cloudio: right at every step (5/5)" in out
     for step in ("Write a GeoTIFF", "WarpedVRT", "Overwrite a GeoTIFF", "Sharded Zarr v3", "Append a variable"):
         assert step in out
-    # the raw side really is stale or wrong where DESIGN.md measured it
+    # the raw side really is stale or wrong where docs/design.md measured it
     assert "STALE: 64x64, value 1 (the old file)" in out or "Read failed" in out
     assert re.search(r"WRONG: .*safe_chunks=False: [\d,]+ of 160,000 values wrong", out)
     assert "does not exist in the file system" in out  # the VRT GDAL cannot reopen (rasterio #3254)

@@ -1,6 +1,6 @@
 """The fsspec face: tracked filesystems journal their writes; every live gcsfs instance reads fresh.
 
-Each row of DESIGN.md's gcsfs staleness table is done through cloudio and read
+Each row of docs/design.md's gcsfs staleness table is done through cloudio and read
 back through the user's own, plain ``gcsfs.GCSFileSystem`` (and zarr's separate
 asynchronous instance), next to the raw counterpart where the raw library goes
 stale. Real emulator, real gcsfs, no mocks.
@@ -43,7 +43,7 @@ def _upload_out_of_band(gcs_emulator, b: str, key: str, data: bytes) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# DESIGN.md rows, through cloudio
+# docs/design.md rows, through cloudio
 # ----------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """gcsfs's listing cache goes stale when another client writes (raw gcsfs, no cloudio).
 
-Rows 4-5 of DESIGN.md's "The problem, measured" table: fsspec keeps one
+Rows 4-5 of docs/design.md's "The problem, measured" table: fsspec keeps one
 ``dircache`` per filesystem instance and reuses the instance for equal
 arguments, so a write by any other client is invisible to it.
 """
@@ -15,7 +15,7 @@ from ._helpers import raw_gcsfs
 
 pytestmark = pytest.mark.characterization
 
-FIXED = "upstream fixed? gcsfs {} now sees the other client's write: update DESIGN.md's table and this test"
+FIXED = "upstream fixed? gcsfs {} now sees the other client's write: update docs/design.md's table and this test"
 
 
 def test_overwrite_elsewhere_truncates_reads(gcs_emulator: Emulator, bucket: str) -> None:

@@ -1,6 +1,6 @@
 """GDAL's ``/vsigs/`` caches go stale when another client writes (raw rasterio, no cloudio).
 
-Rows 1-3 of DESIGN.md's "The problem, measured" table. Each test asserts
+Rows 1-3 of docs/design.md's "The problem, measured" table. Each test asserts
 the stale result, and fails (saying so) the day GDAL returns the fresh one.
 """
 
@@ -18,7 +18,7 @@ from ._helpers import gdal_readdir, geotiff, rasterio_version, raw_gcsfs
 
 pytestmark = [pytest.mark.characterization, pytest.mark.usefixtures("gdal_env")]
 
-FIXED = "upstream fixed? GDAL {} now sees the other client's write: update DESIGN.md's table and this test"
+FIXED = "upstream fixed? GDAL {} now sees the other client's write: update docs/design.md's table and this test"
 
 
 def test_listing_misses_new_object(gcs_emulator: Emulator, bucket: str) -> None:
@@ -94,7 +94,7 @@ def test_reopen_after_overwrite_returns_old_raster(gcs_emulator: Emulator, bucke
 def test_reopen_after_gcsfs_overwrite_is_stale_or_torn(gcs_emulator: Emulator, bucket: str) -> None:
     """rasterio issue 3254, with the overwrite made by gcsfs (another library, same process).
 
-    DESIGN.md measured ``Read failed`` (a torn mix of the cached header and the
+    docs/design.md measured ``Read failed`` (a torn mix of the cached header and the
     new bytes) with rasterio 1.5.2/GDAL 3.12.2; here it may also come back as
     the old 64x64 raster. rasterio 1.4 (GDAL 3.10) returns the old raster.
     """

@@ -1,6 +1,6 @@
 """Dask chunks smaller than a Zarr shard lose data when xarray writes them in parallel.
 
-Row 7 of DESIGN.md's "The problem, measured" table, with raw xarray, dask,
+Row 7 of docs/design.md's "The problem, measured" table, with raw xarray, dask,
 zarr and gcsfs (no cloudio). Several Dask tasks each read, modify and write
 back the same shard object; the last writer wins and the others' chunks are
 lost, yet ``to_zarr`` reports success.
@@ -33,7 +33,7 @@ def test_sharded_write_from_small_dask_chunks_loses_data(gcs_emulator: Emulator,
     (zarr-developers/zarr-python issue 3169): Dask chunks smaller than a shard,
     written with ``safe_chunks=False``.
 
-    The write "succeeds"; a large part of the array reads back wrong (DESIGN.md
+    The write "succeeds"; a large part of the array reads back wrong (docs/design.md
     measured 3,120,000 of 4,000,000 on a 2000x2000 array; here typically
     300,000-450,000 of 1,000,000), or the shard fails its checksum.
     """
@@ -66,5 +66,5 @@ def test_sharded_write_from_small_dask_chunks_loses_data(gcs_emulator: Emulator,
     assert kind == "checksum" or detail >= N * N // 10, (
         f"upstream fixed? {ATTEMPTS} parallel sharded writes read back (nearly) right {outcomes} with "
         f"xarray {xr.__version__}, zarr {zarr.__version__}, dask {dask.__version__}: "
-        "update DESIGN.md's table and this test"
+        "update docs/design.md's table and this test"
     )

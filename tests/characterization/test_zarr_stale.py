@@ -1,6 +1,6 @@
 """A Zarr group read through fsspec misses members another writer adds (raw zarr, no cloudio).
 
-Row 6 of DESIGN.md's "The problem, measured" table. Checked stale with
+Row 6 of docs/design.md's "The problem, measured" table. Checked stale with
 zarr 3.1.6 (Python 3.11 env) and zarr 3.4.2 (Python 3.12 env): both list
 members through the filesystem instance's ``dircache``.
 """
@@ -19,7 +19,7 @@ from ._helpers import raw_gcsfs
 
 pytestmark = pytest.mark.characterization
 
-FIXED = "upstream fixed? zarr {} now lists the array another writer added: update DESIGN.md's table and this test"
+FIXED = "upstream fixed? zarr {} now lists the array another writer added: update docs/design.md's table and this test"
 
 
 def test_group_misses_array_added_by_second_writer(gcs_emulator: Emulator, bucket: str) -> None:
