@@ -171,6 +171,14 @@ def _order(emu: object, key: str, start: int) -> list[str]:
     return out
 
 
+def _slow_read(ds: object, got: list[object], fault_proxy: object, seconds: float = 5) -> threading.Thread:
+    """Start reading ``ds`` (g/a.tif) in a thread whose GET the proxy holds; return once it is held."""
+    slow = fault_proxy.add("delay", seconds=seconds, method="GET", path=r"/g/a\.tif$", times=1)  # type: ignore[attr-defined]
+    reader = _read_in_thread(ds, got)
+    _until(lambda: slow.hits, "the read's GET")
+    return reader
+
+
 @pytest.mark.timeout(120)
 def test_a_write_waits_for_a_read_of_the_same_object_in_flight(gcs_emulator, gcs_bucket: str, fault_proxy) -> None:
     """The upload reaches the server only after the read it would have torn (GDAL crashes on that)."""
@@ -181,10 +189,8 @@ def test_a_write_waits_for_a_read_of_the_same_object_in_flight(gcs_emulator, gcs
     fs.pipe(url, rasters.tif(1, 512))  # the open reads the header; the pixels need more ranges
     with cloudio.open(url) as ds:
         opened = _order(gcs_emulator, key, start)  # the first upload, then the open's reads
-        slow = fault_proxy.add("delay", seconds=1.5, method="GET", path=r"/g/a\.tif$", times=1)
         got: list[object] = []
-        reader = _read_in_thread(ds, got)
-        _until(lambda: slow.hits, "the read's GET")
+        reader = _slow_read(ds, got, fault_proxy, seconds=1.5)
         fs.pipe(url, rasters.tif(2, 512))
         reader.join(60)
         assert not reader.is_alive()
@@ -203,10 +209,8 @@ def test_a_write_of_another_object_does_not_wait_for_a_read(gcs_emulator, gcs_bu
     fs = cloudio.filesystem(url)
     fs.pipe(url, rasters.tif(1, 512))
     with cloudio.open(url) as ds:
-        slow = fault_proxy.add("delay", seconds=5, method="GET", path=r"/g/a\.tif$", times=1)
         got: list[object] = []
-        reader = _read_in_thread(ds, got)
-        _until(lambda: slow.hits, "the read's GET")
+        reader = _slow_read(ds, got, fault_proxy)
         fs.pipe(other, rasters.tif(3, 16))  # would wait the 5 s if writes were serialised with all reads
         assert reader.is_alive(), "the read of a.tif finished before the write of b.tif did"
         reader.join(60)
@@ -224,10 +228,8 @@ def test_a_write_behind_a_stuck_read_goes_ahead_after_change_wait(
     fs = cloudio.filesystem(url)
     fs.pipe(url, rasters.tif(1, 512))
     with cloudio.open(url) as ds:
-        slow = fault_proxy.add("delay", seconds=5, method="GET", path=r"/g/a\.tif$", times=1)
         got: list[object] = []
-        reader = _read_in_thread(ds, got)
-        _until(lambda: slow.hits, "the read's GET")
+        reader = _slow_read(ds, got, fault_proxy)
         with caplog.at_level("WARNING", logger="cloudio._gdal.gates"):
             fs.pipe(url, rasters.tif(2, 512))
         assert reader.is_alive(), "the write waited for the stuck read to end"

@@ -38,6 +38,7 @@ inputs go straight to :func:`rasterio.open`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -97,6 +98,16 @@ _epochs = consumer._epoch
 _READ_ATTEMPTS = 4
 
 
+def _through_io(method: Any) -> Any:
+    """``method`` of rasterio's reader, run through :func:`_io`."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _io(self, method, args, kwargs)
+
+    return run
+
+
 class _Reader(DatasetReader):  # type: ignore[misc]
     """What cloudio.open returns for reading: rasterio's reader, made safe against writes in this process.
 
@@ -121,26 +132,15 @@ class _Reader(DatasetReader):  # type: ignore[misc]
     def files(self) -> list[str]:
         return _io(self, DatasetReader.files.__get__, (), {})  # type: ignore[attr-defined,no-any-return]
 
-    def read(self, *args: Any, **kwargs: Any) -> Any:
-        return _io(self, DatasetReader.read, args, kwargs)
-
-    def read_masks(self, *args: Any, **kwargs: Any) -> Any:
-        return _io(self, DatasetReader.read_masks, args, kwargs)
-
-    def dataset_mask(self, *args: Any, **kwargs: Any) -> Any:
-        return _io(self, DatasetReader.dataset_mask, args, kwargs)
-
-    def checksum(self, *args: Any, **kwargs: Any) -> Any:
-        return _io(self, DatasetReader.checksum, args, kwargs)
-
-    def statistics(self, *args: Any, **kwargs: Any) -> Any:
-        return _io(self, DatasetReader.statistics, args, kwargs)
-
-    def stats(self, *args: Any, **kwargs: Any) -> Any:
-        return _io(self, DatasetReader.stats, args, kwargs)
-
-    def overviews(self, *args: Any, **kwargs: Any) -> Any:
-        return _io(self, DatasetReader.overviews, args, kwargs)  # GDAL reads overview IFDs, .ovr on first use
+    # every method that makes GDAL read the object goes through _io (the object's gate, a retry of a
+    # poisoned read, a fresh open when the object changed since this dataset was opened)
+    read = _through_io(DatasetReader.read)
+    read_masks = _through_io(DatasetReader.read_masks)
+    dataset_mask = _through_io(DatasetReader.dataset_mask)
+    checksum = _through_io(DatasetReader.checksum)
+    statistics = _through_io(DatasetReader.statistics)
+    stats = _through_io(DatasetReader.stats)
+    overviews = _through_io(DatasetReader.overviews)  # GDAL reads overview IFDs, .ovr on first use
 
     # close is rasterio's own, outside the gate: GDAL's close of a reader does no I/O of the object
     # (checked in the emulator's log, tests/test_open_read.py); at most it uploads a .aux.xml
