@@ -130,11 +130,9 @@ class session:
         self.consistency: Consistency = _check_level(consistency)
         self.stats = Stats()
         self._token: contextvars.Token[session | None] | None = None
-        self.journal_seq_at_entry = 0
 
     def __enter__(self) -> session:
         self._token = _state.current_session.set(self)
-        self.journal_seq_at_entry = journal().seq
         with _state.sessions_lock:
             self.stats._start()
             _state.open_sessions.append(self)

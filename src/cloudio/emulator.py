@@ -244,7 +244,6 @@ class Emulator:
         self._url: str | None = None
         self._client: storage.Client | None = None
         self._lock = threading.Lock()
-        self._owns_root = False
         self._saved_env: dict[str, str | None] | None = None  #: set while the process points here
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -21,8 +21,7 @@ Download (:func:`get_into`): gcsfs's ``cat`` joins a response into a new
 ``bytes`` object, a fresh 16 MiB per shard whose pages are all first-touched;
 here the body is copied as it arrives into a buffer the caller reuses for
 every shard, and its CRC32C is computed on the same, still cache-warm pieces
-and compared with the response's X-Goog-Hash, as
-:func:`cloudio._gcs.transfer.get_verified` does. gcsfs's session,
+and compared with the response's X-Goog-Hash. gcsfs's session,
 credentials, time limits and retries are used. obstore's GET, the fastest
 plain transport measured (``benchmarks/bench_peers.py --transports``), was not
 taken: it does not expose the X-Goog-Hash header, so checking each shard would

@@ -23,9 +23,9 @@ transit) or a resumable session vanished. A failure that outlasted gcsfs's
 retries is a :class:`~cloudio.errors.TransientError` (retry later), anything
 else an :class:`~cloudio.errors.UploadError`.
 
-:func:`download` (``cloudio.open(url, "r+")``) and :func:`get_verified` (whole
-shard reads) are the counterparts: the bytes are checked against the CRC32C
-the server reports for the object they came from.
+:func:`download` (``cloudio.open(url, "r+")``) and :func:`cloudio._gcs.fast.get_into`
+(whole shard reads) are the counterparts: the bytes are checked against the
+CRC32C the server reports for the object they came from.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ from cloudio._gcs.client import (
     bounded,
     bucket_missing,
     gcs_filesystem,
-    header_crc,
     is_transient,
     not_found,
     transient_error,
@@ -537,50 +536,4 @@ def download(
     raise IntegrityError(
         f"{path.url}: downloaded bytes never matched the object's metadata ({last}); is it being "
         "overwritten continuously? Retry when writes to it have stopped."
-    )
-
-
-async def get_verified(
-    fs: gcsfs.GCSFileSystem, url: GCSPath | str | os.PathLike[str], *, attempts: int = ATTEMPTS
-) -> bytes | None:
-    """The whole object at ``url`` (one GET), checked against the CRC32C in the response's X-Goog-Hash.
-
-    For every full-object read whose bytes pass through cloudio. The hash
-    describes the very generation sent, so no metadata request is needed;
-    a response without one (a composite or gzip-stored object) is returned
-    unchecked. A mismatch is fetched again, at most ``attempts`` times.
-
-    Returns None when the object does not exist.
-
-    Raises
-    ------
-    IntegrityError
-        The bytes never matched the server's CRC32C.
-    TransientError
-        The server or network failed past gcsfs's retries.
-    """
-    path = _as_path(url)
-    last = ""
-    for attempt in range(max(1, attempts)):
-        if attempt:
-            await asyncio.sleep(BACKOFF * 2 ** (attempt - 1))
-        try:
-            headers, data = await bounded(fs, fs._call("GET", fs.url(path.fs_path)))
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            if is_transient(e):
-                raise transient_error(path.url, "read", e) from e
-            raise
-        want = header_crc(headers)
-        if want is None:
-            return data  # type: ignore[no-any-return]
-        got = base64.b64encode(google_crc32c.value(_bytes_like(data)).to_bytes(4, "big")).decode("ascii")
-        if got == want:
-            return data  # type: ignore[no-any-return]
-        last = f"got {len(data)} bytes with CRC32C {got}, the server says {want}"
-        log.warning("%s: read bytes differ from the server's CRC32C (%s); reading again", path.url, last)
-    raise IntegrityError(
-        f"{path.url}: the bytes received never matched the CRC32C the server sent ({last}) in "
-        f"{attempts} attempts. Check the network path to GCS (a proxy rewriting bodies?) and read again."
     )

@@ -422,10 +422,6 @@ class GdalConsumer(Consumer):
                 for key in [k for k, v in self._readers.items() if not any(_is_open(r) for r in v)]:
                     del self._readers[key]
 
-    def _open_readers(self, vsi: str) -> bool:
-        refs = self._readers.get(vsi)
-        return refs is not None and any(_is_open(r) for r in list(refs))
-
     def _mark_stale(self, vsi: str, refs: list[weakref.ref[Any]]) -> None:
         """Datasets of ``vsi`` that know an older version than the server now holds."""
         if vsi not in self._reclear and len(self._reclear) >= _RECLEAR_MAX:
