@@ -40,6 +40,13 @@ def run_cli(*args: str, emulator_url: str | None = None, timeout: float = 240) -
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=_env(emulator_url), timeout=timeout)
 
 
+def _error_lines(r: subprocess.CompletedProcess[str]) -> list[str]:
+    """The non-blank lines of stderr, which must be exactly one (the error, no traceback)."""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines
+
+
 # -- demo and check on their own embedded emulator -----------------------------------------
 
 
@@ -230,8 +237,8 @@ def test_inspect_an_empty_prefix_does_not_exist(gcs_emulator, gcs_bucket, where)
     url = f"{gcs_bucket}/nothing/" if where == "prefix" else "gs://no-such-bucket-cli/"
     r = run_cli("inspect", url, emulator_url=gcs_emulator.url)
     assert r.returncode == 2, r.stdout + r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and url in lines[0] and "does not exist" in lines[0], r.stderr
+    lines = _error_lines(r)
+    assert url in lines[0] and "does not exist" in lines[0], r.stderr
 
 
 def test_inspect_a_file_that_is_no_raster_is_exit_2(gcs_emulator, gcs_bucket):
@@ -239,8 +246,7 @@ def test_inspect_a_file_that_is_no_raster_is_exit_2(gcs_emulator, gcs_bucket):
     cloudio.filesystem(url).pipe(url, b"plain text, not a raster\n")
     r = run_cli("inspect", url, emulator_url=gcs_emulator.url)
     assert r.returncode == 2, r.stdout + r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
+    lines = _error_lines(r)
     assert url in lines[0] and "25 B" in lines[0], r.stderr
     assert "neither a Zarr store" in lines[0] and "nor a raster" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
@@ -250,8 +256,7 @@ def test_inspect_an_unknown_var_is_exit_2_and_names_the_arrays(gcs_emulator, zar
     r = run_cli("inspect", zarr_url, "--plot", str(tmp_path / "q.png"), "--var", "nope",
                 emulator_url=gcs_emulator.url)
     assert r.returncode == 2, r.stdout + r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
+    lines = _error_lines(r)
     assert zarr_url in lines[0] and "'nope'" in lines[0], r.stderr
     assert "masks/land" in lines[0] and "temperature" in lines[0], r.stderr
 
@@ -260,8 +265,7 @@ def test_inspect_an_unknown_band_is_exit_2_and_names_the_band_count(gcs_emulator
     r = run_cli("inspect", raster_url, "--plot", str(tmp_path / "q.png"), "--band", "3",
                 emulator_url=gcs_emulator.url)
     assert r.returncode == 2, r.stdout + r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
+    lines = _error_lines(r)
     assert raster_url in lines[0] and "1 band" in lines[0] and "--band 3" in lines[0], r.stderr
     assert not (tmp_path / "q.png").exists()
 
@@ -323,8 +327,7 @@ def test_help_shows_no_rest_markup(command, capsys):
 def test_bad_url_is_one_line_exit_2(args, named):
     r = run_cli(*args)
     assert r.returncode == 2, r.stdout + r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
+    lines = _error_lines(r)
     assert named in lines[0] and "error" in lines[0]
     assert "Traceback" not in r.stderr
 
@@ -333,8 +336,8 @@ def test_missing_object_names_it(gcs_emulator, gcs_bucket):
     url = f"{gcs_bucket}/nothing/here.tif"
     r = run_cli("inspect", url, emulator_url=gcs_emulator.url)
     assert r.returncode == 2, r.stdout + r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and url.removeprefix("gs://") in lines[0], r.stderr
+    lines = _error_lines(r)
+    assert url.removeprefix("gs://") in lines[0], r.stderr
 
 
 def test_debug_shows_traceback():
@@ -461,8 +464,8 @@ def test_unreachable_emulator_is_one_line_at_once():
     url = f"http://127.0.0.1:{port}"
     r = run_cli("inspect", "gs://some-bucket/a.tif", emulator_url=url, timeout=30)
     assert r.returncode == 1
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and url in lines[0] and "cloudio emulator" in lines[0], r.stderr
+    lines = _error_lines(r)
+    assert url in lines[0] and "cloudio emulator" in lines[0], r.stderr
 
 
 def test_progress_on_a_terminal_is_a_rich_spinner_then_a_tick():
