@@ -28,6 +28,8 @@ import math
 import numbers
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -156,6 +158,8 @@ class session:
 
 #: counters over the whole process life, whatever session was open
 process_stats = Stats(_opens_from=0)
+#: the level :func:`reading_the_server` puts in force (never entered, so never registered)
+_STRONG = session("strong")
 
 
 def current_level() -> Consistency:
@@ -191,6 +195,22 @@ def current_consistency() -> Consistency:
         except ConfigurationError as e:
             raise ConfigurationError(f"{_config.CONSISTENCY_ENV}={raw!r}: {e}") from None
     return "session"
+
+
+@contextmanager
+def reading_the_server() -> Iterator[None]:
+    """The ``"strong"`` level in this context (and the tasks it starts), whatever the user chose.
+
+    For cloudio's own read-modify-writes (a guarded consolidation): what they
+    read must be the server's state, not a listing this process cached. Only
+    the context is changed, no session is registered: other threads keep
+    their level, and counters still go to the user's sessions.
+    """
+    token = _state.current_session.set(_STRONG)
+    try:
+        yield
+    finally:
+        _state.current_session.reset(token)
 
 
 def count(name: str, n: int = 1, *, cache: str | None = None) -> None:

@@ -271,11 +271,14 @@ def consolidate_guarded(store: JournaledStore, zarr_format: int | None = None) -
     list before the other's variable exists, and the later write then drops
     the other's variable from it (plain xarray does). Here the copy's
     generation is read before the listing and required by its write; a
-    writer that lost the race lists again and retries. One request more than
+    writer that lost the race lists again and retries. The listing always
+    comes from the server (a retry once reused the listing its first attempt
+    had cached, which missed the winner's variable). One request more than
     xarray's own consolidation.
     """
     import zarr
 
+    from cloudio._session import reading_the_server
     from cloudio.errors import ConflictError
 
     last: ConflictError | None = None
@@ -287,7 +290,7 @@ def consolidate_guarded(store: JournaledStore, zarr_format: int | None = None) -
             key, fmt = ".zmetadata", 2
             _, generation = _sync(store.get_generation(key))
         try:
-            with store.guarding(key, generation):
+            with store.guarding(key, generation), reading_the_server():
                 zarr.consolidate_metadata(store, zarr_format=fmt)
             return
         except ConflictError as e:
