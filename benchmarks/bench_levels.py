@@ -10,13 +10,19 @@ caches hold the object, as in a pipeline that read it before):
                 resized by plain zarr without consolidating again
 ``load_chunk``  ``cloudio.load_array(array)`` of a one-chunk array; the change: the chunk
                 overwritten by plain zarr
+``open``        ``cloudio.open(a.tif)`` and a read; the change: the GeoTIFF overwritten
+``open_sidecar`` ``cloudio.open(a.tif).overviews(1)``; the change: an ``a.tif.ovr`` written next to it
+``open_vrt_source`` ``cloudio.open(w.vrt)`` of a WarpedVRT saved by cloudio, and a read; the change:
+                its source GeoTIFF overwritten
 
 Columns: ``raw`` is the plain library with nothing cached (a new gcsfs instance;
 ``xarray.open_zarr`` / ``zarr.open_array`` with storage options);
 ``session``, ``strong``; ``bounded_young`` is a bound of an hour with caches
 filled just before (trusted), ``bounded_old`` a bound of 0 s (every cache
 entry older than the bound). The other writer is plain gcsfs / zarr on their
-own uncached instances, so cloudio hears nothing of it. Each cell: GET/HEAD
+own uncached instances (google-cloud-storage for the rasters), so cloudio hears
+nothing of it; GDAL's ``raw`` is ``rasterio.open`` with GDAL's cache of the
+prefix cleared first. Each cell: GET/HEAD
 requests counted at the emulator for one operation, and whether the answer was
 stale. Targets: strong on an unchanged object <= raw; session unchanged.
 
@@ -175,6 +181,95 @@ class LoadChunk(Case):
         return 7.0 if changed else 0.0
 
 
+class Open(Case):
+    """``cloudio.open(a.tif)`` and a read; the change: the object overwritten with other pixels."""
+
+    def _tif(self, value: int) -> bytes:
+        from affine import Affine
+        from rasterio.io import MemoryFile
+
+        with MemoryFile() as mem:
+            with mem.open(driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:3857",
+                          transform=Affine(1, 0, 0, 0, -1, 64)) as ds:
+                ds.write(np.full((1, 64, 64), value, "uint8"))
+            return bytes(mem.read())
+
+    def _put(self, key: str, data: bytes) -> None:
+        self.emu.client.bucket(self.bucket).blob(key).upload_from_string(data)
+
+    def setup(self, prefix: str) -> None:
+        self._put(f"{prefix}/a.tif", self._tif(1))
+
+    def change(self, prefix: str) -> None:
+        self._put(f"{prefix}/a.tif", self._tif(2))
+
+    def _read(self, ds: Any) -> Any:
+        return int(ds.read(1).max())
+
+    def run(self, prefix: str) -> Any:
+        import cloudio
+
+        with cloudio.open(f"gs://{self.bucket}/{prefix}/{self.opened}") as ds:
+            return self._read(ds)
+
+    def raw(self, prefix: str) -> Any:
+        """Plain ``rasterio.open`` pointed at the emulator, with nothing of the prefix in GDAL's cache."""
+        import rasterio
+
+        from cloudio._gdal import bindings
+
+        bindings.clear(f"/vsigs/{self.bucket}/{prefix}")
+        with rasterio.Env(CPL_GS_ENDPOINT=self.emu.url + "/", GS_NO_SIGN_REQUEST="YES"), \
+                rasterio.open(f"/vsigs/{self.bucket}/{prefix}/{self.opened}") as ds:
+            return self._read(ds)
+
+    opened = "a.tif"
+
+    def truth(self, changed: bool) -> Any:
+        return 2 if changed else 1
+
+
+class OpenSidecar(Open):
+    """``cloudio.open(a.tif).overviews(1)``; the change: an ``a.tif.ovr`` written elsewhere."""
+
+    def change(self, prefix: str) -> None:
+        import tempfile
+
+        import rasterio
+        from rasterio.enums import Resampling
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = f"{tmp}/a.tif"
+            with open(local, "wb") as f:
+                f.write(self._tif(1))
+            with rasterio.Env(TIFF_USE_OVR=True), rasterio.open(local, "r+") as ds:
+                ds.build_overviews([2], Resampling.nearest)
+            with open(local + ".ovr", "rb") as f:
+                self._put(f"{prefix}/a.tif.ovr", f.read())
+
+    def _read(self, ds: Any) -> Any:
+        return ds.overviews(1)
+
+    def truth(self, changed: bool) -> Any:
+        return [2] if changed else []
+
+
+class OpenVrtSource(Open):
+    """``cloudio.open(w.vrt)`` (a WarpedVRT saved with ``write_vrt``) and a read; the change: its source
+    overwritten elsewhere."""
+
+    opened = "w.vrt"
+
+    def setup(self, prefix: str) -> None:
+        from rasterio.vrt import WarpedVRT
+
+        import cloudio
+
+        super().setup(prefix)
+        with cloudio.open(f"gs://{self.bucket}/{prefix}/a.tif") as ds, WarpedVRT(ds, crs="EPSG:3857") as vrt:
+            cloudio.write_vrt(vrt, f"gs://{self.bucket}/{prefix}/w.vrt")
+
+
 def measure(emu: Any, bucket: str, fn: Callable[[str], Any], prefix: str) -> tuple[int, Any]:
     """GET/HEAD requests ``fn(prefix)`` made in ``bucket``, and what it returned."""
     n0 = len(emu.requests())
@@ -191,7 +286,9 @@ def main() -> None:
     with Emulator() as emu:
         bucket = "bench-levels"
         emu.create_bucket(bucket)
-        for name, cls in (("ls", Ls), ("info", Info), ("open_zarr", OpenZarr), ("load_chunk", LoadChunk)):
+        cases = (("ls", Ls), ("info", Info), ("open_zarr", OpenZarr), ("load_chunk", LoadChunk),
+                 ("open", Open), ("open_sidecar", OpenSidecar), ("open_vrt_source", OpenVrtSource))
+        for name, cls in cases:
             case = cls(emu, bucket, name)
             out[name] = {}
             for state in ("unchanged", "changed"):
@@ -234,11 +331,11 @@ def main() -> None:
     path = RESULTS / "levels.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     columns = ["raw", *LEVELS]
-    print(f"{'operation':<12}{'state':<11}" + "".join(f"{c:>15}" for c in columns))
+    print(f"{'operation':<17}{'state':<11}" + "".join(f"{c:>15}" for c in columns))
     for name, states in out.items():
         for state, row in states.items():
             cells = "".join(f"{str(row[c]['requests']) + (' stale' if row[c]['stale'] else ''):>15}" for c in columns)
-            print(f"{name:<12}{state:<11}{cells}")
+            print(f"{name:<17}{state:<11}{cells}")
     print(f"strong on an unchanged object <= raw: {targets}")
     print(f"written {path}")
 

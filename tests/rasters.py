@@ -19,11 +19,13 @@ if TYPE_CHECKING:
 
 
 def tif(value: int, size: int = 64, *, tiled: bool = True, block: int = 16,
-        transform: Affine | None = None) -> bytes:
+        transform: Affine | None = None, crs: str | None = None) -> bytes:
     """A one-band uint8 GeoTIFF of ``size`` x ``size`` pixels, all ``value``."""
     layout: dict[str, object] = {"tiled": True, "blockxsize": block, "blockysize": block} if tiled else {}
     if transform is not None:
         layout["transform"] = transform
+    if crs is not None:
+        layout["crs"] = crs
     with MemoryFile() as mem:
         with mem.open(driver="GTiff", width=size, height=size, count=1, dtype="uint8", **layout) as ds:
             ds.write(np.full((1, size, size), value, "uint8"))

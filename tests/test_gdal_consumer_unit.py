@@ -228,3 +228,32 @@ def test_gdal_listing_clears_a_listing_gdal_may_hold_then_lists(rec: Recorder, g
     gdal.on_change(change("gs://bkt/d/c.tif"))
     gdal.gdal_listing(parse_gcs("gs://bkt/d/"))
     assert rec.take() == [("clear", "/vsigs/bkt/d/c.tif"), ("clear", "/vsigs/bkt/d"), ("listdir", "/vsigs/bkt/d")]
+
+
+# -- strong / bounded: the object and its sidecars, as one listing reported them -----------------
+
+
+def test_revalidation_clears_what_changed_and_tells_gdal_of_a_new_sidecar(gdal: GdalConsumer, rec: Recorder) -> None:
+    a = t("d/a.tif")
+    gdal.set_listing(a.path, ["a.tif"])
+    assert gdal.plan_read(a) is False  # no sidecar: GDAL is told not to list
+    rec.take()
+    assert gdal.revalidated(a.path, {"a.tif": 5}) is True  # never checked: GDAL's copy may be any version
+    assert rec.take() == [("clear", "/vsigs/bkt/d/a.tif")]
+    assert gdal.revalidated(a.path, {"a.tif": 5}) is False and rec.take() == []
+    assert gdal.is_current(a.path, {"a.tif": 5})
+
+    # another writer added an overview: GDAL must now look for sidecars
+    assert not gdal.is_current(a.path, {"a.tif": 5, "a.tif.ovr": 7})
+    assert rec.take() == []  # is_current changes nothing
+    assert gdal.revalidated(a.path, {"a.tif": 5, "a.tif.ovr": 7}) is True
+    assert ("clear", "/vsigs/bkt/d/a.tif.ovr") in rec.take()
+    assert gdal.plan_read(a) is True  # GDAL lists the directory and finds the .ovr
+    rec.take()
+
+    # ... and replaced it, then deleted it
+    gdal.revalidated(a.path, {"a.tif": 5, "a.tif.ovr": 8})
+    assert rec.take() == [("clear", "/vsigs/bkt/d/a.tif.ovr")]
+    gdal.revalidated(a.path, {"a.tif": 5})
+    assert ("clear", "/vsigs/bkt/d/a.tif.ovr") in rec.take()
+    assert gdal.plan_read(a) is False

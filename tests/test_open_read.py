@@ -490,7 +490,7 @@ def test_fast_path_does_not_skip_a_stronger_level(gcs_emulator: Emulator, gcs_bu
     with cloudio.session(0):
         n = len(gcs_emulator.requests())
         assert cloud_read(url) == ((1, 32, 32), 2)
-        assert data_gets(gcs_emulator, n) == 2  # the object's metadata and its directory's listing
+        assert data_gets(gcs_emulator, n) == 1  # one listing: the object and its sidecars
 
 
 def test_fast_path_follows_a_new_time_limit(gcs_emulator: Emulator, gcs_bucket: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]

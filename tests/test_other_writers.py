@@ -322,3 +322,128 @@ def test_load_array_refuses_a_marked_store_at_strong(gcs_bucket: str, other_writ
     other_writer("bucket.blob('arr.zarr/.cloudio-write-in-progress').upload_from_string(b'{}')")
     with cloudio.session("strong"), pytest.raises(cloudio.IncompleteWriteError, match="arr.zarr"):
         cloudio.load_array(url)
+
+
+# --------------------------------------------------------------------------------------------
+# GDAL beyond the object itself: sidecars and a VRT's sources
+# --------------------------------------------------------------------------------------------
+
+
+def _upload_from(other_writer: Callable[[str], None], key: str, data: bytes, tmp_path: os.PathLike[str]) -> None:
+    """The other process uploads ``data`` (made here with rasterio) to ``key`` with google-cloud-storage."""
+    local = os.path.join(os.fspath(tmp_path), key.replace("/", "_"))
+    with open(local, "wb") as f:
+        f.write(data)
+    other_writer(f"bucket.blob({key!r}).upload_from_filename({local!r})")
+
+
+def _external_overview(tif_bytes: bytes, tmp_path: os.PathLike[str]) -> bytes:
+    """The ``.ovr`` GDAL builds for a GeoTIFF opened read-only (external overviews, factor 2)."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    local = os.path.join(os.fspath(tmp_path), "ovr_src.tif")
+    with open(local, "wb") as f:
+        f.write(tif_bytes)
+    with rasterio.Env(TIFF_USE_OVR=True), rasterio.open(local, "r+") as ds:
+        ds.build_overviews([2], Resampling.nearest)
+    with open(local + ".ovr", "rb") as f:
+        return f.read()
+
+
+def _aux(value: str) -> bytes:
+    return (f'<PAMDataset><Metadata><MDI key="VERSION">{value}</MDI></Metadata></PAMDataset>').encode()
+
+
+def test_new_and_deleted_overview_sidecar(gcs_bucket: str, other_writer: Callable[[str], None], counter: Counter,
+                                          tmp_path: os.PathLike[str]) -> None:
+    from rasters import tif
+
+    url = f"{gcs_bucket}/g/a.tif"
+    data = tif(3)
+    with cloudio.open(url, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as ds:
+        ds.write(np.full((1, 64, 64), 3, "uint8"))
+    with cloudio.open(url) as ds:
+        assert ds.overviews(1) == []
+    _upload_from(other_writer, "g/a.tif.ovr", _external_overview(data, tmp_path), tmp_path)
+    counter.take()
+    with cloudio.session("session"), cloudio.open(url) as ds:
+        assert ds.overviews(1) == []  # the before: cloudio's listing knows no sidecar, GDAL is told not to look
+    assert counter.take() == []
+    with cloudio.session("strong"), cloudio.open(url) as ds:
+        assert ds.overviews(1) == [2]
+        assert ds.read(1, out_shape=(32, 32)).min() == 3
+    counter.take()
+    with cloudio.session("strong"), cloudio.open(url) as ds:
+        assert ds.overviews(1) == [2]
+    assert len(counter.take()) == 1  # unchanged now: the check alone
+    other_writer("bucket.blob('g/a.tif.ovr').delete()")
+    with cloudio.session("session"), cloudio.open(url) as ds:
+        assert ds.overviews(1) == [2]  # the before, again
+    with cloudio.session("strong"), cloudio.open(url) as ds:
+        assert ds.overviews(1) == []
+    with cloudio.session(0), cloudio.open(url) as ds:
+        assert ds.overviews(1) == []
+
+
+def test_strong_open_of_an_unchanged_raster_costs_one_request(gcs_bucket: str, counter: Counter) -> None:
+    url = f"{gcs_bucket}/g/u.tif"
+    with cloudio.open(url, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as ds:
+        ds.write(np.full((1, 64, 64), 5, "uint8"))
+    with cloudio.session("strong"), cloudio.open(url) as ds:
+        ds.read()
+    counter.take()
+    with cloudio.session("strong") as s, cloudio.open(url) as ds:
+        assert ds.read(1)[0, 0] == 5
+    requests = counter.take()
+    assert len(requests) == 1 and s.stats.revalidations == 1, requests  # the check; the pixels are cached
+    with cloudio.session("session"), cloudio.open(url) as ds:
+        ds.read()
+    assert counter.take() == []  # the session level: nothing, as before
+
+
+def test_aux_xml_sidecar_overwritten(gcs_bucket: str, other_writer: Callable[[str], None],
+                                     tmp_path: os.PathLike[str]) -> None:
+    url = f"{gcs_bucket}/g/m.tif"
+    with cloudio.open(url, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as ds:
+        ds.write(np.full((1, 64, 64), 1, "uint8"))
+    _upload_from(other_writer, "g/m.tif.aux.xml", _aux("1"), tmp_path)
+    with cloudio.session("strong"), cloudio.open(url) as ds:
+        assert ds.tags()["VERSION"] == "1"
+    _upload_from(other_writer, "g/m.tif.aux.xml", _aux("2"), tmp_path)
+    with cloudio.session("session"), cloudio.open(url) as ds:
+        assert ds.tags()["VERSION"] == "1"  # the before: GDAL's cached copy of the sidecar
+    with cloudio.session("strong"), cloudio.open(url) as ds:
+        assert ds.tags()["VERSION"] == "2"
+    _upload_from(other_writer, "g/m.tif.aux.xml", _aux("3"), tmp_path)
+    with cloudio.session(0), cloudio.open(url) as ds:
+        assert ds.tags()["VERSION"] == "3"
+    _upload_from(other_writer, "g/m.tif.aux.xml", _aux("4"), tmp_path)
+    with cloudio.session(3600), cloudio.open(url) as ds:
+        assert ds.tags()["VERSION"] == "3"  # checked less than an hour ago: trusted
+
+
+def test_vrt_source_overwritten(gcs_bucket: str, gcs_emulator: Emulator, other_writer: Callable[[str], None],
+                                counter: Counter, tmp_path: os.PathLike[str]) -> None:
+    from affine import Affine
+    from rasterio.vrt import WarpedVRT
+    from rasters import put, tif
+
+    src = f"{gcs_bucket}/g/src.tif"
+    grid = {"transform": Affine(1, 0, 0, 0, -1, 64), "crs": "EPSG:3857"}
+    put(gcs_emulator, src, tif(1, **grid))
+    vrt_url = f"{gcs_bucket}/h/w.vrt"
+    with cloudio.open(src) as ds, WarpedVRT(ds, crs="EPSG:3857") as vrt:
+        cloudio.write_vrt(vrt, vrt_url)
+    with cloudio.open(vrt_url) as ds:
+        assert ds.read(1).max() == 1
+    _upload_from(other_writer, "g/src.tif", tif(2, **grid), tmp_path)  # same size and layout
+    with cloudio.session("session"), cloudio.open(vrt_url) as ds:
+        assert ds.read(1).max() == 1  # the before: GDAL's cached bytes of the old source
+    counter.take()
+    with cloudio.session("strong"), cloudio.open(vrt_url) as ds:
+        assert ds.read(1).max() == 2
+    counter.take()
+    with cloudio.session("strong") as s, cloudio.open(vrt_url) as ds:  # unchanged: the VRT and its source
+        assert ds.read(1).max() == 2
+    assert s.stats.revalidations == 2 and len(counter.take()) == 2

@@ -151,6 +151,8 @@ class GdalConsumer(Consumer):
         self._dirs: dict[str, _Dir] = {}
         #: per journal key: (generation GDAL's cache holds, when checked)
         self._seen: dict[str, tuple[int, float]] = {}
+        #: per object URL: the names (itself and its sidecars) its last strong/bounded check listed
+        self._related: dict[str, frozenset[str]] = {}
         #: objects written while datasets of them were open (vsi path -> those datasets, weakly).
         #: Such a dataset keeps the old size and offsets, and whatever it reads after the
         #: write lands in GDAL's shared cache under the object's URL: old bytes from downloads
@@ -256,8 +258,9 @@ class GdalConsumer(Consumer):
                     self._mark_stale(vsi, stale)
         self.calls.clear(top)  # also drops GDAL's listings of top and below
         with self._state:
-            for url in [u for u in self._seen if parse_gcs(u).is_under(path)]:
-                del self._seen[url]
+            for table in (self._seen, self._related):
+                for url in [u for u in table if parse_gcs(u).is_under(path)]:
+                    del table[url]
             for key in [k for k in self._dirs if is_under(k, top)]:
                 for e in self._dirs.pop(key).empty_dir:
                     self.calls.clear_path_options(f"{key}/{e}")
@@ -279,7 +282,7 @@ class GdalConsumer(Consumer):
         key = dir_key(path)
         with self._state:
             d = self._dirs.setdefault(key, _Dir())
-            if d.listed_at:  # a refresh (bounded staleness) may find names GDAL's listing lacks
+            if d.listed_at:  # a refresh (GDAL's own listing, gdal_listing) may find names ours lacks
                 if d.names is None or fresh is None:
                     self._names_changed(key, d, _ANY)
                 else:
@@ -289,13 +292,6 @@ class GdalConsumer(Consumer):
             d.plans.clear()
             d.listed_at = time.monotonic()
         generation.bump()
-
-    def listing_age(self, path: GCSPath) -> float | None:
-        """Seconds since cloudio listed ``path``'s directory (None: never, or dropped)."""
-        d = self._dirs.get(dir_key(path))
-        if d is None or not d.listed_at:
-            return None
-        return time.monotonic() - d.listed_at
 
     def unchanged(self, t: Target) -> bool:
         """Can ``t`` be opened exactly as last time, with no bookkeeping? (the per-open fast path)
@@ -482,24 +478,56 @@ class GdalConsumer(Consumer):
     def last_check(self, url: str) -> tuple[int, float] | None:
         return self._seen.get(url)
 
-    def revalidated(self, path: GCSPath, generation: int) -> bool:
-        """The server reports ``generation`` for ``path``: clear GDAL's copy if it may differ.
+    def revalidated(self, path: GCSPath, generations: dict[str, int]) -> bool:
+        """The server lists ``generations`` for ``path``'s name and its sidecars: make GDAL's view match.
 
-        Returns True when a clear was needed.
+        An object or sidecar at another generation than GDAL's cache may hold
+        is cleared (file-level); a sidecar that appeared or went away changes
+        the directory's names, so that GDAL is told to look for it, or lists
+        the directory again. Returns True when anything was cleared.
         """
-        url = path.url
-        key, name = split_vsi(path)
+        key = dir_key(path)
         with self._state:
-            seen = self._seen.get(url)
-            self._seen[url] = (generation, time.monotonic())
-            if seen is not None and seen[0] == generation:
-                return False
+            stale, added, removed = self._differences(path, generations)
+            now = time.monotonic()
+            for n, gen in generations.items():
+                self._seen[f"{path.parent.url}{n}"] = (gen, now)
+            for n in removed:
+                self._seen.pop(f"{path.parent.url}{n}", None)
+            self._related[path.url] = frozenset(generations)
             d = self._dirs.get(key)
-            if d is not None and d.names is not None and name not in d.names:
-                d.names.add(name)  # written elsewhere: a new name to this directory
-                self._names_changed(key, d, name)
-        self._object_changed(path.vsi)
-        return True
+            if d is not None:
+                if d.names is not None:
+                    d.names |= added
+                    d.names -= removed
+                for n in added | removed:
+                    self._names_changed(key, d, n)
+        for n in sorted(stale | removed):
+            self._object_changed(f"{key}/{n}")
+        return bool(stale or added or removed)
+
+    def is_current(self, path: GCSPath, generations: dict[str, int]) -> bool:
+        """Would :meth:`revalidated` change nothing? (no side effect: a dataset may still be open)"""
+        with self._state:
+            return not any(self._differences(path, generations))
+
+    def _differences(self, path: GCSPath, generations: dict[str, int]) -> tuple[set[str], set[str], set[str]]:
+        """(names at a generation GDAL may not hold, sidecars new, sidecars gone) since the last check."""
+        key, name = split_vsi(path)
+        parent = path.parent.url
+        stale = set()
+        for n, gen in generations.items():
+            seen = self._seen.get(f"{parent}{n}")
+            if seen is None or seen[0] != gen:
+                stale.add(n)
+        before = self._related.get(path.url)
+        if before is None:
+            d = self._dirs.get(key)
+            if d is None or d.names is None:
+                return stale, set(), set()
+            before = frozenset(n for n in d.names if n == name or is_sidecar(n, name))
+        now = set(generations)
+        return stale, now - before, set(before - now)
 
     def mark_unknown(self, path: GCSPath) -> None:
         """GDAL may now cache ``path`` at a generation we did not check."""
@@ -554,4 +582,5 @@ def reset() -> None:
     with consumer._state:
         consumer._dirs.clear()
         consumer._seen.clear()
+        consumer._related.clear()
     generation.bump()

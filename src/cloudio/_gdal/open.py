@@ -5,7 +5,8 @@ The flow of a read of a GCS object::
     journal changes ──(applied at write time)──► GDAL caches (cloudio._gdal.consumer)
     cloudio.open(url)
       1. normalise the URL; point /vsigs/<bucket> at the emulator if one is in force
-      2. consistency "strong" / N seconds: one metadata request -> clear on a new generation
+      2. consistency "strong" / N seconds: one listing of the object and its sidecars -> clear
+         what changed (a VRT's sources are checked after it opened: one listing each)
       3. plan: cloudio's listing of the directory (fetched once) says whether
          GDAL must list it (sidecars, VRT) or may skip it (EMPTY_DIR)
       4. rasterio.open("/vsigs/b/k") with the plan's options
@@ -56,9 +57,9 @@ from cloudio._gdal import bindings, endpoint, generation
 from cloudio._gdal.consumer import LISTING_LIMIT, NEEDS_LISTING, consumer
 from cloudio._gdal.endpoint import ensure_endpoint
 from cloudio._gdal.gates import gates as _gates
-from cloudio._gdal.targets import Target, target
+from cloudio._gdal.targets import Target, is_sidecar, target
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
-from cloudio._session import count, current_level
+from cloudio._session import Consistency, count, current_level
 from cloudio.errors import (
     CloudioError,
     ConfigurationError,
@@ -356,10 +357,10 @@ def open(
     At the ``"session"`` level (default) a read sees every write journaled in
     this process (through cloudio, or announced with
     :func:`cloudio.invalidate`) and makes no extra request. ``"strong"`` adds
-    one metadata request per open, which catches writes made anywhere to the
-    object itself; a number of seconds makes that request only when the last
-    check is older. Sidecar files (``.ovr``, ``.aux.xml``, ``.msk``) written
-    elsewhere are seen after :func:`cloudio.invalidate` of the directory.
+    one listing request per open, which catches writes made anywhere to the
+    object and to its sidecars (``.ovr``, ``.aux.xml``, ``.msk``), and one
+    per source of a VRT; a number of seconds makes those requests only when
+    the last check is older.
     """
     if mode != "r" and mode not in _WRITE_MODES:
         raise ConfigurationError(
@@ -488,9 +489,9 @@ def _open_read(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, A
     ensure_endpoint(t.path.bucket)
     level = current_level()
     if level != "session":
-        _revalidate(t.path, None if level == "strong" else float(level))
+        _revalidate(t.path, _max_age(level))
     try:
-        return _gdal_open(t, driver, sharing, kwargs)
+        return _gdal_open(t, driver, sharing, kwargs, level)
     except RasterioIOError as e:
         if _is_transient(e):  # GDAL retried already; what it cached of the object may be partial
             bindings.clear(t.vsi)
@@ -501,15 +502,16 @@ def _open_read(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, A
             # from part of a range a broken download left (the directory clear drops both)
             consumer.forget_listing(t.path)
         try:
-            return _gdal_open(t, driver, sharing, kwargs)
+            return _gdal_open(t, driver, sharing, kwargs, level)
         except RasterioIOError as e2:
             raise _read_error(t, e2) from e2
 
 
-def _gdal_open(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> DatasetReader:
+def _gdal_open(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any],
+               level: Consistency = "session") -> DatasetReader:
     c = consumer
     epoch = c.epoch(t)
-    ds = _gdal_open_planned(t, driver, sharing, kwargs)
+    ds = _gdal_open_planned(t, driver, sharing, kwargs, level)
     c.opened_dataset(t, ds, epoch)
     return _reader(ds, t, epoch, driver, kwargs)
 
@@ -525,7 +527,8 @@ def _rio_open(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, An
         _gates.exit(t.vsi)
 
 
-def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> DatasetReader:
+def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any],
+                       level: Consistency = "session") -> DatasetReader:
     c = consumer
     if c.plan_read(t) is NEEDS_LISTING:
         names = _list_names(t.path)
@@ -542,6 +545,8 @@ def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dic
         finally:
             _gates.exit(t.vsi)
         c.opened(files)
+        if level != "session" and not _sources_current(ds, t, files, _max_age(level)):
+            ds = _rio_open(t, driver, sharing, kwargs)  # the sources' stale copies are gone now
         return ds
     return _rio_open(t, driver, sharing, kwargs)
 
@@ -579,25 +584,84 @@ def _list_names(path: GCSPath) -> Any:
 
 
 def _revalidate(path: GCSPath, max_age: float | None) -> None:
-    """Strong / bounded levels: compare the server's generation with what GDAL's cache holds."""
-    last = consumer.last_check(path.url)
-    if max_age is not None and last is not None and time.monotonic() - last[1] <= max_age:
+    """Strong / bounded levels: compare the server's generations with what GDAL's cache holds.
+
+    One listing request covers the object and its sidecars (:func:`_related`),
+    so an ``.ovr``, ``.aux.xml`` or ``.msk`` written, replaced or deleted
+    elsewhere is seen at the cost of the one metadata request the object
+    alone would take.
+    """
+    if _checked_recently(path, max_age):
         return
-    try:
-        meta = object_metadata(path)
-    except FileNotFoundError as e:
-        _count("revalidations")
-        consumer.mark_unknown(path)
-        raise not_found(path) from e
+    related = _related(path)
     _count("revalidations")
-    if consumer.revalidated(path, int(meta["generation"])):
-        log.debug("%s changed on the server (generation %s); cleared GDAL's copy", path.url, meta["generation"])
-    if max_age is not None:  # bounded staleness also covers cloudio's listing (sidecars)
-        age = consumer.listing_age(path)
-        if age is not None and age > max_age:
-            names = _list_names(path)
-            if names is not _NO_BUCKET:
-                consumer.set_listing(path, names)
+    if path.name not in related:
+        consumer.mark_unknown(path)
+        raise not_found(path)
+    if consumer.revalidated(path, related):
+        log.debug("%s or a sidecar changed on the server (%s); cleared GDAL's copy", path.url, related)
+
+
+def _max_age(level: Consistency) -> float | None:
+    """How old a check may be at ``level`` (None: none is young enough, ``"strong"``)."""
+    return None if level == "strong" else float(level)
+
+
+def _checked_recently(path: GCSPath, max_age: float | None) -> bool:
+    last = consumer.last_check(path.url)
+    return max_age is not None and last is not None and time.monotonic() - last[1] <= max_age
+
+
+def _related(path: GCSPath) -> dict[str, int]:
+    """The object and the names next to it GDAL may read with it (its sidecars), by generation.
+
+    One listing request (per 1000 names) of the names that start with the
+    object's stem: ``a.tif`` lists ``a.tif``, ``a.tif.ovr``, ``a.tif.aux.xml``,
+    ``a.tif.msk``, ``a.aux.xml``... Raises FileNotFoundError when the bucket
+    does not exist.
+    """
+    directory, name = path.parent.key, path.name
+    prefix = directory + name.rsplit(".", 1)[0]
+    found: dict[str, int] = {}
+    token: str | None = None
+    while True:
+        page = gcs_filesystem().call("GET", "b/{}/o", path.bucket, json_out=True, prefix=prefix, delimiter="/",
+                                     pageToken=token, fields="items(name,generation),nextPageToken")
+        for item in page.get("items", []):
+            n = str(item["name"])[len(directory):]
+            if n == name or is_sidecar(n, name):
+                found[n] = int(item["generation"])
+        token = page.get("nextPageToken")
+        if not token:
+            return found
+
+
+def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: float | None) -> bool:
+    """Strong / bounded levels, a VRT just opened: are its sources (and their sidecars) as GDAL holds them?
+
+    One listing request per source. When one changed, the VRT is closed
+    before GDAL's copies are cleared (a dataset must not see two versions),
+    and the caller opens it again.
+    """
+    sources = [parse_gcs(f) for f in files if is_gcs(f) and f != t.vsi]
+    listed = [(p, _related(p)) for p in sources if p.key and not _checked_recently(p, max_age)]
+    _count("revalidations", len(listed))
+    if all(p.name in r and consumer.is_current(p, r) for p, r in listed):
+        for p, r in listed:
+            consumer.revalidated(p, r)  # nothing to clear: records when it was checked
+        return True
+    _gates.enter(t.vsi)
+    try:
+        ds.close()
+    finally:
+        _gates.exit(t.vsi)
+    for p, r in listed:
+        if p.name in r:
+            consumer.revalidated(p, r)
+        else:
+            consumer.mark_unknown(p)
+            bindings.clear(p.vsi)
+    return False
 
 
 def _raise_if_missing(t: Target, cause: RasterioIOError) -> None:
