@@ -195,10 +195,15 @@ def test_a_shard_flipped_on_the_way_up_every_time_is_an_integrity_error(gcs_emul
     assert (shard, "delete") in _journaled(url, seq)
 
 
+#: float32 shards (512 KiB) are read on the event loop, float64 ones (1 MiB) in threads (shard_codec.read)
+BOTH_READ_PATHS = pytest.mark.parametrize("dtype", ["float32", "float64"], ids=["loop", "threads"])
+
+
+@BOTH_READ_PATHS
 @pytest.mark.parametrize("times", [1, None])
 def test_a_shard_flipped_on_the_way_down(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy,
-                                         times: int | None) -> None:
-    a = _data("float32", 0.0)
+                                         times: int | None, dtype: str) -> None:
+    a = _data(dtype, 0.0)
     url = f"{gcs_bucket}/down.zarr"
     cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
     rule = fault_proxy.add("flip", method="GET", path=_SHARD_GET, times=times)
@@ -208,3 +213,35 @@ def test_a_shard_flipped_on_the_way_down(gcs_emulator: Emulator, gcs_bucket: str
     else:
         with pytest.raises(IntegrityError, match=r"down\.zarr/c/\d+/\d+.*CRC32C"):
             cloudio.load_array(url)
+
+
+@BOTH_READ_PATHS
+@pytest.mark.parametrize("fault", [{"fault": "reset", "after": 1000, "times": 1},
+                                   {"fault": "status", "code": 503, "times": 2},
+                                   {"fault": "status", "code": 429, "times": 1}])
+def test_a_shard_read_that_fails_on_the_way_is_retried(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy,
+                                                       fault: dict[str, object], dtype: str) -> None:
+    a = _data(dtype, 0.0)
+    url = f"{gcs_bucket}/retried.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    rule = fault_proxy.add(method="GET", path=_SHARD_GET, **fault)
+    assert cloudio.load_array(url).tobytes() == a.tobytes()
+    assert rule.hits == fault["times"]
+
+
+@BOTH_READ_PATHS
+def test_a_shard_read_the_server_never_answers_is_a_transient_error_in_bounded_time(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    import asyncio
+    import time
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    a = _data(dtype, 0.0)
+    url = f"{gcs_bucket}/hung.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    fault_proxy.add("hang", method="GET", path=_SHARD_GET, times=None)
+    t0 = time.monotonic()
+    with pytest.raises(cloudio.TransientError, match=r"hung\.zarr/c/\d+/\d+.*read failed") as ei:
+        cloudio.load_array(url)
+    assert time.monotonic() - t0 < 30  # 3 x the limit, far from forever
+    assert isinstance(ei.value.__cause__, TimeoutError | asyncio.TimeoutError)

@@ -23,7 +23,7 @@ transit) or a resumable session vanished. A failure that outlasted gcsfs's
 retries is a :class:`~cloudio.errors.TransientError` (retry later), anything
 else an :class:`~cloudio.errors.UploadError`.
 
-:func:`download` (``cloudio.open(url, "r+")``) and :func:`cloudio._gcs.fast.get_into`
+:func:`download` (``cloudio.open(url, "r+")``) and :func:`cloudio._gcs.fast.fetch_into`
 (whole shard reads) are the counterparts: the bytes are checked against the
 CRC32C the server reports for the object they came from.
 """

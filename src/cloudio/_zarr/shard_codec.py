@@ -12,8 +12,9 @@ a shard are just its chunks in a row followed by an index, so
 between the user's array and a shard buffer each worker reuses (encoding and
 decoding in a worker thread, so the event loop keeps other transfers moving).
 Writes go through the same journaled store zarr uses (a media upload per
-shard, :mod:`cloudio._gcs.fast`); reads of GCS stream each shard into the
-worker's buffer, CRC32C-checked (:func:`cloudio._gcs.fast.get_into`).
+shard, :mod:`cloudio._gcs.fast`); reads of GCS run in worker threads that
+read each shard from the socket into the worker's buffer, CRC32C-checked
+(:func:`cloudio._gcs.fast.fetch_into`), and copy its chunks out.
 
 The same holds with a ``zstd`` compressor (each chunk compressed on its own,
 in a worker thread, its compressed size in the index) and for unsharded
@@ -41,7 +42,9 @@ import itertools
 import logging
 import math
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +53,7 @@ import numpy as np
 from cloudio.errors import IntegrityError
 
 if TYPE_CHECKING:
+    import gcsfs
     import zarr
 
 log = logging.getLogger(__name__)
@@ -273,6 +277,14 @@ def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.nd
 _MEMORY_BUDGET = 1 << 30
 
 
+def _workers(layout: Layout, shards: int) -> int:
+    """Workers for one read or write: zarr's ``async.concurrency``, fewer if their shards would not fit
+    in :data:`_MEMORY_BUDGET`."""
+    import zarr
+
+    return max(1, min(int(zarr.config.get("async.concurrency")), shards, _MEMORY_BUDGET // layout.shard_nbytes))
+
+
 def _each_shard(layout: Layout, new_job: Callable[[], Callable[[tuple[int, ...]], Awaitable[None]]]) -> None:
     """Run a job for every shard on zarr's event loop, ``async.concurrency`` workers at most.
 
@@ -280,7 +292,6 @@ def _each_shard(layout: Layout, new_job: Callable[[], Callable[[tuple[int, ...]]
     fewer workers run when that many whole shards would not fit in
     :data:`_MEMORY_BUDGET`.
     """
-    import zarr
     from zarr.core.sync import sync
 
     shards = list(layout.shards())
@@ -291,9 +302,7 @@ def _each_shard(layout: Layout, new_job: Callable[[], Callable[[tuple[int, ...]]
             await job(shards.pop())
 
     async def run() -> None:
-        n = min(int(zarr.config.get("async.concurrency")), len(shards), _MEMORY_BUDGET // layout.shard_nbytes)
-        n = max(1, n)
-        await asyncio.gather(*(worker() for _ in range(n)))
+        await asyncio.gather(*(worker() for _ in range(_workers(layout, len(shards)))))
 
     sync(run())
 
@@ -335,55 +344,115 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray) -> None:
     _each_shard(layout, new_job)
 
 
-def _shard_getter(z: zarr.Array[Any]) -> Callable[[str, np.ndarray], Awaitable[np.ndarray | None]]:
-    """How to GET one whole shard: on GCS into the worker's reused buffer, CRC32C-checked against
-    the server's X-Goog-Hash (:func:`cloudio._gcs.fast.get_into`).
-
-    The shard index's own CRC32C covers only the index; the chunks' bytes are
-    checked here, for free (the hash comes with the response).
-    """
-    from zarr.core.buffer import default_buffer_prototype
+def _gcs_shards(z: zarr.Array[Any]) -> tuple[gcsfs.GCSFileSystem, str] | None:
+    """The filesystem and URL prefix of ``z``'s chunk objects when it is stored on GCS through cloudio."""
     from zarr.storage import FsspecStore
 
-    from cloudio._gcs.fast import get_into
-    from cloudio._paths import parse_gcs
     from cloudio._zarr.store import JournaledStore
 
     store = z.store_path.store
     inner = getattr(store, "_store", None)
     if isinstance(store, JournaledStore) and isinstance(inner, FsspecStore) and store.root_url.startswith("gs://"):
-        fs = inner.fs
-        base = "/".join(p for p in (store.root_url, z.store_path.path.strip("/")) if p)
+        return inner.fs, "/".join(p for p in (store.root_url, z.store_path.path.strip("/")) if p)
+    return None
 
-        async def get_gcs(key: str, buf: np.ndarray) -> np.ndarray | None:
-            got = await get_into(fs, parse_gcs(f"{base}/{key}"), buf)
-            return None if got is None else np.frombuffer(got, dtype="u1")
 
-        return get_gcs
-    proto = default_buffer_prototype()
+#: the threads GCS reads run in: kept, so that their keep-alive connections are too
+_readers: ThreadPoolExecutor | None = None
+_readers_lock = threading.Lock()
 
-    async def get_other(key: str, buf: np.ndarray) -> np.ndarray | None:
-        got = await (z.store_path / key).get(prototype=proto)
-        return None if got is None else got.as_numpy_array()
 
-    return get_other
+def _reader_threads() -> ThreadPoolExecutor:
+    global _readers
+    with _readers_lock:
+        if _readers is None:
+            _readers = ThreadPoolExecutor(_MAX_READERS, thread_name_prefix="cloudio-read")
+        return _readers
+
+
+#: reads in flight at once, all reads of the process together
+_MAX_READERS = 32
 
 
 def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray) -> None:
-    """Fill ``out`` with all of ``z``: one GET per shard, into a buffer each worker reuses."""
-    get = _shard_getter(z)
+    """Fill ``out`` with all of ``z``: one GET per shard, into a buffer each worker reuses.
+
+    On GCS, for objects of a MiB or more, each worker is a thread that GETs
+    a shard into its buffer (:func:`cloudio._gcs.fast.fetch_into`,
+    CRC32C-checked; the shard index's own CRC32C covers only the index) and
+    copies its chunks into ``out``; the GIL is released while bytes arrive
+    and while NumPy copies them. Smaller objects, and other stores, are read
+    by tasks on zarr's event loop (measured quicker there: see
+    :func:`cloudio._gcs.fast.fetch_into`).
+    """
+    gcs = _gcs_shards(z)
+    if gcs is None or layout.shard_nbytes < _THREAD_MIN_BYTES:
+        _read_on_the_loop(z, layout, out, gcs)
+        return
+    from cloudio._gcs.fast import fetch_into
+    from cloudio._paths import parse_gcs
+
+    fs, base = gcs
+    shards = list(layout.shards())
+
+    def worker() -> None:
+        buf = np.empty(layout.shard_nbytes, dtype="u1")
+        while True:
+            try:
+                shard = shards.pop()
+            except IndexError:
+                return
+            url = f"{base}/{z.metadata.encode_chunk_key(shard)}"
+            got = fetch_into(fs, parse_gcs(url), buf)
+            if got is None:  # a shard of nothing but the fill value
+                _fill(layout, shard, out)
+            else:
+                _decode(layout, np.frombuffer(got, dtype="u1"), shard, out, url)
+
+    pool = _reader_threads()
+    futures = [pool.submit(worker) for _ in range(_workers(layout, len(shards)))]
+    try:
+        for f in futures:
+            f.result()
+    except BaseException:
+        shards.clear()  # the other workers stop after the shard each holds: nothing writes to out later
+        wait(futures)
+        raise
+
+
+def _fill(layout: Layout, shard: tuple[int, ...], out: np.ndarray) -> None:
+    where = zip(shard, layout.shard, layout.shape, strict=True)
+    out[tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in where)] = layout.fill
+
+
+def _read_on_the_loop(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
+                      gcs: tuple[gcsfs.GCSFileSystem, str] | None) -> None:
+    """:func:`read` as tasks on zarr's event loop: small objects on GCS (:func:`cloudio._gcs.fast.get_into`,
+    CRC32C-checked), and every object of other stores (the store's own ``get``)."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    from cloudio._gcs.fast import get_into
+    from cloudio._paths import parse_gcs
+
+    proto = default_buffer_prototype()
 
     def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
         buf = np.empty(layout.shard_nbytes, dtype="u1")
 
         async def job(shard: tuple[int, ...]) -> None:
             key = z.metadata.encode_chunk_key(shard)
-            got = await get(key, buf)
-            if got is None:  # a shard of nothing but the fill value
-                where = zip(shard, layout.shard, layout.shape, strict=True)
-                out[tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in where)] = layout.fill
+            if gcs is not None:
+                url = f"{gcs[1]}/{key}"
+                view = await get_into(gcs[0], parse_gcs(url), buf)
+                got = None if view is None else np.frombuffer(view, dtype="u1")
             else:
-                await _offload(layout, _decode, layout, got, shard, out, f"{z.store_path}/{key}")
+                url = f"{z.store_path}/{key}"
+                stored = await (z.store_path / key).get(prototype=proto)
+                got = None if stored is None else stored.as_numpy_array()
+            if got is None:  # a shard of nothing but the fill value
+                _fill(layout, shard, out)
+            else:
+                await _offload(layout, _decode, layout, got, shard, out, url)
 
         return job
 
