@@ -329,6 +329,8 @@ def test_strong_missing_object(gcs_bucket: str) -> None:
     with cloudio.session("strong"):
         with pytest.raises(cloudio.ObjectNotFoundError, match="x.tif does not exist"):
             cloudio.open(f"{gcs_bucket}/x.tif")
+        with pytest.raises(cloudio.BucketNotFoundError, match="no-such-bucket-cloudio"):
+            cloudio.open("gs://no-such-bucket-cloudio/x.tif")
 
 
 def test_bounded_staleness(gcs_emulator: Emulator, gcs_bucket: str) -> None:

@@ -617,16 +617,18 @@ def _related(path: GCSPath) -> dict[str, int]:
 
     One listing request (per 1000 names) of the names that start with the
     object's stem: ``a.tif`` lists ``a.tif``, ``a.tif.ovr``, ``a.tif.aux.xml``,
-    ``a.tif.msk``, ``a.aux.xml``... Raises FileNotFoundError when the bucket
-    does not exist.
+    ``a.tif.msk``, ``a.aux.xml``... Empty when the bucket does not exist.
     """
     directory, name = path.parent.key, path.name
     prefix = directory + name.rsplit(".", 1)[0]
     found: dict[str, int] = {}
     token: str | None = None
     while True:
-        page = gcs_filesystem().call("GET", "b/{}/o", path.bucket, json_out=True, prefix=prefix, delimiter="/",
-                                     pageToken=token, fields="items(name,generation),nextPageToken")
+        try:
+            page = gcs_filesystem().call("GET", "b/{}/o", path.bucket, json_out=True, prefix=prefix, delimiter="/",
+                                         pageToken=token, fields="items(name,generation),nextPageToken")
+        except FileNotFoundError:  # no such bucket: nothing is there
+            return {}
         for item in page.get("items", []):
             n = str(item["name"])[len(directory):]
             if n == name or is_sidecar(n, name):
