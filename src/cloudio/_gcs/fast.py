@@ -128,6 +128,10 @@ def _connection(origin: tuple[str, str, int], timeout: float) -> http.client.HTT
         conn = (_HTTPS(host, port, timeout=timeout, context=_tls()) if scheme == "https"
                 else _HTTP(host, port, timeout=timeout))
         _connections.by_origin[origin] = conn
+    elif conn.timeout != timeout:  # another filesystem, with another time limit, kept this connection
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
     return conn
 
 
