@@ -466,12 +466,17 @@ def test_close_of_a_reader_makes_no_request(gcs_emulator: Emulator, gcs_bucket: 
         assert gcs_emulator.requests()[n:] == []
 
 
-def test_fast_path_sees_a_journaled_change(gcs_emulator: Emulator, gcs_bucket: str) -> None:
-    url = f"{gcs_bucket}/d/a.tif"
-    put_elsewhere(gcs_emulator, url, tif(1))
+def _read_on_the_fast_path_then_replaced(emu: Emulator, url: str) -> None:
+    """``url`` read three times (the later opens take the fast path), then replaced behind cloudio's back."""
+    put_elsewhere(emu, url, tif(1))
     for _ in range(3):
         assert cloud_read(url) == ((1, 64, 64), 1)
-    put_elsewhere(gcs_emulator, url, tif(2, 32))
+    put_elsewhere(emu, url, tif(2, 32))
+
+
+def test_fast_path_sees_a_journaled_change(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    url = f"{gcs_bucket}/d/a.tif"
+    _read_on_the_fast_path_then_replaced(gcs_emulator, url)
     cloudio.invalidate(url)
     assert cloud_read(url) == ((1, 32, 32), 2)
     put_elsewhere(gcs_emulator, f"{gcs_bucket}/d/a.tif.msk", tif(9))  # a new sidecar, announced
@@ -482,10 +487,7 @@ def test_fast_path_sees_a_journaled_change(gcs_emulator: Emulator, gcs_bucket: s
 
 def test_fast_path_does_not_skip_a_stronger_level(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     url = f"{gcs_bucket}/d/a.tif"
-    put_elsewhere(gcs_emulator, url, tif(1))
-    for _ in range(3):
-        assert cloud_read(url) == ((1, 64, 64), 1)
-    put_elsewhere(gcs_emulator, url, tif(2, 32))
+    _read_on_the_fast_path_then_replaced(gcs_emulator, url)
     with cloudio.session("strong") as s:
         assert cloud_read(url) == ((1, 32, 32), 2)
     assert s.stats.revalidations == 1

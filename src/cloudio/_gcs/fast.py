@@ -50,6 +50,7 @@ from cloudio._config import http_timeout
 from cloudio._gcs.client import (
     ATTEMPTS,
     BACKOFF,
+    TOTAL_FACTOR,
     bounded,
     header_crc,
     is_transient,
@@ -143,15 +144,9 @@ def _drop(origin: tuple[str, str, int]) -> None:
 
 
 def _socket_timeout(fs: gcsfs.GCSFileSystem) -> float:
-    """Seconds one socket operation may wait: the filesystem's read limit, else ``CLOUDIO_HTTP_TIMEOUT``."""
-    rt = getattr(fs, "requests_timeout", None)
-    if isinstance(rt, (int, float)) and rt > 0:
-        return float(rt)
-    for attr in ("sock_read", "total", "sock_connect"):
-        value = getattr(rt, attr, None)
-        if value:
-            return float(value)
-    return http_timeout()
+    """Seconds one socket operation may wait: the filesystem's per-request limit, else ``CLOUDIO_HTTP_TIMEOUT``."""
+    limit = total_time_limit(getattr(fs, "requests_timeout", None))
+    return limit / TOTAL_FACTOR if limit else http_timeout()
 
 
 def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: float) -> tuple[int, str | None, str]:
