@@ -11,6 +11,8 @@ matches the request; the emulator itself is never bypassed or mocked. Faults:
 ``reset``    forward, send the headers and ``after`` bytes of the body, then reset the connection (RST)
 ``flip``     flip one byte: of the upload body (``where="request"``, the last data byte) or of the response body
 ``kill``     call ``action()`` (e.g. stop the emulator) and then reset the connection
+``chunked``  forward, and send the answer's body in HTTP/1.1 chunks of ``after`` bytes (a trailer field at the end)
+``unsized``  forward, and send the answer's body without a length, ended by closing the connection
 
 Rules are tried in the order added; each has a ``times`` budget (None = forever).
 ``Rule.answered`` is set once the upstream answered a request the rule matched.
@@ -153,6 +155,8 @@ class FaultProxy:
                 if rule is not None and fault == "flip" and rule.where == "response" and data:
                     i = len(data) // 2
                     data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+                if fault == "chunked":
+                    self.protocol_version = "HTTP/1.1"  # chunks are HTTP/1.1's
                 self.send_response(status)
                 upstream = f"{proxy.upstream.scheme}://{proxy.upstream.netloc}"
                 for k, v in resp_headers:
@@ -160,6 +164,21 @@ class FaultProxy:
                         v = proxy.url + v[len(upstream):]  # resumable uploads stay behind the proxy
                     if k.lower() not in _HOP:
                         self.send_header(k, v)
+                if fault in ("chunked", "unsized"):
+                    proxy._note(self.command, self.path, fault)
+                    self.close_connection = True
+                    if fault == "chunked":
+                        self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    if fault == "chunked":
+                        step = rule.after if rule is not None and rule.after else 4096
+                        for i in range(0, len(data), step):
+                            piece = data[i:i + step]
+                            self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece))
+                        self.wfile.write(b"0\r\nX-Trailer: 1\r\n\r\n")
+                    else:
+                        self.wfile.write(data)
+                    return
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if rule is not None and fault == "reset":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
@@ -229,6 +231,19 @@ def test_a_shard_read_that_fails_on_the_way_is_retried(gcs_emulator: Emulator, g
     assert rule.hits == fault["times"]
 
 
+@pytest.mark.parametrize("framing", [{"fault": "chunked", "after": 5000}, {"fault": "unsized"}],
+                         ids=["chunked", "ended-by-close"])
+def test_small_object_reads_take_every_http_framing(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy,
+                                                     framing: dict[str, object]) -> None:
+    """Bodies sent in chunks (with extensions and a trailer) or ended by closing the connection read whole."""
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/framed.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    rule = fault_proxy.add(method="GET", path=_SHARD_GET, times=None, **framing)
+    assert cloudio.load_array(url).tobytes() == a.tobytes()
+    assert rule.hits == 12  # every shard (the one of fill values a 404) came so framed
+
+
 @BOTH_READ_PATHS
 def test_a_shard_read_the_server_never_answers_is_a_transient_error_in_bounded_time(
         gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
@@ -245,3 +260,28 @@ def test_a_shard_read_the_server_never_answers_is_a_transient_error_in_bounded_t
         cloudio.load_array(url)
     assert time.monotonic() - t0 < 30  # 3 x the limit, far from forever
     assert isinstance(ei.value.__cause__, TimeoutError | asyncio.TimeoutError)
+
+
+def test_small_object_reads_take_new_connections_when_the_server_closed_the_kept_ones(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Small objects are read over kept keep-alive streams; a server that went away (here: restarted
+    on the same port) closed them, and the next read opens new ones without spending a retry."""
+    import logging
+    from urllib.parse import urlsplit
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)  # a server of this test's own
+    monkeypatch.delenv("CLOUDIO_EMULATOR", raising=False)
+    a = _data("float32", 0.0)
+    root = tmp_path / "gcs"
+    with Emulator(backend="filesystem", root=root) as first:
+        first.create_bucket("kept")
+        cloudio.save_array(a, "gs://kept/a.zarr", chunks=CHUNKS, shards=SHARDS, compressors=None)
+        assert cloudio.load_array("gs://kept/a.zarr").tobytes() == a.tobytes()  # streams kept now
+        port = urlsplit(first.url).port
+    with Emulator(backend="filesystem", root=root, port=port) as second, caplog.at_level(logging.DEBUG, "cloudio"):
+        n = len(second.requests())
+        assert cloudio.load_array("gs://kept/a.zarr").tobytes() == a.tobytes()
+        shard_gets = [r for r in second.requests()[n:] if "/c/" in r.path or "%2Fc%2F" in r.path]
+    shards = [-(-n // s) for n, s in zip(a.shape, SHARDS, strict=True)]
+    assert len(shard_gets) == len({r.path for r in shard_gets}) == shards[0] * shards[1]  # each GET once
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
