@@ -192,6 +192,18 @@ def _failed_transiently(e: BaseException) -> bool:
     return is_transient(e) and not isinstance(e, FileNotFoundError)
 
 
+def _backoff(path: GCSPath, e: Exception, retry: int, retries: int, deadline: float) -> float | None:
+    """Seconds to wait before retry ``retry + 1`` of a read that failed with ``e``; None when ``e`` is
+    not worth retrying. Raises :class:`~cloudio.TransientError` when out of retries or of time."""
+    if not _failed_transiently(e):
+        return None
+    pause = float(BACKOFF * 2 ** retry)
+    if retry == retries - 1 or time.monotonic() + pause >= deadline:
+        raise transient_error(path.url, "read", e) from e
+    log.debug("%s: read failed (%s: %s); retrying in %.2f s", path.url, type(e).__name__, e, pause)
+    return pause
+
+
 def fetch_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
                attempts: int = ATTEMPTS) -> memoryview | None:
     """The whole object at ``path``, read into ``buf`` and checked against the response's CRC32C.
@@ -238,12 +250,9 @@ def fetch_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
             except _TooLarge as e:
                 raise _too_large(path, e) from e
             except Exception as e:
-                if not _failed_transiently(e):
+                pause = _backoff(path, e, retry, retries, deadline)
+                if pause is None:
                     raise
-                pause = BACKOFF * 2 ** retry
-                if retry == retries - 1 or time.monotonic() + pause >= deadline:
-                    raise transient_error(path.url, "read", e) from e
-                log.debug("%s: read failed (%s: %s); retrying in %.2f s", path.url, type(e).__name__, e, pause)
                 time.sleep(pause)
         if want is None or got == want:
             return memoryview(buf[:n])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
@@ -415,12 +424,9 @@ async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
             except _TooLarge as e:
                 raise _too_large(path, e) from e
             except Exception as e:
-                if not _failed_transiently(e):
+                pause = _backoff(path, e, retry, retries, deadline)
+                if pause is None:
                     raise
-                pause = BACKOFF * 2 ** retry
-                if retry == retries - 1 or time.monotonic() + pause >= deadline:
-                    raise transient_error(path.url, "read", e) from e
-                log.debug("%s: read failed (%s: %s); retrying in %.2f s", path.url, type(e).__name__, e, pause)
                 await asyncio.sleep(pause)
         if want is None or got == want:
             return memoryview(buf[:n])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
