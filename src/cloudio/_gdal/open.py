@@ -52,7 +52,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.io import DatasetReader
 
 from cloudio import _config, _state
-from cloudio._gcs.client import gcs_filesystem, not_found, object_metadata, where
+from cloudio._gcs.client import gcs_filesystem, list_objects, not_found, object_metadata, where
 from cloudio._gdal import bindings, endpoint, generation
 from cloudio._gdal.consumer import LISTING_LIMIT, NEEDS_LISTING, consumer
 from cloudio._gdal.endpoint import ensure_endpoint
@@ -619,23 +619,17 @@ def _related(path: GCSPath) -> dict[str, int]:
     object's stem: ``a.tif`` lists ``a.tif``, ``a.tif.ovr``, ``a.tif.aux.xml``,
     ``a.tif.msk``, ``a.aux.xml``... Empty when the bucket does not exist.
     """
+    from fsspec.asyn import sync
+
     directory, name = path.parent.key, path.name
-    prefix = directory + name.rsplit(".", 1)[0]
-    found: dict[str, int] = {}
-    token: str | None = None
-    while True:
-        try:
-            page = gcs_filesystem().call("GET", "b/{}/o", path.bucket, json_out=True, prefix=prefix, delimiter="/",
-                                         pageToken=token, fields="items(name,generation),nextPageToken")
-        except FileNotFoundError:  # no such bucket: nothing is there
-            return {}
-        for item in page.get("items", []):
-            n = str(item["name"])[len(directory):]
-            if n == name or is_sidecar(n, name):
-                found[n] = int(item["generation"])
-        token = page.get("nextPageToken")
-        if not token:
-            return found
+    fs = gcs_filesystem()
+    try:
+        items = sync(fs.loop, list_objects, fs, path.bucket, "name,generation",
+                     prefix=directory + name.rsplit(".", 1)[0], delimiter="/")
+    except FileNotFoundError:  # no such bucket: nothing is there
+        return {}
+    related = ((str(item["name"])[len(directory):], int(item["generation"])) for item in items)
+    return {n: gen for n, gen in related if n == name or is_sidecar(n, name)}
 
 
 def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: float | None) -> bool:

@@ -43,6 +43,7 @@ import zarr
 from zarr.abc.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
+from cloudio._gcs.client import list_objects
 from cloudio._gcs.transfer import put_verified
 from cloudio._journal import journal
 from cloudio._paths import is_gcs, normalize, parse_gcs
@@ -778,23 +779,17 @@ async def _list_metadata(store: JournaledStore) -> MetadataCheck:
     names = "{" + ",".join(sorted(_META_NAMES | {_V2_CONSOLIDATED, MARKER})) + "}"
     documents: dict[str, tuple[str, str, datetime.datetime]] = {}
     marked = False
-    token: str | None = None
-    while True:
-        page = await fs._call("GET", "b/{}/o", path.bucket, json_out=True, prefix=prefix or None,
-                              matchGlob=f"{prefix}**{names}", pageToken=token,
-                              fields="items(name,generation,metageneration,updated),nextPageToken")
-        for item in page.get("items", []):
-            name = str(item["name"])
-            base = name.rsplit("/", 1)[-1]
-            if name == f"{prefix}{MARKER}":
-                marked = True
-            elif base in _META_NAMES or base == _V2_CONSOLIDATED:
-                updated = datetime.datetime.fromisoformat(str(item["updated"]).replace("Z", "+00:00"))
-                documents[f"gs://{path.bucket}/{name}"] = (str(item.get("generation")),
-                                                          str(item.get("metageneration")), updated)
-        token = page.get("nextPageToken")
-        if not token:
-            return MetadataCheck(marked, documents)
+    for item in await list_objects(fs, path.bucket, "name,generation,metageneration,updated",
+                                   prefix=prefix or None, matchGlob=f"{prefix}**{names}"):
+        name = str(item["name"])
+        base = name.rsplit("/", 1)[-1]
+        if name == f"{prefix}{MARKER}":
+            marked = True
+        elif base in _META_NAMES or base == _V2_CONSOLIDATED:
+            updated = datetime.datetime.fromisoformat(str(item["updated"]).replace("Z", "+00:00"))
+            documents[f"gs://{path.bucket}/{name}"] = (str(item.get("generation")),
+                                                      str(item.get("metageneration")), updated)
+    return MetadataCheck(marked, documents)
 
 
 # -- errors of the Zarr entry points -----------------------------------------------------------
