@@ -113,6 +113,47 @@ def test_numpy_hugepage_advice_is_restored(gcs_bucket):
         hint(before)
 
 
+@pytest.mark.parametrize("how", ["mapped while the shards arrive", "touched before (older kernels)", "zarr's path"])
+def test_large_reads_fill_a_premapped_output_exactly(gcs_bucket, monkeypatch, how):
+    """An output of the size whose pages load_array maps up front (here lowered to 1 MiB) reads back
+    bit-exactly, whether its pages are mapped a slice at a time while the readers fill it, touched
+    one by one before the read, or filled by zarr's own pipeline (a layout cloudio does not decode)."""
+    from cloudio._zarr import arrays
+
+    monkeypatch.setattr(arrays, "_PREFAULT_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(arrays, "_POPULATE_SLICE", 64 << 10)  # many slices, interleaved with the copies
+    if how.startswith("touched"):
+        monkeypatch.setattr(arrays, "_libc_madvise", lambda: None)
+    data = np.random.default_rng(3).standard_normal((1024, 1024)).astype("f4")  # shards of 1 MiB: threads
+    url = f"{gcs_bucket}/mapped.zarr"
+    extra = {"filters": [zarr.codecs.TransposeCodec(order=(1, 0))]} if how == "zarr's path" else {}
+    cloudio.save_array(data, url, chunks=(256, 256), shards=(512, 512), **extra)
+    back = cloudio.load_array(url)
+    assert back.flags.writeable and back.shape == data.shape
+    assert back.tobytes() == data.tobytes()
+
+
+@pytest.mark.parametrize("kernel", ["MADV_POPULATE_WRITE", "older"])
+def test_mapping_an_outputs_pages_keeps_what_was_written(monkeypatch, kernel):
+    """The call that maps load_array's output runs while readers fill it: it must not touch the bytes."""
+    from cloudio._zarr import arrays
+
+    monkeypatch.setattr(arrays, "_PREFAULT_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(arrays, "_POPULATE_SLICE", 64 << 10)
+    if kernel == "older":
+        monkeypatch.setattr(arrays, "_libc_madvise", lambda: None)
+    fresh = arrays._output((1024, 1024), "f4")
+    assert fresh is not None
+    out, populate = fresh
+    data = np.random.default_rng(4).standard_normal((1024, 1024)).astype("f4")
+    out[::3] = data[::3]  # some pages written, some not yet
+    populate()
+    out[1::3] = data[1::3]
+    out[2::3] = data[2::3]
+    populate()
+    assert out.tobytes() == data.tobytes()
+
+
 def test_unsafe_chunking_refused_before_anything_is_touched(gcs_emulator, gcs_bucket):
     """rechunk=False raises before the old array's zarr.json (or anything else) is overwritten."""
     url = f"{gcs_bucket}/keep.zarr"

@@ -19,10 +19,11 @@ a mix of old values, new values and fill values.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -209,8 +210,9 @@ def _no_hugepage_advice() -> Iterator[None]:
 _PREFAULT_MIN_BYTES = 64 << 20
 
 
-def _prefaulted(shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
-    """A writable array whose pages are mapped up front, as transparent huge pages where the kernel can.
+def _output(shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, Callable[[], None]] | None:
+    """A writable array for a whole read, and the call that maps its pages up front, as transparent
+    huge pages where the kernel can.
 
     Why: a read fills a fresh output array, and every first touch of a
     4 KiB page is a fault (65,536 for 256 MiB). In a VM each of those may
@@ -221,11 +223,15 @@ def _prefaulted(shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
     ``benchmarks/bench_peers.py`` in 0.19 s against 0.27 s, and layout b
     in 0.10 s against 0.12 s. One huge mapping populated at once, unlike
     zarr's many fresh buffers, does not leave the kernel compacting memory
-    under the read (see :func:`_no_hugepage_advice`). ``NUMPY_MADVISE_HUGEPAGE=0``
-    keeps the 4 KiB pages; where the kernel has no ``MADV_POPULATE_WRITE``
-    (before Linux 5.14) the pages are touched one by one instead. Small
-    arrays, object dtypes and systems without anonymous mappings get None:
-    the caller lets NumPy allocate.
+    under the read (see :func:`_no_hugepage_advice`).
+
+    The populating call leaves what was written alone, so it may run while
+    the read fills the array (:func:`cloudio._zarr.shard_codec.read` runs
+    it while the first objects are on their way). Where the kernel has no
+    ``MADV_POPULATE_WRITE`` (before Linux 5.14) the pages are touched one by
+    one here instead, and the call does nothing. ``NUMPY_MADVISE_HUGEPAGE=0``
+    keeps 4 KiB pages. Small arrays, object dtypes and systems without
+    anonymous mappings get None: the caller lets NumPy allocate.
     """
     import mmap
 
@@ -237,11 +243,43 @@ def _prefaulted(shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
     huge = getattr(mmap, "MADV_HUGEPAGE", None)
     if huge is not None and _config.env("NUMPY_MADVISE_HUGEPAGE") != "0":
         buf.madvise(huge)
+    out = np.frombuffer(buf, dtype=dt).reshape(shape)
+    madvise = _libc_madvise()
+    address = out.ctypes.data
+    # supported? (one page: no time spent)
+    if madvise is None or madvise(address, mmap.PAGESIZE, _MADV_POPULATE_WRITE) != 0:
+        np.frombuffer(buf, dtype="u1")[::mmap.PAGESIZE] = 0  # one write per page, before anything is read
+        return out, _nothing
+
+    def populate() -> None:
+        # through ctypes, which lets go of the GIL (mmap.madvise holds it), and a slice at a time,
+        # so the readers' own allocations (which wait for the process's memory map) go on meanwhile
+        for start in range(0, nbytes, _POPULATE_SLICE):
+            madvise(address + start, min(_POPULATE_SLICE, nbytes - start), _MADV_POPULATE_WRITE)
+
+    return out, populate
+
+
+#: bytes mapped per call by the populating call of :func:`_output`
+_POPULATE_SLICE = 8 << 20
+
+
+@functools.cache
+def _libc_madvise() -> Any:
+    """The C library's ``madvise``, or None where there is none to load."""
+    import ctypes
+
     try:
-        buf.madvise(_MADV_POPULATE_WRITE)
-    except OSError:  # an older kernel: one write per page maps them all
-        np.frombuffer(buf, dtype="u1")[::mmap.PAGESIZE] = 0
-    return np.frombuffer(buf, dtype=dt).reshape(shape)
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _nothing() -> None:
+    pass
 
 
 #: Linux's madvise advice that maps (and zeroes) every page of a range now (Python's mmap lacks the name)
@@ -300,18 +338,19 @@ def _load(store: JournaledStore, lazy: bool, chunks: Any,
     # a format known from the server's listing spares zarr its probes for the other one's documents
     z = zarr.open_array(store, mode="r", zarr_format=zarr_format)
     if not lazy:
-        out = _prefaulted(z.shape, z.dtype)
+        fresh = _output(z.shape, z.dtype)
         layout = plain_layout(z) if z.size else None
         if layout is not None:
-            if out is None:
-                out = np.empty(z.shape, dtype=layout.dtype)
-            _shardio.read(z, layout, out)  # one copy per chunk, straight from the shard's bytes
+            out, populate = fresh or (np.empty(z.shape, dtype=layout.dtype), _nothing)
+            _shardio.read(z, layout, out, populate)  # one copy per chunk, straight from the shard's bytes
             return out
-        if out is None:
+        if fresh is None:
             with _no_hugepage_advice():
                 return cast(np.ndarray, z[...])  # a host (CPU) array: zarr answers with NumPy
         from zarr.core.buffer.cpu import NDBuffer
 
+        out, populate = fresh
+        populate()
         z.get_basic_selection(Ellipsis, out=NDBuffer.from_numpy_array(out))
         return out
     import dask.array as da

@@ -393,8 +393,12 @@ def _reader_threads() -> ThreadPoolExecutor:
 _MAX_READERS = 32
 
 
-def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray) -> None:
+def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray, meanwhile: Callable[[], None] | None = None) -> None:
     """Fill ``out`` with all of ``z``: one GET per shard, into a buffer each worker reuses.
+
+    ``meanwhile`` runs on the calling thread while the first shards are on
+    their way (mapping ``out``'s pages: :func:`cloudio._zarr.arrays._output`),
+    or first where the reads run on the event loop.
 
     On GCS, for objects of a MiB or more, each worker is a thread that GETs
     a shard into its buffer (:func:`cloudio._gcs.fast.fetch_into`,
@@ -406,6 +410,8 @@ def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray) -> None:
     """
     gcs = _gcs_shards(z)
     if gcs is None or layout.shard_nbytes < _THREAD_MIN_BYTES:
+        if meanwhile is not None:
+            meanwhile()
         _read_on_the_loop(z, layout, out, gcs)
         return
     from cloudio._gcs.fast import fetch_into
@@ -431,6 +437,8 @@ def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray) -> None:
     pool = _reader_threads()
     futures = [pool.submit(worker) for _ in range(_workers(layout, len(shards)))]
     try:
+        if meanwhile is not None:
+            meanwhile()
         for f in futures:
             f.result()
     except BaseException:
