@@ -13,6 +13,8 @@ matches the request; the emulator itself is never bypassed or mocked. Faults:
 ``kill``     call ``action()`` (e.g. stop the emulator) and then reset the connection
 ``chunked``  forward, and send the answer's body in HTTP/1.1 chunks of ``after`` bytes (a trailer field at the end)
 ``unsized``  forward, and send the answer's body without a length, ended by closing the connection
+``trickle``  forward, and send the answer's first 8 KiB (status line, headers, the body's start) in writes
+             of ``after`` bytes, each its own TCP segment; ``chunked``/``unsized`` rules with ``piece`` too
 
 Rules are tried in the order added; each has a ``times`` budget (None = forever).
 ``Rule.answered`` is set once the upstream answered a request the rule matched.
@@ -52,6 +54,7 @@ class Rule:
     action: Callable[[], None] | None = None
     release: threading.Event | None = None  # "late": send the held answer when set (else after seconds)
     skip: int = 0  # let the first ``skip`` matching requests through untouched (not counted as hits)
+    piece: int = 0  # send the answer in writes of this many bytes ("trickle" uses ``after``)
     hits: int = field(default=0)
     skipped: int = field(default=0)
     answered: threading.Event = field(default_factory=threading.Event)
@@ -64,6 +67,40 @@ class Rule:
         if self.body is not None and re.search(self.body, body) is None:
             return False
         return self.path is None or re.search(self.path, path) is not None
+
+
+#: bytes of an answer :class:`_Trickle` sends in pieces
+_TRICKLED = 8192
+
+
+class _Trickle:
+    """A response stream that sends the first :data:`_TRICKLED` bytes of an answer a few bytes per TCP
+    segment, pieces straddling what the handler wrote separately (the head's end and the body's start),
+    and the rest at once."""
+
+    def __init__(self, raw: object, piece: int) -> None:
+        self._raw, self._piece, self._sent = raw, piece, 0
+        self._pending = b""
+
+    def write(self, data: bytes) -> int:
+        self._pending += data
+        while len(self._pending) >= self._piece and self._sent < _TRICKLED:
+            self._send(self._pending[:self._piece])
+            self._pending = self._pending[self._piece:]
+            time.sleep(0.0001)  # lets each piece leave on its own
+        if self._sent >= _TRICKLED:
+            self._send(self._pending)
+            self._pending = b""
+        return len(data)
+
+    def _send(self, data: bytes) -> None:
+        self._raw.write(data)  # type: ignore[attr-defined]
+        self._raw.flush()  # type: ignore[attr-defined]
+        self._sent += len(data)
+
+    def flush(self) -> None:
+        self._send(self._pending)
+        self._pending = b""
 
 
 def _flip_request(body: bytes) -> bytes:
@@ -157,6 +194,11 @@ class FaultProxy:
                     data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
                 if fault == "chunked":
                     self.protocol_version = "HTTP/1.1"  # chunks are HTTP/1.1's
+                piece = rule.after if fault == "trickle" else rule.piece if rule is not None else 0
+                if piece:
+                    self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.wfile = _Trickle(self.wfile, piece)  # type: ignore[assignment]
+                    proxy._note(self.command, self.path, "trickle")
                 self.send_response(status)
                 upstream = f"{proxy.upstream.scheme}://{proxy.upstream.netloc}"
                 for k, v in resp_headers:

@@ -231,11 +231,14 @@ def test_a_shard_read_that_fails_on_the_way_is_retried(gcs_emulator: Emulator, g
     assert rule.hits == fault["times"]
 
 
-@pytest.mark.parametrize("framing", [{"fault": "chunked", "after": 5000}, {"fault": "unsized"}],
-                         ids=["chunked", "ended-by-close"])
+@pytest.mark.parametrize("framing", [
+    {"fault": "chunked", "after": 5000}, {"fault": "unsized"}, {"fault": "trickle", "after": 7},
+    {"fault": "chunked", "after": 3000, "piece": 5}, {"fault": "unsized", "piece": 997},
+], ids=["chunked", "ended-by-close", "sized-in-pieces", "chunked-in-pieces", "ended-by-close-in-pieces"])
 def test_small_object_reads_take_every_http_framing(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy,
                                                      framing: dict[str, object]) -> None:
-    """Bodies sent in chunks (with extensions and a trailer) or ended by closing the connection read whole."""
+    """Bodies sent in chunks (with extensions and a trailer) or ended by closing the connection read whole;
+    so do answers that arrive a few bytes at a time (a head, a chunk size or a CRLF split between reads)."""
     a = _data("float32", 0.0)
     url = f"{gcs_bucket}/framed.zarr"
     cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
