@@ -83,6 +83,18 @@ def test_marker_can_be_removed_by_hand(gcs_emulator, gcs_bucket, fault_proxy, qu
     assert cloudio.load_array(url).shape == (100, 100)
 
 
+def test_a_write_that_stopped_before_its_metadata_is_refused_as_incomplete(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                            quick_retries):
+    """The marker's GET runs alongside the metadata's: a marker found wins over the missing zarr.json."""
+    url = f"{gcs_bucket}/nometa.zarr"
+    _uploads_fail_after(fault_proxy, 1)  # the marker only
+    with pytest.raises((cloudio.TransientError, cloudio.UploadError)):
+        cloudio.save_array(np.ones((100, 100), "u1"), url, chunks=(50, 50), shards=(50, 50))
+    fault_proxy.clear()
+    with pytest.raises(cloudio.IncompleteWriteError, match="nometa.zarr"):
+        cloudio.load_array(url)
+
+
 def _ds(scale: float) -> xr.Dataset:
     x = np.arange(8 * 6, dtype="f8").reshape(8, 6) * scale
     return xr.Dataset({"x": (("t", "y"), x)}, coords={"t": np.arange(8), "y": np.arange(6)})

@@ -37,8 +37,8 @@ from cloudio._zarr.shard_safety import is_dask as _is_dask
 from cloudio._zarr.store import (
     JournaledStore,
     WriteMark,
-    check_complete,
     cloudio_errors,
+    open_complete_array,
     revalidate,
     zarr_store,
 )
@@ -326,17 +326,13 @@ def load_array(
     store = url if isinstance(url, JournaledStore) else zarr_store(url, read_only=True)
     with cloudio_errors(store, writing=False, node="array", writer="cloudio.save_array"):
         check = revalidate(store)  # None at the session level: the marker's GET says what is needed
-        if check is None or check.marked:
-            check_complete(store)
-        return _load(store, lazy, chunks, None if check is None else check.zarr_format(store.root_url))
+        # a format known from the server's listing spares zarr its probes for the other one's documents
+        z = open_complete_array(store, check is None or check.marked,
+                                None if check is None else check.zarr_format(store.root_url))
+        return _load(z, lazy, chunks)
 
 
-def _load(store: JournaledStore, lazy: bool, chunks: Any,
-          zarr_format: Literal[2, 3] | None = None) -> np.ndarray | dask.array.Array:
-    import zarr
-
-    # a format known from the server's listing spares zarr its probes for the other one's documents
-    z = zarr.open_array(store, mode="r", zarr_format=zarr_format)
+def _load(z: zarr.Array[Any], lazy: bool, chunks: Any) -> np.ndarray | dask.array.Array:
     if not lazy:
         fresh = _output(z.shape, z.dtype)
         layout = plain_layout(z) if z.size else None

@@ -26,6 +26,7 @@ guarantee). The store hides the marker from zarr's listings.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -652,7 +653,11 @@ def _release(root_url: str) -> None:
 def _read_marker(store: JournaledStore) -> dict[str, Any] | None:
     from zarr.core.buffer import default_buffer_prototype
 
-    buf = _sync(store.get(MARKER, prototype=default_buffer_prototype()))
+    return _marker_doc(_sync(store.get(MARKER, prototype=default_buffer_prototype())))
+
+
+def _marker_doc(buf: Any) -> dict[str, Any] | None:
+    """The write marker's document from its GET (None: no marker; {}: a marker that is not JSON)."""
     if buf is None:
         return None
     try:
@@ -667,9 +672,12 @@ def check_complete(store: JournaledStore) -> None:
 
     Costs one GET of the marker (a 404 when all is well).
     """
+    _refuse_marked(store, _read_marker(store))
+
+
+def _refuse_marked(store: JournaledStore, doc: dict[str, Any] | None) -> None:
     from cloudio.errors import IncompleteWriteError
 
-    doc = _read_marker(store)
     if doc is None:
         return
     url = store.root_url
@@ -680,6 +688,36 @@ def check_complete(store: JournaledStore) -> None:
         "mode='w'); if you know the data is complete, remove the mark with "
         f"cloudio.filesystem({url!r}).rm({url + '/' + MARKER!r})."
     )
+
+
+def open_complete_array(store: JournaledStore, check_marker: bool,
+                        zarr_format: Literal[2, 3] | None = None) -> zarr.Array[Any]:
+    """``zarr.open_array(store, mode="r")``, refused like :func:`check_complete` when ``check_marker``.
+
+    The marker's GET goes out alongside zarr's metadata GETs, not before
+    them: one round trip to open instead of two (a load of a small array
+    is mostly round trips). A marker found wins over whatever the open
+    raised: a write that stopped part way explains a missing document.
+    """
+    from zarr.api.asynchronous import open_array
+    from zarr.core.buffer import default_buffer_prototype
+
+    async def both() -> tuple[Any, Any]:
+        marker = store.get(MARKER, prototype=default_buffer_prototype()) if check_marker else _nothing()
+        return await asyncio.gather(marker, open_array(store=store, mode="r", zarr_format=zarr_format),
+                                    return_exceptions=True)
+
+    marker, opened = _sync(both())
+    if isinstance(marker, BaseException):
+        raise marker
+    _refuse_marked(store, _marker_doc(marker))
+    if isinstance(opened, BaseException):
+        raise opened
+    return zarr.Array(opened)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _sync(coro: Any) -> Any:
