@@ -85,6 +85,16 @@ def test_reads_what_zarr_wrote_bit_exact(gcs_emulator: Emulator, gcs_bucket: str
     assert back.tobytes() == a.tobytes()  # NaN payloads and all
 
 
+def test_an_unsharded_chunk_of_the_wrong_size_is_an_integrity_error_naming_it(gcs_emulator: Emulator,
+                                                                              gcs_bucket: str) -> None:
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/short.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=None, compressors=None)
+    cloudio.filesystem(url).pipe(f"{url}/c/1/0", b"\x00" * 12)  # not a chunk of this array
+    with pytest.raises(IntegrityError, match=r"short\.zarr/c/1/0.*12 bytes"):
+        cloudio.load_array(url)
+
+
 def test_a_damaged_shard_is_an_integrity_error_naming_it(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     a = _data("float32", 0.0)
     url = f"{gcs_bucket}/bad.zarr"

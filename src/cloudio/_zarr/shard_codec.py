@@ -250,6 +250,15 @@ def _shard_index(layout: Layout, data: np.ndarray, url: str) -> np.ndarray:
 
 def _decode(layout: Layout, data: np.ndarray, shard: tuple[int, ...], out: np.ndarray, url: str) -> None:
     """Copy every chunk of one stored shard (or chunk object) into ``out``; fill where a chunk is left out."""
+    if not layout.sharded and layout.zstd is None:  # one raw chunk: its place, and a copy (no index)
+        if len(data) != layout.chunk_nbytes:
+            raise IntegrityError(f"{url}: the chunk has {len(data)} bytes, not {layout.chunk_nbytes}; "
+                                 "rewrite the array")
+        at = zip(shard, layout.chunk, layout.shape, strict=True)
+        where = tuple(slice(i * k, min((i + 1) * k, n)) for i, k, n in at)
+        block = data.view(layout.dtype).reshape(layout.chunk)
+        out[where] = block[tuple(slice(0, s.stop - s.start) for s in where)]
+        return
     index = _shard_index(layout, data, url)
     size = layout.chunk_nbytes
     codec = _decompressor() if layout.zstd is not None else None
@@ -459,18 +468,20 @@ def _read_on_the_loop(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
     from zarr.core.buffer import default_buffer_prototype
 
     from cloudio._gcs.fast import get_into
-    from cloudio._paths import parse_gcs
+    from cloudio._paths import GCSPath, parse_gcs
 
     proto = default_buffer_prototype()
+    root = parse_gcs(gcs[1]) if gcs is not None else None  # checked once; the keys are zarr's own
 
     def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
         buf = np.empty(layout.shard_nbytes, dtype="u1")
 
         async def job(shard: tuple[int, ...]) -> None:
             key = z.metadata.encode_chunk_key(shard)
-            if gcs is not None:
-                url = f"{gcs[1]}/{key}"
-                view = await get_into(gcs[0], parse_gcs(url), buf)
+            if gcs is not None and root is not None:
+                path = GCSPath(root.bucket, f"{root.key.rstrip('/')}/{key}" if root.key else key)
+                url = path.url
+                view = await get_into(gcs[0], path, buf)
                 got = None if view is None else np.frombuffer(view, dtype="u1")
             else:
                 url = f"{z.store_path}/{key}"
