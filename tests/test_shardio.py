@@ -207,6 +207,49 @@ def test_a_shard_flipped_on_the_way_up_every_time_is_an_integrity_error(gcs_emul
     assert (shard, "delete") in _journaled(url, seq)
 
 
+#: shards under a MiB are uploaded over cloudio's own connections, larger ones through gcsfs's session
+#: (cloudio._gcs.fast.put_media); here the limit is 0 for the second
+BOTH_UPLOAD_PATHS = pytest.mark.parametrize("small_upload", [1 << 20, 0], ids=["own", "gcsfs"])
+
+
+@BOTH_UPLOAD_PATHS
+@pytest.mark.parametrize("fault", [{"fault": "status", "code": 503, "times": 2},
+                                   {"fault": "status", "code": 429, "times": 1},
+                                   {"fault": "reset", "after": 5, "times": 1}],
+                         ids=["503x2", "429", "reset-mid-answer"])
+def test_a_shard_upload_that_failed_transiently_is_sent_again(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             fault: dict[str, object], small_upload: int) -> None:
+    from cloudio._gcs import fast
+
+    monkeypatch.setattr(fast, "_SMALL_UPLOAD", small_upload)
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/again.zarr"
+    rule = fault_proxy.add(method="POST", path=_SHARD_UPLOAD, **fault)
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    assert rule.hits == fault["times"]
+    fault_proxy.clear()
+    assert zarr.open_array(cloudio.zarr_store(url), mode="r")[...].tobytes() == a.tobytes()
+
+
+@BOTH_UPLOAD_PATHS
+def test_a_shard_upload_the_server_never_answers_is_a_transient_error_in_bounded_time(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch,
+        small_upload: int) -> None:
+    import time
+
+    from cloudio._gcs import fast
+
+    monkeypatch.setattr(fast, "_SMALL_UPLOAD", small_upload)
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/hung-up.zarr"
+    fault_proxy.add("hang", method="POST", path=_SHARD_UPLOAD, times=None)
+    t0 = time.monotonic()
+    with pytest.raises(cloudio.TransientError, match=r"hung-up\.zarr/c/\d+/\d+.*may or may not have been stored"):
+        cloudio.save_array(_data("float32", 0.0), url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    assert time.monotonic() - t0 < 30  # a few times the limit, far from forever
+
+
 #: float32 shards (512 KiB) are read on the event loop, float64 ones (1 MiB) in threads (shard_codec.read)
 BOTH_READ_PATHS = pytest.mark.parametrize("dtype", ["float32", "float64"], ids=["loop", "threads"])
 

@@ -12,8 +12,10 @@ as media uploads, the range tensorstore's kvstore reaches on the same objects
 (``benchmarks/bench_peers.py``).
 
 The request goes through gcsfs's ``_call``: its session, credentials, time
-limits, retries of 408/429/5xx and error mapping all apply unchanged. The
-answer is the object resource (size, CRC32C, generation) that
+limits, retries of 408/429/5xx and error mapping all apply unchanged. Bodies
+under a MiB go over this module's own kept connections instead
+(:func:`_post_small`), with gcsfs's credentials, error mapping and the same
+retries. The answer is the object resource (size, CRC32C, generation) that
 :func:`cloudio._gcs.transfer.put_verified` checks against the bytes sent, as
 for every other upload.
 
@@ -36,6 +38,7 @@ import asyncio
 import base64
 import functools
 import http.client
+import json
 import logging
 import math
 import socket
@@ -44,7 +47,7 @@ import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import google_crc32c
 import numpy as np
@@ -71,11 +74,71 @@ log = logging.getLogger(__name__)
 async def put_media(
     fs: gcsfs.GCSFileSystem, path: GCSPath, data: bytes | memoryview, content_type: str
 ) -> dict[str, Any]:
-    """Upload ``data`` to ``path`` in one media request; return the server's object resource."""
+    """Upload ``data`` to ``path`` in one media request; return the server's object resource.
+
+    Bodies under :data:`_SMALL_UPLOAD` go over this module's kept connections
+    (:func:`_post_small`), larger ones through gcsfs's session.
+    """
     url = f"{fs._location}/upload/storage/v1/b/{quote(path.bucket, safe='')}/o"
+    if len(data) < _SMALL_UPLOAD:
+        return await _post_small(fs, f"{url}?uploadType=media&name={quote(path.key, safe='')}", data, content_type)
     meta = await fs._call("POST", url, uploadType="media", name=path.key,
                           headers={"Content-Type": content_type}, data=data, json_out=True)
     return meta  # type: ignore[no-any-return]
+
+
+#: uploads smaller than this skip gcsfs's session: for them its per-request machinery is most of the cost
+#: (a larger body is written by aiohttp from the caller's buffer, without a copy)
+_SMALL_UPLOAD = 1 << 20
+#: the most an upload's answer (the object resource) may take
+_ANSWER_ROOM = 1 << 16
+
+
+async def _post_small(fs: gcsfs.GCSFileSystem, url: str, data: bytes | memoryview,
+                      content_type: str) -> dict[str, Any]:
+    """One media upload over a kept connection (:class:`_Answers`): its object resource.
+
+    Why: through gcsfs's ``_call`` (its retry decorator, aiohttp's request
+    and response objects) a small upload spent most of its time in Python;
+    measured on the emulator, ``save_array`` of layout c
+    (``benchmarks/bench_peers.py``, 100 objects of 40 KB) took 70 ms that
+    way and 52 ms this way. Retried as ``_call`` retries (408/429/5xx,
+    resets, timeouts, up to the filesystem's ``retries`` with back-off,
+    within its time limit); gcsfs's error mapping applies. The last failure
+    is raised as it is: :func:`cloudio._gcs.transfer.put_verified` says
+    what became of the object.
+    """
+    from gcsfs.retry import validate_response
+
+    parts = urlsplit(url)
+    head = [f"POST {parts.path}?{parts.query} HTTP/1.1", f"Host: {parts.netloc}",
+            f"Content-Type: {content_type}", f"Content-Length: {len(data)}",
+            *(f"{k}: {v}" for k, v in fs._get_headers(None).items()), "", ""]
+    request = "\r\n".join(head).encode("latin-1") + bytes(data)
+    answer = memoryview(bytearray(_ANSWER_ROOM))
+    limit = total_time_limit(getattr(fs, "requests_timeout", None)) or math.inf
+    per_request = _socket_timeout(fs)
+    retries = max(1, int(getattr(fs, "retries", 6)))
+    deadline = time.monotonic() + limit
+    for retry in range(retries):
+        try:
+            async with asyncio.timeout(min(per_request, max(0.0, deadline - time.monotonic()))):
+                status, _, n, error = await _exchange(_origin(parts), request, answer)
+            if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
+                validate_response(status, error, url)
+            meta = json.loads(bytes(answer[:n]))
+            if not isinstance(meta, dict):
+                raise _BadAnswer(f"not an object resource: {bytes(answer[:80])!r}")
+            return meta
+        except _TooLarge as e:
+            raise _BadAnswer(f"an upload's answer of {e}") from e
+        except Exception as e:
+            pause = _pause(e, retry, retries, deadline)
+            if pause is None:
+                raise
+            log.debug("%s: upload failed (%s: %s); retrying in %.2f s", url, type(e).__name__, e, pause)
+            await asyncio.sleep(pause)
+    raise AssertionError("unreachable: the last try returns or raises")
 
 
 class _TooLarge(Exception):
@@ -156,7 +219,7 @@ def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: fl
     from gcsfs.retry import validate_response
 
     parts = urlsplit(url)
-    origin = (parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    origin = _origin(parts)
     conn = _connection(origin, _socket_timeout(fs))
     try:
         conn.request("GET", f"{parts.path}?{parts.query}", headers=fs._get_headers(None))
@@ -187,19 +250,30 @@ def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: fl
 
 
 def _failed_transiently(e: BaseException) -> bool:
-    if isinstance(e, (http.client.HTTPException, _BadAnswer, _Closed, asyncio.IncompleteReadError)):
+    if isinstance(e, (http.client.HTTPException, _BadAnswer)):
         return True  # a reset mid-answer, or an answer that does not parse
     return is_transient(e) and not isinstance(e, FileNotFoundError)
 
 
-def _backoff(path: GCSPath, e: Exception, retry: int, retries: int, deadline: float) -> float | None:
-    """Seconds to wait before retry ``retry + 1`` of a read that failed with ``e``; None when ``e`` is
-    not worth retrying. Raises :class:`~cloudio.TransientError` when out of retries or of time."""
+def _pause(e: Exception, retry: int, retries: int, deadline: float) -> float | None:
+    """Seconds to wait before retry ``retry + 1`` of a request that failed with ``e``; None when ``e``
+    is not worth retrying, or no retry or time is left."""
     if not _failed_transiently(e):
         return None
     pause = float(BACKOFF * 2 ** retry)
     if retry == retries - 1 or time.monotonic() + pause >= deadline:
-        raise transient_error(path.url, "read", e) from e
+        return None
+    return pause
+
+
+def _backoff(path: GCSPath, e: Exception, retry: int, retries: int, deadline: float) -> float | None:
+    """:func:`_pause` for a read; raises :class:`~cloudio.TransientError` when ``e`` was worth retrying
+    but no retry or time is left."""
+    pause = _pause(e, retry, retries, deadline)
+    if pause is None:
+        if _failed_transiently(e):
+            raise transient_error(path.url, "read", e) from e
+        return None
     log.debug("%s: read failed (%s: %s); retrying in %.2f s", path.url, type(e).__name__, e, pause)
     return pause
 
@@ -263,7 +337,7 @@ def fetch_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
 # -- small objects: GETs on the event loop, over keep-alive connections of our own --------------------
 
 
-class _BadAnswer(Exception):
+class _BadAnswer(ConnectionError):
     """The server's answer does not parse as HTTP/1.1 (garbled on the way, or not an HTTP server)."""
 
 
@@ -298,7 +372,7 @@ def _parse_head(raw: bytes) -> tuple[int, _Headers]:
     return int(rest[:3]), headers
 
 
-class _Closed(Exception):
+class _Closed(ConnectionError):
     """The server closed the connection before answering (a kept one it timed out while idle)."""
 
 
@@ -380,7 +454,7 @@ class _Answers(asyncio.BufferedProtocol):
             self._finish()
         elif self._state != _IDLE:
             self._fail(_Closed("closed before answering") if not self._received
-                       else asyncio.IncompleteReadError(b"", None))
+                       else ConnectionResetError("closed mid-answer"))
         self.closed = True
         return False  # close the transport
 
@@ -390,11 +464,11 @@ class _Answers(asyncio.BufferedProtocol):
             if not self._received:
                 self._fail(_Closed(f"closed before answering ({exc})"))
             else:
-                self._fail(exc if isinstance(exc, ConnectionError) else asyncio.IncompleteReadError(b"", None))
+                self._fail(exc if isinstance(exc, ConnectionError) else ConnectionResetError("closed mid-answer"))
 
     # -- the caller's side -------------------------------------------------------------------------
 
-    def get(self, request: bytes, out: memoryview) -> asyncio.Future[tuple[int, _Headers, int, bytes]]:
+    def send(self, request: bytes, out: memoryview) -> asyncio.Future[tuple[int, _Headers, int, bytes]]:
         """Send ``request``; the future gives the status, headers, bytes put in ``out``, and the body
         of an error answer (which is not put in ``out``)."""
         assert self.transport is not None and self._state == _IDLE
@@ -552,20 +626,18 @@ def _keep(origin: tuple[str, str, int], conn: _Answers) -> None:
         conn.close()
 
 
-async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray) -> tuple[int, str | None, str]:
-    """One GET of ``url`` into ``buf`` on a kept connection: bytes received, the server's CRC32C or None, ours."""
-    from gcsfs.retry import validate_response
+def _origin(parts: SplitResult) -> tuple[str, str, int]:
+    return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
-    parts = urlsplit(url)
-    origin = (parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
-    lines = [f"GET {parts.path}?{parts.query} HTTP/1.1", f"Host: {parts.netloc}",
-             *(f"{k}: {v}" for k, v in fs._get_headers(None).items()), "", ""]
-    request = "\r\n".join(lines).encode("latin-1")
-    out = memoryview(buf).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+
+async def _exchange(origin: tuple[str, str, int], request: bytes,
+                    out: memoryview) -> tuple[int, _Headers, int, bytes]:
+    """``request`` sent on a kept connection to ``origin`` (a new one when none is idle), its answer
+    read (see :meth:`_Answers.send`); the connection kept again when it is still in step."""
     while True:
         conn, kept = await _connection_to(origin)
         try:
-            status, headers, n, error = await conn.get(request, out)
+            answer = await conn.send(request, out)
         except _Closed:
             conn.close()
             if kept:  # the server closed a kept connection while it was idle: a new one, at no retry's cost
@@ -575,10 +647,23 @@ async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray) -> tuple
             conn.close()  # cancelled or failed mid-answer: its bytes are out of step
             raise
         _keep(origin, conn)
-        if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
-            validate_response(status, error, url)
-        crc = google_crc32c.value(buf[:n])
-        return n, header_crc(headers), base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+        return answer
+
+
+async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray) -> tuple[int, str | None, str]:
+    """One GET of ``url`` into ``buf`` on a kept connection: bytes received, the server's CRC32C or None, ours."""
+    from gcsfs.retry import validate_response
+
+    parts = urlsplit(url)
+    lines = [f"GET {parts.path}?{parts.query} HTTP/1.1", f"Host: {parts.netloc}",
+             *(f"{k}: {v}" for k, v in fs._get_headers(None).items()), "", ""]
+    request = "\r\n".join(lines).encode("latin-1")
+    out = memoryview(buf).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+    status, headers, n, error = await _exchange(_origin(parts), request, out)
+    if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
+        validate_response(status, error, url)
+    crc = google_crc32c.value(buf[:n])
+    return n, header_crc(headers), base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
 
 
 async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
