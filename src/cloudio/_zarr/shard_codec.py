@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cloudio._zarr.buffers import shard_buffers
 from cloudio.errors import IntegrityError
 
 if TYPE_CHECKING:
@@ -430,18 +431,21 @@ def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray, meanwhile: Callabl
     shards = list(layout.shards())
 
     def worker() -> None:
-        buf = np.empty(layout.shard_nbytes, dtype="u1")
-        while True:
-            try:
-                shard = shards.pop()
-            except IndexError:
-                return
-            url = f"{base}/{z.metadata.encode_chunk_key(shard)}"
-            got = fetch_into(fs, parse_gcs(url), buf)
-            if got is None:  # a shard of nothing but the fill value
-                _fill(layout, shard, out)
-            else:
-                _decode(layout, np.frombuffer(got, dtype="u1"), shard, out, url)
+        buf = shard_buffers.take(layout.shard_nbytes)
+        try:
+            while True:
+                try:
+                    shard = shards.pop()
+                except IndexError:
+                    return
+                url = f"{base}/{z.metadata.encode_chunk_key(shard)}"
+                got = fetch_into(fs, parse_gcs(url), buf)
+                if got is None:  # a shard of nothing but the fill value
+                    _fill(layout, shard, out)
+                else:
+                    _decode(layout, np.frombuffer(got, dtype="u1"), shard, out, url)
+        finally:
+            shard_buffers.give(buf)
 
     pool = _reader_threads()
     futures = [pool.submit(worker) for _ in range(_workers(layout, len(shards)))]

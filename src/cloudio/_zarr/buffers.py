@@ -1,0 +1,90 @@
+"""Shard buffers kept between whole-array reads, for a few seconds.
+
+Why: a read of a sharded array holds one buffer of a whole shard per
+worker thread (10 x 16 MiB for layout a of ``benchmarks/bench_peers.py``).
+Fresh ones are first-touched page by page while the bytes arrive, and in a
+VM a first touch may also be a fault of the host, whose cost comes and goes:
+reads of layout a took 256 ms (176 to 629) with fresh buffers against
+173 ms (163 to 238) with the last read's, on the same emulator in the same
+run. Buffers are kept up to :data:`KEEP_BYTES` in all and given back to the
+system :data:`KEEP_SECONDS` after the last one was returned, so a process
+that stops reading holds nothing for long. Writes do not borrow them: an
+upload cancelled part way may still be flushed to the socket from its
+buffer by the transport, which must then not be another write's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+#: the most the pool keeps, all buffers together
+KEEP_BYTES = 256 << 20
+#: seconds after the last return when the pool lets its buffers go
+KEEP_SECONDS = 5.0
+
+
+class BufferPool:
+    """Byte buffers lent to one worker at a time: :meth:`take`, then :meth:`give` back."""
+
+    def __init__(self, keep_bytes: int = KEEP_BYTES, keep_seconds: float = KEEP_SECONDS) -> None:
+        self.keep_bytes = keep_bytes
+        self.keep_seconds = keep_seconds
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._last = 0.0  # time.monotonic() of the last give
+        self._timer: threading.Timer | None = None
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A buffer of exactly ``nbytes`` (a kept one at most twice as large, else a new one)."""
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if nbytes <= len(b) <= 2 * nbytes]
+            if fits:
+                best = min(fits, key=lambda i: len(self._free[i]))
+                return self._free.pop(best)[:nbytes]
+        return np.empty(nbytes, dtype="u1")
+
+    def give(self, buf: np.ndarray) -> None:
+        """Take back a buffer :meth:`take` lent (nothing may use it afterwards)."""
+        base = buf.base if isinstance(buf.base, np.ndarray) else buf
+        with self._lock:
+            self._free.append(base)
+            self._free.sort(key=len)
+            while sum(len(b) for b in self._free) > self.keep_bytes:
+                self._free.pop(0)  # the smallest go first: large ones are the costly ones to fault in
+            self._last = time.monotonic()
+            if self._timer is None and self._free:
+                self._start(self.keep_seconds)
+
+    def clear(self) -> None:
+        """Let every kept buffer go."""
+        with self._lock:
+            self._free.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def kept(self) -> int:
+        """Bytes kept now."""
+        with self._lock:
+            return sum(len(b) for b in self._free)
+
+    def _start(self, seconds: float) -> None:
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._timer = None
+            left = self._last + self.keep_seconds - time.monotonic()
+            if left > 0:  # given back since: wait the rest
+                self._start(left)
+            else:
+                self._free.clear()
+
+
+#: the pool of the process's whole-array reads (:func:`cloudio._zarr.shard_codec.read`)
+shard_buffers = BufferPool()

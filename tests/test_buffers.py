@@ -1,0 +1,62 @@
+"""The shard buffers whole-array reads borrow and give back (cloudio._zarr.buffers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from cloudio._zarr.buffers import BufferPool
+
+
+def _address(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def test_a_buffer_given_back_is_lent_again_at_the_size_asked() -> None:
+    pool = BufferPool(keep_bytes=1 << 20, keep_seconds=60)
+    a = pool.take(1000)
+    assert len(a) == 1000
+    pool.give(a)
+    b = pool.take(600)  # at most twice as large: the kept one, cut to size
+    assert len(b) == 600 and _address(b) == _address(a)
+    pool.give(b)
+    c = pool.take(400)  # more than twice: a new one
+    assert _address(c) != _address(a)
+    d = pool.take(1001)  # larger than any kept: a new one
+    assert len(d) == 1001 and _address(d) != _address(a)
+    pool.clear()
+
+
+def test_buffers_lent_at_once_are_distinct() -> None:
+    pool = BufferPool(keep_bytes=1 << 24, keep_seconds=60)
+    for _ in range(4):
+        pool.give(pool.take(4096))
+    got: list[np.ndarray] = []
+    lock = threading.Lock()
+
+    def borrow() -> None:
+        buf = pool.take(4096)
+        with lock:
+            got.append(buf)
+
+    threads = [threading.Thread(target=borrow) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({_address(b) for b in got}) == 8  # never one buffer to two borrowers
+    pool.clear()
+
+
+def test_the_pool_keeps_at_most_its_bytes_and_lets_them_go_when_idle() -> None:
+    pool = BufferPool(keep_bytes=10_000, keep_seconds=0.2)
+    bufs = [pool.take(4000) for _ in range(4)]
+    for b in bufs:
+        pool.give(b)
+    assert pool.kept() == 8000  # the cap: two of the four
+    deadline = time.monotonic() + 10
+    while pool.kept() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.kept() == 0  # let go a little after the last give
