@@ -250,8 +250,8 @@ def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: fl
 
 
 def _failed_transiently(e: BaseException) -> bool:
-    if isinstance(e, (http.client.HTTPException, _BadAnswer)):
-        return True  # a reset mid-answer, or an answer that does not parse
+    if isinstance(e, http.client.HTTPException):
+        return True  # a reset mid-answer, or an answer that does not parse (ours are ConnectionErrors)
     return is_transient(e) and not isinstance(e, FileNotFoundError)
 
 
@@ -387,7 +387,7 @@ _IDLE, _HEAD, _SIZED, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLO
 
 
 class _Answers(asyncio.BufferedProtocol):
-    """One keep-alive HTTP/1.1 connection reading the answer to one GET at a time.
+    """One keep-alive HTTP/1.1 connection: one request at a time, and its answer.
 
     Why a protocol and not asyncio's streams: a stream wakes a task for the
     head and again for the body, through futures of its own, and hands the
@@ -441,7 +441,8 @@ class _Answers(asyncio.BufferedProtocol):
             return
         self._end += nbytes
         if self._state == _IDLE:  # bytes nobody asked for: the connection is out of step
-            self.reusable = False
+            self._pos = self._end = 0
+            self._fail(_BadAnswer("bytes between answers"))
             return
         try:
             self._parse()
