@@ -6,9 +6,12 @@ Fresh ones are first-touched page by page while the bytes arrive, and in a
 VM a first touch may also be a fault of the host, whose cost comes and goes:
 reads of layout a took 256 ms (176 to 629) with fresh buffers against
 173 ms (163 to 238) with the last read's, on the same emulator in the same
-run. Buffers are kept up to :data:`KEEP_BYTES` in all and given back to the
-system :data:`KEEP_SECONDS` after the last one was returned, so a process
-that stops reading holds nothing for long. Writes do not borrow them: an
+run; in ``benchmarks/bench_peers.py``, whose rounds come about 13 s apart,
+layout a's reads moved 606 MiB/s when the pool let its buffers go after
+5 s and 1,117 MiB/s when it kept them. Buffers are kept up to
+:data:`KEEP_BYTES` in all and given back to the system :data:`KEEP_SECONDS`
+after the last one was returned, so a process that stops reading holds
+nothing for long. Writes do not borrow them: an
 upload cancelled part way may still be flushed to the socket from its
 buffer by the transport, which must then not be another write's.
 """
@@ -22,8 +25,9 @@ import numpy as np
 
 #: the most the pool keeps, all buffers together
 KEEP_BYTES = 256 << 20
-#: seconds after the last return when the pool lets its buffers go
-KEEP_SECONDS = 5.0
+#: seconds after the last return when the pool lets its buffers go (a keep-alive pool's order of time:
+#: reads in a loop, or one a notebook cell after another, find them; an idle process holds nothing for long)
+KEEP_SECONDS = 30.0
 
 
 class BufferPool:
