@@ -16,8 +16,16 @@ def cluster_client(gcs_emulator):
         with Client(cluster) as client:
             import cloudio.dask
 
+            _workers(client)
             cloudio.dask.install(client)
             yield client
+
+
+def _workers(client) -> list[str]:
+    """The addresses of the cluster's two workers, once both are registered, asked of the scheduler
+    itself (``scheduler_info()["workers"]`` once came back empty in a loaded full run)."""
+    client.wait_for_workers(2, timeout=60)
+    return sorted(client.nthreads())
 
 
 def _ls(prefix: str) -> list[str]:
@@ -42,7 +50,7 @@ def _pid() -> int:
 
 def test_a_write_on_one_worker_is_seen_by_a_dependent_task_on_another(cluster_client, gcs_bucket):
     client = cluster_client
-    w1, w2 = sorted(client.scheduler_info()["workers"])
+    w1, w2 = _workers(client)
     pid1 = client.submit(_pid, workers=[w1], pure=False).result()
     assert pid1 != client.submit(_pid, workers=[w2], pure=False).result()
     prefix = f"{gcs_bucket}/d"
@@ -58,7 +66,7 @@ def test_a_write_on_one_worker_is_seen_by_a_dependent_task_on_another(cluster_cl
 
 def test_a_write_in_the_client_reaches_the_workers(cluster_client, gcs_bucket):
     client = cluster_client
-    w1 = sorted(client.scheduler_info()["workers"])[0]
+    w1 = _workers(client)[0]
     prefix = f"{gcs_bucket}/e"
     _write(f"{prefix}/a.bin", b"a")
     assert client.submit(_ls, prefix, workers=[w1], pure=False).result() == ["a.bin"]
@@ -68,7 +76,7 @@ def test_a_write_in_the_client_reaches_the_workers(cluster_client, gcs_bucket):
 
 def test_a_write_on_a_worker_reaches_the_client(cluster_client, gcs_bucket):
     client = cluster_client
-    w1 = sorted(client.scheduler_info()["workers"])[0]
+    w1 = _workers(client)[0]
     prefix = f"{gcs_bucket}/f"
     _write(f"{prefix}/a.bin", b"a")
     assert _ls(prefix) == ["a.bin"]
