@@ -95,6 +95,22 @@ def test_an_unsharded_chunk_of_the_wrong_size_is_an_integrity_error_naming_it(gc
         cloudio.load_array(url)
 
 
+@pytest.mark.parametrize("framing", [None, {"fault": "chunked", "after": 5000}, {"fault": "unsized"}],
+                         ids=["sized", "chunked", "ended-by-close"])
+def test_an_object_larger_than_any_chunk_is_an_integrity_error_naming_it(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, framing: dict[str, object] | None) -> None:
+    """Read on the event loop (chunks of 64 KiB): however the body is framed, one that does not fit the
+    largest chunk this array can have is refused, not written past the buffer."""
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/big.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=None, compressors=None)
+    cloudio.filesystem(url).pipe(f"{url}/c/1/0", b"\x00" * 100_000)
+    if framing is not None:
+        fault_proxy.add(method="GET", path=_SHARD_GET, times=None, **framing)
+    with pytest.raises(IntegrityError, match=r"big\.zarr/c/1/0: the object holds .*not part of the array"):
+        cloudio.load_array(url)
+
+
 def test_a_damaged_shard_is_an_integrity_error_naming_it(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     a = _data("float32", 0.0)
     url = f"{gcs_bucket}/bad.zarr"

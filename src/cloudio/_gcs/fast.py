@@ -46,7 +46,8 @@ import ssl
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, quote, urlsplit
 
 import google_crc32c
@@ -69,6 +70,8 @@ if TYPE_CHECKING:
     import gcsfs
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 async def put_media(
@@ -116,29 +119,28 @@ async def _post_small(fs: gcsfs.GCSFileSystem, url: str, data: bytes | memoryvie
             *(f"{k}: {v}" for k, v in fs._get_headers(None).items()), "", ""]
     request = "\r\n".join(head).encode("latin-1") + bytes(data)
     answer = memoryview(bytearray(_ANSWER_ROOM))
-    limit = total_time_limit(getattr(fs, "requests_timeout", None)) or math.inf
-    per_request = _socket_timeout(fs)
-    retries = max(1, int(getattr(fs, "retries", 6)))
-    deadline = time.monotonic() + limit
-    for retry in range(retries):
+
+    async def once() -> dict[str, Any]:
         try:
-            async with asyncio.timeout(min(per_request, max(0.0, deadline - time.monotonic()))):
-                status, _, n, error = await _exchange(_origin(parts), request, answer)
-            if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
-                validate_response(status, error, url)
-            meta = json.loads(bytes(answer[:n]))
-            if not isinstance(meta, dict):
-                raise _BadAnswer(f"not an object resource: {bytes(answer[:80])!r}")
-            return meta
+            status, _, n, error = await _exchange(_origin(parts), request, answer)
         except _TooLarge as e:
             raise _BadAnswer(f"an upload's answer of {e}") from e
-        except Exception as e:
-            pause = _pause(e, retry, retries, deadline)
-            if pause is None:
-                raise
-            log.debug("%s: upload failed (%s: %s); retrying in %.2f s", url, type(e).__name__, e, pause)
-            await asyncio.sleep(pause)
-    raise AssertionError("unreachable: the last try returns or raises")
+        if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
+            validate_response(status, error, url)
+        meta = json.loads(bytes(answer[:n]))
+        if not isinstance(meta, dict):
+            raise _BadAnswer(f"not an object resource: {bytes(answer[:80])!r}")
+        return meta
+
+    return await _retrying(fs, once, functools.partial(_upload_pause, url))
+
+
+def _upload_pause(url: str, e: Exception, retry: int, retries: int, deadline: float) -> float | None:
+    """:func:`_pause` for an upload, logged; the last failure is the caller's to raise as it is."""
+    pause = _pause(e, retry, retries, deadline)
+    if pause is not None:
+        log.debug("%s: upload failed (%s: %s); retrying in %.2f s", url, type(e).__name__, e, pause)
+    return pause
 
 
 class _TooLarge(Exception):
@@ -206,6 +208,12 @@ def _drop(origin: tuple[str, str, int]) -> None:
     conn = _connections.by_origin.pop(origin, None)
     if conn is not None:
         conn.close()
+
+
+def _budget(fs: gcsfs.GCSFileSystem) -> tuple[float, int]:
+    """The time limit of one call (``inf``: none) and the tries it may take, as gcsfs counts them."""
+    return (total_time_limit(getattr(fs, "requests_timeout", None)) or math.inf,
+            max(1, int(getattr(fs, "retries", 6))))
 
 
 def _socket_timeout(fs: gcsfs.GCSFileSystem) -> float:
@@ -308,8 +316,7 @@ def fetch_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
         The server or network failed past the retries or the time limit.
     """
     url = fs.url(path.fs_path)
-    limit = total_time_limit(getattr(fs, "requests_timeout", None)) or math.inf
-    retries = max(1, int(getattr(fs, "retries", 6)))
+    limit, retries = _budget(fs)
     last = ""
     for attempt in range(max(1, attempts)):
         if attempt:
@@ -410,7 +417,7 @@ class _Answers(asyncio.BufferedProtocol):
         self._state = _IDLE
         self._done: asyncio.Future[tuple[int, _Headers, int, bytes]] | None = None
         self._out = memoryview(b"")
-        self._room = self._n = self._left = 0
+        self._n = self._left = 0
         self._error = bytearray()
         self._status, self._headers = 0, _Headers()
         self._received = 0  # bytes of the current answer so far
@@ -474,7 +481,7 @@ class _Answers(asyncio.BufferedProtocol):
         of an error answer (which is not put in ``out``)."""
         assert self.transport is not None and self._state == _IDLE
         self._done = asyncio.get_running_loop().create_future()
-        self._out, self._room, self._n, self._received = out, len(out), 0, 0
+        self._out, self._n, self._received = out, 0, 0
         self._error = bytearray()
         self._state = _HEAD
         self.transport.write(request)
@@ -494,8 +501,8 @@ class _Answers(asyncio.BufferedProtocol):
             if len(self._error) + k <= _ERROR_ROOM:
                 self._error += self._view[pos:pos + k]
         else:
-            if self._n + k > self._room:
-                raise _TooLarge(f"more than {self._room} bytes")
+            if self._n + k > len(self._out):
+                raise _TooLarge(f"more than {len(self._out)} bytes")
             self._out[self._n:self._n + k] = self._view[pos:pos + k]
             self._n += k
         self._pos = pos + k
@@ -535,10 +542,7 @@ class _Answers(asyncio.BufferedProtocol):
                     else:
                         self._state = _CHUNK_END
             elif state == _UNTIL_CLOSE:
-                k = self._end - self._pos
-                if k > self._room - self._n and self._status < 400:
-                    raise _TooLarge(f"more than {self._room} bytes")
-                self._take(k)
+                self._take(self._end - self._pos)  # raises _TooLarge past the caller's buffer
                 return
             else:
                 line = self._line()
@@ -554,7 +558,7 @@ class _Answers(asyncio.BufferedProtocol):
                     self._finish()
 
     def _start_body(self) -> None:
-        room = self._room if self._status < 400 else _ERROR_ROOM
+        room = len(self._out) if self._status < 400 else _ERROR_ROOM
         if "chunked" in self._headers.get("transfer-encoding", "").lower():
             self._state = _CHUNK_SIZE
             return
@@ -579,9 +583,7 @@ class _Answers(asyncio.BufferedProtocol):
             raise _BadAnswer(f"not a chunk size: {line[:40]!r}") from None
         if size == 0:
             self._state = _TRAILER
-        elif size > self._room - self._n and self._status < 400:
-            raise _TooLarge(f"more than {self._room} bytes")
-        else:
+        else:  # _take raises _TooLarge past the caller's buffer
             self._left = size
             self._state = _CHUNK_DATA
 
@@ -682,32 +684,40 @@ async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
     :func:`fetch_into`.
     """
     url = fs.url(path.fs_path)
-    limit = total_time_limit(getattr(fs, "requests_timeout", None)) or math.inf
-    per_request = _socket_timeout(fs)
-    retries = max(1, int(getattr(fs, "retries", 6)))
     last = ""
     for attempt in range(max(1, attempts)):
         if attempt:
             await asyncio.sleep(BACKOFF * 2 ** (attempt - 1))
-        deadline = time.monotonic() + limit
-        for retry in range(retries):
-            try:
-                async with asyncio.timeout(min(per_request, max(0.0, deadline - time.monotonic()))):
-                    n, want, got = await _get_once(fs, url, buf)
-                break
-            except FileNotFoundError:
-                return None
-            except _TooLarge as e:
-                raise _too_large(path, e) from e
-            except Exception as e:
-                pause = _backoff(path, e, retry, retries, deadline)
-                if pause is None:
-                    raise
-                await asyncio.sleep(pause)
+        try:
+            n, want, got = await _retrying(fs, lambda: _get_once(fs, url, buf), functools.partial(_backoff, path))
+        except FileNotFoundError:
+            return None
+        except _TooLarge as e:
+            raise _too_large(path, e) from e
         if want is None or got == want:
             return memoryview(buf[:n])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         last = _mismatch(path, n, got, want)
     raise _never_matched(path, last, attempts)
+
+
+async def _retrying(fs: gcsfs.GCSFileSystem, once: Callable[[], Awaitable[T]],
+                    pause: Callable[[Exception, int, int, float], float | None]) -> T:
+    """``once()`` until it succeeds, each try within the per-request limit, all within the time limit of
+    one call; ``pause(e, retry, retries, deadline)`` says how long to wait after a failure, or None to
+    raise it (or raises an error of its own)."""
+    limit, retries = _budget(fs)
+    per_request = _socket_timeout(fs)
+    deadline = time.monotonic() + limit
+    for retry in range(retries):
+        try:
+            async with asyncio.timeout(min(per_request, max(0.0, deadline - time.monotonic()))):
+                return await once()
+        except Exception as e:
+            wait = pause(e, retry, retries, deadline)
+            if wait is None:
+                raise
+            await asyncio.sleep(wait)
+    raise AssertionError("unreachable: the last try returns or raises")
 
 
 def _too_large(path: GCSPath, e: _TooLarge) -> IntegrityError:
