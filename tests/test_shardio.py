@@ -334,6 +334,40 @@ def test_a_shard_read_the_server_never_answers_is_a_transient_error_in_bounded_t
     assert isinstance(ei.value.__cause__, TimeoutError | asyncio.TimeoutError)
 
 
+@pytest.mark.parametrize("fault", [{"fault": "status", "code": 503}, {"fault": "flip"},
+                                   {"fault": "reset", "after": 1000}], ids=["503", "flipped", "reset"])
+def test_a_small_object_read_that_failed_is_the_only_one_asked_again(gcs_emulator: Emulator, gcs_bucket: str,
+                                                                      fault_proxy, fault: dict[str, object]) -> None:
+    """Small objects are read in one batch over kept connections; the one that failed goes the careful way
+    (retried on its own) and every other object is asked for once."""
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/one.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    rule = fault_proxy.add(method="GET", path=_SHARD_GET, times=1, skip=4, **fault)
+    n = len(fault_proxy.requests(_SHARD_GET))
+    assert cloudio.load_array(url).tobytes() == a.tobytes()
+    paths = [p for _, p, _ in fault_proxy.requests(_SHARD_GET)[n:]]
+    assert rule.hits == 1
+    assert len(paths) == 13 and len(set(paths)) == 12  # 12 shards (one of fill values, a 404), one asked twice
+
+
+def test_a_small_object_the_server_never_answers_is_asked_again_after_the_time_limit(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request of the batch hangs: the batch's watch ends it after the per-request limit and the object
+    is read again; the read completes, neither hung nor failed."""
+    import time
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/once.zarr"
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    rule = fault_proxy.add("hang", method="GET", path=_SHARD_GET, times=1, skip=2)
+    t0 = time.monotonic()
+    assert cloudio.load_array(url).tobytes() == a.tobytes()
+    assert rule.hits == 1
+    assert 1 <= time.monotonic() - t0 < 10
+
+
 def test_small_object_reads_take_new_connections_when_the_server_closed_the_kept_ones(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Small objects are read over kept keep-alive streams; a server that went away (here: restarted

@@ -467,34 +467,40 @@ def _fill(layout: Layout, shard: tuple[int, ...], out: np.ndarray) -> None:
 
 def _read_on_the_loop(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
                       gcs: tuple[gcsfs.GCSFileSystem, str] | None) -> None:
-    """:func:`read` as tasks on zarr's event loop: small objects on GCS (:func:`cloudio._gcs.fast.get_into`,
-    CRC32C-checked), and every object of other stores (the store's own ``get``)."""
+    """:func:`read` on zarr's event loop: small objects on GCS in one batch of GETs
+    (:func:`cloudio._gcs.fast.get_each`, CRC32C-checked), every object of other stores by
+    tasks calling the store's own ``get``."""
     from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
 
-    from cloudio._gcs.fast import get_into
+    from cloudio._gcs.fast import get_each
     from cloudio._paths import GCSPath, parse_gcs
 
+    if gcs is not None:
+        fs, base = gcs
+        root = parse_gcs(base)  # checked once; the keys are zarr's own
+        prefix = f"{root.key.rstrip('/')}/" if root.key else ""
+        shards = list(layout.shards())
+        paths = [GCSPath(root.bucket, prefix + z.metadata.encode_chunk_key(s)) for s in shards]
+
+        def take(i: int, body: np.ndarray | None) -> None:
+            if body is None:  # a shard of nothing but the fill value
+                _fill(layout, shards[i], out)
+            else:
+                _decode(layout, body, shards[i], out, paths[i].url)
+
+        sync(get_each(fs, paths, layout.shard_nbytes, take, _workers(layout, len(shards))))
+        return
     proto = default_buffer_prototype()
-    root = parse_gcs(gcs[1]) if gcs is not None else None  # checked once; the keys are zarr's own
 
     def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
-        buf = np.empty(layout.shard_nbytes, dtype="u1")
-
         async def job(shard: tuple[int, ...]) -> None:
             key = z.metadata.encode_chunk_key(shard)
-            if gcs is not None and root is not None:
-                path = GCSPath(root.bucket, f"{root.key.rstrip('/')}/{key}" if root.key else key)
-                url = path.url
-                view = await get_into(gcs[0], path, buf)
-                got = None if view is None else np.frombuffer(view, dtype="u1")
-            else:
-                url = f"{z.store_path}/{key}"
-                stored = await (z.store_path / key).get(prototype=proto)
-                got = None if stored is None else stored.as_numpy_array()
-            if got is None:  # a shard of nothing but the fill value
+            stored = await (z.store_path / key).get(prototype=proto)
+            if stored is None:  # a shard of nothing but the fill value
                 _fill(layout, shard, out)
             else:
-                await _offload(layout, _decode, layout, got, shard, out, url)
+                await _offload(layout, _decode, layout, stored.as_numpy_array(), shard, out, f"{z.store_path}/{key}")
 
         return job
 
