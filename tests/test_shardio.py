@@ -266,6 +266,33 @@ def test_a_shard_upload_the_server_never_answers_is_a_transient_error_in_bounded
     assert time.monotonic() - t0 < 30  # a few times the limit, far from forever
 
 
+@pytest.mark.parametrize("fault", [{"fault": "status", "code": 503}, {"fault": "flip", "where": "request"},
+                                   {"fault": "reset", "after": 5}, {"fault": "hang"}],
+                         ids=["503", "flipped", "reset-mid-answer", "never-answered"])
+def test_a_small_shard_upload_that_failed_is_the_only_one_sent_again(gcs_emulator: Emulator, gcs_bucket: str,
+                                                                     fault_proxy, monkeypatch: pytest.MonkeyPatch,
+                                                                     fault: dict[str, object]) -> None:
+    """Shards under a MiB go up in one batch over kept connections; the one whose upload failed (or whose
+    answer never came, past the time limit) is sent again on its own, every other once, each journaled
+    once as written."""
+    from cloudio._journal import journal
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/batch.zarr"
+    rule = fault_proxy.add(method="POST", path=_SHARD_UPLOAD, times=1, skip=3, **fault)
+    seq = journal().seq
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    assert rule.hits == 1
+    names = [p.partition("name=")[2] for _, p, _ in fault_proxy.requests(_SHARD_UPLOAD)]
+    assert len(names) == 12 and len(set(names)) == 11  # every shard but the all-fill one; one sent twice
+    written = _journaled(url, seq)
+    assert sorted(written) == sorted({(u, "write") for u, _ in written})  # one write each, nothing else
+    assert len(written) == 11
+    fault_proxy.clear()
+    assert zarr.open_array(cloudio.zarr_store(url), mode="r")[...].tobytes() == a.tobytes()
+
+
 #: float32 shards (512 KiB) are read on the event loop, float64 ones (1 MiB) in threads (shard_codec.read)
 BOTH_READ_PATHS = pytest.mark.parametrize("dtype", ["float32", "float64"], ids=["loop", "threads"])
 

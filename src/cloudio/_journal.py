@@ -25,6 +25,7 @@ when some of the changes asked for are no longer kept.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import logging
@@ -52,6 +53,12 @@ _CONSUMER_MODULES = (("rasterio", "cloudio._gdal.consumer"), ("fsspec", "cloudio
 ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
+@functools.lru_cache(maxsize=1024)
+def _gcs_path(url: str) -> GCSPath | None:
+    """``url`` parsed, once for every consumer of a change (parsing is most of what some of them do)."""
+    return parse_gcs(url) if is_gcs(url) else None
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One thing that happened to ``url`` (a journal key, see :mod:`cloudio._paths`).
@@ -70,7 +77,7 @@ class Change:
 
     @property
     def path(self) -> GCSPath | None:
-        return parse_gcs(self.url) if is_gcs(self.url) else None
+        return _gcs_path(self.url)
 
     def touches(self, read: str) -> bool:
         """Could this change make a cached view of ``read`` (object or prefix) stale?

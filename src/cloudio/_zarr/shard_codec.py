@@ -196,6 +196,8 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
     ``scratch`` (one chunk's bytes) is where a chunk is laid out before zstd
     compresses it into ``buf``; raw chunks are laid out in ``buf`` directly.
     """
+    if not layout.sharded:
+        return _encode_chunk(layout, array, shard, buf, scratch)
     index = np.full((*layout.per_shard, 2), _NO_CHUNK, dtype="<u8")
     size = layout.chunk_nbytes
     codec = layout.compressor() if layout.zstd is not None else None
@@ -219,8 +221,6 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
         pos += n
     if pos == start:
         return None
-    if not layout.sharded:
-        return memoryview(buf[:pos])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
     import google_crc32c
 
     raw = index.tobytes()
@@ -231,6 +231,29 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
     )
     end = pos + (layout.index_nbytes if layout.index_at_end else 0)
     return memoryview(buf[:end])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+
+
+def _encode_chunk(layout: Layout, array: np.ndarray, at: tuple[int, ...], buf: np.ndarray,
+                  scratch: np.ndarray | None) -> memoryview | None:
+    """:func:`_encode` for an unsharded array: chunk ``at`` as its object's bytes (no index), None when
+    it holds only the fill value and empty chunks are not written."""
+    where = tuple(slice(i * k, min((i + 1) * k, n)) for i, k, n in zip(at, layout.chunk, layout.shape, strict=True))
+    block = array[where]
+    if not layout.write_empty and _is_fill(block, layout.fill):
+        return None
+    size = layout.chunk_nbytes
+    laid = buf[:size] if scratch is None else scratch
+    dst = laid.view(layout.dtype).reshape(layout.chunk)
+    if block.shape != layout.chunk:
+        dst[...] = layout.fill  # zarr pads edge chunks with the fill value
+        dst[tuple(slice(0, n) for n in block.shape)] = block
+    else:
+        dst[...] = block
+    if layout.zstd is None:
+        return memoryview(laid)  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+    packed = layout.compressor().encode(laid)
+    buf[:len(packed)] = np.frombuffer(packed, dtype="u1")
+    return memoryview(buf[:len(packed)])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
 
 
 def _shard_index(layout: Layout, data: np.ndarray, url: str) -> np.ndarray:
@@ -355,8 +378,28 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray) -> None:
     memory is touched.
     """
     from zarr.core.buffer.cpu import Buffer
+    from zarr.core.sync import sync
+
+    from cloudio._zarr.store import JournaledStore
 
     size = layout.shard_nbytes
+    store = z.store_path.store
+    if size < _THREAD_MIN_BYTES and isinstance(store, JournaledStore) and store.uploads_in_batches:
+        # small objects: encoded one at a time into one buffer, each sent before the next is encoded
+        buf = np.empty(size, dtype="u1")
+        scratch = np.empty(layout.chunk_nbytes, dtype="u1") if layout.zstd is not None else None
+        shards = list(layout.shards())
+        base = z.store_path.path.rstrip("/")
+
+        def body(i: int) -> tuple[str, memoryview] | None:
+            view = _encode(layout, array, shards[i], buf, scratch)
+            if view is None:
+                return None
+            key = z.metadata.encode_chunk_key(shards[i])
+            return (f"{base}/{key}" if base else key), view
+
+        sync(store.set_each(len(shards), body, _workers(layout, len(shards))))
+        return
 
     def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
         buf = np.empty(size, dtype="u1")

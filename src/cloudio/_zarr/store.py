@@ -34,7 +34,7 @@ import os
 import posixpath
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self, cast
@@ -45,7 +45,7 @@ from zarr.abc.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from cloudio._gcs.client import list_objects
-from cloudio._gcs.transfer import put_verified
+from cloudio._gcs.transfer import put_verified, put_verified_each
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
@@ -265,6 +265,43 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 "create it first (or check the URL)"
             ) from e
         self._wrote(key, value)
+
+    @property
+    def uploads_in_batches(self) -> bool:
+        """Chunks may go up through :meth:`set_each`: a GCS store on zarr's FsspecStore, no guard in force."""
+        return self._gcs_root is not None and self._direct and not self._guards
+
+    async def set_each(self, count: int, body: Callable[[int], tuple[str, memoryview] | None],
+                       concurrency: int) -> None:
+        """``set(key, value)`` for each ``(key, value) = body(i)`` below ``count`` (None: nothing to write):
+        chunks, not metadata documents, of a store whose :attr:`uploads_in_batches`.
+
+        Small chunks go up in one batch (:func:`cloudio._gcs.transfer.put_verified_each`),
+        each verified and journaled as :meth:`set` does it; ``body(i)`` may be
+        called again for a chunk sent again, and must give the same bytes.
+        """
+        root = self._gcs_root
+        assert root is not None
+        store: FsspecStore = self._store  # type: ignore[assignment]
+        if not store._is_open:
+            await store._open()
+        store._check_writable()
+        keys: dict[int, str] = {}
+
+        def path_body(i: int) -> tuple[GCSPath, memoryview] | None:
+            got = body(i)
+            if got is None:
+                return None
+            key, data = got
+            if key.rsplit("/", 1)[-1] in _META_NAMES:
+                raise ValueError(f"set_each writes chunks, not the metadata document {key!r}: use set")
+            keys[i] = key
+            return GCSPath(root.bucket, f"{root.key}/{key}" if root.key else key), data
+
+        def wrote(i: int, size: int) -> None:
+            journal().record(self._url(keys[i]), "write", size=size)
+
+        await put_verified_each(store.fs, count, path_body, wrote, concurrency)
 
     async def _pipe(self, key: str, value: Buffer, guard: int | None = None) -> None:
         """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy, CRC32C-verified.
