@@ -36,7 +36,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
@@ -74,10 +74,11 @@ class Change:
     size: int | None = None
     prefix: bool = False
     origin: str = ORIGIN
+    parsed: GCSPath | None = field(default=None, compare=False, repr=False)  #: ``url`` parsed, when the writer had it
 
     @property
     def path(self) -> GCSPath | None:
-        return _gcs_path(self.url)
+        return self.parsed if self.parsed is not None else _gcs_path(self.url)
 
     def touches(self, read: str) -> bool:
         """Could this change make a cached view of ``read`` (object or prefix) stale?
@@ -131,12 +132,15 @@ class WriteJournal:
         prefix: bool = False,
         origin: str | None = None,
         notify_listeners: bool = True,
+        parsed: GCSPath | None = None,
     ) -> Change:
-        """Record that ``url`` (already normalised) was written, deleted or invalidated."""
+        """Record that ``url`` (already normalised; ``parsed``: the same as a GCSPath) was written, deleted or
+        invalidated."""
         _ensure_consumers()
         with self._lock:
             seq = next(self._seq)
-            change = Change(seq, url, kind, generation, size, prefix, origin if origin is not None else ORIGIN)
+            change = Change(seq, url, kind, generation, size, prefix, origin if origin is not None else ORIGIN,
+                            parsed)
             self._records.append(change)
             self._last_seq = seq
             consumers = list(self._consumers)

@@ -77,16 +77,22 @@ T = TypeVar("T")
 async def put_media(
     fs: gcsfs.GCSFileSystem, path: GCSPath, data: bytes | memoryview, content_type: str
 ) -> dict[str, Any]:
-    """Upload ``data`` to ``path`` in one media request; return the server's object resource.
+    """Upload ``data`` to ``path`` in one media request; return the server's object resource."""
+    return await post_upload(fs, path, f"uploadType=media&name={quote(path.key, safe='')}", data, content_type)
+
+
+async def post_upload(fs: gcsfs.GCSFileSystem, path: GCSPath, query: str, data: bytes | memoryview,
+                      content_type: str) -> dict[str, Any]:
+    """One upload request to ``path``'s bucket (``query``: its upload type, name, preconditions); return
+    the server's object resource.
 
     Bodies under :data:`_SMALL_UPLOAD` go over this module's kept connections
     (:func:`_post_small`), larger ones through gcsfs's session.
     """
-    url = f"{fs._location}/upload/storage/v1/b/{quote(path.bucket, safe='')}/o"
+    url = f"{fs._location}/upload/storage/v1/b/{quote(path.bucket, safe='')}/o?{query}"
     if len(data) < _SMALL_UPLOAD:
-        return await _post_small(fs, f"{url}?uploadType=media&name={quote(path.key, safe='')}", data, content_type)
-    meta = await fs._call("POST", url, uploadType="media", name=path.key,
-                          headers={"Content-Type": content_type}, data=data, json_out=True)
+        return await _post_small(fs, url, data, content_type)
+    meta = await fs._call("POST", url, headers={"Content-Type": content_type}, data=data, json_out=True)
     return meta  # type: ignore[no-any-return]
 
 
@@ -99,7 +105,7 @@ _ANSWER_ROOM = 1 << 16
 
 async def _post_small(fs: gcsfs.GCSFileSystem, url: str, data: bytes | memoryview,
                       content_type: str) -> dict[str, Any]:
-    """One media upload over a kept connection (:class:`_Answers`): its object resource.
+    """One upload request over a kept connection (:class:`_Answers`): its object resource.
 
     Why: through gcsfs's ``_call`` (its retry decorator, aiohttp's request
     and response objects) a small upload spent most of its time in Python;
@@ -114,10 +120,8 @@ async def _post_small(fs: gcsfs.GCSFileSystem, url: str, data: bytes | memoryvie
     from gcsfs.retry import validate_response
 
     parts = urlsplit(url)
-    head = [f"POST {parts.path}?{parts.query} HTTP/1.1", f"Host: {parts.netloc}",
-            f"Content-Type: {content_type}", f"Content-Length: {len(data)}",
-            *(f"{k}: {v}" for k, v in fs._get_headers(None).items()), "", ""]
-    request = "\r\n".join(head).encode("latin-1") + bytes(data)
+    request = (f"POST {parts.path}?{parts.query} HTTP/1.1\r\nContent-Type: {content_type}\r\n"
+               f"Content-Length: {len(data)}\r\n").encode("latin-1") + _head_tail(fs, parts) + data
     answer = memoryview(bytearray(_ANSWER_ROOM))
 
     async def once() -> dict[str, Any]:
@@ -594,6 +598,9 @@ class _Answers(asyncio.BufferedProtocol):
                     self._finish()
 
     def _start_body(self) -> None:
+        if self._status in (204, 304):  # answers without a body, whatever their headers say
+            self._finish()
+            return
         room = len(self._out) if self._status < 400 else _ERROR_ROOM
         if "chunked" in self._headers.get("transfer-encoding", "").lower():
             self._state = _CHUNK_SIZE
@@ -699,22 +706,20 @@ async def _exchange(origin: tuple[str, str, int], request: bytes,
         return answer
 
 
-async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray | None) -> tuple[np.ndarray, str | None, str]:
+async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray | None) -> tuple[np.ndarray, _Headers, str]:
     """One GET of ``url`` on a kept connection, into ``buf`` (into new memory when None): the bytes
-    received, the server's CRC32C or None, ours."""
+    received, the answer's headers, and the bytes' CRC32C (base64)."""
     from gcsfs.retry import validate_response
 
     parts = urlsplit(url)
-    lines = [f"GET {parts.path}?{parts.query} HTTP/1.1", f"Host: {parts.netloc}",
-             *(f"{k}: {v}" for k, v in fs._get_headers(None).items()), "", ""]
-    request = "\r\n".join(lines).encode("latin-1")
+    request = f"GET {parts.path}?{parts.query} HTTP/1.1\r\n".encode("latin-1") + _head_tail(fs, parts)
     out = None if buf is None else memoryview(buf).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
     status, headers, body, error = await _exchange(_origin(parts), request, out)
     if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
         validate_response(status, error, url)
     got = np.frombuffer(body, dtype="u1")
     crc = google_crc32c.value(got)
-    return got, header_crc(headers), base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+    return got, headers, base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
 
 
 async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray | None, *,
@@ -732,21 +737,53 @@ async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray | Non
     layout c). gcsfs's URL, credentials and error mapping are used, as in
     :func:`fetch_into`.
     """
+    got = await get_with_generation(fs, path, buf, attempts=attempts)
+    return None if got is None else got[0]
+
+
+async def get_with_generation(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray | None = None, *,
+                              attempts: int = ATTEMPTS) -> tuple[np.ndarray, int] | None:
+    """:func:`get_into`, and the generation of the object read (``X-Goog-Generation``; 0 when not sent)."""
     url = fs.url(path.fs_path)
     last = ""
     for attempt in range(max(1, attempts)):
         if attempt:
             await asyncio.sleep(BACKOFF * 2 ** (attempt - 1))
         try:
-            body, want, got = await _retrying(fs, lambda: _get_once(fs, url, buf), functools.partial(_backoff, path))
+            body, headers, got = await _retrying(fs, lambda: _get_once(fs, url, buf),
+                                                 functools.partial(_backoff, path))
         except FileNotFoundError:
             return None
         except _TooLarge as e:
             raise _too_large(path, e) from e
+        want = header_crc(headers)
         if want is None or got == want:
-            return body
+            generation = headers.get("x-goog-generation", "0")
+            return body, int(generation) if generation.isdigit() else 0
         last = _mismatch(path, len(body), got, want)
     raise _never_matched(path, last, attempts)
+
+
+async def delete_object(fs: gcsfs.GCSFileSystem, path: GCSPath, if_generation_match: int | None = None) -> None:
+    """Delete the object at ``path`` over a kept connection (only at that generation, when given), retried
+    as an upload is; gcsfs's error mapping: 404 is ``FileNotFoundError``, a failed precondition (412)
+    ``FileExistsError``."""
+    from gcsfs.retry import validate_response
+
+    url = f"{fs._location}/storage/v1/b/{quote(path.bucket, safe='')}/o/{quote(path.key, safe='')}"
+    if if_generation_match is not None:
+        url += f"?ifGenerationMatch={if_generation_match}"
+    parts = urlsplit(url)
+    target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+    request = f"DELETE {target} HTTP/1.1\r\n".encode("latin-1") + _head_tail(fs, parts)
+    answer = memoryview(bytearray(_ANSWER_ROOM))
+
+    async def once() -> None:
+        status, _, _, error = await _exchange(_origin(parts), request, answer)
+        if status >= 400:
+            validate_response(status, error, url)
+
+    await _retrying(fs, once, functools.partial(_upload_pause, url))
 
 
 async def get_each(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], room: int,

@@ -57,7 +57,7 @@ from cloudio._gcs.client import (
     transient_error,
 )
 from cloudio._gcs.client import object_metadata as _stat
-from cloudio._gcs.fast import put_media
+from cloudio._gcs.fast import post_upload, put_media
 from cloudio._journal import Change, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
@@ -272,14 +272,14 @@ async def put_verified_each(
     fs: gcsfs.GCSFileSystem,
     count_: int,
     body: Callable[[int], tuple[GCSPath, memoryview] | None],
-    wrote: Callable[[int, int], None],
+    wrote: Callable[[int, GCSPath, int], None],
     concurrency: int,
 ) -> None:
     """:func:`put_verified` (``media=True``, ``record=False``) for many small objects at once.
 
     ``body(i)`` gives object ``i``'s path and bytes (None: nothing to write);
     it may be called twice for one ``i`` and must then give the same bytes.
-    ``wrote(i, size)`` is called once the server's answer matched the size
+    ``wrote(i, path, size)`` is called once the server's answer matched the size
     and CRC32C sent: the caller journals it (which drops stale listings). The happy path goes out in one
     batch (:func:`cloudio._gcs.fast.put_each`); an object whose upload failed,
     timed out or was stored differently goes again through
@@ -307,7 +307,7 @@ async def put_verified_each(
                             "writing it again", path.url, meta.get("size"), size, meta.get("crc32c"), crc)
                 return False
             del unsure[i]
-            wrote(i, size)
+            wrote(i, path, size)
             count("uploads")
             count("bytes_uploaded", size)
             return True
@@ -323,7 +323,7 @@ async def put_verified_each(
             if got is not None:
                 await put_verified(fs, got[0], got[1], content_type="application/octet-stream", record=False,
                                    media=True)
-                wrote(i, len(got[1]))
+                wrote(i, got[0], len(got[1]))
             del unsure[i]
     finally:
         for gate in gates.values():
@@ -405,10 +405,8 @@ async def _multipart(fs: gcsfs.GCSFileSystem, path: GCSPath, data: bytes | memor
     head = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
             f"{json.dumps({'name': path.key})}\r\n--{boundary}\r\nContent-Type: {content_type}\r\n\r\n")
     body = head.encode() + bytes(data) + f"\r\n--{boundary}--".encode()
-    meta = await fs._call("POST", f"{fs._location}/upload/storage/v1/b/{quote(path.bucket, safe='')}/o",
-                          uploadType="multipart", ifGenerationMatch=str(generation), json_out=True, data=body,
-                          headers={"Content-Type": f'multipart/related; boundary="{boundary}"'})
-    return meta  # type: ignore[no-any-return]
+    return await post_upload(fs, path, f"uploadType=multipart&ifGenerationMatch={generation}", body,
+                             f'multipart/related; boundary="{boundary}"')
 
 
 async def _initiate(fs: gcsfs.GCSFileSystem, path: GCSPath, content_type: str, generation: int | None) -> str:

@@ -23,7 +23,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -136,24 +136,62 @@ def save_array(
     with cloudio_errors(store, writing=True, node="array", writer="cloudio.save_array"):
         mark = WriteMark(store, "save_array").begin()
         try:
-            z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
-                                  shards=zarr_shards, overwrite=overwrite, **kwargs)
-            if dask_input:
-                import dask.array as da
-
-                # dask types its targets as arrays; a zarr array takes __setitem__, all store needs
-                da.store(array, z, lock=False, compute=True)  # type: ignore[arg-type]
-            elif (layout := plain_layout(z)) is not None and array.size:
-                # one copy per chunk, straight into a reused shard buffer
-                _shardio.write(z, layout, cast(np.ndarray, array))
+            layout = plain_layout(probe) if overwrite and not dask_input and array.size else None
+            if layout is not None and _shardio.in_one_batch(store, layout):
+                z, clear, create = _created_like(probe, store)  # zarr's create, its documents alongside the chunks
+                _shardio.write(z, layout, cast(np.ndarray, array), clear=clear, create=create)
             else:
-                with _no_hugepage_advice():  # zarr encodes into fresh buffers; see _no_hugepage_advice
-                    z[...] = array
+                z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
+                                      shards=zarr_shards, overwrite=overwrite, **kwargs)
+                if dask_input:
+                    import dask.array as da
+
+                    # dask types its targets as arrays; a zarr array takes __setitem__, all store needs
+                    da.store(array, z, lock=False, compute=True)  # type: ignore[arg-type]
+                elif (layout := plain_layout(z)) is not None and array.size:
+                    # one copy per chunk, straight into a reused shard buffer
+                    _shardio.write(z, layout, cast(np.ndarray, array))
+                else:
+                    with _no_hugepage_advice():  # zarr encodes into fresh buffers; see _no_hugepage_advice
+                        z[...] = array
         except BaseException:
             mark.fail()
             raise
         mark.commit()
     return z
+
+
+def _created_like(probe: zarr.Array[Any], store: JournaledStore) -> tuple[
+        zarr.Array[Any], Callable[[], Coroutine[Any, Any, None]], Callable[[], Coroutine[Any, Any, None]]]:
+    """The array ``zarr.create_array(store, ..., overwrite=True)`` makes with the arguments that made
+    ``probe`` (in memory), and the two steps that make it on ``store``: clear what is stored there, then
+    write the probe's metadata documents, which zarr made for the same arguments.
+
+    Why: zarr's create_array on the store builds and checks the array once
+    more, and its documents then go up before the first chunk; for a small
+    array of many chunks (``benchmarks/bench_peers.py`` layout c) that was a
+    millisecond and a round trip of a 40 ms write.
+    """
+    import zarr
+    from zarr.core.array import AsyncArray
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import StorePath
+
+    where = StorePath(store, probe.store_path.path)
+    z = zarr.Array(AsyncArray(probe.metadata, where, probe._async_array.config))  # type: ignore[type-var]  # the probe's own metadata type
+
+    async def clear() -> None:
+        await where.delete_dir()  # what zarr's create_array does with overwrite=True
+
+    async def create() -> None:
+        memory = probe.store_path.store
+        proto = default_buffer_prototype()
+        documents = [(key, await memory.get(key, prototype=proto)) async for key in memory.list()]
+        for key, value in documents:
+            if value is not None:
+                await store.set(key, value)
+
+    return z, clear, create
 
 
 def _divisor_at_most(shard: int, chunk: int) -> int:

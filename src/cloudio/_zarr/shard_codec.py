@@ -43,10 +43,10 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -56,6 +56,8 @@ from cloudio.errors import IntegrityError
 if TYPE_CHECKING:
     import gcsfs
     import zarr
+
+    from cloudio._zarr.store import JournaledStore
 
 log = logging.getLogger(__name__)
 
@@ -371,21 +373,32 @@ async def _offload(layout: Layout, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray) -> None:
+def in_one_batch(store: Any, layout: Layout) -> bool:
+    """Whether :func:`write` sends the shards (or chunks) of ``layout`` to ``store`` in one batch of uploads."""
+    from cloudio._zarr.store import JournaledStore
+
+    return layout.shard_nbytes < _THREAD_MIN_BYTES and isinstance(store, JournaledStore) and store.uploads_in_batches
+
+
+def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
+          clear: Callable[[], Coroutine[Any, Any, None]] | None = None,
+          create: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
     """Write all of ``array`` into ``z``: one encode and one upload per shard.
 
     Each worker reuses one shard buffer, so after its first shard no new
-    memory is touched.
+    memory is touched. Where the shards go up :func:`in_one_batch`, they
+    are encoded one at a time into one buffer, each sent before the next is
+    encoded. ``clear`` (what was stored there before) and ``create`` (the
+    array's metadata documents) run on zarr's event loop: ``clear`` first,
+    ``create`` alongside a batch (readers refuse the store until the write
+    marker goes: the order of the array's objects does not matter).
     """
     from zarr.core.buffer.cpu import Buffer
     from zarr.core.sync import sync
 
-    from cloudio._zarr.store import JournaledStore
-
     size = layout.shard_nbytes
-    store = z.store_path.store
-    if size < _THREAD_MIN_BYTES and isinstance(store, JournaledStore) and store.uploads_in_batches:
-        # small objects: encoded one at a time into one buffer, each sent before the next is encoded
+    store = cast("JournaledStore", z.store_path.store)
+    if in_one_batch(store, layout):
         buf = np.empty(size, dtype="u1")
         scratch = np.empty(layout.chunk_nbytes, dtype="u1") if layout.zstd is not None else None
         shards = list(layout.shards())
@@ -398,8 +411,22 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray) -> None:
             key = z.metadata.encode_chunk_key(shards[i])
             return (f"{base}/{key}" if base else key), view
 
-        sync(store.set_each(len(shards), body, _workers(layout, len(shards))))
+        async def all_of_it() -> None:
+            if clear is not None:
+                await clear()
+            try:
+                async with asyncio.TaskGroup() as tasks:  # one failing stops the other
+                    if create is not None:
+                        tasks.create_task(create())
+                    tasks.create_task(store.set_each(len(shards), body, _workers(layout, len(shards))))
+            except BaseExceptionGroup as group:  # the first failure, as a plain write raises it
+                raise group.exceptions[0] from group.exceptions[0].__cause__
+
+        sync(all_of_it())
         return
+    for step in (clear, create):
+        if step is not None:
+            sync(step())
 
     def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
         buf = np.empty(size, dtype="u1")

@@ -298,8 +298,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             keys[i] = key
             return GCSPath(root.bucket, f"{root.key}/{key}" if root.key else key), data
 
-        def wrote(i: int, size: int) -> None:
-            journal().record(self._url(keys[i]), "write", size=size)
+        def wrote(i: int, path: GCSPath, size: int) -> None:
+            journal().record(self._url(keys[i]), "write", size=size, parsed=path)
 
         await put_verified_each(store.fs, count, path_body, wrote, concurrency)
 
@@ -345,11 +345,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
             buf = await inner.get(key, prototype=default_buffer_prototype())
             return (None if buf is None else buf.to_bytes()), 0
-        try:
-            headers, data = await inner.fs._call("GET", inner.fs.url(parse_gcs(self._url(key)).fs_path))
-        except FileNotFoundError:
-            return None, 0
-        return data, int(headers.get("X-Goog-Generation") or 0)
+        from cloudio._gcs.fast import get_with_generation
+
+        got = await get_with_generation(inner.fs, parse_gcs(self._url(key)))
+        return (None, 0) if got is None else (got[0].tobytes(), got[1])
 
     async def delete_guarded(self, key: str, generation: int) -> None:
         """Delete ``key`` only if it is at ``generation`` (``ifGenerationMatch``, enforced by GCS).
@@ -361,9 +360,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         if not isinstance(inner, FsspecStore) or not is_gcs(self._root_url):
             await self.delete(key)
             return
+        from cloudio._gcs.fast import delete_object
+
         path = parse_gcs(self._url(key))
         try:
-            await inner.fs._call("DELETE", "b/{}/o/{}", path.bucket, path.key, ifGenerationMatch=str(generation))
+            await delete_object(inner.fs, path, generation)
         except FileNotFoundError:
             pass
         except FileExistsError as e:  # 412
