@@ -56,6 +56,31 @@ def test_writes_the_objects_zarr_writes_and_zarr_reads_them(gcs_emulator: Emulat
     assert back.tobytes() == a.tobytes()
 
 
+def test_a_rewrite_leaves_what_zarr_would_leave(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """save_array over an array already there replaces it as zarr's create_array(overwrite=True) does: the old
+    chunks are gone, the metadata document is the one zarr writes, and zarr reads the new array."""
+    import json
+
+    old = _data("float64", 0.0)
+    new = np.arange(300 * 200, dtype="int16").reshape(300, 200)
+    url = f"{gcs_bucket}/again.zarr"
+    cloudio.save_array(old, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    cloudio.save_array(new, url, chunks=(50, 50), shards=None, compressors=None, attributes={"v": 2})
+    theirs = zarr.create_array(cloudio.zarr_store(f"{gcs_bucket}/theirs.zarr"), shape=new.shape, dtype=new.dtype,
+                               chunks=(50, 50), shards=None, compressors=None, attributes={"v": 2})
+    theirs[...] = new
+    bucket, key = url.removeprefix("gs://").split("/", 1)
+    names = {b.name.removeprefix(key + "/") for b in gcs_emulator.client.list_blobs(bucket, prefix=key + "/")}
+    assert names == {"zarr.json", *_objects(gcs_emulator, f"{gcs_bucket}/theirs.zarr")}  # no old shard left
+
+    def document(at: str) -> dict[str, object]:
+        b, k = at.removeprefix("gs://").split("/", 1)
+        return json.loads(gcs_emulator.client.bucket(b).blob(f"{k}/zarr.json").download_as_bytes())
+
+    assert document(url) == document(f"{gcs_bucket}/theirs.zarr")
+    assert zarr.open_array(cloudio.zarr_store(url), mode="r")[...].tobytes() == new.tobytes()
+
+
 def test_write_empty_chunks_writes_every_chunk_like_zarr(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     a = _data("float32", 0.0)
     with zarr.config.set({"array.write_empty_chunks": True}):
