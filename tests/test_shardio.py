@@ -443,3 +443,16 @@ def test_small_object_reads_take_new_connections_when_the_server_closed_the_kept
     shards = [-(-n // s) for n, s in zip(a.shape, SHARDS, strict=True)]
     assert len(shard_gets) == len({r.path for r in shard_gets}) == shards[0] * shards[1]  # each GET once
     assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+@BOTH_READ_PATHS
+def test_a_requester_pays_store_names_its_project_on_every_request(gcs_emulator: Emulator, gcs_bucket: str,
+                                                                    fault_proxy, dtype: str) -> None:
+    """Requests cloudio sends outside gcsfs's session carry what gcsfs adds to its own (``userProject``)."""
+    a = _data(dtype, 0.0)
+    store = cloudio.zarr_store(f"{gcs_bucket}/paid.zarr", requester_pays="my-project")
+    cloudio.save_array(a, store, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    assert cloudio.load_array(store).tobytes() == a.tobytes()
+    sent = [p for _, p, _ in fault_proxy.requests(r"paid\.zarr")]
+    assert len(sent) > 20  # the marker, the documents, every shard up and down
+    assert [p for p in sent if "userProject=my-project" not in p] == []

@@ -48,7 +48,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import SplitResult, quote, urlsplit
+from urllib.parse import SplitResult, quote, urlencode, urlsplit
 
 import google_crc32c
 import numpy as np
@@ -91,7 +91,7 @@ async def post_upload(fs: gcsfs.GCSFileSystem, path: GCSPath, query: str, data: 
     """
     url = f"{fs._location}/upload/storage/v1/b/{quote(path.bucket, safe='')}/o?{query}"
     if len(data) < _SMALL_UPLOAD:
-        return await _post_small(fs, url, data, content_type)
+        return await _post_small(fs, _with_params(fs, url), data, content_type)
     meta = await fs._call("POST", url, headers={"Content-Type": content_type}, data=data, json_out=True)
     return meta  # type: ignore[no-any-return]
 
@@ -319,7 +319,7 @@ def fetch_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
     TransientError
         The server or network failed past the retries or the time limit.
     """
-    url = fs.url(path.fs_path)
+    url = _with_params(fs, fs.url(path.fs_path))
     limit, retries = _budget(fs)
     last = ""
     for attempt in range(max(1, attempts)):
@@ -744,7 +744,7 @@ async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray | Non
 async def get_with_generation(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray | None = None, *,
                               attempts: int = ATTEMPTS) -> tuple[np.ndarray, int] | None:
     """:func:`get_into`, and the generation of the object read (``X-Goog-Generation``; 0 when not sent)."""
-    url = fs.url(path.fs_path)
+    url = _with_params(fs, fs.url(path.fs_path))
     last = ""
     for attempt in range(max(1, attempts)):
         if attempt:
@@ -773,6 +773,7 @@ async def delete_object(fs: gcsfs.GCSFileSystem, path: GCSPath, if_generation_ma
     url = f"{fs._location}/storage/v1/b/{quote(path.bucket, safe='')}/o/{quote(path.key, safe='')}"
     if if_generation_match is not None:
         url += f"?ifGenerationMatch={if_generation_match}"
+    url = _with_params(fs, url)
     parts = urlsplit(url)
     target = f"{parts.path}?{parts.query}" if parts.query else parts.path
     request = f"DELETE {target} HTTP/1.1\r\n".encode("latin-1") + _head_tail(fs, parts)
@@ -808,7 +809,7 @@ async def get_each(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], room: int,
     tail = _head_tail(fs, parts)
 
     def request(i: int) -> bytes:
-        p = urlsplit(fs.url(paths[i].fs_path))
+        p = urlsplit(_with_params(fs, fs.url(paths[i].fs_path)))
         return f"GET {p.path}?{p.query} HTTP/1.1\r\n".encode("latin-1") + tail
 
     def answered(i: int, status: int, headers: _Headers, body: np.ndarray) -> bool:
@@ -825,6 +826,15 @@ async def get_each(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], room: int,
         if pause:
             await asyncio.sleep(BACKOFF)
         await _get_later(fs, paths, later, room, take, concurrency)
+
+
+def _with_params(fs: gcsfs.GCSFileSystem, url: str) -> str:
+    """``url`` with the query parameters gcsfs adds to every request (``userProject`` for a requester-pays
+    filesystem), so a request sent outside its session is the request it would send."""
+    params = fs._get_params({})
+    if not params:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
 
 
 def _head_tail(fs: gcsfs.GCSFileSystem, parts: SplitResult) -> bytes:
@@ -865,8 +875,9 @@ async def put_each(fs: gcsfs.GCSFileSystem, count: int, body: Callable[[int], tu
         path, data = got
         crc = base64.b64encode(google_crc32c.value(np.frombuffer(data, dtype="u1")).to_bytes(4, "big")).decode("ascii")
         sent[i] = (path, len(data), crc)
-        line = (f"POST {parts.path}{quote(path.bucket, safe='')}/o?uploadType=media&name={quote(path.key, safe='')}"
-                f" HTTP/1.1\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n")
+        target = _with_params(fs, f"{parts.path}{quote(path.bucket, safe='')}/o?uploadType=media"
+                                  f"&name={quote(path.key, safe='')}")
+        line = (f"POST {target} HTTP/1.1\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n")
         return line.encode("latin-1") + tail + data
 
     def answered(i: int, status: int, headers: _Headers, answer: np.ndarray) -> bool:
