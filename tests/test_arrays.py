@@ -191,3 +191,20 @@ def test_load_array_of_a_group_names_the_right_call(gcs_bucket):
 def test_load_array_missing_bucket(gcs_emulator):
     with pytest.raises(cloudio.BucketNotFoundError, match="cloudio-no-such-bucket-7.*create the bucket"):
         cloudio.load_array("gs://cloudio-no-such-bucket-7/a.zarr")
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_load_asks_for_the_metadata_of_the_format_stored(gcs_emulator, gcs_bucket, zarr_format):
+    """A v3 array opens with one metadata GET (its zarr.json) besides the write marker's; a v2 array, after
+    that GET finds nothing, with zarr's probe of both formats."""
+    url = f"{gcs_bucket}/fmt{zarr_format}.zarr"
+    data = np.arange(40 * 30, dtype="f4").reshape(40, 30)
+    cloudio.save_array(data, url, chunks=(40, 30), zarr_format=zarr_format)
+    n = len(gcs_emulator.requests())
+    np.testing.assert_array_equal(cloudio.load_array(url), data)
+    names = sorted(r.path.split("%2F")[-1].split("?")[0] for r in gcs_emulator.requests()[n:]
+                   if r.method == "GET" and "%2Fc" not in r.path and "%2F0" not in r.path)
+    if zarr_format == 3:
+        assert names == [".cloudio-write-in-progress", "zarr.json"]
+    else:
+        assert names == [".cloudio-write-in-progress", ".zarray", ".zattrs", "zarr.json", "zarr.json"]

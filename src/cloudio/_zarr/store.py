@@ -762,10 +762,17 @@ def open_complete_array(store: JournaledStore, check_marker: bool,
     from zarr.api.asynchronous import open_array
     from zarr.core.buffer import default_buffer_prototype
 
+    async def open_it() -> Any:
+        if zarr_format is not None:
+            return await open_array(store=store, mode="r", zarr_format=zarr_format)
+        try:  # Zarr v3 first: one GET; zarr's own probe of both formats makes three
+            return await open_array(store=store, mode="r", zarr_format=3)
+        except FileNotFoundError:  # zarr's ArrayNotFoundError is one: a v2 array, or nothing there
+            return await open_array(store=store, mode="r", zarr_format=None)
+
     async def both() -> tuple[Any, Any]:
         marker = store.get(MARKER, prototype=default_buffer_prototype()) if check_marker else _nothing()
-        return await asyncio.gather(marker, open_array(store=store, mode="r", zarr_format=zarr_format),
-                                    return_exceptions=True)
+        return await asyncio.gather(marker, open_it(), return_exceptions=True)
 
     marker, opened = _sync(both())
     if isinstance(marker, BaseException):
