@@ -318,6 +318,20 @@ def test_a_small_shard_upload_that_failed_is_the_only_one_sent_again(gcs_emulato
     assert zarr.open_array(cloudio.zarr_store(url), mode="r")[...].tobytes() == a.tobytes()
 
 
+def test_a_batch_whose_every_connection_failed_sends_the_rest_the_careful_way(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy) -> None:
+    """The first ten uploads (one per connection of the batch) are reset: no connection is left for the
+    eleventh shard, never sent; all eleven go again one at a time, and the array reads back whole."""
+    a = _data("float32", 0.0)
+    url = f"{gcs_bucket}/all-failed.zarr"
+    rule = fault_proxy.add("reset", method="POST", path=_SHARD_UPLOAD, after=5, times=10)
+    cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+    assert rule.hits == 10
+    assert len(fault_proxy.requests(_SHARD_UPLOAD)) == 10 + 11
+    fault_proxy.clear()
+    assert zarr.open_array(cloudio.zarr_store(url), mode="r")[...].tobytes() == a.tobytes()
+
+
 #: float32 shards (512 KiB) are read on the event loop, float64 ones (1 MiB) in threads (shard_codec.read)
 BOTH_READ_PATHS = pytest.mark.parametrize("dtype", ["float32", "float64"], ids=["loop", "threads"])
 

@@ -257,8 +257,7 @@ def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: fl
     except BaseException:
         _drop(origin)
         raise
-    crc = google_crc32c.value(buf[:n])
-    return n, want, base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+    return n, want, _crc32c(buf[:n])
 
 
 def _failed_transiently(e: BaseException) -> bool:
@@ -718,8 +717,7 @@ async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray | None) -
     if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
         validate_response(status, error, url)
     got = np.frombuffer(body, dtype="u1")
-    crc = google_crc32c.value(got)
-    return got, headers, base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+    return got, headers, _crc32c(got)
 
 
 async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray | None, *,
@@ -873,8 +871,7 @@ async def put_each(fs: gcsfs.GCSFileSystem, count: int, body: Callable[[int], tu
         if got is None:
             return None
         path, data = got
-        crc = base64.b64encode(google_crc32c.value(np.frombuffer(data, dtype="u1")).to_bytes(4, "big")).decode("ascii")
-        sent[i] = (path, len(data), crc)
+        sent[i] = (path, len(data), _crc32c(np.frombuffer(data, dtype="u1")))
         target = _with_params(fs, f"{parts.path}{quote(path.bucket, safe='')}/o?uploadType=media"
                                   f"&name={quote(path.key, safe='')}")
         line = (f"POST {target} HTTP/1.1\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n")
@@ -948,6 +945,7 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
             elif not busy:  # the last connection failed: what is left goes the careful way
                 done.set_result(None)
         except BaseException as e:
+            conn.close()
             done.set_exception(e)
 
     def watch() -> None:
@@ -968,6 +966,7 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
         try:
             go(conn)
         except BaseException as e:
+            conn.close()
             if not done.done():
                 done.set_exception(e)
 
@@ -989,12 +988,17 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
     return sorted(later + todo), pause
 
 
+def _crc32c(data: np.ndarray) -> str:
+    """The CRC32C of ``data`` as GCS spells it (base64 of the big-endian value)."""
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode("ascii")
+
+
 def _crc_matches(path: GCSPath, headers: _Headers, body: np.ndarray) -> bool:
     """The body's CRC32C is the one the server sent (or the server sent none); a mismatch is logged."""
     want = header_crc(headers)
     if want is None:
         return True
-    got = base64.b64encode(google_crc32c.value(body).to_bytes(4, "big")).decode("ascii")
+    got = _crc32c(body)
     if got == want:
         return True
     _mismatch(path, len(body), got, want)

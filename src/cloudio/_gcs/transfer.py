@@ -300,7 +300,7 @@ async def put_verified_each(
         return got
 
     def stored(i: int, path: GCSPath, meta: dict[str, Any], size: int, crc: str) -> bool:
-        with gates.pop(i):  # no fs.invalidate_cache here: the journal record wrote() makes drops the listings
+        with gates.pop(i):  # no fs.invalidate_cache on success: the journal record wrote() makes drops listings
             if int(meta.get("size", -1)) != size or meta.get("crc32c") != crc:
                 fs.invalidate_cache(path.fs_path)
                 log.warning("%s: stored object differs from what was sent (size %s vs %s, crc32c %s vs %s); "
@@ -324,7 +324,7 @@ async def put_verified_each(
                 await put_verified(fs, got[0], got[1], content_type="application/octet-stream", record=False,
                                    media=True)
                 wrote(i, got[0], len(got[1]))
-            del unsure[i]
+            unsure.pop(i, None)  # (one never sent is not there)
     finally:
         for gate in gates.values():
             gate.close()
