@@ -144,6 +144,11 @@ def written_here(root_url: str) -> bool:
     return _metadata.knows(root_url.rstrip("/"))
 
 
+def _joined(root: GCSPath, key: str) -> GCSPath:
+    """The object of store key ``key`` under the store's root ``root``."""
+    return GCSPath(root.bucket, f"{root.key}/{key}" if root.key else key)
+
+
 class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     """A wrapper store that records every successful write and delete in the journal.
 
@@ -224,8 +229,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             return await super().get(key, prototype, byte_range)
         from cloudio._gcs.fast import get_into
 
-        path = GCSPath(root.bucket, f"{root.key}/{key}" if root.key else key)
-        body = await get_into(self._store.fs, path, None)
+        body = await get_into(self._store.fs, _joined(root, key), None)
         return None if body is None else prototype.buffer.from_bytes(body.data)
 
     # -- recording ---------------------------------------------------------------------------
@@ -296,7 +300,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             if key.rsplit("/", 1)[-1] in _META_NAMES:
                 raise ValueError(f"set_each writes chunks, not the metadata document {key!r}: use set")
             keys[i] = key
-            return GCSPath(root.bucket, f"{root.key}/{key}" if root.key else key), data
+            return _joined(root, key), data
 
         def wrote(i: int, path: GCSPath, size: int) -> None:
             journal().record(self._url(keys[i]), "write", size=size, parsed=path)
