@@ -30,6 +30,9 @@ X-Goog-Hash header, so checking each shard would cost a metadata request
 per object. Small objects (:func:`get_into`) are read on the event loop
 instead, over keep-alive connections of this module's own: the same checks,
 without aiohttp's per-request machinery, which was most of their cost.
+Many small objects, down or up, go in one batch (:func:`get_each`,
+:func:`put_each`): each connection sends its next request from the
+callback of its last answer, and whatever fails goes the careful way above.
 """
 
 from __future__ import annotations
