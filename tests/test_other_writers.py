@@ -308,7 +308,9 @@ def test_load_array_strong_unchanged_costs_no_more_than_plain_zarr(gcs_bucket: s
     raw = counter.take()
     with cloudio.session("session"):
         cloudio.load_array(url)
-    assert len(counter.take()) == len(raw) + 1  # the write marker's GET, as before this level existed
+    # the write marker's GET, as before this level existed; and zarr.json alone where zarr also probes
+    # .zarray and .zattrs (a v3 array opens with one metadata GET)
+    assert len(counter.take()) == len(raw) + 1 - 2
     with cloudio.session("strong"):
         np.testing.assert_array_equal(cloudio.load_array(url), np.arange(10))
     strong = counter.take()
