@@ -25,7 +25,6 @@ when some of the changes asked for are no longer kept.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import itertools
 import logging
@@ -53,12 +52,6 @@ _CONSUMER_MODULES = (("rasterio", "cloudio._gdal.consumer"), ("fsspec", "cloudio
 ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
-@functools.lru_cache(maxsize=1024)
-def _gcs_path(url: str) -> GCSPath | None:
-    """``url`` parsed, once for every consumer of a change (parsing is most of what some of them do)."""
-    return parse_gcs(url) if is_gcs(url) else None
-
-
 @dataclass(frozen=True, slots=True)
 class Change:
     """One thing that happened to ``url`` (a journal key, see :mod:`cloudio._paths`).
@@ -74,11 +67,14 @@ class Change:
     size: int | None = None
     prefix: bool = False
     origin: str = ORIGIN
-    parsed: GCSPath | None = field(default=None, compare=False, repr=False)  #: ``url`` parsed, when the writer had it
+    #: ``url`` parsed, once for every consumer (parsing is most of what some of them do)
+    parsed: GCSPath | None = field(default=None, compare=False, repr=False)
 
     @property
     def path(self) -> GCSPath | None:
-        return self.parsed if self.parsed is not None else _gcs_path(self.url)
+        if self.parsed is not None:
+            return self.parsed
+        return parse_gcs(self.url) if is_gcs(self.url) else None
 
     def touches(self, read: str) -> bool:
         """Could this change make a cached view of ``read`` (object or prefix) stale?
@@ -137,6 +133,11 @@ class WriteJournal:
         """Record that ``url`` (already normalised; ``parsed``: the same as a GCSPath) was written, deleted or
         invalidated."""
         _ensure_consumers()
+        if parsed is None and is_gcs(url):
+            try:
+                parsed = parse_gcs(url)
+            except Exception:  # a consumer reading .path meets the error, as before: the record is kept
+                parsed = None
         with self._lock:
             seq = next(self._seq)
             change = Change(seq, url, kind, generation, size, prefix, origin if origin is not None else ORIGIN,

@@ -114,30 +114,41 @@ async def _post_small(fs: gcsfs.GCSFileSystem, url: str, data: bytes | memoryvie
     and response objects) a small upload spent most of its time in Python;
     measured on the emulator, ``save_array`` of layout c
     (``benchmarks/bench_peers.py``, 100 objects of 40 KB) took 70 ms that
-    way and 52 ms this way. Retried as ``_call`` retries (408/429/5xx,
-    resets, timeouts, up to the filesystem's ``retries`` with back-off,
-    within its time limit); gcsfs's error mapping applies. The last failure
-    is raised as it is: :func:`cloudio._gcs.transfer.put_verified` says
-    what became of the object.
+    way and 52 ms this way. The last failure is raised as it is:
+    :func:`cloudio._gcs.transfer.put_verified` says what became of the object.
     """
-    from gcsfs.retry import validate_response
-
-    parts = urlsplit(url)
-    request = (f"POST {parts.path}?{parts.query} HTTP/1.1\r\nContent-Type: {content_type}\r\n"
-               f"Content-Length: {len(data)}\r\n").encode("latin-1") + _head_tail(fs, parts) + data
-    answer = memoryview(bytearray(_ANSWER_ROOM))
-
-    async def once() -> dict[str, Any]:
-        try:
-            status, _, body, error = await _exchange(_origin(parts), request, answer)
-        except _TooLarge as e:
-            raise _BadAnswer(f"an upload's answer of {e}") from e
-        if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
-            validate_response(status, error, url)
+    def resource(body: memoryview) -> dict[str, Any]:
         meta = json.loads(bytes(body))
         if not isinstance(meta, dict):
             raise _BadAnswer(f"not an object resource: {bytes(body[:80])!r}")
         return meta
+
+    return await _changing(fs, "POST", url, resource, data, content_type)
+
+
+async def _changing(fs: gcsfs.GCSFileSystem, method: str, url: str, answer: Callable[[memoryview], T],
+                    data: bytes | memoryview = b"", content_type: str | None = None) -> T:
+    """A request that changes an object (an upload, a delete) over a kept connection: ``answer(body)``
+    of its answer. Retried as gcsfs's ``_call`` retries (408/429/5xx, resets, timeouts, up to the
+    filesystem's ``retries`` with back-off, within its time limit); gcsfs's error mapping applies."""
+    from gcsfs.retry import validate_response
+
+    parts = urlsplit(url)
+    target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+    head = f"{method} {target} HTTP/1.1\r\n"
+    if content_type is not None:
+        head += f"Content-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
+    request = head.encode("latin-1") + _head_tail(fs, parts) + data
+    room = memoryview(bytearray(_ANSWER_ROOM))
+
+    async def once() -> T:
+        try:
+            status, _, body, error = await _exchange(_origin(parts), request, room)
+        except _TooLarge as e:
+            raise _BadAnswer(f"an answer of {e}") from e
+        if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 412 -> FileExistsError, ...
+            validate_response(status, error, url)
+        return answer(body)
 
     return await _retrying(fs, once, functools.partial(_upload_pause, url))
 
@@ -769,23 +780,10 @@ async def delete_object(fs: gcsfs.GCSFileSystem, path: GCSPath, if_generation_ma
     """Delete the object at ``path`` over a kept connection (only at that generation, when given), retried
     as an upload is; gcsfs's error mapping: 404 is ``FileNotFoundError``, a failed precondition (412)
     ``FileExistsError``."""
-    from gcsfs.retry import validate_response
-
     url = f"{fs._location}/storage/v1/b/{quote(path.bucket, safe='')}/o/{quote(path.key, safe='')}"
     if if_generation_match is not None:
         url += f"?ifGenerationMatch={if_generation_match}"
-    url = _with_params(fs, url)
-    parts = urlsplit(url)
-    target = f"{parts.path}?{parts.query}" if parts.query else parts.path
-    request = f"DELETE {target} HTTP/1.1\r\n".encode("latin-1") + _head_tail(fs, parts)
-    answer = memoryview(bytearray(_ANSWER_ROOM))
-
-    async def once() -> None:
-        status, _, _, error = await _exchange(_origin(parts), request, answer)
-        if status >= 400:
-            validate_response(status, error, url)
-
-    await _retrying(fs, once, functools.partial(_upload_pause, url))
+    await _changing(fs, "DELETE", _with_params(fs, url), lambda _: None)
 
 
 async def get_each(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], room: int,
@@ -808,10 +806,11 @@ async def get_each(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], room: int,
         return
     parts = urlsplit(fs.url(paths[0].fs_path))
     tail = _head_tail(fs, parts)
+    extra = _extra_query(fs)
 
     def request(i: int) -> bytes:
-        p = urlsplit(_with_params(fs, fs.url(paths[i].fs_path)))
-        return f"GET {p.path}?{p.query} HTTP/1.1\r\n".encode("latin-1") + tail
+        p = urlsplit(fs.url(paths[i].fs_path))
+        return f"GET {p.path}?{p.query}{extra} HTTP/1.1\r\n".encode("latin-1") + tail
 
     def answered(i: int, status: int, headers: _Headers, body: np.ndarray) -> bool:
         if status == 200 and _crc_matches(paths[i], headers, body):
@@ -832,10 +831,16 @@ async def get_each(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], room: int,
 def _with_params(fs: gcsfs.GCSFileSystem, url: str) -> str:
     """``url`` with the query parameters gcsfs adds to every request (``userProject`` for a requester-pays
     filesystem), so a request sent outside its session is the request it would send."""
-    params = fs._get_params({})
-    if not params:
+    extra = _extra_query(fs)
+    if not extra:
         return url
-    return f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
+    return f"{url}{extra}" if "?" in url else f"{url}?{extra[1:]}"
+
+
+def _extra_query(fs: gcsfs.GCSFileSystem) -> str:
+    """gcsfs's own query parameters, as ``&name=value...`` to append to a query ("" when there are none)."""
+    params = fs._get_params({})
+    return f"&{urlencode(params)}" if params else ""
 
 
 def _head_tail(fs: gcsfs.GCSFileSystem, parts: SplitResult) -> bytes:
@@ -867,6 +872,7 @@ async def put_each(fs: gcsfs.GCSFileSystem, count: int, body: Callable[[int], tu
     url = f"{fs._location}/upload/storage/v1/b/"
     parts = urlsplit(url)
     tail = _head_tail(fs, parts)
+    extra = _extra_query(fs)
     sent: dict[int, tuple[GCSPath, int, str]] = {}
 
     def request(i: int) -> bytes | None:
@@ -875,8 +881,7 @@ async def put_each(fs: gcsfs.GCSFileSystem, count: int, body: Callable[[int], tu
             return None
         path, data = got
         sent[i] = (path, len(data), _crc32c(np.frombuffer(data, dtype="u1")))
-        target = _with_params(fs, f"{parts.path}{quote(path.bucket, safe='')}/o?uploadType=media"
-                                  f"&name={quote(path.key, safe='')}")
+        target = f"{parts.path}{quote(path.bucket, safe='')}/o?uploadType=media&name={quote(path.key, safe='')}{extra}"
         line = (f"POST {target} HTTP/1.1\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n")
         return line.encode("latin-1") + tail + data
 
@@ -916,7 +921,7 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
     later: list[int] = []
     pause = False
     busy: dict[_Answers, int] = {}
-    rooms: dict[_Answers, np.ndarray] = {}
+    rooms: dict[_Answers, tuple[np.ndarray, memoryview]] = {}  # each connection's answer buffer, two views
     done: asyncio.Future[None] = loop.create_future()
 
     def go(conn: _Answers) -> None:
@@ -926,8 +931,7 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
             req = request(i)
             if req is not None:
                 busy[conn] = i
-                out = memoryview(rooms[conn]).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
-                conn.send_then(req, out, then, loop.time())
+                conn.send_then(req, rooms[conn][1], then, loop.time())
                 return
         _keep(origin, conn)
         if not busy and not done.done():
@@ -940,7 +944,7 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
             conn.close()
             return
         try:
-            if error is not None or not answered(i, conn.status, conn.headers, rooms[conn][:conn.received]):
+            if error is not None or not answered(i, conn.status, conn.headers, rooms[conn][0][:conn.received]):
                 later.append(i)
                 pause = pause or (error is None and (conn.status == 429 or conn.status >= 500))
             if error is None and conn.reusable and not conn.closed:
@@ -965,7 +969,8 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
         except Exception:  # its requests are left to the careful way, which says what failed
             log.debug("%s: no connection for the batch", origin, exc_info=True)
             return
-        rooms[conn] = np.empty(room, dtype="u1")
+        buf = np.empty(room, dtype="u1")
+        rooms[conn] = buf, memoryview(buf).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         try:
             go(conn)
         except BaseException as e:

@@ -300,9 +300,10 @@ async def put_verified_each(
         return got
 
     def stored(i: int, path: GCSPath, meta: dict[str, Any], size: int, crc: str) -> bool:
-        with gates.pop(i):  # no fs.invalidate_cache on success: the journal record wrote() makes drops listings
+        # no fs.invalidate_cache here: on success the journal record wrote() makes drops the listings; on
+        # a mismatch put_verified sends the object again and invalidates, and so does the finally below
+        with gates.pop(i):
             if int(meta.get("size", -1)) != size or meta.get("crc32c") != crc:
-                fs.invalidate_cache(path.fs_path)
                 log.warning("%s: stored object differs from what was sent (size %s vs %s, crc32c %s vs %s); "
                             "writing it again", path.url, meta.get("size"), size, meta.get("crc32c"), crc)
                 return False
