@@ -133,6 +133,54 @@ def test_large_reads_fill_a_premapped_output_exactly(gcs_bucket, monkeypatch, ho
     assert back.tobytes() == data.tobytes()
 
 
+def test_a_dropped_outputs_memory_is_lent_to_the_next_read_and_fully_overwritten(gcs_bucket, monkeypatch):
+    """A large output its caller dropped comes back, already mapped, as the next read's output of that
+    size (no page of it is faulted in again); every element is then the new array's, the fill value
+    included where no chunk is stored."""
+    import gc
+    import resource
+
+    from cloudio._zarr import arrays
+
+    monkeypatch.setattr(arrays, "_PREFAULT_MIN_BYTES", 1 << 20)
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "0")  # 4 KiB pages: a fresh 4 MiB output is 1,024 faults
+    data = np.random.default_rng(5).standard_normal((1024, 1024)).astype("f4")
+    cloudio.save_array(data, f"{gcs_bucket}/first.zarr", chunks=(256, 256), shards=(512, 512))
+    sparse = np.zeros((1024, 1024), "f4")
+    sparse[:10, :10] = 7  # one chunk stored; the rest is the fill value, stored nowhere
+    cloudio.save_array(sparse, f"{gcs_bucket}/sparse.zarr", chunks=(256, 256), shards=(512, 512))
+    cloudio.load_array(f"{gcs_bucket}/sparse.zarr")  # the shard buffers of such a read, kept
+    first = cloudio.load_array(f"{gcs_bucket}/first.zarr")
+    assert first.tobytes() == data.tobytes()
+    where = first.ctypes.data
+    del first
+    gc.collect()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    again = cloudio.load_array(f"{gcs_bucket}/sparse.zarr")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 512
+    assert again.ctypes.data == where  # the same memory, lent again
+    assert again.tobytes() == sparse.tobytes()  # nothing of the first array left in it
+
+
+def test_an_output_still_referenced_is_never_lent_again(gcs_bucket, monkeypatch):
+    """A view of an output keeps its memory the caller's: the next read gets other memory and the
+    view's values stay as they were."""
+    import gc
+
+    from cloudio._zarr import arrays
+
+    monkeypatch.setattr(arrays, "_PREFAULT_MIN_BYTES", 1 << 20)
+    a = np.random.default_rng(6).standard_normal((1024, 1024)).astype("f4")
+    b = -a
+    cloudio.save_array(a, f"{gcs_bucket}/a.zarr", chunks=(256, 256), shards=(512, 512))
+    cloudio.save_array(b, f"{gcs_bucket}/b.zarr", chunks=(256, 256), shards=(512, 512))
+    view = cloudio.load_array(f"{gcs_bucket}/a.zarr")[100:200]  # the output itself is dropped at once
+    gc.collect()
+    other = cloudio.load_array(f"{gcs_bucket}/b.zarr")
+    assert not np.shares_memory(view, other)
+    assert view.tobytes() == a[100:200].tobytes() and other.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize("kernel", ["MADV_POPULATE_WRITE", "older"])
 def test_mapping_an_outputs_pages_keeps_what_was_written(monkeypatch, kernel):
     """The call that maps load_array's output runs while readers fill it: it must not touch the bytes."""

@@ -60,3 +60,18 @@ def test_the_pool_keeps_at_most_its_bytes_and_lets_them_go_when_idle() -> None:
     while pool.kept() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pool.kept() == 0  # let go a little after the last give
+
+
+def test_a_lent_array_comes_back_when_its_last_view_is_gone() -> None:
+    from cloudio._zarr.buffers import lend
+
+    pool = BufferPool(keep_bytes=1 << 20, keep_seconds=60)
+    buf = pool.take(4096)
+    out = lend(buf, (32, 32), "f4", pool)
+    assert out.shape == (32, 32) and out.flags.writeable and out.ctypes.data == _address(buf)
+    view = out[3:5]
+    del out, buf
+    assert pool.kept() == 0  # a view still holds it
+    del view
+    assert pool.kept() == 4096
+    pool.clear()

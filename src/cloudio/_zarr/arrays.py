@@ -31,6 +31,7 @@ import numpy as np
 
 from cloudio import _config
 from cloudio._zarr import shard_codec as _shardio
+from cloudio._zarr.buffers import lend, outputs
 from cloudio._zarr.shard_codec import plain_layout
 from cloudio._zarr.shard_safety import align, write_grid
 from cloudio._zarr.shard_safety import is_dask as _is_dask
@@ -261,7 +262,9 @@ def _output(shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, Callable[[]
     ``benchmarks/bench_peers.py`` in 0.19 s against 0.27 s, and layout b
     in 0.10 s against 0.12 s. One huge mapping populated at once, unlike
     zarr's many fresh buffers, does not leave the kernel compacting memory
-    under the read (see :func:`_no_hugepage_advice`).
+    under the read (see :func:`_no_hugepage_advice`). Better still, the
+    memory of an earlier output its caller has dropped, already mapped
+    (:func:`cloudio._zarr.buffers.lend`): then there is nothing to map.
 
     The populating call leaves what was written alone, so it may run while
     the read fills the array (:func:`cloudio._zarr.shard_codec.read` runs
@@ -269,7 +272,9 @@ def _output(shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, Callable[[]
     ``MADV_POPULATE_WRITE`` (before Linux 5.14) the pages are touched one by
     one here instead, and the call does nothing. ``NUMPY_MADVISE_HUGEPAGE=0``
     keeps 4 KiB pages. Small arrays, object dtypes and systems without
-    anonymous mappings get None: the caller lets NumPy allocate.
+    anonymous mappings get None: the caller lets NumPy allocate. Every
+    element of the array is written by the read (a kept one holds an
+    earlier array's values).
     """
     import mmap
 
@@ -277,16 +282,20 @@ def _output(shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, Callable[[]
     nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     if dt.hasobject or nbytes < _PREFAULT_MIN_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
         return None
+    kept = outputs.take_kept(nbytes)
+    if kept is not None:
+        return lend(kept, shape, dt), _nothing
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     huge = getattr(mmap, "MADV_HUGEPAGE", None)
     if huge is not None and _config.env("NUMPY_MADVISE_HUGEPAGE") != "0":
         buf.madvise(huge)
-    out = np.frombuffer(buf, dtype=dt).reshape(shape)
+    raw = np.frombuffer(buf, dtype="u1")
+    out = lend(raw, shape, dt)
     madvise = _libc_madvise()
     address = out.ctypes.data
     # supported? (one page: no time spent)
     if madvise is None or madvise(address, mmap.PAGESIZE, _MADV_POPULATE_WRITE) != 0:
-        np.frombuffer(buf, dtype="u1")[::mmap.PAGESIZE] = 0  # one write per page, before anything is read
+        raw[::mmap.PAGESIZE] = 0  # one write per page, before anything is read
         return out, _nothing
 
     def populate() -> None:

@@ -1,4 +1,4 @@
-"""Shard buffers kept between whole-array reads, for a few seconds.
+"""Shard buffers and output arrays kept between whole-array reads, for a few seconds.
 
 Why: a read of a sharded array holds one buffer of a whole shard per
 worker thread (10 x 16 MiB for layout a of ``benchmarks/bench_peers.py``).
@@ -14,14 +14,27 @@ after the last one was returned, so a process that stops reading holds
 nothing for long. Writes do not borrow them: an
 upload cancelled part way may still be flushed to the socket from its
 buffer by the transport, which must then not be another write's.
+
+The memory of a large read's output array comes back the same way
+(:data:`outputs`, :func:`lend`), once the caller holds no reference to it
+any more: a fresh 256 MiB output is 65,536 first touches of 4 KiB pages,
+or 128 of 2 MiB huge pages that the kernel may first have to compact
+memory for. In ``benchmarks/bench_peers.py``, whose other sides leave the
+process's memory fragmented, mapping a fresh output for layout a took
+100 to 560 ms of a 180 to 580 ms read; a kept one, none. This is what the
+C library's allocator does for the plain GETs of the transport ceiling,
+whose 16 MiB buffers come back from its heap already mapped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
+import weakref
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 #: the most the pool keeps, all buffers together
 KEEP_BYTES = 256 << 20
@@ -43,12 +56,17 @@ class BufferPool:
 
     def take(self, nbytes: int) -> np.ndarray:
         """A buffer of exactly ``nbytes`` (a kept one at most twice as large, else a new one)."""
+        kept = self.take_kept(nbytes)
+        return np.empty(nbytes, dtype="u1") if kept is None else kept
+
+    def take_kept(self, nbytes: int) -> np.ndarray | None:
+        """A kept buffer cut to exactly ``nbytes`` (one at most twice as large), or None."""
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if nbytes <= len(b) <= 2 * nbytes]
-            if fits:
-                best = min(fits, key=lambda i: len(self._free[i]))
-                return self._free.pop(best)[:nbytes]
-        return np.empty(nbytes, dtype="u1")
+            if not fits:
+                return None
+            best = min(fits, key=lambda i: len(self._free[i]))
+            return self._free.pop(best)[:nbytes]
 
     def give(self, buf: np.ndarray) -> None:
         """Take back a buffer :meth:`take` lent (nothing may use it afterwards)."""
@@ -92,3 +110,22 @@ class BufferPool:
 
 #: the pool of the process's whole-array reads (:func:`cloudio._zarr.shard_codec.read`)
 shard_buffers = BufferPool()
+
+#: the most the pool of outputs keeps: two arrays of the size of ``benchmarks/bench_peers.py`` layout a
+OUTPUT_KEEP_BYTES = 512 << 20
+
+#: the memory of large outputs of whole-array reads, back from callers that dropped them (:func:`lend`)
+outputs = BufferPool(keep_bytes=OUTPUT_KEEP_BYTES)
+
+
+def lend(buf: np.ndarray, shape: tuple[int, ...], dtype: DTypeLike, pool: BufferPool = outputs) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` over ``buf``, whose memory goes back to ``pool`` when the last
+    array or view over it is gone (then nothing can reach it any more).
+
+    The array's memory is owned by a ctypes array (numpy arrays and views keep their owner alive, and a
+    ctypes array, unlike an ndarray, can tell when it dies: a weak reference's finalizer).
+    """
+    owner = (ctypes.c_char * len(buf)).from_buffer(memoryview(buf))  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+    weakref.finalize(owner, pool.give, buf).atexit = False
+    out: np.ndarray = np.frombuffer(memoryview(owner), dtype=dtype).reshape(shape)
+    return out
