@@ -91,11 +91,15 @@ def test_write_empty_chunks_writes_every_chunk_like_zarr(gcs_emulator: Emulator,
     assert "c/1/1" in theirs
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"], ids=["loop", "threads"])
 @pytest.mark.parametrize("index_location", ["end", "start"])
-def test_reads_what_zarr_wrote_bit_exact(gcs_emulator: Emulator, gcs_bucket: str, index_location: str) -> None:
+def test_reads_what_zarr_wrote_bit_exact(gcs_emulator: Emulator, gcs_bucket: str, index_location: str,
+                                         dtype: str) -> None:
+    """zarr's shards (chunks in Morton order, one left out, one shard all fill, cut at both edges) read
+    back exactly, each in one GET: on the event loop, and in threads, where whole shards stream."""
     from zarr.codecs import ShardingCodec
 
-    a = _data("float32", np.nan)
+    a = _data(dtype, np.nan)
     url = f"{gcs_bucket}/theirs.zarr"
     z = zarr.create_array(
         cloudio.zarr_store(url), shape=a.shape, dtype=a.dtype, chunks=SHARDS, compressors=None,

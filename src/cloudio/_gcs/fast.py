@@ -244,34 +244,48 @@ def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: fl
     """One GET of ``url`` into ``buf``: bytes received, the server's CRC32C (base64) or None, ours."""
     from gcsfs.retry import validate_response
 
-    parts = urlsplit(url)
-    origin = _origin(parts)
-    conn = _connection(origin, _socket_timeout(fs))
+    origin, r = _ask(fs, url)
     try:
-        conn.request("GET", f"{parts.path}?{parts.query}", headers=fs._get_headers(None))
-        r = conn.getresponse()
         if r.status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
             validate_response(r.status, r.read(), url)
-        if r.length is not None and r.length > len(buf):
-            raise _TooLarge(f"{r.length} bytes, more than {len(buf)}")
-        view = memoryview(buf)  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
-        n = 0
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the answer took longer than the time limit ({n} bytes received)")
-            if n == len(buf):
-                if r.read(1):
-                    raise _TooLarge(f"more than {len(buf)} bytes")
-                break
-            got = r.readinto(view[n:])
-            if not got:
-                break
-            n += got
+        n = _body_into(r, buf, deadline)
         want = header_crc(r.headers)
     except BaseException:
         _drop(origin)
         raise
     return n, want, _crc32c(buf[:n])
+
+
+def _ask(fs: gcsfs.GCSFileSystem, url: str) -> tuple[tuple[str, str, int], http.client.HTTPResponse]:
+    """A GET of ``url`` on this thread's connection to its origin, answered up to the body."""
+    parts = urlsplit(url)
+    origin = _origin(parts)
+    conn = _connection(origin, _socket_timeout(fs))
+    try:
+        conn.request("GET", f"{parts.path}?{parts.query}", headers=fs._get_headers(None))
+        return origin, conn.getresponse()
+    except BaseException:
+        _drop(origin)
+        raise
+
+
+def _body_into(r: http.client.HTTPResponse, buf: np.ndarray, deadline: float) -> int:
+    """Read the whole body of ``r`` into ``buf``; the bytes it holds."""
+    if r.length is not None and r.length > len(buf):
+        raise _TooLarge(f"{r.length} bytes, more than {len(buf)}")
+    view = memoryview(buf)  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+    n = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the answer took longer than the time limit ({n} bytes received)")
+        if n == len(buf):
+            if r.read(1):
+                raise _TooLarge(f"more than {len(buf)} bytes")
+            return n
+        got = r.readinto(view[n:])
+        if not got:
+            return n
+        n += got
 
 
 def _failed_transiently(e: BaseException) -> bool:
@@ -356,6 +370,76 @@ def fetch_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray, *,
             return memoryview(buf[:n])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         last = _mismatch(path, n, got, want)
     raise _never_matched(path, last, attempts)
+
+
+def fetch_pieces(fs: gcsfs.GCSFileSystem, path: GCSPath, plan: Callable[[int], Sequence[int] | None],
+                 piece: np.ndarray, take: Callable[[int, np.ndarray], None],
+                 whole: Callable[[], np.ndarray]) -> bool | memoryview | None:
+    """One GET of the object at ``path``, its body handed to ``take`` a piece at a time through ``piece``.
+
+    Blocking, like :func:`fetch_into`. Why: a large object read whole into
+    a buffer is then read twice more from memory (its CRC32C, and the
+    copy out of it); here each piece is checked and used while it is still
+    in the processor's cache. ``plan(length)`` cuts a body of ``length``
+    bytes into the sizes of its pieces (each at most ``len(piece)``), or
+    returns None to have it read whole into ``whole()`` instead, as
+    :func:`fetch_into` would. ``take(i, data)`` gets piece ``i``, a view of
+    ``piece`` valid until it returns.
+
+    One attempt, the happy path only. Returns True when every piece went
+    through ``take`` and the whole body matched the response's CRC32C (or
+    it sent none); a view of ``whole()``'s buffer when the body was read
+    whole and matched; None when there is no such object; False for
+    anything else: another answer, a body of no stated length, a failure
+    on the way, an exception from ``take``, a CRC32C mismatch. ``take`` may
+    then have seen some pieces, or all: the caller reads the object the
+    careful way (:func:`fetch_into`, with its retries and errors) and
+    writes over what the pieces wrote.
+    """
+    url = _with_params(fs, fs.url(path.fs_path))
+    deadline = time.monotonic() + _budget(fs)[0]
+    origin: tuple[str, str, int] | None = None
+    try:
+        origin, r = _ask(fs, url)
+        if r.status == 404:
+            r.read()
+            return None
+        if r.status != 200 or r.length is None:
+            raise ConnectionError(f"HTTP {r.status}, {r.length} bytes")
+        want = header_crc(r.headers)
+        sizes = plan(r.length)
+        if sizes is None:
+            buf = whole()
+            n = _body_into(r, buf, deadline)
+            got = _crc32c(buf[:n])
+            result: bool | memoryview = memoryview(buf[:n])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+        else:
+            crc = 0
+            view = memoryview(piece)  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+            for i, size in enumerate(sizes):
+                n = 0
+                while n < size:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the answer took longer than the time limit ({n} bytes of a piece)")
+                    k = r.readinto(view[n:size])
+                    if not k:
+                        raise ConnectionError(f"the answer ended {size - n} bytes early")
+                    n += k
+                data = piece[:size]
+                crc = google_crc32c.extend(crc, data)
+                take(i, data)
+            if r.read(1):
+                raise ConnectionError("the answer is longer than its Content-Length")
+            got, n, result = _crc_text(crc), sum(sizes), True
+    except Exception as e:
+        if origin is not None:
+            _drop(origin)
+        log.debug("%s: read in one go failed (%s: %s); reading it the careful way", path.url, type(e).__name__, e)
+        return False
+    if want is not None and got != want:
+        _mismatch(path, n, got, want)
+        return False
+    return result
 
 
 # -- small objects: GETs on the event loop, over keep-alive connections of our own --------------------
@@ -997,8 +1081,13 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
 
 
 def _crc32c(data: np.ndarray) -> str:
-    """The CRC32C of ``data`` as GCS spells it (base64 of the big-endian value)."""
-    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode("ascii")
+    """The CRC32C of ``data`` as GCS spells it."""
+    return _crc_text(google_crc32c.value(data))
+
+
+def _crc_text(crc: int) -> str:
+    """A CRC32C value as GCS spells it (base64 of the big-endian value)."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
 
 
 def _crc_matches(path: GCSPath, headers: _Headers, body: np.ndarray) -> bool:

@@ -38,6 +38,7 @@ tests/test_peers.py check both directions).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     import gcsfs
     import zarr
 
+    from cloudio._paths import GCSPath
     from cloudio._zarr.store import JournaledStore
 
 log = logging.getLogger(__name__)
@@ -113,13 +115,24 @@ class Layout:
         return itertools.product(*(range(-(-n // s)) for n, s in zip(self.shape, self.shard, strict=True)))
 
     def chunks_in(self, shard: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
-        """Each chunk of ``shard`` that overlaps the array: its place in the shard, and in the array."""
-        for c in itertools.product(*(range(n) for n in self.per_shard)):
+        """Each chunk of ``shard`` that overlaps the array: its place in the shard, and in the array; in
+        the order zarr stores a shard's chunks (Morton order), so a shard's bytes are zarr's."""
+        for c in _morton(self.per_shard):
             lo = [si * s + ci * k for si, s, ci, k in zip(shard, self.shard, c, self.chunk, strict=True)]
             # chunks beyond the edge are never stored
             if all(start < n for start, n in zip(lo, self.shape, strict=True)):
                 where = zip(lo, self.chunk, self.shape, strict=True)
                 yield c, tuple(slice(start, min(start + k, n)) for start, k, n in where)
+
+
+@functools.cache
+def _morton(shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Every chunk of a shard of ``shape`` chunks in zarr's Morton order (C order where zarr has none)."""
+    try:
+        from zarr.core.indexing import morton_order_iter
+    except ImportError:  # another zarr: any order is a valid shard, its index says where
+        return tuple(itertools.product(*(range(n) for n in shape)))
+    return tuple(tuple(int(i) for i in c) for c in morton_order_iter(shape))
 
 
 def plain_layout(z: zarr.Array[Any]) -> Layout | None:
@@ -260,13 +273,18 @@ def _encode_chunk(layout: Layout, array: np.ndarray, at: tuple[int, ...], buf: n
 
 def _shard_index(layout: Layout, data: np.ndarray, url: str) -> np.ndarray:
     """The (offset, nbytes) of every chunk of a stored shard, its CRC32C checked."""
-    import google_crc32c
-
     if not layout.sharded:  # one chunk, the whole object
         return np.array([0, len(data)], dtype="<u8").reshape((*layout.per_shard, 2))
     n = layout.index_nbytes
-    raw = (data[-n:] if layout.index_at_end else data[:n]).tobytes()
-    if len(data) < n or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+    return _parsed_index(layout, (data[-n:] if layout.index_at_end else data[:n]).tobytes() if len(data) >= n else b"",
+                         url)
+
+
+def _parsed_index(layout: Layout, raw: bytes, url: str) -> np.ndarray:
+    """:func:`_shard_index` of the index's own bytes."""
+    import google_crc32c
+
+    if len(raw) != layout.index_nbytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         raise IntegrityError(
             f"{url}: the shard index fails its CRC32C check (the object is damaged or not a shard); "
             "rewrite the array"
@@ -474,18 +492,21 @@ _MAX_READERS = 32
 
 
 def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray, meanwhile: Callable[[], None] | None = None) -> None:
-    """Fill ``out`` with all of ``z``: one GET per shard, into a buffer each worker reuses.
+    """Fill ``out`` with all of ``z``: one GET per shard.
 
     ``meanwhile`` runs on the calling thread while the first shards are on
     their way (mapping ``out``'s pages: :func:`cloudio._zarr.arrays._output`),
     or first where the reads run on the event loop.
 
     On GCS, for objects of a MiB or more, each worker is a thread that GETs
-    a shard into its buffer (:func:`cloudio._gcs.fast.fetch_into`,
+    one shard at a time; the GIL is released while bytes arrive and while
+    NumPy copies them. Raw chunks stream from the socket into ``out``
+    through a buffer of :data:`_PIECE_BYTES` (:func:`_stream`); compressed
+    ones, and any shard the stream could not take, are read whole into a
+    buffer the worker reuses (:func:`cloudio._gcs.fast.fetch_into`,
     CRC32C-checked; the shard index's own CRC32C covers only the index) and
-    copies its chunks into ``out``; the GIL is released while bytes arrive
-    and while NumPy copies them. Smaller objects, and other stores, are read
-    by tasks on zarr's event loop (measured quicker there: see
+    decoded from there. Smaller objects, and other stores, are read by tasks
+    on zarr's event loop (measured quicker there: see
     :func:`cloudio._gcs.fast.fetch_into`).
     """
     gcs = _gcs_shards(z)
@@ -499,23 +520,39 @@ def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray, meanwhile: Callabl
 
     fs, base = gcs
     shards = list(layout.shards())
+    order = ["morton"]  # how the shards' chunks are stored, as the last shard streamed showed (see _stream)
+    row = layout.chunk_nbytes // layout.chunk[0]
 
     def worker() -> None:
-        buf = shard_buffers.take(layout.shard_nbytes)
+        piece = shard_buffers.take(max(_PIECE_BYTES // row, 1) * row) if layout.zstd is None else None
+        buf: np.ndarray | None = None
+
+        def whole() -> np.ndarray:
+            nonlocal buf
+            if buf is None:
+                buf = shard_buffers.take(layout.shard_nbytes)
+            return buf
+
         try:
             while True:
                 try:
                     shard = shards.pop()
                 except IndexError:
                     return
-                url = f"{base}/{z.metadata.encode_chunk_key(shard)}"
-                got = fetch_into(fs, parse_gcs(url), buf)
+                path = parse_gcs(f"{base}/{z.metadata.encode_chunk_key(shard)}")
+                got = False if piece is None else _stream(fs, path, layout, shard, out, piece, whole, order)
+                if got is True:
+                    continue
+                if got is False:
+                    got = fetch_into(fs, path, whole())
                 if got is None:  # a shard of nothing but the fill value
                     _fill(layout, shard, out)
                 else:
-                    _decode(layout, np.frombuffer(got, dtype="u1"), shard, out, url)
+                    _decode(layout, np.frombuffer(got, dtype="u1"), shard, out, path.url)
         finally:
-            shard_buffers.give(buf)
+            for b in (piece, buf):
+                if b is not None:
+                    shard_buffers.give(b)
 
     pool = _reader_threads()
     futures = [pool.submit(worker) for _ in range(_workers(layout, len(shards)))]
@@ -528,6 +565,104 @@ def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray, meanwhile: Callabl
         shards.clear()  # the other workers stop after the shard each holds: nothing writes to out later
         wait(futures)
         raise
+
+
+#: bytes of a raw shard a reader takes from the socket at a time (:func:`_stream`): within the L2 cache
+#: (a MiB per core here), where 64 KiB and 4 MiB pieces read layout a of bench_peers.py more slowly
+_PIECE_BYTES = 1 << 20
+
+
+class _NotAsGuessed(Exception):
+    """A shard's index does not place its chunks as :func:`_stream` can."""
+
+
+def _stream(fs: gcsfs.GCSFileSystem, path: GCSPath, layout: Layout, shard: tuple[int, ...], out: np.ndarray,
+            piece: np.ndarray, whole: Callable[[], np.ndarray], order: list[str]) -> bool | memoryview | None:
+    """Read one raw shard (or chunk object) from the socket straight into ``out``, a piece at a time
+    (:func:`cloudio._gcs.fast.fetch_pieces`). True when done; a view of ``whole()`` holding the shard
+    for :func:`_decode`; None when there is no such object; False when it must be read again the
+    careful way (:func:`read`), which then writes over all of the shard's part of ``out``.
+
+    Why: read whole into a buffer, a 16 MiB shard was then read from memory
+    twice more, for its CRC32C and for the copy into ``out``; piece by piece
+    both happen while the piece is in the cache. Layout a of
+    ``benchmarks/bench_peers.py`` read in 154 ms against 182 ms whole.
+
+    Only a shard holding every chunk that overlaps the array streams (its
+    length says so; any other is read whole, on the same answer): its
+    chunks then fill it, each :attr:`Layout.chunk_nbytes`, in some order,
+    and the index says which. An index at the start arrives first. One at
+    the end arrives last, so the chunks are placed as guessed: in the order
+    ``order[0]`` names, the last one a shard of this read was found in
+    (Morton order at first, zarr's and cloudio's; tensorstore's is C
+    order). When the index then places them otherwise, they are moved
+    where it says; a shard at the array's edge, whose chunks were cut to
+    fit the guessed places, is read again whole.
+    """
+    size = layout.chunk_nbytes
+    places = dict(layout.chunks_in(shard))
+    stored = tuple(places)  # Morton order
+    guess = list(stored) if order[0] == "morton" else sorted(stored)
+    k = layout.chunk[0]
+    rows = len(piece) * k // size
+    pieces = [(p, r, min(rows, k - r)) for p in range(len(stored)) for r in range(0, k, rows)]
+    if layout.sharded:  # the index: p = -1
+        pieces.insert(len(pieces) if layout.index_at_end else 0, (-1, 0, 0))
+    index = bytearray()
+
+    def plan(length: int) -> list[int] | None:
+        if length != len(stored) * size + layout.index_nbytes:
+            return None  # a chunk is left out: read it whole
+        return [layout.index_nbytes if p < 0 else n * size // k for p, _, n in pieces]
+
+    def take(i: int, data: np.ndarray) -> None:
+        p, r, n = pieces[i]
+        if p < 0:
+            index[:] = data.tobytes()
+            if not layout.index_at_end:
+                guess[:] = _places_in(layout, bytes(index), stored, path.url)
+            return
+        where = places[guess[p]]
+        block = out[where]
+        valid = min(n, block.shape[0] - r)
+        if valid > 0:
+            laid = data.view(layout.dtype).reshape((n, *layout.chunk[1:]))
+            block[r:r + valid] = laid[(slice(0, valid), *(slice(0, w.stop - w.start) for w in where[1:]))]
+
+    from cloudio._gcs.fast import fetch_pieces
+
+    done = fetch_pieces(fs, path, plan, piece, take, whole)
+    if done is not True or not layout.sharded or not layout.index_at_end:
+        return done
+    try:
+        actual = _places_in(layout, bytes(index), stored, path.url)
+    except (_NotAsGuessed, IntegrityError):
+        return False
+    if actual == guess:
+        return True
+    order[0] = "morton" if actual == list(stored) else "c"
+    if any(w.stop - w.start != n for where in places.values() for w, n in zip(where, layout.chunk, strict=True)):
+        return False  # an edge chunk was cut to fit its guessed place
+    moved = [out[places[c]].copy() for c in guess]  # the p-th chunk stored, where the guess put it
+    for c, block in zip(actual, moved, strict=True):
+        out[places[c]] = block
+    return True
+
+
+def _places_in(layout: Layout, raw: bytes, stored: tuple[tuple[int, ...], ...], url: str) -> list[tuple[int, ...]]:
+    """The chunks of ``stored`` in the order the shard index ``raw`` places them, every one a whole raw
+    chunk; :class:`_NotAsGuessed` when they are not so placed, IntegrityError when the index is damaged."""
+    index = _parsed_index(layout, raw, url)
+    size = layout.chunk_nbytes
+    start = 0 if layout.index_at_end else layout.index_nbytes
+    at: dict[int, tuple[int, ...]] = {}
+    for c in stored:
+        offset, nbytes = (int(v) for v in index[c])
+        p, off = divmod(offset - start, size)
+        if nbytes != size or off or not 0 <= p < len(stored) or p in at:
+            raise _NotAsGuessed(f"{url}: chunk {c} at {offset}, {nbytes} bytes")
+        at[p] = c
+    return [at[p] for p in range(len(stored))]
 
 
 def _fill(layout: Layout, shard: tuple[int, ...], out: np.ndarray) -> None:
