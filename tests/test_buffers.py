@@ -75,3 +75,16 @@ def test_a_lent_array_comes_back_when_its_last_view_is_gone() -> None:
     del view
     assert pool.kept() == 4096
     pool.clear()
+
+
+def test_an_array_dropped_while_its_pool_is_busy_is_let_go_not_waited_for() -> None:
+    """The finalizer of a lent array may run on the thread that holds the pool's lock (a garbage
+    collection inside the pool's own work): it must neither wait for that lock nor reenter it."""
+    from cloudio._zarr.buffers import lend
+
+    pool = BufferPool(keep_bytes=1 << 20, keep_seconds=60)
+    out = lend(pool.take(4096), (1024,), "f4", pool)
+    with pool._lock:  # busy, on this very thread
+        del out  # would deadlock if the finalizer waited
+    assert pool.kept() == 0
+    pool.clear()

@@ -68,10 +68,17 @@ class BufferPool:
             best = min(fits, key=lambda i: len(self._free[i]))
             return self._free.pop(best)[:nbytes]
 
-    def give(self, buf: np.ndarray) -> None:
-        """Take back a buffer :meth:`take` lent (nothing may use it afterwards)."""
+    def give(self, buf: np.ndarray, wait: bool = True) -> None:
+        """Take back a buffer :meth:`take` lent (nothing may use it afterwards).
+
+        ``wait=False``: drop it instead while the pool is busy (a finalizer
+        may run in the middle of the pool's own work, on the thread that
+        holds its lock).
+        """
         base = buf.base if isinstance(buf.base, np.ndarray) else buf
-        with self._lock:
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
             self._free.append(base)
             self._free.sort(key=len)
             while sum(len(b) for b in self._free) > self.keep_bytes:
@@ -79,6 +86,8 @@ class BufferPool:
             self._last = time.monotonic()
             if self._timer is None and self._free:
                 self._start(self.keep_seconds)
+        finally:
+            self._lock.release()
 
     def clear(self) -> None:
         """Let every kept buffer go."""
@@ -126,6 +135,6 @@ def lend(buf: np.ndarray, shape: tuple[int, ...], dtype: DTypeLike, pool: Buffer
     ctypes array, unlike an ndarray, can tell when it dies: a weak reference's finalizer).
     """
     owner = (ctypes.c_char * len(buf)).from_buffer(memoryview(buf))  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
-    weakref.finalize(owner, pool.give, buf).atexit = False
+    weakref.finalize(owner, pool.give, buf, False).atexit = False
     out: np.ndarray = np.frombuffer(memoryview(owner), dtype=dtype).reshape(shape)
     return out

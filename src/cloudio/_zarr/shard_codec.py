@@ -13,8 +13,9 @@ between the user's array and a shard buffer each worker reuses (encoding and
 decoding in a worker thread, so the event loop keeps other transfers moving).
 Writes go through the same journaled store zarr uses (a media upload per
 shard, :mod:`cloudio._gcs.fast`); reads of GCS run in worker threads that
-read each shard from the socket into the worker's buffer, CRC32C-checked
-(:func:`cloudio._gcs.fast.fetch_into`), and copy its chunks out.
+stream each raw shard from the socket into the output, CRC32C-checked on
+the way (:func:`_stream`), or read it into the worker's buffer and copy
+its chunks out (:func:`cloudio._gcs.fast.fetch_into`).
 
 The same holds with a ``zstd`` compressor (each chunk compressed on its own,
 in a worker thread, its compressed size in the index) and for unsharded
@@ -276,8 +277,8 @@ def _shard_index(layout: Layout, data: np.ndarray, url: str) -> np.ndarray:
     if not layout.sharded:  # one chunk, the whole object
         return np.array([0, len(data)], dtype="<u8").reshape((*layout.per_shard, 2))
     n = layout.index_nbytes
-    return _parsed_index(layout, (data[-n:] if layout.index_at_end else data[:n]).tobytes() if len(data) >= n else b"",
-                         url)
+    raw = data[-n:] if layout.index_at_end else data[:n]
+    return _parsed_index(layout, raw.tobytes() if len(data) >= n else b"", url)
 
 
 def _parsed_index(layout: Layout, raw: bytes, url: str) -> np.ndarray:
@@ -568,7 +569,7 @@ def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray, meanwhile: Callabl
 
 
 #: bytes of a raw shard a reader takes from the socket at a time (:func:`_stream`): within the L2 cache
-#: (a MiB per core here), where 64 KiB and 4 MiB pieces read layout a of bench_peers.py more slowly
+#: (a MiB per core here); 256 KiB and 4 MiB pieces read layout a of bench_peers.py more slowly
 _PIECE_BYTES = 1 << 20
 
 
@@ -586,7 +587,8 @@ def _stream(fs: gcsfs.GCSFileSystem, path: GCSPath, layout: Layout, shard: tuple
     Why: read whole into a buffer, a 16 MiB shard was then read from memory
     twice more, for its CRC32C and for the copy into ``out``; piece by piece
     both happen while the piece is in the cache. Layout a of
-    ``benchmarks/bench_peers.py`` read in 154 ms against 182 ms whole.
+    ``benchmarks/bench_peers.py`` read in 158 ms against 192 ms whole
+    (medians of 7 rounds, the output's memory lent again in both).
 
     Only a shard holding every chunk that overlaps the array streams (its
     length says so; any other is read whole, on the same answer): its
