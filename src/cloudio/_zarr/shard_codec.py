@@ -586,9 +586,9 @@ def _stream(fs: gcsfs.GCSFileSystem, path: GCSPath, layout: Layout, shard: tuple
 
     Why: read whole into a buffer, a 16 MiB shard was then read from memory
     twice more, for its CRC32C and for the copy into ``out``; piece by piece
-    both happen while the piece is in the cache. Layout a of
-    ``benchmarks/bench_peers.py`` read in 158 ms against 192 ms whole
-    (medians of 7 rounds, the output's memory lent again in both).
+    both happen while the piece is in the cache. A first version of this
+    read layout a of ``benchmarks/bench_peers.py`` in 158 ms against 192 ms
+    whole (medians of 7 rounds, the output's memory lent again in both).
 
     Only a shard holding every chunk that overlaps the array streams (its
     length says so; any other is read whole, on the same answer): its
