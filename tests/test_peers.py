@@ -143,6 +143,10 @@ def test_tensorstores_c_order_shards_read_in_one_get_each(gcs_emulator: Emulator
     data = _data(layout)
     url = f"{gcs_bucket}/ts-order.zarr"
     write_tensorstore(url, layout, data)
+    p = parse_gcs(url)
+    raw = gcs_emulator.client.bucket(p.bucket).blob(f"{p.key}/c/0/0").download_as_bytes()
+    offsets = np.frombuffer(raw[-(16 * 16 + 4):-4], dtype="<u8").reshape(4, 4, 2)[..., 0]
+    assert offsets[0, 1] < offsets[1, 0]  # C order, not Morton's: the guess is wrong, the chunks must move
     n0 = len(gcs_emulator.requests())
     back = read_cloudio(url, peers_env)
     shard_gets = [r for r in gcs_emulator.requests()[n0:] if r.method == "GET" and "%2Fc%2F" in r.path]
