@@ -129,11 +129,12 @@ class Layout:
 @functools.cache
 def _morton(shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """Every chunk of a shard of ``shape`` chunks in zarr's Morton order (C order where zarr has none)."""
-    try:
-        from zarr.core.indexing import morton_order_iter
-    except ImportError:  # another zarr: any order is a valid shard, its index says where
+    from zarr.core import indexing
+
+    order = getattr(indexing, "morton_order_coords", None) or getattr(indexing, "morton_order_iter", None)  # 3.4, 3.1
+    if order is None:  # another zarr: any order is a valid shard, its index says where
         return tuple(itertools.product(*(range(n) for n in shape)))
-    return tuple(tuple(int(i) for i in c) for c in morton_order_iter(shape))
+    return tuple(tuple(int(i) for i in c) for c in order(shape))
 
 
 def plain_layout(z: zarr.Array[Any]) -> Layout | None:
