@@ -273,19 +273,23 @@ def _body_into(r: http.client.HTTPResponse, buf: np.ndarray, deadline: float) ->
     """Read the whole body of ``r`` into ``buf``; the bytes it holds."""
     if r.length is not None and r.length > len(buf):
         raise _TooLarge(f"{r.length} bytes, more than {len(buf)}")
-    view = memoryview(buf)  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+    n = _read_into(r, memoryview(buf), deadline)  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+    if n == len(buf) and r.read(1):
+        raise _TooLarge(f"more than {len(buf)} bytes")
+    return n
+
+
+def _read_into(r: http.client.HTTPResponse, view: memoryview, deadline: float) -> int:
+    """Read the body of ``r`` into ``view`` until it is full or the body ends; the bytes read."""
     n = 0
-    while True:
+    while n < len(view):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the answer took longer than the time limit ({n} bytes received)")
-        if n == len(buf):
-            if r.read(1):
-                raise _TooLarge(f"more than {len(buf)} bytes")
-            return n
         got = r.readinto(view[n:])
         if not got:
-            return n
+            break
         n += got
+    return n
 
 
 def _failed_transiently(e: BaseException) -> bool:
@@ -417,14 +421,8 @@ def fetch_pieces(fs: gcsfs.GCSFileSystem, path: GCSPath, plan: Callable[[int], S
             crc = 0
             view = memoryview(piece)  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
             for i, size in enumerate(sizes):
-                n = 0
-                while n < size:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"the answer took longer than the time limit ({n} bytes of a piece)")
-                    k = r.readinto(view[n:size])
-                    if not k:
-                        raise ConnectionError(f"the answer ended {size - n} bytes early")
-                    n += k
+                if _read_into(r, view[:size], deadline) < size:
+                    raise ConnectionError("the answer ended early")
                 data = piece[:size]
                 crc = google_crc32c.extend(crc, data)
                 take(i, data)
