@@ -84,6 +84,23 @@ def test_marker_can_be_removed_by_hand(gcs_emulator, gcs_bucket, fault_proxy, qu
     assert cloudio.load_array(url).shape == (100, 100)
 
 
+def test_a_failed_write_gives_no_shard_buffer_back(gcs_emulator, gcs_bucket, fault_proxy, quick_retries):
+    """Shard buffers of a write go back to the pool only once every upload was answered: after a failure
+    an upload cancelled part way may still be sent from its buffer, which must then be no one else's."""
+    from cloudio._zarr.buffers import shard_buffers
+
+    a = np.random.default_rng(3).standard_normal((1024, 1024)).astype("f4")  # shards of 1 MiB: one upload each
+    shard_buffers.clear()
+    cloudio.save_array(a, f"{gcs_bucket}/kept.zarr", chunks=(256, 256), shards=(512, 512), compressors=None)
+    assert shard_buffers.kept() >= 1 << 20  # a write that went through gives its buffers back
+    shard_buffers.clear()
+    # uploads of a MiB and more go through gcsfs's session, whose URLs keep the name's slashes
+    fault_proxy.add("status", code=503, method="POST", path=r"/upload/.*name=lost\.zarr/c/", times=None)
+    with pytest.raises((cloudio.TransientError, cloudio.UploadError)):
+        cloudio.save_array(a, f"{gcs_bucket}/lost.zarr", chunks=(256, 256), shards=(512, 512), compressors=None)
+    assert shard_buffers.kept() == 0
+
+
 def test_a_write_that_stopped_before_its_metadata_is_refused_as_incomplete(gcs_emulator, gcs_bucket, fault_proxy,
                                                                             quick_retries):
     """The marker's GET runs alongside the metadata's: a marker found wins over the missing zarr.json."""

@@ -11,9 +11,13 @@ layout a's reads moved 606 MiB/s when the pool let its buffers go after
 5 s and 1,117 MiB/s when it kept them. Buffers are kept up to
 :data:`KEEP_BYTES` in all and given back to the system :data:`KEEP_SECONDS`
 after the last one was returned, so a process that stops reading holds
-nothing for long. Writes do not borrow them: an
-upload cancelled part way may still be flushed to the socket from its
-buffer by the transport, which must then not be another write's.
+nothing for long. Writes of large shards borrow them too, and give them
+back only when every upload was answered: after a failure, an upload
+cancelled part way may still be flushed to the socket from its buffer by
+the transport, which must then not be anyone else's. (In
+``benchmarks/bench_peers.py``, layout b's writes went from 0.84 to 0.88
+of tensorstore's speed to 0.91 to 0.92 with borrowed buffers, two runs
+each.)
 
 The memory of a large read's output array comes back the same way
 (:data:`outputs`, :func:`lend`), once the caller holds no reference to it

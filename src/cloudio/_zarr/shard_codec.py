@@ -43,6 +43,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -208,7 +209,7 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
         return _encode_chunk(layout, array, shard, buf, scratch)
     index = np.full((*layout.per_shard, 2), _NO_CHUNK, dtype="<u8")
     start = 0 if layout.index_at_end else layout.index_nbytes
-    pos = _encode_run(layout, array, list(layout.chunks_in(shard)), buf, start, index)
+    pos = _encode_run(layout, array, layout.chunks_in(shard), buf, start, index)
     if pos == start:
         return None
     import google_crc32c
@@ -223,7 +224,7 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
     return memoryview(buf[:end])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
 
 
-def _encode_run(layout: Layout, array: np.ndarray, chunks: list[tuple[tuple[int, ...], tuple[slice, ...]]],
+def _encode_run(layout: Layout, array: np.ndarray, chunks: Iterator[tuple[tuple[int, ...], tuple[slice, ...]]],
                 buf: np.ndarray, pos: int, index: np.ndarray) -> int:
     """Lay out (and compress) ``chunks`` one after the other in ``buf`` from ``pos``, each one's place in
     ``index``; return where the last one ends. Chunks of nothing but the fill value are left out.
@@ -232,25 +233,34 @@ def _encode_run(layout: Layout, array: np.ndarray, chunks: list[tuple[tuple[int,
     then compressed by one call (:func:`_compressed`).
     """
     size = layout.chunk_nbytes
-    staged = buf[pos:] if layout.zstd is None else np.empty(min(len(chunks), _BATCH) * size, dtype="u1")
+    if layout.zstd is None:
+        for c, where in chunks:
+            block = array[where]
+            if layout.write_empty or not _is_fill(block, layout.fill):
+                _lay(layout, block, buf[pos:pos + size])
+                index[c] = (pos, size)
+                pos += size
+        return pos
+    staged = np.empty(min(math.prod(layout.per_shard), _BATCH) * size, dtype="u1")
     kept: list[tuple[int, ...]] = []
-    for k, (c, where) in enumerate(chunks):
-        block = array[where]
-        if layout.write_empty or not _is_fill(block, layout.fill):
-            _lay(layout, block, staged[len(kept) * size:(len(kept) + 1) * size])
-            kept.append(c)
-        if layout.zstd is None or not kept or (len(kept) < _BATCH and k + 1 < len(chunks)):
-            continue
+
+    def compress_kept(pos: int) -> int:
         for at, frame in zip(kept, _compressed(layout, staged, len(kept)), strict=True):
             n = len(frame)
             buf[pos:pos + n] = np.frombuffer(frame, dtype="u1")
             index[at] = (pos, n)
             pos += n
         kept.clear()
-    for at in kept:  # raw: laid out in place
-        index[at] = (pos, size)
-        pos += size
-    return pos
+        return pos
+
+    for c, where in chunks:
+        block = array[where]
+        if layout.write_empty or not _is_fill(block, layout.fill):
+            _lay(layout, block, staged[len(kept) * size:(len(kept) + 1) * size])
+            kept.append(c)
+            if len(kept) == _BATCH:
+                pos = compress_kept(pos)
+    return compress_kept(pos) if kept else pos
 
 
 #: chunks compressed by one call (:func:`_compressed`): their laid-out bytes (8 x 64 KiB in layout b)
@@ -482,10 +492,29 @@ _THREAD_MIN_BYTES = 1 << 20
 
 async def _offload(layout: Layout, fn: Callable[..., Any], *args: Any) -> Any:
     """Run ``fn`` in a worker thread when the shard is large: NumPy copies and zstd release the GIL,
-    so the event loop keeps other requests moving meanwhile; small chunks are not worth the hand-off."""
+    so the event loop keeps other requests moving meanwhile; small chunks are not worth the hand-off.
+
+    No more shards are encoded (or decoded) at once than there are cores,
+    as tensorstore's ``data_copy_concurrency`` does: more would only share
+    them, and every shard would be ready at the end, its upload not begun.
+    With as many, the first shards go up while the next are compressed.
+    """
     if layout.shard_nbytes >= _THREAD_MIN_BYTES:
-        return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(_coder_threads(), fn, *args)
     return fn(*args)
+
+
+_coders: ThreadPoolExecutor | None = None
+
+
+def _coder_threads() -> ThreadPoolExecutor:
+    """One thread per core this process may run on, for :func:`_offload`."""
+    global _coders
+    with _readers_lock:
+        if _coders is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            _coders = ThreadPoolExecutor(cores or 1, thread_name_prefix="cloudio-code")
+        return _coders
 
 
 def in_one_batch(store: Any, layout: Layout) -> bool:
@@ -543,8 +572,11 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
         if step is not None:
             sync(step())
 
+    taken: list[np.ndarray] = []
+
     def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
-        buf = np.empty(size, dtype="u1")
+        buf = shard_buffers.take(size)
+        taken.append(buf)
         scratch = np.empty(layout.chunk_nbytes, dtype="u1") if layout.zstd is not None else None
 
         async def job(shard: tuple[int, ...]) -> None:
@@ -556,6 +588,8 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
         return job
 
     _each_shard(layout, new_job)
+    for buf in taken:  # every upload answered: nothing sends from them any more (after a failure, none goes back)
+        shard_buffers.give(buf)
 
 
 def _gcs_shards(z: zarr.Array[Any]) -> tuple[gcsfs.GCSFileSystem, str] | None:
