@@ -183,3 +183,21 @@ def test_a_document_flipped_on_the_way_down_is_read_again(gcs_emulator, gcs_buck
     else:
         assert cloudio.load_array(url).tobytes() == a.tobytes()
     assert rule.hits == 1
+
+
+def test_a_process_whose_write_failed_exits_quietly() -> None:
+    """gcsfs closes an asynchronous session at exit on fsspec's loop, not on zarr's that owns it; after
+    a failed write that printed "attached to a different loop" tracebacks. cloudio closes its sessions
+    on their own loop first. Run in a child process: it is the exit that is under test."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    test = f"{os.path.join(here, 'test_zarr_faults.py')}::test_marker_can_be_removed_by_hand"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                       capture_output=True, text=True, timeout=300, cwd=os.path.dirname(here))
+    assert r.returncode == 0, r.stdout[-2000:]
+    out = r.stdout + r.stderr
+    assert "1 passed" in out
+    assert "attached to a different loop" not in out and "Task was destroyed" not in out, out[-3000:]

@@ -22,8 +22,10 @@ storage option wins over the environment variable.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
+import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -97,7 +99,31 @@ def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> gcsfs.GCSFil
 def keep_alive(fs: gcsfs.GCSFileSystem) -> None:
     """Keep the asynchronous ``fs`` from gcsfs's finalizer for the life of the process (see above)."""
     if not any(k is fs for k in _state.keep_async):
+        if not _state.keep_async:
+            # gcsfs's finalizer still runs at exit, after this (finalizers run at exit before the
+            # exit functions registered after them: one made first makes sure of the order)
+            weakref.finalize(keep_alive, lambda: None)
+            atexit.register(_close_kept)
         _state.keep_async.append(fs)
+
+
+def _close_kept() -> None:
+    """At exit, close the kept instances' sessions on the loop that owns them, while it still runs
+    (else their connections directly): gcsfs's finalizer then finds them closed and does nothing,
+    instead of printing "attached to a different loop" and "Task was destroyed but it is pending"."""
+    for fs in _state.keep_async:
+        session = getattr(fs, "_session", None)
+        if session is None or session.closed:
+            continue
+        loop = getattr(session, "_loop", None)
+        try:
+            if loop is not None and loop.is_running():
+                asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=1)
+        except Exception as e:  # at exit: the direct close below is the fallback
+            log.debug("closing a gcsfs session at exit: %s: %s", type(e).__name__, e)
+        connector = getattr(session, "_connector", None)
+        if not session.closed and connector is not None:
+            connector._close()
 
 
 def where() -> str:
