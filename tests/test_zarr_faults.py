@@ -101,6 +101,23 @@ def test_a_failed_write_gives_no_shard_buffer_back(gcs_emulator, gcs_bucket, fau
     assert shard_buffers.kept() == 0
 
 
+def test_no_shard_goes_up_after_a_failed_write_raised(gcs_emulator, gcs_bucket, fault_proxy):
+    """When one shard's upload fails for good, the write's other workers stop: only the uploads then in
+    flight are still answered, no shard is sent after save_array raised (they went on encoding and
+    sending every remaining shard in the background)."""
+    import zarr
+
+    a = np.random.default_rng(4).standard_normal((8192, 512)).astype("f4")  # 16 shards of 1 MiB
+    fault_proxy.add("status", code=403, method="POST", path=r"/upload/.*name=stops\.zarr/c/15/", times=None)
+    fault_proxy.add("delay", method="POST", path=r"/upload/.*name=stops\.zarr/c/", seconds=0.3, times=None)
+    with pytest.raises(cloudio.CloudioError):
+        cloudio.save_array(a, f"{gcs_bucket}/stops.zarr", chunks=(256, 256), shards=(512, 512), compressors=None)
+    time.sleep(1.0)
+    sent = {p.rpartition("name=")[2] for m, p, _ in fault_proxy.log if m == "POST" and "name=stops.zarr/c/" in p}
+    workers = int(zarr.config.get("async.concurrency"))
+    assert "stops.zarr/c/15/0" in sent and len(sent) <= workers < 16, sorted(sent)
+
+
 def test_a_write_that_stopped_before_its_metadata_is_refused_as_incomplete(gcs_emulator, gcs_bucket, fault_proxy,
                                                                             quick_retries):
     """The marker's GET runs alongside the metadata's: a marker found wins over the missing zarr.json."""

@@ -138,7 +138,7 @@ def save_array(
         mark = WriteMark(store, "save_array").begin()
         try:
             layout = plain_layout(probe) if overwrite and not dask_input and array.size else None
-            if layout is not None and _shardio.in_one_batch(store, layout):
+            if layout is not None:
                 z, clear, create = _created_like(probe, store)  # zarr's create, its documents alongside the chunks
                 _shardio.write(z, layout, cast(np.ndarray, array), clear=clear, create=create)
             else:

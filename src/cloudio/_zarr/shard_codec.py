@@ -533,63 +533,74 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
     memory is touched. Where the shards go up :func:`in_one_batch`, they
     are encoded one at a time into one buffer, each sent before the next is
     encoded. ``clear`` (what was stored there before) and ``create`` (the
-    array's metadata documents) run on zarr's event loop: ``clear`` first,
-    ``create`` alongside a batch (readers refuse the store until the write
-    marker goes: the order of the array's objects does not matter).
+    array's metadata documents) run on zarr's event loop: ``clear`` before
+    the first upload, ``create`` alongside the uploads (readers refuse the
+    store until the write marker goes: the order of the array's objects
+    does not matter). Large shards are meanwhile being encoded: for layout
+    b of ``benchmarks/bench_peers.py`` that hid the set-up's round trips.
     """
     from zarr.core.buffer.cpu import Buffer
     from zarr.core.sync import sync
 
     size = layout.shard_nbytes
     store = cast("JournaledStore", z.store_path.store)
-    if in_one_batch(store, layout):
-        buf = np.empty(size, dtype="u1")
-        scratch = np.empty(layout.chunk_nbytes, dtype="u1") if layout.zstd is not None else None
-        shards = list(layout.shards())
-        base = z.store_path.path.rstrip("/")
-
-        def body(i: int) -> tuple[str, memoryview] | None:
-            view = _encode(layout, array, shards[i], buf, scratch)
-            if view is None:
-                return None
-            key = z.metadata.encode_chunk_key(shards[i])
-            return (f"{base}/{key}" if base else key), view
-
-        async def all_of_it() -> None:
-            if clear is not None:
-                await clear()
-            try:
-                async with asyncio.TaskGroup() as tasks:  # one failing stops the other
-                    if create is not None:
-                        tasks.create_task(create())
-                    tasks.create_task(store.set_each(len(shards), body, _workers(layout, len(shards))))
-            except BaseExceptionGroup as group:  # the first failure, as a plain write raises it
-                raise group.exceptions[0] from group.exceptions[0].__cause__
-
-        sync(all_of_it())
-        return
-    for step in (clear, create):
-        if step is not None:
-            sync(step())
-
+    shards = list(layout.shards())
+    workers = _workers(layout, len(shards))
+    batch = in_one_batch(store, layout)
     taken: list[np.ndarray] = []
 
-    def new_job() -> Callable[[tuple[int, ...]], Awaitable[None]]:
-        buf = shard_buffers.take(size)
+    def encoder() -> Callable[[tuple[int, ...]], memoryview | None]:
+        buf = np.empty(size, dtype="u1") if batch else shard_buffers.take(size)
         taken.append(buf)
         scratch = np.empty(layout.chunk_nbytes, dtype="u1") if layout.zstd is not None else None
+        return lambda shard: _encode(layout, array, shard, buf, scratch)
 
-        async def job(shard: tuple[int, ...]) -> None:
-            view = await _offload(layout, _encode, layout, array, shard, buf, scratch)
-            if view is not None:
-                key = z.metadata.encode_chunk_key(shard)
-                await (z.store_path / key).set(Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
+    def key(shard: tuple[int, ...]) -> str:
+        return z.metadata.encode_chunk_key(shard)
 
-        return job
+    async def all_of_it() -> None:
+        async with asyncio.TaskGroup() as tasks:  # one failing stops the others
+            cleared = tasks.create_task(clear()) if clear is not None else None
 
-    _each_shard(layout, new_job)
-    for buf in taken:  # every upload answered: nothing sends from them any more (after a failure, none goes back)
-        shard_buffers.give(buf)
+            async def created() -> None:
+                if cleared is not None:
+                    await cleared
+                if create is not None:
+                    await create()
+
+            async def batch_of_all() -> None:  # each shard encoded when the batch is ready to send it
+                encode = encoder()
+                base = z.store_path.path.rstrip("/")
+
+                def body(i: int) -> tuple[str, memoryview] | None:
+                    view = encode(shards[i])
+                    return None if view is None else ((f"{base}/{key(shards[i])}" if base else key(shards[i])), view)
+
+                if cleared is not None:
+                    await cleared
+                await store.set_each(len(shards), body, workers)
+
+            async def worker() -> None:
+                encode = encoder()
+                while shards:
+                    shard = shards.pop()
+                    view = await _offload(layout, encode, shard)
+                    if cleared is not None:
+                        await cleared
+                    if view is not None:
+                        await (z.store_path / key(shard)).set(Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
+
+            tasks.create_task(created())
+            for _ in range(1 if batch else workers):
+                tasks.create_task(batch_of_all() if batch else worker())
+
+    try:
+        sync(all_of_it())
+    except BaseExceptionGroup as group:  # the first failure, as a plain write raises it
+        raise group.exceptions[0] from group.exceptions[0].__cause__
+    if not batch:  # every upload answered: nothing sends from them any more (after a failure, none goes back)
+        for buf in taken:
+            shard_buffers.give(buf)
 
 
 def _gcs_shards(z: zarr.Array[Any]) -> tuple[gcsfs.GCSFileSystem, str] | None:
