@@ -25,6 +25,7 @@ import asyncio
 import atexit
 import json
 import logging
+import time
 import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -109,18 +110,22 @@ def keep_alive(fs: gcsfs.GCSFileSystem) -> None:
 
 def _close_kept() -> None:
     """At exit, close the kept instances' sessions on the loop that owns them, while it still runs
-    (else their connections directly): gcsfs's finalizer then finds them closed and does nothing,
-    instead of printing "attached to a different loop" and "Task was destroyed but it is pending"."""
-    for fs in _state.keep_async:
-        session = getattr(fs, "_session", None)
-        if session is None or session.closed:
-            continue
+    (else their connections directly), a second at most for all: gcsfs's finalizer then finds them
+    closed and does nothing, instead of printing "attached to a different loop" and "Task was
+    destroyed but it is pending"."""
+    sessions = [s for s in (getattr(fs, "_session", None) for fs in _state.keep_async) if s is not None]
+    closing = []
+    for session in sessions:
         loop = getattr(session, "_loop", None)
+        if not session.closed and loop is not None and loop.is_running():
+            closing.append(asyncio.run_coroutine_threadsafe(session.close(), loop))
+    deadline = time.monotonic() + 1.0
+    for future in closing:
         try:
-            if loop is not None and loop.is_running():
-                asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=1)
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
         except Exception as e:  # at exit: the direct close below is the fallback
             log.debug("closing a gcsfs session at exit: %s: %s", type(e).__name__, e)
+    for session in sessions:
         connector = getattr(session, "_connector", None)
         if not session.closed and connector is not None:
             connector._close()
