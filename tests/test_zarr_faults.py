@@ -110,8 +110,9 @@ def test_no_shard_goes_up_after_a_failed_write_raised(gcs_emulator, gcs_bucket, 
     a = np.random.default_rng(4).standard_normal((8192, 512)).astype("f4")  # 16 shards of 1 MiB
     fault_proxy.add("status", code=403, method="POST", path=r"/upload/.*name=stops\.zarr/c/15/", times=None)
     fault_proxy.add("delay", method="POST", path=r"/upload/.*name=stops\.zarr/c/", seconds=0.3, times=None)
-    with pytest.raises(cloudio.CloudioError):
+    with pytest.raises(cloudio.CloudioError) as info:
         cloudio.save_array(a, f"{gcs_bucket}/stops.zarr", chunks=(256, 256), shards=(512, 512), compressors=None)
+    assert f"{gcs_bucket}/stops.zarr" in str(info.value) and info.value.__cause__ is not None
     time.sleep(1.0)
     sent = {p.rpartition("name=")[2] for m, p, _ in fault_proxy.log if m == "POST" and "name=stops.zarr/c/" in p}
     workers = int(zarr.config.get("async.concurrency"))
