@@ -536,8 +536,11 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
     array's metadata documents) run on zarr's event loop: ``clear`` before
     the first upload, ``create`` alongside the uploads (readers refuse the
     store until the write marker goes: the order of the array's objects
-    does not matter). Large shards are meanwhile being encoded: for layout
-    b of ``benchmarks/bench_peers.py`` that hid the set-up's round trips.
+    does not matter). Large shards are encoded meanwhile (measured level
+    with encoding after the set-up: the round trips are a few ms of a
+    200 ms write of layout b of ``benchmarks/bench_peers.py``). One shard
+    failing cancels the other workers: nothing goes up after the write
+    raised.
     """
     from zarr.core.buffer.cpu import Buffer
     from zarr.core.sync import sync
@@ -547,11 +550,14 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
     shards = list(layout.shards())
     workers = _workers(layout, len(shards))
     batch = in_one_batch(store, layout)
-    taken: list[np.ndarray] = []
+    taken: list[np.ndarray] = []  # borrowed from the pool
 
     def encoder() -> Callable[[tuple[int, ...]], memoryview | None]:
-        buf = np.empty(size, dtype="u1") if batch else shard_buffers.take(size)
-        taken.append(buf)
+        if batch:
+            buf = np.empty(size, dtype="u1")
+        else:
+            buf = shard_buffers.take(size)
+            taken.append(buf)
         scratch = np.empty(layout.chunk_nbytes, dtype="u1") if layout.zstd is not None else None
         return lambda shard: _encode(layout, array, shard, buf, scratch)
 
@@ -574,7 +580,10 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
 
                 def body(i: int) -> tuple[str, memoryview] | None:
                     view = encode(shards[i])
-                    return None if view is None else ((f"{base}/{key(shards[i])}" if base else key(shards[i])), view)
+                    if view is None:
+                        return None
+                    name = key(shards[i])
+                    return (f"{base}/{name}" if base else name), view
 
                 if cleared is not None:
                     await cleared
@@ -598,9 +607,8 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
         sync(all_of_it())
     except BaseExceptionGroup as group:  # the first failure, as a plain write raises it
         raise group.exceptions[0] from group.exceptions[0].__cause__
-    if not batch:  # every upload answered: nothing sends from them any more (after a failure, none goes back)
-        for buf in taken:
-            shard_buffers.give(buf)
+    for buf in taken:  # every upload answered: nothing sends from them any more (after a failure, none goes back)
+        shard_buffers.give(buf)
 
 
 def _gcs_shards(z: zarr.Array[Any]) -> tuple[gcsfs.GCSFileSystem, str] | None:
