@@ -323,9 +323,9 @@ def test_a_shard_flipped_on_the_way_up_every_time_is_an_integrity_error(gcs_emul
     assert (shard, "delete") in _journaled(url, seq)
 
 
-#: shards under a MiB are uploaded over cloudio's own connections, larger ones through gcsfs's session
-#: (cloudio._gcs.fast.put_media); here the limit is 0 for the second
-BOTH_UPLOAD_PATHS = pytest.mark.parametrize("small_upload", [1 << 20, 0], ids=["own", "gcsfs"])
+#: shards under a MiB are uploaded on the event loop, larger ones from sender threads
+#: (cloudio._gcs.fast.post_upload); here the limit is 0 for the second
+BOTH_UPLOAD_PATHS = pytest.mark.parametrize("small_upload", [1 << 20, 0], ids=["loop", "threads"])
 
 
 @BOTH_UPLOAD_PATHS
