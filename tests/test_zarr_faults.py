@@ -220,3 +220,46 @@ def test_a_process_whose_write_failed_exits_quietly() -> None:
     out = r.stdout + r.stderr
     assert "1 passed" in out
     assert "attached to a different loop" not in out and "Task was destroyed" not in out, out[-3000:]
+
+
+def _store_requests(fault_proxy, name: str) -> list[tuple[str, str]]:
+    """The requests that named ``name`` in their path (the marker's upload names it in its body: its
+    entry is the one create-only upload, ``ifGenerationMatch=0``)."""
+    return [(m, p) for m, p, _ in fault_proxy.log if name in p or "ifGenerationMatch=0" in p]
+
+
+def test_nothing_in_the_store_changes_before_the_marker_is_up(gcs_emulator, gcs_bucket, fault_proxy):
+    """save_array encodes its first shards while the marker goes up, but deletes nothing and uploads
+    nothing before the server confirmed the marker: a reader meanwhile sees the old array whole."""
+    url = f"{gcs_bucket}/ordered.zarr"
+    old = np.full((1024, 1024), 1.0, "f4")  # shards of 1 MiB: encoded in threads while the marker goes up
+    new = np.random.default_rng(5).standard_normal((1024, 1024)).astype("f4")
+    cloudio.save_array(old, url, chunks=(256, 256), shards=(512, 512), compressors=None)
+    fault_proxy.log.clear()
+    rule = fault_proxy.add("delay", method="POST", body=MARKER.encode(), seconds=0.5)
+    cloudio.save_array(new, url, chunks=(256, 256), shards=(512, 512), compressors=None)
+    assert rule.hits == 1
+    sent = _store_requests(fault_proxy, "ordered.zarr")
+    first_change = next(i for i, (m, p) in enumerate(sent) if m in ("POST", "DELETE"))
+    assert "ifGenerationMatch=0" in sent[first_change][1], sent  # the marker, answered before any other change
+    assert sum(m == "DELETE" for m, _ in sent) >= 4 and sum("name=ordered.zarr%2Fc%2F" in p for _, p in sent) == 4
+    np.testing.assert_array_equal(cloudio.load_array(url), new)
+
+
+def test_a_write_whose_marker_could_not_go_up_changes_nothing(gcs_emulator, gcs_bucket, fault_proxy):
+    """The marker's upload refused: save_array raises naming the store, nothing was deleted or uploaded,
+    and the old array reads as it was (no incomplete-write mark either)."""
+    url = f"{gcs_bucket}/unmarked.zarr"
+    old = np.full((1024, 1024), 2.0, "f4")
+    cloudio.save_array(old, url, chunks=(256, 256), shards=(512, 512), compressors=None)
+    fault_proxy.log.clear()
+    fault_proxy.add("status", code=403, method="POST", body=MARKER.encode(), times=None)
+    with pytest.raises(cloudio.CloudioError) as info:
+        cloudio.save_array(np.zeros((1024, 1024), "f4"), url, chunks=(256, 256), shards=(512, 512), compressors=None)
+    assert "unmarked.zarr" in str(info.value) and info.value.__cause__ is not None
+    time.sleep(0.5)  # anything sent in the background would be logged by now
+    changes = [(m, p) for m, p in _store_requests(fault_proxy, "unmarked.zarr") if m in ("POST", "DELETE")]
+    assert all("ifGenerationMatch=0" in p for _, p in changes), changes
+    fault_proxy.clear()
+    assert not _marker_exists(gcs_emulator, url)
+    np.testing.assert_array_equal(cloudio.load_array(url), old)

@@ -135,13 +135,16 @@ def save_array(
         array = align(cast("dask.array.Array", array), grid, name="array", url=store.root_url, sharded=sharded,
                       rechunk=rechunk)
     with cloudio_errors(store, writing=True, node="array", writer="cloudio.save_array"):
-        mark = WriteMark(store, "save_array").begin()
+        mark = WriteMark(store, "save_array")
         try:
             layout = plain_layout(probe) if overwrite and not dask_input and array.size else None
             if layout is not None:
-                z, clear, create = _created_like(probe, store)  # zarr's create, its documents alongside the chunks
+                # zarr's create, its documents alongside the chunks, the marker's round trip while the first
+                # shards are encoded
+                z, clear, create = _created_like(probe, store, mark)
                 _shardio.write(z, layout, cast(np.ndarray, array), clear=clear, create=create)
             else:
+                mark.begin()
                 z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
                                       shards=zarr_shards, overwrite=overwrite, **kwargs)
                 if dask_input:
@@ -162,11 +165,11 @@ def save_array(
     return z
 
 
-def _created_like(probe: zarr.Array[Any], store: JournaledStore) -> tuple[
+def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark) -> tuple[
         zarr.Array[Any], Callable[[], Coroutine[Any, Any, None]], Callable[[], Coroutine[Any, Any, None]]]:
     """The array ``zarr.create_array(store, ..., overwrite=True)`` makes with the arguments that made
-    ``probe`` (in memory), and the two steps that make it on ``store``: clear what is stored there, then
-    write the probe's metadata documents, which zarr made for the same arguments.
+    ``probe`` (in memory), and the two steps that make it on ``store``: begin ``mark`` and clear what is
+    stored there, then write the probe's metadata documents, which zarr made for the same arguments.
 
     Why: zarr's create_array on the store builds and checks the array once
     more, and its documents then go up before the first chunk; for a small
@@ -182,6 +185,7 @@ def _created_like(probe: zarr.Array[Any], store: JournaledStore) -> tuple[
     z = zarr.Array(AsyncArray(probe.metadata, where, probe._async_array.config))  # type: ignore[type-var]  # the probe's own metadata type
 
     async def clear() -> None:
+        await mark.begun()  # before anything in the store changes
         await where.delete_dir()  # what zarr's create_array does with overwrite=True
 
     async def create() -> None:

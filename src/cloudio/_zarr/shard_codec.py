@@ -532,15 +532,14 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
     Each worker reuses one shard buffer, so after its first shard no new
     memory is touched. Where the shards go up :func:`in_one_batch`, they
     are encoded one at a time into one buffer, each sent before the next is
-    encoded. ``clear`` (what was stored there before) and ``create`` (the
-    array's metadata documents) run on zarr's event loop: ``clear`` before
-    the first upload, ``create`` alongside the uploads (readers refuse the
-    store until the write marker goes: the order of the array's objects
-    does not matter). Large shards are encoded meanwhile (measured level
-    with encoding after the set-up: the round trips are a few ms of a
-    200 ms write of layout b of ``benchmarks/bench_peers.py``). One shard
-    failing cancels the other workers: nothing goes up after the write
-    raised.
+    encoded. ``clear`` (put up the write marker, then delete what was
+    stored there before) and ``create`` (the array's metadata documents)
+    run on zarr's event loop: ``clear`` before the first upload, ``create``
+    alongside the uploads (readers refuse the store until the write marker
+    goes: the order of the array's objects does not matter). Large shards
+    are encoded meanwhile: on the emulator the set-up's round trips are a
+    few ms of a write, on GCS tens of ms each. One shard failing cancels
+    the other workers: nothing goes up after the write raised.
     """
     from zarr.core.buffer.cpu import Buffer
     from zarr.core.sync import sync

@@ -593,8 +593,14 @@ class WriteMark:
         self.token = ""
         self._seq = 0
         self._before: list[dict[str, Any]] = []  # the writers listed when this one began
+        self._begun = False
 
     def begin(self) -> Self:
+        _sync(self.begun())
+        return self
+
+    async def begun(self) -> None:
+        """:meth:`begin` on zarr's event loop, for a write that prepares its first objects meanwhile."""
         import datetime
         import socket
         import uuid
@@ -617,12 +623,12 @@ class WriteMark:
 
         try:
             # on GCS the marker is usually absent: one create-only request, read only when it is not
-            _sync(_update_marker(self.store, add, read_first=not is_gcs(root)))
+            await _update_marker(self.store, add, read_first=not is_gcs(root))
         except BaseException:
             _release(root)
             raise
         self._seq = journal().seq
-        return self
+        self._begun = True
 
     def commit(self, *, replacing: bool | None = None) -> None:
         """Take this write (and, when it replaces the store, the writers listed before it) off the marker."""
@@ -637,6 +643,8 @@ class WriteMark:
             _release(self.store.root_url)
 
     def fail(self) -> None:
+        if not self._begun:  # the marker never went up (begin released its count)
+            return
         if self._changed():
             log.warning("%s: %s failed part way; the store stays marked incomplete", self.store.root_url,
                         self.operation)
