@@ -276,6 +276,11 @@ _SHARD_UPLOAD = r"/upload/.*uploadType=media.*name=[^&]*(/|%2F)c(/|%2F)"  # a sh
 _SHARD_GET = r"/o/[^?]*%2Fc%2F"
 
 
+#: shards under a MiB are uploaded on the event loop, larger ones from sender threads
+#: (cloudio._gcs.fast.post_upload); here the limit is 0 for the second
+BOTH_UPLOAD_PATHS = pytest.mark.parametrize("small_upload", [1 << 20, 0], ids=["loop", "threads"])
+
+
 def _journaled(url: str, since: int) -> list[tuple[str, str]]:
     from cloudio._journal import journal
 
@@ -294,8 +299,12 @@ def test_shards_go_up_as_one_media_request_each(gcs_emulator: Emulator, gcs_buck
     assert zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/media.zarr"), mode="r")[...].tobytes() == a.tobytes()
 
 
-def test_a_shard_flipped_on_the_way_up_once_is_sent_again(gcs_emulator: Emulator, gcs_bucket: str,
-                                                          fault_proxy) -> None:
+@BOTH_UPLOAD_PATHS
+def test_a_shard_flipped_on_the_way_up_once_is_sent_again(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy,
+                                                          monkeypatch: pytest.MonkeyPatch, small_upload: int) -> None:
+    from cloudio._gcs import fast
+
+    monkeypatch.setattr(fast, "_SMALL_UPLOAD", small_upload)
     a = _data("float32", 0.0)
     url = f"{gcs_bucket}/up.zarr"
     rule = fault_proxy.add("flip", where="request", method="POST", path=_SHARD_UPLOAD, times=1)
@@ -306,9 +315,14 @@ def test_a_shard_flipped_on_the_way_up_once_is_sent_again(gcs_emulator: Emulator
     assert back.tobytes() == a.tobytes()
 
 
+@BOTH_UPLOAD_PATHS
 def test_a_shard_flipped_on_the_way_up_every_time_is_an_integrity_error(gcs_emulator: Emulator, gcs_bucket: str,
-                                                                       fault_proxy) -> None:
+                                                                       fault_proxy, monkeypatch: pytest.MonkeyPatch,
+                                                                       small_upload: int) -> None:
+    from cloudio._gcs import fast
     from cloudio._journal import journal
+
+    monkeypatch.setattr(fast, "_SMALL_UPLOAD", small_upload)
 
     a = _data("float32", 0.0)
     url = f"{gcs_bucket}/bad-up.zarr"
@@ -321,11 +335,6 @@ def test_a_shard_flipped_on_the_way_up_every_time_is_an_integrity_error(gcs_emul
     assert gcs_emulator.client.bucket(bucket).get_blob(key) is None  # the corrupt copy is gone
     assert (shard, "write") not in _journaled(url, seq)  # never journaled as good
     assert (shard, "delete") in _journaled(url, seq)
-
-
-#: shards under a MiB are uploaded on the event loop, larger ones from sender threads
-#: (cloudio._gcs.fast.post_upload); here the limit is 0 for the second
-BOTH_UPLOAD_PATHS = pytest.mark.parametrize("small_upload", [1 << 20, 0], ids=["loop", "threads"])
 
 
 @BOTH_UPLOAD_PATHS
