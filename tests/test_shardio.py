@@ -554,3 +554,22 @@ def test_a_requester_pays_store_names_its_project_on_every_request(gcs_emulator:
     sent = [p for _, p, _ in fault_proxy.requests(r"paid\.zarr")]
     assert len(sent) > 20  # the marker, the documents, every shard up and down
     assert [p for p in sent if "userProject=my-project" not in p] == []
+
+
+@pytest.mark.parametrize("name", ["plain_name-1.zarr", "with space.zarr", "ünï.zarr", "plus+percent%.zarr"])
+def test_small_chunks_are_read_from_the_url_gcsfs_would_use(gcs_emulator: Emulator, gcs_bucket: str,
+                                                           name: str) -> None:
+    """Chunks under a MiB are read in one batch (cloudio._gcs.fast.get_each), which builds plain names'
+    URLs itself: every GET goes to the URL gcsfs's ``fs.url`` gives for that chunk, and reads it back."""
+    from urllib.parse import urlsplit
+
+    a = np.arange(200 * 300, dtype="f4").reshape(200, 300)
+    url = f"{gcs_bucket}/{name}"
+    cloudio.save_array(a, url, chunks=(100, 100), shards=None, compressors=None)
+    n0 = len(gcs_emulator.requests())
+    np.testing.assert_array_equal(cloudio.load_array(url), a)
+    fs = cloudio.filesystem(url)
+    want = {urlsplit(fs.url(f"{url.removeprefix('gs://')}/c/{i}/{j}")) for i in range(2) for j in range(3)}
+    got = [r.path for r in gcs_emulator.requests()[n0:] if r.method == "GET" and "alt=media" in r.path]
+    assert sorted(p for p in got if "zarr.json" not in p and "cloudio-write" not in p) == sorted(
+        f"{u.path}?{u.query}" for u in want)

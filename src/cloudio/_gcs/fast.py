@@ -44,6 +44,7 @@ import http.client
 import json
 import logging
 import math
+import re
 import socket
 import ssl
 import threading
@@ -952,10 +953,16 @@ async def get_each(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], room: int,
     parts = urlsplit(fs.url(paths[0].fs_path))
     tail = _head_tail(fs, parts)
     extra = _extra_query(fs)
+    head = urlsplit(f"{fs._location}/download/storage/v1/b/").path
 
     def request(i: int) -> bytes:
-        p = urlsplit(fs.url(paths[i].fs_path))
-        return f"GET {p.path}?{p.query}{extra} HTTP/1.1\r\n".encode("latin-1") + tail
+        p = paths[i]
+        if _PLAIN_NAME.fullmatch(p.key) and _PLAIN_NAME.fullmatch(p.bucket):  # every zarr key: fs.url's own URL
+            target = f"{head}{p.bucket}/o/{p.key.replace('/', '%2F')}?alt=media"
+        else:
+            u = urlsplit(fs.url(p.fs_path))
+            target = f"{u.path}?{u.query}"
+        return f"GET {target}{extra} HTTP/1.1\r\n".encode("latin-1") + tail
 
     def answered(i: int, status: int, headers: _Headers, body: np.ndarray) -> bool:
         if status == 200 and _crc_matches(paths[i], headers, body):
@@ -971,6 +978,11 @@ async def get_each(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], room: int,
         if pause:
             await asyncio.sleep(BACKOFF)
         await _get_later(fs, paths, later, room, take, concurrency)
+
+
+#: names that gcsfs's ``fs.url`` (``quote(name, safe="")``) leaves as they are but for their slashes: building
+#: the URL of such a name directly took 0.3 against 2.5 microseconds a request (layout c reads 100 of them)
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._~/-]*")
 
 
 def _with_params(fs: gcsfs.GCSFileSystem, url: str) -> str:
