@@ -26,7 +26,11 @@ bit-exactly. The order of the sides rotates from round to round so drift
 and machine load affect each alike. Figures are medians over rounds; a
 side's ratio is the median over rounds of (fastest peer's time / this
 side's time) in the same round, so 1.0 is the fastest peer; ``vs_ceiling``
-the same against the ceiling. Compare only figures of one run: on a shared
+the same against the ceiling, the fastest plain GET/PUT client of each
+round (a minimum of three noisy times: stricter than any one client);
+``vs_fastest_transport`` the same against the one plain client whose
+median is the fastest (``fastest_transport``), the issue's "fastest
+client's plain GET/PUT". Compare only figures of one run: on a shared
 machine they move by tens of percent from run to run.
 
 Layouts: ``a`` 8192^2 float32, shards 2048^2 of 1024^2 chunks, no
@@ -387,13 +391,20 @@ def summarize(layout: Layout, data: np.ndarray, stored: int, count: int, n: int,
               writes: dict[str, list[float]], reads: dict[str, list[float]]) -> dict[str, Any]:
     med = statistics.median
 
-    def table(times: dict[str, list[float]], peers: list[str]) -> dict[str, Any]:
+    def table(times: dict[str, list[float]], peers: list[str], transports: list[str]) -> dict[str, Any]:
         rounds = len(times["ceiling"])
         fastest = [min(times[p][i] for p in peers) for i in range(rounds)]
+        best = min(transports, key=lambda t: med(times[t]))
+
+        def vs(ref: list[float], ts: list[float]) -> float:
+            return round(med(ref[i] / ts[i] for i in range(rounds)), 3)
+
         return {side: {"median_s": round(med(ts), 4),
                        "mib_per_s": round(data.nbytes / MIB / med(ts), 1),
-                       "ratio_to_fastest_peer": round(med(fastest[i] / ts[i] for i in range(rounds)), 3),
-                       "vs_ceiling": round(med(times["ceiling"][i] / ts[i] for i in range(rounds)), 3),
+                       "ratio_to_fastest_peer": vs(fastest, ts),
+                       "vs_ceiling": vs(times["ceiling"], ts),
+                       "vs_fastest_transport": vs(times[best], ts),
+                       "fastest_transport": best,
                        "all_s": [round(t, 4) for t in ts]}
                 for side, ts in times.items()}
 
@@ -401,8 +412,8 @@ def summarize(layout: Layout, data: np.ndarray, stored: int, count: int, n: int,
             "shards": list(layout.shards) if layout.shards else None, "zstd": layout.zstd,
             "array_mib": round(data.nbytes / MIB, 2), "stored_mib": round(stored / MIB, 2), "objects": count,
             "transport_concurrency": n,
-            "write": table(writes, [p for p in WRITERS]),
-            "read": table(reads, [p for p in READERS])}
+            "write": table(writes, list(WRITERS), list(PUTS)),
+            "read": table(reads, list(READERS), list(GETS))}
 
 
 def transport_sweep(env: Env, rounds: int, wide: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -500,8 +511,9 @@ def main() -> None:
         "wall_seconds": round(wall, 1),
         "load_average_1min": {"before": round(load_before, 2), "after": round(load_after, 2), "cpus": os.cpu_count()},
         "notes": "MiB/s of array bytes; ratio_to_fastest_peer = median over rounds of the fastest peer's time "
-                 "over this side's (same round); vs_ceiling likewise against the best plain GET/PUT "
-                 "of the same objects at the same concurrency. zarr_obstore: reads only (the emulator "
+                 "over this side's (same round); vs_ceiling likewise against the best plain GET/PUT of each round, "
+                 "vs_fastest_transport against the plain client with the fastest median (fastest_transport); "
+                 "all of the same objects at the same concurrency. zarr_obstore: reads only (the emulator "
                  "lacks the XML-API upload obstore uses).",
         "layouts": layouts,
     }
@@ -517,7 +529,8 @@ def main() -> None:
         for op in ("write", "read"):
             for side, v in lay[op].items():
                 print(f"  {op:5} {side:20} {v['mib_per_s']:8.1f} MiB/s  ratio {v['ratio_to_fastest_peer']:.2f}"
-                      f"  vs ceiling {v['vs_ceiling']:.2f}")
+                      f"  vs ceiling {v['vs_ceiling']:.2f}"
+                      f"  vs {v['fastest_transport']} {v['vs_fastest_transport']:.2f}")
     if sweep:
         print("read transports (layout a objects)")
         for side, v in sweep["read"].items():
