@@ -51,7 +51,6 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, quote, urlencode, urlsplit
 
@@ -69,6 +68,7 @@ from cloudio._gcs.client import (
     transient_error,
 )
 from cloudio._paths import GCSPath
+from cloudio._threads import KeptPool
 from cloudio.errors import IntegrityError
 
 if TYPE_CHECKING:
@@ -176,18 +176,8 @@ def _post_once(fs: gcsfs.GCSFileSystem, url: str, data: bytes | memoryview, cont
     return _resource(body)
 
 
-_senders: ThreadPoolExecutor | None = None
-_senders_lock = threading.Lock()
-#: large uploads in flight at once, all uploads of the process together
-_MAX_SENDERS = 32
-
-
-def _sender_threads() -> ThreadPoolExecutor:
-    global _senders
-    with _senders_lock:
-        if _senders is None:
-            _senders = ThreadPoolExecutor(_MAX_SENDERS, thread_name_prefix="cloudio-send")
-        return _senders
+#: the threads large uploads are sent from, 32: uploads in flight at once, all of the process together
+_sender_threads = KeptPool(lambda: 32, "cloudio-send")
 
 
 async def _changing(fs: gcsfs.GCSFileSystem, method: str, url: str, answer: Callable[[memoryview], T],

@@ -43,16 +43,16 @@ import functools
 import itertools
 import logging
 import math
-import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from cloudio._threads import KeptPool, cores
 from cloudio._zarr.buffers import shard_buffers
 from cloudio.errors import IntegrityError
 
@@ -504,17 +504,8 @@ async def _offload(layout: Layout, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-_coders: ThreadPoolExecutor | None = None
-
-
-def _coder_threads() -> ThreadPoolExecutor:
-    """One thread per core this process may run on, for :func:`_offload`."""
-    global _coders
-    with _readers_lock:
-        if _coders is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            _coders = ThreadPoolExecutor(cores or 1, thread_name_prefix="cloudio-code")
-        return _coders
+#: the threads large shards are encoded and decoded in, one per core (:func:`_offload`)
+_coder_threads = KeptPool(cores, "cloudio-code")
 
 
 def in_one_batch(store: Any, layout: Layout) -> bool:
@@ -623,21 +614,8 @@ def _gcs_shards(z: zarr.Array[Any]) -> tuple[gcsfs.GCSFileSystem, str] | None:
     return None
 
 
-#: the threads GCS reads run in: kept, so that their keep-alive connections are too
-_readers: ThreadPoolExecutor | None = None
-_readers_lock = threading.Lock()
-
-
-def _reader_threads() -> ThreadPoolExecutor:
-    global _readers
-    with _readers_lock:
-        if _readers is None:
-            _readers = ThreadPoolExecutor(_MAX_READERS, thread_name_prefix="cloudio-read")
-        return _readers
-
-
-#: reads in flight at once, all reads of the process together
-_MAX_READERS = 32
+#: the threads GCS reads run in, 32: reads in flight at once, all of the process together
+_reader_threads = KeptPool(lambda: 32, "cloudio-read")
 
 
 def read(z: zarr.Array[Any], layout: Layout, out: np.ndarray, meanwhile: Callable[[], None] | None = None) -> None:
