@@ -156,17 +156,8 @@ def _post_once(fs: gcsfs.GCSFileSystem, url: str, data: bytes | memoryview, cont
     """One POST of ``data`` to ``url`` on this thread's connection to its origin (blocking)."""
     from gcsfs.retry import validate_response
 
-    parts = urlsplit(url)
-    origin = _origin(parts)
-    conn = _connection(origin, _socket_timeout(fs))
+    origin, r = _ask(fs, url, "POST", data, {"Content-Type": content_type})
     try:
-        conn.putrequest("POST", f"{parts.path}?{parts.query}", skip_accept_encoding=True)
-        for name, value in {"Content-Type": content_type, "Content-Length": str(len(data)),
-                            **fs._get_headers(None)}.items():
-            conn.putheader(name, value)
-        conn.endheaders()
-        conn.send(data)  # sendall from the caller's buffer: no copy (a bytes body would be joined to the head)
-        r = conn.getresponse()
         body = r.read()
     except BaseException:
         _drop(origin)
@@ -310,13 +301,17 @@ def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: fl
     return n, want, _crc32c(buf[:n])
 
 
-def _ask(fs: gcsfs.GCSFileSystem, url: str) -> tuple[tuple[str, str, int], http.client.HTTPResponse]:
-    """A GET of ``url`` on this thread's connection to its origin, answered up to the body."""
+def _ask(fs: gcsfs.GCSFileSystem, url: str, method: str = "GET", body: bytes | memoryview | None = None,
+         headers: dict[str, str] | None = None) -> tuple[tuple[str, str, int], http.client.HTTPResponse]:
+    """A request (a GET unless told) on this thread's connection to ``url``'s origin, answered up to the
+    body. A body is sent from the caller's buffer (``sendall`` of a memoryview; ``http.client`` would
+    join a ``bytes`` body to the head, a copy)."""
     parts = urlsplit(url)
     origin = _origin(parts)
     conn = _connection(origin, _socket_timeout(fs))
     try:
-        conn.request("GET", f"{parts.path}?{parts.query}", headers=fs._get_headers(None))
+        conn.request(method, f"{parts.path}?{parts.query}", body=None if body is None else memoryview(body),
+                     headers={**(headers or {}), **fs._get_headers(None)})
         return origin, conn.getresponse()
     except BaseException:
         _drop(origin)
@@ -947,7 +942,7 @@ async def get_each(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], room: int,
 
     def request(i: int) -> bytes:
         p = paths[i]
-        if _PLAIN_NAME.fullmatch(p.key) and _PLAIN_NAME.fullmatch(p.bucket):  # every zarr key: fs.url's own URL
+        if _PLAIN_NAME.fullmatch(p.key):  # every zarr key: fs.url's own URL (which never quotes the bucket)
             target = f"{head}{p.bucket}/o/{p.key.replace('/', '%2F')}?alt=media"
         else:
             u = urlsplit(fs.url(p.fs_path))
