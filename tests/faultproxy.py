@@ -232,7 +232,13 @@ class FaultProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+            def _answer(self) -> None:
+                try:
+                    self._handle()
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up on the answer: its right
+                    self.close_connection = True
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
