@@ -515,22 +515,33 @@ def in_one_batch(store: Any, layout: Layout) -> bool:
     return layout.shard_nbytes < _THREAD_MIN_BYTES and isinstance(store, JournaledStore) and store.uploads_in_batches
 
 
-def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
-          clear: Callable[[], Coroutine[Any, Any, None]] | None = None,
-          create: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+@dataclass(frozen=True)
+class Replacing:
+    """How :func:`write` replaces what a store held (``save_array``; see ``arrays._created_like``).
+
+    ``begin`` runs before the first upload (it puts up the write marker),
+    ``create`` alongside the uploads (the array's metadata documents), and
+    ``sweep(kept)`` after the last, with the store keys of the chunks
+    written (it deletes the old objects the new array did not overwrite).
+    """
+
+    begin: Callable[[], Coroutine[Any, Any, None]]
+    create: Callable[[], Coroutine[Any, Any, None]]
+    sweep: Callable[[set[str]], Coroutine[Any, Any, None]]
+
+
+def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Replacing | None = None) -> None:
     """Write all of ``array`` into ``z``: one encode and one upload per shard.
 
     Each worker reuses one shard buffer, so after its first shard no new
     memory is touched. Where the shards go up :func:`in_one_batch`, they
     are encoded one at a time into one buffer, each sent before the next is
-    encoded. ``clear`` (put up the write marker, then delete what was
-    stored there before) and ``create`` (the array's metadata documents)
-    run on zarr's event loop: ``clear`` before the first upload, ``create``
-    alongside the uploads (readers refuse the store until the write marker
-    goes: the order of the array's objects does not matter). Large shards
-    are encoded meanwhile: on the emulator the set-up's round trips are a
-    few ms of a write, on GCS tens of ms each. One shard failing cancels
-    the other workers: nothing goes up after the write raised.
+    encoded. ``replacing``'s steps run on zarr's event loop (readers refuse
+    the store until the write marker goes: the order of the array's objects
+    does not matter); large shards are encoded while it begins: on the
+    emulator the set-up's round trips are a few ms of a write, on GCS tens
+    of ms each. One shard failing cancels the other workers: nothing goes up
+    after the write raised.
     """
     from zarr.core.buffer.cpu import Buffer
     from zarr.core.sync import sync
@@ -541,6 +552,8 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
     workers = _workers(layout, len(shards))
     batch = in_one_batch(store, layout)
     taken: list[np.ndarray] = []  # borrowed from the pool
+    base = z.store_path.path.rstrip("/")
+    kept: set[str] = set()  # the store keys written
 
     def encoder() -> Callable[[tuple[int, ...]], memoryview | None]:
         if batch:
@@ -552,31 +565,31 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
         return lambda shard: _encode(layout, array, shard, buf, scratch)
 
     def key(shard: tuple[int, ...]) -> str:
-        return z.metadata.encode_chunk_key(shard)
+        name = z.metadata.encode_chunk_key(shard)
+        return f"{base}/{name}" if base else name
 
     async def all_of_it() -> None:
         async with asyncio.TaskGroup() as tasks:  # one failing stops the others
-            cleared = tasks.create_task(clear()) if clear is not None else None
+            begun = tasks.create_task(replacing.begin()) if replacing is not None else None
 
             async def created() -> None:
-                if cleared is not None:
-                    await cleared
-                if create is not None:
-                    await create()
+                if replacing is not None and begun is not None:
+                    await begun
+                    await replacing.create()
 
             async def batch_of_all() -> None:  # each shard encoded when the batch is ready to send it
                 encode = encoder()
-                base = z.store_path.path.rstrip("/")
 
                 def body(i: int) -> tuple[str, memoryview] | None:
                     view = encode(shards[i])
                     if view is None:
                         return None
                     name = key(shards[i])
-                    return (f"{base}/{name}" if base else name), view
+                    kept.add(name)
+                    return name, view
 
-                if cleared is not None:
-                    await cleared
+                if begun is not None:
+                    await begun
                 await store.set_each(len(shards), body, workers)
 
             async def worker() -> None:
@@ -584,14 +597,17 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, *,
                 while shards:
                     shard = shards.pop()
                     view = await _offload(layout, encode, shard)
-                    if cleared is not None:
-                        await cleared
+                    if begun is not None:
+                        await begun
                     if view is not None:
-                        await (z.store_path / key(shard)).set(Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
+                        kept.add(key(shard))
+                        await store.set(key(shard), Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
 
             tasks.create_task(created())
             for _ in range(1 if batch else workers):
                 tasks.create_task(batch_of_all() if batch else worker())
+        if replacing is not None:
+            await replacing.sweep(kept)
 
     try:
         sync(all_of_it())

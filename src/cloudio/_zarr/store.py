@@ -34,7 +34,7 @@ import os
 import posixpath
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self, cast
@@ -439,13 +439,20 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         Why: zarr empties the store before writing a new node; taking the marker with it
         would leave a half-deleted old array that readers take as complete.
         """
-        import asyncio
+        self._store._check_writable()
+        await self._delete_keys([k async for k in self._store.list_prefix("") if k != MARKER])
 
-        store = self._store
-        store._check_writable()
-        keys = [k async for k in store.list_prefix("") if k != MARKER]
+    async def delete_each(self, keys: Collection[str]) -> None:
+        """Delete ``keys`` (one batched request on GCS); each is journaled. A key already gone is no error."""
+        self._store._check_writable()
+        await self._delete_keys(keys)
+        for key in keys:
+            self._deleted(key, prefix=False)
+
+    async def _delete_keys(self, keys: Collection[str]) -> None:
         if not keys:
             return
+        store = self._store
         try:
             if isinstance(store, FsspecStore):  # one batched delete, as FsspecStore.delete_dir makes
                 root = store.path.rstrip("/")
@@ -657,10 +664,10 @@ class WriteMark:
                         self.operation, e)
 
     def _changed(self) -> bool:
-        """Whether anything but the marker was written or deleted in the store since :meth:`begin`."""
-        marker = self.store._url(MARKER)
-        return any(c.seq == -1 or (c.kind in ("write", "delete") and c.url != marker)
-                   for c in journal().since(self._seq, read=self.store.root_url))
+        """Whether anything but the marker was written or deleted in the store since :meth:`begin`, or may
+        have been: an upload whose answer was lost is journaled as an invalidation, and may have landed."""
+        marker = self.store._url(MARKER)  # any other change counts (records dropped too: EVERYTHING)
+        return any(c.url != marker for c in journal().since(self._seq, read=self.store.root_url))
 
     def __enter__(self) -> Self:
         return self.begin()
