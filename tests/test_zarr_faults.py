@@ -320,3 +320,22 @@ def test_a_write_whose_uploads_may_have_landed_stays_marked(gcs_emulator, gcs_bu
     assert (mixed[:, :100] == -old[:, :100]).all() and (mixed[:, 100:] == old[:, 100:]).all()
     with pytest.raises(cloudio.IncompleteWriteError, match="landed.zarr"):
         cloudio.load_array(url)
+
+
+def test_a_region_write_whose_upload_may_have_landed_stays_marked(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                   quick_retries):
+    """to_zarr(region=...) writes chunks only: one lands with its answer lost, the other is refused. Nothing
+    was confirmed, yet the store mixes old and new chunks: it stays marked incomplete."""
+    url = f"{gcs_bucket}/lands.zarr"
+    enc = {"x": {"chunks": (2, 6)}}
+    cloudio.to_zarr(_ds(1.0), url, mode="w", encoding=enc, consolidated=False)
+    fault_proxy.add("reset", method="POST", path=r"name=lands\.zarr%2Fx%2Fc%2F0%2F0", times=None)
+    fault_proxy.add("status", code=503, method="POST", path=r"name=lands\.zarr%2F", times=None)
+    part = _ds(-1.0).isel(t=slice(0, 4)).drop_vars(["t", "y"])  # x's chunks c/0/0 and c/1/0
+    with pytest.raises(cloudio.TransientError):
+        cloudio.to_zarr(part, url, region={"t": slice(0, 4)}, consolidated=False)
+    fault_proxy.clear()
+    mixed = xr.open_zarr(cloudio.zarr_store(url), consolidated=False).x.values  # xarray, which knows no marker
+    assert (mixed[:2] == -_ds(1.0).x.values[:2]).all() and (mixed[2:] == _ds(1.0).x.values[2:]).all()
+    with pytest.raises(cloudio.IncompleteWriteError, match="lands.zarr"):
+        cloudio.open_zarr(url)
