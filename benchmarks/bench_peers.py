@@ -175,7 +175,7 @@ def write_tensorstore(env: Env, layout: Layout, data: np.ndarray, prefix: str) -
     return time.perf_counter() - t0
 
 
-def write_zarr_fsspec(env: Env, layout: Layout, data: np.ndarray, prefix: str) -> float:
+def write_zarr_fsspec(env: Env, layout: Layout, data: np.ndarray, prefix: str, *, overwrite: bool = False) -> float:
     import zarr
     from zarr.storage import FsspecStore
 
@@ -183,7 +183,7 @@ def write_zarr_fsspec(env: Env, layout: Layout, data: np.ndarray, prefix: str) -
 
     store = FsspecStore(gcs_filesystem(asynchronous=True), path=f"{env.bucket}/{prefix}")
     t0 = time.perf_counter()
-    z = zarr.create_array(store, shape=data.shape, dtype=data.dtype, **layout.zarr_kwargs())
+    z = zarr.create_array(store, shape=data.shape, dtype=data.dtype, overwrite=overwrite, **layout.zarr_kwargs())
     z[...] = data
     return time.perf_counter() - t0
 
