@@ -570,12 +570,10 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
 
     async def all_of_it() -> None:
         async with asyncio.TaskGroup() as tasks:  # one failing stops the others
-            begun = tasks.create_task(replacing.begin()) if replacing is not None else None
-
-            async def created() -> None:
-                if replacing is not None and begun is not None:
-                    await begun
-                    await replacing.create()
+            begun: asyncio.Task[None] | None = None
+            if replacing is not None:
+                begun = tasks.create_task(replacing.begin())
+                tasks.create_task(_after(begun, replacing.create))
 
             async def batch_of_all() -> None:  # each shard encoded when the batch is ready to send it
                 encode = encoder()
@@ -600,10 +598,10 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                     if begun is not None:
                         await begun
                     if view is not None:
-                        kept.add(key(shard))
-                        await store.set(key(shard), Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
+                        name = key(shard)
+                        kept.add(name)
+                        await store.set(name, Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
 
-            tasks.create_task(created())
             for _ in range(1 if batch else workers):
                 tasks.create_task(batch_of_all() if batch else worker())
         if replacing is not None:
@@ -615,6 +613,12 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
         raise group.exceptions[0] from group.exceptions[0].__cause__
     for buf in taken:  # every upload answered: nothing sends from them any more (after a failure, none goes back)
         shard_buffers.give(buf)
+
+
+async def _after(first: Awaitable[None], then: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """``then()`` once ``first`` is done (a write's metadata documents once its marker is up)."""
+    await first
+    await then()
 
 
 def _gcs_shards(z: zarr.Array[Any]) -> tuple[gcsfs.GCSFileSystem, str] | None:
