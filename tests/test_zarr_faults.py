@@ -10,6 +10,7 @@ import time
 import types
 from urllib.parse import unquote
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -334,9 +335,69 @@ def test_a_region_write_whose_upload_may_have_landed_stays_marked(gcs_emulator, 
     part = _ds(-1.0).isel(t=slice(0, 4)).drop_vars(["t", "y"])  # x's chunks c/0/0 and c/1/0
     with pytest.raises(cloudio.TransientError):
         cloudio.to_zarr(part, url, region={"t": slice(0, 4)}, consolidated=False)
-    # the faults stay: they touch uploads only, and zarr's other chunk write, still retrying after the first
-    # failure was raised, must not land now
+    # the faults stay: they touch uploads only (and a retry going out late would be refused too)
     mixed = xr.open_zarr(cloudio.zarr_store(url), consolidated=False).x.values  # xarray, which knows no marker
     assert (mixed[:2] == -_ds(1.0).x.values[:2]).all() and (mixed[2:] == _ds(1.0).x.values[2:]).all()
     with pytest.raises(cloudio.IncompleteWriteError, match="lands.zarr"):
         cloudio.open_zarr(url)
+
+
+def test_no_upload_of_a_region_write_goes_out_after_it_raised(gcs_emulator, gcs_bucket, fault_proxy, monkeypatch):
+    """zarr gathers a region's chunk writes and raises the first failure while the others still run. One
+    chunk is refused for good while the other waits to retry: that retry must not go out after to_zarr
+    raised, where it could land on a store the caller has since rewritten."""
+    import cloudio._gcs.fast
+
+    url = f"{gcs_bucket}/late.zarr"
+    enc = {"x": {"chunks": (2, 6)}}
+    cloudio.to_zarr(_ds(1.0), url, mode="w", encoding=enc, consolidated=False)
+    monkeypatch.setattr(cloudio._gcs.fast, "BACKOFF", 1.0)  # c/1/0's retry comes a second after its 503
+    fault_proxy.add("status", code=403, method="POST", path=r"name=late\.zarr%2Fx%2Fc%2F0%2F0", times=None)
+    fault_proxy.add("status", code=503, method="POST", path=r"name=late\.zarr%2Fx%2Fc%2F1%2F0", times=1)
+    part = _ds(-1.0).isel(t=slice(0, 4)).drop_vars(["t", "y"])  # x's chunks c/0/0 and c/1/0
+    with pytest.raises(cloudio.CloudioError, match="late.zarr"):
+        cloudio.to_zarr(part, url, region={"t": slice(0, 4)}, consolidated=False)
+    raised = len(fault_proxy.log)
+    time.sleep(2.0)  # past the retry's back-off
+    late = [e for e in fault_proxy.log[raised:] if e[0] == "POST"]
+    assert late == []
+    stored = xr.open_zarr(cloudio.zarr_store(url), consolidated=False).x.values  # xarray, which knows no marker
+    assert (stored == _ds(1.0).x.values).all()
+
+
+def test_a_region_write_stopped_with_an_upload_on_its_way_stays_marked(gcs_emulator, gcs_bucket, fault_proxy):
+    """One chunk is refused; the other's upload has reached the server, but its answer has not come back when
+    the write stops it. That chunk may have landed (here it has): the store stays marked incomplete."""
+    url = f"{gcs_bucket}/onway.zarr"
+    enc = {"x": {"chunks": (2, 6)}}
+    cloudio.to_zarr(_ds(1.0), url, mode="w", encoding=enc, consolidated=False)
+    fault_proxy.add("late", method="POST", path=r"name=onway\.zarr%2Fx%2Fc%2F1%2F0", seconds=1.0)
+    fault_proxy.add("status", code=403, method="POST", path=r"name=onway\.zarr%2Fx%2Fc%2F0%2F0", times=None)
+    part = _ds(-1.0).isel(t=slice(0, 4)).drop_vars(["t", "y"])  # x's chunks c/0/0 and c/1/0
+    with pytest.raises(cloudio.CloudioError, match="onway.zarr"):
+        cloudio.to_zarr(part, url, region={"t": slice(0, 4)}, consolidated=False)
+    mixed = xr.open_zarr(cloudio.zarr_store(url), consolidated=False).x.values  # xarray, which knows no marker
+    assert (mixed[2:4] == -_ds(1.0).x.values[2:4]).all() and (mixed[:2] == _ds(1.0).x.values[:2]).all()
+    with pytest.raises(cloudio.IncompleteWriteError, match="onway.zarr"):
+        cloudio.open_zarr(url)
+
+
+def test_no_shard_of_a_dask_write_goes_out_after_it_raised(gcs_emulator, gcs_bucket, fault_proxy, monkeypatch):
+    """Dask raises the first failed task while the others still run, each in a thread waiting for its own
+    upload: a shard's retry must not go out after save_array raised."""
+    import dask.array as da
+
+    import cloudio._gcs.fast
+
+    url = f"{gcs_bucket}/late-dask.zarr"
+    old = np.arange(100 * 200, dtype="i4").reshape(100, 200)
+    cloudio.save_array(old, url, chunks=(50, 50), shards=(100, 100))  # 2 shards
+    monkeypatch.setattr(cloudio._gcs.fast, "BACKOFF", 1.0)  # c/0/1's retry comes a second after its 503
+    fault_proxy.add("status", code=403, method="POST", path=r"name=late-dask\.zarr%2Fc%2F0%2F0", times=None)
+    fault_proxy.add("status", code=503, method="POST", path=r"name=late-dask\.zarr%2Fc%2F0%2F1", times=1)
+    with dask.config.set(scheduler="threads", num_workers=2), pytest.raises(cloudio.CloudioError, match="late-dask"):
+        cloudio.save_array(da.from_array(-old, chunks=(100, 100)), url, shards=(100, 100))
+    raised = len(fault_proxy.log)
+    time.sleep(2.0)  # past the retry's back-off
+    assert [e for e in fault_proxy.log[raised:] if e[0] == "POST"] == []
+

@@ -223,6 +223,7 @@ async def put_verified(
     deleted = False  # a corrupt copy was stored and deleted: the server holds nothing at path now
     guard = if_generation_match
     changing = journal().changing(path.url)  # GDAL reads of it wait until the outcome is recorded
+    sent = False  # a request went out: cancelled from here on, the upload may have landed
     try:
         for attempt in range(max(1, attempts)):
             if attempt:
@@ -230,6 +231,7 @@ async def put_verified(
                 log.info("upload of %s: attempt %d of %d in %.2f s (%s)", path.url, attempt + 1, attempts, delay, last)
                 await asyncio.sleep(delay)
             try:
+                sent = True
                 meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit, media,
                                                    guard)
                 generation = await _check_stored(fs, path, meta, size, sent_crc)
@@ -258,7 +260,8 @@ async def put_verified(
         if deleted:  # whatever ended the upload, the server no longer holds the object
             fs.invalidate_cache(path.fs_path)
             journal().record(path.url, "delete")
-        elif _outcome_unknown(e):  # the upload may have landed and its answer been lost
+        elif _outcome_unknown(e) or (sent and not isinstance(e, Exception)):
+            # the upload may have landed and its answer been lost, or been cancelled on its way
             fs.invalidate_cache(path.fs_path)
             journal().record(path.url, "invalidate")
         if isinstance(e, CloudioError) or not isinstance(e, Exception):

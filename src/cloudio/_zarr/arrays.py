@@ -33,6 +33,7 @@ import numpy as np
 from cloudio import _config
 from cloudio._zarr import shard_codec as _shardio
 from cloudio._zarr.buffers import lend, outputs
+from cloudio._zarr.changes import stopped_on_failure
 from cloudio._zarr.shard_codec import plain_layout
 from cloudio._zarr.shard_safety import align, write_grid
 from cloudio._zarr.shard_safety import is_dask as _is_dask
@@ -146,19 +147,20 @@ def save_array(
                 _shardio.write(z, layout, cast(np.ndarray, array), replacing)
             else:
                 mark.begin()
-                z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
-                                      shards=zarr_shards, overwrite=overwrite, **kwargs)
-                if dask_input:
-                    import dask.array as da
+                with stopped_on_failure():  # zarr's (or Dask's) other chunk writes end before the failure is raised
+                    z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
+                                          shards=zarr_shards, overwrite=overwrite, **kwargs)
+                    if dask_input:
+                        import dask.array as da
 
-                    # dask types its targets as arrays; a zarr array takes __setitem__, all store needs
-                    da.store(array, z, lock=False, compute=True)  # type: ignore[arg-type]
-                elif (layout := plain_layout(z)) is not None and array.size:
-                    # one copy per chunk, straight into a reused shard buffer
-                    _shardio.write(z, layout, cast(np.ndarray, array))
-                else:
-                    with _no_hugepage_advice():  # zarr encodes into fresh buffers; see _no_hugepage_advice
-                        z[...] = array
+                        # dask types its targets as arrays; a zarr array takes __setitem__, all store needs
+                        da.store(array, z, lock=False, compute=True)  # type: ignore[arg-type]
+                    elif (layout := plain_layout(z)) is not None and array.size:
+                        # one copy per chunk, straight into a reused shard buffer
+                        _shardio.write(z, layout, cast(np.ndarray, array))
+                    else:
+                        with _no_hugepage_advice():  # zarr encodes into fresh buffers; see _no_hugepage_advice
+                            z[...] = array
         except BaseException:
             mark.fail()
             raise

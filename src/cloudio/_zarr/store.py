@@ -49,6 +49,7 @@ from cloudio._gcs.transfer import put_verified, put_verified_each
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
+from cloudio._zarr.changes import stops_with_its_write
 from cloudio.errors import BucketNotFoundError, CloudioError, ConflictError
 
 if TYPE_CHECKING:
@@ -252,6 +253,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     # -- what writes -------------------------------------------------------------------------
 
+    @stops_with_its_write
     async def set(self, key: str, value: Buffer) -> None:
         try:
             if key in self._guards and is_gcs(self._root_url) and isinstance(self._store, FsspecStore):
@@ -275,6 +277,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         """Chunks may go up through :meth:`set_each`: a GCS store on zarr's FsspecStore, no guard in force."""
         return self._gcs_root is not None and self._direct and not self._guards
 
+    @stops_with_its_write
     async def set_each(self, count: int, body: Callable[[int], tuple[str, memoryview] | None],
                        concurrency: int) -> None:
         """``set(key, value)`` for each ``(key, value) = body(i)`` below ``count`` (None: nothing to write):
@@ -354,6 +357,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         got = await get_with_generation(inner.fs, parse_gcs(self._url(key)))
         return (None, 0) if got is None else (got[0].tobytes(), got[1])
 
+    @stops_with_its_write
     async def delete_guarded(self, key: str, generation: int) -> None:
         """Delete ``key`` only if it is at ``generation`` (``ifGenerationMatch``, enforced by GCS).
 
@@ -379,6 +383,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             inner.fs.invalidate_cache(path.fs_path)
         self._deleted(key, prefix=False)
 
+    @stops_with_its_write
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         # Whether the wrapped store wrote is not reported; recording a write that did not
         # happen only costs a cache a refetch, missing one would leave it stale.
@@ -390,10 +395,12 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
         await asyncio.gather(*(self.set(k, v) for k, v in values))
 
+    @stops_with_its_write
     async def delete(self, key: str) -> None:
         await self._store.delete(key)
         self._deleted(key, prefix=False)
 
+    @stops_with_its_write
     async def delete_dir(self, prefix: str) -> None:
         if not prefix.strip("/") and _marked(self._root_url):
             await self._delete_all_but_marker()
@@ -401,6 +408,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             await self._store.delete_dir(prefix)
         self._deleted(prefix, prefix=True)
 
+    @stops_with_its_write
     async def clear(self) -> None:
         if _marked(self._root_url):
             await self._delete_all_but_marker()
@@ -442,6 +450,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         self._store._check_writable()
         await self._delete_keys([k async for k in self._store.list_prefix("") if k != MARKER])
 
+    @stops_with_its_write
     async def delete_each(self, keys: Collection[str]) -> None:
         """Delete ``keys`` (one batched request on GCS); each is journaled. A key already gone is no error."""
         self._store._check_writable()

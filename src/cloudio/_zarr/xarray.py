@@ -25,6 +25,7 @@ from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from cloudio._paths import is_gcs
+from cloudio._zarr.changes import stopped_on_failure
 from cloudio._zarr.shard_safety import align
 from cloudio._zarr.shard_safety import is_dask as _is_dask
 from cloudio._zarr.store import (
@@ -244,9 +245,10 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     with cloudio_errors(store, writing=True):
         mark = WriteMark(store, f"to_zarr mode={mode!r}", replaces=mode in ("w", "w-")).begin()
         try:
-            out = aligned.to_zarr(store, **kwargs)
-            if guarded:
-                consolidate_guarded(store, kwargs.get("zarr_format"))
+            with stopped_on_failure():  # zarr's other chunk writes end before the failure is raised
+                out = aligned.to_zarr(store, **kwargs)
+                if guarded:
+                    consolidate_guarded(store, kwargs.get("zarr_format"))
         except BaseException:
             mark.fail()
             raise
