@@ -401,3 +401,22 @@ def test_no_shard_of_a_dask_write_goes_out_after_it_raised(gcs_emulator, gcs_buc
     time.sleep(2.0)  # past the retry's back-off
     assert [e for e in fault_proxy.log[raised:] if e[0] == "POST"] == []
 
+
+
+def test_a_region_write_stopped_with_a_delete_on_its_way_stays_marked(gcs_emulator, gcs_bucket, fault_proxy):
+    """A chunk of nothing but the fill value is deleted, not written: that delete has reached the server when
+    the other chunk's refusal stops the write. The store stays marked incomplete."""
+    url = f"{gcs_bucket}/gone.zarr"
+    enc = {"x": {"chunks": (2, 6)}}
+    cloudio.to_zarr(_ds(1.0), url, mode="w", encoding=enc, consolidated=False)
+    held = fault_proxy.add("late", method="DELETE", path=r"/o/gone\.zarr%2Fx%2Fc%2F1%2F0", seconds=1.0)
+    # c/0/0 is refused after a retry: by then the delete is on its way
+    fault_proxy.add("status", code=503, method="POST", path=r"name=gone\.zarr%2Fx%2Fc%2F0%2F0", times=1)
+    fault_proxy.add("status", code=403, method="POST", path=r"name=gone\.zarr%2Fx%2Fc%2F0%2F0", times=None)
+    part = _ds(-1.0).isel(t=slice(0, 4)).drop_vars(["t", "y"])
+    part["x"][2:4] = np.nan  # chunk c/1/0: the fill value only
+    with pytest.raises(cloudio.CloudioError, match="gone.zarr"):
+        cloudio.to_zarr(part, url, region={"t": slice(0, 4)}, consolidated=False, write_empty_chunks=False)
+    assert held.hits == 1 and held.answered.wait(5)  # it went out, and the server carried it out
+    with pytest.raises(cloudio.IncompleteWriteError, match="gone.zarr"):
+        cloudio.open_zarr(url)

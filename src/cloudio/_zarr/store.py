@@ -397,7 +397,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     @stops_with_its_write
     async def delete(self, key: str) -> None:
-        await self._store.delete(key)
+        with self._stopped_may_have_deleted([key]):
+            await self._store.delete(key)
         self._deleted(key, prefix=False)
 
     @stops_with_its_write
@@ -454,9 +455,21 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     async def delete_each(self, keys: Collection[str]) -> None:
         """Delete ``keys`` (one batched request on GCS); each is journaled. A key already gone is no error."""
         self._store._check_writable()
-        await self._delete_keys(keys)
+        with self._stopped_may_have_deleted(keys):
+            await self._delete_keys(keys)
         for key in keys:
             self._deleted(key, prefix=False)
+
+    @contextmanager
+    def _stopped_may_have_deleted(self, keys: Collection[str]) -> Iterator[None]:
+        """A delete cancelled on its way (its write failed: :mod:`cloudio._zarr.changes`) may have been carried
+        out: each key is journaled as changed, so caches ask again and the write's marker stays."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            for key in keys:
+                journal().record(self._url(key), "invalidate")
+            raise
 
     async def _delete_keys(self, keys: Collection[str]) -> None:
         if not keys:
