@@ -351,27 +351,33 @@ def test_no_upload_of_a_region_write_goes_out_after_it_raised(gcs_emulator, gcs_
     url = f"{gcs_bucket}/late.zarr"
     enc = {"x": {"chunks": (2, 6)}}
     cloudio.to_zarr(_ds(1.0), url, mode="w", encoding=enc, consolidated=False)
-    monkeypatch.setattr(cloudio._gcs.fast, "BACKOFF", 1.0)  # c/1/0's retry comes a second after its 503
+    monkeypatch.setattr(cloudio._gcs.fast, "BACKOFF", 2.0)  # c/1/0's retry comes 2 s after its 503
     fault_proxy.add("status", code=403, method="POST", path=r"name=late\.zarr%2Fx%2Fc%2F0%2F0", times=None)
     fault_proxy.add("status", code=503, method="POST", path=r"name=late\.zarr%2Fx%2Fc%2F1%2F0", times=1)
     part = _ds(-1.0).isel(t=slice(0, 4)).drop_vars(["t", "y"])  # x's chunks c/0/0 and c/1/0
     with pytest.raises(cloudio.CloudioError, match="late.zarr"):
         cloudio.to_zarr(part, url, region={"t": slice(0, 4)}, consolidated=False)
     raised = len(fault_proxy.log)
-    time.sleep(2.0)  # past the retry's back-off
+    time.sleep(3.0)  # past the retry's back-off
     late = [e for e in fault_proxy.log[raised:] if e[0] == "POST"]
     assert late == []
     stored = xr.open_zarr(cloudio.zarr_store(url), consolidated=False).x.values  # xarray, which knows no marker
     assert (stored == _ds(1.0).x.values).all()
 
 
-def test_a_region_write_stopped_with_an_upload_on_its_way_stays_marked(gcs_emulator, gcs_bucket, fault_proxy):
+def test_a_region_write_stopped_with_an_upload_on_its_way_stays_marked(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                       monkeypatch):
     """One chunk is refused; the other's upload has reached the server, but its answer has not come back when
     the write stops it. That chunk may have landed (here it has): the store stays marked incomplete."""
+    import cloudio._gcs.fast
+
     url = f"{gcs_bucket}/onway.zarr"
     enc = {"x": {"chunks": (2, 6)}}
     cloudio.to_zarr(_ds(1.0), url, mode="w", encoding=enc, consolidated=False)
-    fault_proxy.add("late", method="POST", path=r"name=onway\.zarr%2Fx%2Fc%2F1%2F0", seconds=1.0)
+    monkeypatch.setattr(cloudio._gcs.fast, "BACKOFF", 1.0)
+    fault_proxy.add("late", method="POST", path=r"name=onway\.zarr%2Fx%2Fc%2F1%2F0", seconds=3.0)
+    # c/0/0 is refused after a retry a second later: by then c/1/0 is on its way
+    fault_proxy.add("status", code=503, method="POST", path=r"name=onway\.zarr%2Fx%2Fc%2F0%2F0", times=1)
     fault_proxy.add("status", code=403, method="POST", path=r"name=onway\.zarr%2Fx%2Fc%2F0%2F0", times=None)
     part = _ds(-1.0).isel(t=slice(0, 4)).drop_vars(["t", "y"])  # x's chunks c/0/0 and c/1/0
     with pytest.raises(cloudio.CloudioError, match="onway.zarr"):
@@ -392,25 +398,29 @@ def test_no_shard_of_a_dask_write_goes_out_after_it_raised(gcs_emulator, gcs_buc
     url = f"{gcs_bucket}/late-dask.zarr"
     old = np.arange(100 * 200, dtype="i4").reshape(100, 200)
     cloudio.save_array(old, url, chunks=(50, 50), shards=(100, 100))  # 2 shards
-    monkeypatch.setattr(cloudio._gcs.fast, "BACKOFF", 1.0)  # c/0/1's retry comes a second after its 503
+    monkeypatch.setattr(cloudio._gcs.fast, "BACKOFF", 2.0)  # c/0/1's retry comes 2 s after its 503
     fault_proxy.add("status", code=403, method="POST", path=r"name=late-dask\.zarr%2Fc%2F0%2F0", times=None)
     fault_proxy.add("status", code=503, method="POST", path=r"name=late-dask\.zarr%2Fc%2F0%2F1", times=1)
     with dask.config.set(scheduler="threads", num_workers=2), pytest.raises(cloudio.CloudioError, match="late-dask"):
         cloudio.save_array(da.from_array(-old, chunks=(100, 100)), url, shards=(100, 100))
     raised = len(fault_proxy.log)
-    time.sleep(2.0)  # past the retry's back-off
+    time.sleep(3.0)  # past the retry's back-off
     assert [e for e in fault_proxy.log[raised:] if e[0] == "POST"] == []
 
 
 
-def test_a_region_write_stopped_with_a_delete_on_its_way_stays_marked(gcs_emulator, gcs_bucket, fault_proxy):
+def test_a_region_write_stopped_with_a_delete_on_its_way_stays_marked(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                      monkeypatch):
     """A chunk of nothing but the fill value is deleted, not written: that delete has reached the server when
     the other chunk's refusal stops the write. The store stays marked incomplete."""
+    import cloudio._gcs.fast
+
     url = f"{gcs_bucket}/gone.zarr"
     enc = {"x": {"chunks": (2, 6)}}
     cloudio.to_zarr(_ds(1.0), url, mode="w", encoding=enc, consolidated=False)
-    held = fault_proxy.add("late", method="DELETE", path=r"/o/gone\.zarr%2Fx%2Fc%2F1%2F0", seconds=1.0)
-    # c/0/0 is refused after a retry: by then the delete is on its way
+    monkeypatch.setattr(cloudio._gcs.fast, "BACKOFF", 1.0)
+    held = fault_proxy.add("late", method="DELETE", path=r"/o/gone\.zarr%2Fx%2Fc%2F1%2F0", seconds=3.0)
+    # c/0/0 is refused after a retry a second later: by then the delete is on its way
     fault_proxy.add("status", code=503, method="POST", path=r"name=gone\.zarr%2Fx%2Fc%2F0%2F0", times=1)
     fault_proxy.add("status", code=403, method="POST", path=r"name=gone\.zarr%2Fx%2Fc%2F0%2F0", times=None)
     part = _ds(-1.0).isel(t=slice(0, 4)).drop_vars(["t", "y"])

@@ -364,23 +364,35 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         fake-gcs-server ignores the precondition on deletes; the caller read
         the generation just before, which leaves the emulator a window of one request.
         """
+        await self._delete(key, generation)
+
+    async def _delete(self, key: str, generation: int | None) -> None:
+        """Delete ``key`` (at ``generation``, when given); an object already gone is no error.
+
+        On GCS one request over a kept connection (:func:`cloudio._gcs.fast.delete_object`),
+        which a failed write can cancel (:mod:`cloudio._zarr.changes`): gcsfs's
+        delete runs in tasks of its own that go on after the caller is cancelled.
+        """
         inner = self._store
-        if not isinstance(inner, FsspecStore) or not is_gcs(self._root_url):
-            await self.delete(key)
-            return
-        from cloudio._gcs.fast import delete_object
+        with self._stopped_may_have_deleted([key]):
+            if not isinstance(inner, FsspecStore) or not is_gcs(self._root_url):
+                await inner.delete(key)
+            else:
+                from cloudio._gcs.fast import delete_object
 
-        path = parse_gcs(self._url(key))
-        try:
-            await delete_object(inner.fs, path, generation)
-        except FileNotFoundError:
-            pass
-        except FileExistsError as e:  # 412
-            from cloudio._gcs.transfer import _generation
+                inner._check_writable()
+                path = parse_gcs(self._url(key))
+                try:
+                    await delete_object(inner.fs, path, generation)
+                except FileNotFoundError:
+                    pass
+                except FileExistsError as e:  # 412
+                    from cloudio._gcs.transfer import _generation
 
-            raise ConflictError(path.url, generation, await _generation(inner.fs, path)) from e
-        finally:
-            inner.fs.invalidate_cache(path.fs_path)
+                    assert generation is not None  # no precondition, no 412
+                    raise ConflictError(path.url, generation, await _generation(inner.fs, path)) from e
+                finally:
+                    inner.fs.invalidate_cache(path.fs_path)
         self._deleted(key, prefix=False)
 
     @stops_with_its_write
@@ -397,9 +409,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     @stops_with_its_write
     async def delete(self, key: str) -> None:
-        with self._stopped_may_have_deleted([key]):
-            await self._store.delete(key)
-        self._deleted(key, prefix=False)
+        await self._delete(key, None)
 
     @stops_with_its_write
     async def delete_dir(self, prefix: str) -> None:
