@@ -52,15 +52,15 @@ class _Changes:
         with self._lock:
             if self._stopped:
                 raise asyncio.CancelledError("the write this change belongs to has failed")
-            added = task is not None and task not in self._tasks
-            if added:
-                self._tasks.add(task)  # type: ignore[arg-type]  # added is False when task is None
+            mine = task if task is not None and task not in self._tasks else None  # an outer change holds it
+            if mine is not None:
+                self._tasks.add(mine)
         try:
             yield
         finally:
-            if added:
+            if mine is not None:
                 with self._lock:
-                    self._tasks.discard(task)  # type: ignore[arg-type]
+                    self._tasks.discard(mine)
 
     def stop(self) -> None:
         """Cancel the changes still running and wait until each has ended; refuse any later one."""

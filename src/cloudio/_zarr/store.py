@@ -367,33 +367,38 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         await self._delete(key, generation)
 
     async def _delete(self, key: str, generation: int | None) -> None:
-        """Delete ``key`` (at ``generation``, when given); an object already gone is no error.
-
-        On GCS one request over a kept connection (:func:`cloudio._gcs.fast.delete_object`),
-        which a failed write can cancel (:mod:`cloudio._zarr.changes`): gcsfs's
-        delete runs in tasks of its own that go on after the caller is cancelled.
-        """
-        inner = self._store
-        with self._stopped_may_have_deleted([key]):
-            if not isinstance(inner, FsspecStore) or not is_gcs(self._root_url):
-                await inner.delete(key)
+        """Delete ``key`` (at ``generation``, when given); an object already gone is no error."""
+        try:
+            if isinstance(self._store, FsspecStore) and is_gcs(self._root_url):
+                await self._delete_object(key, generation)
             else:
-                from cloudio._gcs.fast import delete_object
-
-                inner._check_writable()
-                path = parse_gcs(self._url(key))
-                try:
-                    await delete_object(inner.fs, path, generation)
-                except FileNotFoundError:
-                    pass
-                except FileExistsError as e:  # 412
-                    from cloudio._gcs.transfer import _generation
-
-                    assert generation is not None  # no precondition, no 412
-                    raise ConflictError(path.url, generation, await _generation(inner.fs, path)) from e
-                finally:
-                    inner.fs.invalidate_cache(path.fs_path)
+                await self._store.delete(key)
+        except asyncio.CancelledError:
+            # a failed write stopped it on its way (cloudio._zarr.changes): the server may have carried it out,
+            # so caches ask again and the write's marker stays
+            journal().record(self._url(key), "invalidate")
+            raise
         self._deleted(key, prefix=False)
+
+    async def _delete_object(self, key: str, generation: int | None) -> None:
+        """One DELETE over a kept connection (:func:`cloudio._gcs.fast.delete_object`), which a failed write
+        can cancel: gcsfs's delete runs in tasks of its own that go on after the caller is cancelled."""
+        from cloudio._gcs.fast import delete_object
+
+        inner = cast(FsspecStore, self._store)
+        inner._check_writable()
+        path = parse_gcs(self._url(key))
+        try:
+            await delete_object(inner.fs, path, generation)
+        except FileNotFoundError:
+            pass
+        except FileExistsError as e:  # 412
+            from cloudio._gcs.transfer import _generation
+
+            assert generation is not None  # no precondition, no 412
+            raise ConflictError(path.url, generation, await _generation(inner.fs, path)) from e
+        finally:
+            inner.fs.invalidate_cache(path.fs_path)
 
     @stops_with_its_write
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
@@ -465,21 +470,9 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     async def delete_each(self, keys: Collection[str]) -> None:
         """Delete ``keys`` (one batched request on GCS); each is journaled. A key already gone is no error."""
         self._store._check_writable()
-        with self._stopped_may_have_deleted(keys):
-            await self._delete_keys(keys)
+        await self._delete_keys(keys)
         for key in keys:
             self._deleted(key, prefix=False)
-
-    @contextmanager
-    def _stopped_may_have_deleted(self, keys: Collection[str]) -> Iterator[None]:
-        """A delete cancelled on its way (its write failed: :mod:`cloudio._zarr.changes`) may have been carried
-        out: each key is journaled as changed, so caches ask again and the write's marker stays."""
-        try:
-            yield
-        except asyncio.CancelledError:
-            for key in keys:
-                journal().record(self._url(key), "invalidate")
-            raise
 
     async def _delete_keys(self, keys: Collection[str]) -> None:
         if not keys:
