@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import threading
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 
 from cloudio import _config
+from cloudio._zarr import last_seen
 from cloudio._zarr import shard_codec as _shardio
 from cloudio._zarr.buffers import lend, outputs
 from cloudio._zarr.changes import stopped_on_failure
@@ -38,13 +40,16 @@ from cloudio._zarr.shard_codec import plain_layout
 from cloudio._zarr.shard_safety import align, write_grid
 from cloudio._zarr.shard_safety import is_dask as _is_dask
 from cloudio._zarr.store import (
+    MARKER,
     JournaledStore,
     WriteMark,
     cloudio_errors,
     open_complete_array,
+    refuse_marked,
     revalidate,
     zarr_store,
 )
+from cloudio.errors import TransientError
 
 if TYPE_CHECKING:
     import dask.array
@@ -409,10 +414,75 @@ def load_array(
     store = url if isinstance(url, JournaledStore) else zarr_store(url, read_only=True)
     with cloudio_errors(store, writing=False, node="array", writer="cloudio.save_array"):
         check = revalidate(store)  # None at the session level: the marker's GET says what is needed
+        if check is None and not lazy:
+            out = _load_as_last_seen(store)
+            if out is not None:
+                return out
         # a format known from the server's listing spares zarr its probes for the other one's documents
         z = open_complete_array(store, check is None or check.marked,
                                 None if check is None else check.zarr_format(store.root_url))
         return _load(z, lazy, chunks)
+
+
+class _NotAsLastSeen(Exception):
+    """The array's ``zarr.json``, or its write marker, is not what :func:`_load_as_last_seen` guessed."""
+
+
+def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
+    """The whole array, its chunks read as though it still were as this process last saw it
+    (:mod:`cloudio._zarr.last_seen`), in one batch of GETs with its ``zarr.json`` and write marker.
+
+    None, to read it the usual way, when nothing was seen, the array is not
+    read in one batch (:func:`cloudio._zarr.shard_codec.read_with_documents`),
+    its ``zarr.json`` is not byte for byte the one seen, or the batch failed
+    on anything but the server's or network's repeated failure: the usual
+    way then raises what it raises, as the marker's GET first says. A marker
+    found, with the document as seen, is refused as the usual way does.
+    Measured on ``benchmarks/bench_peers.py`` layout c (100 chunks of
+    40 KB, 60 interleaved rounds): 9.5 ms a load the usual way, 8.1 with
+    the round trip of the open left out.
+    """
+    import zarr
+    from zarr.core.array import AsyncArray
+    from zarr.storage import StorePath
+
+    doc = last_seen.guess(f"{store.root_url}/zarr.json")
+    if doc is None:
+        return None
+    try:
+        meta = json.loads(doc)
+        z = zarr.Array(AsyncArray(metadata=meta, store_path=StorePath(store))) if meta.get("node_type") == "array" \
+            else None
+    except Exception:  # zarr's own validation decides what it accepts; the usual way then says why
+        log.debug("%s: the zarr.json last seen does not open", store.root_url, exc_info=True)
+        return None
+    layout = plain_layout(z) if z is not None and z.size else None
+    if z is None or layout is None:
+        return None
+    out = np.empty(z.shape, dtype=layout.dtype)
+    marker: list[bytes | None] = []
+
+    def seen(key: str, body: bytes | None) -> None:
+        if key == MARKER:
+            marker.append(body)
+            if body is not None:
+                raise _NotAsLastSeen(key)
+        elif body != doc:
+            raise _NotAsLastSeen(key)
+
+    try:
+        if not _shardio.read_with_documents(z, layout, out, ("zarr.json", MARKER), seen):
+            return None
+    except TransientError:
+        raise
+    except _NotAsLastSeen:
+        if marker and marker[0] is not None:
+            refuse_marked(store, marker[0])
+        return None
+    except Exception:
+        log.debug("%s: read as last seen failed; reading it again", store.root_url, exc_info=True)
+        return None
+    return out
 
 
 def _load(z: zarr.Array[Any], lazy: bool, chunks: Any) -> np.ndarray | dask.array.Array:

@@ -826,23 +826,8 @@ def _read_on_the_loop(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    from cloudio._gcs.fast import get_each
-    from cloudio._paths import GCSPath, parse_gcs
-
     if gcs is not None:
-        fs, base = gcs
-        root = parse_gcs(base)  # checked once; the keys are zarr's own
-        prefix = f"{root.key.rstrip('/')}/" if root.key else ""
-        shards = list(layout.shards())
-        paths = [GCSPath(root.bucket, prefix + z.metadata.encode_chunk_key(s)) for s in shards]
-
-        def take(i: int, body: np.ndarray | None) -> None:
-            if body is None:  # a shard of nothing but the fill value
-                _fill(layout, shards[i], out)
-            else:
-                _decode(layout, body, shards[i], out, paths[i].url)
-
-        sync(get_each(fs, paths, layout.shard_nbytes, take, _workers(layout, len(shards))))
+        sync(_get_each_shard(z, layout, out, gcs))
         return
     proto = default_buffer_prototype()
 
@@ -858,3 +843,54 @@ def _read_on_the_loop(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
         return job
 
     _each_shard(layout, new_job)
+
+
+async def _get_each_shard(z: zarr.Array[Any], layout: Layout, out: np.ndarray, gcs: tuple[gcsfs.GCSFileSystem, str],
+                          documents: Sequence[str] = (), seen: Callable[[str, bytes | None], None] | None = None,
+                          ) -> None:
+    """Every shard of ``z`` in one batch of GETs (:func:`cloudio._gcs.fast.get_each`, CRC32C-checked),
+    each decoded into ``out`` as it arrives; and in the same batch, first, the ``documents`` (keys
+    under the array), each handed to ``seen`` (None: no such object), which may raise to stop it."""
+    from cloudio._gcs.fast import get_each
+    from cloudio._paths import GCSPath, parse_gcs
+
+    fs, base = gcs
+    root = parse_gcs(base)  # checked once; the keys are zarr's own
+    prefix = f"{root.key.rstrip('/')}/" if root.key else ""
+    shards = list(layout.shards())
+    n = len(documents)
+    paths = [GCSPath(root.bucket, prefix + k) for k in documents]
+    paths += [GCSPath(root.bucket, prefix + z.metadata.encode_chunk_key(s)) for s in shards]
+
+    def take(i: int, body: np.ndarray | None) -> None:
+        if i < n:
+            assert seen is not None
+            seen(documents[i], None if body is None else body.tobytes())
+        elif body is None:  # a shard of nothing but the fill value
+            _fill(layout, shards[i - n], out)
+        else:
+            _decode(layout, body, shards[i - n], out, paths[i].url)
+
+    room = max(layout.shard_nbytes, _DOCUMENT_ROOM) if n else layout.shard_nbytes
+    await get_each(fs, paths, room, take, _workers(layout, len(paths)))
+
+
+#: the most a document read with the shards may hold (:func:`read_with_documents`); a larger one fails the read
+_DOCUMENT_ROOM = 1 << 16
+
+
+def read_with_documents(z: zarr.Array[Any], layout: Layout, out: np.ndarray, documents: Sequence[str],
+                        seen: Callable[[str, bytes | None], None]) -> bool:
+    """:func:`read`, with the GETs of ``documents`` (keys under the array: its ``zarr.json``, the write
+    marker) in the same batch as the shards' (see :func:`_get_each_shard`). False, reading nothing,
+    where the shards are not read in one batch on the event loop (large shards, stores other than GCS).
+
+    Why: see :mod:`cloudio._zarr.last_seen`.
+    """
+    from zarr.core.sync import sync
+
+    gcs = _gcs_shards(z)
+    if gcs is None or layout.shard_nbytes >= _THREAD_MIN_BYTES:
+        return False
+    sync(_get_each_shard(z, layout, out, gcs, documents, seen))
+    return True

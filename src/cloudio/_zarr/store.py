@@ -49,6 +49,7 @@ from cloudio._gcs.transfer import put_verified, put_verified_each
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
+from cloudio._zarr import last_seen
 from cloudio._zarr.changes import stops_with_its_write
 from cloudio.errors import BucketNotFoundError, CloudioError, ConflictError
 
@@ -231,7 +232,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         from cloudio._gcs.fast import get_into
 
         body = await get_into(self._store.fs, _joined(root, key), None)
-        return None if body is None else prototype.buffer.from_bytes(body.data)
+        if body is None:
+            return None
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            last_seen.remember(self._url(key), body.tobytes())
+        return prototype.buffer.from_bytes(body.data)
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -245,6 +250,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         name = key[slash + 1:]
         if name in _META_NAMES or name == _V2_CONSOLIDATED:
             _metadata.wrote(self._url(key[:slash]) if slash >= 0 else self._root_url, name, value, change.seq)
+            if name == "zarr.json" and self._gcs_root is not None:
+                last_seen.remember(url, value.to_bytes())
 
     def _deleted(self, key: str, *, prefix: bool) -> None:
         url = self._url(key.rstrip("/"))
@@ -754,18 +761,16 @@ def _release(root_url: str) -> None:
             _marks.pop(root_url, None)
 
 
-def _read_marker(store: JournaledStore) -> dict[str, Any] | None:
-    from zarr.core.buffer import default_buffer_prototype
-
-    return _marker_doc(_sync(store.get(MARKER, prototype=default_buffer_prototype())))
+def _bytes(buf: Buffer | None) -> bytes | None:
+    return None if buf is None else buf.to_bytes()
 
 
-def _marker_doc(buf: Any) -> dict[str, Any] | None:
+def _marker_doc(raw: bytes | None) -> dict[str, Any] | None:
     """The write marker's document from its GET (None: no marker; {}: a marker that is not JSON)."""
-    if buf is None:
+    if raw is None:
         return None
     try:
-        doc = json.loads(buf.to_bytes())
+        doc = json.loads(raw)
     except ValueError:
         doc = None
     return doc if isinstance(doc, dict) else {}
@@ -776,12 +781,16 @@ def check_complete(store: JournaledStore) -> None:
 
     Costs one GET of the marker (a 404 when all is well).
     """
-    _refuse_marked(store, _read_marker(store))
+    from zarr.core.buffer import default_buffer_prototype
+
+    refuse_marked(store, _bytes(_sync(store.get(MARKER, prototype=default_buffer_prototype()))))
 
 
-def _refuse_marked(store: JournaledStore, doc: dict[str, Any] | None) -> None:
+def refuse_marked(store: JournaledStore, marker: bytes | None) -> None:
+    """Raise :class:`~cloudio.IncompleteWriteError` when the GET of ``store``'s write marker found one."""
     from cloudio.errors import IncompleteWriteError
 
+    doc = _marker_doc(marker)
     if doc is None:
         return
     url = store.root_url
@@ -821,7 +830,7 @@ def open_complete_array(store: JournaledStore, check_marker: bool,
     marker, opened = _sync(both())
     if isinstance(marker, BaseException):
         raise marker
-    _refuse_marked(store, _marker_doc(marker))
+    refuse_marked(store, _bytes(marker))
     if isinstance(opened, BaseException):
         raise opened
     return zarr.Array(opened)

@@ -1,0 +1,155 @@
+"""``load_array`` asks for a small array's chunks with its ``zarr.json``, as this process last saw it.
+
+The guess is only ever a guess: whatever another writer did to the store
+since, the load returns what the store holds now, or refuses it as an
+incomplete write, exactly as a load that opened the array first.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import zarr
+from zarr.storage import FsspecStore
+
+import cloudio
+from cloudio._gcs.client import gcs_filesystem
+from cloudio._paths import parse_gcs
+
+MARKER = ".cloudio-write-in-progress"
+
+
+def _other_writer(url: str) -> FsspecStore:
+    """zarr on a gcsfs of its own: a writer cloudio hears nothing from."""
+    p = parse_gcs(url)
+    return FsspecStore(gcs_filesystem(asynchronous=True, skip_instance_cache=True), path=f"{p.bucket}/{p.key}")
+
+
+def _chunk_gets(proxy, name: str) -> list:
+    return [r for r in proxy.requests() if r[0] == "GET" and f"{name}%2Fc%2F" in r[1]]
+
+
+def test_the_chunks_are_asked_for_before_the_zarr_json_it_saw_written_comes_back(gcs_bucket, fault_proxy):
+    """The zarr.json's answer is held back: every chunk of the array is asked for, and answered, meanwhile."""
+    url = f"{gcs_bucket}/seen.zarr"
+    data = np.arange(200 * 300, dtype="f4").reshape(200, 300)
+    cloudio.save_array(data, url, chunks=(100, 100))  # 6 chunk objects
+    release = threading.Event()
+    fault_proxy.add("late", method="GET", path=r"seen\.zarr%2Fzarr\.json", release=release)
+    got: dict[str, np.ndarray] = {}
+    reader = threading.Thread(target=lambda: got.update(out=cloudio.load_array(url)))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(_chunk_gets(fault_proxy, "seen.zarr")) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        meanwhile = len(_chunk_gets(fault_proxy, "seen.zarr"))
+    finally:
+        release.set()
+        reader.join(30)
+    assert meanwhile == 6
+    np.testing.assert_array_equal(got["out"], data)
+    assert len(_chunk_gets(fault_proxy, "seen.zarr")) == 6  # the guess was right: nothing asked for twice
+
+
+def test_an_array_reshaped_by_another_writer_reads_as_it_is_now(gcs_emulator, gcs_bucket):
+    url = f"{gcs_bucket}/reshaped.zarr"
+    cloudio.save_array(np.ones((200, 300), "f4"), url, chunks=(100, 100))
+    new = np.arange(300 * 100, dtype="i2").reshape(300, 100)
+    zarr.create_array(_other_writer(url), data=new, chunks=(50, 50), overwrite=True)
+    n = len(gcs_emulator.requests())
+    out = cloudio.load_array(url)
+    assert out.dtype == new.dtype
+    np.testing.assert_array_equal(out, new)
+    # the guess's chunks, then the array's own: c/0/0 is both a guessed and a real chunk
+    assert sum("%2Fc%2F0%2F0" in r.path for r in gcs_emulator.requests()[n:] if r.method == "GET") >= 1
+
+
+@pytest.mark.parametrize("change", ["dtype", "fill_value"])
+def test_an_array_whose_chunks_decode_either_way_reads_as_it_is_now(gcs_bucket, change):
+    """Another writer keeps every chunk's size: as i4 instead of f4, or with a fill value of 7 and chunks of
+    nothing but it left out. Read under the guess, the values would be wrong, and nothing would fail."""
+    url = f"{gcs_bucket}/{change}.zarr"
+    cloudio.save_array(np.ones((200, 300), "f4"), url, chunks=(100, 100), compressors=None)
+    if change == "dtype":
+        new = np.arange(200 * 300, dtype="i4").reshape(200, 300)
+        zarr.create_array(_other_writer(url), data=new, chunks=(100, 100), overwrite=True, compressors=None)
+    else:
+        new = np.full((200, 300), 7, "f4")
+        new[:100, :100] = 1
+        z = zarr.create_array(_other_writer(url), shape=new.shape, dtype="f4", chunks=(100, 100), fill_value=7,
+                              overwrite=True, compressors=None)
+        z[:100, :100] = 1  # one chunk stored, five left to the fill value
+    out = cloudio.load_array(url)
+    assert out.dtype == new.dtype
+    np.testing.assert_array_equal(out, new)
+
+
+def test_new_values_under_the_same_zarr_json_are_read(gcs_bucket):
+    url = f"{gcs_bucket}/revalued.zarr"
+    data = np.arange(200 * 300, dtype="f4").reshape(200, 300)
+    cloudio.save_array(data, url, chunks=(100, 100))
+    np.testing.assert_array_equal(cloudio.load_array(url), data)
+    zarr.open_array(_other_writer(url), mode="r+")[100:, :] = -1  # same zarr.json, chunks c/1/* rewritten
+    want = data.copy()
+    want[100:, :] = -1
+    np.testing.assert_array_equal(cloudio.load_array(url), want)
+
+
+def test_a_marker_left_by_another_writer_is_refused_under_the_zarr_json_seen(gcs_emulator, gcs_bucket):
+    url = f"{gcs_bucket}/left.zarr"
+    cloudio.save_array(np.zeros((200, 300), "f4"), url, chunks=(100, 100))
+    entry = {"host": "elsewhere", "pid": 7, "time": "2026-12-04T00:00:00+00:00", "operation": "save_array"}
+    p = parse_gcs(f"{url}/{MARKER}")
+    gcs_emulator.client.bucket(p.bucket).blob(p.key).upload_from_string(json.dumps({**entry, "writers": [entry]}))
+    with pytest.raises(cloudio.IncompleteWriteError, match=r"left\.zarr.*by elsewhere \(pid 7, save_array\)"):
+        cloudio.load_array(url)
+
+
+def test_a_zarr_json_grown_past_what_a_chunk_read_takes_is_read_the_usual_way(gcs_bucket):
+    """Another writer's attributes make zarr.json larger than the batch's answer buffers: the batch fails on
+    it, and the array is read again, opened first."""
+    url = f"{gcs_bucket}/grown.zarr"
+    data = np.arange(20 * 30, dtype="u1").reshape(20, 30)
+    cloudio.save_array(data, url, chunks=(10, 10))
+    z = zarr.open_array(_other_writer(url), mode="r+")
+    z.attrs["notes"] = "x" * (200 * 1024)
+    out = cloudio.load_array(url)
+    np.testing.assert_array_equal(out, data)
+    assert len(zarr.open_array(cloudio.zarr_store(url, read_only=True), mode="r").attrs["notes"]) == 200 * 1024
+
+
+def test_a_chunk_that_does_not_decode_under_the_guess_is_read_the_usual_way(gcs_bucket):
+    """Another writer changed the compressor: the guessed (raw) decoding fails on the new zstd chunks, and the
+    array is read again under the zarr.json it now has."""
+    url = f"{gcs_bucket}/recoded.zarr"
+    data = np.arange(200 * 300, dtype="f4").reshape(200, 300)
+    cloudio.save_array(data, url, chunks=(100, 100))
+    zarr.create_array(_other_writer(url), data=data * 2, chunks=(100, 100), overwrite=True,
+                      compressors=zarr.codecs.ZstdCodec(level=1))
+    np.testing.assert_array_equal(cloudio.load_array(url), data * 2)
+
+
+def test_a_server_failing_past_the_retries_is_asked_no_more_than_without_a_guess(gcs_bucket, fault_proxy,
+                                                                                   monkeypatch):
+    """The batch's TransientError is the load's: the chunk is not asked for again the usual way."""
+    import cloudio._gcs.fast
+    from cloudio._zarr import last_seen
+
+    monkeypatch.setattr(cloudio._gcs.fast, "BACKOFF", 0.01)
+    url = f"{gcs_bucket}/down.zarr"
+    cloudio.save_array(np.zeros((200, 300), "f4"), url, chunks=(100, 100))
+    fault_proxy.add("status", code=503, method="GET", path=r"down\.zarr%2Fc%2F1%2F1", times=None)
+    asked = []
+    for guess in (True, False):
+        if not guess:
+            monkeypatch.setattr(last_seen, "_docs", type(last_seen._docs)())
+        before = len(fault_proxy.requests(r"down\.zarr%2Fc%2F1%2F1"))
+        with pytest.raises(cloudio.TransientError, match=r"down\.zarr/c/1/1"):
+            cloudio.load_array(url)
+        asked.append(len(fault_proxy.requests(r"down\.zarr%2Fc%2F1%2F1")) - before)
+    assert asked[0] == asked[1] > 1
