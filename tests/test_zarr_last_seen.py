@@ -147,9 +147,31 @@ def test_a_server_failing_past_the_retries_is_asked_no_more_than_without_a_guess
     asked = []
     for guess in (True, False):
         if not guess:
-            monkeypatch.setattr(last_seen, "_docs", type(last_seen._docs)())
+            last_seen.forget_all()
         before = len(fault_proxy.requests(r"down\.zarr%2Fc%2F1%2F1"))
         with pytest.raises(cloudio.TransientError, match=r"down\.zarr/c/1/1"):
             cloudio.load_array(url)
         asked.append(len(fault_proxy.requests(r"down\.zarr%2Fc%2F1%2F1")) - before)
     assert asked[0] == asked[1] > 1
+
+
+def test_a_lent_output_read_under_the_guess_holds_the_new_array_only(gcs_bucket, monkeypatch):
+    """A dropped output's memory, which a read under the guess may be lent, ends with every element the new
+    array's: the fill value where no chunk is stored."""
+    import gc
+
+    from cloudio._zarr import arrays, last_seen
+
+    monkeypatch.setattr(arrays, "_PREFAULT_MIN_BYTES", 1 << 20)
+    data = np.random.default_rng(8).standard_normal((1024, 1024)).astype("f4")
+    cloudio.save_array(data, f"{gcs_bucket}/full.zarr", chunks=(256, 256))  # 16 chunk objects of 256 KiB
+    sparse = np.full((1024, 1024), 3, "f4")
+    sparse[:10, :10] = 7
+    cloudio.save_array(sparse, f"{gcs_bucket}/sparse.zarr", chunks=(256, 256), fill_value=3)  # one chunk stored
+    last_seen.forget_all()
+    first = cloudio.load_array(f"{gcs_bucket}/full.zarr")  # opened first: its output is cloudio's to lend
+    assert first.tobytes() == data.tobytes()
+    del first
+    gc.collect()
+    again = cloudio.load_array(f"{gcs_bucket}/sparse.zarr")
+    assert again.tobytes() == sparse.tobytes()

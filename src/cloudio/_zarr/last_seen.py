@@ -34,3 +34,9 @@ def guess(url: str) -> bytes | None:
     """What ``url`` held when last seen here, if it was."""
     with _lock:
         return _docs.get(url)
+
+
+def forget_all() -> None:
+    """Nothing seen: the next load of every array opens it first (for a fresh process's figures)."""
+    with _lock:
+        _docs.clear()

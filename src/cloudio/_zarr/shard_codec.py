@@ -879,18 +879,21 @@ async def _get_each_shard(z: zarr.Array[Any], layout: Layout, out: np.ndarray, g
 _DOCUMENT_ROOM = 1 << 16
 
 
+def reads_in_one_batch(z: zarr.Array[Any], layout: Layout) -> bool:
+    """Whether :func:`read` asks for every shard of ``z`` in one batch of GETs on the event loop (small
+    shards or chunk objects on GCS), so :func:`read_with_documents` can ask for more in it."""
+    return layout.shard_nbytes < _THREAD_MIN_BYTES and _gcs_shards(z) is not None
+
+
 def read_with_documents(z: zarr.Array[Any], layout: Layout, out: np.ndarray, documents: Sequence[str],
-                        seen: Callable[[str, bytes | None], None]) -> bool:
-    """:func:`read`, with the GETs of ``documents`` (keys under the array: its ``zarr.json``, the write
-    marker) in the same batch as the shards' (see :func:`_get_each_shard`). False, reading nothing,
-    where the shards are not read in one batch on the event loop (large shards, stores other than GCS).
+                        seen: Callable[[str, bytes | None], None]) -> None:
+    """:func:`read` where :func:`reads_in_one_batch`, with the GETs of ``documents`` (keys under the
+    array: its ``zarr.json``, the write marker) in the same batch as the shards' (:func:`_get_each_shard`).
 
     Why: see :mod:`cloudio._zarr.last_seen`.
     """
     from zarr.core.sync import sync
 
     gcs = _gcs_shards(z)
-    if gcs is None or layout.shard_nbytes >= _THREAD_MIN_BYTES:
-        return False
+    assert gcs is not None and layout.shard_nbytes < _THREAD_MIN_BYTES, "not read in one batch"
     sync(_get_each_shard(z, layout, out, gcs, documents, seen))
-    return True
