@@ -147,24 +147,6 @@ def object_metadata(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> dic
     return fs.call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)  # type: ignore[no-any-return]
 
 
-async def list_objects(fs: gcsfs.GCSFileSystem, bucket: str, fields: str, **params: Any) -> list[dict[str, Any]]:
-    """Every object resource of one JSON-API listing of ``bucket``, all pages, each with ``fields`` only.
-
-    ``params`` are the listing's (``prefix``, ``delimiter``, ``matchGlob``...;
-    None leaves one out). Never cached: one request per 1,000 names. Raises
-    gcsfs's ``FileNotFoundError`` when the bucket does not exist.
-    """
-    items: list[dict[str, Any]] = []
-    token: str | None = None
-    while True:
-        page = await fs._call("GET", "b/{}/o", bucket, json_out=True, pageToken=token,
-                              fields=f"items({fields}),nextPageToken", **params)
-        items += page.get("items", [])
-        token = page.get("nextPageToken")
-        if not token:
-            return items
-
-
 def bucket_missing(path: GCSPath) -> BucketNotFoundError:
     """THE error for a bucket that does not exist (raise it ``from`` the library's error)."""
     return BucketNotFoundError(

@@ -52,7 +52,8 @@ from rasterio.errors import RasterioIOError
 from rasterio.io import DatasetReader
 
 from cloudio import _config, _state
-from cloudio._gcs.client import gcs_filesystem, list_objects, not_found, object_metadata, where
+from cloudio._gcs.client import gcs_filesystem, not_found, object_metadata, where
+from cloudio._gcs.fast import list_objects
 from cloudio._gdal import bindings, endpoint, generation
 from cloudio._gdal.consumer import LISTING_LIMIT, NEEDS_LISTING, consumer
 from cloudio._gdal.endpoint import ensure_endpoint

@@ -44,7 +44,7 @@ import zarr
 from zarr.abc.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from cloudio._gcs.client import list_objects
+from cloudio._gcs.fast import list_objects
 from cloudio._gcs.transfer import put_verified, put_verified_each
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
@@ -442,13 +442,23 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     # -- what lists: the write-in-progress marker is cloudio's, not a node of the hierarchy --
 
     async def list(self) -> AsyncIterator[str]:
-        async for key in self._store.list():
-            if key != MARKER:
-                yield key
+        async for key in self.list_prefix(""):
+            yield key
 
     async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
-        async for key in self._store.list_prefix(prefix):
-            if key != MARKER:
+        """The wrapped store's ``list_prefix``; on GCS one listing over cloudio's kept connections
+        (:func:`cloudio._gcs.fast.list_objects`, names only), which a ``save_array`` runs alongside
+        its marker's upload."""
+        root = self._gcs_root
+        if root is None:
+            async for key in self._store.list_prefix(prefix):
+                if key != MARKER:
+                    yield key
+            return
+        base = f"{root.key.rstrip('/')}/" if root.key else ""
+        for item in await list_objects(self._store.fs, root.bucket, "name", prefix=base + prefix):
+            key = str(item["name"])[len(base):]
+            if key != MARKER and key and not key.endswith("/"):  # "directory" placeholders are no keys
                 yield key
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:
