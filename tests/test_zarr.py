@@ -185,3 +185,44 @@ def test_failed_write_leaves_no_record(gcs_emulator):
     with pytest.raises(cloudio.BucketNotFoundError, match="(?i)cloudio-no-such-bucket-5.*create the bucket"):
         zarr.create_array(store, shape=(4,), dtype="u1")
     assert journal().since(seq, read=url) == []
+
+
+def test_a_gcs_store_lists_every_key_across_pages_without_the_marker(gcs_emulator, gcs_bucket, monkeypatch):
+    """list_prefix lists the server (one request per page, each page's token followed): what another
+    writer put there too; not the write marker, nor a "directory" placeholder."""
+    from zarr.core.sync import sync
+
+    from cloudio._gcs import fast
+
+    url = f"{gcs_bucket}/listed.zarr"
+    p = parse_gcs(url)
+    bucket = gcs_emulator.client.bucket(p.bucket)
+    names = ["zarr.json", "c/0/0", "c/0/1", "c/1/0", "a/zarr.json", ".cloudio-write-in-progress", "c/"]
+    for n in names:
+        bucket.blob(f"{p.key}/{n}").upload_from_string(b"x")
+    bucket.blob(f"{p.key}-other/zarr.json").upload_from_string(b"x")  # a neighbour, not under the store
+    real = fast.list_objects
+    pages: list[int] = []
+
+    async def small_pages(*args, **params):  # pages of two: the tokens must be followed
+        items = await real(*args, **params, maxResults=2)
+        pages.append(len(items))
+        return items
+
+    monkeypatch.setattr("cloudio._zarr.store.list_objects", small_pages)
+    store = cloudio.zarr_store(url)
+    n = len(gcs_emulator.requests())
+
+    async def keys(prefix: str) -> list[str]:
+        return sorted([k async for k in store.list_prefix(prefix)])
+
+    assert sync(keys("")) == ["a/zarr.json", "c/0/0", "c/0/1", "c/1/0", "zarr.json"]
+    assert sync(keys("c/")) == ["c/0/0", "c/0/1", "c/1/0"]
+    assert sorted(sync(_all(store))) == ["a/zarr.json", "c/0/0", "c/0/1", "c/1/0", "zarr.json"]
+    assert pages == [7, 4, 7]  # every object under the prefix, the marker and the placeholder among them
+    listings = [r for r in gcs_emulator.requests()[n:] if r.method == "GET" and "/o?" in r.path]
+    assert len(listings) == 4 + 2 + 4  # pages of two: 7 names, 4, 7
+
+
+async def _all(store) -> list[str]:
+    return [k async for k in store.list()]
