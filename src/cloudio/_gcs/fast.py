@@ -919,7 +919,8 @@ async def list_objects(fs: gcsfs.GCSFileSystem, bucket: str, fields: str, **para
     on the emulator, ran on the event loop beside the write marker's upload
     that a ``save_array`` waits for before its first chunk (the listing goes
     alongside it): layout c of ``benchmarks/bench_peers.py`` wrote in
-    24.5 ms, 23.7 ms without the listing at all.
+    23.19 ms that way, 22.80 ms this way, 22.60 ms with no listing at all
+    (medians of 80 interleaved rounds).
     """
     items: list[dict[str, Any]] = []
     query = {k: v for k, v in params.items() if v is not None}

@@ -895,5 +895,5 @@ def read_with_documents(z: zarr.Array[Any], layout: Layout, out: np.ndarray, doc
     from zarr.core.sync import sync
 
     gcs = _gcs_shards(z)
-    assert gcs is not None and layout.shard_nbytes < _THREAD_MIN_BYTES, "not read in one batch"
+    assert gcs is not None and reads_in_one_batch(z, layout)
     sync(_get_each_shard(z, layout, out, gcs, documents, seen))
