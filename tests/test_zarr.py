@@ -197,7 +197,7 @@ def test_a_gcs_store_lists_every_key_across_pages_without_the_marker(gcs_emulato
     url = f"{gcs_bucket}/listed.zarr"
     p = parse_gcs(url)
     bucket = gcs_emulator.client.bucket(p.bucket)
-    names = ["zarr.json", "c/0/0", "c/0/1", "c/1/0", "a/zarr.json", ".cloudio-write-in-progress", "c/"]
+    names = ["zarr.json", "c/0/0", "c/0/1", "c/1/0", "c/01/x", "a/zarr.json", ".cloudio-write-in-progress", "c/"]
     for n in names:
         bucket.blob(f"{p.key}/{n}").upload_from_string(b"x")
     bucket.blob(f"{p.key}-other/zarr.json").upload_from_string(b"x")  # a neighbour, not under the store
@@ -216,12 +216,14 @@ def test_a_gcs_store_lists_every_key_across_pages_without_the_marker(gcs_emulato
     async def keys(prefix: str) -> list[str]:
         return sorted([k async for k in store.list_prefix(prefix)])
 
-    assert sync(keys("")) == ["a/zarr.json", "c/0/0", "c/0/1", "c/1/0", "zarr.json"]
-    assert sync(keys("c/")) == ["c/0/0", "c/0/1", "c/1/0"]
-    assert sorted(sync(_all(store))) == ["a/zarr.json", "c/0/0", "c/0/1", "c/1/0", "zarr.json"]
-    assert pages == [7, 4, 7]  # every object under the prefix, the marker and the placeholder among them
+    every = ["a/zarr.json", "c/0/0", "c/0/1", "c/01/x", "c/1/0", "zarr.json"]
+    assert sync(keys("")) == every
+    assert sync(keys("c/")) == ["c/0/0", "c/0/1", "c/01/x", "c/1/0"]
+    assert sync(keys("c/0")) == ["c/0/0", "c/0/1"]  # a directory, as gcsfs lists it: not c/01
+    assert sorted(sync(_all(store))) == every
+    assert pages == [8, 5, 3, 8]  # every object under the prefix, the marker and the placeholder among them
     listings = [r for r in gcs_emulator.requests()[n:] if r.method == "GET" and "/o?" in r.path]
-    assert len(listings) == 4 + 2 + 4  # pages of two: 7 names, 4, 7
+    assert len(listings) == 4 + 3 + 2 + 4  # pages of two
 
 
 async def _all(store) -> list[str]:

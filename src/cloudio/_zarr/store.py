@@ -456,8 +456,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                     yield key
             return
         base = f"{root.key.rstrip('/')}/" if root.key else ""
-        for item in await list_objects(self._store.fs, root.bucket, "name", prefix=base + prefix):
+        under = prefix.rstrip("/")  # as gcsfs's find: the key itself, or keys below it as a directory
+        for item in await list_objects(self._store.fs, root.bucket, "name", prefix=base + under):
             key = str(item["name"])[len(base):]
+            if under and key != under and not key.startswith(f"{under}/"):
+                continue  # "a" does not list "ab/..."
             if key != MARKER and key and not key.endswith("/"):  # "directory" placeholders are no keys
                 yield key
 
