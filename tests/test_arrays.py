@@ -245,9 +245,12 @@ def test_load_array_missing_bucket(gcs_emulator):
 def test_load_asks_for_the_metadata_of_the_format_stored(gcs_emulator, gcs_bucket, zarr_format):
     """A v3 array opens with one metadata GET (its zarr.json) besides the write marker's; a v2 array, after
     that GET finds nothing, with zarr's probe of both formats."""
+    from cloudio._zarr import last_seen
+
     url = f"{gcs_bucket}/fmt{zarr_format}.zarr"
     data = np.arange(40 * 30, dtype="f4").reshape(40, 30)
     cloudio.save_array(data, url, chunks=(40, 30), zarr_format=zarr_format)
+    last_seen.forget_all()  # a first read in a process: the array is opened (tests/test_zarr_last_seen.py: after)
     n = len(gcs_emulator.requests())
     np.testing.assert_array_equal(cloudio.load_array(url), data)
     names = sorted(r.path.split("%2F")[-1].split("?")[0] for r in gcs_emulator.requests()[n:]

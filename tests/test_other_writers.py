@@ -301,15 +301,20 @@ def test_load_array_strong_unchanged_costs_no_more_than_plain_zarr(gcs_bucket: s
                                                                    counter: Counter) -> None:
     import zarr
 
+    from cloudio._zarr import last_seen
+
     url = f"{gcs_bucket}/arr.zarr"
     cloudio.save_array(np.arange(10), url)
     counter.take()
     zarr.open_array(url, mode="r", storage_options={"endpoint_url": gcs_emulator.url, "token": "anon"})[...]
     raw = counter.take()
     with cloudio.session("session"):
+        cloudio.load_array(url)  # as this process wrote it: the chunk, and one listing beside it
+        assert len(counter.take()) == len(raw) - 2  # (the marker, zarr.json's generation: _zarr/last_seen)
+        last_seen.forget_all()
         cloudio.load_array(url)
-    # the write marker's GET, as before this level existed; and zarr.json alone where zarr also probes
-    # .zarray and .zattrs (a v3 array opens with one metadata GET)
+    # a first read in a process: the write marker's GET, as before this level existed; and zarr.json alone
+    # where zarr also probes .zarray and .zattrs (a v3 array opens with one metadata GET)
     assert len(counter.take()) == len(raw) + 1 - 2
     with cloudio.session("strong"):
         np.testing.assert_array_equal(cloudio.load_array(url), np.arange(10))

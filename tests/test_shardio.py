@@ -574,3 +574,26 @@ def test_small_chunks_are_read_from_the_url_gcsfs_would_use(gcs_emulator: Emulat
     got = [r.path for r in gcs_emulator.requests()[n0:] if r.method == "GET" and "alt=media" in r.path]
     assert sorted(p for p in got if "zarr.json" not in p and "cloudio-write" not in p) == sorted(
         f"{u.path}?{u.query}" for u in want)
+
+
+def test_no_chunk_is_asked_for_again_after_a_small_read_raised(gcs_emulator: Emulator, gcs_bucket: str,
+                                                                 fault_proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two chunks left out of the batch go the careful way side by side: one is refused (403), the other keeps
+    answering 503. The read raises the refusal, as cloudio's ReadError, and the other's retries stop with it."""
+    import time
+
+    from cloudio._gcs import fast
+    from cloudio._zarr import last_seen
+
+    monkeypatch.setattr(fast, "BACKOFF", 0.5)
+    url = f"{gcs_bucket}/stops.zarr"
+    cloudio.save_array(_data("float32", 0.0), url, chunks=CHUNKS, compressors=None)  # unsharded: small chunks
+    last_seen.forget_all()
+    fault_proxy.add("status", code=403, method="GET", path=r"stops\.zarr%2Fc%2F0%2F0", times=None)
+    fault_proxy.add("status", code=503, method="GET", path=r"stops\.zarr%2Fc%2F0%2F1", times=None)
+    with pytest.raises(cloudio.ReadError, match=r"stops\.zarr: the server refused a read") as info:
+        cloudio.load_array(url)
+    assert type(info.value.__cause__) is OSError  # gcsfs's mapping of the 403
+    asked = len(fault_proxy.requests(r"stops\.zarr%2Fc%2F0%2F1"))
+    time.sleep(2.0)  # past the next back-off
+    assert len(fault_proxy.requests(r"stops\.zarr%2Fc%2F0%2F1")) == asked

@@ -1,4 +1,4 @@
-"""``load_array`` asks for a small array's chunks with its ``zarr.json``, as this process last saw it.
+"""``load_array`` asks for a small array's chunks at once, as this process last saw the array.
 
 The guess is only ever a guess: whatever another writer did to the store
 since, the load returns what the store holds now, or refuses it as an
@@ -33,13 +33,19 @@ def _chunk_gets(proxy, name: str) -> list:
     return [r for r in proxy.requests() if r[0] == "GET" and f"{name}%2Fc%2F" in r[1]]
 
 
-def test_the_chunks_are_asked_for_before_the_zarr_json_it_saw_written_comes_back(gcs_bucket, fault_proxy):
-    """The zarr.json's answer is held back: every chunk of the array is asked for, and answered, meanwhile."""
+def _listings(requests: list, name: str) -> list:
+    return [r for r in requests if r[0] == "GET" and f"/o?prefix={name}%2F" in r[1]]
+
+
+def test_the_chunks_are_asked_for_while_the_check_of_the_array_seen_is_on_its_way(gcs_bucket, fault_proxy):
+    """The listing that checks the marker and zarr.json's generation is held back: every chunk of the array
+    is asked for, and answered, meanwhile; neither the marker nor zarr.json is read."""
     url = f"{gcs_bucket}/seen.zarr"
     data = np.arange(200 * 300, dtype="f4").reshape(200, 300)
     cloudio.save_array(data, url, chunks=(100, 100))  # 6 chunk objects
     release = threading.Event()
-    fault_proxy.add("late", method="GET", path=r"seen\.zarr%2Fzarr\.json", release=release)
+    fault_proxy.add("late", method="GET", path=r"/o\?prefix=seen\.zarr%2F", release=release)
+    before = len(fault_proxy.requests())
     got: dict[str, np.ndarray] = {}
     reader = threading.Thread(target=lambda: got.update(out=cloudio.load_array(url)))
     reader.start()
@@ -53,7 +59,46 @@ def test_the_chunks_are_asked_for_before_the_zarr_json_it_saw_written_comes_back
         reader.join(30)
     assert meanwhile == 6
     np.testing.assert_array_equal(got["out"], data)
-    assert len(_chunk_gets(fault_proxy, "seen.zarr")) == 6  # the guess was right: nothing asked for twice
+    load = fault_proxy.requests()[before:]
+    assert len([r for r in load if r[0] == "GET"]) == 6 + 1  # the chunks once each (the guess held), the listing
+    assert len(_listings(load, "seen.zarr")) == 1
+
+
+def test_a_write_under_way_when_the_read_began_is_never_mixed_into_it(gcs_emulator, gcs_bucket, fault_proxy):
+    """Another process's save_array is half done (marker up, zarr.json written again, half the chunks new)
+    when the read begins; the check's answer comes only after that write finished and took its marker
+    down. The read refuses the store (as a read that opened it first, while the marker was up) or returns
+    the new array whole: never half of each."""
+    url = f"{gcs_bucket}/torn.zarr"
+    cloudio.save_array(np.zeros((200, 300), "f4"), url, chunks=(100, 100), compressors=None)
+    p = parse_gcs(url)
+    bucket = gcs_emulator.client.bucket(p.bucket)
+    entry = {"host": "elsewhere", "pid": 7, "time": "2026-12-04T00:00:00+00:00", "operation": "save_array"}
+    marker = bucket.blob(f"{p.key}/{MARKER}")
+    marker.upload_from_string(json.dumps({**entry, "writers": [entry]}))
+    doc = bucket.blob(f"{p.key}/zarr.json")
+    doc.upload_from_string(doc.download_as_bytes())  # the same bytes, a new generation: as save_array does
+    other = zarr.open_array(_other_writer(url), mode="r+")
+    other[:100, :] = 1
+    fault_proxy.add("delay", method="GET", path=r"/o\?prefix=torn\.zarr%2F", seconds=1.0)
+    got: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            got["out"] = cloudio.load_array(url)
+        except cloudio.CloudioError as e:
+            got["error"] = e
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)  # the chunks are read by now; the check is held
+    other[100:, :] = 1
+    marker.delete()
+    reader.join(30)
+    if "error" in got:
+        assert isinstance(got["error"], cloudio.IncompleteWriteError), got
+    else:
+        np.testing.assert_array_equal(got["out"], np.ones((200, 300), "f4"))
 
 
 def test_an_array_reshaped_by_another_writer_reads_as_it_is_now(gcs_emulator, gcs_bucket):
@@ -110,9 +155,8 @@ def test_a_marker_left_by_another_writer_is_refused_under_the_zarr_json_seen(gcs
         cloudio.load_array(url)
 
 
-def test_a_zarr_json_grown_past_what_a_chunk_read_takes_is_read_the_usual_way(gcs_bucket):
-    """Another writer's attributes make zarr.json larger than the batch's answer buffers: the batch fails on
-    it, and the array is read again, opened first."""
+def test_a_zarr_json_another_writer_grew_is_read_the_usual_way(gcs_bucket):
+    """Another writer's attributes make zarr.json far larger (a new generation): the array is opened again."""
     url = f"{gcs_bucket}/grown.zarr"
     data = np.arange(20 * 30, dtype="u1").reshape(20, 30)
     cloudio.save_array(data, url, chunks=(10, 10))

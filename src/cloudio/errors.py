@@ -112,7 +112,8 @@ class NotARasterError(CloudioError, OSError):
 
 
 class ReadError(CloudioError, OSError):
-    """GDAL could not read an object that exists (not a raster, or truncated), even after a retry."""
+    """An object that exists could not be read: GDAL's read failed (not a raster, truncated) even after
+    a retry, or the server refused it (403)."""
 
 
 class StaleDatasetError(ReadError):

@@ -1205,7 +1205,12 @@ async def _get_later(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], which: l
             i = which.pop()
             take(i, await get_into(fs, paths[i], buf))
 
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(which)))))
+    try:
+        async with asyncio.TaskGroup() as tasks:  # one failing stops the others: no take runs after this raised
+            for _ in range(min(concurrency, len(which))):
+                tasks.create_task(worker())
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from group.exceptions[0].__cause__
 
 
 async def _retrying(fs: gcsfs.GCSFileSystem, once: Callable[[], Awaitable[T]],

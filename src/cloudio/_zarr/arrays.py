@@ -45,7 +45,6 @@ from cloudio._zarr.store import (
     WriteMark,
     cloudio_errors,
     open_complete_array,
-    refuse_marked,
     revalidate,
     zarr_store,
 )
@@ -53,6 +52,7 @@ from cloudio.errors import TransientError
 
 if TYPE_CHECKING:
     import dask.array
+    import gcsfs
     import zarr
 
 log = logging.getLogger(__name__)
@@ -425,29 +425,43 @@ def load_array(
 
 
 class _NotAsLastSeen(Exception):
-    """The array's ``zarr.json``, or its write marker, is not what :func:`_load_as_last_seen` guessed."""
+    """The array's write marker is up, or its ``zarr.json`` is not the one :func:`_load_as_last_seen` guessed."""
 
 
 def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
     """The whole array, its chunks read as though it still were as this process last saw it
-    (:mod:`cloudio._zarr.last_seen`), in one batch of GETs with its ``zarr.json`` and write marker.
+    (:mod:`cloudio._zarr.last_seen`), with one listing beside their GETs that shows the write marker
+    and the generation of ``zarr.json``.
 
     None, to read it the usual way, when nothing was seen, the array is not
     read in one batch (:func:`cloudio._zarr.shard_codec.reads_in_one_batch`),
-    its ``zarr.json`` is not byte for byte the one seen, or the batch failed
-    on anything but the server's or network's repeated failure: the usual
-    way then raises what it raises. A marker found is refused, as the usual
-    way does. Measured on ``benchmarks/bench_peers.py`` layout c (100 chunks
-    of 40 KB, 60 interleaved rounds in one process): 10.0 ms a load, against
-    11.3 ms opened first and 12.7 ms through tensorstore's ``zarr3`` driver.
+    the listing shows the marker or another generation of ``zarr.json``, or
+    the read failed on anything but the server's or network's repeated
+    failure: the usual way then refuses, or raises, what it would have.
+
+    Why the listing is enough: every write that puts the marker up on an
+    array (``save_array``) writes its ``zarr.json`` again, a new generation,
+    before it takes the marker down. One listing tells both at one moment:
+    if it came while such a write was under way it shows the marker, if
+    after, the new generation; only a write that began after it may mix
+    into the chunks read, as with a read that opened the array first
+    (docs/consistency.md). Two GETs, the marker's and the document's, may
+    be answered far apart, with a whole write between them. Measured on
+    ``benchmarks/bench_peers.py`` layout c (100 chunks of 40 KB, 60
+    interleaved rounds in one process): 9.51 ms a load, against 10.97 ms
+    opened first and 12.33 ms through tensorstore's ``zarr3`` driver.
     """
     import zarr
     from zarr.core.array import AsyncArray
     from zarr.storage import StorePath
 
-    doc = last_seen.guess(f"{store.root_url}/zarr.json")
-    if doc is None:
+    from cloudio._gcs.fast import list_objects
+    from cloudio._paths import parse_gcs
+
+    seen = last_seen.guess(f"{store.root_url}/zarr.json")
+    if seen is None:
         return None
+    doc, generation = seen
     try:
         meta = json.loads(doc)
         if meta.get("node_type") != "array":
@@ -459,25 +473,23 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
     layout = plain_layout(z) if z.size else None
     if layout is None or not _shardio.reads_in_one_batch(z, layout):
         return None
+    root = parse_gcs(store.root_url)
+    base = f"{root.key.rstrip('/')}/" if root.key else ""
+
+    async def check(fs: gcsfs.GCSFileSystem) -> None:
+        # the objects right under the store, its chunks' "directories" folded into one prefix each
+        listed = await list_objects(fs, root.bucket, "name,generation", prefix=base, delimiter="/")
+        now = {str(item["name"]): str(item.get("generation")) for item in listed}
+        if f"{base}{MARKER}" in now or now.get(f"{base}zarr.json") != str(generation):
+            raise _NotAsLastSeen(store.root_url)
+
     out, populate = _output(z.shape, z.dtype) or (np.empty(z.shape, dtype=layout.dtype), _nothing)
     populate()
-    marker: list[bytes | None] = []
-
-    def seen(key: str, body: bytes | None) -> None:
-        if key == MARKER:
-            marker.append(body)
-            if body is not None:
-                raise _NotAsLastSeen(key)
-        elif body != doc:
-            raise _NotAsLastSeen(key)
-
     try:
-        _shardio.read_with_documents(z, layout, out, ("zarr.json", MARKER), seen)
+        _shardio.read_checked(z, layout, out, check)
     except TransientError:
         raise
     except _NotAsLastSeen:
-        if marker and marker[0] is not None:
-            refuse_marked(store, marker[0])
         return None
     except Exception:
         log.debug("%s: read as last seen failed; reading it again", store.root_url, exc_info=True)

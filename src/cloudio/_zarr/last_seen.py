@@ -1,12 +1,13 @@
-"""The ``zarr.json`` each Zarr node held when this process last read or wrote it: a guess, never an answer.
+"""The ``zarr.json`` of each Zarr array this process last read or wrote, and its generation: a guess.
 
 Why: a load of a small array is mostly round trips, and opening it is one
 of them (its ``zarr.json`` and the write marker) before any chunk can be
 asked for. With a guess of what ``zarr.json`` holds, :func:`cloudio.load_array`
-asks for the chunks in the same batch of GETs as the document and the
-marker, and keeps them only when the document that comes back is, byte for
-byte, the one guessed (``cloudio._zarr.arrays``). The guess is never
-trusted: a wrong or missing one costs the round trip it would have saved.
+asks for the chunks at once, and beside them, in one listing, for the
+marker and the generation of ``zarr.json``; it keeps the chunks only when
+the listing shows no marker and the generation guessed
+(``cloudio._zarr.arrays``). A wrong or missing guess costs the round trip
+it would have saved.
 """
 
 from __future__ import annotations
@@ -14,24 +15,29 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-#: documents kept, the most recently seen; a few hundred bytes to a few KiB each
+#: documents kept, the most recently seen
 _KEEP = 256
+#: the largest document kept (a group's consolidated metadata can take megabytes; an array's, a few KiB)
+_LARGEST = 1 << 16
 
 _lock = threading.Lock()
-_docs: OrderedDict[str, bytes] = OrderedDict()  # URL of a zarr.json -> its bytes, last seen last
+_docs: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # URL of a zarr.json -> its bytes and generation
 
 
-def remember(url: str, doc: bytes) -> None:
-    """``doc`` was just read from, or written to, ``url``."""
+def remember(url: str, doc: bytes, generation: int) -> None:
+    """``doc`` was just read from, or written to, ``url``, at ``generation`` (0: not known)."""
     with _lock:
-        _docs[url] = doc
+        if not generation or len(doc) > _LARGEST or b'"array"' not in doc:
+            _docs.pop(url, None)  # what was kept no longer holds
+            return
+        _docs[url] = doc, generation
         _docs.move_to_end(url)
         while len(_docs) > _KEEP:
             _docs.popitem(last=False)
 
 
-def guess(url: str) -> bytes | None:
-    """What ``url`` held when last seen here, if it was."""
+def guess(url: str) -> tuple[bytes, int] | None:
+    """What ``url`` held when last seen here, and its generation, if it was."""
     with _lock:
         return _docs.get(url)
 

@@ -845,12 +845,10 @@ def _read_on_the_loop(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
     _each_shard(layout, new_job)
 
 
-async def _get_each_shard(z: zarr.Array[Any], layout: Layout, out: np.ndarray, gcs: tuple[gcsfs.GCSFileSystem, str],
-                          documents: Sequence[str] = (), seen: Callable[[str, bytes | None], None] | None = None,
-                          ) -> None:
+async def _get_each_shard(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
+                          gcs: tuple[gcsfs.GCSFileSystem, str]) -> None:
     """Every shard of ``z`` in one batch of GETs (:func:`cloudio._gcs.fast.get_each`, CRC32C-checked),
-    each decoded into ``out`` as it arrives; and in the same batch, first, the ``documents`` (keys
-    under the array), each handed to ``seen`` (None: no such object), which may raise to stop it."""
+    each decoded into ``out`` as it arrives."""
     from cloudio._gcs.fast import get_each
     from cloudio._paths import GCSPath, parse_gcs
 
@@ -858,37 +856,27 @@ async def _get_each_shard(z: zarr.Array[Any], layout: Layout, out: np.ndarray, g
     root = parse_gcs(base)  # checked once; the keys are zarr's own
     prefix = f"{root.key.rstrip('/')}/" if root.key else ""
     shards = list(layout.shards())
-    n = len(documents)
-    paths = [GCSPath(root.bucket, prefix + k) for k in documents]
-    paths += [GCSPath(root.bucket, prefix + z.metadata.encode_chunk_key(s)) for s in shards]
+    paths = [GCSPath(root.bucket, prefix + z.metadata.encode_chunk_key(s)) for s in shards]
 
     def take(i: int, body: np.ndarray | None) -> None:
-        if i < n:
-            assert seen is not None
-            seen(documents[i], None if body is None else body.tobytes())
-        elif body is None:  # a shard of nothing but the fill value
-            _fill(layout, shards[i - n], out)
+        if body is None:  # a shard of nothing but the fill value
+            _fill(layout, shards[i], out)
         else:
-            _decode(layout, body, shards[i - n], out, paths[i].url)
+            _decode(layout, body, shards[i], out, paths[i].url)
 
-    room = max(layout.shard_nbytes, _DOCUMENT_ROOM) if n else layout.shard_nbytes
-    await get_each(fs, paths, room, take, _workers(layout, len(paths)))
-
-
-#: the most a document read with the shards may hold (:func:`read_with_documents`); a larger one fails the read
-_DOCUMENT_ROOM = 1 << 16
+    await get_each(fs, paths, layout.shard_nbytes, take, _workers(layout, len(shards)))
 
 
 def reads_in_one_batch(z: zarr.Array[Any], layout: Layout) -> bool:
     """Whether :func:`read` asks for every shard of ``z`` in one batch of GETs on the event loop (small
-    shards or chunk objects on GCS), so :func:`read_with_documents` can ask for more in it."""
+    shards or chunk objects on GCS), which :func:`read_checked` can run beside a check."""
     return layout.shard_nbytes < _THREAD_MIN_BYTES and _gcs_shards(z) is not None
 
 
-def read_with_documents(z: zarr.Array[Any], layout: Layout, out: np.ndarray, documents: Sequence[str],
-                        seen: Callable[[str, bytes | None], None]) -> None:
-    """:func:`read` where :func:`reads_in_one_batch`, with the GETs of ``documents`` (keys under the
-    array: its ``zarr.json``, the write marker) in the same batch as the shards' (:func:`_get_each_shard`).
+def read_checked(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
+                 check: Callable[[gcsfs.GCSFileSystem], Coroutine[Any, Any, None]]) -> None:
+    """:func:`read` where :func:`reads_in_one_batch`, with ``check(fs)`` running beside the GETs; when it
+    raises, the GETs still on their way are cancelled and its error raised.
 
     Why: see :mod:`cloudio._zarr.last_seen`.
     """
@@ -896,4 +884,13 @@ def read_with_documents(z: zarr.Array[Any], layout: Layout, out: np.ndarray, doc
 
     gcs = _gcs_shards(z)
     assert gcs is not None and reads_in_one_batch(z, layout)
-    sync(_get_each_shard(z, layout, out, gcs, documents, seen))
+
+    async def both() -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(check(gcs[0]))
+            tasks.create_task(_get_each_shard(z, layout, out, gcs))
+
+    try:
+        sync(both())
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from group.exceptions[0].__cause__

@@ -229,13 +229,14 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         root = self._gcs_root
         if byte_range is not None or root is None:
             return await super().get(key, prototype, byte_range)
-        from cloudio._gcs.fast import get_into
+        from cloudio._gcs.fast import get_with_generation
 
-        body = await get_into(self._store.fs, _joined(root, key), None)
-        if body is None:
+        got = await get_with_generation(self._store.fs, _joined(root, key))
+        if got is None:
             return None
+        body, generation = got
         if key == "zarr.json" or key.endswith("/zarr.json"):
-            last_seen.remember(self._url(key), body.tobytes())
+            last_seen.remember(self._url(key), body.tobytes(), generation)
         return prototype.buffer.from_bytes(body.data)
 
     # -- recording ---------------------------------------------------------------------------
@@ -250,8 +251,6 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         name = key[slash + 1:]
         if name in _META_NAMES or name == _V2_CONSOLIDATED:
             _metadata.wrote(self._url(key[:slash]) if slash >= 0 else self._root_url, name, value, change.seq)
-            if name == "zarr.json" and self._gcs_root is not None:
-                last_seen.remember(url, value.to_bytes())
 
     def _deleted(self, key: str, *, prefix: bool) -> None:
         url = self._url(key.rstrip("/"))
@@ -262,11 +261,12 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     @stops_with_its_write
     async def set(self, key: str, value: Buffer) -> None:
+        generation: int | None = None
         try:
             if key in self._guards and is_gcs(self._root_url) and isinstance(self._store, FsspecStore):
-                await self._pipe(key, value, self._guards[key])
+                generation = await self._pipe(key, value, self._guards[key])
             elif self._direct:
-                await self._pipe(key, value)
+                generation = await self._pipe(key, value)
             else:
                 await self._store.set(key, value)
         except FileNotFoundError as e:  # an upload answered 404: the bucket is not there
@@ -278,6 +278,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 "create it first (or check the URL)"
             ) from e
         self._wrote(key, value)
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            last_seen.remember(self._url(key), value.to_bytes(), generation or 0)
 
     @property
     def uploads_in_batches(self) -> bool:
@@ -317,8 +319,9 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
         await put_verified_each(store.fs, count, path_body, wrote, concurrency)
 
-    async def _pipe(self, key: str, value: Buffer, guard: int | None = None) -> None:
-        """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy, CRC32C-verified.
+    async def _pipe(self, key: str, value: Buffer, guard: int | None = None) -> int | None:
+        """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy, CRC32C-verified; the
+        generation stored.
 
         Raises IntegrityError, TransientError or UploadError (see
         :func:`cloudio._gcs.transfer.put_verified`) naming the object's URL.
@@ -332,8 +335,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         arr = value.as_numpy_array()  # a view for host buffers
         view = memoryview(np.ascontiguousarray(arr)).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         # verified against the CRC32C the server answers with; the store journals a success itself
-        await put_verified(store.fs, self._url(key), view, content_type="application/octet-stream",
-                           record=False, simple_limit=_ONE_REQUEST_LIMIT, media=True, if_generation_match=guard)
+        done = await put_verified(store.fs, self._url(key), view, content_type="application/octet-stream",
+                                  record=False, simple_limit=_ONE_REQUEST_LIMIT, media=True,
+                                  if_generation_match=guard)
+        return done.generation
 
     # -- guarded read-modify-write: metadata two writers may change at once ------------------
 
@@ -796,10 +801,10 @@ def check_complete(store: JournaledStore) -> None:
     """
     from zarr.core.buffer import default_buffer_prototype
 
-    refuse_marked(store, _bytes(_sync(store.get(MARKER, prototype=default_buffer_prototype()))))
+    _refuse_marked(store, _bytes(_sync(store.get(MARKER, prototype=default_buffer_prototype()))))
 
 
-def refuse_marked(store: JournaledStore, marker: bytes | None) -> None:
+def _refuse_marked(store: JournaledStore, marker: bytes | None) -> None:
     """Raise :class:`~cloudio.IncompleteWriteError` when the GET of ``store``'s write marker found one."""
     from cloudio.errors import IncompleteWriteError
 
@@ -843,7 +848,7 @@ def open_complete_array(store: JournaledStore, check_marker: bool,
     marker, opened = _sync(both())
     if isinstance(marker, BaseException):
         raise marker
-    refuse_marked(store, _bytes(marker))
+    _refuse_marked(store, _bytes(marker))
     if isinstance(opened, BaseException):
         raise opened
     return zarr.Array(opened)
@@ -1027,6 +1032,11 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
                                   "'/<name>')).")
     if isinstance(e, FileNotFoundError):
         return _not_found(store, node, writer)
+    if not writing and type(e) is OSError:  # gcsfs's mapping of a refusal (403 "Forbidden", 401...)
+        from cloudio.errors import ReadError
+
+        return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may "
+                         "read this bucket.")
     return None
 
 
