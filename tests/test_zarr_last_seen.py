@@ -1,4 +1,4 @@
-"""``load_array`` asks for a small array's chunks at once, as this process last saw the array.
+"""``load_array`` asks for a small array's chunks at once, as this process last wrote the array.
 
 The guess is only ever a guess: whatever another writer did to the store
 since, the load returns what the store holds now, or refuses it as an
@@ -219,3 +219,43 @@ def test_a_lent_output_read_under_the_guess_holds_the_new_array_only(gcs_bucket,
     gc.collect()
     again = cloudio.load_array(f"{gcs_bucket}/sparse.zarr")
     assert again.tobytes() == sparse.tobytes()
+
+
+def test_a_read_refused_during_another_write_leaves_no_guess_for_the_next(gcs_emulator, gcs_bucket, fault_proxy):
+    """A read refused while another process's save_array is half done has seen that write's zarr.json; the
+    next read, begun while the write is still under way, must not take it as the array's."""
+    from cloudio._zarr import last_seen
+
+    url = f"{gcs_bucket}/again.zarr"
+    cloudio.save_array(np.zeros((200, 300), "f4"), url, chunks=(100, 100), compressors=None)
+    last_seen.forget_all()  # a store this process did not write
+    p = parse_gcs(url)
+    bucket = gcs_emulator.client.bucket(p.bucket)
+    entry = {"host": "elsewhere", "pid": 7, "time": "2026-12-04T00:00:00+00:00", "operation": "save_array"}
+    marker = bucket.blob(f"{p.key}/{MARKER}")
+    marker.upload_from_string(json.dumps({**entry, "writers": [entry]}))
+    doc = bucket.blob(f"{p.key}/zarr.json")
+    doc.upload_from_string(doc.download_as_bytes())  # the writer's zarr.json: a new generation
+    other = zarr.open_array(_other_writer(url), mode="r+")
+    other[:100, :] = 1
+    with pytest.raises(cloudio.IncompleteWriteError, match=r"again\.zarr"):
+        cloudio.load_array(url)
+    fault_proxy.add("delay", method="GET", path=r"/o\?prefix=again\.zarr%2F", seconds=1.0)
+    got: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            got["out"] = cloudio.load_array(url)
+        except cloudio.CloudioError as e:
+            got["error"] = e
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)
+    other[100:, :] = 1
+    marker.delete()
+    reader.join(30)
+    if "error" in got:
+        assert isinstance(got["error"], cloudio.IncompleteWriteError), got
+    else:
+        np.testing.assert_array_equal(got["out"], np.ones((200, 300), "f4"))

@@ -429,7 +429,7 @@ class _NotAsLastSeen(Exception):
 
 
 def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
-    """The whole array, its chunks read as though it still were as this process last saw it
+    """The whole array, its chunks read as though it still were as this process last wrote it
     (:mod:`cloudio._zarr.last_seen`), with one listing beside their GETs that shows the write marker
     and the generation of ``zarr.json``.
 

@@ -1,4 +1,4 @@
-"""The ``zarr.json`` of each Zarr array this process last read or wrote, and its generation: a guess.
+"""The ``zarr.json`` of each Zarr array this process last wrote, and its generation: a guess.
 
 Why: a load of a small array is mostly round trips, and opening it is one
 of them (its ``zarr.json`` and the write marker) before any chunk can be
@@ -8,6 +8,11 @@ marker and the generation of ``zarr.json``; it keeps the chunks only when
 the listing shows no marker and the generation guessed
 (``cloudio._zarr.arrays``). A wrong or missing guess costs the round trip
 it would have saved.
+
+Only a write's own documents are kept, once its marker is down
+(``WriteMark.commit``): a generation seen while a write was under way (by
+a read that was refused, or by the writer itself before its last chunk)
+could let a read of that write's half-stored chunks pass the check.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ def remember(url: str, doc: bytes, generation: int) -> None:
         _docs.move_to_end(url)
         while len(_docs) > _KEEP:
             _docs.popitem(last=False)
+
+
+def forget(url: str) -> None:
+    """``url`` changed: what was kept of it no longer holds."""
+    with _lock:
+        _docs.pop(url, None)
 
 
 def guess(url: str) -> tuple[bytes, int] | None:

@@ -194,6 +194,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         # Checked against zarr 3.1 to 3.4; a newer zarr gets its own set() until checked again.
         fs = getattr(store, "fs", None)
         self._guards: dict[str, int] = {}  # key -> generation its next write needs (see guarding)
+        self._held: dict[str, tuple[bytes, int]] = {}  # zarr.json written by a marked write under way
         gcs = type(store) is FsspecStore and type(fs).__module__.startswith("gcsfs")
         self._direct = gcs and _ZARR_VERSION < (3, 5)
         # whole objects are read over cloudio's own kept connections (see get)
@@ -229,15 +230,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         root = self._gcs_root
         if byte_range is not None or root is None:
             return await super().get(key, prototype, byte_range)
-        from cloudio._gcs.fast import get_with_generation
+        from cloudio._gcs.fast import get_into
 
-        got = await get_with_generation(self._store.fs, _joined(root, key))
-        if got is None:
-            return None
-        body, generation = got
-        if key == "zarr.json" or key.endswith("/zarr.json"):
-            last_seen.remember(self._url(key), body.tobytes(), generation)
-        return prototype.buffer.from_bytes(body.data)
+        body = await get_into(self._store.fs, _joined(root, key), None)
+        return None if body is None else prototype.buffer.from_bytes(body.data)
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -279,7 +275,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             ) from e
         self._wrote(key, value)
         if key == "zarr.json" or key.endswith("/zarr.json"):
-            last_seen.remember(self._url(key), value.to_bytes(), generation or 0)
+            url = self._url(key)
+            last_seen.forget(url)  # what was kept no longer holds
+            if generation and _marked(self._root_url):  # kept once the write is over (WriteMark.commit)
+                self._held[url] = (value.to_bytes(), generation)
 
     @property
     def uploads_in_batches(self) -> bool:
@@ -691,12 +690,19 @@ class WriteMark:
         """Take this write (and, when it replaces the store, the writers listed before it) off the marker."""
         gone = self._before if (self.replaces if replacing is None else replacing) else []
 
+        left: list[dict[str, Any]] = []
+
         def remove(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [w for w in writers if w.get("uuid") != self.token and w not in gone]
+            left[:] = [w for w in writers if w.get("uuid") != self.token and w not in gone]
+            return list(left)
 
         try:
             _sync(_update_marker(self.store, remove, read_first=True))
+            if not left:  # the marker is down: what this write stored is the array, for load_array's guess
+                for url, (doc, generation) in self.store._held.items():
+                    last_seen.remember(url, doc, generation)
         finally:
+            self.store._held.clear()
             _release(self.store.root_url)
 
     def fail(self) -> None:
@@ -705,6 +711,7 @@ class WriteMark:
         if self._changed():
             log.warning("%s: %s failed part way; the store stays marked incomplete", self.store.root_url,
                         self.operation)
+            self.store._held.clear()
             _release(self.store.root_url)
             return
         try:
