@@ -199,12 +199,18 @@ def read_cloudio(env: Env, prefix: str) -> tuple[float, np.ndarray]:
 
 
 def read_cloudio_first(env: Env, prefix: str) -> tuple[float, np.ndarray]:
-    """cloudio's first read of the store in a process: without the zarr.json it saw the store written with
-    (which lets ``read_cloudio`` ask for small chunks with it: ``cloudio._zarr.last_seen``)."""
+    """cloudio's read of a store this process did not write: without the zarr.json it kept from the write
+    (which lets ``read_cloudio`` ask for small chunks at once: ``cloudio._zarr.last_seen``), kept again after."""
     from cloudio._zarr import last_seen
 
-    last_seen.forget_all()
-    return read_cloudio(env, prefix)
+    url = f"gs://{env.bucket}/{prefix}/zarr.json"
+    kept = last_seen.guess(url)
+    last_seen.forget(url)
+    try:
+        return read_cloudio(env, prefix)
+    finally:
+        if kept is not None:
+            last_seen.remember(url, *kept)
 
 
 def read_tensorstore(env: Env, prefix: str) -> tuple[float, np.ndarray]:
