@@ -64,6 +64,44 @@ def test_the_chunks_are_asked_for_while_the_check_of_the_array_seen_is_on_its_wa
     assert len(_listings(load, "seen.zarr")) == 1
 
 
+class _HalfWritten:
+    """Another process's save_array of ones over zeros, half done: its marker up, its zarr.json written again
+    (the same bytes, a new generation, as save_array does) and the first half of the chunks new."""
+
+    def __init__(self, emu, url: str) -> None:
+        p = parse_gcs(url)
+        bucket = emu.client.bucket(p.bucket)
+        entry = {"host": "elsewhere", "pid": 7, "time": "2026-12-04T00:00:00+00:00", "operation": "save_array"}
+        self.marker = bucket.blob(f"{p.key}/{MARKER}")
+        self.marker.upload_from_string(json.dumps({**entry, "writers": [entry]}))
+        doc = bucket.blob(f"{p.key}/zarr.json")
+        doc.upload_from_string(doc.download_as_bytes())
+        self.array = zarr.open_array(_other_writer(url), mode="r+")
+        self.array[:100, :] = 1
+
+    def read_while_it_ends(self, url: str) -> None:
+        """A load begun now; the write ends half a second later. The load refuses the store (as a read that
+        opened it first, while the marker was up) or returns the new array whole: never half of each."""
+        got: dict[str, object] = {}
+
+        def read() -> None:
+            try:
+                got["out"] = cloudio.load_array(url)
+            except cloudio.CloudioError as e:
+                got["error"] = e
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.5)  # the chunks are read by now; the check is held
+        self.array[100:, :] = 1
+        self.marker.delete()
+        reader.join(30)
+        if "error" in got:
+            assert isinstance(got["error"], cloudio.IncompleteWriteError), got
+        else:
+            np.testing.assert_array_equal(got["out"], np.ones((200, 300), "f4"))
+
+
 def test_a_write_under_way_when_the_read_began_is_never_mixed_into_it(gcs_emulator, gcs_bucket, fault_proxy):
     """Another process's save_array is half done (marker up, zarr.json written again, half the chunks new)
     when the read begins; the check's answer comes only after that write finished and took its marker
@@ -71,34 +109,9 @@ def test_a_write_under_way_when_the_read_began_is_never_mixed_into_it(gcs_emulat
     the new array whole: never half of each."""
     url = f"{gcs_bucket}/torn.zarr"
     cloudio.save_array(np.zeros((200, 300), "f4"), url, chunks=(100, 100), compressors=None)
-    p = parse_gcs(url)
-    bucket = gcs_emulator.client.bucket(p.bucket)
-    entry = {"host": "elsewhere", "pid": 7, "time": "2026-12-04T00:00:00+00:00", "operation": "save_array"}
-    marker = bucket.blob(f"{p.key}/{MARKER}")
-    marker.upload_from_string(json.dumps({**entry, "writers": [entry]}))
-    doc = bucket.blob(f"{p.key}/zarr.json")
-    doc.upload_from_string(doc.download_as_bytes())  # the same bytes, a new generation: as save_array does
-    other = zarr.open_array(_other_writer(url), mode="r+")
-    other[:100, :] = 1
+    other = _HalfWritten(gcs_emulator, url)
     fault_proxy.add("delay", method="GET", path=r"/o\?prefix=torn\.zarr%2F", seconds=1.0)
-    got: dict[str, object] = {}
-
-    def read() -> None:
-        try:
-            got["out"] = cloudio.load_array(url)
-        except cloudio.CloudioError as e:
-            got["error"] = e
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    time.sleep(0.5)  # the chunks are read by now; the check is held
-    other[100:, :] = 1
-    marker.delete()
-    reader.join(30)
-    if "error" in got:
-        assert isinstance(got["error"], cloudio.IncompleteWriteError), got
-    else:
-        np.testing.assert_array_equal(got["out"], np.ones((200, 300), "f4"))
+    other.read_while_it_ends(url)
 
 
 def test_an_array_reshaped_by_another_writer_reads_as_it_is_now(gcs_emulator, gcs_bucket):
@@ -229,33 +242,8 @@ def test_a_read_refused_during_another_write_leaves_no_guess_for_the_next(gcs_em
     url = f"{gcs_bucket}/again.zarr"
     cloudio.save_array(np.zeros((200, 300), "f4"), url, chunks=(100, 100), compressors=None)
     last_seen.forget_all()  # a store this process did not write
-    p = parse_gcs(url)
-    bucket = gcs_emulator.client.bucket(p.bucket)
-    entry = {"host": "elsewhere", "pid": 7, "time": "2026-12-04T00:00:00+00:00", "operation": "save_array"}
-    marker = bucket.blob(f"{p.key}/{MARKER}")
-    marker.upload_from_string(json.dumps({**entry, "writers": [entry]}))
-    doc = bucket.blob(f"{p.key}/zarr.json")
-    doc.upload_from_string(doc.download_as_bytes())  # the writer's zarr.json: a new generation
-    other = zarr.open_array(_other_writer(url), mode="r+")
-    other[:100, :] = 1
+    other = _HalfWritten(gcs_emulator, url)
     with pytest.raises(cloudio.IncompleteWriteError, match=r"again\.zarr"):
         cloudio.load_array(url)
     fault_proxy.add("delay", method="GET", path=r"/o\?prefix=again\.zarr%2F", seconds=1.0)
-    got: dict[str, object] = {}
-
-    def read() -> None:
-        try:
-            got["out"] = cloudio.load_array(url)
-        except cloudio.CloudioError as e:
-            got["error"] = e
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    time.sleep(0.5)
-    other[100:, :] = 1
-    marker.delete()
-    reader.join(30)
-    if "error" in got:
-        assert isinstance(got["error"], cloudio.IncompleteWriteError), got
-    else:
-        np.testing.assert_array_equal(got["out"], np.ones((200, 300), "f4"))
+    other.read_while_it_ends(url)
