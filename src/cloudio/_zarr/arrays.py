@@ -447,9 +447,10 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
     into the chunks read, as with a read that opened the array first
     (docs/consistency.md). Two GETs, the marker's and the document's, may
     be answered far apart, with a whole write between them. Measured on
-    ``benchmarks/bench_peers.py`` layout c (100 chunks of 40 KB, 60
-    interleaved rounds in one process): 9.51 ms a load, against 10.97 ms
-    opened first and 12.33 ms through tensorstore's ``zarr3`` driver.
+    ``benchmarks/bench_peers.py`` layout c (100 chunks of 40 KB, two runs
+    of 100 interleaved rounds in one process): 8.82 and 9.25 ms a load,
+    against 9.11 and 10.52 ms opened first, 10.68 and 12.07 ms through
+    tensorstore's ``zarr3`` driver.
     """
     import zarr
     from zarr.core.array import AsyncArray
