@@ -435,9 +435,10 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
 
     None, to read it the usual way, when nothing was seen, the array is not
     read in one batch (:func:`cloudio._zarr.shard_codec.reads_in_one_batch`),
-    the listing shows the marker or another generation of ``zarr.json``, or
-    the read failed on anything but the server's or network's repeated
-    failure: the usual way then refuses, or raises, what it would have.
+    or the listing shows the marker or another generation of ``zarr.json``
+    (or fails but for the server's repeated failure): the usual way then
+    refuses, or raises, what it would have. A read that fails under a
+    guess the listing confirmed raises its own error, read once.
 
     Why the listing is enough: every write that puts the marker up on an
     array (``save_array``) writes its ``zarr.json`` again, a new generation,
@@ -479,7 +480,12 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
 
     async def check(fs: gcsfs.GCSFileSystem) -> None:
         # the objects right under the store, its chunks' "directories" folded into one prefix each
-        listed = await list_objects(fs, root.bucket, "name,generation", prefix=base, delimiter="/")
+        try:
+            listed = await list_objects(fs, root.bucket, "name,generation", prefix=base, delimiter="/")
+        except TransientError:
+            raise
+        except Exception as e:  # not confirmed (a 403 on listing): the usual way, which needs no listing
+            raise _NotAsLastSeen(store.root_url) from e
         now = {str(item["name"]): str(item.get("generation")) for item in listed}
         if f"{base}{MARKER}" in now or now.get(f"{base}zarr.json") != str(generation):
             raise _NotAsLastSeen(store.root_url)
@@ -488,12 +494,7 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
     populate()
     try:
         _shardio.read_checked(z, layout, out, check)
-    except TransientError:
-        raise
     except _NotAsLastSeen:
-        return None
-    except Exception:
-        log.debug("%s: read as last seen failed; reading it again", store.root_url, exc_info=True)
         return None
     return out
 

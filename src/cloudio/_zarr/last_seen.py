@@ -30,7 +30,7 @@ _docs: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # URL of a zarr.json
 
 
 def remember(url: str, doc: bytes, generation: int) -> None:
-    """``doc`` was just read from, or written to, ``url``, at ``generation`` (0: not known)."""
+    """A write that stored ``doc`` at ``url``, at ``generation`` (0: not known), is over."""
     with _lock:
         if not generation or len(doc) > _LARGEST or b'"array"' not in doc:
             _docs.pop(url, None)  # what was kept no longer holds
@@ -48,7 +48,7 @@ def forget(url: str) -> None:
 
 
 def guess(url: str) -> tuple[bytes, int] | None:
-    """What ``url`` held when last seen here, and its generation, if it was."""
+    """What this process last wrote to ``url``, and its generation, if it did."""
     with _lock:
         return _docs.get(url)
 

@@ -875,8 +875,9 @@ def reads_in_one_batch(z: zarr.Array[Any], layout: Layout) -> bool:
 
 def read_checked(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
                  check: Callable[[gcsfs.GCSFileSystem], Coroutine[Any, Any, None]]) -> None:
-    """:func:`read` where :func:`reads_in_one_batch`, with ``check(fs)`` running beside the GETs; when it
-    raises, the GETs still on their way are cancelled and its error raised.
+    """:func:`read` where :func:`reads_in_one_batch`, with ``check(fs)`` running beside the GETs. The
+    check's error wins: the GETs still on their way are then cancelled. The read's own error is raised
+    only once the check has passed (a read under a wrong guess may fail for that reason alone).
 
     Why: see :mod:`cloudio._zarr.last_seen`.
     """
@@ -886,11 +887,16 @@ def read_checked(z: zarr.Array[Any], layout: Layout, out: np.ndarray,
     assert gcs is not None and reads_in_one_batch(z, layout)
 
     async def both() -> None:
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(check(gcs[0]))
-            tasks.create_task(_get_each_shard(z, layout, out, gcs))
+        checking = asyncio.ensure_future(check(gcs[0]))
+        reading = asyncio.ensure_future(_get_each_shard(z, layout, out, gcs))
+        try:
+            await asyncio.wait({checking, reading}, return_when=asyncio.FIRST_EXCEPTION)
+            await asyncio.wait({checking})  # the read may have ended first: the check's verdict
+            checking.result()
+            await reading
+        finally:
+            for task in (checking, reading):
+                task.cancel()
+            await asyncio.gather(checking, reading, return_exceptions=True)
 
-    try:
-        sync(both())
-    except BaseExceptionGroup as group:
-        raise group.exceptions[0] from group.exceptions[0].__cause__
+    sync(both())

@@ -786,16 +786,12 @@ def _release(root_url: str) -> None:
             _marks.pop(root_url, None)
 
 
-def _bytes(buf: Buffer | None) -> bytes | None:
-    return None if buf is None else buf.to_bytes()
-
-
-def _marker_doc(raw: bytes | None) -> dict[str, Any] | None:
+def _marker_doc(buf: Buffer | None) -> dict[str, Any] | None:
     """The write marker's document from its GET (None: no marker; {}: a marker that is not JSON)."""
-    if raw is None:
+    if buf is None:
         return None
     try:
-        doc = json.loads(raw)
+        doc = json.loads(buf.to_bytes())
     except ValueError:
         doc = None
     return doc if isinstance(doc, dict) else {}
@@ -808,10 +804,10 @@ def check_complete(store: JournaledStore) -> None:
     """
     from zarr.core.buffer import default_buffer_prototype
 
-    _refuse_marked(store, _bytes(_sync(store.get(MARKER, prototype=default_buffer_prototype()))))
+    _refuse_marked(store, _sync(store.get(MARKER, prototype=default_buffer_prototype())))
 
 
-def _refuse_marked(store: JournaledStore, marker: bytes | None) -> None:
+def _refuse_marked(store: JournaledStore, marker: Buffer | None) -> None:
     """Raise :class:`~cloudio.IncompleteWriteError` when the GET of ``store``'s write marker found one."""
     from cloudio.errors import IncompleteWriteError
 
@@ -855,7 +851,7 @@ def open_complete_array(store: JournaledStore, check_marker: bool,
     marker, opened = _sync(both())
     if isinstance(marker, BaseException):
         raise marker
-    _refuse_marked(store, _bytes(marker))
+    _refuse_marked(store, marker)
     if isinstance(opened, BaseException):
         raise opened
     return zarr.Array(opened)
