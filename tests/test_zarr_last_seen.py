@@ -259,3 +259,32 @@ def test_an_error_under_a_guess_that_held_is_raised_without_reading_again(gcs_bu
     with pytest.raises(cloudio.IntegrityError, match=r"once\.zarr/c/1/0: the object holds"):
         cloudio.load_array(url)
     assert len(fault_proxy.requests(r"once\.zarr%2Fc%2F0%2F0")) - before == 1
+
+
+def test_a_guess_another_writer_proved_wrong_is_not_tried_again(gcs_bucket, fault_proxy):
+    """Another writer rewrote the array (a new zarr.json): the first load reads the guessed chunks, finds the
+    guess wrong and reads the array again; every later load opens it first, each chunk asked for once."""
+    url = f"{gcs_bucket}/proved.zarr"
+    cloudio.save_array(np.zeros((200, 300), "f4"), url, chunks=(100, 100), compressors=None)
+    zarr.create_array(_other_writer(url), data=np.ones((200, 300), "f4"), chunks=(100, 100), overwrite=True,
+                      compressors=None)
+    np.testing.assert_array_equal(cloudio.load_array(url), 1)
+    before = len(fault_proxy.requests(r"proved\.zarr%2Fc%2F0%2F0"))
+    np.testing.assert_array_equal(cloudio.load_array(url), 1)
+    assert len(fault_proxy.requests(r"proved\.zarr%2Fc%2F0%2F0")) - before == 1
+    assert not _listings(fault_proxy.requests()[-8:], "proved.zarr")  # no check: nothing guessed
+
+
+def test_a_listing_refused_ends_the_guess(gcs_bucket, fault_proxy):
+    """Credentials that may read objects but not list them (403 on the check's listing): the load reads the
+    array the usual way, and the next one does not guess (nor list) again."""
+    url = f"{gcs_bucket}/unlisted.zarr"
+    data = np.arange(200 * 300, dtype="f4").reshape(200, 300)
+    cloudio.save_array(data, url, chunks=(100, 100), compressors=None)
+    fault_proxy.add("status", method="GET", path=r"/o\?prefix=unlisted\.zarr%2F", code=403, times=None)
+    np.testing.assert_array_equal(cloudio.load_array(url), data)
+    before = len(fault_proxy.requests())
+    np.testing.assert_array_equal(cloudio.load_array(url), data)
+    load = fault_proxy.requests()[before:]
+    assert not _listings(load, "unlisted.zarr")
+    assert len([r for r in load if "unlisted.zarr%2Fc%2F0%2F0" in r[1]]) == 1

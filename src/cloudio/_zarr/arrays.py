@@ -437,7 +437,8 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
     read in one batch (:func:`cloudio._zarr.shard_codec.reads_in_one_batch`),
     or the listing shows the marker or another generation of ``zarr.json``
     (or fails but for the server's repeated failure): the usual way then
-    refuses, or raises, what it would have. A read that fails under a
+    refuses, or raises, what it would have, and the guess is forgotten, so
+    the next load does not read the chunks twice. A read that fails under a
     guess the listing confirmed raises its own error, read once.
 
     Why the listing is enough: every write that puts the marker up on an
@@ -460,7 +461,8 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
     from cloudio._gcs.fast import list_objects
     from cloudio._paths import parse_gcs
 
-    seen = last_seen.guess(f"{store.root_url}/zarr.json")
+    url = f"{store.root_url}/zarr.json"
+    seen = last_seen.guess(url)
     if seen is None:
         return None
     doc, generation = seen
@@ -495,6 +497,9 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
     try:
         _shardio.read_checked(z, layout, out, check)
     except _NotAsLastSeen:
+        # the guess never holds again: a marked write leaves another generation, and so does every write
+        # of zarr.json; a refused listing is refused the next time too
+        last_seen.forget(url, seen)
         return None
     return out
 

@@ -6,8 +6,8 @@ asked for. With a guess of what ``zarr.json`` holds, :func:`cloudio.load_array`
 asks for the chunks at once, and beside them, in one listing, for the
 marker and the generation of ``zarr.json``; it keeps the chunks only when
 the listing shows no marker and the generation guessed
-(``cloudio._zarr.arrays``). A wrong or missing guess costs the round trip
-it would have saved.
+(``cloudio._zarr.arrays``). A missing guess costs the round trip it would
+have saved; a wrong one, its chunks read once in vain, and it is forgotten.
 
 Only a write's own documents are kept, once its marker is down
 (``WriteMark.commit``): a generation seen while a write was under way (by
@@ -41,10 +41,12 @@ def remember(url: str, doc: bytes, generation: int) -> None:
             _docs.popitem(last=False)
 
 
-def forget(url: str) -> None:
-    """``url`` changed: what was kept of it no longer holds."""
+def forget(url: str, kept: tuple[bytes, int] | None = None) -> None:
+    """``url`` changed: what was kept of it no longer holds (only if it is still ``kept``, when given: a
+    write of this process may have kept a newer one meanwhile)."""
     with _lock:
-        _docs.pop(url, None)
+        if kept is None or _docs.get(url) == kept:
+            _docs.pop(url, None)
 
 
 def guess(url: str) -> tuple[bytes, int] | None:

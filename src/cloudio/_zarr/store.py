@@ -638,8 +638,13 @@ class WriteMark:
 
     Two processes writing one store at once share the marker: each change of
     the list is a read-modify-write guarded by the marker's generation and
-    retried on conflict, so one writer's commit never removes the mark of
-    another still under way.
+    retried on conflict, so a writer's commit never removes the mark of a
+    writer that began after it, or of any writer when it does not replace
+    the store. A replacing write cannot tell a failed writer listed before
+    it (a process killed on another machine) from one still running, and
+    takes both off: two rewrites of one store at once leave a mix of both
+    whatever the marker says, and a job retried after its worker was lost
+    must not find its own rewrite refused.
     """
 
     def __init__(self, store: JournaledStore, operation: str, *, replaces: bool = True) -> None:
