@@ -293,14 +293,14 @@ def main() -> None:
             out[name] = {}
             for state in ("unchanged", "changed"):
                 row: dict[str, dict[str, object]] = {}
-                prefix = f"{name}/{state}/raw"
+                prefix = f"{name}-{state}-raw"  # stores right under the bucket (one inside another: see docs)
                 case.setup(prefix)
                 if state == "changed":
                     case.change(prefix)
                 n, value = measure(emu, bucket, case.raw, prefix)
                 row["raw"] = {"requests": n, "stale": value != case.truth(state == "changed")}
                 for column, level in LEVELS.items():
-                    prefix = f"{name}/{state}/{column}"
+                    prefix = f"{name}-{state}-{column}"
                     case.setup(prefix)
                     with cloudio.session("session"):
                         case.run(prefix)  # warm: cloudio's caches now hold what was written

@@ -6,6 +6,7 @@ Faults come from the proxy in front of the real emulator (tests/faultproxy.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import types
 from urllib.parse import unquote
@@ -441,3 +442,33 @@ def test_a_region_write_stopped_with_a_delete_on_its_way_stays_marked(gcs_emulat
     assert held.hits == 1 and held.answered.wait(5)  # it went out, and the server carried it out
     with pytest.raises(cloudio.IncompleteWriteError, match="gone.zarr"):
         cloudio.open_zarr(url)
+
+
+def _mark_as_another_writer(emu, url: str) -> None:
+    """The marker another process's write under way leaves at ``url`` (a dataset's root)."""
+    entry = {"host": "elsewhere", "pid": 3, "time": "2026-12-05T00:00:00+00:00", "operation": "to_zarr mode='r+'"}
+    p = parse_gcs(f"{url}/{MARKER}")
+    emu.client.bucket(p.bucket).blob(p.key).upload_from_string(json.dumps({**entry, "writers": [entry]}))
+
+
+@pytest.mark.parametrize("level", ["session", "strong"])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_an_array_of_a_dataset_under_another_write_is_refused(gcs_emulator, gcs_bucket, level, lazy):
+    """Another process writes into a dataset (its marker at the dataset's root, the arrays' zarr.json as they
+    were, as a region write leaves them): a load of one of its arrays refuses it too, naming the dataset's
+    marker, even of an array this process wrote itself (whose zarr.json it knows)."""
+    ds = f"{gcs_bucket}/nested/ds.zarr"
+    cloudio.save_array(np.zeros((200, 300), "f4"), f"{ds}/temp", chunks=(100, 100), compressors=None)
+    _mark_as_another_writer(gcs_emulator, ds)
+    with cloudio.session(level), pytest.raises(cloudio.IncompleteWriteError) as info:
+        cloudio.load_array(f"{ds}/temp", lazy=lazy)
+    msg = str(info.value)
+    assert f"{ds}/temp" in msg and "by elsewhere (pid 3" in msg and f"{ds}/{MARKER}" in msg, msg
+
+
+def test_a_subgroup_of_a_dataset_under_another_write_is_refused(gcs_emulator, gcs_bucket):
+    ds = f"{gcs_bucket}/outer.zarr"
+    cloudio.to_zarr(_ds(1.0), f"{ds}/inner", mode="w", consolidated=False)
+    _mark_as_another_writer(gcs_emulator, ds)
+    with pytest.raises(cloudio.IncompleteWriteError, match="outer.zarr"):
+        cloudio.open_zarr(f"{ds}/inner", consolidated=False)

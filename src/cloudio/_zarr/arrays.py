@@ -44,6 +44,7 @@ from cloudio._zarr.store import (
     JournaledStore,
     WriteMark,
     cloudio_errors,
+    enclosing_markers,
     open_complete_array,
     revalidate,
     zarr_store,
@@ -433,8 +434,9 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
     (:mod:`cloudio._zarr.last_seen`), with one listing beside their GETs that shows the write marker
     and the generation of ``zarr.json``.
 
-    None, to read it the usual way, when nothing was seen, the array is not
-    read in one batch (:func:`cloudio._zarr.shard_codec.reads_in_one_batch`),
+    None, to read it the usual way, when nothing was seen, the store is
+    inside another (whose marker the listing would not show), the array is
+    not read in one batch (:func:`cloudio._zarr.shard_codec.reads_in_one_batch`),
     or the listing shows the marker or another generation of ``zarr.json``
     (or fails but for the server's repeated failure): the usual way then
     refuses, or raises, what it would have, and the guess is forgotten, so
@@ -463,7 +465,7 @@ def _load_as_last_seen(store: JournaledStore) -> np.ndarray | None:
 
     url = f"{store.root_url}/zarr.json"
     seen = last_seen.guess(url)
-    if seen is None:
+    if seen is None or enclosing_markers(store):  # a dataset's array: its marker would not be in the listing
         return None
     doc, generation = seen
     try:

@@ -802,28 +802,71 @@ def _marker_doc(buf: Buffer | None) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else {}
 
 
-def check_complete(store: JournaledStore) -> None:
-    """Raise :class:`~cloudio.IncompleteWriteError` when a write to ``store`` started and never committed.
+def check_complete(store: JournaledStore, *, own: bool = True) -> None:
+    """Raise :class:`~cloudio.IncompleteWriteError` when a write to ``store`` (unless not ``own``), or to
+    a store that encloses it (:func:`enclosing_markers`), started and never committed.
 
-    Costs one GET of the marker (a 404 when all is well).
+    Costs one GET of each marker, at once (404s when all is well).
     """
     from zarr.core.buffer import default_buffer_prototype
 
-    _refuse_marked(store, _sync(store.get(MARKER, prototype=default_buffer_prototype())))
+    async def markers() -> tuple[Buffer | None, tuple[str, Buffer] | None]:
+        mine = store.get(MARKER, prototype=default_buffer_prototype()) if own else _nothing()
+        return await asyncio.gather(mine, _enclosing_marker(store))
+
+    mine, enclosing = _sync(markers())
+    _refuse_marked(store, mine)
+    _refuse_enclosed(store, enclosing)
 
 
-def _refuse_marked(store: JournaledStore, marker: Buffer | None) -> None:
-    """Raise :class:`~cloudio.IncompleteWriteError` when the GET of ``store``'s write marker found one."""
+def enclosing_markers(store: JournaledStore) -> list[GCSPath]:
+    """Where the write markers of the stores enclosing ``store`` in its bucket would be, outermost first:
+    ``a/.cloudio-write-in-progress`` for ``gs://b/a/x.zarr`` (a dataset's, when ``store`` is one of its
+    arrays or groups). Not the bucket's root, which every store would have to ask for; none off GCS."""
+    root = store._gcs_root
+    if root is None:
+        return []
+    parts = root.key.strip("/").split("/")
+    return [GCSPath(root.bucket, "/".join([*parts[:n], MARKER])) for n in range(1, len(parts))]
+
+
+async def _enclosing_marker(store: JournaledStore) -> tuple[str, Buffer] | None:
+    """The root URL and marker of the outermost store enclosing ``store`` that is marked (GETs at once)."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    from cloudio._gcs.fast import get_into
+
+    paths = enclosing_markers(store)
+    if not paths:
+        return None
+    bodies = await asyncio.gather(*(get_into(store._store.fs, path, None) for path in paths))
+    for path, body in zip(paths, bodies, strict=True):
+        if body is not None:
+            return path.url.rsplit("/", 1)[0], default_buffer_prototype().buffer.from_bytes(body.data)
+    return None
+
+
+def _refuse_enclosed(store: JournaledStore, enclosing: tuple[str, Buffer] | None) -> None:
+    """:func:`_refuse_marked` for the marked store that encloses ``store`` (:func:`_enclosing_marker`)."""
+    if enclosing is not None:
+        where, marker = enclosing
+        _refuse_marked(store, marker, where)
+
+
+def _refuse_marked(store: JournaledStore, marker: Buffer | None, where: str | None = None) -> None:
+    """Raise :class:`~cloudio.IncompleteWriteError` when the GET of ``store``'s write marker (or of the
+    store at ``where`` that encloses it) found one."""
     from cloudio.errors import IncompleteWriteError
 
     doc = _marker_doc(marker)
     if doc is None:
         return
-    url = store.root_url
+    url = where or store.root_url
+    what = f"a write to {url}" if where else "a write"
     who = f"by {doc.get('host', '?')} (pid {doc.get('pid', '?')}, {doc.get('operation', 'a write')})"
     raise IncompleteWriteError(
-        f"{url}: a write started at {doc.get('time', 'an unknown time')} {who} never finished, so the "
-        "store may mix old and new objects. Write it again (cloudio.save_array / cloudio.to_zarr with "
+        f"{store.root_url}: {what} started at {doc.get('time', 'an unknown time')} {who} never finished, so "
+        f"{url} may mix old and new objects. Write it again (cloudio.save_array / cloudio.to_zarr with "
         "mode='w'); if you know the data is complete, remove the mark with "
         f"cloudio.filesystem({url!r}).rm({url + '/' + MARKER!r})."
     )
@@ -831,7 +874,8 @@ def _refuse_marked(store: JournaledStore, marker: Buffer | None) -> None:
 
 def open_complete_array(store: JournaledStore, check_marker: bool,
                         zarr_format: Literal[2, 3] | None = None) -> zarr.Array[Any]:
-    """``zarr.open_array(store, mode="r")``, refused like :func:`check_complete` when ``check_marker``.
+    """``zarr.open_array(store, mode="r")``, refused like :func:`check_complete` (its own marker only when
+    ``check_marker``).
 
     The marker's GET goes out alongside zarr's metadata GETs, not before
     them: one round trip to open instead of two (a load of a small array
@@ -849,14 +893,16 @@ def open_complete_array(store: JournaledStore, check_marker: bool,
         except FileNotFoundError:  # zarr's ArrayNotFoundError is one: a v2 array, or nothing there
             return await open_array(store=store, mode="r", zarr_format=None)
 
-    async def both() -> tuple[Any, Any]:
+    async def all_three() -> tuple[Any, Any, Any]:
         marker = store.get(MARKER, prototype=default_buffer_prototype()) if check_marker else _nothing()
-        return await asyncio.gather(marker, open_it(), return_exceptions=True)
+        return await asyncio.gather(marker, _enclosing_marker(store), open_it(), return_exceptions=True)
 
-    marker, opened = _sync(both())
-    if isinstance(marker, BaseException):
-        raise marker
+    marker, enclosing, opened = _sync(all_three())
+    for got in (marker, enclosing):
+        if isinstance(got, BaseException):
+            raise got
     _refuse_marked(store, marker)
+    _refuse_enclosed(store, enclosing)
     if isinstance(opened, BaseException):
         raise opened
     return zarr.Array(opened)

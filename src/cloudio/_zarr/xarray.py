@@ -361,8 +361,7 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
             check_complete(store)
             _avoid_stale_consolidated(store, kwargs)
         else:
-            if check.marked:
-                check_complete(store)  # raises, saying who left the marker
+            check_complete(store, own=check.marked)  # raises, saying who left a marker
             _avoid_consolidated_older_than_members(store, check, kwargs)
         ds: xarray.Dataset = xr.open_zarr(store, **kwargs)
         _fill_shards(ds, store, kwargs.get("group"))
