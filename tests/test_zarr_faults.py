@@ -472,3 +472,13 @@ def test_a_subgroup_of_a_dataset_under_another_write_is_refused(gcs_emulator, gc
     _mark_as_another_writer(gcs_emulator, ds)
     with pytest.raises(cloudio.IncompleteWriteError, match="outer.zarr"):
         cloudio.open_zarr(f"{ds}/inner", consolidated=False)
+
+
+def test_an_enclosing_marker_the_credentials_may_not_read_does_not_refuse_the_store(gcs_bucket, fault_proxy):
+    """Credentials limited to the store's own prefix (403 on the enclosing level's marker): the store is read
+    as before, its own marker checked."""
+    ds = f"{gcs_bucket}/team/ds.zarr"
+    data = np.arange(12.0).reshape(3, 4)
+    cloudio.save_array(data, ds)
+    fault_proxy.add("status", code=403, method="GET", path=r"/o/team%2F\.cloudio-write-in-progress", times=None)
+    np.testing.assert_array_equal(cloudio.load_array(ds), data)

@@ -839,7 +839,17 @@ async def _enclosing_marker(store: JournaledStore) -> tuple[str, Buffer] | None:
     paths = enclosing_markers(store)
     if not paths:
         return None
-    bodies = await asyncio.gather(*(get_into(store._store.fs, path, None) for path in paths))
+
+    async def marker(path: GCSPath) -> np.ndarray | None:
+        try:
+            return await get_into(store._store.fs, path, None)
+        except OSError as e:  # gcsfs's 403: credentials for the store's own prefix only, as before
+            if type(e) is not OSError or not str(e).startswith("Forbidden"):
+                raise
+            log.debug("%s: may not read %s; not taken as marked", store.root_url, path.url)
+            return None
+
+    bodies = await asyncio.gather(*(marker(path) for path in paths))
     for path, body in zip(paths, bodies, strict=True):
         if body is not None:
             return path.url.rsplit("/", 1)[0], default_buffer_prototype().buffer.from_bytes(body.data)
