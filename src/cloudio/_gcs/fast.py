@@ -293,6 +293,8 @@ def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: fl
     try:
         if r.status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
             validate_response(r.status, r.read(), url)
+        if r.status != 200:  # a redirect's body, or an interim answer http.client passes on (103)
+            raise _BadAnswer(f"HTTP {r.status} to the GET of an object")
         n = _body_into(r, buf, deadline)
         want = header_crc(r.headers)
     except BaseException:
@@ -742,6 +744,9 @@ class _Answers(asyncio.BufferedProtocol):
                     self._finish()
 
     def _start_body(self) -> None:
+        if 100 <= self._status < 200 and self._status != 101:  # interim (100 Continue, 103): the answer follows
+            self._state = _HEAD
+            return
         if self._status in (204, 304):  # answers without a body, whatever their headers say
             self._finish()
             return
@@ -861,6 +866,8 @@ async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray | None) -
     status, headers, body, error = await _exchange(_origin(parts), request, out)
     if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
         validate_response(status, error, url)
+    if status != 200:  # a redirect's body is not the object
+        raise _BadAnswer(f"HTTP {status} to a GET")
     got = np.frombuffer(body, dtype="u1")
     return got, headers, _crc32c(got)
 
@@ -928,13 +935,21 @@ async def list_objects(fs: gcsfs.GCSFileSystem, bucket: str, fields: str, **para
     pause = functools.partial(_backoff, GCSPath(bucket, str(params.get("prefix") or "")))
     while True:
         url = _with_params(fs, f"{fs._location}/storage/v1/b/{quote(bucket, safe='')}/o?{urlencode(query)}")
-        body, _, _ = await _retrying(fs, functools.partial(_get_once, fs, url, None), pause)
-        page = json.loads(body.tobytes())
+        page = await _retrying(fs, functools.partial(_page, fs, url), pause)
         items += page.get("items", [])
         token = page.get("nextPageToken")
         if not token:
             return items
         query["pageToken"] = token
+
+
+async def _page(fs: gcsfs.GCSFileSystem, url: str) -> dict[str, Any]:
+    """One page of a listing (its JSON parsed within the try, so an answer garbled on the way is retried)."""
+    body, _, _ = await _get_once(fs, url, None)
+    page = json.loads(body.tobytes())
+    if not isinstance(page, dict):
+        raise _BadAnswer(f"not a listing: {body[:80].tobytes()!r}")
+    return page
 
 
 async def delete_object(fs: gcsfs.GCSFileSystem, path: GCSPath, if_generation_match: int | None = None) -> None:
@@ -1137,7 +1152,8 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
 
     async def start() -> None:
         try:
-            conn, _ = await _connection_to(origin)
+            async with asyncio.timeout(per_request):
+                conn, _ = await _connection_to(origin)
         except Exception:  # its requests are left to the careful way, which says what failed
             log.debug("%s: no connection for the batch", origin, exc_info=True)
             return
