@@ -15,9 +15,11 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 import cloudio
 from cloudio._paths import parse_gcs
+from cloudio._zarr import last_seen
 
 MARKER = ".cloudio-write-in-progress"  # the documented name (docs/consistency.md)
 
@@ -194,8 +196,6 @@ def test_refused_write_leaves_no_marker(gcs_emulator, gcs_bucket):
 def test_a_document_flipped_on_the_way_down_is_read_again(gcs_emulator, gcs_bucket, fault_proxy, name) -> None:
     """Metadata documents and the write marker are CRC32C-checked like chunks: a byte changed on the
     way is noticed and the document read again, not parsed as a broken (or, worse, a different) array."""
-    from cloudio._zarr import last_seen
-
     url = f"{gcs_bucket}/doc.zarr"
     a = np.arange(100 * 100, dtype="f4").reshape(100, 100)
     cloudio.save_array(a, url, chunks=(50, 50))
@@ -482,3 +482,58 @@ def test_an_enclosing_marker_the_credentials_may_not_read_does_not_refuse_the_st
     cloudio.save_array(data, ds)
     fault_proxy.add("status", code=403, method="GET", path=r"/o/team%2F\.cloudio-write-in-progress", times=None)
     np.testing.assert_array_equal(cloudio.load_array(ds), data)
+
+
+@pytest.mark.parametrize("code", [403, 502])
+def test_a_rewrite_whose_sweep_of_old_objects_fails_raises_a_cloudio_error(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                         quick_retries, code):
+    """save_array over an array of another grid deletes the old shards last (arrays._created_like's sweep);
+    when those deletes are refused, the error should be cloudio's, naming the store, and the store stays
+    marked."""
+    url = f"{gcs_bucket}/sweep.zarr"
+    cloudio.save_array(np.arange(40 * 40, dtype="i4").reshape(40, 40), url, chunks=(5, 5), shards=(10, 10))
+    fault_proxy.add("status", code=code, method="DELETE", path=r"sweep\.zarr%2Fc%2F", times=None)
+    with pytest.raises(cloudio.CloudioError) as info:  # 16 old shards, 4 new: 12 to delete
+        cloudio.save_array(np.ones((40, 40), "i4"), url, chunks=(10, 10), shards=(20, 20))
+    assert "sweep.zarr" in str(info.value)
+    fault_proxy.clear()
+    assert _marker_exists(gcs_emulator, url)
+    with pytest.raises(cloudio.IncompleteWriteError):
+        cloudio.load_array(url)
+
+
+def test_a_rewrite_whose_listing_of_old_objects_is_refused_raises_a_cloudio_error(gcs_emulator, gcs_bucket,
+                                                                                 fault_proxy, quick_retries):
+    url = f"{gcs_bucket}/listed.zarr"
+    cloudio.save_array(np.arange(40 * 40, dtype="i4").reshape(40, 40), url, chunks=(10, 10), shards=(20, 20))
+    fault_proxy.add("status", code=403, method="GET", path=r"/o\?prefix=listed\.zarr", times=None)
+    with pytest.raises(cloudio.CloudioError) as info:
+        cloudio.save_array(np.ones((40, 40), "i4"), url, chunks=(5, 5), shards=(10, 10))
+    assert "listed.zarr" in str(info.value)
+    fault_proxy.clear()
+    assert _marker_exists(gcs_emulator, url)
+    with pytest.raises(cloudio.IncompleteWriteError):
+        cloudio.load_array(url)
+
+
+def test_a_commit_whose_marker_delete_is_refused_raises_a_cloudio_error(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                        quick_retries):
+    url = f"{gcs_bucket}/commit.zarr"
+    fault_proxy.add("status", code=403, method="DELETE", path=r"commit\.zarr%2F\.cloudio", times=None)
+    with pytest.raises(cloudio.CloudioError) as info:
+        cloudio.save_array(np.ones((40, 40), "i4"), url, chunks=(10, 10), shards=(20, 20))
+    assert "commit.zarr" in str(info.value)
+    fault_proxy.clear()
+    assert _marker_exists(gcs_emulator, url)  # left up: loud
+
+
+def test_a_load_of_a_zarr_codec_layout_failing_with_502_is_a_transient_error(gcs_bucket, fault_proxy, quick_retries):
+    """A layout cloudio leaves to zarr (gzip inside shards) reads edge shards by range through gcsfs; a server
+    answering 502 past the retries should be cloudio's TransientError, as 503 is."""
+    url = f"{gcs_bucket}/gz.zarr"
+    a = np.arange(15 * 15, dtype="f4").reshape(15, 15)  # one shard, 3x3 of its 4x4 chunks: read by range
+    cloudio.save_array(a, url, chunks=(5, 5), shards=(20, 20), compressors=zarr.codecs.GzipCodec())
+    last_seen.forget_all()
+    fault_proxy.add("status", code=502, method="GET", path=r"gz\.zarr%2Fc%2F", times=None)
+    with pytest.raises(cloudio.TransientError, match="gz.zarr"):
+        cloudio.load_array(url)

@@ -141,7 +141,9 @@ def plain_layout(z: zarr.Array[Any]) -> Layout | None:
         if md.zarr_format != 3 or not md.codecs:
             return None
         sharding = md.codecs[0] if isinstance(md.codecs[0], ShardingCodec) else None
-        dtype = np.dtype(z.dtype)
+        # the values as the bytes codec (checked native below) stores them: a big-endian array in memory
+        # is converted as each chunk is laid out, not stored as it is
+        dtype = np.dtype(z.dtype).newbyteorder("=")
         if dtype.kind not in "biufc" or dtype.hasobject:
             return None
 

@@ -503,12 +503,15 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             return
         store = self._store
         try:
-            if isinstance(store, FsspecStore):  # one batched delete, as FsspecStore.delete_dir makes
+            if isinstance(store, FsspecStore) and hasattr(store.fs, "_delete_files"):  # gcsfs: batched deletes
                 root = store.path.rstrip("/")
-                try:
-                    await store.fs._rm([f"{root}/{k}" if root else k for k in keys])
-                except FileNotFoundError:  # deleted meanwhile: gone either way
-                    pass
+                # the names as they are: fsspec's rm expands "[", "*", "?" as a glob ("run[1].zarr/c/1/1"
+                # named run1.zarr's shard, and left its own)
+                answers = await store.fs._delete_files([f"{root}/{k}" if root else k for k in keys], 100)
+                failed = [e for e in answers if isinstance(e, Exception) and not isinstance(e, FileNotFoundError)
+                          and "No such object" not in str(e)]  # deleted meanwhile: gone either way
+                if failed:
+                    raise failed[0]
             else:
                 await asyncio.gather(*(store.delete(k) for k in keys))
         except BaseException:
@@ -1049,9 +1052,14 @@ def _transient(e: BaseException) -> bool:
     except ImportError:
         pass
     try:
+        import requests
         from gcsfs.retry import HttpError
     except ImportError:
         return False
+    # gcsfs maps a 502 to requests' ProxyError, other failures of its own to requests' errors
+    if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout
+                  | requests.exceptions.ChunkedEncodingError):
+        return True
     return isinstance(e, HttpError) and getattr(e, "code", None) in (408, 429, 500, 502, 503, 504)
 
 
@@ -1096,9 +1104,13 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
                                   "'/<name>')).")
     if isinstance(e, FileNotFoundError):
         return _not_found(store, node, writer)
-    if not writing and type(e) is OSError:  # gcsfs's mapping of a refusal (403 "Forbidden", 401...)
-        from cloudio.errors import ReadError
+    if type(e) is OSError:  # gcsfs's mapping of a refusal (403 "Forbidden", 401...)
+        from cloudio.errors import ReadError, UploadError
 
+        if writing:
+            return UploadError(f"{url}: the server refused a change ({e}); check that the credentials in use "
+                               "may write to this bucket (a write stopped part way leaves the store refused as "
+                               "incomplete until one succeeds).")
         return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may "
                          "read this bucket.")
     return None
