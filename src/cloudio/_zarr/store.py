@@ -470,7 +470,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:
         async for key in self._store.list_dir(prefix):
-            if key != MARKER or prefix.strip("/"):
+            if key != MARKER:  # a group's own marker too (a write to url/group): never a node
                 yield key
 
     async def is_empty(self, prefix: str) -> bool:
@@ -805,9 +805,10 @@ def _marker_doc(buf: Buffer | None) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else {}
 
 
-def check_complete(store: JournaledStore, *, own: bool = True) -> None:
+def check_complete(store: JournaledStore, *, own: bool = True, enclosing: bool = True) -> None:
     """Raise :class:`~cloudio.IncompleteWriteError` when a write to ``store`` (unless not ``own``), or to
-    a store that encloses it (:func:`enclosing_markers`), started and never committed.
+    a store that encloses it (unless not ``enclosing``: :func:`enclosing_markers`), started and never
+    committed.
 
     Costs one GET of each marker, at once (404s when all is well).
     """
@@ -815,11 +816,11 @@ def check_complete(store: JournaledStore, *, own: bool = True) -> None:
 
     async def markers() -> tuple[Buffer | None, tuple[str, Buffer] | None]:
         mine = store.get(MARKER, prototype=default_buffer_prototype()) if own else _nothing()
-        return await asyncio.gather(mine, _enclosing_marker(store))
+        return await asyncio.gather(mine, _enclosing_marker(store) if enclosing else _nothing())
 
-    mine, enclosing = _sync(markers())
+    mine, outer = _sync(markers())
     _refuse_marked(store, mine)
-    _refuse_enclosed(store, enclosing)
+    _refuse_enclosed(store, outer)
 
 
 def enclosing_markers(store: JournaledStore) -> list[GCSPath]:

@@ -148,7 +148,7 @@ def _align_dataset(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mappi
                 elif dim in region:
                     offsets[i] = int(region[dim].indices(int(existing.shape[i]))[0])
         else:
-            enc = {**var.encoding, **encoding.get(name, {})}
+            enc = dict(encoding[name]) if name in encoding else dict(var.encoding)  # xarray replaces, not merges
             found = _grid_from_encoding(enc, var.ndim)
             if found is None:
                 if any(isinstance(enc.get(k), str | dict) for k in ("chunks", "shards")):
@@ -231,18 +231,18 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     store = _store(url, False, storage_options)
     if kwargs.get("safe_chunks") is False and rechunk is False:
         log.debug("%s: safe_chunks=False with rechunk=False: misaligned chunks raise", store.root_url)
-    aligned = _align_dataset(dataset, store, kwargs, rechunk)
     mode = kwargs.get("mode") or ("a" if kwargs.get("append_dim") is not None else
                                   "r+" if kwargs.get("region") is not None else "w-")
     if mode == "r+":  # the only write mode in which xarray reads consolidated metadata
         _avoid_stale_consolidated(store, kwargs)
     # appends race with other writers on the consolidated copy: it is rewritten here, guarded
-    guarded = (mode == "a" and kwargs.get("consolidated") is not False and kwargs.get("compute", True) is not False
-               and is_gcs(store.root_url))
+    # (with compute=False xarray writes every document before it returns: consolidated right after, too)
+    guarded = mode in ("a", "a-") and kwargs.get("consolidated") is not False and is_gcs(store.root_url)
     if guarded:
         kwargs["consolidated"] = False
     log.debug("to_zarr %s (%s)", store.root_url, {k: v for k, v in kwargs.items() if k != "encoding"})
     with cloudio_errors(store, writing=True):
+        aligned = _align_dataset(dataset, store, kwargs, rechunk)  # may open the store: its errors are cloudio's
         mark = WriteMark(store, f"to_zarr mode={mode!r}", replaces=mode in ("w", "w-")).begin()
         try:
             with stopped_on_failure():  # zarr's other chunk writes end before the failure is raised
@@ -363,6 +363,9 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
         else:
             check_complete(store, own=check.marked)  # raises, saying who left a marker
             _avoid_consolidated_older_than_members(store, check, kwargs)
+        group = str(kwargs.get("group") or "").strip("/")
+        if group:  # a write to url/group marks that store, not this one
+            check_complete(_store(f"{store.root_url}/{group}", True, storage_options), enclosing=False)
         ds: xarray.Dataset = xr.open_zarr(store, **kwargs)
         _fill_shards(ds, store, kwargs.get("group"))
     return ds
@@ -375,10 +378,10 @@ def _avoid_stale_consolidated(store: JournaledStore, kwargs: dict[str, Any]) -> 
     metadata there: xarray would otherwise look for one first (a wasted
     request, and a warning when it is missing).
     """
-    group = kwargs.get("group")
-    root = store.root_url + (f"/{str(group).strip('/')}" if group else "")
+    roots = _consolidated_roots(store, kwargs.get("group"))
+    root = roots[-1]
     consolidated = kwargs.get("consolidated")
-    if consolidated is not False and written_here(root) and consolidated_is_stale(root):
+    if consolidated is not False and any(written_here(r) and consolidated_is_stale(r) for r in roots):
         if consolidated:
             log.info("%s: consolidated metadata is older than writes made here; reading metadata documents", root)
         kwargs["consolidated"] = False
@@ -394,15 +397,22 @@ def _avoid_consolidated_older_than_members(store: JournaledStore, check: Metadat
     Zarr format the listing shows is passed on, which spares xarray its
     probes for the other format's documents.
     """
-    group = kwargs.get("group")
-    root = store.root_url + (f"/{str(group).strip('/')}" if group else "")
+    roots = _consolidated_roots(store, kwargs.get("group"))
+    root = roots[-1]
     zarr_format = check.zarr_format(root)
     if zarr_format is not None:
         kwargs.setdefault("zarr_format", zarr_format)
-    if kwargs.get("consolidated") is not False and check.consolidated_is_stale(root):
+    if kwargs.get("consolidated") is not False and any(check.consolidated_is_stale(r) for r in roots):
         log.info("%s: consolidated metadata on the server is older than the documents it summarises; "
                  "reading the documents", root)
         kwargs["consolidated"] = False
+
+
+def _consolidated_roots(store: JournaledStore, group: Any) -> list[str]:
+    """The groups whose consolidated copy xarray may read for ``group`` of ``store``: the store's root (xarray
+    opens the root's copy and takes the group from it) and the group itself, last."""
+    path = str(group).strip("/") if group else ""
+    return [store.root_url, f"{store.root_url}/{path}"] if path else [store.root_url]
 
 
 def _fill_shards(ds: xarray.Dataset, store: JournaledStore, group: str | None) -> None:
