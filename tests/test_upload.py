@@ -199,21 +199,23 @@ def test_corrupted_raster_write_raises_at_close_and_leaves_nothing(
     assert [c.kind for c in _records(url, seq)] == ["delete"]
 
 
-def test_failed_main_upload_removes_its_sidecar(
+def test_failed_sidecar_upload_removes_the_object_it_followed(
     gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
 ) -> None:
+    """The object goes up first (a failed upload of it leaves the old dataset whole: tests/test_gdal_edges.py);
+    its sidecar's refused upload then takes the object down again, journaled, and the error says so."""
     import numpy as np
 
     url = f"{gcs_bucket}/d/p.png"
     seq = journal().seq
-    fault_proxy.add("status", code=403, path=_UPLOAD, skip=1)  # the .aux.xml goes through, the PNG is refused
-    with pytest.raises(cloudio.UploadError, match=url):
+    fault_proxy.add("status", code=403, path=_UPLOAD, skip=1)  # the PNG goes through, its .aux.xml is refused
+    with pytest.raises(cloudio.UploadError, match=r"(?s)p\.png.*sidecar.*p\.png\.aux\.xml.*deleted again"):
         with cloudio.open(url, "w", **_profile("PNG")) as ds:
             ds.write(np.ones((1, 16, 16), "uint8"))
     assert _stored(gcs_emulator, url) is None
     assert _stored(gcs_emulator, url + ".aux.xml") is None
-    assert _records(url, seq) == []
-    assert [c.kind for c in _records(url + ".aux.xml", seq)] == ["write", "delete"]
+    assert [c.kind for c in _records(url, seq)] == ["write", "delete"]
+    assert _records(url + ".aux.xml", seq) == []
 
 
 def test_missing_local_file(gcs_emulator: Emulator, gcs_bucket: str, tmp_path) -> None:

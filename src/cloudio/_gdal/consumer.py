@@ -195,6 +195,8 @@ class GdalConsumer(Consumer):
                 self._seen[change.url] = (change.generation, time.monotonic())
             else:
                 self._seen.pop(change.url, None)
+            if change.kind != "delete":
+                self._unshadow(path.vsi)
             d = self._dirs.get(key)
             if d is None:
                 return
@@ -247,6 +249,27 @@ class GdalConsumer(Consumer):
             self.calls.clear_path_options(f"{key}/{e}")  # EMPTY_DIR on e would also apply to the new name
             d.empty_dir.discard(e)
         generation.bump()
+
+    def _unshadow(self, vsi: str) -> None:
+        """Drop EMPTY_DIR options set on a name in a directory above ``vsi`` that is a string prefix of it.
+
+        GDAL matches path options by string prefix: EMPTY_DIR on ``/vsigs/b/d/a`` also applies to
+        ``/vsigs/b/d/ab/x.tif``, whose sidecars GDAL would then not see. The "directory" (``ab``) is a
+        name in the listing above, so the plans made without it are dropped too.
+        """
+        i = vsi.rfind("/")
+        while (i := vsi.rfind("/", 0, i)) > len("/vsigs"):
+            key = vsi[:i]
+            d = self._dirs.get(key)
+            if d is None:
+                continue
+            seg = vsi[i + 1:vsi.index("/", i + 1)]
+            if d.names is not None and seg not in d.names:
+                d.names.add(seg)
+                d.plans.clear()
+            for e in [e for e in d.empty_dir if vsi.startswith(f"{key}/{e}")]:
+                self.calls.clear_path_options(f"{key}/{e}")
+                d.empty_dir.discard(e)
 
     def _apply_prefix(self, path: GCSPath) -> None:
         """Someone wrote at or below ``path`` (an object or a "directory"): forget all of it."""
@@ -370,6 +393,7 @@ class GdalConsumer(Consumer):
                 if name in d.empty_dir:
                     self.calls.clear_path_options(f"{key}/{name}")
                     d.empty_dir.discard(name)
+                self._unshadow(t.vsi)  # nor may EMPTY_DIR set on a shorter name above reach it
             elif name not in d.empty_dir:
                 self.calls.set_path_option(f"{key}/{name}", _READDIR, "EMPTY_DIR")
                 d.empty_dir.add(name)

@@ -215,17 +215,24 @@ def _renew(ds: _Reader) -> _Reader:
     t = ds._cloudio_target
     driver, kwargs = ds._cloudio_open
     fresh: _Reader = _open_read(t, driver, False, kwargs)
-    if (fresh.width, fresh.height, fresh.count, fresh.dtypes, fresh.block_shapes) != (
-        ds.width, ds.height, ds.count, ds.dtypes, ds.block_shapes
-    ):
+    if _layout(fresh) != _layout(ds):
         fresh.close()
-        raise _stale(t, "the new version's size, bands, data types or blocks differ from the dataset's")
+        raise _stale(t, "the new version's size, bands, data types, blocks or georeferencing differ from the "
+                        "dataset's")
     old, ds._cloudio_fresh = ds._cloudio_fresh, fresh
     ds.__class__ = _RenewedReader  # only such datasets pay for a close of their own
     if old is not None:
         old.close()
     log.debug("%s: overwritten while open; reading from a fresh open of it", t.path.url)
     return fresh
+
+
+def _layout(ds: DatasetReader) -> tuple[Any, ...]:
+    """What a dataset reports without reading pixels: a fresh open must match it, or new pixels would
+    come with the old georeferencing (NaN nodata compared as equal)."""
+    nodata = tuple("nan" if v != v else v for v in ds.nodatavals)
+    return (ds.width, ds.height, ds.count, ds.dtypes, ds.block_shapes, ds.transform, ds.crs, nodata,
+            ds.scales, ds.offsets)
 
 
 def _stale(t: Target, why: str) -> StaleDatasetReadError:
@@ -270,9 +277,14 @@ def _messages(e: BaseException) -> str:
 _SHORT_READ = re.compile(r"got \d+ bytes, expected \d+")
 
 
-def _is_transient(e: BaseException) -> bool:
-    """Did the server or network fail (after GDAL's own retries)?"""
+def _is_transient(e: BaseException, t: Target) -> bool:
+    """Did the server or network fail (after GDAL's own retries)?
+
+    The object's own path is cut from GDAL's message first: ``preset.tif`` is not a reset.
+    """
     text = _messages(e)
+    for p in (t.vsi, t.path.url, t.shown):
+        text = text.replace(p, "")
     return _TRANSIENT.search(text) is not None or _SHORT_READ.search(text) is not None
 
 
@@ -286,7 +298,7 @@ def _transient(t: Target, e: BaseException) -> TransientReadError:
 
 def _read_error(t: Target, e: RasterioIOError) -> CloudioError:
     """cloudio's error for a GDAL failure that survived a clear and a retry (``e`` becomes its cause)."""
-    if _is_transient(e):
+    if _is_transient(e, t):
         return _transient(t, e)
     try:
         object_metadata(t.path)
@@ -494,7 +506,7 @@ def _open_read(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, A
     try:
         return _gdal_open(t, driver, sharing, kwargs, level)
     except RasterioIOError as e:
-        if _is_transient(e):  # GDAL retried already; what it cached of the object may be partial
+        if _is_transient(e, t):  # GDAL retried already; what it cached of the object may be partial
             bindings.clear(t.vsi)
         else:
             # off the happy path: now, and only now, ask the server what is wrong

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloudio._gcs.transfer import upload
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
-from cloudio.errors import ConfigurationError, InvalidURLError
+from cloudio.errors import CloudioError, ConfigurationError, InvalidURLError, UploadError
 
 if TYPE_CHECKING:
     from rasterio.io import DatasetReaderBase
@@ -79,7 +79,7 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
     ConfigurationError
         The dataset is closed, or still being written through ``cloudio.open``.
     UploadError, IntegrityError, BucketNotFoundError
-        From the upload; nothing was journaled.
+        From the upload, or GDAL could not render the VRT; nothing was journaled.
     ConflictError
         ``if_generation_match`` did not hold; nothing was uploaded or journaled.
 
@@ -91,7 +91,7 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
     path = parse_gcs(os.fspath(url), require_key=True)
     tmpdir = tempfile.mkdtemp(prefix="cloudio-vrt-")
     try:
-        local = os.path.join(tmpdir, path.name or "dataset.vrt")
+        local = os.path.join(tmpdir, "dataset.vrt")  # a key's last segment may be longer than a file name
         xml_text = _render(dataset_or_vrt, local, path)
         fixed = absolute_sources(xml_text, base_dir=tmpdir, url=path.url)
         upload(fixed.encode("utf-8"), path, content_type="application/xml", if_generation_match=if_generation_match)
@@ -124,9 +124,16 @@ def _render(obj: Any, local: str, target: GCSPath) -> str:
         raise ConfigurationError(
             f"{target.url}: the dataset {getattr(obj, 'name', obj)!r} is closed; pass an open dataset or its URL"
         )
-    rasterio.shutil.copy(obj, local, driver="VRT")
-    with open(local, encoding="utf-8") as f:
-        return f.read()
+    try:
+        rasterio.shutil.copy(obj, local, driver="VRT")
+        with open(local, encoding="utf-8") as f:
+            return f.read()
+    except CloudioError:
+        raise
+    except Exception as e:  # GDAL's own (CPLE_*, not a RasterioError) would not say which write_vrt failed
+        raise UploadError(
+            f"{target.url}: GDAL could not render {getattr(obj, 'name', obj)!r} as VRT XML ({e}); nothing was uploaded"
+        ) from e
 
 
 def absolute_sources(xml_text: str, *, base_dir: str | None = None, url: str = "the VRT") -> str:

@@ -24,9 +24,12 @@ rasterio's buffered writer (an in-memory dataset copied to the file on
 close). The driver defaults to the one the key's extension names; ``COG``
 must be asked for with ``driver="COG"``. ``VRT`` is refused: use
 :func:`cloudio.write_vrt`. Sidecar files GDAL writes next to the dataset
-(``.aux.xml`` for a georeferenced PNG, ``.ovr``, ``.msk``) are uploaded next
-to the object, before it; if the object's own upload then fails, they are
-deleted again.
+(``.aux.xml`` for a georeferenced PNG, ``.ovr``, ``.msk``, ``.tfw``, an EHdr
+``.hdr``) are uploaded next to the object, named after its stem as GDAL
+named them after the temp file's, and after it: a failed upload of the
+object leaves the old dataset as it was, sidecars included. If a sidecar's
+upload then fails, the object and the sidecars uploaded with it are deleted
+again (what they replaced cannot be kept; the error says so).
 
 Known limits: an overwrite does not delete sidecars an earlier version had
 and this one lacks (finding them would cost a listing request per write),
@@ -140,13 +143,14 @@ class _UploadOnClose:
 
 
 def _upload_outputs(local: str, path: GCSPath, guard: int | None = None) -> list[Uploaded]:
-    """Upload the sidecars GDAL wrote next to ``local``, then ``local`` itself.
+    """Upload ``local``, then the sidecars GDAL wrote next to it.
 
-    If the main upload fails, the sidecars just uploaded are deleted again
-    (and the deletes journaled), so a failed write leaves no partial dataset.
-    ``guard`` (``if_generation_match``) is checked before any sidecar goes up,
-    so a write that lost its race uploads nothing; the object's own upload
-    carries it as a precondition for a race decided in between.
+    The object goes first, so that a failed upload of it leaves the old
+    dataset (sidecars included) as it was. If a sidecar's upload fails, what
+    this write uploaded is deleted again (and the deletes journaled), so a
+    failed write leaves no new dataset mixed with the old one's sidecars.
+    ``guard`` (``if_generation_match``) is checked before anything goes up
+    when there are sidecars, and carried by the object's own upload.
     """
     if not os.path.exists(local):
         raise UploadError(
@@ -160,24 +164,46 @@ def _upload_outputs(local: str, path: GCSPath, guard: int | None = None) -> list
         held = object_generation(path)
         if held != guard:
             raise ConflictError(path.url, guard, held)
+    done.append(upload(local, path, if_generation_match=guard))
+    remote = ""
     try:
         for name in sidecars:
             side = os.path.join(folder, name)
-            if os.path.isfile(side):  # GDAL names sidecars after the temp file: "dataset.tif.aux.xml"
-                remote = path.name + name[len(base):] if name.startswith(base) else name
+            if os.path.isfile(side):
+                remote = _remote_name(name, base, path.name)
                 done.append(upload(side, path.parent.child(remote)))
-        done.append(upload(local, path, if_generation_match=guard))
+    except Exception as e:
+        kept = _undo(done)
+        raise UploadError(
+            f"{path.url}: the object was uploaded, but its sidecar {path.parent.child(remote).url} failed ({e}); "
+            "the object and the sidecars uploaded with it were deleted again, so what they held before "
+            "this write is gone" + (f" (could not delete {', '.join(kept)})" if kept else "")
+            + ". Write the dataset again."
+        ) from e
     except BaseException:
         _undo(done)
         raise
     return done
 
 
-def _undo(done: list[Uploaded]) -> None:
+def _remote_name(name: str, base: str, obj: str) -> str:
+    """The object name of sidecar ``name``: GDAL names it after the temp file ``base``
+    (``dataset.tif.aux.xml``) or its stem (``dataset.tfw``, an EHdr ``dataset.hdr``)."""
+    if name.startswith(base):
+        return obj + name[len(base):]
+    stem = os.path.splitext(base)[0]
+    if name.startswith(stem):
+        return os.path.splitext(obj)[0] + name[len(stem):]
+    return name
+
+
+def _undo(done: list[Uploaded]) -> list[str]:
+    """Delete what a failed write uploaded (journaled); returns the URLs that could not be deleted."""
     from cloudio._gcs.client import gcs_filesystem
     from cloudio._paths import parse_gcs
 
     fs = gcs_filesystem()
+    kept = []
     for up in done:
         p = parse_gcs(up.url)
         try:
@@ -186,8 +212,10 @@ def _undo(done: list[Uploaded]) -> None:
             pass
         except Exception:
             log.warning("could not delete %s after a failed write", up.url, exc_info=True)
+            kept.append(up.url)
             continue
         journal().record(up.url, "delete")
+    return kept
 
 
 @functools.cache

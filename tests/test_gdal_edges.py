@@ -1,0 +1,166 @@
+"""The GDAL face at the edges: sidecar names, long keys, failed overwrites, path options, georeferencing, names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from faultproxy import FaultProxy
+from rasters import tif
+
+import cloudio
+from cloudio import _config
+from cloudio.emulator import Emulator
+
+PROFILE = dict(
+    driver="GTiff", width=64, height=64, count=1, dtype="uint8",
+    crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 4000000),
+)
+
+
+def _keys(emu: Emulator, bucket: str) -> list[str]:
+    return sorted(b.name for b in emu.client.list_blobs(bucket[len("gs://"):]))
+
+
+def _write(url: str, value: int, size: int = 64, **opts) -> None:  # type: ignore[no-untyped-def]
+    with cloudio.open(url, "w", **{**PROFILE, "width": size, "height": size, **opts}) as ds:
+        ds.write(np.full((1, size, size), value, "uint8"))
+
+
+def _value(url: str) -> int:
+    with cloudio.open(url) as ds:
+        a = ds.read()
+        assert a.min() == a.max(), (url, a.min(), a.max())
+        return int(a[0, 0, 0])
+
+
+# -- write: sidecars GDAL names after the temporary file ----------------------------------------
+
+
+def test_world_file_is_uploaded_under_the_objects_name(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """GTiff with TFW=YES writes ``dataset.tfw`` next to the temp file; it must become ``a.tfw``."""
+    url = f"{gcs_bucket}/d/a.tif"
+    _write(url, 1, tfw="YES")
+    keys = _keys(gcs_emulator, gcs_bucket)
+    assert "d/dataset.tfw" not in keys, keys
+    assert "d/a.tfw" in keys, keys
+
+
+def test_header_sidecar_of_a_multi_file_format_reads_back(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """EHdr keeps its header in ``<stem>.hdr``: written as ``a.bil``, the header must be ``a.hdr``."""
+    url = f"{gcs_bucket}/d/a.bil"
+    _write(url, 7, driver="EHdr")
+    keys = _keys(gcs_emulator, gcs_bucket)
+    assert _value(url) == 7, keys
+
+
+# -- write_vrt: a long last segment --------------------------------------------------------------
+
+
+def test_write_vrt_with_a_300_byte_last_segment(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """cloudio.open(.., "w") handles a 300-byte last segment; write_vrt must too (or raise a CloudioError)."""
+    src = f"{gcs_bucket}/d/src.tif"
+    _write(src, 4)
+    url = f"{gcs_bucket}/d/{'v' * 296}.vrt"
+    try:
+        out = cloudio.write_vrt(src, url)
+    except cloudio.CloudioError:
+        return
+    assert _value(out) == 4
+
+
+# -- failed overwrite: the old dataset's sidecars ------------------------------------------------
+
+
+def test_failed_overwrite_keeps_the_old_sidecar(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """An overwrite whose main upload fails must leave the old dataset as it was (its .msk included)."""
+    url = f"{gcs_bucket}/d/a.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False):
+        with cloudio.open(url, "w", **PROFILE) as ds:
+            ds.write(np.full((1, 64, 64), 1, "uint8"))
+            m = np.zeros((64, 64), "uint8")
+            m[:32] = 255
+            ds.write_mask(m)
+    keys = _keys(gcs_emulator, gcs_bucket)
+    assert "d/a.tif.msk" in keys, keys
+    with cloudio.open(url) as r:
+        before = r.dataset_mask()
+    assert before[:32].all() and not before[32:].any()
+    # the new version's own upload is refused (403); its .msk sidecar, uploaded first, goes through
+    with FaultProxy(gcs_emulator.url) as proxy:
+        proxy.add("status", code=403, method="POST", path=r"/upload/", body=rb'"name": ?"d/a\.tif"', times=None)
+        _config.push_endpoint(proxy.url)
+        try:
+            with pytest.raises(cloudio.CloudioError) as err:
+                with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False):
+                    with cloudio.open(url, "w", **PROFILE) as ds:
+                        ds.write(np.full((1, 64, 64), 2, "uint8"))
+                        ds.write_mask(np.full((64, 64), 255, "uint8"))
+        finally:
+            _config.pop_endpoint()
+    assert isinstance(err.value, cloudio.UploadError)
+    with cloudio.open(url) as r:
+        assert int(r.read()[0, 0, 0]) == 1  # the old raster is still there...
+        after = r.dataset_mask()
+    assert "d/a.tif.msk" in _keys(gcs_emulator, gcs_bucket), "the old dataset's .msk was deleted"
+    assert (after == before).all(), "the old dataset lost its mask"
+
+
+# -- EMPTY_DIR set on a name reaches objects in a directory whose name extends it ----------------
+
+
+def test_empty_dir_option_does_not_reach_a_later_directory(gcs_emulator: Emulator, gcs_bucket: str,
+                                                           tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``d/a`` (no sidecars) opened: EMPTY_DIR on /vsigs/b/d/a. Then ``d/ab/x.tif`` and its .ovr are
+    written through cloudio: opening x.tif must see its overview."""
+    a = f"{gcs_bucket}/d/a"
+    _write(a, 1, driver="GTiff")
+    assert _value(a) == 1  # without this open, the test passes: EMPTY_DIR on /vsigs/b/d/a is the cause
+    p = tmp_path / "x.tif"
+    p.write_bytes(tif(5, 64))
+    with rasterio.Env(TIFF_USE_OVR=True):
+        with rasterio.open(p, "r+") as ds:
+            ds.build_overviews([2], rasterio.enums.Resampling.nearest)
+    fs = cloudio.filesystem(gcs_bucket)
+    x = f"{gcs_bucket}/d/ab/x.tif"
+    fs.pipe(x + ".ovr", (tmp_path / "x.tif.ovr").read_bytes())
+    fs.pipe(x, p.read_bytes())
+    with cloudio.open(x) as ds:
+        assert ds.overviews(1) == [2]
+
+
+# -- a dataset open across an overwrite: pixels of one version, georeferencing of another ---------
+
+
+def test_read_after_overwrite_never_pairs_new_pixels_with_old_georeferencing(gcs_bucket: str) -> None:
+    """Same size, bands, dtype and blocks, but another transform, CRS and nodata: a read through the old
+    dataset must not silently return the new pixels while the dataset still reports the old georeferencing."""
+    url = f"{gcs_bucket}/d/a.tif"
+    t1, t2 = Affine(10, 0, 500000, 0, -10, 4000000), Affine(30, 0, 0, 0, -30, 0)
+    with cloudio.open(url, "w", **{**PROFILE, "transform": t1, "nodata": 0}) as w:
+        w.write(np.full((1, 64, 64), 1, "uint8"))
+    with cloudio.open(url) as ds:
+        assert ds.transform == t1
+        with cloudio.open(url, "w", **{**PROFILE, "crs": "EPSG:4326", "transform": t2, "nodata": 255}) as w:
+            w.write(np.full((1, 64, 64), 2, "uint8"))
+        try:
+            a = ds.read(1)
+        except cloudio.StaleDatasetError:
+            return  # refusing is fine
+        # reading the new pixels is fine only if the dataset describes the new version too
+        assert (int(a[0, 0]), ds.transform, ds.crs, ds.nodata) == (2, t2, rasterio.CRS.from_epsg(4326), 255), (
+            int(a[0, 0]), ds.transform, ds.crs, ds.nodata)
+
+
+# -- error classes decided from GDAL's message, which contains the object's name -------------------
+
+
+@pytest.mark.parametrize("name", ["preset.tif", "kassler.tif"])
+def test_non_raster_whose_name_looks_transient_is_a_read_error(gcs_bucket: str, name: str) -> None:
+    url = f"{gcs_bucket}/d/{name}"
+    cloudio.filesystem(url).pipe(url, b"not a raster at all\n" * 10)
+    with pytest.raises(cloudio.CloudioError) as info:
+        cloudio.open(url)
+    assert isinstance(info.value, cloudio.ReadError), (type(info.value).__mro__, str(info.value))
+    assert not isinstance(info.value, cloudio.TransientError), str(info.value)
