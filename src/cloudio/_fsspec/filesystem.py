@@ -16,7 +16,10 @@ and raises :class:`~cloudio.IntegrityError`); a whole-object ``cat`` is
 checked against the ``x-goog-hash`` CRC32C the server sends. Network trouble
 that outlasts gcsfs's retries, or the time limit (``CLOUDIO_HTTP_TIMEOUT``,
 see :mod:`cloudio._gcs.client`), raises :class:`~cloudio.TransientError`;
-``FileNotFoundError`` stays what fsspec's contract says.
+a refusal (403, 400, 409...) :class:`~cloudio.UploadError` or
+:class:`~cloudio.ReadError`; ``FileNotFoundError`` stays what fsspec's
+contract says. A file opened for reading reads the generation it opened:
+overwritten while open, it raises :class:`~cloudio.StaleDatasetError`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import mimetypes
 import os
 import re
 from collections.abc import Iterator
@@ -45,10 +49,17 @@ from cloudio._config import (
 )
 from cloudio._fsspec.consumer import guard_listings, track
 from cloudio._gcs.client import header_crc, http_options, is_transient, total_time_limit, transient_error
-from cloudio._gcs.transfer import _check_stored, _crc_b64, _Mismatch, put_verified
+from cloudio._gcs.transfer import _check_stored, _crc_b64, _Mismatch, _outcome_unknown, put_verified
 from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
-from cloudio.errors import ConfigurationError, IntegrityError, TransientError
+from cloudio.errors import (
+    CloudioError,
+    ConfigurationError,
+    IntegrityError,
+    ReadError,
+    StaleDatasetError,
+    UploadError,
+)
 
 __all__ = ["TrackedLocalFileSystem", "filesystem"]
 
@@ -63,6 +74,8 @@ log = logging.getLogger(__name__)
 _recorded: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("cloudio_fsspec_recorded", default=None)
 #: the object a write is about, for errors of requests whose URL does not name it (multipart uploads)
 _writing: contextvars.ContextVar[str | None] = contextvars.ContextVar("cloudio_fsspec_writing", default=None)
+#: one entry per attempt of the requests sent inside a delete (gcsfs retries inside its ``_request``)
+_attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cloudio_fsspec_attempts", default=None)
 
 
 def _record(url: str, kind: Kind, *, generation: Any = None, size: Any = None, prefix: bool = False) -> None:
@@ -84,6 +97,31 @@ def _collect() -> Iterator[list[str]]:
         _recorded.reset(token)
         if outer is not None:
             outer.extend(acc)
+
+
+@contextmanager
+def _unsure(*urls: str) -> Iterator[None]:
+    """Journal an ``"invalidate"`` of ``urls`` when the block fails in a way that may have changed them
+    (an answer lost, a cancel): the journal must not say less than the server may hold."""
+    try:
+        yield
+    except BaseException as e:
+        if _outcome_unknown(e) or not isinstance(e, Exception):
+            for url in urls:
+                _record(url, "invalidate")
+        raise
+
+
+def _refused(url: str, method: str, exc: Exception) -> CloudioError:
+    """THE error for a request the server refused (403, 400, 409...): ReadError for a read, else UploadError."""
+    # a 403 keeps gcsfs's "Forbidden" prefix: its _get_object falls back to a listing on it
+    forbidden = "Forbidden: " if str(exc).startswith("Forbidden") else ""
+    text = f"{type(exc).__name__}: {exc}"
+    if method.upper() in ("GET", "HEAD"):
+        return ReadError(f"{forbidden}{url}: the server refused to read it ({text}). Check the URL and that "
+                         "your credentials may read it, then read again.")
+    return UploadError(f"{forbidden}{url}: the server refused the {method} request ({text}); the object was not "
+                       "changed. Check that your credentials may write the bucket, then write again.")
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -160,13 +198,20 @@ class _JournalingGCSFileMixin:
     """
 
     def _upload_chunk(self, final: bool = False) -> Any:
-        done = super()._upload_chunk(final=final)  # type: ignore[misc]
-        if final and done is not False and self.autocommit:  # type: ignore[attr-defined]
-            url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
+        if not (final and self.autocommit):  # type: ignore[attr-defined]  # an unfinished upload stores nothing
+            return super()._upload_chunk(final=final)  # type: ignore[misc]
+        url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
+        with _unsure(url):  # the final chunk's answer lost: the object may be stored
+            done = super()._upload_chunk(final=final)  # type: ignore[misc]
+            if done is False:
+                return done
             checker: _Crc32cChecker = self.checker  # type: ignore[attr-defined]
+            # the final answer's object resource; or (a final chunk answered with a Range header) the
+            # generation gcsfs read from it, so the check reads that object and never a later writer's
+            meta = checker.meta or {"generation": self.generation}  # type: ignore[attr-defined]
             try:
                 generation = sync(self.fs.loop, self.fs._verify_stored, url,  # type: ignore[attr-defined]
-                                  checker.meta or {}, self.offset, checker.b64())  # type: ignore[attr-defined]
+                                  meta, self.offset, checker.b64())  # type: ignore[attr-defined]
             except IntegrityError:
                 self.closed = True  # type: ignore[attr-defined]  # nothing left to send: no retry from __del__
                 raise
@@ -192,6 +237,84 @@ def _journaling_file_class(cls: type) -> type:
     return type(f"Journaling{cls.__name__}", (_JournalingGCSFileMixin, cls), {"__module__": __name__})
 
 
+class _PinnedGCSFileMixin:
+    """Mixed into gcsfs's file class for reading: every range comes from the generation opened.
+
+    gcsfs reads ranges of whatever object is live, so an overwrite while the file is
+    open would mix old and new bytes, or cut the read short at the new size. Here,
+    once a range was read at the generation opened, a range of it that is gone raises
+    :class:`~cloudio.StaleDatasetError`. A generation already gone at the first read (a
+    listing trusted at the ``"session"`` level) reads the live object, as gcsfs does.
+    """
+
+    def _pinned(self) -> Any:
+        if self.__dict__.get("_cloudio_unpinned"):
+            return None
+        return self.generation or self.details.get("generation")  # type: ignore[attr-defined]
+
+    def _gone(self, e: Exception) -> None:
+        """The generation opened is gone: StaleDatasetError once bytes of it were read, else unpin."""
+        if not self.__dict__.get("_cloudio_read") and not self.generation:  # type: ignore[attr-defined]
+            self.__dict__["_cloudio_unpinned"] = True
+            return
+        url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
+        raise StaleDatasetError(
+            f"{url} changed on the server while open for reading (generation {self._pinned()} is gone: "
+            f"{type(e).__name__}: {e}); reading on would mix two versions. Open it again."
+        ) from e
+
+    def _fetch_range(self, start: Any = None, end: Any = None) -> Any:
+        from gcsfs.utils import is_empty_range
+
+        generation = self._pinned()
+        if generation is not None and not is_empty_range(start, end, self.size):  # type: ignore[attr-defined]
+            try:
+                out = self.fs.cat_file(  # type: ignore[attr-defined]
+                    self.path, start=start, end=end, generation=generation,  # type: ignore[attr-defined]
+                    concurrency=self.concurrency,  # type: ignore[attr-defined]
+                    cache_type=self.cache_type, cache_source=self.cache_source)  # type: ignore[attr-defined]
+            except FileNotFoundError as e:
+                self._gone(e)
+            else:
+                self.__dict__["_cloudio_read"] = True
+                return out
+        return super()._fetch_range(start, end)  # type: ignore[misc]
+
+    async def _async_fetch_range(self, start_offset: int, total_size: int, split_factor: int = 1) -> Any:
+        generation = self._pinned()
+        if generation is not None:
+            try:
+                out = await self.fs._cat_file_concurrent(  # type: ignore[attr-defined]
+                    self.path, start=start_offset, end=start_offset + total_size,  # type: ignore[attr-defined]
+                    concurrency=split_factor, generation=generation,
+                    cache_type=self.cache_type, cache_source=self.cache_source)  # type: ignore[attr-defined]
+            except FileNotFoundError as e:
+                self._gone(e)
+            else:
+                self.__dict__["_cloudio_read"] = True
+                return out
+        return await super()._async_fetch_range(start_offset, total_size, split_factor)  # type: ignore[misc]
+
+
+@functools.cache
+def _pinned_file_class(cls: type) -> type:
+    """``cls`` with :class:`_PinnedGCSFileMixin` in front (one subclass per file class)."""
+    return type(f"Pinned{cls.__name__}", (_PinnedGCSFileMixin, cls), {"__module__": __name__})
+
+
+def _pin_reads(f: Any) -> None:
+    """Give the read-mode file ``f`` the pinning mixin, and its cache (built with ``f``'s bound fetchers) too."""
+    file_class: type = type(f)  # a plain class, hashable for the cache
+    f.__class__ = _pinned_file_class(file_class)
+    cache = getattr(f, "cache", None)
+    prefetcher = getattr(cache, "_prefetcher", None)
+    holders: tuple[Any, ...] = (cache, getattr(cache, "_fallback", None), getattr(prefetcher, "producer", None))
+    for holder in holders:
+        fetcher: Any = getattr(holder, "fetcher", None)
+        if getattr(fetcher, "__self__", None) is f:
+            holder.fetcher = getattr(f, fetcher.__name__)
+
+
 def _gcs_url(fs: Any, path: str) -> str:
     bucket, key, _generation = fs.split_path(path)
     return parse_gcs(f"gs://{bucket}/{key}").url
@@ -201,8 +324,9 @@ class _JournalingGCSMixin:
     """Mixed in front of a gcsfs filesystem class: every successful write is journaled.
 
     Each override calls gcsfs first and records only when it returned, so a
-    failed write journals nothing. Sync methods (``pipe``, ``put``, ``rm``...)
-    run these same coroutines through fsspec's ``sync``.
+    failed write journals nothing, unless its outcome is unknown (an answer
+    lost, a cancel): that journals an ``"invalidate"``. Sync methods (``pipe``,
+    ``put``, ``rm``...) run these same coroutines through fsspec's ``sync``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -220,20 +344,34 @@ class _JournalingGCSMixin:
         return bucket, key, generation
 
     async def _call(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        """gcsfs's one request primitive, bounded in total time; transient failures become TransientError."""
+        """gcsfs's one request primitive, bounded in total time; transient failures become TransientError,
+        refusals UploadError or ReadError (404 and 412 stay FileNotFoundError and FileExistsError: callers
+        rely on them)."""
+        from gcsfs.retry import HttpError
+
         limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
         try:
             call = super()._call(method, path, *args, **kwargs)  # type: ignore[misc]
             return await (call if limit is None else asyncio.wait_for(call, limit))
-        except TransientError:
+        except (CloudioError, FileNotFoundError, FileExistsError):
             raise
         except Exception as e:
-            if isinstance(e, FileNotFoundError) or not is_transient(e):
-                raise
+            transient = is_transient(e)
+            if not transient and not isinstance(e, (HttpError, OSError, ValueError, RuntimeError)):
+                raise  # not the server's answer (a bug, a bad argument)
             url = _request_url(self, path, args)
             if url.endswith("/") and _writing.get() is not None:
                 url = str(_writing.get())
-            raise transient_error(url, f"{method} request", e) from e
+            if transient:
+                raise transient_error(url, f"{method} request", e) from e
+            raise _refused(url, method, e) from e
+
+    def _get_headers(self, *args: Any, **kwargs: Any) -> Any:
+        """gcsfs's headers, built once per attempt of a request: attempts are counted inside :meth:`_rm_file`."""
+        tally = _attempts.get()
+        if tally is not None:
+            tally.append(1)
+        return super()._get_headers(*args, **kwargs)  # type: ignore[misc]
 
     call = sync_wrapper(_call)  # GCSFile uploads through the sync ``call`` gcsfs bound to its own _call
 
@@ -263,16 +401,17 @@ class _JournalingGCSMixin:
 
     async def _pipe_file(self, path: str, data: Any, *args: Any, **kwargs: Any) -> Any:
         url = self._cloudio_url(path)
-        if "if_generation_match" in kwargs:
-            return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
         token = _writing.set(url)
         try:
-            with journal().changing(url):  # GDAL reads of it wait until the write is recorded
+            if "if_generation_match" in kwargs:
+                return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
+            size = memoryview(data).nbytes  # bytes, not items (gcsfs sends a wide buffer's bytes)
+            with journal().changing(url), _unsure(url):  # GDAL reads of it wait until the write is recorded
                 out = await super()._pipe_file(path, data, *args, **kwargs)  # type: ignore[misc]
                 # small uploads return the object resource (generation, size, crc32c): no extra request
                 meta = out if isinstance(out, dict) else {}
-                generation = await self._verify_stored(url, meta, len(data), _crc_of(data))
-                _record(url, "write", generation=generation, size=len(data))
+                generation = await self._verify_stored(url, meta, size, _crc_of(data))
+                _record(url, "write", generation=generation, size=size)
         finally:
             _writing.reset(token)
         return out
@@ -281,12 +420,32 @@ class _JournalingGCSMixin:
         if os.path.isdir(lpath):  # gcsfs skips directories
             return await super()._put_file(lpath, rpath, *args, **kwargs)  # type: ignore[misc]
         url = self._cloudio_url(rpath)
-        if "if_generation_match" in kwargs:
-            return await self._guarded_put(url, lpath, kwargs.pop("if_generation_match"))
-        with journal().changing(url):  # GDAL reads of it wait until the write is recorded
+        token = _writing.set(url)
+        try:
+            if "if_generation_match" in kwargs:
+                return await self._guarded_put(url, lpath, kwargs.pop("if_generation_match"))
+            # consistency=: put_verified always checks the CRC32C; metadata=, mode=...: only gcsfs's upload has them
+            if args or set(kwargs) - {"content_type", "callback", "consistency", "chunksize"}:
+                return await self._put_file_gcsfs(url, lpath, rpath, *args, **kwargs)
+            content_type = kwargs.get("content_type") or mimetypes.guess_type(lpath)[0] or "application/octet-stream"
+            with journal().changing(url):  # GDAL reads of it wait until the write is recorded
+                # verified against the upload's own answer (not a later metadata request that could see
+                # another writer's object); journaled as invalidated there if that answer was lost
+                up = await put_verified(self, url, lpath, content_type=content_type, record=False, attempts=1)
+                _record(url, "write", generation=up.generation, size=up.size)
+            callback = kwargs.get("callback")
+            if callback is not None:
+                callback.set_size(up.size)
+                callback.absolute_update(up.size)
+        finally:
+            _writing.reset(token)
+        return None
+
+    async def _put_file_gcsfs(self, url: str, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
+        """gcsfs's own upload, for the options :func:`put_verified` lacks; one metadata request verifies it."""
+        with journal().changing(url), _unsure(url):
             out = await super()._put_file(lpath, rpath, *args, **kwargs)  # type: ignore[misc]
-            # gcsfs drops the upload's response here: one metadata request to verify
-            size = os.path.getsize(lpath)
+            size = os.path.getsize(lpath)  # gcsfs drops the upload's answer: no generation to pin
             generation = await self._verify_stored(url, {}, size, _crc_of_file(lpath))
             _record(url, "write", generation=generation, size=size)
         return out
@@ -306,29 +465,59 @@ class _JournalingGCSMixin:
             )
         return data
 
+    async def _get_file(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> Any:
+        """gcsfs's download, given up when no byte has arrived for as long as :meth:`_call` may take in
+        all (its request bypasses ``_call``, and gcsfs retries a hung one dozens of times: minutes); a
+        large download that keeps arriving is never cut short. Transient failures become TransientError."""
+        limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
+        task = asyncio.ensure_future(super()._get_file(rpath, lpath, *args, **kwargs))  # type: ignore[misc]
+        try:
+            if limit is None:
+                return await task
+            size, idle = -1, 0.0
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=limit / 4)
+                if done:
+                    return task.result()
+                now = os.path.getsize(lpath) if isinstance(lpath, str) and os.path.exists(lpath) else -1
+                size, idle = (now, 0.0) if now != size else (size, idle + limit / 4)
+                if idle >= limit:
+                    raise TimeoutError(f"no byte arrived for {limit:g} s")
+        except (CloudioError, FileNotFoundError):
+            raise
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            raise transient_error(self._cloudio_url(rpath), "download", e) from e
+        finally:
+            if not task.done():
+                task.cancel()
+
     async def _cp_file(self, path1: str, path2: str, *args: Any, **kwargs: Any) -> Any:
         url = self._cloudio_url(path2)
-        with journal().changing(url):
+        with journal().changing(url), _unsure(url):
             out = await super()._cp_file(path1, path2, *args, **kwargs)  # type: ignore[misc]
             _record(url, "write")
         return out
 
     async def _merge(self, path: str, paths: Any, *args: Any, **kwargs: Any) -> Any:
-        out = await super()._merge(path, paths, *args, **kwargs)  # type: ignore[misc]
+        with _unsure(self._cloudio_url(path)):
+            out = await super()._merge(path, paths, *args, **kwargs)  # type: ignore[misc]
         _record(self._cloudio_url(path), "write")
         return out
 
     async def _setxattrs(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        out = await super()._setxattrs(path, *args, **kwargs)  # type: ignore[misc]
+        with _unsure(self._cloudio_url(path)):
+            out = await super()._setxattrs(path, *args, **kwargs)  # type: ignore[misc]
         _record(self._cloudio_url(path), "write")  # metadata held in cached listings changed
         return out
 
     async def _mv_file(self, path1: str, path2: str, **kwargs: Any) -> Any:
         # gcsfs moves with one moveTo request, or falls back to copy + delete
         # (which record themselves); record what the parts did not.
-        with _collect() as acc:
-            out = await super()._mv_file(path1, path2, **kwargs)  # type: ignore[misc]
         u1, u2 = self._cloudio_url(path1), self._cloudio_url(path2)
+        with _collect() as acc, _unsure(u1, u2):
+            out = await super()._mv_file(path1, path2, **kwargs)  # type: ignore[misc]
         if u2 not in acc:
             _record(u2, "write")
         if u1 not in acc:
@@ -339,9 +528,19 @@ class _JournalingGCSMixin:
         if not self.split_path(path)[1]:  # type: ignore[attr-defined]  # a bucket goes through _rmdir
             return await super()._rm_file(path, **kwargs)  # type: ignore[misc]
         url = self._cloudio_url(path)
-        with journal().changing(url):
-            out = await super()._rm_file(path, **kwargs)  # type: ignore[misc]
-            _record(url, "delete")
+        attempts: list[int] = []
+        token = _attempts.set(attempts)
+        try:
+            with journal().changing(url), _unsure(url):
+                try:
+                    out = await super()._rm_file(path, **kwargs)  # type: ignore[misc]
+                except FileNotFoundError:
+                    if len(attempts) > 1:  # gcsfs retries transient failures only: the first DELETE may have
+                        _record(url, "delete")  # landed and its answer been lost; either way nothing is there
+                    raise
+                _record(url, "delete")
+        finally:
+            _attempts.reset(token)
         return out
 
     async def _rm_files(self, paths: list[str], *args: Any, **kwargs: Any) -> Any:
@@ -372,7 +571,11 @@ class _JournalingGCSMixin:
     mkdir = sync_wrapper(_mkdir)
 
     def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+        from gcsfs.core import GCSFile
+
         f = super()._open(path, mode, *args, **kwargs)  # type: ignore[misc]
+        if "r" in mode and type(f) is GCSFile:  # (zonal files read through gRPC, by generation)
+            _pin_reads(f)
         if "r" not in mode:
             # gcsfs picks the file class (GCSFile, or ZonalFile for zonal buckets);
             # give that class the journaling mixin rather than re-implement the choice

@@ -504,9 +504,24 @@ def _read_all(source: str | os.PathLike[str]) -> bytes:
 async def _check_stored(
     fs: gcsfs.GCSFileSystem, path: GCSPath, meta: dict[str, Any], size: int, sent_crc: str
 ) -> int | None:
-    """Compare the stored object with what was sent; delete it and raise _Mismatch if it differs."""
+    """Compare the stored object with what was sent; delete it and raise _Mismatch if it differs.
+
+    ``meta`` is the upload's answer. When it lacks the size or CRC32C, the metadata of the
+    generation it names is fetched (not the live object's: another writer may have stored
+    one since, and it must not be checked, or deleted, as ours). When that generation is
+    already gone (replaced), there is nothing of ours left to check: None is returned.
+    """
+    sent = meta.get("generation")
     if "crc32c" not in meta or "size" not in meta:
-        meta = await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
+        pin = {"generation": str(sent)} if sent not in (None, "", "0") else {}
+        try:
+            meta = await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True, **pin))
+        except FileNotFoundError:
+            if not pin:
+                raise
+            log.info("%s: generation %s was replaced before it could be verified; nothing of it is left",
+                     path.url, sent)
+            return None
     generation = int(meta["generation"]) if meta.get("generation") not in (None, "", "0") else None
     got_size = int(meta.get("size", -1))
     got_crc = meta.get("crc32c")
