@@ -13,6 +13,8 @@ matches the request; the emulator itself is never bypassed or mocked. Faults:
 ``kill``     call ``action()`` (e.g. stop the emulator) and then reset the connection
 ``chunked``  forward, and send the answer's body in HTTP/1.1 chunks of ``after`` bytes (a trailer field at the end)
 ``unsized``  forward, and send the answer's body without a length, ended by closing the connection
+``interim``  forward, and send the interim answer ``head`` (a 1xx: ``100 Continue``, ``103 Early Hints``) before
+             the final one, as RFC 9110 15.2 lets any server do
 ``trickle``  forward, and send the answer's first 8 KiB (status line, headers, the body's start) in writes
              of ``after`` bytes, each its own TCP segment; ``chunked``/``unsized`` rules with ``piece`` too
 
@@ -55,6 +57,7 @@ class Rule:
     release: threading.Event | None = None  # "late": send the held answer when set (else after seconds)
     skip: int = 0  # let the first ``skip`` matching requests through untouched (not counted as hits)
     piece: int = 0  # send the answer in writes of this many bytes ("trickle" uses ``after``)
+    head: bytes = b"HTTP/1.1 100 Continue\r\n\r\n"  # "interim": the 1xx answer sent first
     hits: int = field(default=0)
     skipped: int = field(default=0)
     answered: threading.Event = field(default_factory=threading.Event)
@@ -199,6 +202,8 @@ class FaultProxy:
                     self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self.wfile = _Trickle(self.wfile, piece)  # type: ignore[assignment]
                     proxy._note(self.command, self.path, "trickle")
+                if rule is not None and fault == "interim":
+                    self.wfile.write(rule.head)
                 self.send_response(status)
                 upstream = f"{proxy.upstream.scheme}://{proxy.upstream.netloc}"
                 for k, v in resp_headers:

@@ -1,21 +1,16 @@
 """Answers the hand-written HTTP/1.1 data path (cloudio._gcs.fast) must read right, against the real emulator.
 
 Each test drives ``fast``'s functions directly against fake-gcs-server, with faults put in by
-``tests/faultproxy.py`` or, where that proxy has no such fault, by a small forwarding proxy of this
-file's own in front of the same emulator (interim 1xx answers), or by a TCP listener that never
-completes a handshake (a network that drops SYNs).
+``tests/faultproxy.py`` (interim 1xx answers among them), or by a TCP listener that never completes
+a handshake (a network that drops SYNs).
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.client
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -24,8 +19,6 @@ import cloudio
 from cloudio import _config
 from cloudio._paths import GCSPath
 from cloudio.emulator import Emulator
-
-_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection"}
 
 
 def _fs():  # type: ignore[no-untyped-def]
@@ -40,79 +33,14 @@ def _put(emu: Emulator, bucket_url: str, key: str, data: bytes) -> GCSPath:
     return GCSPath(bucket, key)
 
 
-# -- a forwarding proxy that sends interim (1xx) answers before the final one -------------------------
-
-
-class _InterimProxy:
-    """Forwards every request to the emulator unchanged; before the first ``times`` answers (None: all)
-    it sends the interim answer ``interim`` (e.g. ``HTTP/1.1 100 Continue\\r\\n\\r\\n``), as RFC 9110
-    15.2 lets any server do ("A client MUST be able to parse one or more 1xx responses received prior
-    to a final response, even if the client does not expect one")."""
-
-    def __init__(self, upstream: str, interim: bytes, times: int | None = None) -> None:
-        self.upstream = urlsplit(upstream)
-        self.interim, self.times, self.sent = interim, times, 0
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _answer(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                try:
-                    conn.request(self.command, self.path, body=body,
-                                 headers={k: v for k, v in self.headers.items() if k.lower() not in _HOP})
-                    r = conn.getresponse()
-                    data, status, headers = r.read(), r.status, r.getheaders()
-                finally:
-                    conn.close()
-                with proxy._lock:
-                    interim = proxy.times is None or proxy.sent < proxy.times
-                    proxy.sent += interim
-                if interim:
-                    self.wfile.write(proxy.interim)
-                self.send_response(status)
-                for k, v in headers:
-                    if k.lower() not in _HOP:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> _InterimProxy:
-        self._thread.start()
-        _config.push_endpoint(self.url)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _config.pop_endpoint()
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
-
-
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
 
 
 @pytest.mark.parametrize("interim", [b"", _CONTINUE, _EARLY_HINTS], ids=["control-none", "100", "103"])
 def test_loop_get_reads_an_object_whose_answer_has_an_interim_1xx_before_it(
-        gcs_emulator: Emulator, gcs_bucket: str, monkeypatch: pytest.MonkeyPatch, interim: bytes) -> None:
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch,
+        interim: bytes) -> None:
     """get_into (metadata documents, small chunks' careful path) over :class:`fast._Answers`: a 1xx before
     the final answer must be skipped. Here the 1xx is parsed as a final answer without a length, the
     real answer is taken as its body until the connection closes, and the read fails."""
@@ -121,34 +49,36 @@ def test_loop_get_reads_an_object_whose_answer_has_an_interim_1xx_before_it(
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
     data = np.random.default_rng(1).integers(0, 256, 4000, dtype="u1").tobytes()
     path = _put(gcs_emulator, gcs_bucket, "interim/a.bin", data)
-    with _InterimProxy(gcs_emulator.url, interim):
-        fs = _fs()
+    if interim:
+        fault_proxy.add("interim", head=interim, times=None)
+    fs = _fs()
 
-        async def go() -> bytes | None:
-            got = await fast.get_into(fs, path, np.empty(1 << 16, dtype="u1"))
-            return None if got is None else got.tobytes()
+    async def go() -> bytes | None:
+        got = await fast.get_into(fs, path, np.empty(1 << 16, dtype="u1"))
+        return None if got is None else got.tobytes()
 
-        assert asyncio.run(go()) == data
+    assert asyncio.run(go()) == data
 
 
 @pytest.mark.parametrize("interim", [b"", _CONTINUE], ids=["control-none", "100"])
 def test_loop_upload_whose_answer_has_100_continue_before_it_succeeds(
-        gcs_emulator: Emulator, gcs_bucket: str, monkeypatch: pytest.MonkeyPatch, interim: bytes) -> None:
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch,
+        interim: bytes) -> None:
     """put_media of a small object (:func:`fast._post_small`): the same mis-parse on an upload's answer."""
     from cloudio._gcs import fast
 
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
     data = b"x" * 1000
     path = GCSPath(gcs_bucket.removeprefix("gs://"), "interim/up.bin")
-    with _InterimProxy(gcs_emulator.url, interim):
-        fs = _fs()
-        meta = asyncio.run(fast.put_media(fs, path, data, "application/octet-stream"))
+    if interim:
+        fault_proxy.add("interim", head=interim, times=None)
+    meta = asyncio.run(fast.put_media(_fs(), path, data, "application/octet-stream"))
     assert int(meta["size"]) == len(data)
 
 
 @pytest.mark.parametrize("times", [0, 1], ids=["control-none", "once"])
 def test_thread_get_after_an_early_hints_answer_returns_neither_empty_nor_another_objects_bytes(
-        gcs_emulator: Emulator, gcs_bucket: str, times: int) -> None:
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, times: int) -> None:
     """fetch_into (large shards) over http.client: http.client skips only 100, so a 103 comes back as the
     answer (status 103, no body). fetch_into takes any status under 400 as the object: it returns 0
     bytes, unchecked (a 103 carries no X-Goog-Hash), and keeps the connection with the real answer
@@ -160,12 +90,13 @@ def test_thread_get_after_an_early_hints_answer_returns_neither_empty_nor_anothe
     b = np.random.default_rng(3).integers(0, 256, 3 << 20, dtype="u1").tobytes()
     pa = _put(gcs_emulator, gcs_bucket, "hints/a.bin", a)
     pb = _put(gcs_emulator, gcs_bucket, "hints/b.bin", b)
-    with _InterimProxy(gcs_emulator.url, _EARLY_HINTS, times=times):
-        fs = _fs()
-        got_a = fast.fetch_into(fs, pa, np.empty(4 << 20, dtype="u1"))
-        got_a = None if got_a is None else bytes(got_a)
-        got_b = fast.fetch_into(fs, pb, np.empty(4 << 20, dtype="u1"))  # same thread: same kept connection
-        got_b = None if got_b is None else bytes(got_b)
+    if times:
+        fault_proxy.add("interim", head=_EARLY_HINTS, times=times)
+    fs = _fs()
+    got_a = fast.fetch_into(fs, pa, np.empty(4 << 20, dtype="u1"))
+    got_a = None if got_a is None else bytes(got_a)
+    got_b = fast.fetch_into(fs, pb, np.empty(4 << 20, dtype="u1"))  # same thread: same kept connection
+    got_b = None if got_b is None else bytes(got_b)
     summary = {"a": (len(got_a or b""), got_a == a), "b": (len(got_b or b""), got_b == b, got_b == a)}
     assert got_a == a and got_b == b, summary
 
