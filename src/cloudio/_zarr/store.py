@@ -1090,8 +1090,9 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
     if isinstance(e, CloudioError):
         return None
     if _transient(e):
-        then = ("the store is marked incomplete until a write succeeds: run the write again"
-                if writing else "try again later")
+        then = ("the store stays marked incomplete (cloudio's readers refuse it) until it is written again "
+                "whole (cloudio.save_array, or cloudio.to_zarr with mode='w'): an append or region write that "
+                "succeeds later cannot know what this one left" if writing else "try again later")
         return TransientError(f"{url}: the server or network kept failing past the retries "
                               f"({type(e).__name__}: {e}); {then}.")
     if isinstance(e, json.JSONDecodeError | UnicodeDecodeError):

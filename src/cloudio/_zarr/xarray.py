@@ -219,7 +219,9 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     TransientError
         When the server or network kept failing past the retries. The store
         stays marked as an incomplete write (:func:`open_zarr` raises
-        :class:`~cloudio.IncompleteWriteError`) until a ``to_zarr`` succeeds.
+        :class:`~cloudio.IncompleteWriteError`) until it is written again
+        whole (``mode="w"``): an append or region write that succeeds later
+        takes off only its own mark.
 
     Notes
     -----
