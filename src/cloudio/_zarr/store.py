@@ -1112,7 +1112,7 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
         if writing:
             return UploadError(f"{url}: the server refused a change ({e}); check that the credentials in use "
                                "may write to this bucket (a write stopped part way leaves the store refused as "
-                               "incomplete until one succeeds).")
+                               "incomplete until it is written again whole).")
         return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may "
                          "read this bucket.")
     return None
