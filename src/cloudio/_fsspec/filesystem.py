@@ -252,47 +252,44 @@ class _PinnedGCSFileMixin:
             return None
         return self.generation or self.details.get("generation")  # type: ignore[attr-defined]
 
-    def _gone(self, e: Exception) -> None:
-        """The generation opened is gone: StaleDatasetError once bytes of it were read, else unpin."""
-        if not self.__dict__.get("_cloudio_read") and not self.generation:  # type: ignore[attr-defined]
+    @contextmanager
+    def _at_generation(self) -> Iterator[None]:
+        """Around a read of the generation opened: once one returned, a generation gone raises
+        StaleDatasetError; gone before any, the file reads the live object from then on (the block's
+        exception is swallowed, and the caller reads as gcsfs does)."""
+        try:
+            yield
+        except FileNotFoundError as e:
+            if self.__dict__.get("_cloudio_read") or self.generation:  # type: ignore[attr-defined]
+                url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
+                raise StaleDatasetError(
+                    f"{url} changed on the server while open for reading (generation {self._pinned()} is gone: "
+                    f"{type(e).__name__}: {e}); reading on would mix two versions. Open it again."
+                ) from e
             self.__dict__["_cloudio_unpinned"] = True
-            return
-        url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
-        raise StaleDatasetError(
-            f"{url} changed on the server while open for reading (generation {self._pinned()} is gone: "
-            f"{type(e).__name__}: {e}); reading on would mix two versions. Open it again."
-        ) from e
+        else:
+            self.__dict__["_cloudio_read"] = True
 
     def _fetch_range(self, start: Any = None, end: Any = None) -> Any:
         from gcsfs.utils import is_empty_range
 
         generation = self._pinned()
         if generation is not None and not is_empty_range(start, end, self.size):  # type: ignore[attr-defined]
-            try:
-                out = self.fs.cat_file(  # type: ignore[attr-defined]
+            with self._at_generation():
+                return self.fs.cat_file(  # type: ignore[attr-defined]
                     self.path, start=start, end=end, generation=generation,  # type: ignore[attr-defined]
                     concurrency=self.concurrency,  # type: ignore[attr-defined]
                     cache_type=self.cache_type, cache_source=self.cache_source)  # type: ignore[attr-defined]
-            except FileNotFoundError as e:
-                self._gone(e)
-            else:
-                self.__dict__["_cloudio_read"] = True
-                return out
         return super()._fetch_range(start, end)  # type: ignore[misc]
 
     async def _async_fetch_range(self, start_offset: int, total_size: int, split_factor: int = 1) -> Any:
         generation = self._pinned()
         if generation is not None:
-            try:
-                out = await self.fs._cat_file_concurrent(  # type: ignore[attr-defined]
+            with self._at_generation():
+                return await self.fs._cat_file_concurrent(  # type: ignore[attr-defined]
                     self.path, start=start_offset, end=start_offset + total_size,  # type: ignore[attr-defined]
                     concurrency=split_factor, generation=generation,
                     cache_type=self.cache_type, cache_source=self.cache_source)  # type: ignore[attr-defined]
-            except FileNotFoundError as e:
-                self._gone(e)
-            else:
-                self.__dict__["_cloudio_read"] = True
-                return out
         return await super()._async_fetch_range(start_offset, total_size, split_factor)  # type: ignore[misc]
 
 

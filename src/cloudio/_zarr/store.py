@@ -805,22 +805,26 @@ def _marker_doc(buf: Buffer | None) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else {}
 
 
-def check_complete(store: JournaledStore, *, own: bool = True, enclosing: bool = True) -> None:
-    """Raise :class:`~cloudio.IncompleteWriteError` when a write to ``store`` (unless not ``own``), or to
-    a store that encloses it (unless not ``enclosing``: :func:`enclosing_markers`), started and never
-    committed.
+def check_complete(store: JournaledStore, *, own: bool = True, group: str = "") -> None:
+    """Raise :class:`~cloudio.IncompleteWriteError` when a write to ``store`` (unless not ``own``), to a
+    store that encloses it (:func:`enclosing_markers`), or to its ``group`` written as a store of its own
+    (``to_zarr(url + "/g")``), started and never committed.
 
     Costs one GET of each marker, at once (404s when all is well).
     """
     from zarr.core.buffer import default_buffer_prototype
 
-    async def markers() -> tuple[Buffer | None, tuple[str, Buffer] | None]:
-        mine = store.get(MARKER, prototype=default_buffer_prototype()) if own else _nothing()
-        return await asyncio.gather(mine, _enclosing_marker(store) if enclosing else _nothing())
+    proto = default_buffer_prototype()
 
-    mine, outer = _sync(markers())
+    async def markers() -> tuple[Buffer | None, tuple[str, Buffer] | None, Buffer | None]:
+        return await asyncio.gather(store.get(MARKER, prototype=proto) if own else _nothing(),
+                                    _enclosing_marker(store),
+                                    store.get(f"{group}/{MARKER}", prototype=proto) if group else _nothing())
+
+    mine, outer, inner = _sync(markers())
     _refuse_marked(store, mine)
     _refuse_enclosed(store, outer)
+    _refuse_marked(store, inner, f"{store.root_url}/{group}")
 
 
 def enclosing_markers(store: JournaledStore) -> list[GCSPath]:
@@ -1040,28 +1044,13 @@ async def _list_metadata(store: JournaledStore) -> MetadataCheck:
 
 
 def _transient(e: BaseException) -> bool:
-    """Whether ``e`` is a server or network failure that outlasted gcsfs's retries."""
-    if isinstance(e, CloudioError):
-        return False
-    if isinstance(e, TimeoutError | ConnectionError):
-        return True
-    try:
-        import aiohttp
+    """Whether ``e`` is a server or network failure that outlasted gcsfs's retries (a metadata document
+    that is not JSON is not one: :func:`cloudio_error` calls it damaged)."""
+    from cloudio._gcs.client import is_transient
 
-        if isinstance(e, aiohttp.ClientError):
-            return True
-    except ImportError:
-        pass
-    try:
-        import requests
-        from gcsfs.retry import HttpError
-    except ImportError:
+    if isinstance(e, CloudioError | json.JSONDecodeError | UnicodeDecodeError):
         return False
-    # gcsfs maps a 502 to requests' ProxyError, other failures of its own to requests' errors
-    if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout
-                  | requests.exceptions.ChunkedEncodingError):
-        return True
-    return isinstance(e, HttpError) and getattr(e, "code", None) in (408, 429, 500, 502, 503, 504)
+    return isinstance(e, Exception) and is_transient(e)
 
 
 @contextmanager

@@ -359,15 +359,13 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
     store = _store(url, True, storage_options)
     with cloudio_errors(store, writing=False):
         check = revalidate(store)
+        group = str(kwargs.get("group") or "").strip("/")  # a write to url/group marks that store, not this one
         if check is None:  # the session level (or a bound the last listing is within)
-            check_complete(store)
+            check_complete(store, group=group)
             _avoid_stale_consolidated(store, kwargs)
         else:
-            check_complete(store, own=check.marked)  # raises, saying who left a marker
+            check_complete(store, own=check.marked, group=group)  # raises, saying who left a marker
             _avoid_consolidated_older_than_members(store, check, kwargs)
-        group = str(kwargs.get("group") or "").strip("/")
-        if group:  # a write to url/group marks that store, not this one
-            check_complete(_store(f"{store.root_url}/{group}", True, storage_options), enclosing=False)
         ds: xarray.Dataset = xr.open_zarr(store, **kwargs)
         _fill_shards(ds, store, kwargs.get("group"))
     return ds
