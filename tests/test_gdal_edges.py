@@ -164,3 +164,50 @@ def test_non_raster_whose_name_looks_transient_is_a_read_error(gcs_bucket: str, 
         cloudio.open(url)
     assert isinstance(info.value, cloudio.ReadError), (type(info.value).__mro__, str(info.value))
     assert not isinstance(info.value, cloudio.TransientError), str(info.value)
+
+
+# -- "w" replaces a dataset whole: the old version's sidecars go, as GDAL's own Create deletes them --
+
+
+def test_overwrite_drops_the_old_mask_sidecar(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A version written with a ``.msk`` replaced by one without: reads must not mask the new pixels
+    with the old version's mask (locally, GDAL's Create deletes the old ``.msk`` first)."""
+    url = f"{gcs_bucket}/d/a.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False):
+        with cloudio.open(url, "w", **PROFILE) as ds:
+            ds.write(np.full((1, 64, 64), 1, "uint8"))
+            ds.write_mask(np.zeros((64, 64), "uint8"))
+    assert "d/a.tif.msk" in _keys(gcs_emulator, gcs_bucket)
+    _write(url, 2)
+    assert "d/a.tif.msk" not in _keys(gcs_emulator, gcs_bucket)
+    with cloudio.open(url) as r:
+        assert r.dataset_mask().all(), "the new version is masked by the old version's .msk"
+
+
+def test_overwrite_drops_the_old_aux_xml_georeferencing(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A PNG keeps its georeferencing in ``a.png.aux.xml``; a new version without any must not read
+    back with the old one's CRS and transform."""
+    url = f"{gcs_bucket}/d/a.png"
+    _write(url, 1, driver="PNG")
+    assert "d/a.png.aux.xml" in _keys(gcs_emulator, gcs_bucket)
+    with cloudio.open(url, "w", driver="PNG", width=64, height=64, count=1, dtype="uint8") as ds:
+        ds.write(np.full((1, 64, 64), 2, "uint8"))
+    with cloudio.open(url) as r:
+        assert int(r.read()[0, 0, 0]) == 2
+        assert r.crs is None, f"the new PNG reads back with the old version's CRS {r.crs}"
+    assert "d/a.png.aux.xml" not in _keys(gcs_emulator, gcs_bucket)
+
+
+def test_overwrite_keeps_other_datasets_files(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """Only the replaced dataset's own sidecars go: not a neighbour whose name starts the same, nor
+    another dataset's files of the same stem."""
+    _write(f"{gcs_bucket}/d/a.tif", 1, tfw="YES")
+    _write(f"{gcs_bucket}/d/a.tif.b.tif", 3)
+    _write(f"{gcs_bucket}/d/a.bil", 4, driver="EHdr")
+    _write(f"{gcs_bucket}/d/a.tif", 2)
+    keys = _keys(gcs_emulator, gcs_bucket)
+    assert "d/a.tfw" not in keys, keys  # the old version's world file
+    for kept in ("d/a.tif", "d/a.tif.b.tif", "d/a.bil", "d/a.hdr"):
+        assert kept in keys, (kept, keys)
+    assert _value(f"{gcs_bucket}/d/a.bil") == 4
+    assert _value(f"{gcs_bucket}/d/a.tif.b.tif") == 3

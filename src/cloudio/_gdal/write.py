@@ -31,9 +31,16 @@ object leaves the old dataset as it was, sidecars included. If a sidecar's
 upload then fails, the object and the sidecars uploaded with it are deleted
 again (what they replaced cannot be kept; the error says so).
 
-Known limits: an overwrite does not delete sidecars an earlier version had
-and this one lacks (finding them would cost a listing request per write),
-and ``"r+"`` downloads only the object itself, not its sidecars.
+``"w"`` replaces the dataset whole, as GDAL's own ``Create`` does on a local
+file (it deletes the old dataset's files first): once the new version is
+up, one listing of the names that start with the object's stem finds the
+sidecars the old version had and this one lacks (a ``.msk``, an
+``.aux.xml`` with the old georeferencing, an ``.ovr``, a world file, an
+EHdr ``.prj``/``.stx``), and they are deleted; left, GDAL would read them
+with the new pixels. Other datasets' files are never taken for sidecars.
+
+Known limit: ``"r+"`` downloads only the object itself, not its sidecars;
+the ones it writes replace the old, the others are kept as they were.
 """
 
 from __future__ import annotations
@@ -135,15 +142,17 @@ class _UploadOnClose:
             try:
                 super().close()  # type: ignore[misc] # GDAL flushes (or create-copies) into the temp file
                 if upload_it:
-                    state["uploaded"] = _upload_outputs(self._cloudio_local, self._cloudio_path, state["guard"])
+                    state["uploaded"] = _upload_outputs(self._cloudio_local, self._cloudio_path, state["guard"],
+                                                        replace=state["replace"])
                 else:
                     log.info("%s: the dataset closed on an exception; nothing was uploaded", self._cloudio_path.url)
             finally:
                 shutil.rmtree(state["tmpdir"], ignore_errors=True)
 
 
-def _upload_outputs(local: str, path: GCSPath, guard: int | None = None) -> list[Uploaded]:
-    """Upload ``local``, then the sidecars GDAL wrote next to it.
+def _upload_outputs(local: str, path: GCSPath, guard: int | None = None, *, replace: bool = False) -> list[Uploaded]:
+    """Upload ``local``, then the sidecars GDAL wrote next to it; when it ``replace``s the dataset, delete
+    the old version's sidecars this one lacks (:func:`_drop_old_sidecars`).
 
     The object goes first, so that a failed upload of it leaves the old
     dataset (sidecars included) as it was. If a sidecar's upload fails, what
@@ -183,7 +192,55 @@ def _upload_outputs(local: str, path: GCSPath, guard: int | None = None) -> list
     except BaseException:
         _undo(done)
         raise
+    if replace:
+        _drop_old_sidecars(path, {up.url for up in done})
     return done
+
+
+#: what GDAL names a dataset's sidecars, after the object's whole name
+_SIDECARS = (".aux.xml", ".aux", ".ovr", ".ovr.aux.xml", ".msk", ".msk.aux.xml")
+#: the files of a multi-file format, after the object's stem, by the object's extension
+_FORMAT_FILES = dict.fromkeys((".bil", ".bip", ".bsq"), (".hdr", ".prj", ".stx", ".clr"))
+
+
+def _is_sidecar(name: str, obj: str) -> bool:
+    """Whether GDAL reads object ``name`` as part of the dataset ``obj`` (same folder): a sidecar named
+    after it, a world file named after its stem (``.tfw``, ``.tifw``, ``.wld`` for ``.tif``), or a file
+    of its multi-file format. Narrower than :func:`cloudio._gdal.targets.is_sidecar` (which says what an
+    invalidation must cover): what this admits is deleted, so another dataset's files never are."""
+    if name.startswith(obj) and name[len(obj):] in _SIDECARS:
+        return True
+    stem, ext = os.path.splitext(obj)
+    if not ext or not name.startswith(stem + "."):
+        return False
+    tail, ext = name[len(stem):].lower(), ext.lower()
+    world = {f".{ext[1]}{ext[-1]}w", f"{ext}w", ".wld"} if len(ext) > 2 else set()
+    return tail in world or tail in _FORMAT_FILES.get(ext, ())
+
+
+def _drop_old_sidecars(path: GCSPath, uploaded: set[str]) -> None:
+    """Delete (and journal) the sidecars of ``path`` on the server that this write did not upload."""
+    from cloudio._gcs.client import gcs_filesystem
+
+    stem = os.path.splitext(path.name)[0]
+    try:
+        names = gcs_filesystem().ls(path.parent.fs_path, prefix=stem, refresh=True, detail=False)
+    except Exception as e:
+        raise UploadError(
+            f"{path.url}: the dataset was uploaded, but listing its folder for the old version's sidecars "
+            f"failed ({e}); a .msk, .aux.xml or world file of the old version may still be read with it. "
+            "Write the dataset again, or delete its old sidecars."
+        ) from e
+    old = [parsed for parsed in (path.parent.child(n.rsplit("/", 1)[-1]) for n in names)
+           if parsed.url not in uploaded and _is_sidecar(parsed.name, path.name)]
+    if old:
+        log.info("%s: deleting the old version's sidecars %s", path.url, ", ".join(p.name for p in old))
+    kept = _delete([p.url for p in old])
+    if kept:
+        raise UploadError(
+            f"{path.url}: the dataset was uploaded, but the old version's sidecars {', '.join(kept)} could "
+            "not be deleted, and GDAL reads them with the new one. Delete them, or write the dataset again."
+        )
 
 
 def _remote_name(name: str, base: str, obj: str) -> str:
@@ -199,22 +256,26 @@ def _remote_name(name: str, base: str, obj: str) -> str:
 
 def _undo(done: list[Uploaded]) -> list[str]:
     """Delete what a failed write uploaded (journaled); returns the URLs that could not be deleted."""
+    return _delete([up.url for up in done])
+
+
+def _delete(urls: list[str]) -> list[str]:
+    """Delete ``urls`` (each delete journaled); returns the ones that could not be deleted."""
     from cloudio._gcs.client import gcs_filesystem
     from cloudio._paths import parse_gcs
 
     fs = gcs_filesystem()
     kept = []
-    for up in done:
-        p = parse_gcs(up.url)
+    for url in urls:
         try:
-            fs.rm_file(p.fs_path)
+            fs.rm_file(parse_gcs(url).fs_path)
         except FileNotFoundError:
             pass
         except Exception:
-            log.warning("could not delete %s after a failed write", up.url, exc_info=True)
-            kept.append(up.url)
+            log.warning("could not delete %s", url, exc_info=True)
+            kept.append(url)
             continue
-        journal().record(up.url, "delete")
+        journal().record(url, "delete")
     return kept
 
 
@@ -354,7 +415,8 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
     dataset._env = ExitStack()  # what rasterio.open attaches; closed by the dataset's close()
     dataset._cloudio_path = path
     dataset._cloudio_local = local
-    dataset._cloudio_state = state = {"lock": threading.RLock(), "done": False, "tmpdir": tmpdir, "guard": guard}
+    dataset._cloudio_state = state = {"lock": threading.RLock(), "done": False, "tmpdir": tmpdir, "guard": guard,
+                                      "replace": mode != "r+"}
     # a dataset dropped without close() uploads nothing; its temporary files still go
     weakref.finalize(dataset, _abandoned, state, path.url)
     _remember_local(local, path)
