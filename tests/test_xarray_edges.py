@@ -263,3 +263,17 @@ def test_failed_write_to_a_group_store_refuses_open_through_group(gcs_bucket, fa
         cloudio.open_zarr(f"{url}/g")
     with pytest.raises(cloudio.IncompleteWriteError):
         cloudio.open_zarr(url, group="g")
+
+
+def test_mode_w_minus_onto_a_store_names_the_url_and_keeps_it(gcs_bucket):
+    """``mode="w-"`` onto a stored dataset: a cloudio error naming the URL and the modes that would write
+    (xarray's FileExistsError as the cause, and still a FileExistsError), the dataset left as it was."""
+    url = f"{gcs_bucket}/kept.zarr"
+    ds = xr.Dataset({"t": ("x", np.arange(4.0))})
+    cloudio.to_zarr(ds, url)
+    with pytest.raises(cloudio.AlreadyExistsError) as err:
+        cloudio.to_zarr(ds * 2, url, mode="w-")
+    assert isinstance(err.value, FileExistsError)
+    assert url in str(err.value) and "mode='w'" in str(err.value), err.value
+    assert isinstance(err.value.__cause__, FileExistsError)
+    np.testing.assert_array_equal(cloudio.open_zarr(url).t.values, np.arange(4.0))

@@ -175,3 +175,26 @@ def test_a_rewrite_of_a_store_whose_name_has_brackets_deletes_the_old_shards(gcs
     assert "run1.zarr/c/1/1" in names  # another store's shard was deleted
     assert f"{p.key}/c/1/1" not in names
     assert f"{url}/c/1/1" in deletes and not any("run1.zarr" in d for d in deletes), deletes  # as the server
+
+
+# -- a write asked not to replace what is stored ------------------------------------------------
+
+
+@pytest.mark.parametrize("existing", ["array", "group"])
+def test_save_array_without_overwrite_onto_a_node_names_the_url_and_keeps_it(gcs_bucket, existing):
+    """``overwrite=False`` onto a stored node: a cloudio error naming the URL and what to do (zarr's error
+    as the cause, still a ValueError as zarr's is), and the node left as it was."""
+    url = f"{gcs_bucket}/kept.zarr"
+    if existing == "array":
+        cloudio.save_array(np.arange(6), url)
+    else:
+        zarr.open_group(cloudio.zarr_store(url), mode="w").attrs["x"] = 1
+    with pytest.raises(cloudio.AlreadyExistsError) as err:
+        cloudio.save_array(np.zeros(3), url, overwrite=False)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, FileExistsError)
+    assert url in str(err.value) and "overwrite=True" in str(err.value), err.value
+    assert isinstance(err.value.__cause__, zarr.errors.ContainsArrayError | zarr.errors.ContainsGroupError)
+    if existing == "array":
+        np.testing.assert_array_equal(cloudio.load_array(url), np.arange(6))
+    else:
+        assert zarr.open_group(cloudio.zarr_store(url), mode="r").attrs["x"] == 1

@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from cloudio.errors import (
+    AlreadyExistsError,
     BucketNotFoundError,
     CloudioError,
     ConfigurationError,
@@ -49,6 +50,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "AlreadyExistsError",
     "BucketNotFoundError",
     "CloudioError",
     "ConfigurationError",

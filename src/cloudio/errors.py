@@ -93,6 +93,15 @@ def _conflict(url: str, expected: int, actual: int, message: str) -> ConflictErr
     return err
 
 
+class AlreadyExistsError(CloudioError, FileExistsError, ValueError):
+    """A write asked not to replace what is stored (``save_array(..., overwrite=False)``, ``to_zarr(...,
+    mode="w-")``) found something there; nothing was written.
+
+    Both a ``FileExistsError`` (what xarray raises) and a ``ValueError`` (what
+    zarr raises), so callers of the plain libraries keep catching it.
+    """
+
+
 class TransientError(CloudioError, ConnectionError):
     """The server or network failed past cloudio's retries and time limit (503, 429, reset, timeout).
 

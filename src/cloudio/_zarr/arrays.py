@@ -107,6 +107,8 @@ def save_array(
     ------
     UnsafeChunkingError
         With ``rechunk=False``, when Dask chunks split a shard; nothing is written then.
+    AlreadyExistsError
+        With ``overwrite=False``, when an array or group is stored at ``url``; nothing is written then.
     TransientError
         When the server or network kept failing past the retries. The store
         stays marked as an incomplete write (readers through cloudio get

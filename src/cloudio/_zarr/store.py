@@ -1087,6 +1087,8 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
     if isinstance(e, json.JSONDecodeError | UnicodeDecodeError):
         return IntegrityError(f"{url}: a Zarr metadata document there is not valid JSON ({e}); the store is "
                               f"damaged: write it again with {writer}.")
+    if writing and isinstance(e, _STORED_ALREADY):
+        return _already_there(url, e, writer)
     wrong_type = tuple(t for t in (getattr(zarr.errors, "NodeTypeValidationError", None),
                                    getattr(zarr.errors, "ContainsGroupError", None)) if t is not None)
     if node == "array" and wrong_type and isinstance(e, wrong_type):
@@ -1105,6 +1107,24 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
         return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may "
                          "read this bucket.")
     return None
+
+
+#: what zarr and xarray raise for a write asked not to replace a stored node (gcsfs's 412 is a ConflictError first)
+_STORED_ALREADY = (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError)
+
+
+def _already_there(url: str, e: BaseException, writer: str) -> CloudioError:
+    """The :class:`~cloudio.AlreadyExistsError` for a write that was asked not to replace a stored node."""
+    from cloudio.errors import AlreadyExistsError
+
+    kind = ("an array" if isinstance(e, zarr.errors.ContainsArrayError)
+            else "a group" if isinstance(e, zarr.errors.ContainsGroupError) else "a store")
+    if writer == "cloudio.save_array":
+        asked, then = "overwrite=False asks", "Pass overwrite=True to replace it"
+    else:
+        asked, then = "mode='w-' asks", "Use mode='w' to replace it, mode='a' to append to it"
+    return AlreadyExistsError(f"{url}: Zarr holds {kind} there and {asked} not to replace it; nothing was "
+                              f"written. {then}, or write to another URL.")
 
 
 def _not_found(store: JournaledStore, node: str, writer: str) -> CloudioError:
