@@ -111,6 +111,39 @@ def test_put_does_not_delete_an_object_another_writer_stored_right_after_it(faul
     assert errors == []  # cloudio's own upload was stored exactly as sent
 
 
+def test_put_with_metadata_does_not_delete_an_object_another_writer_stored_right_after_it(
+        fault_proxy, gcs_emulator, b, tmp_path):
+    """``metadata=`` goes through gcsfs's own upload, which drops the object resource it was answered
+    with: the check must still pin the generation this upload stored."""
+    fs = cloudio.filesystem(f"gs://{b}")
+    local = tmp_path / "m.bin"
+    local.write_bytes(b"mine" * 100)
+
+    errors = _write_across(fault_proxy, gcs_emulator, b, "m.bin", r"uploadType=multipart",
+                           lambda: fs.put(str(local), f"{b}/m.bin", metadata={"who": "me"}))
+
+    blob = gcs_emulator.client.bucket(b).get_blob("m.bin")
+    assert blob is not None, f"cloudio deleted the other writer's object (put raised {errors!r})"
+    assert blob.download_as_bytes() == b"theirs"
+    assert errors == []
+
+
+def test_resumable_pipe_does_not_delete_an_object_another_writer_stored_right_after_it(
+        fault_proxy, gcs_emulator, b):
+    """A pipe past gcsfs's chunk size goes up as a resumable upload, whose last chunk's answer gcsfs
+    drops: the check must still pin the generation this upload stored."""
+    fs = cloudio.filesystem(f"gs://{b}")
+    data = b"m" * (1 << 20)
+
+    errors = _write_across(fault_proxy, gcs_emulator, b, "r.bin", r"upload_id=.*",
+                           lambda: fs.pipe(f"{b}/r.bin", data, chunksize=1 << 20))
+
+    blob = gcs_emulator.client.bucket(b).get_blob("r.bin")
+    assert blob is not None, f"cloudio deleted the other writer's object (pipe raised {errors!r})"
+    assert blob.download_as_bytes() == b"theirs"
+    assert errors == []
+
+
 def test_open_wb_does_not_delete_an_object_another_writer_stored_right_after_it(fault_proxy, gcs_emulator, b):
     fs = cloudio.filesystem(f"gs://{b}")
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import logging
 import mimetypes
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
@@ -74,6 +75,10 @@ log = logging.getLogger(__name__)
 _recorded: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("cloudio_fsspec_recorded", default=None)
 #: the object a write is about, for errors of requests whose URL does not name it (multipart uploads)
 _writing: contextvars.ContextVar[str | None] = contextvars.ContextVar("cloudio_fsspec_writing", default=None)
+#: inside a write through gcsfs's own upload: the object resource its last upload request was answered with
+#: (gcsfs returns it for a small pipe only), so the check pins the generation this write stored
+_answered: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("cloudio_fsspec_answered",
+                                                                                         default=None)
 #: one entry per attempt of the requests sent inside a delete (gcsfs retries inside its ``_request``)
 _attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cloudio_fsspec_attempts", default=None)
 
@@ -122,6 +127,17 @@ def _refused(url: str, method: str, exc: Exception) -> CloudioError:
                          "your credentials may read it, then read again.")
     return UploadError(f"{forbidden}{url}: the server refused the {method} request ({text}); the object was not "
                        "changed. Check that your credentials may write the bucket, then write again.")
+
+
+def _object_resource(out: Any) -> dict[str, Any] | None:
+    """The object resource in what gcsfs's ``_call`` returned for an upload request (JSON, or headers and
+    body), None for an answer without one (a resumable upload's 308 between chunks)."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], bytes | str) and out[1][:1] in (b"{", "{"):
+        try:
+            out = json.loads(out[1])
+        except ValueError:
+            return None
+    return out if isinstance(out, dict) and "generation" in out else None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -349,7 +365,11 @@ class _JournalingGCSMixin:
         limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
         try:
             call = super()._call(method, path, *args, **kwargs)  # type: ignore[misc]
-            return await (call if limit is None else asyncio.wait_for(call, limit))
+            out = await (call if limit is None else asyncio.wait_for(call, limit))
+            answered = _answered.get()
+            if answered is not None and method in ("POST", "PUT"):
+                answered[:] = [r for r in [_object_resource(out)] if r is not None]
+            return out
         except (CloudioError, FileNotFoundError, FileExistsError):
             raise
         except Exception as e:
@@ -404,14 +424,25 @@ class _JournalingGCSMixin:
                 return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
             size = memoryview(data).nbytes  # bytes, not items (gcsfs sends a wide buffer's bytes)
             with journal().changing(url), _unsure(url):  # GDAL reads of it wait until the write is recorded
-                out = await super()._pipe_file(path, data, *args, **kwargs)  # type: ignore[misc]
-                # small uploads return the object resource (generation, size, crc32c): no extra request
-                meta = out if isinstance(out, dict) else {}
+                out, meta = await self._answered_by(super()._pipe_file(path, data, *args, **kwargs))  # type: ignore[misc]
                 generation = await self._verify_stored(url, meta, size, _crc_of(data))
                 _record(url, "write", generation=generation, size=size)
         finally:
             _writing.reset(token)
         return out
+
+    @staticmethod
+    async def _answered_by(upload: Coroutine[Any, Any, Any]) -> tuple[Any, dict[str, Any]]:
+        """What gcsfs's ``upload`` returns, and the object resource its last upload request was answered
+        with (generation, size, crc32c; empty when none was seen): verifying the write then needs no
+        request, and never reads (or deletes) what another writer stored after it."""
+        answered: list[dict[str, Any]] = []
+        token = _answered.set(answered)
+        try:
+            out = await upload
+        finally:
+            _answered.reset(token)
+        return out, answered[0] if answered else {}
 
     async def _put_file(self, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
         if os.path.isdir(lpath):  # gcsfs skips directories
@@ -439,11 +470,11 @@ class _JournalingGCSMixin:
         return None
 
     async def _put_file_gcsfs(self, url: str, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
-        """gcsfs's own upload, for the options :func:`put_verified` lacks; one metadata request verifies it."""
+        """gcsfs's own upload, for the options :func:`put_verified` lacks, verified against its answer."""
         with journal().changing(url), _unsure(url):
-            out = await super()._put_file(lpath, rpath, *args, **kwargs)  # type: ignore[misc]
-            size = os.path.getsize(lpath)  # gcsfs drops the upload's answer: no generation to pin
-            generation = await self._verify_stored(url, {}, size, _crc_of_file(lpath))
+            out, meta = await self._answered_by(super()._put_file(lpath, rpath, *args, **kwargs))  # type: ignore[misc]
+            size = os.path.getsize(lpath)
+            generation = await self._verify_stored(url, meta, size, _crc_of_file(lpath))
             _record(url, "write", generation=generation, size=size)
         return out
 
