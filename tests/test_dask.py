@@ -96,3 +96,56 @@ def test_without_install_a_worker_keeps_its_stale_listing(gcs_emulator, gcs_buck
             assert client.submit(_ls, prefix, pure=False).result() == ["a.bin"]
             _write(f"{prefix}/b.bin", b"b")  # journaled in this process only
             assert client.submit(_ls, prefix, pure=False).result() == ["a.bin"]
+
+
+def _origin() -> tuple[int, str]:
+    import os
+
+    from cloudio import _journal
+
+    return os.getpid(), _journal.ORIGIN
+
+
+def test_forked_workers_hear_the_clients_writes(gcs_emulator, gcs_bucket):
+    """Workers forked from the client's process (``multiprocessing-method: fork``) get a copy of its
+    journal module: each must still name its own changes apart, or every change relayed to it looks like
+    its own echo and is dropped."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    import cloudio.dask
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+            with Client(cluster) as client:
+                w1, w2 = _workers(client)
+                cloudio.dask.install(client)
+                prefix = f"{gcs_bucket}/forked"
+                _write(f"{prefix}/a.bin", b"a")
+                assert client.submit(_ls, prefix, workers=[w1], pure=False).result() == ["a.bin"]
+                assert client.submit(_ls, prefix, workers=[w2], pure=False).result() == ["a.bin"]
+                _write(f"{prefix}/b.bin", b"b")  # in the client
+                wrote = client.submit(_write, f"{prefix}/c.bin", b"c", workers=[w2], pure=False)
+                after = client.submit(lambda _, p: _ls(p), wrote, prefix, workers=[w1], pure=False)
+                pid, origin = client.submit(_origin, workers=[w1], pure=False).result()
+                assert after.result() == ["a.bin", "b.bin", "c.bin"], f"worker {pid} names its changes {origin!r}"
+
+
+def test_closing_a_client_undoes_its_install(gcs_emulator):
+    """A closed client is let go: cloudio's journal listener does not keep it (and its cluster's
+    connections) alive for the life of the process."""
+    import gc
+    import weakref
+
+    from distributed import Client, LocalCluster
+
+    import cloudio.dask
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        client = Client(cluster)
+        cloudio.dask.install(client)
+        client.close()
+        ref = weakref.ref(client)
+        del client
+    gc.collect()
+    assert ref() is None, "a closed Client is still kept alive by cloudio.dask (its journal listener)"

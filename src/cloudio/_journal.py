@@ -32,6 +32,7 @@ import os
 import socket
 import sys
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -49,7 +50,25 @@ Kind = Literal["write", "delete", "invalidate"]
 #: (library whose import means the cache may hold state, cloudio module that registers it).
 #: A library not yet imported holds no cache, so nothing can be stale there.
 _CONSUMER_MODULES = (("rasterio", "cloudio._gdal.consumer"), ("fsspec", "cloudio._fsspec.consumer"))
-ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _new_origin() -> str:
+    """This process's name on the changes it relays (Dask): its pid and host, and a random part, so that
+    a worker forked from the client (its pid in a copy of this module) or a container whose pid and
+    host repeat another's never takes that process's changes for its own echo."""
+    return f"{os.getpid()}@{socket.gethostname()}/{uuid.uuid4().hex[:12]}"
+
+
+ORIGIN = _new_origin()
+
+
+def _forked() -> None:
+    global ORIGIN
+    ORIGIN = _new_origin()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
+    os.register_at_fork(after_in_child=_forked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +85,7 @@ class Change:
     generation: int | None = None
     size: int | None = None
     prefix: bool = False
-    origin: str = ORIGIN
+    origin: str = field(default_factory=lambda: ORIGIN)
     #: ``url`` parsed, once for every consumer (parsing is most of what some of them do)
     parsed: GCSPath | None = field(default=None, compare=False, repr=False)
 

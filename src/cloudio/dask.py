@@ -18,6 +18,7 @@ Each receiver replays changes into its own journal without echoing them back.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -89,34 +90,47 @@ class _ForwardPlugin(WorkerPlugin):  # type: ignore[misc,valid-type]
 
 
 class _ClientForwarder:
+    """Client side: forward this process's changes to the scheduler, while the client is open.
+
+    Holds the client weakly: a closed client is let go (its listener taken
+    off the journal at its next change, or when it is collected).
+    """
+
     def __init__(self, client: Client) -> None:
-        self.client = client
+        self.client = weakref.ref(client)
 
     def __call__(self, change: Change) -> None:
-        if self.client.status in ("running", "connecting", "newly-created"):
-            self.client._send_to_scheduler({"op": _OP, "changes": [_encode(change)]})
+        client = self.client()
+        if client is None or client.status in ("closing", "closed"):
+            journal().remove_listener(self)
+            return
+        if client.status in ("running", "connecting", "newly-created"):
+            client._send_to_scheduler({"op": _OP, "changes": [_encode(change)]})
 
 
-_installed: dict[int, _ClientForwarder] = {}
+#: the clients installed on, each with its forwarder (weakly: a client collected drops out)
+_installed: weakref.WeakKeyDictionary[Client, _ClientForwarder] = weakref.WeakKeyDictionary()
 
 
 def install(client: Client) -> None:
     """Make journal records travel between ``client``'s process and every worker.
 
     Call once per client, before submitting work that writes through cloudio.
-    Workers started later get the plugin too. Idempotent.
+    Workers started later get the plugin too. Idempotent. Closing the client
+    undoes it in this process.
 
     Notes
     -----
     Workers need cloudio installed and, for an emulator, ``STORAGE_EMULATOR_HOST``
     in their environment (cloudio configures GDAL and gcsfs from it by itself).
     """
-    if id(client) in _installed:
+    if client in _installed:
         return
     client.register_plugin(_RelayPlugin())
     client.register_plugin(_ForwardPlugin())
     forwarder = _ClientForwarder(client)
     client._stream_handlers[_OP] = lambda changes, **_: _replay(changes)
     journal().add_listener(forwarder)
-    _installed[id(client)] = forwarder
+    _installed[client] = forwarder
+    weakref.finalize(client, journal().remove_listener, forwarder)
     log.info("cloudio: journal relay installed on %s", client.scheduler.address if client.scheduler else client)
