@@ -191,3 +191,51 @@ def test_state_reset_returns_a_fresh_process(gcs_bucket: str) -> None:
         assert ds.read(1).tolist() == [[7] * 4] * 4
     outer.__exit__(None, None, None)  # exiting a session reset closed is harmless
     assert current_consistency() == "session"
+
+
+def test_strong_fsspec_info_counts_its_metadata_request_as_a_revalidation(gcs_emulator, gcs_bucket):
+    """``revalidations`` counts the metadata requests the strong level makes: the fsspec face's too."""
+    fs = cloudio.filesystem(gcs_bucket)
+    url = f"{gcs_bucket}/d/a.bin"
+    fs.pipe(url, b"a" * 10)
+    n = len(gcs_emulator.requests())
+    with cloudio.session("strong") as s:
+        assert fs.info(url)["size"] == 10
+    made = [r for r in gcs_emulator.requests()[n:] if gcs_bucket.removeprefix("gs://") in r.path]
+    assert len(made) == 1, made  # the strong level's one metadata request
+    assert s.stats.revalidations == len(made), s.stats.as_dict()
+
+
+def test_a_listing_asked_again_at_the_strong_level_counts_as_a_revalidation(gcs_emulator, gcs_bucket):
+    fs = cloudio.filesystem(gcs_bucket)
+    fs.pipe(f"{gcs_bucket}/d/a.bin", b"a")
+    assert fs.ls(f"{gcs_bucket}/d", detail=False) == [f"{gcs_bucket.removeprefix('gs://')}/d/a.bin"]  # cached
+    n = len(gcs_emulator.requests())
+    with cloudio.session("strong") as s:
+        fs.ls(f"{gcs_bucket}/d")
+    made = [r for r in gcs_emulator.requests()[n:] if gcs_bucket.removeprefix("gs://") in r.path]
+    assert len(made) == 1, made
+    assert s.stats.revalidations == 1, s.stats.as_dict()
+
+
+def test_reentering_one_session_object_restores_the_level_when_left(monkeypatch, gcs_emulator, gcs_bucket):
+    """A session object kept in a module and entered again by a helper (nested) must not leave its level
+    in force once both blocks are left."""
+    from rasters import put
+
+    fs = cloudio.filesystem(gcs_bucket)
+    url = f"{gcs_bucket}/d/a.bin"
+    fs.pipe(url, b"a" * 10)
+    fs.ls(f"{gcs_bucket}/d")  # a cached listing: 10 bytes
+    monkeypatch.setenv("CLOUDIO_CONSISTENCY", "strong")  # the process wants to see other writers
+    relaxed = cloudio.session("session")
+    with relaxed:
+        with relaxed:
+            assert current_consistency() == "session"
+        assert current_consistency() == "session"
+        count("uploads")
+        assert relaxed.stats.uploads == 1  # still counting after the inner block
+    assert relaxed.stats.uploads == 1
+    put(gcs_emulator, url, b"b" * 25)  # another writer
+    assert fs.info(url)["size"] == 25  # the environment's level (strong) again: the server's size
+    assert current_consistency() == "strong"

@@ -131,12 +131,14 @@ class session:
     def __init__(self, consistency: Consistency = "session") -> None:
         self.consistency: Consistency = _check_level(consistency)
         self.stats = Stats()
-        self._token: contextvars.Token[session | None] | None = None
+        #: one per block entered and not yet left: the same object may be entered again inside its block
+        self._tokens: list[contextvars.Token[session | None]] = []
 
     def __enter__(self) -> session:
-        self._token = _state.current_session.set(self)
+        self._tokens.append(_state.current_session.set(self))
         with _state.sessions_lock:
-            self.stats._start()
+            if self not in _state.open_sessions:
+                self.stats._start()
             _state.open_sessions.append(self)
         return self
 
@@ -144,13 +146,14 @@ class session:
         with _state.sessions_lock:
             if self in _state.open_sessions:
                 _state.open_sessions.remove(self)
-                self.stats._freeze()
-        if self._token is not None:
+                if self not in _state.open_sessions:  # its outermost block
+                    self.stats._freeze()
+        if self._tokens:
+            token = self._tokens.pop()
             try:
-                _state.current_session.reset(self._token)
+                _state.current_session.reset(token)
             except ValueError:  # exited in another context than entered (or after cloudio._state.reset())
                 _state.current_session.set(None)
-            self._token = None
 
     def __repr__(self) -> str:
         return f"cloudio.session(consistency={self.consistency!r}, stats={self.stats.as_dict()})"

@@ -58,7 +58,7 @@ from fsspec.dircache import DirCache
 
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, parse_gcs
-from cloudio._session import current_level
+from cloudio._session import count, current_level
 from cloudio.errors import CloudioError
 
 __all__ = ["FsspecConsumer", "guard_listings", "track"]
@@ -186,10 +186,10 @@ class _EpochDirCache(DirCache):  # type: ignore[misc]  # fsspec ships no type in
     def __getitem__(self, item: str) -> Any:
         level = current_level()
         if level != "session":
-            if level == "strong":
-                raise KeyError(item)
             filled = self._fill_times().get(item)
-            if filled is None or time.monotonic() - filled > level:
+            if level == "strong" or filled is None or time.monotonic() - filled > level:
+                if filled is not None:
+                    count("revalidations")  # gcsfs asks the server again for a listing it holds
                 raise KeyError(item)
         return super().__getitem__(item)
 
@@ -292,6 +292,7 @@ def _revalidating_info(fs: Any, method: Any) -> Any:
         if not key or path_generation:
             return await method(path, generation=generation, **kwargs)
         name = f"{bucket}/{key}".rstrip("/")
+        count("revalidations")
         try:
             found = await fs._get_object(path)
         except FileNotFoundError:
