@@ -84,7 +84,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,27 +218,36 @@ class GdalConsumer(Consumer):
         """The file-level clear, the object held exclusively (at once inside its writer's :meth:`before_change`)."""
         gates.begin_change(vsi)
         try:
-            self._object_cleared(vsi)
+            self._objects_cleared(vsi, (vsi,))  # sizes, byte ranges, "does not exist"; also its sidecars'
         finally:
             gates.end_change(vsi)
 
-    def _object_cleared(self, vsi: str) -> None:
-        """Epoch, stale datasets and clear, as seen by readers that do not hold the object (seqlock)."""
+    def _objects_cleared(self, top: str, changed: Collection[str], readers: Iterable[str] | None = None) -> None:
+        """Epochs of ``changed``, their stale datasets and the clear of ``top``, as seen by readers that do not
+        hold the objects (a seqlock); the callers hold the gates of ``changed``.
+
+        ``readers``: the objects whose open datasets the clear makes stale (default ``changed``).
+        """
         with self._state:
             # A seqlock: the epoch is odd while the clear runs. An open that overlaps any part
             # of this sees an odd or changed epoch, or has its dataset collected here as stale
-            # (see opened_dataset, which registers before it reads the epoch).
-            epoch = self._epoch.pop(vsi, 0) + 1
-            self._epoch[vsi] = epoch  # re-inserted: the dict stays in order of last write
+            # (see opened_dataset, which registers before it reads the epoch). A read through an
+            # open dataset (cloudio._gdal.open._io) sees the changed epoch and never uses its
+            # handle again.
+            for vsi in changed:
+                self._epoch[vsi] = self._epoch.pop(vsi, 0) + 1  # re-inserted: in order of last write
             if len(self._epoch) > _TRACK_MAX:
                 for old in list(self._epoch)[: _TRACK_MAX // 2]:
-                    del self._epoch[old]
-            stale = [r for r in list(self._readers.get(vsi, ())) if _is_open(r)]
-            if stale:
-                self._mark_stale(vsi, stale)
-        self.calls.clear(vsi)  # sizes, byte ranges, "does not exist"; also its sidecars' entries
+                    if not self._epoch[old] & 1:  # an odd one is mid-change (here or in another thread)
+                        del self._epoch[old]
+            for vsi in changed if readers is None else readers:
+                stale = [r for r in list(self._readers.get(vsi, ())) if _is_open(r)]
+                if stale:
+                    self._mark_stale(vsi, stale)
+        self.calls.clear(top)
         with self._state:
-            self._epoch[vsi] = self._epoch.get(vsi, 0) + 1
+            for vsi in changed:
+                self._epoch[vsi] = self._epoch.get(vsi, 0) + 1
         generation.bump()
 
     def _names_changed(self, key: str, d: _Dir, name: str) -> None:
@@ -272,14 +281,29 @@ class GdalConsumer(Consumer):
                 d.empty_dir.discard(e)
 
     def _apply_prefix(self, path: GCSPath) -> None:
-        """Someone wrote at or below ``path`` (an object or a "directory"): forget all of it."""
+        """Someone wrote at or below ``path`` (an object or a "directory"): forget all of it.
+
+        Each object below with datasets open (or an epoch: an open may be under way) changes as for a
+        write of it (:meth:`_object_changed`): its gate, its epoch, so that no dataset opened before
+        reads through its old handle again (GDAL aborts on two versions of one URL). One clear of
+        ``path`` then covers them and everything else below.
+        """
         top = path.vsi.rstrip("/")
-        with self._state:  # datasets open below: as for a write of each (see _object_changed)
-            for vsi in [v for v in self._readers if v.startswith(top)]:
-                stale = [r for r in list(self._readers.get(vsi, ())) if _is_open(r)]
-                if stale:
-                    self._mark_stale(vsi, stale)
-        self.calls.clear(top)  # also drops GDAL's listings of top and below
+        with self._state:
+            below = [v for v in self._readers if v.startswith(top)]  # the clear's string prefix reaches these
+            near = {*below, *(e for e in self._epoch if e.startswith(top))}
+            changed = sorted(v for v in near if is_under(v, top) and (
+                v in self._epoch or any(_is_open(r) for r in list(self._readers.get(v, ())))))
+        held: list[str] = []
+        try:
+            for vsi in changed:
+                gates.begin_change(vsi)
+                held.append(vsi)
+            # one clear: also drops GDAL's listings of top and below (every one of changed with datasets is in below)
+            self._objects_cleared(top, changed, readers=below)
+        finally:
+            for vsi in held:
+                gates.end_change(vsi)
         with self._state:
             for table in (self._seen, self._related):
                 for url in [u for u in table if parse_gcs(u).is_under(path)]:
