@@ -64,3 +64,27 @@ def test_missing_bucket_reads_and_uploads_say_the_same(gcs_emulator) -> None:
     assert str(read.value) == str(write.value)
     assert "gs://cloudio-no-such-bucket-12/a.tif" in str(read.value) and "create the bucket" in str(read.value)
     assert isinstance(read.value.__cause__, Exception) and isinstance(write.value.__cause__, Exception)
+
+
+@pytest.mark.parametrize("value", ["http://127.0.0.1:notaport", "127.0.0.1:70000", "http://127.0.0.1:0"])
+def test_an_emulator_address_without_a_usable_port_is_refused_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                                      value: str) -> None:
+    """Not a TransientError after half a minute of retries: the variable is named, with what it takes."""
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", value)
+    for call in (lambda: cloudio.load_array("gs://some-bucket/a.zarr"), lambda: cloudio.Emulator().start()):
+        with pytest.raises(cloudio.ConfigurationError, match="STORAGE_EMULATOR_HOST") as err:
+            call()
+        assert "port" in str(err.value)
+
+
+def test_the_command_line_says_which_variable_is_unusable() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:notaport"}
+    r = subprocess.run([sys.executable, "-m", "cloudio", "inspect", "gs://some-bucket/a.tif"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "STORAGE_EMULATOR_HOST" in r.stderr, r.stderr

@@ -119,6 +119,16 @@ def _parse_endpoint(raw: str, source: str) -> Endpoint:
         raise ConfigurationError(
             f"{source}={raw!r} is not an emulator address; expected http://host:port (e.g. http://127.0.0.1:4443)"
         )
+    try:
+        port = parts.port  # None when absent; ValueError when not a number in 0..65535
+    except ValueError as e:
+        raise ConfigurationError(
+            f"{source}={raw!r} has no usable port ({e}); expected http://host:port with a port from 1 to 65535 "
+            "(e.g. http://127.0.0.1:4443)"
+        ) from e
+    if port == 0:
+        raise ConfigurationError(f"{source}={raw!r}: port 0 is not an address to connect to; give the port the "
+                                 "emulator listens on (e.g. http://127.0.0.1:4443)")
     if is_google_host(parts.hostname):
         raise ConfigurationError(
             f"{source}={raw!r} points at Google's own endpoint; cloudio uses anonymous access only with an "
