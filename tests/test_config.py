@@ -84,7 +84,7 @@ def test_the_command_line_says_which_variable_is_unusable() -> None:
     import sys
 
     env = {**os.environ, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:notaport"}
-    r = subprocess.run([sys.executable, "-m", "cloudio", "inspect", "gs://some-bucket/a.tif"], env=env,
+    r = subprocess.run([sys.executable, "-m", "cloudio.cli", "inspect", "gs://some-bucket/a.tif"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "STORAGE_EMULATOR_HOST" in r.stderr, r.stderr
