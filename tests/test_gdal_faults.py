@@ -212,3 +212,26 @@ def test_name_is_rasterios(gcs_emulator: Emulator, obj: str) -> None:
         assert isinstance(ds, rasterio.io.DatasetReader)
     with cloudio.open(obj.replace("gs://", "/vsigs/")) as ds:
         assert ds.name == obj.replace("gs://", "/vsigs/")
+
+
+def test_open_gives_up_within_the_documented_time_once_the_server_is_gone(monkeypatch):
+    """The guide: a read gives up within about ``4 * CLOUDIO_HTTP_TIMEOUT + 8`` seconds. The open's one
+    listing (through gcsfs, which retries a refused connection for half a minute) is bounded as well."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    emu = Emulator(mode="binary").start()
+    try:
+        bucket = emu.create_bucket(f"gone-{time.monotonic_ns()}")
+        _config.push_endpoint(emu.url)
+        try:
+            with cloudio.open(f"{bucket}/a.tif", "w", driver="GTiff", width=8, height=8, count=1,
+                              dtype="uint8") as dst:
+                dst.write(np.ones((1, 8, 8), "uint8"))
+            emu.stop()  # the server goes away
+            t0 = time.monotonic()
+            with pytest.raises(cloudio.TransientError, match="a.tif"):
+                cloudio.open(f"{bucket}/a.tif")
+            assert time.monotonic() - t0 <= 4 * 1 + 8
+        finally:
+            _config.pop_endpoint()
+    finally:
+        emu.stop()

@@ -48,11 +48,20 @@ from typing import Any
 
 import rasterio
 import rasterio.env
+from fsspec.asyn import sync
 from rasterio.errors import RasterioIOError
 from rasterio.io import DatasetReader
 
 from cloudio import _config, _state
-from cloudio._gcs.client import gcs_filesystem, not_found, object_metadata, where
+from cloudio._gcs.client import (
+    bounded,
+    gcs_filesystem,
+    is_transient,
+    not_found,
+    object_metadata,
+    transient_error,
+    where,
+)
 from cloudio._gcs.fast import list_objects
 from cloudio._gdal import bindings, endpoint, generation
 from cloudio._gdal.consumer import LISTING_LIMIT, NEEDS_LISTING, consumer
@@ -579,15 +588,18 @@ def _list_names(path: GCSPath) -> Any:
     ``_NO_BUCKET`` when the bucket does not exist.
     """
     prefix = path.parent.key
-    try:
-        out = gcs_filesystem().call(
+    fs = gcs_filesystem()
+    try:  # bounded as every tracked call is: gcsfs alone retries a refused connection for half a minute
+        out = sync(fs.loop, bounded, fs, fs._call(
             "GET", "b/{}/o", path.bucket, json_out=True, prefix=prefix or None, delimiter="/",
             maxResults=LISTING_LIMIT,
-        )
+        ))
     except FileNotFoundError:
         return _NO_BUCKET
-    except OSError as e:  # e.g. no permission to list: GDAL finds sidecars its own way
-        log.debug("could not list gs://%s/%s: %s", path.bucket, prefix, e)
+    except OSError as e:
+        if is_transient(e) or isinstance(e, TimeoutError):  # the server is not answering: GDAL would wait too
+            raise transient_error(path.url, "listing of its folder", e) from e
+        log.debug("could not list gs://%s/%s: %s", path.bucket, prefix, e)  # e.g. no permission: GDAL lists
         return None
     if out.get("nextPageToken"):
         return None
