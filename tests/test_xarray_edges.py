@@ -277,3 +277,13 @@ def test_mode_w_minus_onto_a_store_names_the_url_and_keeps_it(gcs_bucket):
     assert url in str(err.value) and "mode='w'" in str(err.value), err.value
     assert isinstance(err.value.__cause__, FileExistsError)
     np.testing.assert_array_equal(cloudio.open_zarr(url).t.values, np.arange(4.0))
+
+
+def test_open_zarr_of_an_array_says_to_load_it(gcs_bucket):
+    """A store made by cloudio.save_array, opened with cloudio.open_zarr: cloudio's error naming the URL and
+    the call that reads it (zarr's 'an array already exists' read as if something were being written)."""
+    url = f"{gcs_bucket}/arr.zarr"
+    cloudio.save_array(np.arange(16).reshape(4, 4), url, chunks=(2, 2))
+    with pytest.raises(cloudio.ConfigurationError, match="load_array") as err:
+        cloudio.open_zarr(url)
+    assert url in str(err.value) and err.value.__cause__ is not None

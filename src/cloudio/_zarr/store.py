@@ -1091,6 +1091,9 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
         return _already_there(url, e, writer)
     wrong_type = tuple(t for t in (getattr(zarr.errors, "NodeTypeValidationError", None),
                                    getattr(zarr.errors, "ContainsGroupError", None)) if t is not None)
+    if node == "store" and not writing and isinstance(e, zarr.errors.ContainsArrayError):  # open_zarr of an array
+        return ConfigurationError(f"{url} is a Zarr array, not a group or dataset; load it with "
+                                  f"cloudio.load_array({url!r}) (or zarr.open_array).")
     if node == "array" and wrong_type and isinstance(e, wrong_type):
         return ConfigurationError(f"{url} is a Zarr group, not an array; open it with cloudio.open_zarr or "
                                   f"zarr.open_group, or load one of its arrays (cloudio.load_array({url!r} + "
