@@ -155,8 +155,11 @@ def save_array(
                 _shardio.write(z, layout, cast(np.ndarray, array), replacing)
             else:
                 mark.begin()
-                with stopped_on_failure():  # zarr's (or Dask's) other chunk writes end before the failure is raised
-                    z = zarr.create_array(store, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
+                # zarr's (or Dask's) other chunk writes end before the failure is raised
+                with stopped_on_failure() as changes:
+                    # Dask tasks write through the store wherever they run: on a cluster's workers, it names the write
+                    target = changes.carried(store) if dask_input else store
+                    z = zarr.create_array(target, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
                                           shards=zarr_shards, overwrite=overwrite, **kwargs)
                     if dask_input:
                         import dask.array as da

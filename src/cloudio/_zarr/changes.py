@@ -1,16 +1,23 @@
 """The store changes of one write, stopped before its failure reaches the caller.
 
 Why: zarr writes a region's chunks as tasks on its event loop and raises
-the first failure while the others still run. A chunk upload waiting to
-retry then goes out after ``to_zarr`` raised, and may land on a store the
+the first failure while the others still run; Dask does the same with its
+chunk tasks. A chunk upload waiting to retry, or a task still computing its
+chunk, then writes after ``to_zarr`` raised, and may land on a store the
 caller has since rewritten: stale data, with no marker left to say so.
 Inside :func:`stopped_on_failure`, every change a store makes
 (:func:`stops_with_its_write`: uploads, deletes) runs as part of the
 write; when the block raises, those still running are cancelled and
-waited for, and none starts afterwards. The write is found through a
-context variable, which zarr's ``sync`` carries from the calling thread
-into the tasks it starts (``loop.call_soon_threadsafe`` copies the
-caller's context).
+waited for, and none starts afterwards.
+
+A change finds its write in one of two ways. In this process, through a
+context variable, which zarr's ``sync`` carries from the calling thread into
+the tasks it starts (``loop.call_soon_threadsafe`` copies the caller's
+context), as does Dask's threaded scheduler into its task threads. In
+another process (a ``dask.distributed`` worker), no context arrives: there
+the store itself names the write (:meth:`_Changes.carried`, kept through
+pickling), and a failed write tells every worker of the cluster to stop it
+and waits for their answers (:func:`_stop_on_cluster`) before it raises.
 
 A request already sent when its task is cancelled may still be carried
 out by the server: the upload journals it as an unknown outcome
@@ -23,27 +30,36 @@ import asyncio
 import contextvars
 import functools
 import logging
+import sys
 import threading
+import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+S = TypeVar("S")
 
 #: how long a failed write waits for its cancelled changes to end (each ends at its next await)
 _STOP_SECONDS = 30.0
+#: writes stopped in this process that are remembered, so a change of theirs starting later is refused
+_STOPPED_KEPT = 4096
 
 
 class _Changes:
-    """The tasks changing a store on behalf of one write."""
+    """The tasks changing a store on behalf of one write, in this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, write: str, *, stopped: bool = False) -> None:
+        self.write = write  # the write's name, the same in every process
+        self.shipped = False  # a store naming it was pickled: other processes may change the store for it
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
-        self._stopped = False
+        self._stopped = stopped
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -62,8 +78,10 @@ class _Changes:
                 with self._lock:
                     self._tasks.discard(mine)
 
-    def stop(self) -> None:
-        """Cancel the changes still running and wait until each has ended; refuse any later one."""
+    def stop(self) -> int:
+        """Cancel the changes still running and wait until each has ended; refuse any later one.
+
+        Returns how many were cancelled."""
         with self._lock:
             self._stopped = True
             tasks = list(self._tasks)
@@ -77,6 +95,18 @@ class _Changes:
             except (TimeoutError, RuntimeError) as e:  # a loop closed meanwhile has nothing left to run
                 log.warning("%d store changes of a failed write did not end within %.0f s (%s)", len(some),
                             _STOP_SECONDS, e)
+        return len(tasks)
+
+    def carried(self, store: S) -> S:
+        """``store`` (a zarr store), its changes part of this write in every process it is unpickled in.
+
+        Why: a Dask chunk task on a ``dask.distributed`` worker writes
+        through a copy of the store pickled with the graph; the context
+        variable stays behind in this process. The copy shares this store's
+        state here (its attributes are the same objects), and names the
+        write when pickled.
+        """
+        return _naming(store, self.write)
 
 
 async def _cancelled(tasks: list[asyncio.Task[object]]) -> None:
@@ -87,16 +117,130 @@ async def _cancelled(tasks: list[asyncio.Task[object]]) -> None:
 
 _current: contextvars.ContextVar[_Changes | None] = contextvars.ContextVar("cloudio_write_changes", default=None)
 
+_lock = threading.Lock()
+#: the writes with a change under way in this process (and the write in force of this process's own calls)
+_writes: weakref.WeakValueDictionary[str, _Changes] = weakref.WeakValueDictionary()
+#: writes stopped here, oldest first
+_stopped: OrderedDict[str, None] = OrderedDict()
+
+
+def _joined(write: str) -> _Changes:
+    """The changes of ``write`` in this process (refused from the start when it was stopped here)."""
+    with _lock:
+        changes = _writes.get(write)
+        if changes is None:
+            changes = _writes[write] = _Changes(write, stopped=write in _stopped)
+        return changes
+
+
+def stop_write(write: str) -> int:
+    """Refuse every later change of ``write`` in this process, cancel those under way and wait for them."""
+    with _lock:
+        _stopped[write] = None
+        while len(_stopped) > _STOPPED_KEPT:
+            _stopped.popitem(last=False)
+        changes = _writes.get(write)
+    return changes.stop() if changes is not None else 0
+
+
+async def _stop_on_worker(write: str) -> int:
+    """:func:`stop_write` on a Dask worker, off the worker's event loop (its heartbeats go on meanwhile)."""
+    return await asyncio.to_thread(stop_write, write)
+
+
+def _stop_on_cluster(changes: _Changes) -> None:
+    """Stop ``changes``' write on every worker of the ``dask.distributed`` cluster that computed it, and wait.
+
+    Why: Dask raises the first failed task while the others still run on
+    their workers, and releasing their futures does not stop a running
+    task; a task whose chunk is computed after the call returned would
+    upload it then. Each worker answers once it refuses the write's later
+    changes and the ones under way have ended. Only for a write whose store
+    was pickled (a graph sent to the cluster) with a distributed client as
+    Dask's scheduler: one round trip to each worker, on failure only.
+    """
+    if not changes.shipped or "distributed" not in sys.modules:
+        return
+    try:
+        import dask.base
+        from distributed import Client
+
+        client = getattr(dask.base.get_scheduler(), "__self__", None)
+        if not isinstance(client, Client) or client.asynchronous:
+            return
+        answers = client.run(_stop_on_worker, changes.write, on_error="return")
+    except Exception as e:  # the failure being raised is the caller's news; this one is only logged
+        log.warning("could not stop the chunk writes of a failed write on the Dask cluster: %s", e)
+        return
+    for worker, answer in answers.items():
+        if isinstance(answer, BaseException):
+            log.warning("%s: could not stop the chunk writes of a failed write: %s", worker, answer)
+        elif answer:
+            log.debug("%s: stopped %d store changes of a failed write", worker, answer)
+
+
+_carrier_classes: dict[type[Any], type[Any]] = {}
+
+
+def _carrier_class(base: type[Any]) -> type[Any]:
+    """The subclass of store class ``base`` whose instances name a write (:meth:`_Changes.carried`)."""
+    with _lock:
+        made = _carrier_classes.get(base)
+        if made is None:
+            made = _carrier_classes[base] = type(base.__name__, (_Carrier, base),
+                                                 {"_cloudio_base": base, "__module__": base.__module__})
+        return made
+
+
+class _Carrier:
+    """Mixed into a store class: the store names the write its changes belong to, also once pickled."""
+
+    _cloudio_base: type[Any]
+    _cloudio_write: str
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild, args = cast(tuple[Any, ...], super().__reduce__())[:2]
+        if rebuild is type(self):  # the base's own reduction names this (unimportable) class: its base instead
+            rebuild = self._cloudio_base
+        with _lock:
+            changes = _writes.get(self._cloudio_write)
+        if changes is not None:
+            changes.shipped = True
+        return _carried, (rebuild, args, self._cloudio_write)
+
+    def _with_store(self, store: Any) -> Any:
+        new = cast(Any, super())._with_store(store)  # zarr's WrapperStore: with_read_only, __enter__
+        new._cloudio_write = self._cloudio_write
+        return new
+
+
+def _naming(store: S, write: str) -> S:
+    """A copy of ``store`` that names ``write``; its attributes are the same objects as ``store``'s."""
+    base = cast(type[Any], getattr(type(store), "_cloudio_base", type(store)))
+    new = object.__new__(_carrier_class(base))
+    new.__dict__.update(store.__dict__)
+    new._cloudio_write = write
+    return cast(S, new)
+
+
+def _carried(rebuild: Callable[..., Any], args: tuple[Any, ...], write: str) -> Any:
+    """A store unpickled in any process, its changes part of ``write`` there."""
+    return _naming(rebuild(*args), write)
+
 
 @contextmanager
-def stopped_on_failure() -> Iterator[None]:
-    """Run a write whose store changes are stopped before its failure leaves the block."""
-    changes = _Changes()
+def stopped_on_failure() -> Iterator[_Changes]:
+    """Run a write whose store changes are stopped before its failure leaves the block, in this process
+    and on the Dask cluster its stores were sent to (:meth:`_Changes.carried`)."""
+    changes = _Changes(uuid.uuid4().hex)
+    with _lock:
+        _writes[changes.write] = changes
     token = _current.set(changes)
     try:
-        yield
+        yield changes
     except BaseException:
-        changes.stop()
+        stop_write(changes.write)
+        _stop_on_cluster(changes)
         raise
     finally:
         _current.reset(token)
@@ -105,13 +249,17 @@ def stopped_on_failure() -> Iterator[None]:
 def stops_with_its_write(
     method: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """A store method that changes objects: part of the write in force, if any (:func:`stopped_on_failure`)."""
+    """A store method that changes objects: part of the write in force, if any (:func:`stopped_on_failure`),
+    else of the write its store names (:meth:`_Changes.carried`)."""
 
     @functools.wraps(method)
     async def changing(*args: P.args, **kwargs: P.kwargs) -> R:
         changes = _current.get()
         if changes is None:
-            return await method(*args, **kwargs)
+            write = getattr(args[0], "_cloudio_write", None) if args else None
+            if write is None:
+                return await method(*args, **kwargs)
+            changes = _joined(write)
         with changes.running():
             return await method(*args, **kwargs)
 

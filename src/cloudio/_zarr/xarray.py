@@ -247,8 +247,12 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         aligned = _align_dataset(dataset, store, kwargs, rechunk)  # may open the store: its errors are cloudio's
         mark = WriteMark(store, f"to_zarr mode={mode!r}", replaces=mode in ("w", "w-")).begin()
         try:
-            with stopped_on_failure():  # zarr's other chunk writes end before the failure is raised
-                out = aligned.to_zarr(store, **kwargs)
+            with stopped_on_failure() as changes:  # zarr's (or Dask's) other chunk writes end before the failure
+                # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
+                # names the write (those of compute=False run later, when no failure of this call can stop them)
+                now = kwargs.get("compute", True) is not False and any(
+                    _is_dask(var.data) for var in aligned.variables.values())
+                out = aligned.to_zarr(changes.carried(store) if now else store, **kwargs)
                 if guarded:
                     consolidate_guarded(store, kwargs.get("zarr_format"))
         except BaseException:
