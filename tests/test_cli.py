@@ -576,3 +576,65 @@ def test_license_is_an_spdx_string_setuptools_understands():
     assert doc["project"]["license"] == "MIT"
     floor = [r for r in doc["build-system"]["requires"] if r.startswith("setuptools")]
     assert floor == ["setuptools>=77"]
+
+
+# -- a new user's first hour: prefixes with glob characters, ports, variables, inspect input ------
+
+
+def _run_cli_with(*args: str, emulator_url: str | None = None, cwd: str | None = None, timeout: float = 60,
+                  **extra: str) -> subprocess.CompletedProcess[str]:
+    """``run_cli`` with further variables set, in another working directory if asked."""
+    env = {k: v for k, v in _env(emulator_url).items() if k not in ("CLOUDIO_EMULATOR_START_TIMEOUT", "PYTEST_ADDOPTS")}
+    if env.get("PYTHONPATH"):  # a relative PYTHONPATH must survive a change of cwd
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    env.update(extra)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+
+
+def test_check_below_a_prefix_with_a_question_mark_removes_what_it_wrote(gcs_emulator, gcs_bucket):
+    """GCS keys may hold '?' (cloudio reads and writes such keys); the run's cleanup must too."""
+    bucket = gcs_bucket.removeprefix("gs://")
+    r = run_cli("check", f"{gcs_bucket}/what?/smoke", emulator_url=gcs_emulator.url, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "6/6 cases consistent"
+    left = [b.name for b in gcs_emulator.client.list_blobs(bucket)]
+    assert left == [], f"{len(left)} objects left behind; stderr: {r.stderr[-400:]}"
+    assert "delete it by hand" not in r.stderr
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_emulator_command_with_an_impossible_port_is_exit_2(port):
+    r = run_cli("emulator", f"--port={port}", timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--port" in r.stderr and "export" not in r.stdout
+    assert "check the port is free" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("CLOUDIO_EMULATOR", "bogus"),
+    ("CLOUDIO_EMULATOR_START_TIMEOUT", "soon"),
+])
+@pytest.mark.parametrize("command", ["emulator", "check"])
+def test_unusable_emulator_variable_is_exit_2(command, variable, value):
+    """cloudio/cli/__init__.py: exit 2 for 'an option or environment variable with an unusable value'."""
+    r = _run_cli_with(command, **{variable: value})
+    assert variable in r.stderr, r.stderr
+    assert r.returncode == 2, r.stdout + r.stderr
+
+
+def test_inspect_an_empty_url_is_bad_input(tmp_path):
+    """`cloudio inspect "$URL"` with URL unset must not list the working directory and succeed."""
+    (tmp_path / "private.txt").write_text("x")
+    r = _run_cli_with("inspect", "", cwd=str(tmp_path))
+    assert "private.txt" not in r.stdout
+    assert r.returncode == 2, r.stdout + r.stderr
+
+
+def test_inspect_plot_into_a_missing_folder_is_bad_input_before_any_work(gcs_emulator, gcs_bucket, tmp_path):
+    url = f"{gcs_bucket}/p/a.tif"
+    with cloudio.open(url, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as dst:
+        dst.write(np.ones((1, 8, 8), "uint8"))
+    png = tmp_path / "no-such-folder" / "q.png"
+    r = run_cli("inspect", url, "--plot", str(png), emulator_url=gcs_emulator.url, timeout=60)
+    assert str(png) in r.stderr
+    assert r.returncode == 2, r.stdout + r.stderr

@@ -534,3 +534,46 @@ def test_no_credentials_fail_fast_through_the_public_calls(clean_env: pytest.Mon
                           dtype="uint8") as ds:
             ds.write(np.zeros((1, 4, 4), "uint8"))
     assert time.monotonic() - t0 < 30  # not minutes of retries against storage.googleapis.com
+
+
+# -- settings that cannot work are refused at once ------------------------------------------
+
+
+def test_port_zero_starts_or_fails_at_once(clean_env: pytest.MonkeyPatch) -> None:
+    """``port=0`` ("any port" to most servers) must not wait out the start timeout and blame it."""
+    import cloudio
+
+    emu = Emulator(mode="binary", port=0, timeout=6)
+    t0 = time.monotonic()
+    try:
+        emu.start()
+    except cloudio.EmulatorError as e:
+        elapsed = time.monotonic() - t0
+        assert elapsed < 4, f"took {elapsed:.1f} s to fail: {e}"
+        assert "CLOUDIO_EMULATOR_START_TIMEOUT" not in str(e), str(e)
+    else:
+        try:
+            assert not emu.url.endswith(":0")
+            assert emu.create_bucket("port-zero") == "gs://port-zero"
+        finally:
+            emu.stop()
+
+
+def test_emulator_root_without_the_filesystem_backend_is_not_silently_ignored(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`cloudio emulator --root DIR` without --backend filesystem is refused; Emulator(root=DIR) keeps nothing there."""
+    root = tmp_path / "gcs-data"
+    try:
+        emu = Emulator(mode="binary", root=root).start()
+    except CloudioError as e:
+        assert "filesystem" in str(e)
+        return
+    try:
+        emu.create_bucket("kept")
+        emu.client.bucket("kept").blob("a.bin").upload_from_string(b"on disk")
+        assert (root / "kept" / "a.bin").exists(), (
+            f"root={root} was accepted, but the server runs the {emu.backend!r} backend and kept nothing there"
+        )
+    finally:
+        emu.stop()

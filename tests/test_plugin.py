@@ -260,3 +260,16 @@ def test_options_fixture_and_factory(pytester: pytest.Pytester, fresh_shell: Non
     pids = json.loads((pytester.path / "pids.json").read_text())
     assert len(pids) == 3 and all(isinstance(p, int) for p in pids)
     assert all(_process_gone(p) for p in pids)  # all stopped when the session ended
+
+
+def test_factory_without_keywords_returns_a_further_emulator(pytester: pytest.Pytester, fresh_shell: None) -> None:
+    """docs/emulator.md: 'a callable taking Emulator's keywords and returning a further running emulator'."""
+    pytester.makepyfile(test_factory_default="""
+        def test_a_second_emulator_is_separate(gcs_emulator, gcs_emulator_factory):
+            other = gcs_emulator_factory()
+            assert other.url != gcs_emulator.url, (other.mode, other.url)
+            other.create_bucket("only-on-the-other")
+            assert "only-on-the-other" not in [b.name for b in gcs_emulator.client.list_buckets()]
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

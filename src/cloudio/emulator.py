@@ -23,6 +23,7 @@ import atexit
 import concurrent.futures
 import json
 import logging
+import operator
 import os
 import queue
 import re
@@ -42,7 +43,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from cloudio import _config
-from cloudio.errors import EmulatorError
+from cloudio.errors import ConfigurationError, EmulatorError
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -52,6 +53,7 @@ __all__ = ["Emulator", "Request"]
 log = logging.getLogger(__name__)
 
 Mode = Literal["binary", "docker", "external"]
+_MODES: tuple[Mode, ...] = ("binary", "docker", "external")
 _LINE_RE = re.compile(r'\\?"([A-Z]+) (\S+) HTTP/[0-9.]+\\?" (\d{3})')
 _MARK = "/_cloudio_mark/"
 #: what fake-gcs-server logs once it listens (before that, an answer on its port is someone else's)
@@ -89,6 +91,56 @@ class Request:
     method: str
     path: str
     status: int
+
+
+class EmulatorSettingError(ConfigurationError, EmulatorError):
+    """An emulator option or environment variable with a value cloudio cannot use.
+
+    A :class:`~cloudio.errors.ConfigurationError` (the CLI exits 2: fix the
+    setting), and an :class:`~cloudio.errors.EmulatorError` as these errors
+    were before, so ``except EmulatorError`` keeps catching them.
+    """
+
+
+def env_mode() -> Mode | None:
+    """The mode ``CLOUDIO_EMULATOR`` asks for, None when unset; an unusable value names the variable."""
+    raw = _config.env(_config.EMULATOR_MODE_ENV)
+    if raw is None:
+        return None
+    if raw not in _MODES:
+        raise EmulatorSettingError(
+            f"{_config.EMULATOR_MODE_ENV}={raw!r} is not a mode; set it to 'binary', 'docker' or 'external', "
+            "or unset it for the default (the bundled binary)"
+        )
+    return raw  # type: ignore[return-value]  # one of _MODES
+
+
+def _env_start_timeout() -> float:
+    """``CLOUDIO_EMULATOR_START_TIMEOUT`` in seconds, else the default; an unusable value names the variable."""
+    raw = _config.env(_config.EMULATOR_START_TIMEOUT_ENV)
+    if raw is None:
+        return _DEFAULT_START_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise EmulatorSettingError(
+            f"{_config.EMULATOR_START_TIMEOUT_ENV}={raw!r} is not a number of seconds; set it to a positive "
+            f"number such as 60, or unset it for the default ({_DEFAULT_START_TIMEOUT:g})"
+        )
+    return value
+
+
+def _check_port(port: object) -> int:
+    """``port`` as an int in 0..65535 (numpy integers too); anything else names itself."""
+    try:
+        value = operator.index(port)  # type: ignore[arg-type]
+    except TypeError:
+        value = -1
+    if isinstance(port, bool) or not 0 <= value <= 65535:
+        raise EmulatorSettingError(f"port={port!r} is not a port; give 1..65535, or 0 (or none) for a free one")
+    return value
 
 
 def _free_port() -> int:
@@ -186,9 +238,10 @@ class Emulator:
     backend
         ``"memory"`` (default) or ``"filesystem"`` (objects kept under ``root``).
     root
-        Folder for the filesystem backend (a temporary one by default).
+        Folder for the filesystem backend (a temporary one by default); any
+        other backend refuses it rather than keep nothing there.
     port
-        Port to listen on (binary and Docker modes); a free one by default.
+        Port to listen on (binary and Docker modes); a free one by default or for 0.
         Fixed ports clash under pytest-xdist: leave it unset in tests.
     timeout
         Seconds to wait for the server to answer; default from
@@ -211,32 +264,27 @@ class Emulator:
         timeout: float | None = None,
     ) -> None:
         if mode is None:
-            env_mode = _config.env(_config.EMULATOR_MODE_ENV)
-            if env_mode is not None:
-                mode = env_mode  # type: ignore[assignment]
-            elif port is None and _config.env(_config.EMULATOR_HOST_ENV) is not None:
-                mode = "external"  # (a port asks for a server of its own)
-            else:
-                mode = "binary"
-        if mode not in ("binary", "docker", "external"):
-            raise EmulatorError(
-                f"CLOUDIO_EMULATOR={mode!r} is not a mode; use 'binary', 'docker' or 'external'"
-            )
+            mode = env_mode()
+            if mode is None:  # a port asks for a server of its own
+                attach = port is None and _config.env(_config.EMULATOR_HOST_ENV) is not None
+                mode = "external" if attach else "binary"
+        if mode not in _MODES:
+            raise EmulatorSettingError(f"mode={mode!r} is not a mode; use 'binary', 'docker' or 'external'")
         if backend not in ("memory", "filesystem"):
-            raise EmulatorError(f"backend {backend!r} is not supported; use 'memory' or 'filesystem'")
+            raise EmulatorSettingError(f"backend {backend!r} is not supported; use 'memory' or 'filesystem'")
+        if root is not None and backend != "filesystem":
+            # the memory backend keeps nothing on disk: a root would be silently ignored
+            raise EmulatorSettingError(
+                f"root={os.fspath(root)!r} is only used by backend='filesystem' (this emulator's backend is "
+                f"{backend!r}); pass backend='filesystem' to keep the objects there, or drop root"
+            )
+        if port is not None:
+            port = _check_port(port)
         self.mode: Mode = mode
         self.backend = backend
         self._root = Path(root) if root is not None else None
-        self._port = port
-        if timeout is None:
-            raw_timeout = _config.env(_config.EMULATOR_START_TIMEOUT_ENV) or ""
-            try:
-                timeout = float(raw_timeout) if raw_timeout else _DEFAULT_START_TIMEOUT
-            except ValueError:
-                raise EmulatorError(
-                    f"CLOUDIO_EMULATOR_START_TIMEOUT={raw_timeout!r} is not a number of seconds"
-                ) from None
-        self.timeout = timeout
+        self._port = port or None  # 0, "any port", is a free one picked here: its URL must be known
+        self.timeout = _env_start_timeout() if timeout is None else timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._container: object | None = None
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
@@ -269,7 +317,7 @@ class Emulator:
 
     def _start_binary(self) -> None:
         binary = _binary_path()
-        port = self._port if self._port is not None else _free_port()
+        port = self._port or _free_port()
         self._logdir = tempfile.TemporaryDirectory(prefix="cloudio-emulator-")
         self._logfile = Path(self._logdir.name) / "server.log"
         args = [str(binary), *server_flags(port, backend=self.backend)]
@@ -306,7 +354,7 @@ class Emulator:
                 "CLOUDIO_EMULATOR=docker needs testcontainers: pip install 'cloudio[docker]'; "
                 "or unset CLOUDIO_EMULATOR to use the bundled binary"
             ) from e
-        port = self._port if self._port is not None else _free_port()
+        port = self._port or _free_port()
         try:
             c = (
                 DockerContainer(IMAGE)

@@ -12,7 +12,11 @@
     ``backend``, ...); override the fixture in a conftest to change them.
 ``gcs_emulator_factory`` (session scope)
     A callable taking the same keywords and returning a further running
-    emulator; every one it started is stopped when the session ends.
+    emulator; every one it started is stopped when the session ends. Without
+    ``mode`` it starts a server of its own (Docker under
+    ``CLOUDIO_EMULATOR=docker``, else the bundled binary), never attaching to
+    ``STORAGE_EMULATOR_HOST``; ``mode=None`` follows the environment as
+    ``Emulator()`` does.
 ``gcs_bucket`` (function scope)
     A fresh, empty bucket on ``gcs_emulator``, as the string ``"gs://<name>"``.
 
@@ -45,7 +49,7 @@ from typing import Any
 import pytest
 
 from cloudio import _config
-from cloudio.emulator import Emulator
+from cloudio.emulator import Emulator, env_mode
 
 _HNS = _config.HNS_ENV
 _INI = "cloudio_emulator"
@@ -53,6 +57,8 @@ _INI = "cloudio_emulator"
 _USES_FIXTURES = re.compile(rb"\b(gcs_emulator|gcs_bucket)\w*\b")
 _set_hns = pytest.StashKey[bool]()
 _warned = pytest.StashKey[bool]()
+#: the factory's mode when none is passed: a server of its own
+_OWN_SERVER: Any = object()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -114,7 +120,7 @@ def gcs_emulator_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..
     """Start emulators on demand (keywords of :class:`~cloudio.emulator.Emulator`); all stop at session end."""
     with contextlib.ExitStack() as stack:
 
-        def start(mode: str | None = None, **options: Any) -> Emulator:
+        def start(mode: str | None = _OWN_SERVER, **options: Any) -> Emulator:
             config = request.config
             if not config.stash.get(_warned, False) and _gcsfs_asks_grpc() and (
                 _HNS not in os.environ or config.stash.get(_set_hns, False)  # not the user's own choice
@@ -127,6 +133,8 @@ def gcs_emulator_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..
                     pytest.PytestConfigWarning, stacklevel=2,
                 )
             _keep_gcsfs_off_grpc(config)
+            if mode is _OWN_SERVER:  # a *further* emulator: never the one STORAGE_EMULATOR_HOST names
+                mode = "docker" if env_mode() == "docker" else "binary"
             emu = Emulator(mode, **options)  # type: ignore[arg-type]
             stack.callback(emu.stop)  # every one stops, even when another's stop fails
             return emu.start()
@@ -140,7 +148,8 @@ def gcs_emulator(
 ) -> Iterator[Emulator]:
     """A running fake-gcs-server for the whole test session."""
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
-    emu = gcs_emulator_factory(**gcs_emulator_options)
+    # without a mode the factory starts a server of its own; the session's follows the environment
+    emu = gcs_emulator_factory(**{"mode": None, **gcs_emulator_options})
     os.environ["STORAGE_EMULATOR_HOST"] = emu.url
     try:
         yield emu

@@ -40,10 +40,9 @@ class Target:
 
 @contextmanager
 def _embedded() -> Iterator[Emulator]:
-    from cloudio.emulator import Emulator
+    from cloudio.emulator import Emulator, env_mode
 
-    mode = _config.env(_config.EMULATOR_MODE_ENV) or "binary"
-    emu = Emulator(mode=mode)  # type: ignore[arg-type]
+    emu = Emulator(mode=env_mode() or "binary")  # an unusable CLOUDIO_EMULATOR is exit 2, naming it
     saved = {k: os.environ.get(k) for k in _ENV}
     with progress("starting the embedded GCS emulator (fake-gcs-server)"):
         emu.start()
@@ -95,7 +94,7 @@ def _ensure_bucket(url: str) -> None:
     fs = cloudio.filesystem(probe)
     try:
         fs.pipe(probe, b"")
-        fs.rm(probe)
+        fs.rm_file(probe)  # its exact name: rm would read ? * [ in the prefix as a glob
     except FileNotFoundError as e:
         raise BucketNotFoundError(
             f"gs://{bucket} does not exist or these credentials cannot see it (from {url!r}); "
@@ -116,13 +115,34 @@ def _ensure_bucket(url: str) -> None:
         ) from e
 
 
+def _delete_below(root: str) -> None:
+    """Delete every object below ``root`` by its exact name.
+
+    ``fs.rm`` would read ``?``, ``*`` and ``[`` in the run's prefix (legal in GCS
+    keys) as a glob and miss what is there; the names ``find`` lists are exact.
+    gcsfs's ``_delete_files`` batches the deletes on GCS, one request per object
+    against an emulator (emulators have no batch endpoint), through cloudio's
+    journaling ``_rm_file``/``_rm_files``.
+    """
+    import fsspec.asyn
+
+    import cloudio
+
+    fs = cloudio.filesystem(root)
+    folder = parse_gcs(root).fs_path + "/"
+    names = sorted(name for name in fs.find(folder) if name.startswith(folder))
+    if not names:
+        return
+    results = fsspec.asyn.sync(fs.loop, fs._delete_files, names, 100)
+    failed = [r for r in results if isinstance(r, Exception)  # already gone is what cleanup wants
+              and not isinstance(r, FileNotFoundError) and "No such object" not in str(r)]
+    if failed:
+        raise failed[0]
+
+
 def _cleanup(root: str) -> None:
     try:
-        import cloudio
-
-        fs = cloudio.filesystem(root)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
+        _delete_below(root)
     except Exception as e:  # never hide the run's own result behind a cleanup failure
         log.debug("cleanup failed", exc_info=True)
         err(f"warning: could not remove {root} ({type(e).__name__}: {e}); delete it by hand")

@@ -12,12 +12,22 @@ import signal
 import threading
 from types import FrameType
 
-from cloudio import _config
 from cloudio._paths import check_bucket
 from cloudio.cli._ui import err
 from cloudio.errors import ConfigurationError, EmulatorError
 
 HELP = "run the embedded GCS emulator in the foreground (Ctrl-C stops it)"
+
+
+def _port(text: str) -> int:
+    """A port number for --port: argparse names the option and exits 2 on anything else."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; give 1..65535, or 0 (or none) for a free one")
+    return port
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,13 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("memory", "filesystem"), default="memory",
                    help="keep objects in memory (default) or on disk under --root")
     p.add_argument("--root", help="folder for --backend filesystem (default: a temporary one)")
-    p.add_argument("--port", type=int, help="listen on this port of 127.0.0.1 (default: a free one)")
+    p.add_argument("--port", type=_port, help="listen on this port of 127.0.0.1 (default or 0: a free one)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cloudio.emulator import Emulator
+    from cloudio.emulator import Emulator, env_mode
 
-    mode = _config.env(_config.EMULATOR_MODE_ENV) or "binary"
+    mode = env_mode() or "binary"  # an unusable CLOUDIO_EMULATOR is exit 2, naming it
     if mode == "external":
         raise ConfigurationError(
             "CLOUDIO_EMULATOR=external attaches to a running emulator, but `cloudio emulator` starts one: "
@@ -48,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    emu = Emulator(mode=mode, backend=args.backend, root=args.root, port=args.port)  # type: ignore[arg-type]
+    emu = Emulator(mode=mode, backend=args.backend, root=args.root, port=args.port)
     try:
         emu.start()
         for name in args.bucket:

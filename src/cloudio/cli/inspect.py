@@ -25,6 +25,7 @@ from cloudio.cli._ui import human_bytes, progress
 from cloudio.errors import (
     BucketNotFoundError,
     ConfigurationError,
+    InvalidURLError,
     NotARasterError,
     ObjectNotFoundError,
     ReadError,
@@ -384,6 +385,17 @@ def _require_matplotlib() -> None:
         ) from e
 
 
+def _check_png_folder(png: str) -> None:
+    """The PNG can be written where asked, checked before any work (savefig would fail after it all)."""
+    folder = os.path.dirname(os.path.abspath(png))
+    if os.path.isdir(png):
+        raise ConfigurationError(f"--plot {png} is a directory; give the PNG's file name (e.g. {png}/quicklook.png)")
+    if not os.path.isdir(folder):
+        raise ConfigurationError(f"--plot {png}: the folder {folder} does not exist; create it or write elsewhere")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"--plot {png}: the folder {folder} is not writable; write the PNG elsewhere")
+
+
 def _save_plot(png: str, data: Any, title: str, label: str, xlabel: str = "", ylabel: str = "",
                extent: tuple[float, float, float, float] | None = None) -> None:
     """Draw ``data`` (1-D: a line; 2-D: an image with a colour bar as tall as the image) into ``png``.
@@ -466,12 +478,15 @@ def _list_prefix(url: str, objects: list[tuple[str, int]], args: argparse.Namesp
 
 def run(args: argparse.Namespace) -> int:
     url: str = args.url
+    if not url.strip():  # `cloudio inspect "$URL"` with URL unset: never list the working directory
+        raise InvalidURLError("the URL is empty; give gs://bucket/key, gs://bucket/prefix/, /vsigs/... or a local path")
     normalize(url)  # a malformed URL fails here, naming itself
     _check_exists_locally(url)
     if is_gcs(url):
         require_reachable_emulator()
     if args.plot:
         _require_matplotlib()  # fail before any work when matplotlib is missing
+        _check_png_folder(args.plot)  # or when the PNG cannot be written
     node = _open_zarr(url)
     if node is not None:
         if args.band is not None:
