@@ -78,3 +78,16 @@ def test_failed_dask_to_zarr_writes_nothing_after_it_raised(cluster_client, gcs_
     got = cloudio.open_zarr(url, consolidated=False).v.values
     stale = int((got != fresh).sum())
     assert stale == 0, f"{stale} of {fresh.size} values are the failed write's, written after it raised"
+
+
+def test_save_array_of_dask_data_returns_an_array_on_the_store_passed(gcs_bucket):
+    """The array save_array returns is open on a store equal to the one passed (and to another
+    zarr_store of the URL), though its Dask tasks wrote through a copy that names the write."""
+    import dask.array as da
+
+    url = f"{gcs_bucket}/a.zarr"
+    store = cloudio.zarr_store(url)
+    z = cloudio.save_array(da.ones((8, 8), chunks=4, dtype="uint8"), store, chunks=(4, 4))
+    assert int(np.asarray(z[...]).sum()) == 64
+    assert z.store == store, (type(z.store), type(store))
+    assert z.store == cloudio.zarr_store(url)

@@ -211,3 +211,45 @@ def test_overwrite_keeps_other_datasets_files(gcs_emulator: Emulator, gcs_bucket
         assert kept in keys, (kept, keys)
     assert _value(f"{gcs_bucket}/d/a.bil") == 4
     assert _value(f"{gcs_bucket}/d/a.tif.b.tif") == 3
+
+
+def _png_bytes() -> bytes:
+    from rasterio.io import MemoryFile
+
+    with MemoryFile() as mem:
+        with mem.open(driver="PNG", width=8, height=8, count=1, dtype="uint8") as d:
+            d.write(np.ones((1, 8, 8), "uint8"))
+        return bytes(mem.read())
+
+
+def test_overwriting_a_tif_keeps_a_neighbour_pngs_world_file(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """``d/a.png`` is georeferenced by ``d/a.wld``; ``d/a.tif`` (internal georeferencing) is overwritten
+    with "w". GDAL's own Create on a local file keeps a.wld (the old a.tif never read it)."""
+    fs = cloudio.filesystem(gcs_bucket)
+    with cloudio.open(f"{gcs_bucket}/d/a.tif", "w", **PROFILE) as ds:
+        ds.write(np.full((1, 64, 64), 1, "uint8"))
+    fs.pipe(f"{gcs_bucket}/d/a.png", _png_bytes())
+    fs.pipe(f"{gcs_bucket}/d/a.wld", b"2\n0\n0\n-2\n100\n200\n")
+    with cloudio.open(f"{gcs_bucket}/d/a.png") as r:
+        assert r.transform == Affine(2, 0, 99, 0, -2, 201)
+    with cloudio.open(f"{gcs_bucket}/d/a.tif", "w", **PROFILE) as ds:  # the tif, replaced
+        ds.write(np.full((1, 64, 64), 2, "uint8"))
+    assert "d/a.wld" in _keys(gcs_emulator, gcs_bucket), "the PNG's world file was deleted"
+    with cloudio.open(f"{gcs_bucket}/d/a.png") as r:
+        assert r.transform == Affine(2, 0, 99, 0, -2, 201), r.transform
+
+
+def test_overwrite_without_listing_permission_still_succeeds(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A principal that may write (and delete) objects but not list the bucket: the listing for the old
+    version's sidecars is refused (403), and the write still succeeds (as cloudio.open's own listing
+    copes with a 403)."""
+    url = f"{gcs_bucket}/d/new.tif"
+    with FaultProxy(gcs_emulator.url) as proxy:
+        proxy.add("status", code=403, method="GET", path=r"/o\?.*prefix=", times=None)
+        _config.push_endpoint(proxy.url)
+        try:
+            with cloudio.open(url, "w", **PROFILE) as ds:
+                ds.write(np.full((1, 64, 64), 3, "uint8"))
+        finally:
+            _config.pop_endpoint()
+    assert "d/new.tif" in _keys(gcs_emulator, gcs_bucket)

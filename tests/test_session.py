@@ -239,3 +239,43 @@ def test_reentering_one_session_object_restores_the_level_when_left(monkeypatch,
     put(gcs_emulator, url, b"b" * 25)  # another writer
     assert fs.info(url)["size"] == 25  # the environment's level (strong) again: the server's size
     assert current_consistency() == "strong"
+
+
+def test_a_session_entered_again_counts_each_upload_once(gcs_emulator, gcs_bucket) -> None:
+    """One session object entered again inside its own block: an upload made in the inner block is one
+    upload, not two."""
+    s = cloudio.session()
+    before = process_stats.uploads
+    with s:
+        with s:
+            with cloudio.open(f"{gcs_bucket}/d/a.tif", "w", driver="GTiff", width=64, height=64, count=1,
+                              dtype="uint8") as ds:
+                ds.write(np.full((1, 64, 64), 1, "uint8"))
+    assert process_stats.uploads - before == 1
+    assert s.stats.uploads == 1, s.stats.as_dict()
+
+
+def _made(emu, n: int, bucket: str) -> list[tuple[str, str]]:
+    return [(r.method, r.path) for r in emu.requests()[n:] if bucket.removeprefix("gs://") in r.path]
+
+
+@pytest.mark.parametrize("op", ["ls", "exists", "find"])
+def test_strong_revalidations_count_the_requests_made(gcs_emulator, gcs_bucket, op: str) -> None:
+    """Stats.revalidations: the metadata requests the strong level makes. With the bucket's root and
+    ``d`` listed before (both held), one strong ls/exists/find sends one request and must count one."""
+    fs = cloudio.filesystem(gcs_bucket)
+    fs.pipe(f"{gcs_bucket}/d/a.bin", b"a")
+    fs.pipe(f"{gcs_bucket}/d/e/b.bin", b"b")
+    fs.ls(gcs_bucket)
+    fs.ls(f"{gcs_bucket}/d")
+    n = len(gcs_emulator.requests())
+    with cloudio.session("strong") as s:
+        if op == "ls":
+            fs.ls(f"{gcs_bucket}/d")
+        elif op == "exists":
+            assert fs.exists(f"{gcs_bucket}/d/a.bin")
+        else:
+            assert len(fs.find(f"{gcs_bucket}/d")) == 2
+    made = _made(gcs_emulator, n, gcs_bucket)
+    assert len(made) == 1, made
+    assert s.stats.revalidations == len(made), (s.stats.as_dict(), made)

@@ -226,11 +226,11 @@ def count(name: str, n: int = 1, *, cache: str | None = None) -> None:
         if name == "invalidations":
             key = cache or "?"
             process_stats.invalidations[key] += n
-            for s in _state.open_sessions:
+            for s in dict.fromkeys(_state.open_sessions):  # once each, however often entered
                 s.stats.invalidations[key] += n
         else:
             setattr(process_stats, name, getattr(process_stats, name) + n)
-            for s in _state.open_sessions:
+            for s in dict.fromkeys(_state.open_sessions):
                 setattr(s.stats, name, getattr(s.stats, name) + n)
 
 

@@ -188,8 +188,6 @@ class _EpochDirCache(DirCache):  # type: ignore[misc]  # fsspec ships no type in
         if level != "session":
             filled = self._fill_times().get(item)
             if level == "strong" or filled is None or time.monotonic() - filled > level:
-                if filled is not None:
-                    count("revalidations")  # gcsfs asks the server again for a listing it holds
                 raise KeyError(item)
         return super().__getitem__(item)
 
@@ -272,6 +270,20 @@ def _guarded(method: Any) -> Any:
     return run
 
 
+def _counted(method: Any) -> Any:
+    """gcsfs's one request for a page of a listing, counted as a revalidation at the strong and bounded
+    levels (the listings they do not trust are asked for again; where gcsfs looks in its cache is not
+    where it asks the server)."""
+
+    @functools.wraps(method)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        if current_level() != "session":
+            count("revalidations")
+        return await method(*args, **kwargs)
+
+    return run
+
+
 def _revalidating_info(fs: Any, method: Any) -> Any:
     """``fs._info`` that, at the strong and bounded levels, asks for the object itself first.
 
@@ -333,7 +345,8 @@ def guard_listings(fs: Any) -> None:
     class (and so pickle as before). ``find`` and ``info`` are rebound because
     fsspec bound them to the unwrapped coroutines when the instance was made.
     ``_info`` also revalidates at the strong and bounded levels
-    (:func:`_revalidating_info`).
+    (:func:`_revalidating_info`), and each page of a listing asked for then is
+    counted (:func:`_counted`).
     """
     if fs.__dict__.get("_cloudio_guarded"):
         return
@@ -346,6 +359,8 @@ def guard_listings(fs: Any) -> None:
             setattr(fs, name, _guarded(method))
     if getattr(fs, "_info", None) is not None:
         fs._info = _revalidating_info(fs, fs._info)
+    if getattr(fs, "_call_list_objects", None) is not None:
+        fs._call_list_objects = _counted(fs._call_list_objects)
     for name in ("find", "info"):  # fsspec bound these to the unwrapped coroutines
         if name in fs.__dict__:
             setattr(fs, name, sync_wrapper(getattr(fs, f"_{name}"), obj=fs))

@@ -57,6 +57,7 @@ from contextlib import ExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from cloudio._gcs.client import is_transient
 from cloudio._gcs.transfer import Uploaded, download, ensure_bucket, object_generation, upload
 from cloudio._journal import journal
 from cloudio._paths import GCSPath
@@ -199,6 +200,9 @@ def _upload_outputs(local: str, path: GCSPath, guard: int | None = None, *, repl
 
 #: what GDAL names a dataset's sidecars, after the object's whole name
 _SIDECARS = (".aux.xml", ".aux", ".ovr", ".ovr.aux.xml", ".msk", ".msk.aux.xml")
+#: names after the stem that another dataset of the same stem may own (a PNG's .wld, a shapefile's .prj):
+#: kept when one is there, as GDAL's own Create keeps what the old dataset's file list did not hold
+_SHARED = frozenset({".wld", ".prj"})
 #: the files of a multi-file format, after the object's stem, by the object's extension
 _FORMAT_FILES = dict.fromkeys((".bil", ".bip", ".bsq"), (".hdr", ".prj", ".stx", ".clr"))
 
@@ -225,14 +229,23 @@ def _drop_old_sidecars(path: GCSPath, uploaded: set[str]) -> None:
     stem = os.path.splitext(path.name)[0]
     try:
         names = gcs_filesystem().ls(path.parent.fs_path, prefix=stem, refresh=True, detail=False)
+    except FileNotFoundError:
+        return  # nothing there (an emulator's empty "folder")
     except Exception as e:
+        if not (is_transient(e) or isinstance(e, TimeoutError)):  # refused (403): writing needs no listing
+            log.warning("%s: could not list its folder for the old version's sidecars (%s); any the old version "
+                        "had are left (listing needs storage.objects.list)", path.url, e)
+            return
         raise UploadError(
             f"{path.url}: the dataset was uploaded, but listing its folder for the old version's sidecars "
             f"failed ({e}); a .msk, .aux.xml or world file of the old version may still be read with it. "
-            "Write the dataset again, or delete its old sidecars."
+            "Retry the write, or delete its old sidecars."
         ) from e
-    old = [parsed for parsed in (path.parent.child(n.rsplit("/", 1)[-1]) for n in names)
-           if parsed.url not in uploaded and _is_sidecar(parsed.name, path.name)]
+    here = [n.rsplit("/", 1)[-1] for n in names]
+    others = [n for n in here if n != path.name and n.startswith(stem + ".") and not _is_sidecar(n, path.name)]
+    old = [parsed for parsed in (path.parent.child(n) for n in here)
+           if parsed.url not in uploaded and _is_sidecar(parsed.name, path.name)
+           and not (others and parsed.name[len(stem):].lower() in _SHARED)]
     if old:
         log.info("%s: deleting the old version's sidecars %s", path.url, ", ".join(p.name for p in old))
     kept = _delete([p.url for p in old])

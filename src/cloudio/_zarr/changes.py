@@ -208,6 +208,19 @@ class _Carrier:
             changes.shipped = True
         return _carried, (rebuild, args, self._cloudio_write)
 
+    def _plain(self) -> Any:
+        """This store as its base class: what it compares (and hashes) as."""
+        plain = object.__new__(self._cloudio_base)
+        plain.__dict__.update(self.__dict__)
+        del plain.__dict__["_cloudio_write"]
+        return plain
+
+    def __eq__(self, other: object) -> bool:  # zarr's stores compare their types: as the store passed in
+        return bool(self._plain() == (other._plain() if isinstance(other, _Carrier) else other))
+
+    def __hash__(self) -> int:
+        return hash(self._plain())
+
     def _with_store(self, store: Any) -> Any:
         new = cast(Any, super())._with_store(store)  # zarr's WrapperStore: with_read_only, __enter__
         new._cloudio_write = self._cloudio_write
