@@ -276,3 +276,53 @@ def test_get_from_a_server_that_never_answers_raises_transient_error_in_bounded_
     assert outcome, "fs.get still blocked 15 s after a 1 s limit (cat raises TransientError within 3 s)"
     assert isinstance(outcome[0], cloudio.TransientError), repr(outcome[0])
     assert f"gs://{b}/h.bin" in str(outcome[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# a file opened on a listing another writer has made out of date: refused whole, never torn
+# ---------------------------------------------------------------------------------------------
+
+
+def _put(emu, url: str, data: bytes) -> None:
+    """Another writer (google-cloud-storage, straight to the emulator) stores ``data`` at ``url``."""
+    bucket, key = url.removeprefix("gs://").split("/", 1)
+    emu.client.bucket(bucket).blob(key).upload_from_string(data)
+
+
+def test_a_session_level_read_after_an_outside_overwrite_is_never_the_new_bytes_cut_short(gcs_bucket, gcs_emulator):
+    fs = cloudio.filesystem(gcs_bucket)
+    url = f"{gcs_bucket}/d/a.bin"
+    fs.pipe(url, b"a" * 10)
+    fs.ls(f"{gcs_bucket}/d")  # held: 10 bytes
+    _put(gcs_emulator, url, b"b" * 25)
+    with cloudio.session("session"), fs.open(url, "rb") as f:
+        with pytest.raises(cloudio.StaleDatasetError, match="changed on the server"):
+            f.read()  # was b"b" * 10
+    assert fs.cat(url) == b"b" * 25
+    with fs.open(url, "rb") as f:  # the change found was journaled: opened again, the new version whole
+        assert f.read() == b"b" * 25
+
+
+def test_a_session_level_tail_after_an_outside_overwrite_is_never_mixed(gcs_bucket, gcs_emulator):
+    fs = cloudio.filesystem(gcs_bucket)
+    url = f"{gcs_bucket}/d/t.bin"
+    fs.pipe(url, b"0123456789")
+    fs.ls(f"{gcs_bucket}/d")
+    _put(gcs_emulator, url, b"abcdefghijklmnopqrstuvwxy")
+    with pytest.raises(cloudio.StaleDatasetError):
+        fs.tail(url, 5)  # was b"fghij": the new object's bytes at the old one's end
+    assert fs.tail(url, 5) == b"uvwxy"
+
+
+def test_a_strong_file_overwritten_between_open_and_first_read_is_never_torn(gcs_bucket, gcs_emulator):
+    fs = cloudio.filesystem(gcs_bucket)
+    url = f"{gcs_bucket}/d/s.bin"
+    _put(gcs_emulator, url, b"a" * 10)
+    with cloudio.session("strong"):
+        with fs.open(url, "rb") as f:
+            assert f.size == 10
+            _put(gcs_emulator, url, b"b" * 25)
+            with pytest.raises(cloudio.StaleDatasetError):
+                f.read()  # was b"b" * 10
+        with fs.open(url, "rb") as f:
+            assert f.read() == b"b" * 25

@@ -144,7 +144,13 @@ def test_overwrite_is_read_whole(gcs_bucket: str, gcs_emulator: Emulator, other_
     with cloudio.session("session"):
         assert fs.info(url)["size"] == 10  # the before: the cached listing's size
         with fs.open(url, "rb") as f:
-            assert f.read() == b"b" * 10  # ... which truncates the read
+            with pytest.raises(cloudio.StaleDatasetError, match="changed on the server"):
+                f.read()  # not the new bytes cut at the old size
+        assert fs.info(url)["size"] == 25  # the change it found is journaled: the listing is dropped
+        with fs.open(url, "rb") as f:
+            assert f.read() == b"b" * 25
+    fs.ls(f"{root}/d")  # held again, at the new size
+    other_writer("bucket.blob('d/a.bin').upload_from_string(b'b' * 25)")
     counter.take()
     with cloudio.session("strong"):
         assert fs.info(url)["size"] == 25

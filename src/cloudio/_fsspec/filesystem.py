@@ -257,34 +257,30 @@ class _PinnedGCSFileMixin:
     """Mixed into gcsfs's file class for reading: every range comes from the generation opened.
 
     gcsfs reads ranges of whatever object is live, so an overwrite while the file is
-    open would mix old and new bytes, or cut the read short at the new size. Here,
-    once a range was read at the generation opened, a range of it that is gone raises
-    :class:`~cloudio.StaleDatasetError`. A generation already gone at the first read (a
-    listing trusted at the ``"session"`` level) reads the live object, as gcsfs does.
+    open would mix old and new bytes, or cut the read short at the new size. Here a
+    range of a generation that is gone raises :class:`~cloudio.StaleDatasetError`,
+    whether some of it was read or none: a file opened at the ``"session"`` level on
+    a listing another writer has made out of date would otherwise read the new
+    object cut at the old size. The change is journaled, so the next open reads the
+    new version whole.
     """
 
     def _pinned(self) -> Any:
-        if self.__dict__.get("_cloudio_unpinned"):
-            return None
         return self.generation or self.details.get("generation")  # type: ignore[attr-defined]
 
     @contextmanager
     def _at_generation(self) -> Iterator[None]:
-        """Around a read of the generation opened: once one returned, a generation gone raises
-        StaleDatasetError; gone before any, the file reads the live object from then on (the block's
-        exception is swallowed, and the caller reads as gcsfs does)."""
+        """Around a read of the generation opened: that generation gone raises StaleDatasetError."""
         try:
             yield
         except FileNotFoundError as e:
-            if self.__dict__.get("_cloudio_read") or self.generation:  # type: ignore[attr-defined]
-                url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
-                raise StaleDatasetError(
-                    f"{url} changed on the server while open for reading (generation {self._pinned()} is gone: "
-                    f"{type(e).__name__}: {e}); reading on would mix two versions. Open it again."
-                ) from e
-            self.__dict__["_cloudio_unpinned"] = True
-        else:
-            self.__dict__["_cloudio_read"] = True
+            url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
+            if not self.generation:  # the size and generation opened are out of date everywhere here
+                _record(url, "invalidate")
+            raise StaleDatasetError(
+                f"{url} changed on the server after it was opened for reading (generation {self._pinned()} is "
+                f"gone: {type(e).__name__}: {e}); reading on would mix two versions. Open it again."
+            ) from e
 
     def _fetch_range(self, start: Any = None, end: Any = None) -> Any:
         from gcsfs.utils import is_empty_range
