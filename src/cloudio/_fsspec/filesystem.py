@@ -275,7 +275,8 @@ class _PinnedGCSFileMixin:
             yield
         except FileNotFoundError as e:
             url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
-            if not self.generation:  # the size and generation opened are out of date everywhere here
+            # not a generation the path named: the size and generation opened are out of date everywhere here
+            if not self.generation:  # type: ignore[attr-defined]
                 _record(url, "invalidate")
             raise StaleDatasetError(
                 f"{url} changed on the server after it was opened for reading (generation {self._pinned()} is "
