@@ -1,4 +1,4 @@
-"""Shared fixtures: the fault-injecting proxy in front of the real emulator, the journal's records.
+"""Shared fixtures: the fault-injecting proxy in front of the real emulator, the journal's records, Dask clusters.
 
 Raster helpers shared by several test files live in ``tests/rasters.py``.
 """
@@ -41,3 +41,29 @@ def journal_records() -> Iterator[list[Change]]:
         yield heard
     finally:
         journal().remove_listener(heard.append)
+
+
+def _cluster(processes: bool) -> Iterator[object]:
+    """A 2-worker Dask cluster with cloudio's journal relay installed (workers inherit STORAGE_EMULATOR_HOST,
+    set by gcs_emulator before they start)."""
+    from distributed import Client, LocalCluster
+
+    import cloudio.dask
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            cloudio.dask.install(client)
+            yield client
+
+
+@pytest.fixture(scope="module")
+def proc_client(gcs_emulator: Emulator) -> Iterator[object]:
+    """Two worker processes."""
+    yield from _cluster(processes=True)
+
+
+@pytest.fixture(scope="module")
+def thread_client(gcs_emulator: Emulator) -> Iterator[object]:
+    """Two workers in this process."""
+    yield from _cluster(processes=False)

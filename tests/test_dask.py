@@ -7,20 +7,6 @@ import pytest
 distributed = pytest.importorskip("distributed")
 
 
-@pytest.fixture(scope="module")
-def cluster_client(gcs_emulator):
-    # STORAGE_EMULATOR_HOST is set by gcs_emulator before the workers start, so they inherit it
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            import cloudio.dask
-
-            _workers(client)
-            cloudio.dask.install(client)
-            yield client
-
-
 def _workers(client) -> list[str]:
     """The addresses of the cluster's two workers, once both are registered, asked of the scheduler
     itself (``scheduler_info()["workers"]`` once came back empty in a loaded full run)."""
@@ -48,8 +34,8 @@ def _pid() -> int:
     return os.getpid()
 
 
-def test_a_write_on_one_worker_is_seen_by_a_dependent_task_on_another(cluster_client, gcs_bucket):
-    client = cluster_client
+def test_a_write_on_one_worker_is_seen_by_a_dependent_task_on_another(proc_client, gcs_bucket):
+    client = proc_client
     w1, w2 = _workers(client)
     pid1 = client.submit(_pid, workers=[w1], pure=False).result()
     assert pid1 != client.submit(_pid, workers=[w2], pure=False).result()
@@ -64,8 +50,8 @@ def test_a_write_on_one_worker_is_seen_by_a_dependent_task_on_another(cluster_cl
     assert after.result() == ["a.bin", "b.bin"]
 
 
-def test_a_write_in_the_client_reaches_the_workers(cluster_client, gcs_bucket):
-    client = cluster_client
+def test_a_write_in_the_client_reaches_the_workers(proc_client, gcs_bucket):
+    client = proc_client
     w1 = _workers(client)[0]
     prefix = f"{gcs_bucket}/e"
     _write(f"{prefix}/a.bin", b"a")
@@ -74,8 +60,8 @@ def test_a_write_in_the_client_reaches_the_workers(cluster_client, gcs_bucket):
     assert client.submit(_ls, prefix, workers=[w1], pure=False).result() == ["a.bin", "c.bin"]
 
 
-def test_a_write_on_a_worker_reaches_the_client(cluster_client, gcs_bucket):
-    client = cluster_client
+def test_a_write_on_a_worker_reaches_the_client(proc_client, gcs_bucket):
+    client = proc_client
     w1 = _workers(client)[0]
     prefix = f"{gcs_bucket}/f"
     _write(f"{prefix}/a.bin", b"a")

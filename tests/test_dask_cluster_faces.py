@@ -18,19 +18,6 @@ import cloudio
 import cloudio.flyte
 
 
-@pytest.fixture(scope="module")
-def proc_client(gcs_emulator):
-    from distributed import Client, LocalCluster
-
-    import cloudio.dask
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            client.wait_for_workers(2, timeout=60)
-            cloudio.dask.install(client)
-            yield client
-
-
 def _workers(client) -> list[str]:
     client.wait_for_workers(2, timeout=60)
     return sorted(client.nthreads())
@@ -279,19 +266,6 @@ def test_workers_started_later_get_the_relay(gcs_emulator, gcs_bucket):
             assert client.submit(_ls, prefix, workers=[new], pure=False).result() == ["a.bin", "b.bin", "c.bin"]
 
 
-@pytest.fixture(scope="module")
-def thread_client(gcs_emulator):
-    from distributed import Client, LocalCluster
-
-    import cloudio.dask
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            client.wait_for_workers(2, timeout=60)
-            cloudio.dask.install(client)
-            yield client
-
-
 def test_inprocess_cluster_reads_and_writes(thread_client, gcs_bucket):
     client = thread_client
     w1, w2 = _workers(client)
@@ -399,9 +373,5 @@ def test_flyte_data_array_round_trip_identical(gs_raw_prefix):
     got = da_flow()
     want = make_da()
     xr.testing.assert_identical(got.compute(), want.compute())
-
-
-
-
 
 

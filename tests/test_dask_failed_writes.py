@@ -22,20 +22,6 @@ import cloudio
 SLOW_SECONDS = 2.0
 
 
-@pytest.fixture(scope="module")
-def cluster_client(gcs_emulator):
-    # STORAGE_EMULATOR_HOST is set by gcs_emulator before the workers start, so they inherit it
-    from distributed import Client, LocalCluster
-
-    import cloudio.dask
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            client.wait_for_workers(2, timeout=60)
-            cloudio.dask.install(client)
-            yield client
-
-
 def _slow_or_failing(block: np.ndarray, block_info=None) -> np.ndarray:
     """Block (0, 0) fails at once; every other block is written ``SLOW_SECONDS`` later, after the failure."""
     if block_info[None]["chunk-location"] == (0, 0):
@@ -49,7 +35,7 @@ def _failing() -> da.Array:
     return da.from_array(np.zeros((64, 64)), chunks=32).map_blocks(_slow_or_failing, dtype="f8")
 
 
-def test_failed_dask_save_array_writes_nothing_after_it_raised(cluster_client, gcs_bucket):
+def test_failed_dask_save_array_writes_nothing_after_it_raised(proc_client, gcs_bucket):
     url = f"{gcs_bucket}/fail/a.zarr"
     with pytest.raises(RuntimeError, match="failed"):
         cloudio.save_array(_failing(), url, chunks=(32, 32), shards=(32, 32))
@@ -63,7 +49,7 @@ def test_failed_dask_save_array_writes_nothing_after_it_raised(cluster_client, g
     assert stale == 0, f"{stale} of {fresh.size} values are the failed write's, written after it raised"
 
 
-def test_failed_dask_to_zarr_writes_nothing_after_it_raised(cluster_client, gcs_bucket):
+def test_failed_dask_to_zarr_writes_nothing_after_it_raised(proc_client, gcs_bucket):
     url = f"{gcs_bucket}/fail2/ds.zarr"
     enc = {"v": {"chunks": (32, 32), "shards": (32, 32)}}
     with pytest.raises(RuntimeError, match="failed"):

@@ -145,18 +145,22 @@ def is_google_host(hostname: str) -> bool:
 
 def http_timeout() -> float:
     """Seconds one HTTP request may take: ``CLOUDIO_HTTP_TIMEOUT``, else 30 (shared by GDAL and gcsfs)."""
-    raw = env(HTTP_TIMEOUT_ENV)
+    return env_seconds(HTTP_TIMEOUT_ENV, DEFAULT_HTTP_TIMEOUT)
+
+
+def env_seconds(name: str, default: float, error: type[ConfigurationError] = ConfigurationError) -> float:
+    """Environment variable ``name`` as a positive, finite number of seconds, ``default`` when unset; any
+    other value raises ``error`` naming the variable."""
+    raw = env(name)
     if raw is None:
-        return DEFAULT_HTTP_TIMEOUT
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        raise ConfigurationError(
-            f"{HTTP_TIMEOUT_ENV}={raw!r} is not a number of seconds; set it to a positive number such as 30, "
-            "or unset it for the default."
-        )
+        raise error(f"{name}={raw!r} is not a number of seconds; set it to a positive number such as "
+                    f"{default:g}, or unset it for the default ({default:g}).")
     return value
 
 

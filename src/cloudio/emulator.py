@@ -117,19 +117,7 @@ def env_mode() -> Mode | None:
 
 def _env_start_timeout() -> float:
     """``CLOUDIO_EMULATOR_START_TIMEOUT`` in seconds, else the default; an unusable value names the variable."""
-    raw = _config.env(_config.EMULATOR_START_TIMEOUT_ENV)
-    if raw is None:
-        return _DEFAULT_START_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise EmulatorSettingError(
-            f"{_config.EMULATOR_START_TIMEOUT_ENV}={raw!r} is not a number of seconds; set it to a positive "
-            f"number such as 60, or unset it for the default ({_DEFAULT_START_TIMEOUT:g})"
-        )
-    return value
+    return _config.env_seconds(_config.EMULATOR_START_TIMEOUT_ENV, _DEFAULT_START_TIMEOUT, EmulatorSettingError)
 
 
 def _check_port(port: object) -> int:
