@@ -6,7 +6,8 @@ The flow of a read of a GCS object::
     cloudio.open(url)
       1. normalise the URL; point /vsigs/<bucket> at the emulator if one is in force
       2. consistency "strong" / N seconds: one listing of the object and its sidecars -> clear
-         what changed (a VRT's sources are checked after it opened: one listing each)
+         what changed (a VRT's sources are checked after it opened: one listing each, and the
+         sources of a source that is itself a VRT, to a bounded depth)
       3. plan: cloudio's listing of the directory (fetched once) says whether
          GDAL must list it (sidecars, VRT) or may skip it (EMPTY_DIR)
       4. rasterio.open("/vsigs/b/k") with the plan's options
@@ -381,7 +382,7 @@ def open(
     :func:`cloudio.invalidate`) and makes no extra request. ``"strong"`` adds
     one listing request per open, which catches writes made anywhere to the
     object and to its sidecars (``.ovr``, ``.aux.xml``, ``.msk``), and one
-    per source of a VRT; a number of seconds makes those requests only when
+    per source of a VRT (also of the VRTs among its sources); a number of seconds makes those requests only when
     the last check is older.
     """
     if mode != "r" and mode not in _WRITE_MODES:
@@ -657,32 +658,76 @@ def _related(path: GCSPath) -> dict[str, int]:
     return {n: gen for n, gen in related if n == name or is_sidecar(n, name)}
 
 
+#: how many levels of VRTs inside a VRT the strong / bounded check opens to find their sources
+_VRT_DEPTH = 8
+
+
 def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: float | None) -> bool:
     """Strong / bounded levels, a VRT just opened: are its sources (and their sidecars) as GDAL holds them?
 
-    One listing request per source. When one changed, the VRT is closed
+    One listing request per source. GDAL names only a VRT's own sources in
+    ``files``, so a source that is itself a VRT is opened, once checked, for
+    its sources in turn (:data:`_VRT_DEPTH` levels at most, each object once):
+    the pixels come from the leaves. When one changed, the VRT is closed
     before GDAL's copies are cleared (a dataset must not see two versions),
     and the caller opens it again.
     """
-    sources = [parse_gcs(f) for f in files if is_gcs(f) and f != t.vsi]
-    listed = [(p, _related(p)) for p in sources if p.key and not _checked_recently(p, max_age)]
-    _count("revalidations", len(listed))
-    if all(p.name in r and consumer.is_current(p, r) for p, r in listed):
+    seen = {t.vsi}
+    level, current = files, True
+    for depth in range(_VRT_DEPTH + 1):
+        sources = []
+        for f in level:
+            p = parse_gcs(f) if is_gcs(f) else None
+            if p is not None and p.key and p.vsi not in seen:
+                seen.add(p.vsi)
+                sources.append(p)
+        listed = [(p, _related(p)) for p in sources if not _checked_recently(p, max_age)]
+        _count("revalidations", len(listed))
+        if current and not all(p.name in r and consumer.is_current(p, r) for p, r in listed):
+            _gates.enter(t.vsi)
+            try:
+                ds.close()
+            finally:
+                _gates.exit(t.vsi)
+            current = False
+        gone = set()
         for p, r in listed:
-            consumer.revalidated(p, r)  # nothing to clear: records when it was checked
-        return True
+            if p.name in r:
+                consumer.revalidated(p, r)  # clears what changed (ds is closed); else records the check
+            else:
+                consumer.mark_unknown(p)
+                bindings.clear(p.vsi)
+                gone.add(p.vsi)
+        vrts = [target(p) for p in sources if p.vsi not in gone and p.vsi.lower().endswith(".vrt")]
+        if not vrts:
+            break
+        if depth == _VRT_DEPTH:
+            log.debug("%s: VRTs nested deeper than %d levels; their sources are not checked", t.path.url, depth)
+            break
+        for v in {v.path.bucket: v for v in vrts}.values():  # once per bucket: it walks every directory
+            consumer.prepare_vrt(v.path)
+        level = [f for v in vrts for f in _vrt_files(v)]
+    return current
+
+
+def _vrt_files(t: Target) -> list[str]:
+    """The files GDAL names for the VRT ``t`` (itself and its own sources), opened inside its gate.
+
+    Called after ``t`` was checked (and cleared if it changed), so the names
+    are those of the version checked; [] when GDAL cannot open it (the
+    caller's reopen of the VRT that references it meets the same failure).
+    """
     _gates.enter(t.vsi)
     try:
-        ds.close()
+        with rasterio.open(t.vsi) as vrt:
+            files: list[str] = vrt.files
+    except RasterioIOError as e:
+        log.debug("%s: could not open it to check its sources: %s", t.path.url, e)
+        return []
     finally:
         _gates.exit(t.vsi)
-    for p, r in listed:
-        if p.name in r:
-            consumer.revalidated(p, r)
-        else:
-            consumer.mark_unknown(p)
-            bindings.clear(p.vsi)
-    return False
+    consumer.opened(files)
+    return files
 
 
 def _raise_if_missing(t: Target, cause: RasterioIOError) -> None:

@@ -1,0 +1,103 @@
+"""A VRT whose source is another VRT, read at the strong and bounded levels while another writer changes the leaf.
+
+GDAL names only a VRT's own sources in ``files`` (``outer.vrt`` lists
+``inner.vrt``, not the ``src.tif`` behind it), so the check of a VRT's
+sources must follow the VRTs among them down to the rasters the pixels come
+from. The other writer is google-cloud-storage in this process: nothing is
+journaled.
+"""
+
+from __future__ import annotations
+
+import cloudio
+from cloudio.emulator import Emulator, Request
+
+
+def _key(url: str) -> tuple[str, str]:
+    bucket, key = url[len("gs://"):].split("/", 1)
+    return bucket, key
+
+
+def _put(emu: Emulator, url: str, data: bytes) -> None:
+    """Upload ``data`` behind cloudio's back (plain google-cloud-storage: nothing journaled)."""
+    bucket, key = _key(url)
+    emu.client.bucket(bucket).blob(key).upload_from_string(data)
+
+
+def _vrt_xml(source_vsi: str, size: int = 64) -> bytes:
+    """A one-band VRT reading all of ``source_vsi`` (no SourceProperties: GDAL opens the source to learn them)."""
+    return (f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">'
+            f'<VRTRasterBand dataType="Byte" band="1"><SimpleSource>'
+            f'<SourceFilename relativeToVRT="0">{source_vsi}</SourceFilename>'
+            f'<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>').encode()
+
+
+def _nested(emu: Emulator, gcs_bucket: str) -> tuple[str, str]:
+    """``h/outer.vrt`` -> ``g/inner.vrt`` -> ``g/src.tif`` (value 1); returns (outer URL, src URL)."""
+    from rasters import tif
+
+    bucket = _key(gcs_bucket + "/x")[0]
+    src = f"{gcs_bucket}/g/src.tif"
+    _put(emu, src, tif(1))
+    _put(emu, f"{gcs_bucket}/g/inner.vrt", _vrt_xml(f"/vsigs/{bucket}/g/src.tif"))
+    outer = f"{gcs_bucket}/h/outer.vrt"
+    _put(emu, outer, _vrt_xml(f"/vsigs/{bucket}/g/inner.vrt"))
+    return outer, src
+
+
+def _since(emu: Emulator, bucket: str, start: int) -> tuple[list[Request], int]:
+    """The requests for ``bucket`` the emulator logged after the first ``start``, and the new start."""
+    log = emu.requests()
+    return [r for r in log[start:] if bucket in r.path], len(log)
+
+
+def test_strong_nested_vrt_leaf_source_overwritten(gcs_bucket: str, gcs_emulator: Emulator) -> None:
+    from rasters import tif
+
+    outer, src = _nested(gcs_emulator, gcs_bucket)
+    with cloudio.session("strong"), cloudio.open(outer) as ds:
+        assert ds.read(1).max() == 1
+    _put(gcs_emulator, src, tif(2))
+    with cloudio.session("strong"), cloudio.open(outer) as ds:
+        assert ds.read(1).max() == 2
+
+
+def test_bounded_nested_vrt_leaf_source_overwritten(gcs_bucket: str, gcs_emulator: Emulator) -> None:
+    """A bound the last check is older than takes the strong level's path."""
+    from rasters import tif
+
+    outer, src = _nested(gcs_emulator, gcs_bucket)
+    with cloudio.session(0), cloudio.open(outer) as ds:
+        assert ds.read(1).max() == 1
+    _put(gcs_emulator, src, tif(2))
+    with cloudio.session(3600), cloudio.open(outer) as ds:
+        assert ds.read(1).max() == 1  # checked less than an hour ago: trusted
+    with cloudio.session(0), cloudio.open(outer) as ds:
+        assert ds.read(1).max() == 2
+
+
+def test_strong_nested_vrt_costs_one_listing_per_object(gcs_bucket: str, gcs_emulator: Emulator) -> None:
+    """One listing for each of outer.vrt, inner.vrt and src.tif; opening inner.vrt for its sources costs none."""
+    from rasters import tif
+
+    bucket = _key(gcs_bucket + "/x")[0]
+    outer, src = _nested(gcs_emulator, gcs_bucket)
+    with cloudio.session("strong"), cloudio.open(outer) as ds:
+        ds.read(1)
+    _, start = _since(gcs_emulator, bucket, 0)
+
+    with cloudio.session("strong") as s, cloudio.open(outer) as ds:
+        assert ds.read(1).max() == 1
+    unchanged, start = _since(gcs_emulator, bucket, start)
+    listing = f"/storage/v1/b/{bucket}/o"
+    assert s.stats.revalidations == 3
+    assert [(r.method, r.path.split("?")[0]) for r in unchanged] == [("GET", listing)] * 3, unchanged
+
+    _put(gcs_emulator, src, tif(2))
+    _, start = _since(gcs_emulator, bucket, start)
+    with cloudio.session("strong") as s, cloudio.open(outer) as ds:
+        assert ds.read(1).max() == 2
+    overwritten, _ = _since(gcs_emulator, bucket, start)
+    assert s.stats.revalidations == 3
+    assert sorted((r.method, r.path.split("?")[0]) for r in overwritten) == sorted(
+        [("GET", listing)] * 3 + [("GET", f"/{bucket}/g/src.tif")]), overwritten  # and the new bytes
