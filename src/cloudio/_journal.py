@@ -48,8 +48,10 @@ Kind = Literal["write", "delete", "invalidate"]
 
 #: caches that register a consumer when their library is loaded in this process:
 #: (library whose import means the cache may hold state, cloudio module that registers it).
-#: A library not yet imported holds no cache, so nothing can be stale there.
-_CONSUMER_MODULES = (("rasterio", "cloudio._gdal.consumer"), ("fsspec", "cloudio._fsspec.consumer"))
+#: A library not yet imported holds no cache, so nothing can be stale there. Zarr's consumer is keyed on
+#: cloudio itself: the consolidated copy it distrusts is on the server, announced before zarr is loaded or not.
+_CONSUMER_MODULES = (("rasterio", "cloudio._gdal.consumer"), ("fsspec", "cloudio._fsspec.consumer"),
+                     ("cloudio", "cloudio._zarr.consumer"))
 
 
 def _new_origin() -> str:

@@ -27,6 +27,7 @@ guarantee). The store hides the marker from zarr's listings.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import logging
@@ -49,6 +50,7 @@ from cloudio._gcs.transfer import put_verified, put_verified_each
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
+from cloudio._zarr import consumer as announcements
 from cloudio._zarr import last_seen
 from cloudio._zarr.changes import stops_with_its_write
 from cloudio.errors import BucketNotFoundError, CloudioError, ConflictError
@@ -80,6 +82,8 @@ class _MetadataLog:
         self._lock = threading.Lock()
         self._meta: dict[str, int] = {}  # node dir url -> seq of its last metadata write
         self._consolidated: dict[str, int] = {}  # group dir url -> seq of its last consolidated copy
+        # group dir urls whose consolidated copy a listing announced changes led to found older than its members
+        self._distrusted: set[str] = set()
 
     def wrote(self, dir_url: str, name: str, value: Buffer, seq: int) -> None:
         consolidated = False
@@ -95,6 +99,7 @@ class _MetadataLog:
         with self._lock:
             if consolidated:
                 self._consolidated[dir_url] = seq
+                self._distrusted.discard(dir_url)  # the copy is this process's now
                 if name == "zarr.json":  # the same document is also the group's own metadata
                     self._meta[dir_url] = seq
             else:
@@ -108,15 +113,19 @@ class _MetadataLog:
                 for table in (self._meta, self._consolidated):
                     for k in [k for k in table if _under(k, url)]:
                         del table[k]
+                self._distrusted -= {k for k in self._distrusted if _under(k, url)}
                 return
             dir_url, name = posixpath.split(url)
             if name == _V2_CONSOLIDATED or name == "zarr.json":
                 self._consolidated.pop(dir_url, None)
+                self._distrusted.discard(dir_url)
             if name in _META_NAMES:
                 self._meta[dir_url] = seq
 
     def stale(self, root: str) -> bool:
         with self._lock:
+            if root in self._distrusted:
+                return True
             cons = self._consolidated.get(root)
             if cons is None:
                 # consolidated copy never written here: stale if metadata was written here at all
@@ -126,7 +135,14 @@ class _MetadataLog:
 
     def knows(self, root: str) -> bool:
         with self._lock:
-            return any(_under(k, root) for k in self._meta) or root in self._consolidated
+            return any(_under(k, root) for k in self._meta) or root in self._consolidated or root in self._distrusted
+
+    def seen(self, root: str, stale: bool) -> None:
+        with self._lock:
+            if stale:
+                self._distrusted.add(root)
+            else:
+                self._distrusted.discard(root)
 
 
 _metadata = _MetadataLog()
@@ -142,8 +158,21 @@ def consolidated_is_stale(root_url: str) -> bool:
 
 
 def written_here(root_url: str) -> bool:
-    """True when this process wrote metadata under ``root_url`` (a journal key)."""
+    """True when this process wrote metadata under ``root_url`` (a journal key), or listed it after another
+    writer's change was announced there (:func:`consolidated_seen`)."""
     return _metadata.knows(root_url.rstrip("/"))
+
+
+def consolidated_seen(root_url: str, stale: bool) -> None:
+    """A listing of the server found the consolidated copy of ``root_url`` older than its members (``stale``),
+    or not.
+
+    Why: once another writer's change was announced there and a listing showed
+    the copy out of date, every later open at the session level reads the
+    documents, as after this process's own writes, until this process
+    consolidates there or a listing finds the copy current again.
+    """
+    _metadata.seen(root_url.rstrip("/"), stale)
 
 
 def _joined(root: GCSPath, key: str) -> GCSPath:
@@ -617,6 +646,7 @@ def reset() -> None:
         _metadata._consolidated.clear()
     with _checked_lock:
         _checked.clear()
+    announcements.reset()
 
 
 def _marked(root_url: str) -> bool:
@@ -948,6 +978,8 @@ class MetadataCheck:
     marked: bool
     #: metadata documents, by URL: (generation, metageneration, updated)
     documents: dict[str, tuple[str, str, datetime.datetime]]
+    #: listed because another writer's change under the store was announced (:mod:`cloudio._zarr.consumer`)
+    announced: bool = False
 
     def zarr_format(self, group_url: str) -> Literal[2, 3] | None:
         """The Zarr format of the node at ``group_url`` as listed (None: no document there)."""
@@ -985,7 +1017,10 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
 
     None at the ``"session"`` level, for local stores, and at a bound of ``N``
     seconds when the store was listed less than ``N`` seconds ago (the caller
-    then does what the session level does). One listing request per 1000
+    then does what the session level does), unless another writer's change
+    under the store was announced since its last listing
+    (:func:`cloudio.invalidate`, :mod:`cloudio._zarr.consumer`): then it is
+    listed once, whatever the level. One listing request per 1000
     documents (``matchGlob`` keeps chunks out of it on GCS; the emulator
     ignores it, so names are filtered here as well). A document whose
     generation changed since the last listing is journaled as an
@@ -996,22 +1031,42 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
 
     level = current_level()
     root = store.root_url
-    if level == "session" or not is_gcs(root):
+    if not is_gcs(root):
+        return None
+    announced = announcements.pending(root)
+    if level == "session" and not announced:
         return None
     now = time.monotonic()
     with _checked_lock:
         last = _checked.get(root)
-    if level != "strong" and last is not None and now - last[0] <= level:
+    if isinstance(level, float | int) and not announced and last is not None and now - last[0] <= level:
         return None
-    check: MetadataCheck = _sync(_list_metadata(store))
+    upto = journal().seq  # what was announced until now, the listing covers
+    try:
+        check: MetadataCheck = _sync(_list_metadata(store))
+    except OSError as e:
+        if level != "session" or type(e) is not OSError:  # gcsfs's refusal (403...): credentials that may not list
+            raise
+        # the session level never needed a listing: the announcement stays, and the documents are read instead
+        log.info("%s: may not list it (%s); its consolidated metadata is not trusted after the announcement", root, e)
+        return None
     count("revalidations")
+    if announced:
+        check = dataclasses.replace(check, announced=True)
+        log.info("%s: another writer's change was announced here; listed its metadata documents", root)
     before = last[1].documents if last is not None else {}
-    for url, doc in check.documents.items():
-        old = before.get(url)
-        if old is not None and old[:2] != doc[:2]:
+    with announcements.own_records():  # what this listing saw needs no second one
+        for url, doc in check.documents.items():
+            old = before.get(url)
+            if old is not None and old[:2] != doc[:2]:
+                journal().record(url, "invalidate")
+        for url in before.keys() - check.documents.keys():
             journal().record(url, "invalidate")
-    for url in before.keys() - check.documents.keys():
-        journal().record(url, "invalidate")
+    announcements.checked(root, upto)
+    for url, doc in check.documents.items():  # a load_array guess another writer's zarr.json replaced: a read saved
+        seen = last_seen.guess(url) if url.endswith("/zarr.json") else None
+        if seen is not None and str(seen[1]) != doc[0]:
+            last_seen.forget(url, seen)
     with _checked_lock:
         _checked[root] = (now, check)
     return check

@@ -14,7 +14,9 @@ Both are thin: keyword arguments go to :meth:`xarray.Dataset.to_zarr` and
   process made stale (a later write with ``consolidated=False``): it reads
   the metadata documents themselves then. At the strong and bounded levels it
   asks the server whether the copy is older than what it summarises, whoever
-  wrote it (:func:`cloudio._zarr.store.revalidate`).
+  wrote it (:func:`cloudio._zarr.store.revalidate`); at the session level
+  too, once, at the first open after another writer's change there was
+  announced (:func:`cloudio.invalidate`, :mod:`cloudio._zarr.consumer`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from cloudio._paths import is_gcs
+from cloudio._zarr import consumer as announcements
 from cloudio._zarr.changes import stopped_on_failure
 from cloudio._zarr.shard_safety import align
 from cloudio._zarr.shard_safety import is_dask as _is_dask
@@ -36,6 +39,7 @@ from cloudio._zarr.store import (
     check_complete,
     cloudio_errors,
     consolidated_is_stale,
+    consolidated_seen,
     revalidate,
     written_here,
     zarr_store,
@@ -380,14 +384,18 @@ def _avoid_stale_consolidated(store: JournaledStore, kwargs: dict[str, Any]) -> 
 
     Also when no consolidated copy was ever written after this process wrote
     metadata there: xarray would otherwise look for one first (a wasted
-    request, and a warning when it is missing).
+    request, and a warning when it is missing). And when another writer's
+    change there was announced and no listing could check the copy since (a
+    local store, a ``to_zarr`` region write): the documents are what changed.
     """
     roots = _consolidated_roots(store, kwargs.get("group"))
     root = roots[-1]
     consolidated = kwargs.get("consolidated")
-    if consolidated is not False and any(written_here(r) and consolidated_is_stale(r) for r in roots):
+    if consolidated is not False and any((written_here(r) and consolidated_is_stale(r)) or announcements.pending(r)
+                                         for r in roots):
         if consolidated:
-            log.info("%s: consolidated metadata is older than writes made here; reading metadata documents", root)
+            log.info("%s: consolidated metadata is older than writes made here or announced; reading metadata "
+                     "documents", root)
         kwargs["consolidated"] = False
 
 
@@ -406,7 +414,13 @@ def _avoid_consolidated_older_than_members(store: JournaledStore, check: Metadat
     zarr_format = check.zarr_format(root)
     if zarr_format is not None:
         kwargs.setdefault("zarr_format", zarr_format)
-    if kwargs.get("consolidated") is not False and any(check.consolidated_is_stale(r) for r in roots):
+    stale = {r: check.consolidated_is_stale(r) for r in roots}
+    for r, old in stale.items():
+        # after an announcement an out-of-date copy stays distrusted at the session level, as after this
+        # process's own writes; a current one is trusted again (a bound's own finding is kept no longer)
+        if check.announced or not old:
+            consolidated_seen(r, old)
+    if kwargs.get("consolidated") is not False and any(stale.values()):
         log.info("%s: consolidated metadata on the server is older than the documents it summarises; "
                  "reading the documents", root)
         kwargs["consolidated"] = False
