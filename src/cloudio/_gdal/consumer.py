@@ -509,16 +509,15 @@ class GdalConsumer(Consumer):
                         self._dirs.setdefault(dir_key(p), _Dir()).gdal_listed = True
         generation.bump()
 
-    def prepare_vrt(self, path: GCSPath) -> None:
-        """Before GDAL opens a VRT in ``path``'s bucket: no GDAL listing in the bucket may be stale.
+    def prepare_vrt(self) -> None:
+        """Before GDAL opens a VRT: no GDAL listing in any bucket may be stale.
 
-        Its sources may be new names anywhere; their directories are not known
-        before GDAL opens them.
+        Its sources may be new names anywhere, in any bucket; their directories
+        are not known before GDAL opens them (lazily, while reading).
         """
-        prefix = f"/vsigs/{path.bucket}/"
         with self._state:
             for key, d in list(self._dirs.items()):
-                if key.startswith(prefix) and d.gdal_listed and d.changed:
+                if d.gdal_listed and d.changed:
                     self._clear_listing(key, d)
 
     # -- strong / bounded consistency ------------------------------------------------------------

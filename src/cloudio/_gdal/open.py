@@ -524,6 +524,8 @@ def _open_read(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, A
             # the object exists: GDAL answered from a listing made behind cloudio's back, or
             # from part of a range a broken download left (the directory clear drops both)
             consumer.forget_listing(t.path)
+            if t.vrt or (driver or "").upper() == "VRT":
+                _configure_from_xml(t)
         try:
             return _gdal_open(t, driver, sharing, kwargs, level)
         except RasterioIOError as e2:
@@ -560,18 +562,102 @@ def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dic
         c.set_listing(t.path, names)
         c.plan_read(t)
     if t.vrt or (driver or "").upper() == "VRT":
-        c.prepare_vrt(t.path)
+        c.prepare_vrt()
         ds = _rio_open(t, driver, sharing, kwargs)
-        _gates.enter(t.vsi)
-        try:
-            files = ds.files
-        finally:
-            _gates.exit(t.vsi)
+        files = _files(ds, t)
+        if _configure_sources(t, files):  # GDAL may have opened a source with another bucket's options
+            _close(ds, t)
+            ds = _rio_open(t, driver, sharing, kwargs)
+            files = _files(ds, t)
         c.opened(files)
         if level != "session" and not _sources_current(ds, t, files, _max_age(level)):
             ds = _rio_open(t, driver, sharing, kwargs)  # the sources' stale copies are gone now
         return ds
     return _rio_open(t, driver, sharing, kwargs)
+
+
+def _files(ds: DatasetReader, t: Target) -> list[str]:
+    """GDAL's names for a VRT just opened: itself and its own sources (no I/O: read inside its gate anyway)."""
+    _gates.enter(t.vsi)
+    try:
+        files: list[str] = ds.files
+    finally:
+        _gates.exit(t.vsi)
+    return files
+
+
+def _close(ds: DatasetReader, t: Target) -> None:
+    _gates.enter(t.vsi)
+    try:
+        ds.close()
+    finally:
+        _gates.exit(t.vsi)
+
+
+def _source_paths(level: list[str], seen: set[str]) -> list[GCSPath]:
+    """The GCS objects among ``level`` not in ``seen`` (which they are added to)."""
+    sources = []
+    for f in level:
+        p = parse_gcs(f) if is_gcs(f) else None
+        if p is not None and p.key and p.vsi not in seen:
+            seen.add(p.vsi)
+            sources.append(p)
+    return sources
+
+
+def _configure_buckets(sources: list[GCSPath]) -> bool:
+    """Set the GDAL options of the buckets of ``sources`` that lack them; True when any did."""
+    new = False
+    for bucket in {p.bucket for p in sources}:
+        if not endpoint.in_force(bucket):
+            ensure_endpoint(bucket)
+            new = True
+    return new
+
+
+def _configure_sources(t: Target, files: list[str]) -> bool:
+    """Set the GDAL options (emulator endpoint, timeouts) of every bucket the VRT ``t`` reads from.
+
+    GDAL opens a VRT's sources with the options of their own buckets, which
+    cloudio sets only for buckets it opened: a source in any other bucket
+    would be asked of Google and read as nodata. A source that is itself a
+    VRT is opened for its sources in turn (:data:`_VRT_DEPTH` levels at most;
+    GDAL would open it to read anyway, so its bytes are then in its cache).
+    Returns True when a bucket was newly configured: the caller reopens ``t``.
+    """
+    seen = {t.vsi}
+    level, configured = files, False
+    for depth in range(_VRT_DEPTH + 1):
+        sources = _source_paths(level, seen)
+        configured = _configure_buckets(sources) or configured
+        vrts = [target(p) for p in sources if p.vsi.lower().endswith(".vrt")]
+        if not vrts or depth == _VRT_DEPTH:
+            break
+        level = [f for v in vrts for f in _vrt_files(v)]
+    return configured
+
+
+def _configure_from_xml(t: Target) -> None:
+    """A VRT GDAL could not open: set the options of the buckets its XML names (one request, failures only).
+
+    GDAL opens a warped VRT's source with the VRT itself, so a source in a
+    bucket without options fails the open and ``files`` is never reached.
+    Relative sources are in the VRT's own bucket, which has its options.
+    """
+    import xml.etree.ElementTree as ET
+
+    from cloudio._gdal.vrt import SOURCE_TAGS
+
+    fs = gcs_filesystem()
+    try:
+        root = ET.fromstring(sync(fs.loop, bounded, fs, fs._cat_file(t.path.fs_path)))
+    except (OSError, ET.ParseError) as e:
+        log.debug("%s: could not read it for its sources' buckets: %s", t.path.url, e)
+        return
+    level = [el.text.strip() for el in root.iter()
+             if el.tag in SOURCE_TAGS and el.text and el.get("relativeToVRT") != "1"]
+    if _configure_buckets(_source_paths(level, {t.vsi})):
+        log.info("%s: set GDAL's options of its sources' buckets; opening it again", t.path.url)
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,20 +761,12 @@ def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: fl
     seen = {t.vsi}
     level, current = files, True
     for depth in range(_VRT_DEPTH + 1):
-        sources = []
-        for f in level:
-            p = parse_gcs(f) if is_gcs(f) else None
-            if p is not None and p.key and p.vsi not in seen:
-                seen.add(p.vsi)
-                sources.append(p)
+        sources = _source_paths(level, seen)
         listed = [(p, _related(p)) for p in sources if not _checked_recently(p, max_age)]
         _count("revalidations", len(listed))
-        if current and not all(p.name in r and consumer.is_current(p, r) for p, r in listed):
-            _gates.enter(t.vsi)
-            try:
-                ds.close()
-            finally:
-                _gates.exit(t.vsi)
+        new_bucket = _configure_buckets(sources)  # a checked VRT may name a bucket the older version did not
+        if current and (new_bucket or not all(p.name in r and consumer.is_current(p, r) for p, r in listed)):
+            _close(ds, t)
             current = False
         gone = set()
         for p, r in listed:
@@ -704,8 +782,7 @@ def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: fl
         if depth == _VRT_DEPTH:
             log.debug("%s: VRTs nested deeper than %d levels; their sources are not checked", t.path.url, depth)
             break
-        for v in {v.path.bucket: v for v in vrts}.values():  # once per bucket: it walks every directory
-            consumer.prepare_vrt(v.path)
+        consumer.prepare_vrt()  # their sources may be new names in any folder GDAL listed
         level = [f for v in vrts for f in _vrt_files(v)]
     return current
 

@@ -11,7 +11,8 @@ anywhere:
 * ``gs://``, ``/vsigs_streaming/``, ``https://storage.googleapis.com`` and
   ``/vsicurl/https://storage.googleapis.com/...`` spellings become ``/vsigs/``;
 * paths GDAL made relative to the temporary folder (``relativeToVRT="1"``)
-  are resolved first;
+  are resolved first; relative paths in XML text passed in are resolved
+  against the folder of ``url``, as GDAL reads that VRT stored there;
 * the temporary file of a dataset being written through ``cloudio.open(...,
   "w"/"r+")`` becomes the object it will be uploaded to;
 * a plain local file or an in-memory (``/vsimem/``) dataset cannot be read
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
@@ -42,10 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["absolute_sources", "write_vrt"]
+__all__ = ["SOURCE_TAGS", "absolute_sources", "write_vrt"]
 
 #: elements whose text is a source dataset path in GDAL's VRT formats
-_SOURCE_TAGS = frozenset({"SourceFilename", "SourceDataset"})
+SOURCE_TAGS = frozenset({"SourceFilename", "SourceDataset"})
 _VSICURL = "/vsicurl/"
 
 
@@ -86,17 +88,24 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
     Notes
     -----
     Sources are referenced, not copied: the VRT reads whatever the source
-    objects hold when it is opened.
+    objects hold when it is opened. Sidecars of the VRT it replaces (a
+    ``.vrt.ovr``, a ``.vrt.aux.xml``) are deleted, as for ``cloudio.open(url, "w")``:
+    GDAL would read them with the new VRT.
     """
     path = parse_gcs(os.fspath(url), require_key=True)
     tmpdir = tempfile.mkdtemp(prefix="cloudio-vrt-")
     try:
         local = os.path.join(tmpdir, "dataset.vrt")  # a key's last segment may be longer than a file name
         xml_text = _render(dataset_or_vrt, local, path)
-        fixed = absolute_sources(xml_text, base_dir=tmpdir, url=path.url)
+        # GDAL's own rendering is relative to the temporary folder; XML text, to where it is stored
+        is_text = isinstance(dataset_or_vrt, str) and dataset_or_vrt.lstrip().startswith("<VRTDataset")
+        fixed = absolute_sources(xml_text, base_dir=path.parent if is_text else tmpdir, url=path.url)
         upload(fixed.encode("utf-8"), path, content_type="application/xml", if_generation_match=if_generation_match)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+    from cloudio._gdal.write import _drop_old_sidecars
+
+    _drop_old_sidecars(path, {path.url})  # the old VRT's .vrt.ovr or .aux.xml would be read with this one
     log.debug("wrote VRT %s", path.url)
     return path.url
 
@@ -136,7 +145,7 @@ def _render(obj: Any, local: str, target: GCSPath) -> str:
         ) from e
 
 
-def absolute_sources(xml_text: str, *, base_dir: str | None = None, url: str = "the VRT") -> str:
+def absolute_sources(xml_text: str, *, base_dir: str | GCSPath | None = None, url: str = "the VRT") -> str:
     """Rewrite every source path in VRT XML to an absolute ``/vsigs/`` path.
 
     Parameters
@@ -144,8 +153,9 @@ def absolute_sources(xml_text: str, *, base_dir: str | None = None, url: str = "
     xml_text
         The VRT XML.
     base_dir
-        Folder that relative paths (``relativeToVRT="1"``) are relative to;
-        the current directory when None.
+        Folder that relative paths (``relativeToVRT="1"``) are relative to: a
+        local folder, or the GCS folder the VRT is stored in (as GDAL resolves
+        them when it reads the VRT there); the current directory when None.
     url
         Named in error messages.
 
@@ -156,15 +166,31 @@ def absolute_sources(xml_text: str, *, base_dir: str | None = None, url: str = "
     """
     root = ET.fromstring(xml_text)
     for el in root.iter():
-        if el.tag not in _SOURCE_TAGS or el.text is None:
+        if el.tag not in SOURCE_TAGS or el.text is None:
             continue
         raw = el.text.strip()
         if el.get("relativeToVRT") == "1" and not raw.startswith("/vsi"):
-            raw = os.path.normpath(os.path.join(base_dir or os.getcwd(), raw))
+            raw = _relative(raw, base_dir, url)
         el.text = _absolute(raw, url)
         if "relativeToVRT" in el.attrib:
             el.set("relativeToVRT", "0")
     return ET.tostring(root, encoding="unicode")
+
+
+def _relative(raw: str, base_dir: str | GCSPath | None, url: str) -> str:
+    """``raw`` resolved against ``base_dir``, as GDAL resolves a path relative to a VRT stored there."""
+    if not isinstance(base_dir, GCSPath):
+        return os.path.normpath(os.path.join(base_dir or os.getcwd(), raw))
+    if raw.startswith("/") or is_gcs(raw):  # GDAL reads an absolute path as it is
+        return raw
+    key = base_dir.key + raw
+    if any(part in (".", "..") for part in key.split("/")):
+        key = posixpath.normpath(key)
+        if key == ".." or key.startswith("../"):
+            raise InvalidURLError(
+                f"{url}: source {raw!r} is relative to the VRT but leads out of its bucket gs://{base_dir.bucket}"
+            )
+    return GCSPath(base_dir.bucket, key).vsi
 
 
 def _absolute(src: str, url: str) -> str:

@@ -1,0 +1,172 @@
+"""VRTs whose sources are in other buckets, relative to where they are stored, or replacing a VRT with sidecars."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+
+import cloudio
+from cloudio._paths import parse_gcs
+from cloudio.emulator import Emulator
+
+GRID = Affine(10, 0, 500000, 0, -10, 4000000)
+PROFILE = dict(driver="GTiff", width=64, height=64, count=1, dtype="uint16",
+               crs="EPSG:32633", transform=GRID, nodata=0)
+
+
+def _data(seed: int, size: int = 64) -> np.ndarray:
+    return (np.random.default_rng(seed).integers(1, 60000, (1, size, size))).astype("uint16")
+
+
+def _write(url: str, data: np.ndarray, **kw: object) -> None:
+    prof = {**PROFILE, "width": data.shape[2], "height": data.shape[1], **kw}
+    with cloudio.open(url, "w", **prof) as ds:
+        ds.write(data)
+
+
+def _stored(emu: Emulator, url: str) -> bytes:
+    p = parse_gcs(url)
+    return emu.client.bucket(p.bucket).blob(p.key).download_as_bytes()  # type: ignore[no-any-return]
+
+
+def _sources(xml: bytes) -> list[str]:
+    return [el.text or "" for el in ET.fromstring(xml).iter() if el.tag in ("SourceFilename", "SourceDataset")]
+
+
+def _simple_vrt(sources: list[tuple[str, int, int]], size: int = 64, *, relative: bool = False) -> str:
+    """A 1-band UInt16 mosaic of 64x64 sources placed at (xoff, yoff)."""
+    width = max(x for _, x, _ in sources) + size
+    height = max(y for _, _, y in sources) + size
+    parts = [
+        f'<SimpleSource><SourceFilename relativeToVRT="{int(relative)}">{src}</SourceFilename>'
+        f'<SourceBand>1</SourceBand>'
+        f'<SrcRect xOff="0" yOff="0" xSize="{size}" ySize="{size}"/>'
+        f'<DstRect xOff="{x}" yOff="{y}" xSize="{size}" ySize="{size}"/></SimpleSource>'
+        for src, x, y in sources
+    ]
+    return (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'
+            f'<GeoTransform>500000, 10, 0, 4000000, 0, -10</GeoTransform>'
+            f'<VRTRasterBand dataType="UInt16" band="1">{"".join(parts)}</VRTRasterBand></VRTDataset>')
+
+
+def _run(code: str, emu: Emulator) -> subprocess.CompletedProcess[str]:
+    """``code`` in a new process (GDAL there has set no bucket's options yet)."""
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": emu.url}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def _sum(a: np.ndarray) -> str:
+    return str(int(a.astype("int64").sum()))
+
+
+def test_mosaic_across_two_buckets_reads_in_this_process(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+    a, b = _data(1), _data(2)
+    _write(f"{gcs_bucket}/m/a.tif", a)
+    _write(f"{other}/m/b.tif", b)  # written only: GDAL never read from this bucket
+    xml = _simple_vrt([(f"{gcs_bucket}/m/a.tif", 0, 0), (f"{other}/m/b.tif", 64, 0)])
+    url = cloudio.write_vrt(xml, f"{gcs_bucket}/v/mosaic.vrt")
+    with cloudio.open(url) as ds:
+        got = ds.read(1)
+    assert (got[:, :64] == a[0]).all()
+    assert (got[:, 64:] == b[0]).all()
+
+
+def test_mosaic_across_two_buckets_reads_in_another_process(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+    a, b = _data(3), _data(4)
+    _write(f"{gcs_bucket}/m/a.tif", a)
+    _write(f"{other}/m/b.tif", b)
+    xml = _simple_vrt([(f"{gcs_bucket}/m/a.tif", 0, 0), (f"{other}/m/b.tif", 64, 0)])
+    url = cloudio.write_vrt(xml, f"{gcs_bucket}/v/mosaic.vrt")
+    r = _run(f"""
+        import cloudio
+        with cloudio.open({url!r}) as ds:
+            x = ds.read(1)
+        print(int(x[:, :64].astype('int64').sum()), int(x[:, 64:].astype('int64').sum()))
+    """, gcs_emulator)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [_sum(a), _sum(b)]
+
+
+def test_warped_vrt_of_a_source_in_another_bucket_reads_in_another_process(
+        gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """GDAL opens a warped VRT's source with the VRT: an unset bucket failed the open itself."""
+    other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+    _write(f"{other}/m/b.tif", _data(2))
+    with cloudio.open(f"{other}/m/b.tif") as src, WarpedVRT(src, crs="EPSG:4326") as w:
+        expected = w.read()
+        url = cloudio.write_vrt(w, f"{gcs_bucket}/v/b_4326.vrt")
+    r = _run(f"""
+        import cloudio
+        with cloudio.open({url!r}) as ds:
+            print(int(ds.read().astype('int64').sum()))
+    """, gcs_emulator)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == _sum(expected)
+
+
+def test_vrt_source_new_in_a_folder_gdal_listed_in_another_bucket(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+    old, new = _data(5), _data(6)
+    _write(f"{other}/d/old.tif", old)
+    with cloudio.open(f"{other}/d/old.tif") as src:  # a VRT in d/ of the other bucket: GDAL lists d/
+        cloudio.write_vrt(src, f"{other}/d/old.vrt")
+    with cloudio.open(f"{other}/d/old.vrt") as v:
+        assert (v.read() == old).all()
+    _write(f"{other}/d/new.tif", new)  # a new name in a folder GDAL listed
+    xml = _simple_vrt([(f"{other}/d/old.tif", 0, 0), (f"{other}/d/new.tif", 64, 0)])
+    url = cloudio.write_vrt(xml, f"{gcs_bucket}/v/mosaic.vrt")
+    with cloudio.open(url) as ds:
+        got = ds.read(1)
+    assert (got[:, :64] == old[0]).all()
+    assert (got[:, 64:] == new[0]).all(), "the new source in the other bucket read as nodata"
+
+
+def test_vrt_xml_with_a_source_relative_to_the_vrt(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """XML text whose source is relative to the VRT (relativeToVRT="1"), as GDAL reads it from where it is stored."""
+    data = _data(8)
+    _write(f"{gcs_bucket}/r/src.tif", data)
+    xml = _simple_vrt([("src.tif", 0, 0)], relative=True)
+    url = cloudio.write_vrt(xml, f"{gcs_bucket}/r/rel.vrt")
+    assert _sources(_stored(gcs_emulator, url)) == [f"/vsigs/{gcs_bucket[5:]}/r/src.tif"]
+    with cloudio.open(url) as ds:
+        assert (ds.read() == data).all()
+
+
+def test_write_vrt_replacing_a_vrt_drops_its_old_overviews(gcs_emulator: Emulator, gcs_bucket: str,
+                                                          tmp_path: Path) -> None:
+    """The old VRT's external overviews (.vrt.ovr) must not be read with the new VRT, as for "w"."""
+    src = f"{gcs_bucket}/v/a.tif"
+    _write(src, np.full((1, 256, 256), 1, "uint16"), transform=GRID)
+    vrt = f"{gcs_bucket}/v/a.vrt"
+    cloudio.write_vrt(src, vrt)
+    # overviews of that VRT built locally and uploaded next to it through cloudio
+    local = tmp_path / "a.vrt"
+    local.write_bytes(_stored(gcs_emulator, vrt))
+    with rasterio.Env(GS_NO_SIGN_REQUEST="YES", CPL_GS_ENDPOINT=gcs_emulator.url + "/"):
+        with rasterio.open(local, "r+") as ds:
+            ds.build_overviews([2, 4], Resampling.nearest)
+    assert (tmp_path / "a.vrt.ovr").exists()
+    cloudio.filesystem(vrt).put(str(tmp_path / "a.vrt.ovr"), vrt + ".ovr")
+    with cloudio.open(vrt) as ds:
+        assert ds.overviews(1) == [2, 4]
+    # the VRT replaced by another one: a different source, same size
+    other = f"{gcs_bucket}/v/b.tif"
+    _write(other, np.full((1, 256, 256), 9, "uint16"), transform=GRID)
+    cloudio.write_vrt(other, vrt)
+    with cloudio.open(vrt) as ds:
+        small = ds.read(1, out_shape=(64, 64), resampling=Resampling.nearest)
+    assert (small == 9).all(), f"read the replaced VRT's overviews: {np.unique(small)}"
