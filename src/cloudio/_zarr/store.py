@@ -664,7 +664,12 @@ class WriteMark:
     (:func:`check_complete`). :meth:`commit` takes this write off the list and
     removes the marker when no writer is left. A write that ``replaces`` the
     store (``mode="w"``, ``save_array``) also takes off the writers listed
-    before it began: a failed write's mark goes with a rewrite. :meth:`fail`
+    before it began: a failed write's mark goes with a rewrite. A write of one
+    ``group`` (``to_zarr(..., group=)``, its entry names the group) replaces
+    only that group: it takes off the earlier writers of that group and of
+    groups inside it, and leaves those of the root and of other groups
+    listed (an enclosing writer's entry then names the group as ``rewritten``:
+    readers of that group no longer count it, :func:`check_complete`). :meth:`fail`
     leaves this write listed when it changed anything in the store, since the
     store may then mix old and new objects; it takes it off when nothing but
     the marker was written (the write was refused before it started).
@@ -680,10 +685,11 @@ class WriteMark:
     must not find its own rewrite refused.
     """
 
-    def __init__(self, store: JournaledStore, operation: str, *, replaces: bool = True) -> None:
+    def __init__(self, store: JournaledStore, operation: str, *, replaces: bool = True, group: str = "") -> None:
         self.store = store
         self.operation = operation
         self.replaces = replaces
+        self.group = group.strip("/")  # the group of the store this write replaces or changes ("": the root)
         self.token = ""
         self._seq = 0
         self._before: list[dict[str, Any]] = []  # the writers listed when this one began
@@ -706,6 +712,7 @@ class WriteMark:
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "uuid": self.token,
             "operation": self.operation,
+            "group": self.group,
         }
         root = self.store.root_url
         with _marks_lock:
@@ -725,13 +732,20 @@ class WriteMark:
         self._begun = True
 
     def commit(self, *, replacing: bool | None = None) -> None:
-        """Take this write (and, when it replaces the store, the writers listed before it) off the marker."""
-        gone = self._before if (self.replaces if replacing is None else replacing) else []
+        """Take this write (and, when it replaces the store or its group, the writers listed before it that it
+        replaced) off the marker."""
+        before = {_identity(w) for w in self._before} if (self.replaces if replacing is None else replacing) else set()
 
         left: list[dict[str, Any]] = []
 
         def remove(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            left[:] = [w for w in writers if w.get("uuid") != self.token and w not in gone]
+            left[:] = []
+            for w in writers:
+                if w.get("uuid") == self.token:
+                    continue
+                kept = self._replaced(w) if _identity(w) in before else w
+                if kept is not None:
+                    left.append(kept)
             return list(left)
 
         try:
@@ -742,6 +756,21 @@ class WriteMark:
         finally:
             self.store._held.clear()
             _release(self.store.root_url)
+
+    def _replaced(self, writer: dict[str, Any]) -> dict[str, Any] | None:
+        """An earlier writer's entry once this replacing write committed: None when this write replaced all it
+        wrote (its group is this write's or inside it); with this group ``rewritten`` when its write encloses
+        this one's (the root's: what it left in the group is gone); as it was for another group.
+
+        Why: ``mode="w"`` with ``group=`` empties and rewrites that group only; a root write that failed
+        still left the rest of the store half written.
+        """
+        group = _writer_group(writer)
+        if not self.group or (group is not None and _within(group, self.group)):
+            return None
+        if group is None or _within(self.group, group):
+            return {**writer, "rewritten": sorted({*_rewritten(writer), self.group})}
+        return writer
 
     def fail(self) -> None:
         if not self._begun:  # the marker never went up (begin released its count)
@@ -793,6 +822,38 @@ def _writers(data: bytes | None) -> list[dict[str, Any]]:
     return [w for w in listed if isinstance(w, dict)] if isinstance(listed, list) else [doc]
 
 
+def _identity(writer: dict[str, Any]) -> str:
+    """What tells one marker entry from another: its UUID (the whole entry for one cloudio did not write)."""
+    token = writer.get("uuid")
+    return token if isinstance(token, str) else json.dumps(writer, sort_keys=True, default=str)
+
+
+def _writer_group(writer: dict[str, Any]) -> str | None:
+    """The group a marker entry's write changed ("": the root); None when the entry does not say (a cloudio
+    that did not record it, or a marker not cloudio's): the whole store, to be safe."""
+    group = writer.get("group")
+    return group.strip("/") if isinstance(group, str) else None
+
+
+def _rewritten(writer: dict[str, Any]) -> list[str]:
+    """The groups written again whole since the entry's write (:meth:`WriteMark._replaced`)."""
+    groups = writer.get("rewritten")
+    return [g.strip("/") for g in groups if isinstance(g, str)] if isinstance(groups, list) else []
+
+
+def _within(path: str, group: str) -> bool:
+    """Whether ``path`` (relative to a store's root, "" the root) is ``group`` or inside it."""
+    return not group or path == group or path.startswith(f"{group}/")
+
+
+def _refusing(doc: dict[str, Any], path: str) -> list[dict[str, Any]]:
+    """The writers of the marker document ``doc`` that make a read of ``path`` in its store incomplete: all
+    but those whose leftovers there a later rewrite of a group holding ``path`` replaced."""
+    listed = doc.get("writers")
+    writers = [w for w in listed if isinstance(w, dict)] if isinstance(listed, list) else []
+    return [w for w in writers or [doc] if not any(_within(path, g) for g in _rewritten(w))]
+
+
 async def _update_marker(store: JournaledStore, change: Any, *, read_first: bool) -> None:
     """Apply ``change`` (writers -> writers) to the marker: write it, or delete it when no writer is left."""
     from zarr.core.buffer import default_buffer_prototype
@@ -837,24 +898,28 @@ def _marker_doc(buf: Buffer | None) -> dict[str, Any] | None:
 
 def check_complete(store: JournaledStore, *, own: bool = True, group: str = "") -> None:
     """Raise :class:`~cloudio.IncompleteWriteError` when a write to ``store`` (unless not ``own``), to a
-    store that encloses it (:func:`enclosing_markers`), or to its ``group`` written as a store of its own
-    (``to_zarr(url + "/g")``), started and never committed.
+    store that encloses it (:func:`enclosing_markers`), or to a store at a level of its ``group`` path
+    (``to_zarr(url + "/a", group="b")`` read as group ``a/b`` of ``url``), started and never committed.
 
-    Costs one GET of each marker, at once (404s when all is well).
+    Costs one GET of each marker, all at once (404s when all is well): one more per level of ``group``.
     """
     from zarr.core.buffer import default_buffer_prototype
 
     proto = default_buffer_prototype()
+    group = group.strip("/")
+    parts = group.split("/") if group else []
+    levels = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]  # "a", "a/b": each may be a store's root
 
-    async def markers() -> tuple[Buffer | None, tuple[str, Buffer] | None, Buffer | None]:
+    async def markers() -> list[Any]:
         return await asyncio.gather(store.get(MARKER, prototype=proto) if own else _nothing(),
                                     _enclosing_marker(store),
-                                    store.get(f"{group}/{MARKER}", prototype=proto) if group else _nothing())
+                                    *(store.get(f"{level}/{MARKER}", prototype=proto) for level in levels))
 
-    mine, outer, inner = _sync(markers())
-    _refuse_marked(store, mine)
-    _refuse_enclosed(store, outer)
-    _refuse_marked(store, inner, f"{store.root_url}/{group}")
+    mine, outer, *inner = _sync(markers())
+    _refuse_marked(store, mine, path=group)
+    _refuse_enclosed(store, outer, group)
+    for level, marker in zip(levels, inner, strict=True):
+        _refuse_marked(store, marker, f"{store.root_url}/{level}", path=group[len(level) + 1:])
 
 
 def enclosing_markers(store: JournaledStore) -> list[GCSPath]:
@@ -868,15 +933,16 @@ def enclosing_markers(store: JournaledStore) -> list[GCSPath]:
     return [GCSPath(root.bucket, "/".join([*parts[:n], MARKER])) for n in range(1, len(parts))]
 
 
-async def _enclosing_marker(store: JournaledStore) -> tuple[str, Buffer] | None:
-    """The root URL and marker of the outermost store enclosing ``store`` that is marked (GETs at once)."""
+async def _enclosing_marker(store: JournaledStore) -> list[tuple[str, Buffer]]:
+    """The root URL and marker of each store enclosing ``store`` that is marked, outermost first (GETs at
+    once)."""
     from zarr.core.buffer import default_buffer_prototype
 
     from cloudio._gcs.fast import get_into
 
     paths = enclosing_markers(store)
     if not paths:
-        return None
+        return []
 
     async def marker(path: GCSPath) -> np.ndarray | None:
         try:
@@ -888,35 +954,43 @@ async def _enclosing_marker(store: JournaledStore) -> tuple[str, Buffer] | None:
             return None
 
     bodies = await asyncio.gather(*(marker(path) for path in paths))
-    for path, body in zip(paths, bodies, strict=True):
-        if body is not None:
-            return path.url.rsplit("/", 1)[0], default_buffer_prototype().buffer.from_bytes(body.data)
-    return None
+    return [(path.url.rsplit("/", 1)[0], default_buffer_prototype().buffer.from_bytes(body.data))
+            for path, body in zip(paths, bodies, strict=True) if body is not None]
 
 
-def _refuse_enclosed(store: JournaledStore, enclosing: tuple[str, Buffer] | None) -> None:
-    """:func:`_refuse_marked` for the marked store that encloses ``store`` (:func:`_enclosing_marker`)."""
-    if enclosing is not None:
-        where, marker = enclosing
-        _refuse_marked(store, marker, where)
+def _refuse_enclosed(store: JournaledStore, enclosing: list[tuple[str, Buffer]], group: str = "") -> None:
+    """:func:`_refuse_marked` for each marked store that encloses ``store`` (:func:`_enclosing_marker`), as a
+    read of ``group`` of ``store``."""
+    for where, marker in enclosing:
+        path = store.root_url[len(where) + 1:]
+        _refuse_marked(store, marker, where, path=f"{path}/{group}" if group else path)
 
 
-def _refuse_marked(store: JournaledStore, marker: Buffer | None, where: str | None = None) -> None:
+def _refuse_marked(store: JournaledStore, marker: Buffer | None, where: str | None = None, *,
+                   path: str = "") -> None:
     """Raise :class:`~cloudio.IncompleteWriteError` when the GET of ``store``'s write marker (or of the
-    store at ``where`` that encloses it) found one."""
+    store at ``where`` that encloses it) found one with a writer that makes a read of ``path`` (relative to
+    the marked store) incomplete (:func:`_refusing`)."""
     from cloudio.errors import IncompleteWriteError
 
     doc = _marker_doc(marker)
     if doc is None:
         return
     url = where or store.root_url
+    refusing = _refusing(doc, path)
+    if not refusing:
+        log.debug("%s: %s is marked, but %r was written again whole since", store.root_url, url, path)
+        return
+    writer = refusing[-1]  # the latest, as the marker's top level names it
     what = f"a write to {url}" if where else "a write"
-    who = f"by {doc.get('host', '?')} (pid {doc.get('pid', '?')}, {doc.get('operation', 'a write')})"
+    who = f"by {writer.get('host', '?')} (pid {writer.get('pid', '?')}, {writer.get('operation', 'a write')})"
+    group = _writer_group(writer)
+    again = (f"cloudio.to_zarr with mode='w', group={group!r}" if group
+             else "cloudio.save_array / cloudio.to_zarr with mode='w'")
     raise IncompleteWriteError(
-        f"{store.root_url}: {what} started at {doc.get('time', 'an unknown time')} {who} never finished, so "
-        f"{url} may mix old and new objects. Write it again (cloudio.save_array / cloudio.to_zarr with "
-        "mode='w'); if you know the data is complete, remove the mark with "
-        f"cloudio.filesystem({url!r}).rm({url + '/' + MARKER!r})."
+        f"{store.root_url}: {what} started at {writer.get('time', 'an unknown time')} {who} never finished, so "
+        f"{url} may mix old and new objects. Write it again ({again}); if you know the data is complete, "
+        f"remove the mark with cloudio.filesystem({url!r}).rm({url + '/' + MARKER!r})."
     )
 
 

@@ -249,7 +249,10 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     log.debug("to_zarr %s (%s)", store.root_url, {k: v for k, v in kwargs.items() if k != "encoding"})
     with cloudio_errors(store, writing=True):
         aligned = _align_dataset(dataset, store, kwargs, rechunk)  # may open the store: its errors are cloudio's
-        mark = WriteMark(store, f"to_zarr mode={mode!r}", replaces=mode in ("w", "w-")).begin()
+        # a write to a group replaces (mode="w") or changes that group only: its mark says which
+        group = str(kwargs.get("group") or "").strip("/")
+        operation = f"to_zarr mode={mode!r}" + (f" group={group!r}" if group else "")
+        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group).begin()
         try:
             with stopped_on_failure() as changes:  # zarr's (or Dask's) other chunk writes end before the failure
                 # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
