@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from rasters import put as _put
 
 import cloudio
 from cloudio._config import prepare_gcsfs_import
@@ -281,12 +282,6 @@ def test_get_from_a_server_that_never_answers_raises_transient_error_in_bounded_
 # ---------------------------------------------------------------------------------------------
 # a file opened on a listing another writer has made out of date: refused whole, never torn
 # ---------------------------------------------------------------------------------------------
-
-
-def _put(emu, url: str, data: bytes) -> None:
-    """Another writer (google-cloud-storage, straight to the emulator) stores ``data`` at ``url``."""
-    bucket, key = url.removeprefix("gs://").split("/", 1)
-    emu.client.bucket(bucket).blob(key).upload_from_string(data)
 
 
 def test_a_session_level_read_after_an_outside_overwrite_is_never_the_new_bytes_cut_short(gcs_bucket, gcs_emulator):

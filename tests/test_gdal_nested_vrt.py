@@ -9,6 +9,8 @@ journaled.
 
 from __future__ import annotations
 
+from rasters import put as _put
+
 import cloudio
 from cloudio.emulator import Emulator, Request
 
@@ -16,12 +18,6 @@ from cloudio.emulator import Emulator, Request
 def _key(url: str) -> tuple[str, str]:
     bucket, key = url[len("gs://"):].split("/", 1)
     return bucket, key
-
-
-def _put(emu: Emulator, url: str, data: bytes) -> None:
-    """Upload ``data`` behind cloudio's back (plain google-cloud-storage: nothing journaled)."""
-    bucket, key = _key(url)
-    emu.client.bucket(bucket).blob(key).upload_from_string(data)
 
 
 def _vrt_xml(source_vsi: str, size: int = 64) -> bytes:

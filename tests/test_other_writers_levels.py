@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from rasters import put as _put
 
 import cloudio
 from cloudio.emulator import Emulator
@@ -19,11 +20,6 @@ from cloudio.emulator import Emulator
 def _key(url: str) -> tuple[str, str]:
     bucket, key = url[len("gs://"):].split("/", 1)
     return bucket, key
-
-
-def _put(emu: Emulator, url: str, data: bytes) -> None:
-    bucket, key = _key(url)
-    emu.client.bucket(bucket).blob(key).upload_from_string(data)
 
 
 def _delete(emu: Emulator, url: str) -> None:
