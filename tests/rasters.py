@@ -7,7 +7,11 @@ byte ranges.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import subprocess
+import sys
+import textwrap
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rasterio.io import MemoryFile
@@ -56,3 +60,39 @@ def put(emu: Emulator, url: str, data: bytes) -> None:
     """Upload ``data`` to ``gs://bucket/key`` behind cloudio's back (nothing is journaled)."""
     bucket, key = url[len("gs://"):].split("/", 1)
     emu.client.bucket(bucket).blob(key).upload_from_string(data)
+
+
+def mosaic_vrt(sources: list[tuple[str, int, int]], size: int = 64, *, relative: bool = False) -> str:
+    """A 1-band UInt16 VRT mosaic of ``size``-square sources placed at (xoff, yoff)."""
+    width = max(x for _, x, _ in sources) + size
+    height = max(y for _, _, y in sources) + size
+    parts = [
+        f'<SimpleSource><SourceFilename relativeToVRT="{int(relative)}">{src}</SourceFilename>'
+        f'<SourceBand>1</SourceBand>'
+        f'<SrcRect xOff="0" yOff="0" xSize="{size}" ySize="{size}"/>'
+        f'<DstRect xOff="{x}" yOff="{y}" xSize="{size}" ySize="{size}"/></SimpleSource>'
+        for src, x, y in sources
+    ]
+    return (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'
+            f'<GeoTransform>500000, 10, 0, 4000000, 0, -10</GeoTransform>'
+            f'<VRTRasterBand dataType="UInt16" band="1">{"".join(parts)}</VRTRasterBand></VRTDataset>')
+
+
+def run_python(code: str, emu: Emulator) -> subprocess.CompletedProcess[str]:
+    """``code`` in a new process pointed at ``emu`` (GDAL there has set no bucket's options yet)."""
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": emu.url}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def small_dataset(name: str = "a", rows: int = 4) -> Any:
+    """An xarray Dataset of one ``rows`` x 4 float variable with y and x coordinates."""
+    import xarray as xr
+
+    return xr.Dataset({name: (("y", "x"), np.arange(rows * 4.0).reshape(rows, 4))},
+                      coords={"y": np.arange(rows), "x": np.arange(4)})
+
+
+def gcsfs_options(emu: Emulator) -> dict[str, str]:
+    """storage_options for a plain (untracked) gcsfs on ``emu``."""
+    return {"endpoint_url": emu.url, "token": "anon"}

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import pytest
 import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
+from rasters import mosaic_vrt as _simple_vrt
+from rasters import run_python as _run
 
 import cloudio
 from cloudio._paths import parse_gcs
@@ -44,29 +43,6 @@ def _sources(xml: bytes) -> list[str]:
     return [el.text or "" for el in ET.fromstring(xml).iter() if el.tag in ("SourceFilename", "SourceDataset")]
 
 
-def _simple_vrt(sources: list[tuple[str, int, int]], size: int = 64, *, relative: bool = False) -> str:
-    """A 1-band UInt16 mosaic of 64x64 sources placed at (xoff, yoff)."""
-    width = max(x for _, x, _ in sources) + size
-    height = max(y for _, _, y in sources) + size
-    parts = [
-        f'<SimpleSource><SourceFilename relativeToVRT="{int(relative)}">{src}</SourceFilename>'
-        f'<SourceBand>1</SourceBand>'
-        f'<SrcRect xOff="0" yOff="0" xSize="{size}" ySize="{size}"/>'
-        f'<DstRect xOff="{x}" yOff="{y}" xSize="{size}" ySize="{size}"/></SimpleSource>'
-        for src, x, y in sources
-    ]
-    return (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'
-            f'<GeoTransform>500000, 10, 0, 4000000, 0, -10</GeoTransform>'
-            f'<VRTRasterBand dataType="UInt16" band="1">{"".join(parts)}</VRTRasterBand></VRTDataset>')
-
-
-def _run(code: str, emu: Emulator) -> subprocess.CompletedProcess[str]:
-    """``code`` in a new process (GDAL there has set no bucket's options yet)."""
-    env = {**os.environ, "STORAGE_EMULATOR_HOST": emu.url}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=120)
-
-
 def _sum(a: np.ndarray) -> str:
     return str(int(a.astype("int64").sum()))
 
@@ -84,7 +60,9 @@ def test_mosaic_across_two_buckets_reads_in_this_process(gcs_emulator: Emulator,
     assert (got[:, 64:] == b[0]).all()
 
 
-def test_mosaic_across_two_buckets_reads_in_another_process(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+@pytest.mark.parametrize("level", ["session", "strong"])
+def test_mosaic_across_two_buckets_reads_in_another_process(gcs_emulator: Emulator, gcs_bucket: str,
+                                                            level: str) -> None:
     other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
     a, b = _data(3), _data(4)
     _write(f"{gcs_bucket}/m/a.tif", a)
@@ -93,7 +71,7 @@ def test_mosaic_across_two_buckets_reads_in_another_process(gcs_emulator: Emulat
     url = cloudio.write_vrt(xml, f"{gcs_bucket}/v/mosaic.vrt")
     r = _run(f"""
         import cloudio
-        with cloudio.open({url!r}) as ds:
+        with cloudio.session({level!r}), cloudio.open({url!r}) as ds:
             x = ds.read(1)
         print(int(x[:, :64].astype('int64').sum()), int(x[:, 64:].astype('int64').sum()))
     """, gcs_emulator)

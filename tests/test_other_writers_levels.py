@@ -11,7 +11,9 @@ import os
 
 import numpy as np
 import pytest
+from rasters import gcsfs_options as _so
 from rasters import put as _put
+from rasters import small_dataset as _dataset
 
 import cloudio
 from cloudio.emulator import Emulator
@@ -118,17 +120,6 @@ def test_strong_world_file_added(gcs_bucket: str, gcs_emulator: Emulator) -> Non
 # --------------------------------------------------------------------------------------------
 
 zarr_warnings = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part:UserWarning")
-
-
-def _dataset(name: str = "a", rows: int = 4) -> object:
-    import xarray as xr
-
-    return xr.Dataset({name: (("y", "x"), np.arange(rows * 4.0).reshape(rows, 4))},
-                      coords={"y": np.arange(rows), "x": np.arange(4)})
-
-
-def _so(emu: Emulator) -> dict[str, str]:
-    return {"endpoint_url": emu.url, "token": "anon"}
 
 
 @zarr_warnings

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import uuid
 import xml.etree.ElementTree as ET
 
@@ -15,6 +11,8 @@ import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
+from rasters import mosaic_vrt as _simple_vrt
+from rasters import run_python as _run
 
 import cloudio
 from cloudio._journal import journal
@@ -43,29 +41,6 @@ def _stored(emu: Emulator, url: str) -> bytes:
 
 def _sources(xml: bytes) -> list[str]:
     return [el.text or "" for el in ET.fromstring(xml).iter() if el.tag in ("SourceFilename", "SourceDataset")]
-
-
-def _simple_vrt(sources: list[tuple[str, int, int]], size: int = 64, *, relative: bool = False) -> str:
-    """A 1-band UInt16 mosaic of 64x64 sources placed at (xoff, yoff)."""
-    width = max(x for _, x, _ in sources) + size
-    height = max(y for _, _, y in sources) + size
-    parts = []
-    for src, x, y in sources:
-        parts.append(
-            f'<SimpleSource><SourceFilename relativeToVRT="{int(relative)}">{src}</SourceFilename>'
-            f'<SourceBand>1</SourceBand>'
-            f'<SrcRect xOff="0" yOff="0" xSize="{size}" ySize="{size}"/>'
-            f'<DstRect xOff="{x}" yOff="{y}" xSize="{size}" ySize="{size}"/></SimpleSource>'
-        )
-    return (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'
-            f'<GeoTransform>500000, 10, 0, 4000000, 0, -10</GeoTransform>'
-            f'<VRTRasterBand dataType="UInt16" band="1">{"".join(parts)}</VRTRasterBand></VRTDataset>')
-
-
-def _run(code: str, emu: Emulator) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "STORAGE_EMULATOR_HOST": emu.url}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------

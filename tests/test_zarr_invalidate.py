@@ -14,22 +14,13 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from rasters import gcsfs_options as _so
+from rasters import small_dataset as _dataset
 
 import cloudio
 from cloudio.emulator import Emulator, Request
 
 zarr_warnings = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part:UserWarning")
-
-
-def _dataset(name: str = "a", rows: int = 4) -> object:
-    import xarray as xr
-
-    return xr.Dataset({name: (("y", "x"), np.arange(rows * 4.0).reshape(rows, 4))},
-                      coords={"y": np.arange(rows), "x": np.arange(4)})
-
-
-def _so(emu: Emulator) -> dict[str, str]:
-    return {"endpoint_url": emu.url, "token": "anon"}
 
 
 def _resized_behind_consolidated(url: str, emu: Emulator) -> None:

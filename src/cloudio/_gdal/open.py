@@ -565,7 +565,9 @@ def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dic
         c.prepare_vrt()
         ds = _rio_open(t, driver, sharing, kwargs)
         files = _files(ds, t)
-        if _configure_sources(t, files):  # GDAL may have opened a source with another bucket's options
+        # GDAL may have opened a source with another bucket's options; at the strong and bounded levels
+        # _sources_current configures the buckets on its own walk of the sources (and asks for the reopen)
+        if level == "session" and _configure_sources(t, files):
             _close(ds, t)
             ds = _rio_open(t, driver, sharing, kwargs)
             files = _files(ds, t)
