@@ -113,14 +113,15 @@ def test_no_shard_goes_up_after_a_failed_write_raised(gcs_emulator, gcs_bucket, 
 
     a = np.random.default_rng(4).standard_normal((8192, 512)).astype("f4")  # 16 shards of 1 MiB
     fault_proxy.add("status", code=403, method="POST", path=r"/upload/.*name=stops\.zarr%2Fc%2F15%2F", times=None)
-    # the other uploads held a second: the refusal is taken in long before the first of them is answered; a
-    # shard sent after the raise would reach the proxy's log (which notes a held request once answered) within
-    # two holds, which the wait below covers
-    fault_proxy.add("delay", method="POST", path=r"/upload/.*name=stops\.zarr%2Fc%2F", seconds=1.0, times=None)
+    # the other uploads held three seconds: the refusal is taken in long before the first of them is answered
+    # (a one-second hold was once overtaken in a loaded full run: all 16 shards went up); a shard sent after
+    # the raise would reach the proxy's log (which notes a held request once answered) within two holds,
+    # which the wait below covers
+    fault_proxy.add("delay", method="POST", path=r"/upload/.*name=stops\.zarr%2Fc%2F", seconds=3.0, times=None)
     with pytest.raises(cloudio.CloudioError) as info:
         cloudio.save_array(a, f"{gcs_bucket}/stops.zarr", chunks=(256, 256), shards=(512, 512), compressors=None)
     assert f"{gcs_bucket}/stops.zarr" in str(info.value) and info.value.__cause__ is not None
-    time.sleep(2.5)
+    time.sleep(6.5)
     sent = {unquote(p.rpartition("name=")[2]) for m, p, _ in fault_proxy.log
             if m == "POST" and "name=stops.zarr%2Fc%2F" in p}
     workers = int(zarr.config.get("async.concurrency"))
