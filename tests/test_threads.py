@@ -26,12 +26,14 @@ from __future__ import annotations
 import itertools
 import random
 import threading
+import uuid
 
 import pytest
 import rasters
 from rasterio.errors import RasterioIOError
 
 import cloudio
+from cloudio.emulator import Emulator
 
 THREADS = 8
 WRITERS = 4
@@ -238,3 +240,43 @@ def test_a_write_behind_a_stuck_read_goes_ahead_after_change_wait(
         reader.join(60)
         assert not isinstance(got[0], BaseException), got[0]
         assert got[0].min() == got[0].max()  # type: ignore[union-attr]  # one whole version, never torn
+
+
+def test_first_opens_of_a_bucket_in_eight_threads_set_its_options_once(
+    gcs_emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: every thread that found the bucket unconfigured cleared its GDAL options and set them again.
+
+    A thread already reading the bucket then met it with no emulator endpoint and
+    unsigned requests off, between the clear and the set: GDAL failed with "GS_SECRET_ACCESS_KEY...
+    configuration options not defined" (seen once in a loaded run of the test above).
+    """
+    from cloudio._gdal import endpoint
+
+    cleared: list[str] = []
+    clear = endpoint.clear_path_options
+    monkeypatch.setattr(endpoint, "clear_path_options", lambda p: (cleared.append(p), clear(p))[1])
+    for _ in range(3):
+        bucket = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+        fs = cloudio.filesystem(bucket)
+        urls = [f"{bucket}/t{i}.tif" for i in range(THREADS)]
+        for i, u in enumerate(urls):
+            fs.pipe(u, tif(i + 1))
+        barrier = threading.Barrier(THREADS)
+        sums: dict[str, object] = {}
+
+        def read(u: str, barrier: threading.Barrier = barrier, sums: dict[str, object] = sums) -> None:
+            barrier.wait()
+            try:
+                with cloudio.open(u) as ds:
+                    sums[u] = int(ds.read(1).sum())
+            except Exception as e:  # reported below
+                sums[u] = e
+
+        threads = [threading.Thread(target=read, args=(u,)) for u in urls]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert all(isinstance(v, int) for v in sums.values()), sums
+        assert cleared.count(endpoint.bucket_prefix(bucket.removeprefix("gs://"))) == 1

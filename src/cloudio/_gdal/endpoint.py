@@ -28,6 +28,7 @@ __all__ = ["bucket_prefix", "ensure_endpoint", "in_force", "reset"]
 
 _endpoints: dict[str, tuple[tuple[object, object, object], tuple[str, ...]]] = {}  # bucket -> settings applied
 _endpoints_lock = threading.Lock()
+_keys: dict[str, frozenset[str]] = {}  # bucket -> the options set on it (while the endpoint is unchanged)
 _applied_endpoint: list[object] = [None]  # the endpoint state the options of _endpoints point at
 #: the state of the last options applied to any bucket (see :data:`cloudio._gdal.generation.current`,
 #: bumped with it: while the generation is unchanged, every bucket applied since holds this state)
@@ -114,28 +115,37 @@ def ensure_endpoint(bucket: str) -> None:
     ``rasterio.Env`` is left to them (a path-specific option would win over
     it). When the endpoint changes, every bucket's options are removed and
     what GDAL cached from the old server is dropped.
+
+    Other threads may be reading the bucket meanwhile: options already set
+    are overwritten in place, never cleared first (GDAL would ask Google,
+    unsigned, in between), unless one of them must go.
     """
     state = _endpoint_state()
     if _endpoints.get(bucket) == state:
         return
     with _endpoints_lock:
+        if _endpoints.get(bucket) == state:  # another thread set them while this one waited
+            return
         endpoint_state = state[0][:2]
         if _applied_endpoint[0] != endpoint_state:
             for old in list(_endpoints):  # another server: nothing set or cached for the old one holds
                 _remove(old)
             _endpoints.clear()
+            _keys.clear()
             _applied_endpoint[0] = endpoint_state
         ep = emulator_endpoint()
-        prefix = bucket_prefix(bucket)
-        clear_path_options(prefix)
-        if ep is not None:
-            for key, value in ep.gdal_options.items():
-                set_path_option(prefix, key, value)
-            _fence(bucket, set_them=True)
         user = set(state[1]) | {k for k in _HTTP_KEYS if k in os.environ}
-        for key, value in _config.gdal_http_options().items():
-            if key not in user:
-                set_path_option(prefix, key, value)
+        wanted = dict(ep.gdal_options) if ep is not None else {}
+        wanted.update((k, v) for k, v in _config.gdal_http_options().items() if k not in user)
+        prefix = bucket_prefix(bucket)
+        first = bucket not in _keys
+        if first or not _keys[bucket] <= wanted.keys():
+            clear_path_options(prefix)
+        for key, value in wanted.items():
+            set_path_option(prefix, key, value)
+        if first and ep is not None:
+            _fence(bucket, set_them=True)
+        _keys[bucket] = frozenset(wanted)
         _endpoints[bucket] = state
         last_applied[0] = state
         generation.bump()
@@ -147,6 +157,7 @@ def reset() -> None:
         for old in list(_endpoints):
             _remove(old)
         _endpoints.clear()
+        _keys.clear()
         _applied_endpoint[0] = None
         last_applied[0] = None
         generation.bump()
