@@ -27,6 +27,7 @@ import logging
 import math
 import numbers
 import os
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,11 +132,12 @@ class session:
     def __init__(self, consistency: Consistency = "session") -> None:
         self.consistency: Consistency = _check_level(consistency)
         self.stats = Stats()
-        #: one per block entered and not yet left: the same object may be entered again inside its block
-        self._tokens: list[contextvars.Token[session | None]] = []
+        #: per thread, one per block entered and not yet left: the same object may be entered again inside
+        #: its block, and in several threads at once (each leaves its own block)
+        self._tokens: dict[int, list[contextvars.Token[session | None]]] = {}
 
     def __enter__(self) -> session:
-        self._tokens.append(_state.current_session.set(self))
+        self._tokens.setdefault(threading.get_ident(), []).append(_state.current_session.set(self))
         with _state.sessions_lock:
             if self not in _state.open_sessions:
                 self.stats._start()
@@ -148,8 +150,11 @@ class session:
                 _state.open_sessions.remove(self)
                 if self not in _state.open_sessions:  # its outermost block
                     self.stats._freeze()
-        if self._tokens:
-            token = self._tokens.pop()
+        tokens = self._tokens.get(threading.get_ident())
+        if tokens:
+            token = tokens.pop()
+            if not tokens:
+                del self._tokens[threading.get_ident()]
             try:
                 _state.current_session.reset(token)
             except ValueError:  # exited in another context than entered (or after cloudio._state.reset())

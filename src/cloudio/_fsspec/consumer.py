@@ -350,6 +350,16 @@ def guard_listings(fs: Any) -> None:
     """
     if fs.__dict__.get("_cloudio_guarded"):
         return
+    with _guarding:  # two writers' changes may reach one instance at once: wrapped once
+        if not fs.__dict__.get("_cloudio_guarded"):
+            _guard(fs)
+
+
+_guarding = threading.Lock()
+
+
+def _guard(fs: Any) -> None:
+    """:func:`guard_listings`, once per instance (under :data:`_guarding`)."""
     dircache = getattr(fs, "dircache", None)
     if type(dircache) is DirCache:
         dircache.__class__ = _EpochDirCache

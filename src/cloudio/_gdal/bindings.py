@@ -89,9 +89,10 @@ def clear(vsi_prefix: str) -> None:
     log.debug("gdal: cleared %s", vsi_prefix)
 
 
-def set_path_option(prefix: str, key: str, value: str) -> None:
-    """``VSISetPathSpecificOption`` (GDAL >= 3.6): ``key=value`` for every path under ``prefix``."""
-    _lib().VSISetPathSpecificOption(prefix.encode(), key.encode(), value.encode())
+def set_path_option(prefix: str, key: str, value: str | None) -> None:
+    """``VSISetPathSpecificOption`` (GDAL >= 3.6): ``key=value`` for every path under ``prefix``; None removes
+    ``key`` alone (the other options of ``prefix`` stay in force throughout)."""
+    _lib().VSISetPathSpecificOption(prefix.encode(), key.encode(), None if value is None else value.encode())
 
 
 def clear_path_options(prefix: str) -> None:

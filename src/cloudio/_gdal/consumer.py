@@ -323,11 +323,20 @@ class GdalConsumer(Consumer):
 
     # -- reads -----------------------------------------------------------------------------------
 
-    def set_listing(self, path: GCSPath, names: Iterable[str] | None) -> None:
-        """Store cloudio's listing of ``path``'s directory (None: too long to use)."""
+    def set_listing(self, path: GCSPath, names: Iterable[str] | None, listed_after: int | None = None) -> None:
+        """Store cloudio's listing of ``path``'s directory (None: too long to use).
+
+        ``listed_after``: the journal's ``seq`` before the listing was asked
+        for. A change of the directory recorded since may be missing from it,
+        and may have found no entry to update (the first listing of a
+        directory): the names are then not kept, and GDAL lists for itself.
+        """
         fresh = set(names) if names is not None else None
         key = dir_key(path)
-        with self._state:
+        with self._state:  # a change recorded after this check finds the entry stored below
+            if listed_after is not None and journal().seq != listed_after \
+                    and journal().since(listed_after, path.parent.url):
+                fresh = None
             d = self._dirs.setdefault(key, _Dir())
             if d.listed_at:  # a refresh (GDAL's own listing, gdal_listing) may find names ours lacks
                 if d.names is None or fresh is None:

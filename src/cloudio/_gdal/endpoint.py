@@ -117,8 +117,8 @@ def ensure_endpoint(bucket: str) -> None:
     what GDAL cached from the old server is dropped.
 
     Other threads may be reading the bucket meanwhile: options already set
-    are overwritten in place, never cleared first (GDAL would ask Google,
-    unsigned, in between), unless one of them must go.
+    are overwritten in place and those no longer wanted removed one by one,
+    never all cleared first (GDAL would ask Google, unsigned, in between).
     """
     state = _endpoint_state()
     if _endpoints.get(bucket) == state:
@@ -139,10 +139,12 @@ def ensure_endpoint(bucket: str) -> None:
         wanted.update((k, v) for k, v in _config.gdal_http_options().items() if k not in user)
         prefix = bucket_prefix(bucket)
         first = bucket not in _keys
-        if first or not _keys[bucket] <= wanted.keys():
+        if first:
             clear_path_options(prefix)
         for key, value in wanted.items():
             set_path_option(prefix, key, value)
+        for key in _keys.get(bucket, frozenset()) - wanted.keys():
+            set_path_option(prefix, key, None)
         if first and ep is not None:
             _fence(bucket, set_them=True)
         _keys[bucket] = frozenset(wanted)

@@ -69,6 +69,7 @@ from cloudio._gdal.consumer import LISTING_LIMIT, NEEDS_LISTING, consumer
 from cloudio._gdal.endpoint import ensure_endpoint
 from cloudio._gdal.gates import gates as _gates
 from cloudio._gdal.targets import Target, is_sidecar, target
+from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
 from cloudio._session import Consistency, count, current_level
 from cloudio.errors import (
@@ -556,10 +557,11 @@ def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dic
                        level: Consistency = "session") -> DatasetReader:
     c = consumer
     if c.plan_read(t) is NEEDS_LISTING:
+        seq = journal().seq
         names = _list_names(t.path)
         if names is _NO_BUCKET:  # let GDAL fail; the failure is diagnosed by the caller
             return _rio_open(t, driver, sharing, kwargs)
-        c.set_listing(t.path, names)
+        c.set_listing(t.path, names, listed_after=seq)
         c.plan_read(t)
     if t.vrt or (driver or "").upper() == "VRT":
         c.prepare_vrt()

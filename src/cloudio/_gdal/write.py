@@ -161,6 +161,10 @@ def _upload_outputs(local: str, path: GCSPath, guard: int | None = None, *, repl
     failed write leaves no new dataset mixed with the old one's sidecars.
     ``guard`` (``if_generation_match``) is checked before anything goes up
     when there are sidecars, and carried by the object's own upload.
+
+    The object is held as changing throughout (:meth:`cloudio._journal.WriteJournal.changing`):
+    GDAL reads its sidecars with it, so an open in between would pair the new
+    pixels with the old version's ``.msk`` or ``.aux.xml``.
     """
     if not os.path.exists(local):
         raise UploadError(
@@ -169,12 +173,18 @@ def _upload_outputs(local: str, path: GCSPath, guard: int | None = None, *, repl
         )
     folder, base = os.path.split(local)
     sidecars = sorted(n for n in os.listdir(folder) if n != base)
-    done: list[Uploaded] = []
     if guard is not None and sidecars:
         held = object_generation(path)
         if held != guard:
             raise ConflictError(path.url, guard, held)
-    done.append(upload(local, path, if_generation_match=guard))
+    with journal().changing(path.url):
+        return _upload_all(local, path, guard, sidecars, replace)
+
+
+def _upload_all(local: str, path: GCSPath, guard: int | None, sidecars: list[str], replace: bool) -> list[Uploaded]:
+    """:func:`_upload_outputs`' uploads (and deletes), the object held as changing by the caller."""
+    folder, base = os.path.split(local)
+    done = [upload(local, path, if_generation_match=guard)]
     remote = ""
     try:
         for name in sidecars:
