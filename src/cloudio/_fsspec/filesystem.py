@@ -193,13 +193,14 @@ def _crc_of_file(local: str) -> str:
 _OBJECT_IN_URL = re.compile(r"/b/([^/?]+)(?:/o/([^?]+)|/o\?(?:.*&)?name=([^&]+))?")
 
 
-def _request_url(fs: Any, path: str, args: tuple[Any, ...]) -> str:
-    """The ``gs://`` URL a gcsfs request is about (its HTTP URL when none can be told)."""
+def _request_url(fs: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The ``gs://`` URL a gcsfs request is about (its HTTP URL when none can be told); a listing's is its
+    prefix (a keyword of gcsfs's ``_call``, not in the path)."""
     http = fs._format_path(path, args)
     m = _OBJECT_IN_URL.search(http)
     if m is None:
         return str(http.split("?", 1)[0])
-    key = m.group(2) or m.group(3) or ""
+    key = m.group(2) or m.group(3) or (kwargs.get("prefix") if http.rstrip("/").endswith("/o") else None) or ""
     return f"gs://{unquote(m.group(1))}/{unquote(key)}"
 
 
@@ -373,7 +374,7 @@ class _JournalingGCSMixin:
             transient = is_transient(e)
             if not transient and not isinstance(e, (HttpError, OSError, ValueError, RuntimeError)):
                 raise  # not the server's answer (a bug, a bad argument)
-            url = _request_url(self, path, args)
+            url = _request_url(self, path, args, kwargs)
             if url.endswith("/") and _writing.get() is not None:
                 url = str(_writing.get())
             if transient:

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import posixpath
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
@@ -1229,7 +1230,7 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
                                   "'/<name>')).")
     if isinstance(e, FileNotFoundError):
         return _not_found(store, node, writer)
-    if type(e) is OSError:  # gcsfs's mapping of a refusal (403 "Forbidden", 401...)
+    if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409: HttpError)
         from cloudio.errors import ReadError, UploadError
 
         if writing:
@@ -1239,6 +1240,13 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
         return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may "
                          "read this bucket.")
     return None
+
+
+def _http_error(e: BaseException) -> bool:
+    """gcsfs's ``HttpError``: what its ``validate_response`` raises for a refusal other than 403, 404 and 412
+    (cloudio's own transport maps answers with it too)."""
+    retry = sys.modules.get("gcsfs.retry")
+    return retry is not None and isinstance(e, retry.HttpError)
 
 
 #: what zarr and xarray raise for a write asked not to replace a stored node (gcsfs's 412 is a ConflictError first)
