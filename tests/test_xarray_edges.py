@@ -287,3 +287,29 @@ def test_open_zarr_of_an_array_says_to_load_it(gcs_bucket):
     with pytest.raises(cloudio.ConfigurationError, match="load_array") as err:
         cloudio.open_zarr(url)
     assert url in str(err.value) and err.value.__cause__ is not None
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+@pytest.mark.parametrize("consolidated", [True, False])
+def test_open_zarr_of_a_missing_group_names_the_group(gcs_bucket, zarr_format, consolidated):
+    """Regression: ``cloudio.open_zarr(url, group="nope")`` on a store that exists but has no such group.
+
+    open_zarr documents ``ObjectNotFoundError`` for "no Zarr store at url" and cloudio's errors name the URL
+    and a next step. A missing group gets neither:
+
+    * consolidated store: xarray/zarr's bare ``KeyError("'nope' not found in consolidated metadata.")``
+      escapes (not a CloudioError, no URL), because ``cloudio_error`` maps only ``FileNotFoundError``;
+    * ``consolidated=False``: the ``FileNotFoundError`` is mapped by ``_not_found`` to
+      "gs://.../ds.zarr: no Zarr store there (no zarr.json, .zgroup or .zarray); check the URL", which is
+      false (the store is there, with its zarr.json) and never mentions the group that is missing.
+    """
+    url = f"{gcs_bucket}/ds.zarr"
+    ds = xr.Dataset({"v": (("t",), np.arange(3.0))}, coords={"t": np.arange(3)})
+    cloudio.to_zarr(ds, url, mode="w", zarr_format=zarr_format, consolidated=consolidated)
+    assert cloudio.open_zarr(url).v.values.tolist() == [0.0, 1.0, 2.0]  # the store itself is there
+
+    with pytest.raises(cloudio.ObjectNotFoundError) as err:
+        cloudio.open_zarr(url, group="nope", consolidated=consolidated)
+    message = str(err.value)
+    assert url in message
+    assert "nope" in message, message  # the group that is missing, not "no Zarr store there"

@@ -1185,23 +1185,25 @@ def _transient(e: BaseException) -> bool:
 
 @contextmanager
 def cloudio_errors(store: JournaledStore, *, writing: bool, node: str = "store",
-                   writer: str = "cloudio.to_zarr") -> Iterator[None]:
+                   writer: str = "cloudio.to_zarr", group: str = "") -> Iterator[None]:
     """Re-raise what zarr, xarray or gcsfs raise inside as :func:`cloudio_error` says, with it as the cause."""
     try:
         yield
     except Exception as e:
-        err = cloudio_error(store, e, writing=writing, node=node, writer=writer)
+        err = cloudio_error(store, e, writing=writing, node=node, writer=writer, group=group)
         if err is not None:
             raise err from e
         raise
 
 
 def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, node: str = "store",
-                  writer: str = "cloudio.to_zarr") -> CloudioError | None:
+                  writer: str = "cloudio.to_zarr", group: str = "") -> CloudioError | None:
     """The :class:`~cloudio.CloudioError` a user should see for ``e`` raised by zarr, xarray or gcsfs.
 
     None when ``e`` is already cloudio's, or an error of the caller's own making
-    (a wrong argument) that zarr or xarray explains well enough.
+    (a wrong argument) that zarr or xarray explains well enough. ``group``:
+    the group a read asked for (zarr says a missing one is a ``KeyError`` of
+    the consolidated metadata, or a ``FileNotFoundError``).
     """
     from cloudio.errors import ConfigurationError, IntegrityError, TransientError
 
@@ -1228,8 +1230,9 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
         return ConfigurationError(f"{url} is a Zarr group, not an array; open it with cloudio.open_zarr or "
                                   f"zarr.open_group, or load one of its arrays (cloudio.load_array({url!r} + "
                                   "'/<name>')).")
-    if isinstance(e, FileNotFoundError):
-        return _not_found(store, node, writer)
+    missing_member = isinstance(e, KeyError) and "not found in consolidated metadata" in str(e)
+    if isinstance(e, FileNotFoundError) or (group and missing_member):
+        return _not_found(store, node, writer, group)
     if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409: HttpError)
         from cloudio.errors import ReadError, UploadError
 
@@ -1240,6 +1243,20 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
         return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may "
                          "read this bucket.")
     return None
+
+
+def _holds_a_node(url: str) -> bool:
+    """Is there a Zarr node (v3 ``zarr.json``, v2 ``.zgroup``/``.zarray``) right at ``url``? (failures only)"""
+    names = ("zarr.json", ".zgroup", ".zarray")
+    if not is_gcs(url):
+        return any(os.path.exists(os.path.join(url, n)) for n in names)
+    from cloudio._gcs.client import gcs_filesystem
+
+    fs, root = gcs_filesystem(), parse_gcs(url).fs_path.rstrip("/")
+    try:
+        return any(fs.exists(f"{root}/{n}") for n in names)
+    except OSError:
+        return False
 
 
 def _http_error(e: BaseException) -> bool:
@@ -1267,11 +1284,16 @@ def _already_there(url: str, e: BaseException, writer: str) -> CloudioError:
                               f"written. {then}, or write to another URL.")
 
 
-def _not_found(store: JournaledStore, node: str, writer: str) -> CloudioError:
-    """Why there is no Zarr node at the store's root: no bucket, an object in its place, or nothing."""
+def _not_found(store: JournaledStore, node: str, writer: str, group: str = "") -> CloudioError:
+    """Why there is no Zarr node at the store's root (or no ``group`` in it): no bucket, an object in its
+    place, no such group, or nothing."""
     from cloudio.errors import ConfigurationError, ObjectNotFoundError
 
     url = store.root_url
+    if group and _holds_a_node(url):
+        return ObjectNotFoundError(f"{url}: the Zarr store there has no group {group!r}; check the group name "
+                                   f"(and its path from the store's root), or write it with {writer}(..., "
+                                   f"group={group!r}).")
     if is_gcs(url):
         from cloudio._gcs.client import gcs_filesystem
 

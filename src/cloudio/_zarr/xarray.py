@@ -368,9 +368,9 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
 
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, True, storage_options)
-    with cloudio_errors(store, writing=False):
+    group = str(kwargs.get("group") or "").strip("/")  # a write to url/group marks that store, not this one
+    with cloudio_errors(store, writing=False, group=group):
         check = revalidate(store)
-        group = str(kwargs.get("group") or "").strip("/")  # a write to url/group marks that store, not this one
         if check is None:  # the session level (or a bound the last listing is within)
             check_complete(store, group=group)
             _avoid_stale_consolidated(store, kwargs)
