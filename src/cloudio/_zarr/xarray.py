@@ -343,7 +343,8 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
     Raises
     ------
     ObjectNotFoundError
-        No Zarr store at ``url`` (:class:`~cloudio.BucketNotFoundError`: no such bucket).
+        No Zarr store at ``url``, or no ``group`` in it (:class:`~cloudio.BucketNotFoundError`: no such
+        bucket).
     ConfigurationError
         ``url`` is a single object (a GeoTIFF), not a store.
     IncompleteWriteError
