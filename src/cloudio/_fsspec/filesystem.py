@@ -587,6 +587,41 @@ class _JournalingGCSMixin:
         _record(self._cloudio_url(path), "invalidate", prefix=True)
         return out
 
+    async def _info(self, path: str, generation: Any = None, **kwargs: Any) -> Any:
+        """gcsfs's, except that an object named like a folder (``d`` beside ``d/x``) is the object: from a
+        cached listing gcsfs returned whichever entry came first (the folder, size 0: the object read
+        empty), where uncached it prefers the object too."""
+        out = await super()._info(path, generation=generation, **kwargs)  # type: ignore[misc]
+        if out.get("type") == "directory":
+            name = self._strip_protocol(path).rstrip("/")  # type: ignore[attr-defined]
+            for o in self._ls_from_cache(self._parent(name)) or ():  # type: ignore[attr-defined]
+                if o.get("type") == "file" and o["name"] == name and (not generation
+                                                                      or o.get("generation") == generation):
+                    return o
+        return out
+
+    async def _expand_path(self, path: Any, recursive: bool = False, maxdepth: Any = None,
+                           assume_literal: bool = False) -> Any:
+        """fsspec's, except that a path holding ``[``, ``*`` or ``?`` that names a stored object or folder
+        means that one: fsspec reads it as a glob (``rm("d/a[1].tif")`` deleted ``d/a1.tif`` and kept
+        the object named). One existence check per such path; a pattern that names nothing stored globs."""
+        from glob import has_magic
+
+        if assume_literal or isinstance(path, str):  # a str comes back here as a list
+            return await super()._expand_path(path, recursive, maxdepth, assume_literal)  # type: ignore[misc]
+        paths = [self._strip_protocol(p) for p in path]  # type: ignore[attr-defined]
+        stored = [p for p in paths if has_magic(p) and await self._exists(p)]  # type: ignore[attr-defined]
+        if not stored:
+            return await super()._expand_path(paths, recursive, maxdepth)  # type: ignore[misc]
+        out = set(await super()._expand_path(stored, recursive, maxdepth, assume_literal=True))  # type: ignore[misc]
+        rest = [p for p in paths if p not in stored]
+        if rest:
+            try:
+                out |= set(await super()._expand_path(rest, recursive, maxdepth))  # type: ignore[misc]
+            except FileNotFoundError:  # fsspec raises for nothing at all; the stored ones are something
+                pass
+        return sorted(out)
+
     # gcsfs binds these sync methods to its own coroutines in its class body
     # (``mv_file = sync_wrapper(_mv_file)``), which would bypass the overrides above;
     # fsspec derives the others (pipe_file, put_file, cp_file, rm_file...) per instance.
@@ -618,7 +653,7 @@ class _JournalingHNSMixin(_JournalingGCSMixin):
         with _collect() as acc:
             out = await super()._mv(path1, path2, **kwargs)  # type: ignore[misc]
         if not acc and isinstance(path1, str) and isinstance(path2, str) and path1 != path2:
-            from fsspec.utils import has_magic
+            from glob import has_magic
 
             bucket = self.split_path(path1)[0]  # type: ignore[attr-defined]
             if not has_magic(path1) and await self._is_bucket_hns_enabled(bucket):  # type: ignore[attr-defined]

@@ -36,6 +36,7 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
 from cloudio._gcs.transfer import upload
+from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
 from cloudio.errors import CloudioError, ConfigurationError, InvalidURLError, UploadError
 
@@ -92,7 +93,10 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
     ``.vrt.ovr``, a ``.vrt.aux.xml``) are deleted, as for ``cloudio.open(url, "w")``:
     GDAL would read them with the new VRT.
     """
+    from cloudio._gdal.write import _drop_old_sidecars, refuse_folder_key
+
     path = parse_gcs(os.fspath(url), require_key=True)
+    refuse_folder_key(path)
     tmpdir = tempfile.mkdtemp(prefix="cloudio-vrt-")
     try:
         local = os.path.join(tmpdir, "dataset.vrt")  # a key's last segment may be longer than a file name
@@ -100,12 +104,11 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
         # GDAL's own rendering is relative to the temporary folder; XML text, to where it is stored
         is_text = isinstance(dataset_or_vrt, str) and dataset_or_vrt.lstrip().startswith("<VRTDataset")
         fixed = absolute_sources(xml_text, base_dir=path.parent if is_text else tmpdir, url=path.url)
-        upload(fixed.encode("utf-8"), path, content_type="application/xml", if_generation_match=if_generation_match)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    from cloudio._gdal.write import _drop_old_sidecars
-
-    _drop_old_sidecars(path, {path.url})  # the old VRT's .vrt.ovr or .aux.xml would be read with this one
+    with journal().changing(path.url):  # an open in between would read the new VRT with the old sidecars
+        upload(fixed.encode("utf-8"), path, content_type="application/xml", if_generation_match=if_generation_match)
+        _drop_old_sidecars(path, {path.url})  # the old VRT's .vrt.ovr or .aux.xml would be read with this one
     log.debug("wrote VRT %s", path.url)
     return path.url
 

@@ -61,7 +61,7 @@ from cloudio._gcs.client import is_transient
 from cloudio._gcs.transfer import Uploaded, download, ensure_bucket, object_generation, upload
 from cloudio._journal import journal
 from cloudio._paths import GCSPath
-from cloudio.errors import ConfigurationError, ConflictError, NotARasterError, UploadError
+from cloudio.errors import ConfigurationError, ConflictError, InvalidURLError, NotARasterError, UploadError
 
 if TYPE_CHECKING:
     from rasterio.io import DatasetWriter
@@ -151,6 +151,15 @@ class _UploadOnClose:
                 shutil.rmtree(state["tmpdir"], ignore_errors=True)
 
 
+def refuse_folder_key(path: GCSPath) -> None:
+    """GDAL datasets are not written to keys ending in '/': their sidecars go next to them by name, which
+    the '/' takes away (they would land beside, or delete those of, the object without it)."""
+    if path.key.endswith("/"):
+        raise InvalidURLError(f"{path.url}: the key ends in '/', a folder's name to GDAL, which writes a "
+                              f"dataset's sidecars beside it by name; write to {path.url.rstrip('/')!r} or "
+                              "another name. (Such keys can be read, and written through cloudio.filesystem.)")
+
+
 def _upload_outputs(local: str, path: GCSPath, guard: int | None = None, *, replace: bool = False) -> list[Uploaded]:
     """Upload ``local``, then the sidecars GDAL wrote next to it; when it ``replace``s the dataset, delete
     the old version's sidecars this one lacks (:func:`_drop_old_sidecars`).
@@ -171,8 +180,7 @@ def _upload_outputs(local: str, path: GCSPath, guard: int | None = None, *, repl
             f"{path.url}: GDAL produced no file to upload (expected {os.path.basename(local)}); "
             "nothing was uploaded. Check the driver and creation options."
         )
-    folder, base = os.path.split(local)
-    sidecars = sorted(n for n in os.listdir(folder) if n != base)
+    sidecars = _sidecar_targets(local, path)
     if guard is not None and sidecars:
         held = object_generation(path)
         if held != guard:
@@ -181,21 +189,39 @@ def _upload_outputs(local: str, path: GCSPath, guard: int | None = None, *, repl
         return _upload_all(local, path, guard, sidecars, replace)
 
 
-def _upload_all(local: str, path: GCSPath, guard: int | None, sidecars: list[str], replace: bool) -> list[Uploaded]:
-    """:func:`_upload_outputs`' uploads (and deletes), the object held as changing by the caller."""
+def _sidecar_targets(local: str, path: GCSPath) -> list[tuple[str, GCSPath]]:
+    """The sidecar files GDAL wrote next to ``local``, each with the object it goes to (checked before
+    anything is uploaded: a key GCS would refuse must not cost the old version)."""
     folder, base = os.path.split(local)
+    targets = []
+    for name in sorted(os.listdir(folder)):
+        side = os.path.join(folder, name)
+        if name == base or not os.path.isfile(side):
+            continue
+        remote = _remote_name(name, base, path.name)
+        try:
+            targets.append((side, path.parent.child(remote)))
+        except InvalidURLError as e:
+            raise InvalidURLError(
+                f"{path.url}: GDAL wrote the sidecar {remote!r} with the dataset, and GCS would refuse its key "
+                f"({e}); nothing was uploaded. Write to a shorter key, or without what the sidecar holds "
+                "(a PNG's CRS and transform go to its .aux.xml)."
+            ) from e
+    return targets
+
+
+def _upload_all(local: str, path: GCSPath, guard: int | None, sidecars: list[tuple[str, GCSPath]],
+                replace: bool) -> list[Uploaded]:
+    """:func:`_upload_outputs`' uploads (and deletes), the object held as changing by the caller."""
     done = [upload(local, path, if_generation_match=guard)]
-    remote = ""
+    remote = path
     try:
-        for name in sidecars:
-            side = os.path.join(folder, name)
-            if os.path.isfile(side):
-                remote = _remote_name(name, base, path.name)
-                done.append(upload(side, path.parent.child(remote)))
+        for side, remote in sidecars:
+            done.append(upload(side, remote))
     except Exception as e:
         kept = _undo(done)
         raise UploadError(
-            f"{path.url}: the object was uploaded, but its sidecar {path.parent.child(remote).url} failed ({e}); "
+            f"{path.url}: the object was uploaded, but its sidecar {remote.url} failed ({e}); "
             "the object and the sidecars uploaded with it were deleted again, so what they held before "
             "this write is gone" + (f" (could not delete {', '.join(kept)})" if kept else "")
             + ". Write the dataset again."
@@ -253,9 +279,9 @@ def _drop_old_sidecars(path: GCSPath, uploaded: set[str]) -> None:
         ) from e
     here = [n.rsplit("/", 1)[-1] for n in names]
     others = [n for n in here if n != path.name and n.startswith(stem + ".") and not _is_sidecar(n, path.name)]
-    old = [parsed for parsed in (path.parent.child(n) for n in here)
-           if parsed.url not in uploaded and _is_sidecar(parsed.name, path.name)
-           and not (others and parsed.name[len(stem):].lower() in _SHARED)]
+    old = [path.parent.child(n) for n in here  # only sidecars: a neighbour's name need not be one cloudio takes
+           if _is_sidecar(n, path.name) and path.parent.url + n not in uploaded
+           and not (others and n[len(stem):].lower() in _SHARED)]
     if old:
         log.info("%s: deleting the old version's sidecars %s", path.url, ", ".join(p.name for p in old))
     kept = _delete([p.url for p in old])
@@ -406,6 +432,7 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
 
     if mode not in _MODES:
         raise ValueError(f"{path.url}: mode {mode!r} is not a write mode; use 'w', 'w+' or 'r+'")
+    refuse_folder_key(path)
     guard = kwargs.pop("if_generation_match", None)
     if guard is not None and (isinstance(guard, bool) or not isinstance(guard, int) or guard < 0):
         raise ConfigurationError(f"{path.url}: if_generation_match={guard!r} is not a generation; pass the "

@@ -461,6 +461,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     async def delete_dir(self, prefix: str) -> None:
         if not prefix.strip("/") and _marked(self._root_url):
             await self._delete_all_but_marker()
+        elif self._gcs_root is not None:
+            await self._delete_listed(prefix)
         else:
             await self._store.delete_dir(prefix)
         self._deleted(prefix, prefix=True)
@@ -469,9 +471,18 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     async def clear(self) -> None:
         if _marked(self._root_url):
             await self._delete_all_but_marker()
+        elif self._gcs_root is not None:
+            await self._delete_listed("")
         else:
             await self._store.clear()
         self._deleted("", prefix=True)
+
+    async def _delete_listed(self, prefix: str) -> None:
+        """Delete every key at or below ``prefix`` (the marker too), by name: zarr's ``FsspecStore`` deletes
+        with fsspec's ``rm``, which reads ``[``, ``*``, ``?`` in the store's path as a glob and would delete
+        a neighbour's keys (``z/a[1]`` matching ``z/a1``)."""
+        self._store._check_writable()
+        await self._delete_keys([k async for k in self._keys_under(prefix)])
 
     # -- what lists: the write-in-progress marker is cloudio's, not a node of the hierarchy --
 
@@ -483,11 +494,16 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         """The wrapped store's ``list_prefix``; on GCS one listing over cloudio's kept connections
         (:func:`cloudio._gcs.fast.list_objects`, names only), which a ``save_array`` runs alongside
         its marker's upload."""
+        async for key in self._keys_under(prefix):
+            if key != MARKER:
+                yield key
+
+    async def _keys_under(self, prefix: str) -> AsyncIterator[str]:
+        """:meth:`list_prefix` with the write marker."""
         root = self._gcs_root
         if root is None:
             async for key in self._store.list_prefix(prefix):
-                if key != MARKER:
-                    yield key
+                yield key
             return
         base = f"{root.key.rstrip('/')}/" if root.key else ""
         under = prefix.rstrip("/")  # as gcsfs's find: the key itself, or keys below it as a directory
@@ -495,7 +511,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             key = str(item["name"])[len(base):]
             if under and key != under and not key.startswith(f"{under}/"):
                 continue  # "a" does not list "ab/..."
-            if key != MARKER and key and not key.endswith("/"):  # "directory" placeholders are no keys
+            if key and not key.endswith("/"):  # "directory" placeholders are no keys
                 yield key
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:
