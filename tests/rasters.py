@@ -96,3 +96,24 @@ def small_dataset(name: str = "a", rows: int = 4) -> Any:
 def gcsfs_options(emu: Emulator) -> dict[str, str]:
     """storage_options for a plain (untracked) gcsfs on ``emu``."""
     return {"endpoint_url": emu.url, "token": "anon"}
+
+
+#: a 64-square georeferenced uint8 GeoTIFF's profile for ``cloudio.open(url, "w", **PROFILE)``
+PROFILE: dict[str, Any] = dict(driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:32633",
+                               transform=(10, 0, 500000, 0, -10, 4000000))
+
+
+def write_half_masked(url: str, value: int) -> None:
+    """Write ``value`` everywhere through cloudio, with an external ``.msk`` masking the lower half."""
+    import rasterio
+    from affine import Affine
+
+    import cloudio
+
+    profile = {**PROFILE, "transform": Affine(*PROFILE["transform"])}
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False):
+        with cloudio.open(url, "w", **profile) as ds:
+            ds.write(np.full((1, 64, 64), value, "uint8"))
+            m = np.zeros((64, 64), "uint8")
+            m[:32] = 255
+            ds.write_mask(m)

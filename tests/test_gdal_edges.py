@@ -7,7 +7,7 @@ import pytest
 import rasterio
 from affine import Affine
 from faultproxy import FaultProxy
-from rasters import tif
+from rasters import tif, write_half_masked
 
 import cloudio
 from cloudio import _config
@@ -76,12 +76,7 @@ def test_write_vrt_with_a_300_byte_last_segment(gcs_emulator: Emulator, gcs_buck
 def test_failed_overwrite_keeps_the_old_sidecar(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     """An overwrite whose main upload fails must leave the old dataset as it was (its .msk included)."""
     url = f"{gcs_bucket}/d/a.tif"
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False):
-        with cloudio.open(url, "w", **PROFILE) as ds:
-            ds.write(np.full((1, 64, 64), 1, "uint8"))
-            m = np.zeros((64, 64), "uint8")
-            m[:32] = 255
-            ds.write_mask(m)
+    write_half_masked(url, 1)
     keys = _keys(gcs_emulator, gcs_bucket)
     assert "d/a.tif.msk" in keys, keys
     with cloudio.open(url) as r:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.enums
-from rasters import put, tif
+from affine import Affine
+from rasters import PROFILE, put, tif, write_half_masked
 
 import cloudio
 from cloudio.emulator import Emulator
@@ -95,19 +96,11 @@ def test_reader_during_an_overwrite_never_pairs_new_pixels_with_the_old_mask(
     gate). A thread opening ``a.tif`` in between is held by no gate: it reads the new pixels (value 2) with
     the old version's mask (half masked), a dataset of two versions the docs say is never returned.
     """
-    from affine import Affine
-
     from cloudio._gdal import write
 
-    profile = dict(driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:32633",
-                   transform=Affine(10, 0, 500000, 0, -10, 4000000))
+    profile = {**PROFILE, "transform": Affine(*PROFILE["transform"])}
     url = f"{gcs_bucket}/d/a.tif"
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False):
-        with cloudio.open(url, "w", **profile) as ds:
-            ds.write(np.full((1, 64, 64), 1, "uint8"))
-            m = np.zeros((64, 64), "uint8")
-            m[:32] = 255
-            ds.write_mask(m)
+    write_half_masked(url, 1)
     with cloudio.open(url) as r:  # a reader of the old version: plans, listings, GDAL's caches warm
         assert int(r.read(1)[0, 0]) == 1 and not r.dataset_mask()[32:].any()
 
