@@ -321,3 +321,45 @@ def test_a_strong_file_overwritten_between_open_and_first_read_is_never_torn(gcs
                 f.read()  # was b"b" * 10
         with fs.open(url, "rb") as f:
             assert f.read() == b"b" * 25
+
+
+def test_bucket_delete_whose_answer_is_lost_still_journals_it(fault_proxy, gcs_emulator, b, user_fs,
+                                                               journal_records):
+    """Regression: ``rmdir`` of a bucket whose answer was lost journaled nothing.
+
+    gcsfs sends the DELETE again and is told 404 (FileNotFoundError): the bucket is gone, and a
+    listing of the buckets cached by another instance still held it.
+    """
+    fs = cloudio.filesystem(f"gs://{b}")
+    assert b in [p.rstrip("/") for p in user_fs.ls("")]  # the user's instance caches the bucket list
+
+    fault_proxy.add("reset", method="DELETE", path=rf"/b/{b}$", times=1)  # deleted, answer lost
+    with pytest.raises(FileNotFoundError):
+        fs.rmdir(b)
+    fault_proxy.clear()
+
+    assert b not in [bk.name for bk in gcs_emulator.client.list_buckets()]  # gone on the server
+    assert [(c.url, c.kind, c.prefix) for c in journal_records] == [(f"gs://{b}/", "delete", True)]
+    assert b not in [p.rstrip("/") for p in user_fs.ls("")]
+
+
+def test_bucket_create_whose_answer_is_lost_still_journals_it(fault_proxy, gcs_emulator, user_fs, journal_records):
+    """Regression: ``mkdir`` of a bucket whose answer was lost journaled nothing.
+
+    gcsfs sends the POST again and is refused (409, it exists): cloudio raised, and a listing of the
+    buckets cached by another instance still lacked the bucket that was made.
+    """
+    import uuid
+
+    b = f"test-{uuid.uuid4().hex[:16]}"
+    fs = cloudio.filesystem("gs://")
+    assert b not in [p.rstrip("/") for p in user_fs.ls("")]  # the user's instance caches the bucket list
+
+    fault_proxy.add("reset", method="POST", path=r"^/storage/v1/b\?", times=1)  # made, answer lost
+    with pytest.raises(OSError):
+        fs.mkdir(b)
+    fault_proxy.clear()
+
+    assert b in [bk.name for bk in gcs_emulator.client.list_buckets()]  # made on the server
+    assert [(c.url, c.kind, c.prefix) for c in journal_records] == [(f"gs://{b}/", "invalidate", True)]
+    assert b in [p.rstrip("/") for p in user_fs.ls("")]

@@ -105,15 +105,15 @@ def _collect() -> Iterator[list[str]]:
 
 
 @contextmanager
-def _unsure(*urls: str) -> Iterator[None]:
-    """Journal an ``"invalidate"`` of ``urls`` when the block fails in a way that may have changed them
-    (an answer lost, a cancel): the journal must not say less than the server may hold."""
+def _unsure(*urls: str, prefix: bool = False) -> Iterator[None]:
+    """Journal an ``"invalidate"`` of ``urls`` (as prefixes: a bucket) when the block fails in a way that
+    may have changed them (an answer lost, a cancel): the journal must not say less than the server may hold."""
     try:
         yield
     except BaseException as e:
         if _outcome_unknown(e) or not isinstance(e, Exception):
             for url in urls:
-                _record(url, "invalidate")
+                _record(url, "invalidate", prefix=prefix)
         raise
 
 
@@ -577,14 +577,22 @@ class _JournalingGCSMixin:
         return out
 
     async def _rmdir(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        out = await super()._rmdir(path, *args, **kwargs)  # type: ignore[misc]
-        _record(self._cloudio_url(path), "delete", prefix=True)  # a bucket (or an HNS folder)
+        url = self._cloudio_url(path)
+        try:
+            with _unsure(url, prefix=True):
+                out = await super()._rmdir(path, *args, **kwargs)  # type: ignore[misc]
+        except FileNotFoundError:  # gone either way (gcsfs's retry of a delete that landed, its answer lost)
+            _record(url, "delete", prefix=True)
+            raise
+        _record(url, "delete", prefix=True)  # a bucket (or an HNS folder)
         return out
 
     async def _mkdir(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        out = await super()._mkdir(path, *args, **kwargs)  # type: ignore[misc]
-        # a new bucket (or HNS folder): only listings of its parent can be stale
-        _record(self._cloudio_url(path), "invalidate", prefix=True)
+        try:
+            out = await super()._mkdir(path, *args, **kwargs)  # type: ignore[misc]
+        finally:  # a failure too: a lost answer, then gcsfs's retry refused (409), made the bucket all the same
+            # a new bucket (or HNS folder): only listings of its parent can be stale
+            _record(self._cloudio_url(path), "invalidate", prefix=True)
         return out
 
     async def _info(self, path: str, generation: Any = None, **kwargs: Any) -> Any:
