@@ -144,7 +144,7 @@ def test_read_after_overwrite_in_another_layout_is_a_stale_dataset_error(gcs_buc
     fs.pipe(url, tif(1, 64))
     with cloudio.open(url) as ds:
         fs.pipe(url, tif(2, 128))
-        stale = rf"{url}: overwritten by this process.*reopen it with cloudio.open"
+        stale = rf"{url}: changed on the server while this dataset was open.*reopen it with cloudio.open"
         with pytest.raises(cloudio.StaleDatasetError, match=stale):
             ds.read(1)
     with cloudio.open(url) as ds:

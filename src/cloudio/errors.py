@@ -126,7 +126,8 @@ class ReadError(CloudioError, OSError):
 
 
 class StaleDatasetError(ReadError):
-    """The object was overwritten by this process while a dataset of it was open, into another layout.
+    """The object changed while a dataset of it was open (a write through cloudio, or another writer's change
+    cloudio learnt of), into another layout.
 
     Reading on would mix the dataset's old header with the new bytes; reopen it.
     """

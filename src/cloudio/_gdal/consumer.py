@@ -475,6 +475,11 @@ class GdalConsumer(Consumer):
                 for key in [k for k, v in self._readers.items() if not any(_is_open(r) for r in v)]:
                     del self._readers[key]
 
+    def has_stale_datasets(self, vsi: str) -> bool:
+        """Is a dataset of ``vsi`` opened before its last change still open? (A shared open would get its
+        handle.)"""
+        return any(_is_open(r) for r in list(self._reclear.get(vsi, ())))
+
     def _mark_stale(self, vsi: str, refs: list[weakref.ref[Any]]) -> None:
         """Datasets of ``vsi`` that know an older version than the server now holds."""
         if vsi not in self._reclear and len(self._reclear) >= _RECLEAR_MAX:

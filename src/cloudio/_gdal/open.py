@@ -154,6 +154,12 @@ class _Reader(DatasetReader):  # type: ignore[misc]
     statistics = _through_io(DatasetReader.statistics)
     stats = _through_io(DatasetReader.stats)
     overviews = _through_io(DatasetReader.overviews)  # GDAL reads overview IFDs, .ovr on first use
+    # metadata GDAL holds per handle: after an overwrite, the new version's with its pixels
+    tags = _through_io(DatasetReader.tags)
+    colormap = _through_io(DatasetReader.colormap)
+    descriptions = property(lambda self: _io(self, DatasetReader.descriptions.__get__, (), {}))  # type: ignore[attr-defined]
+    units = property(lambda self: _io(self, DatasetReader.units.__get__, (), {}))  # type: ignore[attr-defined]
+    colorinterp = property(lambda self: _io(self, DatasetReader.colorinterp.__get__, (), {}))  # type: ignore[attr-defined]
 
     # close is rasterio's own, outside the gate: GDAL's close of a reader does no I/O of the object
     # (checked in the emulator's log, tests/test_open_read.py); at most it uploads a .aux.xml
@@ -248,8 +254,8 @@ def _layout(ds: DatasetReader) -> tuple[Any, ...]:
 
 def _stale(t: Target, why: str) -> StaleDatasetReadError:
     return StaleDatasetReadError(
-        f"{t.path.url}: overwritten by this process while this dataset was open ({why}); "
-        "reopen it with cloudio.open."
+        f"{t.path.url}: changed on the server while this dataset was open (a write through cloudio, or "
+        f"another writer's change cloudio learnt of; {why}); reopen it with cloudio.open."
     )
 
 
@@ -391,10 +397,13 @@ def open(
             f"{fp!r}: mode {mode!r} does not exist; rasterio's modes are 'r' (read), 'w' (write a new "
             "dataset), 'w+' (write, then read back) and 'r+' (update). There is no 'b': datasets are binary."
         )
+    if driver is not None and not isinstance(driver, str):
+        raise TypeError(f"invalid driver: {driver!r}")  # rasterio.open's own refusal, before cloudio reads it
     t = _parsed.get(fp) if type(fp) is str else None  # the fast path: a URL read before
     if t is None and opener is None:
         t = _target(fp)
     if t is None or opener is not None:
+        _configure_wrapped(fp)
         return rasterio.open(
             fp, mode, driver=driver, width=width, height=height, count=count, crs=crs,
             transform=transform, dtype=dtype, nodata=nodata, sharing=sharing, opener=opener, **kwargs,
@@ -496,6 +505,19 @@ _parsed: dict[str, Target] = {}
 _PARSED_MAX = 10_000
 
 
+#: a GCS object inside another GDAL path (``/vsizip//vsigs/b/a.zip/x.tif``, rasterio's ``zip+gs://b/a.zip!x.tif``)
+_WRAPPED_BUCKET = re.compile(r"(?:/vsigs(?:_streaming)?/|\+gs://)([^/!]+)/")
+
+
+def _configure_wrapped(fp: Any) -> None:
+    """Set the GDAL options of the bucket of a GCS object wrapped in another GDAL path (an archive member):
+    without them GDAL would ask Google for it, unsigned. Such paths go to rasterio as they are."""
+    if isinstance(fp, (str, os.PathLike)):
+        m = _WRAPPED_BUCKET.search(os.fspath(fp))
+        if m is not None:
+            ensure_endpoint(m.group(1))
+
+
 def _target(fp: Any) -> Target | None:
     """The object ``fp`` names, or None when ``fp`` is not a GCS URL (rasterio's business)."""
     if not isinstance(fp, (str, os.PathLike)) or not is_gcs(fp):
@@ -543,7 +565,12 @@ def _gdal_open(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, A
 
 
 def _rio_open(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> DatasetReader:
-    """``rasterio.open`` of the ``/vsigs/`` path inside its gate (no write through cloudio meanwhile)."""
+    """``rasterio.open`` of the ``/vsigs/`` path inside its gate (no write through cloudio meanwhile).
+
+    Shared only while no dataset of the object opened before its last change
+    is still open: GDAL would hand that one's handle back, the old version.
+    """
+    sharing = sharing and not consumer.has_stale_datasets(t.vsi)
     _gates.enter(t.vsi)
     try:
         if kwargs:
