@@ -5,7 +5,7 @@ matches the request; the emulator itself is never bypassed or mocked. Faults:
 
 ``status``   answer ``code`` (503, 429, 403, ...) without forwarding
 ``hang``     accept the request and never answer (until the proxy closes)
-``delay``    forward after sleeping ``seconds``
+``delay``    forward after sleeping ``seconds`` (or until ``release`` is set)
 ``late``     forward at once, then hold the upstream's answer for ``seconds`` (or until ``release`` is set)
              before sending it: the server answered *before* whatever the test does meanwhile
 ``reset``    forward, send the headers and ``after`` bytes of the body, then reset the connection (RST)
@@ -54,7 +54,7 @@ class Rule:
     after: int = 0
     where: str = "response"
     action: Callable[[], None] | None = None
-    release: threading.Event | None = None  # "late": send the held answer when set (else after seconds)
+    release: threading.Event | None = None  # "late"/"delay": answer/forward when set (else after seconds)
     skip: int = 0  # let the first ``skip`` matching requests through untouched (not counted as hits)
     piece: int = 0  # send the answer in writes of this many bytes ("trickle" uses ``after``)
     head: bytes = b"HTTP/1.1 100 Continue\r\n\r\n"  # "interim": the 1xx answer sent first
@@ -172,7 +172,10 @@ class FaultProxy:
                     self._reset()
                     return
                 if rule is not None and fault == "delay":
-                    time.sleep(rule.seconds)
+                    if rule.release is not None:
+                        rule.release.wait(rule.seconds or None)
+                    else:
+                        time.sleep(rule.seconds)
                 if rule is not None and fault == "flip" and rule.where == "request":
                     body = _flip_request(body)
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)

@@ -173,9 +173,11 @@ def _order(emu: object, key: str, start: int) -> list[str]:
     return out
 
 
-def _slow_read(ds: object, got: list[object], fault_proxy: object, seconds: float = 5) -> threading.Thread:
-    """Start reading ``ds`` (g/a.tif) in a thread whose GET the proxy holds; return once it is held."""
-    slow = fault_proxy.add("delay", seconds=seconds, method="GET", path=r"/g/a\.tif$", times=1)  # type: ignore[attr-defined]
+def _slow_read(ds: object, got: list[object], fault_proxy: object, seconds: float = 5,
+               release: threading.Event | None = None) -> threading.Thread:
+    """Start reading ``ds`` (g/a.tif) in a thread whose GET the proxy holds (``seconds``, or until ``release``
+    is set); return once it is held."""
+    slow = fault_proxy.add("delay", seconds=seconds, release=release, method="GET", path=r"/g/a\.tif$", times=1)  # type: ignore[attr-defined]
     reader = _read_in_thread(ds, got)
     _until(lambda: slow.hits, "the read's GET")
     return reader
@@ -212,9 +214,13 @@ def test_a_write_of_another_object_does_not_wait_for_a_read(gcs_emulator, gcs_bu
     fs.pipe(url, rasters.tif(1, 512))
     with cloudio.open(url) as ds:
         got: list[object] = []
-        reader = _slow_read(ds, got, fault_proxy)
-        fs.pipe(other, rasters.tif(3, 16))  # would wait the 5 s if writes were serialised with all reads
-        assert reader.is_alive(), "the read of a.tif finished before the write of b.tif did"
+        release = threading.Event()  # the read held until the write is done, however slow the machine
+        reader = _slow_read(ds, got, fault_proxy, seconds=25, release=release)
+        try:
+            fs.pipe(other, rasters.tif(3, 16))  # would wait the 25 s if writes were serialised with all reads
+            assert reader.is_alive(), "the read of a.tif finished before the write of b.tif did"
+        finally:
+            release.set()
         reader.join(60)
         assert got[0].min() == 1  # type: ignore[union-attr]
 
@@ -231,10 +237,14 @@ def test_a_write_behind_a_stuck_read_goes_ahead_after_change_wait(
     fs.pipe(url, rasters.tif(1, 512))
     with cloudio.open(url) as ds:
         got: list[object] = []
-        reader = _slow_read(ds, got, fault_proxy)
-        with caplog.at_level("WARNING", logger="cloudio._gdal.gates"):
-            fs.pipe(url, rasters.tif(2, 512))
-        assert reader.is_alive(), "the write waited for the stuck read to end"
+        release = threading.Event()  # the read stuck until the write is done, however slow the machine
+        reader = _slow_read(ds, got, fault_proxy, seconds=25, release=release)
+        try:
+            with caplog.at_level("WARNING", logger="cloudio._gdal.gates"):
+                fs.pipe(url, rasters.tif(2, 512))
+            assert reader.is_alive(), "the write waited for the stuck read to end"
+        finally:
+            release.set()
         assert any("/vsigs/" in r.getMessage() and "a.tif" in r.getMessage() and "still running" in r.getMessage()
                    for r in caplog.records), caplog.text
         reader.join(60)

@@ -81,14 +81,16 @@ def test_concurrent_append_keeps_every_variable(gcs_bucket, fault_proxy, mode, c
     ``compute``: B's variable stays in it.
     """
     import threading
+    import time
 
     url = f"{gcs_bucket}/race.zarr"
     key = url.split("/", 3)[3]
     ds = xr.Dataset({"x": (("t",), np.arange(4.0))}, coords={"t": np.arange(4)})
     cloudio.to_zarr(ds, url, mode="w", zarr_format=3, consolidated=True)
-    # writer A's consolidated zarr.json reaches the server 3 s after A sent it
+    # writer A's consolidated zarr.json reaches the server once writer B's write is done (the test releases it)
+    release = threading.Event()
     rule = fault_proxy.add("delay", method="POST", path=rf"uploadType=media&name={key}%2Fzarr\.json(&|$)",
-                           seconds=3.0)
+                           release=release, seconds=25)  # under the 30 s request limit: A does not send it again
     out: dict[str, object] = {}
 
     def writer_a() -> None:
@@ -100,13 +102,15 @@ def test_concurrent_append_keeps_every_variable(gcs_bucket, fault_proxy, mode, c
 
     t = threading.Thread(target=writer_a)
     t.start()
-    for _ in range(200):
-        if rule.hits:
-            break
-        threading.Event().wait(0.02)
-    assert rule.hits == 1, "writer A never consolidated"
-    cloudio.to_zarr(xr.Dataset({"b": (("t",), np.full(4, 2.0))}), url, mode="a")  # writer B, guarded
-    t.join(30)
+    try:
+        deadline = time.monotonic() + 60  # A's write before its consolidation, slow on a loaded machine
+        while not rule.hits and t.is_alive() and time.monotonic() < deadline:
+            threading.Event().wait(0.02)
+        assert rule.hits == 1, f"writer A never consolidated: {out.get('a')!r}"
+        cloudio.to_zarr(xr.Dataset({"b": (("t",), np.full(4, 2.0))}), url, mode="a")  # writer B, guarded
+    finally:
+        release.set()
+    t.join(60)
     assert not isinstance(out["a"], BaseException), out["a"]
     if not compute:
         out["a"].compute()  # type: ignore[union-attr]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import types
 from urllib.parse import unquote
@@ -113,16 +114,35 @@ def test_no_shard_goes_up_after_a_failed_write_raised(gcs_emulator, gcs_bucket, 
 
     a = np.random.default_rng(4).standard_normal((8192, 512)).astype("f4")  # 16 shards of 1 MiB
     fault_proxy.add("status", code=403, method="POST", path=r"/upload/.*name=stops\.zarr%2Fc%2F15%2F", times=None)
-    # the other uploads held three seconds: the refusal is taken in long before the first of them is answered
-    # (a one-second hold was once overtaken in a loaded full run: all 16 shards went up); a shard sent after
-    # the raise would reach the proxy's log (which notes a held request once answered) within two holds,
-    # which the wait below covers
-    fault_proxy.add("delay", method="POST", path=r"/upload/.*name=stops\.zarr%2Fc%2F", seconds=3.0, times=None)
-    with pytest.raises(cloudio.CloudioError) as info:
-        cloudio.save_array(a, f"{gcs_bucket}/stops.zarr", chunks=(256, 256), shards=(512, 512), compressors=None)
+    # the other shards' uploads reach the emulator, and their answers are held until the test lets them go,
+    # after save_array raised: no worker can move on to a next shard before the refusal was taken in, however
+    # slowly that happens (a wall-clock hold, one second and then three, was overtaken under load: all 16 went up)
+    release = threading.Event()
+    held = fault_proxy.add("late", method="POST", path=r"/upload/.*name=stops\.zarr%2Fc%2F", release=release,
+                           seconds=25, times=None)  # under the 30 s request limit: nothing is sent again meanwhile
+    try:
+        with pytest.raises(cloudio.CloudioError) as info:
+            cloudio.save_array(a, f"{gcs_bucket}/stops.zarr", chunks=(256, 256), shards=(512, 512),
+                               compressors=None)
+    finally:
+        release.set()
     assert f"{gcs_bucket}/stops.zarr" in str(info.value) and info.value.__cause__ is not None
-    time.sleep(6.5)
-    sent = {unquote(p.rpartition("name=")[2]) for m, p, _ in fault_proxy.log
+
+    def answered() -> int:  # held uploads the proxy answered (it logs a held request once answered)
+        return sum(1 for m, p, _ in fault_proxy.requests(r"name=stops\.zarr%2Fc%2F")
+                   if m == "POST" and "name=stops.zarr%2Fc%2F15%2F" not in p)
+
+    def all_answered(what: str) -> None:
+        deadline = time.monotonic() + 30
+        while answered() < held.hits:
+            assert time.monotonic() < deadline, f"{held.hits - answered()} held uploads never answered ({what})"
+            time.sleep(0.01)
+
+    all_answered("released")
+    # a worker still running after the raise now has its answer and would send its next shard at once
+    time.sleep(2.0)
+    all_answered("sent after the release")
+    sent = {unquote(p.rpartition("name=")[2]) for m, p, _ in fault_proxy.requests()
             if m == "POST" and "name=stops.zarr%2Fc%2F" in p}
     workers = int(zarr.config.get("async.concurrency"))
     assert "stops.zarr/c/15/0" in sent and len(sent) <= workers < 16, sorted(sent)
@@ -283,8 +303,23 @@ def test_the_old_objects_are_listed_alongside_the_marker_and_only_those_not_over
     new = -old[:100]  # c/0/0 .. c/1/3 overwritten, the rest stale
     cloudio.save_array(old, url, chunks=(50, 50), shards=None, compressors=None)
     fault_proxy.log.clear()
-    rule = fault_proxy.add("delay", method="GET", path=r"/o\?.*prefix=listed\.zarr", seconds=0.5)
-    cloudio.save_array(new, url, chunks=(50, 50), shards=None, compressors=None)
+    # the listing held until all 8 chunks were answered (a fixed half second was outlasted by the uploads under
+    # load); a write that waited for the listing before its uploads would meet the 10 s hold and fail below
+    release = threading.Event()
+    rule = fault_proxy.add("delay", method="GET", path=r"/o\?.*prefix=listed\.zarr", release=release, seconds=10)
+
+    def release_once_uploaded() -> None:
+        while not release.is_set() and len(fault_proxy.requests(r"name=listed\.zarr%2Fc%2F")) < 8:
+            time.sleep(0.01)
+        release.set()
+
+    watcher = threading.Thread(target=release_once_uploaded, daemon=True)
+    watcher.start()
+    try:
+        cloudio.save_array(new, url, chunks=(50, 50), shards=None, compressors=None)
+    finally:
+        release.set()
+        watcher.join(5)
     assert rule.hits == 1
     sent = _store_requests(fault_proxy, "listed.zarr")
     listing = next(i for i, (m, p) in enumerate(sent) if m == "GET" and "prefix=listed.zarr" in p)

@@ -8,6 +8,7 @@ The reader is this process (or another child). Everything asserted is what a rea
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 import warnings
 from typing import Any
@@ -123,7 +124,10 @@ def test_a_slow_rewrite_with_another_shape_and_dtype_is_refused_then_read_whole(
     cloudio.save_array(np.ones((200, 300), "f4"), url, chunks=(100, 100))  # this process: a guess is kept
     assert (cloudio.load_array(url) == 1).all()
     with FaultProxy(gcs_emulator.url) as proxy:
-        rule = proxy.add("delay", method="POST", path=r"slow\.zarr%2Fc%2F1%2F1", seconds=4.0, times=None)
+        # the chunk's upload held until the reads below are done (not for a fixed time they may outlast under load)
+        release = threading.Event()
+        rule = proxy.add("delay", method="POST", path=r"slow\.zarr%2Fc%2F1%2F1", release=release, seconds=25,
+                         times=None)
         p = _start("save", url, ((300, 100), "i2", 7, (50, 50)), proxy.url)
         try:
             _wait(lambda: rule.hits > 0)
@@ -131,6 +135,7 @@ def test_a_slow_rewrite_with_another_shape_and_dtype_is_refused_then_read_whole(
                 for name, got in _reads(url, level).items():
                     assert isinstance(got, cloudio.IncompleteWriteError), (level, name, got)
         finally:
+            release.set()
             p.join(60)
         assert p.exitcode == 0
     for level in _levels():
@@ -185,7 +190,9 @@ def test_a_slow_append_and_region_write_are_refused_then_read_whole(gcs_emulator
     for level in _levels():
         assert _open_all(url, level).a.shape == (800,)
     with FaultProxy(gcs_emulator.url) as proxy:
-        rule = proxy.add("delay", method="POST", path=r"app\.zarr%2Fa%2Fc%2F9", seconds=4.0, times=None)
+        release = threading.Event()  # the chunk's upload held until the reads below are done
+        rule = proxy.add("delay", method="POST", path=r"app\.zarr%2Fa%2Fc%2F9", release=release, seconds=25,
+                         times=None)
         p = _start("append", url, (800, 400, 2.0), proxy.url)
         try:
             _wait(lambda: rule.hits > 0)
@@ -194,13 +201,16 @@ def test_a_slow_append_and_region_write_are_refused_then_read_whole(gcs_emulator
                 with cloudio.session(level), pytest.raises(cloudio.IncompleteWriteError):
                     cloudio.load_array(f"{url}/a")
         finally:
+            release.set()
             p.join(60)
         assert p.exitcode == 0
     for level in ["strong", 0, "session"]:
         ds = _open_all(url, level)
         np.testing.assert_array_equal(ds.a.values, np.r_[np.full(800, 1.0), np.full(400, 2.0)])
     with FaultProxy(gcs_emulator.url) as proxy:
-        rule = proxy.add("delay", method="POST", path=r"app\.zarr%2Fa%2Fc%2F3", seconds=4.0, times=None)
+        release = threading.Event()  # the chunk's upload held until the reads below are done
+        rule = proxy.add("delay", method="POST", path=r"app\.zarr%2Fa%2Fc%2F3", release=release, seconds=25,
+                         times=None)
         p = _start("region", url, (200, 500, 3.0), proxy.url)
         try:
             _wait(lambda: rule.hits > 0)
@@ -209,6 +219,7 @@ def test_a_slow_append_and_region_write_are_refused_then_read_whole(gcs_emulator
                 with cloudio.session(level), pytest.raises(cloudio.IncompleteWriteError):
                     cloudio.load_array(f"{url}/a")
         finally:
+            release.set()
             p.join(60)
         assert p.exitcode == 0
     want = np.r_[np.full(200, 1.0), np.full(300, 3.0), np.full(300, 1.0), np.full(400, 2.0)]
