@@ -808,8 +808,21 @@ class _Answers(asyncio.BufferedProtocol):
             done.set_exception(e)
 
 
+def _forget_closed_loops() -> None:
+    """Drop the connections parked on event loops that have closed (an ``asyncio.run`` per job): nothing can
+    use them, and they keep their loop alive (a transport holds its loop: the weak key never dies). With
+    their references gone, each transport is freed at once and closes its socket."""
+    for loop in [lp for lp in list(_idle) if lp.is_closed()]:
+        for conns in _idle.pop(loop, {}).values():
+            for conn in conns:
+                conn.closed = True
+                conn.transport = None
+
+
 async def _connection_to(origin: tuple[str, str, int]) -> tuple[_Answers, bool]:
     """A kept connection to ``origin`` (and True), or a new one (and False)."""
+    if len(_idle) > 1:
+        _forget_closed_loops()
     idle = _idle.setdefault(asyncio.get_running_loop(), {}).get(origin)
     while idle:
         conn = idle.pop()

@@ -106,6 +106,9 @@ _RECLEAR_MAX = 10_000
 _TRACK_MAX = 100_000
 #: datasets remembered per object before the closed ones are dropped (amortised over the opens)
 _PRUNE_AT = 64
+#: per-object EMPTY_DIR options kept in GDAL at once, oldest dropped first: GDAL looks a path's options
+#: up through all of them, in every open and request (3,000 made a plain open of another object 1 ms slower)
+_EMPTY_DIR_MAX = 256
 #: the change of a directory listing whose new names are unknown (an external invalidation)
 _ANY = "\0any"
 
@@ -163,6 +166,8 @@ class GdalConsumer(Consumer):
         self._epoch: dict[str, int] = {}
         #: vsi path -> datasets cloudio opened on it (weak): open ones may be downloading
         self._readers: dict[str, list[weakref.ref[Any]]] = {}
+        #: the EMPTY_DIR options set, oldest first: (directory key, name), at most :data:`_EMPTY_DIR_MAX`
+        self._empty_dirs: dict[tuple[str, str], None] = {}
         self._state = threading.RLock()
         self.calls = calls if calls is not None else GdalCalls()
 
@@ -430,7 +435,23 @@ class GdalConsumer(Consumer):
             elif name not in d.empty_dir:
                 self.calls.set_path_option(f"{key}/{name}", _READDIR, "EMPTY_DIR")
                 d.empty_dir.add(name)
+                self._empty_dir_set(key, name)
             return gdal_lists
+
+    def _empty_dir_set(self, key: str, name: str) -> None:
+        """Count an EMPTY_DIR option just set; past :data:`_EMPTY_DIR_MAX`, the oldest still set is removed
+        (its object's next open plans again: no request, its directory's names are kept)."""
+        self._empty_dirs.pop((key, name), None)
+        self._empty_dirs[(key, name)] = None
+        while len(self._empty_dirs) > _EMPTY_DIR_MAX:
+            old_key, old_name = next(iter(self._empty_dirs))
+            del self._empty_dirs[(old_key, old_name)]
+            d = self._dirs.get(old_key)
+            if d is not None and old_name in d.empty_dir:
+                self.calls.clear_path_options(f"{old_key}/{old_name}")
+                d.empty_dir.discard(old_name)
+                d.plans.pop(old_name, None)
+                generation.bump()
 
     # -- datasets that outlive the open ------------------------------------------------------------
 
@@ -456,6 +477,8 @@ class GdalConsumer(Consumer):
             if refs is None:
                 with self._state:
                     refs = readers.setdefault(vsi, [])
+                    if len(readers) > _TRACK_MAX:  # objects of many opens each: dropped when all are closed
+                        self._drop_closed_readers(keep=vsi)
             refs.append(ref)
             if readers.get(vsi) is refs:
                 break
@@ -472,8 +495,12 @@ class GdalConsumer(Consumer):
             if refs is not None:
                 self._readers[vsi] = [r for r in list(refs) if _is_open(r)]
             if len(self._readers) > _TRACK_MAX:
-                for key in [k for k, v in self._readers.items() if not any(_is_open(r) for r in v)]:
-                    del self._readers[key]
+                self._drop_closed_readers()
+
+    def _drop_closed_readers(self, keep: str = "") -> None:
+        """Forget the objects whose datasets are all closed (under ``_state``)."""
+        for key in [k for k, v in self._readers.items() if k != keep and not any(_is_open(r) for r in list(v))]:
+            del self._readers[key]
 
     def has_stale_datasets(self, vsi: str) -> bool:
         """Is a dataset of ``vsi`` opened before its last change still open? (A shared open would get its
@@ -641,6 +668,10 @@ def reset() -> None:
     """
     reset_endpoints()
     with consumer._state:
+        for key, d in consumer._dirs.items():  # longer than the buckets' prefixes: not cleared with them
+            for name in d.empty_dir:
+                consumer.calls.clear_path_options(f"{key}/{name}")
+        consumer._empty_dirs.clear()
         consumer._dirs.clear()
         consumer._seen.clear()
         consumer._related.clear()
