@@ -121,6 +121,12 @@ def _through_io(method: Any) -> Any:
     return run
 
 
+def _through_io_property(name: str) -> Any:
+    """The property ``name`` of rasterio's reader, read through :func:`_io`."""
+    getter = getattr(DatasetReader, name).__get__
+    return property(lambda self: _io(self, getter, (), {}), doc=getattr(DatasetReader, name).__doc__)
+
+
 class _Reader(DatasetReader):  # type: ignore[misc]
     """What cloudio.open returns for reading: rasterio's reader, made safe against writes in this process.
 
@@ -141,10 +147,7 @@ class _Reader(DatasetReader):  # type: ignore[misc]
         """As rasterio names the user's spelling (GDAL itself opened the ``/vsigs/`` path: cheaper)."""
         return self._cloudio_target.shown
 
-    @property  # type: ignore[override]
-    def files(self) -> list[str]:
-        return _io(self, DatasetReader.files.__get__, (), {})  # type: ignore[attr-defined,no-any-return]
-
+    files = _through_io_property("files")
     # every method that makes GDAL read the object goes through _io (the object's gate, a retry of a
     # poisoned read, a fresh open when the object changed since this dataset was opened)
     read = _through_io(DatasetReader.read)
@@ -157,9 +160,9 @@ class _Reader(DatasetReader):  # type: ignore[misc]
     # metadata GDAL holds per handle: after an overwrite, the new version's with its pixels
     tags = _through_io(DatasetReader.tags)
     colormap = _through_io(DatasetReader.colormap)
-    descriptions = property(lambda self: _io(self, DatasetReader.descriptions.__get__, (), {}))  # type: ignore[attr-defined]
-    units = property(lambda self: _io(self, DatasetReader.units.__get__, (), {}))  # type: ignore[attr-defined]
-    colorinterp = property(lambda self: _io(self, DatasetReader.colorinterp.__get__, (), {}))  # type: ignore[attr-defined]
+    descriptions = _through_io_property("descriptions")
+    units = _through_io_property("units")
+    colorinterp = _through_io_property("colorinterp")
 
     # close is rasterio's own, outside the gate: GDAL's close of a reader does no I/O of the object
     # (checked in the emulator's log, tests/test_open_read.py); at most it uploads a .aux.xml
