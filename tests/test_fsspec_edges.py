@@ -331,7 +331,7 @@ def test_bucket_delete_whose_answer_is_lost_still_journals_it(fault_proxy, gcs_e
     listing of the buckets cached by another instance still held it.
     """
     fs = cloudio.filesystem(f"gs://{b}")
-    assert b in [p.rstrip("/") for p in user_fs.ls("")]  # the user's instance caches the bucket list
+    assert b in [p.rstrip("/") for p in user_fs.ls("", refresh=True)]  # the user's instance caches the buckets
 
     fault_proxy.add("reset", method="DELETE", path=rf"/b/{b}$", times=1)  # deleted, answer lost
     with pytest.raises(FileNotFoundError):
@@ -353,7 +353,7 @@ def test_bucket_create_whose_answer_is_lost_still_journals_it(fault_proxy, gcs_e
 
     b = f"test-{uuid.uuid4().hex[:16]}"
     fs = cloudio.filesystem("gs://")
-    assert b not in [p.rstrip("/") for p in user_fs.ls("")]  # the user's instance caches the bucket list
+    assert b not in [p.rstrip("/") for p in user_fs.ls("", refresh=True)]  # the user's instance caches the buckets
 
     fault_proxy.add("reset", method="POST", path=r"^/storage/v1/b\?", times=1)  # made, answer lost
     with pytest.raises(OSError):

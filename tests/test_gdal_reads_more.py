@@ -188,3 +188,15 @@ def test_stale_dataset_error_after_another_writer_does_not_blame_this_process(gc
         assert "by this process" not in str(info.value)
     finally:
         ds.close()
+
+
+def test_open_with_an_empty_driver_list_reads_as_rasterio_does(gcs_emulator, gcs_bucket):
+    """``driver=[]`` (no restriction) is accepted by ``rasterio.open`` (its check is
+    ``if driver and not isinstance(driver, str)``); ``cloudio.open`` must read the object too.
+
+    The new check raises TypeError for any non-str driver that is not None, stricter than the
+    rasterio refusal it claims to mirror.
+    """
+    put(gcs_emulator, f"{gcs_bucket}/t.tif", tif(9, 4))
+    with cloudio.open(f"{gcs_bucket}/t.tif", driver=[]) as ds:
+        assert int(ds.read(1)[0, 0]) == 9

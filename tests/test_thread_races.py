@@ -6,6 +6,7 @@ window that exists) against the real emulator, and asserts what a user would obs
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -17,6 +18,7 @@ from affine import Affine
 from rasters import PROFILE, put, tif, write_half_masked
 
 import cloudio
+from cloudio._session import current_consistency
 from cloudio.emulator import Emulator
 
 WAIT = 10.0
@@ -274,3 +276,37 @@ def test_opens_keep_the_emulator_while_a_thread_in_a_rasterio_env_opens_the_buck
         go.set()
         opener.join(WAIT)
     assert value == 2
+
+
+def test_one_session_in_two_asyncio_tasks_each_task_gets_its_outer_level_back():
+    """Two tasks of one thread enter one ``session(5)`` inside their own outer sessions; each, on
+    leaving it, must be back at its own outer level.
+
+    Tokens are now kept per thread, but tasks of one thread share it: task A's exit pops task B's
+    token, whose reset fails in A's context (ValueError), and A is set to no session at all, losing
+    its outer ``"strong"``.
+    """
+    inner = cloudio.session(5.0)
+    seen: dict[str, object] = {}
+
+    async def task(name: str, level: str, entered: asyncio.Event, go: asyncio.Event) -> None:
+        with cloudio.session(level):
+            with inner:
+                entered.set()
+                await go.wait()
+            seen[name] = current_consistency()
+
+    async def main() -> None:
+        a_in, b_in = asyncio.Event(), asyncio.Event()
+        a_go, b_go = asyncio.Event(), asyncio.Event()
+        ta = asyncio.create_task(task("a", "strong", a_in, a_go))
+        await a_in.wait()
+        tb = asyncio.create_task(task("b", "session", b_in, b_go))
+        await b_in.wait()
+        a_go.set()  # A leaves first, while B is still inside
+        await ta
+        b_go.set()
+        await tb
+
+    asyncio.run(main())
+    assert seen == {"a": "strong", "b": "session"}

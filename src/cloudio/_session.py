@@ -27,7 +27,6 @@ import logging
 import math
 import numbers
 import os
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,6 +110,12 @@ def _check_level(consistency: object) -> Consistency:
     )
 
 
+#: the session blocks entered and not yet left in this context (a thread, an asyncio task), innermost last,
+#: each with the token that puts back the session in force before it
+_entered: contextvars.ContextVar[tuple[tuple[session, contextvars.Token[session | None]], ...]] = (
+    contextvars.ContextVar("cloudio_sessions_entered", default=()))
+
+
 class session:
     """Set the consistency level for the block and count what cloudio does in it.
 
@@ -132,12 +137,11 @@ class session:
     def __init__(self, consistency: Consistency = "session") -> None:
         self.consistency: Consistency = _check_level(consistency)
         self.stats = Stats()
-        #: per thread, one per block entered and not yet left: the same object may be entered again inside
-        #: its block, and in several threads at once (each leaves its own block)
-        self._tokens: dict[int, list[contextvars.Token[session | None]]] = {}
 
     def __enter__(self) -> session:
-        self._tokens.setdefault(threading.get_ident(), []).append(_state.current_session.set(self))
+        # one token per block entered and not yet left, in this context (a thread, an asyncio task): the same
+        # object may be entered again inside its block, and in several threads or tasks at once
+        _entered.set((*_entered.get(), (self, _state.current_session.set(self))))
         with _state.sessions_lock:
             if self not in _state.open_sessions:
                 self.stats._start()
@@ -150,11 +154,11 @@ class session:
                 _state.open_sessions.remove(self)
                 if self not in _state.open_sessions:  # its outermost block
                     self.stats._freeze()
-        tokens = self._tokens.get(threading.get_ident())
-        if tokens:
-            token = tokens.pop()
-            if not tokens:
-                del self._tokens[threading.get_ident()]
+        entered = _entered.get()
+        mine = [i for i, (s, _) in enumerate(entered) if s is self]
+        if mine:
+            token = entered[mine[-1]][1]
+            _entered.set(entered[:mine[-1]] + entered[mine[-1] + 1:])
             try:
                 _state.current_session.reset(token)
             except ValueError:  # exited in another context than entered (or after cloudio._state.reset())

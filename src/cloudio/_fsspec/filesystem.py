@@ -32,7 +32,7 @@ import logging
 import mimetypes
 import os
 import re
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
@@ -630,10 +630,69 @@ class _JournalingGCSMixin:
                 pass
         return sorted(out)
 
+    async def _stored_pairs(self, path1: Any, path2: Any, recursive: bool, maxdepth: Any,
+                            dest_is_dir: Callable[[str], Awaitable[bool]]) -> tuple[list[str], list[str]] | None:
+        """For ``copy``/``get`` of one path holding ``[``, ``*`` or ``?`` that names something stored
+        (:meth:`_expand_path`): the sources and targets fsspec would pair for a path without them. fsspec
+        decides from the characters alone that the path was a pattern, and copies its one "match" into
+        ``path2`` as a folder. None for any other call (fsspec's own pairing)."""
+        from glob import has_magic
+
+        from fsspec.implementations.local import trailing_sep
+        from fsspec.utils import other_paths
+
+        if not (isinstance(path1, str) and isinstance(path2, str) and has_magic(path1)):
+            return None
+        if not await self._exists(path1):  # type: ignore[attr-defined]
+            return None
+        sources = await self._expand_path(path1, recursive=recursive, maxdepth=maxdepth)
+        if not recursive or maxdepth is not None:  # as fsspec: a non-recursive copy copies no folders
+            sources = [p for p in sources if not (trailing_sep(p) or await self._isdir(p))]  # type: ignore[attr-defined]
+        exists = not trailing_sep(path1) and (trailing_sep(path2) or await dest_is_dir(path2))
+        return sources, other_paths(sources, path2, exists=exists, flatten=False)
+
+    async def _copy(self, path1: Any, path2: Any, recursive: bool = False, on_error: Any = None,
+                    maxdepth: Any = None, batch_size: Any = None, **kwargs: Any) -> Any:
+        pairs = await self._stored_pairs(path1, path2, recursive, maxdepth, self._isdir)  # type: ignore[attr-defined]
+        if pairs is not None:
+            if not pairs[0]:
+                return None
+            path1, path2 = pairs
+        return await super()._copy(path1, path2, recursive=recursive, on_error=on_error,  # type: ignore[misc]
+                                   maxdepth=maxdepth, batch_size=batch_size, **kwargs)
+
+    async def _mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: Any = None,
+                  **kwargs: Any) -> Any:
+        pairs = await self._stored_pairs(path1, path2, recursive, maxdepth, self._isdir)  # type: ignore[attr-defined]
+        if pairs is not None:
+            if not pairs[0]:
+                return None
+            path1, path2 = pairs
+        return await super()._mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)  # type: ignore[misc]
+
+    async def _get(self, rpath: Any, lpath: Any, recursive: bool = False, maxdepth: Any = None,
+                   **kwargs: Any) -> Any:
+        from fsspec.implementations.local import LocalFileSystem, make_path_posix
+
+        async def local_dir(p: str) -> bool:
+            return bool(LocalFileSystem().isdir(p))
+
+        local = make_path_posix(lpath) if isinstance(lpath, str) else lpath
+        pairs = await self._stored_pairs(rpath, local, recursive, maxdepth, local_dir)
+        if pairs is not None:
+            if not pairs[0]:
+                return None
+            for target in pairs[1]:
+                os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            rpath, lpath = pairs
+        return await super()._get(rpath, lpath, recursive=recursive, maxdepth=maxdepth,  # type: ignore[misc]
+                                  **kwargs)
+
     # gcsfs binds these sync methods to its own coroutines in its class body
     # (``mv_file = sync_wrapper(_mv_file)``), which would bypass the overrides above;
     # fsspec derives the others (pipe_file, put_file, cp_file, rm_file...) per instance.
     mv_file = sync_wrapper(_mv_file)
+    mv = sync_wrapper(_mv)
     merge = sync_wrapper(_merge)
     setxattrs = sync_wrapper(_setxattrs)
     rmdir = sync_wrapper(_rmdir)
@@ -643,6 +702,20 @@ class _JournalingGCSMixin:
         from gcsfs.core import GCSFile
 
         f = super()._open(path, mode, *args, **kwargs)  # type: ignore[misc]
+        details = getattr(f, "_details", None)
+        if "r" in mode and details is not None and details.get("type") == "directory":
+            # gcsfs took the name for the folder of the same name (answered from that folder's cached listing,
+            # which its _get_object also searches): an object of that name is what a read means (one GET, only
+            # when a folder's name is opened for reading)
+            bucket, key, _ = self.split_path(f.path)  # type: ignore[attr-defined]
+            try:
+                res = sync(self.loop, self._call, "GET", "b/{}/o/{}", bucket, key, json_out=True)  # type: ignore[attr-defined]
+                obj = self._process_object(bucket, res)  # type: ignore[attr-defined]
+            except FileNotFoundError:
+                obj = None
+            if obj is not None and obj.get("type") == "file":
+                f = super()._open(path, mode, *args, **{**kwargs, "size": int(obj["size"])})  # type: ignore[misc]
+                f._details = obj
         if "r" in mode and type(f) is GCSFile:  # (zonal files read through gRPC, by generation)
             _pin_reads(f)
         if "r" not in mode:
@@ -657,9 +730,10 @@ class _JournalingGCSMixin:
 class _JournalingHNSMixin(_JournalingGCSMixin):
     """Extra for gcsfs's extended filesystem: HNS folder renames move a prefix in one call."""
 
-    async def _mv(self, path1: Any, path2: Any, **kwargs: Any) -> Any:
+    async def _mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: Any = None,
+                  **kwargs: Any) -> Any:
         with _collect() as acc:
-            out = await super()._mv(path1, path2, **kwargs)  # type: ignore[misc]
+            out = await super()._mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
         if not acc and isinstance(path1, str) and isinstance(path2, str) and path1 != path2:
             from glob import has_magic
 

@@ -400,7 +400,7 @@ def open(
             f"{fp!r}: mode {mode!r} does not exist; rasterio's modes are 'r' (read), 'w' (write a new "
             "dataset), 'w+' (write, then read back) and 'r+' (update). There is no 'b': datasets are binary."
         )
-    if driver is not None and not isinstance(driver, str):
+    if driver and not isinstance(driver, str):
         raise TypeError(f"invalid driver: {driver!r}")  # rasterio.open's own refusal, before cloudio reads it
     t = _parsed.get(fp) if type(fp) is str else None  # the fast path: a URL read before
     if t is None and opener is None:
