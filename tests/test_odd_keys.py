@@ -1,6 +1,7 @@
 """Object keys that are unusual but legal on GCS, across cloudio's faces (each test found by a review).
 
-Every test here failed before its fix (the first nine from a review of keys, the last four from a review of that fix). Each one puts
+Every test here failed before its fix (the first nine from a review of keys, the last four from a
+review of that fix). Each one puts
 objects on the real emulator (``put`` writes as "another writer") and checks
 what a face of cloudio returns, lists, keeps or deletes. Where cloudio may
 legitimately refuse a key, an :class:`~cloudio.errors.InvalidURLError` that

@@ -170,7 +170,8 @@ def gdal_http_options() -> dict[str, str]:
     A request gives up after ``http_timeout()`` seconds (connecting: at most
     10 of them) and is retried ``GDAL_MAX_RETRY`` times on 429/5xx, resets and
     timeouts, with backoff from ``GDAL_RETRY_DELAY`` s (about x2 each time):
-    a read fails within about ``4 * http_timeout() + 8`` seconds.
+    each request GDAL makes fails within about ``4 * http_timeout() + 8`` seconds (a read of several
+    ranges makes one per range; cloudio retries a failed read once).
     """
     t = http_timeout()
     return {
