@@ -117,3 +117,37 @@ def write_half_masked(url: str, value: int) -> None:
             m = np.zeros((64, 64), "uint8")
             m[:32] = 255
             ds.write_mask(m)
+
+
+def vrt_xml(source_vsi: str, size: int = 64) -> bytes:
+    """A one-band VRT reading all of ``source_vsi`` (no SourceProperties: GDAL opens the source to learn them)."""
+    return (f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">'
+            f'<VRTRasterBand dataType="Byte" band="1"><SimpleSource>'
+            f'<SourceFilename relativeToVRT="0">{source_vsi}</SourceFilename>'
+            f'<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>').encode()
+
+
+def nested_vrt(emu: Emulator, bucket_url: str) -> tuple[str, str]:
+    """Put ``h/outer.vrt`` -> ``g/inner.vrt`` -> ``g/src.tif`` (value 1) as another writer; (outer URL, src URL)."""
+    bucket = bucket_url[len("gs://"):].split("/", 1)[0]
+    src = f"{bucket_url}/g/src.tif"
+    put(emu, src, tif(1))
+    put(emu, f"{bucket_url}/g/inner.vrt", vrt_xml(f"/vsigs/{bucket}/g/src.tif"))
+    outer = f"{bucket_url}/h/outer.vrt"
+    put(emu, outer, vrt_xml(f"/vsigs/{bucket}/g/inner.vrt"))
+    return outer, src
+
+
+def external_overview(tif_bytes: bytes, folder: os.PathLike[str] | str) -> bytes:
+    """The ``.ovr`` GDAL builds for a GeoTIFF opened read-only (external overviews, factor 2)."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    local = os.path.join(os.fspath(folder), "ovr_src.tif")
+    with open(local, "wb") as f:
+        f.write(tif_bytes)
+    with rasterio.Env(TIFF_USE_OVR=True), rasterio.open(local, "r+") as ds:
+        ds.build_overviews([2], Resampling.nearest)
+    with open(local + ".ovr", "rb") as f:
+        return f.read()
+

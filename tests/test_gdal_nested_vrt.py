@@ -9,6 +9,7 @@ journaled.
 
 from __future__ import annotations
 
+from rasters import nested_vrt
 from rasters import put as _put
 
 import cloudio
@@ -20,27 +21,6 @@ def _key(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _vrt_xml(source_vsi: str, size: int = 64) -> bytes:
-    """A one-band VRT reading all of ``source_vsi`` (no SourceProperties: GDAL opens the source to learn them)."""
-    return (f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">'
-            f'<VRTRasterBand dataType="Byte" band="1"><SimpleSource>'
-            f'<SourceFilename relativeToVRT="0">{source_vsi}</SourceFilename>'
-            f'<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>').encode()
-
-
-def _nested(emu: Emulator, gcs_bucket: str) -> tuple[str, str]:
-    """``h/outer.vrt`` -> ``g/inner.vrt`` -> ``g/src.tif`` (value 1); returns (outer URL, src URL)."""
-    from rasters import tif
-
-    bucket = _key(gcs_bucket + "/x")[0]
-    src = f"{gcs_bucket}/g/src.tif"
-    _put(emu, src, tif(1))
-    _put(emu, f"{gcs_bucket}/g/inner.vrt", _vrt_xml(f"/vsigs/{bucket}/g/src.tif"))
-    outer = f"{gcs_bucket}/h/outer.vrt"
-    _put(emu, outer, _vrt_xml(f"/vsigs/{bucket}/g/inner.vrt"))
-    return outer, src
-
-
 def _since(emu: Emulator, bucket: str, start: int) -> tuple[list[Request], int]:
     """The requests for ``bucket`` the emulator logged after the first ``start``, and the new start."""
     log = emu.requests()
@@ -50,7 +30,7 @@ def _since(emu: Emulator, bucket: str, start: int) -> tuple[list[Request], int]:
 def test_strong_nested_vrt_leaf_source_overwritten(gcs_bucket: str, gcs_emulator: Emulator) -> None:
     from rasters import tif
 
-    outer, src = _nested(gcs_emulator, gcs_bucket)
+    outer, src = nested_vrt(gcs_emulator, gcs_bucket)
     with cloudio.session("strong"), cloudio.open(outer) as ds:
         assert ds.read(1).max() == 1
     _put(gcs_emulator, src, tif(2))
@@ -62,7 +42,7 @@ def test_bounded_nested_vrt_leaf_source_overwritten(gcs_bucket: str, gcs_emulato
     """A bound the last check is older than takes the strong level's path."""
     from rasters import tif
 
-    outer, src = _nested(gcs_emulator, gcs_bucket)
+    outer, src = nested_vrt(gcs_emulator, gcs_bucket)
     with cloudio.session(0), cloudio.open(outer) as ds:
         assert ds.read(1).max() == 1
     _put(gcs_emulator, src, tif(2))
@@ -77,7 +57,7 @@ def test_strong_nested_vrt_costs_one_listing_per_object(gcs_bucket: str, gcs_emu
     from rasters import tif
 
     bucket = _key(gcs_bucket + "/x")[0]
-    outer, src = _nested(gcs_emulator, gcs_bucket)
+    outer, src = nested_vrt(gcs_emulator, gcs_bucket)
     with cloudio.session("strong"), cloudio.open(outer) as ds:
         ds.read(1)
     _, start = _since(gcs_emulator, bucket, 0)

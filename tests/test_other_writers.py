@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from rasters import external_overview
 
 import cloudio
 from cloudio.emulator import Emulator, Request
@@ -350,20 +351,6 @@ def _upload_from(other_writer: Callable[[str], None], key: str, data: bytes, tmp
     other_writer(f"bucket.blob({key!r}).upload_from_filename({local!r})")
 
 
-def _external_overview(tif_bytes: bytes, tmp_path: os.PathLike[str]) -> bytes:
-    """The ``.ovr`` GDAL builds for a GeoTIFF opened read-only (external overviews, factor 2)."""
-    import rasterio
-    from rasterio.enums import Resampling
-
-    local = os.path.join(os.fspath(tmp_path), "ovr_src.tif")
-    with open(local, "wb") as f:
-        f.write(tif_bytes)
-    with rasterio.Env(TIFF_USE_OVR=True), rasterio.open(local, "r+") as ds:
-        ds.build_overviews([2], Resampling.nearest)
-    with open(local + ".ovr", "rb") as f:
-        return f.read()
-
-
 def _aux(value: str) -> bytes:
     return (f'<PAMDataset><Metadata><MDI key="VERSION">{value}</MDI></Metadata></PAMDataset>').encode()
 
@@ -378,7 +365,7 @@ def test_new_and_deleted_overview_sidecar(gcs_bucket: str, other_writer: Callabl
         ds.write(np.full((1, 64, 64), 3, "uint8"))
     with cloudio.open(url) as ds:
         assert ds.overviews(1) == []
-    _upload_from(other_writer, "g/a.tif.ovr", _external_overview(data, tmp_path), tmp_path)
+    _upload_from(other_writer, "g/a.tif.ovr", external_overview(data, tmp_path), tmp_path)
     counter.take()
     with cloudio.session("session"), cloudio.open(url) as ds:
         assert ds.overviews(1) == []  # the before: cloudio's listing knows no sidecar, GDAL is told not to look

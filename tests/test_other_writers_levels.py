@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from rasters import external_overview, nested_vrt, vrt_xml
 from rasters import gcsfs_options as _so
 from rasters import put as _put
 from rasters import small_dataset as _dataset
@@ -29,13 +30,6 @@ def _delete(emu: Emulator, url: str) -> None:
     emu.client.bucket(bucket).blob(key).delete()
 
 
-def _vrt_xml(source_vsi: str, size: int = 64) -> bytes:
-    return (f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">'
-            f'<VRTRasterBand dataType="Byte" band="1"><SimpleSource>'
-            f'<SourceFilename relativeToVRT="0">{source_vsi}</SourceFilename>'
-            f'<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>').encode()
-
-
 # --------------------------------------------------------------------------------------------
 # fsspec
 # --------------------------------------------------------------------------------------------
@@ -52,7 +46,7 @@ def test_strong_plain_vrt_source_overwritten(gcs_bucket: str, gcs_emulator: Emul
     src = f"{gcs_bucket}/g/src.tif"
     _put(gcs_emulator, src, tif(1))
     vrt = f"{gcs_bucket}/h/plain.vrt"
-    _put(gcs_emulator, vrt, _vrt_xml(f"/vsigs/{_key(src)[0]}/g/src.tif"))
+    _put(gcs_emulator, vrt, vrt_xml(f"/vsigs/{_key(src)[0]}/g/src.tif"))
     with cloudio.open(vrt) as ds:
         assert ds.read(1).max() == 1
     _put(gcs_emulator, src, tif(2))  # same size and layout
@@ -67,10 +61,10 @@ def test_strong_vrt_xml_replaced_to_point_elsewhere(gcs_bucket: str, gcs_emulato
     _put(gcs_emulator, f"{gcs_bucket}/g/one.tif", tif(1))
     _put(gcs_emulator, f"{gcs_bucket}/g/two.tif", tif(2))
     vrt = f"{gcs_bucket}/h/v.vrt"
-    _put(gcs_emulator, vrt, _vrt_xml(f"/vsigs/{bucket}/g/one.tif"))
+    _put(gcs_emulator, vrt, vrt_xml(f"/vsigs/{bucket}/g/one.tif"))
     with cloudio.session("strong"), cloudio.open(vrt) as ds:
         assert ds.read(1).max() == 1
-    _put(gcs_emulator, vrt, _vrt_xml(f"/vsigs/{bucket}/g/two.tif"))
+    _put(gcs_emulator, vrt, vrt_xml(f"/vsigs/{bucket}/g/two.tif"))
     with cloudio.session("strong"), cloudio.open(vrt) as ds:
         assert ds.read(1).max() == 2
 
@@ -215,19 +209,6 @@ def test_tensorstore_rewrites_an_array_cloudio_wrote(gcs_bucket: str, gcs_emulat
             np.testing.assert_array_equal(cloudio.load_array(url), np.arange(200, 212))
 
 
-def _ovr(tmp_path: os.PathLike[str], data: bytes) -> bytes:
-    import rasterio
-    from rasterio.enums import Resampling
-
-    local = os.path.join(os.fspath(tmp_path), "o.tif")
-    with open(local, "wb") as f:
-        f.write(data)
-    with rasterio.Env(TIFF_USE_OVR=True), rasterio.open(local, "r+") as ds:
-        ds.build_overviews([2], Resampling.nearest)
-    with open(local + ".ovr", "rb") as f:
-        return f.read()
-
-
 @pytest.mark.parametrize("announce", ["object", "sidecar", "prefix", "prefix-no-slash"])
 def test_session_invalidate_announces_a_new_overview(gcs_bucket: str, gcs_emulator: Emulator, tmp_path,
                                                      announce: str) -> None:
@@ -238,7 +219,7 @@ def test_session_invalidate_announces_a_new_overview(gcs_bucket: str, gcs_emulat
     _put(gcs_emulator, url, data)
     with cloudio.open(url) as ds:
         assert ds.overviews(1) == []
-    _put(gcs_emulator, url + ".ovr", _ovr(tmp_path, data))
+    _put(gcs_emulator, url + ".ovr", external_overview(data, tmp_path))
     cloudio.invalidate({"object": url, "sidecar": url + ".ovr", "prefix": f"{gcs_bucket}/g/",
                         "prefix-no-slash": f"{gcs_bucket}/g"}[announce])
     with cloudio.open(url) as ds:
@@ -318,12 +299,7 @@ def test_other_cloudio_process_overwrites_a_raster(gcs_bucket: str, gcs_emulator
 def test_session_invalidate_of_a_nested_vrt_leaf(gcs_bucket: str, gcs_emulator: Emulator) -> None:
     from rasters import tif
 
-    bucket = _key(gcs_bucket + "/x")[0]
-    src = f"{gcs_bucket}/g/src.tif"
-    _put(gcs_emulator, src, tif(1))
-    _put(gcs_emulator, f"{gcs_bucket}/g/inner.vrt", _vrt_xml(f"/vsigs/{bucket}/g/src.tif"))
-    outer = f"{gcs_bucket}/h/outer.vrt"
-    _put(gcs_emulator, outer, _vrt_xml(f"/vsigs/{bucket}/g/inner.vrt"))
+    outer, src = nested_vrt(gcs_emulator, gcs_bucket)
     with cloudio.open(outer) as ds:
         assert ds.read(1).max() == 1
     _put(gcs_emulator, src, tif(2))

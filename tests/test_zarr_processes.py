@@ -8,6 +8,7 @@ The reader is this process (or another child). Everything asserted is what a rea
 from __future__ import annotations
 
 import multiprocessing
+import re
 import threading
 import time
 import warnings
@@ -184,44 +185,37 @@ def _open_all(url: str, level: Any, **kw: Any) -> Any:
             return e
 
 
+def _refused_while_held(emu: Emulator, url: str, chunk: str, job: str, args: tuple[Any, ...]) -> None:
+    """A child process's ``job`` on ``url``/a whose upload of chunk ``chunk`` is held until every level's reads
+    of the store, all refused as incomplete meanwhile, are done; then it completes."""
+    with FaultProxy(emu.url) as proxy:
+        release = threading.Event()
+        store = re.escape(url.rsplit("/", 1)[1])
+        rule = proxy.add("delay", method="POST", path=rf"{store}%2Fa%2Fc%2F{chunk}", release=release, seconds=25,
+                         times=None)
+        p = _start(job, url, args, proxy.url)
+        try:
+            _wait(lambda: rule.hits > 0)
+            for level in _levels():
+                assert isinstance(_open_all(url, level), cloudio.IncompleteWriteError), level
+                with cloudio.session(level), pytest.raises(cloudio.IncompleteWriteError):
+                    cloudio.load_array(f"{url}/a")
+        finally:
+            release.set()
+            p.join(60)
+        assert p.exitcode == 0
+
+
 def test_a_slow_append_and_region_write_are_refused_then_read_whole(gcs_emulator, gcs_bucket):
     url = f"{gcs_bucket}/app.zarr"
     _run("to_zarr_w", url, (800, 1.0, None))
     for level in _levels():
         assert _open_all(url, level).a.shape == (800,)
-    with FaultProxy(gcs_emulator.url) as proxy:
-        release = threading.Event()  # the chunk's upload held until the reads below are done
-        rule = proxy.add("delay", method="POST", path=r"app\.zarr%2Fa%2Fc%2F9", release=release, seconds=25,
-                         times=None)
-        p = _start("append", url, (800, 400, 2.0), proxy.url)
-        try:
-            _wait(lambda: rule.hits > 0)
-            for level in _levels():
-                assert isinstance(_open_all(url, level), cloudio.IncompleteWriteError), level
-                with cloudio.session(level), pytest.raises(cloudio.IncompleteWriteError):
-                    cloudio.load_array(f"{url}/a")
-        finally:
-            release.set()
-            p.join(60)
-        assert p.exitcode == 0
+    _refused_while_held(gcs_emulator, url, "9", "append", (800, 400, 2.0))
     for level in ["strong", 0, "session"]:
         ds = _open_all(url, level)
         np.testing.assert_array_equal(ds.a.values, np.r_[np.full(800, 1.0), np.full(400, 2.0)])
-    with FaultProxy(gcs_emulator.url) as proxy:
-        release = threading.Event()  # the chunk's upload held until the reads below are done
-        rule = proxy.add("delay", method="POST", path=r"app\.zarr%2Fa%2Fc%2F3", release=release, seconds=25,
-                         times=None)
-        p = _start("region", url, (200, 500, 3.0), proxy.url)
-        try:
-            _wait(lambda: rule.hits > 0)
-            for level in _levels():
-                assert isinstance(_open_all(url, level), cloudio.IncompleteWriteError), level
-                with cloudio.session(level), pytest.raises(cloudio.IncompleteWriteError):
-                    cloudio.load_array(f"{url}/a")
-        finally:
-            release.set()
-            p.join(60)
-        assert p.exitcode == 0
+    _refused_while_held(gcs_emulator, url, "3", "region", (200, 500, 3.0))
     want = np.r_[np.full(200, 1.0), np.full(300, 3.0), np.full(300, 1.0), np.full(400, 2.0)]
     for level in _levels():
         np.testing.assert_array_equal(_open_all(url, level).a.values, want)

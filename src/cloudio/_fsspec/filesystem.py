@@ -645,7 +645,7 @@ class _JournalingGCSMixin:
             return None
         if not await self._exists(path1):  # type: ignore[attr-defined]
             return None
-        sources = await self._expand_path(path1, recursive=recursive, maxdepth=maxdepth)
+        sources = await self._expand_path([path1], recursive, maxdepth, assume_literal=True)  # checked just above
         if not recursive or maxdepth is not None:  # as fsspec: a non-recursive copy copies no folders
             sources = [p for p in sources if not (trailing_sep(p) or await self._isdir(p))]  # type: ignore[attr-defined]
         exists = not trailing_sep(path1) and (trailing_sep(path2) or await dest_is_dir(path2))
