@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -202,18 +203,18 @@ def test_compressed_and_unsharded_layouts_take_the_fast_path_both_ways(
 def test_zstd_chunks_compressed_in_batches_read_back_bit_exact(
     gcs_emulator: Emulator, gcs_bucket: str, monkeypatch: pytest.MonkeyPatch, batch: int, index_at: str
 ) -> None:
-    """A shard's chunks are compressed a batch at a time, whatever is left at the end as a smaller one:
-    zarr reads every shard bit-exactly (chunks left out, edges cut), the same objects are stored, and at
-    the array's zstd level (sizes within 1% of zarr's own)."""
+    """A small shard's chunks (its shards go up in one batch) are compressed a batch at a time, whatever
+    is left at the end as a smaller one: zarr reads every shard bit-exactly (chunks left out, edges cut),
+    the same objects are stored, and at the array's zstd level (sizes within 1% of zarr's own)."""
     monkeypatch.setattr(shard_codec, "_BATCH", batch)
     a = np.round(_data("float32", 0.0) * 8) / 8
-    a[512:640, 0:256] = 0.0  # two chunks of fill at the start of shard (1, 0)
+    a[512:640, 0:256] = 0.0  # two chunks of fill at the start of shard (2, 0)
     codecs = [zarr.codecs.BytesCodec(), zarr.codecs.ZstdCodec(level=3)]
-    kw: dict[str, object] = {"chunks": (512, 1024), "compressors": None, "serializer": zarr.codecs.ShardingCodec(
+    kw: dict[str, object] = {"chunks": SHARDS, "compressors": None, "serializer": zarr.codecs.ShardingCodec(
         chunk_shape=CHUNKS, codecs=codecs, index_location=index_at)}
     ours = cloudio.save_array(a, f"{gcs_bucket}/ours.zarr", **kw)
     layout = plain_layout(ours)
-    assert layout is not None and layout.zstd is not None
+    assert layout is not None and layout.zstd is not None and shard_codec.in_one_batch(ours.store, layout)
     theirs = zarr.create_array(cloudio.zarr_store(f"{gcs_bucket}/theirs.zarr"), shape=a.shape, dtype=a.dtype,
                                **kw)  # type: ignore[arg-type]
     theirs[...] = a
@@ -224,6 +225,88 @@ def test_zstd_chunks_compressed_in_batches_read_back_bit_exact(
         assert abs(ours_objects[key] - size) <= size // 100, key
     assert zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/ours.zarr"), mode="r")[...].tobytes() == a.tobytes()
     assert cloudio.load_array(f"{gcs_bucket}/theirs.zarr").tobytes() == a.tobytes()
+
+
+def _chunks_in_shards(emu: Emulator, url: str, per_shard: int) -> dict[str, set[int]]:
+    """Per stored shard (index at the end), the chunks its index holds (by their place in the index)."""
+    bucket, prefix = url.removeprefix("gs://").split("/", 1)
+    held = {}
+    for b in emu.client.list_blobs(bucket, prefix=prefix + "/c/"):
+        raw = b.download_as_bytes()
+        index = np.frombuffer(raw[-(16 * per_shard + 4):-4], dtype="<u8").reshape(-1, 2)
+        held[b.name.removeprefix(prefix + "/")] = {k for k in range(per_shard) if index[k, 0] != 2**64 - 1}
+    return held
+
+
+def _ragged_2d(fill: float) -> np.ndarray:
+    a = np.round(np.random.default_rng(3).standard_normal((1100, 2100)).astype("f4") * 8) / 8
+    a[128:256, 256:384] = fill  # a chunk of fill inside shard (0, 0), wholly inside the array
+    a[512:1024, 1024:2048] = fill  # a whole shard of it: not written
+    a[1024:, :128] = fill  # fill at the ragged edge
+    return a
+
+
+_BANDED = {  # name: (array, save_array's arguments); every shard of at least a MiB, so encoded in bands
+    "2d-ragged": (lambda: _ragged_2d(0.0), {"chunks": (128, 128), "shards": (512, 1024)}),
+    "2d-nan": (lambda: _ragged_2d(np.nan), {"chunks": (128, 128), "shards": (512, 1024), "fill_value": np.nan}),
+    "3d": (lambda: np.round(np.random.default_rng(5).standard_normal((40, 300, 260)) * 4).astype("f4"),
+           {"chunks": (8, 64, 64), "shards": (16, 128, 256)}),
+    "1d": (lambda: np.arange(1_100_000, dtype="f4") // 7, {"chunks": (10_000,), "shards": (500_000,)}),
+    "big-endian": (lambda: _ragged_2d(0.0).astype(">f4"), {"chunks": (128, 128), "shards": (512, 1024)}),
+    "fortran-order": (lambda: np.asfortranarray(_ragged_2d(0.0)), {"chunks": (128, 128), "shards": (512, 1024)}),
+}
+
+
+@pytest.mark.parametrize("band", ["a-chunk", "a-row", "three-rows", "the-shard"])
+@pytest.mark.parametrize("case", sorted(_BANDED))
+def test_zstd_shards_encoded_in_bands_are_what_zarr_writes(gcs_emulator: Emulator, gcs_bucket: str,
+                                                          monkeypatch: pytest.MonkeyPatch, case: str,
+                                                          band: str) -> None:
+    """Shards of zstd chunks are encoded a band of chunks at a time by every coder thread: rows of chunks
+    where the shard lies wholly inside the array, runs of chunks at its edges. Whatever the band, zarr
+    reads the array bit-exactly, and the same shards hold the same chunks as zarr's own (empty ones left
+    out, edges cut); cloudio reads zarr's back."""
+    a, kw = _BANDED[case][0](), {**_BANDED[case][1], "compressors": zarr.codecs.ZstdCodec(level=3)}
+    chunks, shards = kw["chunks"], kw["shards"]
+    assert isinstance(chunks, tuple) and isinstance(shards, tuple)
+    row = math.prod(s // c for s, c in zip(shards[1:], chunks[1:], strict=True)) * math.prod(chunks) * 4
+    monkeypatch.setattr(shard_codec, "_BAND_BYTES", {"a-chunk": 1, "a-row": row, "three-rows": 3 * row,
+                                                     "the-shard": 1 << 40}[band])
+    ours = cloudio.save_array(a, f"{gcs_bucket}/ours.zarr", **kw)
+    layout = plain_layout(ours)
+    assert layout is not None and layout.zstd is not None and not shard_codec.in_one_batch(ours.store, layout)
+    theirs = zarr.create_array(cloudio.zarr_store(f"{gcs_bucket}/theirs.zarr"), shape=a.shape, dtype=a.dtype,
+                               **kw)  # type: ignore[arg-type]
+    theirs[...] = a
+    per_shard = math.prod(s // c for s, c in zip(shards, chunks, strict=True))
+    assert (_chunks_in_shards(gcs_emulator, f"{gcs_bucket}/ours.zarr", per_shard)
+            == _chunks_in_shards(gcs_emulator, f"{gcs_bucket}/theirs.zarr", per_shard))
+    native = a.astype(a.dtype.newbyteorder("="))  # values, NaN payloads and all, whatever the byte order
+
+    def same(b: np.ndarray) -> bool:
+        return b.astype(native.dtype).tobytes() == native.tobytes()
+
+    assert same(zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/ours.zarr"), mode="r")[...])
+    assert same(cloudio.load_array(f"{gcs_bucket}/theirs.zarr"))
+
+
+def test_a_zstd_shard_flipped_on_the_way_up_every_time_is_an_integrity_error(gcs_emulator: Emulator,
+                                                                            gcs_bucket: str, fault_proxy) -> None:
+    """Shards encoded in bands go up CRC32C-checked like any other: a copy the server stored damaged is
+    deleted and never journaled as written."""
+    from cloudio._journal import journal
+
+    url = f"{gcs_bucket}/bad-zup.zarr"
+    seq = journal().seq
+    fault_proxy.add("flip", where="request", method="POST", path=_SHARD_UPLOAD, times=None)
+    with pytest.raises(IntegrityError, match=r"bad-zup\.zarr/c/\d+/\d+.*CRC32C") as ei:
+        cloudio.save_array(_ragged_2d(0.0), url, chunks=(128, 128), shards=(512, 1024),
+                           compressors=zarr.codecs.ZstdCodec(level=3))
+    shard = "gs://" + str(ei.value).removeprefix("gs://").split(":", 1)[0]
+    bucket, key = shard.removeprefix("gs://").split("/", 1)
+    assert gcs_emulator.client.bucket(bucket).get_blob(key) is None  # the corrupt copy is gone
+    assert (shard, "write") not in _journaled(url, seq)
+    assert (shard, "delete") in _journaled(url, seq)
 
 
 def test_a_damaged_zstd_chunk_is_an_integrity_error_naming_it(gcs_emulator: Emulator, gcs_bucket: str) -> None:

@@ -148,6 +148,28 @@ def test_no_shard_goes_up_after_a_failed_write_raised(gcs_emulator, gcs_bucket, 
     assert "stops.zarr/c/15/0" in sent and len(sent) <= workers < 16, sorted(sent)
 
 
+def test_no_zstd_shard_goes_up_after_a_failed_write_raised(gcs_emulator, gcs_bucket, fault_proxy):
+    """Shards of zstd chunks are encoded by coder threads that do not wait for uploads: when the first
+    shard's upload is refused, they stop, and no shard encoded after save_array raised is sent."""
+    import zarr
+
+    a = np.round(np.random.default_rng(4).standard_normal((8192, 512)).astype("f4") * 8) / 8  # 16 shards of 1 MiB
+    fault_proxy.add("status", code=403, method="POST", path=r"/upload/.*name=zstops\.zarr%2Fc%2F0%2F", times=None)
+    release = threading.Event()  # every other shard's upload is held until save_array raised
+    held = fault_proxy.add("late", method="POST", path=r"/upload/.*name=zstops\.zarr%2Fc%2F", release=release,
+                           seconds=25, times=None)
+    try:
+        with pytest.raises(cloudio.CloudioError) as info:
+            cloudio.save_array(a, f"{gcs_bucket}/zstops.zarr", chunks=(128, 128), shards=(512, 512),
+                               compressors=zarr.codecs.ZstdCodec(level=3))
+        sent_before = held.hits
+    finally:
+        release.set()
+    assert f"{gcs_bucket}/zstops.zarr/c/0/0" in str(info.value) and info.value.__cause__ is not None
+    time.sleep(2.0)  # a coder thread still running would have encoded and sent its next shard by now
+    assert held.hits == sent_before <= int(zarr.config.get("async.concurrency")) < 15
+
+
 def test_a_write_that_stopped_before_its_metadata_is_refused_as_incomplete(gcs_emulator, gcs_bucket, fault_proxy,
                                                                             quick_retries):
     """The marker's GET runs alongside the metadata's: a marker found wins over the missing zarr.json."""
