@@ -45,7 +45,9 @@ from cloudio._zarr.store import (
     WriteMark,
     cloudio_errors,
     enclosing_markers,
+    in_the_way,
     open_complete_array,
+    refuse_replacing_others,
     revalidate,
     zarr_store,
 )
@@ -154,6 +156,8 @@ def save_array(
                 z, replacing = _created_like(probe, store, mark)
                 _shardio.write(z, layout, cast(np.ndarray, array), replacing)
             else:
+                if overwrite:
+                    refuse_replacing_others(store, probe.store_path.path)
                 mark.begin()
                 # zarr's (or Dask's) other chunk writes end before the failure is raised
                 with stopped_on_failure() as changes:
@@ -198,10 +202,11 @@ def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark
     layout c in place took 18.2-18.8 ms and 105 requests on the emulator,
     against 35.3-36.8 ms and 206 requests deleting first (layout b: 126-130
     against 136-140 ms; medians of 20 rewrites, three runs and two). The
-    first upload waits for the marker only: on GCS the listing's round trip,
-    tens of ms, leaves its path (the emulator, which lists and stores under
-    one lock, gains little). Readers refuse the store while the marker is
-    up, so they see neither order.
+    first upload waits for the marker and the listing, sent together: what
+    is listed may be objects that are not Zarr's (a forgotten ``.zarr``),
+    and then nothing is written (:func:`~cloudio._zarr.store.in_the_way`);
+    large shards are encoded meanwhile. Readers refuse the store while the
+    marker is up, so they see neither order.
     """
     import zarr
     from zarr.core.array import AsyncArray
@@ -225,6 +230,11 @@ def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark
         except BaseException:
             listing.cancel()
             raise
+        prefix = f"{where.path}/" if where.path else ""
+        refusal = in_the_way(f"{store.root_url.rstrip('/')}/{where.path}".rstrip("/"),
+                             (k.removeprefix(prefix) for k in await listing))
+        if refusal is not None:  # before any object of the write: the marker alone goes again (mark.fail)
+            raise refusal
 
     async def create() -> None:
         memory = probe.store_path.store

@@ -193,10 +193,15 @@ def _name(value: Any) -> str:
 
 
 def _is_fill(block: np.ndarray, fill: Any) -> bool:
-    """``block`` holds only the fill value (first element first: most chunks differ there)."""
+    """``block`` holds only the fill value (first element first: most chunks differ there), as zarr decides
+    it: NaN matches NaN, and a zero fill of a real float type only zeros of its sign (0.0 is not -0.0)."""
     first = block.flat[0]
     if isinstance(fill, np.floating | np.complexfloating) and np.isnan(fill):
         return bool(np.isnan(first)) and bool(np.isnan(block).all())
+    if isinstance(fill, np.floating) and fill == 0:
+        sign = np.signbit(fill)
+        return bool(first == 0 and np.signbit(first) == sign) and bool(((block == 0) & (np.signbit(block) == sign))
+                                                                        .all())
     return bool(first == fill) and bool((block == fill).all())
 
 
@@ -385,25 +390,27 @@ class _BandedShards:
     (``save_array`` of layout b, medians of 24): 181 -> 171 ms.
     """
 
-    def __init__(self, layout: Layout, array: np.ndarray, shards: list[tuple[int, ...]], room: int,
-                 ready: Callable[[int, memoryview, np.ndarray], None]) -> None:
-        self._layout, self._array, self._shards, self._ready = layout, array, shards, ready
+    def __init__(self, layout: Layout, array: np.ndarray, shards: list[tuple[int, ...]]) -> None:
+        self._layout, self._array, self._shards = layout, array, shards
         self._todo = ((i, n, band) for i, shard in enumerate(shards) for n, band in enumerate(_bands(layout, shard)))
         self._parts: dict[int, list[Any]] = {}  # per shard being encoded, its bands' frames
         self._left: dict[int, int] = {}  # per shard being encoded, the bands not yet compressed
         self._lock = threading.Lock()
-        self.room = threading.Semaphore(room)  # shards encoded and not yet uploaded, at most
         self.stopped = threading.Event()
 
-    def code(self) -> None:
-        """Compress bands until none is left (in a coder thread); hand each shard, once whole, to ``ready``
-        with the pool buffer it was assembled in."""
+    def until_a_shard(self) -> tuple[int, list[Any]] | None:
+        """Compress bands (in a coder thread) until one completes a shard: that shard's place in the list and
+        its bands' frames, for :func:`_assemble`; None once no band is left, or the write stopped.
+
+        Never waits for anything but the GIL: a write whose uploads are slow
+        stops asking, and holds no coder thread meanwhile.
+        """
         layout = self._layout
         while not self.stopped.is_set():
             with self._lock:
                 item = next(self._todo, None)
                 if item is None:
-                    return
+                    return None
                 i, n, band = item
                 if i not in self._left:
                     self._left[i] = len(_bands(layout, self._shards[i]))
@@ -412,19 +419,9 @@ class _BandedShards:
             with self._lock:
                 self._parts[i][n] = part
                 self._left[i] -= 1
-                if self._left[i]:
-                    continue
-                parts = self._parts.pop(i)
-            while not self.room.acquire(timeout=0.1):
-                if self.stopped.is_set():
-                    return
-            buf = shard_buffers.take(layout.shard_nbytes)
-            view = _assemble(layout, parts, buf)
-            if view is None:
-                shard_buffers.give(buf)
-                self.room.release()
-            else:
-                self._ready(i, view, buf)
+                if not self._left[i]:
+                    return i, self._parts.pop(i)
+        return None
 
 
 def _lay(layout: Layout, block: np.ndarray, laid: np.ndarray) -> None:
@@ -703,7 +700,6 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
     after the write raised.
     """
     from zarr.core.buffer.cpu import Buffer
-    from zarr.core.sync import sync
 
     size = layout.shard_nbytes
     store = cast("JournaledStore", z.store_path.store)
@@ -764,19 +760,9 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
 
             async def encoded_in_bands() -> None:  # shards encoded one after the other by every coder thread
                 loop = asyncio.get_running_loop()
-
-                def ready(i: int, view: memoryview, buf: np.ndarray) -> None:  # on a coder thread
-                    loop.call_soon_threadsafe(start, i, view, buf)
-
-                def start(i: int, view: memoryview, buf: np.ndarray) -> None:
-                    job = upload(shards[i], view, buf)
-                    try:
-                        if coding.stopped.is_set():
-                            raise RuntimeError("the write failed")
-                        tasks.create_task(job)
-                    except RuntimeError:  # the write failed (its task group is shutting down): nothing more goes up
-                        job.close()
-                        coding.room.release()
+                pool = _coder_threads()
+                room = asyncio.Semaphore(workers)  # shards encoded and not yet uploaded, at most
+                coding = _BandedShards(layout, array, shards)
 
                 async def upload(shard: tuple[int, ...], view: memoryview, buf: np.ndarray) -> None:
                     try:
@@ -787,14 +773,28 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                         await store.set(name, Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
                         shard_buffers.give(buf)
                     finally:
-                        coding.room.release()
+                        room.release()
 
-                coding = _BandedShards(layout, array, shards, workers, ready)
+                async def coder() -> None:
+                    while (done := await loop.run_in_executor(pool, coding.until_a_shard)) is not None:
+                        i, parts = done
+                        await room.acquire()
+                        buf = shard_buffers.take(size)
+                        try:
+                            view = await loop.run_in_executor(pool, _assemble, layout, parts, buf)
+                        except BaseException:
+                            room.release()
+                            raise
+                        if view is None:
+                            shard_buffers.give(buf)
+                            room.release()
+                        else:
+                            tasks.create_task(upload(shards[i], view, buf))
+
                 try:
-                    pool = _coder_threads()
-                    await asyncio.gather(*(loop.run_in_executor(pool, coding.code) for _ in range(cores())))
+                    await asyncio.gather(*(coder() for _ in range(cores())))
                 except BaseException:
-                    coding.stopped.set()
+                    coding.stopped.set()  # the coder threads still compressing stop at their next band
                     raise
 
             if banded:
@@ -806,11 +806,42 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
             await replacing.sweep(kept)
 
     try:
-        sync(all_of_it())
+        _to_the_end(all_of_it())
     except BaseExceptionGroup as group:  # the first failure, as a plain write raises it
         raise group.exceptions[0] from group.exceptions[0].__cause__
     for buf in taken:  # every upload answered: nothing sends from them any more (after a failure, none goes back)
         shard_buffers.give(buf)
+
+
+def _to_the_end(job: Coroutine[Any, Any, None]) -> None:
+    """zarr's ``sync(job)``, and when the wait is interrupted (Ctrl-C: ``KeyboardInterrupt``), ``job`` is
+    cancelled and has ended before the interruption is raised: nothing of the write goes on in the
+    background (zarr's ``sync`` leaves it running on zarr's loop)."""
+    from zarr.core import sync as zsync
+
+    loop_of = getattr(zsync, "_get_loop", None)
+    if loop_of is None:  # another zarr: its own sync
+        zsync.sync(job)
+        return
+    ended = threading.Event()
+
+    async def whole() -> None:
+        try:
+            await job
+        finally:
+            ended.set()
+
+    future = asyncio.run_coroutine_threadsafe(whole(), loop_of())
+    try:
+        future.result()
+    except BaseException:
+        future.cancel()
+        ended.wait(_CANCEL_WAIT)
+        raise
+
+
+#: seconds an interrupted write is given to cancel its uploads and stop its coder threads
+_CANCEL_WAIT = 30.0
 
 
 async def _after(first: Awaitable[None], then: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -1263,7 +1263,7 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
 
 def _holds_a_node(url: str) -> bool:
     """Is there a Zarr node (v3 ``zarr.json``, v2 ``.zgroup``/``.zarray``) right at ``url``? (failures only)"""
-    names = ("zarr.json", ".zgroup", ".zarray")
+    names = NODE_DOCUMENTS
     if not is_gcs(url):
         return any(os.path.exists(os.path.join(url, n)) for n in names)
     from cloudio._gcs.client import gcs_filesystem
@@ -1284,6 +1284,42 @@ def _http_error(e: BaseException) -> bool:
 
 #: what zarr and xarray raise for a write asked not to replace a stored node (gcsfs's 412 is a ConflictError first)
 _STORED_ALREADY = (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError)
+
+
+#: the documents that make a Zarr node (v3, v2 group, v2 array) at a store's root
+NODE_DOCUMENTS = ("zarr.json", ".zgroup", ".zarray")
+
+
+def in_the_way(url: str, keys: Iterable[str]) -> CloudioError | None:
+    """The refusal of a write that would replace the store at ``url``, whose objects (keys relative to it,
+    the write marker left out) are not a Zarr node's: zarr's overwrite deletes everything under the store,
+    and a forgotten ``.zarr`` (or key) must not empty a folder or a bucket. None when there is nothing, or
+    a node, there."""
+    from cloudio.errors import AlreadyExistsError
+
+    held = sorted(keys)
+    if not held or any(k in NODE_DOCUMENTS for k in held):
+        return None
+    shown = ", ".join(repr(k) for k in held[:3]) + (", ..." if len(held) > 3 else "")
+    base = url.rstrip("/")
+    return AlreadyExistsError(
+        f"{url}: holds {len(held)} object(s) that are not a Zarr store ({shown}); writing a Zarr store there "
+        f"would delete them, so nothing was written. Write to a new URL (such as {base}/data.zarr), or delete "
+        "those objects first."
+    )
+
+
+def refuse_replacing_others(store: JournaledStore, path: str = "") -> None:
+    """Raise :func:`in_the_way`'s refusal for a write that replaces the node at ``path`` in ``store``."""
+    prefix = f"{path.strip('/')}/" if path.strip("/") else ""
+
+    async def listed() -> list[str]:
+        return [key.removeprefix(prefix) async for key in store.list_prefix(prefix)]
+
+    url = "/".join(p for p in (store.root_url.rstrip("/"), path.strip("/")) if p)
+    refusal = in_the_way(url, _sync(listed()))
+    if refusal is not None:
+        raise refusal
 
 
 def _already_there(url: str, e: BaseException, writer: str) -> CloudioError:

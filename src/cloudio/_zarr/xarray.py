@@ -40,6 +40,7 @@ from cloudio._zarr.store import (
     cloudio_errors,
     consolidated_is_stale,
     consolidated_seen,
+    refuse_replacing_others,
     revalidate,
     written_here,
     zarr_store,
@@ -251,6 +252,8 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         aligned = _align_dataset(dataset, store, kwargs, rechunk)  # may open the store: its errors are cloudio's
         # a write to a group replaces (mode="w") or changes that group only: its mark says which
         group = str(kwargs.get("group") or "").strip("/")
+        if mode in ("w", "w-"):  # zarr deletes (or refuses) whatever is under the group, Zarr's or not
+            refuse_replacing_others(store, group)
         operation = f"to_zarr mode={mode!r}" + (f" group={group!r}" if group else "")
         mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group).begin()
         try:
@@ -377,7 +380,7 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
             _avoid_stale_consolidated(store, kwargs)
         else:
             check_complete(store, own=check.marked, group=group)  # raises, saying who left a marker
-            _avoid_consolidated_older_than_members(store, check, kwargs)
+            _documents_after_a_listing(store, check, kwargs)
         ds: xarray.Dataset = xr.open_zarr(store, **kwargs)
         _fill_shards(ds, store, kwargs.get("group"))
     return ds
@@ -403,15 +406,21 @@ def _avoid_stale_consolidated(store: JournaledStore, kwargs: dict[str, Any]) -> 
         kwargs["consolidated"] = False
 
 
-def _avoid_consolidated_older_than_members(store: JournaledStore, check: MetadataCheck,
+def _documents_after_a_listing(store: JournaledStore, check: MetadataCheck,
                                            kwargs: dict[str, Any]) -> None:
-    """Set ``consolidated=False`` when the server holds metadata newer than the consolidated copy.
+    """After a listing of the server (the strong and bounded levels), read the members' own documents, never
+    the consolidated copy.
 
-    The strong and bounded levels: whoever wrote it (another process, plain
-    zarr), a member array resized or added after the last consolidation is
-    read from its own document rather than from the outdated summary. The
-    Zarr format the listing shows is passed on, which spares xarray its
-    probes for the other format's documents.
+    Why: the copy is a summary written by whoever last consolidated, and its
+    age says nothing of its content. zarr rewrites it with whatever summary it
+    loaded when it changes the group's attributes (newer than every document,
+    older than their content), and a member deleted by another writer stays
+    listed in it: both read back old shapes or missing variables. Membership
+    then comes from the listing and shapes from the documents (a request per
+    member). Whether the copy is older than a document is still noted for the
+    session level (:func:`consolidated_seen`). The Zarr format the listing
+    shows is passed on, which spares xarray its probes for the other format's
+    documents.
     """
     roots = _consolidated_roots(store, kwargs.get("group"))
     root = roots[-1]
@@ -424,9 +433,8 @@ def _avoid_consolidated_older_than_members(store: JournaledStore, check: Metadat
         # process's own writes; a current one is trusted again (a bound's own finding is kept no longer)
         if check.announced or not old:
             consolidated_seen(r, old)
-    if kwargs.get("consolidated") is not False and any(stale.values()):
-        log.info("%s: consolidated metadata on the server is older than the documents it summarises; "
-                 "reading the documents", root)
+    if kwargs.get("consolidated") is not False:
+        log.debug("%s: listed from the server; reading the metadata documents, not the consolidated copy", root)
         kwargs["consolidated"] = False
 
 
