@@ -9,6 +9,7 @@ Messages name the URL and the next step; they never carry credentials.
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyExistsError",
     "BucketNotFoundError",
     "CloudioError",
     "ConfigurationError",

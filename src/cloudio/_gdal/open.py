@@ -75,6 +75,7 @@ from cloudio._session import Consistency, count, current_level
 from cloudio.errors import (
     CloudioError,
     ConfigurationError,
+    InvalidURLError,
     ReadError,
     StaleDatasetError,
     TransientError,
@@ -284,12 +285,15 @@ def _retry_read(ds: _Reader, first: RasterioIOError, fn: Any, args: tuple[Any, .
 
 def _messages(e: BaseException) -> str:
     """The text of ``e`` and of the errors it was raised from (rasterio chains GDAL's own there)."""
-    out, seen = [], 0
+    out: list[str] = []
     cur: BaseException | None = e
-    while cur is not None and seen < 8:
-        out.append(str(cur))
+    for _ in range(8):
+        if cur is None:
+            break
+        text = str(cur)
+        if text not in out:  # rasterio chains GDAL's one message several times
+            out.append(text)
         cur = cur.__cause__ or cur.__context__
-        seen += 1
     return " <- ".join(out)
 
 
@@ -402,6 +406,8 @@ def open(
         )
     if driver and not isinstance(driver, str):
         raise TypeError(f"invalid driver: {driver!r}")  # rasterio.open's own refusal, before cloudio reads it
+    if type(fp) is str and not fp.strip():
+        raise InvalidURLError(f"the URL is empty ({fp!r}); give gs://bucket/key (or a local path)")
     t = _parsed.get(fp) if type(fp) is str else None  # the fast path: a URL read before
     if t is None and opener is None:
         t = _target(fp)
@@ -535,6 +541,7 @@ def _target(fp: Any) -> Target | None:
 
 
 def _open_read(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any]) -> DatasetReader:
+    _config.require_credentials(t.path.url)  # named here: the first request may be a listing, made elsewhere
     ensure_endpoint(t.path.bucket)
     level = current_level()
     if level != "session":
@@ -846,6 +853,13 @@ def _raise_if_missing(t: Target, cause: RasterioIOError) -> None:
     try:
         object_metadata(t.path)
     except FileNotFoundError:
+        from cloudio._zarr.store import holds_a_node
+
+        if holds_a_node(t.path.url):
+            raise ConfigurationError(
+                f"{t.path.url} is a Zarr store, not one object GDAL can open; read it with "
+                f"cloudio.open_zarr({t.path.url!r}) (a dataset or group) or cloudio.load_array (an array)"
+            ) from cause
         raise not_found(t.path) from cause
     except OSError as e:  # the server is unreachable or refuses
         log.debug("could not diagnose %s: %s", t.path.url, e)

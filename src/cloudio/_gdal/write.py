@@ -428,6 +428,7 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
     import rasterio  # noqa: F401 - registers drivers
     from rasterio._path import _parse_path
     from rasterio.env import env_ctx_if_needed
+    from rasterio.errors import DriverRegistrationError
     from rasterio.io import get_writer_for_driver
 
     if mode not in _MODES:
@@ -452,7 +453,11 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
             if mode == "r+":
                 dataset = _open_update(path, local, driver, kwargs)
             else:
-                base = get_writer_for_driver(driver)
+                try:
+                    base = get_writer_for_driver(driver)
+                except DriverRegistrationError as e:
+                    raise ConfigurationError(f"{path.url}: GDAL has no driver named {driver!r}; pass one it has "
+                                             "(e.g. driver='GTiff' or driver='COG')") from e
                 if base is None:
                     raise ConfigurationError(
                         f"{path.url}: GDAL driver {driver!r} can neither create nor create-copy files; "

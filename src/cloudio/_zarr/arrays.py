@@ -51,7 +51,7 @@ from cloudio._zarr.store import (
     revalidate,
     zarr_store,
 )
-from cloudio.errors import TransientError
+from cloudio.errors import ConfigurationError, TransientError
 
 if TYPE_CHECKING:
     import dask.array
@@ -140,8 +140,13 @@ def save_array(
     # any other value is the user's, passed on for zarr to refuse
     zarr_chunks = cast("tuple[int, ...] | Literal['auto']", chunks)
     zarr_shards = cast("tuple[int, ...] | Literal['auto'] | None", shards)
-    probe = zarr.create_array(zarr.storage.MemoryStore(), shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
-                              shards=zarr_shards, **kwargs)
+    try:
+        probe = zarr.create_array(zarr.storage.MemoryStore(), shape=array.shape, dtype=array.dtype,
+                                  chunks=zarr_chunks, shards=zarr_shards, **kwargs)
+    except ValueError as e:
+        raise ConfigurationError(f"{store.root_url}: zarr refuses these arguments for a {array.dtype} array of "
+                                 f"shape {array.shape} ({e}); nothing was written. Change them (chunks must "
+                                 "divide shards) and write again.") from e
     if dask_input:
         grid, sharded = write_grid(probe)
         array = align(cast("dask.array.Array", array), grid, name="array", url=store.root_url, sharded=sharded,
@@ -531,7 +536,7 @@ def _load(z: zarr.Array[Any], lazy: bool, chunks: Any) -> np.ndarray | dask.arra
             return out
         if fresh is None:
             with _no_hugepage_advice():
-                return cast(np.ndarray, z[...])  # a host (CPU) array: zarr answers with NumPy
+                return np.asarray(z[...])  # a host (CPU) array: zarr answers with NumPy (a scalar for 0-d)
         from zarr.core.buffer.cpu import NDBuffer
 
         out, populate = fresh

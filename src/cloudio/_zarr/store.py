@@ -1261,7 +1261,7 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
     return None
 
 
-def _holds_a_node(url: str) -> bool:
+def holds_a_node(url: str) -> bool:
     """Is there a Zarr node (v3 ``zarr.json``, v2 ``.zgroup``/``.zarray``) right at ``url``? (failures only)"""
     names = NODE_DOCUMENTS
     if not is_gcs(url):
@@ -1342,7 +1342,7 @@ def _not_found(store: JournaledStore, node: str, writer: str, group: str = "") -
     from cloudio.errors import ConfigurationError, ObjectNotFoundError
 
     url = store.root_url
-    if group and _holds_a_node(url):
+    if group and holds_a_node(url):
         return ObjectNotFoundError(f"{url}: the Zarr store there has no group {group!r}; check the group name "
                                    f"(and its path from the store's root), or write it with {writer}(..., "
                                    f"group={group!r}).")
