@@ -24,7 +24,8 @@ own uncached instances (google-cloud-storage for the rasters), so cloudio hears
 nothing of it; GDAL's ``raw`` is ``rasterio.open`` with GDAL's cache of the
 prefix cleared first. Each cell: GET/HEAD
 requests counted at the emulator for one operation, and whether the answer was
-stale. Targets: strong on an unchanged object <= raw; session unchanged.
+stale. Targets: strong on an unchanged object <= raw (but open_zarr, which reads each member's
+document rather than the consolidated copy); session unchanged.
 
 Run: ``.venv/bin/python benchmarks/bench_levels.py`` (writes ``benchmarks/results/levels.json``).
 """
