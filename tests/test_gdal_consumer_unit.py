@@ -257,3 +257,21 @@ def test_revalidation_clears_what_changed_and_tells_gdal_of_a_new_sidecar(gdal: 
     gdal.revalidated(a.path, {"a.tif": 5})
     assert ("clear", "/vsigs/bkt/d/a.tif.ovr") in rec.take()
     assert gdal.plan_read(a) is False
+
+
+def test_a_dropped_empty_dir_option_counts_its_directory_as_one_gdal_may_have_listed(
+        gdal: GdalConsumer, rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``_EMPTY_DIR_MAX`` the oldest EMPTY_DIR option is removed. An open of its object may be under way
+    then, planned with it: GDAL then lists the directory after all. A sidecar written there later must clear
+    that listing at the next read that could see it (else GDAL misses the sidecar)."""
+    from cloudio._gdal import consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "_EMPTY_DIR_MAX", 1)
+    listed(gdal, rec, ["a.tif"], "a.tif")  # EMPTY_DIR on d/a.tif
+    gdal.set_listing(parse_gcs("gs://bkt/e/x"), ["b.tif"])
+    gdal.plan_read(t("e/b.tif"))  # its option pushes d/a.tif's out
+    assert ("clear_options", "/vsigs/bkt/d/a.tif") in rec.take()
+    gdal.on_change(change("gs://bkt/d/a.tif.ovr"))
+    rec.take()
+    assert gdal.plan_read(t("d/a.tif")) is True  # GDAL lists, for the sidecar
+    assert ("clear", "/vsigs/bkt/d") in rec.take()  # and not from a listing made without it

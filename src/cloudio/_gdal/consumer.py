@@ -440,7 +440,13 @@ class GdalConsumer(Consumer):
 
     def _empty_dir_set(self, key: str, name: str) -> None:
         """Count an EMPTY_DIR option just set; past :data:`_EMPTY_DIR_MAX`, the oldest still set is removed
-        (its object's next open plans again: no request, its directory's names are kept)."""
+        (its object's next open plans again: no request, its directory's names are kept).
+
+        An open of that object planned with the option may be under way: GDAL,
+        looking for sidecars once it read the header, then lists the directory.
+        So the directory counts as one GDAL may have listed: a name added there
+        later clears that listing at the next read that could see it.
+        """
         self._empty_dirs.pop((key, name), None)
         self._empty_dirs[(key, name)] = None
         while len(self._empty_dirs) > _EMPTY_DIR_MAX:
@@ -451,6 +457,7 @@ class GdalConsumer(Consumer):
                 self.calls.clear_path_options(f"{old_key}/{old_name}")
                 d.empty_dir.discard(old_name)
                 d.plans.pop(old_name, None)
+                d.gdal_listed = True
                 generation.bump()
 
     # -- datasets that outlive the open ------------------------------------------------------------
