@@ -114,3 +114,39 @@ def test_gdal_readers_table_exceeds_its_track_max_bound(gcs_emulator, monkeypatc
     assert live == 0
     n_readers = len(c._readers)
     assert n_readers <= 2 * 300 + 10, f"_readers holds {n_readers} objects (every dataset closed), _TRACK_MAX is 300"
+
+
+def test_gdal_directory_and_check_tables_stay_bounded_and_reads_stay_right(gcs_emulator, monkeypatch, tmp_path):
+    """The GDAL consumer keeps, per directory read, cloudio's listing of it (up to 1000 names), and per object
+    checked at the strong level, the generations and sidecars it saw: without a bound one entry per directory
+    and object ever read, for the life of the process. Bounded (shown with the bounds lowered, the same code
+    path as the real ones), and what was dropped is asked again: an object read long ago still opens, at the
+    strong level sees that another writer deleted its sidecar, and another sees a sidecar written since."""
+    from rasters import external_overview
+
+    from cloudio._gdal import consumer as gdal_consumer
+
+    monkeypatch.setattr(gdal_consumer, "_DIRS_MAX", 40, raising=False)
+    monkeypatch.setattr(gdal_consumer, "_TRACK_MAX", 60)
+    data = tif(1, 8)  # what _objects writes
+    urls = _objects(gcs_emulator, 200)
+    first = urls[0]
+    ovr = external_overview(data, tmp_path)
+    cloudio.filesystem(first).pipe(f"{first}.ovr", ovr)
+    with cloudio.session("strong"):
+        with cloudio.open(first) as ds:
+            assert ds.overviews(1) == [2]
+        _open_close(urls[1:])
+    c = gdal_consumer.consumer
+    listed = sum(1 for d in c._dirs.values() if d.names is not None)
+    assert listed <= 40, f"{listed} directory listings kept"  # (a directory with GDAL state keeps what says so)
+    assert len(c._seen) <= 2 * 60 + 10 and len(c._related) <= 2 * 60 + 10, (len(c._seen), len(c._related))
+    bucket, key = first.removeprefix("gs://").split("/", 1)
+    gcs_emulator.client.bucket(bucket).blob(f"{key}.ovr").delete()  # another writer: cloudio hears nothing
+    with cloudio.session("strong"), cloudio.open(first) as ds:
+        assert ds.overviews(1) == []
+        assert int(ds.read(1)[0, 0]) == 1
+    second = urls[1]
+    cloudio.filesystem(second).pipe(f"{second}.ovr", ovr)  # through cloudio: journaled
+    with cloudio.open(second) as ds:
+        assert ds.overviews(1) == [2]

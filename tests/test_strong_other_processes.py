@@ -163,6 +163,34 @@ def test_strong_vrt_source_deleted_by_another_process(gcs_bucket: str, gcs_emula
                 ds.read(1)
 
 
+def test_strong_vrt_source_deleted_after_a_nested_vrt_was_read(gcs_bucket: str, gcs_emulator: Emulator,
+                                                                other: Callable[[str], None]) -> None:
+    """After a nested VRT was read (and its leaf invalidated), GDAL no longer fails a VRT whose source is gone:
+    it reads 0 in its place. At the strong level cloudio has just listed the source and found it missing: it
+    says so itself."""
+    from rasters import nested_vrt, put, tif, vrt_xml
+
+    outer, leaf = nested_vrt(gcs_emulator, gcs_bucket)
+    with cloudio.open(outer) as ds:
+        assert ds.read(1).max() == 1
+    put(gcs_emulator, leaf, tif(2))
+    cloudio.invalidate(leaf)
+    with cloudio.open(outer) as ds:
+        assert ds.read(1).max() == 2
+    bucket = gcs_bucket.removeprefix("gs://").split("/", 1)[0]
+    src = f"{gcs_bucket}/k/s.tif"
+    put(gcs_emulator, src, tif(1))
+    vrt = f"{gcs_bucket}/m/s.vrt"
+    put(gcs_emulator, vrt, vrt_xml(f"/vsigs/{bucket}/k/s.tif"))
+    with cloudio.open(vrt) as ds:
+        assert ds.read(1).max() == 1
+    other("bucket.blob('k/s.tif').delete()")
+    with cloudio.session("strong"), pytest.raises(cloudio.ObjectNotFoundError,
+                                                  match=r"m/s\.vrt: its source .*k/s\.tif"):
+        with cloudio.open(vrt) as ds:
+            ds.read(1)
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_strong_load_array_after_other_process_rewrote_chunks_in_place(gcs_bucket: str,
                                                                        other: Callable[[str], None],

@@ -943,17 +943,23 @@ async def list_objects(fs: gcsfs.GCSFileSystem, bucket: str, fields: str, **para
     (medians of 80 interleaved rounds).
     """
     items: list[dict[str, Any]] = []
-    query = {k: v for k, v in params.items() if v is not None}
-    query["fields"] = f"items({fields}),nextPageToken"
-    pause = functools.partial(_backoff, GCSPath(bucket, str(params.get("prefix") or "")))
     while True:
-        url = _with_params(fs, f"{fs._location}/storage/v1/b/{quote(bucket, safe='')}/o?{urlencode(query)}")
-        page = await _retrying(fs, functools.partial(_page, fs, url), pause)
+        page = await list_page(fs, bucket, f"items({fields}),nextPageToken", **params)
         items += page.get("items", [])
         token = page.get("nextPageToken")
         if not token:
             return items
-        query["pageToken"] = token
+        params["pageToken"] = token
+
+
+async def list_page(fs: gcsfs.GCSFileSystem, bucket: str, fields: str, **params: Any) -> dict[str, Any]:
+    """One page of a JSON-API listing of ``bucket`` (``fields``: the answer's, e.g. ``items(name),prefixes``),
+    as :func:`list_objects` asks for each."""
+    query = {k: v for k, v in params.items() if v is not None}
+    query["fields"] = fields
+    pause = functools.partial(_backoff, GCSPath(bucket, str(params.get("prefix") or "")))
+    url = _with_params(fs, f"{fs._location}/storage/v1/b/{quote(bucket, safe='')}/o?{urlencode(query)}")
+    return await _retrying(fs, functools.partial(_page, fs, url), pause)
 
 
 async def _page(fs: gcsfs.GCSFileSystem, url: str) -> dict[str, Any]:

@@ -80,6 +80,7 @@ path helpers in :mod:`cloudio._gdal.targets`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -104,6 +105,9 @@ __all__ = ["NEEDS_LISTING", "GdalCalls", "GdalConsumer", "consumer", "listdir", 
 LISTING_LIMIT = 1000
 _RECLEAR_MAX = 10_000
 _TRACK_MAX = 100_000
+#: directories whose listing cloudio keeps, at most; past it the oldest quarter's names are dropped
+#: (:meth:`GdalConsumer._bound_dirs`)
+_DIRS_MAX = 10_000
 #: datasets remembered per object before the closed ones are dropped (amortised over the opens)
 _PRUNE_AT = 64
 #: per-object EMPTY_DIR options kept in GDAL at once, oldest dropped first: GDAL looks a path's options
@@ -137,6 +141,7 @@ class _Dir:
     changed: set[str] = field(default_factory=set)  #: names added/removed since GDAL listed it
     plans: dict[str, bool] = field(default_factory=dict)  #: name -> GDAL must list (memo of ``names``)
     empty_dir: set[str] = field(default_factory=set)  #: names opened with EMPTY_DIR set on their path
+    forgot: bool = False  #: its names were dropped to keep the table bounded (:meth:`GdalConsumer._bound_dirs`)
 
 
 #: returned by :meth:`GdalConsumer.plan_read` when cloudio's own listing must be fetched first
@@ -168,6 +173,8 @@ class GdalConsumer(Consumer):
         self._readers: dict[str, list[weakref.ref[Any]]] = {}
         #: the EMPTY_DIR options set, oldest first: (directory key, name), at most :data:`_EMPTY_DIR_MAX`
         self._empty_dirs: dict[tuple[str, str], None] = {}
+        #: the directories whose names are kept, oldest listing first, at most :data:`_DIRS_MAX`
+        self._listed: dict[str, None] = {}
         self._state = threading.RLock()
         self.calls = calls if calls is not None else GdalCalls()
 
@@ -197,7 +204,7 @@ class GdalConsumer(Consumer):
         self._object_changed(path.vsi)
         with self._state:
             if change.generation is not None and change.kind == "write":
-                self._seen[change.url] = (change.generation, time.monotonic())
+                self._remember(self._seen, change.url, (change.generation, time.monotonic()))
             else:
                 self._seen.pop(change.url, None)
             if change.kind != "delete":
@@ -352,7 +359,43 @@ class GdalConsumer(Consumer):
             d.names = fresh
             d.plans.clear()
             d.listed_at = time.monotonic()
+            d.forgot = False
+            if fresh is not None:
+                self._listed.pop(key, None)
+                self._listed[key] = None
+                if len(self._listed) > _DIRS_MAX:
+                    self._bound_dirs()
         generation.bump()
+
+    def _bound_dirs(self) -> None:
+        """Drop the names of the directories listed longest ago, down to three quarters of :data:`_DIRS_MAX`
+        (under ``_state``).
+
+        A directory for which GDAL then holds nothing of cloudio's making (no
+        listing, no EMPTY_DIR option) is forgotten; another keeps only what
+        says so. Either way the next open there lists it again (one request),
+        as after a change made elsewhere.
+        """
+        for key in list(itertools.islice(self._listed, max(1, len(self._listed) - 3 * _DIRS_MAX // 4))):
+            del self._listed[key]
+            d = self._dirs.get(key)
+            if d is None:
+                continue
+            if d.gdal_listed or d.empty_dir or d.changed:
+                d.names, d.listed_at, d.forgot = None, 0.0, True
+                d.plans.clear()
+            else:
+                del self._dirs[key]
+
+    @staticmethod
+    def _remember(table: dict[str, Any], key: str, value: Any) -> None:
+        """``table[key] = value``, the table kept in order of last change and to :data:`_TRACK_MAX` keys (the
+        older half dropped: what was dropped is checked again, as if never seen)."""
+        table.pop(key, None)
+        table[key] = value
+        if len(table) > _TRACK_MAX:
+            for old in list(itertools.islice(table, len(table) - _TRACK_MAX // 2)):
+                del table[old]
 
     def unchanged(self, t: Target) -> bool:
         """Can ``t`` be opened exactly as last time, with no bookkeeping? (the per-open fast path)
@@ -583,13 +626,13 @@ class GdalConsumer(Consumer):
         """
         key = dir_key(path)
         with self._state:
-            stale, added, removed = self._differences(path, generations)
+            stale, added, removed, unknown = self._differences(path, generations)
             now = time.monotonic()
             for n, gen in generations.items():
-                self._seen[f"{path.parent.url}{n}"] = (gen, now)
+                self._remember(self._seen, f"{path.parent.url}{n}", (gen, now))
             for n in removed:
                 self._seen.pop(f"{path.parent.url}{n}", None)
-            self._related[path.url] = frozenset(generations)
+            self._remember(self._related, path.url, frozenset(generations))
             d = self._dirs.get(key)
             if d is not None:
                 if d.names is not None:
@@ -597,17 +640,28 @@ class GdalConsumer(Consumer):
                     d.names -= removed
                 for n in added | removed:
                     self._names_changed(key, d, n)
+                if unknown:
+                    self._names_changed(key, d, _ANY)
         for n in sorted(stale | removed):
             self._object_changed(f"{key}/{n}")
-        return bool(stale or added or removed)
+        if unknown:  # sidecars gone since may be cached: whatever GDAL holds of names like the object's goes
+            self._object_changed(f"{key}/{_stem(path.name)}")
+        return bool(stale or added or removed or unknown)
 
     def is_current(self, path: GCSPath, generations: dict[str, int]) -> bool:
         """Would :meth:`revalidated` change nothing? (no side effect: a dataset may still be open)"""
         with self._state:
-            return not any(self._differences(path, generations))
+            return not any(self._differences(path, generations))  # names unknown: not current
 
-    def _differences(self, path: GCSPath, generations: dict[str, int]) -> tuple[set[str], set[str], set[str]]:
-        """(names at a generation GDAL may not hold, sidecars new, sidecars gone) since the last check."""
+    def _differences(self, path: GCSPath, generations: dict[str, int]) -> tuple[set[str], set[str], set[str], bool]:
+        """(names at a generation GDAL may not hold, sidecars new, sidecars gone, whether the names before are
+        unknown) since the last check.
+
+        Unknown: the check of the object and the listing of its directory were
+        both dropped (:meth:`_remember`, :meth:`_bound_dirs`), and GDAL may hold
+        a sidecar gone since. (Never made, nothing of cloudio's making is in
+        GDAL's cache to be wrong.)
+        """
         key, name = split_vsi(path)
         parent = path.parent.url
         stale = set()
@@ -619,10 +673,10 @@ class GdalConsumer(Consumer):
         if before is None:
             d = self._dirs.get(key)
             if d is None or d.names is None:
-                return stale, set(), set()
+                return stale, set(), set(), d is not None and d.forgot
             before = frozenset(n for n in d.names if n == name or is_sidecar(n, name))
         now = set(generations)
-        return stale, now - before, set(before - now)
+        return stale, now - before, set(before - now), False
 
     def mark_unknown(self, path: GCSPath) -> None:
         """GDAL may now cache ``path`` at a generation we did not check."""
@@ -652,6 +706,11 @@ class GdalConsumer(Consumer):
         return names
 
 
+def _stem(name: str) -> str:
+    """``name`` without its extension: GDAL's sidecars of it start with this (``a.tif.ovr``, ``a.tfw``)."""
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
 def _is_open(ref: weakref.ref[Any]) -> bool:
     ds = ref()
     return ds is not None and not ds.closed
@@ -679,6 +738,7 @@ def reset() -> None:
             for name in d.empty_dir:
                 consumer.calls.clear_path_options(f"{key}/{name}")
         consumer._empty_dirs.clear()
+        consumer._listed.clear()
         consumer._dirs.clear()
         consumer._seen.clear()
         consumer._related.clear()

@@ -76,6 +76,7 @@ from cloudio.errors import (
     CloudioError,
     ConfigurationError,
     InvalidURLError,
+    ObjectNotFoundError,
     ReadError,
     StaleDatasetError,
     TransientError,
@@ -801,6 +802,7 @@ def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: fl
     """
     seen = {t.vsi}
     level, current = files, True
+    missing: list[str] = []
     for depth in range(_VRT_DEPTH + 1):
         sources = _source_paths(level, seen)
         listed = [(p, _related(p)) for p in sources if not _checked_recently(p, max_age)]
@@ -817,6 +819,14 @@ def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: fl
                 consumer.mark_unknown(p)
                 bindings.clear(p.vsi)
                 gone.add(p.vsi)
+                missing.append(p.url)
+        if missing:  # GDAL would read 0 in its place, or fail, depending on what its own state holds
+            if current:
+                _close(ds, t)
+            raise ObjectNotFoundError(
+                f"{t.path.url}: its source {missing[0]} does not exist on {where()} (deleted or never written); "
+                "write the source again, or save the VRT without it (cloudio.write_vrt)"
+            )
         vrts = [target(p) for p in sources if p.vsi not in gone and p.vsi.lower().endswith(".vrt")]
         if not vrts:
             break
@@ -848,19 +858,41 @@ def _vrt_files(t: Target) -> list[str]:
     return files
 
 
+def _not_an_object(path: GCSPath) -> CloudioError:
+    """Why there is no object at ``path``: a Zarr store or a folder is there, the bucket is missing, or nothing
+    (one listing of what is under it, then :func:`not_found`'s bucket request)."""
+    from fsspec.asyn import sync
+
+    from cloudio._gcs.fast import list_page
+    from cloudio._zarr.store import NODE_DOCUMENTS
+
+    fs = gcs_filesystem()
+    try:
+        page = sync(fs.loop, list_page, fs, path.bucket, "items(name),prefixes", prefix=f"{path.key}/",
+                    delimiter="/", maxResults=1000)
+    except OSError as e:  # no bucket (FileNotFoundError), or the listing refused: say what is certain
+        log.debug("could not list under %s: %s", path.url, e)
+        page = {}
+    names = {str(item["name"]).rsplit("/", 1)[-1] for item in page.get("items", [])}
+    if names & set(NODE_DOCUMENTS):
+        return ConfigurationError(
+            f"{path.url} is a Zarr store, not one object GDAL can open; read it with "
+            f"cloudio.open_zarr({path.url!r}) (a dataset or group) or cloudio.load_array (an array)"
+        )
+    if names or page.get("prefixes"):
+        return ObjectNotFoundError(
+            f"{path.url} is a folder, not an object: nothing is stored at that key, objects are stored under "
+            f"it. Open one of them (cloudio.filesystem({path.url!r}).ls({path.url!r}) lists them)."
+        )
+    return not_found(path, fs)
+
+
 def _raise_if_missing(t: Target, cause: RasterioIOError) -> None:
     """Raise the not-found error that says why, unless the object exists."""
     try:
         object_metadata(t.path)
     except FileNotFoundError:
-        from cloudio._zarr.store import holds_a_node
-
-        if holds_a_node(t.path.url):
-            raise ConfigurationError(
-                f"{t.path.url} is a Zarr store, not one object GDAL can open; read it with "
-                f"cloudio.open_zarr({t.path.url!r}) (a dataset or group) or cloudio.load_array (an array)"
-            ) from cause
-        raise not_found(t.path) from cause
+        raise _not_an_object(t.path) from cause
     except OSError as e:  # the server is unreachable or refuses
         log.debug("could not diagnose %s: %s", t.path.url, e)
         raise _transient(t, cause) from cause

@@ -236,8 +236,9 @@ def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark
             listing.cancel()
             raise
         prefix = f"{where.path}/" if where.path else ""
-        refusal = in_the_way(f"{store.root_url.rstrip('/')}/{where.path}".rstrip("/"),
-                             (k.removeprefix(prefix) for k in await listing))
+        held = [k.removeprefix(prefix) for k in await listing]  # the marker left out: this write's own may be up
+        refusal = None if mark.follows_others else in_the_way(
+            f"{store.root_url.rstrip('/')}/{where.path}".rstrip("/"), held)
         if refusal is not None:  # before any object of the write: the marker alone goes again (mark.fail)
             raise refusal
 

@@ -710,6 +710,7 @@ class WriteMark:
         self.token = ""
         self._seq = 0
         self._before: list[dict[str, Any]] = []  # the writers listed when this one began
+        self._maybe_up = False  # begin failed: its entry may be in the marker all the same
         self._begun = False
 
     def begin(self) -> Self:
@@ -743,16 +744,32 @@ class WriteMark:
             # on GCS the marker is usually absent: one create-only request, read only when it is not
             await _update_marker(self.store, add, read_first=not is_gcs(root))
         except BaseException:
+            self._maybe_up = True  # sent, its answer not taken in (a refusal, or cancelled on its way)
             _release(root)
             raise
         self._seq = journal().seq
         self._begun = True
 
+    @property
+    def follows_others(self) -> bool:
+        """Writes of this store were listed in its marker when this one began (one may have failed part way)."""
+        return bool(self._before)
+
     def commit(self, *, replacing: bool | None = None) -> None:
         """Take this write (and, when it replaces the store or its group, the writers listed before it that it
         replaced) off the marker."""
-        before = {_identity(w) for w in self._before} if (self.replaces if replacing is None else replacing) else set()
+        try:
+            left = self._taken_off(self.replaces if replacing is None else replacing)
+            if not left:  # the marker is down: what this write stored is the array, for load_array's guess
+                for url, (doc, generation) in self.store._held.items():
+                    last_seen.remember(url, doc, generation)
+        finally:
+            self.store._held.clear()
+            _release(self.store.root_url)
 
+    def _taken_off(self, replacing: bool) -> list[dict[str, Any]]:
+        """Take this write (and, ``replacing``, the writers it replaced) off the marker; the writers left."""
+        before = {_identity(w) for w in self._before} if replacing else set()
         left: list[dict[str, Any]] = []
 
         def remove(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -765,14 +782,8 @@ class WriteMark:
                     left.append(kept)
             return list(left)
 
-        try:
-            _sync(_update_marker(self.store, remove, read_first=True))
-            if not left:  # the marker is down: what this write stored is the array, for load_array's guess
-                for url, (doc, generation) in self.store._held.items():
-                    last_seen.remember(url, doc, generation)
-        finally:
-            self.store._held.clear()
-            _release(self.store.root_url)
+        _sync(_update_marker(self.store, remove, read_first=True))
+        return left
 
     def _replaced(self, writer: dict[str, Any]) -> dict[str, Any] | None:
         """An earlier writer's entry once this replacing write committed: None when this write replaced all it
@@ -790,7 +801,13 @@ class WriteMark:
         return writer
 
     def fail(self) -> None:
-        if not self._begun:  # the marker never went up (begin released its count)
+        if not self._begun:  # the marker never went up (begin released its count), or may have, unanswered
+            if self._maybe_up:
+                try:
+                    self._taken_off(False)
+                except Exception as e:  # a marker left behind errs on the safe side
+                    log.warning("%s: could not check the write marker after %s was stopped: %s",
+                                self.store.root_url, self.operation, e)
             return
         if self._changed():
             log.warning("%s: %s failed part way; the store stays marked incomplete", self.store.root_url,
@@ -878,6 +895,8 @@ async def _update_marker(store: JournaledStore, change: Any, *, read_first: bool
     data, generation = await store.get_generation(MARKER) if read_first else (None, 0)
     for _ in range(_MARK_ATTEMPTS):
         writers = change(_writers(data))
+        if data is not None and writers == _writers(data):  # nothing to change
+            return
         try:
             if writers:
                 doc = {**writers[-1], "writers": writers}
@@ -1291,14 +1310,14 @@ NODE_DOCUMENTS = ("zarr.json", ".zgroup", ".zarray")
 
 
 def in_the_way(url: str, keys: Iterable[str]) -> CloudioError | None:
-    """The refusal of a write that would replace the store at ``url``, whose objects (keys relative to it,
-    the write marker left out) are not a Zarr node's: zarr's overwrite deletes everything under the store,
-    and a forgotten ``.zarr`` (or key) must not empty a folder or a bucket. None when there is nothing, or
-    a node, there."""
+    """The refusal of a write that would replace the store at ``url``, whose objects (keys relative to it)
+    are not a Zarr node's: zarr's overwrite deletes everything under the store, and a forgotten ``.zarr``
+    (or key) must not empty a folder or a bucket. None when there is nothing there, a node, or the marker
+    of a cloudio write (one that failed before its metadata went up leaves chunks alone with it)."""
     from cloudio.errors import AlreadyExistsError
 
     held = sorted(keys)
-    if not held or any(k in NODE_DOCUMENTS for k in held):
+    if not held or any(k in NODE_DOCUMENTS or k == MARKER for k in held):
         return None
     shown = ", ".join(repr(k) for k in held[:3]) + (", ..." if len(held) > 3 else "")
     base = url.rstrip("/")
@@ -1313,8 +1332,8 @@ def refuse_replacing_others(store: JournaledStore, path: str = "") -> None:
     """Raise :func:`in_the_way`'s refusal for a write that replaces the node at ``path`` in ``store``."""
     prefix = f"{path.strip('/')}/" if path.strip("/") else ""
 
-    async def listed() -> list[str]:
-        return [key.removeprefix(prefix) async for key in store.list_prefix(prefix)]
+    async def listed() -> list[str]:  # the write marker included
+        return [key.removeprefix(prefix) async for key in store._keys_under(prefix)]
 
     url = "/".join(p for p in (store.root_url.rstrip("/"), path.strip("/")) if p)
     refusal = in_the_way(url, _sync(listed()))
