@@ -111,9 +111,10 @@ class Endpoint:
 
 
 def _parse_endpoint(raw: str, source: str) -> Endpoint:
-    raw = raw.strip().rstrip("/")
+    raw = raw.strip()
     if "://" not in raw:
         raw = "http://" + raw
+    raw = raw[:raw.index("://") + 3] + raw[raw.index("://") + 3:].rstrip("/")  # "http://" stays hostless
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(
@@ -148,6 +149,16 @@ def http_timeout() -> float:
     return env_seconds(HTTP_TIMEOUT_ENV, DEFAULT_HTTP_TIMEOUT)
 
 
+#: the most seconds a connection may take to open (whatever CLOUDIO_HTTP_TIMEOUT allows a silent request)
+CONNECT_MAX = 10.0
+
+
+def connect_timeout() -> float:
+    """Seconds a connection may take to open: ``CLOUDIO_HTTP_TIMEOUT``, at most :data:`CONNECT_MAX` (GDAL and
+    gcsfs alike)."""
+    return min(http_timeout(), CONNECT_MAX)
+
+
 def env_seconds(name: str, default: float, error: type[ConfigurationError] = ConfigurationError) -> float:
     """Environment variable ``name`` as a positive, finite number of seconds, ``default`` when unset; any
     other value raises ``error`` naming the variable."""
@@ -176,7 +187,7 @@ def gdal_http_options() -> dict[str, str]:
     t = http_timeout()
     return {
         "GDAL_HTTP_TIMEOUT": f"{t:g}",
-        "GDAL_HTTP_CONNECTTIMEOUT": f"{min(t, 10.0):g}",
+        "GDAL_HTTP_CONNECTTIMEOUT": f"{connect_timeout():g}",
         "GDAL_HTTP_MAX_RETRY": str(GDAL_MAX_RETRY),
         "GDAL_HTTP_RETRY_DELAY": f"{GDAL_RETRY_DELAY:g}",
         "GDAL_HTTP_RETRY_CODES": "429,500,502,503,504",

@@ -53,6 +53,7 @@ from cloudio._gcs.client import header_crc, http_options, is_transient, total_ti
 from cloudio._gcs.transfer import _check_stored, _crc_b64, _Mismatch, _outcome_unknown, put_verified
 from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
+from cloudio._session import count, current_level
 from cloudio.errors import (
     CloudioError,
     ConfigurationError,
@@ -88,6 +89,14 @@ def _record(url: str, kind: Kind, *, generation: Any = None, size: Any = None, p
     acc = _recorded.get()
     if acc is not None:
         acc.append(url)
+
+
+def _uploaded(url: str, generation: Any, size: int) -> None:
+    """An upload through gcsfs's own paths, verified: journaled, and counted in the sessions' stats (as
+    :func:`~cloudio._gcs.transfer.put_verified` counts its own)."""
+    _record(url, "write", generation=generation, size=size)
+    count("uploads")
+    count("bytes_uploaded", size)
 
 
 @contextmanager
@@ -232,7 +241,7 @@ class _JournalingGCSFileMixin:
             except IntegrityError:
                 self.closed = True  # type: ignore[attr-defined]  # nothing left to send: no retry from __del__
                 raise
-            _record(url, "write", generation=generation, size=self.offset)  # type: ignore[attr-defined]
+            _uploaded(url, generation, self.offset)  # type: ignore[attr-defined]
         return done
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -424,7 +433,7 @@ class _JournalingGCSMixin:
             with journal().changing(url), _unsure(url):  # GDAL reads of it wait until the write is recorded
                 out, meta = await self._answered_by(super()._pipe_file(path, data, *args, **kwargs))  # type: ignore[misc]
                 generation = await self._verify_stored(url, meta, size, _crc_of(data))
-                _record(url, "write", generation=generation, size=size)
+                _uploaded(url, generation, size)
         finally:
             _writing.reset(token)
         return out
@@ -473,11 +482,16 @@ class _JournalingGCSMixin:
             out, meta = await self._answered_by(super()._put_file(lpath, rpath, *args, **kwargs))  # type: ignore[misc]
             size = os.path.getsize(lpath)
             generation = await self._verify_stored(url, meta, size, _crc_of_file(lpath))
-            _record(url, "write", generation=generation, size=size)
+            _uploaded(url, generation, size)
         return out
 
     async def _cat_file(self, path: str, start: Any = None, end: Any = None, **kwargs: Any) -> Any:
-        """A whole object is checked against the CRC32C of the server's ``x-goog-hash``."""
+        """A whole object is checked against the CRC32C of the server's ``x-goog-hash``.
+
+        Every level reads the server here; the level in force is still looked up, so that a bad
+        ``CLOUDIO_CONSISTENCY`` is named as by every other read.
+        """
+        current_level()
         if start is not None or end is not None or kwargs.get("concurrency", 1) > 1:
             return await super()._cat_file(path, start=start, end=end, **kwargs)  # type: ignore[misc]
         u = self.url(path, generation=kwargs.get("generation"))  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloudio import _state
 from cloudio._config import (
+    connect_timeout,
     emulator_endpoint,
     gcsfs_options,
     http_timeout,
@@ -54,8 +55,8 @@ def http_options() -> dict[str, Any]:
     """gcsfs options bounding every request (see the module docstring)."""
     import aiohttp
 
-    limit = http_timeout()
-    return {"requests_timeout": aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)}
+    return {"requests_timeout": aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout(),
+                                                      sock_read=http_timeout())}
 
 
 def total_time_limit(requests_timeout: Any) -> float | None:
