@@ -151,3 +151,29 @@ def external_overview(tif_bytes: bytes, folder: os.PathLike[str] | str) -> bytes
     with open(local + ".ovr", "rb") as f:
         return f.read()
 
+
+def workers_of(client) -> list[str]:
+    """The addresses of a 2-worker Dask cluster's workers, once both are up."""
+    client.wait_for_workers(2, timeout=60)
+    return sorted(client.nthreads())
+
+
+def write_flat_tif(url: str, n: int, value: int) -> str:
+    """An ``n`` x ``n`` GeoTIFF of ``value`` written through cloudio (run on Dask workers too)."""
+    from affine import Affine
+
+    import cloudio
+
+    with cloudio.open(url, "w", driver="GTiff", width=n, height=n, count=1, dtype="uint8",
+                      transform=Affine.identity()) as dst:
+        dst.write(np.full((1, n, n), value, "uint8"))
+    return url
+
+
+def read_flat_tif(url: str) -> tuple[tuple[int, int], int, int]:
+    """Shape, min and max of band 1 read through cloudio."""
+    import cloudio
+
+    with cloudio.open(url) as src:
+        a = src.read(1)
+        return src.shape, int(a.min()), int(a.max())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from rasters import read_flat_tif, workers_of, write_flat_tif
 
 distributed = pytest.importorskip("distributed")
 da = pytest.importorskip("dask.array")
@@ -16,30 +17,6 @@ from flytekit.core.data_persistence import FileAccessProvider
 
 import cloudio
 import cloudio.flyte
-
-
-def _workers(client) -> list[str]:
-    client.wait_for_workers(2, timeout=60)
-    return sorted(client.nthreads())
-
-
-def _write_tif(url: str, n: int, value: int) -> str:
-    from affine import Affine
-
-    import cloudio
-
-    with cloudio.open(url, "w", driver="GTiff", width=n, height=n, count=1, dtype="uint8",
-                      transform=Affine.identity()) as dst:
-        dst.write(np.full((1, n, n), value, "uint8"))
-    return url
-
-
-def _read_tif(url: str) -> tuple[tuple[int, int], int, int]:
-    import cloudio
-
-    with cloudio.open(url) as src:
-        a = src.read(1)
-        return src.shape, int(a.min()), int(a.max())
 
 
 def _save(url: str, arr: np.ndarray, shards=None, chunks=None) -> str:
@@ -60,24 +37,24 @@ def _load(url: str) -> np.ndarray:
 
 def test_worker_gdal_read_sees_client_overwrite(proc_client, gcs_bucket):
     client = proc_client
-    w1, _ = _workers(client)
+    w1, _ = workers_of(client)
     url = f"{gcs_bucket}/gd/a.tif"
-    _write_tif(url, 8, 1)
-    assert client.submit(_read_tif, url, workers=[w1], pure=False).result() == ((8, 8), 1, 1)
-    _write_tif(url, 16, 2)
-    assert client.submit(_read_tif, url, workers=[w1], pure=False).result() == ((16, 16), 2, 2)
+    write_flat_tif(url, 8, 1)
+    assert client.submit(read_flat_tif, url, workers=[w1], pure=False).result() == ((8, 8), 1, 1)
+    write_flat_tif(url, 16, 2)
+    assert client.submit(read_flat_tif, url, workers=[w1], pure=False).result() == ((16, 16), 2, 2)
 
 
 def test_client_gdal_read_sees_worker_overwrite(proc_client, gcs_bucket):
     client = proc_client
-    w1, w2 = _workers(client)
+    w1, w2 = workers_of(client)
     url = f"{gcs_bucket}/gd2/a.tif"
-    client.submit(_write_tif, url, 8, 1, workers=[w1], pure=False).result()
-    assert _read_tif(url) == ((8, 8), 1, 1)
-    assert client.submit(_read_tif, url, workers=[w2], pure=False).result() == ((8, 8), 1, 1)
-    client.submit(_write_tif, url, 16, 3, workers=[w1], pure=False).result()
-    assert _read_tif(url) == ((16, 16), 3, 3)
-    assert client.submit(_read_tif, url, workers=[w2], pure=False).result() == ((16, 16), 3, 3)
+    client.submit(write_flat_tif, url, 8, 1, workers=[w1], pure=False).result()
+    assert read_flat_tif(url) == ((8, 8), 1, 1)
+    assert client.submit(read_flat_tif, url, workers=[w2], pure=False).result() == ((8, 8), 1, 1)
+    client.submit(write_flat_tif, url, 16, 3, workers=[w1], pure=False).result()
+    assert read_flat_tif(url) == ((16, 16), 3, 3)
+    assert client.submit(read_flat_tif, url, workers=[w2], pure=False).result() == ((16, 16), 3, 3)
 
 
 # -- save_array / load_array ------------------------------------------------------------------------
@@ -85,7 +62,7 @@ def test_client_gdal_read_sees_worker_overwrite(proc_client, gcs_bucket):
 
 def test_worker_save_array_client_load_array(proc_client, gcs_bucket):
     client = proc_client
-    w1, w2 = _workers(client)
+    w1, w2 = workers_of(client)
     url = f"{gcs_bucket}/arr/a.zarr"
     a1 = np.arange(64, dtype="f4").reshape(8, 8)
     client.submit(_save, url, a1, workers=[w1], pure=False).result()
@@ -99,7 +76,7 @@ def test_worker_save_array_client_load_array(proc_client, gcs_bucket):
 
 def test_client_save_array_worker_load_array(proc_client, gcs_bucket):
     client = proc_client
-    w1, _ = _workers(client)
+    w1, _ = workers_of(client)
     url = f"{gcs_bucket}/arr2/a.zarr"
     a1 = np.arange(64, dtype="f4").reshape(8, 8)
     _save(url, a1)
@@ -144,7 +121,7 @@ def _open_sum(url: str) -> tuple[tuple[int, ...], float]:
 
 def test_xarray_to_zarr_on_cluster_overwrite_seen_everywhere(proc_client, gcs_bucket):
     client = proc_client
-    w1, _ = _workers(client)
+    w1, _ = workers_of(client)
     url = f"{gcs_bucket}/xr/ds.zarr"
     ds1 = _ds(32, 1.0)
     cloudio.to_zarr(ds1, url, mode="w", zarr_format=3, consolidated=False)
@@ -191,21 +168,21 @@ def _read_held() -> tuple[int, int]:
 
 def test_dataset_held_open_on_worker_reads_client_overwrite(proc_client, gcs_bucket):
     client = proc_client
-    w1, _ = _workers(client)
+    w1, _ = workers_of(client)
     url = f"{gcs_bucket}/held/a.tif"
-    _write_tif(url, 16, 1)
+    write_flat_tif(url, 16, 1)
     client.submit(_hold_open, url, workers=[w1], pure=False).result()
-    _write_tif(url, 16, 7)  # same layout, new pixels
+    write_flat_tif(url, 16, 7)  # same layout, new pixels
     assert client.submit(_read_held, workers=[w1], pure=False).result() == (7, 7)
 
 
 def test_dataset_held_open_on_worker_refuses_new_layout(proc_client, gcs_bucket):
     client = proc_client
-    w1, _ = _workers(client)
+    w1, _ = workers_of(client)
     url = f"{gcs_bucket}/held2/a.tif"
-    _write_tif(url, 16, 1)
+    write_flat_tif(url, 16, 1)
     client.submit(_hold_open, url, workers=[w1], pure=False).result()
-    _write_tif(url, 32, 9)  # another layout
+    write_flat_tif(url, 32, 9)  # another layout
     with pytest.raises(cloudio.StaleDatasetError, match="held2/a.tif"):
         client.submit(_read_held, workers=[w1], pure=False).result()
 
@@ -231,7 +208,7 @@ def _ls(prefix: str) -> list[str]:
 
 def test_invalidate_in_client_reaches_workers(proc_client, gcs_bucket, gcs_emulator):
     client = proc_client
-    w1, _ = _workers(client)
+    w1, _ = workers_of(client)
     prefix = f"{gcs_bucket}/inv"
     _write_bytes(f"{prefix}/a.bin", b"a")
     assert client.submit(_ls, prefix, workers=[w1], pure=False).result() == ["a.bin"]
@@ -268,13 +245,13 @@ def test_workers_started_later_get_the_relay(gcs_emulator, gcs_bucket):
 
 def test_inprocess_cluster_reads_and_writes(thread_client, gcs_bucket):
     client = thread_client
-    w1, w2 = _workers(client)
+    w1, w2 = workers_of(client)
     url = f"{gcs_bucket}/inproc/a.tif"
-    _write_tif(url, 8, 1)
-    assert client.submit(_read_tif, url, workers=[w1], pure=False).result() == ((8, 8), 1, 1)
-    client.submit(_write_tif, url, 16, 2, workers=[w2], pure=False).result()
-    assert _read_tif(url) == ((16, 16), 2, 2)
-    assert client.submit(_read_tif, url, workers=[w1], pure=False).result() == ((16, 16), 2, 2)
+    write_flat_tif(url, 8, 1)
+    assert client.submit(read_flat_tif, url, workers=[w1], pure=False).result() == ((8, 8), 1, 1)
+    client.submit(write_flat_tif, url, 16, 2, workers=[w2], pure=False).result()
+    assert read_flat_tif(url) == ((16, 16), 2, 2)
+    assert client.submit(read_flat_tif, url, workers=[w1], pure=False).result() == ((16, 16), 2, 2)
     zurl = f"{gcs_bucket}/inproc/ds.zarr"
     ds1 = _ds(32, 1.0)
     cloudio.to_zarr(ds1, zurl, mode="w", zarr_format=3, consolidated=False)

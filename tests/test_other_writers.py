@@ -11,9 +11,6 @@ everything cached") and an hour ("trust everything cached"): no timers.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -22,36 +19,6 @@ from rasters import external_overview
 
 import cloudio
 from cloudio.emulator import Emulator, Request
-
-PRELUDE = """
-import os, sys
-import numpy as np
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
-
-BUCKET = os.environ["OTHER_BUCKET"]
-SO = {"endpoint_url": "http://" + os.environ["STORAGE_EMULATOR_HOST"].split("://")[-1], "token": "anon"}
-client = storage.Client(project="other", credentials=AnonymousCredentials(),
-                        client_options={"api_endpoint": SO["endpoint_url"]})
-bucket = client.bucket(BUCKET)
-"""
-
-EPILOGUE = """
-assert not any(m == "cloudio" or m.startswith("cloudio.") for m in sys.modules), "the other writer loaded cloudio"
-"""
-
-
-@pytest.fixture
-def other_writer(gcs_bucket: str) -> Callable[[str], None]:
-    """Run a snippet in a second Python process (plain libraries, no cloudio) against ``gcs_bucket``."""
-
-    def run(code: str) -> None:
-        script = PRELUDE + textwrap.dedent(code) + EPILOGUE
-        env = {**os.environ, "OTHER_BUCKET": gcs_bucket.removeprefix("gs://")}
-        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, f"the other writer failed:\n{r.stderr[-3000:]}"
-
-    return run
 
 
 class Counter:

@@ -4,9 +4,7 @@ there, at the cost of one listing."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import types
 
 import numpy as np
 import pytest
@@ -16,19 +14,6 @@ import cloudio
 from cloudio.emulator import Emulator
 
 MARKER = ".cloudio-write-in-progress"
-_real_sleep = asyncio.sleep
-
-
-@pytest.fixture
-def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gcsfs.retry
-
-    async def sleep(_seconds: float) -> None:
-        await _real_sleep(0.01)
-
-    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=sleep))
-
-
 def _names(emu: Emulator, bucket_url: str, prefix: str = "") -> set[str]:
     return {b.name for b in emu.client.list_blobs(bucket_url.removeprefix("gs://"), prefix=prefix or None)}
 

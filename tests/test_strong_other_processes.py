@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 
 import numpy as np
@@ -17,34 +16,6 @@ import pytest
 
 import cloudio
 from cloudio.emulator import Emulator
-
-PRELUDE = """
-import os, sys
-import numpy as np
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
-
-BUCKET = os.environ["OTHER_BUCKET"]
-SO = {"endpoint_url": "http://" + os.environ["STORAGE_EMULATOR_HOST"].split("://")[-1], "token": "anon"}
-client = storage.Client(project="other", credentials=AnonymousCredentials(),
-                        client_options={"api_endpoint": SO["endpoint_url"]})
-bucket = client.bucket(BUCKET)
-"""
-
-
-@pytest.fixture
-def other(gcs_bucket: str, gcs_emulator: Emulator) -> Callable[[str], None]:
-    """Run a snippet in a second Python process (plain libraries) against ``gcs_bucket``."""
-
-    def run(code: str) -> None:
-        script = PRELUDE + textwrap.dedent(code)
-        env = {**os.environ, "OTHER_BUCKET": gcs_bucket.removeprefix("gs://"),
-               "STORAGE_EMULATOR_HOST": gcs_emulator.url}
-        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, f"the other writer failed:\n{r.stderr[-3000:]}"
-
-    return run
-
 
 zarr_warnings = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part:UserWarning")
 
@@ -63,7 +34,7 @@ def _dataset(name: str = "a", rows: int = 4) -> object:
 
 @zarr_warnings
 def test_strong_open_zarr_after_other_process_removed_a_variable(gcs_bucket: str,
-                                                                  other: Callable[[str], None]) -> None:
+                                                                  other_writer: Callable[[str], None]) -> None:
     """Another process deletes variable ``b`` (all its objects, as ``gsutil rm -r`` would) from a
     consolidated store. At strong, "group membership comes from a fresh listing": ``b`` must be gone."""
     import xarray as xr
@@ -72,7 +43,7 @@ def test_strong_open_zarr_after_other_process_removed_a_variable(gcs_bucket: str
     cloudio.to_zarr(_dataset(), url, mode="w")
     cloudio.to_zarr(xr.Dataset({"b": (("y", "x"), np.ones((4, 4)))}), url, mode="a")
     assert sorted(cloudio.open_zarr(url).data_vars) == ["a", "b"]
-    other("""
+    other_writer("""
         import gcsfs
         gcsfs.GCSFileSystem(**SO).rm(f"{BUCKET}/rm.zarr/b", recursive=True)
     """)
@@ -83,14 +54,14 @@ def test_strong_open_zarr_after_other_process_removed_a_variable(gcs_bucket: str
 
 @zarr_warnings
 def test_strong_open_zarr_after_resize_then_group_attrs_rewritten(gcs_bucket: str,
-                                                                   other: Callable[[str], None]) -> None:
+                                                                   other_writer: Callable[[str], None]) -> None:
     """Another process appends two rows to ``a`` without consolidating, then sets an attribute on the
     root group (zarr rewrites the root ``zarr.json`` carrying its old consolidated copy). The copy's
     object is now newer than ``a/zarr.json`` but its content is older: strong must still show 6 rows."""
     url = f"{gcs_bucket}/attrs.zarr"
     cloudio.to_zarr(_dataset(), url, mode="w")
     assert cloudio.open_zarr(url)["a"].shape == (4, 4)
-    other("""
+    other_writer("""
         import zarr
         g = zarr.open_group(f"gs://{BUCKET}/attrs.zarr", mode="r+", storage_options=SO, use_consolidated=False)
         g["a"].append(np.full((2, 4), 99.0))
@@ -146,7 +117,7 @@ def test_strong_open_renews_a_dataset_opened_before_another_process_overwrote(gc
 
 
 def test_strong_vrt_source_deleted_by_another_process(gcs_bucket: str, gcs_emulator: Emulator,
-                                                      other: Callable[[str], None]) -> None:
+                                                      other_writer: Callable[[str], None]) -> None:
     from rasters import put, tif, vrt_xml
 
     bucket = gcs_bucket.removeprefix("gs://").split("/", 1)[0]
@@ -156,7 +127,7 @@ def test_strong_vrt_source_deleted_by_another_process(gcs_bucket: str, gcs_emula
     put(gcs_emulator, vrt, vrt_xml(f"/vsigs/{bucket}/g/s.tif"))
     with cloudio.open(vrt) as ds:
         assert ds.read(1).max() == 1
-    other("bucket.blob('g/s.tif').delete()")
+    other_writer("bucket.blob('g/s.tif').delete()")
     with cloudio.session("strong"):
         with pytest.raises(cloudio.CloudioError, match="s.tif"):
             with cloudio.open(vrt) as ds:
@@ -164,7 +135,7 @@ def test_strong_vrt_source_deleted_by_another_process(gcs_bucket: str, gcs_emula
 
 
 def test_strong_vrt_source_deleted_after_a_nested_vrt_was_read(gcs_bucket: str, gcs_emulator: Emulator,
-                                                                other: Callable[[str], None]) -> None:
+                                                                other_writer: Callable[[str], None]) -> None:
     """After a nested VRT was read (and its leaf invalidated), GDAL no longer fails a VRT whose source is gone:
     it reads 0 in its place. At the strong level cloudio has just listed the source and found it missing: it
     says so itself."""
@@ -184,7 +155,7 @@ def test_strong_vrt_source_deleted_after_a_nested_vrt_was_read(gcs_bucket: str, 
     put(gcs_emulator, vrt, vrt_xml(f"/vsigs/{bucket}/k/s.tif"))
     with cloudio.open(vrt) as ds:
         assert ds.read(1).max() == 1
-    other("bucket.blob('k/s.tif').delete()")
+    other_writer("bucket.blob('k/s.tif').delete()")
     with cloudio.session("strong"), pytest.raises(cloudio.ObjectNotFoundError,
                                                   match=r"m/s\.vrt: its source .*k/s\.tif"):
         with cloudio.open(vrt) as ds:
@@ -193,7 +164,7 @@ def test_strong_vrt_source_deleted_after_a_nested_vrt_was_read(gcs_bucket: str, 
 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_strong_load_array_after_other_process_rewrote_chunks_in_place(gcs_bucket: str,
-                                                                       other: Callable[[str], None],
+                                                                       other_writer: Callable[[str], None],
                                                                        sharded: bool) -> None:
     """An array written here; another process rewrites part of its chunks in place (same zarr.json,
     other compressed sizes). load_array at strong reads the new values."""
@@ -201,7 +172,7 @@ def test_strong_load_array_after_other_process_rewrote_chunks_in_place(gcs_bucke
     data = np.zeros((64, 64), "float64")
     cloudio.save_array(data, url, chunks=(16, 16), shards=(32, 32) if sharded else None)
     np.testing.assert_array_equal(cloudio.load_array(url), data)
-    other("""
+    other_writer("""
         import zarr
         a = zarr.open_array(f"gs://{BUCKET}/inplace.zarr", mode="r+", storage_options=SO)
         a[:40, :40] = np.random.default_rng(3).random((40, 40))
@@ -214,12 +185,12 @@ def test_strong_load_array_after_other_process_rewrote_chunks_in_place(gcs_bucke
 
 @zarr_warnings
 def test_strong_open_zarr_after_other_process_appended_along_y(gcs_bucket: str,
-                                                               other: Callable[[str], None]) -> None:
+                                                               other_writer: Callable[[str], None]) -> None:
     url = f"{gcs_bucket}/app.zarr"
     cloudio.to_zarr(_dataset(), url, mode="w")
     first = cloudio.open_zarr(url)
     assert first["a"].shape == (4, 4)
-    other("""
+    other_writer("""
         import xarray as xr
         ds = xr.Dataset({"a": (("y", "x"), np.full((3, 4), 7.0))}, coords={"y": [4, 5, 6], "x": np.arange(4)})
         ds.to_zarr(f"gs://{BUCKET}/app.zarr", append_dim="y", storage_options=SO)
@@ -296,14 +267,14 @@ def test_child_process_reads_this_process_writes_at_strong(gcs_bucket: str, gcs_
 
 
 def test_strong_open_in_a_bucket_another_process_deleted(gcs_bucket: str, gcs_emulator: Emulator,
-                                                         other: Callable[[str], None]) -> None:
+                                                         other_writer: Callable[[str], None]) -> None:
     from rasters import put, tif
 
     url = f"{gcs_bucket}/g/gone.tif"
     put(gcs_emulator, url, tif(1))
     with cloudio.open(url) as ds:
         assert ds.read(1).max() == 1
-    other("""
+    other_writer("""
         for b in bucket.list_blobs():
             b.delete()
         bucket.delete()

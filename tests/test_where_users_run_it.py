@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rasters import read_flat_tif, workers_of, write_flat_tif
 
 import cloudio
 
@@ -21,30 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata is current
 
 
 # -- helpers run on workers ---------------------------------------------------------------------------
-
-def _workers(client) -> list[str]:
-    client.wait_for_workers(2, timeout=60)
-    return sorted(client.nthreads())
-
-
-def _write_tif(url: str, n: int, value: int) -> str:
-    from affine import Affine
-
-    import cloudio
-
-    with cloudio.open(url, "w", driver="GTiff", width=n, height=n, count=1, dtype="uint8",
-                      transform=Affine.identity()) as dst:
-        dst.write(np.full((1, n, n), value, "uint8"))
-    return url
-
-
-def _read_tif(url: str) -> tuple[tuple[int, int], int, int]:
-    import cloudio
-
-    with cloudio.open(url) as src:
-        a = src.read(1)
-        return src.shape, int(a.min()), int(a.max())
-
 
 def _pipe(url: str, data: bytes) -> str:
     import cloudio
@@ -107,21 +84,21 @@ def _open_shape_sum(url: str, consolidated: bool | None = None) -> tuple[tuple[i
 @pytest.mark.parametrize("cluster", ["proc_client", "thread_client"])
 def test_worker_gdal_overwrite_seen_by_other_worker_with_cached_read(cluster, request, gcs_bucket):
     client = request.getfixturevalue(cluster)
-    w1, w2 = _workers(client)
+    w1, w2 = workers_of(client)
     url = f"{gcs_bucket}/w2w/a.tif"
-    client.submit(_write_tif, url, 8, 1, workers=[w1], pure=False).result()
-    assert client.submit(_read_tif, url, workers=[w2], pure=False).result() == ((8, 8), 1, 1)
-    assert _read_tif(url) == ((8, 8), 1, 1)
-    wrote = client.submit(_write_tif, url, 16, 5, workers=[w1], pure=False)
-    after = client.submit(lambda _, u: _read_tif(u), wrote, url, workers=[w2], pure=False)
+    client.submit(write_flat_tif, url, 8, 1, workers=[w1], pure=False).result()
+    assert client.submit(read_flat_tif, url, workers=[w2], pure=False).result() == ((8, 8), 1, 1)
+    assert read_flat_tif(url) == ((8, 8), 1, 1)
+    wrote = client.submit(write_flat_tif, url, 16, 5, workers=[w1], pure=False)
+    after = client.submit(lambda _, u: read_flat_tif(u), wrote, url, workers=[w2], pure=False)
     assert after.result() == ((16, 16), 5, 5)
-    assert _read_tif(url) == ((16, 16), 5, 5)
+    assert read_flat_tif(url) == ((16, 16), 5, 5)
 
 
 @pytest.mark.parametrize("cluster", ["proc_client", "thread_client"])
 def test_a_task_that_fails_half_way_its_write_is_seen(cluster, request, gcs_bucket):
     client = request.getfixturevalue(cluster)
-    w1, w2 = _workers(client)
+    w1, w2 = workers_of(client)
     prefix = f"{gcs_bucket}/half"
     _pipe(f"{prefix}/a.bin", b"a")
     assert _ls(prefix) == ["a.bin"]
@@ -137,7 +114,7 @@ def test_a_task_that_fails_half_way_its_write_is_seen(cluster, request, gcs_buck
 @pytest.mark.parametrize("cluster", ["proc_client", "thread_client"])
 def test_save_array_on_one_worker_overwritten_on_another_then_loaded(cluster, request, gcs_bucket):
     client = request.getfixturevalue(cluster)
-    w1, w2 = _workers(client)
+    w1, w2 = workers_of(client)
     url = f"{gcs_bucket}/arr/a.zarr"
     a1 = np.arange(64, dtype="i4").reshape(8, 8)
     a2 = np.arange(256, dtype="i4").reshape(16, 16) * 2
@@ -153,7 +130,7 @@ def test_save_array_on_one_worker_overwritten_on_another_then_loaded(cluster, re
 @pytest.mark.parametrize("cluster", ["proc_client", "thread_client"])
 def test_to_zarr_compute_false_overwrite_seen_by_worker_that_read_before(cluster, request, gcs_bucket):
     client = request.getfixturevalue(cluster)
-    w1, _ = _workers(client)
+    w1, _ = workers_of(client)
     url = f"{gcs_bucket}/cf/ds.zarr"
     ds1 = _ds(32, 1.0)
     cloudio.to_zarr(ds1, url, mode="w", zarr_format=3, consolidated=True)
@@ -167,7 +144,7 @@ def test_to_zarr_compute_false_overwrite_seen_by_worker_that_read_before(cluster
 
 def test_to_zarr_append_on_cluster_seen_by_worker_that_opened_before(proc_client, gcs_bucket):
     client = proc_client
-    w1, _ = _workers(client)
+    w1, _ = workers_of(client)
     url = f"{gcs_bucket}/app/ds.zarr"
     ds1 = _ds(32, 1.0)
     cloudio.to_zarr(ds1, url, mode="w", zarr_format=3, consolidated=True)
@@ -183,7 +160,7 @@ def test_dask_to_zarr_on_workers_then_read_on_another_worker_at_once(proc_client
     """A task on w1 runs cloudio.to_zarr of a Dask-backed dataset (computed with the worker's own
     scheduler); a dependent task on w2 that had opened the old store reads the new one."""
     client = proc_client
-    w1, w2 = _workers(client)
+    w1, w2 = workers_of(client)
     url = f"{gcs_bucket}/onw/ds.zarr"
 
     def write(n, value):
@@ -212,16 +189,16 @@ def test_a_worker_that_joins_after_the_writes_reads_them(gcs_emulator, gcs_bucke
             (old,) = list(client.nthreads())
             url = f"{gcs_bucket}/join/a.tif"
             prefix = f"{gcs_bucket}/join"
-            client.submit(_write_tif, url, 8, 1, workers=[old], pure=False).result()
+            client.submit(write_flat_tif, url, 8, 1, workers=[old], pure=False).result()
             client.submit(_pipe, f"{prefix}/x.bin", b"x1", workers=[old], pure=False).result()
             cluster.scale(2)
             client.wait_for_workers(2, timeout=60)
             new = next(w for w in client.nthreads() if w != old)
-            assert client.submit(_read_tif, url, workers=[new], pure=False).result() == ((8, 8), 1, 1)
+            assert client.submit(read_flat_tif, url, workers=[new], pure=False).result() == ((8, 8), 1, 1)
             assert client.submit(_cat, f"{prefix}/x.bin", workers=[new], pure=False).result() == b"x1"
-            client.submit(_write_tif, url, 16, 2, workers=[old], pure=False).result()
+            client.submit(write_flat_tif, url, 16, 2, workers=[old], pure=False).result()
             client.submit(_pipe, f"{prefix}/x.bin", b"x2", workers=[old], pure=False).result()
-            assert client.submit(_read_tif, url, workers=[new], pure=False).result() == ((16, 16), 2, 2)
+            assert client.submit(read_flat_tif, url, workers=[new], pure=False).result() == ((16, 16), 2, 2)
             assert client.submit(_cat, f"{prefix}/x.bin", workers=[new], pure=False).result() == b"x2"
             assert client.submit(_ls, prefix, workers=[new], pure=False).result() == ["a.tif", "x.bin"]
 
@@ -234,12 +211,12 @@ def test_bad_http_timeout_is_named_by_every_face(monkeypatch, gcs_bucket, bad):
     url = f"{gcs_bucket}/cfg/a.bin"
     tif = f"{gcs_bucket}/cfg/a.tif"
     _pipe(url, b"x")
-    _write_tif(tif, 4, 1)
+    write_flat_tif(tif, 4, 1)
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", bad)
     with pytest.raises(cloudio.ConfigurationError, match="CLOUDIO_HTTP_TIMEOUT"):
         cloudio.filesystem(url).cat(url)
     with pytest.raises(cloudio.ConfigurationError, match="CLOUDIO_HTTP_TIMEOUT"):
-        _read_tif(tif)
+        read_flat_tif(tif)
     with pytest.raises(cloudio.ConfigurationError, match="CLOUDIO_HTTP_TIMEOUT"):
         cloudio.load_array(f"{gcs_bucket}/cfg/x.zarr")
 
@@ -252,11 +229,11 @@ def test_bad_consistency_is_named_by_every_face(monkeypatch, gcs_bucket, bad, fa
     zurl = f"{gcs_bucket}/cfgc/a.zarr"
     xurl = f"{gcs_bucket}/cfgc/x.zarr"
     _pipe(url, b"x")
-    _write_tif(tif, 4, 1)
+    write_flat_tif(tif, 4, 1)
     cloudio.save_array(np.arange(4), zurl)
     cloudio.to_zarr(_ds(8, 1.0).compute(), xurl, mode="w", zarr_format=3, consolidated=False)
     calls = {
-        "gdal_open": lambda: _read_tif(tif),
+        "gdal_open": lambda: read_flat_tif(tif),
         "fsspec_cat": lambda: cloudio.filesystem(url).cat(url),
         "fsspec_ls": lambda: cloudio.filesystem(url).ls(f"{gcs_bucket}/cfgc"),
         "fsspec_open": lambda: cloudio.filesystem(url).open(url).read(),
@@ -480,6 +457,6 @@ def test_session_stats_count_uploads_through_cloudio_filesystem(gcs_bucket):
     with cloudio.session() as s:
         cloudio.filesystem(gcs_bucket).pipe(f"{gcs_bucket}/s.bin", b"12345")
     with cloudio.session() as t:
-        _write_tif(f"{gcs_bucket}/s.tif", 4, 1)
+        write_flat_tif(f"{gcs_bucket}/s.tif", 4, 1)
     assert t.stats.uploads == 1  # the GDAL face counts its upload
     assert (s.stats.uploads, s.stats.bytes_uploaded) == (1, 5)

@@ -7,10 +7,8 @@ in front of the real emulator (tests/faultproxy.py).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import threading
-import types
 
 import numpy as np
 import pytest
@@ -23,19 +21,6 @@ from cloudio._zarr import shard_codec
 from cloudio._zarr.buffers import shard_buffers
 from cloudio._zarr.shard_codec import plain_layout
 from cloudio.emulator import Emulator
-
-_real_sleep = asyncio.sleep
-
-
-@pytest.fixture
-def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gcsfs's back-off between retries shortened to 10 ms."""
-    import gcsfs.retry
-
-    async def sleep(_seconds: float) -> None:
-        await _real_sleep(0.01)
-
-    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=sleep))
 
 
 def _stored_chunks(emu: Emulator, url: str, per_shard: tuple[int, ...], index_at_end: bool = True

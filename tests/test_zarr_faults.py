@@ -5,11 +5,9 @@ Faults come from the proxy in front of the real emulator (tests/faultproxy.py).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
-import types
 from urllib.parse import unquote
 
 import dask
@@ -23,20 +21,6 @@ from cloudio._paths import parse_gcs
 from cloudio._zarr import last_seen
 
 MARKER = ".cloudio-write-in-progress"  # the documented name (docs/consistency.md)
-
-_real_sleep = asyncio.sleep
-
-
-@pytest.fixture
-def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gcsfs's back-off between retries shortened to 10 ms (6 tries still made, 33 s of waiting saved)."""
-    import gcsfs.retry
-
-    async def sleep(_seconds: float) -> None:
-        await _real_sleep(0.01)
-
-    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=sleep))
-
 
 def _uploads_fail_after(fault_proxy, n: int):
     return fault_proxy.add("status", code=503, method="POST", path=r"/upload/", times=None, skip=n)
