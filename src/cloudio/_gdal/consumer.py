@@ -371,21 +371,29 @@ class GdalConsumer(Consumer):
         """Drop the names of the directories listed longest ago, down to three quarters of :data:`_DIRS_MAX`
         (under ``_state``).
 
-        A directory for which GDAL then holds nothing of cloudio's making (no
-        listing, no EMPTY_DIR option) is forgotten; another keeps only what
-        says so. Either way the next open there lists it again (one request),
-        as after a change made elsewhere.
+        A directory is forgotten, GDAL's listing of it cleared first; one with
+        EMPTY_DIR options set keeps them, and what says so. Either way the next
+        open there lists it again (one request), as after a change made
+        elsewhere. (An open of that directory under way, which GDAL lets list,
+        may put a listing back after the clear: cold directories, the oldest
+        listed, are the ones dropped.)
         """
-        for key in list(itertools.islice(self._listed, max(1, len(self._listed) - 3 * _DIRS_MAX // 4))):
+        # never the one just listed: the open that listed it plans with it next
+        drop = min(len(self._listed) - 1, max(1, len(self._listed) - 3 * _DIRS_MAX // 4))
+        for key in list(itertools.islice(self._listed, drop)):
             del self._listed[key]
             d = self._dirs.get(key)
             if d is None:
                 continue
-            if d.gdal_listed or d.empty_dir or d.changed:
+            if d.empty_dir:  # its options stay (at most _EMPTY_DIR_MAX of them), and what says so
                 d.names, d.listed_at, d.forgot = None, 0.0, True
                 d.plans.clear()
-            else:
-                del self._dirs[key]
+                if d.gdal_listed:
+                    self._names_changed(key, d, _ANY)  # a change unseen meanwhile: GDAL lists it again
+                continue
+            if d.gdal_listed:  # GDAL's listing goes with it (and every byte cached below the directory)
+                self.calls.clear(key)
+            del self._dirs[key]
 
     @staticmethod
     def _remember(table: dict[str, Any], key: str, value: Any) -> None:

@@ -600,7 +600,8 @@ def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dic
         if names is _NO_BUCKET:  # let GDAL fail; the failure is diagnosed by the caller
             return _rio_open(t, driver, sharing, kwargs)
         c.set_listing(t.path, names, listed_after=seq)
-        c.plan_read(t)
+        if c.plan_read(t) is NEEDS_LISTING:  # dropped meanwhile (other threads listed many directories)
+            c.opened([t.path.url])  # GDAL lists for itself: counted as a directory it may hold a listing of
     if t.vrt or (driver or "").upper() == "VRT":
         c.prepare_vrt()
         ds = _rio_open(t, driver, sharing, kwargs)

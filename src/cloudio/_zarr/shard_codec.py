@@ -806,42 +806,13 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
             await replacing.sweep(kept)
 
     try:
-        _to_the_end(all_of_it())
+        from cloudio._zarr.store import run_sync
+
+        run_sync(all_of_it())  # interrupted (Ctrl-C): cancelled, and ended, before the interrupt is raised
     except BaseExceptionGroup as group:  # the first failure, as a plain write raises it
         raise group.exceptions[0] from group.exceptions[0].__cause__
     for buf in taken:  # every upload answered: nothing sends from them any more (after a failure, none goes back)
         shard_buffers.give(buf)
-
-
-def _to_the_end(job: Coroutine[Any, Any, None]) -> None:
-    """zarr's ``sync(job)``, and when the wait is interrupted (Ctrl-C: ``KeyboardInterrupt``), ``job`` is
-    cancelled and has ended before the interruption is raised: nothing of the write goes on in the
-    background (zarr's ``sync`` leaves it running on zarr's loop)."""
-    from zarr.core import sync as zsync
-
-    loop_of = getattr(zsync, "_get_loop", None)
-    if loop_of is None:  # another zarr: its own sync
-        zsync.sync(job)
-        return
-    ended = threading.Event()
-
-    async def whole() -> None:
-        try:
-            await job
-        finally:
-            ended.set()
-
-    future = asyncio.run_coroutine_threadsafe(whole(), loop_of())
-    try:
-        future.result()
-    except BaseException:
-        future.cancel()
-        ended.wait(_CANCEL_WAIT)
-        raise
-
-
-#: seconds an interrupted write is given to cancel its uploads and stop its coder threads
-_CANCEL_WAIT = 30.0
 
 
 async def _after(first: Awaitable[None], then: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -36,10 +36,10 @@ import posixpath
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Self, cast
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
 
 import numpy as np
 import zarr
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from zarr.core.buffer import BufferPrototype
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 __all__ = ["JournaledStore", "MetadataCheck", "consolidated_is_stale", "revalidate", "store_url", "zarr_store"]
 
@@ -714,7 +716,7 @@ class WriteMark:
         self._begun = False
 
     def begin(self) -> Self:
-        _sync(self.begun())
+        run_sync(self.begun())
         return self
 
     async def begun(self) -> None:
@@ -737,8 +739,9 @@ class WriteMark:
             _marks[root] = _marks.get(root, 0) + 1
 
         def add(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            self._before = writers
-            return [*writers, entry]
+            # this write's own entry is there when an earlier try landed and its answer was lost
+            self._before = [w for w in writers if w.get("uuid") != self.token]
+            return [*self._before, entry]
 
         try:
             # on GCS the marker is usually absent: one create-only request, read only when it is not
@@ -782,7 +785,7 @@ class WriteMark:
                     left.append(kept)
             return list(left)
 
-        _sync(_update_marker(self.store, remove, read_first=True))
+        run_sync(_update_marker(self.store, remove, read_first=True))
         return left
 
     def _replaced(self, writer: dict[str, Any]) -> dict[str, Any] | None:
@@ -951,7 +954,7 @@ def check_complete(store: JournaledStore, *, own: bool = True, group: str = "") 
                                     _enclosing_marker(store),
                                     *(store.get(f"{level}/{MARKER}", prototype=proto) for level in levels))
 
-    mine, outer, *inner = _sync(markers())
+    mine, outer, *inner = run_sync(markers())
     _refuse_marked(store, mine, path=group)
     _refuse_enclosed(store, outer, group)
     for level, marker in zip(levels, inner, strict=True):
@@ -1055,7 +1058,7 @@ def open_complete_array(store: JournaledStore, check_marker: bool,
         marker = store.get(MARKER, prototype=default_buffer_prototype()) if check_marker else _nothing()
         return await asyncio.gather(marker, _enclosing_marker(store), open_it(), return_exceptions=True)
 
-    marker, enclosing, opened = _sync(all_three())
+    marker, enclosing, opened = run_sync(all_three())
     for got in (marker, enclosing):
         if isinstance(got, BaseException):
             raise got
@@ -1070,11 +1073,34 @@ async def _nothing() -> None:
     return None
 
 
-def _sync(coro: Any) -> Any:
-    """Run a store coroutine on zarr's event loop, as zarr's own synchronous API does."""
-    from zarr.core.sync import sync
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a store coroutine on zarr's event loop, as zarr's own synchronous API does; when the wait is
+    interrupted (Ctrl-C: ``KeyboardInterrupt``), the coroutine is cancelled and has ended before the
+    interrupt is raised (zarr's ``sync`` leaves it running: a write would go on in the background)."""
+    from zarr.core import sync as zsync
 
-    return sync(coro)
+    loop_of = getattr(zsync, "_get_loop", None)
+    if loop_of is None:  # another zarr: its own sync
+        return zsync.sync(coro)
+    ended = threading.Event()
+
+    async def whole() -> T:
+        try:
+            return await coro
+        finally:
+            ended.set()
+
+    future = asyncio.run_coroutine_threadsafe(whole(), loop_of())
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        ended.wait(_CANCEL_WAIT)
+        raise
+
+
+#: seconds an interrupted call is given to cancel its requests and end
+_CANCEL_WAIT = 30.0
 
 
 # -- the strong and bounded levels: what another writer changed -------------------------------
@@ -1153,7 +1179,7 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
         return None
     upto = journal().seq  # what was announced until now, the listing covers
     try:
-        check: MetadataCheck = _sync(_list_metadata(store))
+        check: MetadataCheck = run_sync(_list_metadata(store))
     except OSError as e:
         if level != "session" or type(e) is not OSError:  # gcsfs's refusal (403...): credentials that may not list
             raise
@@ -1336,7 +1362,7 @@ def refuse_replacing_others(store: JournaledStore, path: str = "") -> None:
         return [key.removeprefix(prefix) async for key in store._keys_under(prefix)]
 
     url = "/".join(p for p in (store.root_url.rstrip("/"), path.strip("/")) if p)
-    refusal = in_the_way(url, _sync(listed()))
+    refusal = in_the_way(url, run_sync(listed()))
     if refusal is not None:
         raise refusal
 

@@ -35,13 +35,13 @@ from cloudio._zarr.store import (
     JournaledStore,
     MetadataCheck,
     WriteMark,
-    _sync,
     check_complete,
     cloudio_errors,
     consolidated_is_stale,
     consolidated_seen,
     refuse_replacing_others,
     revalidate,
+    run_sync,
     written_here,
     zarr_store,
 )
@@ -255,8 +255,9 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         if mode in ("w", "w-"):  # zarr deletes (or refuses) whatever is under the group, Zarr's or not
             refuse_replacing_others(store, group)
         operation = f"to_zarr mode={mode!r}" + (f" group={group!r}" if group else "")
-        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group).begin()
+        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group)
         try:
+            mark.begin()
             with stopped_on_failure() as changes:  # zarr's (or Dask's) other chunk writes end before the failure
                 # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
                 # names the write (those of compute=False run later, when no failure of this call can stop them)
@@ -303,10 +304,10 @@ def consolidate_guarded(store: JournaledStore, zarr_format: int | None = None) -
     fmt: Literal[2, 3]
     for _ in range(_CONSOLIDATE_ATTEMPTS):
         key, fmt = "zarr.json", 3
-        data, generation = (None, 0) if zarr_format == 2 else _sync(store.get_generation(key))
+        data, generation = (None, 0) if zarr_format == 2 else run_sync(store.get_generation(key))
         if data is None:
             key, fmt = ".zmetadata", 2
-            _, generation = _sync(store.get_generation(key))
+            _, generation = run_sync(store.get_generation(key))
         try:
             with store.guarding(key, generation), reading_the_server():
                 zarr.consolidate_metadata(store, zarr_format=fmt)
