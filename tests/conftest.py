@@ -120,3 +120,16 @@ def other_writer(gcs_bucket: str, gcs_emulator: Emulator) -> Callable[[str], Non
         assert r.returncode == 0, f"the other writer failed:\n{r.stderr[-3000:]}"
 
     return run
+
+
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in the main thread, whatever an earlier test installed (flytekit's local
+    runs leave a SIGINT handler that exits)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -191,6 +191,7 @@ def _settle() -> None:
         sync(asyncio.sleep(0.05))
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_an_interrupt_while_to_zarrs_marker_goes_up_leaves_no_marker_over_the_old_dataset(
         gcs_emulator: Emulator, gcs_bucket: str, fault_proxy) -> None:
     """A Ctrl-C while to_zarr's marker is on its way (stored, its answer held): the write is cancelled, its
@@ -216,6 +217,7 @@ def test_an_interrupt_while_to_zarrs_marker_goes_up_leaves_no_marker_over_the_ol
     np.testing.assert_array_equal(cloudio.open_zarr(url)["v"].values, old["v"].values)
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_an_interrupt_while_a_dask_save_arrays_marker_goes_up_leaves_no_marker_over_the_old_array(
         gcs_emulator: Emulator, gcs_bucket: str, fault_proxy) -> None:
     """As for to_zarr, for save_array of a Dask array (the path that does not encode shards itself)."""

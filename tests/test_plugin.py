@@ -111,7 +111,7 @@ def _process_gone(pid: int) -> bool:
 
 
 def test_plugin_is_registered_through_pytest11() -> None:
-    eps = [ep for ep in importlib.metadata.entry_points(group="pytest11") if ep.name == "cloudio"]
+    eps = [ep for ep in importlib.metadata.entry_points(group="pytest11") if ep.name == "cloudio.pytest_plugin"]
     assert eps and {ep.value for ep in eps} == {"cloudio.pytest_plugin"}
 
 

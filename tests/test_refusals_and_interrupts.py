@@ -80,6 +80,7 @@ def test_open_of_a_folder_does_not_say_it_does_not_exist(gcs_bucket: str) -> Non
     assert "does not exist" not in msg and "mode 'w'" not in msg, msg
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_an_interrupt_while_the_marker_goes_up_leaves_no_marker_over_the_old_array(
         gcs_emulator: Emulator, gcs_bucket: str, fault_proxy) -> None:
     """A Ctrl-C while save_array's marker is on its way (it reached the server, its answer is held): nothing but

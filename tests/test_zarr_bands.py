@@ -334,6 +334,7 @@ def test_a_write_whose_uploads_are_slow_does_not_stall_another_write(gcs_emulato
     np.testing.assert_array_equal(back, quick)
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_an_interrupted_write_sends_nothing_more(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy) -> None:
     """A KeyboardInterrupt while save_array waits for its uploads: it raises, and no shard is sent after that
     (the write's docstring: nothing goes up after the write raised). zarr's sync() leaves the coroutine
