@@ -692,7 +692,9 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
     Each worker reuses one shard buffer, so after its first shard no new
     memory is touched. Where the shards go up :func:`in_one_batch`, they
     are encoded one at a time into one buffer, each sent before the next is
-    encoded. ``replacing``'s steps run on zarr's event loop (readers refuse
+    encoded. Large shards of zstd chunks are encoded band by band by every
+    coder thread (:class:`_BandedShards`), at most ``workers`` of them
+    waiting for their upload. ``replacing``'s steps run on zarr's event loop (readers refuse
     the store until the write marker goes: the order of the array's objects
     does not matter); large shards are encoded while it begins: on the
     emulator the set-up's round trips are a few ms of a write, on GCS tens
@@ -805,9 +807,9 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
         if replacing is not None:
             await replacing.sweep(kept)
 
-    try:
-        from cloudio._zarr.store import run_sync
+    from cloudio._zarr.store import run_sync
 
+    try:
         run_sync(all_of_it())  # interrupted (Ctrl-C): cancelled, and ended, before the interrupt is raised
     except BaseExceptionGroup as group:  # the first failure, as a plain write raises it
         raise group.exceptions[0] from group.exceptions[0].__cause__
