@@ -51,13 +51,17 @@ def _names(bucket_url: str) -> list[str]:
 
 
 def test_open_of_a_zarr_store_does_not_say_it_does_not_exist(gcs_bucket):
-    """``cloudio.open`` of a Zarr store says what it is and which function reads it (as ``open_zarr`` of a
-    GeoTIFF points to ``cloudio.open``), not that the URL does not exist."""
+    """``cloudio.open`` of a Zarr store GDAL cannot read says what it is and which function reads it (as
+    ``open_zarr`` of a GeoTIFF points to ``cloudio.open``), not that the URL does not exist. (GDAL 3.12's Zarr
+    driver reads this one: then it opens.)"""
     url = f"{gcs_bucket}/arr.zarr"
     cloudio.save_array(np.arange(10), url)
-    with pytest.raises(cloudio.CloudioError) as e:
-        cloudio.open(url)
-    msg = str(e.value)
+    try:
+        with cloudio.open(url) as ds:
+            assert ds.count >= 1
+        return
+    except cloudio.CloudioError as e:
+        msg = str(e)
     assert url in msg
     assert "does not exist" not in msg, msg
     assert "load_array" in msg or "open_zarr" in msg, msg
