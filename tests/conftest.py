@@ -133,3 +133,28 @@ def python_sigint() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def interrupted_while_marker_goes_up(fault_proxy: FaultProxy, store: str, write: Callable[[], object]) -> None:
+    """Run ``write`` (of the store named ``store``) and press Ctrl-C once its write marker reached the server,
+    its answer held by the proxy; ``write`` must raise KeyboardInterrupt. (Use with ``python_sigint``.)"""
+    import re
+    import signal
+    import threading
+
+    release = threading.Event()
+    marker = fault_proxy.add("late", method="POST", path=r"/upload/.*ifGenerationMatch=0",
+                             body=re.escape(f"{store}/.cloudio-write").encode(), release=release, seconds=30)
+
+    def interrupt() -> None:
+        if marker.answered.wait(60):  # the marker is stored; its answer is held
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write()
+    finally:
+        release.set()
+        t.join()

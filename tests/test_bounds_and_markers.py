@@ -4,11 +4,9 @@ refusal. Faults come from the fault proxy; the bounds are lowered with monkeypat
 
 from __future__ import annotations
 
-import signal
-import threading
-
 import numpy as np
 import pytest
+from conftest import interrupted_while_marker_goes_up
 from rasters import external_overview, put, tif
 
 import cloudio
@@ -171,16 +169,6 @@ def _names(emu: Emulator, bucket_url: str, prefix: str) -> set[str]:
     return {b.name for b in emu.client.list_blobs(bucket_url.removeprefix("gs://"), prefix=prefix)}
 
 
-def _interrupt_when(rule) -> threading.Thread:
-    def interrupt() -> None:
-        if rule.answered.wait(60):  # the marker is stored; its answer is held
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    t = threading.Thread(target=interrupt)
-    t.start()
-    return t
-
-
 def _settle() -> None:
     """Let what is still running on zarr's loop take its (released) answer in."""
     import asyncio
@@ -201,16 +189,8 @@ def test_an_interrupt_while_to_zarrs_marker_goes_up_leaves_no_marker_over_the_ol
     url = f"{gcs_bucket}/tz.zarr"
     old = xr.Dataset({"v": (("y", "x"), np.arange(16.0).reshape(4, 4))})
     cloudio.to_zarr(old, url, mode="w", consolidated=False)
-    release = threading.Event()
-    marker = fault_proxy.add("late", method="POST", path=r"/upload/.*ifGenerationMatch=0",
-                             body=rb"tz\.zarr/\.cloudio-write", release=release, seconds=30)
-    t = _interrupt_when(marker)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            cloudio.to_zarr(-old, url, mode="w", consolidated=False)
-    finally:
-        release.set()
-        t.join()
+    interrupted_while_marker_goes_up(fault_proxy, "tz.zarr",
+                                     lambda: cloudio.to_zarr(-old, url, mode="w", consolidated=False))
     _settle()
     fault_proxy.clear()
     assert f"tz.zarr/{MARKER}" not in _names(gcs_emulator, gcs_bucket, "tz.zarr/"), "marker left up"
@@ -226,16 +206,9 @@ def test_an_interrupt_while_a_dask_save_arrays_marker_goes_up_leaves_no_marker_o
     url = f"{gcs_bucket}/dk.zarr"
     old = np.arange(64 * 64, dtype="f4").reshape(64, 64)
     cloudio.save_array(old, url, chunks=(16, 16), shards=(32, 32))
-    release = threading.Event()
-    marker = fault_proxy.add("late", method="POST", path=r"/upload/.*ifGenerationMatch=0",
-                             body=rb"dk\.zarr/\.cloudio-write", release=release, seconds=30)
-    t = _interrupt_when(marker)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            cloudio.save_array(da.from_array(-old, chunks=32), url, chunks=(16, 16), shards=(32, 32))
-    finally:
-        release.set()
-        t.join()
+    new = da.from_array(-old, chunks=32)
+    interrupted_while_marker_goes_up(fault_proxy, "dk.zarr",
+                                     lambda: cloudio.save_array(new, url, chunks=(16, 16), shards=(32, 32)))
     _settle()
     fault_proxy.clear()
     assert f"dk.zarr/{MARKER}" not in _names(gcs_emulator, gcs_bucket, "dk.zarr/"), "marker left up"

@@ -4,11 +4,10 @@ there, at the cost of one listing."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import interrupted_while_marker_goes_up
 
 import cloudio
 from cloudio.emulator import Emulator
@@ -85,41 +84,14 @@ def test_an_interrupt_while_the_marker_goes_up_leaves_no_marker_over_the_old_arr
         gcs_emulator: Emulator, gcs_bucket: str, fault_proxy) -> None:
     """A Ctrl-C while save_array's marker is on its way (it reached the server, its answer is held): nothing but
     the marker was written, so it goes again (as after a refused listing), and the old array reads whole."""
-    import signal
-
     url = f"{gcs_bucket}/intr.zarr"
     old = np.arange(64 * 64, dtype="f4").reshape(64, 64)
     cloudio.save_array(old, url, chunks=(16, 16), shards=(32, 32))
-    release = threading.Event()
-    marker = fault_proxy.add("late", method="POST", path=r"/upload/.*ifGenerationMatch=0",
-                             body=rb"intr\.zarr/\.cloudio-write", release=release, seconds=30)
-
-    def interrupt() -> None:
-        if marker.answered.wait(60):  # the marker is stored; its answer is held
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    t = threading.Thread(target=interrupt)
-    t.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            cloudio.save_array(-old, url, chunks=(16, 16), shards=(32, 32))
-    finally:
-        release.set()
-        t.join()
+    interrupted_while_marker_goes_up(fault_proxy, "intr.zarr",
+                                     lambda: cloudio.save_array(-old, url, chunks=(16, 16), shards=(32, 32)))
     fault_proxy.clear()
     assert f"intr.zarr/{MARKER}" not in _names(gcs_emulator, gcs_bucket, "intr.zarr")
     np.testing.assert_array_equal(cloudio.load_array(url), old)
-
-
-def _main_stack() -> list[str]:
-    import sys
-
-    frame = sys._current_frames().get(threading.main_thread().ident)
-    names = []
-    while frame is not None:
-        names.append(frame.f_code.co_name)
-        frame = frame.f_back
-    return names
 
 
 def test_the_refusal_spares_zarr_nodes_and_catches_folders_however_spelled(
