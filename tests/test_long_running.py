@@ -150,3 +150,35 @@ def test_gdal_directory_and_check_tables_stay_bounded_and_reads_stay_right(gcs_e
     cloudio.filesystem(second).pipe(f"{second}.ovr", ovr)  # through cloudio: journaled
     with cloudio.open(second) as ds:
         assert ds.overviews(1) == [2]
+
+
+def test_zarr_metadata_tables_stay_bounded_and_a_dropped_write_still_distrusts_the_consolidated_copy(
+        gcs_bucket, monkeypatch):
+    """A process writing a new Zarr store per job: the metadata log (scanned by every ``open_zarr``) and the
+    strong level's listings keep at most ``_NODES_MAX`` stores. A store whose entries were dropped still reads
+    the documents a write of this process changed after its consolidated copy: the variable added shows."""
+    import xarray as xr
+    import zarr
+
+    from cloudio._zarr import consumer as zarr_consumer
+    from cloudio._zarr import store as zarr_store_module
+
+    monkeypatch.setattr(zarr_store_module, "_NODES_MAX", 20, raising=False)
+    monkeypatch.setattr(zarr_consumer, "_CHECKED_MAX", 20, raising=False)
+    first = f"{gcs_bucket}/jobs/first.zarr"
+    cloudio.to_zarr(xr.Dataset({"a": ("x", np.arange(4.0))}), first, mode="w", consolidated=True, zarr_format=2)
+    # this process adds a variable without consolidating: the consolidated copy (.zmetadata) no longer lists all
+    zarr.open_group(cloudio.zarr_store(first), mode="a", zarr_format=2).create_array(
+        "b", shape=(4,), dtype="f8", attributes={"_ARRAY_DIMENSIONS": ["x"]})[:] = 7.0
+    for i in range(60):
+        url = f"{gcs_bucket}/jobs/j{i}.zarr"
+        cloudio.save_array(np.full((4,), i, dtype="u1"), url)
+        with cloudio.session("strong"):
+            assert int(cloudio.load_array(url)[0]) == i
+    log = zarr_store_module._metadata
+    sizes = {"meta": len(log._meta), "consolidated": len(log._consolidated),
+             "strong listings": len(zarr_store_module._checked), "announcement checks": len(zarr_consumer._checked)}
+    assert max(sizes.values()) <= 20, sizes
+    ds = cloudio.open_zarr(first)
+    assert sorted(ds.data_vars) == ["a", "b"]
+    assert ds["b"].values.tolist() == [7.0] * 4

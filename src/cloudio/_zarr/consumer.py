@@ -34,7 +34,10 @@ _KEEP = 1024
 _lock = threading.Lock()
 #: bucket ("gs://b"; "" for local paths) -> announced URL -> (journal seq of its last announcement, prefix)
 _announced: dict[str, dict[str, tuple[int, bool]]] = {}
-_checked: dict[str, int] = {}  # store root -> journal seq its last metadata listing covered
+#: store roots kept in :data:`_checked`; past that the least recently listed are dropped (their next open lists
+#: once more when an announcement under them is kept)
+_CHECKED_MAX = 10_000
+_checked: dict[str, int] = {}  # store root -> journal seq its last metadata listing covered, oldest first
 _own = threading.local()  # set while a revalidation journals what its own listing found
 
 
@@ -89,7 +92,9 @@ def checked(root: str, upto: int) -> None:
     """A listing of the store at ``root`` that began when the journal stood at ``upto`` covers what was
     announced until then."""
     with _lock:
-        _checked[root] = max(_checked.get(root, 0), upto)
+        _checked[root] = max(_checked.pop(root, 0), upto)
+        while len(_checked) > _CHECKED_MAX:
+            del _checked[next(iter(_checked))]
 
 
 @contextmanager

@@ -75,18 +75,36 @@ _META_NAMES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs"})
 _V2_CONSOLIDATED = ".zmetadata"
 
 
+#: node directories the metadata log keeps apart, per table; past that the oldest fold into their bucket's entry
+_NODES_MAX = 10_000
+
+
+def _bucket_of(url: str) -> str:
+    """``gs://b`` for any URL in bucket ``b``; "" for local paths (all of them one "bucket")."""
+    return "gs://" + url[len("gs://"):].split("/", 1)[0] if url.startswith("gs://") else ""
+
+
 class _MetadataLog:
     """Per node directory: journal seq of the last metadata write and of the last consolidation.
 
     Only metadata documents pass through here (a few per array), never chunks.
+    Each table keeps at most :data:`_NODES_MAX` directories, the least
+    recently changed dropped first. Why: a long-running process that writes a
+    new store per job would otherwise grow them without end, and every
+    ``open_zarr`` scans them. What is dropped errs on the side of reading the
+    documents: a metadata write dropped counts as one made under every store
+    of its bucket (:attr:`_folded`), a consolidated copy dropped is no longer
+    trusted, and a distrusted copy dropped distrusts its whole bucket.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._meta: dict[str, int] = {}  # node dir url -> seq of its last metadata write
-        self._consolidated: dict[str, int] = {}  # group dir url -> seq of its last consolidated copy
+        self._meta: dict[str, int] = {}  # node dir url -> seq of its last metadata write, oldest first
+        self._consolidated: dict[str, int] = {}  # group dir url -> seq of its last consolidated copy, oldest first
         # group dir urls whose consolidated copy a listing announced changes led to found older than its members
-        self._distrusted: set[str] = set()
+        self._distrusted: dict[str, None] = {}
+        self._folded: dict[str, int] = {}  # bucket -> latest seq of a metadata write dropped from _meta
+        self._distrusted_buckets: set[str] = set()  # buckets a distrusted copy was dropped from
 
     def wrote(self, dir_url: str, name: str, value: Buffer, seq: int) -> None:
         consolidated = False
@@ -101,51 +119,84 @@ class _MetadataLog:
                     consolidated = False
         with self._lock:
             if consolidated:
-                self._consolidated[dir_url] = seq
-                self._distrusted.discard(dir_url)  # the copy is this process's now
+                self._newest(self._consolidated, dir_url, seq)
+                self._distrusted.pop(dir_url, None)  # the copy is this process's now
                 if name == "zarr.json":  # the same document is also the group's own metadata
-                    self._meta[dir_url] = seq
+                    self._newest(self._meta, dir_url, seq)
             else:
-                self._meta[dir_url] = seq
+                self._newest(self._meta, dir_url, seq)
                 if name == "zarr.json":  # a v3 group document without a consolidated copy replaces it
                     self._consolidated.pop(dir_url, None)
+            self._bound()
 
     def deleted(self, url: str, *, prefix: bool, seq: int) -> None:
         with self._lock:
             if prefix:  # a whole node or store is gone, and what we knew about it with it
-                for table in (self._meta, self._consolidated):
+                for table in (self._meta, self._consolidated, self._distrusted):
                     for k in [k for k in table if _under(k, url)]:
                         del table[k]
-                self._distrusted -= {k for k in self._distrusted if _under(k, url)}
                 return
             dir_url, name = posixpath.split(url)
             if name == _V2_CONSOLIDATED or name == "zarr.json":
                 self._consolidated.pop(dir_url, None)
-                self._distrusted.discard(dir_url)
+                self._distrusted.pop(dir_url, None)
             if name in _META_NAMES:
-                self._meta[dir_url] = seq
+                self._newest(self._meta, dir_url, seq)
+                self._bound()
 
     def stale(self, root: str) -> bool:
         with self._lock:
-            if root in self._distrusted:
+            bucket = _bucket_of(root)
+            if root in self._distrusted or bucket in self._distrusted_buckets:
                 return True
+            folded = self._folded.get(bucket)
             cons = self._consolidated.get(root)
             if cons is None:
                 # consolidated copy never written here: stale if metadata was written here at all
                 # (a copy written by someone else before cannot know about it)
-                return any(_under(k, root) for k in self._meta)
-            return any(seq > cons for k, seq in self._meta.items() if _under(k, root))
+                return folded is not None or any(_under(k, root) for k in self._meta)
+            return (folded is not None and folded > cons) or any(
+                seq > cons for k, seq in self._meta.items() if _under(k, root))
 
     def knows(self, root: str) -> bool:
         with self._lock:
-            return any(_under(k, root) for k in self._meta) or root in self._consolidated or root in self._distrusted
+            bucket = _bucket_of(root)
+            return (any(_under(k, root) for k in self._meta) or root in self._consolidated
+                    or root in self._distrusted or bucket in self._folded or bucket in self._distrusted_buckets)
 
     def seen(self, root: str, stale: bool) -> None:
         with self._lock:
             if stale:
-                self._distrusted.add(root)
+                self._newest(self._distrusted, root, None)
+                self._bound()
             else:
-                self._distrusted.discard(root)
+                self._distrusted.pop(root, None)
+
+    def forget_writes(self) -> None:
+        with self._lock:
+            self._meta.clear()
+            self._consolidated.clear()
+            self._folded.clear()
+
+    @staticmethod
+    def _newest(table: dict[str, Any], key: str, value: Any) -> None:
+        """``table[key] = value``, ``key`` moved to the end (the most recently changed)."""
+        table.pop(key, None)
+        table[key] = value
+
+    def _bound(self) -> None:
+        """Drop the oldest directories past :data:`_NODES_MAX` from each table, on the side of reading."""
+        while len(self._meta) > _NODES_MAX:
+            url, seq = next(iter(self._meta.items()))
+            del self._meta[url]
+            bucket = _bucket_of(url)
+            self._folded[bucket] = max(seq, self._folded.get(bucket, 0))
+        while len(self._consolidated) > _NODES_MAX:
+            del self._consolidated[next(iter(self._consolidated))]
+        while len(self._distrusted) > _NODES_MAX:
+            url = next(iter(self._distrusted))
+            del self._distrusted[url]
+            self._distrusted_buckets.add(_bucket_of(url))
 
 
 _metadata = _MetadataLog()
@@ -660,9 +711,7 @@ _marks: dict[str, int] = {}  # store root -> writes of this process under way th
 
 def reset() -> None:
     """Forget the metadata writes this process made (:func:`cloudio._state.reset`); marks under way stay."""
-    with _metadata._lock:
-        _metadata._meta.clear()
-        _metadata._consolidated.clear()
+    _metadata.forget_writes()
     with _checked_lock:
         _checked.clear()
     announcements.reset()
@@ -1143,7 +1192,9 @@ class MetadataCheck:
                    if url != copy_url and _under(url, group_url))
 
 
-#: per store root: the metadata documents the last revalidation saw, and when (monotonic seconds)
+#: per store root: the metadata documents the last revalidation saw, and when (monotonic seconds); at most
+#: :data:`_NODES_MAX` stores, the least recently listed dropped first (a store dropped is listed as if for the
+#: first time: at a bound of seconds it is listed again, and what changed before that listing is not told apart)
 _checked_lock = threading.Lock()
 _checked: dict[str, tuple[float, MetadataCheck]] = {}
 
@@ -1204,7 +1255,10 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
         if seen is not None and str(seen[1]) != doc[0]:
             last_seen.forget(url, seen)
     with _checked_lock:
+        _checked.pop(root, None)
         _checked[root] = (now, check)
+        while len(_checked) > _NODES_MAX:
+            del _checked[next(iter(_checked))]
     return check
 
 
