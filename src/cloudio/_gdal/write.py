@@ -141,7 +141,14 @@ class _UploadOnClose:
                 return
             state["done"] = True
             try:
-                super().close()  # type: ignore[misc] # GDAL flushes (or create-copies) into the temp file
+                try:
+                    super().close()  # type: ignore[misc] # GDAL flushes (or create-copies) into the temp file
+                except Exception as e:  # GDAL's own (CPLE_*): it names the temp file, not the URL
+                    url = self._cloudio_path.url
+                    said = str(e).replace(self._cloudio_local, url).replace(state["tmpdir"], "")
+                    raise UploadError(f"{url}: GDAL could not write the dataset ({said}); nothing was uploaded, "
+                                      "and what the URL held is unchanged. Check the driver's creation options "
+                                      "and data types, and write it again.") from e
                 if upload_it:
                     state["uploaded"] = _upload_outputs(self._cloudio_local, self._cloudio_path, state["guard"],
                                                         replace=state["replace"])
@@ -237,7 +244,8 @@ def _upload_all(local: str, path: GCSPath, guard: int | None, sidecars: list[tup
 #: what GDAL names a dataset's sidecars, after the object's whole name
 _SIDECARS = (".aux.xml", ".aux", ".ovr", ".ovr.aux.xml", ".msk", ".msk.aux.xml")
 #: names after the stem that another dataset of the same stem may own (a PNG's .wld, a shapefile's .prj):
-#: kept when one is there, as GDAL's own Create keeps what the old dataset's file list did not hold
+#: kept when one is there, as GDAL's own Create keeps what the old dataset's file list did not hold; so is
+#: whatever another dataset there reads as its own sidecar (``a.tfw``, ``a.tiff``'s world file too)
 _SHARED = frozenset({".wld", ".prj"})
 #: the files of a multi-file format, after the object's stem, by the object's extension
 _FORMAT_FILES = dict.fromkeys((".bil", ".bip", ".bsq"), (".hdr", ".prj", ".stx", ".clr"))
@@ -281,7 +289,8 @@ def _drop_old_sidecars(path: GCSPath, uploaded: set[str]) -> None:
     others = [n for n in here if n != path.name and n.startswith(stem + ".") and not _is_sidecar(n, path.name)]
     old = [path.parent.child(n) for n in here  # only sidecars: a neighbour's name need not be one cloudio takes
            if _is_sidecar(n, path.name) and path.parent.url + n not in uploaded
-           and not (others and n[len(stem):].lower() in _SHARED)]
+           and not (others and n[len(stem):].lower() in _SHARED)
+           and not any(_is_sidecar(n, other) for other in others)]  # a.tiff's .tfw when a.tif is written
     if old:
         log.info("%s: deleting the old version's sidecars %s", path.url, ", ".join(p.name for p in old))
     kept = _delete([p.url for p in old])
