@@ -63,3 +63,24 @@ def test_unsupported_dtype_for_jpeg_is_a_cloudio_error_naming_the_url(gcs_emulat
     assert journal_records == []
     assert isinstance(ei.value, cloudio.CloudioError), f"{type(ei.value).__name__}: {ei.value}"
     assert url in str(ei.value) and ei.value.__cause__ is not None
+
+
+def test_an_old_sidecars_delete_that_landed_before_its_retries_failed_is_journaled(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, journal_records, quick_retries, monkeypatch) -> None:
+    """The overwrite's delete of the old ``a.tfw`` reaches the server, its answer is lost, and every retry is
+    refused: the write says so (UploadError naming the sidecar), and the journal, which must match what the
+    server holds, tells the caches that ``a.tfw`` may have changed."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/d/a.tif"
+    with cloudio.open(url, "w", **{**PROFILE, **BASELINE, "crs": None, "transform": T2}) as ds:
+        ds.write(np.full((1, 64, 64), 1, "uint8"))
+    assert "d/a.tfw" in _keys(gcs_emulator, gcs_bucket)
+    fault_proxy.add("late", method="DELETE", path=r"/o/d%2Fa\.tfw", seconds=3)
+    fault_proxy.add("status", method="DELETE", path=r"/o/d%2Fa\.tfw", code=503, times=None)
+    journal_records.clear()
+    with pytest.raises(cloudio.UploadError, match=r"a\.tfw"):
+        with cloudio.open(url, "w", **PROFILE) as ds:
+            ds.write(np.full((1, 64, 64), 2, "uint8"))
+    assert "d/a.tfw" not in _keys(gcs_emulator, gcs_bucket)  # the first delete landed
+    told = [c.kind for c in journal_records if c.url == f"{gcs_bucket}/d/a.tfw"]
+    assert told, "the journal says nothing of a.tfw, which the server deleted"

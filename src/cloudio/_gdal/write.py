@@ -332,6 +332,7 @@ def _delete(urls: list[str]) -> list[str]:
         except Exception:
             log.warning("could not delete %s", url, exc_info=True)
             kept.append(url)
+            journal().record(url, "invalidate")  # a try may have landed, its answer lost: caches ask again
             continue
         journal().record(url, "delete")
     return kept
