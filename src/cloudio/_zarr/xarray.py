@@ -240,8 +240,6 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         log.debug("%s: safe_chunks=False with rechunk=False: misaligned chunks raise", store.root_url)
     mode = kwargs.get("mode") or ("a" if kwargs.get("append_dim") is not None else
                                   "r+" if kwargs.get("region") is not None else "w-")
-    if mode == "r+":  # the only write mode in which xarray reads consolidated metadata
-        _avoid_stale_consolidated(store, kwargs)
     # appends race with other writers on the consolidated copy: it is rewritten here, guarded
     # (with compute=False xarray writes every document before it returns: consolidated right after, too)
     guarded = mode in ("a", "a-") and kwargs.get("consolidated") is not False and is_gcs(store.root_url)
@@ -249,6 +247,12 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         kwargs["consolidated"] = False
     log.debug("to_zarr %s (%s)", store.root_url, {k: v for k, v in kwargs.items() if k != "encoding"})
     with cloudio_errors(store, writing=True):
+        if mode == "r+":  # the only write mode in which xarray reads consolidated metadata: as open_zarr reads
+            check = revalidate(store)  # at the strong and bounded levels, a listing: the documents, not the copy
+            if check is None:
+                _avoid_stale_consolidated(store, kwargs)
+            else:
+                _documents_after_a_listing(store, check, kwargs)
         aligned = _align_dataset(dataset, store, kwargs, rechunk)  # may open the store: its errors are cloudio's
         # a write to a group replaces (mode="w") or changes that group only: its mark says which
         group = str(kwargs.get("group") or "").strip("/")
