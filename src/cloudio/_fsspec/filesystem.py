@@ -17,9 +17,11 @@ checked against the ``x-goog-hash`` CRC32C the server sends. Network trouble
 that outlasts gcsfs's retries, or the time limit (``CLOUDIO_HTTP_TIMEOUT``,
 see :mod:`cloudio._gcs.client`), raises :class:`~cloudio.TransientError`;
 a refusal (403, 400, 409...) :class:`~cloudio.UploadError` or
-:class:`~cloudio.ReadError`; ``FileNotFoundError`` stays what fsspec's
-contract says. A file opened for reading reads the generation it opened:
-overwritten while open, it raises :class:`~cloudio.StaleDatasetError`.
+:class:`~cloudio.ReadError`; a missing object :class:`~cloudio.ObjectNotFoundError`
+naming its ``gs://`` URL (a ``FileNotFoundError``, as fsspec's contract says).
+A whole-object ``get`` is checked against the object's CRC32C too. A file
+opened for reading reads the generation it opened: overwritten while open,
+it raises :class:`~cloudio.StaleDatasetError`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import io
 import json
 import logging
 import mimetypes
@@ -55,9 +58,12 @@ from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
 from cloudio._session import count, current_level
 from cloudio.errors import (
+    AlreadyExistsError,
+    BucketNotFoundError,
     CloudioError,
     ConfigurationError,
     IntegrityError,
+    ObjectNotFoundError,
     ReadError,
     StaleDatasetError,
     UploadError,
@@ -124,6 +130,19 @@ def _unsure(*urls: str, prefix: bool = False) -> Iterator[None]:
             for url in urls:
                 _record(url, "invalidate", prefix=prefix)
         raise
+
+
+@contextmanager
+def _named_missing(url: str) -> Iterator[None]:
+    """gcsfs's (or fsspec's) ``FileNotFoundError``, which names an HTTP path or a bare key, as
+    :class:`~cloudio.ObjectNotFoundError` naming ``url`` (still a ``FileNotFoundError``)."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        if isinstance(e, CloudioError):
+            raise
+        raise ObjectNotFoundError(f"{url}: no such object. Check the URL; cloudio.filesystem().ls lists what its "
+                                  "folder holds.") from e
 
 
 def _refused(url: str, method: str, exc: Exception) -> CloudioError:
@@ -227,11 +246,26 @@ class _JournalingGCSFileMixin:
         if not (final and self.autocommit):  # type: ignore[attr-defined]  # an unfinished upload stores nothing
             return super()._upload_chunk(final=final)  # type: ignore[misc]
         url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
+        checker: _Crc32cChecker = self.checker  # type: ignore[attr-defined]
         with _unsure(url):  # the final chunk's answer lost: the object may be stored
-            done = super()._upload_chunk(final=final)  # type: ignore[misc]
+            try:
+                done = super()._upload_chunk(final=final)  # type: ignore[misc]
+            except FileNotFoundError as e:
+                if isinstance(e, CloudioError):
+                    raise
+                # gcsfs sent the last chunk again after its answer was lost, and the session had ended: the
+                # object is stored, or the session expired; what the server holds says which
+                f: Any = self  # gcsfs's GCSFile: its buffer holds the last chunk, offset what went before
+                rest = bytes(f.buffer.getbuffer())
+                sent = checker._sum.copy()
+                sent.update(rest)
+                size = f.offset + len(rest)
+                generation = sync(f.fs.loop, f.fs._landed, url, size, _crc_b64(sent), e)
+                f.buffer, f.offset = io.BytesIO(), size  # all of it is stored, as gcsfs leaves it
+                _uploaded(url, generation, size)
+                return True
             if done is False:
                 return done
-            checker: _Crc32cChecker = self.checker  # type: ignore[attr-defined]
             # the final answer's object resource; or (a final chunk answered with a Range header) the
             # generation gcsfs read from it, so the check reads that object and never a later writer's
             meta = checker.meta or {"generation": self.generation}  # type: ignore[attr-defined]
@@ -252,9 +286,17 @@ class _JournalingGCSFileMixin:
                 log.warning("could not cancel the upload of %s", self.path, exc_info=True)  # type: ignore[attr-defined]
             finally:
                 self.closed = True  # type: ignore[attr-defined]
+                self._cloudio_discarded = True
             return None
         super().__exit__(exc_type, exc, tb)  # type: ignore[misc]  # fsspec's returns None: exceptions propagate
         return None
+
+    def commit(self) -> None:
+        """A transaction's commit; nothing for a file whose ``with`` block raised (it was discarded, and the
+        transaction's other files still go up)."""
+        if getattr(self, "_cloudio_discarded", False):
+            return
+        super().commit()  # type: ignore[misc]
 
 
 @functools.cache
@@ -413,6 +455,29 @@ class _JournalingGCSMixin:
                 "is gone too). Check the network path to GCS (a proxy rewriting bodies?) and write again."
             ) from e
 
+    async def _landed(self, url: str, size: int, crc: str, error: FileNotFoundError) -> int | None:
+        """After an upload answered 404 (``error``): the generation stored when the object holds what was sent
+        (a retry found the upload's session ended once its last part was stored, its answer lost); otherwise
+        :class:`~cloudio.BucketNotFoundError` when the bucket is missing, else UploadError (journaled as
+        an invalidation: the server may hold something this process did not see go up)."""
+        path = parse_gcs(url, require_key=True)
+        try:
+            meta = await self._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)
+        except FileNotFoundError:
+            meta = None
+        if meta is not None and _int_or_none(meta.get("size")) == size and meta.get("crc32c") == crc:
+            log.info("%s: the upload's last answer was lost, and the object holds what was sent", url)
+            return _int_or_none(meta.get("generation"))
+        if meta is None:
+            try:
+                await self._call("GET", "b/{}", path.bucket, json_out=True)
+            except FileNotFoundError:
+                raise BucketNotFoundError(f"{url}: the upload was refused because bucket {path.bucket!r} does not "
+                                          "exist; create it first (or check the URL)") from error
+        _record(url, "invalidate")
+        raise UploadError(f"{url}: the upload's session ended before its last answer arrived, and the object does "
+                          "not hold what was sent; this write is not stored. Write again.") from error
+
     async def _guarded_put(self, url: str, source: Any, guard: Any) -> dict[str, Any]:
         """A write with ``if_generation_match=``: :func:`put_verified`'s precondition; ConflictError if it fails."""
         if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
@@ -431,7 +496,19 @@ class _JournalingGCSMixin:
                 return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
             size = memoryview(data).nbytes  # bytes, not items (gcsfs sends a wide buffer's bytes)
             with journal().changing(url), _unsure(url):  # GDAL reads of it wait until the write is recorded
-                out, meta = await self._answered_by(super()._pipe_file(path, data, *args, **kwargs))  # type: ignore[misc]
+                try:
+                    out, meta = await self._answered_by(super()._pipe_file(path, data, *args, **kwargs))  # type: ignore[misc]
+                except FileExistsError as e:  # mode="create" (gcsfs's ifGenerationMatch=0) found an object
+                    if isinstance(e, CloudioError):
+                        raise
+                    raise AlreadyExistsError(f"{url}: not written: mode='create' writes only where no object "
+                                             "exists, and one does. Nothing was uploaded. Delete it first, or "
+                                             "write without mode='create'.") from e
+                except FileNotFoundError as e:  # a missing bucket, or a resumable upload's retry after its end
+                    if isinstance(e, CloudioError):
+                        raise
+                    _uploaded(url, await self._landed(url, size, _crc_of(data), e), size)
+                    return None
                 generation = await self._verify_stored(url, meta, size, _crc_of(data))
                 _uploaded(url, generation, size)
         finally:
@@ -492,10 +569,11 @@ class _JournalingGCSMixin:
         ``CLOUDIO_CONSISTENCY`` is named as by every other read.
         """
         current_level()
-        if start is not None or end is not None or kwargs.get("concurrency", 1) > 1:
-            return await super()._cat_file(path, start=start, end=end, **kwargs)  # type: ignore[misc]
-        u = self.url(path, generation=kwargs.get("generation"))  # type: ignore[attr-defined]
-        headers, data = await self._call("GET", u)
+        with _named_missing(self._cloudio_url(path)):
+            if start is not None or end is not None or kwargs.get("concurrency", 1) > 1:
+                return await super()._cat_file(path, start=start, end=end, **kwargs)  # type: ignore[misc]
+            u = self.url(path, generation=kwargs.get("generation"))  # type: ignore[attr-defined]
+            headers, data = await self._call("GET", u)
         want = header_crc(headers)
         if want is not None and _crc_of(data) != want:
             raise IntegrityError(
@@ -508,7 +586,29 @@ class _JournalingGCSMixin:
     async def _get_file(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> Any:
         """gcsfs's download, given up when no byte has arrived for as long as :meth:`_call` may take in
         all (its request bypasses ``_call``, and gcsfs retries a hung one dozens of times: minutes); a
-        large download that keeps arriving is never cut short. Transient failures become TransientError."""
+        large download that keeps arriving is never cut short. Transient failures become TransientError.
+        What arrived is checked against the object's CRC32C (:meth:`_check_download`)."""
+        url = self._cloudio_url(rpath)
+        with _named_missing(url):
+            out = await self._download(rpath, lpath, *args, **kwargs)
+        if isinstance(lpath, str) and os.path.isfile(lpath) and "headers" not in kwargs:
+            await self._check_download(url, lpath)
+        return out
+
+    async def _check_download(self, url: str, lpath: str) -> None:
+        """Compare the file downloaded with the CRC32C the server holds for the object (one metadata request);
+        on a mismatch the file is removed and IntegrityError raised."""
+        path = parse_gcs(url, require_key=True)
+        meta = await self._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)
+        want = meta.get("crc32c")
+        if want is None or _crc_of_file(lpath) == want:
+            return
+        os.remove(lpath)
+        raise IntegrityError(f"{url}: the {os.path.getsize(lpath) if os.path.exists(lpath) else 'bytes'} received "
+                             f"do not match the object's CRC32C ({want}): corrupted on the way, or the object was "
+                             "replaced while it was read. The local file was removed; read again.")
+
+    async def _download(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> Any:
         limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
         task = asyncio.ensure_future(super()._get_file(rpath, lpath, *args, **kwargs))  # type: ignore[misc]
         try:
@@ -535,7 +635,7 @@ class _JournalingGCSMixin:
 
     async def _cp_file(self, path1: str, path2: str, *args: Any, **kwargs: Any) -> Any:
         url = self._cloudio_url(path2)
-        with journal().changing(url), _unsure(url):
+        with journal().changing(url), _unsure(url), _named_missing(self._cloudio_url(path1)):
             out = await super()._cp_file(path1, path2, *args, **kwargs)  # type: ignore[misc]
             _record(url, "write")
         return out
@@ -552,7 +652,13 @@ class _JournalingGCSMixin:
         _record(self._cloudio_url(path), "write")  # metadata held in cached listings changed
         return out
 
+    def _same(self, path1: str, path2: str) -> bool:
+        """Whether two paths name one object (``gs://b/k`` and ``b/k``)."""
+        return bool(self._cloudio_url(path1) == self._cloudio_url(path2))
+
     async def _mv_file(self, path1: str, path2: str, **kwargs: Any) -> Any:
+        if self._same(path1, path2):  # moved onto itself: gcsfs would copy it and delete the source, the object
+            return None
         # gcsfs moves with one moveTo request, or falls back to copy + delete
         # (which record themselves); record what the parts did not.
         u1, u2 = self._cloudio_url(path1), self._cloudio_url(path2)
@@ -571,7 +677,7 @@ class _JournalingGCSMixin:
         attempts: list[int] = []
         token = _attempts.set(attempts)
         try:
-            with journal().changing(url), _unsure(url):
+            with _named_missing(url), journal().changing(url), _unsure(url):
                 try:
                     out = await super()._rm_file(path, **kwargs)  # type: ignore[misc]
                 except FileNotFoundError:
@@ -582,6 +688,11 @@ class _JournalingGCSMixin:
         finally:
             _attempts.reset(token)
         return out
+
+    async def _rm(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        with _named_missing(self._cloudio_url(path) if isinstance(path, str) else
+                            ", ".join(self._cloudio_url(p) for p in path)):
+            return await super()._rm(path, *args, **kwargs)  # type: ignore[misc]
 
     async def _rm_files(self, paths: list[str], *args: Any, **kwargs: Any) -> Any:
         out = await super()._rm_files(paths, *args, **kwargs)  # type: ignore[misc]
@@ -613,7 +724,8 @@ class _JournalingGCSMixin:
         """gcsfs's, except that an object named like a folder (``d`` beside ``d/x``) is the object: from a
         cached listing gcsfs returned whichever entry came first (the folder, size 0: the object read
         empty), where uncached it prefers the object too."""
-        out = await super()._info(path, generation=generation, **kwargs)  # type: ignore[misc]
+        with _named_missing(self._cloudio_url(path)):
+            out = await super()._info(path, generation=generation, **kwargs)  # type: ignore[misc]
         if out.get("type") == "directory":
             name = self._strip_protocol(path).rstrip("/")  # type: ignore[attr-defined]
             for o in self._ls_from_cache(self._parent(name)) or ():  # type: ignore[attr-defined]
@@ -630,11 +742,14 @@ class _JournalingGCSMixin:
         from glob import has_magic
 
         if assume_literal or isinstance(path, str):  # a str comes back here as a list
-            return await super()._expand_path(path, recursive, maxdepth, assume_literal)  # type: ignore[misc]
+            with _named_missing(self._cloudio_url(path) if isinstance(path, str) else
+                                ", ".join(self._cloudio_url(p) for p in path)):
+                return await super()._expand_path(path, recursive, maxdepth, assume_literal)  # type: ignore[misc]
         paths = [self._strip_protocol(p) for p in path]  # type: ignore[attr-defined]
         stored = [p for p in paths if has_magic(p) and await self._exists(p)]  # type: ignore[attr-defined]
         if not stored:
-            return await super()._expand_path(paths, recursive, maxdepth)  # type: ignore[misc]
+            with _named_missing(", ".join(self._cloudio_url(p) for p in paths)):
+                return await super()._expand_path(paths, recursive, maxdepth)  # type: ignore[misc]
         out = set(await super()._expand_path(stored, recursive, maxdepth, assume_literal=True))  # type: ignore[misc]
         rest = [p for p in paths if p not in stored]
         if rest:
@@ -677,6 +792,8 @@ class _JournalingGCSMixin:
 
     async def _mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: Any = None,
                   **kwargs: Any) -> Any:
+        if isinstance(path1, str) and isinstance(path2, str) and self._same(path1, path2):
+            return None  # one object spelled two ways: gcsfs compares the strings, then copies it onto itself
         pairs = await self._stored_pairs(path1, path2, recursive, maxdepth, self._isdir)  # type: ignore[attr-defined]
         if pairs is not None:
             if not pairs[0]:
@@ -705,6 +822,7 @@ class _JournalingGCSMixin:
     # gcsfs binds these sync methods to its own coroutines in its class body
     # (``mv_file = sync_wrapper(_mv_file)``), which would bypass the overrides above;
     # fsspec derives the others (pipe_file, put_file, cp_file, rm_file...) per instance.
+    rm = sync_wrapper(_rm)
     mv_file = sync_wrapper(_mv_file)
     mv = sync_wrapper(_mv)
     merge = sync_wrapper(_merge)
