@@ -238,7 +238,7 @@ def normalize(url: str | os.PathLike[str]) -> str:
     Raises
     ------
     InvalidURLError
-        For a malformed GCS URL or an unsupported scheme (``s3://`` ...).
+        For a malformed GCS URL, an unsupported scheme (``s3://`` ...) or an empty one.
     """
     if is_gcs(url):
         return parse_gcs(os.fspath(url)).url
@@ -257,4 +257,6 @@ def normalize(url: str | os.PathLike[str]) -> str:
         )
     if scheme == "file":
         s = s[len("file://"):]
+    if not s.strip():  # abspath("") is the working directory: never what an empty URL meant
+        raise InvalidURLError(f"the URL is empty ({os.fspath(url)!r}); give gs://bucket/key (or a local path)")
     return os.path.abspath(s)

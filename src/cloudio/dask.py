@@ -13,6 +13,13 @@ So a task that runs after another task wrote (a dependency, or anything the
 client submits after seeing the result) always has the change in its
 process's journal first, and its caches are invalidated before it reads.
 Each receiver replays changes into its own journal without echoing them back.
+
+A worker that joins later (scaled up, restarted) starts with empty caches,
+but a store's consolidated metadata is on the server: what made it stale
+(an ``invalidate``, a metadata write or delete) must reach the new worker
+too. The scheduler keeps those changes (:data:`_KEPT_MAX`, older ones
+folded into an invalidation of their bucket) and a worker replays them
+before it runs its first task.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ __all__ = ["install"]
 log = logging.getLogger(__name__)
 _OP = "cloudio-journal"
 _PLUGIN = "cloudio-journal"
+_KEPT_OP = "cloudio_journal_kept"
+#: changes the scheduler keeps for workers that join later; past that, folded into one invalidation per bucket
+_KEPT_MAX = 4096
 
 
 def _encode(change: Change) -> dict[str, Any]:
@@ -56,8 +66,10 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
+        self.kept: list[dict[str, Any]] = []  # what a worker joining later replays (_ForwardPlugin.setup)
 
         def relay(changes: list[dict[str, Any]], worker: str | None = None, client: str | None = None) -> None:
+            self._keep(changes)
             msg = {"op": _OP, "changes": changes}
             for address, stream in list(scheduler.stream_comms.items()):
                 if address != worker:
@@ -67,6 +79,17 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
                     stream.send(dict(msg))
 
         scheduler.stream_handlers[_OP] = relay
+        scheduler.handlers[_KEPT_OP] = lambda **_: list(self.kept)
+
+    def _keep(self, changes: list[dict[str, Any]]) -> None:
+        """Keep what a new worker's empty caches do not make up for: what a store's consolidated copy may not
+        know (:func:`cloudio._zarr.consumer.lasting`)."""
+        from cloudio._zarr.consumer import bucket_of, lasting
+
+        self.kept += (c for c in changes if lasting(Change(**c)))
+        if len(self.kept) > _KEPT_MAX:  # coarser, never lost
+            buckets = sorted({bucket_of(c["url"]) for c in self.kept})
+            self.kept = [_encode(Change(url=b, kind="invalidate", seq=0, prefix=True)) for b in buckets]
 
 
 class _ForwardPlugin(WorkerPlugin):  # type: ignore[misc,valid-type]
@@ -75,9 +98,11 @@ class _ForwardPlugin(WorkerPlugin):  # type: ignore[misc,valid-type]
     name = _PLUGIN
     idempotent = True
 
-    def setup(self, worker: Worker) -> None:
+    async def setup(self, worker: Worker) -> None:
         self._worker = worker
         worker.stream_handlers[_OP] = lambda changes, **_: _replay(changes)
+        # before this worker's first task (distributed sets plugins up before it reads the scheduler's stream)
+        _replay(await getattr(worker.scheduler, _KEPT_OP)())
         journal().add_listener(self._forward)
 
     def teardown(self, worker: Worker) -> None:

@@ -6,7 +6,9 @@ stale (:func:`cloudio._zarr.store.consolidated_is_stale`). A change made by
 someone else (plain zarr, another process) reaches this process only as an
 ``"invalidate"`` in the journal (:func:`cloudio.invalidate`, one relayed from
 a Dask worker, or a difference another cache saw) or as a metadata write a
-Dask worker relayed. This consumer keeps them, so that the next open of a
+Dask worker relayed; so does a metadata document this process wrote or
+deleted other than through a Zarr store (``cloudio.filesystem().rm`` of a
+variable). This consumer keeps them, so that the next open of a
 store one of them covers (the store, a prefix above it, or a path inside it)
 lists its metadata documents once, as the strong level does
 (:func:`cloudio._zarr.store.revalidate`), and drops a consolidated copy
@@ -27,6 +29,7 @@ from contextlib import contextmanager
 from cloudio import _journal
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import is_under
+from cloudio._session import count
 
 #: announcements kept per bucket; past that, the bucket's fold into one of the whole bucket
 _KEEP = 1024
@@ -39,6 +42,9 @@ _announced: dict[str, dict[str, tuple[int, bool]]] = {}
 _CHECKED_MAX = 10_000
 _checked: dict[str, int] = {}  # store root -> journal seq its last metadata listing covered, oldest first
 _own = threading.local()  # set while a revalidation journals what its own listing found
+#: set while a Zarr store of this process journals a write it also puts in the metadata log; other writes of
+#: metadata documents in this process (through cloudio.filesystem, a thread of a Dask cluster) are announced
+_logged = threading.local()
 
 
 #: the names of the documents whose change by another process (relayed from a Dask worker) a consolidated copy
@@ -51,8 +57,15 @@ def _structural(change: Change) -> bool:
     return change.prefix or change.url.endswith(_METADATA)
 
 
-def _bucket(url: str) -> str:
+def bucket_of(url: str) -> str:
+    """``gs://b`` for any journal key in bucket ``b``; "" for local paths (all of them one "bucket")."""
     return "gs://" + url[len("gs://"):].split("/", 1)[0] if url.startswith("gs://") else ""
+
+
+def lasting(change: Change) -> bool:
+    """Whether ``change`` may leave a store's consolidated metadata stale on the server (an invalidation, a
+    metadata write or delete): what a process whose caches are all empty still needs to hear."""
+    return change.kind == "invalidate" or _structural(change)
 
 
 class ZarrConsumer(Consumer):
@@ -62,17 +75,19 @@ class ZarrConsumer(Consumer):
     name = "zarr consolidated metadata"
 
     def on_change(self, change: Change) -> None:
-        if change.kind != "invalidate" and (change.origin == _journal.ORIGIN or not _structural(change)):
-            return  # this process's own writes are in the metadata log (cloudio._zarr.store)
+        if not lasting(change) or (change.kind != "invalidate" and change.origin == _journal.ORIGIN
+                                   and getattr(_logged, "active", False)):
+            return  # a chunk; or a Zarr store's own write: in the metadata log (cloudio._zarr.store)
         if getattr(_own, "active", False):
             return
-        bucket = _bucket(change.url)
+        bucket = bucket_of(change.url)
         with _lock:
             kept = _announced.setdefault(bucket, {})
             old = kept.get(change.url)
             kept[change.url] = (max(change.seq, old[0] if old else 0), change.prefix or bool(old and old[1]))
             if len(kept) > _KEEP:  # bounded: coarser, never lost
                 _announced[bucket] = {bucket: (max(seq for seq, _ in kept.values()), True)}
+        count("invalidations", cache="zarr")  # the stores it covers list their documents at their next open
 
 
 def pending(root: str) -> bool:
@@ -80,7 +95,7 @@ def pending(root: str) -> bool:
     if not _announced:  # the open without announcements: no lock, no scan
         return False
     with _lock:
-        kept = _announced.get(_bucket(root))
+        kept = _announced.get(bucket_of(root))
         if not kept:
             return False
         done = _checked.get(root, 0)
@@ -95,6 +110,16 @@ def checked(root: str, upto: int) -> None:
         _checked[root] = max(_checked.pop(root, 0), upto)
         while len(_checked) > _CHECKED_MAX:
             del _checked[next(iter(_checked))]
+
+
+@contextmanager
+def logged_by_the_store() -> Iterator[None]:
+    """Around a Zarr store's record of its own write, which the store's metadata log holds: no announcement."""
+    _logged.active = True
+    try:
+        yield
+    finally:
+        _logged.active = False
 
 
 @contextmanager

@@ -79,11 +79,6 @@ _V2_CONSOLIDATED = ".zmetadata"
 _NODES_MAX = 10_000
 
 
-def _bucket_of(url: str) -> str:
-    """``gs://b`` for any URL in bucket ``b``; "" for local paths (all of them one "bucket")."""
-    return "gs://" + url[len("gs://"):].split("/", 1)[0] if url.startswith("gs://") else ""
-
-
 class _MetadataLog:
     """Per node directory: journal seq of the last metadata write and of the last consolidation.
 
@@ -146,7 +141,7 @@ class _MetadataLog:
 
     def stale(self, root: str) -> bool:
         with self._lock:
-            bucket = _bucket_of(root)
+            bucket = announcements.bucket_of(root)
             if root in self._distrusted or bucket in self._distrusted_buckets:
                 return True
             folded = self._folded.get(bucket)
@@ -160,7 +155,7 @@ class _MetadataLog:
 
     def knows(self, root: str) -> bool:
         with self._lock:
-            bucket = _bucket_of(root)
+            bucket = announcements.bucket_of(root)
             return (any(_under(k, root) for k in self._meta) or root in self._consolidated
                     or root in self._distrusted or bucket in self._folded or bucket in self._distrusted_buckets)
 
@@ -189,14 +184,14 @@ class _MetadataLog:
         while len(self._meta) > _NODES_MAX:
             url, seq = next(iter(self._meta.items()))
             del self._meta[url]
-            bucket = _bucket_of(url)
+            bucket = announcements.bucket_of(url)
             self._folded[bucket] = max(seq, self._folded.get(bucket, 0))
         while len(self._consolidated) > _NODES_MAX:
             del self._consolidated[next(iter(self._consolidated))]
         while len(self._distrusted) > _NODES_MAX:
             url = next(iter(self._distrusted))
             del self._distrusted[url]
-            self._distrusted_buckets.add(_bucket_of(url))
+            self._distrusted_buckets.add(announcements.bucket_of(url))
 
 
 _metadata = _MetadataLog()
@@ -325,7 +320,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     def _wrote(self, key: str, value: Buffer) -> None:
         url = self._url(key)
-        change = journal().record(url, "write", size=len(value))
+        with announcements.logged_by_the_store():
+            change = journal().record(url, "write", size=len(value))
         slash = key.rfind("/")
         name = key[slash + 1:]
         if name in _META_NAMES or name == _V2_CONSOLIDATED:
@@ -333,7 +329,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     def _deleted(self, key: str, *, prefix: bool) -> None:
         url = self._url(key.rstrip("/"))
-        change = journal().record(url, "delete", prefix=prefix)
+        with announcements.logged_by_the_store():
+            change = journal().record(url, "delete", prefix=prefix)
         _metadata.deleted(url, prefix=prefix, seq=change.seq)
 
     # -- what writes -------------------------------------------------------------------------
