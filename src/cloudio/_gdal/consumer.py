@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 import weakref
@@ -204,7 +205,9 @@ class GdalConsumer(Consumer):
         self._object_changed(path.vsi)
         with self._state:
             if change.generation is not None and change.kind == "write":
-                self._remember(self._seen, change.url, (change.generation, time.monotonic()))
+                # the generation GDAL may now hold; never a check (time -inf): the write says nothing of the
+                # sidecars another writer may have put beside it, which a bounded open must list for
+                self._remember(self._seen, change.url, (change.generation, -math.inf))
             else:
                 self._seen.pop(change.url, None)
             if change.kind != "delete":

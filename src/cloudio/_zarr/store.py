@@ -1170,6 +1170,12 @@ class MetadataCheck:
             return 2
         return 3 if f"{group_url}/zarr.json" in self.documents else None
 
+    def found_a_stale_copy(self) -> bool:
+        """Whether a consolidated copy listed (a group's ``.zmetadata`` or ``zarr.json``) is older than a
+        document under its group."""
+        return any(self.consolidated_is_stale(url.rsplit("/", 1)[0]) for url in self.documents
+                   if url.endswith(("/" + _V2_CONSOLIDATED, "/zarr.json")))
+
     def consolidated_is_stale(self, group_url: str) -> bool:
         """True when a metadata document under ``group_url`` is newer than the group's consolidated copy.
 
@@ -1201,7 +1207,9 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
 
     None at the ``"session"`` level, for local stores, and at a bound of ``N``
     seconds when the store was listed less than ``N`` seconds ago (the caller
-    then does what the session level does), unless another writer's change
+    then does what the session level does; but when that listing found a
+    consolidated copy stale, it is returned again, the marker to be asked
+    for, so that the documents are read), unless another writer's change
     under the store was announced since its last listing
     (:func:`cloudio.invalidate`, :mod:`cloudio._zarr.consumer`): then it is
     listed once, whatever the level. One listing request per 1000
@@ -1224,7 +1232,9 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
     with _checked_lock:
         last = _checked.get(root)
     if isinstance(level, float | int) and not announced and last is not None and now - last[0] <= level:
-        return None
+        # within the bound what that listing found still holds: a consolidated copy it found older than the
+        # documents is not trusted again (that would read back behind a change it saw, older than the bound)
+        return dataclasses.replace(last[1], marked=True) if last[1].found_a_stale_copy() else None
     upto = journal().seq  # what was announced until now, the listing covers
     try:
         check: MetadataCheck = run_sync(_list_metadata(store))
