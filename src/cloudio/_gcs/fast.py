@@ -320,12 +320,26 @@ def _ask(fs: gcsfs.GCSFileSystem, url: str, method: str = "GET", body: bytes | m
     origin = _origin(parts)
     conn = _connection(origin, _socket_timeout(fs))
     try:
-        conn.request(method, f"{parts.path}?{parts.query}", body=None if body is None else memoryview(body),
+        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+        conn.request(method, target, body=None if body is None else memoryview(body),
                      headers={**(headers or {}), **fs._get_headers(None)})
         return origin, conn.getresponse()
     except BaseException:
         _drop(origin)
         raise
+
+
+def range_status(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:
+    """The HTTP status of a one-byte GET of ``path`` through the XML API, the request GDAL's ``/vsigs/`` makes
+    (blocking): what a short read GDAL reported was, a refusal or trouble on the way."""
+    url = f"{fs._location}/{quote(path.bucket, safe='')}/{quote(path.key, safe='/')}"
+    origin, r = _ask(fs, url, "GET", None, {"Range": "bytes=0-0"})
+    try:
+        r.read()
+    except BaseException:
+        _drop(origin)
+        raise
+    return r.status
 
 
 def _body_into(r: http.client.HTTPResponse, buf: np.ndarray, deadline: float) -> int:

@@ -63,7 +63,7 @@ from cloudio._gcs.client import (
     transient_error,
     where,
 )
-from cloudio._gcs.fast import list_objects
+from cloudio._gcs.fast import list_objects, range_status
 from cloudio._gdal import bindings, endpoint, generation
 from cloudio._gdal.consumer import LISTING_LIMIT, NEEDS_LISTING, consumer
 from cloudio._gdal.endpoint import ensure_endpoint
@@ -302,15 +302,32 @@ def _messages(e: BaseException) -> str:
 _SHORT_READ = re.compile(r"got \d+ bytes, expected \d+")
 
 
-def _is_transient(e: BaseException, t: Target) -> bool:
-    """Did the server or network fail (after GDAL's own retries)?
-
-    The object's own path is cut from GDAL's message first: ``preset.tif`` is not a reset.
-    """
+def _said(e: BaseException, t: Target) -> str:
+    """GDAL's messages with the object's own path cut out: ``preset.tif`` is not a reset."""
     text = _messages(e)
     for p in (t.vsi, t.path.url, t.shown):
         text = text.replace(p, "")
+    return text
+
+
+def _is_transient(e: BaseException, t: Target) -> bool:
+    """Did the server or network fail (after GDAL's own retries)?"""
+    text = _said(e, t)
     return _TRANSIENT.search(text) is not None or _SHORT_READ.search(text) is not None
+
+
+def _refused_status(t: Target, e: BaseException) -> int | None:
+    """For a read GDAL reports only as short (no status in its message): the status with which the server
+    refuses the object's bytes now (401, 403), asked once (one-byte GET); None when it does not refuse."""
+    text = _said(e, t)
+    if _SHORT_READ.search(text) is None or _TRANSIENT.search(text) is not None:
+        return None
+    try:
+        status = range_status(gcs_filesystem(), t.path)
+    except Exception as oe:  # the network itself: transient, as the message says
+        log.debug("could not ask %s for its first byte: %s", t.path.url, oe)
+        return None
+    return status if status in (401, 403) else None
 
 
 def _transient(t: Target, e: BaseException) -> TransientReadError:
@@ -323,6 +340,12 @@ def _transient(t: Target, e: BaseException) -> TransientReadError:
 
 def _read_error(t: Target, e: RasterioIOError) -> CloudioError:
     """cloudio's error for a GDAL failure that survived a clear and a retry (``e`` becomes its cause)."""
+    refused = _refused_status(t, e)
+    if refused is not None:
+        return DatasetReadError(
+            f"{t.path.url}: {where()} refused to read it (HTTP {refused}) while GDAL read its bytes: "
+            f"{_messages(e)}. Check that your credentials may read it, then read again."
+        )
     if _is_transient(e, t):
         return _transient(t, e)
     try:

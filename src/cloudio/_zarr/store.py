@@ -306,12 +306,41 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         array is most of its load: ``benchmarks/bench_peers.py`` layout c).
         """
         root = self._gcs_root
-        if byte_range is not None or root is None:
-            return await super().get(key, prototype, byte_range)
-        from cloudio._gcs.fast import get_into
+        try:
+            if byte_range is not None or root is None:
+                if root is None:
+                    return await super().get(key, prototype, byte_range)
+                from cloudio._gcs.client import bounded
 
-        body = await get_into(self._store.fs, _joined(root, key), None)
+                # a part of a shard, through gcsfs: within the time limit one call may take, retries included
+                return await bounded(self._store.fs, super().get(key, prototype, byte_range))
+            from cloudio._gcs.fast import get_into
+
+            body = await get_into(self._store.fs, _joined(root, key), None)
+        except Exception as e:
+            err = self._read_failed(key, e)
+            if err is None:
+                raise
+            raise err from e
         return None if body is None else prototype.buffer.from_bytes(body.data)
+
+    def _read_failed(self, key: str, e: Exception) -> CloudioError | None:
+        """cloudio's error, naming the object, for a read of ``key`` that failed past the retries or was refused
+        (None: already cloudio's, or not the server's answer). Why here: zarr reads through the store long after
+        ``open_zarr`` or a lazy ``load_array`` returned, outside any call of cloudio's."""
+        from cloudio._gcs.client import transient_error
+
+        url = self._url(key)
+        if isinstance(e, CloudioError) or self._gcs_root is None:
+            return None
+        if _transient(e) or isinstance(e, TimeoutError):
+            return transient_error(url, "a read", e)
+        if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409)
+            from cloudio.errors import ReadError
+
+            return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may "
+                             "read this bucket.")
+        return None
 
     # -- recording ---------------------------------------------------------------------------
 
