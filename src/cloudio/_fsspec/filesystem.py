@@ -52,14 +52,20 @@ from cloudio._config import (
     require_credentials,
 )
 from cloudio._fsspec.consumer import guard_listings, track
-from cloudio._gcs.client import header_crc, http_options, is_transient, total_time_limit, transient_error
+from cloudio._gcs.client import (
+    bucket_missing,
+    header_crc,
+    http_options,
+    is_transient,
+    total_time_limit,
+    transient_error,
+)
 from cloudio._gcs.transfer import _check_stored, _crc_b64, _Mismatch, _outcome_unknown, put_verified
 from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
 from cloudio._session import count, current_level
 from cloudio.errors import (
     AlreadyExistsError,
-    BucketNotFoundError,
     CloudioError,
     ConfigurationError,
     IntegrityError,
@@ -278,6 +284,24 @@ class _JournalingGCSFileMixin:
             _uploaded(url, generation, self.offset)  # type: ignore[attr-defined]
         return done
 
+    def _initiate_upload(self) -> Any:
+        with self._bucket_named():
+            return super()._initiate_upload()  # type: ignore[misc]
+
+    def _simple_upload(self) -> Any:
+        with self._bucket_named():
+            return super()._simple_upload()  # type: ignore[misc]
+
+    @contextmanager
+    def _bucket_named(self) -> Iterator[None]:
+        """An upload's start answered 404: the bucket is missing (no object need exist)."""
+        try:
+            yield
+        except FileNotFoundError as e:
+            if isinstance(e, CloudioError):
+                raise
+            raise bucket_missing(parse_gcs(_gcs_url(self.fs, self.path))) from e  # type: ignore[attr-defined]
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and "r" not in self.mode and not self.closed:  # type: ignore[attr-defined]
             try:
@@ -472,8 +496,7 @@ class _JournalingGCSMixin:
             try:
                 await self._call("GET", "b/{}", path.bucket, json_out=True)
             except FileNotFoundError:
-                raise BucketNotFoundError(f"{url}: the upload was refused because bucket {path.bucket!r} does not "
-                                          "exist; create it first (or check the URL)") from error
+                raise bucket_missing(path) from error
         _record(url, "invalidate")
         raise UploadError(f"{url}: the upload's session ended before its last answer arrived, and the object does "
                           "not hold what was sent; this write is not stored. Write again.") from error
@@ -601,8 +624,8 @@ class _JournalingGCSMixin:
         path = parse_gcs(url, require_key=True)
         meta = await self._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)
         want = meta.get("crc32c")
-        if want is None or _crc_of_file(lpath) == want:
-            return
+        if want is None or meta.get("contentEncoding") == "gzip" or _crc_of_file(lpath) == want:
+            return  # (a gzip-encoded object arrives decompressed: its CRC32C is of the stored, compressed bytes)
         os.remove(lpath)
         raise IntegrityError(f"{url}: the {os.path.getsize(lpath) if os.path.exists(lpath) else 'bytes'} received "
                              f"do not match the object's CRC32C ({want}): corrupted on the way, or the object was "
@@ -635,8 +658,16 @@ class _JournalingGCSMixin:
 
     async def _cp_file(self, path1: str, path2: str, *args: Any, **kwargs: Any) -> Any:
         url = self._cloudio_url(path2)
-        with journal().changing(url), _unsure(url), _named_missing(self._cloudio_url(path1)):
-            out = await super()._cp_file(path1, path2, *args, **kwargs)  # type: ignore[misc]
+        with journal().changing(url), _unsure(url):
+            try:
+                out = await super()._cp_file(path1, path2, *args, **kwargs)  # type: ignore[misc]
+            except FileNotFoundError as e:  # the source, or the target's bucket (one request tells which)
+                if isinstance(e, CloudioError):
+                    raise
+                if await self._exists(path1):  # type: ignore[attr-defined]
+                    raise bucket_missing(parse_gcs(url)) from e
+                with _named_missing(self._cloudio_url(path1)):
+                    raise
             _record(url, "write")
         return out
 

@@ -167,6 +167,13 @@ class _MetadataLog:
             else:
                 self._distrusted.pop(root, None)
 
+    def changed_since(self, root: str, seq: int) -> bool:
+        """Whether this process wrote or deleted metadata under ``root`` after journal position ``seq``."""
+        with self._lock:
+            folded = self._folded.get(announcements.bucket_of(root), 0)
+            return folded > seq or any(s > seq for table in (self._meta, self._consolidated)
+                                       for k, s in table.items() if _under(k, root))
+
     def forget_writes(self) -> None:
         with self._lock:
             self._meta.clear()
@@ -1199,12 +1206,6 @@ class MetadataCheck:
             return 2
         return 3 if f"{group_url}/zarr.json" in self.documents else None
 
-    def found_a_stale_copy(self) -> bool:
-        """Whether a consolidated copy listed (a group's ``.zmetadata`` or ``zarr.json``) is older than a
-        document under its group."""
-        return any(self.consolidated_is_stale(url.rsplit("/", 1)[0]) for url in self.documents
-                   if url.endswith(("/" + _V2_CONSOLIDATED, "/zarr.json")))
-
     def consolidated_is_stale(self, group_url: str) -> bool:
         """True when a metadata document under ``group_url`` is newer than the group's consolidated copy.
 
@@ -1224,11 +1225,12 @@ class MetadataCheck:
                    if url != copy_url and _under(url, group_url))
 
 
-#: per store root: the metadata documents the last revalidation saw, and when (monotonic seconds); at most
+#: per store root: the metadata documents the last revalidation saw, when (monotonic seconds), and the journal's
+#: position when it began; at most
 #: :data:`_NODES_MAX` stores, the least recently listed dropped first (a store dropped is listed as if for the
 #: first time: at a bound of seconds it is listed again, and what changed before that listing is not told apart)
 _checked_lock = threading.Lock()
-_checked: dict[str, tuple[float, MetadataCheck]] = {}
+_checked: dict[str, tuple[float, MetadataCheck, int]] = {}
 
 
 def revalidate(store: JournaledStore) -> MetadataCheck | None:
@@ -1262,8 +1264,12 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
         last = _checked.get(root)
     if isinstance(level, float | int) and not announced and last is not None and now - last[0] <= level:
         # within the bound what that listing found still holds: a consolidated copy it found older than the
-        # documents is not trusted again (that would read back behind a change it saw, older than the bound)
-        return dataclasses.replace(last[1], marked=True) if last[1].found_a_stale_copy() else None
+        # documents is not trusted again (that would read back behind a change it saw, older than the bound),
+        # unless this process changed the store's metadata since (the session level's log knows what it wrote)
+        listing, listed_at = last[1], last[2]
+        if listing.consolidated_is_stale(root) and not _metadata.changed_since(root, listed_at):
+            return dataclasses.replace(listing, marked=True)  # the marker asked for again, as at the session level
+        return None
     upto = journal().seq  # what was announced until now, the listing covers
     try:
         check: MetadataCheck = run_sync(_list_metadata(store))
@@ -1292,7 +1298,7 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
             last_seen.forget(url, seen)
     with _checked_lock:
         _checked.pop(root, None)
-        _checked[root] = (now, check)
+        _checked[root] = (now, check, upto)
         while len(_checked) > _NODES_MAX:
             del _checked[next(iter(_checked))]
     return check
