@@ -94,7 +94,7 @@ from cloudio._gdal import bindings, generation
 from cloudio._gdal.endpoint import ensure_endpoint, in_force
 from cloudio._gdal.endpoint import reset as reset_endpoints
 from cloudio._gdal.gates import gates
-from cloudio._gdal.targets import REFERENCING_SUFFIXES, Target, dir_key, is_sidecar, split_vsi
+from cloudio._gdal.targets import Target, dir_key, is_sidecar, split_vsi
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, is_gcs, is_under, parse_gcs
 
@@ -466,7 +466,7 @@ class GdalConsumer(Consumer):
             gdal_lists = d.plans.get(name)
             if gdal_lists is None:
                 gdal_lists = (
-                    name.lower().endswith(REFERENCING_SUFFIXES)
+                    t.vrt
                     or d.names is None
                     or any(is_sidecar(n, name) for n in d.names)
                 )

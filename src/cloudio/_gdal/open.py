@@ -68,7 +68,7 @@ from cloudio._gdal import bindings, endpoint, generation
 from cloudio._gdal.consumer import LISTING_LIMIT, NEEDS_LISTING, consumer
 from cloudio._gdal.endpoint import ensure_endpoint
 from cloudio._gdal.gates import gates as _gates
-from cloudio._gdal.targets import Target, is_sidecar, target
+from cloudio._gdal.targets import Target, is_sidecar, may_reference, target
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
 from cloudio._session import Consistency, count, current_level
@@ -469,7 +469,7 @@ def open(
             dataset = _open_read(t, driver, sharing, kwargs)
         next(_state.opens)  # count("opens"), lock-free
         return dataset
-    if t.vrt or (driver or "").upper() == "VRT":
+    if t.name.lower().endswith(".vrt") or (driver or "").upper() == "VRT":
         raise ConfigurationError(
             f"{t.path.url}: GDAL cannot write or update a VRT on GCS (mode {mode!r}). Build the VRT "
             "with rasterio (e.g. rasterio.vrt.WarpedVRT, or locally) and save it with "
@@ -696,7 +696,7 @@ def _configure_sources(t: Target, files: list[str]) -> bool:
     for depth in range(_VRT_DEPTH + 1):
         sources = _source_paths(level, seen)
         configured = _configure_buckets(sources) or configured
-        vrts = [target(p) for p in sources if p.vsi.lower().endswith(".vrt")]
+        vrts = [target(p) for p in sources if may_reference(p.vsi)]
         if not vrts or depth == _VRT_DEPTH:
             break
         level = [f for v in vrts for f in _vrt_files(v)]
@@ -851,7 +851,7 @@ def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: fl
                 f"{t.path.url}: its source {missing[0]} does not exist on {where()} (deleted or never written); "
                 "write the source again, or save the VRT without it (cloudio.write_vrt)"
             )
-        vrts = [target(p) for p in sources if p.vsi not in gone and p.vsi.lower().endswith(".vrt")]
+        vrts = [target(p) for p in sources if p.vsi not in gone and may_reference(p.vsi)]
         if not vrts:
             break
         if depth == _VRT_DEPTH:

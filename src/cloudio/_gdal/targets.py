@@ -12,12 +12,18 @@ from typing import NamedTuple
 
 from cloudio._paths import GCSPath
 
-__all__ = ["REFERENCING_SUFFIXES", "Target", "dir_key", "is_sidecar", "split_vsi", "target"]
+__all__ = ["Target", "dir_key", "is_sidecar", "may_reference", "split_vsi", "target"]
 
 #: names GDAL probes next to any raster whatever its own name (seen in its request log)
 _DIR_SIDECARS = frozenset({"metadata.dim", "summary.txt", "hdr.txt", "rpc.txt", "metadata.xml"})
 #: drivers whose datasets reference other files that GDAL opens itself
-REFERENCING_SUFFIXES = (".vrt", ".xml")
+_REFERENCING_SUFFIXES = (".vrt", ".xml")
+
+
+def may_reference(name: str) -> bool:
+    """Could GDAL open ``name`` (a path or key) as a dataset of other files' pixels? A ``.vrt``, or an
+    ``.xml`` (a VRT saved under that name: GDAL knows a VRT by its content)."""
+    return name.lower().endswith(_REFERENCING_SUFFIXES)
 
 
 def split_vsi(path: GCSPath) -> tuple[str, str]:
@@ -34,7 +40,7 @@ class Target(NamedTuple):
     vsi: str  #: /vsigs/b/d/a.tif: what rasterio.open gets (a gs:// URL costs rasterio a parse per open)
     dir: str  #: /vsigs/b/d, the key of GDAL's listing
     name: str  #: a.tif
-    vrt: bool  #: GDAL opens its sources itself
+    vrt: bool  #: GDAL may open sources of it itself (:func:`may_reference`)
     shown: str  #: the dataset's ``.name``: what rasterio.open of the user's spelling would report
 
 
@@ -45,7 +51,7 @@ def target(path: GCSPath, spelling: str | None = None) -> Target:
     shown = vsi
     if spelling is not None and spelling == path.url and not any(c in spelling for c in "?#%"):
         shown = spelling
-    return Target(path, vsi, vsi[:i], vsi[i + 1:], vsi.lower().endswith(".vrt"), shown)
+    return Target(path, vsi, vsi[:i], vsi[i + 1:], may_reference(vsi), shown)
 
 
 def dir_key(path: GCSPath) -> str:

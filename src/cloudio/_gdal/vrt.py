@@ -106,6 +106,12 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
         fixed = absolute_sources(xml_text, base_dir=path.parent if is_text else tmpdir, url=path.url)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+    if path.vsi in _sources_of(fixed):
+        raise ConfigurationError(
+            f"{path.url}: the VRT would read itself (it is one of its own sources), and writing it would replace "
+            "what it reads; nothing was written. Write the VRT to another URL (such as "
+            f"{path.url.rsplit('.', 1)[0]}_view.vrt)."
+        )
     with journal().changing(path.url):  # an open in between would read the new VRT with the old sidecars
         upload(fixed.encode("utf-8"), path, content_type="application/xml", if_generation_match=if_generation_match)
         _drop_old_sidecars(path, {path.url})  # the old VRT's .vrt.ovr or .aux.xml would be read with this one
@@ -167,7 +173,11 @@ def absolute_sources(xml_text: str, *, base_dir: str | GCSPath | None = None, ur
     InvalidURLError
         A source is a local or in-memory file.
     """
-    root = ET.fromstring(xml_text)
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError as e:
+        raise ConfigurationError(f"{url}: the VRT XML is not well-formed ({e}); nothing was written. Check the "
+                                 "text (a VRT is a <VRTDataset> document), or pass the dataset itself.") from e
     for el in root.iter():
         if el.tag not in SOURCE_TAGS or el.text is None:
             continue
@@ -178,6 +188,11 @@ def absolute_sources(xml_text: str, *, base_dir: str | GCSPath | None = None, ur
         if "relativeToVRT" in el.attrib:
             el.set("relativeToVRT", "0")
     return ET.tostring(root, encoding="unicode")
+
+
+def _sources_of(xml_text: str) -> set[str]:
+    """The source paths named in VRT XML already made absolute (:func:`absolute_sources`)."""
+    return {el.text.strip() for el in ET.fromstring(xml_text).iter() if el.tag in SOURCE_TAGS and el.text}
 
 
 def _relative(raw: str, base_dir: str | GCSPath | None, url: str) -> str:
