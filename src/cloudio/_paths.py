@@ -259,4 +259,4 @@ def normalize(url: str | os.PathLike[str]) -> str:
         s = s[len("file://"):]
     if not s.strip():  # abspath("") is the working directory: never what an empty URL meant
         raise InvalidURLError(f"the URL is empty ({os.fspath(url)!r}); give gs://bucket/key (or a local path)")
-    return os.path.abspath(s)
+    return os.path.abspath(os.path.expanduser(s))  # "~/x.zarr" is the user's, as xarray and fsspec read it

@@ -406,7 +406,32 @@ def _gcs_url(fs: Any, path: str) -> str:
     return parse_gcs(f"gs://{bucket}/{key}").url
 
 
-class _JournalingGCSMixin:
+class _TextWrites:
+    """``open(path, "w")`` (text) whose ``with`` block raised writes nothing, as in binary mode.
+
+    Why: fsspec wraps the binary file in an ``io.TextIOWrapper``, whose exit
+    closes (and so commits) the file without telling it about the exception.
+    """
+
+    def open(self, path: Any, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+        if "b" in mode or "r" in mode:
+            return super().open(path, mode, *args, **kwargs)  # type: ignore[misc]
+        text = {k: kwargs.pop(k) for k in ("encoding", "errors", "newline") if k in kwargs}
+        return _StagedText(super().open(path, mode.replace("t", "") + "b", *args, **kwargs), **text)  # type: ignore[misc]
+
+
+class _StagedText(io.TextIOWrapper):
+    """A text file over a binary one that drops what was written when its ``with`` block raises."""
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            return super().__exit__(exc_type, exc, tb)
+        binary: Any = self.buffer
+        binary.__exit__(exc_type, exc, tb)  # the binary file's own: nothing is committed
+        return None
+
+
+class _JournalingGCSMixin(_TextWrites):
     """Mixed in front of a gcsfs filesystem class: every successful write is journaled.
 
     Each override calls gcsfs first and records only when it returned, so a
@@ -974,8 +999,21 @@ class _JournalingLocalFile(LocalFileOpener):  # type: ignore[misc]  # fsspec shi
             self.commit()
 
     def commit(self) -> None:
-        super().commit()
-        _record(normalize(self.path), "write", size=os.path.getsize(self.path))
+        """Move the staged file in place: onto the file a symlink names (the link kept), with the mode the
+        file it replaces had (as writing in place keeps it)."""
+        me: Any = self  # fsspec's LocalFileOpener, untyped
+        link: str = me.path
+        target = os.path.realpath(link)
+        kept = os.stat(target).st_mode & 0o7777 if os.path.isfile(target) else None
+        me.path = target
+        try:
+            super().commit()
+        finally:
+            me.path = link
+        if kept is not None:
+            os.chmod(target, kept)
+        for url in dict.fromkeys((normalize(link), normalize(target))):
+            _record(url, "write", size=os.path.getsize(target))
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._incontext = False
@@ -988,7 +1026,7 @@ class _JournalingLocalFile(LocalFileOpener):  # type: ignore[misc]  # fsspec shi
         return None
 
 
-class TrackedLocalFileSystem(LocalFileSystem):  # type: ignore[misc]  # fsspec ships no type information
+class TrackedLocalFileSystem(_TextWrites, LocalFileSystem):  # type: ignore[misc]  # fsspec ships no type information
     """fsspec's local filesystem whose writes are recorded in cloudio's write journal."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -1019,8 +1057,8 @@ class TrackedLocalFileSystem(LocalFileSystem):  # type: ignore[misc]  # fsspec s
         _record(normalize(self._strip_protocol(path)), "delete")
 
     def rm(self, path: Any, recursive: bool = False, maxdepth: Any = None) -> None:
-        super().rm(path, recursive=recursive, maxdepth=maxdepth)
-        for p in _as_list(path):
+        for p in _as_list(path):  # one at a time, each journaled once gone: a later one failing keeps the record
+            super().rm(p, recursive=recursive, maxdepth=maxdepth)
             _record(normalize(self._strip_protocol(p)), "delete", prefix=recursive)
 
     def rmdir(self, path: str) -> None:

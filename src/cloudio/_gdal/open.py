@@ -543,12 +543,30 @@ _WRAPPED_BUCKET = re.compile(r"(?:/vsigs(?:_streaming)?/|\+gs://)([^/!]+)/")
 
 
 def _configure_wrapped(fp: Any) -> None:
-    """Set the GDAL options of the bucket of a GCS object wrapped in another GDAL path (an archive member):
-    without them GDAL would ask Google for it, unsigned. Such paths go to rasterio as they are."""
+    """Set the GDAL options of the bucket of a GCS object wrapped in another GDAL path (an archive member),
+    or named as a source by a local VRT: without them GDAL would ask Google for it, unsigned. Such paths go
+    to rasterio as they are."""
     if isinstance(fp, (str, os.PathLike)):
-        m = _WRAPPED_BUCKET.search(os.fspath(fp))
+        s = os.fspath(fp)
+        m = _WRAPPED_BUCKET.search(s)
         if m is not None:
             ensure_endpoint(m.group(1))
+        elif may_reference(s) and os.path.isfile(s):
+            _configure_buckets(_local_vrt_sources(s))
+
+
+def _local_vrt_sources(local: str) -> list[GCSPath]:
+    """The GCS objects a local VRT names as its sources ([] when it is not VRT XML)."""
+    import xml.etree.ElementTree as ET
+
+    from cloudio._gdal.vrt import SOURCE_TAGS
+
+    try:
+        root = ET.parse(local).getroot()
+    except (ET.ParseError, OSError):  # not a VRT: GDAL says what it is
+        return []
+    named = (el.text.strip() for el in root.iter() if el.tag in SOURCE_TAGS and el.text)
+    return [parse_gcs(n) for n in named if is_gcs(n)]
 
 
 def _target(fp: Any) -> Target | None:

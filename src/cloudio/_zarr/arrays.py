@@ -154,7 +154,8 @@ def save_array(
     with cloudio_errors(store, writing=True, node="array", writer="cloudio.save_array"):
         mark = WriteMark(store, "save_array")
         try:
-            layout = plain_layout(probe) if overwrite and not dask_input and array.size else None
+            # on GCS (where a file may share a folder's name: the new chunks go up before the old are deleted)
+            layout = plain_layout(probe) if overwrite and not dask_input and array.size and store.on_gcs else None
             if layout is not None:
                 # zarr's create and overwrite, its documents alongside the chunks, the marker's round trip
                 # while the first shards are encoded, the old objects not overwritten deleted last

@@ -397,6 +397,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 self._held[url] = (value.to_bytes(), generation)
 
     @property
+    def on_gcs(self) -> bool:
+        """The store's objects are on GCS (or the emulator), not on a local disk."""
+        return self._gcs_root is not None
+
+    @property
     def uploads_in_batches(self) -> bool:
         """Chunks may go up through :meth:`set_each`: a GCS store on zarr's FsspecStore, no guard in force."""
         return self._gcs_root is not None and self._direct and not self._guards
@@ -621,12 +626,31 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         """
         self._store._check_writable()
         await self._delete_keys([k async for k in self._store.list_prefix("") if k != MARKER])
+        self._prune_folders()
+
+    def _prune_folders(self) -> None:
+        """On a local disk, remove the folders left empty under the store (not the store's own).
+
+        Why: a file cannot take a folder's name there; zarr's own ``clear`` removes
+        the whole tree, and a store rewritten with fewer dimensions writes its chunk
+        ``c/0`` where the old array's folder ``c/0/`` was.
+        """
+        root = getattr(self._store, "root", None)
+        if self._gcs_root is not None or root is None:
+            return
+        for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):  # deepest first
+            if os.path.normpath(folder) != os.path.normpath(root):
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty
+                    pass
 
     @stops_with_its_write
     async def delete_each(self, keys: Collection[str]) -> None:
         """Delete ``keys`` (one batched request on GCS); each is journaled. A key already gone is no error."""
         self._store._check_writable()
         await self._delete_keys(keys)
+        self._prune_folders()
         for key in keys:
             self._deleted(key, prefix=False)
 
@@ -728,7 +752,13 @@ def zarr_store(url: str | os.PathLike[str], read_only: bool = False, **storage_o
         if storage_options:
             log.debug("zarr_store(%r): storage options ignored for a local path", root)
         if not read_only:
-            os.makedirs(root, exist_ok=True)
+            try:
+                os.makedirs(root, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as e:  # a file where the store (or a folder above) goes
+                from cloudio.errors import ConfigurationError
+
+                raise ConfigurationError(f"{root}: a file is there (or in its path), not a Zarr store's folder; "
+                                         "nothing was written. Write the store to another path.") from e
         inner = LocalStore(root, read_only=read_only)
     return JournaledStore(inner, root)
 
@@ -1061,6 +1091,8 @@ async def _enclosing_marker(store: JournaledStore) -> list[tuple[str, Buffer]]:
 
     from cloudio._gcs.fast import get_into
 
+    if store._gcs_root is None:
+        return _enclosing_local_markers(store.root_url)
     paths = enclosing_markers(store)
     if not paths:
         return []
@@ -1077,6 +1109,24 @@ async def _enclosing_marker(store: JournaledStore) -> list[tuple[str, Buffer]]:
     bodies = await asyncio.gather(*(marker(path) for path in paths))
     return [(path.url.rsplit("/", 1)[0], default_buffer_prototype().buffer.from_bytes(body.data))
             for path, body in zip(paths, bodies, strict=True) if body is not None]
+
+
+def _enclosing_local_markers(root: str) -> list[tuple[str, Buffer]]:
+    """:func:`_enclosing_marker` for a store on a local disk: a marker file in a folder above it (a stat each)."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    found = []
+    folder = os.path.dirname(os.path.normpath(root))
+    while True:
+        try:
+            with open(os.path.join(folder, MARKER), "rb") as f:
+                found.append((folder, default_buffer_prototype().buffer.from_bytes(f.read())))
+        except OSError:  # none there (or not readable): not marked
+            pass
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return found[::-1]  # outermost first
+        folder = parent
 
 
 def _refuse_enclosed(store: JournaledStore, enclosing: list[tuple[str, Buffer]], group: str = "") -> None:
