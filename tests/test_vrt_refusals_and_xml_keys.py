@@ -1,6 +1,7 @@
 """VRT flows: write_vrt refuses a VRT that would read itself (its own source overwritten), malformed XML is cloudio's
-error, and a VRT saved under an .xml key reads its sources as a .vrt does. Found by a review; each test failed before
-its fix."""
+error, a VRT saved under an .xml key reads its sources as a .vrt does, an open VRT reads a source written since
+through a fresh open, and a source deleted through cloudio is named. Found by a review; each test failed before its
+fix."""
 
 from __future__ import annotations
 
@@ -78,3 +79,34 @@ def test_strong_vrt_stored_as_xml_sees_source_overwritten_elsewhere(gcs_emulator
         put(gcs_emulator, src, tif(2))
         with cloudio.open(url) as ds:
             assert (ds.read() == 2).all()
+
+
+def test_open_vrt_reads_source_overwritten_through_cloudio(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    src, vrt = f"{gcs_bucket}/a/src.tif", f"{gcs_bucket}/a/v.vrt"
+    _write(src, _data(1))
+    cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), vrt)
+    with cloudio.open(vrt) as v:
+        assert (v.read() == _data(1)).all()
+        _write(src, _data(2))  # same layout, new pixels, through cloudio in this process
+        got = v.read()
+    assert (got == _data(2)).all(), "the open VRT read its source's old pixels after a write through cloudio"
+
+
+def test_vrt_source_deleted_through_cloudio(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    # a nested VRT read earlier in the process (any folder): afterwards a missing source reads as zeros
+    a, inner, outer = f"{gcs_bucket}/pre/a.tif", f"{gcs_bucket}/pre/inner.vrt", f"{gcs_bucket}/pre/outer.vrt"
+    _write(a, _data(1))
+    cloudio.write_vrt(mosaic_vrt([(a, 0, 0)]), inner)
+    cloudio.write_vrt(mosaic_vrt([(inner, 0, 0)]), outer)
+    with cloudio.open(outer) as o:
+        o.read()
+    src, vrt = f"{gcs_bucket}/del/src.tif", f"{gcs_bucket}/del/v.vrt"
+    _write(src, _data(10))
+    cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), vrt)
+    with cloudio.open(vrt) as v:
+        assert (v.read() == _data(10)).all()
+    cloudio.filesystem(src).rm(src)
+    with pytest.raises(CloudioError) as e:
+        with cloudio.open(vrt) as v:
+            v.read()  # GDAL alone read zeros in its place
+    assert src in str(e.value)

@@ -162,6 +162,9 @@ class GdalConsumer(Consumer):
         self._seen: dict[str, tuple[int, float]] = {}
         #: per object URL: the names (itself and its sidecars) its last strong/bounded check listed
         self._related: dict[str, frozenset[str]] = {}
+        #: /vsigs/ paths deleted through cloudio and not written since (a VRT's source: GDAL reads one it cannot
+        #: find as zeros once it has read a nested VRT)
+        self._gone: dict[str, None] = {}
         #: objects written while datasets of them were open (vsi path -> those datasets, weakly).
         #: Such a dataset keeps the old size and offsets, and whatever it reads after the
         #: write lands in GDAL's shared cache under the object's URL: old bytes from downloads
@@ -204,6 +207,10 @@ class GdalConsumer(Consumer):
         key, name = split_vsi(path)
         self._object_changed(path.vsi)
         with self._state:
+            if change.kind == "delete":
+                self._remember(self._gone, path.vsi, None)
+            else:
+                self._gone.pop(path.vsi, None)
             if change.generation is not None and change.kind == "write":
                 # the generation GDAL may now hold; never a check (time -inf): the write says nothing of the
                 # sidecars another writer may have put beside it, which a bounded open must list for
@@ -689,6 +696,10 @@ class GdalConsumer(Consumer):
         now = set(generations)
         return stale, now - before, set(before - now), False
 
+    def gone(self, files: list[str]) -> list[str]:
+        """Those of ``files`` (``/vsigs/`` paths) deleted through cloudio and not written since."""
+        return [f for f in files if f in self._gone]
+
     def mark_unknown(self, path: GCSPath) -> None:
         """GDAL may now cache ``path`` at a generation we did not check."""
         with self._state:
@@ -753,4 +764,5 @@ def reset() -> None:
         consumer._dirs.clear()
         consumer._seen.clear()
         consumer._related.clear()
+        consumer._gone.clear()
     generation.bump()

@@ -188,9 +188,23 @@ def _reader(ds: Any, t: Target, epoch: int, driver: str | None = None, kwargs: d
         d = ds.__dict__  # item by item: no keyword dict built on the per-open path
         d["_cloudio_target"] = t
         d["_cloudio_epoch"] = epoch
+        if t.vrt:
+            d["_cloudio_sources"] = _source_epochs(ds, t)
         if driver is not None or kwargs:
             ds._cloudio_open = (driver, kwargs or {})
     return ds
+
+
+def _source_epochs(ds: Any, t: Target) -> tuple[tuple[str, int], ...]:
+    """The epochs of the GCS sources of the VRT ``ds`` as it opens: a write of one through cloudio changes its
+    epoch, and :func:`_io` then reads through a fresh open (GDAL keeps a VRT's sources open with it)."""
+    epochs = consumer._epoch
+    return tuple((f, epochs.get(f, 0)) for f in _files(ds, t) if f != t.vsi and f.startswith("/vsigs/"))
+
+
+def _sources_changed(src: Any) -> bool:
+    epochs = consumer._epoch
+    return any(epochs.get(f, 0) != e for f, e in src.__dict__.get("_cloudio_sources", ()))
 
 
 def _io(ds: _Reader, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -210,7 +224,7 @@ def _io(ds: _Reader, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         _gates.enter(vsi)
         try:
             before = epochs.get(vsi, 0)
-            if before != src._cloudio_epoch or before & 1:
+            if before != src._cloudio_epoch or before & 1 or _sources_changed(src):
                 out, failed, current = None, None, False
             else:
                 current = True
@@ -465,6 +479,8 @@ def open(
                     d = dataset.__dict__
                     d["_cloudio_target"] = t
                     d["_cloudio_epoch"] = epoch
+                    if t.vrt:
+                        d["_cloudio_sources"] = _source_epochs(dataset, t)
         else:
             dataset = _open_read(t, driver, sharing, kwargs)
         next(_state.opens)  # count("opens"), lock-free
@@ -649,6 +665,10 @@ def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dic
         files = _files(ds, t)
         # GDAL may have opened a source with another bucket's options; at the strong and bounded levels
         # _sources_current configures the buckets on its own walk of the sources (and asks for the reopen)
+        gone = c.gone(files)
+        if gone and level == "session":  # deleted through cloudio: GDAL may read it as zeros
+            _close(ds, t)
+            raise _missing_source(t, parse_gcs(gone[0]).url)
         if level == "session" and _configure_sources(t, files):
             _close(ds, t)
             ds = _rio_open(t, driver, sharing, kwargs)
@@ -658,6 +678,13 @@ def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dic
             ds = _rio_open(t, driver, sharing, kwargs)  # the sources' stale copies are gone now
         return ds
     return _rio_open(t, driver, sharing, kwargs)
+
+
+def _missing_source(t: Target, source: str) -> ObjectNotFoundError:
+    return ObjectNotFoundError(
+        f"{t.path.url}: its source {source} does not exist on {where()} (deleted or never written); "
+        "write the source again, or save the VRT without it (cloudio.write_vrt)"
+    )
 
 
 def _files(ds: DatasetReader, t: Target) -> list[str]:
@@ -865,10 +892,7 @@ def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: fl
         if missing:  # GDAL would read 0 in its place, or fail, depending on what its own state holds
             if current:
                 _close(ds, t)
-            raise ObjectNotFoundError(
-                f"{t.path.url}: its source {missing[0]} does not exist on {where()} (deleted or never written); "
-                "write the source again, or save the VRT without it (cloudio.write_vrt)"
-            )
+            raise _missing_source(t, missing[0])
         vrts = [target(p) for p in sources if p.vsi not in gone and may_reference(p.vsi)]
         if not vrts:
             break
