@@ -36,6 +36,22 @@ def fault_proxy(gcs_emulator: Emulator) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
+def b(gcs_bucket: str) -> str:
+    """The bucket as an fsspec path (no protocol)."""
+    return gcs_bucket[len("gs://"):]
+
+
+@pytest.fixture
+def user_fs(gcs_emulator: Emulator) -> object:
+    """The user's own plain gcsfs instance, made the usual way with the emulator's options (cloudio invalidates
+    its listings all the same)."""
+    _config.prepare_gcsfs_import()
+    import gcsfs
+
+    return gcsfs.GCSFileSystem(endpoint_url=gcs_emulator.url, token="anon")
+
+
+@pytest.fixture
 def journal_records() -> Iterator[list[Change]]:
     """Every change recorded in this process while the test runs, in the order heard.
 

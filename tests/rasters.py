@@ -177,3 +177,25 @@ def read_flat_tif(url: str) -> tuple[tuple[int, int], int, int]:
     with cloudio.open(url) as src:
         a = src.read(1)
         return src.shape, int(a.min()), int(a.max())
+
+
+def seeded16(seed: int, size: int = 64) -> np.ndarray:
+    """One band of uint16 noise from ``seed`` (never 0, the nodata of :func:`write16`): a version told by its seed."""
+    return (np.random.default_rng(seed).integers(1, 60000, (1, size, size))).astype("uint16")
+
+
+#: where :func:`write16`'s rasters lie (EPSG:32633, 10 m pixels)
+GRID16 = (10, 0, 500000, 0, -10, 4000000)
+
+
+def write16(url: str, data: np.ndarray, **kw: Any) -> None:
+    """``data`` (bands, rows, columns) of uint16 as a GeoTIFF through ``cloudio.open(url, "w")``, on :data:`GRID16`."""
+    from affine import Affine
+
+    import cloudio
+
+    prof = {"driver": "GTiff", "count": 1, "dtype": "uint16", "crs": "EPSG:32633", "transform": Affine(*GRID16),
+            "nodata": 0, "width": data.shape[2], "height": data.shape[1], **kw}
+    with cloudio.open(url, "w", **prof) as ds:
+        ds.write(data)
+

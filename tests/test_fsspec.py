@@ -18,21 +18,6 @@ from cloudio._journal import journal
 from cloudio.errors import InvalidURLError
 
 
-@pytest.fixture
-def user_fs(gcs_emulator):
-    """The user's own gcsfs instance, made the usual way with the emulator's options."""
-    prepare_gcsfs_import()
-    import gcsfs
-
-    return gcsfs.GCSFileSystem(endpoint_url=gcs_emulator.url, token="anon")
-
-
-@pytest.fixture
-def b(gcs_bucket) -> str:
-    """The bucket as an fsspec path (no protocol)."""
-    return gcs_bucket[len("gs://"):]
-
-
 def _changes_since(seq: int) -> list[tuple[str, str, bool]]:
     return [(c.url, c.kind, c.prefix) for c in journal().since(seq)]
 

@@ -8,22 +8,7 @@ import pytest
 from rasters import put as _put
 
 import cloudio
-from cloudio._config import prepare_gcsfs_import
 from cloudio._journal import journal
-
-
-@pytest.fixture
-def b(gcs_bucket: str) -> str:
-    return gcs_bucket[len("gs://"):]
-
-
-@pytest.fixture
-def user_fs(gcs_emulator):
-    prepare_gcsfs_import()
-    import gcsfs
-
-    return gcsfs.GCSFileSystem(endpoint_url=gcs_emulator.url, token="anon")
-
 
 # ---------------------------------------------------------------------------------------------
 # a write whose answer was lost: the server changed, the journal must say so

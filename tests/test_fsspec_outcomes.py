@@ -10,22 +10,7 @@ import threading
 import pytest
 
 import cloudio
-from cloudio._config import prepare_gcsfs_import
 from cloudio._journal import journal
-
-
-@pytest.fixture
-def b(gcs_bucket: str) -> str:
-    return gcs_bucket[len("gs://"):]
-
-
-@pytest.fixture
-def user_fs(gcs_emulator):
-    """The user's own plain gcsfs instance (cloudio invalidates its listings)."""
-    prepare_gcsfs_import()
-    import gcsfs
-
-    return gcsfs.GCSFileSystem(endpoint_url=gcs_emulator.url, token="anon")
 
 
 def _bounded(fn, timeout: float = 60):

@@ -18,11 +18,6 @@ import cloudio
 from cloudio._gcs.client import gcs_filesystem
 
 
-@pytest.fixture
-def b(gcs_bucket: str) -> str:
-    return gcs_bucket[len("gs://"):]
-
-
 def _ls_across(fault_proxy: Any, fs: Any, listed: str, change: Callable[[], None]) -> list[str]:
     """``fs.ls(listed)`` answered by the server before ``change()`` runs, delivered after it."""
     bucket = listed.split("/", 1)[0]

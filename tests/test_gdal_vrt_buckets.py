@@ -9,29 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasters import mosaic_vrt as _simple_vrt
 from rasters import run_python as _run
+from rasters import seeded16, write16
 
 import cloudio
 from cloudio._paths import parse_gcs
 from cloudio.emulator import Emulator
-
-GRID = Affine(10, 0, 500000, 0, -10, 4000000)
-PROFILE = dict(driver="GTiff", width=64, height=64, count=1, dtype="uint16",
-               crs="EPSG:32633", transform=GRID, nodata=0)
-
-
-def _data(seed: int, size: int = 64) -> np.ndarray:
-    return (np.random.default_rng(seed).integers(1, 60000, (1, size, size))).astype("uint16")
-
-
-def _write(url: str, data: np.ndarray, **kw: object) -> None:
-    prof = {**PROFILE, "width": data.shape[2], "height": data.shape[1], **kw}
-    with cloudio.open(url, "w", **prof) as ds:
-        ds.write(data)
 
 
 def _stored(emu: Emulator, url: str) -> bytes:
@@ -49,9 +35,9 @@ def _sum(a: np.ndarray) -> str:
 
 def test_mosaic_across_two_buckets_reads_in_this_process(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
-    a, b = _data(1), _data(2)
-    _write(f"{gcs_bucket}/m/a.tif", a)
-    _write(f"{other}/m/b.tif", b)  # written only: GDAL never read from this bucket
+    a, b = seeded16(1), seeded16(2)
+    write16(f"{gcs_bucket}/m/a.tif", a)
+    write16(f"{other}/m/b.tif", b)  # written only: GDAL never read from this bucket
     xml = _simple_vrt([(f"{gcs_bucket}/m/a.tif", 0, 0), (f"{other}/m/b.tif", 64, 0)])
     url = cloudio.write_vrt(xml, f"{gcs_bucket}/v/mosaic.vrt")
     with cloudio.open(url) as ds:
@@ -64,9 +50,9 @@ def test_mosaic_across_two_buckets_reads_in_this_process(gcs_emulator: Emulator,
 def test_mosaic_across_two_buckets_reads_in_another_process(gcs_emulator: Emulator, gcs_bucket: str,
                                                             level: str) -> None:
     other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
-    a, b = _data(3), _data(4)
-    _write(f"{gcs_bucket}/m/a.tif", a)
-    _write(f"{other}/m/b.tif", b)
+    a, b = seeded16(3), seeded16(4)
+    write16(f"{gcs_bucket}/m/a.tif", a)
+    write16(f"{other}/m/b.tif", b)
     xml = _simple_vrt([(f"{gcs_bucket}/m/a.tif", 0, 0), (f"{other}/m/b.tif", 64, 0)])
     url = cloudio.write_vrt(xml, f"{gcs_bucket}/v/mosaic.vrt")
     r = _run(f"""
@@ -83,7 +69,7 @@ def test_warped_vrt_of_a_source_in_another_bucket_reads_in_another_process(
         gcs_emulator: Emulator, gcs_bucket: str) -> None:
     """GDAL opens a warped VRT's source with the VRT: an unset bucket failed the open itself."""
     other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
-    _write(f"{other}/m/b.tif", _data(2))
+    write16(f"{other}/m/b.tif", seeded16(2))
     with cloudio.open(f"{other}/m/b.tif") as src, WarpedVRT(src, crs="EPSG:4326") as w:
         expected = w.read()
         url = cloudio.write_vrt(w, f"{gcs_bucket}/v/b_4326.vrt")
@@ -98,13 +84,13 @@ def test_warped_vrt_of_a_source_in_another_bucket_reads_in_another_process(
 
 def test_vrt_source_new_in_a_folder_gdal_listed_in_another_bucket(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
-    old, new = _data(5), _data(6)
-    _write(f"{other}/d/old.tif", old)
+    old, new = seeded16(5), seeded16(6)
+    write16(f"{other}/d/old.tif", old)
     with cloudio.open(f"{other}/d/old.tif") as src:  # a VRT in d/ of the other bucket: GDAL lists d/
         cloudio.write_vrt(src, f"{other}/d/old.vrt")
     with cloudio.open(f"{other}/d/old.vrt") as v:
         assert (v.read() == old).all()
-    _write(f"{other}/d/new.tif", new)  # a new name in a folder GDAL listed
+    write16(f"{other}/d/new.tif", new)  # a new name in a folder GDAL listed
     xml = _simple_vrt([(f"{other}/d/old.tif", 0, 0), (f"{other}/d/new.tif", 64, 0)])
     url = cloudio.write_vrt(xml, f"{gcs_bucket}/v/mosaic.vrt")
     with cloudio.open(url) as ds:
@@ -115,8 +101,8 @@ def test_vrt_source_new_in_a_folder_gdal_listed_in_another_bucket(gcs_emulator: 
 
 def test_vrt_xml_with_a_source_relative_to_the_vrt(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     """XML text whose source is relative to the VRT (relativeToVRT="1"), as GDAL reads it from where it is stored."""
-    data = _data(8)
-    _write(f"{gcs_bucket}/r/src.tif", data)
+    data = seeded16(8)
+    write16(f"{gcs_bucket}/r/src.tif", data)
     xml = _simple_vrt([("src.tif", 0, 0)], relative=True)
     url = cloudio.write_vrt(xml, f"{gcs_bucket}/r/rel.vrt")
     assert _sources(_stored(gcs_emulator, url)) == [f"/vsigs/{gcs_bucket[5:]}/r/src.tif"]
@@ -128,7 +114,7 @@ def test_write_vrt_replacing_a_vrt_drops_its_old_overviews(gcs_emulator: Emulato
                                                           tmp_path: Path) -> None:
     """The old VRT's external overviews (.vrt.ovr) must not be read with the new VRT, as for "w"."""
     src = f"{gcs_bucket}/v/a.tif"
-    _write(src, np.full((1, 256, 256), 1, "uint16"), transform=GRID)
+    write16(src, np.full((1, 256, 256), 1, "uint16"))
     vrt = f"{gcs_bucket}/v/a.vrt"
     cloudio.write_vrt(src, vrt)
     # overviews of that VRT built locally and uploaded next to it through cloudio
@@ -143,7 +129,7 @@ def test_write_vrt_replacing_a_vrt_drops_its_old_overviews(gcs_emulator: Emulato
         assert ds.overviews(1) == [2, 4]
     # the VRT replaced by another one: a different source, same size
     other = f"{gcs_bucket}/v/b.tif"
-    _write(other, np.full((1, 256, 256), 9, "uint16"), transform=GRID)
+    write16(other, np.full((1, 256, 256), 9, "uint16"))
     cloudio.write_vrt(other, vrt)
     with cloudio.open(vrt) as ds:
         small = ds.read(1, out_shape=(64, 64), resampling=Resampling.nearest)

@@ -7,44 +7,28 @@ from __future__ import annotations
 
 import uuid
 
-import numpy as np
 import pytest
-from affine import Affine
 from rasterio.vrt import WarpedVRT
-from rasters import mosaic_vrt, put, tif
+from rasters import mosaic_vrt, put, seeded16, tif, write16
 
 import cloudio
 from cloudio.emulator import Emulator
 from cloudio.errors import CloudioError
 
-GRID = Affine(10, 0, 500000, 0, -10, 4000000)
-PROFILE = dict(driver="GTiff", width=64, height=64, count=1, dtype="uint16",
-               crs="EPSG:32633", transform=GRID, nodata=0)
-
-
-def _data(seed: int, size: int = 64) -> np.ndarray:
-    return (np.random.default_rng(seed).integers(1, 60000, (1, size, size))).astype("uint16")
-
-
-def _write(url: str, data: np.ndarray, **kw: object) -> None:
-    prof = {**PROFILE, "width": data.shape[2], "height": data.shape[1], **kw}
-    with cloudio.open(url, "w", **prof) as ds:
-        ds.write(data)
-
 
 def test_write_vrt_onto_its_own_source_is_refused(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     src = f"{gcs_bucket}/s/src.tif"
-    _write(src, _data(3))
+    write16(src, seeded16(3))
     with cloudio.open(src) as ds:
         with pytest.raises(CloudioError):
             cloudio.write_vrt(ds, src)
     with cloudio.open(src) as ds:
-        assert (ds.read() == _data(3)).all()
+        assert (ds.read() == seeded16(3)).all()
 
 
 def test_warped_vrt_of_a_vrt_written_over_that_vrt_is_refused(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     src, vrt = f"{gcs_bucket}/s2/src.tif", f"{gcs_bucket}/s2/v.vrt"
-    _write(src, _data(4))
+    write16(src, seeded16(4))
     cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), vrt)
     with cloudio.open(vrt) as v, WarpedVRT(v, crs="EPSG:4326") as w:
         with pytest.raises(CloudioError):
@@ -63,10 +47,10 @@ def test_malformed_vrt_xml_is_a_cloudio_error(gcs_emulator: Emulator, gcs_bucket
 def test_vrt_stored_as_xml_key_reads_source_in_other_bucket(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     other = gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
     b = f"{other}/m/b.tif"
-    _write(b, _data(6))
+    write16(b, seeded16(6))
     url = cloudio.write_vrt(mosaic_vrt([(b, 0, 0)]), f"{gcs_bucket}/v/mosaic.xml")
     with cloudio.open(url) as ds:
-        assert (ds.read() == _data(6)).all()
+        assert (ds.read() == seeded16(6)).all()
 
 
 def test_strong_vrt_stored_as_xml_sees_source_overwritten_elsewhere(gcs_emulator: Emulator, gcs_bucket: str) -> None:
@@ -83,28 +67,28 @@ def test_strong_vrt_stored_as_xml_sees_source_overwritten_elsewhere(gcs_emulator
 
 def test_open_vrt_reads_source_overwritten_through_cloudio(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     src, vrt = f"{gcs_bucket}/a/src.tif", f"{gcs_bucket}/a/v.vrt"
-    _write(src, _data(1))
+    write16(src, seeded16(1))
     cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), vrt)
     with cloudio.open(vrt) as v:
-        assert (v.read() == _data(1)).all()
-        _write(src, _data(2))  # same layout, new pixels, through cloudio in this process
+        assert (v.read() == seeded16(1)).all()
+        write16(src, seeded16(2))  # same layout, new pixels, through cloudio in this process
         got = v.read()
-    assert (got == _data(2)).all(), "the open VRT read its source's old pixels after a write through cloudio"
+    assert (got == seeded16(2)).all(), "the open VRT read its source's old pixels after a write through cloudio"
 
 
 def test_vrt_source_deleted_through_cloudio(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     # a nested VRT read earlier in the process (any folder): afterwards a missing source reads as zeros
     a, inner, outer = f"{gcs_bucket}/pre/a.tif", f"{gcs_bucket}/pre/inner.vrt", f"{gcs_bucket}/pre/outer.vrt"
-    _write(a, _data(1))
+    write16(a, seeded16(1))
     cloudio.write_vrt(mosaic_vrt([(a, 0, 0)]), inner)
     cloudio.write_vrt(mosaic_vrt([(inner, 0, 0)]), outer)
     with cloudio.open(outer) as o:
         o.read()
     src, vrt = f"{gcs_bucket}/del/src.tif", f"{gcs_bucket}/del/v.vrt"
-    _write(src, _data(10))
+    write16(src, seeded16(10))
     cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), vrt)
     with cloudio.open(vrt) as v:
-        assert (v.read() == _data(10)).all()
+        assert (v.read() == seeded16(10)).all()
     cloudio.filesystem(src).rm(src)
     with pytest.raises(CloudioError) as e:
         with cloudio.open(vrt) as v:
