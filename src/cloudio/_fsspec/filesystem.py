@@ -407,14 +407,14 @@ def _gcs_url(fs: Any, path: str) -> str:
 
 
 class _TextWrites:
-    """``open(path, "w")`` (text) whose ``with`` block raised writes nothing, as in binary mode.
+    """``open(path, "w")`` (text) whose ``with`` block raised writes nothing, as in binary mode ``"wb"``.
 
     Why: fsspec wraps the binary file in an ``io.TextIOWrapper``, whose exit
     closes (and so commits) the file without telling it about the exception.
     """
 
     def open(self, path: Any, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
-        if "b" in mode or "r" in mode:
+        if "b" in mode or "w" not in mode:  # appends write in place: what was written is kept, as in binary
             return super().open(path, mode, *args, **kwargs)  # type: ignore[misc]
         text = {k: kwargs.pop(k) for k in ("encoding", "errors", "newline") if k in kwargs}
         return _StagedText(super().open(path, mode.replace("t", "") + "b", *args, **kwargs), **text)  # type: ignore[misc]
@@ -447,6 +447,10 @@ class _JournalingGCSMixin(_TextWrites):
 
     def _cloudio_url(self, path: str) -> str:
         return _gcs_url(self, path)
+
+    def _cloudio_urls(self, paths: str | list[str]) -> str:
+        """The ``gs://`` URL of one path, or those of a list, for a message."""
+        return self._cloudio_url(paths) if isinstance(paths, str) else ", ".join(map(self._cloudio_url, paths))
 
     def split_path(self, path: str) -> tuple[str, str, str | None]:
         """gcsfs's split, refusing keys GDAL would read as another object (``a//b``, ``./``)."""
@@ -651,10 +655,11 @@ class _JournalingGCSMixin(_TextWrites):
         want = meta.get("crc32c")
         if want is None or meta.get("contentEncoding") == "gzip" or _crc_of_file(lpath) == want:
             return  # (a gzip-encoded object arrives decompressed: its CRC32C is of the stored, compressed bytes)
+        size = os.path.getsize(lpath)
         os.remove(lpath)
-        raise IntegrityError(f"{url}: the {os.path.getsize(lpath) if os.path.exists(lpath) else 'bytes'} received "
-                             f"do not match the object's CRC32C ({want}): corrupted on the way, or the object was "
-                             "replaced while it was read. The local file was removed; read again.")
+        raise IntegrityError(f"{url}: the {size} bytes received do not match the object's CRC32C ({want}): "
+                             "corrupted on the way, or the object was replaced while it was read. The local file "
+                             "was removed; read again.")
 
     async def _download(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> Any:
         limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
@@ -746,8 +751,7 @@ class _JournalingGCSMixin(_TextWrites):
         return out
 
     async def _rm(self, path: Any, *args: Any, **kwargs: Any) -> Any:
-        with _named_missing(self._cloudio_url(path) if isinstance(path, str) else
-                            ", ".join(self._cloudio_url(p) for p in path)):
+        with _named_missing(self._cloudio_urls(path)):
             return await super()._rm(path, *args, **kwargs)  # type: ignore[misc]
 
     async def _rm_files(self, paths: list[str], *args: Any, **kwargs: Any) -> Any:
@@ -798,13 +802,12 @@ class _JournalingGCSMixin(_TextWrites):
         from glob import has_magic
 
         if assume_literal or isinstance(path, str):  # a str comes back here as a list
-            with _named_missing(self._cloudio_url(path) if isinstance(path, str) else
-                                ", ".join(self._cloudio_url(p) for p in path)):
+            with _named_missing(self._cloudio_urls(path)):
                 return await super()._expand_path(path, recursive, maxdepth, assume_literal)  # type: ignore[misc]
         paths = [self._strip_protocol(p) for p in path]  # type: ignore[attr-defined]
         stored = [p for p in paths if has_magic(p) and await self._exists(p)]  # type: ignore[attr-defined]
         if not stored:
-            with _named_missing(", ".join(self._cloudio_url(p) for p in paths)):
+            with _named_missing(self._cloudio_urls(paths)):
                 return await super()._expand_path(paths, recursive, maxdepth)  # type: ignore[misc]
         out = set(await super()._expand_path(stored, recursive, maxdepth, assume_literal=True))  # type: ignore[misc]
         rest = [p for p in paths if p not in stored]

@@ -330,6 +330,8 @@ class GdalConsumer(Consumer):
             for table in (self._seen, self._related):
                 for url in [u for u in table if parse_gcs(u).is_under(path)]:
                     del table[url]
+            for vsi in [v for v in self._gone if is_under(v, top)]:  # may be there again (cloudio.invalidate)
+                del self._gone[vsi]
             for key in [k for k in self._dirs if is_under(k, top)]:
                 for e in self._dirs.pop(key).empty_dir:
                     self.calls.clear_path_options(f"{key}/{e}")

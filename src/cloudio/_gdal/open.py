@@ -199,7 +199,9 @@ def _source_epochs(ds: Any, t: Target) -> tuple[tuple[str, int], ...]:
     """The epochs of the GCS sources of the VRT ``ds`` as it opens: a write of one through cloudio changes its
     epoch, and :func:`_io` then reads through a fresh open (GDAL keeps a VRT's sources open with it)."""
     epochs = consumer._epoch
-    return tuple((f, epochs.get(f, 0)) for f in _files(ds, t) if f != t.vsi and f.startswith("/vsigs/"))
+    walked = _walked.get(t.vsi)  # nested VRTs' sources too, as the open walked them
+    named = walked if walked is not None else [f for f in _files(ds, t) if f != t.vsi and f.startswith("/vsigs/")]
+    return tuple((f, epochs.get(f, 0)) for f in named)
 
 
 def _sources_changed(src: Any) -> bool:
@@ -571,8 +573,9 @@ def _configure_wrapped(fp: Any) -> None:
             _configure_buckets(_local_vrt_sources(s))
 
 
-def _local_vrt_sources(local: str) -> list[GCSPath]:
-    """The GCS objects a local VRT names as its sources ([] when it is not VRT XML)."""
+def _local_vrt_sources(local: str, depth: int = 0) -> list[GCSPath]:
+    """The GCS objects a local VRT names as its sources, and those of the local VRTs among them
+    (:data:`_VRT_DEPTH` levels at most; [] when it is not VRT XML)."""
     import xml.etree.ElementTree as ET
 
     from cloudio._gdal.vrt import SOURCE_TAGS
@@ -581,8 +584,17 @@ def _local_vrt_sources(local: str) -> list[GCSPath]:
         root = ET.parse(local).getroot()
     except (ET.ParseError, OSError):  # not a VRT: GDAL says what it is
         return []
-    named = (el.text.strip() for el in root.iter() if el.tag in SOURCE_TAGS and el.text)
-    return [parse_gcs(n) for n in named if is_gcs(n)]
+    found: list[GCSPath] = []
+    for el in root.iter():
+        if el.tag not in SOURCE_TAGS or not el.text:
+            continue
+        name = el.text.strip()
+        if is_gcs(name):
+            found.append(parse_gcs(name))
+        elif depth < _VRT_DEPTH and may_reference(name):
+            inner = os.path.join(os.path.dirname(local), name) if el.get("relativeToVRT") == "1" else name
+            found += _local_vrt_sources(inner, depth + 1)
+    return found
 
 
 def _target(fp: Any) -> Target | None:
@@ -665,14 +677,17 @@ def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dic
         files = _files(ds, t)
         # GDAL may have opened a source with another bucket's options; at the strong and bounded levels
         # _sources_current configures the buckets on its own walk of the sources (and asks for the reopen)
-        gone = c.gone(files)
-        if gone and level == "session":  # deleted through cloudio: GDAL may read it as zeros
-            _close(ds, t)
-            raise _missing_source(t, parse_gcs(gone[0]).url)
-        if level == "session" and _configure_sources(t, files):
-            _close(ds, t)
-            ds = _rio_open(t, driver, sharing, kwargs)
-            files = _files(ds, t)
+        if level == "session":
+            sources, configured = _walk_sources(t, files)
+            gone = c.gone([p.vsi for p in sources])
+            if gone:  # deleted through cloudio: GDAL may read it as zeros
+                _close(ds, t)
+                raise _missing_source(t, parse_gcs(gone[0]).url)
+            _remember_sources(t, sources)
+            if configured:
+                _close(ds, t)
+                ds = _rio_open(t, driver, sharing, kwargs)
+                files = _files(ds, t)
         c.opened(files)
         if level != "session" and not _sources_current(ds, t, files, _max_age(level)):
             ds = _rio_open(t, driver, sharing, kwargs)  # the sources' stale copies are gone now
@@ -726,26 +741,37 @@ def _configure_buckets(sources: list[GCSPath]) -> bool:
     return new
 
 
-def _configure_sources(t: Target, files: list[str]) -> bool:
-    """Set the GDAL options (emulator endpoint, timeouts) of every bucket the VRT ``t`` reads from.
+def _walk_sources(t: Target, files: list[str]) -> tuple[list[GCSPath], bool]:
+    """The GCS sources the VRT ``t`` reads from, at every level, with the GDAL options (emulator endpoint,
+    timeouts) of their buckets set; and whether a bucket was newly configured (the caller reopens ``t``).
 
     GDAL opens a VRT's sources with the options of their own buckets, which
     cloudio sets only for buckets it opened: a source in any other bucket
     would be asked of Google and read as nodata. A source that is itself a
     VRT is opened for its sources in turn (:data:`_VRT_DEPTH` levels at most;
     GDAL would open it to read anyway, so its bytes are then in its cache).
-    Returns True when a bucket was newly configured: the caller reopens ``t``.
     """
     seen = {t.vsi}
-    level, configured = files, False
+    level, configured, walked = files, False, []
     for depth in range(_VRT_DEPTH + 1):
         sources = _source_paths(level, seen)
+        walked += sources
         configured = _configure_buckets(sources) or configured
         vrts = [target(p) for p in sources if may_reference(p.vsi)]
         if not vrts or depth == _VRT_DEPTH:
             break
         level = [f for v in vrts for f in _vrt_files(v)]
-    return configured
+    return walked, configured
+
+
+#: per VRT (its /vsigs/ path): the sources of every level the last session-level open walked (:func:`_walk_sources`)
+_walked: dict[str, tuple[str, ...]] = {}
+
+
+def _remember_sources(t: Target, sources: list[GCSPath]) -> None:
+    if len(_walked) >= _PARSED_MAX:
+        _walked.clear()
+    _walked[t.vsi] = tuple(p.vsi for p in sources)
 
 
 def _configure_from_xml(t: Target) -> None:

@@ -343,10 +343,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         if _transient(e) or isinstance(e, TimeoutError):
             return transient_error(url, "a read", e)
         if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409)
-            from cloudio.errors import ReadError
-
-            return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may "
-                             "read this bucket.")
+            return _refused_read(url, e)
         return None
 
     # -- recording ---------------------------------------------------------------------------
@@ -1441,15 +1438,21 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
     if isinstance(e, FileNotFoundError) or (group and missing_member):
         return _not_found(store, node, writer, group)
     if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409: HttpError)
-        from cloudio.errors import ReadError, UploadError
+        from cloudio.errors import UploadError
 
         if writing:
             return UploadError(f"{url}: the server refused a change ({e}); check that the credentials in use "
                                "may write to this bucket (a write stopped part way leaves the store refused as "
                                "incomplete until it is written again whole).")
-        return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may "
-                         "read this bucket.")
+        return _refused_read(url, e)
     return None
+
+
+def _refused_read(url: str, e: BaseException) -> CloudioError:
+    from cloudio.errors import ReadError
+
+    return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may read this "
+                     "bucket.")
 
 
 def holds_a_node(url: str) -> bool:
