@@ -100,3 +100,21 @@ def test_text_append_whose_block_raised_is_not_torn(tmp_path) -> None:
             raise RuntimeError("boom")
     got = p.read_text()
     assert got in ("old", "old" + "a" * 5000 + "b" * 5000 + "c" * 10), (len(got), got[-12:])
+
+
+def test_strong_open_of_a_rewritten_vrt_tracks_its_new_sources(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A session-level open walked v.vrt's sources (a.tif); v.vrt is rewritten over b.tif and opened at the strong
+    level: the handle follows b.tif, whose write through cloudio the next read sees (not a.tif's, kept from the
+    session-level walk)."""
+    a, b, vrt = f"{gcs_bucket}/w/a.tif", f"{gcs_bucket}/w/b.tif", f"{gcs_bucket}/w/v.vrt"
+    write16(a, seeded16(1))
+    write16(b, seeded16(2))
+    cloudio.write_vrt(mosaic_vrt([(a, 0, 0)]), vrt)
+    with cloudio.open(vrt) as v:
+        assert (v.read() == seeded16(1)).all()
+    cloudio.write_vrt(mosaic_vrt([(b, 0, 0)]), vrt)
+    with cloudio.session("strong"), cloudio.open(vrt) as v:
+        assert (v.read() == seeded16(2)).all()
+        write16(b, seeded16(3))
+        got = v.read()
+    assert (got == seeded16(3)).all(), "the open VRT read its new source's old pixels"

@@ -688,6 +688,8 @@ def _gdal_open_planned(t: Target, driver: str | None, sharing: bool, kwargs: dic
                 _close(ds, t)
                 ds = _rio_open(t, driver, sharing, kwargs)
                 files = _files(ds, t)
+        else:  # _sources_current walks them below: the handle follows the direct sources GDAL names
+            _walked.pop(t.vsi, None)
         c.opened(files)
         if level != "session" and not _sources_current(ds, t, files, _max_age(level)):
             ds = _rio_open(t, driver, sharing, kwargs)  # the sources' stale copies are gone now
