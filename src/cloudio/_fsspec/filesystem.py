@@ -72,6 +72,7 @@ from cloudio.errors import (
     ObjectNotFoundError,
     ReadError,
     StaleDatasetError,
+    TransientError,
     UploadError,
 )
 
@@ -259,17 +260,14 @@ class _JournalingGCSFileMixin:
             except FileNotFoundError as e:
                 if isinstance(e, CloudioError):
                     raise
-                # gcsfs sent the last chunk again after its answer was lost, and the session had ended: the
-                # object is stored, or the session expired; what the server holds says which
-                f: Any = self  # gcsfs's GCSFile: its buffer holds the last chunk, offset what went before
-                rest = bytes(f.buffer.getbuffer())
-                sent = checker._sum.copy()
-                sent.update(rest)
-                size = f.offset + len(rest)
-                generation = sync(f.fs.loop, f.fs._landed, url, size, _crc_b64(sent), e)
-                f.buffer, f.offset = io.BytesIO(), size  # all of it is stored, as gcsfs leaves it
-                _uploaded(url, generation, size)
-                return True
+                # gcsfs sent the last chunk again after its answer was lost, and found the session ended: the
+                # object is stored, or the session expired. (Asking the server here, from inside the file's
+                # close, left gcsfs's view of the buffer to the garbage collector, which crashed on Python 3.12.)
+                _record(url, "invalidate")
+                raise TransientError(
+                    f"{url}: the upload's last answer was lost and its session has ended: the object holds what "
+                    "was sent, or what it held before. Read it to know, or write it again."
+                ) from e
             if done is False:
                 return done
             # the final answer's object resource; or (a final chunk answered with a Range header) the
