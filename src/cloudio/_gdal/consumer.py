@@ -97,6 +97,7 @@ from cloudio._gdal.gates import gates
 from cloudio._gdal.targets import Target, dir_key, is_sidecar, split_vsi
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, is_gcs, is_under, parse_gcs
+from cloudio._tables import drop_oldest, touch
 
 log = logging.getLogger(__name__)
 
@@ -411,11 +412,9 @@ class GdalConsumer(Consumer):
     def _remember(table: dict[str, Any], key: str, value: Any) -> None:
         """``table[key] = value``, the table kept in order of last change and to :data:`_TRACK_MAX` keys (the
         older half dropped: what was dropped is checked again, as if never seen)."""
-        table.pop(key, None)
-        table[key] = value
+        touch(table, key, value)
         if len(table) > _TRACK_MAX:
-            for old in list(itertools.islice(table, len(table) - _TRACK_MAX // 2)):
-                del table[old]
+            drop_oldest(table, _TRACK_MAX // 2)
 
     def unchanged(self, t: Target) -> bool:
         """Can ``t`` be opened exactly as last time, with no bookkeeping? (the per-open fast path)

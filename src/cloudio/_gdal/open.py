@@ -481,8 +481,6 @@ def open(
                     d = dataset.__dict__
                     d["_cloudio_target"] = t
                     d["_cloudio_epoch"] = epoch
-                    if t.vrt:
-                        d["_cloudio_sources"] = _source_epochs(dataset, t)
         else:
             dataset = _open_read(t, driver, sharing, kwargs)
         next(_state.opens)  # count("opens"), lock-free
@@ -578,17 +576,15 @@ def _local_vrt_sources(local: str, depth: int = 0) -> list[GCSPath]:
     (:data:`_VRT_DEPTH` levels at most; [] when it is not VRT XML)."""
     import xml.etree.ElementTree as ET
 
-    from cloudio._gdal.vrt import SOURCE_TAGS
+    from cloudio._gdal.vrt import source_elements
 
     try:
         root = ET.parse(local).getroot()
     except (ET.ParseError, OSError):  # not a VRT: GDAL says what it is
         return []
     found: list[GCSPath] = []
-    for el in root.iter():
-        if el.tag not in SOURCE_TAGS or not el.text:
-            continue
-        name = el.text.strip()
+    for el in source_elements(root):
+        name = (el.text or "").strip()
         if is_gcs(name):
             found.append(parse_gcs(name))
         elif depth < _VRT_DEPTH and may_reference(name):
@@ -785,7 +781,7 @@ def _configure_from_xml(t: Target) -> None:
     """
     import xml.etree.ElementTree as ET
 
-    from cloudio._gdal.vrt import SOURCE_TAGS
+    from cloudio._gdal.vrt import source_elements
 
     fs = gcs_filesystem()
     try:
@@ -793,8 +789,7 @@ def _configure_from_xml(t: Target) -> None:
     except (OSError, ET.ParseError) as e:
         log.debug("%s: could not read it for its sources' buckets: %s", t.path.url, e)
         return
-    level = [el.text.strip() for el in root.iter()
-             if el.tag in SOURCE_TAGS and el.text and el.get("relativeToVRT") != "1"]
+    level = [(el.text or "").strip() for el in source_elements(root) if el.get("relativeToVRT") != "1"]
     if _configure_buckets(_source_paths(level, {t.vsi})):
         log.info("%s: set GDAL's options of its sources' buckets; opening it again", t.path.url)
 

@@ -33,6 +33,7 @@ import posixpath
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from cloudio._gcs.transfer import upload
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SOURCE_TAGS", "absolute_sources", "write_vrt"]
+__all__ = ["SOURCE_TAGS", "absolute_sources", "source_elements", "write_vrt"]
 
 #: elements whose text is a source dataset path in GDAL's VRT formats
 SOURCE_TAGS = frozenset({"SourceFilename", "SourceDataset"})
@@ -178,10 +179,8 @@ def absolute_sources(xml_text: str, *, base_dir: str | GCSPath | None = None, ur
     except ET.ParseError as e:
         raise ConfigurationError(f"{url}: the VRT XML is not well-formed ({e}); nothing was written. Check the "
                                  "text (a VRT is a <VRTDataset> document), or pass the dataset itself.") from e
-    for el in root.iter():
-        if el.tag not in SOURCE_TAGS or el.text is None:
-            continue
-        raw = el.text.strip()
+    for el in source_elements(root):
+        raw = (el.text or "").strip()
         if el.get("relativeToVRT") == "1" and not raw.startswith("/vsi"):
             raw = _relative(raw, base_dir, url)
         el.text = _absolute(raw, url)
@@ -190,9 +189,14 @@ def absolute_sources(xml_text: str, *, base_dir: str | GCSPath | None = None, ur
     return ET.tostring(root, encoding="unicode")
 
 
+def source_elements(root: ET.Element) -> Iterator[ET.Element]:
+    """The elements of VRT XML that name a source: their text, relative to the VRT when ``relativeToVRT="1"``."""
+    return (el for el in root.iter() if el.tag in SOURCE_TAGS and el.text is not None)
+
+
 def _sources_of(xml_text: str) -> set[str]:
     """The source paths named in VRT XML already made absolute (:func:`absolute_sources`)."""
-    return {el.text.strip() for el in ET.fromstring(xml_text).iter() if el.tag in SOURCE_TAGS and el.text}
+    return {(el.text or "").strip() for el in source_elements(ET.fromstring(xml_text))}
 
 
 def _relative(raw: str, base_dir: str | GCSPath | None, url: str) -> str:

@@ -30,6 +30,7 @@ from cloudio import _journal
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import is_under
 from cloudio._session import count
+from cloudio._tables import drop_oldest, touch
 
 #: announcements kept per bucket; past that, the bucket's fold into one of the whole bucket
 _KEEP = 1024
@@ -107,9 +108,8 @@ def checked(root: str, upto: int) -> None:
     """A listing of the store at ``root`` that began when the journal stood at ``upto`` covers what was
     announced until then."""
     with _lock:
-        _checked[root] = max(_checked.pop(root, 0), upto)
-        while len(_checked) > _CHECKED_MAX:
-            del _checked[next(iter(_checked))]
+        touch(_checked, root, max(_checked.get(root, 0), upto))
+        drop_oldest(_checked, _CHECKED_MAX)
 
 
 @contextmanager

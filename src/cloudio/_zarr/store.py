@@ -51,6 +51,7 @@ from cloudio._gcs.transfer import put_verified, put_verified_each
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
+from cloudio._tables import drop_oldest, touch
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr import last_seen
 from cloudio._zarr.changes import stops_with_its_write
@@ -114,12 +115,12 @@ class _MetadataLog:
                     consolidated = False
         with self._lock:
             if consolidated:
-                self._newest(self._consolidated, dir_url, seq)
+                touch(self._consolidated, dir_url, seq)
                 self._distrusted.pop(dir_url, None)  # the copy is this process's now
                 if name == "zarr.json":  # the same document is also the group's own metadata
-                    self._newest(self._meta, dir_url, seq)
+                    touch(self._meta, dir_url, seq)
             else:
-                self._newest(self._meta, dir_url, seq)
+                touch(self._meta, dir_url, seq)
                 if name == "zarr.json":  # a v3 group document without a consolidated copy replaces it
                     self._consolidated.pop(dir_url, None)
             self._bound()
@@ -136,7 +137,7 @@ class _MetadataLog:
                 self._consolidated.pop(dir_url, None)
                 self._distrusted.pop(dir_url, None)
             if name in _META_NAMES:
-                self._newest(self._meta, dir_url, seq)
+                touch(self._meta, dir_url, seq)
                 self._bound()
 
     def stale(self, root: str) -> bool:
@@ -162,7 +163,7 @@ class _MetadataLog:
     def seen(self, root: str, stale: bool) -> None:
         with self._lock:
             if stale:
-                self._newest(self._distrusted, root, None)
+                touch(self._distrusted, root, None)
                 self._bound()
             else:
                 self._distrusted.pop(root, None)
@@ -180,25 +181,14 @@ class _MetadataLog:
             self._consolidated.clear()
             self._folded.clear()
 
-    @staticmethod
-    def _newest(table: dict[str, Any], key: str, value: Any) -> None:
-        """``table[key] = value``, ``key`` moved to the end (the most recently changed)."""
-        table.pop(key, None)
-        table[key] = value
-
     def _bound(self) -> None:
         """Drop the oldest directories past :data:`_NODES_MAX` from each table, on the side of reading."""
-        while len(self._meta) > _NODES_MAX:
-            url, seq = next(iter(self._meta.items()))
-            del self._meta[url]
+        for url, seq in drop_oldest(self._meta, _NODES_MAX):
             bucket = announcements.bucket_of(url)
             self._folded[bucket] = max(seq, self._folded.get(bucket, 0))
-        while len(self._consolidated) > _NODES_MAX:
-            del self._consolidated[next(iter(self._consolidated))]
-        while len(self._distrusted) > _NODES_MAX:
-            url = next(iter(self._distrusted))
-            del self._distrusted[url]
-            self._distrusted_buckets.add(announcements.bucket_of(url))
+        drop_oldest(self._consolidated, _NODES_MAX)
+        self._distrusted_buckets |= {announcements.bucket_of(url) for url, _ in drop_oldest(self._distrusted,
+                                                                                             _NODES_MAX)}
 
 
 _metadata = _MetadataLog()
@@ -1344,10 +1334,8 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
         if seen is not None and str(seen[1]) != doc[0]:
             last_seen.forget(url, seen)
     with _checked_lock:
-        _checked.pop(root, None)
-        _checked[root] = (now, check, upto)
-        while len(_checked) > _NODES_MAX:
-            del _checked[next(iter(_checked))]
+        touch(_checked, root, (now, check, upto))
+        drop_oldest(_checked, _NODES_MAX)
     return check
 
 
