@@ -199,3 +199,15 @@ def write16(url: str, data: np.ndarray, **kw: Any) -> None:
     with cloudio.open(url, "w", **prof) as ds:
         ds.write(data)
 
+
+def vrts_over(src: str, seed: int, *vrts: str) -> None:
+    """Through cloudio: ``src`` as :func:`seeded16` of ``seed``, then each of ``vrts`` a mosaic VRT over the one
+    before it (the first over ``src``): a VRT, or VRTs nested in VRTs."""
+    import cloudio
+
+    write16(src, seeded16(seed))
+    below = src
+    for vrt in vrts:
+        cloudio.write_vrt(mosaic_vrt([(below, 0, 0)]), vrt)
+        below = vrt
+

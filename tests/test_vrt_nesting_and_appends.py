@@ -4,7 +4,7 @@ each test failed before its fix."""
 from __future__ import annotations
 
 import pytest
-from rasters import mosaic_vrt, put, seeded16, tif, write16
+from rasters import mosaic_vrt, put, seeded16, tif, vrts_over, write16
 
 import cloudio
 from cloudio.emulator import Emulator
@@ -13,9 +13,7 @@ from cloudio.errors import CloudioError
 
 def test_open_outer_vrt_reads_nested_leaf_written_through_cloudio(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     src, inner, outer = f"{gcs_bucket}/n/src.tif", f"{gcs_bucket}/n/inner.vrt", f"{gcs_bucket}/n/outer.vrt"
-    write16(src, seeded16(1))
-    cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), inner)
-    cloudio.write_vrt(mosaic_vrt([(inner, 0, 0)]), outer)
+    vrts_over(src, 1, inner, outer)
     with cloudio.open(outer) as v:
         assert (v.read() == seeded16(1)).all()
         write16(src, seeded16(2))  # the leaf, through cloudio, same layout
@@ -26,8 +24,7 @@ def test_open_outer_vrt_reads_nested_leaf_written_through_cloudio(gcs_emulator: 
 
 def test_vrt_source_deleted_then_rewritten_elsewhere_and_invalidated(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     src, vrt = f"{gcs_bucket}/g/src.tif", f"{gcs_bucket}/g/v.vrt"
-    write16(src, seeded16(5))
-    cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), vrt)
+    vrts_over(src, 5, vrt)
     with cloudio.open(vrt) as v:
         assert (v.read() == seeded16(5)).all()
     cloudio.filesystem(src).rm(src)
@@ -47,10 +44,8 @@ def test_vrt_source_deleted_then_rewritten_elsewhere_and_invalidated(gcs_emulato
 
 
 def _prime_nested(gcs_bucket: str) -> None:
-    a, inner, outer = f"{gcs_bucket}/pre/a.tif", f"{gcs_bucket}/pre/inner.vrt", f"{gcs_bucket}/pre/outer.vrt"
-    write16(a, seeded16(1))
-    cloudio.write_vrt(mosaic_vrt([(a, 0, 0)]), inner)
-    cloudio.write_vrt(mosaic_vrt([(inner, 0, 0)]), outer)
+    outer = f"{gcs_bucket}/pre/outer.vrt"
+    vrts_over(f"{gcs_bucket}/pre/a.tif", 1, f"{gcs_bucket}/pre/inner.vrt", outer)
     with cloudio.open(outer) as o:
         o.read()
 
@@ -59,9 +54,7 @@ def _prime_nested(gcs_bucket: str) -> None:
 def test_nested_vrt_leaf_deleted_through_cloudio(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     _prime_nested(gcs_bucket)
     src, inner, outer = f"{gcs_bucket}/nd/src.tif", f"{gcs_bucket}/nd/inner.vrt", f"{gcs_bucket}/nd2/outer.vrt"
-    write16(src, seeded16(10))
-    cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), inner)
-    cloudio.write_vrt(mosaic_vrt([(inner, 0, 0)]), outer)
+    vrts_over(src, 10, inner, outer)
     with cloudio.open(outer) as v:
         assert (v.read() == seeded16(10)).all()
     cloudio.filesystem(src).rm(src)
@@ -107,9 +100,8 @@ def test_strong_open_of_a_rewritten_vrt_tracks_its_new_sources(gcs_emulator: Emu
     level: the handle follows b.tif, whose write through cloudio the next read sees (not a.tif's, kept from the
     session-level walk)."""
     a, b, vrt = f"{gcs_bucket}/w/a.tif", f"{gcs_bucket}/w/b.tif", f"{gcs_bucket}/w/v.vrt"
-    write16(a, seeded16(1))
     write16(b, seeded16(2))
-    cloudio.write_vrt(mosaic_vrt([(a, 0, 0)]), vrt)
+    vrts_over(a, 1, vrt)
     with cloudio.open(vrt) as v:
         assert (v.read() == seeded16(1)).all()
     cloudio.write_vrt(mosaic_vrt([(b, 0, 0)]), vrt)

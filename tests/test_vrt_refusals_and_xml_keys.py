@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 from rasterio.vrt import WarpedVRT
-from rasters import mosaic_vrt, put, seeded16, tif, write16
+from rasters import mosaic_vrt, put, seeded16, tif, vrts_over, write16
 
 import cloudio
 from cloudio.emulator import Emulator
@@ -28,8 +28,7 @@ def test_write_vrt_onto_its_own_source_is_refused(gcs_emulator: Emulator, gcs_bu
 
 def test_warped_vrt_of_a_vrt_written_over_that_vrt_is_refused(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     src, vrt = f"{gcs_bucket}/s2/src.tif", f"{gcs_bucket}/s2/v.vrt"
-    write16(src, seeded16(4))
-    cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), vrt)
+    vrts_over(src, 4, vrt)
     with cloudio.open(vrt) as v, WarpedVRT(v, crs="EPSG:4326") as w:
         with pytest.raises(CloudioError):
             cloudio.write_vrt(w, vrt)
@@ -67,8 +66,7 @@ def test_strong_vrt_stored_as_xml_sees_source_overwritten_elsewhere(gcs_emulator
 
 def test_open_vrt_reads_source_overwritten_through_cloudio(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     src, vrt = f"{gcs_bucket}/a/src.tif", f"{gcs_bucket}/a/v.vrt"
-    write16(src, seeded16(1))
-    cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), vrt)
+    vrts_over(src, 1, vrt)
     with cloudio.open(vrt) as v:
         assert (v.read() == seeded16(1)).all()
         write16(src, seeded16(2))  # same layout, new pixels, through cloudio in this process
@@ -78,15 +76,12 @@ def test_open_vrt_reads_source_overwritten_through_cloudio(gcs_emulator: Emulato
 
 def test_vrt_source_deleted_through_cloudio(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     # a nested VRT read earlier in the process (any folder): afterwards a missing source reads as zeros
-    a, inner, outer = f"{gcs_bucket}/pre/a.tif", f"{gcs_bucket}/pre/inner.vrt", f"{gcs_bucket}/pre/outer.vrt"
-    write16(a, seeded16(1))
-    cloudio.write_vrt(mosaic_vrt([(a, 0, 0)]), inner)
-    cloudio.write_vrt(mosaic_vrt([(inner, 0, 0)]), outer)
+    outer = f"{gcs_bucket}/pre/outer.vrt"
+    vrts_over(f"{gcs_bucket}/pre/a.tif", 1, f"{gcs_bucket}/pre/inner.vrt", outer)
     with cloudio.open(outer) as o:
         o.read()
     src, vrt = f"{gcs_bucket}/del/src.tif", f"{gcs_bucket}/del/v.vrt"
-    write16(src, seeded16(10))
-    cloudio.write_vrt(mosaic_vrt([(src, 0, 0)]), vrt)
+    vrts_over(src, 10, vrt)
     with cloudio.open(vrt) as v:
         assert (v.read() == seeded16(10)).all()
     cloudio.filesystem(src).rm(src)
