@@ -69,15 +69,26 @@ def journal_records() -> Iterator[list[Change]]:
 def _cluster(processes: bool) -> Iterator[object]:
     """A 2-worker Dask cluster with cloudio's journal relay installed (workers inherit STORAGE_EMULATOR_HOST,
     set by gcs_emulator before they start)."""
+    import dask
     from distributed import Client, LocalCluster
 
     import cloudio.dask
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            client.wait_for_workers(2, timeout=60)
-            cloudio.dask.install(client)
-            yield client
+    # each client sets itself as dask's scheduler and restores what it found when it closes: two of one module,
+    # closed in the order they started, left "dask.distributed" set with no client for the files after it
+    saved = {k: dask.config.get(k, None) for k in ("scheduler", "shuffle")}
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=":0") as cluster:
+            with Client(cluster) as client:
+                client.wait_for_workers(2, timeout=60)
+                cloudio.dask.install(client)
+                yield client
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                dask.config.config.pop(k, None)
+            else:
+                dask.config.set({k: v})
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,26 @@ PROFILE: dict[str, Any] = dict(driver="GTiff", width=64, height=64, count=1, dty
                                transform=(10, 0, 500000, 0, -10, 4000000))
 
 
+def profile8(**more: Any) -> dict[str, Any]:
+    """:data:`PROFILE` with its transform an ``Affine``, as rasterio takes it, and ``more``."""
+    from affine import Affine
+
+    return {**PROFILE, "transform": Affine(*PROFILE["transform"]), **more}
+
+
+def write8(url: str, value: int, size: int = 64, **opts: Any) -> None:
+    """Through cloudio: a ``size``-square :func:`profile8` GeoTIFF of ``value`` (``opts``: more of the profile)."""
+    import cloudio
+
+    with cloudio.open(url, "w", **profile8(width=size, height=size, **opts)) as ds:
+        ds.write(np.full((1, size, size), value, "uint8"))
+
+
+def object_names(emu: Emulator, bucket: str) -> list[str]:
+    """The names of the objects in ``bucket`` (``gs://name``), sorted, as the server lists them."""
+    return sorted(b.name for b in emu.client.list_blobs(bucket[len("gs://"):]))
+
+
 def write_half_masked(url: str, value: int) -> None:
     """Write ``value`` everywhere through cloudio, with an external ``.msk`` masking the lower half."""
     import rasterio

@@ -68,6 +68,59 @@ def test_a_resumable_write_whose_final_answer_is_lost_is_journaled_and_not_calle
     assert err is None or isinstance(err, cloudio.TransientError), repr(err)
 
 
+def test_a_write_whose_final_answer_is_lost_leaves_no_view_of_the_files_buffer_in_its_error(fault_proxy, b):
+    """gcsfs's ``_upload_chunk`` holds memoryviews of the file's BytesIO in its frames; the error's traceback kept
+    them, so the buffer stayed exported (it cannot be resized) for as long as the error lived."""
+    fs = cloudio.filesystem(f"gs://{b}")
+    fault_proxy.add("reset", method="POST", path=r"upload_id=", times=1)  # the one (final) chunk
+    f = None
+    with pytest.raises(cloudio.CloudioError) as ei:  # pytest keeps the error, as a user's handler may
+        with fs.open(f"{b}/v.bin", "wb") as f:
+            f.write(b"n" * 1000)
+    fault_proxy.clear()
+    assert f is not None and ei.value is not None
+    f.buffer.truncate(0)  # BufferError "Existing exports of data" while a view of it is alive
+
+
+_COLLECTED_WITH_ITS_ERROR = """
+import gc, sys
+sys.path.insert(0, sys.argv[1])
+import cloudio
+from cloudio import _config
+from faultproxy import FaultProxy
+
+with FaultProxy(sys.argv[2]) as proxy:
+    _config.push_endpoint(proxy.url)
+    fs = cloudio.filesystem(f"gs://{sys.argv[3]}")
+    for i in range(3):
+        proxy.add("reset", method="POST", path=r"upload_id=", times=1)
+        try:
+            with fs.open(f"{sys.argv[3]}/gc{i}.bin", "wb") as f:
+                f.write(b"n" * 1000)
+        except cloudio.CloudioError as e:
+            err = e
+            err.kept = err  # the error in a reference cycle, as an exception handler's frame often leaves it
+        del err, f
+        gc.collect()
+print("collected")
+"""
+
+
+def test_a_write_whose_final_answer_is_lost_does_not_crash_the_garbage_collector(gcs_emulator, b):
+    """The same views, with the error in a reference cycle: the collector freed the BytesIO before its views,
+    and Python 3.12 crashed (a segmentation fault, in whatever thread collected next)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    out = subprocess.run([sys.executable, "-c", _COLLECTED_WITH_ITS_ERROR, str(Path(__file__).parent),
+                          gcs_emulator.url, b], env=env, capture_output=True, text=True, timeout=120)
+    assert "deallocated BytesIO" not in out.stderr, out.stderr[-2000:]
+    assert (out.returncode, out.stdout.strip()) == (0, "collected"), out.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # transactions
 # ---------------------------------------------------------------------------------------------

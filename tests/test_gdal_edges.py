@@ -7,25 +7,13 @@ import pytest
 import rasterio
 from affine import Affine
 from faultproxy import FaultProxy
-from rasters import tif, write_half_masked
+from rasters import object_names, profile8, tif, write8, write_half_masked
 
 import cloudio
 from cloudio import _config
 from cloudio.emulator import Emulator
 
-PROFILE = dict(
-    driver="GTiff", width=64, height=64, count=1, dtype="uint8",
-    crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 4000000),
-)
-
-
-def _keys(emu: Emulator, bucket: str) -> list[str]:
-    return sorted(b.name for b in emu.client.list_blobs(bucket[len("gs://"):]))
-
-
-def _write(url: str, value: int, size: int = 64, **opts) -> None:  # type: ignore[no-untyped-def]
-    with cloudio.open(url, "w", **{**PROFILE, "width": size, "height": size, **opts}) as ds:
-        ds.write(np.full((1, size, size), value, "uint8"))
+PROFILE = profile8()
 
 
 def _value(url: str) -> int:
@@ -41,8 +29,8 @@ def _value(url: str) -> int:
 def test_world_file_is_uploaded_under_the_objects_name(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     """GTiff with TFW=YES writes ``dataset.tfw`` next to the temp file; it must become ``a.tfw``."""
     url = f"{gcs_bucket}/d/a.tif"
-    _write(url, 1, tfw="YES")
-    keys = _keys(gcs_emulator, gcs_bucket)
+    write8(url, 1, tfw="YES")
+    keys = object_names(gcs_emulator, gcs_bucket)
     assert "d/dataset.tfw" not in keys, keys
     assert "d/a.tfw" in keys, keys
 
@@ -50,8 +38,8 @@ def test_world_file_is_uploaded_under_the_objects_name(gcs_emulator: Emulator, g
 def test_header_sidecar_of_a_multi_file_format_reads_back(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     """EHdr keeps its header in ``<stem>.hdr``: written as ``a.bil``, the header must be ``a.hdr``."""
     url = f"{gcs_bucket}/d/a.bil"
-    _write(url, 7, driver="EHdr")
-    keys = _keys(gcs_emulator, gcs_bucket)
+    write8(url, 7, driver="EHdr")
+    keys = object_names(gcs_emulator, gcs_bucket)
     assert _value(url) == 7, keys
 
 
@@ -61,7 +49,7 @@ def test_header_sidecar_of_a_multi_file_format_reads_back(gcs_emulator: Emulator
 def test_write_vrt_with_a_300_byte_last_segment(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     """cloudio.open(.., "w") handles a 300-byte last segment; write_vrt must too (or raise a CloudioError)."""
     src = f"{gcs_bucket}/d/src.tif"
-    _write(src, 4)
+    write8(src, 4)
     url = f"{gcs_bucket}/d/{'v' * 296}.vrt"
     try:
         out = cloudio.write_vrt(src, url)
@@ -77,7 +65,7 @@ def test_failed_overwrite_keeps_the_old_sidecar(gcs_emulator: Emulator, gcs_buck
     """An overwrite whose main upload fails must leave the old dataset as it was (its .msk included)."""
     url = f"{gcs_bucket}/d/a.tif"
     write_half_masked(url, 1)
-    keys = _keys(gcs_emulator, gcs_bucket)
+    keys = object_names(gcs_emulator, gcs_bucket)
     assert "d/a.tif.msk" in keys, keys
     with cloudio.open(url) as r:
         before = r.dataset_mask()
@@ -98,7 +86,7 @@ def test_failed_overwrite_keeps_the_old_sidecar(gcs_emulator: Emulator, gcs_buck
     with cloudio.open(url) as r:
         assert int(r.read()[0, 0, 0]) == 1  # the old raster is still there...
         after = r.dataset_mask()
-    assert "d/a.tif.msk" in _keys(gcs_emulator, gcs_bucket), "the old dataset's .msk was deleted"
+    assert "d/a.tif.msk" in object_names(gcs_emulator, gcs_bucket), "the old dataset's .msk was deleted"
     assert (after == before).all(), "the old dataset lost its mask"
 
 
@@ -110,7 +98,7 @@ def test_empty_dir_option_does_not_reach_a_later_directory(gcs_emulator: Emulato
     """``d/a`` (no sidecars) opened: EMPTY_DIR on /vsigs/b/d/a. Then ``d/ab/x.tif`` and its .ovr are
     written through cloudio: opening x.tif must see its overview."""
     a = f"{gcs_bucket}/d/a"
-    _write(a, 1, driver="GTiff")
+    write8(a, 1, driver="GTiff")
     assert _value(a) == 1  # without this open, the test passes: EMPTY_DIR on /vsigs/b/d/a is the cause
     p = tmp_path / "x.tif"
     p.write_bytes(tif(5, 64))
@@ -172,9 +160,9 @@ def test_overwrite_drops_the_old_mask_sidecar(gcs_emulator: Emulator, gcs_bucket
         with cloudio.open(url, "w", **PROFILE) as ds:
             ds.write(np.full((1, 64, 64), 1, "uint8"))
             ds.write_mask(np.zeros((64, 64), "uint8"))
-    assert "d/a.tif.msk" in _keys(gcs_emulator, gcs_bucket)
-    _write(url, 2)
-    assert "d/a.tif.msk" not in _keys(gcs_emulator, gcs_bucket)
+    assert "d/a.tif.msk" in object_names(gcs_emulator, gcs_bucket)
+    write8(url, 2)
+    assert "d/a.tif.msk" not in object_names(gcs_emulator, gcs_bucket)
     with cloudio.open(url) as r:
         assert r.dataset_mask().all(), "the new version is masked by the old version's .msk"
 
@@ -183,24 +171,24 @@ def test_overwrite_drops_the_old_aux_xml_georeferencing(gcs_emulator: Emulator, 
     """A PNG keeps its georeferencing in ``a.png.aux.xml``; a new version without any must not read
     back with the old one's CRS and transform."""
     url = f"{gcs_bucket}/d/a.png"
-    _write(url, 1, driver="PNG")
-    assert "d/a.png.aux.xml" in _keys(gcs_emulator, gcs_bucket)
+    write8(url, 1, driver="PNG")
+    assert "d/a.png.aux.xml" in object_names(gcs_emulator, gcs_bucket)
     with cloudio.open(url, "w", driver="PNG", width=64, height=64, count=1, dtype="uint8") as ds:
         ds.write(np.full((1, 64, 64), 2, "uint8"))
     with cloudio.open(url) as r:
         assert int(r.read()[0, 0, 0]) == 2
         assert r.crs is None, f"the new PNG reads back with the old version's CRS {r.crs}"
-    assert "d/a.png.aux.xml" not in _keys(gcs_emulator, gcs_bucket)
+    assert "d/a.png.aux.xml" not in object_names(gcs_emulator, gcs_bucket)
 
 
 def test_overwrite_keeps_other_datasets_files(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     """Only the replaced dataset's own sidecars go: not a neighbour whose name starts the same, nor
     another dataset's files of the same stem."""
-    _write(f"{gcs_bucket}/d/a.tif", 1, tfw="YES")
-    _write(f"{gcs_bucket}/d/a.tif.b.tif", 3)
-    _write(f"{gcs_bucket}/d/a.bil", 4, driver="EHdr")
-    _write(f"{gcs_bucket}/d/a.tif", 2)
-    keys = _keys(gcs_emulator, gcs_bucket)
+    write8(f"{gcs_bucket}/d/a.tif", 1, tfw="YES")
+    write8(f"{gcs_bucket}/d/a.tif.b.tif", 3)
+    write8(f"{gcs_bucket}/d/a.bil", 4, driver="EHdr")
+    write8(f"{gcs_bucket}/d/a.tif", 2)
+    keys = object_names(gcs_emulator, gcs_bucket)
     assert "d/a.tfw" not in keys, keys  # the old version's world file
     for kept in ("d/a.tif", "d/a.tif.b.tif", "d/a.bil", "d/a.hdr"):
         assert kept in keys, (kept, keys)
@@ -229,7 +217,7 @@ def test_overwriting_a_tif_keeps_a_neighbour_pngs_world_file(gcs_emulator: Emula
         assert r.transform == Affine(2, 0, 99, 0, -2, 201)
     with cloudio.open(f"{gcs_bucket}/d/a.tif", "w", **PROFILE) as ds:  # the tif, replaced
         ds.write(np.full((1, 64, 64), 2, "uint8"))
-    assert "d/a.wld" in _keys(gcs_emulator, gcs_bucket), "the PNG's world file was deleted"
+    assert "d/a.wld" in object_names(gcs_emulator, gcs_bucket), "the PNG's world file was deleted"
     with cloudio.open(f"{gcs_bucket}/d/a.png") as r:
         assert r.transform == Affine(2, 0, 99, 0, -2, 201), r.transform
 
@@ -247,4 +235,4 @@ def test_overwrite_without_listing_permission_still_succeeds(gcs_emulator: Emula
                 ds.write(np.full((1, 64, 64), 3, "uint8"))
         finally:
             _config.pop_endpoint()
-    assert "d/new.tif" in _keys(gcs_emulator, gcs_bucket)
+    assert "d/new.tif" in object_names(gcs_emulator, gcs_bucket)

@@ -181,3 +181,18 @@ def test_gcs_text_mode_w_exception_leaves_the_object(gcs_bucket):
             f.write("partial")
             raise RuntimeError("boom")
     assert fs.cat(url) == b"old"
+
+
+def test_local_transaction_does_not_commit_a_file_whose_block_raised(tmp_path):
+    fs = cloudio.filesystem("file")
+    (tmp_path / "a.bin").write_bytes(b"previous")
+    with fs.transaction:
+        with pytest.raises(RuntimeError, match="boom"):
+            with fs.open(str(tmp_path / "a.bin"), "wb") as f:  # as on GCS: the block raised, nothing is written
+                f.write(b"partial")
+                raise RuntimeError("boom")
+        with fs.open(str(tmp_path / "b.bin"), "wb") as f:
+            f.write(b"bbb")
+    assert (tmp_path / "a.bin").read_bytes() == b"previous"
+    assert (tmp_path / "b.bin").read_bytes() == b"bbb"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]  # no temporary file left behind

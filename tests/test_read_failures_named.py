@@ -133,3 +133,24 @@ def test_a_gdal_tile_read_refused_with_403_is_a_read_error_not_a_transient_one(g
         with pytest.raises(cloudio.ReadError, match=r"d/a\.tif") as info:
             _bounded(lambda: ds.read(window=((0, 300), (0, 300))))
     assert not isinstance(info.value, cloudio.TransientError)
+
+
+def test_a_gdal_read_of_a_truncated_geotiff_is_a_read_error_naming_the_cut_not_a_transient_one(
+        gcs_emulator, gcs_bucket):
+    """Another writer stored a GeoTIFF cut short (an interrupted copy): its later tiles lie past the object's
+    end. GDAL says 'got N bytes, expected M', as for a broken download; but nothing is wrong on the network and
+    no retry mends it: ReadError saying where the header places the block and how much is stored, not
+    TransientReadError ('retry later')."""
+    from rasters import noise_tif, put
+
+    url = f"{gcs_bucket}/d/cut.tif"
+    whole = noise_tif()
+    put(gcs_emulator, url, whole[: len(whole) * 2 // 3])
+    with cloudio.open(url) as ds:
+        assert ds.read(window=((0, 128), (0, 128))).shape == (1, 128, 128)  # the first tiles are all there
+        with pytest.raises(cloudio.ReadError) as info:
+            _bounded(lambda: ds.read())
+    assert not isinstance(info.value, cloudio.TransientError)
+    said = str(info.value)
+    assert url in said and f"holds {len(whole) * 2 // 3} bytes" in said and "Retry later" not in said, said
+    assert "truncated" in said and "write it again" in said.lower(), said

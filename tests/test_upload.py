@@ -227,7 +227,8 @@ def test_missing_local_file(gcs_emulator: Emulator, gcs_bucket: str, tmp_path) -
 def test_upload_whose_answer_is_lost_leaves_no_stale_view(
     gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The server stored the new bytes, the answer never arrived: cloudio must not keep the old view."""
+    """The server stored the new bytes, every answer was cut: the server is asked, holds exactly what was sent,
+    so the upload succeeded (journaled as the write of the generation stored), and no old view is kept."""
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
     url = f"{gcs_bucket}/d/lost.bin"
     old, new = b"o" * 10, b"n" * 100
@@ -235,10 +236,30 @@ def test_upload_whose_answer_is_lost_leaves_no_stale_view(
     fs = cloudio.filesystem(url)
     assert fs.ls(f"{gcs_bucket[5:]}/d", detail=True)[0]["size"] == 10  # the listing now caches 10 bytes
     fault_proxy.add("reset", method="POST", path=r"/upload/", times=None)  # forwarded, then the answer is cut
-    with pytest.raises(cloudio.TransientError, match="may or may not have been stored") as ei:
-        upload(new, url)
-    assert url in str(ei.value)
+    seq = journal().seq
+    up = upload(new, url)
     assert _stored(gcs_emulator, url) == new  # it did land
+    blob = gcs_emulator.client.bucket(gcs_bucket[5:]).get_blob("d/lost.bin")
+    assert (up.generation, up.size) == (blob.generation, 100)
+    assert [(c.kind, c.generation) for c in journal().since(seq) if c.url == url] == [("write", blob.generation)]
     fault_proxy.clear()
     with fs.open(url, "rb") as f:
         assert f.read() == new  # not the new bytes cut at the cached 10
+
+
+def test_upload_that_never_reached_the_server_says_its_outcome_is_unknown(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No answer, and the server (asked) holds the old bytes: TransientError naming the URL, the object's
+    cached view dropped (journaled as an invalidation), the old bytes still there."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/d/unsent.bin"
+    upload(b"o" * 10, url)
+    fault_proxy.add("hang", method="POST", path=r"/upload/", times=None)  # never forwarded, never answered
+    seq = journal().seq
+    with pytest.raises(cloudio.TransientError, match="may or may not have been stored") as ei:
+        upload(b"n" * 100, url)
+    fault_proxy.clear()
+    assert url in str(ei.value)
+    assert _stored(gcs_emulator, url) == b"o" * 10
+    assert [c.kind for c in journal().since(seq) if c.url == url] == ["invalidate"]

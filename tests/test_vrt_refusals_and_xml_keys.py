@@ -36,6 +36,20 @@ def test_warped_vrt_of_a_vrt_written_over_that_vrt_is_refused(gcs_emulator: Emul
         assert v.read().shape == (1, 64, 64)
 
 
+def test_vrt_written_over_the_source_of_a_vrt_it_reads_is_refused(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A cycle through a nested VRT: src.tif <- v1.vrt <- v2.vrt; writing a VRT over v2.vrt (or v1.vrt) onto
+    src.tif would replace its pixels with XML that reads itself through the others."""
+    src, v1, v2 = f"{gcs_bucket}/s3/src.tif", f"{gcs_bucket}/s3/v1.vrt", f"{gcs_bucket}/s3/v2.vrt"
+    vrts_over(src, 5, v1, v2)
+    for over in (v1, v2):
+        with pytest.raises(CloudioError, match="itself"):
+            cloudio.write_vrt(mosaic_vrt([(over, 0, 0)]), src)
+    with cloudio.open(src) as ds:
+        assert (ds.read() == seeded16(5)).all()
+    with cloudio.open(v2) as ds:
+        assert (ds.read() == seeded16(5)).all()
+
+
 def test_malformed_vrt_xml_is_a_cloudio_error(gcs_emulator: Emulator, gcs_bucket: str) -> None:
     url = f"{gcs_bucket}/x/bad.vrt"
     with pytest.raises(CloudioError) as e:

@@ -194,6 +194,8 @@ class WriteJournal:
         ``seq``), the list starts with an invalidation of everything
         (``url == EVERYTHING``, ``seq == -1``), never a silently partial answer.
         """
+        if seq >= self._last_seq:  # nothing newer: the common answer, without a scan
+            return []
         with self._lock:
             records = [c for c in self._records if c.seq > seq]
             dropped = self._last_seq > seq and (not records or records[0].seq > seq + 1)

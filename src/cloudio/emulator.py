@@ -120,6 +120,16 @@ def _env_start_timeout() -> float:
     return _config.env_seconds(_config.EMULATOR_START_TIMEOUT_ENV, _DEFAULT_START_TIMEOUT, EmulatorSettingError)
 
 
+def _check_timeout(timeout: object) -> float:
+    """``timeout`` as a positive, finite number of seconds; anything else names itself."""
+    value = timeout if isinstance(timeout, int | float) and not isinstance(timeout, bool) else float("nan")
+    if not 0 < value < float("inf"):
+        raise EmulatorSettingError(f"timeout={timeout!r} is not a number of seconds; give a positive number "
+                                   f"such as {_DEFAULT_START_TIMEOUT:g}, or leave it unset for "
+                                   f"{_config.EMULATOR_START_TIMEOUT_ENV} (else {_DEFAULT_START_TIMEOUT:g})")
+    return float(value)
+
+
 def _check_port(port: object) -> int:
     """``port`` as an int in 0..65535 (numpy integers too); anything else names itself."""
     try:
@@ -272,7 +282,7 @@ class Emulator:
         self.backend = backend
         self._root = Path(root) if root is not None else None
         self._port = port or None  # 0, "any port", is a free one picked here: its URL must be known
-        self.timeout = _env_start_timeout() if timeout is None else timeout
+        self.timeout = _env_start_timeout() if timeout is None else _check_timeout(timeout)
         self._proc: subprocess.Popen[bytes] | None = None
         self._container: object | None = None
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
@@ -449,6 +459,9 @@ class Emulator:
         ``start()`` alone only starts the server (the pytest fixture and the
         CLI set the environment themselves).
         """
+        if self._saved_env is not None:  # the inner exit would stop the server the outer block still uses
+            raise EmulatorError(f"this Emulator ({self.url}) is already in use by a with block; nest a "
+                                "second Emulator() instead, or use this one inside the first block")
         self.start()
         try:
             self._point_process()
@@ -548,7 +561,18 @@ class Emulator:
                     f"could not create bucket gs://{name} at {self.url}: HTTP {e.code} {detail}. "
                     "Fix: check the emulator's output (log_tail()), or restart it."
                 ) from e
+        except OSError as e:  # refused, reset, timed out: the server is gone or stuck
+            raise self._silent(e, f"could not create bucket gs://{name}") from e
         return f"gs://{name}"
+
+    def _silent(self, e: OSError, what: str) -> EmulatorError:
+        """The error for a request the server did not answer."""
+        reason = getattr(e, "reason", e)
+        proc = self._proc
+        died = proc is not None and proc.poll() is not None
+        state = f"its process exited with status {proc.returncode}" if proc is not None and died else "no answer"
+        return EmulatorError(f"{what}: the emulator at {self.url} is not serving ({reason}; {state}). Fix: "
+                             "stop() it and start a new one (log_tail() shows its last output).")
 
     def has_bucket(self, name: str) -> bool:
         """Whether bucket ``name`` exists on this server (nothing is created)."""
@@ -561,6 +585,8 @@ class Emulator:
             if e.code == 404:
                 return False
             raise EmulatorError(f"could not look up bucket gs://{name} at {self.url}: HTTP {e.code}") from e
+        except OSError as e:
+            raise self._silent(e, f"could not look up bucket gs://{name}") from e
 
     def _log_text(self) -> str | None:
         """The server's output so far: its log file (binary mode) or the container's logs."""
@@ -584,15 +610,18 @@ class Emulator:
         A marker request is sent and awaited first, so every request that
         completed before this call is in the list.
         """
+        url = self.url  # a stopped emulator says so
         if self._logfile is None and self._container is None:
             raise EmulatorError(
                 f"request counts need an emulator cloudio started (mode {self.mode!r} has no log here)"
             )
         token = uuid.uuid4().hex
         try:
-            _urlopen(f"{self.url}{_MARK}{token}", timeout=5).close()
+            _urlopen(f"{url}{_MARK}{token}", timeout=5).close()
         except urllib.error.HTTPError:
             pass  # 404 is expected: the point is the log line
+        except OSError as e:
+            raise self._silent(e, "could not count requests") from e
         deadline = time.monotonic() + 5
         while True:
             text = self._log_text() or ""

@@ -48,6 +48,8 @@ __all__ = ["DataArrayTransformer", "DatasetTransformer", "register", "unregister
 
 #: The variable name of a DataArray stored without one; xarray's own placeholder, restored to None on read.
 UNNAMED = "__xarray_dataarray_variable__"
+#: the dataset attribute holding the name of a DataArray stored under :data:`UNNAMED` (xarray's own)
+NAME_ATTR = "__xarray_dataarray_name__"
 
 _BLOB = BlobType(format="binary", dimensionality=BlobType.BlobDimensionality.MULTIPART)
 _STORE_NAME = "data.zarr"
@@ -132,8 +134,14 @@ class DataArrayTransformer(TypeTransformer[xr.DataArray]):  # type: ignore[misc]
 
     def to_literal(self, ctx: FlyteContext, python_val: xr.DataArray, python_type: type[xr.DataArray],
                    expected: LiteralType) -> Literal:
-        name = UNNAMED if python_val.name is None else python_val.name
-        return _write(ctx, python_val.to_dataset(name=name, promote_attrs=False))
+        name = python_val.name
+        if name is None or name in python_val.coords or name in python_val.dims:  # as xarray's to_netcdf
+            ds = python_val.to_dataset(name=UNNAMED, promote_attrs=False)
+            if name is not None:  # an index coordinate's own array, say: the name would make it one again
+                ds.attrs[NAME_ATTR] = name
+        else:
+            ds = python_val.to_dataset(promote_attrs=False)
+        return _write(ctx, ds)
 
     def to_python_value(self, ctx: FlyteContext, lv: Literal,
                         expected_python_type: type[xr.DataArray]) -> xr.DataArray:
@@ -144,7 +152,7 @@ class DataArrayTransformer(TypeTransformer[xr.DataArray]):  # type: ignore[misc]
                 "type that input as xarray.Dataset")
         (name,) = ds.data_vars
         da = ds[name]
-        return da.rename(None) if name == UNNAMED else da
+        return da.rename(ds.attrs.get(NAME_ATTR)) if name == UNNAMED else da
 
     def to_html(self, ctx: FlyteContext, python_val: xr.DataArray, expected_python_type: type[xr.DataArray]) -> str:
         return str(python_val._repr_html_())

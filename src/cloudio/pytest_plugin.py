@@ -112,7 +112,10 @@ def gcs_emulator_options() -> dict[str, Any]:
     ``mode=None`` follows ``CLOUDIO_EMULATOR`` and ``STORAGE_EMULATOR_HOST``;
     ``port=None`` picks a free port.
     """
-    return {"mode": None, "port": None, "backend": "memory"}
+    return dict(_DEFAULT_OPTIONS)
+
+
+_DEFAULT_OPTIONS: dict[str, Any] = {"mode": None, "port": None, "backend": "memory"}
 
 
 @pytest.fixture(scope="session")
@@ -144,12 +147,13 @@ def gcs_emulator_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..
 
 @pytest.fixture(scope="session")
 def gcs_emulator(
-    gcs_emulator_factory: Callable[..., Emulator], gcs_emulator_options: dict[str, Any]
+    gcs_emulator_factory: Callable[..., Emulator], gcs_emulator_options: dict[str, Any], request: pytest.FixtureRequest
 ) -> Iterator[Emulator]:
     """A running fake-gcs-server for the whole test session."""
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     # without a mode the factory starts a server of its own; the session's follows the environment
     emu = gcs_emulator_factory(**{"mode": None, **gcs_emulator_options})
+    request.config.stash[_started_with] = (emu, gcs_emulator_options)
     os.environ["STORAGE_EMULATOR_HOST"] = emu.url
     try:
         yield emu
@@ -158,6 +162,32 @@ def gcs_emulator(
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
+#: the session's emulator and the options it was started with (:func:`_gcs_emulator_options_honoured`)
+_started_with = pytest.StashKey[tuple[Emulator, dict[str, Any]]]()
+
+
+@pytest.fixture(autouse=True)
+def _gcs_emulator_options_honoured(request: pytest.FixtureRequest) -> None:
+    """A test whose own ``gcs_emulator_options`` (not the defaults) differ from those the session's emulator
+    started with fails, naming the fixture: pytest starts a session fixture once, so a test module's
+    override after an earlier module used ``gcs_emulator`` would be silently ignored."""
+    if "gcs_emulator" not in request.fixturenames:
+        return
+    emu = request.getfixturevalue("gcs_emulator")
+    started = request.config.stash.get(_started_with, None)
+    if started is None or started[0] is not emu:  # a gcs_emulator of the user's own making
+        return
+    wanted, used = request.getfixturevalue("gcs_emulator_options"), started[1]
+    if wanted != used and wanted != _DEFAULT_OPTIONS:  # the defaults ask for nothing
+        pytest.fail(
+            f"this test's gcs_emulator_options {wanted!r} differ from those the session's emulator was started "
+            f"with ({used!r}), by an earlier test: pytest starts a session fixture once. Override "
+            "gcs_emulator_options in the conftest.py at the root of the tests, or start this module's own "
+            "emulator with gcs_emulator_factory(**options).",
+            pytrace=False,
+        )
 
 
 @pytest.fixture

@@ -60,14 +60,21 @@ from cloudio._gcs.client import (
     total_time_limit,
     transient_error,
 )
-from cloudio._gcs.transfer import _check_stored, _crc_b64, _Mismatch, _outcome_unknown, put_verified
+from cloudio._gcs.transfer import (
+    _check_stored,
+    _crc_b64,
+    _Mismatch,
+    _outcome_unknown,
+    checked_guard,
+    file_crc32c,
+    put_verified,
+)
 from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
 from cloudio._session import count, current_level
 from cloudio.errors import (
     AlreadyExistsError,
     CloudioError,
-    ConfigurationError,
     IntegrityError,
     ObjectNotFoundError,
     ReadError,
@@ -217,14 +224,6 @@ def _crc_of(data: Any) -> str:
     return _crc_b64(checksum)
 
 
-def _crc_of_file(local: str) -> str:
-    checksum = google_crc32c.Checksum()
-    with open(local, "rb") as f:
-        for block in iter(lambda: f.read(2**22), b""):
-            checksum.update(block)
-    return _crc_b64(checksum)
-
-
 _OBJECT_IN_URL = re.compile(r"/b/([^/?]+)(?:/o/([^?]+)|/o\?(?:.*&)?name=([^&]+))?")
 
 
@@ -239,6 +238,26 @@ def _request_url(fs: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, An
     return f"gs://{unquote(m.group(1))}/{unquote(key)}"
 
 
+class _ViewsOfACopy(io.BytesIO):
+    """A write-mode file's buffer whose ``getbuffer()`` views a bytes copy, never the BytesIO itself.
+
+    gcsfs's ``_upload_chunk`` sends memoryviews of the buffer. When a request failed, its frames kept them, in
+    aiohttp's response/exception reference cycles and in the error the user holds: the buffer stayed exported,
+    and when the garbage collector freed such a cycle it could free the BytesIO before its views, which crashed
+    Python 3.12 (a segmentation fault in whichever thread collected next). A view of an immutable copy is freed
+    in any order.
+    """
+
+    @classmethod
+    def of(cls, buffer: io.BytesIO) -> _ViewsOfACopy:
+        out = cls(buffer.getvalue())
+        out.seek(buffer.tell())
+        return out
+
+    def getbuffer(self) -> memoryview:
+        return memoryview(self.getvalue())
+
+
 class _JournalingGCSFileMixin:
     """Mixed into gcsfs's file class for write modes: journal once the upload is final.
 
@@ -248,6 +267,17 @@ class _JournalingGCSFileMixin:
     ``with fs.open(url, "wb")`` block uploads nothing (fsspec would commit the
     partial bytes): cloudio never leaves a partial object behind.
     """
+
+    @property
+    def buffer(self) -> io.BytesIO | None:
+        return self._cloudio_buffer
+
+    @buffer.setter
+    def buffer(self, value: io.BytesIO | None) -> None:
+        """Every buffer fsspec and gcsfs assign is held as a :class:`_ViewsOfACopy`."""
+        if value is not None and not isinstance(value, _ViewsOfACopy):
+            value = _ViewsOfACopy.of(value)
+        self._cloudio_buffer = value
 
     def _upload_chunk(self, final: bool = False) -> Any:
         if not (final and self.autocommit):  # type: ignore[attr-defined]  # an unfinished upload stores nothing
@@ -261,8 +291,7 @@ class _JournalingGCSFileMixin:
                 if isinstance(e, CloudioError):
                     raise
                 # gcsfs sent the last chunk again after its answer was lost, and found the session ended: the
-                # object is stored, or the session expired. (Asking the server here, from inside the file's
-                # close, left gcsfs's view of the buffer to the garbage collector, which crashed on Python 3.12.)
+                # object is stored, or the session expired
                 _record(url, "invalidate")
                 raise TransientError(
                     f"{url}: the upload's last answer was lost and its session has ended: the object holds what "
@@ -481,6 +510,10 @@ class _JournalingGCSMixin(_TextWrites):
                 url = str(_writing.get())
             if transient:
                 raise transient_error(url, f"{method} request", e) from e
+            if isinstance(e, RuntimeError) and "Session is closed" in str(e):  # not the server's answer
+                kind = ReadError if method.upper() in ("GET", "HEAD") else UploadError
+                raise kind(f"{url}: the {method} request was not sent: this process's connections to GCS were "
+                           "closed as it exits (a daemon thread still working?); nothing was changed by it.") from e
             raise _refused(url, method, e) from e
 
     def _get_headers(self, *args: Any, **kwargs: Any) -> Any:
@@ -530,10 +563,7 @@ class _JournalingGCSMixin(_TextWrites):
 
     async def _guarded_put(self, url: str, source: Any, guard: Any) -> dict[str, Any]:
         """A write with ``if_generation_match=``: :func:`put_verified`'s precondition; ConflictError if it fails."""
-        if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
-            raise ConfigurationError(f"{url}: if_generation_match={guard!r} is not a generation; pass the "
-                                     "object's generation (an int), or 0 to write only if it does not exist.")
-        up = await put_verified(self, url, source, record=False, if_generation_match=guard)
+        up = await put_verified(self, url, source, record=False, if_generation_match=checked_guard(url, guard))
         _record(url, "write", generation=up.generation, size=up.size)
         return {"name": parse_gcs(url).key, "generation": str(up.generation), "size": str(up.size),
                 "crc32c": up.crc32c}
@@ -608,7 +638,7 @@ class _JournalingGCSMixin(_TextWrites):
         with journal().changing(url), _unsure(url):
             out, meta = await self._answered_by(super()._put_file(lpath, rpath, *args, **kwargs))  # type: ignore[misc]
             size = os.path.getsize(lpath)
-            generation = await self._verify_stored(url, meta, size, _crc_of_file(lpath))
+            generation = await self._verify_stored(url, meta, size, file_crc32c(lpath))
             _uploaded(url, generation, size)
         return out
 
@@ -620,8 +650,10 @@ class _JournalingGCSMixin(_TextWrites):
         """
         current_level()
         with _named_missing(self._cloudio_url(path)):
-            if start is not None or end is not None or kwargs.get("concurrency", 1) > 1:
-                return await super()._cat_file(path, start=start, end=end, **kwargs)  # type: ignore[misc]
+            if start is not None or end is not None:
+                return await self._cat_range(path, start, end, kwargs)
+            # one GET, whatever the concurrency asked: one generation, checked whole (gcsfs's concurrent read
+            # sizes the object from info, which a listing another writer made out of date cut short)
             u = self.url(path, generation=kwargs.get("generation"))  # type: ignore[attr-defined]
             headers, data = await self._call("GET", u)
         want = header_crc(headers)
@@ -632,6 +664,35 @@ class _JournalingGCSMixin(_TextWrites):
                 "read again."
             )
         return data
+
+    async def _cat_range(self, path: str, start: Any, end: Any, kwargs: dict[str, Any]) -> Any:
+        """A range of the object; one counted from its end is placed by the size the server holds now, read
+        from that generation (fsspec places it by ``info``, which a listing held may give out of date: the
+        new object's bytes at the old one's offsets)."""
+        if not ((start is not None and start < 0) or (end is not None and end < 0)):
+            if end is None:  # gcsfs's concurrent read would size it from info
+                kwargs.pop("concurrency", None)
+            try:
+                return await super()._cat_file(path, start=start, end=end, **kwargs)  # type: ignore[misc]
+            except Exception as e:
+                if 416 in (getattr(e, "code", None), getattr(e.__cause__, "code", None)):  # starts at or past
+                    return b""  # the end: empty, as a slice is
+                raise
+        bucket, key, generation = self.split_path(path)  # type: ignore[attr-defined]
+        generation = kwargs.get("generation") or generation
+        params = {"generation": generation} if generation else {}
+        meta = await self._call("GET", "b/{}/o/{}", bucket, key, json_out=True, **params)
+        size = int(meta["size"])
+        first = 0 if start is None else max(size + start, 0) if start < 0 else start
+        stop = size if end is None else max(size + end, 0) if end < 0 else min(end, size)
+        if first >= stop:
+            return b""
+        kwargs["generation"] = meta["generation"]
+        try:
+            return await super()._cat_file(path, start=first, end=stop, **kwargs)  # type: ignore[misc]
+        except FileNotFoundError as e:
+            raise StaleDatasetError(f"{self._cloudio_url(path)} was replaced while it was read (generation "
+                                    f"{meta['generation']} is gone); read it again.") from e
 
     async def _get_file(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> Any:
         """gcsfs's download, given up when no byte has arrived for as long as :meth:`_call` may take in
@@ -651,7 +712,7 @@ class _JournalingGCSMixin(_TextWrites):
         path = parse_gcs(url, require_key=True)
         meta = await self._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)
         want = meta.get("crc32c")
-        if want is None or meta.get("contentEncoding") == "gzip" or _crc_of_file(lpath) == want:
+        if want is None or meta.get("contentEncoding") == "gzip" or file_crc32c(lpath) == want:
             return  # (a gzip-encoded object arrives decompressed: its CRC32C is of the stored, compressed bytes)
         size = os.path.getsize(lpath)
         os.remove(lpath)
@@ -912,6 +973,7 @@ class _JournalingGCSMixin(_TextWrites):
             # give that class the journaling mixin rather than re-implement the choice
             file_class: type = type(f)  # a plain class, hashable for the cache (gcsfs is untyped: f is Any)
             f.__class__ = _journaling_file_class(file_class)
+            f.buffer = f.__dict__.pop("buffer")  # held as a _ViewsOfACopy from now on
             f.checker = _Crc32cChecker()
         return f
 
@@ -999,9 +1061,15 @@ class _JournalingLocalFile(LocalFileOpener):  # type: ignore[misc]  # fsspec shi
         elif self._cloudio_autocommit:
             self.commit()
 
+    def discard(self) -> None:
+        if not getattr(self, "_cloudio_discarded", False):  # a transaction's end discards it again
+            super().discard()
+
     def commit(self) -> None:
         """Move the staged file in place: onto the file a symlink names (the link kept), with the mode the
-        file it replaces had (as writing in place keeps it)."""
+        file it replaces had (as writing in place keeps it); nothing for a file whose ``with`` block raised."""
+        if getattr(self, "_cloudio_discarded", False):
+            return
         me: Any = self  # fsspec's LocalFileOpener, untyped
         link: str = me.path
         target = os.path.realpath(link)
@@ -1020,8 +1088,8 @@ class _JournalingLocalFile(LocalFileOpener):  # type: ignore[misc]  # fsspec shi
         self._incontext = False
         if exc_type is not None and self._cloudio_staged and not self.f.closed:
             self.f.close()
-            if self._cloudio_autocommit:
-                self.discard()
+            self.discard()  # in a transaction too: its end commits the other files, not this one
+            self._cloudio_discarded = True
             return None
         self.close()
         return None

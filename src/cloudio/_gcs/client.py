@@ -145,7 +145,7 @@ def object_metadata(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> dic
     object or bucket): callers turn them into cloudio's with :func:`not_found`.
     """
     fs = fs if fs is not None else gcs_filesystem()
-    return fs.call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)  # type: ignore[no-any-return]
+    return call_bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
 
 
 def bucket_missing(path: GCSPath) -> BucketNotFoundError:
@@ -220,6 +220,14 @@ async def bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
     """
     limit = total_time_limit(getattr(fs, "requests_timeout", None))
     return await (call if limit is None else asyncio.wait_for(call, limit))
+
+
+def call_bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
+    """:func:`bounded` from a thread outside ``fs``'s loop (blocking): a gcsfs call that ends within the time
+    limit, or raises TimeoutError (an OSError)."""
+    from fsspec.asyn import sync
+
+    return sync(fs.loop, bounded, fs, call)  # type: ignore[no-any-return]
 
 
 def header_crc(headers: Any) -> str | None:

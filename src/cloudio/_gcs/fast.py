@@ -329,9 +329,10 @@ def _ask(fs: gcsfs.GCSFileSystem, url: str, method: str = "GET", body: bytes | m
         raise
 
 
-def range_status(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:
+def range_status(fs: gcsfs.GCSFileSystem, path: GCSPath) -> tuple[int, int | None]:
     """The HTTP status of a one-byte GET of ``path`` through the XML API, the request GDAL's ``/vsigs/`` makes
-    (blocking): what a short read GDAL reported was, a refusal or trouble on the way."""
+    (blocking, within the per-request time limit), and the object's size its ``Content-Range`` gives (None
+    without one): what a short read GDAL reported was, a refusal, trouble on the way, or an object cut short."""
     url = f"{fs._location}/{quote(path.bucket, safe='')}/{quote(path.key, safe='/')}"
     origin, r = _ask(fs, url, "GET", None, {"Range": "bytes=0-0"})
     try:
@@ -339,7 +340,8 @@ def range_status(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:
     except BaseException:
         _drop(origin)
         raise
-    return r.status
+    total = (r.getheader("Content-Range") or "").rpartition("/")[2]
+    return r.status, int(total) if total.isdigit() else None
 
 
 def _body_into(r: http.client.HTTPResponse, buf: np.ndarray, deadline: float) -> int:

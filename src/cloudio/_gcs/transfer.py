@@ -61,7 +61,7 @@ from cloudio._gcs.fast import post_upload, put_media
 from cloudio._journal import Change, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
-from cloudio.errors import CloudioError, ConflictError, IntegrityError, TransientError, UploadError
+from cloudio.errors import CloudioError, ConfigurationError, ConflictError, IntegrityError, TransientError, UploadError
 
 if TYPE_CHECKING:
     import gcsfs
@@ -93,6 +93,10 @@ class _Mismatch(Exception):
     """The server stored (or sent) something other than the bytes it should have."""
 
 
+class _CorruptKept(Exception):
+    """A stored copy differs from what was sent, and deleting it failed: the server holds it."""
+
+
 def _crc_b64(checksum: google_crc32c.Checksum) -> str:
     return base64.b64encode(checksum.digest()).decode("ascii")
 
@@ -118,7 +122,7 @@ async def _ensure_bucket(path: GCSPath, fs: gcsfs.GCSFileSystem) -> None:
         if path.bucket in _state.known_buckets:
             return
     try:
-        await fs._call("GET", "b/{}", path.bucket, json_out=True)
+        await bounded(fs, fs._call("GET", "b/{}", path.bucket, json_out=True))
     except FileNotFoundError as e:
         raise bucket_missing(path) from e
     except Exception as e:  # permissions may forbid bucket metadata; let the upload decide
@@ -147,6 +151,17 @@ def _forget_bucket(bucket: str) -> None:
 
 
 # -- upload ----------------------------------------------------------------------------------
+
+
+def checked_guard(url: str, guard: object) -> int | None:
+    """``if_generation_match`` as given (None, or a generation: an int, 0 for "no object yet"); anything else
+    raises ConfigurationError naming ``url``, before any request."""
+    if guard is None:
+        return None
+    if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
+        raise ConfigurationError(f"{url}: if_generation_match={guard!r} is not a generation; pass the "
+                                 "object's generation (an int), or 0 to write only if it does not exist.")
+    return guard
 
 
 async def put_verified(
@@ -204,11 +219,16 @@ async def put_verified(
         deleted, and on a bucket without versioning the previous object with
         it: the message says so and the delete is journaled.
     TransientError
-        The server or network failed past gcsfs's retries (timeout, 5xx, reset).
+        The server or network failed past gcsfs's retries (timeout, 5xx, reset),
+        and the server, asked, does not hold what was sent (when it does, the
+        upload's answers were lost after it landed: that is a success).
     BucketNotFoundError
         The bucket does not exist.
     ConflictError
         ``if_generation_match`` did not hold: nothing was stored or journaled.
+        (A retry that fails it because an earlier try, its answer lost, stored
+        the object is no conflict: the server is asked whether it holds what
+        was sent.)
     UploadError
         Any other refusal (403, 400...).
     """
@@ -242,24 +262,33 @@ async def put_verified(
             except FileExistsError as e:  # gcsfs's mapping of 412: the precondition failed
                 if guard is None:
                     raise
-                raise ConflictError(path.url, guard, await _generation(fs, path)) from e
+                held = await _holds(fs, path, source)  # or a try whose answer was lost stored it, and its
+                if held is None:  # retry (gcsfs's own, the same precondition) found the generation it made
+                    raise ConflictError(path.url, guard, await _generation(fs, path)) from e
+                generation, size, sent_crc = int(held["generation"]), int(held["size"]), held["crc32c"]
+                log.info("%s: a retry's precondition failed on the generation an earlier try stored", path.url)
             except FileNotFoundError as e:  # 404: no bucket, or a resumable session that vanished
                 _forget_bucket(path.bucket)
                 await _ensure_bucket(path, fs)  # raises BucketNotFoundError when that is the reason
                 last = e
                 continue
-            fs.invalidate_cache(path.fs_path)
-            change = journal().record(path.url, "write", generation=generation, size=size) if record else None
-            count("uploads")
-            count("bytes_uploaded", size)
-            log.debug("uploaded %s (%d bytes, generation %s)", path.url, size, generation)
-            return Uploaded(path.url, generation, size, sent_crc, change)
+            return _uploaded(fs, path, generation, size, sent_crc, record)
         assert last is not None
         raise _failure(path, last, attempts, deleted) from last
     except BaseException as e:
         if deleted:  # whatever ended the upload, the server no longer holds the object
             fs.invalidate_cache(path.fs_path)
             journal().record(path.url, "delete")
+        elif isinstance(e, _CorruptKept):
+            fs.invalidate_cache(path.fs_path)
+            journal().record(path.url, "invalidate")
+            raise IntegrityError(f"{path.url}: what the server stored differs from what was sent ({e}), and "
+                                 f"deleting it failed ({e.__cause__}): THE OBJECT AT {path.url} IS CORRUPT. "
+                                 "Delete it, or write it again (check the network path to GCS).") from e
+        elif sent and isinstance(e, Exception) and (held := await _holds(fs, path, source)) is not None:
+            # a try whose answer was lost stored it (the error is a later try's, or the last answer's loss)
+            log.info("%s: the upload's answers were lost, and the object holds what was sent", path.url)
+            return _uploaded(fs, path, int(held["generation"]), int(held["size"]), held["crc32c"], record)
         elif _outcome_unknown(e) or (sent and not isinstance(e, Exception)):
             # the upload may have landed and its answer been lost, or been cancelled on its way
             fs.invalidate_cache(path.fs_path)
@@ -269,6 +298,17 @@ async def put_verified(
         raise _failure(path, e, attempts, deleted) from e
     finally:
         changing.close()
+
+
+def _uploaded(fs: gcsfs.GCSFileSystem, path: GCSPath, generation: int | None, size: int, crc: str,
+              record: bool) -> Uploaded:
+    """A confirmed upload: the cached listing dropped, the write journaled (``record``), counted."""
+    fs.invalidate_cache(path.fs_path)
+    change = journal().record(path.url, "write", generation=generation, size=size) if record else None
+    count("uploads")
+    count("bytes_uploaded", size)
+    log.debug("uploaded %s (%d bytes, generation %s)", path.url, size, generation)
+    return Uploaded(path.url, generation, size, crc, change)
 
 
 async def put_verified_each(
@@ -534,6 +574,9 @@ async def _check_stored(
         await bounded(fs, fs._call("DELETE", "b/{}/o/{}", path.bucket, path.key, **params))
     except FileNotFoundError:
         pass
+    except Exception as e:
+        raise _CorruptKept(f"server reports size {got_size} and CRC32C {got_crc}, sent {size} bytes with CRC32C "
+                           f"{sent_crc}") from e
     finally:
         fs.invalidate_cache(path.fs_path)
     raise _Mismatch(f"server reports size {got_size} and CRC32C {got_crc}, sent {size} bytes with CRC32C {sent_crc}")
@@ -567,6 +610,31 @@ def object_generation(url: GCSPath | str | os.PathLike[str], fs: gcsfs.GCSFileSy
 
     fs = _filesystem(fs)
     return sync(fs.loop, _generation, fs, _as_path(url))  # type: ignore[no-any-return]
+
+
+async def _holds(fs: gcsfs.GCSFileSystem, path: GCSPath, source: Source) -> dict[str, Any] | None:
+    """The object's resource when the server holds exactly ``source`` (size and CRC32C; one metadata request);
+    None when it holds something else, or cannot be asked."""
+    try:
+        meta = await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
+    except Exception as e:  # gone, refused, or still no answer: not known to hold it
+        log.debug("%s: could not tell what the server holds after the upload (%s)", path.url, e)
+        return None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = memoryview(source).cast("B")
+        size, crc = data.nbytes, _crc_b64(google_crc32c.Checksum(_bytes_like(data)))
+    else:
+        size, crc = os.path.getsize(source), file_crc32c(source)
+    return meta if str(meta.get("size")) == str(size) and meta.get("crc32c") == crc else None
+
+
+def file_crc32c(local: str | os.PathLike[str]) -> str:
+    """The CRC32C of the file ``local`` as the JSON API reports it."""
+    checksum = google_crc32c.Checksum()
+    with open(local, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            checksum.update(block)
+    return _crc_b64(checksum)
 
 
 def download(
@@ -605,15 +673,10 @@ def download(
             if is_transient(e):
                 raise transient_error(path.url, "download", e) from e
             raise
-        checksum = google_crc32c.Checksum()
-        got = 0
-        with open(local, "rb") as f:
-            while block := f.read(8 * 2**20):
-                checksum.update(block)
-                got += len(block)
-        if got == int(meta.get("size", -1)) and _crc_b64(checksum) == meta.get("crc32c"):
+        got, crc = os.path.getsize(local), file_crc32c(local)
+        if got == int(meta.get("size", -1)) and crc == meta.get("crc32c"):
             return meta
-        last = (f"got {got} bytes with CRC32C {_crc_b64(checksum)}, "
+        last = (f"got {got} bytes with CRC32C {crc}, "
                 f"metadata says {meta.get('size')} / {meta.get('crc32c')}")
         log.info("download of %s did not match its metadata (%s); retrying", path.url, last)
     raise IntegrityError(

@@ -83,6 +83,36 @@ class _ObjectGates:
                     self._turn.wait()
                 table[vsi] = 1
 
+    def enter_all(self, vsis: list[str]) -> None:
+        """Start GDAL I/O of each of ``vsis`` (shared: a VRT and its sources), all at once.
+
+        Never holds some while it waits for a change of another: a writer
+        holding that other one may be waiting for the objects this thread
+        holds (two of its uploads on one event loop), and both would wait
+        until the change gave up (:data:`CHANGE_WAIT`). While one of them
+        changes, it holds none and waits, then tries again.
+        """
+        if len(vsis) == 1:
+            self.enter(vsis[0])
+            return
+        table = self._table()
+        while True:
+            new = [v for v in vsis if not table.get(v)]  # (those this thread holds already never wait)
+            for v in vsis:
+                table[v] = table.get(v, 0) + 1  # the marks first, then the look at writers
+            busy = [v for v in new if v in self._changing]
+            if not busy:
+                return
+            self.exit_all(vsis)
+            with self._mutex:
+                while any(v in self._changing for v in busy):
+                    self._turn.wait()
+
+    def exit_all(self, vsis: list[str]) -> None:
+        """End GDAL I/O of each of ``vsis`` (:meth:`enter_all`)."""
+        for v in reversed(vsis):
+            self.exit(v)
+
     def exit(self, vsi: str) -> None:
         """End GDAL I/O of ``vsi``."""
         table = self._local.depth
@@ -101,16 +131,21 @@ class _ObjectGates:
         deadline = time.monotonic() + CHANGE_WAIT
         with self._mutex:
             self._changing[vsi] = self._changing.get(vsi, 0) + 1
-            while vsi not in self._forced and any(
-                vsi in t for t in self._tables.values() if t is not mine
-            ):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("gdal: GDAL I/O of %s still running after %.0f s; changing it anyway (that "
-                                "read may mix two versions)", vsi, CHANGE_WAIT)
-                    self._forced.add(vsi)
-                    return
-                self._turn.wait(min(left, _POLL))
+        try:
+            with self._mutex:
+                while vsi not in self._forced and any(
+                    vsi in t for t in self._tables.values() if t is not mine
+                ):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.warning("gdal: GDAL I/O of %s still running after %.0f s; changing it anyway (that "
+                                    "read may mix two versions)", vsi, CHANGE_WAIT)
+                        self._forced.add(vsi)
+                        return
+                    self._turn.wait(min(left, _POLL))
+        except BaseException:  # interrupted while waiting (Ctrl-C): no change is held, readers go on
+            self.end_change(vsi)
+            raise
 
     def end_change(self, vsi: str) -> None:
         """Let ``vsi``'s I/O resume."""

@@ -161,10 +161,17 @@ class _Reader(DatasetReader):  # type: ignore[misc]
     overviews = _through_io(DatasetReader.overviews)  # GDAL reads overview IFDs, .ovr on first use
     # metadata GDAL holds per handle: after an overwrite, the new version's with its pixels
     tags = _through_io(DatasetReader.tags)
+    get_tag_item = _through_io(DatasetReader.get_tag_item)
+    tag_namespaces = _through_io(DatasetReader.tag_namespaces)
     colormap = _through_io(DatasetReader.colormap)
     descriptions = _through_io_property("descriptions")
     units = _through_io_property("units")
     colorinterp = _through_io_property("colorinterp")
+    mask_flag_enums = _through_io_property("mask_flag_enums")
+    gcps = _through_io_property("gcps")  # georeferencing _layout does not compare: the new pixels' own
+    get_gcps = _through_io(DatasetReader.get_gcps)
+    rpcs = _through_io_property("rpcs")
+    # rasterio's compression, interleaving, photometric, subdatasets and profile ask self.tags()
 
     # close is rasterio's own, outside the gate: GDAL's close of a reader does no I/O of the object
     # (checked in the emulator's log, tests/test_open_read.py); at most it uploads a .aux.xml
@@ -189,7 +196,8 @@ def _reader(ds: Any, t: Target, epoch: int, driver: str | None = None, kwargs: d
         d["_cloudio_target"] = t
         d["_cloudio_epoch"] = epoch
         if t.vrt:
-            d["_cloudio_sources"] = _source_epochs(ds, t)
+            d["_cloudio_sources"] = sources = _source_epochs(ds, t)
+            d["_cloudio_gated"] = sorted({t.vsi, *(f for f, _ in sources)})  # the gates its reads hold (_io)
         if driver is not None or kwargs:
             ds._cloudio_open = (driver, kwargs or {})
     return ds
@@ -222,8 +230,11 @@ def _io(ds: _Reader, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     epochs = consumer._epoch
     vsi = ds._cloudio_target.vsi
     src = ds._cloudio_fresh or ds
+    if ds.closed:  # rasterio's own error: a closed dataset reads nothing, not a fresh open kept open
+        return fn(ds, *args, **kwargs)
     for _ in range(_READ_ATTEMPTS):
-        _gates.enter(vsi)
+        gated = src.__dict__.get("_cloudio_gated") or [vsi]  # a VRT's: its GCS sources' too (_reader)
+        _gates.enter_all(gated)
         try:
             before = epochs.get(vsi, 0)
             if before != src._cloudio_epoch or before & 1 or _sources_changed(src):
@@ -237,13 +248,13 @@ def _io(ds: _Reader, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
                 else:
                     failed = None
         finally:
-            _gates.exit(vsi)
+            _gates.exit_all(gated)
         if not current:
             src = _renew(ds)  # outside the gate: it may list the directory and waits for writes
             continue
         if failed is not None:
             out = _retry_read(src, failed, fn, args, kwargs)
-        if out is not _CHANGED and epochs.get(vsi, 0) == before:
+        if out is not _CHANGED and epochs.get(vsi, 0) == before and not _sources_changed(src):
             return out
     raise _stale(ds._cloudio_target, f"it kept changing during each of {_READ_ATTEMPTS} reads")
 
@@ -253,7 +264,12 @@ def _renew(ds: _Reader) -> _Reader:
     t = ds._cloudio_target
     driver, kwargs = ds._cloudio_open
     fresh: _Reader = _open_read(t, driver, False, kwargs)
-    if _layout(fresh) != _layout(ds):
+    try:
+        same = _layout(fresh) == _layout(ds)
+    except BaseException:
+        fresh.close()
+        raise
+    if not same:
         fresh.close()
         raise _stale(t, "the new version's size, bands, data types, blocks or georeferencing differ from the "
                         "dataset's")
@@ -295,7 +311,7 @@ def _retry_read(ds: _Reader, first: RasterioIOError, fn: Any, args: tuple[Any, .
             return _CHANGED  # meanwhile: this handle must not read again
         return fn(ds, *args, **kwargs)
     except RasterioIOError as e:
-        raise _read_error(t, e) from e
+        raise _read_error(t, e, ds=ds) from e
     finally:
         _gates.exit(t.vsi)
 
@@ -323,7 +339,8 @@ def _said(e: BaseException, t: Target) -> str:
     text = _messages(e)
     for p in (t.vsi, t.path.url, t.shown):
         text = text.replace(p, "")
-    return text
+    # rasterio names a block's failure by the bare name: cut where it stands alone ("t" is no word of "timeout")
+    return re.sub(rf"(?<![\w.-]){re.escape(t.path.name)}(?![\w.-])", "", text)
 
 
 def _is_transient(e: BaseException, t: Target) -> bool:
@@ -332,18 +349,42 @@ def _is_transient(e: BaseException, t: Target) -> bool:
     return _TRANSIENT.search(text) is not None or _SHORT_READ.search(text) is not None
 
 
-def _refused_status(t: Target, e: BaseException) -> int | None:
+def _asked(t: Target, e: BaseException) -> tuple[int | None, int | None]:
     """For a read GDAL reports only as short (no status in its message): the status with which the server
-    refuses the object's bytes now (401, 403), asked once (one-byte GET); None when it does not refuse."""
+    answers a one-byte GET of the object now, and the object's size (one request, within the per-request time
+    limit); (None, None) for any other failure, or when the server did not answer."""
     text = _said(e, t)
     if _SHORT_READ.search(text) is None or _TRANSIENT.search(text) is not None:
-        return None
+        return None, None
     try:
-        status = range_status(gcs_filesystem(), t.path)
+        return range_status(gcs_filesystem(), t.path)
     except Exception as oe:  # the network itself: transient, as the message says
         log.debug("could not ask %s for its first byte: %s", t.path.url, oe)
+        return None, None
+
+
+#: rasterio's name for the block a read failed at
+_FAILED_BLOCK = re.compile(r"band (\d+): IReadBlock failed at X offset (\d+), Y offset (\d+)")
+
+
+def _cut_short(t: Target, e: BaseException, ds: DatasetReader | None, stored: int | None) -> str | None:
+    """For a short read of a GeoTIFF's block (as a broken download reads): where the header places that block,
+    when it lies past the end of the object the server holds (``stored`` bytes), which no retry mends;
+    otherwise None."""
+    block = _FAILED_BLOCK.search(_said(e, t))
+    if ds is None or block is None or stored is None:
         return None
-    return status if status in (401, 403) else None
+    band, x, y = (int(g) for g in block.groups())
+    try:
+        offset = DatasetReader.get_tag_item(ds, f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band)
+        size = DatasetReader.get_tag_item(ds, f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=band)
+    except Exception as oe:  # not a GeoTIFF's block: the caller's diagnosis stands
+        log.debug("could not place the block %s of %s: %s", (band, x, y), t.path.url, oe)
+        return None
+    if offset is None or size is None or int(offset) + int(size) <= stored:
+        return None
+    return (f"its header places band {band}'s block ({x}, {y}) at bytes {offset}-{int(offset) + int(size) - 1}, "
+            f"but {where()} holds {stored} bytes of it")
 
 
 def _transient(t: Target, e: BaseException) -> TransientReadError:
@@ -354,13 +395,21 @@ def _transient(t: Target, e: BaseException) -> TransientReadError:
     )
 
 
-def _read_error(t: Target, e: RasterioIOError) -> CloudioError:
-    """cloudio's error for a GDAL failure that survived a clear and a retry (``e`` becomes its cause)."""
-    refused = _refused_status(t, e)
-    if refused is not None:
+def _read_error(t: Target, e: RasterioIOError, driver: str | None = None,
+                ds: DatasetReader | None = None) -> CloudioError:
+    """cloudio's error for a GDAL failure that survived a clear and a retry (``e`` becomes its cause); an open
+    with ``driver`` given names it; a read of the dataset ``ds`` may show the object cut short."""
+    status, stored = _asked(t, e)
+    if status in (401, 403):
         return DatasetReadError(
-            f"{t.path.url}: {where()} refused to read it (HTTP {refused}) while GDAL read its bytes: "
+            f"{t.path.url}: {where()} refused to read it (HTTP {status}) while GDAL read its bytes: "
             f"{_messages(e)}. Check that your credentials may read it, then read again."
+        )
+    cut = _cut_short(t, e, ds, stored)
+    if cut is not None:
+        return DatasetReadError(
+            f"{t.path.url} is truncated: {cut}. No retry will read it (an interrupted upload or copy stored "
+            "it cut short?): write it again."
         )
     if _is_transient(e, t):
         return _transient(t, e)
@@ -371,6 +420,11 @@ def _read_error(t: Target, e: RasterioIOError) -> CloudioError:
     except OSError as oe:
         log.debug("could not diagnose %s: %s", t.path.url, oe)
         return _transient(t, e)
+    if driver is not None:
+        return DatasetReadError(
+            f"{t.path.url} exists on {where()} but GDAL could not open it with driver={driver!r}: {_messages(e)}. "
+            "Check the driver (leave it out to let GDAL choose), or that it is a complete raster."
+        )
     return DatasetReadError(
         f"{t.path.url} exists on {where()} but GDAL could not read it: {_messages(e)}. "
         "Check that it is a complete raster in a format GDAL reads (download it and open it locally)."
@@ -593,11 +647,20 @@ def _local_vrt_sources(local: str, depth: int = 0) -> list[GCSPath]:
     return found
 
 
+_VSICURL = "/vsicurl/"
+
+
 def _target(fp: Any) -> Target | None:
-    """The object ``fp`` names, or None when ``fp`` is not a GCS URL (rasterio's business)."""
-    if not isinstance(fp, (str, os.PathLike)) or not is_gcs(fp):
+    """The object ``fp`` names, or None when ``fp`` is not a GCS URL (rasterio's business). GDAL's ``/vsicurl/``
+    of a GCS object's HTTP URL (Google's, or the emulator's) names that object: read as such, not left to GDAL's
+    own caches (stale after an overwrite) and endpoint (Google's, with an emulator in force)."""
+    if not isinstance(fp, (str, os.PathLike)):
         return None
     s = os.fspath(fp)
+    if s.startswith(_VSICURL) and s[len(_VSICURL):].startswith(("http://", "https://")) and is_gcs(s[len(_VSICURL):]):
+        return target(parse_gcs(s[len(_VSICURL):], require_key=True), s)
+    if not is_gcs(s):
+        return None
     t = target(parse_gcs(s, require_key=True), s)
     if s.startswith(("gs://", "/vsigs/")):  # http(s) spellings depend on the emulator in force
         if len(_parsed) >= _PARSED_MAX:
@@ -628,7 +691,7 @@ def _open_read(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, A
         try:
             return _gdal_open(t, driver, sharing, kwargs, level)
         except RasterioIOError as e2:
-            raise _read_error(t, e2) from e2
+            raise _read_error(t, e2, driver) from e2
 
 
 def _gdal_open(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any],
@@ -895,8 +958,10 @@ def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: fl
     seen = {t.vsi}
     level, current = files, True
     missing: list[str] = []
+    walked: list[GCSPath] = []
     for depth in range(_VRT_DEPTH + 1):
         sources = _source_paths(level, seen)
+        walked += sources
         listed = [(p, _related(p)) for p in sources if not _checked_recently(p, max_age)]
         _count("revalidations", len(listed))
         new_bucket = _configure_buckets(sources)  # a checked VRT may name a bucket the older version did not
@@ -924,6 +989,7 @@ def _sources_current(ds: DatasetReader, t: Target, files: list[str], max_age: fl
             break
         consumer.prepare_vrt()  # their sources may be new names in any folder GDAL listed
         level = [f for v in vrts for f in _vrt_files(v)]
+    _remember_sources(t, walked)  # the handle watches (and its reads hold) the sources of every level
     return current
 
 

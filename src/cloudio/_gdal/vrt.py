@@ -36,9 +36,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from cloudio._gcs.transfer import upload
+from cloudio._gcs.transfer import checked_guard
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
+from cloudio._session import current_level
 from cloudio.errors import CloudioError, ConfigurationError, InvalidURLError, UploadError
 
 if TYPE_CHECKING:
@@ -81,7 +82,11 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
         ``url`` is not a GCS object URL, or a source of the dataset is a local
         or in-memory file that GDAL could not open from elsewhere.
     ConfigurationError
-        The dataset is closed, or still being written through ``cloudio.open``.
+        ``if_generation_match`` is no generation, ``CLOUDIO_CONSISTENCY`` is
+        unusable, the dataset is closed, or still being written through ``cloudio.open``;
+        or the VRT would read ``url`` itself, as a source or through the VRTs
+        among its sources (one GET per such VRT), so writing it would replace
+        what it reads. Nothing was uploaded.
     UploadError, IntegrityError, BucketNotFoundError
         From the upload, or GDAL could not render the VRT; nothing was journaled.
     ConflictError
@@ -94,9 +99,11 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
     ``.vrt.ovr``, a ``.vrt.aux.xml``) are deleted, as for ``cloudio.open(url, "w")``:
     GDAL would read them with the new VRT.
     """
-    from cloudio._gdal.write import _drop_old_sidecars, refuse_folder_key
+    from cloudio._gdal.write import _drop_old_sidecars, refuse_folder_key, upload_known
 
     path = parse_gcs(os.fspath(url), require_key=True)
+    current_level()  # an unusable CLOUDIO_CONSISTENCY is named now, not after the upload (with the old sidecars)
+    guard = checked_guard(path.url, if_generation_match)
     refuse_folder_key(path)
     tmpdir = tempfile.mkdtemp(prefix="cloudio-vrt-")
     try:
@@ -107,14 +114,14 @@ def write_vrt(dataset_or_vrt: DatasetReaderBase | str | os.PathLike[str], url: s
         fixed = absolute_sources(xml_text, base_dir=path.parent if is_text else tmpdir, url=path.url)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    if path.vsi in _sources_of(fixed):
+    if _reads(fixed, path):
         raise ConfigurationError(
             f"{path.url}: the VRT would read itself (it is one of its own sources), and writing it would replace "
             "what it reads; nothing was written. Write the VRT to another URL (such as "
             f"{path.url.rsplit('.', 1)[0]}_view.vrt)."
         )
     with journal().changing(path.url):  # an open in between would read the new VRT with the old sidecars
-        upload(fixed.encode("utf-8"), path, content_type="application/xml", if_generation_match=if_generation_match)
+        upload_known(fixed.encode("utf-8"), path, content_type="application/xml", if_generation_match=guard)
         _drop_old_sidecars(path, {path.url})  # the old VRT's .vrt.ovr or .aux.xml would be read with this one
     log.debug("wrote VRT %s", path.url)
     return path.url
@@ -180,13 +187,19 @@ def absolute_sources(xml_text: str, *, base_dir: str | GCSPath | None = None, ur
         raise ConfigurationError(f"{url}: the VRT XML is not well-formed ({e}); nothing was written. Check the "
                                  "text (a VRT is a <VRTDataset> document), or pass the dataset itself.") from e
     for el in source_elements(root):
-        raw = (el.text or "").strip()
-        if el.get("relativeToVRT") == "1" and not raw.startswith("/vsi"):
-            raw = _relative(raw, base_dir, url)
-        el.text = _absolute(raw, url)
+        el.text = _resolved(el, base_dir, url)
         if "relativeToVRT" in el.attrib:
             el.set("relativeToVRT", "0")
     return ET.tostring(root, encoding="unicode")
+
+
+def _resolved(el: ET.Element, base_dir: str | GCSPath | None, url: str) -> str:
+    """The absolute ``/vsigs/`` path a source element names (:func:`absolute_sources`); InvalidURLError for a
+    local or in-memory file."""
+    raw = (el.text or "").strip()
+    if el.get("relativeToVRT") == "1" and not raw.startswith("/vsi"):
+        raw = _relative(raw, base_dir, url)
+    return _absolute(raw, url)
 
 
 def source_elements(root: ET.Element) -> Iterator[ET.Element]:
@@ -197,6 +210,47 @@ def source_elements(root: ET.Element) -> Iterator[ET.Element]:
 def _sources_of(xml_text: str) -> set[str]:
     """The source paths named in VRT XML already made absolute (:func:`absolute_sources`)."""
     return {(el.text or "").strip() for el in source_elements(ET.fromstring(xml_text))}
+
+
+def _reads(xml_text: str, path: GCSPath) -> bool:
+    """Whether VRT XML (its sources absolute) stored at ``path`` would read ``path``: as one of its sources,
+    or through the VRTs among them, however deep (their XML as the server holds it, each read once)."""
+    seen: set[str] = set()
+    level = _sources_of(xml_text)
+    while level:
+        if path.vsi in level:
+            return True
+        seen |= level
+        below: set[str] = set()
+        for vsi in level:
+            below |= _stored_sources(vsi)
+        level = below - seen
+    return False
+
+
+def _stored_sources(vsi: str) -> set[str]:
+    """The ``/vsigs/`` sources named by the VRT the server holds at ``vsi`` (none when it is not a VRT on GCS,
+    or cannot be read); a source cloudio cannot place (a local file) is left out, the others kept."""
+    from fsspec.asyn import sync
+
+    from cloudio._gcs.client import bounded, gcs_filesystem
+    from cloudio._gdal.targets import may_reference
+
+    if not (vsi.startswith("/vsigs/") and may_reference(vsi)):
+        return set()
+    source = parse_gcs(vsi)
+    fs = gcs_filesystem()
+    try:
+        root = ET.fromstring(sync(fs.loop, bounded, fs, fs._cat_file(source.fs_path)))
+    except (OSError, ET.ParseError, CloudioError):  # missing, refused, not VRT XML: it reads nothing more
+        return set()
+    found = set()
+    for el in source_elements(root):
+        try:
+            found.add(_resolved(el, source.parent, source.url))
+        except CloudioError:
+            continue
+    return found
 
 
 def _relative(raw: str, base_dir: str | GCSPath | None, url: str) -> str:

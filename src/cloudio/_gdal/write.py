@@ -58,10 +58,17 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from cloudio._gcs.client import is_transient
-from cloudio._gcs.transfer import Uploaded, download, ensure_bucket, object_generation, upload
+from cloudio._gcs.transfer import Uploaded, checked_guard, download, ensure_bucket, object_generation, upload
 from cloudio._journal import journal
 from cloudio._paths import GCSPath
-from cloudio.errors import ConfigurationError, ConflictError, InvalidURLError, NotARasterError, UploadError
+from cloudio.errors import (
+    ConfigurationError,
+    ConflictError,
+    InvalidURLError,
+    NotARasterError,
+    TransientError,
+    UploadError,
+)
 
 if TYPE_CHECKING:
     from rasterio.io import DatasetWriter
@@ -217,10 +224,27 @@ def _sidecar_targets(local: str, path: GCSPath) -> list[tuple[str, GCSPath]]:
     return targets
 
 
+def upload_known(source: bytes | str, path: GCSPath, *, content_type: str | None = None,
+                 if_generation_match: int | None = None) -> Uploaded:
+    """:func:`~cloudio._gcs.transfer.upload` of a dataset's object, whose old sidecars go once it is stored: an
+    outcome left unknown (the server, asked after the answers were lost, did not say it holds what was sent)
+    says they would be read with it if it was stored."""
+    try:
+        return upload(source, path, content_type=content_type, if_generation_match=if_generation_match)
+    except TransientError as e:
+        raise TransientError(f"{e} If it was stored, the old version's sidecars (.aux.xml, .ovr, .msk) are "
+                             "still beside it and would be read with it: write it again.") from e
+
+
 def _upload_all(local: str, path: GCSPath, guard: int | None, sidecars: list[tuple[str, GCSPath]],
                 replace: bool) -> list[Uploaded]:
-    """:func:`_upload_outputs`' uploads (and deletes), the object held as changing by the caller."""
-    done = [upload(local, path, if_generation_match=guard)]
+    """:func:`_upload_outputs`' uploads (and deletes), the object held as changing by the caller.
+
+    When the object's upload landed with its answers lost, the server holds
+    what was sent and the upload succeeded (:func:`~cloudio._gcs.transfer.put_verified`
+    asks): the write goes on, so the new pixels are not read with the old version's sidecars.
+    """
+    done = [upload_known(local, path, if_generation_match=guard)]
     remote = path
     try:
         for side, remote in sidecars:
@@ -268,11 +292,12 @@ def _is_sidecar(name: str, obj: str) -> bool:
 
 def _drop_old_sidecars(path: GCSPath, uploaded: set[str]) -> None:
     """Delete (and journal) the sidecars of ``path`` on the server that this write did not upload."""
-    from cloudio._gcs.client import gcs_filesystem
+    from cloudio._gcs.client import call_bounded, gcs_filesystem
 
     stem = os.path.splitext(path.name)[0]
+    fs = gcs_filesystem()
     try:
-        names = gcs_filesystem().ls(path.parent.fs_path, prefix=stem, refresh=True, detail=False)
+        names = call_bounded(fs, fs._ls(path.parent.fs_path, prefix=stem, refresh=True, detail=False))
     except FileNotFoundError:
         return  # nothing there (an emulator's empty "folder")
     except Exception as e:
@@ -319,14 +344,14 @@ def _undo(done: list[Uploaded]) -> list[str]:
 
 def _delete(urls: list[str]) -> list[str]:
     """Delete ``urls`` (each delete journaled); returns the ones that could not be deleted."""
-    from cloudio._gcs.client import gcs_filesystem
+    from cloudio._gcs.client import call_bounded, gcs_filesystem
     from cloudio._paths import parse_gcs
 
     fs = gcs_filesystem()
     kept = []
     for url in urls:
         try:
-            fs.rm_file(parse_gcs(url).fs_path)
+            call_bounded(fs, fs._rm_file(parse_gcs(url).fs_path))
         except FileNotFoundError:
             pass
         except Exception:
@@ -441,13 +466,13 @@ def open_write(path: GCSPath, mode: str, driver: str | None = None, **kwargs: An
     from rasterio.errors import DriverRegistrationError
     from rasterio.io import get_writer_for_driver
 
+    from cloudio._session import current_level
+
     if mode not in _MODES:
         raise ValueError(f"{path.url}: mode {mode!r} is not a write mode; use 'w', 'w+' or 'r+'")
-    refuse_folder_key(path)
-    guard = kwargs.pop("if_generation_match", None)
-    if guard is not None and (isinstance(guard, bool) or not isinstance(guard, int) or guard < 0):
-        raise ConfigurationError(f"{path.url}: if_generation_match={guard!r} is not a generation; pass the "
-                                 "object's generation (an int), or 0 to write only if it does not exist.")
+    current_level()  # an unusable CLOUDIO_CONSISTENCY is named here, not at close (where the old sidecars' listing
+    refuse_folder_key(path)  # met it after the upload, and kept them)
+    guard = checked_guard(path.url, kwargs.pop("if_generation_match", None))
     if mode != "r+":
         driver = _driver_for(path, driver)
     else:  # rasterio.open passes only driver, sharing and options when updating

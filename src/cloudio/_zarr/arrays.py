@@ -32,12 +32,14 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 
 from cloudio import _config
+from cloudio._journal import journal
+from cloudio._session import current_level
 from cloudio._zarr import last_seen
 from cloudio._zarr import shard_codec as _shardio
 from cloudio._zarr.buffers import lend, outputs
 from cloudio._zarr.changes import stopped_on_failure
 from cloudio._zarr.shard_codec import plain_layout
-from cloudio._zarr.shard_safety import align, write_grid
+from cloudio._zarr.shard_safety import align, whole, write_grid
 from cloudio._zarr.shard_safety import is_dask as _is_dask
 from cloudio._zarr.store import (
     MARKER,
@@ -51,7 +53,7 @@ from cloudio._zarr.store import (
     revalidate,
     zarr_store,
 )
-from cloudio.errors import ConfigurationError, TransientError
+from cloudio.errors import ConfigurationError, StaleDatasetError, TransientError
 
 if TYPE_CHECKING:
     import dask.array
@@ -118,7 +120,11 @@ def save_array(
     """
     import zarr
 
+    current_level()  # an unusable CLOUDIO_CONSISTENCY is named before anything is written
     store = url if isinstance(url, JournaledStore) else zarr_store(url)
+    if kwargs.get("zarr_format") not in (None, 2, 3):  # (some zarr releases write anything else as 3)
+        raise ConfigurationError(f"{store.root_url}: zarr_format={kwargs['zarr_format']!r} is no Zarr format; "
+                                 "pass 3 (the default) or 2. Nothing was written.")
     dask_input = _is_dask(array)
     if not dask_input:
         array = np.asarray(array)
@@ -127,14 +133,14 @@ def save_array(
             chunks = tuple(max(c) if c else 1 for c in cast("dask.array.Array", array).chunks)
             if isinstance(shards, tuple | list):
                 chunks = tuple(_divisor_at_most(s, c) for s, c in zip(shards, chunks, strict=True))
-            elif isinstance(shards, int):
-                chunks = tuple(_divisor_at_most(shards, c) for c in chunks)
+            elif (n := whole(shards)) is not None:
+                chunks = tuple(_divisor_at_most(n, c) for c in chunks)
         else:
             chunks = "auto"
-    if isinstance(shards, int) and not isinstance(shards, bool):
-        shards = (shards,) * array.ndim
-    if isinstance(chunks, int) and not isinstance(chunks, bool):
-        chunks = (chunks,) * array.ndim
+    if (n := whole(shards)) is not None:
+        shards = (n,) * array.ndim
+    if (n := whole(chunks)) is not None:
+        chunks = (n,) * array.ndim
     # Validate everything before touching anything: the array zarr would create, made in memory
     # (no request), settles the grid the Dask chunks must fit and rejects bad arguments.
     # any other value is the user's, passed on for zarr to refuse
@@ -143,10 +149,13 @@ def save_array(
     try:
         probe = zarr.create_array(zarr.storage.MemoryStore(), shape=array.shape, dtype=array.dtype,
                                   chunks=zarr_chunks, shards=zarr_shards, **kwargs)
-    except ValueError as e:
+    except Exception as e:  # made in memory: whatever zarr raised (ValueError, TypeError...) is about the arguments
         raise ConfigurationError(f"{store.root_url}: zarr refuses these arguments for a {array.dtype} array of "
-                                 f"shape {array.shape} ({e}); nothing was written. Change them (chunks must "
-                                 "divide shards) and write again.") from e
+                                 f"shape {array.shape} ({type(e).__name__}: {e}); nothing was written. Change them "
+                                 "(chunks must divide shards) and write again.") from e
+    if store.read_only:
+        raise ConfigurationError(f"{store.root_url}: the store was opened read-only; nothing was written. "
+                                 "Pass the URL, or a store opened with cloudio.zarr_store(url) (writable).")
     if dask_input:
         grid, sharded = write_grid(probe)
         array = align(cast("dask.array.Array", array), grid, name="array", url=store.root_url, sharded=sharded,
@@ -427,6 +436,9 @@ def load_array(
         When the array's metadata is not valid JSON.
     TransientError
         When the server or network kept failing past the retries.
+    StaleDatasetError
+        When a write in this process overlapped each of three reads (an eager
+        read that one overlapped is read again: it returns one version).
 
     Notes
     -----
@@ -435,16 +447,35 @@ def load_array(
     (see docs/consistency.md).
     """
     store = url if isinstance(url, JournaledStore) else zarr_store(url, read_only=True)
+    if lazy:
+        return _load_once(store, True, chunks)[0]
+    for _ in range(_READ_ATTEMPTS):
+        out, seq = _load_once(store, False, chunks)
+        if not journal().since(seq, read=store.root_url):
+            return out
+        log.debug("%s: written in this process while it was read; reading it again", store.root_url)
+    raise StaleDatasetError(f"{store.root_url}: written in this process during each of {_READ_ATTEMPTS} reads, "
+                            "so each may hold two versions; read it again once the writes are over.")
+
+
+#: reads of an array a write in this process overlapped, before load_array gives up (:func:`load_array`)
+_READ_ATTEMPTS = 3
+
+
+def _load_once(store: JournaledStore, lazy: bool, chunks: Any) -> tuple[np.ndarray | dask.array.Array, int]:
+    """:func:`load_array`'s read of the store, once; and the journal's sequence number when it began to read
+    (after the strong level's listing, whose own records of what it found are not writes)."""
     with cloudio_errors(store, writing=False, node="array", writer="cloudio.save_array"):
         check = revalidate(store)  # None at the session level: the marker's GET says what is needed
+        seq = journal().seq
         if check is None and not lazy:
             out = _load_as_last_seen(store)
             if out is not None:
-                return out
+                return out, seq
         # a format known from the server's listing spares zarr its probes for the other one's documents
         z = open_complete_array(store, check is None or check.marked,
                                 None if check is None else check.zarr_format(store.root_url))
-        return _load(z, lazy, chunks)
+        return _load(z, lazy, chunks), seq
 
 
 class _NotAsLastSeen(Exception):

@@ -23,6 +23,7 @@ says which variable, which chunks, which grid, and what to do.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Chunks = tuple[tuple[int, ...], ...]
+
+
+def whole(value: object) -> int | None:
+    """``value`` as an int when it is one (NumPy's integers too, as zarr takes them), else None (bools too)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def is_dask(obj: Any) -> bool:

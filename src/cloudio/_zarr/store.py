@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import sys
 import threading
 import time
@@ -46,6 +47,7 @@ import zarr
 from zarr.abc.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
+from cloudio._gcs.client import bounded
 from cloudio._gcs.fast import list_objects
 from cloudio._gcs.transfer import put_verified, put_verified_each
 from cloudio._journal import journal
@@ -307,7 +309,6 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             if byte_range is not None or root is None:
                 if root is None:
                     return await super().get(key, prototype, byte_range)
-                from cloudio._gcs.client import bounded
 
                 # a part of a shard, through gcsfs: within the time limit one call may take, retries included
                 return await bounded(self._store.fs, super().get(key, prototype, byte_range))
@@ -492,9 +493,12 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 await self._delete_object(key, generation)
             else:
                 await self._store.delete(key)
-        except asyncio.CancelledError:
-            # a failed write stopped it on its way (cloudio._zarr.changes): the server may have carried it out,
-            # so caches ask again and the write's marker stays
+        except ConflictError:  # refused (412): nothing was deleted
+            raise
+        except BaseException:
+            # stopped on its way by a failed write (cloudio._zarr.changes), or failed past the retries after a
+            # try whose answer was lost: the server may have carried it out, so caches ask again (the write's
+            # marker stays)
             journal().record(self._url(key), "invalidate")
             raise
         self._deleted(key, prefix=False)
@@ -521,9 +525,14 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     @stops_with_its_write
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
-        # Whether the wrapped store wrote is not reported; recording a write that did not
-        # happen only costs a cache a refetch, missing one would leave it stale.
-        await self._store.set_if_not_exists(key, value)
+        # zarr calls this for every parent group of a node it creates: journaled only when it wrote, since a
+        # recorded write keeps a failed write's marker up (and tells every cache the document changed)
+        if await self._store.exists(key):
+            return
+        if isinstance(self._store, FsspecStore):
+            await self.set(key, value)  # as FsspecStore's own (zarr's default): no write after a look
+            return
+        await self._store.set_if_not_exists(key, value)  # a local file is created exclusively
         self._wrote(key, value)
 
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
@@ -650,7 +659,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 root = store.path.rstrip("/")
                 # the names as they are: fsspec's rm expands "[", "*", "?" as a glob ("run[1].zarr/c/1/1"
                 # named run1.zarr's shard, and left its own)
-                answers = await store.fs._delete_files([f"{root}/{k}" if root else k for k in keys], 100)
+                answers = await bounded(store.fs, store.fs._delete_files([f"{root}/{k}" if root else k
+                                                                          for k in keys], 100))
                 failed = [e for e in answers if isinstance(e, Exception) and not isinstance(e, FileNotFoundError)
                           and "No such object" not in str(e)]  # deleted meanwhile: gone either way
                 if failed:
@@ -922,6 +932,10 @@ class WriteMark:
         except Exception as e:  # any failure: a marker left behind errs on the safe side
             log.warning("%s: could not remove the write marker after a refused %s: %s", self.store.root_url,
                         self.operation, e)
+
+    def changed(self) -> bool:
+        """Whether the write began and changed (or may have changed) the store: see :meth:`_changed`."""
+        return self._begun and self._changed()
 
     def _changed(self) -> bool:
         """Whether anything but the marker was written or deleted in the store since :meth:`begin`, or may
@@ -1377,25 +1391,26 @@ def _transient(e: BaseException) -> bool:
 
 @contextmanager
 def cloudio_errors(store: JournaledStore, *, writing: bool, node: str = "store",
-                   writer: str = "cloudio.to_zarr", group: str = "") -> Iterator[None]:
+                   writer: str = "cloudio.to_zarr", group: str = "", mode: str = "w-") -> Iterator[None]:
     """Re-raise what zarr, xarray or gcsfs raise inside as :func:`cloudio_error` says, with it as the cause."""
     try:
         yield
     except Exception as e:
-        err = cloudio_error(store, e, writing=writing, node=node, writer=writer, group=group)
+        err = cloudio_error(store, e, writing=writing, node=node, writer=writer, group=group, mode=mode)
         if err is not None:
             raise err from e
         raise
 
 
 def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, node: str = "store",
-                  writer: str = "cloudio.to_zarr", group: str = "") -> CloudioError | None:
+                  writer: str = "cloudio.to_zarr", group: str = "", mode: str = "w-") -> CloudioError | None:
     """The :class:`~cloudio.CloudioError` a user should see for ``e`` raised by zarr, xarray or gcsfs.
 
-    None when ``e`` is already cloudio's, or an error of the caller's own making
-    (a wrong argument) that zarr or xarray explains well enough. ``group``:
-    the group a read asked for (zarr says a missing one is a ``KeyError`` of
-    the consolidated metadata, or a ``FileNotFoundError``).
+    None when ``e`` is already cloudio's, or no error cloudio can name (a wrong argument that zarr or
+    xarray raises as a ValueError becomes a ConfigurationError naming the store). ``group``:
+    the group a read or write asked for (zarr says a missing one is a
+    ``KeyError`` of the consolidated metadata, or a ``FileNotFoundError``);
+    ``mode``: a write's mode.
     """
     from cloudio.errors import ConfigurationError, IntegrityError, TransientError
 
@@ -1411,13 +1426,14 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
     if isinstance(e, json.JSONDecodeError | UnicodeDecodeError):
         return IntegrityError(f"{url}: a Zarr metadata document there is not valid JSON ({e}); the store is "
                               f"damaged: write it again with {writer}.")
-    if writing and isinstance(e, _STORED_ALREADY):
-        return _already_there(url, e, writer)
+    if writing and isinstance(e, STORED_ALREADY):
+        return _already_there(url, e, writer, mode, group)
     wrong_type = tuple(t for t in (getattr(zarr.errors, "NodeTypeValidationError", None),
                                    getattr(zarr.errors, "ContainsGroupError", None)) if t is not None)
     if node == "store" and not writing and isinstance(e, zarr.errors.ContainsArrayError):  # open_zarr of an array
-        return ConfigurationError(f"{url} is a Zarr array, not a group or dataset; load it with "
-                                  f"cloudio.load_array({url!r}) (or zarr.open_array).")
+        at = f"{url}/{group.strip('/')}" if group else url
+        return ConfigurationError(f"{at} is a Zarr array, not a group or dataset; load it with "
+                                  f"cloudio.load_array({at!r}) (or zarr.open_array).")
     if node == "array" and wrong_type and isinstance(e, wrong_type):
         return ConfigurationError(f"{url} is a Zarr group, not an array; open it with cloudio.open_zarr or "
                                   f"zarr.open_group, or load one of its arrays (cloudio.load_array({url!r} + "
@@ -1433,6 +1449,9 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
                                "may write to this bucket (a write stopped part way leaves the store refused as "
                                "incomplete until it is written again whole).")
         return _refused_read(url, e)
+    if isinstance(e, ValueError):  # the caller's arguments, as zarr or xarray explain them: named with the store
+        return ConfigurationError(f"{url}: {writer if writing else 'the read'} refused its arguments "
+                                  f"({type(e).__name__}: {e}). Change them and try again.")
     return None
 
 
@@ -1465,7 +1484,8 @@ def _http_error(e: BaseException) -> bool:
 
 
 #: what zarr and xarray raise for a write asked not to replace a stored node (gcsfs's 412 is a ConflictError first)
-_STORED_ALREADY = (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError)
+#: zarr's errors for a node already stored where a write asked for another
+STORED_ALREADY = (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError)
 
 
 #: the documents that make a Zarr node (v3, v2 group, v2 array) at a store's root
@@ -1504,17 +1524,32 @@ def refuse_replacing_others(store: JournaledStore, path: str = "") -> None:
         raise refusal
 
 
-def _already_there(url: str, e: BaseException, writer: str) -> CloudioError:
-    """The :class:`~cloudio.AlreadyExistsError` for a write that was asked not to replace a stored node."""
-    from cloudio.errors import AlreadyExistsError
+def _already_there(url: str, e: BaseException, writer: str, mode: str = "w-", group: str = "") -> CloudioError:
+    """The :class:`~cloudio.AlreadyExistsError` for a write that was asked not to replace a stored node; the
+    :class:`~cloudio.ConfigurationError` for a dataset written (appended, or into a region) where an array is."""
+    from cloudio.errors import AlreadyExistsError, ConfigurationError
 
+    at = f"{url}/{group.strip('/')}" if group else url
     kind = ("an array" if isinstance(e, zarr.errors.ContainsArrayError)
             else "a group" if isinstance(e, zarr.errors.ContainsGroupError) else "a store")
+    clash = re.search(r"at path '([^']*)'", str(e))  # zarr names the node it found
+    member = clash.group(1).strip("/") if clash else ""
+    if writer != "cloudio.save_array" and mode in ("a", "a-", "r+"):
+        if member and member != group.strip("/"):  # a variable's place, found during the write
+            return ConfigurationError(
+                f"{url}/{member}: Zarr holds {kind} there, where the dataset's variable "
+                f"{member.rsplit('/', 1)[-1]!r} would go (mode={mode!r}); the write stopped part way, so the store "
+                "stays marked incomplete (cloudio's readers refuse it) until it is written again whole "
+                "(cloudio.to_zarr with mode='w'). Rename the variable, or write to another group or URL."
+            )
+        return ConfigurationError(f"{at}: Zarr holds {kind} there, not a group a dataset can be written into "
+                                  f"(mode={mode!r}); nothing was written. Write the dataset to another group "
+                                  "or URL.")
     if writer == "cloudio.save_array":
         asked, then = "overwrite=False asks", "Pass overwrite=True to replace it"
     else:
         asked, then = "mode='w-' asks", "Use mode='w' to replace it, mode='a' to append to it"
-    return AlreadyExistsError(f"{url}: Zarr holds {kind} there and {asked} not to replace it; nothing was "
+    return AlreadyExistsError(f"{at}: Zarr holds {kind} there and {asked} not to replace it; nothing was "
                               f"written. {then}, or write to another URL.")
 
 
@@ -1529,19 +1564,19 @@ def _not_found(store: JournaledStore, node: str, writer: str, group: str = "") -
                                    f"(and its path from the store's root), or write it with {writer}(..., "
                                    f"group={group!r}).")
     if is_gcs(url):
-        from cloudio._gcs.client import gcs_filesystem
+        from cloudio._gcs.client import call_bounded, gcs_filesystem
 
         path = parse_gcs(url)
         fs = gcs_filesystem()
         try:
-            fs.call("GET", "b/{}", path.bucket, json_out=True)
+            call_bounded(fs, fs._call("GET", "b/{}", path.bucket, json_out=True))
         except FileNotFoundError:
             return BucketNotFoundError(f"{url}: bucket {path.bucket!r} does not exist; check the bucket name, "
                                        "or create the bucket first.")
         except OSError as e:  # cannot tell: say what is known
             log.debug("could not check bucket %s: %s", path.bucket, e)
         try:
-            is_object = fs.info(path.fs_path).get("type") == "file"
+            is_object = call_bounded(fs, fs._info(path.fs_path)).get("type") == "file"
         except OSError:
             is_object = False
     else:

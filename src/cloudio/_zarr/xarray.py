@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from cloudio._paths import is_gcs
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr.changes import stopped_on_failure
-from cloudio._zarr.shard_safety import align
+from cloudio._zarr.shard_safety import align, whole
 from cloudio._zarr.shard_safety import is_dask as _is_dask
 from cloudio._zarr.store import (
+    STORED_ALREADY,
     JournaledStore,
     MetadataCheck,
     WriteMark,
@@ -45,6 +46,7 @@ from cloudio._zarr.store import (
     written_here,
     zarr_store,
 )
+from cloudio.errors import CloudioError, ConfigurationError
 
 if TYPE_CHECKING:
     import xarray
@@ -67,9 +69,9 @@ def _grid_from_encoding(enc: Mapping[str, Any], ndim: int) -> tuple[tuple[int, .
         val = enc.get(key)
         if val is None:
             continue
-        if isinstance(val, int) and not isinstance(val, bool):
+        if whole(val) is not None:
             return (int(val),) * ndim, sharded
-        if isinstance(val, tuple | list) and len(val) == ndim and all(isinstance(v, int) for v in val):
+        if isinstance(val, tuple | list) and len(val) == ndim and all(whole(v) is not None for v in val):
             return tuple(int(v) for v in val), sharded
         return None  # "auto", a dict or a rectilinear spec: zarr decides; see _open_existing afterwards
     return None
@@ -246,7 +248,7 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     if guarded:
         kwargs["consolidated"] = False
     log.debug("to_zarr %s (%s)", store.root_url, {k: v for k, v in kwargs.items() if k != "encoding"})
-    with cloudio_errors(store, writing=True):
+    with cloudio_errors(store, writing=True, mode=mode, group=kwargs.get("group") or ""):
         if mode == "r+":  # the only write mode in which xarray reads consolidated metadata: as open_zarr reads
             check = revalidate(store)  # at the strong and bounded levels, a listing: the documents, not the copy
             if check is None:
@@ -270,8 +272,20 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                 out = aligned.to_zarr(changes.carried(store) if now else store, **kwargs)
                 if guarded:
                     consolidate_guarded(store, kwargs.get("zarr_format"))
-        except BaseException:
+        except BaseException as e:
+            changed = mark.changed()
             mark.fail()
+            if changed and isinstance(e, ValueError | KeyError | TypeError) and not isinstance(
+                    e, (CloudioError, *STORED_ALREADY)):  # (a node already there: cloudio_errors names it)
+                # xarray checks a variable's encoding as it comes to it: zarr had already written, or deleted
+                raise ConfigurationError(
+                    f"{store.root_url}: to_zarr(mode={mode!r}) refused its input ({type(e).__name__}: {e}) after "
+                    "zarr had started changing the store: "
+                    + ("what it held before is deleted, " if mode == "w" else "")
+                    + "the store is marked as an incomplete write (open_zarr refuses it) until a write succeeds. "
+                    + ("Fix the arguments and write again with mode='w' (it replaces what this write left)."
+                       if mode in ("w", "w-") else "Fix the arguments and write again.")
+                ) from e
             raise
         if kwargs.get("compute", True) is False:
             # the graph writes the chunks later, wherever it runs: the marker goes after it

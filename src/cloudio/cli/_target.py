@@ -150,7 +150,16 @@ def _cleanup(root: str) -> None:
 
 @contextmanager
 def run_target(url: str | None, command: str, keep: bool = False) -> Iterator[Target]:
-    """A fresh prefix for one run, on the embedded emulator (``url=None``) or below ``url``."""
+    """A fresh prefix for one run, on the embedded emulator (``url=None``) or below ``url``.
+
+    An unusable ``CLOUDIO_*`` variable is bad input, named before anything is
+    written: otherwise every step fails on it, is reported as cloudio's own
+    inconsistency, and the clean-up fails on it too.
+    """
+    from cloudio._session import current_consistency
+
+    _config.http_timeout()
+    current_consistency()
     if url is None:
         with _embedded() as emu:
             emu.create_bucket(DEMO_BUCKET)

@@ -81,8 +81,11 @@ def _open_zarr(url: str) -> Any | None:
     import zarr
 
     import cloudio
+    from cloudio._zarr.store import cloudio_errors
 
-    return zarr.open(store=cloudio.zarr_store(url, read_only=True), mode="r")
+    store = cloudio.zarr_store(url, read_only=True)
+    with cloudio_errors(store, writing=False, node="node", writer="cloudio.to_zarr or cloudio.save_array"):
+        return zarr.open(store=store, mode="r")  # damaged metadata: the library's own error and next step
 
 
 def _object_size(url: str) -> int | None:
@@ -467,11 +470,12 @@ def plot_raster(ds: Any, png: str, band: int, url: str) -> None:
 
 
 def _list_prefix(url: str, objects: list[tuple[str, int]], args: argparse.Namespace) -> int:
-    if args.plot:
-        raise ConfigurationError(
-            f"{url} is a prefix holding {len(objects)} objects, not one Zarr store or raster; "
-            "give --plot the URL of one of them"
-        )
+    for option, given in (("--plot", args.plot), ("--band", args.band), ("--var", args.var)):
+        if given is not None:
+            raise ConfigurationError(
+                f"{url} is a prefix holding {len(objects)} objects, not one Zarr store or raster; "
+                f"give {option} the URL of one of them"
+            )
     print(prefix_listing(url, objects))
     return 0
 

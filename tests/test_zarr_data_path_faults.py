@@ -1,0 +1,458 @@
+"""The Zarr data path (save_array / load_array, cloudio's store, its own HTTP client) under network faults.
+
+Faults come from tests/faultproxy.py in front of the real emulator, or from two small helpers here: a handler of
+that proxy whose "reset" ends the answer with a FIN instead of an RST (a body cut short of its Content-Length,
+the connection closed cleanly), and a TCP relay that passes bytes at a steady, limited rate (a slow link whose
+bytes never stop arriving). Every operation that might hang runs in a thread with a join timeout.
+
+The promises checked: no stale, torn or partial data; no hangs (CLOUDIO_HTTP_TIMEOUT: "seconds one HTTP request
+may stay silent ... a tracked gcsfs call, retries included, may take 3 times that"); a failed write leaves the
+previous data readable or says loudly that it is not; the journal matches what the server holds.
+
+Written by a review; its failures were fixed at their causes, and the tests marked xfail name what is still
+open.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import zarr
+
+import cloudio
+from cloudio import _config
+from cloudio._paths import parse_gcs
+from cloudio._zarr import last_seen
+
+MARKER = ".cloudio-write-in-progress"
+_SHARD_GET = r"/o/[^?]*%2Fc%2F"
+
+
+def _bounded(fn: Callable[[], object], timeout: float = 60.0) -> tuple[object, BaseException | None, float]:
+    """Run ``fn`` in a thread: (result, exception, seconds taken); a hang fails the test instead of blocking it."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as e:
+            out["error"] = e
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    took = time.monotonic() - t0
+    assert not t.is_alive(), f"the operation hung for more than {timeout:.0f} s"
+    err = out.get("error")
+    return out.get("result"), err if isinstance(err, BaseException) else None, took
+
+
+def _blob(emu, url: str) -> bytes | None:
+    p = parse_gcs(url)
+    b = emu.client.bucket(p.bucket).get_blob(p.key)
+    return None if b is None else b.download_as_bytes()
+
+
+def _marker_exists(emu, url: str) -> bool:
+    return _blob(emu, f"{url}/{MARKER}") is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an upload that changed the server and then failed: the journal and the error must say it may have changed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["answer-lost-then-refused", "corrupt-copy-whose-delete-is-refused"])
+def test_a_chunk_upload_that_changed_the_server_then_failed_is_journaled_and_not_called_unchanged(
+        gcs_emulator, gcs_bucket, fault_proxy, journal_records, user_fs, fault):
+    """One chunk written through cloudio's store (zarr's own region write). Either the upload lands and its answer
+    is lost, and the retry is refused (403: e.g. a retention policy on the object the first try just made); or the
+    server stores a copy flipped on the way, and the delete of that corrupt copy is refused (403: credentials that
+    may create but not delete). Either way the server's object changed: the journal must say so (the caches of
+    other gcsfs instances drop the old size). The first is a success (the server, asked, holds what was sent); the
+    second an IntegrityError saying the object is corrupt, never that it was not changed."""
+    b = gcs_bucket.removeprefix("gs://")
+    url = f"{gcs_bucket}/lr.zarr"
+    old = np.ones((4, 6), "i4")  # zstd: a tiny chunk
+    new = np.random.default_rng(1).integers(-2**31, 2**31 - 1, (4, 6), dtype="i4")  # a larger one
+    cloudio.save_array(old, url, chunks=(2, 6))
+    chunk = f"{url}/c/0/0"
+    before = _blob(gcs_emulator, chunk)
+    z = zarr.open_array(cloudio.zarr_store(url), mode="r+")
+    user_fs.ls(f"{b}/lr.zarr/c/0")  # the user's gcsfs caches the listing (and the chunk's size)
+    key = r"lr\.zarr%2Fc%2F0%2F0"
+    if fault == "answer-lost-then-refused":
+        fault_proxy.add("reset", method="POST", path=rf"name={key}", times=1)  # forwarded, the answer cut
+        fault_proxy.add("status", code=403, method="POST", path=rf"name={key}", times=None)
+    else:
+        fault_proxy.add("flip", where="request", method="POST", path=rf"name={key}", times=1)
+        fault_proxy.add("status", code=403, method="DELETE", path=rf"/o/{key}", times=None)
+    journal_records.clear()
+    _, err, _ = _bounded(lambda: z.__setitem__((slice(0, 2), slice(None)), new[:2]))
+    fault_proxy.clear()
+    stored = _blob(gcs_emulator, chunk)
+    assert stored is not None and stored != before, "the fault did not change the server as planned"
+    if fault == "answer-lost-then-refused":  # the server, asked, holds what was sent: the write succeeded
+        assert err is None, repr(err)
+        np.testing.assert_array_equal(zarr.open_array(cloudio.zarr_store(url), mode="r")[:2], new[:2])
+    else:
+        assert isinstance(err, cloudio.IntegrityError) and "IS CORRUPT" in str(err), repr(err)
+    problems = []
+    if not any(c.url == chunk or (c.prefix and chunk.startswith(c.url.rstrip("/") + "/")) for c in journal_records):
+        problems.append(f"the journal says nothing of {chunk} (heard {[(c.url, c.kind) for c in journal_records]})")
+    if "was not changed" in str(err):
+        problems.append(f"the error says the object was not changed: {err}")
+    size = user_fs.info(f"{b}/lr.zarr/c/0/0")["size"]
+    if size != len(stored):
+        problems.append(f"the user's gcsfs says {size} bytes, the server holds {len(stored)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_rewrite_whose_only_upload_landed_then_was_refused_is_not_read_silently(
+        gcs_emulator, gcs_bucket, fault_proxy):
+    """save_array of a float32 array of nothing but its fill value over an int32 array: the only object the write
+    uploads is its zarr.json (empty chunks are not written; the old ones would be swept last). That upload lands,
+    its answer is lost, and the retry is refused (403). load_array afterwards must raise IncompleteWriteError, or
+    return the old array or the new one: never the old int32 chunks read as float32."""
+    url = f"{gcs_bucket}/mix.zarr"
+    old = np.arange(1, 401, dtype="i4").reshape(20, 20)
+    cloudio.save_array(old, url, chunks=(10, 10), compressors=None)
+    new = np.zeros((20, 20), "f4")
+    fault_proxy.add("reset", method="POST", path=r"name=mix\.zarr%2Fzarr\.json", times=1)
+    fault_proxy.add("status", code=403, method="POST", path=r"name=mix\.zarr%2Fzarr\.json", times=None)
+    _, err, _ = _bounded(lambda: cloudio.save_array(new, url, chunks=(10, 10), compressors=None))
+    fault_proxy.clear()
+    assert err is None or isinstance(err, cloudio.CloudioError), repr(err)  # (the server holds what was sent)
+    assert b"float32" in (_blob(gcs_emulator, f"{url}/zarr.json") or b""), "the new zarr.json did not land"
+    got, rerr, _ = _bounded(lambda: cloudio.load_array(url))
+    if isinstance(rerr, cloudio.IncompleteWriteError):
+        return
+    assert rerr is None, repr(rerr)
+    ok = (got.dtype == old.dtype and (got == old).all()) or (got.dtype == new.dtype and (got == new).all())
+    assert ok, (f"load_array returned {got.dtype} values {got.ravel()[:4]} (neither the old array nor the new), "
+                f"no error; the write's marker is {'up' if _marker_exists(gcs_emulator, url) else 'gone'}; "
+                f"save_array raised {type(err).__name__}: {str(err)[:300]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lost answers of the write marker: the write still commits, the next read is fresh
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_save_array_whose_marker_upload_landed_unanswered_commits_and_reads_new(
+        gcs_emulator, gcs_bucket, fault_proxy, journal_records):
+    url = f"{gcs_bucket}/mk.zarr"
+    old = np.arange(64 * 64, dtype="i4").reshape(64, 64)
+    cloudio.save_array(old, url, chunks=(16, 16), shards=(32, 32))
+    journal_records.clear()
+    rule = fault_proxy.add("reset", method="POST", path=r"/upload/.*ifGenerationMatch=0",
+                           body=rb"mk\.zarr/\.cloudio-write", times=1)
+    _, err, _ = _bounded(lambda: cloudio.save_array(-old, url, chunks=(16, 16), shards=(32, 32)))
+    assert err is None, repr(err)
+    assert rule.hits == 1
+    fault_proxy.clear()
+    assert not _marker_exists(gcs_emulator, url)
+    np.testing.assert_array_equal(cloudio.load_array(url), -old)
+    last_seen.forget_all()
+    np.testing.assert_array_equal(cloudio.load_array(url), -old)
+    assert (f"{url}/{MARKER}", "delete") in [(c.url, c.kind) for c in journal_records]
+
+
+def test_a_save_array_whose_marker_delete_landed_unanswered_commits_and_reads_new(
+        gcs_emulator, gcs_bucket, fault_proxy, monkeypatch):
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/mk2.zarr"
+    old = np.arange(64 * 64, dtype="i4").reshape(64, 64)
+    cloudio.save_array(old, url, chunks=(16, 16), shards=(32, 32))
+    rule = fault_proxy.add("late", method="DELETE", path=r"mk2\.zarr%2F\.cloudio-write-in-progress", seconds=3,
+                           times=1)
+    _, err, took = _bounded(lambda: cloudio.save_array(-old, url, chunks=(16, 16), shards=(32, 32)))
+    assert err is None, repr(err)
+    assert rule.hits == 1 and took < 15
+    fault_proxy.clear()
+    assert not _marker_exists(gcs_emulator, url)
+    np.testing.assert_array_equal(cloudio.load_array(url), -old)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# requests never answered: bounded by the time limit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_sweep_of_old_shards_never_answered_ends_within_the_time_limit(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                         monkeypatch):
+    """save_array over an array of another grid deletes the old shards last (through gcsfs's deletes). Those
+    DELETEs are never answered, CLOUDIO_HTTP_TIMEOUT=1: the write should end with TransientError within a few
+    times the limit (docs/design.md: bounded total retry time), and the store stay refused."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/swhang.zarr"
+    cloudio.save_array(np.arange(20 * 30, dtype="i4").reshape(20, 30), url, chunks=(5, 5), shards=(10, 10))
+    fault_proxy.add("hang", method="DELETE", path=r"swhang\.zarr%2Fc%2F", times=None)  # 5 old shards to delete
+    _, err, took = _bounded(lambda: cloudio.save_array(np.ones((20, 30), "i4"), url, chunks=(10, 10),
+                                                       shards=(20, 30)), 120)
+    assert isinstance(err, cloudio.TransientError) and "swhang.zarr" in str(err), repr(err)
+    assert took < 15, f"the write ended after {took:.1f} s with CLOUDIO_HTTP_TIMEOUT=1 ({type(err).__name__})"
+    fault_proxy.clear()
+    with pytest.raises(cloudio.IncompleteWriteError):
+        cloudio.load_array(url)
+
+
+@pytest.mark.parametrize("name", ["zarr.json", MARKER])
+def test_a_metadata_get_never_answered_is_a_transient_error_within_the_time_limit(
+        gcs_emulator, gcs_bucket, fault_proxy, monkeypatch, name):
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/mhang.zarr"
+    a = np.arange(32 * 32, dtype="f4").reshape(32, 32)
+    cloudio.save_array(a, url, chunks=(16, 16))
+    last_seen.forget_all()  # the documents are read (not guessed)
+    fault_proxy.add("hang", method="GET", path=f"mhang\\.zarr%2F{name.replace('.', chr(92) + '.')}", times=None)
+    _, err, took = _bounded(lambda: cloudio.load_array(url), 60)
+    assert isinstance(err, cloudio.TransientError) and "mhang.zarr" in str(err), repr(err)
+    assert err.__cause__ is not None
+    assert took < 15, took
+    fault_proxy.clear()
+    np.testing.assert_array_equal(cloudio.load_array(url), a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a body cut short of its Content-Length, the connection closed cleanly (FIN, not RST)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fin_proxy(fault_proxy) -> Iterator[object]:
+    """The fault proxy, its "reset" ending the answer with a clean close: headers with the full Content-Length,
+    ``after`` bytes of the body, then FIN."""
+    base = fault_proxy.server.RequestHandlerClass
+
+    def fin(self) -> None:
+        self.wfile.flush()
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    fault_proxy.server.RequestHandlerClass = type("FinHandler", (base,), {"_reset": fin})
+    try:
+        yield fault_proxy
+    finally:
+        fault_proxy.server.RequestHandlerClass = base
+
+
+#: f4 shards of (256, 512): 512 KiB, read on the event loop; of (512, 512): a MiB, read in threads
+BOTH_READ_PATHS = pytest.mark.parametrize("shards", [(256, 512), (512, 512)], ids=["loop", "threads"])
+
+
+@BOTH_READ_PATHS
+def test_a_shard_body_cut_short_once_is_read_again(gcs_emulator, gcs_bucket, fin_proxy, shards):
+    a = np.random.default_rng(2).standard_normal((1024, 1024)).astype("f4")
+    url = f"{gcs_bucket}/short.zarr"
+    cloudio.save_array(a, url, chunks=(128, 128), shards=shards, compressors=None)
+    rule = fin_proxy.add("reset", method="GET", path=_SHARD_GET, after=100_000, times=2)
+    got, err, _ = _bounded(lambda: cloudio.load_array(url))
+    assert err is None, repr(err)
+    assert rule.hits == 2
+    assert got.tobytes() == a.tobytes()
+
+
+_CUT_SHORT_ON_THREADS = pytest.mark.xfail(strict=True, reason=(
+    "open (this stop's review; see its note): the thread path reads a body cut short with a clean close as "
+    "complete; the CRC32C check then calls it an IntegrityError, not a TransientError"))
+
+
+@pytest.mark.parametrize("shards", [(256, 512), pytest.param((512, 512), marks=_CUT_SHORT_ON_THREADS)],
+                         ids=["loop", "threads"])
+def test_a_shard_body_always_cut_short_is_a_transient_error(gcs_emulator, gcs_bucket, fin_proxy, shards):
+    """Every answer ends early, its connection closed cleanly: a network failure past the retries
+    (TransientError, "retry later"), as on the event-loop path, not IntegrityError ("a proxy rewriting bodies?")."""
+    a = np.random.default_rng(3).standard_normal((1024, 1024)).astype("f4")
+    url = f"{gcs_bucket}/shorter.zarr"
+    cloudio.save_array(a, url, chunks=(128, 128), shards=shards, compressors=None)
+    fin_proxy.add("reset", method="GET", path=_SHARD_GET, after=100_000, times=None)
+    _, err, took = _bounded(lambda: cloudio.load_array(url), 120)
+    assert isinstance(err, cloudio.CloudioError) and "shorter.zarr/c/" in str(err), repr(err)
+    assert isinstance(err, cloudio.TransientError), f"{type(err).__name__} after {took:.1f} s: {err}"
+    assert err.__cause__ is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a slow link whose bytes never stop arriving
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Throttle:
+    """A TCP relay to ``upstream`` passing bytes at ``down`` (server to client) and ``up`` (client to server) bytes
+    a second at most, a piece at a time: never silent for more than a fraction of a second."""
+
+    def __init__(self, upstream: str, *, down: float | None = None, up: float | None = None,
+                 piece: int = 16 << 10) -> None:
+        u = urlsplit(upstream)
+        self._to = (u.hostname, u.port)
+        self._down, self._up, self._piece = down, up, piece
+        self._srv = socket.socket()
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # little buffered on the way up
+        self._srv.bind(("127.0.0.1", 0))
+        self._srv.listen(64)
+        self.url = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
+        self._socks: list[socket.socket] = []
+        self._closed = False
+        self.needle: bytes | None = None  # counted in what the client sends (request lines)
+        self.seen = 0
+
+    def __enter__(self) -> _Throttle:
+        threading.Thread(target=self._accept, daemon=True).start()
+        _config.push_endpoint(self.url)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _config.pop_endpoint()
+        self._closed = True
+        self._srv.close()
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                c, _ = self._srv.accept()
+            except OSError:
+                return
+            s = socket.create_connection(self._to)
+            self._socks += [c, s]
+            threading.Thread(target=self._pump, args=(c, s, self._up), daemon=True).start()
+            threading.Thread(target=self._pump, args=(s, c, self._down), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, rate: float | None) -> None:
+        try:
+            while True:
+                data = src.recv(self._piece)
+                if not data:
+                    break
+                if rate is self._up and self.needle is not None:
+                    self.seen += data.count(self.needle)
+                dst.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+@pytest.mark.xfail(run=False, reason=(
+    "open (this stop's review; see its note): each try is capped at CLOUDIO_HTTP_TIMEOUT in total, "
+    "not for silence (fast._retrying, the batch watcher)"
+))
+def test_small_chunks_arriving_slowly_but_steadily_are_read(gcs_emulator, gcs_bucket, monkeypatch):
+    """Two chunks of 768 KiB (read on the event loop) over a link of 256 KiB/s: each GET takes 3 s, its bytes
+    arriving every 62 ms. CLOUDIO_HTTP_TIMEOUT=2: no request stays silent 2 s, and the whole read fits in one
+    call's 3 x 2 s; it should return the array."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "2")
+    a = np.random.default_rng(4).standard_normal((192, 2048)).astype("f4")
+    url = f"{gcs_bucket}/slowdown.zarr"
+    cloudio.save_array(a, url, chunks=(192, 1024), compressors=None)
+    last_seen.forget_all()
+    with _Throttle(gcs_emulator.url, down=256 << 10):
+        got, err, took = _bounded(lambda: cloudio.load_array(url), 90)
+    assert err is None, f"{type(err).__name__} after {took:.1f} s: {err}"
+    assert got.tobytes() == a.tobytes()
+
+
+@pytest.mark.xfail(run=False, reason=(
+    "open (this stop's review; see its note): the same per-try cap: a slow but steady upload is "
+    "abandoned and sent again"
+))
+def test_a_large_shard_sent_slowly_but_steadily_is_stored_in_one_request(gcs_emulator, gcs_bucket, monkeypatch):
+    """One shard of 8 MiB (sent from a sender thread) over a link of 2 MiB/s: its upload takes 4 s, bytes leaving
+    every 8 ms. CLOUDIO_HTTP_TIMEOUT=3 ("seconds one HTTP request may stay silent"; "a call, retries included, may
+    take 3 times that"): the request never stays silent, so it should be sent once, and the call end within 9 s."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "3")
+    a = np.random.default_rng(5).standard_normal((1024, 2048)).astype("f4")
+    url = f"{gcs_bucket}/slowup.zarr"
+    with _Throttle(gcs_emulator.url, up=2 << 20) as t:
+        t.needle = b"name=slowup.zarr%2Fc%2F0%2F0"
+        _, err, took = _bounded(lambda: cloudio.save_array(a, url, chunks=(256, 256), shards=(1024, 2048),
+                                                           compressors=None), 120)
+    assert err is None, f"{type(err).__name__} after {took:.1f} s: {err}"
+    assert cloudio.load_array(url).tobytes() == a.tobytes()
+    assert (t.seen, took < 9) == (1, True), f"the 8 MiB shard was sent {t.seen} times; save_array took {took:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an upload abandoned at the time limit, and sent again: the abandoned copy reaches the server later
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(run=False, reason=(
+    "open (this stop's review; see its note): an upload abandoned at the time limit is sent again "
+    "without a generation precondition; the abandoned copy can land after a later write"
+))
+def test_an_upload_abandoned_at_the_time_limit_does_not_land_over_a_later_write(gcs_emulator, gcs_bucket,
+                                                                               fault_proxy, monkeypatch):
+    """The first write's shard c/0/0 is held on its way for 4 s (CLOUDIO_HTTP_TIMEOUT=1): cloudio abandons the
+    request and sends the shard again, the write commits; a second write of the array commits too. Then the held
+    request reaches the server. load_array must not return the first write's values inside the second's."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/zombie.zarr"
+    first, second = np.full((64, 64), 1, "i4"), np.full((64, 64), 2, "i4")
+    held = fault_proxy.add("delay", method="POST", path=r"name=zombie\.zarr%2Fc%2F0%2F0", seconds=4, times=1)
+    _, err, _ = _bounded(lambda: cloudio.save_array(first, url, chunks=(16, 16), shards=(32, 32)))
+    assert err is None, repr(err)
+    _, err, _ = _bounded(lambda: cloudio.save_array(second, url, chunks=(16, 16), shards=(32, 32)))
+    assert err is None, repr(err)
+    assert held.hits == 1
+    assert held.answered.wait(20)  # the held request reached the server
+    time.sleep(0.3)
+    got = cloudio.load_array(url)
+    last_seen.forget_all()
+    again = cloudio.load_array(url)
+    for name, g in (("guessed", got), ("opened", again)):
+        stale = int(np.count_nonzero(g == 1))
+        assert stale == 0, (f"load_array ({name}) returned {stale} values of the first write inside the second "
+                            "(its abandoned shard upload landed after the second write committed), no error")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a save_array of large shards (sender threads; zstd shards encoded in bands) failing half way through its shards
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_a_large_shard_write_failing_half_way_is_refused_not_mixed(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                    monkeypatch, codec):
+    from cloudio._gcs import fast
+
+    monkeypatch.setattr(fast, "BACKOFF", 0.01)  # 503s outlast the retries quickly
+    url = f"{gcs_bucket}/halfbig.zarr"
+    old = np.round(np.random.default_rng(6).standard_normal((2048, 1024)).astype("f4") * 8) / 8 + 100  # never 0
+    kw = {"chunks": (256, 256), "shards": (512, 512),
+          "compressors": None if codec == "raw" else zarr.codecs.ZstdCodec(level=1)}
+    cloudio.save_array(old, url, **kw)  # 8 shards of about a MiB
+    fault_proxy.add("status", code=503, method="POST", path=r"/upload/.*name=halfbig\.zarr%2Fc%2F", times=None,
+                    skip=3)
+    _, err, _ = _bounded(lambda: cloudio.save_array(-old, url, **kw), 120)
+    assert isinstance(err, cloudio.TransientError) and "halfbig.zarr" in str(err), repr(err)
+    assert err.__cause__ is not None
+    fault_proxy.clear()
+    mixed = zarr.open_array(cloudio.zarr_store(url), mode="r")[...]  # zarr, which knows no marker
+    assert (mixed == old).any() and (mixed == -old).any(), "not a mix of both writes: the fault missed"
+    for lazy in (False, True):
+        with pytest.raises(cloudio.IncompleteWriteError, match="halfbig.zarr"):
+            cloudio.load_array(url, lazy=lazy)
+    cloudio.save_array(-old, url, **kw)
+    assert cloudio.load_array(url).tobytes() == (-old).tobytes()
