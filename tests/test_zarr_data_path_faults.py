@@ -263,13 +263,7 @@ def test_a_shard_body_cut_short_once_is_read_again(gcs_emulator, gcs_bucket, fin
     assert got.tobytes() == a.tobytes()
 
 
-_CUT_SHORT_ON_THREADS = pytest.mark.xfail(strict=True, reason=(
-    "open (this stop's review; see its note): the thread path reads a body cut short with a clean close as "
-    "complete; the CRC32C check then calls it an IntegrityError, not a TransientError"))
-
-
-@pytest.mark.parametrize("shards", [(256, 512), pytest.param((512, 512), marks=_CUT_SHORT_ON_THREADS)],
-                         ids=["loop", "threads"])
+@BOTH_READ_PATHS
 def test_a_shard_body_always_cut_short_is_a_transient_error(gcs_emulator, gcs_bucket, fin_proxy, shards):
     """Every answer ends early, its connection closed cleanly: a network failure past the retries
     (TransientError, "retry later"), as on the event-loop path, not IntegrityError ("a proxy rewriting bodies?")."""
@@ -354,10 +348,6 @@ class _Throttle:
                 pass
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "open (this stop's review; see its note): each try is capped at CLOUDIO_HTTP_TIMEOUT in total, "
-    "not for silence (fast._retrying, the batch watcher)"
-))
 def test_small_chunks_arriving_slowly_but_steadily_are_read(gcs_emulator, gcs_bucket, monkeypatch):
     """Two chunks of 768 KiB (read on the event loop) over a link of 256 KiB/s: each GET takes 3 s, its bytes
     arriving every 62 ms. CLOUDIO_HTTP_TIMEOUT=2: no request stays silent 2 s, and the whole read fits in one
@@ -373,10 +363,6 @@ def test_small_chunks_arriving_slowly_but_steadily_are_read(gcs_emulator, gcs_bu
     assert got.tobytes() == a.tobytes()
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "open (this stop's review; see its note): the same per-try cap: a slow but steady upload is "
-    "abandoned and sent again"
-))
 def test_a_large_shard_sent_slowly_but_steadily_is_stored_in_one_request(gcs_emulator, gcs_bucket, monkeypatch):
     """One shard of 8 MiB (sent from a sender thread) over a link of 2 MiB/s: its upload takes 4 s, bytes leaving
     every 8 ms. CLOUDIO_HTTP_TIMEOUT=3 ("seconds one HTTP request may stay silent"; "a call, retries included, may

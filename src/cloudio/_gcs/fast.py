@@ -188,7 +188,7 @@ async def _changing(fs: gcsfs.GCSFileSystem, method: str, url: str, answer: Call
 
     async def once() -> T:
         try:
-            status, _, body, error = await _exchange(_origin(parts), request, room)
+            status, _, body, error = await _exchange(_origin(parts), request, room, _socket_timeout(fs))
         except _TooLarge as e:
             raise _BadAnswer(f"an answer of {e}") from e
         if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 412 -> FileExistsError, ...
@@ -345,10 +345,18 @@ def range_status(fs: gcsfs.GCSFileSystem, path: GCSPath) -> tuple[int, int | Non
 
 
 def _body_into(r: http.client.HTTPResponse, buf: np.ndarray, deadline: float) -> int:
-    """Read the whole body of ``r`` into ``buf``; the bytes it holds."""
-    if r.length is not None and r.length > len(buf):
-        raise _TooLarge(f"{r.length} bytes, more than {len(buf)}")
+    """Read the whole body of ``r`` into ``buf``; the bytes it holds.
+
+    A body that ends before its ``Content-Length`` (the connection closed
+    cleanly on the way) is :class:`http.client.IncompleteRead`, a failure
+    worth retrying: ``http.client`` itself reads such an end as the end.
+    """
+    length = r.length
+    if length is not None and length > len(buf):
+        raise _TooLarge(f"{length} bytes, more than {len(buf)}")
     n = _read_into(r, memoryview(buf), deadline)  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
+    if length is not None and n < length:
+        raise http.client.IncompleteRead(b"", length - n)
     if n == len(buf) and r.read(1):
         raise _TooLarge(f"more than {len(buf)} bytes")
     return n
@@ -591,7 +599,8 @@ class _Answers(asyncio.BufferedProtocol):
         self._state = _IDLE
         self._done: asyncio.Future[tuple[int, _Headers, memoryview, bytes]] | None = None
         self._then: Callable[[_Answers, BaseException | None], None] | None = None
-        self.sent_at = 0.0  #: the event loop's time when the current request went out
+        self.moved_at = 0.0  #: the event loop's time when bytes last moved, as :meth:`silent_for` saw them
+        self._progress = (0, 0)  # bytes received, bytes not yet sent: when either changes, bytes moved
         self._out = memoryview(b"")
         self._grow = False  # the body goes into new memory of its size (no caller's buffer)
         self._n = self._left = 0
@@ -656,17 +665,18 @@ class _Answers(asyncio.BufferedProtocol):
     def send(self, request: bytes, out: memoryview | None) -> asyncio.Future[tuple[int, _Headers, memoryview, bytes]]:
         """Send ``request``; the future gives the status, headers, the body (in ``out``, or new memory of
         its size when ``out`` is None), and the body of an error answer (which is not put in ``out``)."""
-        self._done = asyncio.get_running_loop().create_future()
-        self._start(request, out)
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        self._start(request, out, loop.time())
         return self._done
 
     def send_then(self, request: bytes, out: memoryview, then: Callable[[_Answers, BaseException | None], None],
                   now: float) -> None:
         """:meth:`send` without a future: ``then(self, None)`` is called as the answer completes (its
         status in :attr:`status`, bytes put in ``out`` in :attr:`received`), ``then(self, error)`` when it
-        fails. ``now`` is the event loop's time, kept in :attr:`sent_at`."""
-        self._then, self.sent_at = then, now
-        self._start(request, out)
+        fails. ``now`` is the event loop's time."""
+        self._then = then
+        self._start(request, out, now)
 
     @property
     def status(self) -> int:
@@ -680,16 +690,28 @@ class _Answers(asyncio.BufferedProtocol):
     def received(self) -> int:
         return self._n
 
-    def _start(self, request: bytes, out: memoryview | None) -> None:
+    def silent_for(self, now: float) -> float:
+        """Seconds (of the event loop's time ``now``) since bytes of the current request last moved either way,
+        as far as calls of this method have seen: what ``CLOUDIO_HTTP_TIMEOUT`` limits. Why not a time limit
+        on the whole request: an answer arriving slowly but steadily (a slow link, a large object) is not
+        a server that stopped answering."""
+        unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        progress = (self._received, unsent)
+        if progress != self._progress:
+            self._progress, self.moved_at = progress, now
+        return now - self.moved_at
+
+    def _start(self, request: bytes, out: memoryview | None, now: float) -> None:
         assert self.transport is not None and self._state == _IDLE
         self._grow = out is None
         self._out, self._n, self._received = memoryview(bytearray()) if out is None else out, 0, 0
         self._error = bytearray()
         self._state = _HEAD
         self.transport.write(request)
+        self.moved_at, self._progress = now, (0, self.transport.get_write_buffer_size())
 
     def fail(self, e: BaseException) -> None:
-        """End the current request with ``e`` (its time limit passed) and close the connection."""
+        """End the current request with ``e`` (it stayed silent too long) and close the connection."""
         if self._state != _IDLE:
             self._fail(e)
 
@@ -872,12 +894,16 @@ def _origin(parts: SplitResult) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
-async def _exchange(origin: tuple[str, str, int], request: bytes,
-                    out: memoryview | None) -> tuple[int, _Headers, memoryview, bytes]:
+async def _exchange(origin: tuple[str, str, int], request: bytes, out: memoryview | None,
+                    silence: float) -> tuple[int, _Headers, memoryview, bytes]:
     """``request`` sent on a kept connection to ``origin`` (a new one when none is idle), its answer
-    read (see :meth:`_Answers.send`); the connection kept again when it is still in step."""
+    read (see :meth:`_Answers.send`); the connection kept again when it is still in step. A request
+    whose bytes stop moving either way for ``silence`` seconds fails with ``TimeoutError``, and so
+    does a connection not made within them."""
     while True:
-        conn, kept = await _connection_to(origin)
+        async with asyncio.timeout(silence):
+            conn, kept = await _connection_to(origin)
+        watchdog = _Watchdog(conn, silence)
         try:
             answer = await conn.send(request, out)
         except _Closed:
@@ -888,8 +914,32 @@ async def _exchange(origin: tuple[str, str, int], request: bytes,
         except BaseException:
             conn.close()  # cancelled or failed mid-answer: its bytes are out of step
             raise
+        finally:
+            watchdog.cancel()
         _keep(origin, conn)
         return answer
+
+
+class _Watchdog:
+    """Fails a connection's current request once its bytes stopped moving for ``silence`` seconds (checked
+    every quarter of that: a request is given up between 1 and 1.25 times ``silence`` into its silence)."""
+
+    __slots__ = ("_conn", "_handle", "_silence")
+
+    def __init__(self, conn: _Answers, silence: float) -> None:
+        self._conn, self._silence = conn, silence
+        self._handle = asyncio.get_running_loop().call_later(silence / 4, self._check)
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._conn.silent_for(loop.time()) > self._silence:
+            self._conn.fail(TimeoutError(f"no bytes moved for {self._silence:g} s"))
+        else:
+            self._handle = loop.call_later(self._silence / 4, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
 
 
 async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray | None) -> tuple[np.ndarray, _Headers, str]:
@@ -900,7 +950,7 @@ async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray | None) -
     parts = urlsplit(url)
     request = f"GET {parts.path}?{parts.query} HTTP/1.1\r\n".encode("latin-1") + _head_tail(fs, parts)
     out = None if buf is None else memoryview(buf).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
-    status, headers, body, error = await _exchange(_origin(parts), request, out)
+    status, headers, body, error = await _exchange(_origin(parts), request, out, _socket_timeout(fs))
     if status >= 400:  # gcsfs's own mapping: 404 -> FileNotFoundError, 5xx/429 -> retriable HttpError
         validate_response(status, error, url)
     if status != 200:  # a redirect's body is not the object
@@ -1188,8 +1238,8 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
     def watch() -> None:
         now = loop.time()
         for conn in list(busy):
-            if now - conn.sent_at > per_request:
-                conn.fail(TimeoutError(f"no answer within {per_request:g} s"))
+            if conn.silent_for(now) > per_request:
+                conn.fail(TimeoutError(f"no bytes moved for {per_request:g} s"))
         if not done.done():
             watcher[0] = loop.call_later(per_request / 4, watch)
 
@@ -1274,15 +1324,15 @@ async def _get_later(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], which: l
 
 async def _retrying(fs: gcsfs.GCSFileSystem, once: Callable[[], Awaitable[T]],
                     pause: Callable[[Exception, int, int, float], float | None]) -> T:
-    """``once()`` until it succeeds, each try within the per-request limit, all within the time limit of
-    one call; ``pause(e, retry, retries, deadline)`` says how long to wait after a failure, or None to
-    raise it (or raises an error of its own)."""
+    """``once()`` until it succeeds, all within the time limit of one call; ``pause(e, retry, retries,
+    deadline)`` says how long to wait after a failure, or None to raise it (or raises an error of its own).
+    A try is not capped by the per-request limit as a whole: ``once`` gives up on a request that stays
+    silent that long (:class:`_Watchdog`, a socket's timeout), and one moving slowly but steadily goes on."""
     limit, retries = _budget(fs)
-    per_request = _socket_timeout(fs)
     deadline = time.monotonic() + limit
     for retry in range(retries):
         try:
-            async with asyncio.timeout(min(per_request, max(0.0, deadline - time.monotonic()))):
+            async with asyncio.timeout(None if deadline == math.inf else max(0.0, deadline - time.monotonic())):
                 return await once()
         except Exception as e:
             wait = pause(e, retry, retries, deadline)
