@@ -333,10 +333,6 @@ def test_dataset_written_onto_a_save_array_store_is_refused_and_keeps_the_array(
     np.testing.assert_array_equal(plain[...], a)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (this stop's review; see its note): xarray casts appended floats to the stored integer "
-    "dtype with only a warning; cloudio passes it through"
-))
 @pytest.mark.filterwarnings("ignore::xarray.coding.common.SerializationWarning")
 def test_appending_fractional_values_onto_an_integer_variable_is_refused_or_lossless(gcs_bucket):
     """A wrong dtype on append: floats onto a stored int64 variable. Refused, or stored as given; never truncated."""
@@ -558,10 +554,6 @@ def test_write_vrt_with_a_guard_that_is_no_generation_is_refused(gcs_emulator, g
 # -- the CLI reads what a failed write left -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (this stop's review; see its note): cloudio inspect opens stores with plain zarr and does "
-    "not check the write marker"
-))
 def test_cli_inspect_of_a_store_a_write_left_incomplete_says_so(gcs_emulator, gcs_bucket, capsys, tmp_path):
     """A store whose write never finished (its marker left, as by a writer that died): cloudio's readers refuse it
     (IncompleteWriteError); `cloudio inspect` must not print it (or plot it) as a sound store with exit 0."""

@@ -26,6 +26,8 @@ import os
 from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+import numpy as np
+
 from cloudio._paths import is_gcs
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr.changes import stopped_on_failure
@@ -121,25 +123,108 @@ def _resolve_region(dataset: xarray.Dataset, store: JournaledStore, region: Any,
     return out
 
 
+class StoredVariables:
+    """The arrays a write may add to or write into, read once before it: their Zarr arrays (for the write grid
+    of Dask chunks) and the dtype each reads back as through Xarray (for the casts an append may not make)."""
+
+    def __init__(self, zstore: Any) -> None:
+        self._zstore = zstore  # xarray's ZarrStore of the group, its members read when it was opened
+        self._names = set(zstore.array_keys())
+
+    def array(self, name: Hashable) -> Any | None:
+        """The stored Zarr array of variable ``name``, or None (not stored yet, or a group of that name)."""
+        return self._zstore.members[str(name)] if str(name) in self._names else None
+
+    def dtype(self, name: Hashable) -> np.dtype[Any] | None:
+        """The dtype variable ``name`` reads back as (masked or scaled integers as floats), as xarray decodes
+        the stored variable before it appends to it; None when it is not stored.
+
+        Times are left encoded (``decode_times=False``): decoding them would read their first and last values.
+        """
+        from xarray import conventions
+
+        if str(name) not in self._names:
+            return None
+        variable = conventions.decode_cf_variable(str(name), self._zstore.open_store_variable(str(name)),
+                                                  decode_times=False, decode_timedelta=False)
+        decoded: np.dtype[Any] = np.dtype(variable.dtype)
+        return decoded
+
+
+def _stored_variables(store: JournaledStore, kwargs: Mapping[str, Any]) -> StoredVariables | None:
+    """The variables stored in the group a write that keeps them (``mode`` ``"a"``, ``"a-"``, ``"r+"``) goes to;
+    None when there is no group there yet (or an array: xarray's own write then says so).
+
+    Read as xarray reads them for the write itself, from the metadata documents (never a consolidated copy,
+    which may be stale): a listing of the group and a GET of each member's document, at once.
+    """
+    import zarr
+    from xarray.backends import ZarrStore
+
+    try:
+        zstore = ZarrStore.open_group(store.with_read_only(True), mode="r", group=kwargs.get("group"),
+                                      consolidated=False, zarr_format=kwargs.get("zarr_format"))
+    except (FileNotFoundError, zarr.errors.ContainsArrayError):
+        return None
+    return StoredVariables(zstore)
+
+
+#: dtype kinds whose casts :func:`_refuse_lossy_casts` judges (bool, integers, floats, complex): xarray passes these
+#: to the stored dtype unchecked; strings, times and objects it refuses or encodes itself
+_NUMERIC_KINDS = "biufc"
+
+
+def _refuse_lossy_casts(dataset: xarray.Dataset, stored: StoredVariables, store: JournaledStore,
+                        kwargs: Mapping[str, Any]) -> None:
+    """Raise :class:`~cloudio.ConfigurationError` when a variable of ``dataset`` is stored with a dtype its values
+    cannot be cast to without loss (numpy's ``same_kind`` rule: floats onto integers, integers onto booleans or
+    unsigned integers...), before anything is written.
+
+    Why: xarray writes an existing variable with the stored encoding and casts what it is given to the stored
+    dtype, rounding ``0.5`` to ``0`` with at most a SerializationWarning; it compares dtypes only for strings.
+    Judged against the dtype the variable reads back as: floats onto an integer variable with a ``_FillValue``
+    or ``scale_factor`` are what its CF encoding is for.
+    Casts within a kind (``int32`` onto ``int64``, ``float64`` onto ``float32``) are what the stored encoding
+    asks for and go through.
+    """
+    append_dim = kwargs.get("append_dim")
+    group = str(kwargs.get("group") or "").strip("/")
+    where = f"{store.root_url} (group {group!r})" if group else store.root_url
+    for name, var in dataset.variables.items():
+        given = np.dtype(var.dtype)
+        if given.kind not in _NUMERIC_KINDS:
+            continue
+        target = stored.dtype(name)
+        if target is None or target.kind not in _NUMERIC_KINDS or np.can_cast(given, target, casting="same_kind"):
+            continue
+        doing = f"appending along {append_dim!r}" if append_dim is not None else "writing into it"
+        raise ConfigurationError(
+            f"{where}: variable {name!r} is stored as {target} and the dataset gives {given}; {doing} would "
+            f"cast {given} to {target} and lose values (xarray rounds or wraps them, with a warning at most). "
+            "Nothing was written. "
+            f"Cast it explicitly if that is meant (ds[{str(name)!r}] = ds[{str(name)!r}].astype({str(target)!r})), "
+            f"or write it again whole with mode='w' to store {given}."
+        )
+
+
 def _align_dataset(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any],
-                   rechunk: bool) -> xarray.Dataset:
-    """Rechunk every Dask-backed variable so no two tasks write one shard; see :mod:`cloudio._zarr.shard_safety`."""
+                   rechunk: bool, stored: StoredVariables | None) -> xarray.Dataset:
+    """Rechunk every Dask-backed variable so no two tasks write one shard; see :mod:`cloudio._zarr.shard_safety`.
+
+    ``stored``: the store's existing variables (:func:`_stored_variables`; None when the write replaces them).
+    """
     dask_vars = {name: var for name, var in dataset.variables.items() if _is_dask(var.data)}
     if not dask_vars:
         return dataset
     append_dim = kwargs.get("append_dim")
     region_arg = kwargs.get("region")
-    mode = kwargs.get("mode")
-    if mode is None:
-        mode = "a" if append_dim is not None else ("r+" if region_arg is not None else "w-")
     group = kwargs.get("group")
     encoding = kwargs.get("encoding") or {}
     region = _resolve_region(dataset, store, region_arg, group) if region_arg is not None else {}
-    may_exist = mode not in ("w", "w-")
 
     replaced: dict[Hashable, Any] = {}
     for name, var in dask_vars.items():
-        existing = _open_existing(store, group, name) if may_exist else None
+        existing = stored.array(name) if stored is not None else None
         offsets = [0] * var.ndim
         if existing is not None:
             from cloudio._zarr.shard_safety import write_grid
@@ -221,6 +306,9 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     ------
     UnsafeChunkingError
         With ``rechunk=False``, when Dask chunks split a shard; nothing is written then.
+    ConfigurationError
+        When a variable already stored (an append, a region write) would be cast to its stored dtype with loss
+        of values (floats onto integers: numpy's ``same_kind`` rule); nothing is written then.
     BucketNotFoundError
         When the bucket does not exist.
     TransientError
@@ -255,7 +343,12 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                 _avoid_stale_consolidated(store, kwargs)
             else:
                 _documents_after_a_listing(store, check, kwargs)
-        aligned = _align_dataset(dataset, store, kwargs, rechunk)  # may open the store: its errors are cloudio's
+        # a write that keeps what is stored reads it first (its errors are cloudio's): casts that would lose
+        # values are refused before anything is written, and Dask chunks are aligned on the stored grid
+        stored = _stored_variables(store, kwargs) if mode not in ("w", "w-") else None
+        if stored is not None:
+            _refuse_lossy_casts(dataset, stored, store, kwargs)
+        aligned = _align_dataset(dataset, store, kwargs, rechunk, stored)
         # a write to a group replaces (mode="w") or changes that group only: its mark says which
         group = str(kwargs.get("group") or "").strip("/")
         if mode in ("w", "w-"):  # zarr deletes (or refuses) whatever is under the group, Zarr's or not

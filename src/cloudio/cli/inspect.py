@@ -8,7 +8,9 @@ objects below it and none at it) lists the objects below it with their sizes.
 ``--plot`` writes a quicklook PNG: a 2-D slice (the first index of every
 leading dimension, decimated to at most 1024 pixels a side) with a colour bar.
 Exit status 2 when there is nothing at the URL, when it is neither a Zarr
-store nor a raster, or when ``--var`` or ``--band`` names nothing it holds.
+store nor a raster, or when ``--var`` or ``--band`` names nothing it holds;
+1 when a write to the Zarr store started and never finished (cloudio's
+readers refuse it as incomplete: nothing is printed or plotted).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from cloudio.cli._ui import human_bytes, progress
 from cloudio.errors import (
     BucketNotFoundError,
     ConfigurationError,
+    IncompleteWriteError,
     InvalidURLError,
     NotARasterError,
     ObjectNotFoundError,
@@ -73,7 +76,12 @@ def _has_zarr_metadata(url: str) -> bool:
 
 
 def _open_zarr(url: str) -> Any | None:
-    """The Zarr group or array at ``url``, or None when there is no Zarr metadata there."""
+    """The Zarr group or array at ``url``, or None when there is no Zarr metadata there.
+
+    Refused as cloudio's readers refuse it (:class:`~cloudio.IncompleteWriteError`) when a write to the
+    store, or to a store enclosing it, started and never finished: its tree and quicklook could mix old and
+    new objects.
+    """
     if url.startswith("/vsi") and not url.startswith(("/vsigs/", "/vsigs_streaming/")):
         return None
     if not _has_zarr_metadata(url):
@@ -81,10 +89,15 @@ def _open_zarr(url: str) -> Any | None:
     import zarr
 
     import cloudio
-    from cloudio._zarr.store import cloudio_errors
+    from cloudio._zarr.store import check_complete, cloudio_errors
 
     store = cloudio.zarr_store(url, read_only=True)
     with cloudio_errors(store, writing=False, node="node", writer="cloudio.to_zarr or cloudio.save_array"):
+        try:
+            check_complete(store)  # the write marker, as cloudio.open_zarr and cloudio.load_array check it
+        except IncompleteWriteError as e:
+            detail = str(e).removeprefix(f"{store.root_url}: ")  # the reader's message names the store first
+            raise IncompleteWriteError(f"{url} is an incomplete Zarr store, not shown: {detail}") from e
         return zarr.open(store=store, mode="r")  # damaged metadata: the library's own error and next step
 
 
