@@ -195,11 +195,6 @@ def test_mode_w_refused_for_its_input_keeps_the_old_data_or_says_it_is_gone(gcs_
         assert got == old
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (this stop's review; see its note): zarr writes the group and coordinates before xarray "
-    "checks a variable's encoding; the error now says so and names mode='w' for the retry, but what "
-    "was written stays"
-))
 def test_a_first_write_refused_for_its_encoding_leaves_nothing_so_the_corrected_retry_succeeds(gcs_emulator,
                                                                                                gcs_bucket):
     """to_zarr's default mode is "w-": a first write into a fresh URL refused for a mistyped encoding key must leave
@@ -217,10 +212,6 @@ def test_a_first_write_refused_for_its_encoding_leaves_nothing_so_the_corrected_
     assert cloudio.open_zarr(url, consolidated=False).v.values.tobytes() == _base().v.values.tobytes()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (this stop's review; see its note): xarray rewrites the root zarr.json before it checks the"
-    " new variable's encoding; the store stays marked incomplete (the ConfigurationError says so)"
-))
 def test_append_of_a_new_variable_with_a_bad_encoding_keeps_the_store_readable(gcs_emulator, gcs_bucket, user_fs):
     """mode="a" adding a variable whose encoding xarray refuses: no data was written, so the store must stay
     readable through cloudio (or the error must say it is now refused as incomplete) and nothing be left over."""
@@ -243,10 +234,6 @@ def test_append_of_a_new_variable_with_a_bad_encoding_keeps_the_store_readable(g
     _assert_unchanged(gcs_emulator, user_fs, url, before, seq, old)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (this stop's review; see its note): zarr's mode='w' delete of the (empty) group path is "
-    "journaled before zarr refuses the path below an array, so the marker stays"
-))
 def test_to_zarr_into_a_group_path_below_an_array_is_refused_cleanly(gcs_emulator, gcs_bucket, user_fs):
     """group="v/sub" where "v" is an array of the dataset: zarr refuses (a parent is an array); the dataset must stay
     readable, the error be cloudio's naming the URL, and nothing be journaled but the marker."""
@@ -275,10 +262,6 @@ def test_to_zarr_into_a_group_path_below_an_array_is_refused_cleanly(gcs_emulato
     assert _plain(user_fs, url).v.values.tobytes() == old
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (this stop's review; see its note): xarray creates the group (mode='a') before it checks "
-    "append_dim; the store is left marked"
-))
 @pytest.mark.parametrize("where", ["store", "group"])
 def test_an_append_to_a_store_or_group_that_does_not_exist_leaves_nothing_behind(gcs_emulator, gcs_bucket, where):
     """append_dim onto a URL with no store (or a mistyped group of a stored dataset): either the dataset is written,

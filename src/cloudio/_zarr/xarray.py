@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
-from cloudio._paths import is_gcs
+from cloudio._paths import is_gcs, parse_gcs
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr.changes import stopped_on_failure
 from cloudio._zarr.shard_safety import align, whole
@@ -131,6 +131,10 @@ class StoredVariables:
         self._zstore = zstore  # xarray's ZarrStore of the group, its members read when it was opened
         self._names = set(zstore.array_keys())
 
+    @property
+    def zarr_format(self) -> int:
+        return int(self._zstore.zarr_group.metadata.zarr_format)
+
     def array(self, name: Hashable) -> Any | None:
         """The stored Zarr array of variable ``name``, or None (not stored yet, or a group of that name)."""
         return self._zstore.members[str(name)] if str(name) in self._names else None
@@ -153,18 +157,18 @@ class StoredVariables:
 
 def _stored_variables(store: JournaledStore, kwargs: Mapping[str, Any]) -> StoredVariables | None:
     """The variables stored in the group a write that keeps them (``mode`` ``"a"``, ``"a-"``, ``"r+"``) goes to;
-    None when there is no group there yet (or an array: xarray's own write then says so).
+    None when there is no group there yet. An array there raises zarr's ``ContainsArrayError``, which
+    :func:`cloudio_errors` names as a refusal.
 
     Read as xarray reads them for the write itself, from the metadata documents (never a consolidated copy,
     which may be stale): a listing of the group and a GET of each member's document, at once.
     """
-    import zarr
     from xarray.backends import ZarrStore
 
     try:
         zstore = ZarrStore.open_group(store.with_read_only(True), mode="r", group=kwargs.get("group"),
                                       consolidated=False, zarr_format=kwargs.get("zarr_format"))
-    except (FileNotFoundError, zarr.errors.ContainsArrayError):
+    except FileNotFoundError:
         return None
     return StoredVariables(zstore)
 
@@ -205,6 +209,84 @@ def _refuse_lossy_casts(dataset: xarray.Dataset, stored: StoredVariables, store:
             f"Cast it explicitly if that is meant (ds[{str(name)!r}] = ds[{str(name)!r}].astype({str(target)!r})), "
             f"or write it again whole with mode='w' to store {given}."
         )
+
+
+def _refuse_before_writing(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any], mode: str,
+                           stored: StoredVariables | None) -> None:
+    """Raise :class:`~cloudio.ConfigurationError` for input xarray or zarr would refuse only once the write had
+    begun (the group created, a document rewritten, the group's path emptied), leaving the store marked
+    incomplete: an append along a dimension of nothing stored, a group below an array, an encoding xarray does
+    not take. Why here: xarray checks each as it comes to it, after zarr changed the store."""
+    group = str(kwargs.get("group") or "").strip("/")
+    where = f"{store.root_url} (group {group!r})" if group else store.root_url
+    if kwargs.get("append_dim") is not None and stored is None:
+        if is_gcs(store.root_url):  # no bucket is said as such
+            from cloudio._gcs.transfer import ensure_bucket
+
+            ensure_bucket(parse_gcs(store.root_url))
+        raise ConfigurationError(
+            f"{where}: append_dim={kwargs['append_dim']!r}, but no dataset is stored there to append to. Nothing "
+            "was written. Check the URL and group, or write the first part with mode='w-'.")
+    if mode in ("w", "w-") and "/" in group:
+        parents = group.split("/")[:-1]
+        for parent in ("/".join(parents[:depth]) for depth in range(1, len(parents) + 1)):
+            doc, _ = run_sync(store.get_generation(f"{parent}/zarr.json"))
+            if _is_array_document(doc) or (doc is None and run_sync(store.exists(f"{parent}/.zarray"))):
+                raise ConfigurationError(
+                    f"{where}: {parent!r} is an array of the store, so no group can be written below it. "
+                    "Nothing was written. Choose another group.")
+    encoding = kwargs.get("encoding") or {}
+    if encoding:
+        from zarr import config
+
+        asked = kwargs.get("zarr_format") or (stored.zarr_format if stored is not None else
+                                              config.get("default_zarr_format"))
+        fmt: Literal[2, 3] = 2 if asked == 2 else 3
+        for name, given in encoding.items():
+            if name not in dataset.variables or not isinstance(given, Mapping):
+                continue  # xarray names those before it writes
+            refused = _encoding_refused(dataset.variables[name], str(name), given, fmt)
+            if refused is not None:
+                raise ConfigurationError(f"{where}: the encoding of {name!r} is refused ({refused}). Nothing was "
+                                         "written. Fix the encoding and write again.") from refused
+
+
+def _encoding_refused(variable: xarray.Variable, name: str, encoding: Mapping[str, Any],
+                      zarr_format: Literal[2, 3]) -> ValueError | None:
+    """xarray's refusal of ``encoding`` for ``variable`` (a key the Zarr backend does not take), as its write would
+    raise it, or None. Asked of one element of the variable (zeros for a Dask-backed one: nothing is computed),
+    through xarray's own steps: its CF encoding takes its keys (``_FillValue``, ``units``...), then the Zarr
+    backend's check of what is left. A failure of the CF step is left to the write itself."""
+    import xarray as xr
+    from xarray import conventions
+    from xarray.backends.zarr import extract_zarr_variable_encoding
+
+    one = (1,) * variable.ndim
+    if _is_dask(variable.data) or 0 in variable.shape:
+        sample = np.zeros(one, variable.dtype) if variable.dtype.kind in "biufcmM" else np.full(one, "", variable.dtype)
+    else:
+        sample = np.asarray(variable.data[(slice(0, 1),) * variable.ndim])
+    stand_in = xr.Variable(variable.dims, sample, attrs=dict(variable.attrs), encoding=dict(encoding))
+    try:
+        encoded = conventions.encode_cf_variable(stand_in, name=name)
+    except Exception:  # (xarray says it when it writes)
+        log.debug("%s: the CF encoding of a sample failed; left to the write", name, exc_info=True)
+        return None
+    try:
+        extract_zarr_variable_encoding(encoded, raise_on_invalid=True, name=name, zarr_format=zarr_format)
+    except ValueError as e:
+        return e
+    return None
+
+
+def _is_array_document(doc: bytes | None) -> bool:
+    """A Zarr v3 ``zarr.json`` of an array."""
+    import json
+
+    try:
+        return doc is not None and json.loads(doc).get("node_type") == "array"
+    except ValueError:
+        return False
 
 
 def _align_dataset(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any],
@@ -348,6 +430,7 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         stored = _stored_variables(store, kwargs) if mode not in ("w", "w-") else None
         if stored is not None:
             _refuse_lossy_casts(dataset, stored, store, kwargs)
+        _refuse_before_writing(dataset, store, kwargs, mode, stored)
         aligned = _align_dataset(dataset, store, kwargs, rechunk, stored)
         # a write to a group replaces (mode="w") or changes that group only: its mark says which
         group = str(kwargs.get("group") or "").strip("/")
