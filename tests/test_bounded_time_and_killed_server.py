@@ -210,10 +210,6 @@ def test_a_gdal_write_interrupted_while_it_waits_for_a_read_leaves_the_object_re
     assert after.error is None and after.value == int(noise()[0, 0, 0]), after.said()
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "open (this stop's review; see its note): journal().changing() waits for GDAL readers on fsspec's"
-    " event loop, which blocks every fsspec and Zarr call meanwhile"
-))
 def test_an_fsspec_write_waiting_for_a_stalled_gdal_read_does_not_stall_other_fsspec_calls(gcs_bucket,
                                                                                            fault_proxy,
                                                                                            monkeypatch):
@@ -241,6 +237,41 @@ def test_an_fsspec_write_waiting_for_a_stalled_gdal_read_does_not_stall_other_fs
     assert done, (f"cat of an unrelated object with a 1 s limit: {said} (in the end: {c.said()}); the pipe of "
                   f"x.tif, waiting for the read: {w.said()}")
     assert c.error is None and c.value == b"o" * 100, said
+
+
+def test_a_batch_of_small_uploads_waiting_for_a_read_of_one_does_not_stall_other_zarr_calls(gcs_bucket):
+    """save_array of small chunks sends them in one batch from zarr's event loop. One chunk object has GDAL I/O
+    in flight (held by another thread for 3 s): that chunk waits for it, off the loop, and goes up after; a
+    load_array of another array meanwhile (the same loop) ends at once, and the array reads back whole."""
+    url, other = f"{gcs_bucket}/g/a.zarr", f"{gcs_bucket}/g/other.zarr"
+    a = np.arange(64 * 64, dtype="i4").reshape(64, 64)
+    cloudio.save_array(a, url, chunks=(16, 16), compressors=None)
+    cloudio.save_array(a[:8, :8], other, compressors=None)
+    vsi = f"/vsigs/{gcs_bucket[len('gs://'):]}/g/a.zarr/c/1/1"
+    held, release = threading.Event(), threading.Event()
+
+    def read() -> None:
+        gates.enter(vsi)
+        held.set()
+        try:
+            release.wait(30)
+        finally:
+            gates.exit(vsi)
+
+    r = Outcome(read).start()
+    assert held.wait(10)
+    w = Outcome(lambda: cloudio.save_array(a + 1, url, chunks=(16, 16), compressors=None)).start()
+    time.sleep(0.5)
+    c = Outcome(lambda: cloudio.load_array(other)).start()
+    done = c.finished(CALL_LIMIT)
+    said, writing = c.said(), w.thread.is_alive()
+    release.set()
+    r.finished(10)
+    assert w.finished(30) and w.error is None, w.said()
+    assert done and c.error is None, f"load_array of another array while a chunk waited for a read: {said}"
+    np.testing.assert_array_equal(c.value, a[:8, :8])
+    assert writing, "save_array did not wait for the read of its chunk"
+    np.testing.assert_array_equal(cloudio.load_array(url), a + 1)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -293,10 +324,6 @@ def test_a_first_gdal_write_to_a_bucket_whose_lookup_is_never_answered_ends_in_t
         assert isinstance(w.error, cloudio.CloudioError) and url in str(w.error), said
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "open (this stop's review; see its note): cloudio.open(url, 'r+') downloads with plain gcsfs "
-    "get_file, with no idle or total bound"
-))
 def test_an_update_whose_download_is_never_answered_ends_in_time(gcs_bucket, fault_proxy, quick):
     """cloudio.open(url, "r+") downloads the object first (its metadata, then its bytes). The download of the bytes
     never answered: TransientError naming the URL within the limits (a tracked filesystem's get gives up after
@@ -429,10 +456,6 @@ def test_fsspec_calls_against_a_silent_server_end_in_time(gcs_bucket, fault_prox
 # -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "open (this stop's review; see its note): zarr's own member listing (FsspecStore.list_dir) runs "
-    "on plain async gcsfs with no total bound"
-))
 @pytest.mark.parametrize("fault", ["stalled", "killed"])
 def test_open_zarr_whose_member_listing_fails_ends_in_time_with_a_cloudio_error(own, fault):
     """open_zarr(consolidated=False) lists the group's members (zarr's own listing, delimiter "/"). That listing

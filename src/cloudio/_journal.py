@@ -25,6 +25,7 @@ when some of the changes asked for are no longer kept.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import itertools
 import logging
@@ -37,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, overload
 
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
 from cloudio._paths import is_under as _under
@@ -222,20 +223,43 @@ class WriteJournal:
             if consumer in self._consumers:
                 self._consumers.remove(consumer)
 
-    def changing(self, url: str) -> ExitStack:
+    @overload
+    def changing(self, url: str) -> ExitStack: ...
+
+    @overload
+    def changing(self, url: str, wait: bool) -> ExitStack | None: ...
+
+    def changing(self, url: str, wait: bool = True) -> ExitStack | None:
         """``with journal().changing(url):`` around sending a write of ``url`` until it is recorded.
 
-        Consumers with ``before_change(url)`` / ``after_change(url)`` (GDAL's)
+        Consumers with ``before_change(url, wait)`` / ``after_change(url)`` (GDAL's)
         keep their own I/O of the object off it while its content changes on
-        the server. The hooks run when this is called, before the ``with``.
+        the server: that I/O in flight finishes first. The hooks run when this
+        is called, before the ``with``. ``wait=False``: None instead of waiting
+        for I/O in flight. On an event loop use :meth:`changing_async`.
         """
         with self._lock:
             hooked = [c for c in self._consumers if hasattr(c, "before_change")]
-        with ExitStack() as stack:  # a hook that fails releases those before it
+        with ExitStack() as stack:  # a hook that fails (or would wait) releases those before it
             for c in hooked:
-                c.before_change(url)  # type: ignore[attr-defined]
+                if not c.before_change(url, wait):  # type: ignore[attr-defined]
+                    return None
                 stack.callback(c.after_change, url)  # type: ignore[attr-defined]
             return stack.pop_all()
+
+    async def changing_async(self, url: str) -> ExitStack:
+        """:meth:`changing` from a coroutine: when it has to wait for a GDAL read of ``url`` in flight (up to
+        its limit), it waits in a worker thread. Why: waiting on the event loop would stop every other call
+        of the filesystem (fsspec runs them all on one loop) for as long as that read takes."""
+        held = self.changing(url, wait=False)
+        if held is not None:
+            return held
+        waiting = asyncio.get_running_loop().run_in_executor(None, self.changing, url)
+        try:
+            return await asyncio.shield(waiting)
+        except BaseException:  # cancelled while waiting: what the thread goes on to hold is let go at once
+            waiting.add_done_callback(_let_go)
+            raise
 
     def add_listener(self, fn: Callable[[Change], None]) -> None:
         with self._lock:
@@ -253,6 +277,12 @@ class WriteJournal:
                 continue
             self.record(c.url, c.kind, generation=c.generation, size=c.size, prefix=c.prefix,
                         origin=c.origin, notify_listeners=False)
+
+
+def _let_go(held: asyncio.Future[ExitStack]) -> None:
+    """Release what a wait nobody takes any more came to hold."""
+    if not held.cancelled() and held.exception() is None:
+        held.result().close()
 
 
 def _ensure_consumers() -> None:

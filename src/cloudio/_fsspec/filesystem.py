@@ -53,10 +53,12 @@ from cloudio._config import (
 )
 from cloudio._fsspec.consumer import guard_listings, track
 from cloudio._gcs.client import (
+    bounded_while_arriving,
     bucket_missing,
     header_crc,
     http_options,
     is_transient,
+    local_size,
     total_time_limit,
     transient_error,
 )
@@ -575,7 +577,7 @@ class _JournalingGCSMixin(_TextWrites):
             if "if_generation_match" in kwargs:
                 return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
             size = memoryview(data).nbytes  # bytes, not items (gcsfs sends a wide buffer's bytes)
-            with journal().changing(url), _unsure(url):  # GDAL reads of it wait until the write is recorded
+            with await journal().changing_async(url), _unsure(url):  # GDAL reads of it wait until the write is recorded
                 try:
                     out, meta = await self._answered_by(super()._pipe_file(path, data, *args, **kwargs))  # type: ignore[misc]
                 except FileExistsError as e:  # mode="create" (gcsfs's ifGenerationMatch=0) found an object
@@ -620,7 +622,7 @@ class _JournalingGCSMixin(_TextWrites):
             if args or set(kwargs) - {"content_type", "callback", "consistency", "chunksize"}:
                 return await self._put_file_gcsfs(url, lpath, rpath, *args, **kwargs)
             content_type = kwargs.get("content_type") or mimetypes.guess_type(lpath)[0] or "application/octet-stream"
-            with journal().changing(url):  # GDAL reads of it wait until the write is recorded
+            with await journal().changing_async(url):  # GDAL reads of it wait until the write is recorded
                 # verified against the upload's own answer (not a later metadata request that could see
                 # another writer's object); journaled as invalidated there if that answer was lost
                 up = await put_verified(self, url, lpath, content_type=content_type, record=False, attempts=1)
@@ -635,7 +637,7 @@ class _JournalingGCSMixin(_TextWrites):
 
     async def _put_file_gcsfs(self, url: str, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
         """gcsfs's own upload, for the options :func:`put_verified` lacks, verified against its answer."""
-        with journal().changing(url), _unsure(url):
+        with await journal().changing_async(url), _unsure(url):
             out, meta = await self._answered_by(super()._put_file(lpath, rpath, *args, **kwargs))  # type: ignore[misc]
             size = os.path.getsize(lpath)
             generation = await self._verify_stored(url, meta, size, file_crc32c(lpath))
@@ -721,33 +723,19 @@ class _JournalingGCSMixin(_TextWrites):
                              "was removed; read again.")
 
     async def _download(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> Any:
-        limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
-        task = asyncio.ensure_future(super()._get_file(rpath, lpath, *args, **kwargs))  # type: ignore[misc]
         try:
-            if limit is None:
-                return await task
-            size, idle = -1, 0.0
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=limit / 4)
-                if done:
-                    return task.result()
-                now = os.path.getsize(lpath) if isinstance(lpath, str) and os.path.exists(lpath) else -1
-                size, idle = (now, 0.0) if now != size else (size, idle + limit / 4)
-                if idle >= limit:
-                    raise TimeoutError(f"no byte arrived for {limit:g} s")
+            get = super()._get_file(rpath, lpath, *args, **kwargs)  # type: ignore[misc]
+            return await bounded_while_arriving(self, get, functools.partial(local_size, lpath))
         except (CloudioError, FileNotFoundError):
             raise
         except Exception as e:
             if not is_transient(e):
                 raise
             raise transient_error(self._cloudio_url(rpath), "download", e) from e
-        finally:
-            if not task.done():
-                task.cancel()
 
     async def _cp_file(self, path1: str, path2: str, *args: Any, **kwargs: Any) -> Any:
         url = self._cloudio_url(path2)
-        with journal().changing(url), _unsure(url):
+        with await journal().changing_async(url), _unsure(url):
             try:
                 out = await super()._cp_file(path1, path2, *args, **kwargs)  # type: ignore[misc]
             except FileNotFoundError as e:  # the source, or the target's bucket (one request tells which)
@@ -797,7 +785,7 @@ class _JournalingGCSMixin(_TextWrites):
         attempts: list[int] = []
         token = _attempts.set(attempts)
         try:
-            with _named_missing(url), journal().changing(url), _unsure(url):
+            with _named_missing(url), await journal().changing_async(url), _unsure(url):
                 try:
                     out = await super()._rm_file(path, **kwargs)  # type: ignore[misc]
                 except FileNotFoundError:

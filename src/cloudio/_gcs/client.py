@@ -25,9 +25,10 @@ import asyncio
 import atexit
 import json
 import logging
+import os
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloudio import _state
@@ -204,7 +205,7 @@ def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:
             "something between here and GCS changed it. Retry; if it persists, check proxies on the way."
         )
     return TransientError(
-        f"{url}: {doing} failed past the retries ({type(exc).__name__}: {exc or 'no answer'}). "
+        f"{url}: {doing} failed past the retries ({type(exc).__name__}: {str(exc) or 'no answer'}). "
         "GCS (or STORAGE_EMULATOR_HOST) is unreachable, overloaded or too slow; retry later "
         "(CLOUDIO_HTTP_TIMEOUT sets how long one request may take)."
     )
@@ -228,6 +229,37 @@ def call_bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
     from fsspec.asyn import sync
 
     return sync(fs.loop, bounded, fs, call)  # type: ignore[no-any-return]
+
+
+async def bounded_while_arriving(fs: gcsfs.GCSFileSystem, call: Awaitable[T], arrived: Callable[[], int]) -> T:
+    """Await one gcsfs download for as long as its bytes keep arriving: given up (TimeoutError, an OSError) once
+    ``arrived()`` (e.g. the local file's size; -1 before it exists) has not changed for the time limit of ``fs``.
+
+    Why not :func:`bounded`: a large download may take longer than that limit in all and must not be cut short,
+    but gcsfs retries a download that never answers for minutes (its request bypasses ``_call``).
+    """
+    limit = total_time_limit(getattr(fs, "requests_timeout", None))
+    if limit is None:
+        return await call
+    task = asyncio.ensure_future(call)
+    try:
+        size, idle = -1, 0.0
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=limit / 4)
+            if done:
+                return task.result()
+            now = arrived()
+            size, idle = (now, 0.0) if now != size else (size, idle + limit / 4)
+            if idle >= limit:
+                raise TimeoutError(f"no byte arrived for {limit:g} s")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def local_size(path: Any) -> int:
+    """The size of the local file ``path`` (-1: not there, or no local path): a download's progress."""
+    return os.path.getsize(path) if isinstance(path, (str, os.PathLike)) and os.path.exists(path) else -1
 
 
 def header_crc(headers: Any) -> str | None:

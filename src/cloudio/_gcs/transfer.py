@@ -242,7 +242,7 @@ async def put_verified(
     last: BaseException | None = None
     deleted = False  # a corrupt copy was stored and deleted: the server holds nothing at path now
     guard = if_generation_match
-    changing = journal().changing(path.url)  # GDAL reads of it wait until the outcome is recorded
+    changing = await journal().changing_async(path.url)  # GDAL reads of it wait until the outcome is recorded
     sent = False  # a request went out: cancelled from here on, the upload may have landed
     try:
         for attempt in range(max(1, attempts)):
@@ -334,12 +334,18 @@ async def put_verified_each(
 
     gates: dict[int, ExitStack] = {}
     unsure: dict[int, GCSPath] = {}  # sent, not confirmed
+    waiting: list[int] = []  # a GDAL read of the object in flight: sent the careful way, which waits for it
 
     def send(i: int) -> tuple[GCSPath, memoryview] | None:
         got = body(i)
-        if got is not None:
-            gates[i] = journal().changing(got[0].url)  # GDAL reads of it wait until the outcome is recorded
-            unsure[i] = got[0]
+        if got is None:
+            return None
+        gate = journal().changing(got[0].url, wait=False)  # GDAL reads of it wait until the outcome is recorded
+        if gate is None:  # (not here: this runs on the event loop)
+            waiting.append(i)
+            return None
+        gates[i] = gate
+        unsure[i] = got[0]
         return got
 
     def stored(i: int, path: GCSPath, meta: dict[str, Any], size: int, crc: str) -> bool:
@@ -359,7 +365,7 @@ async def put_verified_each(
     abandoned: list[int] = []
     try:
         again = await put_each(fs, count_, send, stored, concurrency, abandoned)
-        for i in again:
+        for i in sorted(again + waiting):
             gate = gates.pop(i, None)
             if gate is not None:
                 gate.close()
@@ -648,30 +654,41 @@ def download(
 
     The object's metadata is fetched first and the file's size and CRC32C
     are checked against it, so an object overwritten during the download is
-    fetched again rather than torn.
+    fetched again rather than torn. The bytes' request is bounded as a tracked
+    filesystem's ``get`` is (:func:`cloudio._gcs.client.bounded_while_arriving`):
+    given up when nothing arrives for the time limit of one call, never cut
+    short while bytes keep arriving.
 
     Raises
     ------
     ObjectNotFoundError, BucketNotFoundError, IntegrityError, TransientError
     """
+    import functools
     import time
+
+    from fsspec.asyn import sync
+
+    from cloudio._gcs.client import bounded_while_arriving, local_size
 
     path = _as_path(url)
     fs = _filesystem(fs)
+    target = os.fspath(local)
     last = ""
     for attempt in range(max(1, attempts)):
         if attempt:
             time.sleep(BACKOFF * 2 ** (attempt - 1))
         meta = object_metadata(path, fs)
         fs.invalidate_cache(path.fs_path)  # gcsfs takes sizes from its listing cache; make it ask
-        try:
-            fs.get_file(path.fs_path, os.fspath(local))
+        try:  # gcsfs retries a download never answered for minutes: given up once nothing arrives in time
+            sync(fs.loop, bounded_while_arriving, fs, fs._get_file(path.fs_path, target),
+                 functools.partial(local_size, target))
         except FileNotFoundError:
             last = "the object disappeared during the download"
             continue  # deleted in between: the next metadata request says so
         except Exception as e:
-            if is_transient(e):
-                raise transient_error(path.url, "download", e) from e
+            if is_transient(e):  # (fsspec's sync hides the idle limit's TimeoutError behind an empty FSTimeoutError)
+                why = e.__cause__ if isinstance(e, TimeoutError) and isinstance(e.__cause__, TimeoutError) else e
+                raise transient_error(path.url, "download", why) from e
             raise
         got, crc = os.path.getsize(local), file_crc32c(local)
         if got == int(meta.get("size", -1)) and crc == meta.get("crc32c"):

@@ -185,10 +185,10 @@ class GdalConsumer(Consumer):
 
     # -- changes (called by the journal, at once, in the writer's thread) ----------------------
 
-    def before_change(self, url: str) -> None:
-        """A writer is about to change ``url`` on the server: hold its GDAL I/O off (see :class:`_ObjectGates`)."""
-        if is_gcs(url):
-            gates.begin_change(parse_gcs(url).vsi)
+    def before_change(self, url: str, wait: bool = True) -> bool:
+        """A writer is about to change ``url`` on the server: hold its GDAL I/O off (see :class:`_ObjectGates`).
+        ``wait=False``: only if none is in flight; whether it is held off."""
+        return not is_gcs(url) or gates.begin_change(parse_gcs(url).vsi, wait)
 
     def after_change(self, url: str) -> None:
         """The change of ``url`` is recorded (and GDAL's cache of it cleared): let its I/O resume."""

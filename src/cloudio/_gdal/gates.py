@@ -125,8 +125,9 @@ class _ObjectGates:
             with self._mutex:
                 self._turn.notify_all()
 
-    def begin_change(self, vsi: str) -> None:
-        """Hold ``vsi`` exclusively: after its I/O in flight (at most :data:`CHANGE_WAIT` s), before any later."""
+    def begin_change(self, vsi: str, wait: bool = True) -> bool:
+        """Hold ``vsi`` exclusively: after its I/O in flight (at most :data:`CHANGE_WAIT` s), before any later.
+        ``wait=False``: hold it only if no I/O of it is in flight; whether it is held."""
         mine = self._table()  # waiting for this thread's own I/O would deadlock
         deadline = time.monotonic() + CHANGE_WAIT
         with self._mutex:
@@ -136,16 +137,22 @@ class _ObjectGates:
                 while vsi not in self._forced and any(
                     vsi in t for t in self._tables.values() if t is not mine
                 ):
+                    if not wait:
+                        raise _Busy
                     left = deadline - time.monotonic()
                     if left <= 0:
                         log.warning("gdal: GDAL I/O of %s still running after %.0f s; changing it anyway (that "
                                     "read may mix two versions)", vsi, CHANGE_WAIT)
                         self._forced.add(vsi)
-                        return
+                        return True
                     self._turn.wait(min(left, _POLL))
+        except _Busy:
+            self.end_change(vsi)
+            return False
         except BaseException:  # interrupted while waiting (Ctrl-C): no change is held, readers go on
             self.end_change(vsi)
             raise
+        return True
 
     def end_change(self, vsi: str) -> None:
         """Let ``vsi``'s I/O resume."""
@@ -157,6 +164,10 @@ class _ObjectGates:
                 del self._changing[vsi]
                 self._forced.discard(vsi)
             self._turn.notify_all()
+
+
+class _Busy(Exception):
+    """I/O of the object is in flight, and the caller would rather not wait for it."""
 
 
 gates = _ObjectGates()

@@ -223,6 +223,11 @@ def consolidated_seen(root_url: str, stale: bool) -> None:
     _metadata.seen(root_url.rstrip("/"), stale)
 
 
+async def _collected(keys: AsyncIterator[str]) -> list[str]:
+    """Every key ``keys`` yields: an async listing as one awaitable, to bound in time as a whole."""
+    return [key async for key in keys]
+
+
 def _joined(root: GCSPath, key: str) -> GCSPath:
     """The object of store key ``key`` under the store's root ``root``."""
     return GCSPath(root.bucket, f"{root.key}/{key}" if root.key else key)
@@ -322,17 +327,17 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             raise err from e
         return None if body is None else prototype.buffer.from_bytes(body.data)
 
-    def _read_failed(self, key: str, e: Exception) -> CloudioError | None:
-        """cloudio's error, naming the object, for a read of ``key`` that failed past the retries or was refused
-        (None: already cloudio's, or not the server's answer). Why here: zarr reads through the store long after
-        ``open_zarr`` or a lazy ``load_array`` returned, outside any call of cloudio's."""
+    def _read_failed(self, key: str, e: Exception, doing: str = "a read") -> CloudioError | None:
+        """cloudio's error, naming the object, for a read (or ``doing``) of ``key`` that failed past the retries or
+        was refused (None: already cloudio's, or not the server's answer). Why here: zarr reads through the store
+        long after ``open_zarr`` or a lazy ``load_array`` returned, outside any call of cloudio's."""
         from cloudio._gcs.client import transient_error
 
-        url = self._url(key)
+        url = self._url(key.rstrip("/"))
         if isinstance(e, CloudioError) or self._gcs_root is None:
             return None
         if _transient(e) or isinstance(e, TimeoutError):
-            return transient_error(url, "a read", e)
+            return transient_error(url, doing, e)
         if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409)
             return _refused_read(url, e)
         return None
@@ -602,7 +607,24 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 yield key
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:
-        async for key in self._store.list_dir(prefix):
+        """The wrapped store's ``list_dir`` without the write marker; on GCS within the time limit of one call.
+
+        Why: zarr's ``FsspecStore.list_dir`` is one gcsfs ``_ls``, whose retries of a listing never answered
+        (or of a server gone) take minutes; ended in time, it fails as a read does, naming the store.
+        """
+        if self._gcs_root is None:
+            async for key in self._store.list_dir(prefix):
+                if key != MARKER:
+                    yield key
+            return
+        try:
+            keys = await bounded(self._store.fs, _collected(self._store.list_dir(prefix)))
+        except Exception as e:
+            err = self._read_failed(prefix, e, "a listing")
+            if err is None:
+                raise
+            raise err from e
+        for key in keys:
             if key != MARKER:  # a group's own marker too (a write to url/group): never a node
                 yield key
 
@@ -621,7 +643,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         would leave a half-deleted old array that readers take as complete.
         """
         self._store._check_writable()
-        await self._delete_keys([k async for k in self._store.list_prefix("") if k != MARKER])
+        if self._gcs_root is None:
+            keys = [k async for k in self._store.list_prefix("")]
+        else:  # gcsfs's listing, within the time limit of one call (as list_dir)
+            keys = await bounded(self._store.fs, _collected(self._store.list_prefix("")))
+        await self._delete_keys([k for k in keys if k != MARKER])
         self._prune_folders()
 
     def _prune_folders(self) -> None:
