@@ -62,6 +62,14 @@ def put(emu: Emulator, url: str, data: bytes) -> None:
     emu.client.bucket(bucket).blob(key).upload_from_string(data)
 
 
+def overwritten_behind_a_listing(fs: Any, emu: Emulator, url: str, old: bytes, new: bytes) -> None:
+    """``old`` piped to ``url`` through ``fs`` and its folder listed (``fs`` holds ``old``'s size), then ``new``
+    uploaded there behind cloudio's back (:func:`put`): the listing ``fs`` holds is out of date."""
+    fs.pipe(url, old)
+    fs.ls(url.rsplit("/", 1)[0])
+    put(emu, url, new)
+
+
 def mosaic_vrt(sources: list[tuple[str, int, int]], size: int = 64, *, relative: bool = False) -> str:
     """A 1-band UInt16 VRT mosaic of ``size``-square sources placed at (xoff, yoff)."""
     width = max(x for _, x, _ in sources) + size

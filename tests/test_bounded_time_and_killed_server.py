@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from faultproxy import FaultProxy
+from outcomes import Outcome
 from rasterio.io import MemoryFile
 from rasters import mosaic_vrt, noise, noise_tif, pixel, profile8, tif, vrts_over, write8
 
@@ -40,42 +41,6 @@ CALL_LIMIT = 3.0
 GDAL_LIMIT = 12.0
 
 
-class Outcome:
-    """``fn()`` in a daemon thread: its value or exception, and how long it took."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn = fn
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.elapsed: float | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.t0 = 0.0
-
-    def _run(self) -> None:
-        self.t0 = time.monotonic()
-        try:
-            self.value = self.fn()
-        except BaseException as e:  # handed to the test
-            self.error = e
-        finally:
-            self.elapsed = time.monotonic() - self.t0
-
-    def start(self) -> Outcome:
-        self.thread.start()
-        return self
-
-    def finished(self, seconds: float) -> bool:
-        self.thread.join(seconds)
-        return not self.thread.is_alive()
-
-    def said(self) -> str:
-        if self.thread.is_alive():
-            return f"still running after {time.monotonic() - self.t0:.1f} s"
-        if self.error is not None:
-            return f"{type(self.error).__name__} after {self.elapsed:.1f} s: {str(self.error)[:300]}"
-        return f"returned {self.value!r:.80} after {self.elapsed:.1f} s"
-
-
 def _wait_for(cond: Callable[[], bool], seconds: float) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -83,6 +48,25 @@ def _wait_for(cond: Callable[[], bool], seconds: float) -> bool:
             return True
         time.sleep(0.02)
     return cond()
+
+
+def _under_fault(proxy: FaultProxy, fn: Callable[[], Any], limit: float, fault: str = "hang",
+                 **rule: Any) -> tuple[Outcome, bool, str, int]:
+    """``fn()`` in a daemon thread while ``proxy`` applies one rule (``fault``, ``rule`` its matching and budget),
+    waited for at most ``limit`` s; the proxy's rules are cleared after. Returns the outcome, whether it finished
+    in time, what it said then, and how many requests the rule met."""
+    r = proxy.add(fault, **rule)
+    o = Outcome(fn).start()
+    done = o.finished(limit)
+    said = o.said()
+    proxy.clear()
+    return o, done, said, r.hits
+
+
+def _done_or_a_cloudio_error_naming(url: str, o: Outcome, said: str) -> None:
+    """The call ended with its work done, or with a CloudioError naming ``url``."""
+    if o.error is not None:
+        assert isinstance(o.error, cloudio.CloudioError) and url in str(o.error), said
 
 
 def _first_pixel(url: str) -> int:
@@ -297,15 +281,11 @@ def test_a_gdal_write_whose_sidecar_listing_is_never_answered_ends_in_time(gcs_b
 
         def write() -> None:
             cloudio.write_vrt(mosaic_vrt([(src, 0, 0)], size=32), url)
-    rule = fault_proxy.add("hang", method="GET", path=rf"/b/{b}/o\?.*prefix=s(%2F|/){stem}(&|$)", times=None)
-    w = Outcome(write).start()
-    done = w.finished(2 * CALL_LIMIT + 4)
-    said, hits = w.said(), rule.hits
-    fault_proxy.clear()
+    w, done, said, hits = _under_fault(fault_proxy, write, 2 * CALL_LIMIT + 4, method="GET",
+                                       path=rf"/b/{b}/o\?.*prefix=s(%2F|/){stem}(&|$)", times=None)
     assert hits >= 1, f"the sidecar listing never reached the proxy ({w.said()}): {fault_proxy.requests()[-5:]}"
     assert done, f"{face} of {url}: {said} ({hits} listings unanswered)"
-    if w.error is not None:
-        assert isinstance(w.error, cloudio.CloudioError) and url in str(w.error), said
+    _done_or_a_cloudio_error_naming(url, w, said)
 
 
 def test_a_first_gdal_write_to_a_bucket_whose_lookup_is_never_answered_ends_in_time(gcs_bucket, fault_proxy, quick):
@@ -313,15 +293,11 @@ def test_a_first_gdal_write_to_a_bucket_whose_lookup_is_never_answered_ends_in_t
     open must end within a call's limit (3 s here), with the write or a CloudioError naming the URL."""
     b = gcs_bucket[len("gs://"):]
     url = f"{gcs_bucket}/e/x.tif"
-    rule = fault_proxy.add("hang", method="GET", path=rf"^/storage/v1/b/{b}(\?|$)", times=None)
-    w = Outcome(lambda: write8(url, 3)).start()
-    done = w.finished(CALL_LIMIT + 6)
-    said = w.said()
-    fault_proxy.clear()
-    assert rule.hits >= 1, f"the bucket lookup never reached the proxy ({said})"
+    w, done, said, hits = _under_fault(fault_proxy, lambda: write8(url, 3), CALL_LIMIT + 6, method="GET",
+                                       path=rf"^/storage/v1/b/{b}(\?|$)", times=None)
+    assert hits >= 1, f"the bucket lookup never reached the proxy ({said})"
     assert done, f"cloudio.open({url!r}, 'w') ... close(): {said}"
-    if w.error is not None:
-        assert isinstance(w.error, cloudio.CloudioError) and url in str(w.error), said
+    _done_or_a_cloudio_error_naming(url, w, said)
 
 
 def test_an_update_whose_download_is_never_answered_ends_in_time(gcs_bucket, fault_proxy, quick):
@@ -330,18 +306,15 @@ def test_an_update_whose_download_is_never_answered_ends_in_time(gcs_bucket, fau
     3 s without a byte), the object unchanged."""
     url = f"{gcs_bucket}/u/x.tif"
     write8(url, 4)
-    rule = fault_proxy.add("hang", method="GET", path=r"alt=media", times=None)
 
     def update() -> None:
         with cloudio.open(url, "r+") as ds:
             ds.write(np.full((1, 64, 64), 5, "uint8"))
 
-    w = Outcome(update).start()
-    done = w.finished(2 * CALL_LIMIT + 4)
-    said = w.said()
-    fault_proxy.clear()
-    assert rule.hits >= 1, f"the download never reached the proxy ({said})"
-    assert done, f"cloudio.open({url!r}, 'r+'): {said} ({rule.hits} downloads unanswered)"
+    w, done, said, hits = _under_fault(fault_proxy, update, 2 * CALL_LIMIT + 4, method="GET", path=r"alt=media",
+                                       times=None)
+    assert hits >= 1, f"the download never reached the proxy ({said})"
+    assert done, f"cloudio.open({url!r}, 'r+'): {said} ({hits} downloads unanswered)"
     assert isinstance(w.error, cloudio.TransientError) and url in str(w.error), said
     assert w.error.__cause__ is not None
     assert _first_pixel(url) == 4
@@ -367,13 +340,9 @@ def test_a_missing_object_is_reported_in_time_when_a_lookup_of_its_diagnosis_is_
 
         def run() -> Any:
             return cloudio.open_zarr(url)
-    rule = fault_proxy.add("hang", method="GET", path=path, times=None)
-    o = Outcome(run).start()
-    done = o.finished(2 * CALL_LIMIT + 4)
-    said = o.said()
-    fault_proxy.clear()
-    assert rule.hits >= 1, f"the lookup never reached the proxy ({said}): {fault_proxy.requests()[-6:]}"
-    assert done, f"{face} of {url}: {said} ({rule.hits} lookups unanswered)"
+    o, done, said, hits = _under_fault(fault_proxy, run, 2 * CALL_LIMIT + 4, method="GET", path=path, times=None)
+    assert hits >= 1, f"the lookup never reached the proxy ({said}): {fault_proxy.requests()[-6:]}"
+    assert done, f"{face} of {url}: {said} ({hits} lookups unanswered)"
     assert isinstance(o.error, cloudio.CloudioError) and url in str(o.error), said
 
 
@@ -439,11 +408,7 @@ def test_fsspec_calls_against_a_silent_server_end_in_time(gcs_bucket, fault_prox
             return None
         return fs.put(str(local), f"{gcs_bucket}/q/up.bin")
 
-    fault_proxy.add("hang", times=None)
-    o = Outcome(run).start()
-    done = o.finished(2 * CALL_LIMIT + 4)
-    said = o.said()
-    fault_proxy.clear()
+    o, done, said, _ = _under_fault(fault_proxy, run, 2 * CALL_LIMIT + 4, times=None)
     assert done, f"{op}: {said}"
     assert isinstance(o.error, cloudio.TransientError), said
     named = {"ls": f"{gcs_bucket}/q", "info": url, "open_rb": url, "open_wb": f"{gcs_bucket}/q/w.bin",
@@ -470,14 +435,11 @@ def test_open_zarr_whose_member_listing_fails_ends_in_time_with_a_cloudio_error(
     cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), np.arange(16.0).reshape(4, 4))}), url, mode="w",
                     consolidated=False)
     kw: dict[str, Any] = {"action": srv.kill} if fault == "killed" else {}
-    rule = proxy.add("hang" if fault == "stalled" else "kill", method="GET",
-                     path=rf"/b/{b}/o\?(?=.*delimiter=(%2F|/))(?=.*prefix=m\.zarr)", times=None if fault == "stalled"
-                     else 1, **kw)
-    o = Outcome(lambda: cloudio.open_zarr(url, consolidated=False)["v"].values).start()
-    done = o.finished(2 * CALL_LIMIT + 4)
-    said = o.said()
-    proxy.clear()
-    assert rule.hits >= 1, f"zarr's member listing never reached the proxy ({said}): {proxy.requests()[-6:]}"
+    o, done, said, hits = _under_fault(proxy, lambda: cloudio.open_zarr(url, consolidated=False)["v"].values,
+                                       2 * CALL_LIMIT + 4, "hang" if fault == "stalled" else "kill", method="GET",
+                                       path=rf"/b/{b}/o\?(?=.*delimiter=(%2F|/))(?=.*prefix=m\.zarr)",
+                                       times=None if fault == "stalled" else 1, **kw)
+    assert hits >= 1, f"zarr's member listing never reached the proxy ({said}): {proxy.requests()[-6:]}"
     assert done, f"open_zarr({url!r}): {said}"
     assert isinstance(o.error, cloudio.CloudioError) and url in str(o.error), said
 
@@ -499,11 +461,7 @@ def test_zarr_calls_against_a_silent_server_end_in_time(gcs_bucket, fault_proxy,
             return cloudio.open_zarr(url)["v"].values
         return cloudio.save_array(np.arange(16.0).reshape(4, 4), url)
 
-    fault_proxy.add("hang", times=None)
-    o = Outcome(run).start()
-    done = o.finished(2 * CALL_LIMIT + 4)
-    said = o.said()
-    fault_proxy.clear()
+    o, done, said, _ = _under_fault(fault_proxy, run, 2 * CALL_LIMIT + 4, times=None)
     assert done, f"{op}: {said}"
     assert isinstance(o.error, cloudio.CloudioError) and url in str(o.error), said
 
@@ -577,8 +535,7 @@ def test_a_gdal_write_whose_server_dies_after_the_upload_landed_journals_what_th
     assert rule.hits == 1, f"the server was not killed after the upload ({w.said()})"
     assert restarted.wait(30)
     assert done, w.said()
-    if w.error is not None:
-        assert isinstance(w.error, cloudio.CloudioError) and url in str(w.error), w.said()
+    _done_or_a_cloudio_error_naming(url, w, w.said())
     held, generation = srv.blob(url)
     assert held is not None and pixel(held) == 2, "the upload had landed before the server died"
     records = [c for c in journal().since(seq) if c.touches(url)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import rasterio.errors
+from rasters import overwritten_behind_a_listing
 from rasters import put as _put
 
 import cloudio
@@ -90,9 +91,7 @@ def test_tail_after_another_writers_overwrite_is_one_version(gcs_bucket, gcs_emu
     last n bytes of one version (or StaleDatasetError), never the new bytes at the old offsets."""
     fs = cloudio.filesystem(gcs_bucket)
     url = f"{gcs_bucket}/d/t.bin"
-    fs.pipe(url, b"0123456789")
-    fs.ls(f"{gcs_bucket}/d")  # held: 10 bytes
-    _put(gcs_emulator, url, b"abcdefghijklmnopqrstuvwxy")
+    overwritten_behind_a_listing(fs, gcs_emulator, url, b"0123456789", b"abcdefghijklmnopqrstuvwxy")
     assert fs.cat_file(url, start=-3) == b"wxy"
     try:
         got = fs.tail(url, 3)
@@ -105,9 +104,7 @@ def test_cat_ranges_negative_after_another_writers_overwrite(gcs_bucket, gcs_emu
     # passes: pins that cat_ranges goes through the same placement as cat_file
     fs = cloudio.filesystem(gcs_bucket)
     url = f"{gcs_bucket}/d/cr.bin"
-    fs.pipe(url, b"0123456789")
-    fs.ls(f"{gcs_bucket}/d")
-    _put(gcs_emulator, url, b"abcdefghijklmnopqrstuvwxy")
+    overwritten_behind_a_listing(fs, gcs_emulator, url, b"0123456789", b"abcdefghijklmnopqrstuvwxy")
     assert fs.cat_ranges([url, url], [-3, 2], [None, -20]) == [b"wxy", b"cde"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from rasters import overwritten_behind_a_listing
 from rasters import put as _put
 
 import cloudio
@@ -272,9 +273,7 @@ def test_get_from_a_server_that_never_answers_raises_transient_error_in_bounded_
 def test_a_session_level_read_after_an_outside_overwrite_is_never_the_new_bytes_cut_short(gcs_bucket, gcs_emulator):
     fs = cloudio.filesystem(gcs_bucket)
     url = f"{gcs_bucket}/d/a.bin"
-    fs.pipe(url, b"a" * 10)
-    fs.ls(f"{gcs_bucket}/d")  # held: 10 bytes
-    _put(gcs_emulator, url, b"b" * 25)
+    overwritten_behind_a_listing(fs, gcs_emulator, url, b"a" * 10, b"b" * 25)
     with cloudio.session("session"), fs.open(url, "rb") as f:
         with pytest.raises(cloudio.StaleDatasetError, match="changed on the server"):
             f.read()  # was b"b" * 10
@@ -286,9 +285,7 @@ def test_a_session_level_read_after_an_outside_overwrite_is_never_the_new_bytes_
 def test_a_session_level_tail_after_an_outside_overwrite_is_never_mixed(gcs_bucket, gcs_emulator):
     fs = cloudio.filesystem(gcs_bucket)
     url = f"{gcs_bucket}/d/t.bin"
-    fs.pipe(url, b"0123456789")
-    fs.ls(f"{gcs_bucket}/d")
-    _put(gcs_emulator, url, b"abcdefghijklmnopqrstuvwxy")
+    overwritten_behind_a_listing(fs, gcs_emulator, url, b"0123456789", b"abcdefghijklmnopqrstuvwxy")
     with pytest.raises(cloudio.StaleDatasetError):
         fs.tail(url, 5)  # was b"fghij": the new object's bytes at the old one's end
     assert fs.tail(url, 5) == b"uvwxy"

@@ -5,30 +5,11 @@ failed before its fix. Real emulator (and the fault proxy in front of it), real 
 
 from __future__ import annotations
 
-import threading
-
 import pytest
+from outcomes import bounded
 
 import cloudio
 from cloudio._journal import journal
-
-
-def _bounded(fn, timeout: float = 60):
-    """Run ``fn`` in a thread; return (result, exception); a hang fails the test instead of blocking it."""
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as e:
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"the operation hung for more than {timeout} s"
-    return out.get("result"), out.get("error")
-
 
 # ---------------------------------------------------------------------------------------------
 # a write whose final answer was lost: it landed, the journal must say so
@@ -57,7 +38,7 @@ def test_a_resumable_write_whose_final_answer_is_lost_is_journaled_and_not_calle
             fs.pipe(f"{b}/w/a.bin", new, chunksize=1 << 20)
 
     seq = journal().seq
-    _, err = _bounded(write)
+    _, err, _ = bounded(write)
     fault_proxy.clear()
 
     assert gcs_emulator.client.bucket(b).get_blob("w/a.bin").download_as_bytes() == new  # it landed
@@ -151,7 +132,7 @@ def test_get_of_a_whole_object_with_a_byte_flipped_on_the_way_is_not_silently_co
     fs.pipe(f"{b}/r.bin", data)
     fault_proxy.add("flip", method="GET", path=r"r\.bin\?alt=media", times=None)
     local = tmp_path / "r.bin"
-    _, err = _bounded(lambda: fs.get(f"{b}/r.bin", str(local)))
+    _, err, _ = bounded(lambda: fs.get(f"{b}/r.bin", str(local)))
     # README: "whole-object reads that pass through cloudio are checked against x-goog-hash" (cat is)
     if err is None:
         assert local.read_bytes() == data, "fs.get wrote corrupt bytes and raised nothing"

@@ -17,6 +17,7 @@ import xarray as xr
 from flytekit import task, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
+from rasters import overwritten_behind_a_listing
 from rasters import put as _put
 
 import cloudio
@@ -164,9 +165,7 @@ def test_session_level_cat_file_with_negative_end_is_never_mixed(gcs_bucket, gcs
     StaleDatasetError)."""
     fs = cloudio.filesystem(gcs_bucket)
     url = f"{gcs_bucket}/d/r.bin"
-    fs.pipe(url, b"0123456789")
-    fs.ls(f"{gcs_bucket}/d")  # held: 10 bytes
-    _put(gcs_emulator, url, b"abcdefghijklmnopqrstuvwxy")
+    overwritten_behind_a_listing(fs, gcs_emulator, url, b"0123456789", b"abcdefghijklmnopqrstuvwxy")
     try:
         got = fs.cat_file(url, start=2, end=-2)
     except cloudio.StaleDatasetError:
@@ -178,9 +177,7 @@ def test_strong_cat_file_with_negative_end_reads_the_new_object(gcs_bucket, gcs_
     # passes: pins the strong-level answer to the session-level bug below
     fs = cloudio.filesystem(gcs_bucket)
     url = f"{gcs_bucket}/d/r.bin"
-    fs.pipe(url, b"0123456789")
-    fs.ls(f"{gcs_bucket}/d")
-    _put(gcs_emulator, url, b"abcdefghijklmnopqrstuvwxy")
+    overwritten_behind_a_listing(fs, gcs_emulator, url, b"0123456789", b"abcdefghijklmnopqrstuvwxy")
     with cloudio.session("strong"):
         assert fs.cat_file(url, start=2, end=-2) == b"cdefghijklmnopqrstuvw"
 
@@ -190,9 +187,7 @@ def test_session_level_concurrent_cat_file_is_never_the_new_bytes_cut_short(gcs_
     out of date it returned the new object cut at the old size (the truncation cloudio exists to prevent)."""
     fs = cloudio.filesystem(gcs_bucket)
     url = f"{gcs_bucket}/d/c.bin"
-    fs.pipe(url, b"a" * 10)
-    fs.ls(f"{gcs_bucket}/d")  # held: 10 bytes
-    _put(gcs_emulator, url, b"b" * 25)
+    overwritten_behind_a_listing(fs, gcs_emulator, url, b"a" * 10, b"b" * 25)
     try:
         got = fs.cat_file(url, concurrency=2)
     except cloudio.StaleDatasetError:

@@ -14,25 +14,55 @@ import cloudio
 PROFILE = profile8()
 
 
-# passes: pins r+ internal overviews uploaded and read back
-def test_r_plus_build_overviews_is_uploaded_and_read(gcs_emulator, gcs_bucket):
-    url = f"{gcs_bucket}/o/a.tif"
+def _tiled_without_overviews(url: str) -> None:
+    """A 256 x 256 object of 3s in 64 x 64 tiles, read back without overviews."""
     write8(url, 3, size=256, tiled=True, blockxsize=64, blockysize=64)
     with cloudio.open(url) as r:
         assert r.overviews(1) == []
-    with cloudio.open(url, "r+") as ds:
-        ds.build_overviews([2, 4], rasterio.enums.Resampling.nearest)
+
+
+def _overviews_read_back(url: str, value: int) -> None:
+    """A new open of ``url`` finds overviews 2 and 4, the coarsest level all ``value``."""
     with cloudio.open(url) as r:
         assert r.overviews(1) == [2, 4]
-        assert (r.read(1, out_shape=(64, 64)) == 3).all()
+        assert (r.read(1, out_shape=(64, 64)) == value).all()
+
+
+def _written_read_overwritten_read(first: str, read_first: str, overwrite: str, *read_then: str) -> None:
+    """1s at 64 x 64 written to ``first`` and read through ``read_first``; 2s at 32 x 32 written over them
+    through ``overwrite`` and read through each of ``read_then``, whole."""
+    write8(first, 1)
+    with cloudio.open(read_first) as r:
+        assert r.read(1)[0, 0] == 1
+    write8(overwrite, 2, size=32)
+    for u in read_then:
+        with cloudio.open(u) as r:
+            assert r.shape == (32, 32) and r.read(1)[0, 0] == 2
+
+
+def _pixel_after_overwrite(ds, overwrite):
+    """``overwrite()``, then the pixel (0, 0) of ``ds``, opened before it; None where ``ds`` refuses with
+    StaleDatasetError."""
+    overwrite()
+    try:
+        return ds.read(1)[0, 0]
+    except cloudio.StaleDatasetError:
+        return None
+
+
+# passes: pins r+ internal overviews uploaded and read back
+def test_r_plus_build_overviews_is_uploaded_and_read(gcs_emulator, gcs_bucket):
+    url = f"{gcs_bucket}/o/a.tif"
+    _tiled_without_overviews(url)
+    with cloudio.open(url, "r+") as ds:
+        ds.build_overviews([2, 4], rasterio.enums.Resampling.nearest)
+    _overviews_read_back(url, 3)
 
 
 # passes: pins r+ with TIFF_USE_OVR writes an .ovr sidecar that a later open finds
 def test_r_plus_external_ovr(gcs_emulator, gcs_bucket):
     url = f"{gcs_bucket}/o2/a.tif"
-    write8(url, 3, size=256, tiled=True, blockxsize=64, blockysize=64)
-    with cloudio.open(url) as r:
-        assert r.overviews(1) == []
+    _tiled_without_overviews(url)
     with rasterio.Env(TIFF_USE_OVR=True):
         with cloudio.open(url, "r+") as ds:
             ds.build_overviews([2, 4], rasterio.enums.Resampling.nearest)
@@ -47,9 +77,7 @@ def test_w_build_overviews(gcs_emulator, gcs_bucket):
     with cloudio.open(url, "w", **{**PROFILE, "width": 256, "height": 256}, tiled=True) as ds:
         ds.write(np.full((1, 256, 256), 5, "uint8"))
         ds.build_overviews([2, 4], rasterio.enums.Resampling.nearest)
-    with cloudio.open(url) as r:
-        assert r.overviews(1) == [2, 4]
-        assert (r.read(1, out_shape=(64, 64)) == 5).all()
+    _overviews_read_back(url, 5)
 
 
 # passes: pins a new .msk in a directory cloudio already listed (EMPTY_DIR) is read
@@ -122,12 +150,7 @@ def test_statistics_of_a_reader(gcs_emulator, gcs_bucket):
 @pytest.mark.parametrize("name", ["a b.tif", "q?x=1.tif", "ünï €.tif", "p%20c.tif", "h#x.tif"])
 def test_odd_keys_write_read_overwrite(gcs_emulator, gcs_bucket, name):
     url = f"{gcs_bucket}/k/{name}"
-    write8(url, 1)
-    with cloudio.open(url) as r:
-        assert r.read(1)[0, 0] == 1
-    write8(url, 2, size=32)
-    with cloudio.open(url) as r:
-        assert r.shape == (32, 32) and r.read(1)[0, 0] == 2
+    _written_read_overwritten_read(url, url, url, url)
     assert f"k/{name}" in object_names(gcs_emulator, gcs_bucket)
 
 
@@ -135,14 +158,7 @@ def test_odd_keys_write_read_overwrite(gcs_emulator, gcs_bucket, name):
 def test_vsigs_and_gs_mixed(gcs_emulator, gcs_bucket):
     b = gcs_bucket[len("gs://"):]
     gs, vsi = f"{gcs_bucket}/x/a.tif", f"/vsigs/{b}/x/a.tif"
-    write8(gs, 1)
-    with cloudio.open(vsi) as r:
-        assert r.read(1)[0, 0] == 1
-    write8(vsi, 2, size=32)
-    with cloudio.open(gs) as r:
-        assert r.shape == (32, 32) and r.read(1)[0, 0] == 2
-    with cloudio.open(vsi) as r:
-        assert r.shape == (32, 32) and r.read(1)[0, 0] == 2
+    _written_read_overwritten_read(gs, vsi, vsi, gs, vsi)
 
 
 def test_get_tag_item_after_overwrite(gcs_bucket):
@@ -356,10 +372,8 @@ def test_gcps_after_overwrite(gcs_bucket):
     try:
         assert ds.read(1)[0, 0] == 1
         assert ds.gcps[0][0].x == 500000
-        w(2, 1000)
-        try:
-            px = ds.read(1)[0, 0]
-        except cloudio.StaleDatasetError:
+        px = _pixel_after_overwrite(ds, lambda: w(2, 1000))
+        if px is None:
             return
         assert px == 2
         assert ds.gcps[0][0].x == 501000, "new pixels paired with the old version's GCPs"
@@ -456,10 +470,8 @@ def test_rpcs_after_overwrite(gcs_bucket):
     ds = cloudio.open(url)
     try:
         assert ds.read(1)[0, 0] == 1 and ds.rpcs.long_off == 7.0
-        w(2, 9.0)
-        try:
-            px = ds.read(1)[0, 0]
-        except cloudio.StaleDatasetError:
+        px = _pixel_after_overwrite(ds, lambda: w(2, 9.0))
+        if px is None:
             return
         assert px == 2
         assert ds.rpcs.long_off == 9.0, "new pixels paired with the old version's RPCs"

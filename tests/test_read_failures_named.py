@@ -11,41 +11,22 @@ stored, or raises a ``cloudio.CloudioError`` naming the gs:// URL with the libra
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from outcomes import returned
 
 import cloudio
 from cloudio._zarr import last_seen
 
 SHAPE, SHARDS, CHUNKS = (1000, 1300), (256, 512), (128, 128)
 _SHARD_GET = r"/o/[^?]*%2Fc%2F"
+READ_LIMIT = 180  # seconds a read under faults may take before it counts as hung
 
 
 def _data(dtype: str = "float32") -> np.ndarray:
     return np.random.default_rng(7).standard_normal(SHAPE).astype(dtype)
-
-
-def _bounded(fn: Callable[[], Any], seconds: float = 180) -> Any:
-    """``fn()`` in a thread, waited for at most ``seconds``: a hang fails the test instead of blocking it."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # handed to the test's thread
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"still running after {seconds} s"
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def _dataset(url: str, shards: tuple[int, int] | None) -> np.ndarray:
@@ -72,7 +53,7 @@ def test_a_partial_read_refused_past_the_retries_is_a_transient_error(gcs_emulat
     ds = cloudio.open_zarr(url)
     fault_proxy.add("status", code=503, method="GET", path=_SHARD_GET, times=None)
     with pytest.raises(cloudio.TransientError, match=r"r503\.zarr") as info:
-        _bounded(lambda: ds.v[:10, :10].values)
+        returned(lambda: ds.v[:10, :10].values, READ_LIMIT)
     assert info.value.__cause__ is not None
 
 
@@ -86,7 +67,7 @@ def test_a_partial_read_the_server_never_answers_is_a_transient_error(gcs_emulat
     ds = cloudio.open_zarr(url)
     fault_proxy.add("hang", method="GET", path=_SHARD_GET, times=None)
     with pytest.raises(cloudio.TransientError, match=r"hg\.zarr"):
-        _bounded(lambda: ds.v[:10, :10].values, 240)
+        returned(lambda: ds.v[:10, :10].values, 240)
 
 
 # -- lazy reads after open: refusals ------------------------------------------------------------------
@@ -100,7 +81,7 @@ def test_open_zarr_values_refused_with_403_is_a_read_error(gcs_emulator, gcs_buc
     ds = cloudio.open_zarr(url)
     fault_proxy.add("status", code=403, method="GET", path=_SHARD_GET, times=None)
     with pytest.raises(cloudio.ReadError, match=r"r403\.zarr") as info:
-        _bounded(lambda: ds.v.values)
+        returned(lambda: ds.v.values, READ_LIMIT)
     assert info.value.__cause__ is not None
 
 
@@ -113,7 +94,7 @@ def test_lazy_load_array_refused_with_403_is_a_read_error(gcs_emulator, gcs_buck
     lazy = cloudio.load_array(url, lazy=True)
     fault_proxy.add("status", code=403, method="GET", path=_SHARD_GET, times=None)
     with pytest.raises(cloudio.ReadError, match=r"l403\.zarr") as info:
-        _bounded(lambda: lazy.compute(scheduler="sync"))
+        returned(lambda: lazy.compute(scheduler="sync"), READ_LIMIT)
     assert info.value.__cause__ is not None
 
 
@@ -131,7 +112,7 @@ def test_a_gdal_tile_read_refused_with_403_is_a_read_error_not_a_transient_one(g
     with cloudio.open(url) as ds:
         fault_proxy.add("status", code=403, method="GET", path=r"/d/a\.tif$", times=None)
         with pytest.raises(cloudio.ReadError, match=r"d/a\.tif") as info:
-            _bounded(lambda: ds.read(window=((0, 300), (0, 300))))
+            returned(lambda: ds.read(window=((0, 300), (0, 300))), READ_LIMIT)
     assert not isinstance(info.value, cloudio.TransientError)
 
 
@@ -149,7 +130,7 @@ def test_a_gdal_read_of_a_truncated_geotiff_is_a_read_error_naming_the_cut_not_a
     with cloudio.open(url) as ds:
         assert ds.read(window=((0, 128), (0, 128))).shape == (1, 128, 128)  # the first tiles are all there
         with pytest.raises(cloudio.ReadError) as info:
-            _bounded(lambda: ds.read())
+            returned(lambda: ds.read(), READ_LIMIT)
     assert not isinstance(info.value, cloudio.TransientError)
     said = str(info.value)
     assert url in said and f"holds {len(whole) * 2 // 3} bytes" in said and "Retry later" not in said, said

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -53,6 +54,22 @@ def _load_in_subprocess(emu, url: str, level: str = "session") -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
+def _lost_then_refused(fault_proxy, method: str, path: str, seconds: float, body: bytes | None = None) -> None:
+    """The first ``method`` request matching ``path`` (and ``body``) reaches the server, its answer held ``seconds``
+    (past the time limit); every one after it, the retries, is refused (503)."""
+    fault_proxy.add("late", method=method, path=path, body=body, seconds=seconds)
+    fault_proxy.add("status", code=503, method=method, path=path, body=body, times=None)
+
+
+def _refused_in_time(call: Callable[[], object]) -> pytest.ExceptionInfo[cloudio.CloudioError]:
+    """``call()`` must raise a CloudioError, within 60 s: what it raised."""
+    t0 = time.monotonic()
+    with pytest.raises(cloudio.CloudioError) as info:
+        call()
+    assert time.monotonic() - t0 < 60
+    return info
+
+
 # ---------------------------------------------------------------------------------------------
 # save_array: a delete of the sweep of old objects that landed, its answer lost, then refused
 # ---------------------------------------------------------------------------------------------
@@ -69,13 +86,10 @@ def test_a_sweep_delete_that_landed_before_its_retries_failed_is_journaled(
     cloudio.save_array(np.arange(40 * 40, dtype="i4").reshape(40, 40), url, chunks=(5, 5), shards=(10, 10))
     old = _keys(gcs_emulator, gcs_bucket, "swept.zarr/c/")
     assert len(old) == 16
-    fault_proxy.add("late", method="DELETE", path=r"swept\.zarr%2Fc%2F", seconds=4)
-    fault_proxy.add("status", code=503, method="DELETE", path=r"swept\.zarr%2Fc%2F", times=None)
+    _lost_then_refused(fault_proxy, "DELETE", r"swept\.zarr%2Fc%2F", 4)
     journal_records.clear()
-    t0 = time.monotonic()
-    with pytest.raises(cloudio.CloudioError) as info:
-        cloudio.save_array(np.ones((40, 40), "i4"), url, chunks=(10, 10), shards=(20, 20))
-    assert time.monotonic() - t0 < 60
+    info = _refused_in_time(lambda: cloudio.save_array(np.ones((40, 40), "i4"), url, chunks=(10, 10),
+                                                       shards=(20, 20)))
     assert "swept.zarr" in str(info.value)
     fault_proxy.clear()
     gone = old - _keys(gcs_emulator, gcs_bucket, "swept.zarr/c/")
@@ -104,8 +118,7 @@ def test_a_single_delete_that_landed_before_its_retries_failed_is_journaled(
     url = f"{gcs_bucket}/resized.zarr"
     z = zarr.create_array(cloudio.zarr_store(url), shape=(4, 4), chunks=(2, 2), dtype="i4")
     z[...] = np.arange(16, dtype="i4").reshape(4, 4)
-    fault_proxy.add("late", method="DELETE", path=r"resized\.zarr%2Fc%2F", seconds=4)
-    fault_proxy.add("status", code=503, method="DELETE", path=r"resized\.zarr%2Fc%2F", times=None)
+    _lost_then_refused(fault_proxy, "DELETE", r"resized\.zarr%2Fc%2F", 4)
     journal_records.clear()
     with pytest.raises(Exception):  # noqa: B017  # zarr's own error or cloudio's: the point is the journal
         z.resize((2, 2))
@@ -206,10 +219,7 @@ def test_save_array_with_a_shard_never_answered_is_refused_everywhere(
     old = np.arange(200 * 200, dtype="i4").reshape(200, 200)
     cloudio.save_array(old, url, chunks=(50, 50), shards=(100, 100))
     fault_proxy.add("hang", method="POST", path=r"/upload/.*hang\.zarr%2Fc%2F1%2F1", times=None)
-    t0 = time.monotonic()
-    with pytest.raises(cloudio.CloudioError) as info:
-        cloudio.save_array(-old, url, chunks=(50, 50), shards=(100, 100))
-    assert time.monotonic() - t0 < 60
+    info = _refused_in_time(lambda: cloudio.save_array(-old, url, chunks=(50, 50), shards=(100, 100)))
     assert url in str(info.value) and info.value.__cause__ is not None
     fault_proxy.clear()
     monkeypatch.delenv("CLOUDIO_HTTP_TIMEOUT")
@@ -242,21 +252,16 @@ def test_to_zarr_mode_w_whose_emptying_delete_landed_unanswered_is_journaled(
     cloudio.to_zarr(ds, url, mode="w", encoding={"x": {"chunks": (2, 6)}}, consolidated=False)
     before = _keys(gcs_emulator, gcs_bucket, "emptied.zarr/x/c/")
     assert len(before) == 4
-    fault_proxy.add("late", method="DELETE", path=r"emptied\.zarr%2Fx%2Fc%2F", seconds=4)
-    fault_proxy.add("status", code=503, method="DELETE", path=r"emptied\.zarr%2Fx%2Fc%2F", times=None)
+    _lost_then_refused(fault_proxy, "DELETE", r"emptied\.zarr%2Fx%2Fc%2F", 4)
     journal_records.clear()
-    t0 = time.monotonic()
-    with pytest.raises(cloudio.CloudioError) as info:
-        cloudio.to_zarr(-ds, url, mode="w", encoding={"x": {"chunks": (4, 6)}}, consolidated=False)
-    assert time.monotonic() - t0 < 60
+    info = _refused_in_time(lambda: cloudio.to_zarr(-ds, url, mode="w", encoding={"x": {"chunks": (4, 6)}},
+                                                    consolidated=False))
     assert url in str(info.value)
     fault_proxy.clear()
     gone = before - _keys(gcs_emulator, gcs_bucket, "emptied.zarr/x/c/")
     assert gone, "no chunk was deleted: the fault did not hit as planned"
     told = {c.url for c in journal_records}
-    covered = lambda u: any(u == t or (c.prefix and u.startswith(t.rstrip("/") + "/"))  # noqa: E731
-                            for c in journal_records for t in [c.url])
-    missing = sorted(f"{gcs_bucket}/{k}" for k in gone if not covered(f"{gcs_bucket}/{k}"))
+    missing = sorted(f"{gcs_bucket}/{k}" for k in gone if not _told(journal_records, f"{gcs_bucket}/{k}"))
     assert not missing, f"the server deleted {missing} and the journal says nothing of them ({sorted(told)})"
     assert _marker_exists(gcs_emulator, url)
 
@@ -273,13 +278,9 @@ def test_pipe_of_many_paths_with_one_answer_lost_journals_every_change(
     b = gcs_bucket.removeprefix("gs://")
     fs = cloudio.filesystem(gcs_bucket)
     fs.pipe({f"{b}/m/{i}.bin": b"o" * 10 for i in range(6)})
-    fault_proxy.add("late", method="POST", path=r"/upload/", body=rb"m/3\.bin", seconds=3)
-    fault_proxy.add("status", code=503, method="POST", path=r"/upload/", body=rb"m/3\.bin", times=None)
+    _lost_then_refused(fault_proxy, "POST", r"/upload/", 3, body=rb"m/3\.bin")
     journal_records.clear()
-    t0 = time.monotonic()
-    with pytest.raises(cloudio.CloudioError) as info:
-        fs.pipe({f"{b}/m/{i}.bin": b"n" * 20 for i in range(6)})
-    assert time.monotonic() - t0 < 60
+    info = _refused_in_time(lambda: fs.pipe({f"{b}/m/{i}.bin": b"n" * 20 for i in range(6)}))
     assert "m/3.bin" in str(info.value)
     fault_proxy.clear()
     changed = {f"{gcs_bucket}/{bl.name}" for bl in gcs_emulator.client.list_blobs(b, prefix="m/")

@@ -18,12 +18,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import zarr
+from outcomes import bounded
 
 import cloudio
 from cloudio import _config
@@ -32,26 +33,6 @@ from cloudio._zarr import last_seen
 
 MARKER = ".cloudio-write-in-progress"
 _SHARD_GET = r"/o/[^?]*%2Fc%2F"
-
-
-def _bounded(fn: Callable[[], object], timeout: float = 60.0) -> tuple[object, BaseException | None, float]:
-    """Run ``fn`` in a thread: (result, exception, seconds taken); a hang fails the test instead of blocking it."""
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as e:
-            out["error"] = e
-
-    t0 = time.monotonic()
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    took = time.monotonic() - t0
-    assert not t.is_alive(), f"the operation hung for more than {timeout:.0f} s"
-    err = out.get("error")
-    return out.get("result"), err if isinstance(err, BaseException) else None, took
 
 
 def _blob(emu, url: str) -> bytes | None:
@@ -95,7 +76,7 @@ def test_a_chunk_upload_that_changed_the_server_then_failed_is_journaled_and_not
         fault_proxy.add("flip", where="request", method="POST", path=rf"name={key}", times=1)
         fault_proxy.add("status", code=403, method="DELETE", path=rf"/o/{key}", times=None)
     journal_records.clear()
-    _, err, _ = _bounded(lambda: z.__setitem__((slice(0, 2), slice(None)), new[:2]))
+    _, err, _ = bounded(lambda: z.__setitem__((slice(0, 2), slice(None)), new[:2]))
     fault_proxy.clear()
     stored = _blob(gcs_emulator, chunk)
     assert stored is not None and stored != before, "the fault did not change the server as planned"
@@ -127,11 +108,11 @@ def test_a_rewrite_whose_only_upload_landed_then_was_refused_is_not_read_silentl
     new = np.zeros((20, 20), "f4")
     fault_proxy.add("reset", method="POST", path=r"name=mix\.zarr%2Fzarr\.json", times=1)
     fault_proxy.add("status", code=403, method="POST", path=r"name=mix\.zarr%2Fzarr\.json", times=None)
-    _, err, _ = _bounded(lambda: cloudio.save_array(new, url, chunks=(10, 10), compressors=None))
+    _, err, _ = bounded(lambda: cloudio.save_array(new, url, chunks=(10, 10), compressors=None))
     fault_proxy.clear()
     assert err is None or isinstance(err, cloudio.CloudioError), repr(err)  # (the server holds what was sent)
     assert b"float32" in (_blob(gcs_emulator, f"{url}/zarr.json") or b""), "the new zarr.json did not land"
-    got, rerr, _ = _bounded(lambda: cloudio.load_array(url))
+    got, rerr, _ = bounded(lambda: cloudio.load_array(url))
     if isinstance(rerr, cloudio.IncompleteWriteError):
         return
     assert rerr is None, repr(rerr)
@@ -154,7 +135,7 @@ def test_a_save_array_whose_marker_upload_landed_unanswered_commits_and_reads_ne
     journal_records.clear()
     rule = fault_proxy.add("reset", method="POST", path=r"/upload/.*ifGenerationMatch=0",
                            body=rb"mk\.zarr/\.cloudio-write", times=1)
-    _, err, _ = _bounded(lambda: cloudio.save_array(-old, url, chunks=(16, 16), shards=(32, 32)))
+    _, err, _ = bounded(lambda: cloudio.save_array(-old, url, chunks=(16, 16), shards=(32, 32)))
     assert err is None, repr(err)
     assert rule.hits == 1
     fault_proxy.clear()
@@ -173,7 +154,7 @@ def test_a_save_array_whose_marker_delete_landed_unanswered_commits_and_reads_ne
     cloudio.save_array(old, url, chunks=(16, 16), shards=(32, 32))
     rule = fault_proxy.add("late", method="DELETE", path=r"mk2\.zarr%2F\.cloudio-write-in-progress", seconds=3,
                            times=1)
-    _, err, took = _bounded(lambda: cloudio.save_array(-old, url, chunks=(16, 16), shards=(32, 32)))
+    _, err, took = bounded(lambda: cloudio.save_array(-old, url, chunks=(16, 16), shards=(32, 32)))
     assert err is None, repr(err)
     assert rule.hits == 1 and took < 15
     fault_proxy.clear()
@@ -195,8 +176,8 @@ def test_a_sweep_of_old_shards_never_answered_ends_within_the_time_limit(gcs_emu
     url = f"{gcs_bucket}/swhang.zarr"
     cloudio.save_array(np.arange(20 * 30, dtype="i4").reshape(20, 30), url, chunks=(5, 5), shards=(10, 10))
     fault_proxy.add("hang", method="DELETE", path=r"swhang\.zarr%2Fc%2F", times=None)  # 5 old shards to delete
-    _, err, took = _bounded(lambda: cloudio.save_array(np.ones((20, 30), "i4"), url, chunks=(10, 10),
-                                                       shards=(20, 30)), 120)
+    _, err, took = bounded(lambda: cloudio.save_array(np.ones((20, 30), "i4"), url, chunks=(10, 10),
+                                                      shards=(20, 30)), 120)
     assert isinstance(err, cloudio.TransientError) and "swhang.zarr" in str(err), repr(err)
     assert took < 15, f"the write ended after {took:.1f} s with CLOUDIO_HTTP_TIMEOUT=1 ({type(err).__name__})"
     fault_proxy.clear()
@@ -213,7 +194,7 @@ def test_a_metadata_get_never_answered_is_a_transient_error_within_the_time_limi
     cloudio.save_array(a, url, chunks=(16, 16))
     last_seen.forget_all()  # the documents are read (not guessed)
     fault_proxy.add("hang", method="GET", path=f"mhang\\.zarr%2F{name.replace('.', chr(92) + '.')}", times=None)
-    _, err, took = _bounded(lambda: cloudio.load_array(url), 60)
+    _, err, took = bounded(lambda: cloudio.load_array(url), 60)
     assert isinstance(err, cloudio.TransientError) and "mhang.zarr" in str(err), repr(err)
     assert err.__cause__ is not None
     assert took < 15, took
@@ -257,7 +238,7 @@ def test_a_shard_body_cut_short_once_is_read_again(gcs_emulator, gcs_bucket, fin
     url = f"{gcs_bucket}/short.zarr"
     cloudio.save_array(a, url, chunks=(128, 128), shards=shards, compressors=None)
     rule = fin_proxy.add("reset", method="GET", path=_SHARD_GET, after=100_000, times=2)
-    got, err, _ = _bounded(lambda: cloudio.load_array(url))
+    got, err, _ = bounded(lambda: cloudio.load_array(url))
     assert err is None, repr(err)
     assert rule.hits == 2
     assert got.tobytes() == a.tobytes()
@@ -271,7 +252,7 @@ def test_a_shard_body_always_cut_short_is_a_transient_error(gcs_emulator, gcs_bu
     url = f"{gcs_bucket}/shorter.zarr"
     cloudio.save_array(a, url, chunks=(128, 128), shards=shards, compressors=None)
     fin_proxy.add("reset", method="GET", path=_SHARD_GET, after=100_000, times=None)
-    _, err, took = _bounded(lambda: cloudio.load_array(url), 120)
+    _, err, took = bounded(lambda: cloudio.load_array(url), 120)
     assert isinstance(err, cloudio.CloudioError) and "shorter.zarr/c/" in str(err), repr(err)
     assert isinstance(err, cloudio.TransientError), f"{type(err).__name__} after {took:.1f} s: {err}"
     assert err.__cause__ is not None
@@ -358,7 +339,7 @@ def test_small_chunks_arriving_slowly_but_steadily_are_read(gcs_emulator, gcs_bu
     cloudio.save_array(a, url, chunks=(192, 1024), compressors=None)
     last_seen.forget_all()
     with _Throttle(gcs_emulator.url, down=256 << 10):
-        got, err, took = _bounded(lambda: cloudio.load_array(url), 90)
+        got, err, took = bounded(lambda: cloudio.load_array(url), 90)
     assert err is None, f"{type(err).__name__} after {took:.1f} s: {err}"
     assert got.tobytes() == a.tobytes()
 
@@ -372,8 +353,8 @@ def test_a_large_shard_sent_slowly_but_steadily_is_stored_in_one_request(gcs_emu
     url = f"{gcs_bucket}/slowup.zarr"
     with _Throttle(gcs_emulator.url, up=2 << 20) as t:
         t.needle = b"name=slowup.zarr%2Fc%2F0%2F0"
-        _, err, took = _bounded(lambda: cloudio.save_array(a, url, chunks=(256, 256), shards=(1024, 2048),
-                                                           compressors=None), 120)
+        _, err, took = bounded(lambda: cloudio.save_array(a, url, chunks=(256, 256), shards=(1024, 2048),
+                                                          compressors=None), 120)
     assert err is None, f"{type(err).__name__} after {took:.1f} s: {err}"
     assert cloudio.load_array(url).tobytes() == a.tobytes()
     assert (t.seen, took < 9) == (1, True), f"the 8 MiB shard was sent {t.seen} times; save_array took {took:.1f} s"
@@ -397,9 +378,9 @@ def test_an_upload_abandoned_at_the_time_limit_does_not_land_over_a_later_write(
     url = f"{gcs_bucket}/zombie.zarr"
     first, second = np.full((64, 64), 1, "i4"), np.full((64, 64), 2, "i4")
     held = fault_proxy.add("delay", method="POST", path=r"name=zombie\.zarr%2Fc%2F0%2F0", seconds=4, times=1)
-    _, err, _ = _bounded(lambda: cloudio.save_array(first, url, chunks=(16, 16), shards=(32, 32)))
+    _, err, _ = bounded(lambda: cloudio.save_array(first, url, chunks=(16, 16), shards=(32, 32)))
     assert err is None, repr(err)
-    _, err, _ = _bounded(lambda: cloudio.save_array(second, url, chunks=(16, 16), shards=(32, 32)))
+    _, err, _ = bounded(lambda: cloudio.save_array(second, url, chunks=(16, 16), shards=(32, 32)))
     assert err is None, repr(err)
     assert held.hits == 1
     assert held.answered.wait(20)  # the held request reached the server
@@ -431,7 +412,7 @@ def test_a_large_shard_write_failing_half_way_is_refused_not_mixed(gcs_emulator,
     cloudio.save_array(old, url, **kw)  # 8 shards of about a MiB
     fault_proxy.add("status", code=503, method="POST", path=r"/upload/.*name=halfbig\.zarr%2Fc%2F", times=None,
                     skip=3)
-    _, err, _ = _bounded(lambda: cloudio.save_array(-old, url, **kw), 120)
+    _, err, _ = bounded(lambda: cloudio.save_array(-old, url, **kw), 120)
     assert isinstance(err, cloudio.TransientError) and "halfbig.zarr" in str(err), repr(err)
     assert err.__cause__ is not None
     fault_proxy.clear()

@@ -1,0 +1,64 @@
+"""A call run in a daemon thread and waited for with a time limit, shared so every test file bounds its calls
+alike: a call that hangs fails its test instead of blocking the run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class Outcome:
+    """``fn()`` in a daemon thread: its value or exception, and how long it took."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.elapsed: float | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = 0.0
+
+    def _run(self) -> None:
+        self.t0 = time.monotonic()
+        try:
+            self.value = self.fn()
+        except BaseException as e:  # handed to the test
+            self.error = e
+        finally:
+            self.elapsed = time.monotonic() - self.t0
+
+    def start(self) -> Outcome:
+        self.thread.start()
+        return self
+
+    def finished(self, seconds: float) -> bool:
+        self.thread.join(seconds)
+        return not self.thread.is_alive()
+
+    def said(self) -> str:
+        if self.thread.is_alive():
+            return f"still running after {time.monotonic() - self.t0:.1f} s"
+        if self.error is not None:
+            return f"{type(self.error).__name__} after {self.elapsed:.1f} s: {str(self.error)[:300]}"
+        return f"returned {self.value!r:.80} after {self.elapsed:.1f} s"
+
+
+def bounded(fn: Callable[[], Any], seconds: float = 60.0) -> tuple[Any, BaseException | None, float]:
+    """``fn()`` in a daemon thread, waited for at most ``seconds``: (its value, its exception, seconds taken); a
+    hang fails the test instead of blocking it."""
+    t0 = time.monotonic()
+    o = Outcome(fn).start()
+    done = o.finished(seconds)
+    took = time.monotonic() - t0
+    assert done, f"the operation hung for more than {seconds:.0f} s"
+    return o.value, o.error, took
+
+
+def returned(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
+    """:func:`bounded`'s ``fn()``: its value, or its exception raised here, in the test's thread."""
+    value, error, _ = bounded(fn, seconds)
+    if error is not None:
+        raise error
+    return value
