@@ -20,7 +20,8 @@ lower-casing and dropping a trailing dot).
 
 ``http_timeout``
     ``CLOUDIO_HTTP_TIMEOUT`` (seconds, default 30): how long one HTTP request
-    may take before it is abandoned and retried. GDAL and gcsfs both read it
+    may stay silent (no byte moving either way) before it is abandoned and
+    retried; one call, retries included, may take three times that. GDAL and gcsfs both read it
     through :func:`http_timeout`, so one variable bounds every network call.
 """
 
@@ -145,7 +146,7 @@ def is_google_host(hostname: str) -> bool:
 
 
 def http_timeout() -> float:
-    """Seconds one HTTP request may take: ``CLOUDIO_HTTP_TIMEOUT``, else 30 (shared by GDAL and gcsfs)."""
+    """Seconds one HTTP request may stay silent: ``CLOUDIO_HTTP_TIMEOUT``, else 30 (shared by GDAL and gcsfs)."""
     return env_seconds(HTTP_TIMEOUT_ENV, DEFAULT_HTTP_TIMEOUT)
 
 

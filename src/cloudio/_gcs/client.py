@@ -207,7 +207,7 @@ def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:
     return TransientError(
         f"{url}: {doing} failed past the retries ({type(exc).__name__}: {str(exc) or 'no answer'}). "
         "GCS (or STORAGE_EMULATOR_HOST) is unreachable, overloaded or too slow; retry later "
-        "(CLOUDIO_HTTP_TIMEOUT sets how long one request may take)."
+        "(CLOUDIO_HTTP_TIMEOUT sets how long one request may stay silent)."
     )
 
 
