@@ -262,10 +262,10 @@ def _encoding_refused(variable: xarray.Variable, name: str, encoding: Mapping[st
     from xarray.backends.zarr import extract_zarr_variable_encoding
 
     one = (1,) * variable.ndim
-    if _is_dask(variable.data) or 0 in variable.shape:
+    if variable.chunks is not None or 0 in variable.shape:  # (never .data: a lazily opened variable would load)
         sample = np.zeros(one, variable.dtype) if variable.dtype.kind in "biufcmM" else np.full(one, "", variable.dtype)
     else:
-        sample = np.asarray(variable.data[(slice(0, 1),) * variable.ndim])
+        sample = variable[(slice(0, 1),) * variable.ndim].values
     stand_in = xr.Variable(variable.dims, sample, attrs=dict(variable.attrs), encoding=dict(encoding))
     try:
         encoded = conventions.encode_cf_variable(stand_in, name=name)
