@@ -42,6 +42,7 @@ from typing import Literal, overload
 
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
 from cloudio._paths import is_under as _under
+from cloudio._threads import KeptPool
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,8 @@ class WriteJournal:
         held = self.changing(url, wait=False)
         if held is not None:
             return held
-        waiting = asyncio.get_running_loop().run_in_executor(None, self.changing, url)
+        # threads of its own: the loop's default pool also resolves host names (aiohttp), which waits meanwhile
+        waiting = asyncio.get_running_loop().run_in_executor(_waiting_threads(), self.changing, url)
         try:
             return await asyncio.shield(waiting)
         except BaseException:  # cancelled while waiting: what the thread goes on to hold is let go at once
@@ -277,6 +279,10 @@ class WriteJournal:
                 continue
             self.record(c.url, c.kind, generation=c.generation, size=c.size, prefix=c.prefix,
                         origin=c.origin, notify_listeners=False)
+
+
+#: the threads writes wait for GDAL reads in (:meth:`WriteJournal.changing_async`); more wait in turn
+_waiting_threads = KeptPool(lambda: 64, "cloudio-change-wait")
 
 
 def _let_go(held: asyncio.Future[ExitStack]) -> None:

@@ -243,8 +243,12 @@ def _refuse_before_writing(dataset: xarray.Dataset, store: JournaledStore, kwarg
                                               config.get("default_zarr_format"))
         fmt: Literal[2, 3] = 2 if asked == 2 else 3
         for name, given in encoding.items():
-            if name not in dataset.variables or not isinstance(given, Mapping):
-                continue  # xarray names those before it writes
+            if name not in dataset.variables:
+                raise ConfigurationError(f"{where}: the encoding names {name!r}, which is no variable of the dataset "
+                                         f"(it has {sorted(map(str, dataset.variables))}). Nothing was written. Fix "
+                                         "the encoding and write again.")
+            if not isinstance(given, Mapping):
+                continue  # (xarray says so before it writes)
             refused = _encoding_refused(dataset.variables[name], str(name), given, fmt)
             if refused is not None:
                 raise ConfigurationError(f"{where}: the encoding of {name!r} is refused ({refused}). Nothing was "
@@ -255,11 +259,11 @@ def _encoding_refused(variable: xarray.Variable, name: str, encoding: Mapping[st
                       zarr_format: Literal[2, 3]) -> ValueError | None:
     """xarray's refusal of ``encoding`` for ``variable`` (a key the Zarr backend does not take), as its write would
     raise it, or None. Asked of one element of the variable (zeros for a Dask-backed one: nothing is computed),
-    through xarray's own steps: its CF encoding takes its keys (``_FillValue``, ``units``...), then the Zarr
-    backend's check of what is left. A failure of the CF step is left to the write itself."""
+    through xarray's own steps: its Zarr encoding of the variable takes its keys (``_FillValue``, ``units``,
+    ``dtype``...), then the backend's check of what is left. A failure of the first step is left to the write
+    itself."""
     import xarray as xr
-    from xarray import conventions
-    from xarray.backends.zarr import extract_zarr_variable_encoding
+    from xarray.backends.zarr import encode_zarr_variable, extract_zarr_variable_encoding
 
     one = (1,) * variable.ndim
     if variable.chunks is not None or 0 in variable.shape:  # (never .data: a lazily opened variable would load)
@@ -268,10 +272,14 @@ def _encoding_refused(variable: xarray.Variable, name: str, encoding: Mapping[st
         sample = variable[(slice(0, 1),) * variable.ndim].values
     stand_in = xr.Variable(variable.dims, sample, attrs=dict(variable.attrs), encoding=dict(encoding))
     try:
-        encoded = conventions.encode_cf_variable(stand_in, name=name)
+        encoded = encode_zarr_variable(stand_in, name=name, zarr_format=zarr_format)
     except Exception:  # (xarray says it when it writes)
-        log.debug("%s: the CF encoding of a sample failed; left to the write", name, exc_info=True)
+        log.debug("%s: the encoding of a sample failed; left to the write", name, exc_info=True)
         return None
+    if "_FillValue" in encoded.encoding:  # as xarray's ZarrStore.set_variables: None is "no fill value"
+        if encoded.encoding["_FillValue"] is not None:
+            return ValueError("Zarr does not support _FillValue in encoding.")
+        del encoded.encoding["_FillValue"]
     try:
         extract_zarr_variable_encoding(encoded, raise_on_invalid=True, name=name, zarr_format=zarr_format)
     except ValueError as e:
