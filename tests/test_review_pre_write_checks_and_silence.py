@@ -440,11 +440,6 @@ class _Relay:
                 pass
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an upload from a sender thread (1 MiB or more) is one socket.sendall of the body on a socket whose timeout is "
-    "CLOUDIO_HTTP_TIMEOUT (src/cloudio/_gcs/fast.py:251 via _connection, sent at :324 by _post_once); since Python "
-    "3.5 that timeout bounds the whole sendall, not a silence: a body that takes longer to leave than the limit "
-    "fails with 'timed out', is sent again (3 times here) and the write ends in TransientError"))
 def test_a_large_shard_sent_steadily_for_longer_than_the_limit_is_stored_in_one_request(gcs_emulator, gcs_bucket,
                                                                                         monkeypatch):
     """One shard of 32 MiB (sent from a sender thread) over a link of 4 MiB/s: its upload takes 8 s, bytes leaving
@@ -460,11 +455,6 @@ def test_a_large_shard_sent_steadily_for_longer_than_the_limit_is_stored_in_one_
     assert cloudio.load_array(url).tobytes() == a.tobytes()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_Answers.silent_for (src/cloudio/_gcs/fast.py:693-702) counts an upload's bytes as moved when they leave "
-    "asyncio's write buffer; the kernel's socket buffers take a chunk of 768 KiB at once (_start, :711), so while "
-    "the link drains them steadily nothing changes and the watchdog (the batch watcher, then _Watchdog) gives the "
-    "request up as 'no bytes moved for 3 s': sent 3 to 4 times, the call saved only by asking the server after"))
 def test_a_small_chunk_sent_steadily_for_longer_than_the_limit_is_stored(gcs_emulator, gcs_bucket, monkeypatch):
     """One chunk of 768 KiB (sent on the event loop) over a link of 192 KiB/s: 4 s, bytes leaving every 80 ms.
     CLOUDIO_HTTP_TIMEOUT=3: never silent for 3 s, and the call fits in 3 x 3 s."""

@@ -45,12 +45,14 @@ import json
 import logging
 import math
 import re
+import select
 import socket
 import ssl
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, quote, urlencode, urlsplit
 
@@ -318,15 +320,65 @@ def _ask(fs: gcsfs.GCSFileSystem, url: str, method: str = "GET", body: bytes | m
     join a ``bytes`` body to the head, a copy)."""
     parts = urlsplit(url)
     origin = _origin(parts)
-    conn = _connection(origin, _socket_timeout(fs))
+    silence = _socket_timeout(fs)
+    conn = _connection(origin, silence)
     try:
         target = f"{parts.path}?{parts.query}" if parts.query else parts.path
-        conn.request(method, target, body=None if body is None else memoryview(body),
-                     headers={**(headers or {}), **fs._get_headers(None)})
+        if body is None:
+            conn.request(method, target, headers={**(headers or {}), **fs._get_headers(None)})
+        else:  # sent a piece at a time: the socket's timeout then limits a silence, not the whole body
+            view = memoryview(body).cast("B")
+            conn.request(method, target, body=_pieces(view),
+                         headers={**(headers or {}), **fs._get_headers(None), "Content-Length": str(view.nbytes)})
+            _sent(conn.sock, silence)
         return origin, conn.getresponse()
     except BaseException:
         _drop(origin)
         raise
+
+
+_ioctl: Callable[[int, int, bytes], bytes] | None
+try:  # (POSIX only)
+    import termios
+    from fcntl import ioctl as _ioctl
+except ImportError:
+    _ioctl = None
+_OUTQ: int = getattr(termios, "TIOCOUTQ", 0) if _ioctl is not None else 0
+
+#: the most of a body one ``sendall`` sends (a link of a quarter MiB per ``CLOUDIO_HTTP_TIMEOUT`` never times out)
+_PIECE = 1 << 18
+
+
+def _pieces(view: memoryview) -> Iterator[memoryview]:
+    return (view[i:i + _PIECE] for i in range(0, view.nbytes, _PIECE))
+
+
+def _unsent(sock: Any) -> int:
+    """Bytes of ``sock``'s kernel send queue not yet taken by the peer (Linux's ``SIOCOUTQ``); 0 where unknown."""
+    if _ioctl is None or not _OUTQ:
+        return 0
+    try:
+        got = _ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except (OSError, AttributeError, ValueError):
+        return 0
+    return int.from_bytes(got, sys.byteorder, signed=True)
+
+
+def _sent(sock: socket.socket, silence: float) -> None:
+    """Wait until the peer took every byte of the request the kernel still holds, or answered: given up
+    (``TimeoutError``) once none moved for ``silence`` seconds. Why: the kernel takes MiBs of a body at once;
+    on a slow link they leave long after ``sendall`` returned, and waiting for the answer meanwhile would
+    count that time as silence."""
+    left, moved = _unsent(sock), time.monotonic()
+    while left:
+        readable, _, _ = select.select([sock], [], [], silence / 4)
+        if readable:  # answered (or closed): http.client reads it
+            return
+        now, still = time.monotonic(), _unsent(sock)
+        if still != left:
+            left, moved = still, now
+        elif now - moved > silence:
+            raise TimeoutError(f"no bytes of the request left for {silence:g} s")
 
 
 def range_status(fs: gcsfs.GCSFileSystem, path: GCSPath) -> tuple[int, int | None]:
@@ -694,8 +746,10 @@ class _Answers(asyncio.BufferedProtocol):
         """Seconds (of the event loop's time ``now``) since bytes of the current request last moved either way,
         as far as calls of this method have seen: what ``CLOUDIO_HTTP_TIMEOUT`` limits. Why not a time limit
         on the whole request: an answer arriving slowly but steadily (a slow link, a large object) is not
-        a server that stopped answering."""
-        unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        a server that stopped answering. Bytes sent count as they leave the kernel's send queue, not asyncio's
+        buffer: the kernel takes a whole small upload at once."""
+        unsent = 0 if self.transport is None else (
+            self.transport.get_write_buffer_size() + _unsent(self.transport.get_extra_info("socket")))
         progress = (self._received, unsent)
         if progress != self._progress:
             self._progress, self.moved_at = progress, now
@@ -708,7 +762,7 @@ class _Answers(asyncio.BufferedProtocol):
         self._error = bytearray()
         self._state = _HEAD
         self.transport.write(request)
-        self.moved_at, self._progress = now, (0, self.transport.get_write_buffer_size())
+        self.moved_at, self._progress = now, (0, -1)  # (the first look sees the bytes queued as moved)
 
     def fail(self, e: BaseException) -> None:
         """End the current request with ``e`` (it stayed silent too long) and close the connection."""
