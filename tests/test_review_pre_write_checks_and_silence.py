@@ -13,7 +13,6 @@ Written by a review; the tests marked xfail name what is still open.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import warnings
@@ -27,6 +26,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 from outcomes import Outcome, bounded
+from relay import Relay
 
 import cloudio
 from cloudio import _config
@@ -353,115 +353,13 @@ def test_a_write_into_a_region_of_an_integer_variable_with_a_FillValue_takes_flo
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _Relay:
-    """A TCP relay in front of the emulator (cloudio's endpoint while it runs). Bytes go up (client to server) and
-    down at ``up`` and ``down`` bytes a second at most, a piece at a time: never silent for long. ``needle``: a
-    request holding it is counted in :attr:`seen`; with ``stall_after``, the answer to it stops after that many
-    bytes and its connection stays open and silent until the relay closes (a server stopped mid-body)."""
-
-    def __init__(self, upstream: str, *, up: float | None = None, down: float | None = None,
-                 needle: bytes | None = None, stall_after: int | None = None, piece: int = 16 << 10) -> None:
-        u = urlsplit(upstream)
-        self._to = (u.hostname, u.port)
-        self._up, self._down, self._piece = up, down, piece
-        self.needle, self.stall_after = needle, stall_after
-        self.seen = 0
-        self.stalled = 0
-        self._closing = threading.Event()
-        self._srv = socket.socket()
-        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # little buffered on the way up
-        self._srv.bind(("127.0.0.1", 0))
-        self._srv.listen(128)
-        self.url = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> _Relay:
-        threading.Thread(target=self._accept, daemon=True).start()
-        _config.push_endpoint(self.url)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _config.pop_endpoint()
-        self._closing.set()
-        self._srv.close()
-        for s in list(self._socks):
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                c, _ = self._srv.accept()
-            except OSError:
-                return
-            s = socket.create_connection(self._to)
-            self._socks += [c, s]
-            state = {"hit": False, "sent": 0}
-            threading.Thread(target=self._pump, args=(c, s, self._up, state, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(s, c, self._down, state, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, rate: float | None, state: dict[str, Any],
-              upward: bool) -> None:
-        tail = b""
-        try:
-            while True:
-                data = src.recv(self._piece)
-                if not data:
-                    break
-                if upward and self.needle is not None:
-                    window = tail + data
-                    if self.needle in window:
-                        with self._lock:
-                            self.seen += window.count(self.needle)
-                        state["hit"], state["sent"] = True, 0
-                    tail = window[-len(self.needle):]
-                if not upward and state["hit"] and self.stall_after is not None:
-                    room = self.stall_after - state["sent"]
-                    if len(data) >= room:
-                        dst.sendall(data[:max(room, 0)])
-                        with self._lock:
-                            self.stalled += 1
-                        self._closing.wait()  # silent, the connection open
-                        return
-                    state["sent"] += len(data)
-                dst.sendall(data)
-                if rate:
-                    time.sleep(len(data) / rate)
-        except OSError:
-            pass
-        finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-
-def test_a_large_shard_sent_steadily_for_longer_than_the_limit_is_stored_in_one_request(gcs_emulator, gcs_bucket,
-                                                                                        monkeypatch):
-    """One shard of 32 MiB (sent from a sender thread) over a link of 4 MiB/s: its upload takes 8 s, bytes leaving
-    every 4 ms. CLOUDIO_HTTP_TIMEOUT=4: the request never stays silent for 4 s, and the call fits in 3 x 4 s."""
-    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "4")
-    a = np.random.default_rng(5).standard_normal((2048, 4096)).astype("f4")
-    url = f"{gcs_bucket}/steadyup.zarr"
-    with _Relay(gcs_emulator.url, up=4 << 20, needle=b"name=steadyup.zarr%2Fc%2F0%2F0") as relay:
-        _, err, took = bounded(lambda: cloudio.save_array(a, url, chunks=(512, 512), shards=(2048, 4096),
-                                                          compressors=None), 120)
-    assert err is None, f"{type(err).__name__} after {took:.1f} s (the shard sent {relay.seen} times): {err}"
-    assert relay.seen == 1, f"the 32 MiB shard was sent {relay.seen} times"
-    assert cloudio.load_array(url).tobytes() == a.tobytes()
-
-
 def test_a_small_chunk_sent_steadily_for_longer_than_the_limit_is_stored(gcs_emulator, gcs_bucket, monkeypatch):
     """One chunk of 768 KiB (sent on the event loop) over a link of 192 KiB/s: 4 s, bytes leaving every 80 ms.
     CLOUDIO_HTTP_TIMEOUT=3: never silent for 3 s, and the call fits in 3 x 3 s."""
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "3")
     a = np.random.default_rng(6).standard_normal((192, 1024)).astype("f4")
     url = f"{gcs_bucket}/steadysmall.zarr"
-    with _Relay(gcs_emulator.url, up=192 << 10, needle=b"name=steadysmall.zarr%2Fc%2F0%2F0") as relay:
+    with Relay(gcs_emulator.url, up=192 << 10, needle=b"name=steadysmall.zarr%2Fc%2F0%2F0") as relay:
         _, err, took = bounded(lambda: cloudio.save_array(a, url, chunks=(192, 1024), compressors=None), 120)
     assert err is None, f"{type(err).__name__} after {took:.1f} s (the chunk sent {relay.seen} times): {err}"
     assert relay.seen == 1, f"the chunk was sent {relay.seen} times"
@@ -476,7 +374,7 @@ def test_a_large_shard_read_steadily_for_longer_than_the_limit_is_read(gcs_emula
     url = f"{gcs_bucket}/steadydown.zarr"
     cloudio.save_array(a, url, chunks=(256, 256), shards=(1024, 1024), compressors=None)
     last_seen.forget_all()
-    with _Relay(gcs_emulator.url, down=1 << 20):
+    with Relay(gcs_emulator.url, down=1 << 20):
         got, err, took = bounded(lambda: cloudio.load_array(url), 90)
     assert err is None, f"{type(err).__name__} after {took:.1f} s: {err}"
     assert got.tobytes() == a.tobytes()
@@ -492,7 +390,7 @@ def test_a_shard_whose_answer_stops_mid_body_is_a_transient_error_in_time(gcs_em
     url = f"{gcs_bucket}/midbody.zarr"
     cloudio.save_array(a, url, chunks=(128, 128), shards=shards, compressors=None)
     last_seen.forget_all()
-    with _Relay(gcs_emulator.url, needle=b"midbody.zarr%2Fc%2F0%2F0", stall_after=100_000) as relay:
+    with Relay(gcs_emulator.url, needle=b"midbody.zarr%2Fc%2F0%2F0", stall_after=100_000) as relay:
         _, err, took = bounded(lambda: cloudio.load_array(url), 60)
     assert relay.stalled >= 1, "no answer was stopped"
     assert isinstance(err, cloudio.TransientError) and "midbody.zarr/c/0/0" in str(err), \

@@ -995,7 +995,6 @@ class _Watchdog:
         self._handle.cancel()
 
 
-
 async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray | None) -> tuple[np.ndarray, _Headers, str]:
     """One GET of ``url`` on a kept connection, into ``buf`` (into new memory when None): the bytes
     received, the answer's headers, and the bytes' CRC32C (base64)."""
