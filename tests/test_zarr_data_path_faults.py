@@ -15,6 +15,7 @@ open.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -274,6 +275,37 @@ def test_small_chunks_arriving_slowly_but_steadily_are_read(gcs_emulator, gcs_bu
         got, err, took = bounded(lambda: cloudio.load_array(url), 90)
     assert err is None, f"{type(err).__name__} after {took:.1f} s: {err}"
     assert got.tobytes() == a.tobytes()
+
+
+def test_a_large_shard_is_sent_by_a_process_holding_more_than_1024_files(gcs_emulator, gcs_bucket, caplog):
+    """A process with many files open (a long test run, a server): the sender thread's descriptor is past 1023,
+    which select.select cannot take. A shard of 2 MiB over a link of 4 MiB/s (its last bytes still in the
+    kernel's queue when sendall returns) is stored, once, its upload answered (not found stored after a failure)."""
+    import logging
+    import resource
+
+    caplog.set_level(logging.INFO, logger="cloudio._gcs.transfer")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"this process may open {hard} files at most")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        a = np.random.default_rng(8).standard_normal((512, 1024)).astype("f4")
+        url = f"{gcs_bucket}/manyfiles.zarr"
+        with Relay(gcs_emulator.url, up=4 << 20, needle=b"name=manyfiles.zarr%2Fc%2F0%2F0") as t:
+            _, err, took = bounded(lambda: cloudio.save_array(a, url, chunks=(256, 256), shards=(512, 1024),
+                                                              compressors=None), 60)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert err is None, f"{type(err).__name__} after {took:.1f} s: {err}"
+    assert t.seen == 1, f"the shard was sent {t.seen} times"
+    assert "answers were lost" not in caplog.text, caplog.text[-600:]
+    assert cloudio.load_array(url).tobytes() == a.tobytes()
 
 
 @pytest.mark.parametrize("shape, chunks, rate, limit", [((1024, 2048), 256, 2, 3), ((2048, 4096), 512, 4, 4)],

@@ -45,7 +45,7 @@ import json
 import logging
 import math
 import re
-import select
+import selectors
 import socket
 import ssl
 import sys
@@ -370,15 +370,18 @@ def _sent(sock: socket.socket, silence: float) -> None:
     on a slow link they leave long after ``sendall`` returned, and waiting for the answer meanwhile would
     count that time as silence."""
     left, moved = _unsent(sock), time.monotonic()
-    while left:
-        readable, _, _ = select.select([sock], [], [], silence / 4)
-        if readable:  # answered (or closed): http.client reads it
-            return
-        now, still = time.monotonic(), _unsent(sock)
-        if still != left:
-            left, moved = still, now
-        elif now - moved > silence:
-            raise TimeoutError(f"no bytes of the request left for {silence:g} s")
+    if not left:
+        return
+    with selectors.DefaultSelector() as answer:  # (select.select cannot take descriptors past 1023)
+        answer.register(sock, selectors.EVENT_READ)
+        while left:
+            if answer.select(silence / 4):  # answered (or closed): http.client reads it
+                return
+            now, still = time.monotonic(), _unsent(sock)
+            if still != left:
+                left, moved = still, now
+            elif now - moved > silence:
+                raise TimeoutError(f"no bytes of the request left for {silence:g} s")
 
 
 def range_status(fs: gcsfs.GCSFileSystem, path: GCSPath) -> tuple[int, int | None]:
