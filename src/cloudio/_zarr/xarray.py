@@ -178,7 +178,13 @@ def _stored_variables(store: JournaledStore, kwargs: Mapping[str, Any]) -> Store
 _NUMERIC_KINDS = "biufc"
 
 
-def _refuse_lossy_casts(dataset: xarray.Dataset, stored: StoredVariables, store: JournaledStore,
+def _where(store: JournaledStore, kwargs: Mapping[str, Any]) -> str:
+    """Where a write goes, as its refusals name it: the store's URL, and the group when there is one."""
+    group = str(kwargs.get("group") or "").strip("/")
+    return f"{store.root_url} (group {group!r})" if group else store.root_url
+
+
+def _refuse_lossy_casts(dataset: xarray.Dataset, stored: StoredVariables, where: str,
                         kwargs: Mapping[str, Any]) -> None:
     """Raise :class:`~cloudio.ConfigurationError` when a variable of ``dataset`` is stored with a dtype its values
     cannot be cast to without loss (numpy's ``same_kind`` rule: floats onto integers, integers onto booleans or
@@ -192,8 +198,6 @@ def _refuse_lossy_casts(dataset: xarray.Dataset, stored: StoredVariables, store:
     asks for and go through.
     """
     append_dim = kwargs.get("append_dim")
-    group = str(kwargs.get("group") or "").strip("/")
-    where = f"{store.root_url} (group {group!r})" if group else store.root_url
     for name, var in dataset.variables.items():
         given = np.dtype(var.dtype)
         if given.kind not in _NUMERIC_KINDS:
@@ -216,9 +220,12 @@ def _refuse_before_writing(dataset: xarray.Dataset, store: JournaledStore, kwarg
     """Raise :class:`~cloudio.ConfigurationError` for input xarray or zarr would refuse only once the write had
     begun (the group created, a document rewritten, the group's path emptied), leaving the store marked
     incomplete: an append along a dimension of nothing stored, a group below an array, an encoding xarray does
-    not take. Why here: xarray checks each as it comes to it, after zarr changed the store."""
+    not take; or would write with values lost (:func:`_refuse_lossy_casts`). Why here: xarray checks each as it
+    comes to it, after zarr changed the store."""
     group = str(kwargs.get("group") or "").strip("/")
-    where = f"{store.root_url} (group {group!r})" if group else store.root_url
+    where = _where(store, kwargs)
+    if stored is not None:
+        _refuse_lossy_casts(dataset, stored, where, kwargs)
     if kwargs.get("append_dim") is not None and stored is None:
         if is_gcs(store.root_url):  # no bucket is said as such
             from cloudio._gcs.transfer import ensure_bucket
@@ -436,8 +443,6 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         # a write that keeps what is stored reads it first (its errors are cloudio's): casts that would lose
         # values are refused before anything is written, and Dask chunks are aligned on the stored grid
         stored = _stored_variables(store, kwargs) if mode not in ("w", "w-") else None
-        if stored is not None:
-            _refuse_lossy_casts(dataset, stored, store, kwargs)
         _refuse_before_writing(dataset, store, kwargs, mode, stored)
         aligned = _align_dataset(dataset, store, kwargs, rechunk, stored)
         # a write to a group replaces (mode="w") or changes that group only: its mark says which
