@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -371,16 +373,30 @@ def _journaled(url: str, since: int) -> list[tuple[str, str]]:
     return [(c.url, c.kind) for c in journal().since(since) if c.url.startswith(url + "/c/")]
 
 
-def test_shards_go_up_as_one_media_request_each(gcs_emulator: Emulator, gcs_bucket: str) -> None:
-    """No multipart body is built around a shard (cloudio._gcs.fast): one media upload per shard."""
+def test_shards_go_up_as_one_media_request_each_needing_the_generation_listed(gcs_emulator: Emulator,
+                                                                              gcs_bucket: str) -> None:
+    """One media upload per shard (no multipart body is built around it: cloudio._gcs.fast.upload_form), guarded
+    (``ifGenerationMatch``) by the generation the write listed: 0 for a new array, the stored shard's when
+    rewritten (see JournaledStore.expecting)."""
     a = _data("float32", 0.0)
-    n0 = len(gcs_emulator.requests())
-    cloudio.save_array(a, f"{gcs_bucket}/media.zarr", chunks=CHUNKS, shards=SHARDS, compressors=None)
-    ups = [r for r in gcs_emulator.requests()[n0:] if r.method == "POST" and "/upload/" in r.path]
-    shards = [r for r in ups if "%2Fc%2F" in r.path or "/c/" in r.path.partition("name=")[2]]
-    assert len(shards) == 4 * 3 - 1  # every shard but the all-fill one, once
-    assert all("uploadType=media" in r.path and r.status == 200 for r in shards), shards
-    assert zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/media.zarr"), mode="r")[...].tobytes() == a.tobytes()
+    url = f"{gcs_bucket}/media.zarr"
+    bucket = gcs_emulator.client.bucket(gcs_bucket[5:])
+    generations: list[dict[str, str]] = []
+    stored: list[dict[str, str]] = []
+    for _ in range(2):
+        n0 = len(gcs_emulator.requests())
+        cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
+        ups = [r for r in gcs_emulator.requests()[n0:] if r.method == "POST" and "/upload/" in r.path]
+        shards = [r for r in ups if "%2Fc%2F" in r.path.partition("name=")[2]]
+        assert len(shards) == 4 * 3 - 1  # every shard but the all-fill one, once
+        assert all("uploadType=media" in r.path and r.status == 200 for r in shards), shards
+        guards = [re.search(r"name=([^&]*)&ifGenerationMatch=(\d+)", r.path) for r in shards]
+        assert all(guards), [r.path for r in shards]
+        generations.append(dict(g.groups() for g in guards if g))
+        stored.append({quote(b.name, safe=""): str(b.generation) for b in bucket.list_blobs(prefix="media.zarr/c/")})
+        assert zarr.open_array(cloudio.zarr_store(url), mode="r")[...].tobytes() == a.tobytes()
+    assert set(generations[0].values()) == {"0"}
+    assert generations[1] == stored[0]  # the rewrite needed each shard as the first write left it
 
 
 @BOTH_UPLOAD_PATHS
@@ -477,7 +493,7 @@ def test_a_small_shard_upload_that_failed_is_the_only_one_sent_again(gcs_emulato
     seq = journal().seq
     cloudio.save_array(a, url, chunks=CHUNKS, shards=SHARDS, compressors=None)
     assert rule.hits == 1
-    names = [p.partition("name=")[2] for _, p, _ in fault_proxy.requests(_SHARD_UPLOAD)]
+    names = [p.partition("name=")[2].partition("&")[0] for _, p, _ in fault_proxy.requests(_SHARD_UPLOAD)]
     assert len(names) == 12 and len(set(names)) == 11  # every shard but the all-fill one; one sent twice
     written = _journaled(url, seq)
     assert sorted(written) == sorted({(u, "write") for u, _ in written})  # one write each, nothing else

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import mimetypes
 import os
@@ -46,6 +45,7 @@ import google_crc32c
 import numpy as np
 
 from cloudio import _state
+from cloudio._gcs import fast
 from cloudio._gcs.client import (
     ATTEMPTS,
     BACKOFF,
@@ -57,7 +57,7 @@ from cloudio._gcs.client import (
     transient_error,
 )
 from cloudio._gcs.client import object_metadata as _stat
-from cloudio._gcs.fast import post_upload, put_media
+from cloudio._gcs.fast import put_media
 from cloudio._journal import Change, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
@@ -176,6 +176,7 @@ async def put_verified(
     simple_limit: int = SIMPLE_LIMIT,
     media: bool = False,
     if_generation_match: int | None = None,
+    expected_generation: int | None = None,
 ) -> Uploaded:
     """Upload ``source`` to ``url`` and verify it against the server's answer: THE way cloudio writes.
 
@@ -211,6 +212,10 @@ async def put_verified(
         path; small uploads then go as one multipart request, the one path
         fake-gcs-server enforces it on, and resumable ones check the generation
         first as well (the emulator ignores it there; real GCS enforces it).
+    expected_generation
+        ``if_generation_match`` against a late copy of an earlier write (see
+        :meth:`cloudio._zarr.store.JournaledStore.expecting`): sent with the
+        upload, which stays a media upload (:data:`cloudio._gcs.fast.EXPECTED_AS_MULTIPART`).
 
     Raises
     ------
@@ -241,7 +246,8 @@ async def put_verified(
         raise FileNotFoundError(f"{os.fspath(source)!r}: no such local file to upload to {path.url}")
     last: BaseException | None = None
     deleted = False  # a corrupt copy was stored and deleted: the server holds nothing at path now
-    guard = if_generation_match
+    guard, everywhere = ((if_generation_match, True) if if_generation_match is not None
+                         else (expected_generation, fast.EXPECTED_AS_MULTIPART))
     changing = await journal().changing_async(path.url)  # GDAL reads of it wait until the outcome is recorded
     sent = False  # a request went out: cancelled from here on, the upload may have landed
     try:
@@ -253,7 +259,7 @@ async def put_verified(
             try:
                 sent = True
                 meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit, media,
-                                                   guard)
+                                                   guard, everywhere)
                 generation = await _check_stored(fs, path, meta, size, sent_crc)
             except _Mismatch as e:
                 deleted, last = True, e
@@ -314,14 +320,15 @@ def _uploaded(fs: gcsfs.GCSFileSystem, path: GCSPath, generation: int | None, si
 async def put_verified_each(
     fs: gcsfs.GCSFileSystem,
     count_: int,
-    body: Callable[[int], tuple[GCSPath, memoryview] | None],
+    body: Callable[[int], tuple[GCSPath, memoryview, int | None] | None],
     wrote: Callable[[int, GCSPath, int], None],
     concurrency: int,
 ) -> None:
     """:func:`put_verified` (``media=True``, ``record=False``) for many small objects at once.
 
-    ``body(i)`` gives object ``i``'s path and bytes (None: nothing to write);
-    it may be called twice for one ``i`` and must then give the same bytes.
+    ``body(i)`` gives object ``i``'s path, bytes and ``expected_generation``
+    (None: no precondition), or None: nothing to write; it may be called twice
+    for one ``i`` and must then give the same.
     ``wrote(i, path, size)`` is called once the server's answer matched the size
     and CRC32C sent: the caller journals it (which drops stale listings). The happy path goes out in one
     batch (:func:`cloudio._gcs.fast.put_each`); an object whose upload failed,
@@ -335,8 +342,9 @@ async def put_verified_each(
     gates: dict[int, ExitStack] = {}
     unsure: dict[int, GCSPath] = {}  # sent, not confirmed
     waiting: list[int] = []  # a GDAL read of the object in flight: sent the careful way, which waits for it
+    damaged: dict[int, int] = {}  # stored differently from what was sent: the generation of that copy
 
-    def send(i: int) -> tuple[GCSPath, memoryview] | None:
+    def send(i: int) -> tuple[GCSPath, memoryview, int | None] | None:
         got = body(i)
         if got is None:
             return None
@@ -355,6 +363,7 @@ async def put_verified_each(
             if int(meta.get("size", -1)) != size or meta.get("crc32c") != crc:
                 log.warning("%s: stored object differs from what was sent (size %s vs %s, crc32c %s vs %s); "
                             "writing it again", path.url, meta.get("size"), size, meta.get("crc32c"), crc)
+                damaged[i] = int(meta.get("generation") or 0)  # a guarded write again replaces this copy
                 return False
             del unsure[i]
             wrote(i, path, size)
@@ -371,8 +380,9 @@ async def put_verified_each(
                 gate.close()
             got = body(i)
             if got is not None:
+                expected = got[2] if got[2] is None else damaged.get(i, got[2])
                 await put_verified(fs, got[0], got[1], content_type="application/octet-stream", record=False,
-                                   media=True)
+                                   media=True, expected_generation=expected)
                 wrote(i, got[0], len(got[1]))
             unsure.pop(i, None)  # (one never sent is not there)
     finally:
@@ -448,24 +458,15 @@ async def _generation(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:
     return int(meta.get("generation") or 0)
 
 
-async def _multipart(fs: gcsfs.GCSFileSystem, path: GCSPath, data: bytes | memoryview, content_type: str,
-                     generation: int) -> dict[str, Any]:
-    """gcsfs's ``simple_upload`` with an ``ifGenerationMatch`` of any generation (gcsfs sends only 0)."""
-    boundary = "==0=="
-    head = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
-            f"{json.dumps({'name': path.key})}\r\n--{boundary}\r\nContent-Type: {content_type}\r\n\r\n")
-    body = head.encode() + bytes(data) + f"\r\n--{boundary}--".encode()
-    return await post_upload(fs, path, f"uploadType=multipart&ifGenerationMatch={generation}", body,
-                             f'multipart/related; boundary="{boundary}"')
-
-
-async def _initiate(fs: gcsfs.GCSFileSystem, path: GCSPath, content_type: str, generation: int | None) -> str:
-    """A resumable upload session (gcsfs's ``initiate_upload``, with ``ifGenerationMatch`` when guarded)."""
+async def _initiate(fs: gcsfs.GCSFileSystem, path: GCSPath, content_type: str, generation: int | None,
+                    everywhere: bool) -> str:
+    """A resumable upload session (gcsfs's ``initiate_upload``, with ``ifGenerationMatch`` when guarded;
+    ``everywhere``: checked first too, as the emulator ignores it on this path)."""
     if generation is None:
         from gcsfs.core import initiate_upload
 
         return await initiate_upload(fs, path.bucket, path.key, content_type)  # type: ignore[no-any-return]
-    if await _generation(fs, path) != generation:  # the emulator ignores the precondition on this path
+    if everywhere and await _generation(fs, path) != generation:
         raise FileExistsError(path.url)
     headers, _ = await fs._call("POST", f"{fs._location}/upload/storage/v1/b/{quote(path.bucket, safe='')}/o",
                                 uploadType="resumable", name=path.key, ifGenerationMatch=str(generation),
@@ -483,10 +484,12 @@ async def _send(
     simple_limit: int,
     media: bool = False,
     guard: int | None = None,
+    everywhere: bool = True,
 ) -> tuple[dict[str, Any], str, int]:
     """One upload; returns the server's object resource, the CRC32C and the size of the bytes sent.
 
-    ``guard``: the ``ifGenerationMatch`` precondition, or None.
+    ``guard``: the ``ifGenerationMatch`` precondition, or None; ``everywhere``: sent so that the emulator
+    enforces it too (a multipart upload, see :func:`cloudio._gcs.fast.upload_form`).
     """
     # gcsfs's module-level upload helpers return the object resource the server
     # answered with (generation, size, crc32c): verification needs no extra request,
@@ -502,15 +505,12 @@ async def _send(
     if size < simple_limit:
         data: bytes | memoryview = body if isinstance(body, memoryview) else _read_all(body)
         checksum.update(_bytes_like(data))
-        if guard is not None:  # multipart: the upload path the emulator enforces preconditions on
-            meta = await bounded(fs, _multipart(fs, path, data, content_type, guard))
-        elif media and isinstance(body, memoryview):
-
-            meta = await bounded(fs, put_media(fs, path, body, content_type))
+        if guard is not None or (media and isinstance(body, memoryview)):
+            meta = await bounded(fs, put_media(fs, path, data, content_type, guard, guard is not None and everywhere))
         else:
             meta = await bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
         return meta, _crc_b64(checksum), size
-    location = await bounded(fs, _initiate(fs, path, content_type, guard))
+    location = await bounded(fs, _initiate(fs, path, content_type, guard, everywhere))
     last: dict[str, Any] | None = None  # the object resource, answered to the final chunk
     offset = 0
     try:

@@ -168,8 +168,9 @@ def save_array(
             if layout is not None:
                 # zarr's create and overwrite, its documents alongside the chunks, the marker's round trip
                 # while the first shards are encoded, the old objects not overwritten deleted last
-                z, replacing = _created_like(probe, store, mark)
-                _shardio.write(z, layout, cast(np.ndarray, array), replacing)
+                with store.expecting(_prefix(probe.store_path.path)) as expect:
+                    z, replacing = _created_like(probe, store, mark, expect)
+                    _shardio.write(z, layout, cast(np.ndarray, array), replacing)
             else:
                 if overwrite:
                     refuse_replacing_others(store, probe.store_path.path)
@@ -198,13 +199,19 @@ def save_array(
     return z
 
 
-def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark) -> tuple[
-        zarr.Array[Any], _shardio.Replacing]:
+def _prefix(path: str) -> str:
+    """The keys under an array or group at ``path`` in its store start with this."""
+    return f"{path}/" if path else ""
+
+
+def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark,
+                  expect: Callable[[dict[str, int]], None]) -> tuple[zarr.Array[Any], _shardio.Replacing]:
     """The array ``zarr.create_array(store, ..., overwrite=True)`` makes with the arguments that made
     ``probe`` (in memory), and the steps that make it on ``store`` in place of what was there: begin
-    ``mark`` (the objects stored under the array listed meanwhile), write the probe's metadata
-    documents, which zarr made for the same arguments, and once every chunk is up delete the objects
-    listed that the new array did not overwrite.
+    ``mark`` (the objects stored under the array listed meanwhile, with their generations, given to
+    ``expect``: each upload then needs the object it replaces, see :meth:`JournaledStore.expecting`),
+    write the probe's metadata documents, which zarr made for the same arguments, and once every chunk
+    is up delete the objects listed that the new array did not overwrite.
 
     Why: zarr's create_array on the store builds and checks the array once
     more, and its documents then go up before the first chunk; for a small
@@ -230,23 +237,22 @@ def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark
 
     where = StorePath(store, probe.store_path.path)
     z = zarr.Array(AsyncArray(probe.metadata, where, probe._async_array.config))  # type: ignore[type-var]  # the probe's own metadata type
-    listing: asyncio.Task[list[str]] | None = None  # what the store held, listed as the write begins
+    listing: asyncio.Task[dict[str, int]] | None = None  # what the store held, listed as the write begins
     documents: set[str] = set()
-
-    async def listed() -> list[str]:
-        return [key async for key in store.list_prefix(f"{where.path}/" if where.path else "")]
+    prefix = _prefix(where.path)
 
     async def begin() -> None:
         nonlocal listing
-        listing = asyncio.ensure_future(listed())
+        listing = asyncio.ensure_future(store.list_generations(prefix))
         listing.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failed write never asks
         try:
             await mark.begun()  # before anything in the store changes
         except BaseException:
             listing.cancel()
             raise
-        prefix = f"{where.path}/" if where.path else ""
-        held = [k.removeprefix(prefix) for k in await listing]  # the marker left out: this write's own may be up
+        generations = await listing
+        expect(generations)
+        held = [k.removeprefix(prefix) for k in generations]  # the marker left out: this write's own may be up
         refusal = None if mark.follows_others else in_the_way(
             f"{store.root_url.rstrip('/')}/{where.path}".rstrip("/"), held)
         if refusal is not None:  # before any object of the write: the marker alone goes again (mark.fail)

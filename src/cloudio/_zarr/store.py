@@ -276,6 +276,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         # Checked against zarr 3.1 to 3.4; a newer zarr gets its own set() until checked again.
         fs = getattr(store, "fs", None)
         self._guards: dict[str, int] = {}  # key -> generation its next write needs (see guarding)
+        self._listed: dict[str, dict[str, int]] = {}  # prefix -> the generations listed under it (see expecting)
         self._held: dict[str, tuple[bytes, int]] = {}  # zarr.json written by a marked write under way
         gcs = type(store) is FsspecStore and type(fs).__module__.startswith("gcsfs")
         self._direct = gcs and _ZARR_VERSION < (3, 5)
@@ -367,9 +368,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     @stops_with_its_write
     async def set(self, key: str, value: Buffer) -> None:
         generation: int | None = None
+        guard, expected = self._guards.get(key), self._expected(key)
         try:
-            if key in self._guards and is_gcs(self._root_url) and isinstance(self._store, FsspecStore):
-                generation = await self._pipe(key, value, self._guards[key])
+            if (guard, expected) != (None, None) and is_gcs(self._root_url) and isinstance(self._store, FsspecStore):
+                with self._changed_meanwhile(guard is None):
+                    generation = await self._pipe(key, value, guard, expected)
             elif self._direct:
                 generation = await self._pipe(key, value)
             else:
@@ -417,7 +420,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         store._check_writable()
         keys: dict[int, str] = {}
 
-        def path_body(i: int) -> tuple[GCSPath, memoryview] | None:
+        def path_body(i: int) -> tuple[GCSPath, memoryview, int | None] | None:
             got = body(i)
             if got is None:
                 return None
@@ -425,16 +428,18 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             if key.rsplit("/", 1)[-1] in _META_NAMES:
                 raise ValueError(f"set_each writes chunks, not the metadata document {key!r}: use set")
             keys[i] = key
-            return _joined(root, key), data
+            return _joined(root, key), data, self._expected(key)
 
         def wrote(i: int, path: GCSPath, size: int) -> None:
             journal().record(self._url(keys[i]), "write", size=size, parsed=path)
 
-        await put_verified_each(store.fs, count, path_body, wrote, concurrency)
+        with self._changed_meanwhile(bool(self._listed)):
+            await put_verified_each(store.fs, count, path_body, wrote, concurrency)
 
-    async def _pipe(self, key: str, value: Buffer, guard: int | None = None) -> int | None:
+    async def _pipe(self, key: str, value: Buffer, guard: int | None = None,
+                    expected: int | None = None) -> int | None:
         """``FsspecStore.set`` (zarr 3.1 to 3.4) without its ``to_bytes`` copy, CRC32C-verified; the
-        generation stored.
+        generation stored. ``guard``, ``expected``: see :meth:`guarding`, :meth:`expecting`.
 
         Raises IntegrityError, TransientError or UploadError (see
         :func:`cloudio._gcs.transfer.put_verified`) naming the object's URL.
@@ -450,7 +455,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         # verified against the CRC32C the server answers with; the store journals a success itself
         done = await put_verified(store.fs, self._url(key), view, content_type="application/octet-stream",
                                   record=False, simple_limit=_ONE_REQUEST_LIMIT, media=True,
-                                  if_generation_match=guard)
+                                  if_generation_match=guard, expected_generation=expected)
         return done.generation
 
     # -- guarded read-modify-write: metadata two writers may change at once ------------------
@@ -468,6 +473,53 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             yield
         finally:
             self._guards.pop(key, None)
+
+    @contextmanager
+    def expecting(self, prefix: str) -> Iterator[Callable[[dict[str, int]], None]]:
+        """Inside the block, once the generations stored under ``prefix`` are given (``listed(generations)``,
+        from :meth:`list_generations`), each write of a key under it needs the object at the generation listed
+        (0: not listed): another generation raises :class:`~cloudio.ConflictError`.
+
+        Why: a write given up after its time limit is sent again, but the abandoned request may still reach
+        the server later, after this write and the next one committed, and put the old bytes back. Sent
+        with the generation the write found, it then fails its precondition instead. GCS enforces it; the
+        emulator only when :data:`cloudio._gcs.fast.EXPECTED_AS_MULTIPART` is set.
+        """
+        def listed(generations: dict[str, int]) -> None:
+            self._listed[prefix] = generations
+
+        try:
+            yield listed
+        finally:
+            self._listed.pop(prefix, None)
+
+    @contextmanager
+    def _changed_meanwhile(self, listed: bool) -> Iterator[None]:
+        """A write refused by the generation :meth:`expecting` listed is another writer's doing: the
+        :class:`~cloudio.ConflictError` then says what became of the store and what to do."""
+        try:
+            yield
+        except ConflictError as e:
+            if not listed:
+                raise
+            raise ConflictError(e.url, e.expected, e.actual, next_step=(
+                f"It changed while a write of {self._root_url} was under way: the write stopped there, and the "
+                "store stays marked incomplete until a write of it succeeds. Check what else writes it, then "
+                "write again.")) from e
+
+    def _expected(self, key: str) -> int | None:
+        """The generation a write of ``key`` needs against a late copy (None: any): see :meth:`expecting`."""
+        if key in self._guards:
+            return None
+        for prefix, generations in self._listed.items():
+            if key.startswith(prefix) and key != MARKER:
+                return generations.get(key, 0)
+        return None
+
+    async def list_generations(self, prefix: str) -> dict[str, int]:
+        """Each key under ``prefix`` (a "directory", as :meth:`list_prefix` takes it) with its generation,
+        the write marker left out: one listing of a GCS store's objects."""
+        return {key: generation async for key, generation in self._listed_under(prefix) if key != MARKER}
 
     async def get_generation(self, key: str) -> tuple[bytes | None, int]:
         """The object at ``key`` and its generation in one GET: (None, 0) when it does not exist."""
@@ -592,19 +644,25 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     async def _keys_under(self, prefix: str) -> AsyncIterator[str]:
         """:meth:`list_prefix` with the write marker."""
-        root = self._gcs_root
-        if root is None:
+        if self._gcs_root is None:
             async for key in self._store.list_prefix(prefix):
                 yield key
             return
+        async for key, _ in self._listed_under(prefix):
+            yield key
+
+    async def _listed_under(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        """The keys under ``prefix`` in a GCS store, with their generations (one listing)."""
+        root = self._gcs_root
+        assert root is not None
         base = f"{root.key.rstrip('/')}/" if root.key else ""
         under = prefix.rstrip("/")  # as gcsfs's find: the key itself, or keys below it as a directory
-        for item in await list_objects(self._store.fs, root.bucket, "name", prefix=base + under):
+        for item in await list_objects(self._store.fs, root.bucket, "name,generation", prefix=base + under):
             key = str(item["name"])[len(base):]
             if under and key != under and not key.startswith(f"{under}/"):
                 continue  # "a" does not list "ab/..."
             if key and not key.endswith("/"):  # "directory" placeholders are no keys
-                yield key
+                yield key, int(item.get("generation") or 0)
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:
         """The wrapped store's ``list_dir`` without the write marker; on GCS within the time limit of one call.
