@@ -195,7 +195,9 @@ def _refuse_lossy_casts(dataset: xarray.Dataset, stored: StoredVariables, where:
     Judged against the dtype the variable reads back as: floats onto an integer variable with a ``_FillValue``
     or ``scale_factor`` are what its CF encoding is for.
     Casts within a kind (``int32`` onto ``int64``, ``float64`` onto ``float32``) are what the stored encoding
-    asks for and go through.
+    asks for and go through, unless a value held in memory is out of the stored dtype's range (xarray wraps
+    ``300`` to ``44`` in ``int8``, and makes ``1e300`` ``inf`` in ``float32``); values of a Dask array are not
+    read for that.
     """
     append_dim = kwargs.get("append_dim")
     for name, var in dataset.variables.items():
@@ -203,9 +205,18 @@ def _refuse_lossy_casts(dataset: xarray.Dataset, stored: StoredVariables, where:
         if given.kind not in _NUMERIC_KINDS:
             continue
         target = stored.dtype(name)
-        if target is None or target.kind not in _NUMERIC_KINDS or np.can_cast(given, target, casting="same_kind"):
+        if target is None or target.kind not in _NUMERIC_KINDS:
             continue
         doing = f"appending along {append_dim!r}" if append_dim is not None else "writing into it"
+        if np.can_cast(given, target, casting="same_kind"):
+            if (value := _out_of_range(var, target)) is not None:
+                raise ConfigurationError(
+                    f"{where}: variable {name!r} is stored as {target} and the dataset gives {given} holding "
+                    f"{value!r}, which {target} cannot hold; {doing} would wrap or overflow it (xarray does so "
+                    "without an error). Nothing was written. Clip the values to the stored dtype's range, or write "
+                    f"it again whole with mode='w' to store {given}."
+                )
+            continue
         raise ConfigurationError(
             f"{where}: variable {name!r} is stored as {target} and the dataset gives {given}; {doing} would "
             f"cast {given} to {target} and lose values (xarray rounds or wraps them, with a warning at most). "
@@ -213,6 +224,26 @@ def _refuse_lossy_casts(dataset: xarray.Dataset, stored: StoredVariables, where:
             f"Cast it explicitly if that is meant (ds[{str(name)!r}] = ds[{str(name)!r}].astype({str(target)!r})), "
             f"or write it again whole with mode='w' to store {given}."
         )
+
+
+def _out_of_range(var: xarray.Variable, target: np.dtype[Any]) -> Any:
+    """A value of ``var`` (when in memory) that a cast to ``target`` of the same kind would wrap or overflow, or None.
+
+    Why only in memory: a Dask array's values would be computed once for this and again for the write.
+    """
+    given = np.dtype(var.dtype)
+    if np.can_cast(given, target, casting="safe") or not var._in_memory or var.size == 0 or given.kind == "c":
+        return None
+    values = np.asarray(var.values)
+    if target.kind in "iu":
+        held = np.iinfo(target)
+        low, high = values.min().item(), values.max().item()
+        return low if low < held.min else high if high > held.max else None
+    if target.kind == "f" and given.kind == "f":
+        finite = values[np.isfinite(values)]
+        if finite.size and (top := np.abs(finite).max().item()) > float(np.finfo(target).max):
+            return top
+    return None
 
 
 def _refuse_before_writing(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any], mode: str,
