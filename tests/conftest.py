@@ -24,6 +24,17 @@ from cloudio.emulator import Emulator
 pytest_plugins = ["pytester"]
 
 
+@pytest.fixture(autouse=True)
+def _preconditions_enforced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test sees uploads refused as GCS refuses them: an upload guarded against a late copy of an earlier
+    write (``JournaledStore.expecting``) goes the way fake-gcs-server enforces its ``ifGenerationMatch`` too (a
+    multipart upload; GCS enforces the media upload cloudio sends otherwise), so a wrong guard fails a test here
+    as it would fail the write on GCS."""
+    from cloudio._gcs import fast
+
+    monkeypatch.setattr(fast, "EXPECTED_AS_MULTIPART", True)
+
+
 @pytest.fixture
 def fault_proxy(gcs_emulator: Emulator) -> Iterator[FaultProxy]:
     """A :class:`FaultProxy` in front of the emulator, cloudio's endpoint while the test runs."""

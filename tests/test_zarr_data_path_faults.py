@@ -15,6 +15,7 @@ open.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -338,47 +339,68 @@ BOTH_UPLOAD_PATHS = pytest.mark.parametrize("side, chunk", [(64, 16), (1024, 256
                                             ids=["small-shards-in-a-batch", "MiB-shards-from-threads"])
 
 
-@pytest.fixture
-def enforced(monkeypatch):
-    """Uploads guarded against a late copy sent the way fake-gcs-server enforces the guard (GCS enforces the
-    media upload sent otherwise: see cloudio._gcs.fast.upload_form)."""
-    from cloudio._gcs import fast
-
-    monkeypatch.setattr(fast, "EXPECTED_AS_MULTIPART", True, raising=False)
-
-
 @BOTH_UPLOAD_PATHS
 def test_an_upload_abandoned_at_the_time_limit_does_not_land_over_a_later_write(gcs_emulator, gcs_bucket,
-                                                                               fault_proxy, monkeypatch, enforced,
+                                                                               fault_proxy, monkeypatch,
                                                                                side, chunk):
     """The first write's shard c/0/0 is held on its way for 4 s (CLOUDIO_HTTP_TIMEOUT=1): cloudio abandons the
     request and sends the shard again, the write commits; a second write of the array commits too. Then the held
     request reaches the server. load_array must not return the first write's values inside the second's."""
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
     url = f"{gcs_bucket}/zombie.zarr"
-    first, second = np.full((side, side), 1, "i4"), np.full((side, side), 2, "i4")
     kw = {"chunks": (chunk, chunk), "shards": (side // 2, side // 2), "compressors": None}
-    held = fault_proxy.add("delay", method="POST", path=r"name=zombie\.zarr%2Fc%2F0%2F0", seconds=4, times=1)
-    _, err, _ = bounded(lambda: cloudio.save_array(first, url, **kw))
-    assert err is None, repr(err)
-    _, err, _ = bounded(lambda: cloudio.save_array(second, url, **kw))
-    assert err is None, repr(err)
+    _two_writes_and_a_late_copy(fault_proxy, r"name=zombie\.zarr%2Fc%2F0%2F0",
+                                lambda v: cloudio.save_array(np.full((side, side), v, "i4"), url, **kw))
+    got = cloudio.load_array(url)
+    last_seen.forget_all()
+    for name, g in (("guessed", got), ("opened", cloudio.load_array(url))):
+        _none_of_the_first(name, g)
+
+
+@pytest.mark.parametrize("writer", ["save_array-dask", "to_zarr"])
+def test_a_late_copy_of_an_abandoned_upload_does_not_land_over_a_later_dask_or_xarray_write(
+        gcs_emulator, gcs_bucket, fault_proxy, monkeypatch, writer):
+    """As above, for save_array of a Dask array and to_zarr(mode="w"): zarr deletes what is stored before it
+    writes, so every upload of the write needs no object there (or the generation this write stored)."""
+    import dask.array as da
+    import xarray as xr
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/late.zarr"
+    if writer == "to_zarr":
+        def write(v: int) -> None:
+            ds = xr.Dataset({"v": (("y", "x"), da.full((64, 64), v, dtype="i4", chunks=32))})
+            cloudio.to_zarr(ds, url, mode="w", encoding={"v": {"chunks": (32, 32)}}, consolidated=False)
+
+        _two_writes_and_a_late_copy(fault_proxy, r"name=late\.zarr%2Fv%2Fc%2F0%2F0", write)
+        _none_of_the_first("open_zarr", cloudio.open_zarr(url, consolidated=False).v.values)
+    else:
+        _two_writes_and_a_late_copy(fault_proxy, r"name=late\.zarr%2Fc%2F0%2F0", lambda v: cloudio.save_array(
+            da.full((64, 64), v, dtype="i4", chunks=16), url, chunks=(16, 16), shards=(32, 32), compressors=None))
+        _none_of_the_first("load_array", cloudio.load_array(url))
+
+
+def _two_writes_and_a_late_copy(fault_proxy, upload: str, write) -> None:
+    """``write(1)`` with the upload matching ``upload`` held on its way for 4 s, ``write(2)``, then the held
+    request reaching the server."""
+    held = fault_proxy.add("delay", method="POST", path=upload, seconds=4, times=1)
+    for value in (1, 2):
+        _, err, _ = bounded(functools.partial(write, value))
+        assert err is None, repr(err)
     assert held.hits == 1
     assert held.answered.wait(20)  # the held request reached the server
     time.sleep(0.3)
-    got = cloudio.load_array(url)
-    last_seen.forget_all()
-    again = cloudio.load_array(url)
-    for name, g in (("guessed", got), ("opened", again)):
-        stale = int(np.count_nonzero(g == 1))
-        assert stale == 0, (f"load_array ({name}) returned {stale} values of the first write inside the second "
-                            "(its abandoned shard upload landed after the second write committed), no error")
+
+
+def _none_of_the_first(reader: str, got: np.ndarray) -> None:
+    stale = int(np.count_nonzero(got == 1))
+    assert stale == 0, (f"{reader} returned {stale} values of the first write inside the second (its abandoned "
+                        "upload landed after the second write committed), no error")
 
 
 @BOTH_UPLOAD_PATHS
 def test_a_shard_another_writer_changed_while_save_array_wrote_is_not_overwritten(gcs_emulator, gcs_bucket,
-                                                                                   fault_proxy, enforced, side,
-                                                                                   chunk):
+                                                                                   fault_proxy, side, chunk):
     """While save_array's upload of shard c/0/0 is held on its way, another writer stores that object. The held
     upload then needs the generation save_array listed: it is refused, save_array raises ConflictError naming the
     shard, the other writer's object stays, and the store is marked incomplete, not a silent mix."""

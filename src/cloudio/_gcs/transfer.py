@@ -321,7 +321,7 @@ async def put_verified_each(
     fs: gcsfs.GCSFileSystem,
     count_: int,
     body: Callable[[int], tuple[GCSPath, memoryview, int | None] | None],
-    wrote: Callable[[int, GCSPath, int], None],
+    wrote: Callable[[int, GCSPath, int, int], None],
     concurrency: int,
 ) -> None:
     """:func:`put_verified` (``media=True``, ``record=False``) for many small objects at once.
@@ -329,7 +329,7 @@ async def put_verified_each(
     ``body(i)`` gives object ``i``'s path, bytes and ``expected_generation``
     (None: no precondition), or None: nothing to write; it may be called twice
     for one ``i`` and must then give the same.
-    ``wrote(i, path, size)`` is called once the server's answer matched the size
+    ``wrote(i, path, size, generation)`` is called once the server's answer matched the size
     and CRC32C sent: the caller journals it (which drops stale listings). The happy path goes out in one
     batch (:func:`cloudio._gcs.fast.put_each`); an object whose upload failed,
     timed out or was stored differently goes again through
@@ -366,7 +366,7 @@ async def put_verified_each(
                 damaged[i] = int(meta.get("generation") or 0)  # a guarded write again replaces this copy
                 return False
             del unsure[i]
-            wrote(i, path, size)
+            wrote(i, path, size, int(meta.get("generation") or 0))
             count("uploads")
             count("bytes_uploaded", size)
             return True
@@ -381,9 +381,9 @@ async def put_verified_each(
             got = body(i)
             if got is not None:
                 expected = got[2] if got[2] is None else damaged.get(i, got[2])
-                await put_verified(fs, got[0], got[1], content_type="application/octet-stream", record=False,
-                                   media=True, expected_generation=expected)
-                wrote(i, got[0], len(got[1]))
+                done = await put_verified(fs, got[0], got[1], content_type="application/octet-stream", record=False,
+                                          media=True, expected_generation=expected)
+                wrote(i, got[0], len(got[1]), done.generation or 0)
             unsure.pop(i, None)  # (one never sent is not there)
     finally:
         for gate in gates.values():

@@ -176,7 +176,9 @@ def save_array(
                     refuse_replacing_others(store, probe.store_path.path)
                 mark.begin()
                 # zarr's (or Dask's) other chunk writes end before the failure is raised
-                with stopped_on_failure() as changes:
+                with stopped_on_failure() as changes, store.expecting(_prefix(probe.store_path.path)) as expect:
+                    if overwrite:  # zarr deletes what is stored first: every upload then needs no object there
+                        expect({})
                     # Dask tasks write through the store wherever they run: on a cluster's workers, it names the write
                     target = changes.carried(store) if dask_input else store
                     z = zarr.create_array(target, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,

@@ -358,6 +358,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             _metadata.wrote(self._url(key[:slash]) if slash >= 0 else self._root_url, name, value, change.seq)
 
     def _deleted(self, key: str, *, prefix: bool) -> None:
+        self._stored_as(key, 0, prefix=prefix)
         url = self._url(key.rstrip("/"))
         with announcements.logged_by_the_store():
             change = journal().record(url, "delete", prefix=prefix)
@@ -373,6 +374,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             if (guard, expected) != (None, None) and is_gcs(self._root_url) and isinstance(self._store, FsspecStore):
                 with self._changed_meanwhile(guard is None):
                     generation = await self._pipe(key, value, guard, expected)
+                if expected is not None:
+                    self._stored_as(key, generation or 0)
             elif self._direct:
                 generation = await self._pipe(key, value)
             else:
@@ -430,8 +433,9 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             keys[i] = key
             return _joined(root, key), data, self._expected(key)
 
-        def wrote(i: int, path: GCSPath, size: int) -> None:
+        def wrote(i: int, path: GCSPath, size: int, generation: int) -> None:
             journal().record(self._url(keys[i]), "write", size=size, parsed=path)
+            self._stored_as(keys[i], generation)
 
         with self._changed_meanwhile(bool(self._listed)):
             await put_verified_each(store.fs, count, path_body, wrote, concurrency)
@@ -506,6 +510,20 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 f"It changed while a write of {self._root_url} was under way: the write stopped there, and the "
                 "store stays marked incomplete until a write of it succeeds. Check what else writes it, then "
                 "write again.")) from e
+
+    def _stored_as(self, key: str, generation: int, *, prefix: bool = False) -> None:
+        """``key`` (every key under it, ``prefix``) now at ``generation`` (0: gone), for :meth:`expecting`: a key
+        written twice in one write (a metadata document) needs the generation it stored the first time."""
+        base = key.rstrip("/")
+        for under, generations in self._listed.items():
+            if prefix:
+                for k in [k for k in generations if not base or k == base or k.startswith(f"{base}/")]:
+                    del generations[k]
+            elif key.startswith(under) and key != MARKER:
+                if generation:
+                    generations[key] = generation
+                else:
+                    generations.pop(key, None)
 
     def _expected(self, key: str) -> int | None:
         """The generation a write of ``key`` needs against a late copy (None: any): see :meth:`expecting`."""

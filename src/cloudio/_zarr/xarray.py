@@ -484,7 +484,10 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group)
         try:
             mark.begin()
-            with stopped_on_failure() as changes:  # zarr's (or Dask's) other chunk writes end before the failure
+            # zarr's (or Dask's) other chunk writes end before the failure
+            with stopped_on_failure() as changes, store.expecting(f"{group}/" if group else "") as expect:
+                if mode == "w":  # zarr deletes the group's objects first: every upload then needs no object there
+                    expect({})
                 # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
                 # names the write (those of compute=False run later, when no failure of this call can stop them)
                 now = kwargs.get("compute", True) is not False and any(
