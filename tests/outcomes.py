@@ -1,8 +1,10 @@
 """A call run in a daemon thread and waited for with a time limit, shared so every test file bounds its calls
-alike: a call that hangs fails its test instead of blocking the run."""
+alike: a call that hangs fails its test instead of blocking the run; and two such writes with an upload of the
+first held on its way until after the second (a late copy)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -62,3 +64,16 @@ def returned(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
     if error is not None:
         raise error
     return value
+
+
+def two_writes_and_a_late_copy(fault_proxy: Any, upload: str, write: Callable[[int], Any]) -> None:
+    """``write(1)`` with the upload matching ``upload`` (a path pattern of ``fault_proxy``) held on its way for
+    4 s (abandoned at a time limit of 1 s, and sent again), ``write(2)``, then the held request reaching the
+    server."""
+    held = fault_proxy.add("delay", method="POST", path=upload, seconds=4, times=1)
+    for value in (1, 2):
+        _, err, _ = bounded(functools.partial(write, value))
+        assert err is None, repr(err)
+    assert held.hits == 1
+    assert held.answered.wait(20)  # the held request reached the server
+    time.sleep(0.3)

@@ -14,7 +14,6 @@ show what does not, each naming its cause.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from outcomes import Outcome, bounded
+from outcomes import Outcome, bounded, two_writes_and_a_late_copy
 
 import cloudio
 
@@ -310,18 +309,6 @@ def test_an_object_another_writer_stores_while_to_zarr_mode_w_writes_is_not_over
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _two_writes_and_a_late_copy(fault_proxy, upload: str, write) -> None:
-    """``write(1)`` with the upload matching ``upload`` held on its way for 4 s (abandoned at the time limit of
-    1 s, sent again), ``write(2)``, then the held request reaching the server."""
-    held = fault_proxy.add("delay", method="POST", path=upload, seconds=4, times=1)
-    for value in (1, 2):
-        _, err, _ = bounded(functools.partial(write, value))
-        assert err is None, repr(err)
-    assert held.hits == 1
-    assert held.answered.wait(20)  # the held request reached the server
-    time.sleep(0.3)
-
-
 @pytest.mark.xfail(strict=False, reason=(
     "an upload needing 'no object' (ifGenerationMatch=0, store.py JournaledStore._expected: generations.get(key, 0)"
     ") is satisfied again once a later write deletes the object and leaves it absent (arrays.py _created_like."
@@ -348,14 +335,14 @@ def test_a_late_copy_of_a_first_write_does_not_land_where_a_later_write_left_no_
             ds = xr.Dataset({"v": (("y", "x"), da.from_array(values(v), chunks=32))})
             cloudio.to_zarr(ds, url, mode="w", encoding={"v": {"chunks": (32, 32)}}, consolidated=False)
 
-        _two_writes_and_a_late_copy(fault_proxy, r"name=gone\.zarr%2Fv%2Fc%2F0%2F0", write)
+        two_writes_and_a_late_copy(fault_proxy, r"name=gone\.zarr%2Fv%2Fc%2F0%2F0", write)
         got = cloudio.open_zarr(url, consolidated=False).v.values
     else:
         def write(v: int) -> None:
             a = values(v) if writer == "save_array" else da.from_array(values(v), chunks=32)
             cloudio.save_array(a, url, chunks=(16, 16), shards=(32, 32), compressors=None)
 
-        _two_writes_and_a_late_copy(fault_proxy, r"name=gone\.zarr%2Fc%2F0%2F0", write)
+        two_writes_and_a_late_copy(fault_proxy, r"name=gone\.zarr%2Fc%2F0%2F0", write)
         got = cloudio.load_array(url)
     stale = int(np.count_nonzero(got == 1))
     assert stale == 0, f"{stale} values of the first write inside the second (its late copy landed), no error"
@@ -419,7 +406,7 @@ def test_a_late_copy_of_a_compute_false_write_does_not_land_over_a_later_write(
         else:
             cloudio.to_zarr(_dataset(v), url, **kw)
 
-    _two_writes_and_a_late_copy(fault_proxy, r"name=lazy\.zarr%2Fv%2Fc%2F0%2F0", write)
+    two_writes_and_a_late_copy(fault_proxy, r"name=lazy\.zarr%2Fv%2Fc%2F0%2F0", write)
     got = cloudio.open_zarr(url, consolidated=False).v.values
     stale = int(np.count_nonzero(got == 1))
     assert stale == 0, f"{stale} values of the compute=False write inside the later one (its late copy landed)"

@@ -15,7 +15,6 @@ open.
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import threading
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import zarr
-from outcomes import Outcome, bounded
+from outcomes import Outcome, bounded, two_writes_and_a_late_copy
 from relay import Relay
 
 import cloudio
@@ -349,7 +348,7 @@ def test_an_upload_abandoned_at_the_time_limit_does_not_land_over_a_later_write(
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
     url = f"{gcs_bucket}/zombie.zarr"
     kw = {"chunks": (chunk, chunk), "shards": (side // 2, side // 2), "compressors": None}
-    _two_writes_and_a_late_copy(fault_proxy, r"name=zombie\.zarr%2Fc%2F0%2F0",
+    two_writes_and_a_late_copy(fault_proxy, r"name=zombie\.zarr%2Fc%2F0%2F0",
                                 lambda v: cloudio.save_array(np.full((side, side), v, "i4"), url, **kw))
     got = cloudio.load_array(url)
     last_seen.forget_all()
@@ -372,24 +371,12 @@ def test_a_late_copy_of_an_abandoned_upload_does_not_land_over_a_later_dask_or_x
             ds = xr.Dataset({"v": (("y", "x"), da.full((64, 64), v, dtype="i4", chunks=32))})
             cloudio.to_zarr(ds, url, mode="w", encoding={"v": {"chunks": (32, 32)}}, consolidated=False)
 
-        _two_writes_and_a_late_copy(fault_proxy, r"name=late\.zarr%2Fv%2Fc%2F0%2F0", write)
+        two_writes_and_a_late_copy(fault_proxy, r"name=late\.zarr%2Fv%2Fc%2F0%2F0", write)
         _none_of_the_first("open_zarr", cloudio.open_zarr(url, consolidated=False).v.values)
     else:
-        _two_writes_and_a_late_copy(fault_proxy, r"name=late\.zarr%2Fc%2F0%2F0", lambda v: cloudio.save_array(
+        two_writes_and_a_late_copy(fault_proxy, r"name=late\.zarr%2Fc%2F0%2F0", lambda v: cloudio.save_array(
             da.full((64, 64), v, dtype="i4", chunks=16), url, chunks=(16, 16), shards=(32, 32), compressors=None))
         _none_of_the_first("load_array", cloudio.load_array(url))
-
-
-def _two_writes_and_a_late_copy(fault_proxy, upload: str, write) -> None:
-    """``write(1)`` with the upload matching ``upload`` held on its way for 4 s, ``write(2)``, then the held
-    request reaching the server."""
-    held = fault_proxy.add("delay", method="POST", path=upload, seconds=4, times=1)
-    for value in (1, 2):
-        _, err, _ = bounded(functools.partial(write, value))
-        assert err is None, repr(err)
-    assert held.hits == 1
-    assert held.answered.wait(20)  # the held request reached the server
-    time.sleep(0.3)
 
 
 def _none_of_the_first(reader: str, got: np.ndarray) -> None:
