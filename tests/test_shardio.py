@@ -85,6 +85,32 @@ def test_a_rewrite_leaves_what_zarr_would_leave(gcs_emulator: Emulator, gcs_buck
     assert zarr.open_array(cloudio.zarr_store(url), mode="r")[...].tobytes() == new.tobytes()
 
 
+@pytest.mark.parametrize("side, chunk, zstd", [(64, 16, False), (1024, 256, False), (1024, 256, True)],
+                         ids=["batch", "threads", "zstd-bands"])
+def test_a_shard_rewritten_as_nothing_but_fill_is_stored_over_the_object_listed(gcs_emulator: Emulator,
+                                                                                gcs_bucket: str, side: int,
+                                                                                chunk: int, zstd: bool) -> None:
+    """A rewrite whose shard c/0/0 holds nothing but the fill value stores it (its chunks of the fill value) over
+    the object the write listed, instead of deleting it: absent, the object would let in a late copy of an
+    earlier write that needed no object there. It reads back as the fill value, by cloudio and by zarr; a
+    first write stores no object for such a shard, as zarr does."""
+    kw = {"chunks": (chunk, chunk), "shards": (side // 2, side // 2),
+          "compressors": zarr.codecs.ZstdCodec(level=1) if zstd else None}
+    a = np.random.default_rng(4).integers(1, 100, (side, side)).astype("f4")
+    b = a.copy()
+    b[:side // 2, :side // 2] = 0  # the fill value
+    bucket = gcs_emulator.client.bucket(gcs_bucket[5:])
+    cloudio.save_array(a, f"{gcs_bucket}/fill.zarr", **kw)
+    first = bucket.get_blob("fill.zarr/c/0/0").generation
+    cloudio.save_array(b, f"{gcs_bucket}/fill.zarr", **kw)
+    stored = bucket.get_blob("fill.zarr/c/0/0")
+    assert stored is not None and stored.generation != first
+    assert cloudio.load_array(f"{gcs_bucket}/fill.zarr").tobytes() == b.tobytes()
+    assert zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/fill.zarr"), mode="r")[...].tobytes() == b.tobytes()
+    cloudio.save_array(b, f"{gcs_bucket}/fresh.zarr", **kw)
+    assert bucket.get_blob("fresh.zarr/c/0/0") is None and bucket.get_blob("fresh.zarr/c/1/1") is not None
+
+
 def test_a_rewrite_of_large_shards_keeps_every_new_shard(gcs_emulator: Emulator, gcs_bucket: str,
                                                           fault_proxy) -> None:
     """Large shards are encoded while the old array is listed; the old shards the new array does not

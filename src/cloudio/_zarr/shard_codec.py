@@ -47,7 +47,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
@@ -713,14 +713,27 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
     kept: set[str] = set()  # the store keys written
     banded = layout.sharded and layout.zstd is not None and not batch
 
-    def encoder() -> Callable[[tuple[int, ...]], memoryview | None]:
+    def encoder() -> Callable[[tuple[int, ...], bool], memoryview | None]:
         if batch:
             buf = np.empty(size, dtype="u1")
         else:
             buf = shard_buffers.take(size)
             taken.append(buf)
+        return encoder_into(buf)
+
+    def encoder_into(buf: np.ndarray) -> Callable[[tuple[int, ...], bool], memoryview | None]:
+        """``encode(shard, listed)``: the shard's bytes in ``buf`` (None: nothing to store), with ``listed`` its
+        chunks of the fill value too."""
         scratch = np.empty(layout.chunk_nbytes, dtype="u1") if layout.zstd is not None else None
-        return lambda shard: _encode(layout, array, shard, buf, scratch)
+        return lambda shard, listed: _encode(explicit if listed else layout, array, shard, buf, scratch)
+
+    # a shard of nothing but the fill value, whose object the write's listing found, is stored (its chunks of
+    # the fill value) rather than deleted: absent, its object would let in a late copy of an earlier write that
+    # needed no object there (JournaledStore.expecting)
+    explicit = replace(layout, write_empty=True)
+
+    def listed(shard: tuple[int, ...]) -> bool:
+        return replacing is not None and store.was_listed(key(shard))
 
     def key(shard: tuple[int, ...]) -> str:
         name = z.metadata.encode_chunk_key(shard)
@@ -737,7 +750,9 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                 encode = encoder()
 
                 def body(i: int) -> tuple[str, memoryview] | None:
-                    view = encode(shards[i])
+                    view = encode(shards[i], False)
+                    if view is None and listed(shards[i]):
+                        view = encode(shards[i], True)
                     if view is None:
                         return None
                     name = key(shards[i])
@@ -752,9 +767,11 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                 encode = encoder()
                 while shards:
                     shard = shards.pop()
-                    view = await _offload(layout, encode, shard)
+                    view = await _offload(layout, encode, shard, False)
                     if begun is not None:
                         await begun
+                    if view is None and listed(shard):
+                        view = await _offload(layout, encode, shard, True)
                     if view is not None:
                         name = key(shard)
                         kept.add(name)
@@ -777,6 +794,20 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                     finally:
                         room.release()
 
+                async def fill_if_listed(shard: tuple[int, ...], buf: np.ndarray) -> None:
+                    view = None
+                    try:
+                        if begun is not None:
+                            await begun
+                        if listed(shard):
+                            view = await loop.run_in_executor(pool, encoder_into(buf), shard, True)
+                    finally:
+                        if view is None:
+                            shard_buffers.give(buf)
+                            room.release()
+                    if view is not None:
+                        await upload(shard, view, buf)
+
                 async def coder() -> None:
                     while (done := await loop.run_in_executor(pool, coding.until_a_shard)) is not None:
                         i, parts = done
@@ -788,8 +819,7 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                             room.release()
                             raise
                         if view is None:
-                            shard_buffers.give(buf)
-                            room.release()
+                            tasks.create_task(fill_if_listed(shards[i], buf))
                         else:
                             tasks.create_task(upload(shards[i], view, buf))
 

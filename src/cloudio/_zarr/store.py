@@ -525,6 +525,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 else:
                     generations.pop(key, None)
 
+    def was_listed(self, key: str) -> bool:
+        """``key`` was listed, with a generation, for the write :meth:`expecting` it."""
+        return any(key in generations for generations in self._listed.values())
+
     def _expected(self, key: str) -> int | None:
         """The generation a write of ``key`` needs against a late copy (None: any): see :meth:`expecting`."""
         if key in self._guards:
