@@ -166,7 +166,8 @@ def test_a_store_object_reused_for_two_arrays_and_written_through_the_returned_a
 
 def test_appends_and_region_writes_right_after_a_mode_w_write_are_not_guarded_wrongly(gcs_emulator, gcs_bucket):
     """to_zarr(mode="w"), then an append and a region write through the same store object: their chunk uploads
-    carry no generation (the write that set expectations ended), nothing is refused, the values read back."""
+    carry the generations their own listings found (not what the ended mode="w" write expected), nothing is
+    refused, the values read back."""
     url = f"{gcs_bucket}/ap.zarr"
     store = cloudio.zarr_store(url)
     ds = xr.Dataset({"v": (("t", "x"), np.arange(32, dtype="f4").reshape(8, 4))}, coords={"t": np.arange(8)})
@@ -180,8 +181,8 @@ def test_appends_and_region_writes_right_after_a_mode_w_write_are_not_guarded_wr
     assert err is None, repr(err)
     sent = _uploads(gcs_emulator, since, "ap.zarr/")
     assert all(status == 200 for *_, status in sent), sent
-    chunks = [u for u in sent if "/c/" in u[0]]
-    assert chunks and all(guard is None for _, guard, _ in chunks), chunks
+    chunks = [u for u in sent if u[0].startswith("ap.zarr/v/c/")]
+    assert len(chunks) == 2 and all(guard is not None for _, guard, _ in chunks), chunks
     got = cloudio.open_zarr(url).v.values
     np.testing.assert_array_equal(got[:4], -1)
     np.testing.assert_array_equal(got[4:8], ds.v.values[4:])
@@ -437,3 +438,37 @@ def test_a_late_delete_of_to_zarr_mode_w_does_not_remove_what_the_write_then_sto
     got = cloudio.open_zarr(url, consolidated=False).v.values
     lost = int(np.count_nonzero(got != 2))
     assert lost == 0, f"{lost} values of the write read back as the fill value (its own late DELETE landed)"
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "xarray.py _rewritten_starts leaves out what an append rewrites whole (coordinates and variables without "
+    "append_dim, which writers adding their own variables at once rewrite alike): x's upload carries no guard"))
+def test_a_late_copy_of_a_coordinate_an_append_rewrites_does_not_land_over_a_later_append(
+        gcs_emulator, gcs_bucket, fault_proxy, monkeypatch):
+    """Two appends along t, each with its own values of the coordinate x (rewritten whole by each): the first's
+    upload of x is held past the time limit and arrives after the second committed. x must read as the second's."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/coord.zarr"
+
+    def part(t0: int, x: int) -> xr.Dataset:
+        return xr.Dataset({"v": (("t", "x"), np.zeros((2, 4), "f4"))},
+                          coords={"t": [t0, t0 + 1], "x": np.arange(4) + x})
+
+    cloudio.to_zarr(part(0, 0), url, mode="w", encoding={"v": {"chunks": (2, 4)}})
+    two_writes_and_a_late_copy(fault_proxy, r"name=coord\.zarr%2Fx%2Fc%2F0",
+                               lambda v: cloudio.to_zarr(part(2 * v, 10 * v), url, append_dim="t"))
+    np.testing.assert_array_equal(cloudio.open_zarr(url).x.values, np.arange(4) + 20)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "_fsspec/filesystem.py pipe sends no generation unless given if_generation_match: the abandoned first try "
+    "of the first pipe lands after the second"))
+def test_a_late_copy_of_an_fsspec_pipe_does_not_land_over_a_later_pipe(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                         monkeypatch):
+    """fs.pipe(path, b"one"), its upload held past the time limit and sent again; fs.pipe(path, b"two"); then the
+    held copy arrives. The object must hold b"two"."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    fs = cloudio.filesystem(gcs_bucket)
+    path = f"{gcs_bucket}/piped.bin"
+    two_writes_and_a_late_copy(fault_proxy, r"/upload/", lambda v: fs.pipe(path, [b"one", b"two"][v - 1]))
+    assert _blob(gcs_emulator, gcs_bucket, "piped.bin") == b"two"

@@ -48,6 +48,7 @@ from cloudio._zarr.store import (
     cloudio_errors,
     enclosing_markers,
     in_the_way,
+    key_prefix,
     open_complete_array,
     refuse_replacing_others,
     revalidate,
@@ -168,7 +169,7 @@ def save_array(
             if layout is not None:
                 # zarr's create and overwrite, its documents alongside the chunks, the marker's round trip
                 # while the first shards are encoded, the old objects not overwritten deleted last
-                with store.expecting(_prefix(probe.store_path.path)) as expect:
+                with store.expecting() as expect:
                     z, replacing = _created_like(probe, store, mark, expect)
                     _shardio.write(z, layout, cast(np.ndarray, array), replacing)
             else:
@@ -176,9 +177,9 @@ def save_array(
                     refuse_replacing_others(store, probe.store_path.path)
                 mark.begin()
                 # zarr's (or Dask's) other chunk writes end before the failure is raised
-                with stopped_on_failure() as changes, store.expecting(_prefix(probe.store_path.path)) as expect:
+                with stopped_on_failure() as changes, store.expecting() as expect:
                     if overwrite:  # zarr deletes what is stored first: every upload then needs no object there
-                        expect({})
+                        expect(key_prefix(probe.store_path.path), {})
                     # Dask tasks write through the store wherever they run: on a cluster's workers, it names the write
                     target = changes.carried(store) if dask_input else store
                     z = zarr.create_array(target, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
@@ -201,13 +202,8 @@ def save_array(
     return z
 
 
-def _prefix(path: str) -> str:
-    """The keys under an array or group at ``path`` in its store start with this."""
-    return f"{path}/" if path else ""
-
-
 def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark,
-                  expect: Callable[[dict[str, int]], None]) -> tuple[zarr.Array[Any], _shardio.Replacing]:
+                  expect: Callable[[str, dict[str, int]], None]) -> tuple[zarr.Array[Any], _shardio.Replacing]:
     """The array ``zarr.create_array(store, ..., overwrite=True)`` makes with the arguments that made
     ``probe`` (in memory), and the steps that make it on ``store`` in place of what was there: begin
     ``mark`` (the objects stored under the array listed meanwhile, with their generations, given to
@@ -241,7 +237,7 @@ def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark
     z = zarr.Array(AsyncArray(probe.metadata, where, probe._async_array.config))  # type: ignore[type-var]  # the probe's own metadata type
     listing: asyncio.Task[dict[str, int]] | None = None  # what the store held, listed as the write begins
     documents: set[str] = set()
-    prefix = _prefix(where.path)
+    prefix = key_prefix(where.path)
 
     async def begin() -> None:
         nonlocal listing
@@ -253,7 +249,7 @@ def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark
             listing.cancel()
             raise
         generations = await listing
-        expect(generations)
+        expect(prefix, generations)
         held = [k.removeprefix(prefix) for k in generations]  # the marker left out: this write's own may be up
         refusal = None if mark.follows_others else in_the_way(
             f"{store.root_url.rstrip('/')}/{where.path}".rstrip("/"), held)

@@ -479,23 +479,28 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             self._guards.pop(key, None)
 
     @contextmanager
-    def expecting(self, prefix: str) -> Iterator[Callable[[dict[str, int]], None]]:
-        """Inside the block, once the generations stored under ``prefix`` are given (``listed(generations)``,
-        from :meth:`list_generations`), each write of a key under it needs the object at the generation listed
-        (0: not listed): another generation raises :class:`~cloudio.ConflictError`.
+    def expecting(self) -> Iterator[Callable[[str, dict[str, int]], None]]:
+        """Inside the block, once the generations stored under a prefix are given (``listed(prefix, generations)``,
+        from :meth:`list_generations` or :meth:`generations_from`), each write of a key starting with it needs
+        the object at the generation listed (0: not listed): another generation raises
+        :class:`~cloudio.ConflictError`. Keys under no prefix given are written unguarded.
 
         Why: a write given up after its time limit is sent again, but the abandoned request may still reach
         the server later, after this write and the next one committed, and put the old bytes back. Sent
         with the generation the write found, it then fails its precondition instead. GCS enforces it; the
         emulator only when :data:`cloudio._gcs.fast.EXPECTED_AS_MULTIPART` is set.
         """
-        def listed(generations: dict[str, int]) -> None:
+        given: list[str] = []
+
+        def listed(prefix: str, generations: dict[str, int]) -> None:
             self._listed[prefix] = generations
+            given.append(prefix)
 
         try:
             yield listed
         finally:
-            self._listed.pop(prefix, None)
+            for prefix in given:
+                self._listed.pop(prefix, None)
 
     @contextmanager
     def _changed_meanwhile(self, listed: bool) -> Iterator[None]:
@@ -507,41 +512,62 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             if not listed:
                 raise
             raise ConflictError(e.url, e.expected, e.actual, next_step=(
-                f"It changed while a write of {self._root_url} was under way: the write stopped there, and the "
-                "store stays marked incomplete until a write of it succeeds. Check what else writes it, then "
-                "write again.")) from e
+                f"It changed while a write of {self._root_url} was under way, and the write stopped there; if it "
+                "had already changed part of the store, the store stays marked incomplete until a write of it "
+                "succeeds. Check what else writes it, then write again.")) from e
 
     def _stored_as(self, key: str, generation: int, *, prefix: bool = False) -> None:
         """``key`` (every key under it, ``prefix``) now at ``generation`` (0: gone), for :meth:`expecting`: a key
         written twice in one write (a metadata document) needs the generation it stored the first time."""
-        base = key.rstrip("/")
-        for under, generations in self._listed.items():
-            if prefix:
+        if prefix:
+            base = key.rstrip("/")
+            for generations in self._listed.values():
                 for k in [k for k in generations if not base or k == base or k.startswith(f"{base}/")]:
                     del generations[k]
-            elif key.startswith(under) and key != MARKER:
-                if generation:
-                    generations[key] = generation
-                else:
-                    generations.pop(key, None)
+            return
+        listed = self._listing_of(key)
+        if listed is not None and generation:
+            listed[key] = generation
+        elif listed is not None:
+            listed.pop(key, None)
+
+    def _listing_of(self, key: str) -> dict[str, int] | None:
+        """The generations :meth:`expecting` listed under the prefix holding ``key`` (None: no such prefix)."""
+        if key == MARKER:
+            return None
+        return next((generations for prefix, generations in self._listed.items() if key.startswith(prefix)), None)
 
     def was_listed(self, key: str) -> bool:
         """``key`` was listed, with a generation, for the write :meth:`expecting` it."""
-        return any(key in generations for generations in self._listed.values())
+        return key in (self._listing_of(key) or ())
 
     def _expected(self, key: str) -> int | None:
         """The generation a write of ``key`` needs against a late copy (None: any): see :meth:`expecting`."""
-        if key in self._guards:
-            return None
-        for prefix, generations in self._listed.items():
-            if key.startswith(prefix) and key != MARKER:
-                return generations.get(key, 0)
-        return None
+        generations = None if key in self._guards else self._listing_of(key)
+        return None if generations is None else generations.get(key, 0)
 
     async def list_generations(self, prefix: str) -> dict[str, int]:
         """Each key under ``prefix`` (a "directory", as :meth:`list_prefix` takes it) with its generation,
         the write marker left out: one listing of a GCS store's objects."""
         return {key: generation async for key, generation in self._listed_under(prefix) if key != MARKER}
+
+    async def generations_from(self, starts: Collection[str]) -> dict[str, dict[str, int]]:
+        """For each of ``starts`` (the beginning of a key: ``"v/c/2/"``, ``"v/2."``), each key beginning with it
+        and its generation, the write marker left out: one listing of a GCS store's objects each, at once."""
+        async def listed(start: str) -> dict[str, int]:
+            return {key: generation for key, generation in await self._keys_from(start) if key != MARKER}
+
+        found = await asyncio.gather(*(listed(start) for start in starts))
+        return dict(zip(starts, found, strict=True))
+
+    async def _keys_from(self, start: str) -> list[tuple[str, int]]:
+        """The keys of a GCS store beginning with ``start``, with their generations (one listing)."""
+        root = self._gcs_root
+        assert root is not None
+        base = f"{root.key.rstrip('/')}/" if root.key else ""
+        items = await list_objects(self._store.fs, root.bucket, "name,generation", prefix=base + start)
+        keys = ((str(item["name"])[len(base):], int(item.get("generation") or 0)) for item in items)
+        return [(key, generation) for key, generation in keys if key and not key.endswith("/")]  # no placeholders
 
     async def get_generation(self, key: str) -> tuple[bytes | None, int]:
         """The object at ``key`` and its generation in one GET: (None, 0) when it does not exist."""
@@ -675,16 +701,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     async def _listed_under(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
         """The keys under ``prefix`` in a GCS store, with their generations (one listing)."""
-        root = self._gcs_root
-        assert root is not None
-        base = f"{root.key.rstrip('/')}/" if root.key else ""
         under = prefix.rstrip("/")  # as gcsfs's find: the key itself, or keys below it as a directory
-        for item in await list_objects(self._store.fs, root.bucket, "name,generation", prefix=base + under):
-            key = str(item["name"])[len(base):]
-            if under and key != under and not key.startswith(f"{under}/"):
-                continue  # "a" does not list "ab/..."
-            if key and not key.endswith("/"):  # "directory" placeholders are no keys
-                yield key, int(item.get("generation") or 0)
+        for key, generation in await self._keys_from(under):
+            if not under or key == under or key.startswith(f"{under}/"):  # "a" does not list "ab/..."
+                yield key, generation
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:
         """The wrapped store's ``list_dir`` without the write marker; on GCS within the time limit of one call.
@@ -793,6 +813,11 @@ class _SyncJournaledStore(JournaledStore):
     def delete_sync(self, key: str) -> None:  # type: ignore[override]
         self._store.delete_sync(key)  # type: ignore[attr-defined]
         self._deleted(key, prefix=False)
+
+
+def key_prefix(path: str) -> str:
+    """The keys under an array or group at ``path`` in its store start with this ("" at the root)."""
+    return f"{path}/" if path else ""
 
 
 def _root_of(store: Store) -> str:

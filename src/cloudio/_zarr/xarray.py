@@ -21,9 +21,10 @@ Both are thin: keyword arguments go to :meth:`xarray.Dataset.to_zarr` and
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
@@ -42,6 +43,7 @@ from cloudio._zarr.store import (
     cloudio_errors,
     consolidated_is_stale,
     consolidated_seen,
+    key_prefix,
     refuse_replacing_others,
     revalidate,
     run_sync,
@@ -155,6 +157,77 @@ class StoredVariables:
         return decoded
 
 
+#: the most objects of one variable an append or region write lists for their generations (ten listing pages): a
+#: write touching more of it goes unguarded against a late copy of its own uploads (docs/consistency.md)
+GUARD_LISTING_LIMIT = 10_000
+#: the most rows of objects listed one by one (at once); more, and the variable is listed whole
+_ROW_LISTINGS = 16
+
+
+def _rewritten_starts(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any],
+                      stored: StoredVariables | None, region: Callable[[], dict[Hashable, slice]]) -> list[str]:
+    """The beginnings of the keys an append, a region write or a write adding variables rewrites (see
+    :meth:`JournaledStore.generations_from`), for their uploads to need the generations listed there.
+
+    Why these: a region write rewrites the rows of chunks (or shards) along each variable's first axis that its
+    region touches; an append, those rows past the stored length and the variable's metadata; a variable added
+    is all new. Listing only those keeps the cost to the objects written (a region write of one row lists one
+    row), and leaves out what writers adding their own variables at once all rewrite alike (the group's
+    documents, coordinates and variables without ``append_dim``, rewritten whole): guarded, those would refuse
+    each other's writes of the same values.
+    """
+    append_dim = kwargs.get("append_dim")
+    region_arg = kwargs.get("region")
+    base = key_prefix(_group(kwargs))
+    starts: list[str] = []
+    for name, var in dataset.variables.items():
+        existing = stored.array(name) if stored is not None else None
+        if existing is None:
+            if region_arg is None:
+                starts.append(f"{base}{name}/")  # added: nothing of it is there yet
+            continue
+        dims = _stored_dims(existing) or tuple(var.dims)
+        if not dims:
+            continue  # a scalar: rewritten whole (xarray refuses one in a region write)
+        if region_arg is not None:
+            touched = region().get(dims[0], slice(None)).indices(int(existing.shape[0]))[:2]
+        elif append_dim is not None and append_dim in dims:
+            old = int(existing.shape[dims.index(append_dim)])
+            touched = (old, old + int(var.sizes[append_dim])) if dims[0] == append_dim else (0, int(existing.shape[0]))
+        else:
+            continue  # rewritten whole, by every writer alike
+        rows = _rows(existing, *touched, f"{base}{name}/")
+        if rows is None:
+            log.debug("%s: %r: more than %d objects touched; its uploads are not guarded against a late copy",
+                      store.root_url, name, GUARD_LISTING_LIMIT)
+            continue
+        starts += rows
+        if region_arg is None and rows != [f"{base}{name}/"]:  # its shape changes: the metadata document too
+            starts.append(f"{base}{name}/" + ("zarr.json" if existing.metadata.zarr_format == 3 else ".z"))
+    return starts
+
+
+def _rows(existing: Any, start: int, stop: int, prefix: str) -> list[str] | None:
+    """The key beginnings of the rows ``start // n`` to ``stop`` (rounded up) of ``existing``'s objects along its
+    first axis (``n``: their extent there), each key prefixed by ``prefix``: one listing per row, or for more than
+    :data:`_ROW_LISTINGS` rows ``prefix`` itself (the whole variable); None past :data:`GUARD_LISTING_LIMIT`."""
+    from cloudio._zarr.shard_safety import write_grid
+
+    grid, _ = write_grid(existing)
+    shape = [max(int(extent), 1) for extent in existing.shape]
+    first, last = start // grid[0], -(-max(stop, start + 1) // grid[0])
+    per_row = int(np.prod([-(-extent // size) for extent, size in zip(shape[1:], grid[1:], strict=True)]))
+    if last - first > _ROW_LISTINGS:
+        rows = -(-max(shape[0], last * grid[0]) // grid[0])
+        return [prefix] if rows * per_row <= GUARD_LISTING_LIMIT else None
+    if (last - first) * per_row > GUARD_LISTING_LIMIT:
+        return None
+    ndim = len(shape)
+    keys = (existing.metadata.encode_chunk_key((row,) + (0,) * (ndim - 1)) for row in range(first, last))
+    # "c/5/0/0" -> "c/5/", "5.0" -> "5.", "c/5" -> "c/5": the separator is one character
+    return [prefix + key[:len(key) - 2 * (ndim - 1) + 1] if ndim > 1 else prefix + key for key in keys]
+
+
 def _stored_variables(store: JournaledStore, kwargs: Mapping[str, Any]) -> StoredVariables | None:
     """The variables stored in the group a write that keeps them (``mode`` ``"a"``, ``"a-"``, ``"r+"``) goes to;
     None when there is no group there yet. An array there raises zarr's ``ContainsArrayError``, which
@@ -178,9 +251,13 @@ def _stored_variables(store: JournaledStore, kwargs: Mapping[str, Any]) -> Store
 _NUMERIC_KINDS = "biufc"
 
 
-def _where(store: JournaledStore, kwargs: Mapping[str, Any]) -> str:
+def _group(kwargs: Mapping[str, Any]) -> str:
+    """The group ``to_zarr``'s or ``open_zarr``'s arguments name, as a path in the store ("": the root)."""
+    return str(kwargs.get("group") or "").strip("/")
+
+
+def _where(store: JournaledStore, group: str) -> str:
     """Where a write goes, as its refusals name it: the store's URL, and the group when there is one."""
-    group = str(kwargs.get("group") or "").strip("/")
     return f"{store.root_url} (group {group!r})" if group else store.root_url
 
 
@@ -253,8 +330,8 @@ def _refuse_before_writing(dataset: xarray.Dataset, store: JournaledStore, kwarg
     incomplete: an append along a dimension of nothing stored, a group below an array, an encoding xarray does
     not take; or would write with values lost (:func:`_refuse_lossy_casts`). Why here: xarray checks each as it
     comes to it, after zarr changed the store."""
-    group = str(kwargs.get("group") or "").strip("/")
-    where = _where(store, kwargs)
+    group = _group(kwargs)
+    where = _where(store, group)
     if stored is not None:
         _refuse_lossy_casts(dataset, stored, where, kwargs)
     if kwargs.get("append_dim") is not None and stored is None:
@@ -336,19 +413,18 @@ def _is_array_document(doc: bytes | None) -> bool:
 
 
 def _align_dataset(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any],
-                   rechunk: bool, stored: StoredVariables | None) -> xarray.Dataset:
+                   rechunk: bool, stored: StoredVariables | None,
+                   region: Callable[[], dict[Hashable, slice]]) -> xarray.Dataset:
     """Rechunk every Dask-backed variable so no two tasks write one shard; see :mod:`cloudio._zarr.shard_safety`.
 
-    ``stored``: the store's existing variables (:func:`_stored_variables`; None when the write replaces them).
+    ``stored``: the store's existing variables (:func:`_stored_variables`; None when the write replaces them);
+    ``region()``: the write's region, resolved (:func:`_resolve_region`).
     """
     dask_vars = {name: var for name, var in dataset.variables.items() if _is_dask(var.data)}
     if not dask_vars:
         return dataset
     append_dim = kwargs.get("append_dim")
-    region_arg = kwargs.get("region")
-    group = kwargs.get("group")
     encoding = kwargs.get("encoding") or {}
-    region = _resolve_region(dataset, store, region_arg, group) if region_arg is not None else {}
 
     replaced: dict[Hashable, Any] = {}
     for name, var in dask_vars.items():
@@ -365,8 +441,8 @@ def _align_dataset(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mappi
             for i, dim in enumerate(var.dims):
                 if append_dim is not None and dim == append_dim:
                     offsets[i] = int(existing.shape[i])
-                elif dim in region:
-                    offsets[i] = int(region[dim].indices(int(existing.shape[i]))[0])
+                elif dim in region():
+                    offsets[i] = int(region()[dim].indices(int(existing.shape[i]))[0])
         else:
             enc = dict(encoding[name]) if name in encoding else dict(var.encoding)  # xarray replaces, not merges
             found = _grid_from_encoding(enc, var.ndim)
@@ -475,9 +551,12 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         # values are refused before anything is written, and Dask chunks are aligned on the stored grid
         stored = _stored_variables(store, kwargs) if mode not in ("w", "w-") else None
         _refuse_before_writing(dataset, store, kwargs, mode, stored)
-        aligned = _align_dataset(dataset, store, kwargs, rechunk, stored)
+        # "auto" regions found once, from the store's indexes, if a step needs them
+        region = functools.cache(functools.partial(_resolve_region, dataset, store, kwargs.get("region"),
+                                                   kwargs.get("group")))
+        aligned = _align_dataset(dataset, store, kwargs, rechunk, stored, region)
         # a write to a group replaces (mode="w") or changes that group only: its mark says which
-        group = str(kwargs.get("group") or "").strip("/")
+        group = _group(kwargs)
         if mode in ("w", "w-"):  # zarr deletes (or refuses) whatever is under the group, Zarr's or not
             refuse_replacing_others(store, group)
         operation = f"to_zarr mode={mode!r}" + (f" group={group!r}" if group else "")
@@ -485,9 +564,13 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         try:
             mark.begin()
             # zarr's (or Dask's) other chunk writes end before the failure
-            with stopped_on_failure() as changes, store.expecting(f"{group}/" if group else "") as expect:
+            with stopped_on_failure() as changes, store.expecting() as expect:
                 if mode == "w":  # zarr deletes the group's objects first: every upload then needs no object there
-                    expect({})
+                    expect(key_prefix(group), {})
+                elif mode != "w-" and store.on_gcs:  # each upload needs the generation it rewrites
+                    starts = _rewritten_starts(aligned, store, kwargs, stored, region)
+                    for start, generations in run_sync(store.generations_from(starts)).items():
+                        expect(start, generations)
                 # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
                 # names the write (those of compute=False run later, when no failure of this call can stop them)
                 now = kwargs.get("compute", True) is not False and any(
@@ -614,7 +697,7 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
 
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, True, storage_options)
-    group = str(kwargs.get("group") or "").strip("/")  # a write to url/group marks that store, not this one
+    group = _group(kwargs)  # a write to url/group marks that store, not this one
     with cloudio_errors(store, writing=False, group=group):
         check = revalidate(store)
         if check is None:  # the session level (or a bound the last listing is within)
