@@ -352,3 +352,57 @@ def test_flyte_data_array_round_trip_identical(gs_raw_prefix):
     xr.testing.assert_identical(got.compute(), want.compute())
 
 
+
+
+# -- a late copy of a worker's abandoned upload ------------------------------------------------------------
+
+
+def _on_workers(endpoint: str | None, timeout: str | None) -> None:
+    """On a worker: cloudio's endpoint (None: back to the emulator), its time limit, and guarded uploads sent
+    as fake-gcs-server enforces them (multipart), as tests/conftest.py does in the test's own process."""
+    import os
+
+    from cloudio import _config
+    from cloudio._gcs import fast
+
+    if endpoint is None:
+        _config.pop_endpoint()
+    else:
+        _config.push_endpoint(endpoint)
+    if timeout is None:
+        os.environ.pop("CLOUDIO_HTTP_TIMEOUT", None)
+    else:
+        os.environ["CLOUDIO_HTTP_TIMEOUT"] = timeout
+    fast.EXPECTED_AS_MULTIPART = timeout is not None
+
+
+@pytest.mark.parametrize("writer", ["to_zarr", "region"])
+def test_a_late_copy_of_a_workers_abandoned_upload_does_not_land_over_a_later_write(
+        proc_client, gcs_bucket, fault_proxy, monkeypatch, writer):
+    """Dask chunk tasks on worker processes write through a pickled copy of the store: that copy carries the
+    generations the write listed. A worker's upload of chunk v/c/0/0 is held past the time limit (sent again),
+    a later write commits, then the held copy arrives: the later write's values stay."""
+    from outcomes import two_writes_and_a_late_copy
+
+    client = proc_client
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    client.run(_on_workers, fault_proxy.url, "1")
+    try:
+        url = f"{gcs_bucket}/workers-{writer}.zarr"
+        kw = {"encoding": {"v": {"chunks": (32, 32)}}, "consolidated": False}
+        cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), np.zeros((64, 64), "i4"))}), url, mode="w", **kw)
+
+        def write(value: int) -> None:
+            v = da.full((64, 64), value, dtype="i4", chunks=32)
+            if writer == "to_zarr":
+                cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), v)}), url, mode="w", **kw)
+            else:
+                cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), v[:32])}), url, region={"y": slice(0, 32)},
+                                consolidated=False)
+
+        two_writes_and_a_late_copy(fault_proxy, rf"name=workers-{writer}\.zarr%2Fv%2Fc%2F0%2F0", write)
+        got = cloudio.open_zarr(url, consolidated=False).v.values
+        stale = int(np.count_nonzero(got == 1))
+        assert stale == 0, f"{stale} values of the first write inside the second (a worker's late copy landed)"
+    finally:
+        client.run(_on_workers, None, None)

@@ -203,3 +203,23 @@ def test_a_region_write_of_many_rows_lists_the_variable_once_and_past_the_limit_
     guards = [q.get("ifGenerationMatch") for q in queries if q.get("name", [""])[0].startswith("many.zarr/v/c/")]
     assert len(guards) == 20 and not any(guards), guards
     np.testing.assert_array_equal(cloudio.open_zarr(url).v.values, 5)
+
+
+def test_a_pickled_store_carries_the_generations_listed_up_to_the_limit(gcs_emulator, gcs_bucket, monkeypatch):
+    """The copy of a store a dask.distributed worker unpickles needs the generations its write listed: pickled
+    inside ``expecting``, it carries them (and a carried copy naming the write too); past SHIPPED_GENERATIONS,
+    none, and its uploads go unguarded (docs/consistency.md)."""
+    import pickle
+
+    from cloudio._zarr import store as cloudio_store
+    from cloudio._zarr.changes import stopped_on_failure
+
+    store = cloudio.zarr_store(f"{gcs_bucket}/shipped.zarr")
+    with stopped_on_failure() as changes, store.expecting() as expect:
+        expect("v/c/0/", {"v/c/0/0": 7, "v/c/0/1": 8})
+        for copy in (pickle.loads(pickle.dumps(store)), pickle.loads(pickle.dumps(changes.carried(store)))):
+            assert copy._expected("v/c/0/1") == 8 and copy._expected("v/c/0/2") == 0
+            assert copy._expected("v/zarr.json") is None
+        monkeypatch.setattr(cloudio_store, "SHIPPED_GENERATIONS", 1)
+        assert pickle.loads(pickle.dumps(changes.carried(store)))._expected("v/c/0/1") is None
+    assert pickle.loads(pickle.dumps(store))._expected("v/c/0/1") is None  # the write is over

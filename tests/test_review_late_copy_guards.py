@@ -110,6 +110,30 @@ def test_to_zarr_compute_false_then_compute_writes_the_new_values(gcs_emulator, 
     assert _blob(gcs_emulator, gcs_bucket, f"cf.zarr/{MARKER}") is None
 
 
+def test_a_compute_false_graph_keeps_its_guards_to_itself(gcs_emulator, gcs_bucket):
+    """to_zarr(mode="w", compute=False) through a store object, its graph never computed; then, through the same
+    store object, a mode="w" write, a region write, and a second compute=False graph computed twice: none is
+    refused (the first graph's guards stay with it), and every chunk upload of the computed graph is guarded."""
+    url = f"{gcs_bucket}/kept.zarr"
+    store = cloudio.zarr_store(url)
+    kw = {"encoding": {"v": {"chunks": (32, 32)}}, "consolidated": False}
+    cloudio.to_zarr(_dataset(1), store, mode="w", compute=False, **kw)  # never computed
+    _, err, _ = bounded(lambda: cloudio.to_zarr(_dataset(2), store, mode="w", **kw))
+    assert err is None, repr(err)
+    region = _dataset(3).isel(y=slice(0, 32))
+    _, err, _ = bounded(lambda: cloudio.to_zarr(region, store, region={"y": slice(0, 32)}, consolidated=False))
+    assert err is None, repr(err)
+    since = len(gcs_emulator.requests())
+    delayed = cloudio.to_zarr(_dataset(4), store, mode="w", compute=False, **kw)
+    for _ in range(2):
+        _, err, _ = bounded(delayed.compute)
+        assert err is None, repr(err)
+    chunks = [u for u in _uploads(gcs_emulator, since, "kept.zarr/v/c/")]
+    assert len(chunks) == 8 and all(status == 200 and guard is not None for _, guard, status in chunks), chunks
+    assert (cloudio.open_zarr(url, consolidated=False).v.values == 4).all()
+    assert _blob(gcs_emulator, gcs_bucket, f"kept.zarr/{MARKER}") is None
+
+
 @pytest.mark.parametrize("change", ["other-grid", "other-dtype", "zarr-v2", "dask-other-grid"])
 def test_save_array_rewrites_an_array_of_another_layout(gcs_emulator, gcs_bucket, change):
     """save_array over an array of another chunk grid (shards to plain chunks, some keys new, some gone), another
@@ -393,9 +417,6 @@ def test_a_late_copy_arriving_between_zarrs_delete_and_the_upload_does_not_fail_
     assert (got == 2).all()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "xarray.py to_zarr leaves store.expecting() before the delayed Dask graph of compute=False runs, so "
-    "JournaledStore._expected is None and its chunk uploads go unguarded (docs/consistency.md says so)"))
 def test_a_late_copy_of_a_compute_false_write_does_not_land_over_a_later_write(
         gcs_emulator, gcs_bucket, fault_proxy, monkeypatch):
     """to_zarr(mode="w", compute=False), then compute(): its chunk v/c/0/0 is held, abandoned at the time limit
@@ -418,8 +439,9 @@ def test_a_late_copy_of_a_compute_false_write_does_not_land_over_a_later_write(
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "store.py JournaledStore._delete_keys deletes by name (gcsfs _delete_files, sent again after the time "
-    "limit): the abandoned DELETE of zarr's delete_dir lands after to_zarr(mode='w') uploaded the object again"))
+    "fake-gcs-server ignores ifGenerationMatch on DELETE: the abandoned DELETE of zarr's delete_dir carries the "
+    "generation listed (JournaledStore._delete_keys; tests/test_deletes_need_the_generation_listed.py), which GCS "
+    "would refuse once to_zarr(mode='w') uploaded the object again; the emulator carries it out"))
 def test_a_late_delete_of_to_zarr_mode_w_does_not_remove_what_the_write_then_stored(
         gcs_emulator, gcs_bucket, fault_proxy, monkeypatch):
     """to_zarr(mode="w") over a store: zarr deletes what is stored, then the write uploads its chunks (guarded:

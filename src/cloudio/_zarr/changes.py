@@ -199,14 +199,14 @@ class _Carrier:
     _cloudio_write: str
 
     def __reduce__(self) -> tuple[Any, ...]:
-        rebuild, args = cast(tuple[Any, ...], super().__reduce__())[:2]
+        rebuild, args, *state = cast(tuple[Any, ...], super().__reduce__())[:3]
         if rebuild is type(self):  # the base's own reduction names this (unimportable) class: its base instead
             rebuild = self._cloudio_base
         with _lock:
             changes = _writes.get(self._cloudio_write)
         if changes is not None:
             changes.shipped = True
-        return _carried, (rebuild, args, self._cloudio_write)
+        return _carried, (rebuild, args, self._cloudio_write, *state)
 
     def _plain(self) -> Any:
         """This store as its base class: what it compares (and hashes) as."""
@@ -236,9 +236,13 @@ def _naming(store: S, write: str) -> S:
     return cast(S, new)
 
 
-def _carried(rebuild: Callable[..., Any], args: tuple[Any, ...], write: str) -> Any:
-    """A store unpickled in any process, its changes part of ``write`` there."""
-    return _naming(rebuild(*args), write)
+def _carried(rebuild: Callable[..., Any], args: tuple[Any, ...], write: str, state: dict[str, Any] | None = None,
+             ) -> Any:
+    """A store unpickled in any process, its changes part of ``write`` there (``state``: what its own pickling
+    carried besides, set on it as pickle would)."""
+    store = rebuild(*args)
+    store.__dict__.update(state or {})
+    return _naming(store, write)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
@@ -277,6 +277,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         fs = getattr(store, "fs", None)
         self._guards: dict[str, int] = {}  # key -> generation its next write needs (see guarding)
         self._listed: dict[str, dict[str, int]] = {}  # prefix -> the generations listed under it (see expecting)
+        self._kept = False  # the generations listed stay for a graph computed later (see with_own_expectations)
         self._held: dict[str, tuple[bytes, int]] = {}  # zarr.json written by a marked write under way
         gcs = type(store) is FsspecStore and type(fs).__module__.startswith("gcsfs")
         self._direct = gcs and _ZARR_VERSION < (3, 5)
@@ -298,7 +299,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         return self._root_url
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self._store, self._root_url))
+        """Pickled with the generations :meth:`expecting` listed, up to :data:`SHIPPED_GENERATIONS`: a Dask chunk
+        task on a ``dask.distributed`` worker writes through such a copy, and its uploads need them too."""
+        if not self._listed or sum(map(len, self._listed.values())) > SHIPPED_GENERATIONS:
+            return (type(self), (self._store, self._root_url))
+        return (type(self), (self._store, self._root_url), {"_listed": self._listed})
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         """The wrapped store's ``get``; a whole object of GCS is read over kept connections of cloudio's own.
@@ -348,8 +353,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     def _url(self, key: str) -> str:
         return f"{self._root_url}/{key}" if key else self._root_url
 
-    def _wrote(self, key: str, value: Buffer) -> None:
+    def _wrote(self, key: str, value: Buffer, generation: int | None = None) -> None:
         url = self._url(key)
+        if generation:
+            _stored_here_as(url, generation)
         with announcements.logged_by_the_store():
             change = journal().record(url, "write", size=len(value))
         slash = key.rfind("/")
@@ -373,7 +380,14 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         try:
             if (guard, expected) != (None, None) and is_gcs(self._root_url) and isinstance(self._store, FsspecStore):
                 with self._changed_meanwhile(guard is None):
-                    generation = await self._pipe(key, value, guard, expected)
+                    try:
+                        generation = await self._pipe(key, value, guard, expected)
+                    except ConflictError as e:
+                        if not self._kept or expected is None or _stored_here.get(self._url(key)) != e.actual:
+                            raise
+                        # a graph made before this process's own later write of the object: it is that write's
+                        # (a late copy of an upload given up is never one this process was told it stored)
+                        generation = await self._pipe(key, value, guard, e.actual)
                 if expected is not None:
                     self._stored_as(key, generation or 0)
             elif self._direct:
@@ -388,7 +402,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 f"{self._url(key)}: the upload was refused because bucket {bucket!r} does not exist; "
                 "create it first (or check the URL)"
             ) from e
-        self._wrote(key, value)
+        self._wrote(key, value, generation)
         if key == "zarr.json" or key.endswith("/zarr.json"):
             url = self._url(key)
             last_seen.forget(url)  # what was kept no longer holds
@@ -435,6 +449,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
         def wrote(i: int, path: GCSPath, size: int, generation: int) -> None:
             journal().record(self._url(keys[i]), "write", size=size, parsed=path)
+            _stored_here_as(self._url(keys[i]), generation)
             self._stored_as(keys[i], generation)
 
         with self._changed_meanwhile(bool(self._listed)):
@@ -479,11 +494,12 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             self._guards.pop(key, None)
 
     @contextmanager
-    def expecting(self) -> Iterator[Callable[[str, dict[str, int]], None]]:
+    def expecting(self, *, kept: bool = False) -> Iterator[Callable[[str, dict[str, int]], None]]:
         """Inside the block, once the generations stored under a prefix are given (``listed(prefix, generations)``,
         from :meth:`list_generations` or :meth:`generations_from`), each write of a key starting with it needs
         the object at the generation listed (0: not listed): another generation raises
-        :class:`~cloudio.ConflictError`. Keys under no prefix given are written unguarded.
+        :class:`~cloudio.ConflictError`. Keys under no prefix given are written unguarded. ``kept``: the
+        generations stay after the block, for uploads that run later (a store of :meth:`with_own_expectations`).
 
         Why: a write given up after its time limit is sent again, but the abandoned request may still reach
         the server later, after this write and the next one committed, and put the old bytes back. Sent
@@ -491,6 +507,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         emulator only when :data:`cloudio._gcs.fast.EXPECTED_AS_MULTIPART` is set.
         """
         given: list[str] = []
+        self._kept = self._kept or kept
 
         def listed(prefix: str, generations: dict[str, int]) -> None:
             self._listed[prefix] = generations
@@ -499,8 +516,23 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         try:
             yield listed
         finally:
-            for prefix in given:
+            for prefix in given if not kept else ():
                 self._listed.pop(prefix, None)
+
+    def with_own_expectations(self) -> Self:
+        """This store, its state shared but for the generations :meth:`expecting` lists, which are its own.
+
+        Why: writes at once through one store object (threads writing regions) must not take each other's
+        generations, nor drop them when the first ends. And the chunks of ``to_zarr(..., compute=False)`` go
+        up when its graph is computed, after the call returned: their guards stay with that graph
+        (``expecting(kept=True)``), never reaching another write through this store object, whether the graph
+        is computed or not. Its uploads then take an object this process stored after the listing (another
+        graph computed first, a write of the same rows) as this process's own, not as another writer's.
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._listed = {}
+        return new
 
     @contextmanager
     def _changed_meanwhile(self, listed: bool) -> Iterator[None]:
@@ -647,7 +679,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     @stops_with_its_write
     async def delete(self, key: str) -> None:
-        await self._delete(key, None)
+        await self._delete(key, self._expected(key) or None)  # (a chunk of nothing but the fill value)
 
     @stops_with_its_write
     async def delete_dir(self, prefix: str) -> None:
@@ -674,7 +706,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         with fsspec's ``rm``, which reads ``[``, ``*``, ``?`` in the store's path as a glob and would delete
         a neighbour's keys (``z/a[1]`` matching ``z/a1``)."""
         self._store._check_writable()
-        await self._delete_keys([k async for k in self._keys_under(prefix)])
+        if self._gcs_root is None:
+            await self._delete_keys([k async for k in self._keys_under(prefix)])
+            return
+        listed = {k: generation async for k, generation in self._listed_under(prefix)}
+        await self._delete_keys(listed, listed)
 
     # -- what lists: the write-in-progress marker is cloudio's, not a node of the hierarchy --
 
@@ -744,10 +780,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         """
         self._store._check_writable()
         if self._gcs_root is None:
-            keys = [k async for k in self._store.list_prefix("")]
-        else:  # gcsfs's listing, within the time limit of one call (as list_dir)
-            keys = await bounded(self._store.fs, _collected(self._store.list_prefix("")))
-        await self._delete_keys([k for k in keys if k != MARKER])
+            await self._delete_keys([k async for k in self._store.list_prefix("") if k != MARKER])
+        else:
+            listed = {k: generation async for k, generation in self._listed_under("") if k != MARKER}
+            await self._delete_keys(listed, listed)
         self._prune_folders()
 
     def _prune_folders(self) -> None:
@@ -769,19 +805,40 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     @stops_with_its_write
     async def delete_each(self, keys: Collection[str]) -> None:
-        """Delete ``keys`` (one batched request on GCS); each is journaled. A key already gone is no error."""
+        """Delete ``keys``, each at the generation :meth:`expecting` listed (see :meth:`_delete_keys`); each is
+        journaled. A key already gone is no error."""
         self._store._check_writable()
-        await self._delete_keys(keys)
+        await self._delete_keys(keys, {key: self._expected(key) or 0 for key in keys})
         self._prune_folders()
         for key in keys:
             self._deleted(key, prefix=False)
 
-    async def _delete_keys(self, keys: Collection[str]) -> None:
+    async def _delete_keys(self, keys: Collection[str], generations: Mapping[str, int] | None = None) -> None:
+        """Delete ``keys``; on GCS each needs the generation ``generations`` gives it (``ifGenerationMatch``;
+        0 or none: by name), and one found at another raises :class:`~cloudio.ConflictError`.
+
+        Why: a DELETE given up at its time limit and sent again may still reach the server later, after
+        the write stored that object again, and remove it; with the generation it was listed at, GCS refuses
+        it then (fake-gcs-server ignores the precondition on deletes). One request per object over kept
+        connections, :data:`_DELETES_AT_ONCE` at a time: gcsfs's batches take no preconditions (and against
+        an emulator gcsfs sends one request per object too).
+        """
         if not keys:
             return
         store = self._store
         try:
-            if isinstance(store, FsspecStore) and hasattr(store.fs, "_delete_files"):  # gcsfs: batched deletes
+            if self._gcs_root is not None:
+                limit = asyncio.Semaphore(_DELETES_AT_ONCE)
+
+                async def one(key: str) -> None:
+                    async with limit:
+                        await self._delete_object(key, (generations or {}).get(key) or None)
+
+                with self._changed_meanwhile(bool(generations)):
+                    failed = [e for e in await asyncio.gather(*map(one, keys), return_exceptions=True) if e]
+                    if failed:
+                        raise failed[0]
+            elif isinstance(store, FsspecStore) and hasattr(store.fs, "_delete_files"):  # gcsfs: batched deletes
                 root = store.path.rstrip("/")
                 # the names as they are: fsspec's rm expands "[", "*", "?" as a glob ("run[1].zarr/c/1/1"
                 # named run1.zarr's shard, and left its own)
@@ -813,6 +870,29 @@ class _SyncJournaledStore(JournaledStore):
     def delete_sync(self, key: str) -> None:  # type: ignore[override]
         self._store.delete_sync(key)  # type: ignore[attr-defined]
         self._deleted(key, prefix=False)
+
+
+#: object URL -> the generation this process last stored there through a JournaledStore (the most recent
+#: STORED_HERE_KEPT): a graph made before this process's own later write of an object takes it as that
+#: write's, not another writer's (JournaledStore.set)
+_stored_here: dict[str, int] = {}
+STORED_HERE_KEPT = 65_536
+_stored_here_lock = threading.Lock()
+
+
+def _stored_here_as(url: str, generation: int) -> None:
+    with _stored_here_lock:
+        touch(_stored_here, url, generation)
+        if len(_stored_here) > STORED_HERE_KEPT:
+            drop_oldest(_stored_here, STORED_HERE_KEPT)
+
+
+#: DELETEs of one write in flight at once (JournaledStore._delete_keys)
+_DELETES_AT_ONCE = 32
+
+#: the most generations a pickled store carries to a worker (see JournaledStore.__reduce__): each Dask task
+#: may carry its own copy; a write that listed more goes unguarded there (docs/consistency.md)
+SHIPPED_GENERATIONS = 256
 
 
 def key_prefix(path: str) -> str:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 
 from cloudio._paths import is_gcs, parse_gcs
+from cloudio._session import current_level
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr.changes import stopped_on_failure
 from cloudio._zarr.shard_safety import align, whole
@@ -528,6 +529,7 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     and removed after the last (with ``compute=False``, by a last task of the
     returned graph), whatever the mode; see docs/consistency.md.
     """
+    current_level()  # an unusable CLOUDIO_CONSISTENCY is named before anything is written
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, False, storage_options)
     if kwargs.get("safe_chunks") is False and rechunk is False:
@@ -563,19 +565,22 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group)
         try:
             mark.begin()
+            # through a store with generations of this write's own; with compute=False the chunks go up when the
+            # graph is computed, and it keeps them
+            later = kwargs.get("compute", True) is False
+            target = store.with_own_expectations()
             # zarr's (or Dask's) other chunk writes end before the failure
-            with stopped_on_failure() as changes, store.expecting() as expect:
+            with stopped_on_failure() as changes, target.expecting(kept=later) as expect:
                 if mode == "w":  # zarr deletes the group's objects first: every upload then needs no object there
                     expect(key_prefix(group), {})
                 elif mode != "w-" and store.on_gcs:  # each upload needs the generation it rewrites
                     starts = _rewritten_starts(aligned, store, kwargs, stored, region)
-                    for start, generations in run_sync(store.generations_from(starts)).items():
+                    for start, generations in run_sync(target.generations_from(starts)).items():
                         expect(start, generations)
                 # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
                 # names the write (those of compute=False run later, when no failure of this call can stop them)
-                now = kwargs.get("compute", True) is not False and any(
-                    _is_dask(var.data) for var in aligned.variables.values())
-                out = aligned.to_zarr(changes.carried(store) if now else store, **kwargs)
+                now = not later and any(_is_dask(var.data) for var in aligned.variables.values())
+                out = aligned.to_zarr(changes.carried(target) if now else target, **kwargs)
                 if guarded:
                     consolidate_guarded(store, kwargs.get("zarr_format"))
         except BaseException as e:
