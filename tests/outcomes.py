@@ -1,6 +1,7 @@
 """A call run in a daemon thread and waited for with a time limit, shared so every test file bounds its calls
 alike: a call that hangs fails its test instead of blocking the run; and two such writes with an upload of the
-first held on its way until after the second (a late copy)."""
+first held on its way until after the second (a late copy); and the uploads the emulator logged, with the
+generation each needed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 
 class Outcome:
@@ -77,3 +79,17 @@ def two_writes_and_a_late_copy(fault_proxy: Any, upload: str, write: Callable[[i
     assert held.hits == 1
     assert held.answered.wait(20)  # the held request reached the server
     time.sleep(0.3)
+
+
+def uploads_logged(emu: Any, since: int, under: str) -> list[tuple[str, str | None, int]]:
+    """(object name, its ifGenerationMatch or None, status) of each upload the emulator logged after the first
+    ``since`` requests, for the objects whose name starts with ``under``."""
+    out = []
+    for r in emu.requests()[since:]:
+        if r.method != "POST" or not r.path.startswith("/upload/"):
+            continue
+        query = parse_qs(urlsplit(r.path).query)
+        name = query["name"][0]
+        if name.startswith(under):
+            out.append((name, query.get("ifGenerationMatch", [None])[0], r.status))
+    return out

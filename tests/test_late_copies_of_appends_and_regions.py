@@ -223,3 +223,8 @@ def test_a_pickled_store_carries_the_generations_listed_up_to_the_limit(gcs_emul
         monkeypatch.setattr(cloudio_store, "SHIPPED_GENERATIONS", 1)
         assert pickle.loads(pickle.dumps(changes.carried(store)))._expected("v/c/0/1") is None
     assert pickle.loads(pickle.dumps(store))._expected("v/c/0/1") is None  # the write is over
+    graph = store.with_own_expectations()  # a compute=False graph's: its generations stay, and travel with it
+    with graph.expecting(kept=True) as expect:
+        expect("v/c/0/", {"v/c/0/0": 7})
+    shipped = pickle.loads(pickle.dumps(graph))
+    assert shipped._expected("v/c/0/0") == 7 and shipped._kept and store._expected("v/c/0/0") is None

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import dask
 import dask.array as da
@@ -29,7 +28,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 import zarr
-from outcomes import Outcome, returned
+from outcomes import Outcome, returned, uploads_logged
 
 import cloudio
 
@@ -48,23 +47,9 @@ MARKER = ".cloudio-write-in-progress"
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _uploads(emu: Any, since: int, under: str) -> list[tuple[str, str | None, int]]:
-    """(object name, its ifGenerationMatch or None, status) of each upload the emulator logged after the first
-    ``since`` requests, for the objects whose name starts with ``under``."""
-    out = []
-    for r in emu.requests()[since:]:
-        if r.method != "POST" or not r.path.startswith("/upload/"):
-            continue
-        query = parse_qs(urlsplit(r.path).query)
-        name = query["name"][0]
-        if name.startswith(under):
-            out.append((name, query.get("ifGenerationMatch", [None])[0], r.status))
-    return out
-
-
 def _assert_guarded(emu: Any, since: int, under: str, *, at_least: int = 1) -> list[tuple[str, str | None, int]]:
     """Every upload under ``under`` since ``since`` answered 200 and carried a generation; at least ``at_least``."""
-    sent = _uploads(emu, since, under)
+    sent = uploads_logged(emu, since, under)
     assert len(sent) >= at_least, sent
     assert all(status == 200 for *_, status in sent), f"refused uploads: {[u for u in sent if u[2] != 200]}"
     assert all(guard is not None for _, guard, _ in sent), f"unguarded: {[u for u in sent if u[1] is None]}"
@@ -72,7 +57,7 @@ def _assert_guarded(emu: Any, since: int, under: str, *, at_least: int = 1) -> l
 
 
 def _all_ok(emu: Any, since: int, under: str) -> None:
-    sent = _uploads(emu, since, under)
+    sent = uploads_logged(emu, since, under)
     assert all(status == 200 for *_, status in sent), f"refused uploads: {[u for u in sent if u[2] != 200]}"
 
 
@@ -825,7 +810,7 @@ def test_compute_false_region_write_computed_on_a_process_cluster(gcs_emulator, 
         returned(delayed.compute, 120)
     # the second computation's uploads need the generations listed before the first: refused (412) by the
     # server, then taken as stored because the object holds the same bytes (transfer.py put_verified, _holds)
-    sent = _uploads(gcs_emulator, since, f"cluster{times}.zarr/v/c/")
+    sent = uploads_logged(gcs_emulator, since, f"cluster{times}.zarr/v/c/")
     assert len(sent) >= 2 * times and all(guard is not None for _, guard, _ in sent), sent
     want = ds.v.values.copy()
     want[4:12] = -8
@@ -1120,7 +1105,7 @@ def test_an_append_carrying_static_variables_and_coordinates(gcs_emulator, gcs_b
         more = _base(3, start=start)
         more["s"] = more.s + 10 * k
         returned(lambda more=more: cloudio.to_zarr(more, url, append_dim="t"))
-    sent = _uploads(gcs_emulator, since, f"static{fmt}.zarr/s/")
+    sent = uploads_logged(gcs_emulator, since, f"static{fmt}.zarr/s/")
     assert sent and all(status == 200 for *_, status in sent), sent
     got = cloudio.open_zarr(url).load()
     np.testing.assert_array_equal(got.v.values, _base(12).v.values)

@@ -16,34 +16,19 @@ from __future__ import annotations
 
 import threading
 import time
-from urllib.parse import parse_qs, urlsplit
 
 import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from outcomes import Outcome, bounded, two_writes_and_a_late_copy
+from outcomes import Outcome, bounded, two_writes_and_a_late_copy, uploads_logged
 
 import cloudio
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part:UserWarning")
 
 MARKER = ".cloudio-write-in-progress"
-
-
-def _uploads(emu, since: int, under: str) -> list[tuple[str, str | None, int]]:
-    """(object name, its ifGenerationMatch or None, status) of each upload the emulator logged after the first
-    ``since`` requests, for the objects whose name starts with ``under``."""
-    out = []
-    for r in emu.requests()[since:]:
-        if r.method != "POST" or not r.path.startswith("/upload/"):
-            continue
-        query = parse_qs(urlsplit(r.path).query)
-        name = query["name"][0]
-        if name.startswith(under):
-            out.append((name, query.get("ifGenerationMatch", [None])[0], r.status))
-    return out
 
 
 def _blob(emu, bucket: str, key: str) -> bytes | None:
@@ -84,7 +69,7 @@ def test_to_zarr_mode_w_rewrites_a_consolidated_group_of_dask_variables_every_up
     _, err, _ = bounded(lambda: cloudio.to_zarr(_dataset(2), url, **kw))
     assert err is None, repr(err)
     under = f"rw.zarr/{group}/" if group else "rw.zarr/"
-    sent = [u for u in _uploads(gcs_emulator, since, under) if not u[0].endswith(MARKER)]
+    sent = [u for u in uploads_logged(gcs_emulator, since, under) if not u[0].endswith(MARKER)]
     assert sent and all(status == 200 for _, _, status in sent), sent
     assert all(guard is not None for _, guard, _ in sent), f"unguarded uploads: {[u for u in sent if u[1] is None]}"
     firsts: dict[str, str | None] = {}
@@ -105,7 +90,7 @@ def test_to_zarr_compute_false_then_compute_writes_the_new_values(gcs_emulator, 
     delayed = cloudio.to_zarr(_dataset(2), url, compute=False, **kw)
     _, err, _ = bounded(delayed.compute)
     assert err is None, repr(err)
-    assert all(status == 200 for *_, status in _uploads(gcs_emulator, since, "cf.zarr/"))
+    assert all(status == 200 for *_, status in uploads_logged(gcs_emulator, since, "cf.zarr/"))
     assert (cloudio.open_zarr(url).v.values == 2).all()
     assert _blob(gcs_emulator, gcs_bucket, f"cf.zarr/{MARKER}") is None
 
@@ -128,7 +113,7 @@ def test_a_compute_false_graph_keeps_its_guards_to_itself(gcs_emulator, gcs_buck
     for _ in range(2):
         _, err, _ = bounded(delayed.compute)
         assert err is None, repr(err)
-    chunks = [u for u in _uploads(gcs_emulator, since, "kept.zarr/v/c/")]
+    chunks = [u for u in uploads_logged(gcs_emulator, since, "kept.zarr/v/c/")]
     assert len(chunks) == 8 and all(status == 200 and guard is not None for _, guard, status in chunks), chunks
     assert (cloudio.open_zarr(url, consolidated=False).v.values == 4).all()
     assert _blob(gcs_emulator, gcs_bucket, f"kept.zarr/{MARKER}") is None
@@ -152,7 +137,7 @@ def test_save_array_rewrites_an_array_of_another_layout(gcs_emulator, gcs_bucket
     source = da.from_array(new, chunks=16) if change.startswith("dask") else new
     _, err, _ = bounded(lambda: cloudio.save_array(source, url, **kw))
     assert err is None, repr(err)
-    sent = _uploads(gcs_emulator, since, "ly.zarr/")
+    sent = uploads_logged(gcs_emulator, since, "ly.zarr/")
     assert sent and all(status == 200 for *_, status in sent), sent
     guards = {name: guard for name, guard, _ in sent}
     if change == "other-grid":  # rewritten in place: the generation listed; new keys: no object there
@@ -179,7 +164,7 @@ def test_a_store_object_reused_for_two_arrays_and_written_through_the_returned_a
     since = len(gcs_emulator.requests())
     one[:16] = -1
     two[32:] = -2
-    later = [u for u in _uploads(gcs_emulator, since, "two.zarr/") if not u[0].endswith(MARKER)]
+    later = [u for u in uploads_logged(gcs_emulator, since, "two.zarr/") if not u[0].endswith(MARKER)]
     assert later and all((guard, status) == (None, 200) for _, guard, status in later), later
     group = zarr.open_group(cloudio.zarr_store(url), mode="r")
     want_one, want_two = a + 2, a + 1
@@ -203,7 +188,7 @@ def test_appends_and_region_writes_right_after_a_mode_w_write_are_not_guarded_wr
     _, err, _ = bounded(lambda: cloudio.to_zarr(ds.isel(t=slice(0, 4)).drop_vars("t") * 0 - 1, store,
                                                 region={"t": slice(0, 4)}))
     assert err is None, repr(err)
-    sent = _uploads(gcs_emulator, since, "ap.zarr/")
+    sent = uploads_logged(gcs_emulator, since, "ap.zarr/")
     assert all(status == 200 for *_, status in sent), sent
     chunks = [u for u in sent if u[0].startswith("ap.zarr/v/c/")]
     assert len(chunks) == 2 and all(guard is not None for _, guard, _ in chunks), chunks

@@ -303,7 +303,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         task on a ``dask.distributed`` worker writes through such a copy, and its uploads need them too."""
         if not self._listed or sum(map(len, self._listed.values())) > SHIPPED_GENERATIONS:
             return (type(self), (self._store, self._root_url))
-        return (type(self), (self._store, self._root_url), {"_listed": self._listed})
+        return (type(self), (self._store, self._root_url), {"_listed": self._listed, "_kept": self._kept})
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         """The wrapped store's ``get``; a whole object of GCS is read over kept connections of cloudio's own.
