@@ -144,6 +144,29 @@ def test_xarray_to_zarr_compute_false_on_cluster(proc_client, gcs_bucket):
     np.testing.assert_array_equal(back.v.values, ds1.v.values)
 
 
+def test_a_template_graph_computed_on_the_cluster_marks_the_store_from_the_workers(proc_client, gcs_bucket,
+                                                                                    gcs_emulator):
+    """xarray's template written with compute=False, a region write (its mark comes off), then the template's graph
+    computed on worker processes after all: the workers' first uploads put the mark up again (uploads of the
+    marker logged at the emulator), the graph's last task takes it off, and the values are the graph's."""
+    from outcomes import uploads_logged
+
+    from cloudio._paths import parse_gcs
+
+    url = f"{gcs_bucket}/xr2/tpl.zarr"
+    ds = _ds(32, 5.0)
+    graph = cloudio.to_zarr(ds, url, mode="w", zarr_format=3, consolidated=False, compute=False)
+    cloudio.to_zarr(_ds(32, 1.0).isel(y=slice(0, 16)).drop_vars("x"), url, region={"y": slice(0, 16)},
+                    consolidated=False)
+    key = parse_gcs(url).key
+    assert gcs_emulator.client.bucket(parse_gcs(url).bucket).get_blob(f"{key}/.cloudio-write-in-progress") is None
+    since = len(gcs_emulator.requests())
+    dask.compute(graph)
+    marked = [u for u in uploads_logged(gcs_emulator, since, f"{key}/.cloudio-write-in-progress") if u[2] == 200]
+    assert marked, "no worker put the mark up while the graph's chunks went up"
+    np.testing.assert_array_equal(cloudio.open_zarr(url, consolidated=False).v.values, ds.v.values)
+
+
 def _hold_open(url: str) -> int:
     from distributed import get_worker
 

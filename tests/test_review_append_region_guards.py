@@ -1059,11 +1059,6 @@ def test_template_then_region_writes(gcs_emulator, gcs_bucket, regions):
     np.testing.assert_array_equal(got, _FILLED)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "not the guards: xarray.py to_zarr returns delayed(_commit)(out, mark) for compute=False, so the template's "
-    "write mark (WriteMark, store.py) is taken off only by its graph, which this pattern never computes; region "
-    "writes take off only their own marks: cloudio.open_zarr raises IncompleteWriteError (docs/consistency.md "
-    "says so)"))
 def test_template_then_region_writes_opens_with_cloudio(gcs_emulator, gcs_bucket):
     """The same pattern, then cloudio.open_zarr: the store is complete (every region written) and should open."""
     url = f"{gcs_bucket}/template-open.zarr"

@@ -838,16 +838,6 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                     failed = [e for e in await asyncio.gather(*map(one, keys), return_exceptions=True) if e]
                     if failed:
                         raise failed[0]
-            elif isinstance(store, FsspecStore) and hasattr(store.fs, "_delete_files"):  # gcsfs: batched deletes
-                root = store.path.rstrip("/")
-                # the names as they are: fsspec's rm expands "[", "*", "?" as a glob ("run[1].zarr/c/1/1"
-                # named run1.zarr's shard, and left its own)
-                answers = await bounded(store.fs, store.fs._delete_files([f"{root}/{k}" if root else k
-                                                                          for k in keys], 100))
-                failed = [e for e in answers if isinstance(e, Exception) and not isinstance(e, FileNotFoundError)
-                          and "No such object" not in str(e)]  # deleted meanwhile: gone either way
-                if failed:
-                    raise failed[0]
             else:
                 await asyncio.gather(*(store.delete(k) for k in keys))
         except BaseException:
@@ -1013,6 +1003,16 @@ class WriteMark:
     store may then mix old and new objects; it takes it off when nothing but
     the marker was written (the write was refused before it started).
 
+    A ``deferred`` write (``to_zarr(..., compute=False)``) writes the
+    metadata now and leaves its chunks to a graph computed later, or never:
+    xarray's template, filled by region writes. Once its own part is done
+    (:meth:`handed_to_graph`) its entry says so, and the writers it replaced
+    come off, until the graph's first task (:meth:`computing`) makes it an
+    ordinary entry again, re-added if it was
+    taken off; the graph's last task commits. A write that ``fills`` (a
+    region write) takes the deferred entries of its group off as it commits:
+    the template is then what the region writes made of it, and opens.
+
     Two processes writing one store at once share the marker: each change of
     the list is a read-modify-write guarded by the marker's generation and
     retried on conflict, so a writer's commit never removes the mark of a
@@ -1024,12 +1024,17 @@ class WriteMark:
     must not find its own rewrite refused.
     """
 
-    def __init__(self, store: JournaledStore, operation: str, *, replaces: bool = True, group: str = "") -> None:
+    def __init__(self, store: JournaledStore, operation: str, *, replaces: bool = True, group: str = "",
+                 deferred: bool = False, fills: bool = False) -> None:
         self.store = store
         self.operation = operation
         self.replaces = replaces
         self.group = group.strip("/")  # the group of the store this write replaces or changes ("": the root)
+        self.deferred = deferred
+        self.fills = fills
         self.token = ""
+        self._entry: dict[str, Any] = {}
+        self._counted = False  # this write counts in _marks (from begin to commit, or to handed_to_graph)
         self._seq = 0
         self._before: list[dict[str, Any]] = []  # the writers listed when this one began
         self._maybe_up = False  # begin failed: its entry may be in the marker all the same
@@ -1054,9 +1059,11 @@ class WriteMark:
             "operation": self.operation,
             "group": self.group,
         }
+        self._entry = entry
         root = self.store.root_url
         with _marks_lock:
             _marks[root] = _marks.get(root, 0) + 1
+        self._counted = True
 
         def add(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # this write's own entry is there when an earlier try landed and its answer was lost
@@ -1068,7 +1075,7 @@ class WriteMark:
             await _update_marker(self.store, add, read_first=not is_gcs(root))
         except BaseException:
             self._maybe_up = True  # sent, its answer not taken in (a refusal, or cancelled on its way)
-            _release(root)
+            self._release()
             raise
         self._seq = journal().seq
         self._begun = True
@@ -1078,27 +1085,59 @@ class WriteMark:
         """Writes of this store were listed in its marker when this one began (one may have failed part way)."""
         return bool(self._before)
 
-    def commit(self, *, replacing: bool | None = None) -> None:
-        """Take this write (and, when it replaces the store or its group, the writers listed before it that it
-        replaced) off the marker."""
+    def handed_to_graph(self) -> None:
+        """The deferred write's own part is done: its entry says so from now on (a region write that succeeds
+        takes it off), and a replacing write takes off the writers it replaced, whose leftovers it deleted.
+        Its graph (:meth:`computing`) needs no count in ``_marks``, which keeps a marker through the emptying
+        of a store by a write under way: no graph empties one."""
+        before = {_identity(w) for w in self._before} if self.replaces else set()
+
+        def deferred(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            kept = [w for w in (self._replaced(w) if _identity(w) in before else w for w in writers
+                                if w.get("uuid") != self.token) if w is not None]
+            return [*kept, {**self._entry, "deferred": True}]
+
         try:
-            left = self._taken_off(self.replaces if replacing is None else replacing)
+            run_sync(_update_marker(self.store, deferred, read_first=True))
+        finally:
+            self._release()
+
+    def computing(self) -> None:
+        """As the deferred write's graph starts (a task every chunk of it waits for, once per computation): its
+        entry in the marker, no longer deferred (a region write that commits meanwhile leaves it), added again
+        if a region write took it off."""
+        run_sync(_update_marker(self.store, lambda writers: [
+            *(w for w in writers if w.get("uuid") != self.token), self._entry], read_first=True))
+
+    def commit(self, *, replacing: bool | None = None, filled: bool | None = None) -> None:
+        """Take this write (and, when it replaces the store or its group, the writers listed before it that it
+        replaced; when it ``filled`` a region, the deferred writes of its group) off the marker."""
+        try:
+            left = self._taken_off(self.replaces if replacing is None else replacing,
+                                   self.fills if filled is None else filled)
             if not left:  # the marker is down: what this write stored is the array, for load_array's guess
                 for url, (doc, generation) in self.store._held.items():
                     last_seen.remember(url, doc, generation)
         finally:
             self.store._held.clear()
+            self._release()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
             _release(self.store.root_url)
 
-    def _taken_off(self, replacing: bool) -> list[dict[str, Any]]:
-        """Take this write (and, ``replacing``, the writers it replaced) off the marker; the writers left."""
+    def _taken_off(self, replacing: bool, filled: bool = False) -> list[dict[str, Any]]:
+        """Take this write (and, ``replacing``, the writers it replaced; ``filled``, the deferred writes of its
+        group) off the marker; the writers left."""
         before = {_identity(w) for w in self._before} if replacing else set()
         left: list[dict[str, Any]] = []
 
         def remove(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             left[:] = []
             for w in writers:
-                if w.get("uuid") == self.token:
+                if w.get("uuid") == self.token or (filled and w.get("deferred") is True
+                                                   and _writer_group(w) == self.group):
                     continue
                 kept = self._replaced(w) if _identity(w) in before else w
                 if kept is not None:
@@ -1136,10 +1175,10 @@ class WriteMark:
             log.warning("%s: %s failed part way; the store stays marked incomplete", self.store.root_url,
                         self.operation)
             self.store._held.clear()
-            _release(self.store.root_url)
+            self._release()
             return
         try:
-            self.commit(replacing=False)
+            self.commit(replacing=False, filled=False)
         except Exception as e:  # any failure: a marker left behind errs on the safe side
             log.warning("%s: could not remove the write marker after a refused %s: %s", self.store.root_url,
                         self.operation, e)
@@ -1370,6 +1409,14 @@ def _refuse_marked(store: JournaledStore, marker: Buffer | None, where: str | No
     group = _writer_group(writer)
     again = (f"cloudio.to_zarr with mode='w', group={group!r}" if group
              else "cloudio.save_array / cloudio.to_zarr with mode='w'")
+    if writer.get("deferred") is True:
+        raise IncompleteWriteError(
+            f"{store.root_url}: {what} made at {writer.get('time', 'an unknown time')} {who} with compute=False "
+            f"wrote the metadata of {url} but none of the chunks of its graph: compute that graph (its "
+            ".compute() or dask.compute), or, if it is a template, write its regions (cloudio.to_zarr with "
+            "region=...): the store opens once either finished. If you know the data is complete, remove the "
+            f"mark with cloudio.filesystem({url!r}).rm({url + '/' + MARKER!r})."
+        )
     raise IncompleteWriteError(
         f"{store.root_url}: {what} started at {writer.get('time', 'an unknown time')} {who} never finished, so "
         f"{url} may mix old and new objects. Write it again ({again}); if you know the data is complete, "

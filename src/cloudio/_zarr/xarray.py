@@ -527,7 +527,8 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     -----
     ``<store>/.cloudio-write-in-progress`` is written before the first object
     and removed after the last (with ``compute=False``, by a last task of the
-    returned graph), whatever the mode; see docs/consistency.md.
+    returned graph, or by a region write that succeeds while the graph has not
+    started: xarray's template pattern), whatever the mode; see docs/consistency.md.
     """
     current_level()  # an unusable CLOUDIO_CONSISTENCY is named before anything is written
     storage_options = kwargs.pop("storage_options", None)
@@ -562,12 +563,14 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         if mode in ("w", "w-"):  # zarr deletes (or refuses) whatever is under the group, Zarr's or not
             refuse_replacing_others(store, group)
         operation = f"to_zarr mode={mode!r}" + (f" group={group!r}" if group else "")
-        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group)
+        # with compute=False the chunks go up when the graph is computed, if ever (xarray's template: region
+        # writes fill the store instead, and take the mark off as they commit)
+        later = kwargs.get("compute", True) is False
+        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group, deferred=later,
+                         fills=kwargs.get("region") is not None)
         try:
             mark.begin()
-            # through a store with generations of this write's own; with compute=False the chunks go up when the
-            # graph is computed, and it keeps them
-            later = kwargs.get("compute", True) is False
+            # through a store with generations of this write's own; a graph computed later keeps them
             target = store.with_own_expectations()
             # zarr's (or Dask's) other chunk writes end before the failure
             with stopped_on_failure() as changes, target.expecting(kept=later) as expect:
@@ -580,6 +583,8 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                 # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
                 # names the write (those of compute=False run later, when no failure of this call can stop them)
                 now = not later and any(_is_dask(var.data) for var in aligned.variables.values())
+                if later:
+                    aligned = _after_the_mark(aligned, mark)
                 out = aligned.to_zarr(changes.carried(target) if now else target, **kwargs)
                 if guarded:
                     consolidate_guarded(store, kwargs.get("zarr_format"))
@@ -598,10 +603,12 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                        if mode in ("w", "w-") else "Fix the arguments and write again.")
                 ) from e
             raise
-        if kwargs.get("compute", True) is False:
-            # the graph writes the chunks later, wherever it runs: the marker goes after it
+        if later:
+            # the graph writes the chunks later, wherever it runs: its first task marks the store again (a
+            # region write may have taken the deferred mark off), and its last task takes the mark off
             from dask.delayed import delayed
 
+            mark.handed_to_graph()
             return delayed(_commit, pure=False)(out, mark)
         mark.commit()
     return out
@@ -646,6 +653,24 @@ def consolidate_guarded(store: JournaledStore, zarr_format: int | None = None) -
             last = e
     assert last is not None
     raise last
+
+
+def _after_the_mark(dataset: xarray.Dataset, mark: WriteMark) -> xarray.Dataset:
+    """``dataset`` whose Dask variables' chunks are computed after :meth:`WriteMark.computing` ran: once per
+    computation of the graph, before any of its chunks goes up, on whichever worker they are computed."""
+    import dask.array as da
+    from dask.delayed import delayed
+
+    up = delayed(mark.computing, pure=False)()
+    out = dataset.copy(deep=False)  # new variable objects, the same data
+    for var in out.variables.values():
+        if _is_dask(var.data):
+            var.data = da.map_blocks(_after, var.data, up, dtype=var.dtype, meta=var.data._meta)
+    return out
+
+
+def _after(block: Any, _up: None) -> Any:
+    return block
 
 
 def _commit(result: Any, mark: WriteMark) -> Any:

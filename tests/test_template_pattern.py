@@ -1,0 +1,132 @@
+"""xarray's template pattern through cloudio: ``to_zarr(template, compute=False)`` writes the metadata and never
+computes its graph; region writes then fill the store, and the store opens once they finished.
+
+The graph of a ``compute=False`` write that is computed after all (before or after region writes) marks the
+store again while its chunks go up: readers never see its half-written chunks.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from outcomes import returned
+
+import cloudio
+from cloudio._paths import parse_gcs
+
+MARKER = ".cloudio-write-in-progress"  # the documented name (docs/consistency.md)
+
+
+def _marker_exists(emu, url: str) -> bool:
+    p = parse_gcs(f"{url}/{MARKER}")
+    return emu.client.bucket(p.bucket).get_blob(p.key) is not None
+
+
+def _template(url: str, value: float = 0.0):
+    """A Dask-backed template of 16 rows in chunks of 4, written with compute=False: its graph (not computed)."""
+    template = xr.Dataset({"v": (("t", "x"), da.full((16, 8), value, dtype="f4", chunks=(4, 8)))},
+                          coords={"t": np.arange(16), "x": np.arange(8)})
+    return cloudio.to_zarr(template, url, mode="w", compute=False, consolidated=False,
+                            encoding={"v": {"chunks": (4, 8)}})
+
+
+def _region(url: str, i: int, **kwargs) -> object:
+    part = xr.Dataset({"v": (("t", "x"), np.full((4, 8), i + 1, dtype="f4"))})
+    return cloudio.to_zarr(part, url, region={"t": slice(4 * i, 4 * i + 4)}, consolidated=False, **kwargs)
+
+
+def test_a_template_filled_by_region_writes_opens(gcs_emulator, gcs_bucket):
+    """xarray's documented pattern: the template's graph is never computed; once the region writes finished the
+    store opens through cloudio with their values, and no marker is left."""
+    url = f"{gcs_bucket}/filled.zarr"
+    _template(url)
+    for i in range(4):
+        _region(url, i)
+    assert not _marker_exists(gcs_emulator, url)
+    got = cloudio.open_zarr(url, consolidated=False).v.values
+    np.testing.assert_array_equal(got, np.repeat(np.arange(1, 5, dtype="f4"), 4)[:, None].repeat(8, 1))
+
+
+def test_a_template_filled_by_region_graphs_computed_together_opens(gcs_emulator, gcs_bucket):
+    """The region writes as compute=False graphs of their own, computed together: the store opens after."""
+    url = f"{gcs_bucket}/filled-lazy.zarr"
+    _template(url)
+    graphs = [_region(url, i, compute=False) for i in range(4)]
+    with dask.config.set(scheduler="threads"):
+        returned(lambda: dask.compute(*graphs))
+    assert not _marker_exists(gcs_emulator, url)
+    assert cloudio.open_zarr(url, consolidated=False).v.values[::4, 0].tolist() == [1, 2, 3, 4]
+
+
+def test_a_template_no_region_was_written_to_is_refused_saying_what_to_do(gcs_emulator, gcs_bucket):
+    """Before its graph or any region write ran, the store holds metadata only: refused, and the error says that
+    the graph was not computed and what finishes the store."""
+    url = f"{gcs_bucket}/bare.zarr"
+    _template(url)
+    with pytest.raises(cloudio.IncompleteWriteError) as info:
+        cloudio.open_zarr(url, consolidated=False)
+    msg = str(info.value)
+    assert url in msg and "compute=False" in msg and "region" in msg and "compute" in msg
+
+
+def test_a_graph_computed_after_a_region_write_marks_the_store_while_it_writes(gcs_emulator, gcs_bucket,
+                                                                                 fault_proxy, quick_retries):
+    """A region write took the template's mark off; the template's graph is then computed after all, and fails
+    part way (the last row's upload refused): the store is marked again, and refused as incomplete."""
+    url = f"{gcs_bucket}/late-graph.zarr"
+    graph = _template(url, value=7.0)
+    _region(url, 0)
+    assert not _marker_exists(gcs_emulator, url)
+    fault_proxy.add("status", code=403, method="POST", path=r"/upload/.*name=late-graph\.zarr%2Fv%2Fc%2F3%2F",
+                    times=None)
+    with dask.config.set(scheduler="sync"), pytest.raises(cloudio.CloudioError):
+        returned(graph.compute)
+    fault_proxy.clear()
+    assert _marker_exists(gcs_emulator, url)
+    with pytest.raises(cloudio.IncompleteWriteError) as info:
+        cloudio.open_zarr(url, consolidated=False)
+    assert "never finished" in str(info.value)
+
+
+def test_a_region_write_leaves_the_mark_of_a_graph_being_computed(gcs_emulator, gcs_bucket, fault_proxy):
+    """The template's graph is being computed (one chunk's answer held) when a region write of other rows
+    finishes: the graph's chunks are still going up, so the store stays marked until the graph ends."""
+    url = f"{gcs_bucket}/busy.zarr"
+    graph = _template(url, value=7.0)
+    release = threading.Event()
+    held = fault_proxy.add("late", method="POST", path=r"/upload/.*name=busy\.zarr%2Fv%2Fc%2F0%2F",
+                           release=release, seconds=20, times=1)
+    done = threading.Event()
+
+    def compute() -> None:
+        with dask.config.set(scheduler="threads"):
+            graph.compute()
+        done.set()
+
+    worker = threading.Thread(target=compute, daemon=True)
+    worker.start()
+    try:
+        for _ in range(400):  # the held upload reached the proxy
+            if held.hits:
+                break
+            threading.Event().wait(0.05)
+        assert held.hits == 1
+        for _ in range(400):  # and the graph's other rows were answered
+            if len(fault_proxy.requests(r"/upload/.*name=busy\.zarr%2Fv%2Fc%2F[123]%2F")) == 3:
+                break
+            threading.Event().wait(0.05)
+        _region(url, 3)
+        assert _marker_exists(gcs_emulator, url)
+        with pytest.raises(cloudio.IncompleteWriteError):
+            cloudio.open_zarr(url, consolidated=False)
+    finally:
+        release.set()
+    worker.join(60)
+    assert done.is_set()
+    assert not _marker_exists(gcs_emulator, url)
+    assert cloudio.open_zarr(url, consolidated=False).v.values[:, 0].tolist() == [7.0] * 12 + [4.0] * 4
