@@ -431,10 +431,6 @@ def test_a_template_rewriting_a_failed_store_opens_once_its_regions_are_written(
     np.testing.assert_array_equal(_values(url), _rows([1, 2, 3, 4]))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "store.py WriteMark._taken_off changes only the marker at the region write's own root "
-    "(<store>/g); the template's deferred entry (group 'g') is in <store>'s marker, which check_complete "
-    "reads as an enclosing marker: refused forever"))
 def test_a_group_template_filled_through_the_groups_own_url_opens(gcs_emulator, gcs_bucket):
     """The template written to group g of the store; its regions written to the same group named by its URL
     (``<store>/g``): every chunk of the group is written, and the group opens either way."""

@@ -130,3 +130,29 @@ def test_a_region_write_leaves_the_mark_of_a_graph_being_computed(gcs_emulator, 
     assert done.is_set()
     assert not _marker_exists(gcs_emulator, url)
     assert cloudio.open_zarr(url, consolidated=False).v.values[:, 0].tolist() == [7.0] * 12 + [4.0] * 4
+
+
+def test_region_writes_through_a_groups_own_url_fill_only_that_groups_template(gcs_emulator, gcs_bucket):
+    """Templates of groups g and h in one store; region writes of every row through ``<store>/g`` (not
+    ``group="g"``) take off g's deferred entry only, and h's keeps the store refused (an unfinished write of
+    any group refuses the store's readers); once h's regions are written too, both groups open."""
+    import json
+
+    url = f"{gcs_bucket}/groups.zarr"
+    for group in ("g", "h"):
+        template = xr.Dataset({"v": (("t", "x"), da.zeros((16, 8), dtype="f4", chunks=(4, 8)))})
+        cloudio.to_zarr(template, url, mode="w", group=group, compute=False, consolidated=False,
+                        encoding={"v": {"chunks": (4, 8)}})
+    for i in range(4):
+        _region(f"{url}/g", i)
+    p = parse_gcs(f"{url}/{MARKER}")
+    marker = json.loads(gcs_emulator.client.bucket(p.bucket).blob(p.key).download_as_bytes())
+    assert [(w["group"], w.get("deferred")) for w in marker["writers"]] == [("h", True)]
+    with pytest.raises(cloudio.IncompleteWriteError, match="compute=False"):
+        cloudio.open_zarr(url, group="h", consolidated=False)
+    for i in range(4):
+        _region(url, i, group="h")
+    rows = np.repeat(np.arange(1, 5, dtype="f4"), 4).tolist()
+    assert not _marker_exists(gcs_emulator, url)
+    for where, group in ((url, "g"), (f"{url}/g", None), (url, "h")):
+        assert cloudio.open_zarr(where, group=group, consolidated=False).v.values[:, 0].tolist() == rows

@@ -292,6 +292,12 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     def _with_store(self, store: Store) -> JournaledStore:
         return type(self)(store, self._root_url)
 
+    def at(self, root_url: str) -> JournaledStore:
+        """A store at ``root_url`` (one enclosing this store) over the same filesystem, credentials and all."""
+        if isinstance(self._store, FsspecStore):
+            return JournaledStore(FsspecStore(fs=self._store.fs, path=parse_gcs(root_url).fs_path), root_url)
+        return JournaledStore(LocalStore(root_url), root_url)
+
     def __repr__(self) -> str:
         return f"JournaledStore({self._root_url!r}, read_only={self.read_only})"
 
@@ -1144,8 +1150,27 @@ class WriteMark:
                     left.append(kept)
             return list(left)
 
-        run_sync(_update_marker(self.store, remove, read_first=True))
+        async def both() -> None:
+            await asyncio.gather(_update_marker(self.store, remove, read_first=True),
+                                 self._enclosing_templates_filled() if filled else _nothing())
+
+        run_sync(both())
         return left
+
+    async def _enclosing_templates_filled(self) -> None:
+        """A region write through a group's own URL (``<store>/g``) fills a template written with ``group="g"``
+        at ``<store>`` too: the deferred entries of that group come off the markers of the stores enclosing
+        this one (their GETs go alongside the update of this store's marker)."""
+        for root, marker in await _enclosing_marker(self.store):
+            inside = self.store.root_url[len(root) + 1:]
+            group = f"{inside}/{self.group}" if self.group else inside
+
+            def filled(w: dict[str, Any], group: str = group) -> bool:
+                return w.get("deferred") is True and _writer_group(w) == group
+
+            if any(map(filled, _writers(marker.to_bytes()))):
+                await _update_marker(self.store.at(root), lambda writers, filled=filled: [
+                    w for w in writers if not filled(w)], read_first=True)
 
     def _replaced(self, writer: dict[str, Any]) -> dict[str, Any] | None:
         """An earlier writer's entry once this replacing write committed: None when this write replaced all it
