@@ -1009,12 +1009,12 @@ class WriteMark:
     store may then mix old and new objects; it takes it off when nothing but
     the marker was written (the write was refused before it started).
 
-    A ``deferred`` write (``to_zarr(..., compute=False)``) writes the
-    metadata now and leaves its chunks to a graph computed later, or never:
-    xarray's template, filled by region writes. Once its own part is done
-    (:meth:`handed_to_graph`) its entry says so, and the writers it replaced
-    come off, until the graph's first task (:meth:`computing`) makes it an
-    ordinary entry again, re-added if it was
+    A write of ``to_zarr(..., compute=False)`` writes the metadata now and
+    leaves its chunks to a graph computed later, or never: xarray's
+    template, filled by region writes. Once its own part is done
+    (:meth:`handed_to_graph`) its entry says ``"deferred": true``, and the
+    writers it replaced come off, until the graph's first task
+    (:meth:`computing`) makes it an ordinary entry again, re-added if it was
     taken off; the graph's last task commits. A write that ``fills`` (a
     region write) takes the deferred entries of its group off as it commits:
     the template is then what the region writes made of it, and opens.
@@ -1031,12 +1031,11 @@ class WriteMark:
     """
 
     def __init__(self, store: JournaledStore, operation: str, *, replaces: bool = True, group: str = "",
-                 deferred: bool = False, fills: bool = False) -> None:
+                 fills: bool = False) -> None:
         self.store = store
         self.operation = operation
         self.replaces = replaces
         self.group = group.strip("/")  # the group of the store this write replaces or changes ("": the root)
-        self.deferred = deferred
         self.fills = fills
         self.token = ""
         self._entry: dict[str, Any] = {}
@@ -1096,15 +1095,8 @@ class WriteMark:
         takes it off), and a replacing write takes off the writers it replaced, whose leftovers it deleted.
         Its graph (:meth:`computing`) needs no count in ``_marks``, which keeps a marker through the emptying
         of a store by a write under way: no graph empties one."""
-        before = {_identity(w) for w in self._before} if self.replaces else set()
-
-        def deferred(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            kept = [w for w in (self._replaced(w) if _identity(w) in before else w for w in writers
-                                if w.get("uuid") != self.token) if w is not None]
-            return [*kept, {**self._entry, "deferred": True}]
-
         try:
-            run_sync(_update_marker(self.store, deferred, read_first=True))
+            self._taken_off(self.replaces, then={**self._entry, "deferred": True})
         finally:
             self._release()
 
@@ -1112,8 +1104,7 @@ class WriteMark:
         """As the deferred write's graph starts (a task every chunk of it waits for, once per computation): its
         entry in the marker, no longer deferred (a region write that commits meanwhile leaves it), added again
         if a region write took it off."""
-        run_sync(_update_marker(self.store, lambda writers: [
-            *(w for w in writers if w.get("uuid") != self.token), self._entry], read_first=True))
+        self._taken_off(False, then=self._entry)
 
     def commit(self, *, replacing: bool | None = None, filled: bool | None = None) -> None:
         """Take this write (and, when it replaces the store or its group, the writers listed before it that it
@@ -1133,9 +1124,10 @@ class WriteMark:
             self._counted = False
             _release(self.store.root_url)
 
-    def _taken_off(self, replacing: bool, filled: bool = False) -> list[dict[str, Any]]:
+    def _taken_off(self, replacing: bool, filled: bool = False,
+                   then: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Take this write (and, ``replacing``, the writers it replaced; ``filled``, the deferred writes of its
-        group) off the marker; the writers left."""
+        group) off the marker, and put its entry ``then`` back last, if given; the other writers left."""
         before = {_identity(w) for w in self._before} if replacing else set()
         left: list[dict[str, Any]] = []
 
@@ -1148,7 +1140,7 @@ class WriteMark:
                 kept = self._replaced(w) if _identity(w) in before else w
                 if kept is not None:
                     left.append(kept)
-            return list(left)
+            return [*left, then] if then else list(left)
 
         async def both() -> None:
             await asyncio.gather(_update_marker(self.store, remove, read_first=True),

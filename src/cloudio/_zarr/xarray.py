@@ -566,7 +566,7 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         # with compute=False the chunks go up when the graph is computed, if ever (xarray's template: region
         # writes fill the store instead, and take the mark off as they commit)
         later = kwargs.get("compute", True) is False
-        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group, deferred=later,
+        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group,
                          fills=kwargs.get("region") is not None)
         try:
             mark.begin()
