@@ -14,6 +14,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from outcomes import returned
 
 import cloudio
@@ -156,3 +157,58 @@ def test_region_writes_through_a_groups_own_url_fill_only_that_groups_template(g
     assert not _marker_exists(gcs_emulator, url)
     for where, group in ((url, "g"), (f"{url}/g", None), (url, "h")):
         assert cloudio.open_zarr(where, group=group, consolidated=False).v.values[:, 0].tolist() == rows
+
+
+def test_a_region_graph_not_computed_keeps_the_store_refused_after_other_regions(gcs_emulator, gcs_bucket):
+    """A region write with compute=False is no template: while its graph has not run, the other regions' writes
+    leave its mark up (its rows would read as the fill value); once it ran, the store opens whole."""
+    url = f"{gcs_bucket}/pending-region.zarr"
+    _template(url)
+    pending = _region(url, 0, compute=False)
+    for i in range(1, 4):
+        _region(url, i)
+    with pytest.raises(cloudio.IncompleteWriteError, match="never finished"):
+        cloudio.open_zarr(url, consolidated=False)
+    with dask.config.set(scheduler="sync"):
+        returned(pending.compute)
+    assert cloudio.open_zarr(url, consolidated=False).v.values[::4, 0].tolist() == [1, 2, 3, 4]
+    assert not _marker_exists(gcs_emulator, url)
+
+
+def test_a_template_whose_mark_cannot_be_deferred_still_returns_its_graph(gcs_emulator, gcs_bucket, fault_proxy,
+                                                                          quick_retries, caplog):
+    """The marker's update as to_zarr(compute=False) returns keeps failing (503): the call still returns the graph
+    (a warning says the store stays refused until it is computed), region writes do not open the store, and
+    computing the graph does."""
+    url = f"{gcs_bucket}/undeferred.zarr"
+    fault_proxy.add("status", code=503, method="POST", path=r"/upload/.*name=undeferred\.zarr%2F\.cloudio-write",
+                    times=None, skip=1)  # the mark goes up; changing it fails
+    with caplog.at_level("WARNING", logger="cloudio._zarr.store"):
+        graph = _template(url, value=7.0)
+    fault_proxy.clear()
+    assert "stays refused until the graph is computed" in caplog.text
+    _region(url, 0)
+    with pytest.raises(cloudio.IncompleteWriteError, match="never finished"):
+        cloudio.open_zarr(url, consolidated=False)
+    with dask.config.set(scheduler="sync"):
+        returned(graph.compute)
+    assert cloudio.open_zarr(url, consolidated=False).v.values[:, 0].tolist() == [7.0] * 16
+
+
+def test_a_region_write_that_cannot_read_the_enclosing_marker_still_succeeds(gcs_emulator, gcs_bucket,
+                                                                             fault_proxy, quick_retries, caplog):
+    """A region write through ``<store>/g`` whose GET of ``<store>``'s marker keeps failing (503) is done all the
+    same: it returns, warns that the template stays refused, and its values are stored."""
+    url = f"{gcs_bucket}/enclosing.zarr"
+    template = xr.Dataset({"v": (("t", "x"), da.zeros((16, 8), dtype="f4", chunks=(4, 8)))})
+    cloudio.to_zarr(template, url, mode="w", group="g", compute=False, consolidated=False,
+                    encoding={"v": {"chunks": (4, 8)}})
+    fault_proxy.add("status", code=503, method="GET", path=r"/o/enclosing\.zarr%2F\.cloudio-write", times=None)
+    with caplog.at_level("WARNING", logger="cloudio._zarr.store"):
+        returned(lambda: _region(f"{url}/g", 0))
+    fault_proxy.clear()
+    assert "could not take the filled template off" in caplog.text
+    with pytest.raises(cloudio.IncompleteWriteError, match="compute=False"):
+        cloudio.open_zarr(url, group="g", consolidated=False)
+    stored = zarr.open_array(cloudio.zarr_store(f"{url}/g", read_only=True), path="v", mode="r")
+    assert stored[:4, 0].tolist() == [1.0] * 4

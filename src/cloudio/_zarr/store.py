@@ -294,7 +294,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     def at(self, root_url: str) -> JournaledStore:
         """A store at ``root_url`` (one enclosing this store) over the same filesystem, credentials and all."""
-        if isinstance(self._store, FsspecStore):
+        if self._gcs_root is not None:
             return JournaledStore(FsspecStore(fs=self._store.fs, path=parse_gcs(root_url).fs_path), root_url)
         return JournaledStore(LocalStore(root_url), root_url)
 
@@ -1009,15 +1009,16 @@ class WriteMark:
     store may then mix old and new objects; it takes it off when nothing but
     the marker was written (the write was refused before it started).
 
-    A write of ``to_zarr(..., compute=False)`` writes the metadata now and
-    leaves its chunks to a graph computed later, or never: xarray's
-    template, filled by region writes. Once its own part is done
-    (:meth:`handed_to_graph`) its entry says ``"deferred": true``, and the
-    writers it replaced come off, until the graph's first task
-    (:meth:`computing`) makes it an ordinary entry again, re-added if it was
-    taken off; the graph's last task commits. A write that ``fills`` (a
-    region write) takes the deferred entries of its group off as it commits:
-    the template is then what the region writes made of it, and opens.
+    A write of ``to_zarr(..., compute=False)`` that is not a region write
+    writes the metadata now and leaves its chunks to a graph computed later,
+    or never: xarray's template, filled by region writes. Once its own part
+    is done (:meth:`handed_to_graph`) its entry says ``"deferred": true``,
+    and the writers it replaced come off, until a task every chunk of the
+    graph waits for (:meth:`computing`) makes it an ordinary entry again,
+    re-added if it was taken off; the graph's last task commits. A write
+    that ``fills`` (a region write) takes the deferred entries of its group
+    off as it commits: the template is then what the region writes made of
+    it, and opens, the regions not written yet reading as the fill value.
 
     Two processes writing one store at once share the marker: each change of
     the list is a read-modify-write guarded by the marker's generation and
@@ -1094,14 +1095,19 @@ class WriteMark:
         """The deferred write's own part is done: its entry says so from now on (a region write that succeeds
         takes it off), and a replacing write takes off the writers it replaced, whose leftovers it deleted.
         Its graph (:meth:`computing`) needs no count in ``_marks``, which keeps a marker through the emptying
-        of a store by a write under way: no graph empties one."""
+        of a store by a write under way and the ``zarr.json`` documents such a write stored (no graph empties
+        a store or writes metadata). If the marker cannot be changed, the entry stays an ordinary one: the
+        graph is as good, but only computing it opens the store."""
         try:
             self._taken_off(self.replaces, then={**self._entry, "deferred": True})
+        except Exception as e:
+            log.warning("%s: could not mark %s as deferred to its graph (%s); the store stays refused until the "
+                        "graph is computed", self.store.root_url, self.operation, e)
         finally:
             self._release()
 
     def computing(self) -> None:
-        """As the deferred write's graph starts (a task every chunk of it waits for, once per computation): its
+        """As the deferred write's graph starts (in a task every chunk of it waits for, once per computation): its
         entry in the marker, no longer deferred (a region write that commits meanwhile leaves it), added again
         if a region write took it off."""
         self._taken_off(False, then=self._entry)
@@ -1134,8 +1140,7 @@ class WriteMark:
         def remove(writers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             left[:] = []
             for w in writers:
-                if w.get("uuid") == self.token or (filled and w.get("deferred") is True
-                                                   and _writer_group(w) == self.group):
+                if w.get("uuid") == self.token or (filled and _deferred_of(w, self.group)):
                     continue
                 kept = self._replaced(w) if _identity(w) in before else w
                 if kept is not None:
@@ -1152,17 +1157,17 @@ class WriteMark:
     async def _enclosing_templates_filled(self) -> None:
         """A region write through a group's own URL (``<store>/g``) fills a template written with ``group="g"``
         at ``<store>`` too: the deferred entries of that group come off the markers of the stores enclosing
-        this one (their GETs go alongside the update of this store's marker)."""
-        for root, marker in await _enclosing_marker(self.store):
-            inside = self.store.root_url[len(root) + 1:]
-            group = f"{inside}/{self.group}" if self.group else inside
-
-            def filled(w: dict[str, Any], group: str = group) -> bool:
-                return w.get("deferred") is True and _writer_group(w) == group
-
-            if any(map(filled, _writers(marker.to_bytes()))):
-                await _update_marker(self.store.at(root), lambda writers, filled=filled: [
-                    w for w in writers if not filled(w)], read_first=True)
+        this one (their GETs go alongside the update of this store's marker). A failure here leaves the
+        template refused, and the region write, which is done, does not fail for it."""
+        try:
+            for root, marker in await _enclosing_marker(self.store):
+                group = _path_inside(self.store, root, self.group)
+                if any(_deferred_of(w, group) for w in _writers(marker.to_bytes())):
+                    await _update_marker(self.store.at(root), lambda writers, group=group: [
+                        w for w in writers if not _deferred_of(w, group)], read_first=True)
+        except Exception as e:
+            log.warning("%s: could not take the filled template off the markers of the stores enclosing it: %s",
+                        self.store.root_url, e)
 
     def _replaced(self, writer: dict[str, Any]) -> dict[str, Any] | None:
         """An earlier writer's entry once this replacing write committed: None when this write replaced all it
@@ -1256,6 +1261,17 @@ def _rewritten(writer: dict[str, Any]) -> list[str]:
     """The groups written again whole since the entry's write (:meth:`WriteMark._replaced`)."""
     groups = writer.get("rewritten")
     return [g.strip("/") for g in groups if isinstance(g, str)] if isinstance(groups, list) else []
+
+
+def _deferred_of(writer: dict[str, Any], group: str) -> bool:
+    """Whether a marker entry is that of a template of ``group`` (a deferred ``compute=False`` write)."""
+    return writer.get("deferred") is True and _writer_group(writer) == group
+
+
+def _path_inside(store: JournaledStore, where: str, group: str = "") -> str:
+    """The path of ``group`` of ``store`` relative to the root ``where`` of a store enclosing it."""
+    path = store.root_url[len(where) + 1:]
+    return f"{path}/{group}" if group else path
 
 
 def _within(path: str, group: str) -> bool:
@@ -1401,8 +1417,7 @@ def _refuse_enclosed(store: JournaledStore, enclosing: list[tuple[str, Buffer]],
     """:func:`_refuse_marked` for each marked store that encloses ``store`` (:func:`_enclosing_marker`), as a
     read of ``group`` of ``store``."""
     for where, marker in enclosing:
-        path = store.root_url[len(where) + 1:]
-        _refuse_marked(store, marker, where, path=f"{path}/{group}" if group else path)
+        _refuse_marked(store, marker, where, path=_path_inside(store, where, group))
 
 
 def _refuse_marked(store: JournaledStore, marker: Buffer | None, where: str | None = None, *,
@@ -1426,18 +1441,18 @@ def _refuse_marked(store: JournaledStore, marker: Buffer | None, where: str | No
     group = _writer_group(writer)
     again = (f"cloudio.to_zarr with mode='w', group={group!r}" if group
              else "cloudio.save_array / cloudio.to_zarr with mode='w'")
+    when = writer.get("time", "an unknown time")
+    by_hand = f"cloudio.filesystem({url!r}).rm({url + '/' + MARKER!r})"
     if writer.get("deferred") is True:
         raise IncompleteWriteError(
-            f"{store.root_url}: {what} made at {writer.get('time', 'an unknown time')} {who} with compute=False "
-            f"wrote the metadata of {url} but none of the chunks of its graph: compute that graph (its "
-            ".compute() or dask.compute), or, if it is a template, write its regions (cloudio.to_zarr with "
-            "region=...): the store opens once either finished. If you know the data is complete, remove the "
-            f"mark with cloudio.filesystem({url!r}).rm({url + '/' + MARKER!r})."
+            f"{store.root_url}: {what} made at {when} {who} with compute=False wrote the metadata of {url} but "
+            "none of the chunks of its graph: compute that graph (its .compute() or dask.compute), or, if it is a "
+            "template, write its regions (cloudio.to_zarr with region=...): the store opens once either "
+            f"finished. If you know the data is complete, remove the mark with {by_hand}."
         )
     raise IncompleteWriteError(
-        f"{store.root_url}: {what} started at {writer.get('time', 'an unknown time')} {who} never finished, so "
-        f"{url} may mix old and new objects. Write it again ({again}); if you know the data is complete, "
-        f"remove the mark with cloudio.filesystem({url!r}).rm({url + '/' + MARKER!r})."
+        f"{store.root_url}: {what} started at {when} {who} never finished, so {url} may mix old and new objects. "
+        f"Write it again ({again}); if you know the data is complete, remove the mark with {by_hand}."
     )
 
 

@@ -521,14 +521,16 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         stays marked as an incomplete write (:func:`open_zarr` raises
         :class:`~cloudio.IncompleteWriteError`) until it is written again
         whole (``mode="w"``): an append or region write that succeeds later
-        takes off only its own mark.
+        takes off only its own mark (a region write, also the marks of
+        templates: docs/consistency.md).
 
     Notes
     -----
     ``<store>/.cloudio-write-in-progress`` is written before the first object
     and removed after the last (with ``compute=False``, by a last task of the
-    returned graph, or by a region write that succeeds while the graph has not
-    started: xarray's template pattern), whatever the mode; see docs/consistency.md.
+    returned graph, or, unless this is a region write, by a region write that
+    succeeds while the graph has not started: xarray's template pattern),
+    whatever the mode; see docs/consistency.md.
     """
     current_level()  # an unusable CLOUDIO_CONSISTENCY is named before anything is written
     storage_options = kwargs.pop("storage_options", None)
@@ -566,8 +568,8 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         # with compute=False the chunks go up when the graph is computed, if ever (xarray's template: region
         # writes fill the store instead, and take the mark off as they commit)
         later = kwargs.get("compute", True) is False
-        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group,
-                         fills=kwargs.get("region") is not None)
+        fills = kwargs.get("region") is not None
+        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group, fills=fills)
         try:
             mark.begin()
             # through a store with generations of this write's own; a graph computed later keeps them
@@ -604,11 +606,13 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                 ) from e
             raise
         if later:
-            # the graph writes the chunks later, wherever it runs: its first task marks the store again (a
-            # region write may have taken the deferred mark off), and its last task takes the mark off
+            # the graph writes the chunks later, wherever it runs, after a task that marks the store again (a
+            # region write may have taken a template's deferred mark off); its last task takes the mark off. A
+            # region write's own graph is no template: its mark stays up until that graph ran
             from dask.delayed import delayed
 
-            mark.handed_to_graph()
+            if not fills:
+                mark.handed_to_graph()
             return delayed(_commit, pure=False)(out, mark)
         mark.commit()
     return out
