@@ -447,9 +447,6 @@ def test_a_late_delete_of_to_zarr_mode_w_does_not_remove_what_the_write_then_sto
     assert lost == 0, f"{lost} values of the write read back as the fill value (its own late DELETE landed)"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "xarray.py _rewritten_starts leaves out what an append rewrites whole (coordinates and variables without "
-    "append_dim, which writers adding their own variables at once rewrite alike): x's upload carries no guard"))
 def test_a_late_copy_of_a_coordinate_an_append_rewrites_does_not_land_over_a_later_append(
         gcs_emulator, gcs_bucket, fault_proxy, monkeypatch):
     """Two appends along t, each with its own values of the coordinate x (rewritten whole by each): the first's
@@ -467,9 +464,6 @@ def test_a_late_copy_of_a_coordinate_an_append_rewrites_does_not_land_over_a_lat
     np.testing.assert_array_equal(cloudio.open_zarr(url).x.values, np.arange(4) + 20)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "_fsspec/filesystem.py pipe sends no generation unless given if_generation_match: the abandoned first try "
-    "of the first pipe lands after the second"))
 def test_a_late_copy_of_an_fsspec_pipe_does_not_land_over_a_later_pipe(gcs_emulator, gcs_bucket, fault_proxy,
                                                                          monkeypatch):
     """fs.pipe(path, b"one"), its upload held past the time limit and sent again; fs.pipe(path, b"two"); then the

@@ -69,6 +69,7 @@ from cloudio._gcs.transfer import (
     _outcome_unknown,
     checked_guard,
     file_crc32c,
+    last_writer_wins,
     put_verified,
 )
 from cloudio._journal import Kind, journal
@@ -77,6 +78,7 @@ from cloudio._session import count, current_level
 from cloudio.errors import (
     AlreadyExistsError,
     CloudioError,
+    ConflictError,
     IntegrityError,
     ObjectNotFoundError,
     ReadError,
@@ -104,6 +106,9 @@ _answered: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.Con
                                                                                          default=None)
 #: one entry per attempt of the requests sent inside a delete (gcsfs retries inside its ``_request``)
 _attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cloudio_fsspec_attempts", default=None)
+#: inside a plain pipe: the generation each of its upload requests needs (``ifGenerationMatch``), see
+#: :meth:`GCSFileSystem._pipe_file`
+_replacing: contextvars.ContextVar[int | None] = contextvars.ContextVar("cloudio_fsspec_replacing", default=None)
 
 
 def _record(url: str, kind: Kind, *, generation: Any = None, size: Any = None, prefix: bool = False) -> None:
@@ -494,6 +499,9 @@ class _JournalingGCSMixin(_TextWrites):
         from gcsfs.retry import HttpError
 
         limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
+        replacing = _replacing.get()  # gcsfs's simple_upload and initiate_upload name their query as keywords
+        if replacing is not None and method == "POST" and kwargs.get("uploadType") in ("multipart", "resumable"):
+            kwargs.setdefault("ifGenerationMatch", str(replacing))
         try:
             call = super()._call(method, path, *args, **kwargs)  # type: ignore[misc]
             out = await (call if limit is None else asyncio.wait_for(call, limit))
@@ -547,14 +555,11 @@ class _JournalingGCSMixin(_TextWrites):
         :class:`~cloudio.BucketNotFoundError` when the bucket is missing, else UploadError (journaled as
         an invalidation: the server may hold something this process did not see go up)."""
         path = parse_gcs(url, require_key=True)
-        try:
-            meta = await self._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)
-        except FileNotFoundError:
-            meta = None
-        if meta is not None and _int_or_none(meta.get("size")) == size and meta.get("crc32c") == crc:
+        meta = await self._stored(url)
+        if _int_or_none(meta.get("size")) == size and meta.get("crc32c") == crc:
             log.info("%s: the upload's last answer was lost, and the object holds what was sent", url)
             return _int_or_none(meta.get("generation"))
-        if meta is None:
+        if not meta:
             try:
                 await self._call("GET", "b/{}", path.bucket, json_out=True)
             except FileNotFoundError:
@@ -571,31 +576,70 @@ class _JournalingGCSMixin(_TextWrites):
                 "crc32c": up.crc32c}
 
     async def _pipe_file(self, path: str, data: Any, *args: Any, **kwargs: Any) -> Any:
+        """gcsfs's upload, verified and journaled; the last writer wins, guarded against a late copy
+        (:func:`~cloudio._gcs.transfer.last_writer_wins`) unless ``mode="create"`` or ``if_generation_match=``
+        say what the write needs."""
         url = self._cloudio_url(path)
         token = _writing.set(url)
         try:
             if "if_generation_match" in kwargs:
                 return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
             size = memoryview(data).nbytes  # bytes, not items (gcsfs sends a wide buffer's bytes)
-            with await journal().changing_async(url), _unsure(url):  # GDAL reads of it wait until the write is recorded
-                try:
-                    out, meta = await self._answered_by(super()._pipe_file(path, data, *args, **kwargs))  # type: ignore[misc]
-                except FileExistsError as e:  # mode="create" (gcsfs's ifGenerationMatch=0) found an object
-                    if isinstance(e, CloudioError):
-                        raise
+            return await self._gcsfs_upload(url, size, _crc_of(data), kwargs.get("mode"),
+                                            functools.partial(super()._pipe_file, path, data, *args, **kwargs))  # type: ignore[misc]
+        finally:
+            _writing.reset(token)
+
+    async def _gcsfs_upload(self, url: str, size: int, crc: str, mode: str | None,
+                            upload: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """gcsfs's own upload (``upload()``) of ``size`` bytes of CRC32C ``crc``, verified against its answer
+        and journaled. Unless ``mode="create"`` (gcsfs then needs no object there itself), the last writer
+        wins, guarded against a late copy (:func:`~cloudio._gcs.transfer.last_writer_wins`): the generation
+        replaced goes with each of its upload requests (see :meth:`_call`)."""
+        if mode == "create":
+            return await self._gcsfs_upload_once(url, size, crc, None, upload)
+        return await last_writer_wins(self, parse_gcs(url), size,
+                                      lambda replacing: self._gcsfs_upload_once(url, size, crc, replacing, upload))
+
+    async def _gcsfs_upload_once(self, url: str, size: int, crc: str, replacing: int | None,
+                                 upload: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """One try of :meth:`_gcsfs_upload`, each request needing generation ``replacing`` (None: as gcsfs
+        sends); ConflictError when another writer's object is there instead."""
+        with await journal().changing_async(url), _unsure(url):  # GDAL reads of it wait until it is recorded
+            sending = _replacing.set(replacing)
+            try:
+                out, meta = await self._answered_by(upload())
+            except FileExistsError as e:  # 412: mode="create" found an object, or one not at `replacing`
+                if isinstance(e, CloudioError):
+                    raise
+                if replacing is None:
                     raise AlreadyExistsError(f"{url}: not written: mode='create' writes only where no object "
                                              "exists, and one does. Nothing was uploaded. Delete it first, or "
                                              "write without mode='create'.") from e
-                except FileNotFoundError as e:  # a missing bucket, or a resumable upload's retry after its end
-                    if isinstance(e, CloudioError):
-                        raise
-                    _uploaded(url, await self._landed(url, size, _crc_of(data), e), size)
+                held = await self._stored(url)
+                if _int_or_none(held.get("size")) == size and held.get("crc32c") == crc:
+                    log.info("%s: a retry's precondition failed on what an earlier try stored", url)
+                    _uploaded(url, _int_or_none(held.get("generation")), size)
                     return None
-                generation = await self._verify_stored(url, meta, size, _crc_of(data))
-                _uploaded(url, generation, size)
-        finally:
-            _writing.reset(token)
-        return out
+                raise ConflictError(url, replacing, int(held.get("generation") or 0)) from e
+            except FileNotFoundError as e:  # a missing bucket, or a resumable upload's retry after its end
+                if isinstance(e, CloudioError):
+                    raise
+                _uploaded(url, await self._landed(url, size, crc, e), size)
+                return None
+            finally:
+                _replacing.reset(sending)
+            generation = await self._verify_stored(url, meta, size, crc)
+            _uploaded(url, generation, size)
+            return out
+
+    async def _stored(self, url: str) -> dict[str, Any]:
+        """The object resource stored at ``url`` now; empty when there is none."""
+        path = parse_gcs(url, require_key=True)
+        try:
+            return await self._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            return {}
 
     @staticmethod
     async def _answered_by(upload: Coroutine[Any, Any, Any]) -> tuple[Any, dict[str, Any]]:
@@ -625,7 +669,8 @@ class _JournalingGCSMixin(_TextWrites):
             with await journal().changing_async(url):  # GDAL reads of it wait until the write is recorded
                 # verified against the upload's own answer (not a later metadata request that could see
                 # another writer's object); journaled as invalidated there if that answer was lost
-                up = await put_verified(self, url, lpath, content_type=content_type, record=False, attempts=1)
+                up = await last_writer_wins(self, parse_gcs(url), os.path.getsize(lpath), lambda g: put_verified(
+                    self, url, lpath, content_type=content_type, record=False, attempts=1, expected_generation=g))
                 _record(url, "write", generation=up.generation, size=up.size)
             callback = kwargs.get("callback")
             if callback is not None:
@@ -636,13 +681,9 @@ class _JournalingGCSMixin(_TextWrites):
         return None
 
     async def _put_file_gcsfs(self, url: str, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
-        """gcsfs's own upload, for the options :func:`put_verified` lacks, verified against its answer."""
-        with await journal().changing_async(url), _unsure(url):
-            out, meta = await self._answered_by(super()._put_file(lpath, rpath, *args, **kwargs))  # type: ignore[misc]
-            size = os.path.getsize(lpath)
-            generation = await self._verify_stored(url, meta, size, file_crc32c(lpath))
-            _uploaded(url, generation, size)
-        return out
+        """gcsfs's own upload, for the options :func:`put_verified` lacks (see :meth:`_gcsfs_upload`)."""
+        return await self._gcsfs_upload(url, os.path.getsize(lpath), file_crc32c(lpath), kwargs.get("mode"),
+                                        functools.partial(super()._put_file, lpath, rpath, *args, **kwargs))  # type: ignore[misc]
 
     async def _cat_file(self, path: str, start: Any = None, end: Any = None, **kwargs: Any) -> Any:
         """A whole object is checked against the CRC32C of the server's ``x-goog-hash``.

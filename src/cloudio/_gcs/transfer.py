@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import mimetypes
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -58,9 +60,10 @@ from cloudio._gcs.client import (
 )
 from cloudio._gcs.client import object_metadata as _stat
 from cloudio._gcs.fast import put_media
-from cloudio._journal import Change, journal
+from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
+from cloudio._tables import drop_oldest, touch
 from cloudio.errors import CloudioError, ConfigurationError, ConflictError, IntegrityError, TransientError, UploadError
 
 if TYPE_CHECKING:
@@ -76,6 +79,81 @@ SIMPLE_LIMIT = 8 * 2**20
 CHUNK_SIZE = 32 * 2**20
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview
+
+#: a plain upload of an object this process knows nothing of goes at once as a new object below this size
+#: (an object there then costs the body twice and a GET), from it up after asking its generation (a GET)
+ASK_FIRST_FROM = 1 << 20
+#: other writers' objects a plain upload writes over before it gives up (ConflictError)
+RACES = 5
+
+
+class _LastGenerations(Consumer):
+    """The generation the objects changed last in this process hold, as the journal last said (0: deleted).
+
+    Why: a plain upload needs the generation it replaces on each of its requests
+    (:func:`last_writer_wins`); this is its first guess. A wrong one (another process wrote) costs a
+    refused request, never a write.
+    """
+
+    name = "last generations"
+    keep = 10_000
+
+    def __init__(self) -> None:
+        self._table: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def on_change(self, change: Change) -> None:
+        with self._lock:
+            if change.prefix:
+                for url in [u for u in self._table if change.touches(u)]:
+                    del self._table[url]
+            elif change.kind == "write" and change.generation is not None:
+                touch(self._table, change.url, change.generation)
+            elif change.kind == "delete":
+                touch(self._table, change.url, 0)
+            else:
+                self._table.pop(change.url, None)
+            drop_oldest(self._table, self.keep)
+
+    def get(self, url: str) -> int | None:
+        with self._lock:
+            return self._table.get(url)
+
+
+_last_generations = _LastGenerations()
+journal().register(_last_generations)
+
+
+async def last_writer_wins(fs: gcsfs.GCSFileSystem, path: GCSPath, size: int,
+                           send: Callable[[int], Awaitable[T]], *, first: int | None = None) -> T:
+    """``send(generation)``: a plain write (the last writer wins) of ``size`` bytes, whose every request needs
+    the generation it replaces (``ifGenerationMatch``), so that a try given up at the time limit and reaching
+    the server after a later write is refused there instead of landing over it.
+
+    That generation is ``first``, or the one this process last heard of at ``path``; unknown, 0 ("no
+    object") for a small object and the server's for a larger one. An object another writer stored
+    instead (``send`` raises ConflictError) is written over at its generation, up to :data:`RACES` times.
+    """
+    replacing = first if first is not None else _last_generations.get(path.url)
+    if replacing is None:
+        replacing = 0 if size < ASK_FIRST_FROM else await _generation(fs, path)
+    for race in range(1, RACES + 1):
+        try:
+            return await send(replacing)
+        except ConflictError as e:
+            if race == RACES:
+                raise ConflictError(path.url, e.expected, e.actual, next_step=(
+                    f"Other writers replaced it {RACES} times as this write was sent; write again.")) from e
+            log.info("%s: another writer stored generation %d; writing over it", path.url, e.actual)
+            replacing = e.actual
+    raise AssertionError("unreachable")
+
+
+def source_size(source: Source) -> int:
+    """The bytes ``source`` holds (a local file's size; 0 when there is none, which the upload then names)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).nbytes
+    return os.path.getsize(source) if os.path.isfile(source) else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +510,8 @@ def upload(
     simple_limit: int = SIMPLE_LIMIT,
     if_generation_match: int | None = None,
 ) -> Uploaded:
-    """:func:`put_verified` for synchronous callers: upload a local file or bytes, verify, journal.
+    """:func:`put_verified` for synchronous callers: upload a local file or bytes, verify, journal; without
+    ``if_generation_match``, the last writer wins, guarded against a late copy (:func:`last_writer_wins`).
 
     ``fs`` defaults to :func:`cloudio._gcs.client.gcs_filesystem` (plain, untracked:
     this function journals the write itself, exactly once). Raises what
@@ -442,10 +521,12 @@ def upload(
 
     path = _as_path(url)
     fs = _filesystem(fs)
-    return sync(  # type: ignore[no-any-return]
-        fs.loop, put_verified, fs, path, source, content_type=content_type, attempts=attempts,
-        chunk_size=chunk_size, simple_limit=simple_limit, if_generation_match=if_generation_match,
-    )
+    put = functools.partial(put_verified, fs, path, source, content_type=content_type, attempts=attempts,
+                            chunk_size=chunk_size, simple_limit=simple_limit)
+    if if_generation_match is not None:
+        return sync(fs.loop, put, if_generation_match=if_generation_match)  # type: ignore[no-any-return]
+    return sync(fs.loop, last_writer_wins, fs, path, source_size(source),  # type: ignore[no-any-return]
+                lambda replacing: put(expected_generation=replacing))
 
 
 async def _generation(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:

@@ -40,7 +40,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, cast
 
 import numpy as np
 import zarr
@@ -49,7 +49,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from cloudio._gcs.client import bounded
 from cloudio._gcs.fast import list_objects
-from cloudio._gcs.transfer import put_verified, put_verified_each
+from cloudio._gcs.transfer import last_writer_wins, put_verified, put_verified_each
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
@@ -233,6 +233,12 @@ def _joined(root: GCSPath, key: str) -> GCSPath:
     return GCSPath(root.bucket, f"{root.key}/{key}" if root.key else key)
 
 
+class Listed(Protocol):
+    """What :meth:`JournaledStore.expecting` yields: give it the generations listed under a prefix."""
+
+    def __call__(self, prefix: str, generations: dict[str, int], whole: bool = False) -> None: ...
+
+
 class JournaledStore(WrapperStore):  # type: ignore[type-arg]
     """A wrapper store that records every successful write and delete in the journal.
 
@@ -277,6 +283,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         fs = getattr(store, "fs", None)
         self._guards: dict[str, int] = {}  # key -> generation its next write needs (see guarding)
         self._listed: dict[str, dict[str, int]] = {}  # prefix -> the generations listed under it (see expecting)
+        self._whole: set[str] = set()  # prefixes of _listed rewritten whole, where the last writer wins (expecting)
         self._kept = False  # the generations listed stay for a graph computed later (see with_own_expectations)
         self._held: dict[str, tuple[bytes, int]] = {}  # zarr.json written by a marked write under way
         gcs = type(store) is FsspecStore and type(fs).__module__.startswith("gcsfs")
@@ -309,7 +316,8 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         task on a ``dask.distributed`` worker writes through such a copy, and its uploads need them too."""
         if not self._listed or sum(map(len, self._listed.values())) > SHIPPED_GENERATIONS:
             return (type(self), (self._store, self._root_url))
-        return (type(self), (self._store, self._root_url), {"_listed": self._listed, "_kept": self._kept})
+        return (type(self), (self._store, self._root_url),
+                {"_listed": self._listed, "_whole": self._whole, "_kept": self._kept})
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         """The wrapped store's ``get``; a whole object of GCS is read over kept connections of cloudio's own.
@@ -389,11 +397,15 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                     try:
                         generation = await self._pipe(key, value, guard, expected)
                     except ConflictError as e:
-                        if not self._kept or expected is None or _stored_here.get(self._url(key)) != e.actual:
+                        if expected is not None and any(key.startswith(p) for p in self._whole):
+                            generation = await last_writer_wins(  # rewritten whole: the last writer wins
+                                self._store.fs, parse_gcs(self._url(key)), len(value),  # type: ignore[attr-defined]
+                                lambda g: self._pipe(key, value, guard, g), first=e.actual)
+                        elif not self._kept or expected is None or _stored_here.get(self._url(key)) != e.actual:
                             raise
-                        # a graph made before this process's own later write of the object: it is that write's
-                        # (a late copy of an upload given up is never one this process was told it stored)
-                        generation = await self._pipe(key, value, guard, e.actual)
+                        else:  # a graph made before this process's own later write of the object: it is
+                            # that write's (a late copy of an upload given up is never one this process stored)
+                            generation = await self._pipe(key, value, guard, e.actual)
                 if expected is not None:
                     self._stored_as(key, generation or 0)
             elif self._direct:
@@ -500,12 +512,15 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             self._guards.pop(key, None)
 
     @contextmanager
-    def expecting(self, *, kept: bool = False) -> Iterator[Callable[[str, dict[str, int]], None]]:
+    def expecting(self, *, kept: bool = False) -> Iterator[Listed]:
         """Inside the block, once the generations stored under a prefix are given (``listed(prefix, generations)``,
         from :meth:`list_generations` or :meth:`generations_from`), each write of a key starting with it needs
         the object at the generation listed (0: not listed): another generation raises
         :class:`~cloudio.ConflictError`. Keys under no prefix given are written unguarded. ``kept``: the
         generations stay after the block, for uploads that run later (a store of :meth:`with_own_expectations`).
+        ``listed(prefix, generations, whole=True)``: what every writer rewrites whole alike (an append's
+        coordinates), where the last writer wins: an object another writer stored there is written over at
+        its generation (:func:`~cloudio._gcs.transfer.last_writer_wins`), a late copy still refused.
 
         Why: a write given up after its time limit is sent again, but the abandoned request may still reach
         the server later, after this write and the next one committed, and put the old bytes back. Sent
@@ -515,8 +530,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         given: list[str] = []
         self._kept = self._kept or kept
 
-        def listed(prefix: str, generations: dict[str, int]) -> None:
+        def listed(prefix: str, generations: dict[str, int], whole: bool = False) -> None:
             self._listed[prefix] = generations
+            if whole:
+                self._whole.add(prefix)
             given.append(prefix)
 
         try:
@@ -524,6 +541,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         finally:
             for prefix in given if not kept else ():
                 self._listed.pop(prefix, None)
+                self._whole.discard(prefix)
 
     def with_own_expectations(self) -> Self:
         """This store, its state shared but for the generations :meth:`expecting` lists, which are its own.
@@ -537,7 +555,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new._listed = {}
+        new._listed, new._whole = {}, set()
         return new
 
     @contextmanager

@@ -166,21 +166,24 @@ _ROW_LISTINGS = 16
 
 
 def _rewritten_starts(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any],
-                      stored: StoredVariables | None, region: Callable[[], dict[Hashable, slice]]) -> list[str]:
+                      stored: StoredVariables | None,
+                      region: Callable[[], dict[Hashable, slice]]) -> tuple[list[str], list[str]]:
     """The beginnings of the keys an append, a region write or a write adding variables rewrites (see
-    :meth:`JournaledStore.generations_from`), for their uploads to need the generations listed there.
+    :meth:`JournaledStore.generations_from`), for their uploads to need the generations listed there; and the
+    prefixes of the variables an append rewrites whole, where the last writer wins (``expecting``'s ``whole``).
 
     Why these: a region write rewrites the rows of chunks (or shards) along each variable's first axis that its
     region touches; an append, those rows past the stored length and the variable's metadata; a variable added
     is all new. Listing only those keeps the cost to the objects written (a region write of one row lists one
-    row), and leaves out what writers adding their own variables at once all rewrite alike (the group's
-    documents, coordinates and variables without ``append_dim``, rewritten whole): guarded, those would refuse
-    each other's writes of the same values.
+    row). What writers adding their own variables at once all rewrite alike (coordinates and variables without
+    ``append_dim``, rewritten whole) is listed too, but another writer's object there is written over: guarded
+    strictly, those writers would refuse each other's writes of the same values.
     """
     append_dim = kwargs.get("append_dim")
     region_arg = kwargs.get("region")
     base = key_prefix(_group(kwargs))
     starts: list[str] = []
+    whole: list[str] = []
     for name, var in dataset.variables.items():
         existing = stored.array(name) if stored is not None else None
         if existing is None:
@@ -189,14 +192,17 @@ def _rewritten_starts(dataset: xarray.Dataset, store: JournaledStore, kwargs: Ma
             continue
         dims = _stored_dims(existing) or tuple(var.dims)
         if not dims:
-            continue  # a scalar: rewritten whole (xarray refuses one in a region write)
+            whole.append(f"{base}{name}/")  # a scalar (xarray refuses one in a region write)
+            continue
         if region_arg is not None:
             touched = region().get(dims[0], slice(None)).indices(int(existing.shape[0]))[:2]
         elif append_dim is not None and append_dim in dims:
             old = int(existing.shape[dims.index(append_dim)])
             touched = (old, old + int(var.sizes[append_dim])) if dims[0] == append_dim else (0, int(existing.shape[0]))
-        else:
-            continue  # rewritten whole, by every writer alike
+        else:  # rewritten whole, by every writer alike: one listing of it, within the limit
+            if _rows(existing, 0, int(existing.shape[0]), f"{base}{name}/") is not None:
+                whole.append(f"{base}{name}/")
+            continue
         rows = _rows(existing, *touched, f"{base}{name}/")
         if rows is None:
             log.debug("%s: %r: more than %d objects touched; its uploads are not guarded against a late copy",
@@ -205,7 +211,7 @@ def _rewritten_starts(dataset: xarray.Dataset, store: JournaledStore, kwargs: Ma
         starts += rows
         if region_arg is None and rows != [f"{base}{name}/"]:  # its shape changes: the metadata document too
             starts.append(f"{base}{name}/" + ("zarr.json" if existing.metadata.zarr_format == 3 else ".z"))
-    return starts
+    return starts, whole
 
 
 def _rows(existing: Any, start: int, stop: int, prefix: str) -> list[str] | None:
@@ -579,13 +585,13 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                 if mode == "w":  # zarr deletes the group's objects first: every upload then needs no object there
                     expect(key_prefix(group), {})
                 elif mode != "w-" and store.on_gcs:  # each upload needs the generation it rewrites
-                    starts = _rewritten_starts(aligned, store, kwargs, stored, region)
-                    for start, generations in run_sync(target.generations_from(starts)).items():
-                        expect(start, generations)
+                    starts, whole = _rewritten_starts(aligned, store, kwargs, stored, region)
+                    for start, generations in run_sync(target.generations_from([*starts, *whole])).items():
+                        expect(start, generations, whole=start in whole)
                 # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
                 # names the write (those of compute=False run later, when no failure of this call can stop them)
                 now = not later and any(_is_dask(var.data) for var in aligned.variables.values())
-                if later:
+                if later and not fills:  # a template: its graph marks the store again as it starts
                     aligned = _after_the_mark(aligned, mark)
                 out = aligned.to_zarr(changes.carried(target) if now else target, **kwargs)
                 if guarded:
