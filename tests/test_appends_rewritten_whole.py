@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import xarray as xr
-from outcomes import Outcome
+from outcomes import Outcome, two_writes_and_a_late_copy
 
 import cloudio
 
@@ -57,3 +57,24 @@ def test_an_append_writes_over_a_variable_without_the_dim_another_writer_changed
     assert append.finished(60), "the append hung"
     assert append.error is None, repr(append.error)
     np.testing.assert_array_equal(cloudio.open_zarr(url).s.values, np.arange(4, dtype="f4") + 10)
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_a_late_copy_of_the_groups_attributes_does_not_land_over_a_later_append(gcs_emulator, gcs_bucket,
+                                                                                 fault_proxy, monkeypatch, fmt):
+    """Every append writes the group's attributes again (format 3: its zarr.json; 2: .zattrs): the first append's
+    upload of them held past the time limit arrives after the second append committed. The attributes must read
+    as the second's."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/attrs{fmt}.zarr"
+
+    def part(t0: int, version: int) -> xr.Dataset:
+        return xr.Dataset({"v": (("t",), np.zeros(2, "f4"))}, coords={"t": [t0, t0 + 1]}, attrs={"version": version})
+
+    cloudio.to_zarr(part(0, 0), url, mode="w", zarr_format=fmt, consolidated=False)
+    document = f"attrs{fmt}.zarr%2F" + ("zarr.json" if fmt == 3 else ".zattrs")
+    two_writes_and_a_late_copy(fault_proxy, r"/upload/.*name=" + document + r"(&|$)", lambda v: cloudio.to_zarr(
+        part(2 * v, v), url, append_dim="t", zarr_format=fmt, consolidated=False))
+    got = cloudio.open_zarr(url, consolidated=False)
+    assert got.attrs["version"] == 2
+    np.testing.assert_array_equal(got.t.values, [0, 1, 2, 3, 4, 5])

@@ -229,3 +229,22 @@ def test_a_pickled_store_carries_the_generations_listed_up_to_the_limit(gcs_emul
         expect("v/c/0/", {"v/c/0/0": 7})
     shipped = pickle.loads(pickle.dumps(graph))
     assert shipped._expected("v/c/0/0") == 7 and shipped._kept and store._expected("v/c/0/0") is None
+
+
+def test_past_the_limit_a_pickled_store_leaves_out_what_is_rewritten_whole_first(gcs_emulator, gcs_bucket,
+                                                                                 monkeypatch):
+    """An append listing a large static variable (rewritten whole, where the last writer wins) besides the rows it
+    appends: past SHIPPED_GENERATIONS the static variable's generations stay behind, the appended rows' travel."""
+    import pickle
+
+    from cloudio._zarr import store as cloudio_store
+
+    monkeypatch.setattr(cloudio_store, "SHIPPED_GENERATIONS", 3)
+    store = cloudio.zarr_store(f"{gcs_bucket}/shipped-whole.zarr")
+    with store.expecting() as expect:
+        expect("v/c/4/", {"v/c/4/0": 7})
+        expect("elev/", {f"elev/c/{i}/0": 10 + i for i in range(8)}, whole=True)
+        copy = pickle.loads(pickle.dumps(store))
+        assert copy._expected("v/c/4/0") == 7 and copy._expected("v/c/4/1") == 0
+        assert copy._expected("elev/c/1/0") is None and not copy._whole
+        assert store._expected("elev/c/1/0") == 11

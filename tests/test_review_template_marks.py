@@ -193,6 +193,27 @@ def test_a_template_graph_computed_twice_is_marked_each_time(gcs_emulator, gcs_b
         np.testing.assert_array_equal(_values(url), _rows([7, 7, 7, 7]))
 
 
+def test_a_region_graph_computed_twice_is_marked_each_time(gcs_emulator, gcs_bucket):
+    """A region write's compute=False graph (no template) computed twice: the first computation's last task took
+    its mark off, so the second puts it up again before its first chunk upload, and takes it off at the end."""
+    url = f"{gcs_bucket}/region-twice.zarr"
+    _template(url)
+    _region(url, 0)
+    graph = cloudio.to_zarr(
+        xr.Dataset({"v": (("t", "x"), da.full((STEP, COLS), 8.0, dtype="f4", chunks=(STEP, COLS)))}),
+        url, region={"t": slice(STEP, 2 * STEP)}, consolidated=False, compute=False)
+    assert _marker_exists(gcs_emulator, url)  # up since to_zarr returned: the first computation finds it there
+    for _ in range(2):
+        since = len(gcs_emulator.requests())
+        with dask.config.set(scheduler="sync"):
+            returned(lambda: dask.compute(graph))
+        assert not _marker_exists(gcs_emulator, url)
+    events = _events(gcs_emulator, since, url)  # the second computation's
+    assert _chunk_events(events), events
+    assert _chunk_events_marked(events), events
+    np.testing.assert_array_equal(_values(url)[STEP:2 * STEP], 8.0)
+
+
 def test_many_chunk_tasks_at_once_put_the_mark_up_once_and_take_it_off(gcs_emulator, gcs_bucket):
     """64 rows in 16 chunks, computed by 16 threads at once after a region write took the mark off: one upload
     of the marker puts it back before any chunk goes up, and it is gone afterwards."""

@@ -213,20 +213,3 @@ def test_a_region_write_that_cannot_read_the_enclosing_marker_still_succeeds(gcs
     stored = zarr.open_array(cloudio.zarr_store(f"{url}/g", read_only=True), path="v", mode="r")
     assert stored[:4, 0].tolist() == [1.0] * 4
 
-
-def test_a_region_graph_computed_sends_only_its_commits_marker_requests(gcs_emulator, gcs_bucket):
-    """A region write's compute=False graph is no template (its mark stays up until it ran): computing it sends
-    no marker update as it starts, only its last task's (a GET and the marker's removal)."""
-    url = f"{gcs_bucket}/region-graph.zarr"
-    _template(url)
-    _region(url, 0)
-    lazy = cloudio.to_zarr(xr.Dataset({"v": (("t", "x"), da.full((4, 8), 9.0, dtype="f4", chunks=(4, 8)))}),
-                           url, region={"t": slice(4, 8)}, consolidated=False, compute=False)
-    since = len(gcs_emulator.requests())
-    with dask.config.set(scheduler="sync"):
-        returned(lambda: dask.compute(lazy))
-    marker = parse_gcs(f"{url}/{MARKER}").key.replace("/", "%2F")
-    sent = [r.method for r in gcs_emulator.requests()[since:] if marker in r.path]
-    assert sent == ["GET", "DELETE"], sent
-    assert not _marker_exists(gcs_emulator, url)
-    np.testing.assert_array_equal(cloudio.open_zarr(url, consolidated=False).v.values[4:8], 9.0)

@@ -304,6 +304,10 @@ class _JournalingGCSFileMixin:
                     f"{url}: the upload's last answer was lost and its session has ended: the object holds what "
                     "was sent, or what it held before. Read it to know, or write it again."
                 ) from e
+            except Exception as e:
+                if _outcome_unknown(e):  # a try of the last chunk given up may still reach the server
+                    self._cancel_session(url)
+                raise
             if done is False:
                 return done
             # the final answer's object resource; or (a final chunk answered with a Range header) the
@@ -317,6 +321,19 @@ class _JournalingGCSFileMixin:
                 raise
             _uploaded(url, generation, self.offset)  # type: ignore[attr-defined]
         return done
+
+    def _cancel_session(self, url: str) -> None:
+        """Cancel the upload's resumable session, whose last chunk's outcome is unknown: a try of that chunk
+        given up and still on its way then finds the session gone, instead of finishing it over a later
+        write. (If a try stored the object, the session is finished, and nothing changes.)"""
+        location = self.location  # type: ignore[attr-defined]
+        if location is None:
+            return
+        try:
+            self.fs.call("DELETE", location.replace("&ifGenerationMatch=0", ""))  # type: ignore[attr-defined]
+        except Exception as e:  # gone or unreachable: the session expires on its own (a week on GCS)
+            log.warning("%s: could not cancel the upload's session (%s); a try of its last chunk still on its "
+                        "way could finish it later", url, e)
 
     def _initiate_upload(self) -> Any:
         with self._bucket_named():
@@ -606,7 +623,8 @@ class _JournalingGCSMixin(_TextWrites):
         """One try of :meth:`_gcsfs_upload`, each request needing generation ``replacing`` (None: as gcsfs
         sends); ConflictError when another writer's object is there instead."""
         with await journal().changing_async(url), _unsure(url):  # GDAL reads of it wait until it is recorded
-            sending = _replacing.set(replacing)
+            tried: list[int] = []  # one entry per try of each request (gcsfs retries inside)
+            sending, counting = _replacing.set(replacing), _attempts.set(tried)
             try:
                 out, meta = await self._answered_by(upload())
             except FileExistsError as e:  # 412: mode="create" found an object, or one not at `replacing`
@@ -616,8 +634,11 @@ class _JournalingGCSMixin(_TextWrites):
                     raise AlreadyExistsError(f"{url}: not written: mode='create' writes only where no object "
                                              "exists, and one does. Nothing was uploaded. Delete it first, or "
                                              "write without mode='create'.") from e
+                # an earlier try whose answer was lost stored it; refused at the first try, it is another
+                # writer's, however alike (its content type or metadata may differ)
+                retried = len(tried) > 1
                 held = await self._stored(url)
-                if _int_or_none(held.get("size")) == size and held.get("crc32c") == crc:
+                if retried and _int_or_none(held.get("size")) == size and held.get("crc32c") == crc:
                     log.info("%s: a retry's precondition failed on what an earlier try stored", url)
                     _uploaded(url, _int_or_none(held.get("generation")), size)
                     return None
@@ -628,6 +649,7 @@ class _JournalingGCSMixin(_TextWrites):
                 _uploaded(url, await self._landed(url, size, crc, e), size)
                 return None
             finally:
+                _attempts.reset(counting)
                 _replacing.reset(sending)
             generation = await self._verify_stored(url, meta, size, crc)
             _uploaded(url, generation, size)
@@ -670,7 +692,8 @@ class _JournalingGCSMixin(_TextWrites):
                 # verified against the upload's own answer (not a later metadata request that could see
                 # another writer's object); journaled as invalidated there if that answer was lost
                 up = await last_writer_wins(self, parse_gcs(url), os.path.getsize(lpath), lambda g: put_verified(
-                    self, url, lpath, content_type=content_type, record=False, attempts=1, expected_generation=g))
+                    self, url, lpath, content_type=content_type, record=False, attempts=1, expected_generation=g,
+                    plain=True))
                 _record(url, "write", generation=up.generation, size=up.size)
             callback = kwargs.get("callback")
             if callback is not None:

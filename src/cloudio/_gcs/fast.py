@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import functools
 import http.client
 import json
@@ -1420,6 +1421,11 @@ async def _get_later(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], which: l
         raise group.exceptions[0] from group.exceptions[0].__cause__
 
 
+#: inside :func:`put_verified`'s upload: one entry per try of its requests, so that a failed precondition can tell
+#: whether an earlier try of the same upload may have stored the object
+tries: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cloudio_fast_tries", default=None)
+
+
 async def _retrying(fs: gcsfs.GCSFileSystem, once: Callable[[], Awaitable[T]],
                     pause: Callable[[Exception, int, int, float], float | None]) -> T:
     """``once()`` until it succeeds, all within the time limit of one call; ``pause(e, retry, retries,
@@ -1428,7 +1434,10 @@ async def _retrying(fs: gcsfs.GCSFileSystem, once: Callable[[], Awaitable[T]],
     silent that long (:class:`_Watchdog`, a socket's timeout), and one moving slowly but steadily goes on."""
     limit, retries = _budget(fs)
     deadline = time.monotonic() + limit
+    tally = tries.get()
     for retry in range(retries):
+        if tally is not None:
+            tally.append(retry)
         try:
             async with asyncio.timeout(None if deadline == math.inf else max(0.0, deadline - time.monotonic())):
                 return await once()

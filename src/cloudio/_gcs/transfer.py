@@ -255,6 +255,7 @@ async def put_verified(
     media: bool = False,
     if_generation_match: int | None = None,
     expected_generation: int | None = None,
+    plain: bool = False,
 ) -> Uploaded:
     """Upload ``source`` to ``url`` and verify it against the server's answer: THE way cloudio writes.
 
@@ -294,6 +295,10 @@ async def put_verified(
         ``if_generation_match`` against a late copy of an earlier write (see
         :meth:`cloudio._zarr.store.JournaledStore.expecting`): sent with the
         upload, which stays a media upload (:data:`cloudio._gcs.fast.EXPECTED_AS_MULTIPART`).
+    plain
+        A plain write (:func:`last_writer_wins`): an object refusing the first
+        request of the upload is another writer's, even when it holds the same
+        bytes (its content type may differ, and a late copy could land over it).
 
     Raises
     ------
@@ -334,6 +339,8 @@ async def put_verified(
                 delay = BACKOFF * 2 ** (attempt - 1)
                 log.info("upload of %s: attempt %d of %d in %.2f s (%s)", path.url, attempt + 1, attempts, delay, last)
                 await asyncio.sleep(delay)
+            tried: list[int] = []
+            counting = fast.tries.set(tried)
             try:
                 sent = True
                 meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit, media,
@@ -346,8 +353,10 @@ async def put_verified(
             except FileExistsError as e:  # gcsfs's mapping of 412: the precondition failed
                 if guard is None:
                     raise
-                held = await _holds(fs, path, source)  # or a try whose answer was lost stored it, and its
-                if held is None:  # retry (gcsfs's own, the same precondition) found the generation it made
+                # or a try whose answer was lost stored it, and its retry (the same precondition) found the
+                # generation it made
+                held = await _holds(fs, path, source) if not plain or len(tried) > 1 else None
+                if held is None:
                     raise ConflictError(path.url, guard, await _generation(fs, path)) from e
                 generation, size, sent_crc = int(held["generation"]), int(held["size"]), held["crc32c"]
                 log.info("%s: a retry's precondition failed on the generation an earlier try stored", path.url)
@@ -356,6 +365,8 @@ async def put_verified(
                 await _ensure_bucket(path, fs)  # raises BucketNotFoundError when that is the reason
                 last = e
                 continue
+            finally:
+                fast.tries.reset(counting)
             return _uploaded(fs, path, generation, size, sent_crc, record)
         assert last is not None
         raise _failure(path, last, attempts, deleted) from last
@@ -369,7 +380,8 @@ async def put_verified(
             raise IntegrityError(f"{path.url}: what the server stored differs from what was sent ({e}), and "
                                  f"deleting it failed ({e.__cause__}): THE OBJECT AT {path.url} IS CORRUPT. "
                                  "Delete it, or write it again (check the network path to GCS).") from e
-        elif sent and isinstance(e, Exception) and (held := await _holds(fs, path, source)) is not None:
+        elif (sent and isinstance(e, Exception) and not isinstance(e, ConflictError)  # (asked already)
+              and (held := await _holds(fs, path, source)) is not None):
             # a try whose answer was lost stored it (the error is a later try's, or the last answer's loss)
             log.info("%s: the upload's answers were lost, and the object holds what was sent", path.url)
             return _uploaded(fs, path, int(held["generation"]), int(held["size"]), held["crc32c"], record)
@@ -526,7 +538,7 @@ def upload(
     if if_generation_match is not None:
         return sync(fs.loop, put, if_generation_match=if_generation_match)  # type: ignore[no-any-return]
     return sync(fs.loop, last_writer_wins, fs, path, source_size(source),  # type: ignore[no-any-return]
-                lambda replacing: put(expected_generation=replacing))
+                lambda replacing: put(expected_generation=replacing, plain=True))
 
 
 async def _generation(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:

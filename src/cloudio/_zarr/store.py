@@ -313,11 +313,14 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled with the generations :meth:`expecting` listed, up to :data:`SHIPPED_GENERATIONS`: a Dask chunk
-        task on a ``dask.distributed`` worker writes through such a copy, and its uploads need them too."""
-        if not self._listed or sum(map(len, self._listed.values())) > SHIPPED_GENERATIONS:
+        task on a ``dask.distributed`` worker writes through such a copy, and its uploads need them too. Past
+        that, those of what is rewritten whole (where the last writer wins) are left out first."""
+        listed, whole = self._listed, self._whole
+        if sum(map(len, listed.values())) > SHIPPED_GENERATIONS:
+            listed, whole = {p: g for p, g in listed.items() if p not in whole}, set()
+        if not listed or sum(map(len, listed.values())) > SHIPPED_GENERATIONS:
             return (type(self), (self._store, self._root_url))
-        return (type(self), (self._store, self._root_url),
-                {"_listed": self._listed, "_whole": self._whole, "_kept": self._kept})
+        return (type(self), (self._store, self._root_url), {"_listed": listed, "_whole": whole, "_kept": self._kept})
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         """The wrapped store's ``get``; a whole object of GCS is read over kept connections of cloudio's own.

@@ -175,15 +175,17 @@ def _rewritten_starts(dataset: xarray.Dataset, store: JournaledStore, kwargs: Ma
     Why these: a region write rewrites the rows of chunks (or shards) along each variable's first axis that its
     region touches; an append, those rows past the stored length and the variable's metadata; a variable added
     is all new. Listing only those keeps the cost to the objects written (a region write of one row lists one
-    row). What writers adding their own variables at once all rewrite alike (coordinates and variables without
-    ``append_dim``, rewritten whole) is listed too, but another writer's object there is written over: guarded
-    strictly, those writers would refuse each other's writes of the same values.
+    row). What writers adding their own variables at once all rewrite alike (the group's own documents,
+    coordinates and variables without ``append_dim``, rewritten whole) is listed too, but another writer's object
+    there is written over: guarded strictly, those writers would refuse each other's writes of the same values.
     """
     append_dim = kwargs.get("append_dim")
     region_arg = kwargs.get("region")
     base = key_prefix(_group(kwargs))
     starts: list[str] = []
     whole: list[str] = []
+    if stored is not None:  # the group's attributes (and, format 2, .zgroup): xarray writes them again
+        whole.append(base + ("zarr.json" if stored.zarr_format == 3 else ".z"))
     for name, var in dataset.variables.items():
         existing = stored.array(name) if stored is not None else None
         if existing is None:
@@ -591,7 +593,7 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                 # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
                 # names the write (those of compute=False run later, when no failure of this call can stop them)
                 now = not later and any(_is_dask(var.data) for var in aligned.variables.values())
-                if later and not fills:  # a template: its graph marks the store again as it starts
+                if later:
                     aligned = _after_the_mark(aligned, mark)
                 out = aligned.to_zarr(changes.carried(target) if now else target, **kwargs)
                 if guarded:
