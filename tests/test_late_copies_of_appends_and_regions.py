@@ -146,7 +146,8 @@ def test_a_chunk_another_writer_changed_during_a_region_write_is_not_overwritten
 def test_the_generations_are_listed_only_for_the_chunks_a_region_write_touches(gcs_emulator, gcs_bucket, fmt):
     """A region write of t[4:6] lists the objects of v's row of chunks 2 (one listing, not the whole array; the
     group's listing is the write's own, as before); an append lists the appended rows and v's own metadata, and
-    each variable without t (s, the coordinate x), which it rewrites whole, once (where the last writer wins)."""
+    each variable without t (s, the coordinate x), which it rewrites whole, once (where the last writer wins), and
+    the group's own documents, which a region write (mode "r+") leaves alone."""
     url = f"{gcs_bucket}/listed{fmt}.zarr"
     _first(url, fmt)
     since = len(gcs_emulator.requests())
@@ -154,6 +155,8 @@ def test_the_generations_are_listed_only_for_the_chunks_a_region_write_touches(g
     assert err is None, repr(err)
     row = f"listed{fmt}.zarr/v/c/2/" if fmt == 3 else f"listed{fmt}.zarr/v/2."
     assert [p for p in _listings(gcs_emulator, since) if "/v" in p] == [row]
+    group_documents = f"listed{fmt}.zarr/" + ("zarr.json" if fmt == 3 else ".z")  # xarray writes them outside r+
+    assert group_documents not in _listings(gcs_emulator, since)
     more = _stored(3).assign_coords(t=[8, 9, 10])
     since = len(gcs_emulator.requests())
     _, err, _ = bounded(lambda: cloudio.to_zarr(more, url, append_dim="t"))
@@ -161,6 +164,7 @@ def test_the_generations_are_listed_only_for_the_chunks_a_region_write_touches(g
     listed = _listings(gcs_emulator, since)
     assert sorted(p for p in listed if "/s/" in p or "/x/" in p or p.endswith(("/s", "/x"))) == [
         f"listed{fmt}.zarr/s/", f"listed{fmt}.zarr/x/"], listed
+    assert group_documents in listed, listed
     rows = [f"listed{fmt}.zarr/{name}/c/{i}/" if fmt == 3 else f"listed{fmt}.zarr/{name}/{i}." for name, i in
             [("v", 4), ("v", 5)]]
     assert set(rows) <= set(listed), listed

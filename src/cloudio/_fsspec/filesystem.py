@@ -516,6 +516,9 @@ class _JournalingGCSMixin(_TextWrites):
         from gcsfs.retry import HttpError
 
         limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
+        tally = _attempts.get()
+        if tally is not None:  # the tries of this request only (gcsfs retries inside)
+            tally.clear()
         replacing = _replacing.get()  # gcsfs's simple_upload and initiate_upload name their query as keywords
         if replacing is not None and method == "POST" and kwargs.get("uploadType") in ("multipart", "resumable"):
             kwargs.setdefault("ifGenerationMatch", str(replacing))
@@ -623,7 +626,7 @@ class _JournalingGCSMixin(_TextWrites):
         """One try of :meth:`_gcsfs_upload`, each request needing generation ``replacing`` (None: as gcsfs
         sends); ConflictError when another writer's object is there instead."""
         with await journal().changing_async(url), _unsure(url):  # GDAL reads of it wait until it is recorded
-            tried: list[int] = []  # one entry per try of each request (gcsfs retries inside)
+            tried: list[int] = []  # one entry per try of the last request (gcsfs retries inside)
             sending, counting = _replacing.set(replacing), _attempts.set(tried)
             try:
                 out, meta = await self._answered_by(upload())

@@ -1003,6 +1003,9 @@ async def _exchange(origin: tuple[str, str, int], request: bytes, out: memoryvie
         except _Closed:
             conn.close()
             if kept:  # the server closed a kept connection while it was idle: a new one, at no retry's cost
+                tally = tries.get()  # (the request may have reached it: a try, for put_verified's count)
+                if tally is not None:
+                    tally.append(-1)
                 continue
             raise
         except BaseException:

@@ -125,25 +125,26 @@ journal().register(_last_generations)
 
 
 async def last_writer_wins(fs: gcsfs.GCSFileSystem, path: GCSPath, size: int,
-                           send: Callable[[int], Awaitable[T]], *, first: int | None = None) -> T:
+                           send: Callable[[int], Awaitable[T]], *, first: int | None = None,
+                           races: int = RACES) -> T:
     """``send(generation)``: a plain write (the last writer wins) of ``size`` bytes, whose every request needs
     the generation it replaces (``ifGenerationMatch``), so that a try given up at the time limit and reaching
     the server after a later write is refused there instead of landing over it.
 
     That generation is ``first``, or the one this process last heard of at ``path``; unknown, 0 ("no
     object") for a small object and the server's for a larger one. An object another writer stored
-    instead (``send`` raises ConflictError) is written over at its generation, up to :data:`RACES` times.
+    instead (``send`` raises ConflictError) is written over at its generation, up to ``races`` times.
     """
     replacing = first if first is not None else _last_generations.get(path.url)
     if replacing is None:
         replacing = 0 if size < ASK_FIRST_FROM else await _generation(fs, path)
-    for race in range(1, RACES + 1):
+    for race in range(1, races + 1):
         try:
             return await send(replacing)
         except ConflictError as e:
-            if race == RACES:
+            if race == races:
                 raise ConflictError(path.url, e.expected, e.actual, next_step=(
-                    f"Other writers replaced it {RACES} times as this write was sent; write again.")) from e
+                    f"Other writers replaced it {races} times as this write was sent; write again.")) from e
             log.info("%s: another writer stored generation %d; writing over it", path.url, e.actual)
             replacing = e.actual
     raise AssertionError("unreachable")

@@ -403,7 +403,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                         if expected is not None and any(key.startswith(p) for p in self._whole):
                             generation = await last_writer_wins(  # rewritten whole: the last writer wins
                                 self._store.fs, parse_gcs(self._url(key)), len(value),  # type: ignore[attr-defined]
-                                lambda g: self._pipe(key, value, guard, g), first=e.actual)
+                                lambda g: self._pipe(key, value, guard, g), first=e.actual, races=_WHOLE_RACES)
                         elif not self._kept or expected is None or _stored_here.get(self._url(key)) != e.actual:
                             raise
                         else:  # a graph made before this process's own later write of the object: it is
@@ -910,6 +910,10 @@ _DELETES_AT_ONCE = 32
 #: the most generations a pickled store carries to a worker (see JournaledStore.__reduce__): each Dask task
 #: may carry its own copy; a write that listed more goes unguarded there (docs/consistency.md)
 SHIPPED_GENERATIONS = 256
+#: rounds in which an upload of what an append rewrites whole (the group's documents, coordinates) writes over
+#: other writers' objects before its ConflictError (the group's zarr.json is what writers appending at once
+#: all rewrite; their consolidation takes as many rounds)
+_WHOLE_RACES = 20
 
 
 def key_prefix(path: str) -> str:

@@ -184,7 +184,8 @@ def _rewritten_starts(dataset: xarray.Dataset, store: JournaledStore, kwargs: Ma
     base = key_prefix(_group(kwargs))
     starts: list[str] = []
     whole: list[str] = []
-    if stored is not None:  # the group's attributes (and, format 2, .zgroup): xarray writes them again
+    if stored is not None and kwargs.get("mode", "r+" if region_arg is not None else "a") != "r+":
+        # the group's attributes (and, format 2, .zgroup): xarray writes them again outside mode "r+"
         whole.append(base + ("zarr.json" if stored.zarr_format == 3 else ".z"))
     for name, var in dataset.variables.items():
         existing = stored.array(name) if stored is not None else None
