@@ -212,4 +212,3 @@ def test_a_region_write_that_cannot_read_the_enclosing_marker_still_succeeds(gcs
         cloudio.open_zarr(url, group="g", consolidated=False)
     stored = zarr.open_array(cloudio.zarr_store(f"{url}/g", read_only=True), path="v", mode="r")
     assert stored[:4, 0].tolist() == [1.0] * 4
-

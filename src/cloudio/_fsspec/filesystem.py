@@ -104,7 +104,8 @@ _writing: contextvars.ContextVar[str | None] = contextvars.ContextVar("cloudio_f
 #: (gcsfs returns it for a small pipe only), so the check pins the generation this write stored
 _answered: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("cloudio_fsspec_answered",
                                                                                          default=None)
-#: one entry per attempt of the requests sent inside a delete (gcsfs retries inside its ``_request``)
+#: one entry per try of the last request sent inside a delete or an upload (gcsfs retries inside its ``_request``;
+#: :meth:`_call` empties it as each request starts)
 _attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cloudio_fsspec_attempts", default=None)
 #: inside a plain pipe: the generation each of its upload requests needs (``ifGenerationMatch``), see
 #: :meth:`GCSFileSystem._pipe_file`

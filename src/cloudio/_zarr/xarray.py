@@ -165,7 +165,7 @@ GUARD_LISTING_LIMIT = 10_000
 _ROW_LISTINGS = 16
 
 
-def _rewritten_starts(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any],
+def _rewritten_starts(dataset: xarray.Dataset, store: JournaledStore, kwargs: Mapping[str, Any], mode: str,
                       stored: StoredVariables | None,
                       region: Callable[[], dict[Hashable, slice]]) -> tuple[list[str], list[str]]:
     """The beginnings of the keys an append, a region write or a write adding variables rewrites (see
@@ -184,7 +184,7 @@ def _rewritten_starts(dataset: xarray.Dataset, store: JournaledStore, kwargs: Ma
     base = key_prefix(_group(kwargs))
     starts: list[str] = []
     whole: list[str] = []
-    if stored is not None and kwargs.get("mode", "r+" if region_arg is not None else "a") != "r+":
+    if stored is not None and mode != "r+":
         # the group's attributes (and, format 2, .zgroup): xarray writes them again outside mode "r+"
         whole.append(base + ("zarr.json" if stored.zarr_format == 3 else ".z"))
     for name, var in dataset.variables.items():
@@ -588,7 +588,7 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                 if mode == "w":  # zarr deletes the group's objects first: every upload then needs no object there
                     expect(key_prefix(group), {})
                 elif mode != "w-" and store.on_gcs:  # each upload needs the generation it rewrites
-                    starts, whole = _rewritten_starts(aligned, store, kwargs, stored, region)
+                    starts, whole = _rewritten_starts(aligned, store, kwargs, mode, stored, region)
                     for start, generations in run_sync(target.generations_from([*starts, *whole])).items():
                         expect(start, generations, whole=start in whole)
                 # Dask tasks computed now write through the store wherever they run: on a cluster's workers, it
