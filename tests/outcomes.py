@@ -6,6 +6,7 @@ generation each needed."""
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -70,9 +71,10 @@ def returned(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
 
 def two_writes_and_a_late_copy(fault_proxy: Any, upload: str, write: Callable[[int], Any]) -> None:
     """``write(1)`` with the upload matching ``upload`` (a path pattern of ``fault_proxy``) held on its way for
-    4 s (abandoned at a time limit of 1 s, and sent again), ``write(2)``, then the held request reaching the
-    server."""
-    held = fault_proxy.add("delay", method="POST", path=upload, seconds=4, times=1)
+    4 times ``CLOUDIO_HTTP_TIMEOUT`` (at least 4 s; abandoned at that time limit, and sent again), ``write(2)``,
+    then the held request reaching the server."""
+    seconds = max(4.0, 4 * float(os.environ.get("CLOUDIO_HTTP_TIMEOUT", "1")))
+    held = fault_proxy.add("delay", method="POST", path=upload, seconds=seconds, times=1)
     for value in (1, 2):
         _, err, _ = bounded(functools.partial(write, value))
         assert err is None, repr(err)

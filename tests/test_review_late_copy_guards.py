@@ -468,7 +468,8 @@ def test_a_late_copy_of_an_fsspec_pipe_does_not_land_over_a_later_pipe(gcs_emula
                                                                          monkeypatch):
     """fs.pipe(path, b"one"), its upload held past the time limit and sent again; fs.pipe(path, b"two"); then the
     held copy arrives. The object must hold b"two"."""
-    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    # gcsfs retries after 1-2 s of back-off, all within 3 times the limit: 2 s leaves its retry time to answer
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "2")
     fs = cloudio.filesystem(gcs_bucket)
     path = f"{gcs_bucket}/piped.bin"
     two_writes_and_a_late_copy(fault_proxy, r"/upload/", lambda v: fs.pipe(path, [b"one", b"two"][v - 1]))
