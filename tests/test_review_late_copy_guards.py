@@ -20,9 +20,10 @@ import time
 import dask.array as da
 import numpy as np
 import pytest
+import requests
 import xarray as xr
 import zarr
-from outcomes import Outcome, bounded, two_writes_and_a_late_copy, uploads_logged
+from outcomes import Outcome, bounded, returned, two_writes_and_a_late_copy, uploads_logged
 
 import cloudio
 
@@ -319,22 +320,17 @@ def test_an_object_another_writer_stores_while_to_zarr_mode_w_writes_is_not_over
 # ---------------------------------------------------------------------------------------------------------------
 
 
-_DELETED_FIRST = pytest.mark.xfail(strict=False, reason=(
-    "an upload needing 'no object' (ifGenerationMatch=0, store.py JournaledStore._expected: generations.get(key, 0)"
-    ") is satisfied again once zarr's delete_dir (save_array of a Dask array, to_zarr mode='w') left the object "
-    "absent: the first write's late copy lands"))
-
-
-@pytest.mark.parametrize("writer", ["save_array", pytest.param("save_array-dask", marks=_DELETED_FIRST),
-                                    pytest.param("to_zarr", marks=_DELETED_FIRST)])
+@pytest.mark.parametrize("writer", ["save_array", "save_array-dask", "to_zarr"])
 def test_a_late_copy_of_a_first_write_does_not_land_where_a_later_write_left_no_object(
         gcs_emulator, gcs_bucket, fault_proxy, monkeypatch, writer):
     """The first write of a fresh store: every upload needs no object there (generation 0). Its shard c/0/0 is
     held on its way, abandoned at the time limit and sent again. The second write leaves that shard's region at
     the fill value. save_array of a NumPy array stores that shard anyway (its chunks of the fill value) over the
-    object its listing found; zarr, before to_zarr(mode="w") and save_array of a Dask array, deletes it and stores
-    none. Then the held request arrives: with no object there its precondition holds, and the first write's
-    values reappear inside the second, no error."""
+    object its listing found; zarr, before to_zarr(mode="w") and save_array of a Dask array, deletes it and would
+    store none: the held request, arriving then, would find its precondition holding again, and the first
+    write's values would reappear inside the second, no error. As this process gave up an upload in the store,
+    those writes store every chunk, even one of only the fill value (write_empty_chunks), and the late copy is
+    refused."""
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
     url = f"{gcs_bucket}/gone.zarr"
 
@@ -362,44 +358,107 @@ def test_a_late_copy_of_a_first_write_does_not_land_where_a_later_write_left_no_
     assert stale == 0, f"{stale} values of the first write inside the second (its late copy landed), no error"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "xarray.py to_zarr / arrays.py save_array set expect({}) and zarr deletes before uploading: in that window "
-    "the previous write's late copy (also ifGenerationMatch=0) lands, and this write's own upload is refused 412 "
-    "(transfer.py put_verified) as ConflictError blaming another writer"))
-@pytest.mark.parametrize("writer", ["to_zarr", "save_array-dask"])
-def test_a_late_copy_arriving_between_zarrs_delete_and_the_upload_does_not_fail_the_later_write(
-        gcs_emulator, gcs_bucket, fault_proxy, monkeypatch, writer):
-    """Two writes of one process, both deleting first (to_zarr(mode="w"), save_array of a Dask array), nobody
-    else writing. The first write's upload of one chunk is held, abandoned at the time limit and sent again;
-    the write commits. The second write deletes the store and, while its own upload of that chunk is on its
-    way, the first write's held copy arrives. The second write should succeed with its values (the late copy
-    refused); it raises ConflictError saying another writer changed the chunk."""
-    url = f"{gcs_bucket}/win.zarr"
-    key = "win.zarr%2Fv%2Fc%2F0%2F0" if writer == "to_zarr" else "win.zarr%2Fc%2F0%2F0"
+@pytest.mark.parametrize("writer", ["save_array-dask", "to_zarr"])
+def test_with_no_upload_given_up_a_write_deleting_first_stores_no_chunk_of_only_the_fill_value(
+        gcs_emulator, gcs_bucket, writer):
+    """The fence above costs nothing otherwise: with no upload of this process given up under the store, zarr's
+    own rule stands and a chunk of only the fill value is not stored."""
+    url = f"{gcs_bucket}/plain.zarr"
+    a = np.full((64, 64), 2, "i4")
+    a[:32, :32] = 0
+    if writer == "to_zarr":
+        ds = xr.Dataset({"v": (("y", "x"), da.from_array(a, chunks=32))})
+        cloudio.to_zarr(ds, url, mode="w", encoding={"v": {"chunks": (32, 32)}}, consolidated=False)
+        chunks = "v/c/"
+    else:
+        cloudio.save_array(da.from_array(a, chunks=32), url, chunks=(32, 32))
+        chunks = "c/"
+    bucket = gcs_bucket.removeprefix("gs://")
+    listed = requests.get(f"{gcs_emulator.url}/storage/v1/b/{bucket}/o",
+                          params={"prefix": f"plain.zarr/{chunks}"}).json().get("items", [])
+    assert sorted(o["name"].removeprefix(f"plain.zarr/{chunks}") for o in listed) == ["0/1", "1/0", "1/1"]
 
-    def write(v: int) -> None:
-        if writer == "to_zarr":
+
+def test_a_write_whose_encoding_sets_write_empty_chunks_is_not_refused_after_an_upload_was_given_up(
+        gcs_emulator, gcs_bucket, fault_proxy, monkeypatch):
+    """xarray refuses a ``write_empty_chunks`` parameter that differs from a variable's encoding (after zarr
+    deleted the group): the fence above leaves a call whose encoding sets it alone."""
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/own.zarr"
+    held = fault_proxy.add("delay", method="POST", path=r"name=own\.zarr%2Fv%2Fc%2F0%2F0", seconds=4, times=1)
+    returned(lambda: cloudio.to_zarr(_dataset(1), url, mode="w", encoding={"v": {"chunks": (32, 32)}},
+                                     consolidated=False))
+    assert held.hits == 1
+    ds = _dataset(2)
+    ds["v"][:32, :32] = 0
+    returned(lambda: cloudio.to_zarr(ds, url, mode="w", consolidated=False,
+                                     encoding={"v": {"chunks": (32, 32), "write_empty_chunks": False}}))
+    assert held.answered.wait(20)
+    time.sleep(0.3)
+    assert cloudio.open_zarr(url, consolidated=False).v.values[32:, 32:].tolist() == ds.v.values[32:, 32:].tolist()
+
+
+@pytest.mark.parametrize("first, second", [("to_zarr", "to_zarr"), ("save_array-dask", "save_array-dask"),
+                                           ("save_array", "save_array-dask")])
+def test_a_late_copy_arriving_between_zarrs_delete_and_the_upload_does_not_fail_the_later_write(
+        gcs_emulator, gcs_bucket, fault_proxy, monkeypatch, first, second):
+    """Two writes of one process, the second deleting first (to_zarr(mode="w"), save_array of a Dask array),
+    nobody else writing. The first write's upload of one chunk is held, abandoned at the time limit and sent
+    again (numpy's save_array: from its batch of small uploads); the write commits. The second write deletes
+    the store and, while its own upload of that chunk is on its way, the first write's held copy arrives: its
+    guard (no object) holds again. The second write's upload then finds this process's own late copy, not
+    another writer's: it writes over it (it raised ConflictError blaming another writer)."""
+    url = f"{gcs_bucket}/win.zarr"
+    key = "win.zarr%2Fv%2Fc%2F0%2F0" if first == "to_zarr" else "win.zarr%2Fc%2F0%2F0"
+
+    def write(kind: str, v: int) -> None:
+        if kind == "to_zarr":
             cloudio.to_zarr(_dataset(v), url, mode="w", encoding={"v": {"chunks": (32, 32)}}, consolidated=False)
+        elif kind == "save_array":
+            cloudio.save_array(np.full((64, 64), v, dtype="i4"), url, chunks=(32, 32))
         else:
             cloudio.save_array(da.full((64, 64), v, dtype="i4", chunks=32), url, chunks=(32, 32))
 
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
-    first = threading.Event()
-    late = fault_proxy.add("delay", method="POST", path=f"name={key}", release=first, seconds=60, times=1)
-    _, err, _ = bounded(lambda: write(1))
+    first_held = threading.Event()
+    late = fault_proxy.add("delay", method="POST", path=f"name={key}", release=first_held, seconds=60, times=1)
+    _, err, _ = bounded(lambda: write(first, 1))
     assert err is None, repr(err)
+    assert late.hits == 1
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "30")  # the second write's own upload is held, not abandoned
-    second = threading.Event()
-    own = fault_proxy.add("delay", method="POST", path=f"name={key}", release=second, seconds=60, times=1)
-    writing = Outcome(lambda: write(2)).start()
+    second_held = threading.Event()
+    own = fault_proxy.add("delay", method="POST", path=f"name={key}", release=second_held, seconds=60, times=1)
+    writing = Outcome(lambda: write(second, 2)).start()
     _wait_for(own, writing)
-    first.set()
+    first_held.set()
     assert late.answered.wait(20)
-    second.set()
+    second_held.set()
     assert writing.finished(60), writing.said()
     assert writing.error is None, writing.said()
-    got = cloudio.open_zarr(url, consolidated=False).v.values if writer == "to_zarr" else cloudio.load_array(url)
+    got = cloudio.open_zarr(url, consolidated=False).v.values if second == "to_zarr" else cloudio.load_array(url)
     assert (got == 2).all()
+
+
+def test_an_upload_refused_by_another_writers_object_after_zarrs_delete_still_raises_conflict(
+        gcs_emulator, gcs_bucket, fault_proxy, monkeypatch):
+    """The rule above is for this process's own late copies only: another writer's object stored in the window
+    between zarr's delete and the upload (different bytes) still refuses it, with ConflictError."""
+    url = f"{gcs_bucket}/theirs.zarr"
+    cloudio.save_array(np.full((64, 64), 1, dtype="i4"), url, chunks=(32, 32))
+    held = threading.Event()
+    own = fault_proxy.add("delay", method="POST", path=r"name=theirs\.zarr%2Fc%2F0%2F0", release=held, seconds=60,
+                          times=1)
+    writing = Outcome(lambda: cloudio.save_array(da.full((64, 64), 2, dtype="i4", chunks=32), url,
+                                                 chunks=(32, 32))).start()
+    _wait_for(own, writing)
+    bucket = gcs_bucket.removeprefix("gs://")
+    stored = requests.post(f"{gcs_emulator.url}/upload/storage/v1/b/{bucket}/o",
+                           params={"uploadType": "media", "name": "theirs.zarr/c/0/0"}, data=b"another writer")
+    stored.raise_for_status()
+    held.set()
+    assert writing.finished(60), writing.said()
+    assert isinstance(writing.error, cloudio.ConflictError), writing.said()
+    assert "theirs.zarr/c/0/0" in str(writing.error)
 
 
 def test_a_late_copy_of_a_compute_false_write_does_not_land_over_a_later_write(

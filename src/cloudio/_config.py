@@ -21,7 +21,8 @@ lower-casing and dropping a trailing dot).
 ``http_timeout``
     ``CLOUDIO_HTTP_TIMEOUT`` (seconds, default 30): how long one HTTP request
     may stay silent (no byte moving either way) before it is abandoned and
-    retried; one call, retries included, may take three times that. GDAL and gcsfs both read it
+    retried; one call, retries included, may take three times that (plus gcsfs's 2 s before its first
+    retry, on gcsfs's own requests). GDAL and gcsfs both read it
     through :func:`http_timeout`, so one variable bounds every network call.
 """
 

@@ -55,11 +55,11 @@ from cloudio._fsspec.consumer import guard_listings, track
 from cloudio._gcs.client import (
     bounded_while_arriving,
     bucket_missing,
+    gcsfs_call_limit,
     header_crc,
     http_options,
     is_transient,
     local_size,
-    total_time_limit,
     transient_error,
 )
 from cloudio._gcs.transfer import (
@@ -516,7 +516,7 @@ class _JournalingGCSMixin(_TextWrites):
         rely on them)."""
         from gcsfs.retry import HttpError
 
-        limit = total_time_limit(self.requests_timeout)  # type: ignore[attr-defined]
+        limit = gcsfs_call_limit(self.requests_timeout)  # type: ignore[attr-defined]
         tally = _attempts.get()
         if tally is not None:  # the tries of this request only (gcsfs retries inside)
             tally.clear()

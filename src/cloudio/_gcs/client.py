@@ -14,8 +14,10 @@ answers hangs ``cat`` for good. Every filesystem cloudio makes (these, and
 shared with GDAL): a request may take as long as
 bytes keep arriving, but no step may stay silent longer. gcsfs retries such a
 failure up to 6 times with backoff; a tracked filesystem also bounds one
-whole call, retries included, to ``TOTAL_FACTOR`` times the limit, and raises
-:class:`~cloudio.TransientError` past it. An explicit ``requests_timeout``
+whole call, retries included, to ``TOTAL_FACTOR`` times the limit, plus
+the longest wait gcsfs makes before its first retry (2 s: at a limit of a
+second, a request given up would otherwise leave its retry no time), and
+raises :class:`~cloudio.TransientError` past it. An explicit ``requests_timeout``
 storage option wins over the environment variable.
 """
 
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: one tracked call, gcsfs's retries included, may take this many times the limit
 TOTAL_FACTOR = 3
+#: the longest gcsfs waits before its first retry (``random() + 1`` seconds, ``gcsfs.retry.retry_request``)
+GCSFS_FIRST_RETRY_WAIT = 2.0
 
 
 def http_options() -> dict[str, Any]:
@@ -67,6 +71,14 @@ def total_time_limit(requests_timeout: Any) -> float | None:
     limits = [getattr(requests_timeout, a, None) for a in ("total", "sock_read", "sock_connect", "connect")]
     known = [float(v) for v in limits if v]
     return TOTAL_FACTOR * max(known) if known else None
+
+
+def gcsfs_call_limit(requests_timeout: Any) -> float | None:
+    """How long one call through gcsfs's own requests (its retries inside) may take: :func:`total_time_limit`
+    and gcsfs's longest wait before its first retry, so that a request given up at the limit is always tried
+    again once (cloudio's own requests wait a quarter of a second first, :mod:`cloudio._gcs.fast`)."""
+    limit = total_time_limit(requests_timeout)
+    return None if limit is None else limit + GCSFS_FIRST_RETRY_WAIT
 
 
 def gcs_filesystem(*, asynchronous: bool = False, **kwargs: Any) -> gcsfs.GCSFileSystem:
@@ -217,9 +229,9 @@ async def bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
     gcsfs's per-request timeout does not bound its six retries and their
     back-off; a server that accepts and never answers would hold a write for
     minutes. The limit is the one tracked filesystems use
-    (:func:`cloudio._gcs.client.total_time_limit`, from ``CLOUDIO_HTTP_TIMEOUT``).
+    (:func:`gcsfs_call_limit`, from ``CLOUDIO_HTTP_TIMEOUT``).
     """
-    limit = total_time_limit(getattr(fs, "requests_timeout", None))
+    limit = gcsfs_call_limit(getattr(fs, "requests_timeout", None))
     return await (call if limit is None else asyncio.wait_for(call, limit))
 
 

@@ -1228,7 +1228,8 @@ def _head_tail(fs: gcsfs.GCSFileSystem, parts: SplitResult) -> bytes:
 async def put_each(fs: gcsfs.GCSFileSystem, count: int,
                    body: Callable[[int], tuple[GCSPath, memoryview, int | None] | None],
                    stored: Callable[[int, GCSPath, dict[str, Any], int, str], bool], concurrency: int,
-                   abandoned: list[int], content_type: str = "application/octet-stream") -> list[int]:
+                   abandoned: list[int], unanswered: Callable[[GCSPath, int, str], None],
+                   content_type: str = "application/octet-stream") -> list[int]:
     """Uploads of small objects in one batch (:func:`_each`): the happy path of
     :func:`cloudio._gcs.transfer.put_verified` for many objects.
 
@@ -1242,7 +1243,9 @@ async def put_each(fs: gcsfs.GCSFileSystem, count: int,
     the objects to send again the careful way (not taken, a failed answer or
     connection, a timeout). The requests on their way when an exception
     stopped the batch (which is then raised: whether the server stored them
-    is not known) are added to ``abandoned``.
+    is not known) are added to ``abandoned``. ``unanswered(path, size, crc)``
+    is called for each request sent and never answered (those, and the ones
+    given up at the time limit or whose connection failed): it may land late.
 
     Why: each upload through ``put_verified`` runs the same chain of awaits
     as a GET (:func:`get_each`) and more; 100 chunks of 40 KB took 52 ms to
@@ -1253,6 +1256,7 @@ async def put_each(fs: gcsfs.GCSFileSystem, count: int,
     tail = _head_tail(fs, parts)
     extra = _extra_query(fs)
     sent: dict[int, tuple[GCSPath, int, str]] = {}
+    heard: set[int] = set()
 
     def request(i: int) -> bytes | None:
         got = body(i)
@@ -1268,6 +1272,7 @@ async def put_each(fs: gcsfs.GCSFileSystem, count: int,
         return b"".join((line.encode("latin-1"), tail, before, data, after))
 
     def answered(i: int, status: int, headers: _Headers, answer: np.ndarray) -> bool:
+        heard.add(i)
         try:
             meta = json.loads(answer.tobytes()) if status == 200 else None
         except ValueError:  # garbled on the way: sent again the careful way
@@ -1277,7 +1282,12 @@ async def put_each(fs: gcsfs.GCSFileSystem, count: int,
         path, size, crc = sent[i]
         return stored(i, path, meta, size, crc)
 
-    later, _ = await _each(fs, _origin(parts), count, request, _ANSWER_ROOM, answered, concurrency, abandoned)
+    try:
+        later, _ = await _each(fs, _origin(parts), count, request, _ANSWER_ROOM, answered, concurrency, abandoned)
+    finally:
+        for i, (path, size, crc) in sent.items():
+            if i not in heard:  # given up at the time limit, its connection lost, or on its way at an exception
+                unanswered(path, size, crc)
     return later
 
 
@@ -1425,8 +1435,20 @@ async def _get_later(fs: gcsfs.GCSFileSystem, paths: Sequence[GCSPath], which: l
 
 
 #: inside :func:`put_verified`'s upload: one entry per try of its requests, so that a failed precondition can tell
-#: whether an earlier try of the same upload may have stored the object
+#: whether an earlier try of the same upload may have stored the object (and :data:`UNANSWERED` after a try that
+#: failed with no answer)
 tries: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cloudio_fast_tries", default=None)
+
+
+#: the entry :func:`_retrying` adds to :data:`tries` after a try that failed with no answer: the server may
+#: still carry it out, late (:data:`cloudio._gcs.transfer._given_up`)
+UNANSWERED = -2
+
+
+def _unanswered(e: Exception) -> bool:
+    """Whether a try failed with no answer from the server (given up at the time limit, its connection lost
+    mid-way), rather than answered (an error status, a garbled answer)."""
+    return isinstance(e, TimeoutError | ConnectionError | http.client.HTTPException) and not isinstance(e, _BadAnswer)
 
 
 async def _retrying(fs: gcsfs.GCSFileSystem, once: Callable[[], Awaitable[T]],
@@ -1445,6 +1467,8 @@ async def _retrying(fs: gcsfs.GCSFileSystem, once: Callable[[], Awaitable[T]],
             async with asyncio.timeout(None if deadline == math.inf else max(0.0, deadline - time.monotonic())):
                 return await once()
         except Exception as e:
+            if tally is not None and _unanswered(e):
+                tally.append(UNANSWERED)
             wait = pause(e, retry, retries, deadline)
             if wait is None:
                 raise

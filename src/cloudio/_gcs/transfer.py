@@ -124,6 +124,58 @@ _last_generations = _LastGenerations()
 journal().register(_last_generations)
 
 
+class _GivenUp:
+    """The bodies (size, CRC32C) of this process's upload requests that got no answer, by URL: given up at the
+    time limit, their connection lost, or cancelled on their way (in-memory bodies: chunks, documents).
+
+    Why: such a request may still reach the server, late, and land where its guard still holds: after zarr
+    deleted the object to write it again (the guard 0, "no object", holds once more). An upload of this
+    process refused by an object holding one of these bodies was refused by its own late copy: under
+    cloudio's own guard, :func:`put_verified` writes over it instead of raising ConflictError, and forgets
+    the body. (Another writer's object holding exactly that body would be written over too.)
+    """
+
+    keep = 10_000
+
+    def __init__(self) -> None:
+        self._table: dict[str, frozenset[tuple[int, str]]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, url: str, size: int, crc: str) -> None:
+        with self._lock:
+            touch(self._table, url, self._table.get(url, frozenset()) | {(size, crc)})
+            drop_oldest(self._table, self.keep)
+
+    def under(self, prefix: str) -> bool:
+        """Whether a request given up (its body unconfirmed) may still land under the URL ``prefix``."""
+        with self._lock:
+            return any(url.startswith(prefix) for url in self._table)
+
+    def take(self, url: str, meta: dict[str, Any]) -> bool:
+        """Whether the object resource ``meta`` stored at ``url`` holds a body given up there; that body is
+        then forgotten (its late copy has landed)."""
+        body = (_int(meta.get("size")), meta.get("crc32c"))
+        with self._lock:
+            bodies = self._table.get(url, frozenset())
+            if body not in bodies:
+                return False
+            if bodies - {body}:
+                self._table[url] = bodies - {body}
+            else:
+                del self._table[url]
+            return True
+
+
+_given_up = _GivenUp()
+
+
+def given_up_under(prefix: str) -> bool:
+    """Whether an upload request this process gave up on (its outcome unknown) may still land under the URL
+    ``prefix``: a write that deletes first then stores every chunk, even one of only the fill value, since a
+    late copy needing "no object" would land where it left none."""
+    return _given_up.under(prefix)
+
+
 async def last_writer_wins(fs: gcsfs.GCSFileSystem, path: GCSPath, size: int,
                            send: Callable[[int], Awaitable[T]], *, first: int | None = None,
                            races: int = RACES) -> T:
@@ -358,7 +410,14 @@ async def put_verified(
                 # generation it made
                 held = await _holds(fs, path, source) if not plain or len(tried) > 1 else None
                 if held is None:
-                    raise ConflictError(path.url, guard, await _generation(fs, path)) from e
+                    found = await _stored_now(fs, path)
+                    if (if_generation_match is None and not plain and attempt + 1 < attempts
+                            and _given_up.take(path.url, found)):  # cloudio's own guard (an explicit one stands)
+                        log.info("%s: a late copy of this process's own upload, given up earlier, holds it; "
+                                 "writing over it", path.url)
+                        guard, last = _int(found.get("generation")), e
+                        continue
+                    raise ConflictError(path.url, guard, _int(found.get("generation"))) from e
                 generation, size, sent_crc = int(held["generation"]), int(held["size"]), held["crc32c"]
                 log.info("%s: a retry's precondition failed on the generation an earlier try stored", path.url)
             except FileNotFoundError as e:  # 404: no bucket, or a resumable session that vanished
@@ -368,6 +427,8 @@ async def put_verified(
                 continue
             finally:
                 fast.tries.reset(counting)
+                if fast.UNANSWERED in tried and isinstance(source, bytes | bytearray | memoryview):
+                    _given_up.add(path.url, *_sums(source))  # a try given up with no answer: it may land late
             return _uploaded(fs, path, generation, size, sent_crc, record)
         assert last is not None
         raise _failure(path, last, attempts, deleted) from last
@@ -390,6 +451,8 @@ async def put_verified(
             # the upload may have landed and its answer been lost, or been cancelled on its way
             fs.invalidate_cache(path.fs_path)
             journal().record(path.url, "invalidate")
+            if not isinstance(e, Exception) and isinstance(source, bytes | bytearray | memoryview):
+                _given_up.add(path.url, *_sums(source))  # cancelled on its way (a failure was counted above)
         if isinstance(e, CloudioError) or not isinstance(e, Exception):
             raise
         raise _failure(path, e, attempts, deleted) from e
@@ -464,7 +527,8 @@ async def put_verified_each(
 
     abandoned: list[int] = []
     try:
-        again = await put_each(fs, count_, send, stored, concurrency, abandoned)
+        again = await put_each(fs, count_, send, stored, concurrency, abandoned,
+                               lambda path, size, crc: _given_up.add(path.url, size, crc))
         for i in sorted(again + waiting):
             gate = gates.pop(i, None)
             if gate is not None:
@@ -544,12 +608,20 @@ def upload(
 
 async def _generation(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:
     """The generation the server holds at ``path`` now (0: no object), for a guard or a conflict's message."""
+    return _int((await _stored_now(fs, path, fields="generation")).get("generation"))
+
+
+async def _stored_now(fs: gcsfs.GCSFileSystem, path: GCSPath, fields: str = "generation,size,crc32c") -> dict[str, Any]:
+    """``fields`` of the object the server holds at ``path`` now (empty: no object)."""
     try:
-        meta = await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True,
-                                           fields="generation"))
+        return await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True,  # type: ignore[no-any-return]
+                                          fields=fields))
     except FileNotFoundError:
-        return 0
-    return int(meta.get("generation") or 0)
+        return {}
+
+
+def _int(value: Any) -> int:
+    return int(value or 0)
 
 
 async def _initiate(fs: gcsfs.GCSFileSystem, path: GCSPath, content_type: str, generation: int | None,
@@ -720,12 +792,16 @@ async def _holds(fs: gcsfs.GCSFileSystem, path: GCSPath, source: Source) -> dict
     except Exception as e:  # gone, refused, or still no answer: not known to hold it
         log.debug("%s: could not tell what the server holds after the upload (%s)", path.url, e)
         return None
+    size, crc = _sums(source)
+    return meta if str(meta.get("size")) == str(size) and meta.get("crc32c") == crc else None
+
+
+def _sums(source: Source) -> tuple[int, str]:
+    """The size and CRC32C (as the JSON API reports it) of what uploading ``source`` sends."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = memoryview(source).cast("B")
-        size, crc = data.nbytes, _crc_b64(google_crc32c.Checksum(_bytes_like(data)))
-    else:
-        size, crc = os.path.getsize(source), file_crc32c(source)
-    return meta if str(meta.get("size")) == str(size) and meta.get("crc32c") == crc else None
+        return data.nbytes, _crc_b64(google_crc32c.Checksum(_bytes_like(data)))
+    return os.path.getsize(source), file_crc32c(source)
 
 
 def file_crc32c(local: str | os.PathLike[str]) -> str:

@@ -180,6 +180,7 @@ def save_array(
                 with stopped_on_failure() as changes, store.expecting() as expect:
                     if overwrite:  # zarr deletes what is stored first: every upload then needs no object there
                         expect(key_prefix(probe.store_path.path), {})
+                        kwargs = _fenced(store, key_prefix(probe.store_path.path), kwargs)
                     # Dask tasks write through the store wherever they run: on a cluster's workers, it names the write
                     target = changes.carried(store) if dask_input else store
                     z = zarr.create_array(target, shape=array.shape, dtype=array.dtype, chunks=zarr_chunks,
@@ -200,6 +201,16 @@ def save_array(
             raise
         mark.commit()
     return z
+
+
+def _fenced(store: JournaledStore, prefix: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` of a write that deletes first, storing every chunk, even one of only the fill value, when
+    an upload this process gave up on may still land under ``prefix``: needing "no object", its late copy
+    would land where the write left none (unless the caller's ``config`` says otherwise)."""
+    config = kwargs.get("config")
+    if not isinstance(config, dict | None) or not store.late_copies_may_land(prefix):  # (an ArrayConfig stands)
+        return kwargs
+    return {**kwargs, "config": {"write_empty_chunks": True, **(config or {})}}
 
 
 def _created_like(probe: zarr.Array[Any], store: JournaledStore, mark: WriteMark,

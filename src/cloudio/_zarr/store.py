@@ -49,7 +49,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from cloudio._gcs.client import bounded
 from cloudio._gcs.fast import list_objects
-from cloudio._gcs.transfer import last_writer_wins, put_verified, put_verified_each
+from cloudio._gcs.transfer import given_up_under, last_writer_wins, put_verified, put_verified_each
 from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
@@ -513,6 +513,11 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             yield
         finally:
             self._guards.pop(key, None)
+
+    def late_copies_may_land(self, prefix: str) -> bool:
+        """Whether an upload this process gave up on (its outcome unknown) may still land under key ``prefix``
+        ("": the whole store): see :func:`~cloudio._gcs.transfer.given_up_under`."""
+        return self.on_gcs and given_up_under(self._url(prefix).rstrip("/") + "/")
 
     @contextmanager
     def expecting(self, *, kept: bool = False) -> Iterator[Listed]:

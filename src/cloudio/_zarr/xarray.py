@@ -587,6 +587,9 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
             with stopped_on_failure() as changes, target.expecting(kept=later) as expect:
                 if mode == "w":  # zarr deletes the group's objects first: every upload then needs no object there
                     expect(key_prefix(group), {})
+                    if store.late_copies_may_land(key_prefix(group)) and not _says_write_empty_chunks(aligned,
+                                                                                                     kwargs):
+                        kwargs = {**kwargs, "write_empty_chunks": True}  # where no chunk is left, one could land
                 elif mode != "w-" and store.on_gcs:  # each upload needs the generation it rewrites
                     starts, whole = _rewritten_starts(aligned, store, kwargs, mode, stored, region)
                     for start, generations in run_sync(target.generations_from([*starts, *whole])).items():
@@ -625,6 +628,15 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
             return delayed(_commit, pure=False)(out, mark)
         mark.commit()
     return out
+
+
+def _says_write_empty_chunks(dataset: xarray.Dataset, kwargs: dict[str, Any]) -> bool:
+    """Whether the call or a variable's encoding sets ``write_empty_chunks`` (xarray refuses a parameter that
+    differs from an encoding)."""
+    encoding = kwargs.get("encoding") or {}
+    return "write_empty_chunks" in kwargs or any(
+        "write_empty_chunks" in (encoding.get(name) or {}) or "write_empty_chunks" in var.encoding
+        for name, var in dataset.variables.items())
 
 
 #: rounds of guarded consolidation before the ConflictError is raised (each one lost to another writer's)
