@@ -146,7 +146,7 @@ def test_a_gdal_write_over_another_writers_object_replaces_it(gcs_emulator, gcs_
 def test_a_late_copy_of_a_put_with_gcsfs_options_does_not_land_over_a_later_put(gcs_emulator, gcs_bucket, fault_proxy,
                                                                                  monkeypatch, tmp_path):
     """fs.put with metadata= goes through gcsfs's own upload: its late copy is refused as a plain put's is."""
-    # gcsfs retries after 1-2 s of back-off, all within 3 times the limit: 2 s leaves its retry time to answer
+    # gcsfs retries after 1-2 s of back-off: at 2 s the held copy (8 s) still arrives well after both writes
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "2")
     fs = cloudio.filesystem(gcs_bucket)
     files = [tmp_path / "one.txt", tmp_path / "two.txt"]
@@ -163,7 +163,7 @@ def test_a_late_request_of_an_open_wb_write_does_not_land_over_a_later_write(gcs
                                                                               monkeypatch, held):
     """fs.open(path, "wb") uploads through a resumable session: a late copy of its start opens a session no one
     sends to, and one of its last chunk finds that session finished. Neither replaces a later write."""
-    # gcsfs retries after 1-2 s of back-off, all within 3 times the limit: 2 s leaves its retry time to answer
+    # gcsfs retries after 1-2 s of back-off: at 2 s the held copy (8 s) still arrives well after both writes
     monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "2")
     fs = cloudio.filesystem(gcs_bucket)
     path = f"{gcs_bucket}/opened.bin"

@@ -6,8 +6,8 @@ the connection closed cleanly), and a TCP relay that passes bytes at a steady, l
 bytes never stop arriving). Every operation that might hang runs in a thread with a join timeout.
 
 The promises checked: no stale, torn or partial data; no hangs (CLOUDIO_HTTP_TIMEOUT: "seconds one HTTP request
-may stay silent ... a tracked gcsfs call, retries included, may take 3 times that"); a failed write leaves the
-previous data readable or says loudly that it is not; the journal matches what the server holds.
+may stay silent ... a tracked gcsfs call, retries included, may take 3 times that (plus ...)"); a failed write
+leaves the previous data readable or says loudly that it is not; the journal matches what the server holds.
 
 Written by a review; its failures were fixed at their causes, and the tests marked xfail name what is still
 open.

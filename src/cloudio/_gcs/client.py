@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: one tracked call, gcsfs's retries included, may take this many times the limit
+#: one tracked call, retries included, may take this many times the limit (and gcsfs's first wait: below)
 TOTAL_FACTOR = 3
 #: the longest gcsfs waits before its first retry (``random() + 1`` seconds, ``gcsfs.retry.retry_request``)
 GCSFS_FIRST_RETRY_WAIT = 2.0

@@ -1447,8 +1447,9 @@ UNANSWERED = -2
 
 def _unanswered(e: Exception) -> bool:
     """Whether a try failed with no answer from the server (given up at the time limit, its connection lost
-    mid-way), rather than answered (an error status, a garbled answer)."""
-    return isinstance(e, TimeoutError | ConnectionError | http.client.HTTPException) and not isinstance(e, _BadAnswer)
+    mid-way), rather than answered (an error status, a garbled answer) or never sent (a refused connection)."""
+    return (isinstance(e, TimeoutError | ConnectionError | http.client.HTTPException)
+            and not isinstance(e, _BadAnswer | ConnectionRefusedError))
 
 
 async def _retrying(fs: gcsfs.GCSFileSystem, once: Callable[[], Awaitable[T]],
