@@ -608,7 +608,10 @@ class Emulator:
         """Every request the server logged so far, oldest first.
 
         A marker request is sent and awaited first, so every request that
-        completed before this call is in the list.
+        completed before this call is in the list, but for one whose line
+        fake-gcs-server has yet to write: it logs a request once its answer
+        went out, and on a loaded machine that line can follow a later
+        request's.
         """
         url = self.url  # a stopped emulator says so
         if self._logfile is None and self._container is None:
