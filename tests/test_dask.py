@@ -135,3 +135,35 @@ def test_closing_a_client_undoes_its_install(gcs_emulator):
         del client
     gc.collect()
     assert ref() is None, "a closed Client is still kept alive by cloudio.dask (its journal listener)"
+
+
+def test_a_client_connects_while_changes_are_relayed(gcs_emulator):
+    """A change relayed while another client connects must not share the first batch the scheduler sends that
+    client: distributed's Client asserts that batch holds its "stream-start" alone. Seen in CI as an
+    AssertionError from the client a Dask-backed ``to_zarr`` opens on a worker (``get_client``) while that
+    worker's own writes were being relayed. Here a scheduler plugin relays a change just as a client
+    registers, before the scheduler's batched stream to it has sent anything."""
+    import asyncio
+
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    import cloudio.dask
+    from cloudio._journal import Change
+
+    change = cloudio.dask._encode(Change(seq=0, url="gs://cloudio-relay-race/x", kind="invalidate"))
+
+    class RelayAsAClientConnects(SchedulerPlugin):
+        name = "relay-as-a-client-connects"
+
+        def add_client(self, scheduler, client):  # runs before the scheduler starts the client's stream
+            relay = scheduler.stream_handlers["cloudio-journal"]
+            asyncio.get_running_loop().call_soon(relay, [change])
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as first:
+            cloudio.dask.install(first)
+            first.register_plugin(RelayAsAClientConnects())
+            with Client(cluster, set_as_default=False) as second:
+                assert second.status == "running"
+                assert second.submit(sum, [1, 2], pure=False).result() == 3

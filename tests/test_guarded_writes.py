@@ -183,6 +183,22 @@ def test_filesystem_pipe_guarded(gcs_emulator: Emulator, gcs_bucket: str, heard:
     assert all("ifGenerationMatch=" in r.path and "uploadType=multipart" in r.path for r in ups)
 
 
+def test_a_refused_guarded_write_asks_the_server_once(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A 412 costs one metadata GET: its answer tells both whether an earlier try of this write stored the
+    object and, when not, the generation the ConflictError names."""
+    fs = cloudio.filesystem(gcs_bucket)
+    url = f"{gcs_bucket}/guard/once.bin"
+    path = url.removeprefix("gs://")
+    fs.pipe(path, b"one", if_generation_match=0)
+    theirs = _other_writer(gcs_emulator, url, b"theirs")
+    log = Log(gcs_emulator, gcs_bucket)
+    with pytest.raises(cloudio.ConflictError) as info:
+        fs.pipe(path, b"two", if_generation_match=theirs - 1)
+    assert info.value.actual == theirs
+    asked = [r for r in log.take() if r.method == "GET" and "/o/guard%2Fonce.bin" in r.path]
+    assert len(asked) == 1, [r.path for r in asked]
+
+
 def test_filesystem_put_large_file_is_checked_first(gcs_emulator: Emulator, gcs_bucket: str, tmp_path: Path,
                                                      heard: list[Change]) -> None:
     """Above 8 MiB the upload is resumable, where the emulator ignores the precondition: checked first too."""

@@ -6,8 +6,16 @@
   batched stream, *before* the graph it submits next (one FIFO stream);
 * a worker forwards every change a task records to the scheduler over the
   worker's batched stream, before that task's "task-finished" message;
-* the scheduler relays each change at once to every other worker and client,
-  again before anything it sends later (a dependent task's "compute-task").
+* the scheduler relays each change at once to every other worker and to every
+  other client installed on, again before anything it sends later (a
+  dependent task's "compute-task").
+
+A client says it listens over its own stream, once that stream has started:
+a change relayed to a client still registering would share the scheduler's
+first batch to it, which distributed's client requires to hold its
+"stream-start" alone (the client ``get_client`` opens inside a task that
+writes, as a Dask-backed ``to_zarr`` on a worker does, registers just as
+that task's changes are relayed).
 
 So a task that runs after another task wrote (a dependency, or anything the
 client submits after seeing the result) always has the change in its
@@ -38,6 +46,7 @@ __all__ = ["install"]
 
 log = logging.getLogger(__name__)
 _OP = "cloudio-journal"
+_LISTEN_OP = "cloudio-journal-listen"
 _PLUGIN = "cloudio-journal"
 _KEPT_OP = "cloudio_journal_kept"
 #: changes the scheduler keeps for workers that join later; past that, folded into one invalidation per bucket
@@ -59,7 +68,7 @@ except ImportError:  # pragma: no cover - optional dependency
 
 
 class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
-    """Scheduler side: relay each change to every worker and client but its sender."""
+    """Scheduler side: relay each change to every worker and listening client but its sender."""
 
     name = _PLUGIN
     idempotent = True
@@ -67,6 +76,8 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.kept: list[dict[str, Any]] = []  # what a worker joining later replays (_ForwardPlugin.setup)
+        # clients installed on; kept past a disconnect, so a client that reconnects under its id still hears
+        listening: set[str] = set()
 
         def relay(changes: list[dict[str, Any]], worker: str | None = None, client: str | None = None) -> None:
             self._keep(changes)
@@ -74,11 +85,17 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
             for address, stream in list(scheduler.stream_comms.items()):
                 if address != worker:
                     stream.send(dict(msg))
-            for client_id, stream in list(scheduler.client_comms.items()):
-                if client_id != client:
-                    stream.send(dict(msg))
+            for client_id in list(listening):
+                to_client = scheduler.client_comms.get(client_id)
+                if to_client is not None and client_id != client:
+                    to_client.send(dict(msg))
+
+        def listen(client: str | None = None, **_: Any) -> None:
+            if client is not None:
+                listening.add(client)
 
         scheduler.stream_handlers[_OP] = relay
+        scheduler.stream_handlers[_LISTEN_OP] = listen
         scheduler.handlers[_KEPT_OP] = lambda **_: list(self.kept)
 
     def _keep(self, changes: list[dict[str, Any]]) -> None:
@@ -155,6 +172,7 @@ def install(client: Client) -> None:
     client.register_plugin(_ForwardPlugin())
     forwarder = _ClientForwarder(client)
     client._stream_handlers[_OP] = lambda changes, **_: _replay(changes)
+    client._send_to_scheduler({"op": _LISTEN_OP})  # over the client's stream, before anything it submits next
     journal().add_listener(forwarder)
     _installed[client] = forwarder
     weakref.finalize(client, journal().remove_listener, forwarder)

@@ -408,9 +408,9 @@ async def put_verified(
                     raise
                 # or a try whose answer was lost stored it, and its retry (the same precondition) found the
                 # generation it made
-                held = await _holds(fs, path, source) if not plain or len(tried) > 1 else None
+                found = await _stored_now(fs, path)
+                held = found if (not plain or len(tried) > 1) and _is(found, source) else None
                 if held is None:
-                    found = await _stored_now(fs, path)
                     if (if_generation_match is None and not plain and attempt + 1 < attempts
                             and _given_up.take(path.url, found)):  # cloudio's own guard (an explicit one stands)
                         log.info("%s: a late copy of this process's own upload, given up earlier, holds it; "
@@ -792,8 +792,15 @@ async def _holds(fs: gcsfs.GCSFileSystem, path: GCSPath, source: Source) -> dict
     except Exception as e:  # gone, refused, or still no answer: not known to hold it
         log.debug("%s: could not tell what the server holds after the upload (%s)", path.url, e)
         return None
+    return meta if _is(meta, source) else None
+
+
+def _is(meta: dict[str, Any], source: Source) -> bool:
+    """Whether the object resource ``meta`` holds exactly ``source`` (size and CRC32C)."""
+    if not meta:
+        return False
     size, crc = _sums(source)
-    return meta if str(meta.get("size")) == str(size) and meta.get("crc32c") == crc else None
+    return str(meta.get("size")) == str(size) and meta.get("crc32c") == crc
 
 
 def _sums(source: Source) -> tuple[int, str]:
