@@ -41,7 +41,6 @@ from typing import Any
 from urllib.parse import unquote
 
 import fsspec
-import google_crc32c
 from fsspec.asyn import sync, sync_wrapper
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
@@ -52,11 +51,11 @@ from cloudio._config import (
     require_credentials,
 )
 from cloudio._fsspec.consumer import guard_listings, track
+from cloudio._gcs import checksums
 from cloudio._gcs.client import (
     bounded_while_arriving,
     bucket_missing,
     gcsfs_call_limit,
-    header_crc,
     http_options,
     is_transient,
     local_size,
@@ -64,11 +63,9 @@ from cloudio._gcs.client import (
 )
 from cloudio._gcs.transfer import (
     _check_stored,
-    _crc_b64,
     _Mismatch,
     _outcome_unknown,
     checked_guard,
-    file_crc32c,
     last_writer_wins,
     put_verified,
 )
@@ -200,18 +197,18 @@ def _int_or_none(value: Any) -> int | None:
 class _Crc32cChecker:
     """gcsfs's consistency-checker interface, fed every byte a ``GCSFile`` uploads.
 
-    gcsfs's own ``"crc32c"`` checker needs crcmod; this one uses google-crc32c
+    gcsfs's own ``"crc32c"`` checker needs crcmod; this one uses :mod:`cloudio._gcs.checksums`
     and only keeps the object resource the final response carried, so the
     comparison (and the delete of a corrupt object) happens in one place,
     :meth:`_JournalingGCSMixin._verify_stored`.
     """
 
     def __init__(self) -> None:
-        self._sum = google_crc32c.Checksum()
+        self._sum = checksums.Running()
         self.meta: dict[str, Any] | None = None
 
     def update(self, data: Any) -> None:
-        self._sum.update(bytes(data))
+        self._sum.update(data)
 
     def validate_json_response(self, gcs_object: dict[str, Any]) -> None:
         self.meta = gcs_object
@@ -223,13 +220,7 @@ class _Crc32cChecker:
         pass
 
     def b64(self) -> str:
-        return _crc_b64(self._sum)
-
-
-def _crc_of(data: Any) -> str:
-    checksum = google_crc32c.Checksum()
-    checksum.update(bytes(data))
-    return _crc_b64(checksum)
+        return self._sum.text()
 
 
 _OBJECT_IN_URL = re.compile(r"/b/([^/?]+)(?:/o/([^?]+)|/o\?(?:.*&)?name=([^&]+))?")
@@ -606,7 +597,7 @@ class _JournalingGCSMixin(_TextWrites):
             if "if_generation_match" in kwargs:
                 return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
             size = memoryview(data).nbytes  # bytes, not items (gcsfs sends a wide buffer's bytes)
-            return await self._gcsfs_upload(url, size, _crc_of(data), kwargs.get("mode"),
+            return await self._gcsfs_upload(url, size, checksums.of(data), kwargs.get("mode"),
                                             functools.partial(super()._pipe_file, path, data, *args, **kwargs))  # type: ignore[misc]
         finally:
             _writing.reset(token)
@@ -709,7 +700,7 @@ class _JournalingGCSMixin(_TextWrites):
 
     async def _put_file_gcsfs(self, url: str, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
         """gcsfs's own upload, for the options :func:`put_verified` lacks (see :meth:`_gcsfs_upload`)."""
-        return await self._gcsfs_upload(url, os.path.getsize(lpath), file_crc32c(lpath), kwargs.get("mode"),
+        return await self._gcsfs_upload(url, os.path.getsize(lpath), checksums.of_file(lpath), kwargs.get("mode"),
                                         functools.partial(super()._put_file, lpath, rpath, *args, **kwargs))  # type: ignore[misc]
 
     async def _cat_file(self, path: str, start: Any = None, end: Any = None, **kwargs: Any) -> Any:
@@ -726,8 +717,8 @@ class _JournalingGCSMixin(_TextWrites):
             # sizes the object from info, which a listing another writer made out of date cut short)
             u = self.url(path, generation=kwargs.get("generation"))  # type: ignore[attr-defined]
             headers, data = await self._call("GET", u)
-        want = header_crc(headers)
-        if want is not None and _crc_of(data) != want:
+        want = checksums.of_header(headers)
+        if want is not None and checksums.of(data) != want:
             raise IntegrityError(
                 f"{self._cloudio_url(path)}: the {len(data)} bytes received do not match the CRC32C the "
                 f"server sent ({want}); they were corrupted on the way. Check the network path to GCS and "
@@ -782,7 +773,7 @@ class _JournalingGCSMixin(_TextWrites):
         path = parse_gcs(url, require_key=True)
         meta = await self._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True)
         want = meta.get("crc32c")
-        if want is None or meta.get("contentEncoding") == "gzip" or file_crc32c(lpath) == want:
+        if want is None or meta.get("contentEncoding") == "gzip" or checksums.of_file(lpath) == want:
             return  # (a gzip-encoded object arrives decompressed: its CRC32C is of the stored, compressed bytes)
         size = os.path.getsize(lpath)
         os.remove(lpath)

@@ -272,15 +272,3 @@ async def bounded_while_arriving(fs: gcsfs.GCSFileSystem, call: Awaitable[T], ar
 def local_size(path: Any) -> int:
     """The size of the local file ``path`` (-1: not there, or no local path): a download's progress."""
     return os.path.getsize(path) if isinstance(path, (str, os.PathLike)) and os.path.exists(path) else -1
-
-
-def header_crc(headers: Any) -> str | None:
-    """The ``crc32c=`` part of a response's X-Goog-Hash, when it describes the bytes received."""
-    if headers.get("X-Goog-Stored-Content-Encoding", "identity") != "identity":
-        return None  # the hash is of the stored (compressed) bytes, not of what arrived
-    hashes: str = headers.get("X-Goog-Hash", "")  # e.g. "crc32c=...,md5=..."
-    for part in hashes.split(","):
-        name, _, value = part.strip().partition("=")
-        if name == "crc32c":
-            return value
-    return None

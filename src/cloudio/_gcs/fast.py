@@ -38,7 +38,6 @@ callback of its last answer, and whatever fails goes the careful way above.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
 import functools
 import http.client
@@ -57,15 +56,14 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, quote, urlencode, urlsplit
 
-import google_crc32c
 import numpy as np
 
 from cloudio._config import CONNECT_MAX, http_timeout
+from cloudio._gcs import checksums
 from cloudio._gcs.client import (
     ATTEMPTS,
     BACKOFF,
     TOTAL_FACTOR,
-    header_crc,
     is_transient,
     total_time_limit,
     transient_error,
@@ -343,11 +341,11 @@ def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: fl
         if r.status != 200:  # a redirect's body, or an interim answer http.client passes on (103)
             raise _BadAnswer(f"HTTP {r.status} to the GET of an object")
         n = _body_into(r, buf, deadline)
-        want = header_crc(r.headers)
+        want = checksums.of_header(r.headers)
     except BaseException:
         _drop(origin)
         raise
-    return n, want, _crc32c(buf[:n])
+    return n, want, checksums.of(buf[:n])
 
 
 def _ask(fs: gcsfs.GCSFileSystem, url: str, method: str = "GET", body: Sequence[bytes | memoryview] | None = None,
@@ -585,12 +583,12 @@ def fetch_pieces(fs: gcsfs.GCSFileSystem, path: GCSPath, plan: Callable[[int], S
             return None
         if r.status != 200 or r.length is None:
             raise ConnectionError(f"HTTP {r.status}, {r.length} bytes")
-        want = header_crc(r.headers)
+        want = checksums.of_header(r.headers)
         sizes = plan(r.length)
         if sizes is None:
             buf = whole()
             n = _body_into(r, buf, deadline)
-            got = _crc32c(buf[:n])
+            got = checksums.of(buf[:n])
             result: bool | memoryview = memoryview(buf[:n])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         else:
             crc = 0
@@ -599,11 +597,11 @@ def fetch_pieces(fs: gcsfs.GCSFileSystem, path: GCSPath, plan: Callable[[int], S
                 if _read_into(r, view[:size], deadline) < size:
                     raise ConnectionError("the answer ended early")
                 data = piece[:size]
-                crc = google_crc32c.extend(crc, data)
+                crc = checksums.value(data, crc)
                 take(i, data)
             if r.read(1):
                 raise ConnectionError("the answer is longer than its Content-Length")
-            got, n, result = _crc_text(crc), sum(sizes), True
+            got, n, result = checksums.text(crc), sum(sizes), True
     except Exception as e:
         if origin is not None:
             _drop(origin)
@@ -1052,7 +1050,7 @@ async def _get_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray | None) -
     if status != 200:  # a redirect's body is not the object
         raise _BadAnswer(f"HTTP {status} to a GET")
     got = np.frombuffer(body, dtype="u1")
-    return got, headers, _crc32c(got)
+    return got, headers, checksums.of(got)
 
 
 async def get_into(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.ndarray | None, *,
@@ -1089,7 +1087,7 @@ async def get_with_generation(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.nd
             return None
         except _TooLarge as e:
             raise _too_large(path, e) from e
-        want = header_crc(headers)
+        want = checksums.of_header(headers)
         if want is None or got == want:
             generation = headers.get("x-goog-generation", "0")
             return body, int(generation) if generation.isdigit() else 0
@@ -1263,7 +1261,7 @@ async def put_each(fs: gcsfs.GCSFileSystem, count: int,
         if got is None:
             return None
         path, data, expected = got
-        sent[i] = (path, len(data), _crc32c(np.frombuffer(data, dtype="u1")))
+        sent[i] = (path, len(data), checksums.of(data))
         query, before, after, kind = upload_form(path, content_type, expected,
                                                  expected is not None and EXPECTED_AS_MULTIPART)
         target = f"{parts.path}{quote(path.bucket, safe='')}/o?{query}{extra}"
@@ -1393,22 +1391,12 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
     return sorted(later + todo), pause
 
 
-def _crc32c(data: np.ndarray) -> str:
-    """The CRC32C of ``data`` as GCS spells it."""
-    return _crc_text(google_crc32c.value(data))
-
-
-def _crc_text(crc: int) -> str:
-    """A CRC32C value as GCS spells it (base64 of the big-endian value)."""
-    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
-
-
 def _crc_matches(path: GCSPath, headers: _Headers, body: np.ndarray) -> bool:
     """The body's CRC32C is the one the server sent (or the server sent none); a mismatch is logged."""
-    want = header_crc(headers)
+    want = checksums.of_header(headers)
     if want is None:
         return True
-    got = _crc32c(body)
+    got = checksums.of(body)
     if got == want:
         return True
     _mismatch(path, len(body), got, want)

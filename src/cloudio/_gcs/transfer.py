@@ -31,7 +31,6 @@ CRC32C the server reports for the object they came from.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import logging
 import mimetypes
@@ -43,11 +42,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-import google_crc32c
-import numpy as np
-
 from cloudio import _state
-from cloudio._gcs import fast
+from cloudio._gcs import checksums, fast
 from cloudio._gcs.client import (
     ATTEMPTS,
     BACKOFF,
@@ -226,15 +222,6 @@ class _Mismatch(Exception):
 
 class _CorruptKept(Exception):
     """A stored copy differs from what was sent, and deleting it failed: the server holds it."""
-
-
-def _crc_b64(checksum: google_crc32c.Checksum) -> str:
-    return base64.b64encode(checksum.digest()).decode("ascii")
-
-
-def _bytes_like(data: bytes | bytearray | memoryview) -> Any:
-    """``data`` in a form google_crc32c takes without a copy (it refuses memoryview and bytearray)."""
-    return data if isinstance(data, bytes) else np.frombuffer(data, dtype=np.uint8)
 
 
 def _as_path(url: GCSPath | str | os.PathLike[str]) -> GCSPath:
@@ -662,7 +649,7 @@ async def _send(
     # and cannot read a concurrent writer's object by mistake. fs._pipe_file drops it.
     from gcsfs.core import simple_upload, upload_chunk
 
-    checksum = google_crc32c.Checksum()
+    checksum = checksums.Running()
     # bytes in memory as one flat view; a local file by its path
     body: memoryview | str | os.PathLike[str] = (
         memoryview(source).cast("B") if isinstance(source, (bytes, bytearray, memoryview)) else source
@@ -670,18 +657,18 @@ async def _send(
     size = body.nbytes if isinstance(body, memoryview) else os.path.getsize(body)
     if size < simple_limit:
         data: bytes | memoryview = body if isinstance(body, memoryview) else _read_all(body)
-        checksum.update(_bytes_like(data))
+        checksum.update(data)
         if guard is not None or (media and isinstance(body, memoryview)):
             meta = await bounded(fs, put_media(fs, path, data, content_type, guard, guard is not None and everywhere))
         else:
             meta = await bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
-        return meta, _crc_b64(checksum), size
+        return meta, checksum.text(), size
     location = await bounded(fs, _initiate(fs, path, content_type, guard, everywhere))
     last: dict[str, Any] | None = None  # the object resource, answered to the final chunk
     offset = 0
     try:
         for block in _chunks(body, chunk_size):
-            checksum.update(_bytes_like(block))
+            checksum.update(block)
             last = await bounded(fs, upload_chunk(fs, location, block, offset, size, content_type))
             offset += len(block)
     except BaseException:
@@ -695,7 +682,7 @@ async def _send(
             f"{path.url}: the local file changed size while uploading ({size} -> {offset} bytes); "
             "nothing was stored. Write again once the file is complete."
         )
-    return last or {}, _crc_b64(checksum), size
+    return last or {}, checksum.text(), size
 
 
 def _chunks(source: memoryview | str | os.PathLike[str], chunk_size: int) -> Iterator[bytes | memoryview]:
@@ -807,17 +794,8 @@ def _sums(source: Source) -> tuple[int, str]:
     """The size and CRC32C (as the JSON API reports it) of what uploading ``source`` sends."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = memoryview(source).cast("B")
-        return data.nbytes, _crc_b64(google_crc32c.Checksum(_bytes_like(data)))
-    return os.path.getsize(source), file_crc32c(source)
-
-
-def file_crc32c(local: str | os.PathLike[str]) -> str:
-    """The CRC32C of the file ``local`` as the JSON API reports it."""
-    checksum = google_crc32c.Checksum()
-    with open(local, "rb") as f:
-        for block in iter(lambda: f.read(2**22), b""):
-            checksum.update(block)
-    return _crc_b64(checksum)
+        return data.nbytes, checksums.of(data)
+    return os.path.getsize(source), checksums.of_file(source)
 
 
 def download(
@@ -867,7 +845,7 @@ def download(
                 why = e.__cause__ if isinstance(e, TimeoutError) and isinstance(e.__cause__, TimeoutError) else e
                 raise transient_error(path.url, "download", why) from e
             raise
-        got, crc = os.path.getsize(local), file_crc32c(local)
+        got, crc = os.path.getsize(local), checksums.of_file(local)
         if got == int(meta.get("size", -1)) and crc == meta.get("crc32c"):
             return meta
         last = (f"got {got} bytes with CRC32C {crc}, "

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 
+from cloudio._gcs import checksums
 from cloudio._threads import KeptPool, cores
 from cloudio._zarr.buffers import shard_buffers
 from cloudio.errors import IntegrityError
@@ -225,13 +226,11 @@ def _encode(layout: Layout, array: np.ndarray, shard: tuple[int, ...], buf: np.n
 def _with_index(layout: Layout, index: np.ndarray, buf: np.ndarray, pos: int) -> memoryview:
     """``buf`` with the shard's ``index`` (and its CRC32C) written where the layout keeps it, the chunks
     ending at ``pos``."""
-    import google_crc32c
-
     raw = index.tobytes()
     at = pos if layout.index_at_end else 0
     buf[at:at + len(raw)] = np.frombuffer(raw, dtype="u1")
     buf[at + len(raw):at + len(raw) + 4] = np.frombuffer(
-        google_crc32c.value(raw).to_bytes(4, "little"), dtype="u1"
+        checksums.value(raw).to_bytes(4, "little"), dtype="u1"
     )
     end = pos + (layout.index_nbytes if layout.index_at_end else 0)
     return memoryview(buf[:end])  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
@@ -506,9 +505,7 @@ def _shard_index(layout: Layout, data: np.ndarray, url: str) -> np.ndarray:
 
 def _parsed_index(layout: Layout, raw: bytes, url: str) -> np.ndarray:
     """:func:`_shard_index` of the index's own bytes."""
-    import google_crc32c
-
-    if len(raw) != layout.index_nbytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+    if len(raw) != layout.index_nbytes or checksums.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         raise IntegrityError(
             f"{url}: the shard index fails its CRC32C check (the object is damaged or not a shard); "
             "rewrite the array"
