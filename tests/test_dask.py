@@ -167,3 +167,73 @@ def test_a_client_connects_while_changes_are_relayed(gcs_emulator):
             with Client(cluster, set_as_default=False) as second:
                 assert second.status == "running"
                 assert second.submit(sum, [1, 2], pure=False).result() == 3
+
+
+def test_an_installed_client_reconnects_while_changes_are_relayed_and_still_hears(gcs_emulator):
+    """An installed client whose connection drops registers again under its own id; a change relayed just then
+    must neither share its first batch (the client would fail its "stream-start" check and stay "connecting"
+    for good) nor be lost: it arrives once the client's stream is running."""
+    import asyncio
+    import time
+
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    import cloudio.dask
+    from cloudio._journal import Change
+
+    url = "gs://cloudio-relay-race/reconnect"
+    change = cloudio.dask._encode(Change(seq=0, url=url, kind="invalidate", origin="another-process"))
+
+    class RelayAsAClientConnects(SchedulerPlugin):
+        name = "relay-as-a-client-connects"
+
+        def add_client(self, scheduler, client):
+            relay = scheduler.stream_handlers["cloudio-journal"]
+            asyncio.get_running_loop().call_soon(relay, [change])
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            cloudio.dask.install(client)
+            heard: list[str] = []  # what reached this client's own stream (the worker, in this process, hears too)
+            replay = client._stream_handlers["cloudio-journal"]
+
+            def hear(changes, **kw):
+                heard.extend(c["url"] for c in changes)
+                return replay(changes=changes, **kw)
+
+            client._stream_handlers["cloudio-journal"] = hear
+            client.register_plugin(RelayAsAClientConnects())
+            comm = client.scheduler_comm.comm
+
+            async def drop() -> None:
+                await comm.close()
+
+            client.sync(drop)
+            deadline = time.monotonic() + 20
+            while not (client.status == "running" and client.scheduler_comm.comm is not comm and heard):
+                assert time.monotonic() < deadline, f"client {client.status}, heard {heard}"
+                time.sleep(0.05)
+            assert client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
+            assert heard == [url]
+
+
+def test_install_on_an_asynchronous_client_is_refused_with_the_next_step(gcs_emulator):
+    """install registers plugins before it returns; an asynchronous client's calls would only make coroutines
+    nobody awaits, and nothing would be installed."""
+    import asyncio
+
+    from distributed import Client, LocalCluster
+
+    import cloudio
+    import cloudio.dask
+
+    async def main() -> None:
+        async with LocalCluster(n_workers=0, processes=False, asynchronous=True, dashboard_address=":0") as cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                with pytest.raises(cloudio.ConfigurationError, match="asynchronous.*synchronous Client"):
+                    cloudio.dask.install(client)
+                assert not await client.run_on_scheduler(lambda dask_scheduler: "cloudio-journal" in
+                                                         dask_scheduler.plugins)
+
+    asyncio.run(main())

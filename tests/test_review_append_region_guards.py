@@ -809,7 +809,7 @@ def test_compute_false_region_write_computed_on_a_process_cluster(gcs_emulator, 
     for _ in range(times):
         returned(delayed.compute, 120)
     # the second computation's uploads need the generations listed before the first: refused (412) by the
-    # server, then taken as stored because the object holds the same bytes (transfer.py put_verified, _holds)
+    # server, then taken as stored because the object holds the same bytes (transfer.py put_verified, _is)
     sent = uploads_logged(gcs_emulator, since, f"cluster{times}.zarr/v/c/")
     assert len(sent) >= 2 * times and all(guard is not None for _, guard, _ in sent), sent
     want = ds.v.values.copy()

@@ -10,12 +10,13 @@
   other client installed on, again before anything it sends later (a
   dependent task's "compute-task").
 
-A client says it listens over its own stream, once that stream has started:
-a change relayed to a client still registering would share the scheduler's
-first batch to it, which distributed's client requires to hold its
-"stream-start" alone (the client ``get_client`` opens inside a task that
-writes, as a Dask-backed ``to_zarr`` on a worker does, registers just as
-that task's changes are relayed).
+Only clients installed on hear (``install`` tells the scheduler, by a
+request of its own), and never in the scheduler's first batch to them:
+distributed's client requires that batch to hold its "stream-start" alone.
+A change for a client still connecting (the client ``get_client`` opens
+inside a task that writes, as a Dask-backed ``to_zarr`` on a worker does,
+or an installed client reconnecting under its id) waits, in order, until
+that batch has gone.
 
 So a task that runs after another task wrote (a dependency, or anything the
 client submits after seeing the result) always has the change in its
@@ -32,12 +33,14 @@ before it runs its first task.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from cloudio._journal import Change, journal
+from cloudio.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from distributed import Client, Scheduler, Worker
@@ -46,11 +49,15 @@ __all__ = ["install"]
 
 log = logging.getLogger(__name__)
 _OP = "cloudio-journal"
-_LISTEN_OP = "cloudio-journal-listen"
+_LISTEN_OP = "cloudio_journal_listen"
 _PLUGIN = "cloudio-journal"
 _KEPT_OP = "cloudio_journal_kept"
 #: changes the scheduler keeps for workers that join later; past that, folded into one invalidation per bucket
 _KEPT_MAX = 4096
+#: installed clients the scheduler remembers while they are away (to reconnect); past that, the connected ones
+_LISTENING_MAX = 10_000
+#: seconds between looks at a connecting client's stream, for the changes waiting for its first batch to go
+_WAIT = 0.005
 
 
 def _encode(change: Change) -> dict[str, Any]:
@@ -76,27 +83,49 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.kept: list[dict[str, Any]] = []  # what a worker joining later replays (_ForwardPlugin.setup)
-        # clients installed on; kept past a disconnect, so a client that reconnects under its id still hears
-        listening: set[str] = set()
-
-        def relay(changes: list[dict[str, Any]], worker: str | None = None, client: str | None = None) -> None:
-            self._keep(changes)
-            msg = {"op": _OP, "changes": changes}
-            for address, stream in list(scheduler.stream_comms.items()):
-                if address != worker:
-                    stream.send(dict(msg))
-            for client_id in list(listening):
-                to_client = scheduler.client_comms.get(client_id)
-                if to_client is not None and client_id != client:
-                    to_client.send(dict(msg))
-
-        def listen(client: str | None = None, **_: Any) -> None:
-            if client is not None:
-                listening.add(client)
-
-        scheduler.stream_handlers[_OP] = relay
-        scheduler.stream_handlers[_LISTEN_OP] = listen
+        self.listening: set[str] = set()  # the clients installed on, by id (one reconnects under its id)
+        self.waiting: dict[str, list[dict[str, Any]]] = {}  # for clients whose stream's first batch is yet to go
+        scheduler.stream_handlers[_OP] = self._relay
+        scheduler.handlers[_LISTEN_OP] = self._listen
         scheduler.handlers[_KEPT_OP] = lambda **_: list(self.kept)
+
+    def _listen(self, client: str, **_: Any) -> None:
+        self.listening.add(client)
+        if len(self.listening) > _LISTENING_MAX:
+            self.listening &= set(self.scheduler.client_comms)
+
+    def _relay(self, changes: list[dict[str, Any]], worker: str | None = None, client: str | None = None) -> None:
+        self._keep(changes)
+        msg = {"op": _OP, "changes": changes}
+        for address, stream in list(self.scheduler.stream_comms.items()):
+            if address != worker:
+                stream.send(dict(msg))
+        for client_id in list(self.scheduler.client_comms):
+            if client_id in self.listening and client_id != client:
+                self._to_client(client_id, dict(msg))
+
+    def _to_client(self, client_id: str, msg: dict[str, Any]) -> None:
+        """Send ``msg`` to a client, after what waits for it, once its stream's first batch has gone."""
+        stream = self.scheduler.client_comms.get(client_id)
+        waiting = self.waiting.get(client_id)
+        if stream is None:  # gone (it hears nothing until it is back)
+            self.waiting.pop(client_id, None)
+        elif waiting is None and stream.batch_count:
+            stream.send(msg)
+        elif waiting is None:
+            self.waiting[client_id] = [msg]
+            asyncio.get_running_loop().call_later(_WAIT, self._flush, client_id)
+        else:
+            waiting.append(msg)
+
+    def _flush(self, client_id: str) -> None:
+        stream = self.scheduler.client_comms.get(client_id)
+        if stream is None:
+            self.waiting.pop(client_id, None)
+        elif stream.batch_count:
+            stream.send(*self.waiting.pop(client_id, []))
+        else:
+            asyncio.get_running_loop().call_later(_WAIT, self._flush, client_id)
 
     def _keep(self, changes: list[dict[str, Any]]) -> None:
         """Keep what a new worker's empty caches do not make up for: what a store's consolidated copy may not
@@ -168,11 +197,17 @@ def install(client: Client) -> None:
     """
     if client in _installed:
         return
+    if client.asynchronous:
+        raise ConfigurationError(
+            f"cloudio.dask.install({client!r}): the client is asynchronous, and install registers its plugins "
+            "before it returns. Install on a synchronous Client (asynchronous=False) of the same scheduler; "
+            "the workers, and every client installed on, then hear each other's changes."
+        )
     client.register_plugin(_RelayPlugin())
     client.register_plugin(_ForwardPlugin())
     forwarder = _ClientForwarder(client)
     client._stream_handlers[_OP] = lambda changes, **_: _replay(changes)
-    client._send_to_scheduler({"op": _LISTEN_OP})  # over the client's stream, before anything it submits next
+    client.sync(getattr(client.scheduler, _LISTEN_OP), client=client.id)
     journal().add_listener(forwarder)
     _installed[client] = forwarder
     weakref.finalize(client, journal().remove_listener, forwarder)
