@@ -44,6 +44,7 @@ from cloudio.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from distributed import Client, Scheduler, Worker
+    from distributed.batched import BatchedSend
 
 __all__ = ["install"]
 
@@ -100,27 +101,24 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
         for address, stream in list(self.scheduler.stream_comms.items()):
             if address != worker:
                 stream.send(dict(msg))
-        for client_id in list(self.scheduler.client_comms):
+        for client_id, stream in list(self.scheduler.client_comms.items()):
             if client_id in self.listening and client_id != client:
-                self._to_client(client_id, dict(msg))
+                self._to_client(client_id, stream, dict(msg))
 
-    def _to_client(self, client_id: str, msg: dict[str, Any]) -> None:
+    def _to_client(self, client_id: str, stream: BatchedSend, msg: dict[str, Any]) -> None:
         """Send ``msg`` to a client, after what waits for it, once its stream's first batch has gone."""
-        stream = self.scheduler.client_comms.get(client_id)
         waiting = self.waiting.get(client_id)
-        if stream is None:  # gone (it hears nothing until it is back)
-            self.waiting.pop(client_id, None)
-        elif waiting is None and stream.batch_count:
+        if waiting is not None:
+            waiting.append(msg)
+        elif stream.batch_count:
             stream.send(msg)
-        elif waiting is None:
+        else:
             self.waiting[client_id] = [msg]
             asyncio.get_running_loop().call_later(_WAIT, self._flush, client_id)
-        else:
-            waiting.append(msg)
 
     def _flush(self, client_id: str) -> None:
         stream = self.scheduler.client_comms.get(client_id)
-        if stream is None:
+        if stream is None:  # gone (it hears nothing until it is back)
             self.waiting.pop(client_id, None)
         elif stream.batch_count:
             stream.send(*self.waiting.pop(client_id, []))
