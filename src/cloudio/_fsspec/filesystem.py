@@ -194,7 +194,7 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-class _Crc32cChecker:
+class _Crc32cChecker(checksums.Running):
     """gcsfs's consistency-checker interface, fed every byte a ``GCSFile`` uploads.
 
     gcsfs's own ``"crc32c"`` checker needs crcmod; this one uses :mod:`cloudio._gcs.checksums`
@@ -204,11 +204,8 @@ class _Crc32cChecker:
     """
 
     def __init__(self) -> None:
-        self._sum = checksums.Running()
+        super().__init__()
         self.meta: dict[str, Any] | None = None
-
-    def update(self, data: Any) -> None:
-        self._sum.update(data)
 
     def validate_json_response(self, gcs_object: dict[str, Any]) -> None:
         self.meta = gcs_object
@@ -218,9 +215,6 @@ class _Crc32cChecker:
 
     def validate_http_response(self, r: Any) -> None:
         pass
-
-    def b64(self) -> str:
-        return self._sum.text()
 
 
 _OBJECT_IN_URL = re.compile(r"/b/([^/?]+)(?:/o/([^?]+)|/o\?(?:.*&)?name=([^&]+))?")
@@ -307,7 +301,7 @@ class _JournalingGCSFileMixin:
             meta = checker.meta or {"generation": self.generation}  # type: ignore[attr-defined]
             try:
                 generation = sync(self.fs.loop, self.fs._verify_stored, url,  # type: ignore[attr-defined]
-                                  meta, self.offset, checker.b64())  # type: ignore[attr-defined]
+                                  meta, self.offset, checker.text())  # type: ignore[attr-defined]
             except IntegrityError:
                 self.closed = True  # type: ignore[attr-defined]  # nothing left to send: no retry from __del__
                 raise

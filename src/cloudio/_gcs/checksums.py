@@ -28,7 +28,7 @@ _FILE_BLOCK = 2**22
 
 def value(data: Any, crc: int = 0) -> int:
     """The CRC32C of the contiguous buffer ``data``, continuing from the CRC32C ``crc`` of what came before."""
-    return int(_extend(data, crc))
+    return _extend(data, crc)
 
 
 def text(crc: int) -> str:
