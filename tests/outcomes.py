@@ -1,7 +1,7 @@
 """A call run in a daemon thread and waited for with a time limit, shared so every test file bounds its calls
 alike: a call that hangs fails its test instead of blocking the run; and two such writes with an upload of the
-first held on its way until after the second (a late copy); and the uploads the emulator logged, with the
-generation each needed."""
+first held on its way until after the second (a late copy); and the emulator's request log once settled, and
+the uploads in it, with the generation each needed."""
 
 from __future__ import annotations
 
@@ -95,3 +95,15 @@ def uploads_logged(emu: Any, since: int, under: str) -> list[tuple[str, str | No
         if name.startswith(under):
             out.append((name, query.get("ifGenerationMatch", [None])[0], r.status))
     return out
+
+
+def settled(emu: Any) -> list[Any]:
+    """The emulator's request log once two reads 50 ms apart agree: fake-gcs-server logs a request after its
+    answer went out, so on a loaded machine a request can be logged after a later read's marker (seen in CI:
+    a bucket's GET, logged after the upload that followed it)."""
+    log, before = emu.requests(), -1
+    while len(log) != before:
+        before = len(log)
+        time.sleep(0.05)
+        log = emu.requests()
+    return log

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from outcomes import settled
 
 from cloudio import _config
 from cloudio.emulator import Emulator, Request
@@ -332,22 +333,11 @@ def test_create_bucket_refuses_what_cloudio_cannot_address(clean_env: pytest.Mon
         assert cloudio_path.bucket == ok and emu.has_bucket(ok)
 
 
-def _settled(emu: Emulator) -> int:
-    """The length of the request log once two calls 50 ms apart agree: fake-gcs-server logs a request after its
-    answer went out, so on a loaded machine a set-up request can be logged after a later marker (seen once in
-    CI: the bucket's GET, logged after the upload that followed it)."""
-    before = -1
-    while (now := len(emu.requests())) != before:
-        before = now
-        time.sleep(0.05)
-    return now
-
-
 def test_requests_are_parsed_and_counted_exactly(clean_env: pytest.MonkeyPatch) -> None:
     with Emulator() as emu:
         emu.create_bucket("counted")
         emu.client.bucket("counted").blob("a.bin").upload_from_string(b"12345")
-        n = _settled(emu)
+        n = len(settled(emu))
         meta = f"{emu.url}/storage/v1/b/counted/o/a.bin"
         media = f"{emu.url}/download/storage/v1/b/counted/o/a.bin?alt=media"
         assert _http("GET", meta) == 200

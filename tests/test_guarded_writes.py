@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from google.cloud import storage
+from outcomes import settled
 
 import cloudio
 from cloudio._journal import Change
@@ -41,15 +42,15 @@ def _other_writer(emulator: Emulator, url: str, data: bytes) -> int:
 
 
 class Log:
-    """The emulator's requests for one bucket since the last :meth:`take` (a multipart upload names
-    its object in the body, not in the path)."""
+    """The emulator's requests for one bucket since the last :meth:`take`, once its log settled (a multipart
+    upload names its object in the body, not in the path)."""
 
     def __init__(self, emulator: Emulator, bucket: str) -> None:
         self.emulator, self.bucket = emulator, bucket.removeprefix("gs://")
-        self._seen = len(emulator.requests())
+        self._seen = len(settled(emulator))
 
     def take(self) -> list[Request]:
-        log = self.emulator.requests()
+        log = settled(self.emulator)
         new, self._seen = log[self._seen:], len(log)
         return [r for r in new if f"/b/{self.bucket}/" in r.path]
 
