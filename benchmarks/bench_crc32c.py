@@ -53,6 +53,16 @@ CRC32C: Callable[[Any, int], int] = checksums._extend
 LIBRARIES: dict[str, Callable[[Any, int], int]] = {"crc32c": CRC32C, "google-crc32c": _google}
 
 
+def _swapping_reaches_cloudio() -> None:
+    """Fail loudly unless cloudio's every sum goes through ``checksums._extend``, the name swapped here (were it
+    renamed, both sides would run the same library, and still agree)."""
+    checksums._extend = lambda data, crc=0: -1
+    try:
+        assert checksums.value(b"") == -1, "checksums.value no longer sums through checksums._extend"
+    finally:
+        checksums._extend = CRC32C
+
+
 def sum_speed(repeat: int = 9) -> dict[str, float]:
     data = np.random.default_rng(0).integers(0, 256, 64 * 2**20, dtype=np.uint8)
     want = {f(data, 0) for f in LIBRARIES.values()}
@@ -69,6 +79,7 @@ def sum_speed(repeat: int = 9) -> dict[str, float]:
 
 
 def zarr_rounds(env: bench_peers.Env, key: str, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
+    _swapping_reaches_cloudio()
     layout = bench_peers.LAYOUTS[key]
     data = layout.data()
     writes: dict[str, list[float]] = {name: [] for name in LIBRARIES}
