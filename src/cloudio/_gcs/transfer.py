@@ -373,6 +373,7 @@ async def put_verified(
                          else (expected_generation, fast.EXPECTED_AS_MULTIPART))
     changing = await journal().changing_async(path.url)  # GDAL reads of it wait until the outcome is recorded
     sent = False  # a request went out: cancelled from here on, the upload may have landed
+    sums = _Sums(source)
     try:
         for attempt in range(max(1, attempts)):
             if attempt:
@@ -385,6 +386,7 @@ async def put_verified(
                 sent = True
                 meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit, media,
                                                    guard, everywhere)
+                sums.known = (size, sent_crc)
                 generation = await _check_stored(fs, path, meta, size, sent_crc)
             except _Mismatch as e:
                 deleted, last = True, e
@@ -396,7 +398,7 @@ async def put_verified(
                 # or a try whose answer was lost stored it, and its retry (the same precondition) found the
                 # generation it made
                 found = await _stored_now(fs, path)
-                held = found if (not plain or len(tried) > 1) and _is(found, source) else None
+                held = found if (not plain or len(tried) > 1) and _is(found, sums) else None
                 if held is None:
                     if (if_generation_match is None and not plain and attempt + 1 < attempts
                             and _given_up.take(path.url, found)):  # cloudio's own guard (an explicit one stands)
@@ -415,7 +417,7 @@ async def put_verified(
             finally:
                 fast.tries.reset(counting)
                 if fast.UNANSWERED in tried and isinstance(source, bytes | bytearray | memoryview):
-                    _given_up.add(path.url, *_sums(source))  # a try given up with no answer: it may land late
+                    _given_up.add(path.url, *sums())  # a try given up with no answer: it may land late
             return _uploaded(fs, path, generation, size, sent_crc, record)
         assert last is not None
         raise _failure(path, last, attempts, deleted) from last
@@ -430,7 +432,7 @@ async def put_verified(
                                  f"deleting it failed ({e.__cause__}): THE OBJECT AT {path.url} IS CORRUPT. "
                                  "Delete it, or write it again (check the network path to GCS).") from e
         elif (sent and isinstance(e, Exception) and not isinstance(e, ConflictError)  # (asked already)
-              and (held := await _holds(fs, path, source)) is not None):
+              and (held := await _holds(fs, path, sums)) is not None):
             # a try whose answer was lost stored it (the error is a later try's, or the last answer's loss)
             log.info("%s: the upload's answers were lost, and the object holds what was sent", path.url)
             return _uploaded(fs, path, int(held["generation"]), int(held["size"]), held["crc32c"], record)
@@ -439,7 +441,7 @@ async def put_verified(
             fs.invalidate_cache(path.fs_path)
             journal().record(path.url, "invalidate")
             if not isinstance(e, Exception) and isinstance(source, bytes | bytearray | memoryview):
-                _given_up.add(path.url, *_sums(source))  # cancelled on its way (a failure was counted above)
+                _given_up.add(path.url, *sums())  # cancelled on its way (a failure was counted above)
         if isinstance(e, CloudioError) or not isinstance(e, Exception):
             raise
         raise _failure(path, e, attempts, deleted) from e
@@ -771,31 +773,41 @@ def object_generation(url: GCSPath | str | os.PathLike[str], fs: gcsfs.GCSFileSy
     return sync(fs.loop, _generation, fs, _as_path(url))  # type: ignore[no-any-return]
 
 
-async def _holds(fs: gcsfs.GCSFileSystem, path: GCSPath, source: Source) -> dict[str, Any] | None:
-    """The object's resource when the server holds exactly ``source`` (size and CRC32C; one metadata request);
-    None when it holds something else, or cannot be asked."""
+async def _holds(fs: gcsfs.GCSFileSystem, path: GCSPath, sums: _Sums) -> dict[str, Any] | None:
+    """The object's resource when the server holds exactly the source of ``sums`` (size and CRC32C; one
+    metadata request); None when it holds something else, or cannot be asked."""
     try:
         meta = await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
     except Exception as e:  # gone, refused, or still no answer: not known to hold it
         log.debug("%s: could not tell what the server holds after the upload (%s)", path.url, e)
         return None
-    return meta if _is(meta, source) else None
+    return meta if _is(meta, sums) else None
 
 
-def _is(meta: dict[str, Any], source: Source) -> bool:
-    """Whether the object resource ``meta`` holds exactly ``source`` (size and CRC32C)."""
+def _is(meta: dict[str, Any], sums: _Sums) -> bool:
+    """Whether the object resource ``meta`` holds exactly the source of ``sums`` (size and CRC32C)."""
     if not meta:
         return False
-    size, crc = _sums(source)
+    size, crc = sums()
     return str(meta.get("size")) == str(size) and meta.get("crc32c") == crc
 
 
-def _sums(source: Source) -> tuple[int, str]:
-    """The size and CRC32C (as the JSON API reports it) of what uploading ``source`` sends."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = memoryview(source).cast("B")
-        return data.nbytes, checksums.of(data)
-    return os.path.getsize(source), checksums.of_file(source)
+class _Sums:
+    """The size and CRC32C (as the JSON API reports it) of what uploading ``source`` sends, summed at most
+    once: a try's :func:`_send` knows them when it returns, and the paths of a failed try ask for them."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.known: tuple[int, str] | None = None
+
+    def __call__(self) -> tuple[int, str]:
+        if self.known is None:
+            if isinstance(self.source, (bytes, bytearray, memoryview)):
+                data = memoryview(self.source).cast("B")
+                self.known = data.nbytes, checksums.of(data)
+            else:
+                self.known = os.path.getsize(self.source), checksums.of_file(self.source)
+        return self.known
 
 
 def download(
