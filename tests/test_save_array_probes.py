@@ -1,0 +1,94 @@
+"""save_array checks its arguments on an array zarr makes in memory (the probe) before anything is written, and
+writes that probe's documents. A write with the same arguments reuses the probe; nothing of one write, nor a
+change made since, may reach another."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import zarr
+
+import cloudio
+
+DATA = np.arange(40 * 30, dtype="f4").reshape(40, 30)
+
+
+def _attrs(url: str) -> dict[str, object]:
+    return dict(zarr.open_array(cloudio.zarr_store(url), mode="r").attrs)
+
+
+def test_attributes_changed_on_a_returned_array_do_not_reach_the_next_write(gcs_bucket: str) -> None:
+    """zarr changes an array's attributes in place (``metadata.attributes.update``): on the probe's own
+    metadata, the array the next write of the same arguments returns would hold them."""
+    first = cloudio.save_array(DATA, f"{gcs_bucket}/probes/one.zarr", chunks=(10, 10), attributes={"k": 1})
+    first.attrs["k"] = 2
+    first.attrs["added"] = "here"
+    second = cloudio.save_array(DATA, f"{gcs_bucket}/probes/two.zarr", chunks=(10, 10), attributes={"k": 1})
+    assert dict(second.attrs) == {"k": 1}
+    assert _attrs(f"{gcs_bucket}/probes/one.zarr") == {"k": 2, "added": "here"}
+    assert _attrs(f"{gcs_bucket}/probes/two.zarr") == {"k": 1}
+
+
+def test_an_attributes_dict_changed_between_writes_is_written_as_it_is_then(gcs_bucket: str) -> None:
+    attributes = {"k": 1}
+    cloudio.save_array(DATA, f"{gcs_bucket}/probes/a.zarr", chunks=(10, 10), attributes=attributes)
+    attributes["k"] = 2
+    cloudio.save_array(DATA, f"{gcs_bucket}/probes/b.zarr", chunks=(10, 10), attributes=attributes)
+    assert _attrs(f"{gcs_bucket}/probes/a.zarr") == {"k": 1}
+    assert _attrs(f"{gcs_bucket}/probes/b.zarr") == {"k": 2}
+
+
+def test_zarr_config_set_between_writes_is_honoured(gcs_bucket: str) -> None:
+    """The same arguments under another ``zarr.config`` make other documents (here, indented otherwise)."""
+    fs = cloudio.filesystem(gcs_bucket)
+    bucket = gcs_bucket.removeprefix("gs://")
+    cloudio.save_array(DATA, f"{gcs_bucket}/probes/two.zarr", chunks=(10, 10))
+    with zarr.config.set({"json_indent": 7}):
+        cloudio.save_array(DATA, f"{gcs_bucket}/probes/seven.zarr", chunks=(10, 10))
+    assert b'\n  "shape"' in fs.cat(f"{bucket}/probes/two.zarr/zarr.json")
+    assert b'\n       "shape"' in fs.cat(f"{bucket}/probes/seven.zarr/zarr.json")
+    np.testing.assert_array_equal(cloudio.load_array(f"{gcs_bucket}/probes/seven.zarr"), DATA)
+
+
+def test_the_same_arguments_with_another_fill_value_or_dtype_make_their_own_array(gcs_bucket: str) -> None:
+    cloudio.save_array(DATA, f"{gcs_bucket}/probes/f0.zarr", chunks=(10, 10), fill_value=0.0)
+    cloudio.save_array(DATA, f"{gcs_bucket}/probes/f1.zarr", chunks=(10, 10), fill_value=np.float32(-1.5))
+    cloudio.save_array(DATA.astype("f8"), f"{gcs_bucket}/probes/f8.zarr", chunks=(10, 10), fill_value=0.0)
+    opened = {name: zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/probes/{name}.zarr"), mode="r")
+              for name in ("f0", "f1", "f8")}
+    assert (opened["f0"].fill_value, opened["f1"].fill_value) == (0.0, -1.5)
+    assert (opened["f0"].dtype, opened["f8"].dtype) == (np.dtype("f4"), np.dtype("f8"))
+
+
+@pytest.mark.parametrize(("first", "then"), [({"a": [1, 2]}, {"a": (1, 2)}), ({"1": "x"}, {1: "x"})])
+def test_attributes_json_spells_alike_are_returned_as_given(gcs_bucket: str, first: dict[object, object],
+                                                            then: dict[object, object]) -> None:
+    """A tuple and a list, or a key 1 and "1", are one JSON document, but zarr returns attributes as given."""
+    cloudio.save_array(DATA, f"{gcs_bucket}/probes/first.zarr", chunks=(10, 10), attributes=first)
+    z = cloudio.save_array(DATA, f"{gcs_bucket}/probes/then.zarr", chunks=(10, 10), attributes=then)
+    assert z.attrs.asdict() == then
+
+
+def test_attributes_are_written_in_the_order_given(gcs_bucket: str) -> None:
+    fs = cloudio.filesystem(gcs_bucket)
+    bucket = gcs_bucket.removeprefix("gs://")
+    cloudio.save_array(DATA, f"{gcs_bucket}/probes/ba.zarr", chunks=(10, 10), attributes={"b": 1, "a": 2})
+    cloudio.save_array(DATA, f"{gcs_bucket}/probes/ab.zarr", chunks=(10, 10), attributes={"a": 2, "b": 1})
+    for name, order in (("ba", ["b", "a"]), ("ab", ["a", "b"])):
+        assert list(json.loads(fs.cat(f"{bucket}/probes/{name}.zarr/zarr.json"))["attributes"]) == order
+
+
+def test_zarr_warns_about_the_arguments_again_under_other_warning_filters(gcs_bucket: str) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), dtype="f4", chunks=(2,), order="F")
+    if not caught:
+        pytest.skip("this zarr does not warn about order= for a Zarr v3 array")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cloudio.save_array(DATA, f"{gcs_bucket}/probes/quiet.zarr", chunks=(10, 10), order="F")
+    with pytest.warns(type(caught[0].message), match="order"):
+        cloudio.save_array(DATA, f"{gcs_bucket}/probes/warned.zarr", chunks=(10, 10), order="F")
