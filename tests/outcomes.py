@@ -85,9 +85,10 @@ def two_writes_and_a_late_copy(fault_proxy: Any, upload: str, write: Callable[[i
 
 def uploads_logged(emu: Any, since: int, under: str) -> list[tuple[str, str | None, int]]:
     """(object name, its ifGenerationMatch or None, status) of each upload the emulator logged after the first
-    ``since`` requests, for the objects whose name starts with ``under``."""
+    ``since`` requests, for the objects whose name starts with ``under``; read once the log settled, as an
+    upload's answer goes out before the emulator logs it."""
     out = []
-    for r in emu.requests()[since:]:
+    for r in settled(emu)[since:]:
         if r.method != "POST" or not r.path.startswith("/upload/"):
             continue
         query = parse_qs(urlsplit(r.path).query)
