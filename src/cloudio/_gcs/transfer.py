@@ -416,7 +416,7 @@ async def put_verified(
                 continue
             finally:
                 fast.tries.reset(counting)
-                if fast.UNANSWERED in tried and isinstance(source, bytes | bytearray | memoryview):
+                if fast.UNANSWERED in tried and sums.in_memory:
                     _given_up.add(path.url, *sums())  # a try given up with no answer: it may land late
             return _uploaded(fs, path, generation, size, sent_crc, record)
         assert last is not None
@@ -440,7 +440,7 @@ async def put_verified(
             # the upload may have landed and its answer been lost, or been cancelled on its way
             fs.invalidate_cache(path.fs_path)
             journal().record(path.url, "invalidate")
-            if not isinstance(e, Exception) and isinstance(source, bytes | bytearray | memoryview):
+            if not isinstance(e, Exception) and sums.in_memory:
                 _given_up.add(path.url, *sums())  # cancelled on its way (a failure was counted above)
         if isinstance(e, CloudioError) or not isinstance(e, Exception):
             raise
@@ -798,6 +798,7 @@ class _Sums:
 
     def __init__(self, source: Source) -> None:
         self.source = source
+        self.in_memory = isinstance(source, (bytes, bytearray, memoryview))
         self.known: tuple[int, str] | None = None
 
     def __call__(self) -> tuple[int, str]:
