@@ -22,8 +22,12 @@ Every writer writes a fresh store per round and the store is deleted right
 after its timed write, so the in-memory emulator stays small; every reader
 reads the same store, the one cloudio wrote in that round (the same objects
 zarr and tensorstore write: ``tests/test_peers.py``), and checks the result
-bit-exactly. The order of the sides rotates from round to round so drift
-and machine load affect each alike. Figures are medians over rounds; a
+bit-exactly. The sides go in a new order each round (:func:`in_turn`), so
+drift and machine load affect each alike, and so does what one side leaves
+behind for the next (a rotation kept each side behind the same one:
+cloudio's reads always came after gcsfs's plain GETs, tensorstore's after
+cloudio's); 24 rounds put every side after every other equally often, for
+the 6 writers and the 8 readers. Figures are medians over rounds; a
 side's ratio is the median over rounds of (fastest peer's time / this
 side's time) in the same round, so 1.0 is the fastest peer; ``vs_ceiling``
 the same against the ceiling, the fastest plain GET/PUT client of each
@@ -42,7 +46,7 @@ unsharded (the tutorial's shape).
 layout a's objects (obstore, aiohttp, gcsfs, tensorstore kvstore, at
 zarr's concurrency and at ``--wide`` requests in flight).
 
-Run: ``.venv/bin/python benchmarks/bench_peers.py --rounds 5`` (writes
+Run: ``.venv/bin/python benchmarks/bench_peers.py --rounds 24`` (writes
 ``benchmarks/results/peers.json`` and ``peers.png``, ``peers_py312.*``
 under Python 3.12).
 """
@@ -352,6 +356,22 @@ PUTS = {"tensorstore_kvstore": put_tensorstore, "gcsfs_pipe": put_gcsfs, "aiohtt
 GETS = {"obstore_get": get_obstore, "tensorstore_kvstore": get_tensorstore, "gcsfs_cat": get_gcsfs}
 
 
+def in_turn(sides: list[Any], r: int) -> list[Any]:
+    """The sides in round ``r``'s order: row ``r`` of a Williams design, in which every side comes right
+    after every other one equally often (once in each ``len(sides)`` rounds; twice in ``2 * len(sides)``
+    for an odd count). What one side leaves behind (garbage, a busy emulator) slows the next: in a run of
+    layout b, tensorstore read in 55-57 ms right after obstore's GETs and 57-65 ms after the others."""
+    n = len(sides)
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low if len(first) % 2 else high)
+        low, high = (low + 1, high) if len(first) % 2 == 0 else (low, high - 1)
+    rows = [[(k + i) % n for k in first] for i in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [sides[k] for k in rows[r % len(rows)]]
+
+
 def run_layout(env: Env, layout: Layout, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Interleaved rounds of every side on ``layout``; medians, MiB/s and ratios."""
     data = layout.data()
@@ -367,8 +387,7 @@ def run_layout(env: Env, layout: Layout, rounds: int, log: Callable[[str], None]
     stored = sum(len(v) for v in objs.values())
     env.rm(warm)
     for r in range(rounds):
-        side_order = list(WRITERS) + list(PUTS)
-        side_order = side_order[r % len(side_order):] + side_order[:r % len(side_order)]
+        side_order = in_turn([*WRITERS, *PUTS], r)
         shared = None
         for side in side_order:
             prefix = f"{side}-{r}-{uuid.uuid4().hex[:6]}.zarr"
@@ -382,8 +401,7 @@ def run_layout(env: Env, layout: Layout, rounds: int, log: Callable[[str], None]
                 env.rm(prefix)
         assert shared is not None
         keys = env.keys(shared)
-        read_order = list(READERS) + list(GETS)
-        read_order = read_order[r % len(read_order):] + read_order[:r % len(read_order)]
+        read_order = in_turn([*READERS, *GETS], r)
         for side in read_order:
             if side in READERS:
                 sec, out = READERS[side](env, shared)
@@ -444,8 +462,7 @@ def transport_sweep(env: Env, rounds: int, wide: int, log: Callable[[str], None]
     for fn in cands.values():  # warm-up
         fn(env, keys, env.concurrency)
     for r in range(rounds):
-        order = [(name, c) for c in (env.concurrency, wide) for name in cands]
-        for name, c in order[r % len(order):] + order[:r % len(order)]:
+        for name, c in in_turn([(name, c) for c in (env.concurrency, wide) for name in cands], r):
             sec, stored = cands[name](env, keys, c)
             times.setdefault(f"{name}@{c}", []).append(sec)
         log(f"  sweep round {r + 1}/{rounds}")
