@@ -92,3 +92,31 @@ def test_zarr_warns_about_the_arguments_again_under_other_warning_filters(gcs_bu
         cloudio.save_array(DATA, f"{gcs_bucket}/probes/quiet.zarr", chunks=(10, 10), order="F")
     with pytest.warns(type(caught[0].message), match="order"):
         cloudio.save_array(DATA, f"{gcs_bucket}/probes/warned.zarr", chunks=(10, 10), order="F")
+
+
+def test_an_attributes_dict_changed_after_its_write_does_not_reach_a_later_write_of_its_earlier_value(
+        gcs_bucket: str) -> None:
+    """zarr keeps the attributes dict it is given, not a copy: a probe kept with it would take on the caller's
+    later changes, and a write of the earlier value would return (and store on its next change) the later."""
+    given = {"units": "m", "levels": [1]}
+    cloudio.save_array(DATA, f"{gcs_bucket}/probes/given.zarr", chunks=(10, 10), attributes=given)
+    given["units"] = "km"
+    given["levels"].append(2)  # type: ignore[attr-defined]
+    z = cloudio.save_array(DATA, f"{gcs_bucket}/probes/later.zarr", chunks=(10, 10),
+                           attributes={"units": "m", "levels": [1]})
+    assert dict(z.attrs) == {"units": "m", "levels": [1]}
+    z.attrs["more"] = 1
+    assert _attrs(f"{gcs_bucket}/probes/later.zarr") == {"units": "m", "levels": [1], "more": 1}
+
+
+def test_zarr_warns_about_the_arguments_in_each_pytest_warns_around_them(gcs_bucket: str) -> None:
+    """Each ``pytest.warns`` (a ``warnings.catch_warnings``) sets up filters that read alike; zarr's warning must
+    come in each, as it does without a kept probe."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), dtype="f4", chunks=(2,), order="F")
+    if not caught:
+        pytest.skip("this zarr does not warn about order= for a Zarr v3 array")
+    for name in ("first", "second"):
+        with pytest.warns(type(caught[0].message), match="order"):
+            cloudio.save_array(DATA, f"{gcs_bucket}/probes/{name}.zarr", chunks=(10, 10), order="F")

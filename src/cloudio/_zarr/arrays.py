@@ -204,8 +204,9 @@ def save_array(
     return z
 
 
-#: save_array's probes (:func:`_probe`), by what their arguments and ``zarr.config`` say; at most _PROBES_MAX
-_probes: dict[str, zarr.Array[Any]] = {}
+#: save_array's probes (:func:`_probe`), by what their arguments and ``zarr.config`` say, each with the warning
+#: filters it was made under (kept, so that no later list of filters takes its id); at most _PROBES_MAX
+_probes: dict[str, tuple[zarr.Array[Any], object]] = {}
 _PROBES_MAX = 64
 _probes_lock = threading.Lock()
 
@@ -220,35 +221,46 @@ def _probe(shape: tuple[int, ...], dtype: np.dtype[Any], chunks: Any, shards: An
     The same arguments under the same ``zarr.config`` (by value: a dict of
     attributes changed since makes another) get the one made before, with
     metadata of its own: zarr changes an array's attributes in place, and the
-    array a write returns is built on it. Arguments that do not spell out as
-    JSON (codecs by their configuration), and attributes JSON would not give
-    back alike, make a probe every time. zarr's warnings about the arguments
-    come once under one set of warning filters (as Python's default filter
-    shows a warning once per place), again once the filters change
-    (``pytest.warns``, ``warnings.catch_warnings``).
+    array a write returns is built on it; the probe kept is a copy too, as
+    zarr keeps the attributes dict it was given, which its caller may change.
+    Arguments that do not spell out as JSON (codecs by their configuration),
+    and attributes JSON would not give back alike, make a probe every time.
+    zarr's warnings about the arguments come once under one list of warning
+    filters (as Python's default filter shows a warning once per place), and
+    again in each ``warnings.catch_warnings`` (``pytest.warns``), which sets up
+    a list of its own.
     """
     import zarr
-    from zarr.core.array import AsyncArray
 
     try:
         attributes = json.dumps(kwargs.get("attributes"))  # in their order, which zarr keeps
+        filters = warnings.filters
         key: str | None = json.dumps([list(shape), chunks, shards, kwargs, zarr.config.config, repr(dtype),
-                                      repr(warnings.filters), attributes], sort_keys=True, default=_spelled)
+                                      id(filters), repr(filters), attributes], sort_keys=True, default=_spelled)
         if json.loads(attributes) != kwargs.get("attributes"):  # kept as given: JSON must give them back alike
             key = None  # (a tuple, a key that is not a string)
-    except (TypeError, ValueError):
+    except Exception:  # not JSON (TypeError, ValueError), or changed by another thread meanwhile (RuntimeError)
         key = None
-    made = _probes.get(key) if key is not None else None
-    if made is None:
-        made = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, dtype=dtype, chunks=chunks,
-                                 shards=shards, **kwargs)
-        if key is not None:
-            with _probes_lock:
-                if len(_probes) >= _PROBES_MAX:
-                    _probes.pop(next(iter(_probes)))
-                _probes[key] = made
-    async_array = made._async_array
-    return zarr.Array(AsyncArray(copy.deepcopy(made.metadata), made.store_path, async_array.config))  # type: ignore[type-var]
+    kept = _probes.get(key) if key is not None else None
+    if kept is not None:
+        return _copy(kept[0])
+    made = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                             **kwargs)
+    if key is not None:
+        with _probes_lock:
+            if len(_probes) >= _PROBES_MAX:
+                _probes.pop(next(iter(_probes)))
+            _probes[key] = (_copy(made), filters)
+    return made
+
+
+def _copy(probe: zarr.Array[Any]) -> zarr.Array[Any]:
+    """``probe`` with metadata of its own, on the same in-memory store."""
+    import zarr
+    from zarr.core.array import AsyncArray
+
+    metadata = copy.deepcopy(probe.metadata)
+    return zarr.Array(AsyncArray(metadata, probe.store_path, probe._async_array.config))  # type: ignore[type-var]
 
 
 def _spelled(value: Any) -> Any:
