@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import os
+import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -223,23 +224,30 @@ def _probe(shape: tuple[int, ...], dtype: np.dtype[Any], chunks: Any, shards: An
     metadata of its own: zarr changes an array's attributes in place, and the
     array a write returns is built on it; the probe kept is a copy too, as
     zarr keeps the attributes dict it was given, which its caller may change.
-    Arguments that do not spell out as JSON (codecs by their configuration),
-    and attributes JSON would not give back alike, make a probe every time.
+    Arguments that do not spell out as JSON (codecs by their configuration)
+    make a probe every time; attributes are told apart by their ``repr`` too,
+    as zarr returns them as given (a tuple, ``np.float64``), and NumPy scalars
+    by their bytes (NaNs with other payloads pad edge chunks otherwise).
     zarr's warnings about the arguments come once under one list of warning
-    filters (as Python's default filter shows a warning once per place), and
-    again in each ``warnings.catch_warnings`` (``pytest.warns``), which sets up
-    a list of its own.
+    filters, as Python's default filter shows a warning once per place; again
+    in each ``warnings.catch_warnings`` (``pytest.warns``), which sets up a
+    list of its own; and on every write under an ``"always"`` filter for
+    them, which keeps no probe (NumPy's for its ``RankWarning`` does not
+    count). Left: once a ``catch_warnings`` block ends, Python shows
+    a warning already shown again, and a kept probe does not.
     """
     import zarr
 
+    filters, fill = warnings.filters, kwargs.get("fill_value")
     try:
-        attributes = json.dumps(kwargs.get("attributes"))  # in their order, which zarr keeps
-        filters = warnings.filters
-        key: str | None = json.dumps([list(shape), chunks, shards, kwargs, zarr.config.config, repr(dtype),
-                                      id(filters), repr(filters), attributes], sort_keys=True, default=_spelled)
-        if json.loads(attributes) != kwargs.get("attributes"):  # kept as given: JSON must give them back alike
-            key = None  # (a tuple, a key that is not a string)
+        key: str | None = json.dumps(
+            [list(shape), chunks, shards, kwargs, _spelled(fill) if isinstance(fill, float | np.generic) else None,
+             zarr.config.config, repr(dtype), id(filters), repr(filters),
+             repr(kwargs.get("attributes"))],  # attributes in their order
+            sort_keys=True, default=_spelled)
     except Exception:  # not JSON (TypeError, ValueError), or changed by another thread meanwhile (RuntimeError)
+        key = None
+    if any(action == "always" and _zarr_may_warn(category) for action, _, category, *_ in filters):
         key = None
     kept = _probes.get(key) if key is not None else None
     if kept is not None:
@@ -254,6 +262,20 @@ def _probe(shape: tuple[int, ...], dtype: np.dtype[Any], chunks: Any, shards: An
     return made
 
 
+@functools.cache
+def _zarr_warnings() -> tuple[type[Warning], ...]:
+    import inspect
+
+    import zarr.errors
+
+    return tuple(c for _, c in inspect.getmembers(zarr.errors, inspect.isclass) if issubclass(c, Warning))
+
+
+def _zarr_may_warn(category: type[Warning] | tuple[type[Warning], ...]) -> bool:
+    """Whether a warning filter for ``category`` takes in a warning of zarr's own classes (``zarr.errors``)."""
+    return any(issubclass(c, category) for c in _zarr_warnings())
+
+
 def _copy(probe: zarr.Array[Any]) -> zarr.Array[Any]:
     """``probe`` with metadata of its own, on the same in-memory store."""
     import zarr
@@ -264,9 +286,12 @@ def _copy(probe: zarr.Array[Any]) -> zarr.Array[Any]:
 
 
 def _spelled(value: Any) -> Any:
-    """``value`` as JSON for :func:`_probe`'s key: NumPy scalars and dtypes, codecs by their configuration."""
+    """``value`` as JSON for :func:`_probe`'s key: NumPy scalars (by their bytes) and dtypes, codecs by their
+    configuration, floats by their bytes (every NaN is ``NaN`` in JSON)."""
     if isinstance(value, np.generic):
-        return ["numpy", value.dtype.str, repr(value.item())]
+        return ["numpy", value.dtype.str, value.tobytes().hex()]
+    if isinstance(value, float):
+        return ["float", struct.pack("<d", value).hex()]
     if isinstance(value, np.dtype):
         return ["dtype", repr(value)]
     for config in ("to_dict", "get_config"):  # zarr's codecs, numcodecs'
