@@ -1,6 +1,7 @@
 """save_array checks its arguments on an array zarr makes in memory (the probe) before anything is written, and
-writes that probe's documents. A write with the same arguments reuses the probe; nothing of one write, nor a
-change made since, may reach another."""
+writes that probe's documents: nothing of one write, nor a change made since, may reach another, and zarr's
+warnings about the arguments come as Python's filters say. (A cache of probes, keyed by the arguments, failed
+each of these once; it was dropped: its key could not hold all that decides zarr's documents and warnings.)"""
 
 from __future__ import annotations
 

@@ -434,7 +434,7 @@ def test_load_array_while_save_array_rewrites_it_in_another_thread_reads_one_ver
             v += 1
             save(v)
             # A rewrite's marker is up from before its first chunk to after its commit; without a pause the
-            # next one goes up within 0.1 ms and the readers, refused each time, show nothing of versions.
+            # next one goes up within a millisecond or less, and readers, refused each time, show nothing.
             time.sleep(0.005)
 
     def reader(stop_at: float) -> None:

@@ -20,14 +20,11 @@ a mix of old values, new values and fill values.
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import json
 import logging
 import os
-import struct
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -151,7 +148,8 @@ def save_array(
     zarr_chunks = cast("tuple[int, ...] | Literal['auto']", chunks)
     zarr_shards = cast("tuple[int, ...] | Literal['auto'] | None", shards)
     try:
-        probe = _probe(array.shape, array.dtype, zarr_chunks, zarr_shards, kwargs)
+        probe = zarr.create_array(zarr.storage.MemoryStore(), shape=array.shape, dtype=array.dtype,
+                                  chunks=zarr_chunks, shards=zarr_shards, **kwargs)
     except Exception as e:  # made in memory: whatever zarr raised (ValueError, TypeError...) is about the arguments
         raise ConfigurationError(f"{store.root_url}: zarr refuses these arguments for a {array.dtype} array of "
                                  f"shape {array.shape} ({type(e).__name__}: {e}); nothing was written. Change them "
@@ -203,101 +201,6 @@ def save_array(
             raise
         mark.commit()
     return z
-
-
-#: save_array's probes (:func:`_probe`), by what their arguments and ``zarr.config`` say, each with the warning
-#: filters it was made under (kept, so that no later list of filters takes its id); at most _PROBES_MAX
-_probes: dict[str, tuple[zarr.Array[Any], object]] = {}
-_PROBES_MAX = 64
-_probes_lock = threading.Lock()
-
-
-def _probe(shape: tuple[int, ...], dtype: np.dtype[Any], chunks: Any, shards: Any,
-           kwargs: dict[str, Any]) -> zarr.Array[Any]:
-    """The array ``zarr.create_array`` makes of these arguments, in memory (no request): it settles the grid
-    and rejects bad arguments before anything is written, and its documents are the ones written.
-
-    Why kept: making it took about 1.0 ms of a 26 ms ``save_array`` of 100
-    chunks of 40 KB (``benchmarks/bench_peers.py`` layout c, on the emulator).
-    The same arguments under the same ``zarr.config`` (by value: a dict of
-    attributes changed since makes another) get the one made before, with
-    metadata of its own: zarr changes an array's attributes in place, and the
-    array a write returns is built on it; the probe kept is a copy too, as
-    zarr keeps the attributes dict it was given, which its caller may change.
-    Arguments that do not spell out as JSON (codecs by their configuration)
-    make a probe every time; attributes are told apart by their ``repr`` too,
-    as zarr returns them as given (a tuple, ``np.float64``), and NumPy scalars
-    by their bytes (NaNs with other payloads pad edge chunks otherwise).
-    zarr's warnings about the arguments come once under one list of warning
-    filters, as Python's default filter shows a warning once per place; again
-    in each ``warnings.catch_warnings`` (``pytest.warns``), which sets up a
-    list of its own; and on every write under an ``"always"`` filter for
-    them, which keeps no probe (NumPy's for its ``RankWarning`` does not
-    count). Left: once a ``catch_warnings`` block ends, Python shows
-    a warning already shown again, and a kept probe does not.
-    """
-    import zarr
-
-    filters, fill = warnings.filters, kwargs.get("fill_value")
-    try:
-        key: str | None = json.dumps(
-            [list(shape), chunks, shards, kwargs, _spelled(fill) if isinstance(fill, float | np.generic) else None,
-             zarr.config.config, repr(dtype), id(filters), repr(filters),
-             repr(kwargs.get("attributes"))],  # attributes in their order
-            sort_keys=True, default=_spelled)
-    except Exception:  # not JSON (TypeError, ValueError), or changed by another thread meanwhile (RuntimeError)
-        key = None
-    if any(action == "always" and _zarr_may_warn(category) for action, _, category, *_ in filters):
-        key = None
-    kept = _probes.get(key) if key is not None else None
-    if kept is not None:
-        return _copy(kept[0])
-    made = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                             **kwargs)
-    if key is not None:
-        with _probes_lock:
-            if len(_probes) >= _PROBES_MAX:
-                _probes.pop(next(iter(_probes)))
-            _probes[key] = (_copy(made), filters)
-    return made
-
-
-@functools.cache
-def _zarr_warnings() -> tuple[type[Warning], ...]:
-    import inspect
-
-    import zarr.errors
-
-    return tuple(c for _, c in inspect.getmembers(zarr.errors, inspect.isclass) if issubclass(c, Warning))
-
-
-def _zarr_may_warn(category: type[Warning] | tuple[type[Warning], ...]) -> bool:
-    """Whether a warning filter for ``category`` takes in a warning of zarr's own classes (``zarr.errors``)."""
-    return any(issubclass(c, category) for c in _zarr_warnings())
-
-
-def _copy(probe: zarr.Array[Any]) -> zarr.Array[Any]:
-    """``probe`` with metadata of its own, on the same in-memory store."""
-    import zarr
-    from zarr.core.array import AsyncArray
-
-    metadata = copy.deepcopy(probe.metadata)
-    return zarr.Array(AsyncArray(metadata, probe.store_path, probe._async_array.config))  # type: ignore[type-var]
-
-
-def _spelled(value: Any) -> Any:
-    """``value`` as JSON for :func:`_probe`'s key: NumPy scalars (by their bytes) and dtypes, codecs by their
-    configuration, floats by their bytes (every NaN is ``NaN`` in JSON)."""
-    if isinstance(value, np.generic):
-        return ["numpy", value.dtype.str, value.tobytes().hex()]
-    if isinstance(value, float):
-        return ["float", struct.pack("<d", value).hex()]
-    if isinstance(value, np.dtype):
-        return ["dtype", repr(value)]
-    for config in ("to_dict", "get_config"):  # zarr's codecs, numcodecs'
-        if callable(getattr(value, config, None)):
-            return [type(value).__module__, type(value).__qualname__, getattr(value, config)()]
-    raise TypeError(f"{type(value).__name__} is not spelled out for a probe's key")
 
 
 def _fenced(store: JournaledStore, prefix: str, kwargs: dict[str, Any]) -> dict[str, Any]:
