@@ -88,3 +88,21 @@ def test_an_array_dropped_while_its_pool_is_busy_is_let_go_not_waited_for() -> N
         del out  # would deadlock if the finalizer waited
     assert pool.kept() == 0
     pool.clear()
+
+
+def test_a_full_pool_lets_its_oldest_buffers_go_for_the_one_given_back_last() -> None:
+    """A process that read large arrays and now reads smaller ones: the pool, full of the large ones' memory,
+    must keep the small one just given back (and lend it to the next read of that size), not drop it
+    because it is the smallest. (Kept that way, every read of layout b of ``benchmarks/bench_peers.py``
+    after layout a's mapped a fresh output.)"""
+    pool = BufferPool(keep_bytes=9000, keep_seconds=60)
+    large = [pool.take(4000) for _ in range(2)]
+    for b in large:
+        pool.give(b)
+    small = pool.take(1500)  # the large ones are more than twice as large: a new one
+    assert all(_address(small) != _address(b) for b in large)
+    pool.give(small)
+    assert pool.kept() == 5500  # the oldest large one went
+    again = pool.take(1500)
+    assert _address(again) == _address(small)
+    pool.clear()

@@ -9,9 +9,14 @@ reads of layout a took 256 ms (176 to 629) with fresh buffers against
 run; in ``benchmarks/bench_peers.py``, whose rounds come about 13 s apart,
 layout a's reads moved 606 MiB/s when the pool let its buffers go after
 5 s and 1,117 MiB/s when it kept them. Buffers are kept up to
-:data:`KEEP_BYTES` in all and given back to the system :data:`KEEP_SECONDS`
-after the last one was returned, so a process that stops reading holds
-nothing for long. Writes of large shards borrow them too, and give them
+:data:`KEEP_BYTES` in all, the oldest returned let go first, and given
+back to the system :data:`KEEP_SECONDS` after the last one was returned,
+so a process that stops reading holds nothing for long. (Letting the
+smallest go first instead, two outputs of layout a, all the pool of
+outputs holds, pushed out every output of the layout b reads after them:
+each of those mapped a fresh one. In runs of 8 rounds of layouts a and b,
+cloudio read layout b at 875 MiB/s to tensorstore's 970 that way, and at
+972 to 1,024 this way; 1,041 to 1,049 in a run of layout b alone.) Writes of large shards borrow them too, and give them
 back only when every upload was answered: after a failure, an upload
 cancelled part way may still be flushed to the socket from its buffer by
 the transport, which must then not be anyone else's. (In
@@ -83,10 +88,9 @@ class BufferPool:
         if not self._lock.acquire(blocking=wait):
             return
         try:
-            self._free.append(base)
-            self._free.sort(key=len)
+            self._free.append(base)  # in the order given back
             while sum(len(b) for b in self._free) > self.keep_bytes:
-                self._free.pop(0)  # the smallest go first: large ones are the costly ones to fault in
+                self._free.pop(0)  # the oldest go first: what a process reads now, it reads next
             self._last = time.monotonic()
             if self._timer is None and self._free:
                 self._start(self.keep_seconds)
