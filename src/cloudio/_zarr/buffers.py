@@ -9,15 +9,11 @@ reads of layout a took 256 ms (176 to 629) with fresh buffers against
 run; in ``benchmarks/bench_peers.py``, whose rounds come about 13 s apart,
 layout a's reads moved 606 MiB/s when the pool let its buffers go after
 5 s and 1,117 MiB/s when it kept them. Buffers are kept up to
-:data:`KEEP_BYTES` in all, the oldest returned let go first, and given
-back to the system :data:`KEEP_SECONDS` after the last one was returned,
-so a process that stops reading holds nothing for long. (Letting the
-smallest go first instead, two outputs of layout a, all the pool of
-outputs holds, pushed out every output of the layout b reads after them:
-each of those mapped a fresh one. In runs of 8 rounds of layouts a and b,
-cloudio read layout b at 875 MiB/s to tensorstore's 970 that way, and at
-972 to 1,024 this way; 1,041 to 1,049 in a run of layout b alone.) Writes of large shards borrow them too, and give them
-back only when every upload was answered: after a failure, an upload
+:data:`KEEP_BYTES` in all (:meth:`BufferPool._make_room` says which go
+first), and given back to the system :data:`KEEP_SECONDS` after the last
+one was returned, so a process that stops reading holds nothing for long.
+Writes of large shards borrow them too, and give them back only when
+every upload was answered: after a failure, an upload
 cancelled part way may still be flushed to the socket from its buffer by
 the transport, which must then not be anyone else's. (In
 ``benchmarks/bench_peers.py``, layout b's writes went from 0.84 to 0.88
@@ -32,7 +28,13 @@ memory for. In ``benchmarks/bench_peers.py``, whose other sides leave the
 process's memory fragmented, mapping a fresh output for layout a took
 100 to 560 ms of a 180 to 580 ms read; a kept one, none. This is what the
 C library's allocator does for the plain GETs of the transport ceiling,
-whose 16 MiB buffers come back from its heap already mapped.
+whose 16 MiB buffers come back from its heap already mapped. The output
+given back last is kept: when the smallest kept went first, two outputs of
+layout a, all this pool holds, pushed out every output of the layout b
+reads after them, and each of those mapped a fresh one (in runs of 8
+rounds of layouts a and b, cloudio read layout b at 875 MiB/s to
+tensorstore's 970 that way, and at 972 to 1,024 keeping the last; 1,041 to
+1,049 in a run of layout b alone).
 """
 
 from __future__ import annotations
@@ -89,13 +91,27 @@ class BufferPool:
             return
         try:
             self._free.append(base)  # in the order given back
-            while sum(len(b) for b in self._free) > self.keep_bytes:
-                self._free.pop(0)  # the oldest go first: what a process reads now, it reads next
+            self._make_room()
             self._last = time.monotonic()
             if self._timer is None and self._free:
                 self._start(self.keep_seconds)
         finally:
             self._lock.release()
+
+    def _make_room(self) -> None:
+        """Let buffers go until at most :attr:`keep_bytes` are kept (the lock held): the one given back last
+        stays while others can go (what a process reads now, it reads next), and of the others the smallest
+        that makes room alone goes, else the largest (among equals, the first given back)."""
+        over = sum(len(b) for b in self._free) - self.keep_bytes
+        while over > 0:
+            others = range(len(self._free) - 1)
+            if not others:
+                self._free.clear()  # larger than the pool keeps
+                return
+            enough = [i for i in others if len(self._free[i]) >= over]
+            drop = (min(enough, key=lambda i: len(self._free[i])) if enough
+                    else max(others, key=lambda i: len(self._free[i])))
+            over -= len(self._free.pop(drop))
 
     def clear(self) -> None:
         """Let every kept buffer go."""
