@@ -122,3 +122,13 @@ def test_a_full_pool_lets_go_no_more_than_it_must() -> None:
     assert _address(pool.take(4000)) == _address(large)
     assert _address(pool.take(1000)) in {_address(b) for b in small[1:]}
     pool.clear()
+
+
+def test_a_buffer_larger_than_the_pool_keeps_is_let_go_alone() -> None:
+    pool = BufferPool(keep_bytes=9000, keep_seconds=60)
+    kept = pool.take(4000)
+    pool.give(kept)
+    pool.give(pool.take(10_000))
+    assert pool.kept() == 4000
+    assert _address(pool.take(4000)) == _address(kept)
+    pool.clear()

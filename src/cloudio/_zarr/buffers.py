@@ -101,13 +101,14 @@ class BufferPool:
     def _make_room(self) -> None:
         """Let buffers go until at most :attr:`keep_bytes` are kept (the lock held): the one given back last
         stays while others can go (what a process reads now, it reads next), and of the others the smallest
-        that makes room alone goes, else the largest (among equals, the first given back)."""
+        that makes room alone goes, else the largest (among equals, the first given back). One larger than
+        the pool keeps goes alone."""
+        if len(self._free[-1]) > self.keep_bytes:
+            self._free.pop()
+            return
         over = sum(len(b) for b in self._free) - self.keep_bytes
         while over > 0:
             others = range(len(self._free) - 1)
-            if not others:
-                self._free.clear()  # larger than the pool keeps
-                return
             enough = [i for i in others if len(self._free[i]) >= over]
             drop = (min(enough, key=lambda i: len(self._free[i])) if enough
                     else max(others, key=lambda i: len(self._free[i])))
