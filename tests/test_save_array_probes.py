@@ -26,9 +26,10 @@ def _order_warning() -> type[Warning]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), dtype="f4", chunks=(2,), order="F")
-    if not caught:
+    about_order = [w.category for w in caught if "order" in str(w.message)]
+    if not about_order:
         pytest.skip("this zarr does not warn about order= for a Zarr v3 array")
-    return caught[0].category
+    return about_order[0]
 
 
 def test_attributes_changed_on_a_returned_array_do_not_reach_the_next_write(gcs_bucket: str) -> None:
@@ -108,8 +109,8 @@ def test_an_attributes_dict_changed_after_its_write_does_not_reach_a_later_write
 
 
 def test_zarr_warns_about_the_arguments_again_under_other_warning_filters(gcs_bucket: str) -> None:
-    """A write under an "ignore" filter shows nothing, and zarr's warning comes again in each later
-    ``pytest.warns`` (a ``warnings.catch_warnings`` whose filters read alike), as it does without a kept probe."""
+    """After a write under an "ignore" filter, zarr's warning comes in each later ``pytest.warns`` (a
+    ``warnings.catch_warnings`` whose filters read alike), as it does without a kept probe."""
     warning = _order_warning()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
