@@ -93,8 +93,7 @@ def test_an_array_dropped_while_its_pool_is_busy_is_let_go_not_waited_for() -> N
 def test_a_full_pool_keeps_the_buffer_given_back_last() -> None:
     """A process that read large arrays and now reads smaller ones: the pool, full of the large ones' memory,
     must keep the small one just given back (and lend it to the next read of that size), not drop it
-    because it is the smallest. (Kept that way, every read of layout b of ``benchmarks/bench_peers.py``
-    after layout a's mapped a fresh output.)"""
+    because it is the smallest."""
     pool = BufferPool(keep_bytes=9000, keep_seconds=60)
     large = [pool.take(4000) for _ in range(2)]
     for b in large:
@@ -109,7 +108,7 @@ def test_a_full_pool_keeps_the_buffer_given_back_last() -> None:
     pool.clear()
 
 
-def test_a_full_pool_lets_go_no_more_than_it_must() -> None:
+def test_a_full_pool_lets_a_small_buffer_go_for_a_small_one_not_the_large_one() -> None:
     """Room for a small buffer is made by letting another small one go, not a large one that many small
     ones came back after (a process that reads a large array, then holds several smaller ones at once)."""
     pool = BufferPool(keep_bytes=9000, keep_seconds=60)
@@ -125,6 +124,7 @@ def test_a_full_pool_lets_go_no_more_than_it_must() -> None:
 
 
 def test_a_buffer_larger_than_the_pool_keeps_is_let_go_alone() -> None:
+    """The others stay: the pool held no more than it keeps before it came back."""
     pool = BufferPool(keep_bytes=9000, keep_seconds=60)
     kept = pool.take(4000)
     pool.give(kept)
