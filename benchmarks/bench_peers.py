@@ -504,7 +504,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=24,
-                    help="interleaved rounds (the default balances the sides: module docstring)")
+                    help="interleaved rounds (the default balances the order of the sides)")
     ap.add_argument("--layouts", default="abc", help="any of a, b, c")
     ap.add_argument("--transports", action="store_true", help="also sweep read transports on layout a")
     ap.add_argument("--wide", type=int, default=32, help="the wider concurrency of --transports")
