@@ -200,6 +200,25 @@ def test_pipe_of_a_wide_memoryview_stores_it_as_plain_gcsfs_does(gcs_emulator, b
     assert fs.cat(f"{b}/c.bin") == arr.tobytes()
 
 
+def test_pipe_of_an_ndarray_or_a_strided_buffer_stores_its_bytes_in_c_order(gcs_emulator, b):
+    """Plain gcsfs fails on both: numpy's ``UFuncTypeError`` from adding an array to its multipart
+    head, and "underlying buffer is not C-contiguous" from a strided memoryview. Each holds bytes, as
+    ``arr.tobytes()`` gives them; guarded writes (``if_generation_match=``) take the same."""
+    import numpy as np
+
+    arr = np.arange(24, dtype="<f4").reshape(4, 6)
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe(f"{b}/a.bin", arr)
+    fs.pipe(f"{b}/strided.bin", memoryview(arr[:, ::2]))
+    fs.pipe(f"{b}/guarded.bin", arr.T, if_generation_match=0)
+    fs.pipe(f"{b}/empty.bin", arr[:0])
+    assert fs.cat(f"{b}/a.bin") == arr.tobytes()
+    assert fs.cat(f"{b}/strided.bin") == arr[:, ::2].tobytes()
+    assert fs.cat(f"{b}/guarded.bin") == arr.T.tobytes()
+    assert fs.info(f"{b}/strided.bin")["size"] == 48
+    assert fs.cat(f"{b}/empty.bin") == b""
+
+
 # ---------------------------------------------------------------------------------------------
 # refusals the server sends: a cloudio error naming the gs:// URL, not gcsfs's bare HttpError
 # ---------------------------------------------------------------------------------------------

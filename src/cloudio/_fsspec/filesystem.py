@@ -187,6 +187,17 @@ def _object_resource(out: Any) -> dict[str, Any] | None:
     return out if isinstance(out, dict) and "generation" in out else None
 
 
+def _as_bytes(data: Any) -> bytes | bytearray | memoryview:
+    """What ``pipe`` sends of ``data``: bytes as they are; any other buffer (an ndarray, a strided view) as
+    its bytes in C order, what ``arr.tobytes()`` gives, copied only when not contiguous. Why: gcsfs adds
+    the value to its multipart head, which an ndarray turns into numpy's addition, and a strided
+    memoryview refuses."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    view = memoryview(data)
+    return view.cast("B") if view.c_contiguous and view.nbytes else view.tobytes()  # (no cast of a 0 in shape)
+
+
 def _int_or_none(value: Any) -> int | None:
     try:
         return int(value) if value is not None else None
@@ -588,10 +599,10 @@ class _JournalingGCSMixin(_TextWrites):
         url = self._cloudio_url(path)
         token = _writing.set(url)
         try:
+            data = _as_bytes(data)
             if "if_generation_match" in kwargs:
-                return await self._guarded_put(url, bytes(data), kwargs.pop("if_generation_match"))
-            size = memoryview(data).nbytes  # bytes, not items (gcsfs sends a wide buffer's bytes)
-            return await self._gcsfs_upload(url, size, checksums.of(data), kwargs.get("mode"),
+                return await self._guarded_put(url, data, kwargs.pop("if_generation_match"))
+            return await self._gcsfs_upload(url, len(data), checksums.of(data), kwargs.get("mode"),
                                             functools.partial(super()._pipe_file, path, data, *args, **kwargs))  # type: ignore[misc]
         finally:
             _writing.reset(token)
