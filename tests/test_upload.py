@@ -123,6 +123,84 @@ def test_corrupted_upload_raises_integrity_error_and_leaves_nothing(
     assert [c.kind for c in _records(url, seq)] == ["delete"]  # the journal says what the server holds
 
 
+def test_a_try_after_a_corrupt_one_that_landed_unanswered_is_a_write_not_a_delete(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
+) -> None:
+    """The first try is stored corrupt and deleted; the second lands, and its answer and every retry's
+    are lost. The server holds what was sent: the upload succeeded, and the journal says "write" (it
+    said "delete", and the error "nothing is stored there now")."""
+    url = f"{gcs_bucket}/d/flip-then-lost.bin"
+    data = os.urandom(5000)
+    seq = journal().seq
+    fault_proxy.add("flip", where="request", path=_UPLOAD)
+    fault_proxy.add("reset", path=_UPLOAD)  # forwarded (it lands), its answer cut
+    fault_proxy.add("status", code=503, path=_UPLOAD, times=None)
+    up = upload(data, url)
+    assert _uploads(fault_proxy)[:3] == [200, "reset", 503]
+    assert _stored(gcs_emulator, url) == data
+    assert [(c.kind, c.generation) for c in _records(url, seq)] == [("write", up.generation)]
+
+
+def test_a_try_after_a_corrupt_one_that_is_refused_leaves_nothing_and_says_so(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
+) -> None:
+    """The first try is stored corrupt and deleted; every later upload request is refused (503): nothing
+    is stored, the error says the previous object is gone, and the journal says "delete"."""
+    url = f"{gcs_bucket}/d/flip-then-refused.bin"
+    seq = journal().seq
+    fault_proxy.add("flip", where="request", path=_UPLOAD)
+    fault_proxy.add("status", code=503, path=_UPLOAD, times=None)
+    with pytest.raises(cloudio.TransientError) as ei:
+        upload(os.urandom(5000), url)
+    assert _stored(gcs_emulator, url) is None
+    assert "IS GONE" in str(ei.value) and url in str(ei.value)
+    assert [c.kind for c in _records(url, seq)] == ["delete"]
+
+
+def test_a_local_file_removed_after_its_upload_landed_unanswered_is_journaled_as_unknown(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy, tmp_path
+) -> None:
+    """The upload of a local file lands, its answer and every retry's are lost, and the file is removed
+    meanwhile (a temporary file cleaned up): the server may hold it, so the journal says "invalidate"
+    and the error is TransientError naming the URL. It was a plain FileNotFoundError from summing the
+    file again, with nothing journaled."""
+    import threading
+
+    url = f"{gcs_bucket}/d/removed.bin"
+    local = tmp_path / "removed.bin"
+    local.write_bytes(os.urandom(5000))
+    seq = journal().seq
+    cut = fault_proxy.add("reset", path=_UPLOAD)  # forwarded (it lands), its answer cut
+    fault_proxy.add("status", code=503, path=_UPLOAD, times=None)
+    remover = threading.Thread(target=lambda: cut.answered.wait(30) and local.unlink())
+    remover.start()
+    with pytest.raises(cloudio.TransientError) as ei:
+        upload(local, url)
+    remover.join()
+    assert not local.exists() and _stored(gcs_emulator, url) is not None
+    assert url in str(ei.value) and "may or may not have been stored" in str(ei.value)
+    assert [c.kind for c in _records(url, seq)] == ["invalidate"]
+
+
+def test_a_corrupt_copy_kept_after_an_earlier_one_was_deleted_is_reported_corrupt(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
+) -> None:
+    """Every try is stored corrupt; the first copy is deleted, deleting the second fails. The server holds
+    corrupt bytes: IntegrityError says so, and the journal says "invalidate" (it said "delete", and the
+    error "nothing is stored there now")."""
+    url = f"{gcs_bucket}/d/flip-kept.bin"
+    data = os.urandom(5000)
+    seq = journal().seq
+    fault_proxy.add("flip", where="request", path=_UPLOAD, times=None)
+    fault_proxy.add("status", code=403, method="DELETE", skip=1, times=None)
+    with pytest.raises(cloudio.IntegrityError) as ei:
+        upload(data, url)
+    held = _stored(gcs_emulator, url)
+    assert held is not None and held != data and len(held) == len(data)
+    assert "IS CORRUPT" in str(ei.value) and url in str(ei.value) and "GONE" not in str(ei.value)
+    assert [c.kind for c in _records(url, seq)] == ["invalidate"]
+
+
 def test_refused_upload_raises_upload_error(gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy) -> None:
     url = f"{gcs_bucket}/d/refused.bin"
     seq = journal().seq

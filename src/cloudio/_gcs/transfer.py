@@ -422,20 +422,22 @@ async def put_verified(
         assert last is not None
         raise _failure(path, last, attempts, deleted) from last
     except BaseException as e:
-        if deleted:  # whatever ended the upload, the server no longer holds the object
-            fs.invalidate_cache(path.fs_path)
-            journal().record(path.url, "delete")
-        elif isinstance(e, _CorruptKept):
+        # in this order: a corrupt copy kept, then what a try whose answer was lost stored (also after an
+        # earlier try's corrupt copy was deleted), and only then what the server no longer holds
+        if isinstance(e, _CorruptKept):
             fs.invalidate_cache(path.fs_path)
             journal().record(path.url, "invalidate")
             raise IntegrityError(f"{path.url}: what the server stored differs from what was sent ({e}), and "
                                  f"deleting it failed ({e.__cause__}): THE OBJECT AT {path.url} IS CORRUPT. "
                                  "Delete it, or write it again (check the network path to GCS).") from e
-        elif (sent and isinstance(e, Exception) and not isinstance(e, ConflictError)  # (asked already)
-              and (held := await _holds(fs, path, sums)) is not None):
+        if (sent and isinstance(e, Exception) and not isinstance(e, ConflictError)  # (asked already)
+                and (held := await _holds(fs, path, sums)) is not None):
             # a try whose answer was lost stored it (the error is a later try's, or the last answer's loss)
             log.info("%s: the upload's answers were lost, and the object holds what was sent", path.url)
             return _uploaded(fs, path, int(held["generation"]), int(held["size"]), held["crc32c"], record)
+        if deleted:  # whatever ended the upload, the server no longer holds the object
+            fs.invalidate_cache(path.fs_path)
+            journal().record(path.url, "delete")
         elif _outcome_unknown(e) or (sent and not isinstance(e, Exception)):
             # the upload may have landed and its answer been lost, or been cancelled on its way
             fs.invalidate_cache(path.fs_path)
@@ -775,13 +777,14 @@ def object_generation(url: GCSPath | str | os.PathLike[str], fs: gcsfs.GCSFileSy
 
 async def _holds(fs: gcsfs.GCSFileSystem, path: GCSPath, sums: _Sums) -> dict[str, Any] | None:
     """The object's resource when the server holds exactly the source of ``sums`` (size and CRC32C; one
-    metadata request); None when it holds something else, or cannot be asked."""
+    metadata request); None when it holds something else, or cannot be asked, or the local file sent is
+    gone and cannot be summed to compare."""
     try:
         meta = await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
+        return meta if _is(meta, sums) else None
     except Exception as e:  # gone, refused, or still no answer: not known to hold it
         log.debug("%s: could not tell what the server holds after the upload (%s)", path.url, e)
         return None
-    return meta if _is(meta, sums) else None
 
 
 def _is(meta: dict[str, Any], sums: _Sums) -> bool:
