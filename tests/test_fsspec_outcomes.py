@@ -157,6 +157,19 @@ def test_pipe_with_mode_create_onto_an_existing_object_is_a_conflict_naming_the_
     assert fs.cat(f"{b}/c.bin") == b"1"
 
 
+def test_pipe_with_mode_create_whose_first_answer_was_lost_is_stored_not_refused(b, fault_proxy):
+    """gcsfs's retry of a create-only upload that landed, its answer cut, finds its own object (412). That is
+    the write stored, journaled as one; it was AlreadyExistsError, "Nothing was uploaded", and no record."""
+    fs = cloudio.filesystem(f"gs://{b}")
+    url = f"gs://{b}/created.bin"
+    seq = journal().seq
+    fault_proxy.add("reset", method="POST", path=r"^/upload/")  # forwarded (it lands), its answer cut
+    fs.pipe(f"{b}/created.bin", b"created once", mode="create")
+    assert [status for _, _, status in fault_proxy.requests(r"^/upload/")] == ["reset", 412]
+    assert fs.cat(f"{b}/created.bin") == b"created once"
+    assert [c.kind for c in journal().since(seq) if c.url == url] == ["write"]
+
+
 def test_a_missing_object_is_an_object_not_found_error_naming_the_gs_url(b, tmp_path):
     fs = cloudio.filesystem(f"gs://{b}")
     fs.pipe(f"{b}/x/e.bin", b"e")

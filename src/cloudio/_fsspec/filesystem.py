@@ -630,18 +630,18 @@ class _JournalingGCSMixin(_TextWrites):
             except FileExistsError as e:  # 412: mode="create" found an object, or one not at `replacing`
                 if isinstance(e, CloudioError):
                     raise
-                if replacing is None:
-                    raise AlreadyExistsError(f"{url}: not written: mode='create' writes only where no object "
-                                             "exists, and one does. Nothing was uploaded. Delete it first, or "
-                                             "write without mode='create'.") from e
                 # an earlier try whose answer was lost stored it; refused at the first try, it is another
                 # writer's, however alike (its content type or metadata may differ)
                 retried = len(tried) > 1
-                held = await self._stored(url)
+                held = await self._stored(url) if retried or replacing is not None else {}
                 if retried and _int_or_none(held.get("size")) == size and held.get("crc32c") == crc:
                     log.info("%s: a retry's precondition failed on what an earlier try stored", url)
                     _uploaded(url, _int_or_none(held.get("generation")), size)
                     return None
+                if replacing is None:
+                    raise AlreadyExistsError(f"{url}: not written: mode='create' writes only where no object "
+                                             "exists, and one does. Nothing was uploaded. Delete it first, or "
+                                             "write without mode='create'.") from e
                 raise ConflictError(url, replacing, int(held.get("generation") or 0)) from e
             except FileNotFoundError as e:  # a missing bucket, or a resumable upload's retry after its end
                 if isinstance(e, CloudioError):
