@@ -431,7 +431,7 @@ def range_status(fs: gcsfs.GCSFileSystem, path: GCSPath) -> tuple[int, int | Non
         _drop(origin)
         raise
     total = (r.getheader("Content-Range") or "").rpartition("/")[2]
-    return r.status, int(total) if total.isdigit() else None
+    return r.status, int(total) if _digits(total) else None
 
 
 def _body_into(r: http.client.HTTPResponse, buf: np.ndarray, deadline: float) -> int:
@@ -638,7 +638,7 @@ def _parse_head(raw: bytes) -> tuple[int, _Headers]:
     """The status and headers of an answer's head (its lines up to the empty one)."""
     lines = raw.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
-    if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+    if not version.startswith("HTTP/1.") or not _digits(rest[:3]) or rest[3:4] not in ("", " "):
         raise _BadAnswer(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
     headers = _Headers()
     for line in lines[1:]:
@@ -649,6 +649,14 @@ def _parse_head(raw: bytes) -> tuple[int, _Headers]:
     if version == "HTTP/1.0":
         headers["connection"] = "close"
     return int(rest[:3]), headers
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
 
 
 class _Closed(ConnectionError):
@@ -897,7 +905,7 @@ class _Answers(asyncio.BufferedProtocol):
             self._headers["connection"] = "close"  # the body ends where the connection does
             self._state = _UNTIL_CLOSE
             return
-        if not length.isdigit():
+        if not _digits(length):
             raise _BadAnswer(f"not a Content-Length: {length[:40]!r}")
         if self._grow and self._status < 400:
             self._out = memoryview(bytearray(int(length)))
@@ -909,10 +917,10 @@ class _Answers(asyncio.BufferedProtocol):
             self._finish()
 
     def _chunk(self, line: bytes) -> None:
-        try:
-            size = int(line.split(b";")[0].strip(), 16)
-        except ValueError:
-            raise _BadAnswer(f"not a chunk size: {line[:40]!r}") from None
+        size_text = line.split(b";")[0].strip()
+        if not _HEX.fullmatch(size_text):  # (int() would also take "-1", "0x2", "0_2")
+            raise _BadAnswer(f"not a chunk size: {line[:40]!r}")
+        size = int(size_text, 16)
         if size == 0:
             self._state = _TRAILER
         else:  # _take raises _TooLarge past the caller's buffer
@@ -936,13 +944,14 @@ class _Answers(asyncio.BufferedProtocol):
     def _fail(self, e: BaseException) -> None:
         self._state = _IDLE
         self.reusable = False
-        self.close()
         then, self._then = self._then, None
+        done, self._done = self._done, None
+        # (asyncio's TLS transport hands bytes already received to buffer_updated inside close(): they
+        # must find nobody waiting, or their "bytes between answers" would be reported instead of e)
+        self.close()
         if then is not None:
             then(self, e)
-            return
-        done = self._done
-        if done is not None and not done.done():
+        elif done is not None and not done.done():
             done.set_exception(e)
 
 
@@ -1090,7 +1099,7 @@ async def get_with_generation(fs: gcsfs.GCSFileSystem, path: GCSPath, buf: np.nd
         want = checksums.of_header(headers)
         if want is None or got == want:
             generation = headers.get("x-goog-generation", "0")
-            return body, int(generation) if generation.isdigit() else 0
+            return body, int(generation) if _digits(generation) else 0
         last = _mismatch(path, len(body), got, want)
     raise _never_matched(path, last, attempts)
 
@@ -1385,9 +1394,10 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
             done.cancel()
         if abandoned is not None:
             abandoned.extend(busy.values())
-        for conn in busy:
-            conn.close()
+        ending = list(busy)  # (over TLS, a close may complete an answer: then() takes it out of busy)
         busy.clear()
+        for conn in ending:
+            conn.close()
     return sorted(later + todo), pause
 
 
