@@ -114,10 +114,11 @@ def test_an_answer_larger_than_the_buffer_is_too_large_over_tls_too(scheme) -> N
 
 @pytest.mark.parametrize("answer", [
     b"HTTP/1.1 2\xb20 OK\r\nContent-Length: 2\r\n\r\nab",  # a superscript two: str.isdigit() says yes
+    b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nab",  # read as 200
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\xb2\r\n\r\nab",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nab\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nab\r\n0\r\n\r\n",
-], ids=["status", "length", "negative chunk", "0x chunk"])
+], ids=["status", "long status", "length", "negative chunk", "0x chunk"])
 def test_a_number_that_is_not_ascii_digits_is_a_bad_answer(scheme, answer: bytes) -> None:
     """A garbled number is an answer garbled on the way (a ConnectionError: read again), not a ValueError
     raised to the caller, nor a size Python's int() reads some other way."""

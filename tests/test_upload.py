@@ -141,19 +141,37 @@ def test_a_try_after_a_corrupt_one_that_landed_unanswered_is_a_write_not_a_delet
     assert [(c.kind, c.generation) for c in _records(url, seq)] == [("write", up.generation)]
 
 
-def test_a_try_after_a_corrupt_one_that_is_refused_leaves_nothing_and_says_so(
+def test_a_try_after_a_corrupt_one_that_failed_transiently_may_have_landed_and_says_so(
     gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
 ) -> None:
-    """The first try is stored corrupt and deleted; every later upload request is refused (503): nothing
-    is stored, the error says the previous object is gone, and the journal says "delete"."""
-    url = f"{gcs_bucket}/d/flip-then-refused.bin"
+    """The first try is stored corrupt and deleted; the later ones fail transiently (503), an outcome
+    cloudio counts as not known (as for any upload: a request given up may land late), and the server,
+    asked, holds nothing yet. The previous object is gone and the new one may still land: the journal says
+    "invalidate" and the error says both (it said "delete", "nothing is stored there now")."""
+    url = f"{gcs_bucket}/d/flip-then-unknown.bin"
     seq = journal().seq
     fault_proxy.add("flip", where="request", path=_UPLOAD)
     fault_proxy.add("status", code=503, path=_UPLOAD, times=None)
     with pytest.raises(cloudio.TransientError) as ei:
         upload(os.urandom(5000), url)
     assert _stored(gcs_emulator, url) is None
-    assert "IS GONE" in str(ei.value) and url in str(ei.value)
+    assert f"THE PREVIOUS OBJECT AT {url} IS GONE" in str(ei.value) and "may now hold" in str(ei.value)
+    assert "nothing is stored there now" not in str(ei.value)
+    assert [c.kind for c in _records(url, seq)] == ["invalidate"]
+
+
+def test_uploads_that_all_stored_corrupt_copies_leave_nothing_and_say_so(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
+) -> None:
+    """Every try is stored corrupt and deleted: nothing is stored, the error says the previous object is
+    gone, and the journal says "delete"."""
+    url = f"{gcs_bucket}/d/flip-every-time.bin"
+    seq = journal().seq
+    fault_proxy.add("flip", where="request", path=_UPLOAD, times=None)
+    with pytest.raises(cloudio.IntegrityError) as ei:
+        upload(os.urandom(5000), url)
+    assert _stored(gcs_emulator, url) is None
+    assert "IS GONE" in str(ei.value) and "nothing is stored there now" in str(ei.value)
     assert [c.kind for c in _records(url, seq)] == ["delete"]
 
 

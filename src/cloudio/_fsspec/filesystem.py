@@ -188,10 +188,10 @@ def _object_resource(out: Any) -> dict[str, Any] | None:
 
 
 def _as_bytes(data: Any) -> bytes | bytearray | memoryview:
-    """What ``pipe`` sends of ``data``: bytes as they are; any other buffer (an ndarray, a strided view) as
-    its bytes in C order, what ``arr.tobytes()`` gives, copied only when not contiguous. Why: gcsfs adds
-    the value to its multipart head, which an ndarray turns into numpy's addition, and a strided
-    memoryview refuses."""
+    """What ``pipe`` sends of ``data``: bytes and bytearrays as they are; any other buffer (an ndarray, a
+    strided view) as its bytes in C order, what ``arr.tobytes()`` gives, copied only when not contiguous.
+    Why: gcsfs adds the value to its multipart head, which an ndarray turns into numpy's addition, and a
+    strided memoryview refuses."""
     if isinstance(data, (bytes, bytearray)):
         return data
     view = memoryview(data)
@@ -621,7 +621,8 @@ class _JournalingGCSMixin(_TextWrites):
     async def _gcsfs_upload_once(self, url: str, size: int, crc: str, replacing: int | None,
                                  upload: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """One try of :meth:`_gcsfs_upload`, each request needing generation ``replacing`` (None: as gcsfs
-        sends); ConflictError when another writer's object is there instead."""
+        sends); ConflictError when another writer's object is there instead (AlreadyExistsError for
+        ``mode="create"``), unless gcsfs's retry found what its own earlier try stored."""
         with await journal().changing_async(url), _unsure(url):  # GDAL reads of it wait until it is recorded
             tried: list[int] = []  # one entry per try of the last request (gcsfs retries inside)
             sending, counting = _replacing.set(replacing), _attempts.set(tried)

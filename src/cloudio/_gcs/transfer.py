@@ -345,7 +345,9 @@ async def put_verified(
     IntegrityError
         What the server stored never matched what was sent. That object was
         deleted, and on a bucket without versioning the previous object with
-        it: the message says so and the delete is journaled.
+        it: the message says so and the delete is journaled. When deleting a
+        corrupt copy failed, the message says the object IS CORRUPT, and an
+        invalidation is journaled.
     TransientError
         The server or network failed past gcsfs's retries (timeout, 5xx, reset),
         and the server, asked, does not hold what was sent (when it does, the
@@ -422,8 +424,8 @@ async def put_verified(
         assert last is not None
         raise _failure(path, last, attempts, deleted) from last
     except BaseException as e:
-        # in this order: a corrupt copy kept, then what a try whose answer was lost stored (also after an
-        # earlier try's corrupt copy was deleted), and only then what the server no longer holds
+        # in this order, also after an earlier try's corrupt copy was deleted: a corrupt copy kept, what a
+        # try whose answer was lost stored, an outcome not known, and only then what the server no longer holds
         if isinstance(e, _CorruptKept):
             fs.invalidate_cache(path.fs_path)
             journal().record(path.url, "invalidate")
@@ -435,15 +437,15 @@ async def put_verified(
             # a try whose answer was lost stored it (the error is a later try's, or the last answer's loss)
             log.info("%s: the upload's answers were lost, and the object holds what was sent", path.url)
             return _uploaded(fs, path, int(held["generation"]), int(held["size"]), held["crc32c"], record)
-        if deleted:  # whatever ended the upload, the server no longer holds the object
-            fs.invalidate_cache(path.fs_path)
-            journal().record(path.url, "delete")
-        elif _outcome_unknown(e) or (sent and not isinstance(e, Exception)):
+        if _outcome_unknown(e) or (sent and not isinstance(e, Exception)):
             # the upload may have landed and its answer been lost, or been cancelled on its way
             fs.invalidate_cache(path.fs_path)
             journal().record(path.url, "invalidate")
             if not isinstance(e, Exception) and sums.in_memory:
                 _given_up.add(path.url, *sums())  # cancelled on its way (a failure was counted above)
+        elif deleted:  # whatever else ended the upload, the server no longer holds the object
+            fs.invalidate_cache(path.fs_path)
+            journal().record(path.url, "delete")
         if isinstance(e, CloudioError) or not isinstance(e, Exception):
             raise
         raise _failure(path, e, attempts, deleted) from e
@@ -545,7 +547,11 @@ def _outcome_unknown(exc: BaseException) -> bool:
 
 
 def _failure(path: GCSPath, exc: BaseException, attempts: int, deleted: bool) -> CloudioError:
-    if deleted:
+    if deleted and _outcome_unknown(exc):
+        gone = (f" THE PREVIOUS OBJECT AT {path.url} IS GONE: a corrupt upload replaced it and was deleted, and "
+                "a later try's answer was lost: the object may now hold what was sent, or nothing. cloudio "
+                "dropped what it had cached of it, so the next read asks the server.")
+    elif deleted:
         gone = (f" THE PREVIOUS OBJECT AT {path.url} IS GONE: a corrupt upload replaced it and was deleted, "
                 "so nothing is stored there now (the delete is journaled).")
     elif _outcome_unknown(exc):
