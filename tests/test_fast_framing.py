@@ -58,18 +58,22 @@ def scheme(request: pytest.FixtureRequest, tmp_path: Path,
 
 
 def _serving(answer: Callable[[bytes], bytes], tls: ssl.SSLContext | None,
-             test: Callable[[int], Awaitable[None]]) -> None:
-    """Run ``test(port)`` against a server that answers each request (its head) with ``answer(head)``."""
+             test: Callable[[int], Awaitable[None]], ended: list[bytes] | None = None) -> None:
+    """Run ``test(port)`` against a server that answers each request (its head) with ``answer(head)``;
+    ``ended`` gets the last request of each connection the client closed."""
     writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
+        head = b""
         try:
             while True:
-                writer.write(answer(await reader.readuntil(b"\r\n\r\n")))
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer(head))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            if ended is not None:
+                ended.append(head)
         finally:
             writer.close()
 
@@ -124,6 +128,26 @@ def test_a_number_that_is_not_ascii_digits_is_a_bad_answer(scheme, answer: bytes
     raised to the caller, nor a size Python's int() reads some other way."""
     e = _ask(scheme, answer, 1000)
     assert isinstance(e, fast._BadAnswer), repr(e)
+
+
+def test_a_batch_closes_a_connection_it_cannot_keep(scheme) -> None:
+    """An answer followed by bytes nobody asked for leaves its connection out of step: the batch neither
+    keeps it nor may leave it open (it stayed registered with the event loop, for as long as the server
+    kept it open)."""
+    ended: list[bytes] = []
+
+    async def test(port: int) -> None:
+        later, _ = await fast._each(_Fs(), (scheme[0], "127.0.0.1", port), 1,
+                                    lambda i: b"GET /%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i, 1000,
+                                    lambda i, status, headers, got: bytes(got) == b"ab", 1)
+        assert later == []
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+
+    _serving(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabXX", scheme[1], test, ended)
+    assert ended == [b"GET /0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"]
 
 
 class _HandsOverOnClose(asyncio.Transport):

@@ -1348,7 +1348,10 @@ async def _each(fs: gcsfs.GCSFileSystem, origin: tuple[str, str, int], count: in
                 pause = pause or (error is None and (conn.status == 429 or conn.status >= 500))
             if error is None and conn.reusable and not conn.closed:
                 go(conn)
-            elif not busy and not starting[0]:  # the last connection failed: what is left goes the careful way
+                return
+            if not conn.closed:  # answered, but out of step or closing: not kept, and not left open
+                conn.close()
+            if not busy and not starting[0]:  # the last connection ended: what is left goes the careful way
                 done.set_result(None)
         except BaseException as e:
             conn.close()
