@@ -160,6 +160,41 @@ def test_a_try_after_a_corrupt_one_that_failed_transiently_may_have_landed_and_s
     assert [c.kind for c in _records(url, seq)] == ["invalidate"]
 
 
+def test_a_conflict_after_a_corrupt_copy_was_deleted_is_not_journaled_as_a_delete(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
+) -> None:
+    """A create-only upload (``if_generation_match=0``): the first try is stored corrupt and deleted;
+    before the second arrives, another writer creates the object, and the second is refused (412). The
+    server holds the other writer's object: the journal says "invalidate" (it said "delete"), and the error
+    what became of the previous object (it said "Nothing was uploaded or journaled")."""
+    import threading
+    import time
+
+    url = f"{gcs_bucket}/d/flip-then-conflict.bin"
+    seq = journal().seq
+    fault_proxy.add("flip", where="request", path=_UPLOAD)
+    release = threading.Event()
+    held = fault_proxy.add("delay", path=_UPLOAD, release=release, seconds=30)
+
+    def other_writer() -> None:
+        deadline = time.monotonic() + 30
+        while not held.hits and time.monotonic() < deadline:
+            time.sleep(0.01)
+        p = parse_gcs(url)
+        gcs_emulator.client.bucket(p.bucket).blob(p.key).upload_from_string(b"the other writer's")
+        release.set()
+
+    writer = threading.Thread(target=other_writer)
+    writer.start()
+    with pytest.raises(cloudio.ConflictError) as ei:
+        upload(os.urandom(5000), url, if_generation_match=0)
+    writer.join()
+    assert url in str(ei.value) and "corrupt copy, which was deleted" in str(ei.value)
+    assert "Nothing was uploaded" not in str(ei.value)
+    assert _stored(gcs_emulator, url) == b"the other writer's"
+    assert [c.kind for c in _records(url, seq)] == ["invalidate"]
+
+
 def test_uploads_that_all_stored_corrupt_copies_leave_nothing_and_say_so(
     gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy
 ) -> None:

@@ -67,11 +67,13 @@ class ConfigurationError(CloudioError, ValueError):
 class ConflictError(CloudioError, FileExistsError):
     """A guarded write (``if_generation_match=``) lost a race: the object is not at the generation required.
 
-    Nothing was uploaded or journaled. ``FileExistsError`` is what gcsfs raises
-    for the same 412 answer, so callers of plain gcsfs keep catching it.
+    Nothing was uploaded or journaled (``outcome`` says otherwise when an earlier
+    try changed the object). ``FileExistsError`` is what gcsfs raises for the same
+    412 answer, so callers of plain gcsfs keep catching it.
     """
 
-    def __init__(self, url: str, expected: int, actual: int, *, next_step: str = "") -> None:
+    def __init__(self, url: str, expected: int, actual: int, *, next_step: str = "",
+                 outcome: str = "Nothing was uploaded or journaled.") -> None:
         self.url = url
         #: the generation the write required (0: that no object exists)
         self.expected = expected
@@ -82,7 +84,7 @@ class ConflictError(CloudioError, FileExistsError):
         step = next_step or ("Read the object again, decide whether your write still applies, and write "
                              f"again with if_generation_match={actual}.")
         super().__init__(f"{url}: not written: the write required {want} but the server holds {held} "
-                         f"(another writer changed it). Nothing was uploaded or journaled. {step}")
+                         f"(another writer changed it). {outcome} {step}")
 
     def __reduce__(self) -> tuple[object, ...]:  # a Dask worker's error pickles back whole
         return (_conflict, (self.url, self.expected, self.actual, str(self)))

@@ -443,8 +443,13 @@ async def put_verified(
             journal().record(path.url, "invalidate")
             if not isinstance(e, Exception) and sums.in_memory:
                 _given_up.add(path.url, *sums())  # cancelled on its way (a failure was counted above)
-        elif deleted:  # whatever else ended the upload, the server no longer holds the object
+        elif deleted:  # whatever else ended the upload, the server no longer holds the object ...
             fs.invalidate_cache(path.fs_path)
+            if isinstance(e, ConflictError):  # ... but another writer's, stored since
+                journal().record(path.url, "invalidate")
+                raise ConflictError(path.url, e.expected, e.actual, outcome=(
+                    "An earlier try of this write stored a corrupt copy, which was deleted (with the previous "
+                    "object, on a bucket without versioning); the object there now is the other writer's.")) from e
             journal().record(path.url, "delete")
         if isinstance(e, CloudioError) or not isinstance(e, Exception):
             raise
