@@ -145,9 +145,9 @@ def test_a_batch_closes_a_connection_it_cannot_keep(scheme) -> None:
             if ended:
                 break
             await asyncio.sleep(0.01)
+        assert ended == [b"GET /0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"]  # (before the server closes it)
 
     _serving(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabXX", scheme[1], test, ended)
-    assert ended == [b"GET /0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"]
 
 
 class _HandsOverOnClose(asyncio.Transport):

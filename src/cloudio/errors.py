@@ -75,6 +75,8 @@ class ConflictError(CloudioError, FileExistsError):
     def __init__(self, url: str, expected: int, actual: int, *, next_step: str = "",
                  outcome: str = "Nothing was uploaded or journaled.") -> None:
         self.url = url
+        #: what became of the object before the refusal (an earlier try's corrupt copy deleted, or nothing)
+        self.outcome = outcome
         #: the generation the write required (0: that no object exists)
         self.expected = expected
         #: the generation the server holds (0: no object)
@@ -87,11 +89,12 @@ class ConflictError(CloudioError, FileExistsError):
                          f"(another writer changed it). {outcome} {step}")
 
     def __reduce__(self) -> tuple[object, ...]:  # a Dask worker's error pickles back whole
-        return (_conflict, (self.url, self.expected, self.actual, str(self)))
+        return (_conflict, (self.url, self.expected, self.actual, str(self), self.outcome))
 
 
-def _conflict(url: str, expected: int, actual: int, message: str) -> ConflictError:
-    err = ConflictError(url, expected, actual)
+def _conflict(url: str, expected: int, actual: int, message: str,
+              outcome: str = "Nothing was uploaded or journaled.") -> ConflictError:
+    err = ConflictError(url, expected, actual, outcome=outcome)
     err.args = (message,)
     return err
 

@@ -191,7 +191,7 @@ async def last_writer_wins(fs: gcsfs.GCSFileSystem, path: GCSPath, size: int,
             return await send(replacing)
         except ConflictError as e:
             if race == races:
-                raise ConflictError(path.url, e.expected, e.actual, next_step=(
+                raise ConflictError(path.url, e.expected, e.actual, outcome=e.outcome, next_step=(
                     f"Other writers replaced it {races} times as this write was sent; write again.")) from e
             log.info("%s: another writer stored generation %d; writing over it", path.url, e.actual)
             replacing = e.actual
@@ -355,7 +355,9 @@ async def put_verified(
     BucketNotFoundError
         The bucket does not exist.
     ConflictError
-        ``if_generation_match`` did not hold: nothing was stored or journaled.
+        ``if_generation_match`` did not hold: nothing was stored or journaled
+        (unless an earlier try's corrupt copy was deleted: the message says so,
+        and an invalidation is journaled).
         (A retry that fails it because an earlier try, its answer lost, stored
         the object is no conflict: the server is asked whether it holds what
         was sent.)
@@ -448,8 +450,9 @@ async def put_verified(
             if isinstance(e, ConflictError):  # ... but another writer's, stored since
                 journal().record(path.url, "invalidate")
                 raise ConflictError(path.url, e.expected, e.actual, outcome=(
-                    "An earlier try of this write stored a corrupt copy, which was deleted (with the previous "
-                    "object, on a bucket without versioning); the object there now is the other writer's.")) from e
+                    "An earlier try of this write stored a corrupt copy, which was deleted (on a bucket without "
+                    "versioning, with the object it replaced, if any); the object there now is the other "
+                    "writer's.")) from e
             journal().record(path.url, "delete")
         if isinstance(e, CloudioError) or not isinstance(e, Exception):
             raise

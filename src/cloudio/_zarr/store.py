@@ -575,7 +575,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         except ConflictError as e:
             if not listed:
                 raise
-            raise ConflictError(e.url, e.expected, e.actual, next_step=(
+            raise ConflictError(e.url, e.expected, e.actual, outcome=e.outcome, next_step=(
                 f"It changed while a write of {self._root_url} was under way, and the write stopped there; if it "
                 "had already changed part of the store, the store stays marked incomplete until a write of it "
                 "succeeds. Check what else writes it, then write again.")) from e
