@@ -350,9 +350,20 @@ def test_failed_sidecar_upload_removes_the_object_it_followed(
 
 
 def test_missing_local_file(gcs_emulator: Emulator, gcs_bucket: str, tmp_path) -> None:
-    with pytest.raises(FileNotFoundError) as ei:
-        upload(tmp_path / "nope.bin", f"{gcs_bucket}/x.bin")
-    assert not isinstance(ei.value, cloudio.CloudioError) and "nope.bin" in str(ei.value)
+    """Every way of uploading a local file that is not there raises LocalFileNotFoundError, a
+    FileNotFoundError naming the file and the URL, the OS's error as its cause; nothing is sent or
+    journaled. (It was a plain FileNotFoundError, and from a filesystem's put, the OS's bare message.)"""
+    url, seq = f"{gcs_bucket}/x.bin", journal().seq
+    missing = tmp_path / "nope.bin"
+    fs = cloudio.filesystem(url)
+    for put in (lambda: upload(missing, url), lambda: upload(str(tmp_path), url),
+                lambda: fs.put(str(missing), url), lambda: fs.put_file(str(missing), url, metadata={"a": "b"})):
+        with pytest.raises(cloudio.LocalFileNotFoundError) as ei:
+            put()
+        assert isinstance(ei.value, FileNotFoundError)
+        assert str(tmp_path) in str(ei.value) and url in str(ei.value) and "nothing was sent" in str(ei.value)
+    assert isinstance(ei.value.__cause__, FileNotFoundError)
+    assert _stored(gcs_emulator, url) is None and _records(url, seq) == []
 
 
 def test_upload_whose_answer_is_lost_leaves_no_stale_view(

@@ -18,6 +18,7 @@ __all__ = [
     "IncompleteWriteError",
     "IntegrityError",
     "InvalidURLError",
+    "LocalFileNotFoundError",
     "NotARasterError",
     "ObjectNotFoundError",
     "ReadError",
@@ -44,6 +45,10 @@ class BucketNotFoundError(ObjectNotFoundError):
     """The bucket itself does not exist."""
 
 
+class LocalFileNotFoundError(CloudioError, FileNotFoundError):
+    """A local file given to upload is not there (or is not a file); nothing was sent."""
+
+
 class IntegrityError(CloudioError, OSError):
     """What the server stored differs from what was sent (size or CRC32C)."""
 
@@ -64,6 +69,10 @@ class ConfigurationError(CloudioError, ValueError):
     """An option or environment variable has a value cloudio cannot use."""
 
 
+#: what a refused guarded write did, unless an earlier try changed the object
+_NOTHING_DONE = "Nothing was uploaded or journaled."
+
+
 class ConflictError(CloudioError, FileExistsError):
     """A guarded write (``if_generation_match=``) lost a race: the object is not at the generation required.
 
@@ -73,7 +82,7 @@ class ConflictError(CloudioError, FileExistsError):
     """
 
     def __init__(self, url: str, expected: int, actual: int, *, next_step: str = "",
-                 outcome: str = "Nothing was uploaded or journaled.") -> None:
+                 outcome: str = _NOTHING_DONE) -> None:
         self.url = url
         #: what became of the object before the refusal (an earlier try's corrupt copy deleted, or nothing)
         self.outcome = outcome
@@ -93,7 +102,7 @@ class ConflictError(CloudioError, FileExistsError):
 
 
 def _conflict(url: str, expected: int, actual: int, message: str,
-              outcome: str = "Nothing was uploaded or journaled.") -> ConflictError:
+              outcome: str = _NOTHING_DONE) -> ConflictError:
     err = ConflictError(url, expected, actual, outcome=outcome)
     err.args = (message,)
     return err

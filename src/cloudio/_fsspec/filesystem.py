@@ -68,6 +68,7 @@ from cloudio._gcs.transfer import (
     checked_guard,
     last_writer_wins,
     put_verified,
+    source_size,
 )
 from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
@@ -692,7 +693,7 @@ class _JournalingGCSMixin(_TextWrites):
             with await journal().changing_async(url):  # GDAL reads of it wait until the write is recorded
                 # verified against the upload's own answer (not a later metadata request that could see
                 # another writer's object); journaled as invalidated there if that answer was lost
-                up = await last_writer_wins(self, parse_gcs(url), os.path.getsize(lpath), lambda g: put_verified(
+                up = await last_writer_wins(self, parse_gcs(url), source_size(lpath, url), lambda g: put_verified(
                     self, url, lpath, content_type=content_type, record=False, attempts=1, expected_generation=g,
                     plain=True))
                 _record(url, "write", generation=up.generation, size=up.size)
@@ -706,7 +707,7 @@ class _JournalingGCSMixin(_TextWrites):
 
     async def _put_file_gcsfs(self, url: str, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
         """gcsfs's own upload, for the options :func:`put_verified` lacks (see :meth:`_gcsfs_upload`)."""
-        return await self._gcsfs_upload(url, os.path.getsize(lpath), checksums.of_file(lpath), kwargs.get("mode"),
+        return await self._gcsfs_upload(url, source_size(lpath, url), checksums.of_file(lpath), kwargs.get("mode"),
                                         functools.partial(super()._put_file, lpath, rpath, *args, **kwargs))  # type: ignore[misc]
 
     async def _cat_file(self, path: str, start: Any = None, end: Any = None, **kwargs: Any) -> Any:

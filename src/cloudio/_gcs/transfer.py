@@ -35,6 +35,7 @@ import functools
 import logging
 import mimetypes
 import os
+import stat
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
@@ -60,7 +61,15 @@ from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
 from cloudio._tables import drop_oldest, touch
-from cloudio.errors import CloudioError, ConfigurationError, ConflictError, IntegrityError, TransientError, UploadError
+from cloudio.errors import (
+    CloudioError,
+    ConfigurationError,
+    ConflictError,
+    IntegrityError,
+    LocalFileNotFoundError,
+    TransientError,
+    UploadError,
+)
 
 if TYPE_CHECKING:
     import gcsfs
@@ -198,11 +207,20 @@ async def last_writer_wins(fs: gcsfs.GCSFileSystem, path: GCSPath, size: int,
     raise AssertionError("unreachable")
 
 
-def source_size(source: Source) -> int:
-    """The bytes ``source`` holds (a local file's size; 0 when there is none, which the upload then names)."""
+def source_size(source: Source, url: str) -> int:
+    """The bytes ``source`` holds, to be uploaded to ``url``: raises LocalFileNotFoundError when it is a
+    local path that is not a file (the OS's error as its cause)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return memoryview(source).nbytes
-    return os.path.getsize(source) if os.path.isfile(source) else 0
+    cause: OSError | None = None
+    try:
+        found = os.stat(source)
+        if stat.S_ISREG(found.st_mode):
+            return found.st_size
+    except (FileNotFoundError, NotADirectoryError) as e:
+        cause = e
+    raise LocalFileNotFoundError(f"{os.fspath(source)!r} is not a local file, so nothing was sent to {url}: "
+                                 "check the path (a file, not a directory) and upload again.") from cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,8 +387,7 @@ async def put_verified(
         raise ValueError(f"chunk_size={chunk_size} must be a multiple of 256 KiB")
     if content_type is None:
         content_type = mimetypes.guess_type(path.key)[0] or "application/octet-stream"
-    if not isinstance(source, (bytes, bytearray, memoryview)) and not os.path.isfile(source):
-        raise FileNotFoundError(f"{os.fspath(source)!r}: no such local file to upload to {path.url}")
+    source_size(source, path.url)  # a local file that is not there is named before anything is sent
     last: BaseException | None = None
     deleted = False  # a corrupt copy was stored and deleted: the server holds nothing at path now
     guard, everywhere = ((if_generation_match, True) if if_generation_match is not None
@@ -607,7 +624,7 @@ def upload(
                             chunk_size=chunk_size, simple_limit=simple_limit)
     if if_generation_match is not None:
         return sync(fs.loop, put, if_generation_match=if_generation_match)  # type: ignore[no-any-return]
-    return sync(fs.loop, last_writer_wins, fs, path, source_size(source),  # type: ignore[no-any-return]
+    return sync(fs.loop, last_writer_wins, fs, path, source_size(source, path.url),  # type: ignore[no-any-return]
                 lambda replacing: put(expected_generation=replacing, plain=True))
 
 
