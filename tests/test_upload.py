@@ -210,29 +210,33 @@ def test_uploads_that_all_stored_corrupt_copies_leave_nothing_and_say_so(
     assert [c.kind for c in _records(url, seq)] == ["delete"]
 
 
-def test_a_local_file_removed_after_its_upload_landed_unanswered_is_journaled_as_unknown(
-    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy, tmp_path
+@pytest.mark.parametrize("size", [5000, 300 * 1024], ids=["one request", "resumable"])
+def test_a_local_file_removed_after_its_upload_landed_unanswered_is_a_success(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy, tmp_path, size: int
 ) -> None:
     """The upload of a local file lands, its answer and every retry's are lost, and the file is removed
-    meanwhile (a temporary file cleaned up): the server may hold it, so the journal says "invalidate"
-    and the error is TransientError naming the URL. It was a plain FileNotFoundError from summing the
-    file again, with nothing journaled."""
+    meanwhile (a temporary file cleaned up): the server, asked, holds exactly the bytes the landed try
+    read, so the upload succeeded and is journaled as a write. (It was a plain FileNotFoundError from
+    summing the file again; then TransientError and "invalidate", as the file could not be summed.)"""
     import threading
 
     url = f"{gcs_bucket}/d/removed.bin"
     local = tmp_path / "removed.bin"
-    local.write_bytes(os.urandom(5000))
+    data = os.urandom(size)
+    local.write_bytes(data)
     seq = journal().seq
-    cut = fault_proxy.add("reset", path=_UPLOAD)  # forwarded (it lands), its answer cut
-    fault_proxy.add("status", code=503, path=_UPLOAD, times=None)
+    where = "upload_id=" if size >= 256 * 1024 else _UPLOAD  # the resumable's last chunk, or the one request
+    cut = fault_proxy.add("reset", path=where)  # forwarded (it lands), its answer cut
+    resumable = size >= 256 * 1024
+    fault_proxy.add("status", code=503, path="/upload/", times=None, skip=int(resumable))  # every retry (after
+    # the resumable session's start)
     remover = threading.Thread(target=lambda: cut.answered.wait(30) and local.unlink())
     remover.start()
-    with pytest.raises(cloudio.TransientError) as ei:
-        upload(local, url)
+    up = upload(local, url, simple_limit=256 * 1024, chunk_size=512 * 1024)
     remover.join()
-    assert not local.exists() and _stored(gcs_emulator, url) is not None
-    assert url in str(ei.value) and "may or may not have been stored" in str(ei.value)
-    assert [c.kind for c in _records(url, seq)] == ["invalidate"]
+    assert not local.exists() and _stored(gcs_emulator, url) == data
+    assert up.size == size and up.generation == _server_meta(gcs_emulator, url)["generation"]
+    assert [(c.kind, c.generation) for c in _records(url, seq)] == [("write", up.generation)]
 
 
 def test_a_corrupt_copy_kept_after_an_earlier_one_was_deleted_is_reported_corrupt(

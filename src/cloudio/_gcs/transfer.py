@@ -405,9 +405,8 @@ async def put_verified(
             counting = fast.tries.set(tried)
             try:
                 sent = True
-                meta, sent_crc, size = await _send(fs, path, source, content_type, chunk_size, simple_limit, media,
-                                                   guard, everywhere)
-                sums.known = (size, sent_crc)
+                meta = await _send(fs, path, sums, content_type, chunk_size, simple_limit, media, guard, everywhere)
+                size, sent_crc = sums()
                 generation = await _check_stored(fs, path, meta, size, sent_crc)
             except _Mismatch as e:
                 deleted, last = True, e
@@ -666,15 +665,17 @@ async def _initiate(fs: gcsfs.GCSFileSystem, path: GCSPath, content_type: str, g
 async def _send(
     fs: gcsfs.GCSFileSystem,
     path: GCSPath,
-    source: Source,
+    sums: _Sums,
     content_type: str,
     chunk_size: int,
     simple_limit: int,
     media: bool = False,
     guard: int | None = None,
     everywhere: bool = True,
-) -> tuple[dict[str, Any], str, int]:
-    """One upload; returns the server's object resource, the CRC32C and the size of the bytes sent.
+) -> dict[str, Any]:
+    """One upload of ``sums.source``; returns the server's object resource. The size and CRC32C of the
+    bytes sent are put in ``sums`` as soon as all of them were read: a try whose last answer is lost
+    can then be compared with what the server holds even when a local file has changed or gone since.
 
     ``guard``: the ``ifGenerationMatch`` precondition, or None; ``everywhere``: sent so that the emulator
     enforces it too (a multipart upload, see :func:`cloudio._gcs.fast.upload_form`).
@@ -686,6 +687,7 @@ async def _send(
 
     checksum = checksums.Running()
     # bytes in memory as one flat view; a local file by its path
+    source = sums.source
     body: memoryview | str | os.PathLike[str] = (
         memoryview(source).cast("B") if isinstance(source, (bytes, bytearray, memoryview)) else source
     )
@@ -693,17 +695,20 @@ async def _send(
     if size < simple_limit:
         data: bytes | memoryview = body if isinstance(body, memoryview) else _read_all(body)
         checksum.update(data)
+        sums.known = len(data), checksum.text()
         if guard is not None or (media and isinstance(body, memoryview)):
             meta = await bounded(fs, put_media(fs, path, data, content_type, guard, guard is not None and everywhere))
         else:
             meta = await bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
-        return meta, checksum.text(), size
+        return meta  # type: ignore[no-any-return]
     location = await bounded(fs, _initiate(fs, path, content_type, guard, everywhere))
     last: dict[str, Any] | None = None  # the object resource, answered to the final chunk
     offset = 0
     try:
         for block in _chunks(body, chunk_size):
             checksum.update(block)
+            if offset + len(block) == size:  # the last chunk: what the object holds if it lands
+                sums.known = size, checksum.text()
             last = await bounded(fs, upload_chunk(fs, location, block, offset, size, content_type))
             offset += len(block)
     except BaseException:
@@ -717,7 +722,7 @@ async def _send(
             f"{path.url}: the local file changed size while uploading ({size} -> {offset} bytes); "
             "nothing was stored. Write again once the file is complete."
         )
-    return last or {}, checksum.text(), size
+    return last or {}
 
 
 def _chunks(source: memoryview | str | os.PathLike[str], chunk_size: int) -> Iterator[bytes | memoryview]:
@@ -828,7 +833,8 @@ def _is(meta: dict[str, Any], sums: _Sums) -> bool:
 
 class _Sums:
     """The size and CRC32C (as the JSON API reports it) of what uploading ``source`` sends, summed at most
-    once: a try's :func:`_send` knows them when it returns, and the paths of a failed try ask for them."""
+    once: a try's :func:`_send` puts them in once it has read all of the source, and the paths of a failed
+    try ask for them (summing the source only when no try read it all)."""
 
     def __init__(self, source: Source) -> None:
         self.source = source
