@@ -78,12 +78,29 @@ def test_an_emulator_address_without_a_usable_port_is_refused_at_once(monkeypatc
         assert "port" in str(err.value)
 
 
-def test_the_command_line_says_which_variable_is_unusable() -> None:
+@pytest.mark.parametrize("value", ["http://[::1:4443", "http://[localhost]:4443", "[::1:4443"])
+def test_an_emulator_address_that_is_no_url_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch,
+                                                                         value: str) -> None:
+    """Regression: urlsplit's own ValueError ("Invalid IPv6 URL") escaped every open, even is_gcs, unnamed."""
+    from cloudio._paths import is_gcs
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", value)
+    for call in (lambda: cloudio.load_array("gs://some-bucket/a.zarr"), lambda: cloudio.Emulator().start(),
+                 lambda: cloudio.filesystem("gs://some-bucket"),
+                 lambda: is_gcs("http://127.0.0.1:4443/some-bucket/a.tif")):
+        with pytest.raises(cloudio.ConfigurationError, match="STORAGE_EMULATOR_HOST") as err:
+            call()
+        assert value in str(err.value) and "http://127.0.0.1:4443" in str(err.value)  # what to write instead
+        assert isinstance(err.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize("value", ["http://127.0.0.1:notaport", "http://[::1:4443"])
+def test_the_command_line_says_which_variable_is_unusable(value: str) -> None:
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:notaport"}
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": value}
     r = subprocess.run([sys.executable, "-m", "cloudio.cli", "inspect", "gs://some-bucket/a.tif"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr

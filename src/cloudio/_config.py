@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cloudio import _state
 from cloudio.errors import ConfigurationError
@@ -112,12 +112,24 @@ class Endpoint:
         return urlsplit(self.url).netloc
 
 
+def _split(url: str, source: str) -> SplitResult:
+    """``urlsplit(url)`` of the address ``source`` gave: urlsplit's own ValueError (a bracketed host that is no
+    IPv6 address, ``http://[::1:4443``) named neither the variable nor what to write instead."""
+    try:
+        return urlsplit(url)
+    except ValueError as e:
+        raise ConfigurationError(
+            f"{source}={url!r} is not an emulator address ({e}); expected http://host:port, an IPv6 host in "
+            "brackets (e.g. http://127.0.0.1:4443 or http://[::1]:4443)"
+        ) from e
+
+
 def _parse_endpoint(raw: str, source: str) -> Endpoint:
     raw = raw.strip()
     if "://" not in raw:
         raw = "http://" + raw
     raw = raw[:raw.index("://") + 3] + raw[raw.index("://") + 3:].rstrip("/")  # "http://" stays hostless
-    parts = urlsplit(raw)
+    parts = _split(raw, source)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(
             f"{source}={raw!r} is not an emulator address; expected http://host:port (e.g. http://127.0.0.1:4443)"
@@ -211,7 +223,7 @@ def emulator_netloc() -> str | None:
     host = env(EMULATOR_HOST_ENV)
     if host is None:
         return None
-    return urlsplit(host if "://" in host else f"http://{host}").netloc
+    return _split(host if "://" in host else f"http://{host}", EMULATOR_HOST_ENV).netloc
 
 
 def push_endpoint(url: str) -> None:
