@@ -237,3 +237,64 @@ def test_install_on_an_asynchronous_client_is_refused_with_the_next_step(gcs_emu
                                                          dask_scheduler.plugins)
 
     asyncio.run(main())
+
+
+def test_a_change_relayed_while_a_client_goes_away_still_reaches_the_others(gcs_emulator):
+    """The scheduler keeps a client's stream listed for a moment after that client's connection closed (it
+    awaits the stream's close). A change relayed then met the closed stream: distributed's ``send`` raised
+    CommClosedError out of the relay, so the clients after it never heard the change, and a worker whose
+    message it was would have had its stream ended (the scheduler drops that worker). Here a scheduler plugin
+    relays a change just as an installed client's connection is found closed."""
+    import asyncio
+    import time
+
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    import cloudio.dask
+    from cloudio._journal import Change
+
+    url = "gs://cloudio-relay-race/closing"
+    change = cloudio.dask._encode(Change(seq=0, url=url, kind="invalidate", origin="another-process"))
+
+    class RelayAsAClientGoes(SchedulerPlugin):
+        name = "relay-as-a-client-goes"
+
+        def __init__(self) -> None:
+            self.errors: list[str] = []
+
+        def remove_client(self, scheduler, client):  # its stream still listed, its comm closed
+            def relay() -> None:
+                try:
+                    scheduler.stream_handlers["cloudio-journal"]([change])
+                except Exception as e:
+                    self.errors.append(repr(e))
+
+            asyncio.get_running_loop().call_soon(relay)
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as going, Client(cluster, set_as_default=False) as staying:
+            cloudio.dask.install(going)
+            cloudio.dask.install(staying)
+            heard: list[str] = []
+            replay = staying._stream_handlers["cloudio-journal"]
+
+            def hear(changes, **kw):
+                heard.extend(c["url"] for c in changes)
+                return replay(changes=changes, **kw)
+
+            staying._stream_handlers["cloudio-journal"] = hear
+            plugin = RelayAsAClientGoes()
+            staying.register_plugin(plugin)
+            comm = going.scheduler_comm.comm
+
+            async def drop() -> None:
+                await comm.close()
+
+            going.sync(drop)
+            deadline = time.monotonic() + 20
+            while not heard and time.monotonic() < deadline:
+                time.sleep(0.05)
+            errors = staying.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[plugin.name].errors)
+            assert errors == [] and heard == [url]
+            assert staying.submit(sum, [1, 2], pure=False).result(timeout=30) == 3

@@ -100,7 +100,7 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
         msg = {"op": _OP, "changes": changes}
         for address, stream in list(self.scheduler.stream_comms.items()):
             if address != worker:
-                stream.send(dict(msg))
+                _send(stream, dict(msg))
         for client_id, stream in list(self.scheduler.client_comms.items()):
             if client_id in self.listening and client_id != client:
                 self._to_client(client_id, stream, dict(msg))
@@ -111,7 +111,7 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
         if waiting is not None:
             waiting.append(msg)
         elif stream.batch_count:
-            stream.send(msg)
+            _send(stream, msg)
         else:
             self.waiting[client_id] = [msg]
             asyncio.get_running_loop().call_later(_WAIT, self._flush, client_id)
@@ -121,7 +121,7 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
         if stream is None:  # gone (it hears nothing until it is back)
             self.waiting.pop(client_id, None)
         elif stream.batch_count:
-            stream.send(*self.waiting.pop(client_id, []))
+            _send(stream, *self.waiting.pop(client_id, []))
         else:
             asyncio.get_running_loop().call_later(_WAIT, self._flush, client_id)
 
@@ -134,6 +134,18 @@ class _RelayPlugin(SchedulerPlugin):  # type: ignore[misc,valid-type]
         if len(self.kept) > _KEPT_MAX:  # coarser, never lost
             buckets = sorted({bucket_of(c["url"]) for c in self.kept})
             self.kept = [_encode(Change(url=b, kind="invalidate", seq=0, prefix=True)) for b in buckets]
+
+
+def _send(stream: BatchedSend, *msgs: dict[str, Any]) -> None:
+    """Send on a stream the scheduler still lists, which may have closed already (it keeps a client's for a
+    moment after its connection closed): that receiver hears nothing more, and the others must still hear.
+    distributed guards its own sends the same way."""
+    from distributed.comm.core import CommClosedError
+
+    try:
+        stream.send(*msgs)
+    except CommClosedError as e:
+        log.debug("cloudio journal: not relayed to a closed stream (%s)", e)
 
 
 class _ForwardPlugin(WorkerPlugin):  # type: ignore[misc,valid-type]
