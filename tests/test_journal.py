@@ -133,3 +133,49 @@ def test_the_process_journal_is_one_object(journal_records):
 def test_a_consumer_must_say_how_it_acts():
     with pytest.raises(NotImplementedError):
         Consumer().on_change(Change(seq=1, url="gs://bkt/a", kind="write"))
+
+
+def test_a_write_cancelled_while_it_waits_for_a_gdal_read_lets_go_even_when_its_loop_has_closed():
+    """A write on an event loop waits (in a thread) for a GDAL read of its object in flight; it is cancelled,
+    and ``asyncio.run`` closes the loop before the read ends. The wait then comes to hold the object: that
+    hold must be let go. It was handed back through the closed loop (asyncio drops a result for a closed
+    loop silently): the object stayed marked as changing, and every later GDAL open or read of it waited
+    for good."""
+    import asyncio
+    import time
+
+    import cloudio._gdal.consumer  # noqa: F401  (registers the consumer whose hooks gate GDAL's I/O)
+    from cloudio._gdal.gates import gates
+
+    url = "gs://cloudio-journal-test/cancelled-wait.tif"
+    vsi = "/vsigs/cloudio-journal-test/cancelled-wait.tif"
+    reading, done = threading.Event(), threading.Event()
+
+    def read() -> None:  # a GDAL read of the object in flight
+        gates.enter(vsi)
+        reading.set()
+        done.wait(30)
+        gates.exit(vsi)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert reading.wait(10)
+
+    async def main() -> None:
+        write = asyncio.ensure_future(journal().changing_async(url))
+        await asyncio.sleep(0.1)
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+
+    asyncio.run(main())  # closes the loop while the wait goes on
+    done.set()
+    reader.join(10)
+    deadline = time.monotonic() + 10
+    while vsi in gates._changing and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert vsi not in gates._changing
+    later = threading.Thread(target=lambda: (gates.enter(vsi), gates.exit(vsi)), daemon=True)
+    later.start()
+    later.join(5)
+    assert not later.is_alive(), "a later GDAL read of the object waits for a change nobody holds"

@@ -26,6 +26,7 @@ when some of the changes asked for are no longer kept.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import itertools
 import logging
@@ -256,11 +257,11 @@ class WriteJournal:
         if held is not None:
             return held
         # threads of its own: the loop's default pool also resolves host names (aiohttp), which waits meanwhile
-        waiting = asyncio.get_running_loop().run_in_executor(_waiting_threads(), self.changing, url)
+        waiting = _waiting_threads().submit(self.changing, url)
         try:
-            return await asyncio.shield(waiting)
-        except BaseException:  # cancelled while waiting: what the thread goes on to hold is let go at once
-            waiting.add_done_callback(_let_go)
+            return await asyncio.shield(asyncio.wrap_future(waiting))
+        except BaseException:  # cancelled while waiting: what the thread goes on to hold is let go at once,
+            waiting.add_done_callback(_let_go)  # by the thread itself (the loop may be closed by then)
             raise
 
     def add_listener(self, fn: Callable[[Change], None]) -> None:
@@ -285,7 +286,7 @@ class WriteJournal:
 _waiting_threads = KeptPool(lambda: 64, "cloudio-change-wait")
 
 
-def _let_go(held: asyncio.Future[ExitStack]) -> None:
+def _let_go(held: concurrent.futures.Future[ExitStack]) -> None:
     """Release what a wait nobody takes any more came to hold."""
     if not held.cancelled() and held.exception() is None:
         held.result().close()
