@@ -24,15 +24,20 @@ Every bad read is checked to have one of these causes; the rest must be zero.
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import signal
 import threading
+import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 import rasters
 from rasterio.errors import RasterioIOError
 
 import cloudio
+from cloudio._threads import KeptPool
 from cloudio.emulator import Emulator
 
 THREADS = 8
@@ -290,3 +295,69 @@ def test_first_opens_of_a_bucket_in_eight_threads_set_its_options_once(
             th.join()
         assert all(isinstance(v, int) for v in sums.values()), sums
         assert cleared.count(endpoint.bucket_prefix(bucket.removeprefix("gs://"))) == 1
+
+
+# -- a kept pool in a forked child (Dask's and multiprocessing's fork) ----------------------------------------
+
+
+def _exit_code_in_forked_child(work: Callable[[], object], seconds: float = 20.0) -> int:
+    """Run ``work`` in a forked child: 0 when it returned, 1 when it raised. A child still running after
+    ``seconds`` is killed and fails the test, so a hang in the child cannot hang the suite."""
+    pid = os.fork()
+    if pid == 0:  # the child: leaves through os._exit on every path, never back into pytest
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + seconds
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child was still running after {seconds:g} s")
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+def test_a_kept_pool_runs_work_in_a_forked_child() -> None:
+    """Regression: the child inherited the parent's executor, whose idle thread (counted, not there) it
+    waited for: work it submitted never ran (a shard read, an upload, ``changing_async`` hung)."""
+    pool = KeptPool(lambda: 2, "cloudio-test-fork")
+    assert pool().submit(int, "1").result(timeout=30) == 1  # a thread made, now idle
+
+    def in_child() -> None:
+        assert pool().submit(int, "2").result(timeout=5) == 2  # ms when it runs: 5 s only on a failure
+
+    assert _exit_code_in_forked_child(in_child) == 0
+    assert pool().submit(int, "3").result(timeout=30) == 3  # the parent's pool is untouched
+
+
+@pytest.mark.timeout(60)
+def test_a_kept_pool_being_made_during_a_fork_works_in_the_child() -> None:
+    """A fork while another thread is making the pool: the child's copy of the pool's lock, held by a thread
+    the child does not have, must not keep the child from making its own."""
+    entered, release = threading.Event(), threading.Event()
+    calls = itertools.count()
+
+    def workers() -> int:
+        if next(calls) == 0:  # the parent's maker: still making the pool when the fork comes
+            entered.set()
+            release.wait(30)
+        return 2
+
+    pool = KeptPool(workers, "cloudio-test-fork")
+    maker = threading.Thread(target=pool)
+    maker.start()
+    try:
+        assert entered.wait(30)
+        code = _exit_code_in_forked_child(lambda: pool().submit(int, "2").result(timeout=5))
+    finally:
+        release.set()
+        maker.join(30)
+    assert code == 0
+    assert pool().submit(int, "3").result(timeout=30) == 3

@@ -2,31 +2,57 @@
 
 Why kept: each thread of the data path holds keep-alive connections of its
 own (:mod:`cloudio._gcs.fast`), which a fresh pool per call would open again.
+
+Why forgotten in a forked child (Dask's and multiprocessing's fork): the child
+inherits the executor but none of its threads, and the executor, counting the
+parent's idle ones, starts none, so work submitted there never ran; the pool's
+lock may also have been copied held by a thread the child does not have.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 
 class KeptPool:
     """A :class:`~concurrent.futures.ThreadPoolExecutor` of ``workers()`` threads named ``name``, made on
-    the first call and returned by every later one."""
+    the first call and returned by every later one (in a forked child: the first call there makes its own)."""
 
     def __init__(self, workers: Callable[[], int], name: str) -> None:
         self._workers = workers
         self._name = name
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        _pools.add(self)
 
     def __call__(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers(), thread_name_prefix=self._name)
             return self._pool
+
+    def _forget(self) -> None:
+        """In a forked child: drop the parent's executor (its threads are not here) and its lock (maybe
+        held by one of them). Not shut down: there is nothing of it to stop in the child."""
+        self._lock = threading.Lock()
+        self._pool = None
+
+
+#: every KeptPool of this process, to forget in a forked child
+_pools: weakref.WeakSet[KeptPool] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    for pool in list(_pools):
+        pool._forget()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
+    os.register_at_fork(after_in_child=_forked)
 
 
 def cores() -> int:
