@@ -44,6 +44,7 @@ import functools
 import logging
 import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -417,7 +418,9 @@ def _read_error(t: Target, e: RasterioIOError, driver: str | None = None,
         object_metadata(t.path)
     except FileNotFoundError:
         return not_found(t.path)
-    except OSError as oe:
+    except Exception as oe:  # the server is unreachable or refuses (gcsfs's HttpError too)
+        if not failed_request(oe):
+            raise
         log.debug("could not diagnose %s: %s", t.path.url, oe)
         return _transient(t, e)
     if driver is not None:
@@ -849,8 +852,10 @@ def _configure_from_xml(t: Target) -> None:
     fs = gcs_filesystem()
     try:
         root = ET.fromstring(sync(fs.loop, bounded, fs, fs._cat_file(t.path.fs_path)))
-    except (OSError, ET.ParseError) as e:
-        log.debug("%s: could not read it for its sources' buckets: %s", t.path.url, e)
+    except Exception as e:
+        if not (isinstance(e, ET.ParseError) or failed_request(e)):
+            raise
+        log.debug("%s: could not read it for its sources' buckets: %s", t.path.url, e)  # the reopen fails and says
         return
     level = [(el.text or "").strip() for el in source_elements(root) if el.get("relativeToVRT") != "1"]
     if _configure_buckets(_source_paths(level, {t.vsi})):
@@ -863,6 +868,16 @@ def _configure_from_xml(t: Target) -> None:
 
 
 _NO_BUCKET: Any = object()
+
+
+def failed_request(e: BaseException) -> bool:
+    """Did a gcsfs request fail at the server or on the way? Not only OSErrors: gcsfs's ``HttpError`` (a 5xx or
+    429 past its retries, a 400, a 409) and aiohttp's errors are plain Exceptions, which must not escape a read
+    uncaught (a bug of cloudio's own, or an argument it got wrong, still does)."""
+    if isinstance(e, OSError) or is_transient(e):
+        return True
+    retry = sys.modules.get("gcsfs.retry")  # imported with gcsfs, which made the request
+    return retry is not None and isinstance(e, retry.HttpError)
 
 
 def _list_names(path: GCSPath) -> Any:
@@ -880,9 +895,11 @@ def _list_names(path: GCSPath) -> Any:
         ))
     except FileNotFoundError:
         return _NO_BUCKET
-    except OSError as e:
-        if is_transient(e) or isinstance(e, TimeoutError):  # the server is not answering: GDAL would wait too
+    except Exception as e:  # gcsfs's HttpError (5xx/429 past its retries, 400...) is no OSError
+        if is_transient(e):  # the server is not answering: GDAL would wait too
             raise transient_error(path.url, "listing of its folder", e) from e
+        if not failed_request(e):
+            raise
         log.debug("could not list gs://%s/%s: %s", path.bucket, prefix, e)  # e.g. no permission: GDAL lists
         return None
     if out.get("nextPageToken"):
@@ -1048,7 +1065,9 @@ def _raise_if_missing(t: Target, cause: RasterioIOError) -> None:
         object_metadata(t.path)
     except FileNotFoundError:
         raise _not_an_object(t.path) from cause
-    except OSError as e:  # the server is unreachable or refuses
+    except Exception as e:  # the server is unreachable or refuses (gcsfs's HttpError too)
+        if not failed_request(e):
+            raise
         log.debug("could not diagnose %s: %s", t.path.url, e)
         raise _transient(t, cause) from cause
 

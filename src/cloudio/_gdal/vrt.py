@@ -223,17 +223,22 @@ def _reads(xml_text: str, path: GCSPath) -> bool:
         seen |= level
         below: set[str] = set()
         for vsi in level:
-            below |= _stored_sources(vsi)
+            below |= _stored_sources(vsi, path.url)
         level = below - seen
     return False
 
 
-def _stored_sources(vsi: str) -> set[str]:
+def _stored_sources(vsi: str, url: str) -> set[str]:
     """The ``/vsigs/`` sources named by the VRT the server holds at ``vsi`` (none when it is not a VRT on GCS,
-    or cannot be read); a source cloudio cannot place (a local file) is left out, the others kept."""
+    or cannot be read); a source cloudio cannot place (a local file) is left out, the others kept.
+
+    The server failing past the retries (5xx, 429, timeouts) is a TransientError naming ``url``, the VRT
+    being written: an unread source VRT may be the one that reads ``url``, so the write cannot go ahead.
+    """
     from fsspec.asyn import sync
 
-    from cloudio._gcs.client import bounded, gcs_filesystem
+    from cloudio._gcs.client import bounded, gcs_filesystem, is_transient, transient_error
+    from cloudio._gdal.open import failed_request
     from cloudio._gdal.targets import may_reference
 
     if not (vsi.startswith("/vsigs/") and may_reference(vsi)):
@@ -242,8 +247,15 @@ def _stored_sources(vsi: str) -> set[str]:
     fs = gcs_filesystem()
     try:
         root = ET.fromstring(sync(fs.loop, bounded, fs, fs._cat_file(source.fs_path)))
-    except (OSError, ET.ParseError, CloudioError):  # missing, refused, not VRT XML: it reads nothing more
+    except (ET.ParseError, FileNotFoundError):  # missing, not VRT XML: it reads nothing more
         return set()
+    except Exception as e:  # gcsfs's HttpError (5xx/429 past its retries) is no OSError
+        if is_transient(e):  # (a TransientError too)
+            raise transient_error(url, f"reading its source {source.url} (to check that it does not read "
+                                       "itself; nothing was written)", e) from e
+        if not (failed_request(e) or isinstance(e, CloudioError)):
+            raise
+        return set()  # refused (403...): GDAL cannot read it either, so it reads nothing more
     found = set()
     for el in source_elements(root):
         try:
