@@ -4,6 +4,8 @@ there, at the cost of one listing."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -125,3 +127,52 @@ def test_the_refusal_spares_zarr_nodes_and_catches_folders_however_spelled(
     with pytest.raises(cloudio.AlreadyExistsError):
         cloudio.save_array(np.arange(3), str(local))
     assert sorted(p.name for p in local.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.usefixtures("python_sigint")
+def test_an_interrupt_while_a_vrt_upload_waits_to_try_again_sends_nothing_more(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy) -> None:
+    """Ctrl-C while ``write_vrt``'s upload waits to try again after a 503: the upload is cancelled before
+    KeyboardInterrupt is raised, so the old VRT stays. It went on in the background (fsspec's ``sync``
+    leaves its coroutine running): the new VRT landed after the caller had been told the write stopped."""
+    import signal
+    import threading
+
+    from affine import Affine
+
+    src, url = f"{gcs_bucket}/v/src.tif", f"{gcs_bucket}/v/intr.vrt"
+    with cloudio.open(src, "w", driver="GTiff", width=16, height=16, count=2, dtype="uint8", crs="EPSG:4326",
+                      transform=Affine(0.1, 0, 10, 0, -0.1, 50)) as ds:
+        ds.write(np.stack([np.full((16, 16), 1, "uint8"), np.full((16, 16), 2, "uint8")]))
+    with cloudio.open(src) as ds:
+        old = ds.read(1)
+        cloudio.write_vrt(ds, url)
+    before = _stored_vrt(gcs_emulator, gcs_bucket)
+    upload = r"^/upload/.*v%2Fintr\.vrt"
+    sent = len(fault_proxy.requests(upload))
+    refused = fault_proxy.add("status", code=503, method="POST", path=upload)
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while not refused.hits and time.monotonic() < deadline:
+            time.sleep(0.005)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cloudio.write_vrt(f"<VRTDataset rasterXSize='16' rasterYSize='16'><VRTRasterBand dataType='Byte' "
+                              f"band='1'><SimpleSource><SourceFilename>{src}</SourceFilename><SourceBand>2"
+                              "</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>", url)
+    finally:
+        t.join()
+    time.sleep(3)  # what would go on in the background has had its time
+    assert [status for _, _, status in fault_proxy.requests(upload)[sent:]] == [503]
+    assert _stored_vrt(gcs_emulator, gcs_bucket) == before
+    with cloudio.open(url) as ds:
+        np.testing.assert_array_equal(ds.read(1), old)
+
+
+def _stored_vrt(emu: Emulator, bucket_url: str) -> bytes:
+    return emu.client.bucket(bucket_url.removeprefix("gs://")).get_blob("v/intr.vrt").download_as_bytes()

@@ -11,11 +11,18 @@ lock may also have been copied held by a thread the child does not have.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: seconds an interrupted call is given to cancel its requests and end (:func:`run_to_the_end`)
+CANCEL_WAIT = 30.0
 
 
 class KeptPool:
@@ -53,6 +60,28 @@ def _forked() -> None:
 
 if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
     os.register_at_fork(after_in_child=_forked)
+
+
+def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on ``loop`` (another thread's: gcsfs's, zarr's) and wait for it. When the wait is
+    interrupted (Ctrl-C: ``KeyboardInterrupt``), the coroutine is cancelled and has ended (for up to
+    :data:`CANCEL_WAIT` seconds) before the interrupt is raised. Why: fsspec's and zarr's ``sync`` leave it
+    running, and a write would go on in the background after its caller was told it stopped."""
+    ended = threading.Event()
+
+    async def whole() -> T:
+        try:
+            return await coro
+        finally:
+            ended.set()
+
+    future = asyncio.run_coroutine_threadsafe(whole(), loop)
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        ended.wait(CANCEL_WAIT)
+        raise
 
 
 def cores() -> int:

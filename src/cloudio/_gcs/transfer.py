@@ -61,6 +61,7 @@ from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
 from cloudio._tables import drop_oldest, touch
+from cloudio._threads import run_to_the_end
 from cloudio.errors import (
     CloudioError,
     ConfigurationError,
@@ -615,16 +616,15 @@ def upload(
     this function journals the write itself, exactly once). Raises what
     :func:`put_verified` raises; ``InvalidURLError`` when ``url`` names no object.
     """
-    from fsspec.asyn import sync
-
     path = _as_path(url)
     fs = _filesystem(fs)
     put = functools.partial(put_verified, fs, path, source, content_type=content_type, attempts=attempts,
                             chunk_size=chunk_size, simple_limit=simple_limit)
+    # interrupted (Ctrl-C): cancelled and ended before the interrupt is raised (fsspec's sync goes on sending)
     if if_generation_match is not None:
-        return sync(fs.loop, put, if_generation_match=if_generation_match)  # type: ignore[no-any-return]
-    return sync(fs.loop, last_writer_wins, fs, path, source_size(source, path.url),  # type: ignore[no-any-return]
-                lambda replacing: put(expected_generation=replacing, plain=True))
+        return run_to_the_end(fs.loop, put(if_generation_match=if_generation_match))
+    return run_to_the_end(fs.loop, last_writer_wins(fs, path, source_size(source, path.url),
+                                                    lambda replacing: put(expected_generation=replacing, plain=True)))
 
 
 async def _generation(fs: gcsfs.GCSFileSystem, path: GCSPath) -> int:
