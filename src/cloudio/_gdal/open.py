@@ -302,19 +302,26 @@ _CHANGED: Any = object()
 
 
 def _retry_read(ds: _Reader, first: RasterioIOError, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Clear what the failed read left in GDAL's cache, then read once more; :data:`_CHANGED` if overwritten."""
+    """Clear what the failed read left in GDAL's cache, then read once more; :data:`_CHANGED` if overwritten.
+
+    A VRT's pixels come from its sources: a download cut short leaves its part of a range under the source's
+    path, not the VRT's, so the sources are cleared too (else the retry, and every later open, reads the same
+    short range), and the retry holds their gates as the first read did (:func:`_io`).
+    """
     t = ds._cloudio_target
+    gated = ds.__dict__.get("_cloudio_gated") or [t.vsi]  # a VRT's: its GCS sources' too (_reader)
     log.info("%s: read failed (%s); clearing GDAL's cache of it and retrying once", t.path.url, first)
-    bindings.clear(t.vsi)
-    _gates.enter(t.vsi)
+    _gates.enter_all(gated)
     try:
-        if consumer._epoch.get(t.vsi, 0) != ds._cloudio_epoch:
+        if consumer._epoch.get(t.vsi, 0) != ds._cloudio_epoch or _sources_changed(ds):
             return _CHANGED  # meanwhile: this handle must not read again
+        for vsi in gated:
+            bindings.clear(vsi)
         return fn(ds, *args, **kwargs)
     except RasterioIOError as e:
         raise _read_error(t, e, ds=ds) from e
     finally:
-        _gates.exit(t.vsi)
+        _gates.exit_all(gated)
 
 
 def _messages(e: BaseException) -> str:
@@ -681,16 +688,19 @@ def _open_read(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, A
     try:
         return _gdal_open(t, driver, sharing, kwargs, level)
     except RasterioIOError as e:
+        vrt = t.vrt or (driver or "").upper() == "VRT"
         if _is_transient(e, t):  # GDAL retried already; what it cached of the object may be partial
             bindings.clear(t.vsi)
+            if vrt:  # or of a source it opened (no request here: the server is failing)
+                _clear_sources(t, ())
         else:
             # off the happy path: now, and only now, ask the server what is wrong
             _raise_if_missing(t, e)
             # the object exists: GDAL answered from a listing made behind cloudio's back, or
             # from part of a range a broken download left (the directory clear drops both)
             consumer.forget_listing(t.path)
-            if t.vrt or (driver or "").upper() == "VRT":
-                _configure_from_xml(t)
+            if vrt:  # a range of a source cut short, as a warped VRT opens its source with it
+                _clear_sources(t, _configure_from_xml(t))
         try:
             return _gdal_open(t, driver, sharing, kwargs, level)
         except RasterioIOError as e2:
@@ -838,8 +848,9 @@ def _remember_sources(t: Target, sources: list[GCSPath]) -> None:
     _walked[t.vsi] = tuple(p.vsi for p in sources)
 
 
-def _configure_from_xml(t: Target) -> None:
-    """A VRT GDAL could not open: set the options of the buckets its XML names (one request, failures only).
+def _configure_from_xml(t: Target) -> list[GCSPath]:
+    """A VRT GDAL could not open: set the options of the buckets its XML names (one request, failures only);
+    its GCS sources (none when it cannot be read).
 
     GDAL opens a warped VRT's source with the VRT itself, so a source in a
     bucket without options fails the open and ``files`` is never reached.
@@ -847,7 +858,7 @@ def _configure_from_xml(t: Target) -> None:
     """
     import xml.etree.ElementTree as ET
 
-    from cloudio._gdal.vrt import source_elements
+    from cloudio._gdal.vrt import _resolved, source_elements
 
     fs = gcs_filesystem()
     try:
@@ -856,10 +867,25 @@ def _configure_from_xml(t: Target) -> None:
         if not (isinstance(e, ET.ParseError) or failed_request(e)):
             raise
         log.debug("%s: could not read it for its sources' buckets: %s", t.path.url, e)  # the reopen fails and says
-        return
-    level = [(el.text or "").strip() for el in source_elements(root) if el.get("relativeToVRT") != "1"]
-    if _configure_buckets(_source_paths(level, {t.vsi})):
+        return []
+    level = []
+    for el in source_elements(root):
+        try:
+            level.append(_resolved(el, t.path.parent, t.path.url))  # relative ones too: their ranges may be cut
+        except CloudioError:  # a local file GDAL reads (or not) for itself
+            continue
+    sources = _source_paths(level, {t.vsi})
+    if _configure_buckets(sources):
         log.info("%s: set GDAL's options of its sources' buckets; opening it again", t.path.url)
+    return sources
+
+
+def _clear_sources(t: Target, named: list[GCSPath] | tuple[()]) -> None:
+    """A VRT GDAL could not open: clear what GDAL cached of its sources (``named``, and those of every level an
+    earlier open walked), where a download cut short leaves part of a range that every later open would read
+    (GDAL does not fetch a range it holds again), as :func:`_retry_read` does for a read."""
+    for vsi in {*(p.vsi for p in named), *_walked.get(t.vsi, ())}:
+        bindings.clear(vsi)
 
 
 # --------------------------------------------------------------------------------------------
