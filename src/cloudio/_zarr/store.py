@@ -129,10 +129,14 @@ class _MetadataLog:
 
     def deleted(self, url: str, *, prefix: bool, seq: int) -> None:
         with self._lock:
-            if prefix:  # a whole node or store is gone, and what we knew about it with it
+            if prefix:
+                # a whole node or store is gone, and what we knew about it with it; but a consolidated copy of
+                # a group enclosing it still lists it: a metadata change there (seen by stale())
                 for table in (self._meta, self._consolidated, self._distrusted):
                     for k in [k for k in table if _under(k, url)]:
                         del table[k]
+                touch(self._meta, url, seq)
+                self._bound()
                 return
             dir_url, name = posixpath.split(url)
             if name == _V2_CONSOLIDATED or name == "zarr.json":
@@ -141,6 +145,19 @@ class _MetadataLog:
             if name in _META_NAMES:
                 touch(self._meta, dir_url, seq)
                 self._bound()
+
+    def unsure(self, url: str, *, prefix: bool, seq: int) -> None:
+        """A delete of ``url`` (of everything under it, ``prefix``) that failed, which may have removed some of
+        it: what is known of the rest stays, a consolidated copy under it is no longer trusted, and the copies
+        of the groups enclosing it are stale (a metadata change at ``url``)."""
+        if not prefix:
+            self.deleted(url, prefix=False, seq=seq)
+            return
+        with self._lock:
+            for k in [k for k in self._consolidated if _under(k, url)]:
+                del self._consolidated[k]
+            touch(self._meta, url, seq)
+            self._bound()
 
     def stale(self, root: str) -> bool:
         with self._lock:
@@ -387,6 +404,14 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         with announcements.logged_by_the_store():
             change = journal().record(url, "delete", prefix=prefix)
         _metadata.deleted(url, prefix=prefix, seq=change.seq)
+
+    def _unsure(self, key: str, *, prefix: bool) -> None:
+        """A delete of ``key`` (of the keys under it, ``prefix``) that failed and may have been carried out,
+        in part: journaled as an invalidation (caches ask the server again; a write's marker stays), and
+        the metadata log no longer trusts what it may have changed."""
+        url = self._url(key.rstrip("/"))
+        change = journal().record(url, "invalidate", prefix=prefix)
+        _metadata.unsure(url, prefix=prefix, seq=change.seq)
 
     # -- what writes -------------------------------------------------------------------------
 
@@ -668,7 +693,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             # stopped on its way by a failed write (cloudio._zarr.changes), or failed past the retries after a
             # try whose answer was lost: the server may have carried it out, so caches ask again (the write's
             # marker stays)
-            journal().record(self._url(key), "invalidate")
+            self._unsure(key, prefix=False)
             raise
         self._deleted(key, prefix=False)
 
@@ -739,10 +764,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         a neighbour's keys (``z/a[1]`` matching ``z/a1``)."""
         self._store._check_writable()
         if self._gcs_root is None:
-            await self._delete_keys([k async for k in self._keys_under(prefix)])
+            await self._delete_keys([k async for k in self._keys_under(prefix)], under=prefix)
             return
         listed = {k: generation async for k, generation in self._listed_under(prefix)}
-        await self._delete_keys(listed, listed)
+        await self._delete_keys(listed, listed, under=prefix)
 
     # -- what lists: the write-in-progress marker is cloudio's, not a node of the hierarchy --
 
@@ -812,10 +837,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         """
         self._store._check_writable()
         if self._gcs_root is None:
-            await self._delete_keys([k async for k in self._store.list_prefix("") if k != MARKER])
+            await self._delete_keys([k async for k in self._store.list_prefix("") if k != MARKER], under="")
         else:
             listed = {k: generation async for k, generation in self._listed_under("") if k != MARKER}
-            await self._delete_keys(listed, listed)
+            await self._delete_keys(listed, listed, under="")
         self._prune_folders()
 
     def _prune_folders(self) -> None:
@@ -845,9 +870,14 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         for key in keys:
             self._deleted(key, prefix=False)
 
-    async def _delete_keys(self, keys: Collection[str], generations: Mapping[str, int] | None = None) -> None:
+    async def _delete_keys(self, keys: Collection[str], generations: Mapping[str, int] | None = None, *,
+                           under: str | None = None) -> None:
         """Delete ``keys``; on GCS each needs the generation ``generations`` gives it (``ifGenerationMatch``;
         0 or none: by name), and one found at another raises :class:`~cloudio.ConflictError`.
+
+        When one fails, what may have changed is journaled before the error is raised: the prefix ``under``
+        (the keys are those listed there) as invalidated, or else each key deleted as deleted and each whose
+        outcome is not known as invalidated. The caller journals a success.
 
         Why: a DELETE given up at its time limit and sent again may still reach the server later, after
         the write stored that object again, and remove it; with the generation it was listed at, GCS refuses
@@ -858,24 +888,50 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         if not keys:
             return
         store = self._store
+        gone: set[str] = set()  # deleted, or not there
+        kept: set[str] = set()  # refused: not deleted
         try:
             if self._gcs_root is not None:
                 limit = asyncio.Semaphore(_DELETES_AT_ONCE)
 
                 async def one(key: str) -> None:
                     async with limit:
-                        await self._delete_object(key, (generations or {}).get(key) or None)
+                        try:
+                            await self._delete_object(key, (generations or {}).get(key) or None)
+                        except Exception as e:
+                            if _not_deleted(e):
+                                kept.add(key)
+                            raise
+                    gone.add(key)
 
                 with self._changed_meanwhile(bool(generations)):
                     failed = [e for e in await asyncio.gather(*map(one, keys), return_exceptions=True) if e]
                     if failed:
                         raise failed[0]
             else:
-                await asyncio.gather(*(store.delete(k) for k in keys))
+                async def local(key: str) -> None:
+                    await store.delete(key)
+                    gone.add(key)
+
+                await asyncio.gather(*map(local, keys))
         except BaseException:
-            self._deleted("", prefix=True)  # some may be gone: caches and the write's marker must know
+            # some may be gone: caches and the write's marker must know, and only of what may have changed
+            if under is not None:
+                if len(kept) < len(keys):
+                    self._unsure(under, prefix=True)
+            else:
+                for key in keys:
+                    if key in gone:
+                        self._deleted(key, prefix=False)
+                    elif key not in kept:
+                        self._unsure(key, prefix=False)
             raise
 
+
+
+def _not_deleted(e: BaseException) -> bool:
+    """Whether a delete that raised ``e`` certainly left the object there: refused by its precondition."""
+    return isinstance(e, ConflictError)
 
 
 class _SyncJournaledStore(JournaledStore):
