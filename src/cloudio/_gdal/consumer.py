@@ -86,6 +86,7 @@ import math
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,11 @@ _PRUNE_AT = 64
 _EMPTY_DIR_MAX = 256
 #: the change of a directory listing whose new names are unknown (an external invalidation)
 _ANY = "\0any"
+#: prefix change events kept for the opens under way to compare with; an open older than them all counts as raced
+_PREFIX_LOG = 1024
+#: what :meth:`GdalConsumer.opened_dataset` gives a dataset opened across a prefix change of its object as
+#: its epoch: no epoch is ever this, so its first read goes to a fresh open (:func:`cloudio._gdal.open._io`)
+RACED = -2
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,14 @@ class GdalConsumer(Consumer):
         self._reclear: dict[str, list[weakref.ref[Any]]] = {}
         #: vsi path -> changes applied to it: an open that saw the number change raced a write
         self._epoch: dict[str, int] = {}
+        #: prefix changes (``cloudio.invalidate``) as a seqlock for the opens they reach, whose objects have no
+        #: epoch yet: each one's start and end are numbered events; an open that saw the number move, or one
+        #: under way, and is at or below its prefix raced it (:meth:`_prefix_raced`)
+        self._prefix_seq = 0
+        #: the last :data:`_PREFIX_LOG` events: (number, prefix's /vsigs/ path)
+        self._prefix_log: deque[tuple[int, str]] = deque(maxlen=_PREFIX_LOG)
+        #: prefix changes under way: their start event -> prefix
+        self._prefix_active: dict[int, str] = {}
         #: vsi path -> datasets cloudio opened on it (weak): open ones may be downloading
         self._readers: dict[str, list[weakref.ref[Any]]] = {}
         #: the EMPTY_DIR options set, oldest first: (directory key, name), at most :data:`_EMPTY_DIR_MAX`
@@ -306,27 +320,24 @@ class GdalConsumer(Consumer):
     def _apply_prefix(self, path: GCSPath) -> None:
         """Someone wrote at or below ``path`` (an object or a "directory"): forget all of it.
 
-        Each object below with datasets open (or an epoch: an open may be under way) changes as for a
-        write of it (:meth:`_object_changed`): its gate, its epoch, so that no dataset opened before
-        reads through its old handle again (GDAL aborts on two versions of one URL). One clear of
-        ``path`` then covers them and everything else below.
+        Each object below with datasets open, GDAL I/O in flight (an open under way) or an epoch
+        changes as for a write of it (:meth:`_object_changed`): its gate, its epoch, so that no
+        dataset opened before reads through its old handle again (GDAL aborts on two versions of one
+        URL). One clear of ``path`` then covers them and everything else below. An open of an object
+        below that has none of these (never changed, no dataset registered yet) compares the prefix
+        events instead (:meth:`_prefix_raced`): it may have read the old version from GDAL's cache
+        before the clear, or put it back after.
         """
         top = path.vsi.rstrip("/")
         with self._state:
-            below = [v for v in self._readers if v.startswith(top)]  # the clear's string prefix reaches these
-            near = {*below, *(e for e in self._epoch if e.startswith(top))}
-            changed = sorted(v for v in near if is_under(v, top) and (
-                v in self._epoch or any(_is_open(r) for r in list(self._readers.get(v, ())))))
-        held: list[str] = []
+            start = self._prefix_event(top)
+            self._prefix_active[start] = top
         try:
-            for vsi in changed:
-                gates.begin_change(vsi)
-                held.append(vsi)
-            # one clear: also drops GDAL's listings of top and below (every one of changed with datasets is in below)
-            self._objects_cleared(top, changed, readers=below)
+            self._prefix_cleared(top)
         finally:
-            for vsi in held:
-                gates.end_change(vsi)
+            with self._state:
+                del self._prefix_active[start]
+                self._prefix_event(top)  # after the clear: an open that began before it sees this
         with self._state:
             for table in (self._seen, self._related):
                 for url in [u for u in table if parse_gcs(u).is_under(path)]:
@@ -345,6 +356,56 @@ class GdalConsumer(Consumer):
                     parent.listed_at = 0.0
                     self._names_changed(pkey, parent, _ANY)
         generation.bump()
+
+    def _prefix_cleared(self, top: str) -> None:
+        """The gates and epochs of the objects below ``top`` that readers may hold (:meth:`_apply_prefix`), and
+        the clear of ``top``."""
+        with self._state:
+            below = [v for v in self._readers if v.startswith(top)]  # the clear's string prefix reaches these
+            near = {*below, *(e for e in self._epoch if e.startswith(top))}
+            changed = {v for v in near if is_under(v, top) and (
+                v in self._epoch or any(_is_open(r) for r in list(self._readers.get(v, ()))))}
+        changed.update(gates.in_flight(top))  # opens under way: not registered yet, maybe with no epoch
+        ordered = sorted(changed)
+        held: list[str] = []
+        try:
+            for vsi in ordered:
+                gates.begin_change(vsi)
+                held.append(vsi)
+            # one clear: also drops GDAL's listings of top and below (an open that was under way registers its
+            # dataset after its I/O: marked here if it did by now, else it sees the epoch moved)
+            self._objects_cleared(top, ordered, readers=sorted({*below, *changed}))
+        finally:
+            for vsi in held:
+                gates.end_change(vsi)
+
+    def _prefix_event(self, top: str) -> int:
+        """Number the start or the end of a prefix change of ``top`` (under ``_state``)."""
+        self._prefix_seq += 1
+        self._prefix_log.append((self._prefix_seq, top))
+        return self._prefix_seq
+
+    def prefix_seq(self) -> int:
+        """Taken before an open, with :meth:`epoch`: see :meth:`opened_dataset`."""
+        return self._prefix_seq
+
+    def _prefix_raced(self, vsi: str, since: int) -> bool:
+        """Did a prefix change at or above ``vsi`` start, end or run while an open that began at event ``since``
+        ran? (Then what it read may be the old version, put back into GDAL's cache after the clear.)"""
+        if self._prefix_seq == since and not self._prefix_active:  # the common case, lock-free
+            return False
+        with self._state:
+            if any(is_under(vsi, top) for top in self._prefix_active.values()):
+                return True
+            log = self._prefix_log
+            if log and log[0][0] > since + 1:  # events since then were dropped: any may have reached it
+                return True
+            for n, top in reversed(log):
+                if n <= since:
+                    return False
+                if is_under(vsi, top):
+                    return True
+            return False
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -528,13 +589,17 @@ class GdalConsumer(Consumer):
         """Taken before an open; see :meth:`opened_dataset` (odd: a write is being applied)."""
         return self._epoch.get(t.vsi, 0)
 
-    def opened_dataset(self, t: Target, ds: Any, epoch: int) -> None:
-        """After an open: undo a race with a write, and remember the dataset while it lives.
+    def opened_dataset(self, t: Target, ds: Any, epoch: int, since: int | None = None) -> int:
+        """After an open: undo a race with a write, and remember the dataset while it lives; the epoch the
+        dataset is to compare its reads with.
 
         If a write of the object was applied while GDAL was opening it, the
         bytes GDAL downloaded may be the old ones, now in its cache: clear
         them (the dataset keeps what it read). The dataset is kept by weak
         reference so that a later write knows it may still be downloading.
+        ``since``: :meth:`prefix_seq` before the open; a prefix change of the
+        object meanwhile is such a write, and the dataset's epoch is then
+        :data:`RACED` (its object's epoch may not have moved).
         """
         vsi = t.vsi
         ref = weakref.ref(ds)
@@ -554,9 +619,15 @@ class GdalConsumer(Consumer):
         if len(refs) > _PRUNE_AT:
             self._prune_readers(vsi)
         if epoch & 1 or self._epoch.get(vsi, 0) != epoch:  # a write landed while GDAL was opening it
-            with self._state:
-                self._mark_stale(vsi, [ref])
-            self.calls.clear(vsi)
+            raced = epoch
+        elif since is not None and self._prefix_raced(vsi, since):  # or an invalidation reaching it
+            raced = RACED
+        else:
+            return epoch
+        with self._state:
+            self._mark_stale(vsi, [ref])
+        self.calls.clear(vsi)
+        return raced
 
     def _prune_readers(self, vsi: str) -> None:
         with self._state:

@@ -16,6 +16,8 @@ import logging
 import threading
 import time
 
+from cloudio._paths import is_under
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CHANGE_WAIT", "gates"]
@@ -153,6 +155,20 @@ class _ObjectGates:
             self.end_change(vsi)
             raise
         return True
+
+    def in_flight(self, top: str) -> list[str]:
+        """The objects at or below ``top`` (a ``/vsigs/`` path) whose GDAL I/O runs in other threads now.
+
+        For a change of a whole prefix (``cloudio.invalidate``), whose objects are not known one by one: it
+        holds these (:meth:`begin_change`), so that no open or read of one overlaps its clear. I/O starting
+        later reads what the server holds after the change (the caller's epochs catch what it read from the
+        cache before the clear).
+        """
+        mine = self._table()
+        with self._mutex:
+            tables = [t for t in self._tables.values() if t is not mine]
+            # list(t): one C call under the GIL, so another thread's entering and leaving never interleave it
+            return sorted({v for t in tables for v in list(t) if is_under(v, top)})
 
     def end_change(self, vsi: str) -> None:
         """Let ``vsi``'s I/O resume."""

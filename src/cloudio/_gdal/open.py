@@ -141,7 +141,9 @@ class _Reader(DatasetReader):  # type: ignore[misc]
     """
 
     _cloudio_target: Target
-    _cloudio_epoch: int  #: the object's epoch when the open began (see GdalConsumer.opened_dataset)
+    #: the object's epoch when the open began, or RACED: an invalidation reached it meanwhile (see
+    #: GdalConsumer.opened_dataset)
+    _cloudio_epoch: int
     _cloudio_open: tuple[str | None, dict[str, Any]] = (None, {})  #: driver and options it was opened with
     _cloudio_fresh: _Reader | None = None  #: a later open of the object that reads go to
 
@@ -529,6 +531,7 @@ def open(
         ):
             # the common case, kept cheap: read before, nothing written since, nothing to check
             epoch = _epochs.get(vsi, 0)  # see GdalConsumer.opened_dataset
+            since = c._prefix_seq
             _gates.enter(vsi)
             try:
                 dataset = rasterio.open(vsi, sharing=True) if sharing else rasterio.open(vsi)
@@ -539,7 +542,7 @@ def open(
             if dataset is None:
                 dataset = _open_read(t, driver, sharing, kwargs)
             else:
-                c.opened_dataset(t, dataset, epoch)
+                epoch = c.opened_dataset(t, dataset, epoch, since)
                 if type(dataset) is DatasetReader:  # _reader(), inlined
                     dataset.__class__ = _Reader
                     d = dataset.__dict__
@@ -710,9 +713,9 @@ def _open_read(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, A
 def _gdal_open(t: Target, driver: str | None, sharing: bool, kwargs: dict[str, Any],
                level: Consistency = "session") -> DatasetReader:
     c = consumer
-    epoch = c.epoch(t)
+    epoch, since = c.epoch(t), c.prefix_seq()
     ds = _gdal_open_planned(t, driver, sharing, kwargs, level)
-    c.opened_dataset(t, ds, epoch)
+    epoch = c.opened_dataset(t, ds, epoch, since)  # RACED: an invalidation reached it meanwhile
     return _reader(ds, t, epoch, driver, kwargs)
 
 
