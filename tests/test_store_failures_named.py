@@ -58,3 +58,102 @@ def test_a_deleted_member_is_not_listed_from_the_old_consolidated_copy(gcs_emula
     del g["b"]
     ds = cloudio.open_zarr(url)
     assert "b" not in ds and "a" in ds, ds
+
+
+# -- 3. deletes and listings name the object -----------------------------------------------------------
+
+
+def _array(url: str) -> zarr.Array:
+    """A 4x4 int32 array of two chunks (c/0/0, c/1/0), none of them the fill value, opened for writing."""
+    cloudio.save_array(np.arange(16, dtype="i4").reshape(4, 4) + 1, url, chunks=(2, 4))
+    return zarr.open_array(cloudio.zarr_store(url), mode="r+")
+
+
+def _records(seq: int, url: str) -> list[str]:
+    from cloudio._journal import journal
+
+    return [c.kind for c in journal().since(seq) if c.touches(url)]
+
+
+def test_a_refused_chunk_delete_is_an_upload_error_naming_the_chunk(gcs_emulator, gcs_bucket, fault_proxy):
+    """A write of nothing but the fill value deletes the chunk; its DELETE refused (403) is an UploadError naming
+    the chunk's URL, not a TransientError, the library's error as its cause (was gcsfs's bare OSError
+    'Forbidden'); nothing was deleted, so nothing is journaled."""
+    from cloudio._journal import journal
+
+    url = f"{gcs_bucket}/dr.zarr"
+    z = _array(url)
+    fault_proxy.add("status", code=403, method="DELETE", path=r"dr\.zarr%2Fc%2F0%2F0", times=None)
+    seq = journal().seq
+    with pytest.raises(cloudio.UploadError, match=rf"{url}/c/0/0\b") as info:
+        returned(lambda: z.__setitem__((slice(0, 2), slice(None)), 0), LIMIT)
+    assert not isinstance(info.value, cloudio.TransientError)
+    assert info.value.__cause__ is not None and not isinstance(info.value.__cause__, cloudio.CloudioError)
+    assert "credentials" in str(info.value), info.value
+    assert _records(seq, f"{url}/c/0/0") == []
+    fault_proxy.clear()
+    assert cloudio.load_array(url)[0].tolist() == [1, 2, 3, 4]  # still stored
+
+
+def test_a_chunk_delete_failing_past_the_retries_is_a_transient_error_and_journaled(gcs_emulator, gcs_bucket,
+                                                                                     fault_proxy, monkeypatch):
+    """Every DELETE answered 503: TransientError naming the chunk's URL (was gcsfs's bare HttpError); whether the
+    server deleted it is not known, so it is journaled as invalidated."""
+    from cloudio._journal import journal
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/dt.zarr"
+    z = _array(url)
+    fault_proxy.add("status", code=503, method="DELETE", path=r"dt\.zarr%2Fc%2F0%2F0", times=None)
+    seq = journal().seq
+    with pytest.raises(cloudio.TransientError, match=rf"{url}/c/0/0\b") as info:
+        returned(lambda: z.__setitem__((slice(0, 2), slice(None)), 0), LIMIT)
+    assert info.value.__cause__ is not None
+    assert _records(seq, f"{url}/c/0/0") == ["invalidate"]
+
+
+def test_a_refused_delete_of_a_member_is_an_upload_error_naming_the_object(gcs_emulator, gcs_bucket, fault_proxy):
+    """``del g["a"]`` with the DELETE of a/zarr.json refused: UploadError naming that object (zarr's delete_dir
+    raised gcsfs's bare OSError)."""
+    url = f"{gcs_bucket}/mr.zarr"
+    _ab(url)
+    g = zarr.open_group(cloudio.zarr_store(url), use_consolidated=False)
+    fault_proxy.add("status", code=403, method="DELETE", path=r"mr\.zarr%2Fa%2Fzarr\.json", times=None)
+    with pytest.raises(cloudio.UploadError, match=rf"{url}/a/zarr\.json") as info:
+        returned(lambda: g.__delitem__("a"), LIMIT)
+    assert info.value.__cause__ is not None
+
+
+def test_deleting_a_missing_key_is_no_error(gcs_emulator, gcs_bucket):
+    """zarr's store contract: a key already gone deletes silently."""
+    from zarr.core.sync import sync
+
+    store = cloudio.zarr_store(f"{gcs_bucket}/gone.zarr")
+    assert returned(lambda: sync(store.delete("c/0/0")), LIMIT) is None
+
+
+@pytest.mark.parametrize("code", [403, 503])
+@pytest.mark.parametrize("call", ["list", "list_prefix", "is_empty"])
+def test_a_failed_listing_names_the_store(gcs_emulator, gcs_bucket, fault_proxy, monkeypatch, code, call):
+    """A listing of the store refused (403) is a ReadError, failing past the retries (503) a TransientError,
+    each naming the store's URL with the library's error as its cause (a 403 was gcsfs's bare OSError)."""
+    from zarr.core.sync import sync
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/ls{code}.zarr"
+    _array(url)
+    store = cloudio.zarr_store(url)
+
+    async def listed() -> object:
+        if call == "is_empty":
+            return await store.is_empty("")
+        return [k async for k in (store.list() if call == "list" else store.list_prefix("c/"))]
+
+    fault_proxy.add("status", code=code, method="GET", path=r"^/storage/v1/b/[^/]+/o\?", times=None)
+    want = cloudio.TransientError if code == 503 else cloudio.ReadError
+    with pytest.raises(want, match=rf"{url}\b") as info:
+        returned(lambda: sync(listed()), LIMIT)
+    assert info.value.__cause__ is not None
+    if code == 403:
+        assert not isinstance(info.value, cloudio.TransientError)
+

@@ -57,7 +57,7 @@ from cloudio._tables import drop_oldest, touch
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr import last_seen
 from cloudio._zarr.changes import stops_with_its_write
-from cloudio.errors import BucketNotFoundError, CloudioError, ConflictError
+from cloudio.errors import BucketNotFoundError, CloudioError, ConflictError, UploadError
 
 if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest, Store
@@ -379,7 +379,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         if _transient(e) or isinstance(e, TimeoutError):
             return transient_error(url, doing, e)
         if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409)
-            return _refused_read(url, e)
+            return _refused_read(url, e, doing)
         return None
 
     # -- recording ---------------------------------------------------------------------------
@@ -654,7 +654,13 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         root = self._gcs_root
         assert root is not None
         base = f"{root.key.rstrip('/')}/" if root.key else ""
-        items = await list_objects(self._store.fs, root.bucket, "name,generation", prefix=base + start)
+        try:
+            items = await list_objects(self._store.fs, root.bucket, "name,generation", prefix=base + start)
+        except Exception as e:  # a missing bucket stays gcsfs's FileNotFoundError, for the callers' own mapping
+            err = self._read_failed(start, e, "a listing")
+            if err is None:
+                raise
+            raise err from e
         keys = ((str(item["name"])[len(base):], int(item.get("generation") or 0)) for item in items)
         return [(key, generation) for key, generation in keys if key and not key.endswith("/")]  # no placeholders
 
@@ -687,26 +693,27 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
                 await self._delete_object(key, generation)
             else:
                 await self._store.delete(key)
-        except ConflictError:  # refused (412): nothing was deleted
-            raise
-        except BaseException:
-            # stopped on its way by a failed write (cloudio._zarr.changes), or failed past the retries after a
-            # try whose answer was lost: the server may have carried it out, so caches ask again (the write's
-            # marker stays)
-            self._unsure(key, prefix=False)
+        except BaseException as e:
+            # unless refused (nothing was deleted): stopped on its way by a failed write (cloudio._zarr.changes),
+            # or failed past the retries after a try whose answer was lost: the server may have carried it out,
+            # so caches ask again (the write's marker stays)
+            if not _not_deleted(e):
+                self._unsure(key, prefix=False)
             raise
         self._deleted(key, prefix=False)
 
     async def _delete_object(self, key: str, generation: int | None) -> None:
         """One DELETE over a kept connection (:func:`cloudio._gcs.fast.delete_object`), which a failed write
         can cancel: gcsfs's delete runs in tasks of its own that go on after the caller is cancelled."""
-        from cloudio._gcs.fast import delete_object
+        from cloudio._gcs import fast
 
         inner = cast(FsspecStore, self._store)
         inner._check_writable()
         path = parse_gcs(self._url(key))
+        tried: list[int] = []  # the tries of the DELETE (fast.UNANSWERED after one whose answer was lost)
+        counting = fast.tries.set(tried)
         try:
-            await delete_object(inner.fs, path, generation)
+            await fast.delete_object(inner.fs, path, generation)
         except FileNotFoundError:
             pass
         except FileExistsError as e:  # 412
@@ -714,7 +721,13 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
             assert generation is not None  # no precondition, no 412
             raise ConflictError(path.url, generation, await _generation(inner.fs, path)) from e
+        except Exception as e:
+            err = _delete_failed(path.url, e, unanswered=fast.UNANSWERED in tried)
+            if err is None:
+                raise
+            raise err from e
         finally:
+            fast.tries.reset(counting)
             inner.fs.invalidate_cache(path.fs_path)
 
     @stops_with_its_write
@@ -929,9 +942,38 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
 
 
 
+class _RefusedDelete(UploadError):
+    """A DELETE the server refused (403, 400...) with no earlier try whose answer was lost: the object is there."""
+
+
 def _not_deleted(e: BaseException) -> bool:
-    """Whether a delete that raised ``e`` certainly left the object there: refused by its precondition."""
-    return isinstance(e, ConflictError)
+    """Whether a delete that raised ``e`` certainly left the object there: refused, by the server or by its
+    precondition."""
+    return isinstance(e, ConflictError | _RefusedDelete)
+
+
+def _delete_failed(url: str, e: Exception, *, unanswered: bool) -> CloudioError | None:
+    """cloudio's error, naming the object at ``url``, for its DELETE that failed past the retries or was refused
+    (None: already cloudio's, or not the server's answer). ``unanswered``: a try's answer was lost, so the server
+    may have deleted it all the same. Why: zarr deletes through the store (a chunk of nothing but the fill value,
+    a member deleted) outside any call of cloudio's, and gcsfs's errors name no gs:// URL."""
+    from cloudio._gcs.client import transient_error
+    from cloudio.errors import TransientError
+
+    if isinstance(e, CloudioError):
+        return None
+    if _transient(e) or isinstance(e, TimeoutError):
+        return TransientError(f"{transient_error(url, 'a delete', e)} The object may or may not have been "
+                              "deleted: cloudio dropped what it had cached of it, so the next read asks the server.")
+    if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409)
+        if unanswered:
+            return UploadError(f"{url}: the server refused its delete ({e}) after an earlier try's answer was "
+                               "lost, so it may have been deleted all the same: cloudio dropped what it had "
+                               "cached of it. Check that the credentials in use may delete objects in this "
+                               "bucket, then try again.")
+        return _RefusedDelete(f"{url}: the server refused its delete ({e}); nothing was deleted. Check that the "
+                              "credentials in use may delete objects in this bucket, then try again.")
+    return None
 
 
 class _SyncJournaledStore(JournaledStore):
@@ -1831,11 +1873,11 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
     return None
 
 
-def _refused_read(url: str, e: BaseException) -> CloudioError:
+def _refused_read(url: str, e: BaseException, doing: str = "a read") -> CloudioError:
     from cloudio.errors import ReadError
 
-    return ReadError(f"{url}: the server refused a read ({e}); check that the credentials in use may read this "
-                     "bucket.")
+    return ReadError(f"{url}: the server refused {doing} ({e}); check that the credentials in use may read "
+                     "this bucket.")
 
 
 def holds_a_node(url: str) -> bool:
