@@ -162,7 +162,7 @@ def save_array(
         array = align(cast("dask.array.Array", array), grid, name="array", url=store.root_url, sharded=sharded,
                       rechunk=rechunk)
     with cloudio_errors(store, writing=True, node="array", writer="cloudio.save_array"):
-        mark = WriteMark(store, "save_array")
+        mark = WriteMark(store, "save_array", replaces=overwrite)  # overwrite=False deletes nothing of a failed write
         try:
             # on GCS (where a file may share a folder's name: the new chunks go up before the old are deleted)
             layout = plain_layout(probe) if overwrite and not dask_input and array.size and store.on_gcs else None

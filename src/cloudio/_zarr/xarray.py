@@ -578,7 +578,8 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         # writes fill the store instead, and take the mark off as they commit)
         later = kwargs.get("compute", True) is False
         fills = kwargs.get("region") is not None
-        mark = WriteMark(store, operation, replaces=mode in ("w", "w-"), group=group, fills=fills)
+        # "w-" writes only where zarr finds no node, and deletes nothing a failed write left without its metadata
+        mark = WriteMark(store, operation, replaces=mode == "w", group=group, fills=fills)
         try:
             mark.begin()
             # through a store with generations of this write's own; a graph computed later keeps them

@@ -1,0 +1,41 @@
+"""What a failed Zarr write leaves behind stays visible to the writes after it: a write that does not replace
+the store keeps the failed write's mark, and a write that leaves a shard at the fill value stores it wherever
+a late copy of the failed write could land."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import cloudio
+from cloudio.emulator import Emulator
+
+
+@pytest.mark.parametrize("writer", ["save_array", "to_zarr"])
+def test_a_write_that_does_not_replace_the_store_keeps_a_failed_writes_mark(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, quick_retries, writer: str) -> None:
+    """A first write stored its shards, its zarr.json was refused: the store holds chunks and the write's mark,
+    no metadata. ``save_array(..., overwrite=False)`` (``to_zarr(..., mode="w-")``) then finds no array there
+    and writes, leaving one shard at the fill value: the failed write's shard stays. It took the failed
+    write's entry off the mark as a rewrite (``mode="w"``) does, though it deleted nothing: the old shard
+    read as part of the new array, no error."""
+    url = f"{gcs_bucket}/ow-{writer}.zarr"
+    fault_proxy.add("status", code=403, method="POST", path=rf"name=ow-{writer}\.zarr%2F(v%2F)?zarr\.json",
+                    times=None)
+    new = np.full((64, 64), 2, "i4")
+    new[:32, :32] = 0  # the first shard: all fill value, not written
+    if writer == "save_array":
+        with pytest.raises(cloudio.CloudioError):
+            cloudio.save_array(np.ones((64, 64), "i4"), url, chunks=(16, 16), shards=(32, 32), compressors=None)
+        fault_proxy.clear()
+        cloudio.save_array(new, url, chunks=(16, 16), shards=(32, 32), compressors=None, overwrite=False)
+    else:
+        enc = {"v": {"chunks": (16, 16), "shards": (32, 32), "compressors": None, "fill_value": 0}}
+        with pytest.raises(cloudio.CloudioError):
+            cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), np.ones((64, 64), "i4"))}), url, mode="w",
+                            consolidated=False, encoding=enc)
+        fault_proxy.clear()
+        cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), new)}), url, mode="w-", consolidated=False, encoding=enc)
+    with pytest.raises(cloudio.IncompleteWriteError):
+        cloudio.load_array(url) if writer == "save_array" else cloudio.open_zarr(url, consolidated=False).v.values
