@@ -3,7 +3,7 @@
 Everything is forwarded to fake-gcs-server unchanged unless a :class:`Rule`
 matches the request; the emulator itself is never bypassed or mocked. Faults:
 
-``status``   answer ``code`` (503, 429, 403, ...) without forwarding
+``status``   answer ``code`` (503, 429, 403, ...) without forwarding (once ``release`` is set, when given)
 ``hang``     accept the request and never answer (until the proxy closes)
 ``delay``    forward after sleeping ``seconds`` (or until ``release`` is set)
 ``late``     forward at once, then hold the upstream's answer for ``seconds`` (or until ``release`` is set)
@@ -54,7 +54,7 @@ class Rule:
     after: int = 0
     where: str = "response"
     action: Callable[[], None] | None = None
-    release: threading.Event | None = None  # "late"/"delay": answer/forward when set (else after seconds)
+    release: threading.Event | None = None  # "late"/"delay"/"status": answer/forward when set (else after seconds)
     skip: int = 0  # let the first ``skip`` matching requests through untouched (not counted as hits)
     piece: int = 0  # send the answer in writes of this many bytes ("trickle" uses ``after``)
     head: bytes = b"HTTP/1.1 100 Continue\r\n\r\n"  # "interim": the 1xx answer sent first
@@ -152,6 +152,8 @@ class FaultProxy:
                 rule = proxy._take(self.command, self.path, body)
                 fault = rule.fault if rule else None
                 if rule is not None and fault == "status":
+                    if rule.release is not None:  # answered once released
+                        rule.release.wait(rule.seconds or None)
                     proxy._note(self.command, self.path, rule.code)
                     msg = b'{"error": {"code": %d, "message": "injected by the test proxy"}}' % rule.code
                     self.send_response(rule.code)

@@ -39,3 +39,45 @@ def test_a_write_that_does_not_replace_the_store_keeps_a_failed_writes_mark(
         cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), new)}), url, mode="w-", consolidated=False, encoding=enc)
     with pytest.raises(cloudio.IncompleteWriteError):
         cloudio.load_array(url) if writer == "save_array" else cloudio.open_zarr(url, consolidated=False).v.values
+
+
+def test_no_shard_buffer_goes_back_to_the_pool_while_a_coder_thread_still_writes_it(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite whose shard became all fill value stores it explicitly (its object was listed): a coder thread
+    encodes it into a pooled buffer. Another shard's upload is refused meanwhile, and the write stops. The
+    buffer went back to the pool at once while the thread still wrote into it: the next borrower (a read
+    decoding a shard, the retried write) could have its bytes overwritten after their CRC32C check."""
+    import threading
+    import time
+
+    from cloudio._zarr import shard_codec
+    from cloudio._zarr.buffers import shard_buffers
+
+    url = f"{gcs_bucket}/band.zarr"
+    a = np.arange(1 << 20, dtype="f4").reshape(1024, 1024) + 1
+    cloudio.save_array(a, url, chunks=(64, 1024), shards=(512, 1024))
+    b = a * 2
+    b[512:] = 0  # the second shard: all fill value, its object listed
+    started, finished, encoding_into = threading.Event(), threading.Event(), []
+    encode = shard_codec._encode
+
+    def slow_explicit(layout, array, shard, buf, scratch=None):
+        if not layout.write_empty:
+            return encode(layout, array, shard, buf, scratch)
+        encoding_into.append(buf)
+        started.set()
+        time.sleep(1.0)  # (a large shard's encode, slowed so the refusal below meets it)
+        try:
+            return encode(layout, array, shard, buf, scratch)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(shard_codec, "_encode", slow_explicit)
+    fault_proxy.add("status", code=403, method="POST", path=r"name=band\.zarr%2Fc%2F0%2F0", release=started,
+                    seconds=30, times=None)
+    shard_buffers.clear()
+    with pytest.raises(cloudio.CloudioError):
+        cloudio.save_array(b, url, chunks=(64, 1024), shards=(512, 1024))
+    assert started.is_set() and not finished.is_set()
+    assert not [x for x in shard_buffers._free if np.shares_memory(x, encoding_into[0])]
+    assert finished.wait(10)

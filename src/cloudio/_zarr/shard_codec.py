@@ -793,14 +793,18 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
 
                 async def fill_if_listed(shard: tuple[int, ...], buf: np.ndarray) -> None:
                     view = None
+                    encoding = False  # a coder thread writes into buf: stopped meanwhile, buf is not given back
                     try:
                         if begun is not None:
                             await begun
                         if listed(shard):
+                            encoding = True
                             view = await loop.run_in_executor(pool, encoder_into(buf), shard, True)
+                            encoding = False
                     finally:
                         if view is None:
-                            shard_buffers.give(buf)
+                            if not encoding:
+                                shard_buffers.give(buf)
                             room.release()
                     if view is not None:
                         await upload(shard, view, buf)
