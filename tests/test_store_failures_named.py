@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from outcomes import returned
+from outcomes import bounded, returned
 
 import cloudio
 
@@ -156,4 +156,67 @@ def test_a_failed_listing_names_the_store(gcs_emulator, gcs_bucket, fault_proxy,
     assert info.value.__cause__ is not None
     if code == 403:
         assert not isinstance(info.value, cloudio.TransientError)
+
+
+
+# -- 2. existence checks within cloudio's time limit ---------------------------------------------------
+
+
+def test_exists_of_a_document_the_server_never_answers_is_a_transient_error_in_time(gcs_emulator, gcs_bucket,
+                                                                                     fault_proxy, monkeypatch):
+    """zarr asks the store whether a document exists (set_if_not_exists of every parent group, xarray's probes);
+    the metadata GET hangs (CLOUDIO_HTTP_TIMEOUT=1): TransientError naming the object within cloudio's limit
+    of one call (was aiohttp's bare timeout after about 40 s of gcsfs's retries and back-off)."""
+    from zarr.core.sync import sync
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/exh.zarr"
+    store = cloudio.zarr_store(url)
+    fault_proxy.add("hang", method="GET", path=r"^/storage/v1/b/[^/]+/o/exh\.zarr%2Fzarr\.json", times=None)
+    _, err, took = bounded(lambda: sync(store.exists("zarr.json")), LIMIT)
+    assert isinstance(err, cloudio.TransientError) and f"{url}/zarr.json" in str(err), repr(err)
+    assert err.__cause__ is not None
+    assert took < 15, took
+
+
+def test_set_if_not_exists_whose_look_never_answers_is_a_transient_error_in_time(gcs_emulator, gcs_bucket,
+                                                                                  fault_proxy, monkeypatch):
+    """The look before a create-if-absent hangs: TransientError naming the object in time, nothing written."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/sih.zarr"
+    store = cloudio.zarr_store(url)
+    fault_proxy.add("hang", method="GET", path=r"^/storage/v1/b/[^/]+/o/sih\.zarr%2Fg%2Fzarr\.json", times=None)
+    doc = default_buffer_prototype().buffer.from_bytes(b'{"zarr_format": 3, "node_type": "group"}')
+    _, err, took = bounded(lambda: sync(store.set_if_not_exists("g/zarr.json", doc)), LIMIT)
+    assert isinstance(err, cloudio.TransientError) and f"{url}/g/zarr.json" in str(err), repr(err)
+    assert took < 15, took
+    sent = [r for r in fault_proxy.requests(r"sih\.zarr") if r[0] != "GET"]
+    assert not sent, f"written after a failed look: {sent}"
+
+
+def test_exists_refused_is_a_read_error_naming_the_object(gcs_emulator, gcs_bucket, fault_proxy):
+    """The metadata GET of exists refused (403): ReadError naming the object (was gcsfs's bare OSError)."""
+    from zarr.core.sync import sync
+
+    url = f"{gcs_bucket}/exr.zarr"
+    store = cloudio.zarr_store(url)
+    fault_proxy.add("status", code=403, method="GET", path=r"^/storage/v1/b/[^/]+/o/exr\.zarr%2Fzarr\.json",
+                    times=None)
+    with pytest.raises(cloudio.ReadError, match=rf"{url}/zarr\.json") as info:
+        returned(lambda: sync(store.exists("zarr.json")), LIMIT)
+    assert info.value.__cause__ is not None and not isinstance(info.value, cloudio.TransientError)
+
+
+def test_exists_answers_as_before(gcs_emulator, gcs_bucket):
+    """No fault: a stored document exists, a missing one does not."""
+    from zarr.core.sync import sync
+
+    url = f"{gcs_bucket}/exa.zarr"
+    _ab(url)
+    store = cloudio.zarr_store(url)
+    assert returned(lambda: sync(store.exists("zarr.json")), LIMIT) is True
+    assert returned(lambda: sync(store.exists("nope/zarr.json")), LIMIT) is False
 

@@ -730,11 +730,35 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
             fast.tries.reset(counting)
             inner.fs.invalidate_cache(path.fs_path)
 
+    async def exists(self, key: str) -> bool:
+        """Whether the object ``key`` is stored; on GCS one metadata GET within the time limit of one call, its
+        failures named as the store's reads are.
+
+        Why not the wrapped store's: gcsfs's ``_info`` retries a GET never answered for about 40 s and raises
+        aiohttp's bare timeout, and races a listing that answers a refused GET (403) with "not there".
+        """
+        root = self._gcs_root
+        if root is None:
+            found: bool = await self._store.exists(key)
+            return found
+        fs = self._store.fs  # type: ignore[attr-defined]
+        path = _joined(root, key)
+        try:
+            await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True, fields="name"))
+        except FileNotFoundError:
+            return False
+        except Exception as e:
+            err = self._read_failed(key, e, "a look up")
+            if err is None:
+                raise
+            raise err from e
+        return True
+
     @stops_with_its_write
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         # zarr calls this for every parent group of a node it creates: journaled only when it wrote, since a
         # recorded write keeps a failed write's marker up (and tells every cache the document changed)
-        if await self._store.exists(key):
+        if await self.exists(key):
             return
         if isinstance(self._store, FsspecStore):
             await self.set(key, value)  # as FsspecStore's own (zarr's default): no write after a look
