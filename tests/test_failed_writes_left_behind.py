@@ -81,3 +81,34 @@ def test_no_shard_buffer_goes_back_to_the_pool_while_a_coder_thread_still_writes
     assert started.is_set() and not finished.is_set()
     assert not [x for x in shard_buffers._free if np.shares_memory(x, encoding_into[0])]
     assert finished.wait(10)
+
+
+def test_a_late_copy_of_a_failed_save_array_does_not_land_in_the_rewrite(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first save_array's upload of a shard is held past the time limit and given up; its retries fail, and
+    the write raises. The rewrite leaves that shard at the fill value: it listed no object there, so it
+    stored none. The held request then reached the server: needing "no object", it landed, and its values
+    read as part of the rewrite, with no error. A shard of the fill value is now stored while an upload this
+    process gave up on may still land under the array (as zarr's path and to_zarr(mode="w") do)."""
+    import threading
+    import time
+
+    from outcomes import bounded, returned
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "1")
+    url = f"{gcs_bucket}/refill.zarr"
+    shard = r"name=refill\.zarr%2Fc%2F0%2F0"
+    release = threading.Event()
+    held = fault_proxy.add("delay", method="POST", path=shard, release=release, seconds=60)
+    fault_proxy.add("status", code=503, method="POST", path=shard, times=None)
+    _, err, _ = bounded(lambda: cloudio.save_array(np.full((64, 64), 1, "i4"), url, chunks=(16, 16),
+                                                   shards=(32, 32), compressors=None), 120)
+    assert isinstance(err, cloudio.TransientError), repr(err)
+    fault_proxy.clear()
+    second = np.full((64, 64), 2, "i4")
+    second[:32, :32] = 0  # the held shard: all fill value
+    returned(lambda: cloudio.save_array(second, url, chunks=(16, 16), shards=(32, 32), compressors=None), 120)
+    release.set()
+    assert held.answered.wait(20)
+    time.sleep(0.3)
+    np.testing.assert_array_equal(cloudio.load_array(url), second)

@@ -726,11 +726,13 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
 
     # a shard of nothing but the fill value, whose object the write's listing found, is stored (its chunks of
     # the fill value) rather than deleted: absent, its object would let in a late copy of an earlier write that
-    # needed no object there (JournaledStore.expecting)
+    # needed no object there (JournaledStore.expecting); so is every such shard while an upload this process
+    # gave up on may still land under the array (a failed write's, whose object the listing did not find)
     explicit = replace(layout, write_empty=True)
+    fenced = replacing is not None and store.late_copies_may_land(f"{base}/" if base else "")
 
     def listed(shard: tuple[int, ...]) -> bool:
-        return replacing is not None and store.was_listed(key(shard))
+        return replacing is not None and (fenced or store.was_listed(key(shard)))
 
     def key(shard: tuple[int, ...]) -> str:
         name = z.metadata.encode_chunk_key(shard)
