@@ -112,3 +112,16 @@ def test_a_late_copy_of_a_failed_save_array_does_not_land_in_the_rewrite(
     assert held.answered.wait(20)
     time.sleep(0.3)
     np.testing.assert_array_equal(cloudio.load_array(url), second)
+
+
+def test_region_auto_with_coordinates_not_stored_is_a_cloudio_error(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """``to_zarr(region="auto")`` whose coordinate values are not in the store: xarray raises a KeyError after
+    the mark went up; nothing was written, and the mark comes down. It escaped as that bare KeyError, naming
+    neither the store nor a next step (a ValueError there was already named)."""
+    url = f"{gcs_bucket}/auto.zarr"
+    cloudio.to_zarr(xr.Dataset({"v": ("t", np.arange(4.0))}, coords={"t": [0, 1, 2, 3]}), url, mode="w",
+                    consolidated=False)
+    with pytest.raises(cloudio.ConfigurationError, match=r"auto\.zarr.*nothing was written") as info:
+        cloudio.to_zarr(xr.Dataset({"v": ("t", [9.0])}, coords={"t": [7]}), url, region="auto", consolidated=False)
+    assert isinstance(info.value.__cause__, KeyError)
+    np.testing.assert_array_equal(cloudio.open_zarr(url, consolidated=False).v.values, np.arange(4.0))

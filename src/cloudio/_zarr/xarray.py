@@ -617,6 +617,12 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                     + ("Fix the arguments and write again with mode='w' (it replaces what this write left)."
                        if mode in ("w", "w-") else "Fix the arguments and write again.")
                 ) from e
+            if not changed and isinstance(e, KeyError | TypeError) and not isinstance(e, CloudioError):
+                # refused before anything was written (region="auto" with coordinates not stored); a ValueError
+                # there is named by cloudio_errors
+                raise ConfigurationError(
+                    f"{store.root_url}: to_zarr(mode={mode!r}) refused its input ({type(e).__name__}: {e}); "
+                    "nothing was written. Fix the arguments and write again.") from e
             raise
         if later:
             # the graph writes the chunks later, wherever it runs, after a task that marks the store again (a
