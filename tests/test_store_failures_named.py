@@ -220,3 +220,52 @@ def test_exists_answers_as_before(gcs_emulator, gcs_bucket):
     assert returned(lambda: sync(store.exists("zarr.json")), LIMIT) is True
     assert returned(lambda: sync(store.exists("nope/zarr.json")), LIMIT) is False
 
+
+
+# -- 4. a store whose key holds glob characters, listed at the strong level ------------------------------
+
+_GLOB = "[]*?{}\\"
+
+
+def _metadata_listings(fault_proxy, prefix: str) -> list[dict[str, list[str]]]:
+    """The query of each listing of metadata documents (with their metageneration, as open_zarr asks at the
+    strong level) in the proxy's log whose prefix is ``prefix``."""
+    from urllib.parse import parse_qs, urlsplit
+
+    queries = [parse_qs(urlsplit(p).query) for _, p, _ in fault_proxy.requests(r"^/storage/v1/b/[^/]+/o\?")]
+    return [q for q in queries if q.get("prefix") == [prefix] and "metageneration" in q.get("fields", [""])[0]]
+
+
+def test_a_store_key_with_glob_characters_is_listed_without_a_glob_that_misses_it(gcs_emulator, gcs_bucket,
+                                                                                   fault_proxy):
+    """At the strong level open_zarr lists the store's metadata documents and write marker with
+    ``matchGlob=<key>/**{...}``: on GCS, ``[1]`` in ``run[1].zarr`` is a character class, so the listing of
+    that store matched nothing and the marker of a write that never finished was missed (the emulator ignores
+    matchGlob). Such a key is listed without matchGlob and filtered here; the marker and documents are found."""
+    from cloudio._paths import parse_gcs
+
+    url = f"{gcs_bucket}/run[1].zarr"
+    _ab(url)
+    marker = parse_gcs(f"{url}/.cloudio-write-in-progress")
+    gcs_emulator.client.bucket(marker.bucket).blob(marker.key).upload_from_string(b'{"operation": "to_zarr"}')
+    with cloudio.session("strong"), pytest.raises(cloudio.IncompleteWriteError, match=r"run\[1\]\.zarr"):
+        returned(lambda: cloudio.open_zarr(url), LIMIT)
+    gcs_emulator.client.bucket(marker.bucket).blob(marker.key).delete()
+    with cloudio.session("strong"):
+        ds = returned(lambda: cloudio.open_zarr(url), LIMIT)
+    assert sorted(ds.data_vars) == ["a", "b"], ds
+    listed = _metadata_listings(fault_proxy, "run[1].zarr/")
+    assert listed, fault_proxy.requests(r"/o\?")
+    for query in listed:
+        for glob in query.get("matchGlob", []):
+            assert not any(c in glob.split("**")[0] for c in _GLOB), f"a glob that misses the key: {glob!r}"
+
+
+def test_a_plain_store_key_is_still_listed_with_its_glob(gcs_emulator, gcs_bucket, fault_proxy):
+    """The metadata listing of a key without glob characters keeps ``matchGlob`` (chunks stay out of it)."""
+    url = f"{gcs_bucket}/plain.zarr"
+    _ab(url)
+    with cloudio.session("strong"):
+        returned(lambda: cloudio.open_zarr(url), LIMIT)
+    listed = _metadata_listings(fault_proxy, "plain.zarr/")
+    assert listed and all(q.get("matchGlob", [""])[0].startswith("plain.zarr/**") for q in listed), listed

@@ -1737,8 +1737,9 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
     under the store was announced since its last listing
     (:func:`cloudio.invalidate`, :mod:`cloudio._zarr.consumer`): then it is
     listed once, whatever the level. One listing request per 1000
-    documents (``matchGlob`` keeps chunks out of it on GCS; the emulator
-    ignores it, so names are filtered here as well). A document whose
+    documents (``matchGlob`` keeps chunks out of it on GCS, but for a store
+    whose key holds a glob character; the emulator ignores it, so names are
+    filtered here as well). A document whose
     generation changed since the last listing is journaled as an
     ``"invalidate"``: the same targeted invalidation cloudio's own writes
     drive, so GDAL's and every fsspec instance's caches of it are dropped.
@@ -1795,6 +1796,10 @@ def revalidate(store: JournaledStore) -> MetadataCheck | None:
     return check
 
 
+#: what GCS's ``matchGlob`` reads as a pattern (its escape syntax is not documented: such keys go without it)
+_GLOB_CHARACTERS = frozenset("[]*?{}\\")
+
+
 async def _list_metadata(store: JournaledStore) -> MetadataCheck:
     inner = store._store
     fs = getattr(inner, "fs", None)
@@ -1803,10 +1808,13 @@ async def _list_metadata(store: JournaledStore) -> MetadataCheck:
     path = parse_gcs(store.root_url)
     prefix = f"{path.key.rstrip('/')}/" if path.key else ""
     names = "{" + ",".join(sorted(_META_NAMES | {_V2_CONSOLIDATED, MARKER})) + "}"
+    # a key with a glob character ("run[1].zarr") would be a pattern there, and the listing match nothing on GCS
+    # (the write marker missed): listed whole instead, and its names filtered below as the emulator's are
+    glob = None if _GLOB_CHARACTERS & set(prefix) else f"{prefix}**{names}"
     documents: dict[str, tuple[str, str, datetime.datetime]] = {}
     marked = False
     for item in await list_objects(fs, path.bucket, "name,generation,metageneration,updated",
-                                   prefix=prefix or None, matchGlob=f"{prefix}**{names}"):
+                                   prefix=prefix or None, matchGlob=glob):
         name = str(item["name"])
         base = name.rsplit("/", 1)[-1]
         if name == f"{prefix}{MARKER}":
