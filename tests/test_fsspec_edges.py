@@ -58,11 +58,13 @@ def test_rm_whose_answer_is_lost_still_journals_the_delete(fault_proxy, gcs_emul
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_across(fault_proxy, gcs_emulator, b: str, key: str, upload_path: str, write) -> list[BaseException]:
+def _write_across(fault_proxy, gcs_emulator, b: str, key: str, upload_path: str, write,
+                  skip: int = 0) -> list[BaseException]:
     """``write()`` (through cloudio) whose upload the server stores, and whose answer reaches cloudio only
-    after another writer (google-cloud-storage, straight to the emulator) stored ``b"theirs"`` there."""
+    after another writer (google-cloud-storage, straight to the emulator) stored ``b"theirs"`` there (the
+    first ``skip`` upload requests answered at once)."""
     release = threading.Event()
-    rule = fault_proxy.add("late", method="POST", path=upload_path, release=release, seconds=30)
+    rule = fault_proxy.add("late", method="POST", path=upload_path, release=release, seconds=30, skip=skip)
     errors: list[BaseException] = []
 
     def run() -> None:

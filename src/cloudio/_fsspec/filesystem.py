@@ -243,6 +243,29 @@ def _request_url(fs: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, An
     return f"gs://{unquote(m.group(1))}/{unquote(key)}"
 
 
+class _KeptAnswers:
+    """A write-mode file's filesystem while it sends its last chunk: every request passes through, and the
+    object resource the last upload request was answered with is kept.
+
+    Why: gcsfs reads the answer to an empty last chunk (``touch``, a file whose size is a multiple of the
+    block size) only when it carries a ``Range`` header, which GCS's final answer does not: without it the
+    check would know no generation, and read (and delete) whatever object is there then, another writer's.
+    """
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+        self.resource: dict[str, Any] | None = None
+
+    def call(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        out = self.fs.call(method, path, *args, **kwargs)
+        if method in ("POST", "PUT"):
+            self.resource = _object_resource(out)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fs, name)
+
+
 class _ViewsOfACopy(io.BytesIO):
     """A write-mode file's buffer whose ``getbuffer()`` views a bytes copy, never the BytesIO itself.
 
@@ -289,8 +312,10 @@ class _JournalingGCSFileMixin:
             return super()._upload_chunk(final=final)  # type: ignore[misc]
         url = _gcs_url(self.fs, self.path)  # type: ignore[attr-defined]
         checker: _Crc32cChecker = self.checker  # type: ignore[attr-defined]
+        answers = _KeptAnswers(self.gcsfs)  # type: ignore[has-type]
         with _unsure(url):  # the final chunk's answer lost: the object may be stored
             try:
+                self.gcsfs = answers
                 done = super()._upload_chunk(final=final)  # type: ignore[misc]
             except FileNotFoundError as e:
                 if isinstance(e, CloudioError):
@@ -306,11 +331,14 @@ class _JournalingGCSFileMixin:
                 if _outcome_unknown(e):  # a try of the last chunk given up may still reach the server
                     self._cancel_session(url)
                 raise
+            finally:
+                self.gcsfs = answers.fs
             if done is False:
                 return done
-            # the final answer's object resource; or (a final chunk answered with a Range header) the
-            # generation gcsfs read from it, so the check reads that object and never a later writer's
-            meta = checker.meta or {"generation": self.generation}  # type: ignore[attr-defined]
+            # the final answer's object resource (gcsfs drops it for an empty last chunk: a touch, a size a
+            # multiple of the block size); or the generation gcsfs read from it, so the check reads that
+            # object and never a later writer's
+            meta = answers.resource or checker.meta or {"generation": self.generation}  # type: ignore[attr-defined]
             try:
                 generation = sync(self.fs.loop, self.fs._verify_stored, url,  # type: ignore[attr-defined]
                                   meta, self.offset, checker.text())  # type: ignore[attr-defined]

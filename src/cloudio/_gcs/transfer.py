@@ -748,11 +748,14 @@ async def _check_stored(
     ``meta`` is the upload's answer. When it lacks the size or CRC32C, the metadata of the
     generation it names is fetched (not the live object's: another writer may have stored
     one since, and it must not be checked, or deleted, as ours). When that generation is
-    already gone (replaced), there is nothing of ours left to check: None is returned.
+    already gone (replaced), there is nothing of ours left to check: None is returned. An
+    answer naming no generation leaves only the live object to read, maybe another writer's:
+    it verifies when it holds what was sent, and otherwise is never deleted (IntegrityError,
+    journaled as an invalidation).
     """
     sent = meta.get("generation")
+    pin = {"generation": str(sent)} if sent not in (None, "", "0") else {}
     if "crc32c" not in meta or "size" not in meta:
-        pin = {"generation": str(sent)} if sent not in (None, "", "0") else {}
         try:
             meta = await bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True, **pin))
         except FileNotFoundError:
@@ -766,6 +769,15 @@ async def _check_stored(
     got_crc = meta.get("crc32c")
     if got_size == size and got_crc == sent_crc:
         return generation
+    if not pin:  # the live object, read for want of the generation this upload made: maybe another writer's
+        fs.invalidate_cache(path.fs_path)
+        journal().record(path.url, "invalidate")
+        raise IntegrityError(
+            f"{path.url}: the upload was stored, but its answer did not say which generation it made, and the "
+            f"object there now differs from what was sent (server reports size {got_size} and CRC32C {got_crc}, "
+            f"sent {size} bytes with CRC32C {sent_crc}): another writer may have stored it since, or the bytes "
+            "were changed on the way. Nothing was deleted, and cloudio dropped what it had cached of the object. "
+            "Read it to know which, or write again.")
     log.warning("%s: stored object differs from what was sent (size %s vs %s, crc32c %s vs %s); deleting it",
                 path.url, got_size, size, got_crc, sent_crc)
     params = {"generation": str(generation)} if generation is not None else {}

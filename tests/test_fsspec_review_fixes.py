@@ -1,0 +1,133 @@
+"""The fsspec face, from a review: writes whose last answer gcsfs drops, downloads named and bounded."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from test_fsspec_edges import _write_across
+
+import cloudio
+from cloudio import _config
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection"}
+#: a chunk's Content-Range when it ends the upload (the total size known): ``bytes */N`` or ``bytes a-b/N``
+_FINAL = re.compile(r"^bytes (\*|\d+-\d+)/\d+$")
+
+
+@contextmanager
+def _final_answers_as_gcs_gives_them(upstream: str, *, bodies: bool = True) -> Iterator[None]:
+    """cloudio's endpoint a forwarder in front of ``upstream`` (the fault proxy) answering a resumable upload's
+    final chunk as GCS does: 200 and the object resource, without the ``Range`` header fake-gcs-server adds
+    (with it, gcsfs reads the generation from that answer; without it, as on GCS, it drops an empty chunk's
+    answer). ``bodies=False``: the final answer without its body too (what it stored untold). Everything else
+    passes unchanged."""
+    up = urlsplit(upstream)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _answer(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+            try:
+                conn.request(self.command, self.path, body=body,
+                             headers={k: v for k, v in self.headers.items() if k.lower() not in _HOP})
+                r = conn.getresponse()
+                data, status, headers = r.read(), r.status, r.getheaders()
+            finally:
+                conn.close()
+            final = self.command in ("POST", "PUT") and _FINAL.match(self.headers.get("Content-Range", ""))
+            if final and status == 200 and not bodies:
+                data = b""
+            self.send_response(status)
+            for k, v in headers:
+                if k.lower() == "location" and v.startswith(upstream):
+                    v = url + v[len(upstream):]  # the upload's chunks come through here too
+                if k.lower() not in _HOP and not (final and status == 200 and k.lower() == "range"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Handler)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _config.push_endpoint(url)
+    try:
+        yield
+    finally:
+        _config.pop_endpoint()
+        server.shutdown()
+        server.server_close()
+
+# ---------------------------------------------------------------------------------------------
+# an empty final chunk: gcsfs never reads its answer, so the check must not read the live object
+# ---------------------------------------------------------------------------------------------
+
+
+def test_touch_does_not_delete_an_object_another_writer_stored_right_after_it(fault_proxy, gcs_emulator, b):
+    with _final_answers_as_gcs_gives_them(fault_proxy.url):
+        fs = cloudio.filesystem(f"gs://{b}")
+        errors = _write_across(fault_proxy, gcs_emulator, b, "t.bin", r"upload_id=",
+                               lambda: fs.touch(f"{b}/t.bin"))
+    blob = gcs_emulator.client.bucket(b).get_blob("t.bin")
+    assert blob is not None, f"cloudio deleted the other writer's object ({errors!r})"
+    assert blob.download_as_bytes() == b"theirs" and errors == []
+
+
+def test_open_wb_ending_in_an_empty_chunk_does_not_delete_an_object_another_writer_stored_right_after_it(
+        fault_proxy, gcs_emulator, b):
+    def write() -> None:
+        with cloudio.filesystem(f"gs://{b}").open(f"{b}/e.bin", "wb", block_size=2**18) as f:
+            f.write(b"m" * 2**18)  # sent as a full chunk: the close sends an empty final one
+
+    with _final_answers_as_gcs_gives_them(fault_proxy.url):
+        errors = _write_across(fault_proxy, gcs_emulator, b, "e.bin", r"upload_id=", write, skip=1)
+    blob = gcs_emulator.client.bucket(b).get_blob("e.bin")
+    assert blob is not None, f"cloudio deleted the other writer's object ({errors!r})"
+    assert blob.download_as_bytes() == b"theirs" and errors == []
+
+
+def test_touch_and_an_empty_final_chunk_still_journal_the_generation_stored(fault_proxy, gcs_emulator, b,
+                                                                             journal_records):
+    with _final_answers_as_gcs_gives_them(fault_proxy.url):
+        fs = cloudio.filesystem(f"gs://{b}")
+        fs.touch(f"{b}/t0.bin")
+        with fs.open(f"{b}/e0.bin", "wb", block_size=2**18) as f:
+            f.write(b"m" * 2**18)
+    bucket = gcs_emulator.client.bucket(b)
+    want = [(f"gs://{b}/t0.bin", bucket.get_blob("t0.bin").generation, 0),
+            (f"gs://{b}/e0.bin", bucket.get_blob("e0.bin").generation, 2**18)]
+    assert [(c.url, c.generation, c.size) for c in journal_records if c.kind == "write"] == want
+
+
+def test_a_write_whose_answer_names_no_generation_never_deletes_what_is_there(fault_proxy, gcs_emulator, b,
+                                                                             journal_records):
+    """Nothing in the answer says what this write stored: the live object is read, and another writer's,
+    stored since, is not this write's to delete."""
+    with _final_answers_as_gcs_gives_them(fault_proxy.url, bodies=False):
+        fs = cloudio.filesystem(f"gs://{b}")
+        errors = _write_across(fault_proxy, gcs_emulator, b, "n.bin", r"upload_id=",
+                               lambda: fs.touch(f"{b}/n.bin"))
+    blob = gcs_emulator.client.bucket(b).get_blob("n.bin")
+    assert blob is not None, f"cloudio deleted the other writer's object ({errors!r})"
+    assert blob.download_as_bytes() == b"theirs"
+    assert len(errors) == 1 and isinstance(errors[0], cloudio.IntegrityError), errors
+    assert f"gs://{b}/n.bin" in str(errors[0]) and "Nothing was deleted" in str(errors[0])
+    assert [(c.url, c.kind) for c in journal_records] == [(f"gs://{b}/n.bin", "invalidate")]
