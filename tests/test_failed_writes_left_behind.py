@@ -4,6 +4,8 @@ a late copy of the failed write could land."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -125,3 +127,33 @@ def test_region_auto_with_coordinates_not_stored_is_a_cloudio_error(gcs_emulator
         cloudio.to_zarr(xr.Dataset({"v": ("t", [9.0])}, coords={"t": [7]}), url, region="auto", consolidated=False)
     assert isinstance(info.value.__cause__, KeyError)
     np.testing.assert_array_equal(cloudio.open_zarr(url, consolidated=False).v.values, np.arange(4.0))
+
+
+def _fail_one_block(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    """A Dask block function (module level: a child process imports it): the last block fails, later than
+    the others are stored."""
+    if block_info is not None and block_info[None]["chunk-location"] == (1, 1):
+        time.sleep(2)
+        raise RuntimeError("block (1, 1) failed")
+    return block + 1.0
+
+
+def test_a_region_write_failing_on_other_processes_stays_marked(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A region write computed by Dask's "processes" scheduler: three blocks are stored by child processes,
+    the fourth fails. Their journal records stay in the children, so this process saw no change, and the
+    failed write took its mark down: the store opened, mixing new and old shards. A write whose store went
+    to other processes, whose records this process may not hear, keeps its mark."""
+    import dask
+    import dask.array as da
+
+    url = f"{gcs_bucket}/procs.zarr"
+    enc = {"v": {"chunks": (32, 32), "shards": (32, 32)}}
+    cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), np.zeros((64, 64)))}), url, mode="w", zarr_format=3,
+                    consolidated=False, encoding=enc)
+    part = xr.Dataset({"v": (("y", "x"), da.zeros((64, 64), chunks=32).map_blocks(_fail_one_block, dtype="f8"))})
+    with dask.config.set(scheduler="processes", num_workers=2), pytest.raises(Exception, match="block"):
+        cloudio.to_zarr(part, url, region={"y": slice(0, 64), "x": slice(0, 64)}, consolidated=False)
+    mixed = xr.open_zarr(cloudio.zarr_store(url), consolidated=False).v.values
+    assert (mixed == 1).any() and (mixed == 0).any()  # some blocks were stored
+    with pytest.raises(cloudio.IncompleteWriteError):
+        cloudio.open_zarr(url, consolidated=False)

@@ -97,6 +97,22 @@ class _Changes:
                             _STOP_SECONDS, e)
         return len(tasks)
 
+    def unheard(self) -> bool:
+        """Whether other processes may have changed the store for this write without this process hearing of
+        it: the store went to them (pickled), and Dask's scheduler is not a ``dask.distributed`` client
+        :func:`cloudio.dask.install` relays their records from (the "processes" scheduler, a client not
+        installed on). A failed write then keeps its mark: what they stored is not known here."""
+        if not self.shipped:
+            return False
+        try:
+            import dask.base
+
+            client = getattr(dask.base.get_scheduler(), "__self__", None)
+        except Exception:  # no scheduler to ask: not known to be heard
+            return True
+        dask_module = sys.modules.get("cloudio.dask")
+        return dask_module is None or client not in dask_module._installed
+
     def carried(self, store: S) -> S:
         """``store`` (a zarr store), its changes part of this write in every process it is unpickled in.
 

@@ -54,6 +54,7 @@ from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
 from cloudio._tables import drop_oldest, touch
+from cloudio._threads import run_to_the_end
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr import last_seen
 from cloudio._zarr.changes import stops_with_its_write
@@ -1336,7 +1337,10 @@ class WriteMark:
             return {**writer, "rewritten": sorted({*_rewritten(writer), self.group})}
         return writer
 
-    def fail(self) -> None:
+    def fail(self, unheard: bool = False) -> None:
+        """The write failed: its entry stays listed when it changed (or may have changed) the store, taken off
+        when not. ``unheard``: other processes may have changed the store for it without this process
+        hearing (:meth:`cloudio._zarr.changes._Changes.unheard`): it stays."""
         if not self._begun:  # the marker never went up (begin released its count), or may have, unanswered
             if self._maybe_up:
                 try:
@@ -1345,7 +1349,7 @@ class WriteMark:
                     log.warning("%s: could not check the write marker after %s was stopped: %s",
                                 self.store.root_url, self.operation, e)
             return
-        if self._changed():
+        if unheard or self._changed():
             log.warning("%s: %s failed part way; the store stays marked incomplete", self.store.root_url,
                         self.operation)
             self.store._held.clear()
@@ -1651,31 +1655,13 @@ async def _nothing() -> None:
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a store coroutine on zarr's event loop, as zarr's own synchronous API does; when the wait is
     interrupted (Ctrl-C: ``KeyboardInterrupt``), the coroutine is cancelled and has ended before the
-    interrupt is raised (zarr's ``sync`` leaves it running: a write would go on in the background)."""
+    interrupt is raised (:func:`~cloudio._threads.run_to_the_end`; zarr's ``sync`` leaves it running)."""
     from zarr.core import sync as zsync
 
     loop_of = getattr(zsync, "_get_loop", None)
     if loop_of is None:  # another zarr: its own sync
         return zsync.sync(coro)
-    ended = threading.Event()
-
-    async def whole() -> T:
-        try:
-            return await coro
-        finally:
-            ended.set()
-
-    future = asyncio.run_coroutine_threadsafe(whole(), loop_of())
-    try:
-        return future.result()
-    except BaseException:
-        future.cancel()
-        ended.wait(_CANCEL_WAIT)
-        raise
-
-
-#: seconds an interrupted call is given to cancel its requests and end
-_CANCEL_WAIT = 30.0
+    return run_to_the_end(loop_of(), coro)
 
 
 # -- the strong and bounded levels: what another writer changed -------------------------------

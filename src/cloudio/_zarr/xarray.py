@@ -32,7 +32,7 @@ import numpy as np
 from cloudio._paths import is_gcs, parse_gcs
 from cloudio._session import current_level
 from cloudio._zarr import consumer as announcements
-from cloudio._zarr.changes import stopped_on_failure
+from cloudio._zarr.changes import _Changes, stopped_on_failure
 from cloudio._zarr.shard_safety import align, whole
 from cloudio._zarr.shard_safety import is_dask as _is_dask
 from cloudio._zarr.store import (
@@ -580,6 +580,7 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         fills = kwargs.get("region") is not None
         # "w-" writes only where zarr finds no node, and deletes nothing a failed write left without its metadata
         mark = WriteMark(store, operation, replaces=mode == "w", group=group, fills=fills)
+        changes: _Changes | None = None
         try:
             mark.begin()
             # through a store with generations of this write's own; a graph computed later keeps them
@@ -604,8 +605,9 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                 if guarded:
                     consolidate_guarded(store, kwargs.get("zarr_format"))
         except BaseException as e:
-            changed = mark.changed()
-            mark.fail()
+            unheard = changes is not None and changes.unheard()  # chunks stored by processes not heard here
+            changed = unheard or mark.changed()
+            mark.fail(unheard)
             if changed and isinstance(e, ValueError | KeyError | TypeError) and not isinstance(
                     e, (CloudioError, *STORED_ALREADY)):  # (a node already there: cloudio_errors names it)
                 # xarray checks a variable's encoding as it comes to it: zarr had already written, or deleted
