@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+import pytest
 from test_fsspec_edges import _write_across
 
 import cloudio
@@ -131,3 +132,45 @@ def test_a_write_whose_answer_names_no_generation_never_deletes_what_is_there(fa
     assert len(errors) == 1 and isinstance(errors[0], cloudio.IntegrityError), errors
     assert f"gs://{b}/n.bin" in str(errors[0]) and "Nothing was deleted" in str(errors[0])
     assert [(c.url, c.kind) for c in journal_records] == [(f"gs://{b}/n.bin", "invalidate")]
+
+
+# ---------------------------------------------------------------------------------------------
+# errors that escaped raw: a refused download, a missing object at the strong and bounded levels
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [403, 400, 409])
+def test_a_refused_get_is_a_read_error_naming_the_url(fault_proxy, b, tmp_path, code):
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe(f"{b}/g.bin", b"g")
+    fault_proxy.add("status", code=code, method="GET", path=r"alt=media", times=None)
+    with pytest.raises(cloudio.ReadError, match=f"gs://{b}/g.bin") as e:
+        fs.get(f"{b}/g.bin", str(tmp_path / "g.bin"))
+    assert e.value.__cause__ is not None and not (tmp_path / "g.bin").exists()
+
+
+@pytest.mark.parametrize("code", [403, 400])
+def test_a_refused_download_is_a_read_error_naming_the_url(fault_proxy, b, tmp_path, code):
+    from cloudio._gcs.transfer import download
+
+    cloudio.filesystem(f"gs://{b}").pipe(f"{b}/g.bin", b"g")
+    fault_proxy.add("status", code=code, method="GET", path=r"alt=media", times=None)
+    with pytest.raises(cloudio.ReadError, match=f"gs://{b}/g.bin"):
+        download(f"gs://{b}/g.bin", tmp_path / "g.bin")
+
+
+@pytest.mark.parametrize("level", ["strong", 5])
+def test_a_missing_object_at_the_strong_and_bounded_levels_is_object_not_found(b, level):
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe(f"{b}/x/there.bin", b"t")
+    with cloudio.session(level):
+        for op in (lambda: fs.info(f"{b}/x/nope"), lambda: fs.open(f"{b}/x/nope", "rb")):
+            with pytest.raises(cloudio.ObjectNotFoundError, match=f"gs://{b}/x/nope"):
+                op()
+
+
+def test_setxattrs_of_a_missing_object_is_object_not_found(b):
+    """(A merge of a missing source would be too on GCS, a 404; fake-gcs-server answers it 500.)"""
+    fs = cloudio.filesystem(f"gs://{b}")
+    with pytest.raises(cloudio.ObjectNotFoundError, match=f"gs://{b}/m/nope.bin"):
+        fs.setxattrs(f"{b}/m/nope.bin", custom="x")

@@ -57,6 +57,7 @@ from cloudio._gcs.client import (
     bucket_missing,
     gcsfs_call_limit,
     http_options,
+    is_refusal,
     is_transient,
     local_size,
     transient_error,
@@ -823,6 +824,8 @@ class _JournalingGCSMixin(_TextWrites):
         except (CloudioError, FileNotFoundError):
             raise
         except Exception as e:
+            if is_refusal(e):  # (a local failure, a full disk, stays as it is)
+                raise _refused(self._cloudio_url(rpath), "GET", e) from e
             if not is_transient(e):
                 raise
             raise transient_error(self._cloudio_url(rpath), "download", e) from e
@@ -849,7 +852,7 @@ class _JournalingGCSMixin(_TextWrites):
         return out
 
     async def _setxattrs(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        with _unsure(self._cloudio_url(path)):
+        with _named_missing(self._cloudio_url(path)), _unsure(self._cloudio_url(path)):
             out = await super()._setxattrs(path, *args, **kwargs)  # type: ignore[misc]
         _record(self._cloudio_url(path), "write")  # metadata held in cached listings changed
         return out

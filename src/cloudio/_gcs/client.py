@@ -43,7 +43,7 @@ from cloudio._config import (
     require_credentials,
 )
 from cloudio._paths import GCSPath
-from cloudio.errors import BucketNotFoundError, ObjectNotFoundError, TransientError
+from cloudio.errors import BucketNotFoundError, ObjectNotFoundError, ReadError, TransientError
 
 if TYPE_CHECKING:
     import gcsfs
@@ -207,6 +207,25 @@ def is_transient(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - both are gcsfs dependencies
         return False
     return isinstance(exc, aiohttp.ClientError) or is_retriable(exc)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """gcsfs's error for a request the server refused (403, 400, 409...; not 404 or 412, not a transient
+    one): its HttpError, or the bare OSError ("Forbidden: ...") and ValueError ("Bad Request: ...") it raises
+    for some. Why: its downloads bypass a tracked filesystem's ``_call``, which names the others."""
+    try:
+        from gcsfs.retry import HttpError
+    except ImportError:  # pragma: no cover - gcsfs is a dependency
+        return False
+    if isinstance(exc, HttpError):
+        return not is_transient(exc)
+    return type(exc) in (OSError, ValueError) and str(exc).startswith(("Forbidden", "Bad Request"))
+
+
+def read_refused(url: str, exc: BaseException) -> ReadError:
+    """THE error for a read the server refused (raise it ``from exc``)."""
+    return ReadError(f"{url}: the server refused to read it ({type(exc).__name__}: {exc}). Check the URL and that "
+                     "your credentials may read it, then read again.")
 
 
 def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:

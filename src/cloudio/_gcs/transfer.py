@@ -881,14 +881,14 @@ def download(
 
     Raises
     ------
-    ObjectNotFoundError, BucketNotFoundError, IntegrityError, TransientError
+    ObjectNotFoundError, BucketNotFoundError, IntegrityError, TransientError, ReadError (refused)
     """
     import functools
     import time
 
     from fsspec.asyn import sync
 
-    from cloudio._gcs.client import bounded_while_arriving, local_size
+    from cloudio._gcs.client import bounded_while_arriving, is_refusal, local_size, read_refused
 
     path = _as_path(url)
     fs = _filesystem(fs)
@@ -897,7 +897,12 @@ def download(
     for attempt in range(max(1, attempts)):
         if attempt:
             time.sleep(BACKOFF * 2 ** (attempt - 1))
-        meta = object_metadata(path, fs)
+        try:
+            meta = object_metadata(path, fs)
+        except Exception as e:
+            if is_refusal(e):
+                raise read_refused(path.url, e) from e
+            raise
         fs.invalidate_cache(path.fs_path)  # gcsfs takes sizes from its listing cache; make it ask
         try:  # gcsfs retries a download never answered for minutes: given up once nothing arrives in time
             sync(fs.loop, bounded_while_arriving, fs, fs._get_file(path.fs_path, target),
@@ -909,6 +914,8 @@ def download(
             if is_transient(e):  # (fsspec's sync hides the idle limit's TimeoutError behind an empty FSTimeoutError)
                 why = e.__cause__ if isinstance(e, TimeoutError) and isinstance(e.__cause__, TimeoutError) else e
                 raise transient_error(path.url, "download", why) from e
+            if is_refusal(e):
+                raise read_refused(path.url, e) from e
             raise
         got, crc = os.path.getsize(local), checksums.of_file(local)
         if got == int(meta.get("size", -1)) and crc == meta.get("crc32c"):
