@@ -157,3 +157,41 @@ def test_a_region_write_failing_on_other_processes_stays_marked(gcs_emulator: Em
     assert (mixed == 1).any() and (mixed == 0).any()  # some blocks were stored
     with pytest.raises(cloudio.IncompleteWriteError):
         cloudio.open_zarr(url, consolidated=False)
+
+
+def _fail_every_block(block: np.ndarray) -> np.ndarray:
+    raise RuntimeError("every block fails")
+
+
+def test_a_region_write_failing_in_this_process_before_anything_was_stored_takes_its_mark_down(
+        gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """The same failed region write on Dask's default (threaded) scheduler, every block failing before any was
+    stored: nothing changed, so the mark comes down and the store opens as it was. (Dask pickles the store
+    in this process to name the task; that is no other process writing.)"""
+    import dask.array as da
+
+    url = f"{gcs_bucket}/threads.zarr"
+    enc = {"v": {"chunks": (32, 32), "shards": (32, 32)}}
+    cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), np.zeros((64, 64)))}), url, mode="w", zarr_format=3,
+                    consolidated=False, encoding=enc)
+    part = xr.Dataset({"v": (("y", "x"), da.zeros((64, 64), chunks=32).map_blocks(_fail_every_block, dtype="f8"))})
+    with pytest.raises(RuntimeError, match="every block fails"):
+        cloudio.to_zarr(part, url, region={"y": slice(0, 64), "x": slice(0, 64)}, consolidated=False)
+    np.testing.assert_array_equal(cloudio.open_zarr(url, consolidated=False).v.values, np.zeros((64, 64)))
+
+
+def _raise_a_key_error(block: np.ndarray) -> np.ndarray:
+    raise KeyError("the user's own lookup failed")
+
+
+def test_a_key_error_of_the_users_own_graph_is_raised_as_it_is(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+    """A KeyError raised by the user's Dask function is theirs: it is raised as it is, not named as cloudio's
+    refusal of the arguments."""
+    import dask.array as da
+
+    url = f"{gcs_bucket}/own-error.zarr"
+    cloudio.to_zarr(xr.Dataset({"v": ("x", np.zeros(64))}), url, mode="w", consolidated=False)
+    part = xr.Dataset({"v": ("x", da.zeros(64, chunks=32).map_blocks(_raise_a_key_error, dtype="f8"))})
+    with pytest.raises(KeyError, match="own lookup") as info:
+        cloudio.to_zarr(part, url, region={"x": slice(0, 64)}, consolidated=False)
+    assert not isinstance(info.value, cloudio.CloudioError)

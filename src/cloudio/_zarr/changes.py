@@ -36,6 +36,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -99,19 +100,30 @@ class _Changes:
 
     def unheard(self) -> bool:
         """Whether other processes may have changed the store for this write without this process hearing of
-        it: the store went to them (pickled), and Dask's scheduler is not a ``dask.distributed`` client
-        :func:`cloudio.dask.install` relays their records from (the "processes" scheduler, a client not
-        installed on). A failed write then keeps its mark: what they stored is not known here."""
+        it: Dask's scheduler runs tasks in other processes (the "processes" scheduler, a process pool given as
+        ``pool``, a ``dask.distributed`` client :func:`cloudio.dask.install` does not relay records for), and
+        the store went to them (pickled; Dask also pickles it here to name a task, which the scheduler
+        tells apart). A failed write then keeps its mark: what they stored is not known here."""
         if not self.shipped:
             return False
         try:
+            import dask
             import dask.base
+            import dask.multiprocessing
+            import dask.threaded
 
-            client = getattr(dask.base.get_scheduler(), "__self__", None)
+            scheduler = dask.base.get_scheduler()
+            pool = dask.config.get("pool", None)
         except Exception:  # no scheduler to ask: not known to be heard
             return True
-        dask_module = sys.modules.get("cloudio.dask")
-        return dask_module is None or client not in dask_module._installed
+        client = getattr(scheduler, "__self__", None)
+        distributed = sys.modules.get("distributed")
+        if distributed is not None and isinstance(client, distributed.Client):
+            installed = sys.modules.get("cloudio.dask")
+            return installed is None or client not in installed._installed
+        if scheduler is dask.multiprocessing.get:
+            return True
+        return scheduler in (None, dask.threaded.get) and isinstance(pool, ProcessPoolExecutor)
 
     def carried(self, store: S) -> S:
         """``store`` (a zarr store), its changes part of this write in every process it is unpickled in.

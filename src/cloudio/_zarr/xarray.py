@@ -619,9 +619,9 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
                     + ("Fix the arguments and write again with mode='w' (it replaces what this write left)."
                        if mode in ("w", "w-") else "Fix the arguments and write again.")
                 ) from e
-            if not changed and isinstance(e, KeyError | TypeError) and not isinstance(e, CloudioError):
-                # refused before anything was written (region="auto" with coordinates not stored); a ValueError
-                # there is named by cloudio_errors
+            if not changed and isinstance(e, KeyError | TypeError) and _raised_by_xarray(e):
+                # xarray refused the input before anything was written (region="auto" with coordinates not
+                # stored); a ValueError there is named by cloudio_errors; the user's own graph raises as it does
                 raise ConfigurationError(
                     f"{store.root_url}: to_zarr(mode={mode!r}) refused its input ({type(e).__name__}: {e}); "
                     "nothing was written. Fix the arguments and write again.") from e
@@ -637,6 +637,15 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
             return delayed(_commit, pure=False)(out, mark)
         mark.commit()
     return out
+
+
+def _raised_by_xarray(e: BaseException) -> bool:
+    """Whether ``e`` was raised in xarray's own code (its innermost frame), not in a Dask task's function or
+    in cloudio's."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("xarray.")
 
 
 def _says_write_empty_chunks(dataset: xarray.Dataset, kwargs: dict[str, Any]) -> bool:
