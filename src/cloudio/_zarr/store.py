@@ -1151,7 +1151,7 @@ class WriteMark:
     readers through cloudio refuse the store while it is there
     (:func:`check_complete`). :meth:`commit` takes this write off the list and
     removes the marker when no writer is left. A write that ``replaces`` the
-    store (``mode="w"``, ``save_array``) also takes off the writers listed
+    store (``mode="w"``, ``save_array(overwrite=True)``) also takes off the writers listed
     before it began: a failed write's mark goes with a rewrite. A write of one
     ``group`` (``to_zarr(..., group=)``, its entry names the group) replaces
     only that group: it takes off the earlier writers of that group and of
