@@ -118,10 +118,12 @@ def _split(url: str, source: str) -> SplitResult:
     try:
         return urlsplit(url)
     except ValueError as e:
-        raise ConfigurationError(
-            f"{source}={url!r} is not an emulator address ({e}); expected http://host:port, an IPv6 host in "
-            "brackets (e.g. http://127.0.0.1:4443 or http://[::1]:4443)"
-        ) from e
+        raise _not_an_address(source, url, f" ({e})") from e
+
+
+def _not_an_address(source: str, url: str, why: str = "") -> ConfigurationError:
+    return ConfigurationError(f"{source}={url!r} is not an emulator address{why}; expected http://host:port, an "
+                              "IPv6 host in brackets (e.g. http://127.0.0.1:4443 or http://[::1]:4443)")
 
 
 def _parse_endpoint(raw: str, source: str) -> Endpoint:
@@ -131,9 +133,7 @@ def _parse_endpoint(raw: str, source: str) -> Endpoint:
     raw = raw[:raw.index("://") + 3] + raw[raw.index("://") + 3:].rstrip("/")  # "http://" stays hostless
     parts = _split(raw, source)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(
-            f"{source}={raw!r} is not an emulator address; expected http://host:port (e.g. http://127.0.0.1:4443)"
-        )
+        raise _not_an_address(source, raw)
     try:
         port = parts.port  # None when absent; ValueError when not a number in 0..65535
     except ValueError as e:
