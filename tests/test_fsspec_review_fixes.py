@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -174,3 +175,75 @@ def test_setxattrs_of_a_missing_object_is_object_not_found(b):
     fs = cloudio.filesystem(f"gs://{b}")
     with pytest.raises(cloudio.ObjectNotFoundError, match=f"gs://{b}/m/nope.bin"):
         fs.setxattrs(f"{b}/m/nope.bin", custom="x")
+
+
+# ---------------------------------------------------------------------------------------------
+# a download in ranges: the local file has its final size from the start, yet bytes keep arriving
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ranged_downloads(monkeypatch):
+    """Every gcsfs download of an object over 5 MiB in 1 MiB ranges, two at a time (gcsfs does so from
+    100 MiB on, in 16 MiB ranges: the same path, smaller), each range 1.5 s late; time limit 2 s."""
+    import gcsfs.core
+
+    async def no_threshold(self, bucket):
+        return 0
+
+    get_file = gcsfs.core.GCSFileSystem._get_file
+
+    async def in_ranges(self, rpath, lpath, **kwargs):
+        kwargs = {"concurrency": 2, "chunk_size": 2**20, "max_prefetch_size": 4 * 2**20, **kwargs}
+        return await get_file(self, rpath, lpath, **kwargs)
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", "2")
+    monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_get_threshold_for_disk_reads", no_threshold)
+    monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_get_file", in_ranges)
+
+
+def test_a_get_in_ranges_that_keeps_arriving_is_not_cut_short(fault_proxy, b, tmp_path, ranged_downloads):
+    fs = cloudio.filesystem(f"gs://{b}")
+    data = os.urandom(16 * 2**20)
+    fs.pipe(f"{b}/big.bin", data)
+    fault_proxy.add("delay", method="GET", path=r"alt=media", seconds=1.5, times=None)
+    fs.get(f"{b}/big.bin", str(tmp_path / "big.bin"))  # about 12 s: past the 6 s of no change allowed
+    assert (tmp_path / "big.bin").read_bytes() == data
+    assert len(fault_proxy.requests(r"alt=media")) >= 16
+
+
+def test_a_download_in_ranges_that_keeps_arriving_is_not_cut_short(fault_proxy, b, tmp_path, ranged_downloads):
+    from cloudio._gcs.transfer import download
+
+    data = os.urandom(16 * 2**20)
+    cloudio.filesystem(f"gs://{b}").pipe(f"{b}/big.bin", data)
+    fault_proxy.add("delay", method="GET", path=r"alt=media", seconds=1.5, times=None)
+    download(f"gs://{b}/big.bin", tmp_path / "big.bin")
+    assert (tmp_path / "big.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("through", ["get", "download"])
+def test_a_download_in_ranges_that_stops_arriving_is_given_up(fault_proxy, b, tmp_path, ranged_downloads, through):
+    from cloudio._gcs.transfer import download
+
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe(f"{b}/big.bin", os.urandom(16 * 2**20))
+    fault_proxy.add("hang", method="GET", path=r"alt=media", skip=3, times=None)  # a few ranges, then silence
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            if through == "get":
+                fs.get(f"{b}/big.bin", str(tmp_path / "big.bin"))
+            else:
+                download(f"gs://{b}/big.bin", tmp_path / "big.bin")
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(40)  # no change for 8 s (3 x 2 s, and gcsfs's first wait) is given up, sampled every 2 s
+    assert outcome, "still downloading 40 s after the last range arrived"
+    assert isinstance(outcome[0], cloudio.TransientError), repr(outcome[0])
+    assert f"gs://{b}/big.bin" in str(outcome[0]) and not (tmp_path / "big.bin").exists()

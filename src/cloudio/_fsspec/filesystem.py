@@ -53,13 +53,13 @@ from cloudio._config import (
 from cloudio._fsspec.consumer import guard_listings, track
 from cloudio._gcs import checksums
 from cloudio._gcs.client import (
+    Arrivals,
     bounded_while_arriving,
     bucket_missing,
     gcsfs_call_limit,
     http_options,
     is_refusal,
     is_transient,
-    local_size,
     transient_error,
 )
 from cloudio._gcs.transfer import (
@@ -818,9 +818,12 @@ class _JournalingGCSMixin(_TextWrites):
                              "was removed; read again.")
 
     async def _download(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> Any:
+        if args:  # gcsfs's one positional argument after the paths
+            kwargs["callback"], args = args[0], args[1:]
+        arrivals = Arrivals(kwargs.pop("callback", None))
         try:
-            get = super()._get_file(rpath, lpath, *args, **kwargs)  # type: ignore[misc]
-            return await bounded_while_arriving(self, get, functools.partial(local_size, lpath))
+            get = super()._get_file(rpath, lpath, *args, callback=arrivals, **kwargs)  # type: ignore[misc]
+            return await bounded_while_arriving(self, get, arrivals.progress)
         except (CloudioError, FileNotFoundError):
             raise
         except Exception as e:

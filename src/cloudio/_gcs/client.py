@@ -27,11 +27,12 @@ import asyncio
 import atexit
 import json
 import logging
-import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from fsspec.callbacks import Callback, NoOpCallback
 
 from cloudio import _state
 from cloudio._config import (
@@ -264,23 +265,25 @@ def call_bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
 
 async def bounded_while_arriving(fs: gcsfs.GCSFileSystem, call: Awaitable[T], arrived: Callable[[], int]) -> T:
     """Await one gcsfs download for as long as its bytes keep arriving: given up (TimeoutError, an OSError) once
-    ``arrived()`` (e.g. the local file's size; -1 before it exists) has not changed for the time limit of ``fs``.
+    ``arrived()`` (an :class:`Arrivals`' ``progress``) has not changed for as long as one call may take
+    (:func:`gcsfs_call_limit`: a range of a download in ranges, read through a tracked filesystem's ``_call``,
+    takes at most that long before it arrives whole).
 
     Why not :func:`bounded`: a large download may take longer than that limit in all and must not be cut short,
     but gcsfs retries a download that never answers for minutes (its request bypasses ``_call``).
     """
-    limit = total_time_limit(getattr(fs, "requests_timeout", None))
+    limit = gcsfs_call_limit(getattr(fs, "requests_timeout", None))
     if limit is None:
         return await call
     task = asyncio.ensure_future(call)
     try:
-        size, idle = -1, 0.0
+        seen, idle = -1, 0.0
         while True:
             done, _ = await asyncio.wait({task}, timeout=limit / 4)
             if done:
                 return task.result()
             now = arrived()
-            size, idle = (now, 0.0) if now != size else (size, idle + limit / 4)
+            seen, idle = (now, 0.0) if now != seen else (seen, idle + limit / 4)
             if idle >= limit:
                 raise TimeoutError(f"no byte arrived for {limit:g} s")
     finally:
@@ -288,6 +291,30 @@ async def bounded_while_arriving(fs: gcsfs.GCSFileSystem, call: Awaitable[T], ar
             task.cancel()
 
 
-def local_size(path: Any) -> int:
-    """The size of the local file ``path`` (-1: not there, or no local path): a download's progress."""
-    return os.path.getsize(path) if isinstance(path, (str, os.PathLike)) and os.path.exists(path) else -1
+class Arrivals(Callback):  # type: ignore[misc]  # fsspec ships no type information
+    """The callback a download is given to tell its progress: every report gcsfs makes of bytes received, passed
+    on to the caller's callback (``inner``).
+
+    Why not the local file's size: gcsfs downloads a large object in ranges into a file it first sizes in full,
+    so the size never changes while the bytes arrive; both its download paths report each piece received here.
+    """
+
+    def __init__(self, inner: Any = None) -> None:
+        super().__init__()
+        self.inner = inner if inner is not None else NoOpCallback()
+        self.reports = 0
+
+    def progress(self) -> int:
+        """How many reports arrived so far: what :func:`bounded_while_arriving` watches."""
+        return self.reports
+
+    def set_size(self, size: Any) -> None:
+        self.inner.set_size(size)
+
+    def relative_update(self, inc: int = 1) -> None:
+        self.reports += 1
+        self.inner.relative_update(inc)
+
+    def absolute_update(self, value: Any) -> None:
+        self.reports += 1
+        self.inner.absolute_update(value)

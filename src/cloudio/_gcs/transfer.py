@@ -883,12 +883,11 @@ def download(
     ------
     ObjectNotFoundError, BucketNotFoundError, IntegrityError, TransientError, ReadError (refused)
     """
-    import functools
     import time
 
     from fsspec.asyn import sync
 
-    from cloudio._gcs.client import bounded_while_arriving, is_refusal, local_size, read_refused
+    from cloudio._gcs.client import Arrivals, bounded_while_arriving, is_refusal, read_refused
 
     path = _as_path(url)
     fs = _filesystem(fs)
@@ -905,8 +904,9 @@ def download(
             raise
         fs.invalidate_cache(path.fs_path)  # gcsfs takes sizes from its listing cache; make it ask
         try:  # gcsfs retries a download never answered for minutes: given up once nothing arrives in time
-            sync(fs.loop, bounded_while_arriving, fs, fs._get_file(path.fs_path, target),
-                 functools.partial(local_size, target))
+            arrivals = Arrivals()
+            sync(fs.loop, bounded_while_arriving, fs, fs._get_file(path.fs_path, target, callback=arrivals),
+                 arrivals.progress)
         except FileNotFoundError:
             last = "the object disappeared during the download"
             continue  # deleted in between: the next metadata request says so
