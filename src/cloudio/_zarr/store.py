@@ -377,11 +377,10 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         url = self._url(key.rstrip("/"))
         if isinstance(e, CloudioError) or self._gcs_root is None:
             return None
-        if _transient(e) or isinstance(e, TimeoutError):
+        how = _how_failed(e)
+        if how == "transient":
             return transient_error(url, doing, e)
-        if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409)
-            return _refused_read(url, e, doing)
-        return None
+        return _refused_read(url, e, doing) if how == "refused" else None
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -987,10 +986,11 @@ def _delete_failed(url: str, e: Exception, *, unanswered: bool) -> CloudioError 
 
     if isinstance(e, CloudioError):
         return None
-    if _transient(e) or isinstance(e, TimeoutError):
+    how = _how_failed(e)
+    if how == "transient":
         return TransientError(f"{transient_error(url, 'a delete', e)} The object may or may not have been "
                               "deleted: cloudio dropped what it had cached of it, so the next read asks the server.")
-    if type(e) is OSError or _http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409)
+    if how == "refused":
         if unanswered:
             return UploadError(f"{url}: the server refused its delete ({e}) after an earlier try's answer was "
                                "lost, so it may have been deleted all the same: cloudio dropped what it had "
@@ -999,6 +999,14 @@ def _delete_failed(url: str, e: Exception, *, unanswered: bool) -> CloudioError 
         return _RefusedDelete(f"{url}: the server refused its delete ({e}); nothing was deleted. Check that the "
                               "credentials in use may delete objects in this bucket, then try again.")
     return None
+
+
+def _how_failed(e: BaseException) -> Literal["transient", "refused"] | None:
+    """How a request through the store failed: past the retries or the time limit ("transient"), refused by
+    the server (gcsfs's mapping of a refusal: 403 "Forbidden"; 400, 409: "refused"), or neither (None)."""
+    if _transient(e) or isinstance(e, TimeoutError):
+        return "transient"
+    return "refused" if type(e) is OSError or _http_error(e) else None
 
 
 class _SyncJournaledStore(JournaledStore):
