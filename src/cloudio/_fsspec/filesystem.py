@@ -60,6 +60,7 @@ from cloudio._gcs.client import (
     http_options,
     is_refusal,
     is_transient,
+    read_refused,
     transient_error,
 )
 from cloudio._gcs.transfer import (
@@ -168,14 +169,13 @@ def _named_missing(url: str) -> Iterator[None]:
 
 def _refused(url: str, method: str, exc: Exception) -> CloudioError:
     """THE error for a request the server refused (403, 400, 409...): ReadError for a read, else UploadError."""
+    if method.upper() in ("GET", "HEAD"):
+        return read_refused(url, exc)
     # a 403 keeps gcsfs's "Forbidden" prefix: its _get_object falls back to a listing on it
     forbidden = "Forbidden: " if str(exc).startswith("Forbidden") else ""
-    text = f"{type(exc).__name__}: {exc}"
-    if method.upper() in ("GET", "HEAD"):
-        return ReadError(f"{forbidden}{url}: the server refused to read it ({text}). Check the URL and that "
-                         "your credentials may read it, then read again.")
-    return UploadError(f"{forbidden}{url}: the server refused the {method} request ({text}); the object was not "
-                       "changed. Check that your credentials may write the bucket, then write again.")
+    return UploadError(f"{forbidden}{url}: the server refused the {method} request ({type(exc).__name__}: {exc}); "
+                       "the object was not changed. Check that your credentials may write the bucket, then write "
+                       "again.")
 
 
 def _object_resource(out: Any) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import json
 import logging
+import sys
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -210,23 +211,29 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientError) or is_retriable(exc)
 
 
+def is_http_error(exc: BaseException) -> bool:
+    """gcsfs's ``HttpError``: what its ``validate_response`` raises for an answer other than 403, 404 and 412
+    (a 400, a 409, a 5xx or 429 past its retries; cloudio's own transport maps answers with it too). Not an
+    OSError: caught as one, it escapes."""
+    retry = sys.modules.get("gcsfs.retry")  # imported with gcsfs, which raised it
+    return retry is not None and isinstance(exc, retry.HttpError)
+
+
 def is_refusal(exc: BaseException) -> bool:
     """gcsfs's error for a request the server refused (403, 400, 409...; not 404 or 412, not a transient
     one): its HttpError, or the bare OSError ("Forbidden: ...") and ValueError ("Bad Request: ...") it raises
     for some. Why: its downloads bypass a tracked filesystem's ``_call``, which names the others."""
-    try:
-        from gcsfs.retry import HttpError
-    except ImportError:  # pragma: no cover - gcsfs is a dependency
-        return False
-    if isinstance(exc, HttpError):
+    if is_http_error(exc):
         return not is_transient(exc)
     return type(exc) in (OSError, ValueError) and str(exc).startswith(("Forbidden", "Bad Request"))
 
 
 def read_refused(url: str, exc: BaseException) -> ReadError:
-    """THE error for a read the server refused (raise it ``from exc``)."""
-    return ReadError(f"{url}: the server refused to read it ({type(exc).__name__}: {exc}). Check the URL and that "
-                     "your credentials may read it, then read again.")
+    """THE error for a read the server refused (raise it ``from exc``). A 403 keeps gcsfs's "Forbidden"
+    prefix: gcsfs's ``_get_object`` falls back to a listing on it."""
+    forbidden = "Forbidden: " if str(exc).startswith("Forbidden") else ""
+    return ReadError(f"{forbidden}{url}: the server refused to read it ({type(exc).__name__}: {exc}). Check the "
+                     "URL and that your credentials may read it, then read again.")
 
 
 def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:

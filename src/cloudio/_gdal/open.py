@@ -44,7 +44,6 @@ import functools
 import logging
 import os
 import re
-import sys
 import time
 from typing import Any
 
@@ -58,6 +57,7 @@ from cloudio import _config, _state
 from cloudio._gcs.client import (
     bounded,
     gcs_filesystem,
+    is_http_error,
     is_transient,
     not_found,
     object_metadata,
@@ -903,10 +903,7 @@ def failed_request(e: BaseException) -> bool:
     """Did a gcsfs request fail at the server or on the way? Not only OSErrors: gcsfs's ``HttpError`` (a 5xx or
     429 past its retries, a 400, a 409) and aiohttp's errors are plain Exceptions, which must not escape a read
     uncaught (a bug of cloudio's own, or an argument it got wrong, still does)."""
-    if isinstance(e, OSError) or is_transient(e):
-        return True
-    retry = sys.modules.get("gcsfs.retry")  # imported with gcsfs, which made the request
-    return retry is not None and isinstance(e, retry.HttpError)
+    return isinstance(e, OSError) or is_transient(e) or is_http_error(e)
 
 
 def _list_names(path: GCSPath) -> Any:
