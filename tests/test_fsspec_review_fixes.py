@@ -247,3 +247,45 @@ def test_a_download_in_ranges_that_stops_arriving_is_given_up(fault_proxy, b, tm
     assert outcome, "still downloading 40 s after the last range arrived"
     assert isinstance(outcome[0], cloudio.TransientError), repr(outcome[0])
     assert f"gs://{b}/big.bin" in str(outcome[0]) and not (tmp_path / "big.bin").exists()
+
+
+@pytest.mark.parametrize("change", ["merge", "setxattrs"])
+def test_a_change_of_an_object_gdal_is_reading_waits_off_the_event_loop(
+        fault_proxy, gcs_emulator, gcs_bucket: str, b: str, change: str) -> None:
+    """``merge`` and ``setxattrs`` of an object a GDAL read of it is in flight for wait for that read, as every
+    other write does, in a thread: every call of every gcsfs instance shares fsspec's one event loop. They
+    waited on the loop (their journal record waited for the read's gate there), and other calls stalled."""
+    import time
+
+    from rasters import noise_tif, put
+
+    fs = cloudio.filesystem(gcs_bucket)
+    put(gcs_emulator, f"{gcs_bucket}/g/a.tif", noise_tif(1024))
+    fs.pipe({f"{b}/g/part": b"p", f"{b}/g/o.bin": b"o"})
+    ds = cloudio.open(f"{gcs_bucket}/g/a.tif")
+    release = threading.Event()
+    held = fault_proxy.add("delay", method="GET", path=r"/g/a\.tif$", release=release, seconds=20, times=None)
+    reading = threading.Thread(target=lambda: ds.read(1))
+    reading.start()
+    deadline = time.monotonic() + 10
+    while not held.hits and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert held.hits, "GDAL's read did not reach the server"
+    act = ((lambda: fs.merge(f"{b}/g/a.tif", [f"{b}/g/part"])) if change == "merge"
+           else (lambda: fs.setxattrs(f"{b}/g/a.tif", color="red")))
+    changing = threading.Thread(target=act)
+    changing.start()
+    timer = threading.Timer(5, release.set)
+    timer.start()
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert fs.cat(f"{b}/g/o.bin") == b"o"
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+        timer.cancel()
+        reading.join(30)
+        changing.join(30)
+        ds.close()
+    assert took < 2, f"another call waited {took:.1f} s for the GDAL read"

@@ -849,15 +849,18 @@ class _JournalingGCSMixin(_TextWrites):
         return out
 
     async def _merge(self, path: str, paths: Any, *args: Any, **kwargs: Any) -> Any:
-        with _unsure(self._cloudio_url(path)):
+        url = self._cloudio_url(path)
+        # GDAL reads of it in flight end first, waited for off the event loop; later ones wait for the record
+        with await journal().changing_async(url), _unsure(url):
             out = await super()._merge(path, paths, *args, **kwargs)  # type: ignore[misc]
-        _record(self._cloudio_url(path), "write")
+            _record(url, "write")
         return out
 
     async def _setxattrs(self, path: str, *args: Any, **kwargs: Any) -> Any:
-        with _named_missing(self._cloudio_url(path)), _unsure(self._cloudio_url(path)):
+        url = self._cloudio_url(path)
+        with await journal().changing_async(url), _named_missing(url), _unsure(url):  # (as _merge)
             out = await super()._setxattrs(path, *args, **kwargs)  # type: ignore[misc]
-        _record(self._cloudio_url(path), "write")  # metadata held in cached listings changed
+            _record(url, "write")  # metadata held in cached listings changed
         return out
 
     def _same(self, path1: str, path2: str) -> bool:
