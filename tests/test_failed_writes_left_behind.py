@@ -138,21 +138,27 @@ def _fail_one_block(block: np.ndarray, block_info: dict | None = None) -> np.nda
     return block + 1.0
 
 
-def test_a_region_write_failing_on_other_processes_stays_marked(gcs_emulator: Emulator, gcs_bucket: str) -> None:
+@pytest.mark.parametrize("scheduler", ["processes", "process-pool"])
+def test_a_region_write_failing_on_other_processes_stays_marked(gcs_emulator: Emulator, gcs_bucket: str,
+                                                               scheduler: str) -> None:
     """A region write computed by Dask's "processes" scheduler: three blocks are stored by child processes,
     the fourth fails. Their journal records stay in the children, so this process saw no change, and the
     failed write took its mark down: the store opened, mixing new and old shards. A write whose store went
     to other processes, whose records this process may not hear, keeps its mark."""
+    from concurrent.futures import ProcessPoolExecutor
+
     import dask
     import dask.array as da
 
-    url = f"{gcs_bucket}/procs.zarr"
+    url = f"{gcs_bucket}/procs-{scheduler}.zarr"
     enc = {"v": {"chunks": (32, 32), "shards": (32, 32)}}
     cloudio.to_zarr(xr.Dataset({"v": (("y", "x"), np.zeros((64, 64)))}), url, mode="w", zarr_format=3,
                     consolidated=False, encoding=enc)
     part = xr.Dataset({"v": (("y", "x"), da.zeros((64, 64), chunks=32).map_blocks(_fail_one_block, dtype="f8"))})
-    with dask.config.set(scheduler="processes", num_workers=2), pytest.raises(Exception, match="block"):
-        cloudio.to_zarr(part, url, region={"y": slice(0, 64), "x": slice(0, 64)}, consolidated=False)
+    with ProcessPoolExecutor(2) as pool:
+        chosen = {"scheduler": "processes", "num_workers": 2} if scheduler == "processes" else {"scheduler": pool}
+        with dask.config.set(**chosen), pytest.raises(Exception, match="block"):
+            cloudio.to_zarr(part, url, region={"y": slice(0, 64), "x": slice(0, 64)}, consolidated=False)
     mixed = xr.open_zarr(cloudio.zarr_store(url), consolidated=False).v.values
     assert (mixed == 1).any() and (mixed == 0).any()  # some blocks were stored
     with pytest.raises(cloudio.IncompleteWriteError):

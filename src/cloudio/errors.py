@@ -46,7 +46,7 @@ class BucketNotFoundError(ObjectNotFoundError):
 
 
 class LocalFileNotFoundError(CloudioError, FileNotFoundError):
-    """A local file given to upload (``fs.put``) is not there; nothing was sent."""
+    """A local file given to upload (``fs.put``) is not there, or is not a regular file; nothing was sent."""
 
 
 class IntegrityError(CloudioError, OSError):

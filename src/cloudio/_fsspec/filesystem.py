@@ -793,8 +793,9 @@ class _JournalingGCSMixin(_TextWrites):
 
     async def _get_file(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> Any:
         """gcsfs's download, given up when no byte has arrived for as long as :meth:`_call` may take in
-        all (its request bypasses ``_call``, and gcsfs retries a hung one dozens of times: minutes); a
-        large download that keeps arriving is never cut short. Transient failures become TransientError.
+        all (its request bypasses ``_call``, and gcsfs retries a hung one dozens of times: minutes); one
+        whose bytes keep arriving is not (a large object's ranges, which gcsfs reads through ``_call``, each
+        have that call's limit). Transient failures become TransientError.
         What arrived is checked against the object's CRC32C (:meth:`_check_download`)."""
         url = self._cloudio_url(rpath)
         with _named_missing(url):

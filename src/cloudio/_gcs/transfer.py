@@ -876,8 +876,9 @@ def download(
     are checked against it, so an object overwritten during the download is
     fetched again rather than torn. The bytes' request is bounded as a tracked
     filesystem's ``get`` is (:func:`cloudio._gcs.client.bounded_while_arriving`):
-    given up when nothing arrives for the time limit of one call, never cut
-    short while bytes keep arriving.
+    given up when nothing arrives for the time limit of one call, not while
+    bytes keep arriving (gcsfs reports a large object's bytes a range at a
+    time: a range taking longer than that limit is given up).
 
     Raises
     ------

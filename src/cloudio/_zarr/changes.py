@@ -36,7 +36,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -100,30 +100,35 @@ class _Changes:
 
     def unheard(self) -> bool:
         """Whether other processes may have changed the store for this write without this process hearing of
-        it: Dask's scheduler runs tasks in other processes (the "processes" scheduler, a process pool given as
-        ``pool``, a ``dask.distributed`` client :func:`cloudio.dask.install` does not relay records for), and
-        the store went to them (pickled; Dask also pickles it here to name a task, which the scheduler
-        tells apart). A failed write then keeps its mark: what they stored is not known here."""
+        it: the store went to them (pickled; Dask also pickles it here to name a task), and Dask's scheduler
+        is not one known to run tasks here (the threaded one on threads, the synchronous one) nor a
+        ``dask.distributed`` client :func:`cloudio.dask.install` relays records for. A failed write then
+        keeps its mark: what they stored is not known here."""
         if not self.shipped:
             return False
         try:
             import dask
             import dask.base
-            import dask.multiprocessing
+            import dask.local
             import dask.threaded
 
             scheduler = dask.base.get_scheduler()
             pool = dask.config.get("pool", None)
         except Exception:  # no scheduler to ask: not known to be heard
             return True
+        from multiprocessing.pool import ThreadPool
+
         client = getattr(scheduler, "__self__", None)
         distributed = sys.modules.get("distributed")
         if distributed is not None and isinstance(client, distributed.Client):
             installed = sys.modules.get("cloudio.dask")
             return installed is None or client not in installed._installed
-        if scheduler is dask.multiprocessing.get:
-            return True
-        return scheduler in (None, dask.threaded.get) and isinstance(pool, ProcessPoolExecutor)
+        if scheduler is dask.local.get_sync:
+            return False
+        if scheduler in (None, dask.threaded.get):  # (None: the collection's own, threaded for arrays)
+            return pool is not None and not isinstance(pool, ThreadPoolExecutor | ThreadPool)
+        submit = scheduler.args[0] if isinstance(scheduler, functools.partial) and scheduler.args else None
+        return not isinstance(getattr(submit, "__self__", None), ThreadPoolExecutor)  # (an executor given)
 
     def carried(self, store: S) -> S:
         """``store`` (a zarr store), its changes part of this write in every process it is unpickled in.

@@ -46,7 +46,7 @@ import zarr
 from zarr.abc.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from cloudio._gcs.client import bounded, is_http_error
+from cloudio._gcs.client import bounded, is_refusal
 from cloudio._gcs.fast import list_objects
 from cloudio._gcs.transfer import given_up_under, last_writer_wins, put_verified, put_verified_each
 from cloudio._journal import journal
@@ -1005,7 +1005,7 @@ def _how_failed(e: BaseException) -> Literal["transient", "refused"] | None:
     the server (gcsfs's mapping of a refusal: 403 "Forbidden"; 400, 409: "refused"), or neither (None)."""
     if _transient(e) or isinstance(e, TimeoutError):
         return "transient"
-    return "refused" if type(e) is OSError or is_http_error(e) else None
+    return "refused" if type(e) is OSError or is_refusal(e) else None
 
 
 class _SyncJournaledStore(JournaledStore):
@@ -1884,7 +1884,7 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
     missing_member = isinstance(e, KeyError) and "not found in consolidated metadata" in str(e)
     if isinstance(e, FileNotFoundError) or (group and missing_member):
         return _not_found(store, node, writer, group)
-    if type(e) is OSError or is_http_error(e):  # gcsfs's mapping of a refusal (403 "Forbidden"; 400, 409: HttpError)
+    if _how_failed(e) == "refused":
         from cloudio.errors import UploadError
 
         if writing:
