@@ -17,6 +17,10 @@ matches the request; the emulator itself is never bypassed or mocked. Faults:
              the final one, as RFC 9110 15.2 lets any server do
 ``trickle``  forward, and send the answer's first 8 KiB (status line, headers, the body's start) in writes
              of ``after`` bytes, each its own TCP segment; ``chunked``/``unsized`` rules with ``piece`` too
+``closes``   forward, and send the answer with a ``Connection`` header line for each of ``connection`` (e.g.
+             ``("keep-alive, close",)``); the connection then ends as a server's that said "close" does: a
+             request the client still sends on it (within ``seconds``, 5 when 0) is logged with the status
+             ``"after close"`` and answered by a reset
 
 Rules are tried in the order added; each has a ``times`` budget (None = forever).
 ``Rule.answered`` is set once the upstream answered a request the rule matched.
@@ -58,6 +62,7 @@ class Rule:
     skip: int = 0  # let the first ``skip`` matching requests through untouched (not counted as hits)
     piece: int = 0  # send the answer in writes of this many bytes ("trickle" uses ``after``)
     head: bytes = b"HTTP/1.1 100 Continue\r\n\r\n"  # "interim": the 1xx answer sent first
+    connection: tuple[str, ...] = ("close",)  # "closes": the answer's Connection header lines
     hits: int = field(default=0)
     skipped: int = field(default=0)
     answered: threading.Event = field(default_factory=threading.Event)
@@ -147,6 +152,21 @@ class FaultProxy:
                 self.connection.close()
                 self.close_connection = True
 
+            def _closed_after(self, seconds: float) -> None:
+                """End a connection whose answer said it closes: a request the client sends on it anyway (within
+                ``seconds``) is logged as ``"after close"`` and reset, as a closed socket's kernel answers it."""
+                self.close_connection = True
+                self.wfile.flush()
+                self.connection.settimeout(seconds)
+                try:
+                    line = self.rfile.readline(65537)
+                except OSError:  # no request within the time (or the client reset it)
+                    return
+                if line:
+                    method, _, rest = line.decode("latin-1").partition(" ")
+                    proxy._note(method, rest.rsplit(" ", 1)[0], "after close")
+                    self._reset()
+
             def _handle(self) -> None:
                 body = self._body()
                 rule = proxy._take(self.command, self.path, body)
@@ -231,6 +251,9 @@ class FaultProxy:
                     else:
                         self.wfile.write(data)
                     return
+                if rule is not None and fault == "closes":
+                    for value in rule.connection:
+                        self.send_header("Connection", value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if rule is not None and fault == "reset":
@@ -241,6 +264,8 @@ class FaultProxy:
                 proxy._note(self.command, self.path, status)
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                if rule is not None and fault == "closes":
+                    self._closed_after(rule.seconds or 5.0)
 
             def _answer(self) -> None:
                 try:

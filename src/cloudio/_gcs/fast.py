@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, quote, urlencode, urlsplit
 
@@ -289,12 +289,35 @@ class _NoDelay:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _Response(http.client.HTTPResponse):
+    """An answer that ends its connection whenever its ``Connection`` options name ``close`` (:func:`_closes`).
+
+    Why: ``http.client`` reads only the first ``Connection`` header, so an
+    answer with ``Connection: keep-alive`` and ``Connection: close`` kept
+    its connection, and the next request went out on one the server closed
+    (lost, and sent again). ``_check_close`` is ``http.client``'s own hook
+    for this; when it says close, the connection is handed to the answer and
+    the next request opens a new one.
+    """
+
+    def _check_close(self) -> bool:
+        said = self.headers.get_all("connection") or ()
+        return _closes(said) or bool(super()._check_close())  # type: ignore[misc]  # (not in typeshed's stubs)
+
+
 class _HTTP(_NoDelay, http.client.HTTPConnection):
-    pass
+    response_class = _Response
 
 
 class _HTTPS(_NoDelay, http.client.HTTPSConnection):
-    pass
+    response_class = _Response
+
+
+def _closes(values: Iterable[str]) -> bool:
+    """Whether an answer's ``Connection`` header values name the ``close`` option: the server closes the
+    connection after it, so no later request may go on it. RFC 9110 7.6.1: each value is a comma-separated
+    list of options, in any case, and a repeated header adds to the list (``keep-alive, close`` closes)."""
+    return any(option.strip().lower() == "close" for value in values for option in value.split(","))
 
 
 def _connection(origin: tuple[str, str, int], timeout: float) -> http.client.HTTPConnection:
@@ -931,7 +954,7 @@ class _Answers(asyncio.BufferedProtocol):
         self._state = _IDLE
         if self._pos != self._end:  # more than the answer: the connection is out of step
             self.reusable = False
-        if self._headers.get("connection", "").lower() == "close":
+        if _closes((self._headers.get("connection", ""),)):  # (a repeated header's values are joined by ", ")
             self.reusable = False
         then, self._then = self._then, None
         if then is not None:
