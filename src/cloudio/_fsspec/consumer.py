@@ -59,7 +59,7 @@ from fsspec.dircache import DirCache
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count, current_level
-from cloudio.errors import CloudioError, ObjectNotFoundError
+from cloudio.errors import CloudioError
 
 __all__ = ["FsspecConsumer", "guard_listings", "track"]
 
@@ -315,12 +315,11 @@ def _revalidating_info(fs: Any, method: Any) -> Any:
         _compare_with_listing(fs, name, None)
         try:
             return await directory_info(name, bucket, key.rstrip("/"), None)
-        except FileNotFoundError as e:  # named as at the session level (gcsfs's names an HTTP path)
-            if isinstance(e, CloudioError):
+        except FileNotFoundError:  # named as at the session level (gcsfs's names an HTTP path), in its words
+            from cloudio._fsspec.filesystem import _named_missing  # (that module imports this one)
+
+            with _named_missing(parse_gcs(f"gs://{name}").url):
                 raise
-            url = parse_gcs(f"gs://{name}").url
-            raise ObjectNotFoundError(f"{url}: no such object. Check the URL; cloudio.filesystem().ls lists what "
-                                      "its folder holds.") from e
 
     return run
 

@@ -157,7 +157,8 @@ def _unsure(*urls: str, prefix: bool = False) -> Iterator[None]:
 @contextmanager
 def _named_missing(url: str) -> Iterator[None]:
     """gcsfs's (or fsspec's) ``FileNotFoundError``, which names an HTTP path or a bare key, as
-    :class:`~cloudio.ObjectNotFoundError` naming ``url`` (still a ``FileNotFoundError``)."""
+    :class:`~cloudio.ObjectNotFoundError` naming ``url`` (still a ``FileNotFoundError``). The one text of a
+    missing object on the fsspec face: a revalidated ``info`` (:mod:`cloudio._fsspec.consumer`) raises it too."""
     try:
         yield
     except FileNotFoundError as e:
