@@ -118,9 +118,8 @@ class _Changes:
             return True
         from multiprocessing.pool import ThreadPool
 
-        client = getattr(scheduler, "__self__", None)
-        distributed = sys.modules.get("distributed")
-        if distributed is not None and isinstance(client, distributed.Client):
+        client = _distributed_client(scheduler)
+        if client is not None:
             installed = sys.modules.get("cloudio.dask")
             return installed is None or client not in installed._installed
         if scheduler is dask.local.get_sync:
@@ -140,6 +139,14 @@ class _Changes:
         write when pickled.
         """
         return _naming(store, self.write)
+
+
+def _distributed_client(scheduler: Any) -> Any | None:
+    """The ``dask.distributed`` client whose method ``scheduler`` (Dask's scheduler in force) is, or None:
+    another scheduler, or ``distributed`` not imported (then no client exists, and importing it is slow)."""
+    distributed = sys.modules.get("distributed")
+    client = getattr(scheduler, "__self__", None)
+    return client if distributed is not None and isinstance(client, distributed.Client) else None
 
 
 async def _cancelled(tasks: list[asyncio.Task[object]]) -> None:
@@ -196,10 +203,9 @@ def _stop_on_cluster(changes: _Changes) -> None:
         return
     try:
         import dask.base
-        from distributed import Client
 
-        client = getattr(dask.base.get_scheduler(), "__self__", None)
-        if not isinstance(client, Client) or client.asynchronous:
+        client = _distributed_client(dask.base.get_scheduler())
+        if client is None or client.asynchronous:
             return
         answers = client.run(_stop_on_worker, changes.write, on_error="return")
     except Exception as e:  # the failure being raised is the caller's news; this one is only logged
