@@ -9,6 +9,8 @@ repeated header adds to it.
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,3 +86,80 @@ def test_no_request_goes_on_a_connection_its_answer_said_closes(
         asyncio.run(fast.get_each(fs, paths, 1 << 16, take, 1))
     assert got == objects
     assert _sent_after_close(fault_proxy) == []
+
+
+# -- a connection that failed over TLS is closed at once -------------------------------------------------------
+
+#: a server that takes a request (over TLS when given its certificate and key) and then neither reads nor sends
+_HUNG_SERVER = """
+import socket, ssl, sys
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+held = []
+while True:
+    conn = srv.accept()[0]
+    if len(sys.argv) > 1:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+        conn = ctx.wrap_socket(conn, server_side=True)  # the handshake completes ...
+    conn.recv(65536)  # ... the request arrives, and nothing is read or sent again
+    held.append(conn)
+"""
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("scheme", ["http", "https"], ids=["control-tcp", "tls"])
+@pytest.mark.parametrize("how", ["silent", "cancelled"])
+def test_a_connection_given_up_on_is_closed_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    scheme: str, how: str) -> None:
+    """A request over TLS to a server that stopped answering fails at the time limit of a silence (the
+    watchdog), or is cancelled (a call's time limit, the caller); its connection was then closed the
+    graceful TLS way, which waits for the server's close_notify: a hung server never sends it, so the socket
+    stayed open for asyncio's TLS shutdown timeout (30 s) on a running loop, and past ``asyncio.run``'s end
+    until the garbage collector found it (a ResourceWarning). One such socket per request given up. (Over
+    TCP a close is at once either way.)"""
+    import gc
+    import ssl
+    import subprocess
+    import sys
+
+    from test_fast_framing import _certificate
+
+    from cloudio._gcs import fast
+
+    cert, key = _certificate(tmp_path)
+    client = ssl.create_default_context(cafile=cert)
+    monkeypatch.setattr(fast, "_tls", lambda: client)
+    tls = [cert, key] if scheme == "https" else []
+    server = subprocess.Popen([sys.executable, "-c", _HUNG_SERVER, *tls], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        origin = (scheme, "127.0.0.1", int(server.stdout.readline()))
+
+        async def main() -> tuple[BaseException | None, int]:
+            before = _open_fds()
+            silence = 0.3 if how == "silent" else 30.0
+            try:
+                async with asyncio.timeout(None if how == "silent" else 0.3):
+                    await fast._exchange(origin, b"GET /o HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                                         memoryview(bytearray(1000)), silence)
+                error: BaseException | None = None
+            except Exception as e:
+                error = e
+            await asyncio.sleep(1.0)  # (a close completes within a few turns of the loop)
+            return error, _open_fds() - before
+
+        gc.disable()  # (the collector would close a socket left behind, at a time of its own)
+        try:
+            error, left_open = asyncio.run(main())
+        finally:
+            gc.enable()
+        assert isinstance(error, TimeoutError), repr(error)
+        assert left_open == 0
+    finally:
+        server.kill()
+        server.wait()

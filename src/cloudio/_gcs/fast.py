@@ -843,6 +843,16 @@ class _Answers(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Close the connection at once, for one that failed or whose request was given up: nothing more
+        goes to or comes from its server. Why not :meth:`close`: over TLS that sends close_notify and waits
+        for the server's, which a server that stopped answering never sends; the socket then stayed open
+        for asyncio's TLS shutdown timeout (30 s), or, once its event loop had ended, until the garbage
+        collector found it."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
     # -- parsing -----------------------------------------------------------------------------------
 
     def _take(self, k: int) -> None:
@@ -969,9 +979,10 @@ class _Answers(asyncio.BufferedProtocol):
         self.reusable = False
         then, self._then = self._then, None
         done, self._done = self._done, None
-        # (asyncio's TLS transport hands bytes already received to buffer_updated inside close(): they
-        # must find nobody waiting, or their "bytes between answers" would be reported instead of e)
-        self.close()
+        # (first taken out of the answer: a transport that hands bytes it still holds to buffer_updated as it
+        # closes, as asyncio's TLS transport does in close(), must find nobody waiting, or their "bytes
+        # between answers" would be reported instead of e)
+        self.abort()
         if then is not None:
             then(self, e)
         elif done is not None and not done.done():
@@ -1039,7 +1050,7 @@ async def _exchange(origin: tuple[str, str, int], request: bytes, out: memoryvie
                 continue
             raise
         except BaseException:
-            conn.close()  # cancelled or failed mid-answer: its bytes are out of step
+            conn.abort()  # cancelled or failed mid-answer: its bytes are out of step
             raise
         finally:
             watchdog.cancel()
