@@ -112,6 +112,11 @@ _attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cl
 _replacing: contextvars.ContextVar[int | None] = contextvars.ContextVar("cloudio_fsspec_replacing", default=None)
 
 
+#: inside a put through gcsfs's own upload: the local file it reads, and the sum of what it read of it (see
+#: :meth:`_JournalingGCSMixin._put_file_gcsfs`)
+_reading: contextvars.ContextVar[_ReadSum | None] = contextvars.ContextVar("cloudio_fsspec_reading", default=None)
+
+
 def _record(url: str, kind: Kind, *, generation: Any = None, size: Any = None, prefix: bool = False) -> None:
     journal().record(url, kind, generation=_int_or_none(generation), size=_int_or_none(size), prefix=prefix)
     acc = _recorded.get()
@@ -206,6 +211,90 @@ def _int_or_none(value: Any) -> int | None:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+class _ReadSum:
+    """The size and CRC32C of the bytes gcsfs's ``_put_file`` read of the local file ``lpath``, summed as it read
+    them: what it sent, whatever the file holds before or after.
+
+    gcsfs opens the file itself (``open(lpath, "rb")`` in ``gcsfs.core``); :func:`_gcsfs_open`, which stands
+    for ``open`` there, hands it a :class:`_SummedReads` while this sum is :data:`_reading`. When the reads
+    were not all seen, from the file's start on and in order (another gcsfs version reading otherwise, a zonal
+    bucket's upload, a failure before the read), :meth:`sent` sums the file as it is now, as was done before.
+    """
+
+    def __init__(self, lpath: str, url: str) -> None:
+        self.lpath = lpath
+        self.url = url
+        self.running = checksums.Running()
+        self.size = 0  # bytes summed, from the start of the file
+        self.whole = False  # closed where the summed bytes end, every read seen
+
+    def opened(self, f: Any) -> _SummedReads:
+        self.running, self.size, self.whole = checksums.Running(), 0, False  # (opened again: read again)
+        return _SummedReads(f, self)
+
+    def read(self, at: int, data: bytes) -> None:
+        if at == self.size and self.size >= 0:
+            self.running.update(data)
+            self.size += len(data)
+        elif data:
+            self.size = -1  # not in order from the start: not a sum of what was sent
+
+    def closed(self, at: int) -> None:
+        self.whole = self.size >= 0 and at == self.size
+
+    def sent(self) -> tuple[int, str]:
+        """The size and CRC32C of what gcsfs read of the file (when not all seen: of the file now)."""
+        if self.whole:
+            return self.size, self.running.text()
+        return source_size(self.lpath, self.url), checksums.of_file(self.lpath)
+
+
+class _SummedReads:
+    """The local file gcsfs uploads, each ``read`` summed into a :class:`_ReadSum`; the rest is the file's."""
+
+    def __init__(self, f: Any, summed: _ReadSum) -> None:
+        self._f = f
+        self._summed = summed
+
+    def read(self, size: int | None = -1) -> bytes:
+        at = self._f.tell()
+        data: bytes = self._f.read(size)
+        self._summed.read(at, data)
+        return data
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._summed.closed(self._f.tell())
+        self._f.close()
+
+    def __enter__(self) -> _SummedReads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _gcsfs_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+    """``open`` for ``gcsfs.core``: the builtin, except for the file a tracked put has gcsfs read
+    (:data:`_reading`), whose reads are summed (:class:`_ReadSum`)."""
+    f = open(file, mode, *args, **kwargs)  # noqa: SIM115  # gcsfs closes it (its ``with``)
+    summed = _reading.get()
+    if summed is None or mode != "rb" or file != summed.lpath:
+        return f
+    return summed.opened(f)
+
+
+def _sum_gcsfs_reads() -> None:
+    """Make :func:`_gcsfs_open` the ``open`` of ``gcsfs.core`` (its module's name shadows the builtin)."""
+    import gcsfs.core
+
+    if getattr(gcsfs.core, "open", None) is not _gcsfs_open:
+        gcsfs.core.open = _gcsfs_open
 
 
 class _Crc32cChecker(checksums.Running):
@@ -633,23 +722,25 @@ class _JournalingGCSMixin(_TextWrites):
             data = _as_bytes(data)
             if "if_generation_match" in kwargs:
                 return await self._guarded_put(url, data, kwargs.pop("if_generation_match"))
-            return await self._gcsfs_upload(url, len(data), checksums.of(data), kwargs.get("mode"),
+            sent = (len(data), checksums.of(data))
+            return await self._gcsfs_upload(url, sent[0], lambda: sent, kwargs.get("mode"),
                                             functools.partial(super()._pipe_file, path, data, *args, **kwargs))  # type: ignore[misc]
         finally:
             _writing.reset(token)
 
-    async def _gcsfs_upload(self, url: str, size: int, crc: str, mode: str | None,
+    async def _gcsfs_upload(self, url: str, size: int, sent: Callable[[], tuple[int, str]], mode: str | None,
                             upload: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        """gcsfs's own upload (``upload()``) of ``size`` bytes of CRC32C ``crc``, verified against its answer
-        and journaled. Unless ``mode="create"`` (gcsfs then needs no object there itself), the last writer
-        wins, guarded against a late copy (:func:`~cloudio._gcs.transfer.last_writer_wins`): the generation
-        replaced goes with each of its upload requests (see :meth:`_call`)."""
+        """gcsfs's own upload (``upload()``) of about ``size`` bytes, verified against its answer and journaled
+        with the size and CRC32C ``sent()`` gives once a try was made (what that try sent). Unless
+        ``mode="create"`` (gcsfs then needs no object there itself), the last writer wins, guarded against a
+        late copy (:func:`~cloudio._gcs.transfer.last_writer_wins`): the generation replaced goes with each
+        of its upload requests (see :meth:`_call`)."""
         if mode == "create":
-            return await self._gcsfs_upload_once(url, size, crc, None, upload)
+            return await self._gcsfs_upload_once(url, sent, None, upload)
         return await last_writer_wins(self, parse_gcs(url), size,
-                                      lambda replacing: self._gcsfs_upload_once(url, size, crc, replacing, upload))
+                                      lambda replacing: self._gcsfs_upload_once(url, sent, replacing, upload))
 
-    async def _gcsfs_upload_once(self, url: str, size: int, crc: str, replacing: int | None,
+    async def _gcsfs_upload_once(self, url: str, sent: Callable[[], tuple[int, str]], replacing: int | None,
                                  upload: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """One try of :meth:`_gcsfs_upload`, each request needing generation ``replacing`` (None: as gcsfs
         sends); ConflictError when another writer's object is there instead (AlreadyExistsError for
@@ -662,6 +753,7 @@ class _JournalingGCSMixin(_TextWrites):
             except FileExistsError as e:  # 412: mode="create" found an object, or one not at `replacing`
                 if isinstance(e, CloudioError):
                     raise
+                size, crc = sent()
                 # an earlier try whose answer was lost stored it; refused at the first try, it is another
                 # writer's, however alike (its content type or metadata may differ)
                 retried = len(tried) > 1
@@ -678,11 +770,13 @@ class _JournalingGCSMixin(_TextWrites):
             except FileNotFoundError as e:  # a missing bucket, or a resumable upload's retry after its end
                 if isinstance(e, CloudioError):
                     raise
+                size, crc = sent()
                 _uploaded(url, await self._landed(url, size, crc, e), size)
                 return None
             finally:
                 _attempts.reset(counting)
                 _replacing.reset(sending)
+            size, crc = sent()
             generation = await self._verify_stored(url, meta, size, crc)
             _uploaded(url, generation, size)
             return out
@@ -736,9 +830,23 @@ class _JournalingGCSMixin(_TextWrites):
         return None
 
     async def _put_file_gcsfs(self, url: str, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> Any:
-        """gcsfs's own upload, for the options :func:`put_verified` lacks (see :meth:`_gcsfs_upload`)."""
-        return await self._gcsfs_upload(url, source_size(lpath, url), checksums.of_file(lpath), kwargs.get("mode"),
-                                        functools.partial(super()._put_file, lpath, rpath, *args, **kwargs))  # type: ignore[misc]
+        """gcsfs's own upload, for the options :func:`put_verified` lacks (see :meth:`_gcsfs_upload`), checked
+        against the bytes gcsfs read of ``lpath`` as it read them (:class:`_ReadSum`): a file another process
+        changed after a sum made beforehand went up as gcsfs read it, and that sum, compared with what the
+        server stored, called it corrupted on the way (and deleted it)."""
+        put = super()._put_file  # type: ignore[misc]
+        reads: list[_ReadSum] = []
+
+        async def upload() -> Any:
+            reads.append(_ReadSum(lpath, url))  # each try reads the file anew
+            token = _reading.set(reads[-1])
+            try:
+                return await put(lpath, rpath, *args, **kwargs)
+            finally:
+                _reading.reset(token)
+
+        return await self._gcsfs_upload(url, source_size(lpath, url), lambda: reads[-1].sent(),
+                                        kwargs.get("mode"), upload)
 
     async def _cat_file(self, path: str, start: Any = None, end: Any = None, **kwargs: Any) -> Any:
         """A whole object is checked against the CRC32C of the server's ``x-goog-hash``.
@@ -1108,6 +1216,7 @@ def _tracked_gcs_class(name: str) -> type:
     prepare_gcsfs_import()
     import gcsfs.core
 
+    _sum_gcsfs_reads()
     if name == "TrackedGCSFileSystem":
         base: type = gcsfs.core.GCSFileSystem
         mixin: type = _JournalingGCSMixin
