@@ -87,3 +87,19 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
 def cores() -> int:
     """The cores this process may run on."""
     return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+
+
+def sync_to_the_end(loop: asyncio.AbstractEventLoop | None, func: Callable[..., Coroutine[Any, Any, T]],
+                    *args: Any, **kwargs: Any) -> T:
+    """fsspec's ``sync(loop, func, *args, **kwargs)`` (for a filesystem's sync methods), except that an
+    interrupted wait cancels the coroutine and waits for it to end first (:func:`run_to_the_end`): fsspec's
+    leaves it running on its IO loop. Refused, as by fsspec, on a closed loop or from the loop's own thread."""
+    if loop is None or loop.is_closed():
+        raise RuntimeError("Loop is not running")
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        raise NotImplementedError("Calling sync() from within a running loop")
+    return run_to_the_end(loop, func(*args, **kwargs))

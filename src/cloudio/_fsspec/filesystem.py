@@ -75,6 +75,7 @@ from cloudio._gcs.transfer import (
 from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
 from cloudio._session import count, current_level
+from cloudio._threads import sync_to_the_end
 from cloudio.errors import (
     AlreadyExistsError,
     CloudioError,
@@ -422,6 +423,9 @@ class _JournalingGCSFileMixin:
                 if _outcome_unknown(e):  # a try of the last chunk given up may still reach the server
                     self._cancel_session(url)
                 raise
+            except BaseException:  # Ctrl-C: the last chunk's request has ended (see call), its bytes maybe on
+                self._cancel_session(url)  # their way: the object is stored now, or never (then journaled)
+                raise
             finally:
                 self.gcsfs = answers.fs
             if done is False:
@@ -670,7 +674,12 @@ class _JournalingGCSMixin(_TextWrites):
             tally.append(1)
         return super()._get_headers(*args, **kwargs)  # type: ignore[misc]
 
-    call = sync_wrapper(_call)  # GCSFile uploads through the sync ``call`` gcsfs bound to its own _call
+    def call(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`_call` from a thread of its own: GCSFile uploads its chunks through it (and gcsfs bound it to
+        its own ``_call``). A Ctrl-C cancels the request, and it has ended, before KeyboardInterrupt is raised
+        (:func:`~cloudio._threads.sync_to_the_end`): fsspec's ``sync`` left it running, and a ``close()``
+        interrupted while its last chunk was on its way journaled before that chunk stored the object."""
+        return sync_to_the_end(self.loop, self._call, method, path, *args, **kwargs)  # type: ignore[attr-defined]
 
     async def _verify_stored(self, url: str, meta: dict[str, Any], size: int, crc: str) -> int | None:
         """Compare the stored object with what was sent (the upload response serves when it has a
