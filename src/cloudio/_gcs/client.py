@@ -153,14 +153,43 @@ def where() -> str:
     return f"the emulator at {ep.url}" if ep is not None else "Google Cloud Storage"
 
 
-def object_metadata(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> dict[str, Any]:
+def object_metadata(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None, *,
+                    diagnose: bool = False) -> dict[str, Any]:
     """The object's JSON-API resource: exactly one ``GET /storage/v1/b/<b>/o/<key>``, never cached.
 
-    Raises gcsfs's own errors (``FileNotFoundError`` when there is no such
-    object or bucket): callers turn them into cloudio's with :func:`not_found`.
+    Its failures are cloudio's, naming the URL: every caller (a download, GDAL's diagnosis of a failed open)
+    would otherwise name gcsfs's HTTP path, or let its HttpError (no OSError) out. A missing object is an
+    :class:`ObjectNotFoundError` that does not tell a missing bucket from a missing object unless
+    ``diagnose`` (:func:`not_found`: one bucket request more); GDAL's callers tell it themselves (a listing
+    first: a folder, a Zarr store), and would otherwise ask for the bucket twice.
+
+    Raises
+    ------
+    ObjectNotFoundError, BucketNotFoundError (``diagnose``), TransientError, ReadError (refused)
     """
     fs = fs if fs is not None else gcs_filesystem()
-    return call_bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
+    try:
+        return call_bounded(fs, fs._call("GET", "b/{}/o/{}", path.bucket, path.key, json_out=True))
+    except FileNotFoundError as e:
+        forget_bucket(path.bucket)  # the bucket may be gone: an upload asks again
+        if diagnose:
+            raise not_found(path, fs) from e
+        raise ObjectNotFoundError(
+            f"{path.url} does not exist on {where()}: its metadata request was answered 404 (no such object, "
+            "or no such bucket). Check the URL, or write the object first."
+        ) from e
+    except Exception as e:
+        if is_transient(e):
+            raise transient_error(path.url, "reading the object's metadata", e) from e
+        if is_refusal(e):
+            raise read_refused(path.url, e, "a read of its metadata") from e
+        raise
+
+
+def forget_bucket(bucket: str) -> None:
+    """Forget that ``bucket`` exists: the next upload to it asks again (a 404 may mean it was deleted)."""
+    with _state.buckets_lock:
+        _state.known_buckets.discard(bucket)
 
 
 def bucket_missing(path: GCSPath) -> BucketNotFoundError:
@@ -173,13 +202,23 @@ def bucket_missing(path: GCSPath) -> BucketNotFoundError:
 
 
 def not_found(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> ObjectNotFoundError:
-    """Why ``path`` was not found: its bucket is missing, or the object (one bucket request to tell)."""
+    """Why ``path`` was not found: its bucket is missing, or the object (one bucket request to tell).
+
+    Raises :class:`TransientError` (gcsfs's error as its cause) when that request fails past the retries or
+    gets no answer in time: which of the two is missing is then not known. Refused (no permission to read
+    bucket metadata, a 400...), it says what is certain: the object is missing.
+    """
     fs = fs if fs is not None else gcs_filesystem()
     try:
-        fs.call("GET", "b/{}", path.bucket, json_out=True)
+        call_bounded(fs, fs._call("GET", "b/{}", path.bucket, json_out=True))
     except FileNotFoundError:
         return bucket_missing(path)
-    except OSError as e:  # e.g. no permission to read bucket metadata: say what is certain
+    except Exception as e:  # gcsfs's HttpError (a 5xx or 429 past its retries, a 400) is no OSError
+        if is_transient(e):
+            raise transient_error(path.url, "checking whether its bucket exists (the object was not found)",
+                                  e) from e
+        if not (isinstance(e, OSError) or is_refusal(e)):
+            raise
         log.debug("could not read metadata of bucket %s: %s", path.bucket, e)
     return ObjectNotFoundError(
         f"{path.url} does not exist on {where()} (checked the object's metadata). Check the key (list "
@@ -228,11 +267,12 @@ def is_refusal(exc: BaseException) -> bool:
     return type(exc) in (OSError, ValueError) and str(exc).startswith(("Forbidden", "Bad Request"))
 
 
-def read_refused(url: str, exc: BaseException) -> ReadError:
-    """THE error for a read the server refused (raise it ``from exc``). A 403 keeps gcsfs's "Forbidden"
-    prefix: gcsfs's ``_get_object`` falls back to a listing on it."""
+def read_refused(url: str, exc: BaseException, doing: str = "a read") -> ReadError:
+    """THE error for a read (or ``doing``: "a listing"...) the server refused (raise it ``from exc``), on every
+    face: a tracked filesystem's ``_call`` and downloads, the Zarr store, object metadata. A 403 keeps gcsfs's
+    "Forbidden" prefix: gcsfs's ``_get_object`` falls back to a listing on it."""
     forbidden = "Forbidden: " if str(exc).startswith("Forbidden") else ""
-    return ReadError(f"{forbidden}{url}: the server refused to read it ({type(exc).__name__}: {exc}). Check the "
+    return ReadError(f"{forbidden}{url}: the server refused {doing} ({type(exc).__name__}: {exc}). Check the "
                      "URL and that your credentials may read it, then read again.")
 
 

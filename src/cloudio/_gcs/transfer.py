@@ -50,12 +50,12 @@ from cloudio._gcs.client import (
     BACKOFF,
     bounded,
     bucket_missing,
+    forget_bucket,
     gcs_filesystem,
     is_transient,
-    not_found,
+    object_metadata,
     transient_error,
 )
-from cloudio._gcs.client import object_metadata as _stat
 from cloudio._gcs.fast import put_media
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, parse_gcs
@@ -282,11 +282,6 @@ def ensure_bucket(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> None:
     sync(fs.loop, _ensure_bucket, path, fs)
 
 
-def _forget_bucket(bucket: str) -> None:
-    with _state.buckets_lock:
-        _state.known_buckets.discard(bucket)
-
-
 # -- upload ----------------------------------------------------------------------------------
 
 
@@ -431,7 +426,7 @@ async def put_verified(
                 generation, size, sent_crc = int(held["generation"]), int(held["size"]), held["crc32c"]
                 log.info("%s: a retry's precondition failed on the generation an earlier try stored", path.url)
             except FileNotFoundError as e:  # 404: no bucket, or a resumable session that vanished
-                _forget_bucket(path.bucket)
+                forget_bucket(path.bucket)
                 await _ensure_bucket(path, fs)  # raises BucketNotFoundError when that is the reason
                 last = e
                 continue
@@ -796,25 +791,6 @@ async def _check_stored(
 # -- download --------------------------------------------------------------------------------
 
 
-def object_metadata(path: GCSPath, fs: gcsfs.GCSFileSystem | None = None) -> dict[str, Any]:
-    """The object's JSON-API resource, fetched now (never from a listing cache).
-
-    Raises
-    ------
-    ObjectNotFoundError, BucketNotFoundError, TransientError
-    """
-    fs = _filesystem(fs)
-    try:
-        return _stat(path, fs)
-    except FileNotFoundError as e:
-        _forget_bucket(path.bucket)
-        raise not_found(path, fs) from e
-    except Exception as e:
-        if is_transient(e):
-            raise transient_error(path.url, "reading the object's metadata", e) from e
-        raise
-
-
 def object_generation(url: GCSPath | str | os.PathLike[str], fs: gcsfs.GCSFileSystem | None = None) -> int:
     """The generation the server holds at ``url`` now, 0 when there is no object (one metadata request)."""
     from fsspec.asyn import sync
@@ -897,12 +873,7 @@ def download(
     for attempt in range(max(1, attempts)):
         if attempt:
             time.sleep(BACKOFF * 2 ** (attempt - 1))
-        try:
-            meta = object_metadata(path, fs)
-        except Exception as e:
-            if is_refusal(e):
-                raise read_refused(path.url, e) from e
-            raise
+        meta = object_metadata(path, fs, diagnose=True)  # its failures are cloudio's (a refusal: ReadError)
         fs.invalidate_cache(path.fs_path)  # gcsfs takes sizes from its listing cache; make it ask
         try:  # gcsfs retries a download never answered for minutes: given up once nothing arrives in time
             arrivals = Arrivals()
