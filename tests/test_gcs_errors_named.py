@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from outcomes import returned
 
 import cloudio
 from cloudio._gcs import client, transfer
 from cloudio._paths import parse_gcs
+from cloudio._zarr import last_seen
 
 #: the next step of every refused read, on every face (client.read_refused)
 READ_AGAIN = "Check the URL and that your credentials may read it, then read again."
@@ -100,3 +102,26 @@ def test_object_metadata_of_a_missing_object_and_past_the_retries_are_cloudio_er
 def test_object_metadata_is_one_function():
     """transfer's object_metadata is client's (it was a second function of that name wrapping the first)."""
     assert transfer.object_metadata is client.object_metadata
+
+
+# -- task 3: one text for a refused read ------------------------------------------------------------------
+
+
+def test_a_refused_zarr_read_says_what_a_refused_get_says(gcs_emulator, gcs_bucket, fault_proxy):
+    """A Zarr read refused (403) and a tracked filesystem's get refused (403) give the same next step
+    (the store had a text of its own: 'check that the credentials in use may read this bucket')."""
+    url = f"{gcs_bucket}/same.zarr"
+    cloudio.save_array(np.ones((40, 40), "f4"), url, chunks=(20, 20), compressors=None)
+    last_seen.forget_all()
+    other = f"{gcs_bucket}/same/o.bin"
+    fs = cloudio.filesystem(other)
+    fs.pipe(other, b"z" * 100)
+    fault_proxy.add("status", code=403, method="GET", path=r"same\.zarr%2Fc%2F", times=None)
+    fault_proxy.add("status", code=403, method="GET", path=r"same%2Fo\.bin", times=None)
+    with pytest.raises(cloudio.ReadError, match=r"same\.zarr") as store_refused:
+        returned(lambda: cloudio.load_array(url))
+    with pytest.raises(cloudio.ReadError, match=re.escape(other)) as get_refused:
+        returned(lambda: fs.cat(other))
+    assert READ_AGAIN in str(store_refused.value) and READ_AGAIN in str(get_refused.value)
+    assert "the server refused a read" in str(store_refused.value)
+    assert store_refused.value.__cause__ is not None

@@ -371,7 +371,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         """cloudio's error, naming the object, for a read (or ``doing``) of ``key`` that failed past the retries or
         was refused (None: already cloudio's, or not the server's answer). Why here: zarr reads through the store
         long after ``open_zarr`` or a lazy ``load_array`` returned, outside any call of cloudio's."""
-        from cloudio._gcs.client import transient_error
+        from cloudio._gcs.client import read_refused, transient_error
 
         url = self._url(key.rstrip("/"))
         if isinstance(e, CloudioError) or self._gcs_root is None:
@@ -379,7 +379,7 @@ class JournaledStore(WrapperStore):  # type: ignore[type-arg]
         how = _how_failed(e)
         if how == "transient":
             return transient_error(url, doing, e)
-        return _refused_read(url, e, doing) if how == "refused" else None
+        return read_refused(url, e, doing) if how == "refused" else None
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -1891,18 +1891,13 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
             return UploadError(f"{url}: the server refused a change ({e}); check that the credentials in use "
                                "may write to this bucket (a write stopped part way leaves the store refused as "
                                "incomplete until it is written again whole).")
-        return _refused_read(url, e)
+        from cloudio._gcs.client import read_refused
+
+        return read_refused(url, e)
     if isinstance(e, ValueError):  # the caller's arguments, as zarr or xarray explain them: named with the store
         return ConfigurationError(f"{url}: {writer if writing else 'the read'} refused its arguments "
                                   f"({type(e).__name__}: {e}). Change them and try again.")
     return None
-
-
-def _refused_read(url: str, e: BaseException, doing: str = "a read") -> CloudioError:
-    from cloudio.errors import ReadError
-
-    return ReadError(f"{url}: the server refused {doing} ({e}); check that the credentials in use may read "
-                     "this bucket.")
 
 
 def holds_a_node(url: str) -> bool:
