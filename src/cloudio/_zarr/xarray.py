@@ -544,6 +544,9 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     current_level()  # an unusable CLOUDIO_CONSISTENCY is named before anything is written
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, False, storage_options)
+    if kwargs.get("zarr_format") not in (None, 2, 3):  # xarray checks it only after zarr emptied the store (mode="w")
+        raise ConfigurationError(f"{store.root_url}: zarr_format={kwargs['zarr_format']!r} is no Zarr format; pass "
+                                 "3 or 2 (or leave it out). Nothing was written.")
     if kwargs.get("safe_chunks") is False and rechunk is False:
         log.debug("%s: safe_chunks=False with rechunk=False: misaligned chunks raise", store.root_url)
     mode = kwargs.get("mode") or ("a" if kwargs.get("append_dim") is not None else
