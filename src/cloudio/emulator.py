@@ -102,6 +102,14 @@ class EmulatorSettingError(ConfigurationError, EmulatorError):
     """
 
 
+class _PortTaken(EmulatorError):
+    """The server could not bind its port: another process holds it."""
+
+
+#: starts on a free port picked here, when another process takes it first
+_PORT_ATTEMPTS = 3
+
+
 def env_mode() -> Mode | None:
     """The mode ``CLOUDIO_EMULATOR`` asks for, None when unset; an unusable value names the variable."""
     raw = _config.env(_config.EMULATOR_MODE_ENV)
@@ -298,17 +306,27 @@ class Emulator:
         """Start (or attach to) the server and wait until it answers."""
         if self._url is not None:
             return self
-        try:
-            if self.mode == "binary":
-                self._start_binary()
-            elif self.mode == "docker":
-                self._start_docker()
-            else:
-                self._attach()
-            self._wait_ready()
-        except BaseException:
-            self.stop()  # a failed start runs the same cleanup as teardown
-            raise
+        # a free port picked here can be taken before the server binds it (another xdist worker's
+        # emulator, say): pick again; a port the caller named is never swapped for another
+        attempts = _PORT_ATTEMPTS if self.mode == "binary" and self._port is None else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                if self.mode == "binary":
+                    self._start_binary()
+                elif self.mode == "docker":
+                    self._start_docker()
+                else:
+                    self._attach()
+                self._wait_ready()
+                break
+            except _PortTaken:
+                self.stop()
+                if attempt == attempts:
+                    raise
+                log.info("the free port picked for fake-gcs-server was taken before it listened; picking another")
+            except BaseException:
+                self.stop()  # a failed start runs the same cleanup as teardown
+                raise
         _live.add(self)
         log.info("fake-gcs-server (%s) ready at %s", self.mode, self._url)
         return self
@@ -389,7 +407,7 @@ class Emulator:
                 tail = self.log_tail()
                 if "address already in use" in tail:
                     port = self._url.rsplit(":", 1)[1] if self._url else "?"
-                    raise EmulatorError(
+                    raise _PortTaken(
                         f"cannot listen on 127.0.0.1:{port} (bind: address already in use): another "
                         f"server holds port {port}. Fix: pick another port, or leave it unset for a free "
                         f"one; to use that server instead, set STORAGE_EMULATOR_HOST=http://127.0.0.1:{port}."
@@ -488,7 +506,8 @@ class Emulator:
                 "a 60 s gRPC lookup. Fix: set %s=false before importing gcsfs (or start the "
                 "emulator first).", _config.HNS_ENV, _config.HNS_ENV,
             )
-        self._saved_env = {k: os.environ.get(k) for k in env}
+        # and the gcsfs variable push_endpoint sets when gcsfs was imported first: put back afterwards too
+        self._saved_env = {k: os.environ.get(k) for k in (*env, _config.HNS_ENV)}
         os.environ.update(env)
         _config.push_endpoint(ep.url)
 

@@ -2,7 +2,7 @@
 
 Prints the ``export STORAGE_EMULATOR_HOST=...`` line to paste into another
 shell (cloudio, gcsfs and google-cloud-storage there then use this emulator),
-and runs until Ctrl-C (SIGINT) or SIGTERM, then stops the server and exits 0.
+and runs until Ctrl-C (SIGINT), SIGTERM or SIGHUP, then stops the server and exits 0.
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
     def on_term(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    previous = signal.signal(signal.SIGTERM, on_term)
     emu = Emulator(mode=mode, backend=args.backend, root=args.root, port=args.port)
+    # SIGHUP: the terminal running the command was closed; stop as for Ctrl-C, or the server's
+    # temporary folder (its log, a filesystem backend's objects) is left behind
+    stop_signals = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, on_term) for s in stop_signals}
     try:
         emu.start()
         for name in args.bucket:
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         emu.stop()
     err("emulator stopped")
     return 0

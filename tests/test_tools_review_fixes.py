@@ -1,0 +1,140 @@
+"""Findings of a review of the emulator, the pytest plugin and the ``cloudio`` command, each fixed.
+
+Every test runs the real fake-gcs-server and checks what a user sees: the
+environment after a block, the processes and temporary folders left behind,
+exit codes and stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudio import _config, emulator
+from cloudio.emulator import Emulator
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No emulator selected by the environment (the session fixture may have set one)."""
+    for name in ("STORAGE_EMULATOR_HOST", "CLOUDIO_EMULATOR", "CLOUDIO_EMULATOR_START_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# -- `with Emulator()` puts the environment back as it found it ------------------------------------------------
+
+
+def test_with_emulator_after_gcsfs_was_imported_leaves_no_gcsfs_variable(clean_env: pytest.MonkeyPatch) -> None:
+    """gcsfs imported first (as a test module or a notebook does): ``with Emulator()`` set
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (through the endpoint it pushes) and left it set afterwards, for every
+    later test and every child process."""
+    import gcsfs  # noqa: F401  - imported before the block, the case at hand
+
+    clean_env.delenv(_config.HNS_ENV, raising=False)
+    with Emulator():
+        pass
+    assert _config.HNS_ENV not in os.environ
+    assert "STORAGE_EMULATOR_HOST" not in os.environ
+
+
+def test_with_emulator_keeps_an_explicit_gcsfs_variable(clean_env: pytest.MonkeyPatch) -> None:
+    import gcsfs  # noqa: F401
+
+    clean_env.setenv(_config.HNS_ENV, "true")
+    with Emulator():
+        pass
+    assert os.environ[_config.HNS_ENV] == "true"
+
+
+# -- a free port taken before the server binds it --------------------------------------------------------------
+
+
+def test_a_free_port_taken_before_the_server_binds_it_is_not_a_failed_start(clean_env: pytest.MonkeyPatch) -> None:
+    """Between picking a free port and the server binding it, another process (another xdist worker's emulator,
+    say) can take it: the start failed with "address already in use" though no port was asked for. A port cloudio
+    picked is picked again."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        real = emulator._free_port
+        picks: list[int] = []
+
+        def racing_free_port() -> int:
+            port = taken if not picks else real()
+            picks.append(port)
+            return port
+
+        clean_env.setattr(emulator, "_free_port", racing_free_port)
+        with Emulator() as emu:
+            emu.create_bucket("after-the-race")
+            assert emu.has_bucket("after-the-race")
+            assert emu.url != f"http://127.0.0.1:{taken}"
+        assert picks[0] == taken and len(picks) == 2
+
+
+def test_an_explicit_busy_port_still_fails_at_once(clean_env: pytest.MonkeyPatch) -> None:
+    """A port the user asked for is never swapped for another."""
+    from cloudio.errors import EmulatorError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        with pytest.raises(EmulatorError, match="address already in use"):
+            Emulator(port=port).start()
+
+
+# -- `cloudio emulator` closed with its terminal -------------------------------------------------------------------
+
+
+def test_emulator_command_stops_cleanly_on_sighup(tmp_path: Path) -> None:
+    """Closing the terminal that runs ``cloudio emulator`` sends SIGHUP: the command died at once (status -1,
+    "emulator stopped" never said) and left its temporary folder (the server's log, and the objects of a
+    filesystem backend) behind. It stops the server as Ctrl-C does, and exits 0."""
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "CLOUDIO_EMULATOR")}
+    env["TMPDIR"] = str(tmp_path)  # the command's temporary folders, and only them, go here
+    p = subprocess.Popen([sys.executable, "-m", "cloudio.cli", "emulator", "--backend", "filesystem"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("export STORAGE_EMULATOR_HOST="), line + p.stderr.read()  # type: ignore[union-attr]
+        server = [int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+        assert server and list(tmp_path.iterdir())  # the server runs, its folder exists
+        p.send_signal(signal.SIGHUP)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert "emulator stopped" in err
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in server)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tempfile_dir_is_where_the_emulator_writes(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What the SIGHUP test relies on: the server's folder is made under TMPDIR (tempfile's own rule)."""
+    clean_env.setattr(tempfile, "tempdir", str(tmp_path))
+    with Emulator():
+        assert len(list(tmp_path.iterdir())) == 1
+    assert list(tmp_path.iterdir()) == []
