@@ -289,3 +289,32 @@ def test_a_change_of_an_object_gdal_is_reading_waits_off_the_event_loop(
         changing.join(30)
         ds.close()
     assert took < 2, f"another call waited {took:.1f} s for the GDAL read"
+
+
+def test_a_download_given_up_has_ended_before_its_caller_hears(monkeypatch) -> None:
+    """``bounded_while_arriving`` gives a download up once no byte arrived for the call limit: it cancelled
+    the download's task and raised at once, while the task still ran its own ending (gcsfs removes the
+    partial local file as the cancel reaches it). The caller could find the partial file after the error
+    (``test_a_download_in_ranges_that_stops_arriving_is_given_up`` failed about one run in eight)."""
+    import asyncio
+    import types
+
+    from cloudio._gcs import client
+
+    monkeypatch.setattr(client, "gcsfs_call_limit", lambda _timeout: 0.2)
+    ended: list[str] = []
+
+    async def download() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # its own ending takes a while (removing a partial file, say)
+            ended.append("removed")
+            raise
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await client.bounded_while_arriving(types.SimpleNamespace(requests_timeout=1), download(), lambda: 0)
+        assert ended == ["removed"]
+
+    asyncio.run(main())

@@ -336,6 +336,10 @@ async def bounded_while_arriving(fs: gcsfs.GCSFileSystem, call: Awaitable[T], ar
     finally:
         if not task.done():
             task.cancel()
+            # ended before the caller hears: gcsfs removes a partial local file as the cancel reaches it
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # (its own failure, if it failed meanwhile: retrieved, the caller's error stands)
 
 
 class Arrivals(Callback):  # type: ignore[misc]  # fsspec ships no type information
