@@ -9,7 +9,6 @@ naming the gs:// URL and a next step, with the library's error as ``__cause__``.
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -126,33 +125,3 @@ def test_a_refused_zarr_read_says_what_a_refused_get_says(gcs_emulator, gcs_buck
     assert READ_AGAIN in str(store_refused.value) and READ_AGAIN in str(get_refused.value)
     assert "the server refused a read" in str(store_refused.value)
     assert store_refused.value.__cause__ is not None
-
-
-# -- task 5: a plain upload asks for the generation once ----------------------------------------------------
-
-
-def test_a_plain_resumable_upload_asks_the_generation_once(gcs_emulator, gcs_bucket, fault_proxy):
-    """A plain upload of an object this process knows nothing of, large enough to ask its generation first
-    (ASK_FIRST_FROM) and sent resumable: one metadata GET. The resumable path checked the generation again
-    right after (two back-to-back GETs), with the emulator made to enforce the guard (conftest)."""
-    url = f"{gcs_bucket}/once/big.bin"
-    data = os.urandom(transfer.ASK_FIRST_FROM + 1000)
-    n = len(fault_proxy.requests())
-    up = returned(lambda: transfer.upload(data, url, simple_limit=transfer.ASK_FIRST_FROM))
-    sent = fault_proxy.requests()[n:]
-    gets = [p for m, p, _ in sent if m == "GET" and "/o/once%2Fbig.bin" in p]
-    assert len(gets) == 1, sent
-    assert any("uploadType=resumable" in p for _, p, _ in sent), sent
-    assert up.size == len(data)
-    assert client.object_metadata(parse_gcs(url))["generation"] == str(up.generation)
-
-
-def test_a_plain_resumable_upload_over_another_writers_object_still_writes_over_it(gcs_emulator, gcs_bucket,
-                                                                                   fault_proxy, other_writer):
-    """Unchanged: an object another process stored (its generation unknown here) is written over, the upload
-    guarded by the generation asked for."""
-    url = f"{gcs_bucket}/once/theirs.bin"
-    other_writer("bucket.blob('once/theirs.bin').upload_from_string(b'theirs')")
-    data = os.urandom(transfer.ASK_FIRST_FROM + 1000)
-    up = returned(lambda: transfer.upload(data, url, simple_limit=transfer.ASK_FIRST_FROM))
-    assert cloudio.filesystem(url).cat(url) == data and up.size == len(data)

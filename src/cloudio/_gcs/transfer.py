@@ -31,7 +31,6 @@ CRC32C the server reports for the object they came from.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import mimetypes
@@ -92,11 +91,6 @@ Source = str | os.PathLike[str] | bytes | bytearray | memoryview
 ASK_FIRST_FROM = 1 << 20
 #: other writers' objects a plain upload writes over before it gives up (ConflictError)
 RACES = 5
-
-#: the object (URL) and generation :func:`last_writer_wins` just asked the server for, while it sends the write
-#: guarded by it: that write's first try does not ask again (:func:`put_verified` takes it)
-_asked_now: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("cloudio_asked_now",
-                                                                                    default=None)
 
 
 class _LastGenerations(Consumer):
@@ -200,15 +194,9 @@ async def last_writer_wins(fs: gcsfs.GCSFileSystem, path: GCSPath, size: int,
     instead (``send`` raises ConflictError) is written over at its generation, up to ``races`` times.
     """
     replacing = first if first is not None else _last_generations.get(path.url)
-    asked: tuple[str, int] | None = None
-    if replacing is None and size >= ASK_FIRST_FROM:
-        replacing = await _generation(fs, path)
-        asked = (path.url, replacing)  # the send's first try need not ask again (see _asked_now)
-    elif replacing is None:
-        replacing = 0
+    if replacing is None:
+        replacing = 0 if size < ASK_FIRST_FROM else await _generation(fs, path)
     for race in range(1, races + 1):
-        told = _asked_now.set(asked)
-        asked = None  # only the first send follows the request just made
         try:
             return await send(replacing)
         except ConflictError as e:
@@ -217,8 +205,6 @@ async def last_writer_wins(fs: gcsfs.GCSFileSystem, path: GCSPath, size: int,
                     f"Other writers replaced it {races} times as this write was sent; write again.")) from e
             log.info("%s: another writer stored generation %d; writing over it", path.url, e.actual)
             replacing = e.actual
-        finally:
-            _asked_now.reset(told)
     raise AssertionError("unreachable")
 
 
@@ -402,9 +388,6 @@ async def put_verified(
     deleted = False  # a corrupt copy was stored and deleted: the server holds nothing at path now
     guard, everywhere = ((if_generation_match, True) if if_generation_match is not None
                          else (expected_generation, fast.EXPECTED_AS_MULTIPART))
-    asked = _asked_now.get()  # the generation last_writer_wins asked for just now, if it did (taken: once)
-    if asked is not None:
-        _asked_now.set(None)
     changing = await journal().changing_async(path.url)  # GDAL reads of it wait until the outcome is recorded
     sent = False  # a request went out: cancelled from here on, the upload may have landed
     sums = _Sums(source)
@@ -418,9 +401,7 @@ async def put_verified(
             counting = fast.tries.set(tried)
             try:
                 sent = True
-                checked = attempt == 0 and guard is not None and asked == (path.url, guard)
-                meta = await _send(fs, path, sums, content_type, chunk_size, simple_limit, media, guard, everywhere,
-                                   checked)
+                meta = await _send(fs, path, sums, content_type, chunk_size, simple_limit, media, guard, everywhere)
                 size, sent_crc = sums()
                 generation = await _check_stored(fs, path, meta, size, sent_crc)
             except _Mismatch as e:
@@ -686,15 +667,13 @@ async def _send(
     media: bool = False,
     guard: int | None = None,
     everywhere: bool = True,
-    checked: bool = False,
 ) -> dict[str, Any]:
     """One upload of ``sums.source``; returns the server's object resource. The size and CRC32C of the
     bytes sent are put in ``sums`` as soon as all of them were read: a try whose last answer is lost
     can then be compared with what the server holds even when a local file has changed or gone since.
 
     ``guard``: the ``ifGenerationMatch`` precondition, or None; ``everywhere``: sent so that the emulator
-    enforces it too (a multipart upload, see :func:`cloudio._gcs.fast.upload_form`; a resumable one checks the
-    generation first, unless ``checked``: the server was asked for ``guard`` just now, by :func:`last_writer_wins`).
+    enforces it too (a multipart upload, see :func:`cloudio._gcs.fast.upload_form`).
     """
     # gcsfs's module-level upload helpers return the object resource the server
     # answered with (generation, size, crc32c): verification needs no extra request,
@@ -717,7 +696,7 @@ async def _send(
         else:
             meta = await bounded(fs, simple_upload(fs, path.bucket, path.key, data, None, "none", content_type))
         return meta  # type: ignore[no-any-return]
-    location = await bounded(fs, _initiate(fs, path, content_type, guard, everywhere and not checked))
+    location = await bounded(fs, _initiate(fs, path, content_type, guard, everywhere))
     last: dict[str, Any] | None = None  # the object resource, answered to the final chunk
     offset = 0
     try:
