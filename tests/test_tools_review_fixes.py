@@ -138,3 +138,83 @@ def test_tempfile_dir_is_where_the_emulator_writes(clean_env: pytest.MonkeyPatch
     with Emulator():
         assert len(list(tmp_path.iterdir())) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# -- temporary folders of a killed process ---------------------------------------------------------------------
+
+
+_KILLED = """
+import os, signal
+from cloudio.emulator import Emulator
+emu = Emulator(backend="filesystem").start()
+emu.create_bucket("left-behind")
+print(emu.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # a CI job cancelled, an OOM kill: no clean-up runs
+"""
+
+
+def _env_with_tmpdir(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "CLOUDIO_EMULATOR")}
+    env["TMPDIR"] = str(tmp)
+    return env
+
+
+def test_a_killed_process_s_emulator_folder_is_removed_by_the_next_start(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A test session killed (SIGKILL; SIGTERM runs no atexit either) left its server's temporary folder, with
+    the log and a filesystem backend's objects, in the temporary directory for good, one more per killed run. The
+    next start removes folders whose owner process is gone."""
+    r = subprocess.run([sys.executable, "-c", _KILLED], env=_env_with_tmpdir(tmp_path), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    server = int(r.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while _alive(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(server)  # the server died with its parent (as before)
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith("cloudio-emulator-") and (left / "data").is_dir()
+    clean_env.setattr(tempfile, "tempdir", str(tmp_path))
+    with Emulator() as emu:
+        emu.create_bucket("next-run")
+        assert not left.exists()
+        assert len(list(tmp_path.iterdir())) == 1  # this start's own
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_running_emulator_s_folder_is_never_removed(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Another process's server that still runs keeps its folder (and keeps serving)."""
+    import urllib.request
+
+    p = subprocess.Popen([sys.executable, "-m", "cloudio.cli", "emulator", "--bucket", "theirs"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env=_env_with_tmpdir(tmp_path))
+    try:
+        line = p.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("export STORAGE_EMULATOR_HOST="), line
+        url = line.strip().split("=", 1)[1]
+        (theirs,) = tmp_path.iterdir()
+        clean_env.setattr(tempfile, "tempdir", str(tmp_path))
+        with Emulator():
+            assert theirs.is_dir() and (theirs / "server.log").is_file()
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{url}/storage/v1/b/theirs", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=30)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_restarted_filesystem_emulator_leaves_no_folder(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The default filesystem root was kept from the first start: a second start re-created it inside the first
+    start's (already removed) folder, and nothing removed it again. (A start retried on a port taken meanwhile
+    restarts the same way.)"""
+    clean_env.setattr(tempfile, "tempdir", str(tmp_path))
+    emu = Emulator(backend="filesystem")
+    for _ in range(2):
+        emu.start()
+        emu.create_bucket("kept-on-disk")
+        emu.stop()
+    assert list(tmp_path.iterdir()) == []

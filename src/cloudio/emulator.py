@@ -174,6 +174,69 @@ def _binary_path() -> Path:
         ) from e
 
 
+#: the temporary folder of each server cloudio starts (its log; a filesystem backend's default root)
+_TMP_PREFIX = "cloudio-emulator-"
+#: in that folder, a file its owner holds an exclusive flock on for as long as it uses the folder
+_OWNER_LOCK = ".owner.lock"
+
+
+def _hold_owner_lock(folder: Path) -> int | None:
+    """Lock ``folder`` as this process's: the descriptor of its owner lock, held until :meth:`Emulator.stop`.
+
+    Locked under another name, then renamed: a sweeping process never sees the
+    lock file unlocked. The kernel releases the lock however the process ends
+    (SIGKILL, a CI job's SIGTERM), which is how a later start knows the
+    folder is abandoned. None where flock is missing (Windows): nothing swept.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = os.open(folder / f"{_OWNER_LOCK}.new", os.O_CREAT | os.O_RDWR, 0o600)  # not inherited by the server
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(folder / f"{_OWNER_LOCK}.new", folder / _OWNER_LOCK)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_abandoned_folders() -> None:
+    """Remove the temporary folders of servers whose Python process died without stopping them.
+
+    A process killed (SIGKILL, SIGTERM: a CI job cancelled, an OOM kill) runs
+    no clean-up: its server dies with it (:func:`_die_with_parent`), its
+    folder stays. A folder whose owner lock can be taken has no owner left;
+    one without a lock file (being made, or older) is left alone.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    import shutil
+
+    try:
+        folders = list(Path(tempfile.gettempdir()).glob(f"{_TMP_PREFIX}*"))
+    except OSError:
+        return
+    for folder in folders:
+        try:
+            fd = os.open(folder / _OWNER_LOCK, os.O_RDWR)
+        except OSError:
+            continue  # no lock file, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its owner is alive
+        try:
+            log.debug("removing %s, left by a process that ended without stopping its emulator", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def _die_with_parent(parent: int) -> None:  # pragma: no cover - runs in the child
     """Linux: the emulator gets SIGTERM when the Python process dies, even on SIGKILL.
 
@@ -295,6 +358,7 @@ class Emulator:
         self._container: object | None = None
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
         self._logfile: Path | None = None
+        self._owner_lock: int | None = None  #: held while this process owns _logdir (_remove_abandoned_folders)
         self._url: str | None = None
         self._client: storage.Client | None = None
         self._lock = threading.Lock()
@@ -334,20 +398,22 @@ class Emulator:
     def _start_binary(self) -> None:
         binary = _binary_path()
         port = self._port or _free_port()
-        self._logdir = tempfile.TemporaryDirectory(prefix="cloudio-emulator-")
+        _remove_abandoned_folders()
+        self._logdir = tempfile.TemporaryDirectory(prefix=_TMP_PREFIX)
+        self._owner_lock = _hold_owner_lock(Path(self._logdir.name))
         self._logfile = Path(self._logdir.name) / "server.log"
         args = [str(binary), *server_flags(port, backend=self.backend)]
         if self.backend == "filesystem":
-            if self._root is None:
-                self._root = Path(self._logdir.name) / "data"
+            # the default root is inside this start's folder (removed with it), never a former start's
+            root = self._root if self._root is not None else Path(self._logdir.name) / "data"
             try:
-                self._root.mkdir(parents=True, exist_ok=True)
+                root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise EmulatorError(
-                    f"cannot use {self._root} as the emulator's filesystem root: {e}. Fix: pass "
+                    f"cannot use {root} as the emulator's filesystem root: {e}. Fix: pass "
                     "root= a writable folder (or none for a temporary one), or backend='memory'."
                 ) from e
-            args += ["-filesystem-root", str(self._root)]
+            args += ["-filesystem-root", str(root)]
         with open(self._logfile, "wb") as out:  # the child keeps its own copy of the descriptor
             try:
                 parent = os.getpid()
@@ -467,6 +533,9 @@ class Emulator:
             self._logdir.cleanup()
             self._logdir = None
             self._logfile = None
+        lock, self._owner_lock = self._owner_lock, None
+        if lock is not None:
+            os.close(lock)
         self._url = None
         self._client = None
 
