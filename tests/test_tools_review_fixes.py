@@ -218,3 +218,22 @@ def test_a_restarted_filesystem_emulator_leaves_no_folder(clean_env: pytest.Monk
         emu.create_bucket("kept-on-disk")
         emu.stop()
     assert list(tmp_path.iterdir()) == []
+
+
+# -- cloudio.dask.install on a closed client ------------------------------------------------------------------
+
+
+def test_install_on_a_closed_client_names_the_client_s_state() -> None:
+    """``install`` after the client's ``with`` block: a raw AttributeError ('NoneType' object has no attribute
+    'register_scheduler_plugin') from inside distributed. Now a ConfigurationError saying the client is closed."""
+    from distributed import Client, LocalCluster
+
+    import cloudio.dask
+    from cloudio.errors import ConfigurationError
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            pass
+        with pytest.raises(ConfigurationError, match="the client is closed") as info:
+            cloudio.dask.install(client)
+        assert "open client" in str(info.value)

@@ -207,6 +207,11 @@ def install(client: Client) -> None:
     """
     if client in _installed:
         return
+    if client.status in ("closing", "closed"):  # distributed would fail on the scheduler it let go
+        raise ConfigurationError(
+            f"cloudio.dask.install({client!r}): the client is {client.status}. Install on an open client, "
+            "before submitting work that writes (e.g. inside its `with Client(...)` block)"
+        )
     if client.asynchronous:
         raise ConfigurationError(
             f"cloudio.dask.install({client!r}): the client is asynchronous, and install registers its plugins "
