@@ -237,3 +237,38 @@ def test_install_on_a_closed_client_names_the_client_s_state() -> None:
         with pytest.raises(ConfigurationError, match="the client is closed") as info:
             cloudio.dask.install(client)
         assert "open client" in str(info.value)
+
+
+# -- a forked child's exit --------------------------------------------------------------------------------------
+
+
+_FORKED = """
+import os, sys
+from cloudio.emulator import Emulator
+emu = Emulator(backend="filesystem").start()
+emu.create_bucket("parents")
+emu.client.bucket("parents").blob("k").upload_from_string(b"kept")
+folder = emu._logfile.parent
+if os.fork() == 0:
+    sys.exit(0)  # a child that ends normally runs the atexit handlers it inherited
+os.wait()
+print("folder", folder.is_dir())
+print("alive", emu._proc.poll() is None)
+print("object", emu.client.bucket("parents").blob("k").download_as_bytes())
+print("requests", len(emu.requests()) > 0)
+emu.stop()
+print("removed", not folder.exists())
+"""
+
+
+def test_a_forked_child_s_exit_leaves_the_parent_s_emulator_alone(tmp_path: Path) -> None:
+    """A child forked while an emulator ran, exiting normally, ran cloudio's atexit stop and TemporaryDirectory's
+    finalizer on its copy: the parent's folder went, with the server's log (``requests()`` then counted nothing)
+    and a filesystem backend's objects (gone from the running server)."""
+    r = subprocess.run([sys.executable, "-c", _FORKED], env=_env_with_tmpdir(tmp_path), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:-1] == [
+        "folder True", "alive True", "object b'kept'", "requests True", "removed True"
+    ], r.stdout + r.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

@@ -358,6 +358,7 @@ class Emulator:
         self._container: object | None = None
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
         self._logfile: Path | None = None
+        self._owner_pid: int | None = None  #: the process that started the server (a forked child never stops it)
         self._owner_lock: int | None = None  #: held while this process owns _logdir (_remove_abandoned_folders)
         self._url: str | None = None
         self._client: storage.Client | None = None
@@ -370,6 +371,7 @@ class Emulator:
         """Start (or attach to) the server and wait until it answers."""
         if self._url is not None:
             return self
+        self._owner_pid = os.getpid()
         # a free port picked here can be taken before the server binds it (another xdist worker's
         # emulator, say): pick again; a port the caller named is never swapped for another
         attempts = _PORT_ATTEMPTS if self.mode == "binary" and self._port is None else 1
@@ -512,6 +514,14 @@ class Emulator:
     def stop(self) -> None:
         """Stop a server cloudio started (attached servers are left running)."""
         _live.discard(self)
+        if self._owner_pid not in (None, os.getpid()):
+            # a forked child's copy (its atexit runs this too): the server and its folder are the parent's
+            lock, self._owner_lock = self._owner_lock, None
+            if lock is not None:
+                os.close(lock)  # the parent's own descriptor keeps the folder locked
+            self._proc = self._container = self._logdir = self._logfile = self._url = self._client = None
+            self._owner_pid = None
+            return
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -730,6 +740,19 @@ class Emulator:
     def count(self, methods: tuple[str, ...] = ("GET", "HEAD"), since: int = 0) -> int:
         """Number of requests with one of ``methods`` after the first ``since`` records."""
         return sum(1 for r in self.requests()[since:] if r.method in methods)
+
+
+def _forget_in_child() -> None:
+    """After a fork, in the child: the parent's servers' folders are not the child's to remove at its exit
+    (``TemporaryDirectory`` would, through its finalizer; :meth:`Emulator.stop` leaves them alone)."""
+    for emu in list(_live):
+        finalizer = getattr(emu._logdir, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 @atexit.register
