@@ -30,3 +30,54 @@ def test_an_unknown_zarr_format_is_refused_before_a_replacing_write_deletes_the_
     assert url in str(raised.value)
     assert sorted(cloudio.filesystem(url).find(url)) == before  # nothing deleted, no marker left
     assert cloudio.open_zarr(url).x.values.tolist() == list(range(8))
+
+
+def _dated() -> xr.Dataset:
+    import pandas as pd
+
+    return xr.Dataset({"x": (("t",), np.arange(8.0))}, coords={"t": pd.date_range("2000", periods=8)})
+
+
+#: input xarray or zarr refuses only once the group is open, which mode="w" opens by deleting what it held
+_REFUSED_LATE = {
+    "attribute of the dataset": lambda ds: (ds.assign_attrs(a={1, 2}), {}),
+    "attribute of a variable": lambda ds: (ds.assign(x=ds.x.assign_attrs(b={1})), {}),
+    "dtype": lambda ds: (ds, {"encoding": {"x": {"dtype": "not-a-dtype"}}}),
+    "compressors": lambda ds: (ds, {"encoding": {"x": {"compressors": "nope"}}}),
+    "zero chunks": lambda ds: (ds, {"encoding": {"x": {"chunks": (0,)}}}),
+    "time units": lambda ds: (ds, {"encoding": {"t": {"units": "garbage"}}}),
+    "calendar": lambda ds: (ds, {"encoding": {"t": {"calendar": "martian"}}}),
+    "fill value": lambda ds: (ds, {"encoding": {"x": {"_FillValue": "abc"}}}),
+    "shards": lambda ds: (ds, {"encoding": {"x": {"chunks": (3,), "shards": (4,)}}}),
+    "scale factor": lambda ds: (ds, {"encoding": {"x": {"scale_factor": "a", "dtype": "i2"}}}),
+    "write_empty_chunks": lambda ds: (ds, {"write_empty_chunks": "yes"}),
+}
+
+
+@pytest.mark.parametrize("dask_backed", [False, True], ids=["numpy", "dask"])
+@pytest.mark.parametrize("case", sorted(_REFUSED_LATE))
+def test_input_xarray_refuses_late_is_refused_before_mode_w_deletes_the_store(gcs_bucket, case, dask_backed):
+    """Bad attributes or encodings given to to_zarr(mode="w") were found by xarray or zarr only after zarr had
+    deleted the store's objects: the dataset stored there was gone, the store marked incomplete, and for some
+    (a calendar, zero chunks) the error was the library's raw AttributeError or ZeroDivisionError."""
+    url = f"{gcs_bucket}/late.zarr"
+    cloudio.to_zarr(_dated(), url, mode="w")
+    before = sorted(cloudio.filesystem(url).find(url))
+    ds, kwargs = _REFUSED_LATE[case](_dated() * 1)
+    if dask_backed:
+        ds = ds.chunk({"t": 4})
+    with pytest.raises(cloudio.ConfigurationError, match="nothing was written") as raised:
+        cloudio.to_zarr(ds, url, mode="w", **kwargs)
+    assert url in str(raised.value) and raised.value.__cause__ is not None
+    assert sorted(cloudio.filesystem(url).find(url)) == before  # nothing deleted, no marker
+    assert cloudio.open_zarr(url).x.values.tolist() == list(range(8))
+
+
+def test_a_new_store_refused_late_is_left_empty_not_marked(gcs_bucket):
+    """mode="w-" onto a new store: the same refusals left a half-made store behind, marked incomplete."""
+    url = f"{gcs_bucket}/new.zarr"
+    with pytest.raises(cloudio.ConfigurationError, match="nothing was written"):
+        cloudio.to_zarr(_dated(), url, mode="w-", encoding={"x": {"compressors": "nope"}})
+    assert cloudio.filesystem(url).find(url) == []
+    cloudio.to_zarr(_dated(), url, mode="w-")
+    assert cloudio.open_zarr(url).x.values.tolist() == list(range(8))

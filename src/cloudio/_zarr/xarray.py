@@ -412,6 +412,45 @@ def _encoding_refused(variable: xarray.Variable, name: str, encoding: Mapping[st
     return None
 
 
+#: the arguments of ``to_zarr`` that :func:`_rehearse` passes on to its write in memory (the rest are about the store
+#: or the Dask graph)
+_REHEARSED = ("group", "encoding", "zarr_format", "write_empty_chunks")
+
+
+def _rehearse(dataset: xarray.Dataset, where: str, mode: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise :class:`~cloudio.ConfigurationError` when xarray or zarr refuses to write ``dataset`` with these
+    arguments, found by writing a sample of it (the first element along each dimension; zeros in place of what
+    is not in memory: nothing is computed or read) to a Zarr store in memory first.
+
+    Why: xarray checks the attributes, the CF encoding of each variable (``units``, ``calendar``,
+    ``_FillValue``, ``dtype``, ``scale_factor``) and zarr the array arguments (``compressors``, ``chunks``,
+    ``shards``, ``write_empty_chunks``) only after it opened the group, and ``mode="w"`` opens it by deleting
+    what the group held: a typo in an encoding deleted the dataset stored there and left the store marked
+    incomplete (with ``mode="w-"``, a new store half made and marked). What fails only on other values than the
+    sample (an object variable of mixed types further on) still fails in the write itself.
+    """
+    import warnings
+
+    from zarr.storage import MemoryStore
+
+    # (copied: isel keeps a variable without those dimensions, a scalar, as the dataset's own object)
+    sample = dataset.isel({dim: slice(0, 1) for dim in dataset.dims}).copy(deep=False)
+    for var in sample.variables.values():
+        if not var._in_memory:  # Dask or lazily read: a stand-in of its dtype
+            kind = var.dtype.kind
+            var.data = (np.zeros(var.shape, var.dtype) if kind in "biufcmM" else
+                        np.full(var.shape, "", var.dtype))
+    options = {k: kwargs[k] for k in _REHEARSED if k in kwargs}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sample.to_zarr(MemoryStore(), mode="w", consolidated=False, **options)
+    except Exception as e:  # made in memory: whatever xarray or zarr raised is about the input
+        raise ConfigurationError(
+            f"{where}: to_zarr(mode={mode!r}) refuses its input ({type(e).__name__}: {e}); nothing was written. "
+            "Fix the arguments (the encoding, the attributes, zarr_format...) and write again.") from e
+
+
 def _is_array_document(doc: bytes | None) -> bool:
     """A Zarr v3 ``zarr.json`` of an array."""
     import json
@@ -571,6 +610,8 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
         # "auto" regions found once, from the store's indexes, if a step needs them
         region = functools.cache(functools.partial(_resolve_region, dataset, store, kwargs.get("region"),
                                                    kwargs.get("group")))
+        if mode in ("w", "w-"):  # written in memory first: xarray refuses some input only once zarr emptied the group
+            _rehearse(dataset, _where(store, _group(kwargs)), mode, kwargs)
         aligned = _align_dataset(dataset, store, kwargs, rechunk, stored, region)
         # a write to a group replaces (mode="w") or changes that group only: its mark says which
         group = _group(kwargs)
