@@ -272,3 +272,43 @@ def test_a_forked_child_s_exit_leaves_the_parent_s_emulator_alone(tmp_path: Path
         "folder True", "alive True", "object b'kept'", "requests True", "removed True"
     ], r.stdout + r.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+# -- `cloudio check` / `demo` terminated (a CI job cancelled) ----------------------------------------------------
+
+
+def test_check_terminated_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
+    """SIGTERM (a CI job cancelled or timed out) ended ``cloudio check`` at once: no clean-up ran, so its
+    embedded emulator's folder stayed (and, with a URL, the objects written below it). It now stops as for
+    Ctrl-C: one line on stderr, exit 143, the server stopped, nothing left in the temporary directory."""
+    p = subprocess.Popen([sys.executable, "-m", "cloudio.cli", "check"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=_env_with_tmpdir(tmp_path))
+    try:
+        seen = ""
+        while "[1/" not in seen:  # the cases started: the emulator runs
+            line = p.stderr.readline()  # type: ignore[union-attr]
+            assert line, seen
+            seen += line
+        server = [int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+        assert server and list(tmp_path.iterdir())
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 143, seen + err
+    assert "cloudio check: terminated" in err and "Traceback" not in err
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in server)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_handler_is_put_back_after_main() -> None:
+    from cloudio.cli import main
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["emulator", "--root", "x"]) == 2  # a quick failure
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -13,18 +13,23 @@ Exit status
     raster, an option or environment variable with an unusable value
 130 interrupted (Ctrl-C), except ``cloudio emulator`` for which Ctrl-C is
     the normal way to stop and exits 0
+143 terminated (SIGTERM: a CI job cancelled or timed out), after the same
+    clean-up as Ctrl-C (``cloudio emulator``: stopped, exit 0)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from cloudio import __version__
 from cloudio.errors import (
@@ -119,6 +124,30 @@ def _unreachable_hint(e: BaseException) -> str:
             "(`cloudio emulator --port ...`) or unset STORAGE_EMULATOR_HOST")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that clean-up runs as for Ctrl-C (a started emulator stopped, the
+    objects written below a URL removed); Python's default for SIGTERM ends the process at once."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the command runs: SIGTERM raises :class:`_Terminated` (main thread, default handler only)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL, None
+    ):
+        yield  # called from a thread, or a program with its own SIGTERM handling: left as it is
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cloudio`` command; return its exit status."""
     parser = build_parser()
@@ -130,10 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore_logging = _configure_logging(debug)
     prog = f"cloudio {args.command}"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_as_interrupt():
             if not debug:  # third-party notices (zarr, xarray) are not the user's business here
                 warnings.simplefilter("ignore")
             return int(args.func(args))
+    except _Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
