@@ -312,3 +312,19 @@ def test_sigterm_handler_is_put_back_after_main() -> None:
     before = signal.getsignal(signal.SIGTERM)
     assert main(["emulator", "--root", "x"]) == 2  # a quick failure
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_emulator_command_under_nohup_outlives_sighup(tmp_path: Path) -> None:
+    """``nohup cloudio emulator &``: SIGHUP ignored, as nohup asked, so the server outlives the terminal."""
+    p = subprocess.Popen(["nohup", sys.executable, "-m", "cloudio.cli", "emulator"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, env=_env_with_tmpdir(tmp_path), cwd=tmp_path)
+    try:
+        line = p.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("export STORAGE_EMULATOR_HOST="), line
+        p.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(timeout=1.5)
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=30)
+    assert p.returncode == 0

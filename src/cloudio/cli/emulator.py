@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     emu = Emulator(mode=mode, backend=args.backend, root=args.root, port=args.port)
     # SIGHUP: the terminal running the command was closed; stop as for Ctrl-C, or the server's
     # temporary folder (its log, a filesystem backend's objects) is left behind
-    stop_signals = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    # (under nohup SIGHUP is ignored, and stays so: the server outlives the terminal, as asked)
+    hup = getattr(signal, "SIGHUP", None)
+    stop_signals = [signal.SIGTERM] + ([hup] if hup is not None and signal.getsignal(hup) != signal.SIG_IGN else [])
     previous = {s: signal.signal(s, on_term) for s in stop_signals}
     try:
         emu.start()
