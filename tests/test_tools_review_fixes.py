@@ -328,3 +328,25 @@ def test_emulator_command_under_nohup_outlives_sighup(tmp_path: Path) -> None:
         p.send_signal(signal.SIGINT)
         p.wait(timeout=30)
     assert p.returncode == 0
+
+
+# -- an unusable --root is bad input ---------------------------------------------------------------------------
+
+
+def test_emulator_command_with_a_root_that_is_a_file_is_exit_2(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--root`` naming a file: exit 1 ("an operation failed"), though the documented status for an option with
+    an unusable value is 2; the library's error is now an EmulatorSettingError (still an EmulatorError)."""
+    from cloudio.cli import main
+    from cloudio.errors import ConfigurationError, EmulatorError
+
+    plain = tmp_path / "plain-file"
+    plain.write_text("x")
+    assert main(["emulator", "--backend", "filesystem", "--root", str(plain)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(plain) in err[0] and "filesystem root" in err[0], err
+    with pytest.raises(EmulatorError) as info:
+        Emulator(backend="filesystem", root=plain).start()
+    assert isinstance(info.value, ConfigurationError)
+    assert list(p.name for p in tmp_path.iterdir()) == ["plain-file"]

@@ -410,8 +410,8 @@ class Emulator:
             root = self._root if self._root is not None else Path(self._logdir.name) / "data"
             try:
                 root.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise EmulatorError(
+            except OSError as e:  # a setting to fix (the CLI's exit 2), still an EmulatorError
+                raise EmulatorSettingError(
                     f"cannot use {root} as the emulator's filesystem root: {e}. Fix: pass "
                     "root= a writable folder (or none for a temporary one), or backend='memory'."
                 ) from e
