@@ -81,3 +81,32 @@ def test_a_new_store_refused_late_is_left_empty_not_marked(gcs_bucket):
     assert cloudio.filesystem(url).find(url) == []
     cloudio.to_zarr(_dated(), url, mode="w-")
     assert cloudio.open_zarr(url).x.values.tolist() == list(range(8))
+
+
+class _Failed(ValueError):
+    """The user's own computation failing."""
+
+
+def _fails_at_third_block(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    if block_info is not None and block_info[0]["chunk-location"][0] == 2:
+        raise _Failed("the user's own computation failed")
+    return block
+
+
+@pytest.mark.parametrize("mode", ["w", "a"])
+def test_a_failure_of_the_users_own_dask_graph_is_not_called_refused_input(gcs_bucket, mode):
+    """A ValueError raised by the user's own Dask task once chunks had gone up was raised as a ConfigurationError
+    saying to_zarr "refused its input" and to "fix the arguments": the user's own error is raised as it is, and
+    the store stays marked incomplete."""
+    import dask
+    import dask.array as da
+
+    url = f"{gcs_bucket}/graph.zarr"
+    if mode == "a":
+        cloudio.to_zarr(xr.Dataset({"y": (("t",), np.arange(8.0))}), url, mode="w")
+    data = da.map_blocks(_fails_at_third_block, da.arange(8.0, chunks=2), dtype="f8")
+    with dask.config.set(scheduler="sync"), pytest.raises(_Failed) as raised:
+        cloudio.to_zarr(xr.Dataset({"x": (("t",), data)}), url, mode=mode, encoding={"x": {"chunks": (2,)}})
+    assert not isinstance(raised.value, cloudio.CloudioError) and "refused its input" not in str(raised.value)
+    with pytest.raises(cloudio.IncompleteWriteError):
+        cloudio.open_zarr(url)

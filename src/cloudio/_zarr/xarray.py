@@ -580,6 +580,24 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     succeeds while the graph has not started: xarray's template pattern),
     whatever the mode; see docs/consistency.md.
     """
+    try:
+        return _to_zarr(dataset, url, rechunk, kwargs)
+    except _GraphFailed as failed:
+        error = failed.error
+    raise error  # (outside the handler: not chained to _GraphFailed)
+
+
+class _GraphFailed(BaseException):
+    """Carries a failure of the Dask computation out of :func:`cloudio_errors`, which would name it as input
+    zarr or xarray refused (a ValueError): the user's own graph raises as it does."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStore, rechunk: bool,
+             kwargs: dict[str, Any]) -> Any:
     current_level()  # an unusable CLOUDIO_CONSISTENCY is named before anything is written
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, False, storage_options)
@@ -652,6 +670,9 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
             unheard = changes is not None and changes.unheard()  # chunks stored by processes not heard here
             changed = unheard or mark.changed()
             mark.fail(unheard)
+            if isinstance(e, ValueError | KeyError | TypeError) and not isinstance(e, CloudioError) and \
+                    _raised_computing(e):
+                raise _GraphFailed(e) from None  # the user's own graph (a chunk's task) failed: not its input
             if changed and isinstance(e, ValueError | KeyError | TypeError) and not isinstance(
                     e, (CloudioError, *STORED_ALREADY)):  # (a node already there: cloudio_errors names it)
                 # xarray checks a variable's encoding as it comes to it: zarr had already written, or deleted
@@ -690,6 +711,17 @@ def _raised_by_xarray(e: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("xarray.")
+
+
+def _raised_computing(e: BaseException) -> bool:
+    """Whether ``e`` came out of a Dask computation (the user's own graph, a chunk's task), not out of xarray's
+    checks of its input: a frame of Dask's (or distributed's) is on its way."""
+    tb = e.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith(("dask.", "distributed.")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _says_write_empty_chunks(dataset: xarray.Dataset, kwargs: dict[str, Any]) -> bool:
