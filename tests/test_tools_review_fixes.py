@@ -350,3 +350,25 @@ def test_emulator_command_with_a_root_that_is_a_file_is_exit_2(
         Emulator(backend="filesystem", root=plain).start()
     assert isinstance(info.value, ConfigurationError)
     assert list(p.name for p in tmp_path.iterdir()) == ["plain-file"]
+
+
+# -- attaching to a STORAGE_EMULATOR_HOST where nothing listens ------------------------------------------------
+
+
+def test_attaching_where_nothing_listens_says_what_to_do_about_the_variable(clean_env: pytest.MonkeyPatch) -> None:
+    """A stale ``export STORAGE_EMULATOR_HOST=...`` (from a ``cloudio emulator`` since stopped): the attach
+    failed with "Server output ends with: (no output captured)" and "Fix: raise CLOUDIO_EMULATOR_START_TIMEOUT",
+    which waits longer for a server that is not there. It now says to start one there or unset the variable."""
+    from cloudio.errors import EmulatorError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        clean_env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        clean_env.setenv("CLOUDIO_EMULATOR_START_TIMEOUT", "0.3")
+        with pytest.raises(EmulatorError) as info:
+            Emulator().start()
+    msg = str(info.value)
+    assert f"STORAGE_EMULATOR_HOST=http://127.0.0.1:{port}" in msg
+    assert f"cloudio emulator --port {port}" in msg and "unset STORAGE_EMULATOR_HOST" in msg
+    assert "no output captured" not in msg and "\n" not in msg

@@ -496,6 +496,14 @@ class Emulator:
                 last = e
             time.sleep(delay)  # back-off between probes, not a guess at start-up time
             delay = min(delay * 2, 0.2)
+        if self.mode == "external":  # no server of cloudio's, no output: what to do about the variable
+            var, port = _config.EMULATOR_HOST_ENV, (self._url or "").rsplit(":", 1)[-1]
+            raise EmulatorError(
+                f"no answer from {probe} within {self.timeout:g} s: nothing answers at {var}={self._url} "
+                f"(last error: {getattr(last, 'reason', last)}). Fix: start an emulator there (`cloudio emulator "
+                f"--port {port}`), or unset {var} for cloudio to start its own; if it is still starting, raise "
+                f"{_config.EMULATOR_START_TIMEOUT_ENV}."
+            )
         raise EmulatorError(
             f"no answer from {probe} within {self.timeout:g} s (last error: {last}). "
             f"Server output ends with:\n{self.log_tail()}\nFix: raise "
