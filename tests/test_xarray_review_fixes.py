@@ -110,3 +110,22 @@ def test_a_failure_of_the_users_own_dask_graph_is_not_called_refused_input(gcs_b
     assert not isinstance(raised.value, cloudio.CloudioError) and "refused its input" not in str(raised.value)
     with pytest.raises(cloudio.IncompleteWriteError):
         cloudio.open_zarr(url)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_store_of_arrays_xarray_cannot_name_dimensions_of_is_a_named_refusal(gcs_bucket, zarr_format):
+    """open_zarr of a group whose arrays carry no dimension names (written with save_array or plain zarr), and an
+    append to it, raised xarray's raw KeyError: a ConfigurationError names the URL, the array and what to do."""
+    import zarr
+
+    url = f"{gcs_bucket}/plain.zarr"
+    zarr.open_group(cloudio.zarr_store(url), mode="w", zarr_format=zarr_format)
+    cloudio.save_array(np.zeros((3, 4)), f"{url}/a", zarr_format=zarr_format)
+    with pytest.raises(cloudio.ConfigurationError, match=r"dimension names.*load_array") as raised:
+        cloudio.open_zarr(url)
+    assert url in str(raised.value) and isinstance(raised.value.__cause__, KeyError)
+    with pytest.raises(cloudio.ConfigurationError, match=r"dimension names.*Nothing was written") as raised:
+        cloudio.to_zarr(xr.Dataset({"a": (("y", "x"), np.ones((3, 4)))}), url, mode="a")
+    assert url in str(raised.value) and isinstance(raised.value.__cause__, KeyError)
+    assert cloudio.load_array(f"{url}/a").shape == (3, 4)
+    assert not cloudio.filesystem(url).exists(f"{url}/{MARKER}")

@@ -623,8 +623,14 @@ def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledSto
                 _documents_after_a_listing(store, check, kwargs)
         # a write that keeps what is stored reads it first (its errors are cloudio's): casts that would lose
         # values are refused before anything is written, and Dask chunks are aligned on the stored grid
-        stored = _stored_variables(store, kwargs) if mode not in ("w", "w-") else None
-        _refuse_before_writing(dataset, store, kwargs, mode, stored)
+        try:
+            stored = _stored_variables(store, kwargs) if mode not in ("w", "w-") else None
+            _refuse_before_writing(dataset, store, kwargs, mode, stored)
+        except (KeyError, TypeError) as e:
+            if (refusal := _lacks_dimension_names(e)) is not None:
+                raise ConfigurationError(_no_dimension_names(_where(store, _group(kwargs)))
+                                         + " Nothing was written.") from refusal
+            raise
         # "auto" regions found once, from the store's indexes, if a step needs them
         region = functools.cache(functools.partial(_resolve_region, dataset, store, kwargs.get("region"),
                                                    kwargs.get("group")))
@@ -855,9 +861,34 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
         else:
             check_complete(store, own=check.marked, group=group)  # raises, saying who left a marker
             _documents_after_a_listing(store, check, kwargs)
-        ds: xarray.Dataset = xr.open_zarr(store, **kwargs)
+        try:
+            ds: xarray.Dataset = xr.open_zarr(store, **kwargs)
+        except (KeyError, TypeError) as e:
+            if (refusal := _lacks_dimension_names(e)) is not None:
+                raise ConfigurationError(_no_dimension_names(_where(store, group))) from refusal
+            raise
         _fill_shards(ds, store, kwargs.get("group"))
     return ds
+
+
+def _lacks_dimension_names(e: BaseException) -> KeyError | None:
+    """xarray's refusal of a Zarr array without dimension names, if ``e`` is one: a ``KeyError`` (format 3), or,
+    format 2, the ``TypeError`` its NCZarr fallback then raises on a zarr 3 store, that ``KeyError`` its context."""
+    seen: BaseException | None = e
+    for _ in range(4):
+        if seen is None:
+            break
+        if isinstance(seen, KeyError) and ("_ARRAY_DIMENSIONS" in str(seen) or "`dimension_names`" in str(seen)):
+            return seen
+        seen = seen.__context__
+    return None
+
+
+def _no_dimension_names(where: str) -> str:
+    return (f"{where}: an array of this group has no dimension names (Zarr format 3's dimension_names, or "
+            "format 2's _ARRAY_DIMENSIONS attribute), which xarray needs to make it a variable: it was not "
+            "written by xarray. Read it with cloudio.load_array(url + '/<name>'), or write it again with "
+            "cloudio.save_array(..., dimension_names=[...]) (format 3) or cloudio.to_zarr.")
 
 
 def _avoid_stale_consolidated(store: JournaledStore, kwargs: dict[str, Any]) -> None:
