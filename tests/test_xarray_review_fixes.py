@@ -129,3 +129,16 @@ def test_a_store_of_arrays_xarray_cannot_name_dimensions_of_is_a_named_refusal(g
     assert url in str(raised.value) and isinstance(raised.value.__cause__, KeyError)
     assert cloudio.load_array(f"{url}/a").shape == (3, 4)
     assert not cloudio.filesystem(url).exists(f"{url}/{MARKER}")
+
+
+@pytest.mark.parametrize("mode", ["w", "w-", "r+"])
+def test_append_dim_with_a_mode_that_does_not_append_is_named_as_such(gcs_bucket, mode):
+    """append_dim with mode="w" was refused saying no dataset was stored there to append to, also when one was:
+    xarray's rule (an append needs mode "a") is said, and nothing is written."""
+    url = f"{gcs_bucket}/stored.zarr"
+    cloudio.to_zarr(_dataset(), url, mode="w")
+    before = sorted(cloudio.filesystem(url).find(url))
+    with pytest.raises(cloudio.ConfigurationError, match=r"append_dim='t' is given with mode=.*mode='a'") as raised:
+        cloudio.to_zarr(_dataset(), url, mode=mode, append_dim="t")
+    assert "no dataset is stored" not in str(raised.value) and url in str(raised.value)
+    assert sorted(cloudio.filesystem(url).find(url)) == before

@@ -608,6 +608,10 @@ def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledSto
         log.debug("%s: safe_chunks=False with rechunk=False: misaligned chunks raise", store.root_url)
     mode = kwargs.get("mode") or ("a" if kwargs.get("append_dim") is not None else
                                   "r+" if kwargs.get("region") is not None else "w-")
+    if kwargs.get("append_dim") is not None and mode not in ("a", "a-"):  # (else said as "nothing to append to")
+        raise ConfigurationError(f"{store.root_url}: append_dim={kwargs['append_dim']!r} is given with mode={mode!r}, "
+                                 "which does not append; nothing was written. Pass mode='a' (or no mode) to append, "
+                                 "or leave append_dim out.")
     # appends race with other writers on the consolidated copy: it is rewritten here, guarded
     # (with compute=False xarray writes every document before it returns: consolidated right after, too)
     guarded = mode in ("a", "a-") and kwargs.get("consolidated") is not False and is_gcs(store.root_url)
