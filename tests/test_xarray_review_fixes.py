@@ -142,3 +142,23 @@ def test_append_dim_with_a_mode_that_does_not_append_is_named_as_such(gcs_bucket
         cloudio.to_zarr(_dataset(), url, mode=mode, append_dim="t")
     assert "no dataset is stored" not in str(raised.value) and url in str(raised.value)
     assert sorted(cloudio.filesystem(url).find(url)) == before
+
+
+@pytest.mark.parametrize("append_dim", [None, "t"])
+def test_an_append_whose_new_variable_zarr_refuses_writes_nothing(gcs_bucket, append_dim):
+    """to_zarr(mode="a") adding variables, one with an encoding zarr refuses (a compressor that is no codec): zarr
+    made the others first, so the store was left marked incomplete, refused to every reader until rewritten whole
+    with mode="w" (an append that succeeds later takes off only its own mark)."""
+    url = f"{gcs_bucket}/added.zarr"
+    cloudio.to_zarr(_dated(), url, mode="w")
+    before = sorted(cloudio.filesystem(url).find(url))
+    more = _dated().assign(a=("t", np.ones(8)), y=("t", np.ones(8)))
+    if append_dim is not None:
+        import pandas as pd
+
+        more = more.assign_coords(t=pd.date_range("2001", periods=8))
+    with pytest.raises(cloudio.ConfigurationError, match="nothing was written") as raised:
+        cloudio.to_zarr(more, url, mode="a", append_dim=append_dim, encoding={"y": {"compressors": "nope"}})
+    assert url in str(raised.value) and isinstance(raised.value.__cause__, TypeError)
+    assert sorted(cloudio.filesystem(url).find(url)) == before
+    assert cloudio.open_zarr(url).x.values.tolist() == list(range(8))

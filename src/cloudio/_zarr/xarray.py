@@ -640,6 +640,11 @@ def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledSto
                                                    kwargs.get("group")))
         if mode in ("w", "w-"):  # written in memory first: xarray refuses some input only once zarr emptied the group
             _rehearse(dataset, _where(store, _group(kwargs)), mode, kwargs)
+        elif mode in ("a", "a-") and kwargs.get("region") is None:  # the variables it adds: made after others
+            added = [name for name in dataset.variables if stored is None or stored.array(name) is None]
+            if added:
+                encoding = {k: v for k, v in (kwargs.get("encoding") or {}).items() if k in added}
+                _rehearse(dataset[added], _where(store, _group(kwargs)), mode, {**kwargs, "encoding": encoding})
         aligned = _align_dataset(dataset, store, kwargs, rechunk, stored, region)
         # a write to a group replaces (mode="w") or changes that group only: its mark says which
         group = _group(kwargs)
