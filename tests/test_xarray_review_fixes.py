@@ -162,3 +162,22 @@ def test_an_append_whose_new_variable_zarr_refuses_writes_nothing(gcs_bucket, ap
     assert url in str(raised.value) and isinstance(raised.value.__cause__, TypeError)
     assert sorted(cloudio.filesystem(url).find(url)) == before
     assert cloudio.open_zarr(url).x.values.tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("face", ["to_zarr", "open_zarr"])
+def test_storage_options_with_a_store_are_refused_not_ignored(gcs_bucket, face):
+    """storage_options given with a cloudio.zarr_store (which has its own) were dropped without a word, so the
+    credentials or project they named were not used; xarray refuses them with a store that is not a URL."""
+    url = f"{gcs_bucket}/opts.zarr"
+    cloudio.to_zarr(_dataset(), url, mode="w")
+    before = sorted(cloudio.filesystem(url).find(url))
+    options = {"project": "another-project"}
+    refused = r"storage_options.*zarr_store\(url, \*\*storage_options\)"
+    with pytest.raises(cloudio.ConfigurationError, match=refused) as raised:
+        if face == "to_zarr":
+            cloudio.to_zarr(_dataset() * 2, cloudio.zarr_store(url), mode="w", storage_options=options)
+        else:
+            cloudio.open_zarr(cloudio.zarr_store(url), storage_options=options)
+    assert url in str(raised.value)
+    assert sorted(cloudio.filesystem(url).find(url)) == before
+    assert cloudio.open_zarr(url).x.values.tolist() == list(range(8))

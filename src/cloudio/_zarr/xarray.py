@@ -64,6 +64,11 @@ __all__ = ["open_zarr", "to_zarr"]
 def _store(url: str | os.PathLike[str] | JournaledStore, read_only: bool,
            storage_options: Mapping[str, Any] | None) -> JournaledStore:
     if isinstance(url, JournaledStore):
+        if storage_options:  # (xarray refuses them with a store too: they would go unused)
+            raise ConfigurationError(
+                f"{url.root_url}: storage_options={dict(storage_options)!r} are given with a store, which has gcsfs "
+                "options of its own; nothing was done. Pass the URL with them, or make the store with "
+                "cloudio.zarr_store(url, **storage_options).")
         return url
     return zarr_store(url, read_only=read_only, **dict(storage_options or {}))
 
