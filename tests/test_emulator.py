@@ -387,8 +387,10 @@ def test_filesystem_backend_keeps_objects_on_disk(clean_env: pytest.MonkeyPatch,
 
 
 def test_external_mode_attaches_to_storage_emulator_host(clean_env: pytest.MonkeyPatch) -> None:
-    with Emulator() as first:
-        clean_env.setenv("STORAGE_EMULATOR_HOST", first.url)
+    # (set in a context of its own, undone inside the block: clean_env's undo at teardown would otherwise put
+    # back the first server's URL, dead by then, when the variable was not set before the test)
+    with Emulator() as first, pytest.MonkeyPatch.context() as attach:
+        attach.setenv("STORAGE_EMULATOR_HOST", first.url)
         with Emulator() as second:
             assert second.mode == "external"
             assert second.url == first.url
