@@ -181,3 +181,14 @@ def test_storage_options_with_a_store_are_refused_not_ignored(gcs_bucket, face):
     assert url in str(raised.value)
     assert sorted(cloudio.filesystem(url).find(url)) == before
     assert cloudio.open_zarr(url).x.values.tolist() == list(range(8))
+
+
+def test_load_array_refuses_dask_chunks_for_an_eager_read(gcs_bucket):
+    """load_array(url, chunks=...) without lazy=True dropped the chunks and read the whole array into memory at
+    once; the chunks are Dask's: the call is refused before any request, saying to pass lazy=True."""
+    url = f"{gcs_bucket}/eager.zarr"
+    cloudio.save_array(np.arange(100.0), url, chunks=(10,))
+    with pytest.raises(cloudio.ConfigurationError, match=r"chunks=.*lazy=True") as raised:
+        cloudio.load_array(url, chunks=(50,))
+    assert url in str(raised.value)
+    assert cloudio.load_array(url, lazy=True, chunks=(50,)).chunks == ((50, 50),)

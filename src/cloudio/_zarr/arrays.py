@@ -462,6 +462,9 @@ def load_array(
     (see docs/consistency.md).
     """
     store = url if isinstance(url, JournaledStore) else zarr_store(url, read_only=True)
+    if chunks is not None and not lazy:  # (they were dropped: the whole array read into memory at once)
+        raise ConfigurationError(f"{store.root_url}: chunks={chunks!r} are a Dask array's, and this read is eager "
+                                 "(lazy=False); nothing was read. Pass lazy=True with them, or leave them out.")
     if lazy:
         return _load_once(store, True, chunks)[0]
     for _ in range(_READ_ATTEMPTS):
