@@ -66,10 +66,11 @@ def _interrupt_once(rule) -> threading.Thread:
     return t
 
 
-def _close_interrupted(fs, url: str, fault_proxy, release: threading.Event):
+def _close_interrupted(fs, url: str, fault_proxy, release: threading.Event, fault: str = "delay", **how):
     """``close()`` of a file opened "wb" at ``url`` (3000 bytes, one chunk), Ctrl-C pressed while its last
-    chunk is held by the proxy (until ``release`` is set); the proxy's rule holding it."""
-    last = fault_proxy.add("delay", path=r"upload_id=", release=release, seconds=60)
+    chunk is held by the proxy (until ``release`` is set, then answered as ``fault`` says); the proxy's rule
+    holding it."""
+    last = fault_proxy.add(fault, path=r"upload_id=", release=release, seconds=60, **how)
     f = fs.open(url, "wb")
     f.write(b"new" * 1000)
     presser = _interrupt_once(last)
@@ -126,15 +127,9 @@ def test_ctrl_c_while_close_sends_the_last_chunk_sends_nothing_more(gcs_emulator
     fs = cloudio.filesystem(url)
     fs.pipe(url, b"old")
     release = threading.Event()
-    refused = fault_proxy.add("status", code=503, path=r"upload_id=", release=release, seconds=60)
-    f = fs.open(url, "wb")
-    f.write(b"new" * 1000)
-    presser = _interrupt_once(refused)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            f.close()
+        _close_interrupted(fs, url, fault_proxy, release, "status", code=503)
     finally:
-        presser.join()
         release.set()
     time.sleep(3)  # what would go on in the background has had its time
     chunks = [(method, status) for method, _, status in fault_proxy.requests(r"upload_id=")]
