@@ -13,6 +13,9 @@ Exit status
     raster, an option or environment variable with an unusable value
 130 interrupted (Ctrl-C), except ``cloudio emulator`` for which Ctrl-C is
     the normal way to stop and exits 0
+129 hung up (SIGHUP: the terminal running it was closed), after the same
+    clean-up as Ctrl-C; not under ``nohup`` (SIGHUP ignored: it runs on)
+    (``cloudio emulator``: stopped, exit 0)
 143 terminated (SIGTERM: a CI job cancelled or timed out), after the same
     clean-up as Ctrl-C (``cloudio emulator``: stopped, exit 0)
 """
@@ -30,6 +33,7 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from cloudio import __version__
 from cloudio.errors import (
@@ -125,27 +129,41 @@ def _unreachable_hint(e: BaseException) -> str:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that clean-up runs as for Ctrl-C (a started emulator stopped, the
-    objects written below a URL removed); Python's default for SIGTERM ends the process at once."""
+    """SIGTERM or SIGHUP, raised in the main thread so that clean-up runs as for Ctrl-C (a started emulator
+    stopped, the objects written below a URL removed); Python's default for either ends the process at once."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
+    raise _Terminated(signum)
+
+
+#: the signals that end a command with clean-up, and what the command then says (SIGHUP: its terminal closed)
+_ENDING_SIGNALS = {"SIGTERM": "terminated", "SIGHUP": "hung up"}
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While the command runs: SIGTERM raises :class:`_Terminated` (main thread, default handler only)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
-        signal.SIG_DFL, None
-    ):
-        yield  # called from a thread, or a program with its own SIGTERM handling: left as it is
+def _signals_as_interrupt() -> Iterator[None]:
+    """While the command runs: SIGTERM and SIGHUP raise :class:`_Terminated` (main thread, default handler only).
+
+    A signal with another handler is left as it is: the program's own handling, or nohup's ignored SIGHUP
+    (the command is to outlive its terminal)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # called from a thread: signal handlers cannot be set here
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous: dict[signal.Signals, Any] = {}
     try:
+        for name in _ENDING_SIGNALS:
+            sig = getattr(signal, name, None)  # no SIGHUP on Windows
+            if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+                previous[sig] = signal.signal(sig, _raise_terminated)
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,13 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore_logging = _configure_logging(debug)
     prog = f"cloudio {args.command}"
     try:
-        with warnings.catch_warnings(), _sigterm_as_interrupt():
+        with warnings.catch_warnings(), _signals_as_interrupt():
             if not debug:  # third-party notices (zarr, xarray) are not the user's business here
                 warnings.simplefilter("ignore")
             return int(args.func(args))
-    except _Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
-        return 143
+    except _Terminated as e:
+        print(f"{prog}: {_ENDING_SIGNALS.get(signal.Signals(e.signum).name, 'terminated')}", file=sys.stderr)
+        return 128 + e.signum  # as a shell reports a process the signal ended: 143 SIGTERM, 129 SIGHUP
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
