@@ -166,3 +166,31 @@ def test_a_connection_given_up_on_is_closed_at_once(tmp_path: Path, monkeypatch:
     finally:
         server.kill()
         server.wait()
+
+
+# -- a read interrupted in the caller's hands ---------------------------------------------------------------------
+
+
+def test_a_read_interrupted_while_the_caller_takes_a_piece_leaves_no_connection_half_read(
+        gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy) -> None:
+    """Ctrl-C (a KeyboardInterrupt, no Exception) while ``fetch_pieces`` hands the caller a piece: the answer's
+    rest is unread, so the connection is closed at once. It was kept: the thread's next request went out on
+    it, ``http.client`` refused the answer (ResponseNotReady), and the request was sent again after a pause
+    on a new connection."""
+    from cloudio._gcs import fast
+
+    bucket = gcs_bucket.removeprefix("gs://")
+    data = np.random.default_rng(3).integers(0, 256, 1 << 20, dtype="u1").tobytes()
+    gcs_emulator.client.bucket(bucket).blob("conn/big.bin").upload_from_string(data)
+    path = GCSPath(bucket, "conn/big.bin")
+    fs = _fs()
+
+    def interrupted(i: int, piece: np.ndarray) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fast.fetch_pieces(fs, path, lambda n: [1 << 16] * (n >> 16), np.empty(1 << 16, dtype="u1"), interrupted,
+                          lambda: np.empty(1 << 21, dtype="u1"))
+    assert _connections_to(fault_proxy.server.server_address[1]) == 0
+    view = fast.fetch_into(fs, path, np.empty(1 << 21, dtype="u1"))
+    assert view is not None and bytes(view) == data

@@ -625,9 +625,11 @@ def fetch_pieces(fs: gcsfs.GCSFileSystem, path: GCSPath, plan: Callable[[int], S
             if r.read(1):
                 raise ConnectionError("the answer is longer than its Content-Length")
             got, n, result = checksums.text(crc), sum(sizes), True
-    except Exception as e:
+    except BaseException as e:
         if origin is not None:
-            _drop(origin)
+            _drop(origin)  # (the answer's rest unread, whatever stopped the read: Ctrl-C in ``take`` too)
+        if not isinstance(e, Exception):
+            raise
         log.debug("%s: read in one go failed (%s: %s); reading it the careful way", path.url, type(e).__name__, e)
         return False
     if want is not None and got != want:
