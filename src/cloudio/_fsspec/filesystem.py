@@ -58,6 +58,7 @@ from cloudio._gcs.client import (
     bucket_missing,
     gcsfs_call_limit,
     http_options,
+    is_http_error,
     is_refusal,
     is_transient,
     read_refused,
@@ -111,6 +112,10 @@ _attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cl
 #: inside a plain pipe: the generation each of its upload requests needs (``ifGenerationMatch``), see
 #: :meth:`GCSFileSystem._pipe_file`
 _replacing: contextvars.ContextVar[int | None] = contextvars.ContextVar("cloudio_fsspec_replacing", default=None)
+#: inside a merge: the ``gs://`` URLs of the target and of the sources its compose request reads (see
+#: :meth:`_JournalingGCSMixin._request`)
+_composing: contextvars.ContextVar[tuple[str, list[str]] | None] = contextvars.ContextVar("cloudio_fsspec_composing",
+                                                                                          default=None)
 
 
 #: inside a put through gcsfs's own upload: the local file it reads, and the sum of what it read of it (see
@@ -968,12 +973,72 @@ class _JournalingGCSMixin(_TextWrites):
         return out
 
     async def _merge(self, path: str, paths: Any, *args: Any, **kwargs: Any) -> Any:
+        """gcsfs's compose, journaled; a source that does not exist raises ObjectNotFoundError naming it (see
+        :meth:`_request`)."""
         url = self._cloudio_url(path)
-        # GDAL reads of it in flight end first, waited for off the event loop; later ones wait for the record
-        with await journal().changing_async(url), _unsure(url):
-            out = await super()._merge(path, paths, *args, **kwargs)  # type: ignore[misc]
-            _record(url, "write")
+        bucket = self.split_path(path)[0]  # type: ignore[attr-defined]
+        # what gcsfs composes: each source's key, in the target's bucket (GCS composes within one bucket)
+        sources = [_gcs_url(self, f"{bucket}/{self.split_path(p)[1]}") for p in paths]  # type: ignore[attr-defined]
+        token = _composing.set((url, sources))
+        try:
+            # GDAL reads of it in flight end first, waited for off the event loop; later ones wait for the record
+            with await journal().changing_async(url), _unsure(url):
+                out = await super()._merge(path, paths, *args, **kwargs)  # type: ignore[misc]
+                _record(url, "write")
+        finally:
+            _composing.reset(token)
         return out
+
+    async def _request(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        """gcsfs's request; a merge's compose request is tried once alone first, and when the server answers
+        it 404 (GCS, for a missing source) or 5xx (fake-gcs-server answers a missing source 500) the sources
+        are checked (:meth:`_missing_source`) before gcsfs's retries: a missing one is named at once, where
+        gcsfs retried a 500 until the time limit and then raised TransientError."""
+        composing = _composing.get()
+        if composing is None or method != "POST" or not path.endswith("/compose"):
+            return await super()._request(method, path, *args, **kwargs)  # type: ignore[misc]
+        once = getattr(super()._request, "__wrapped__", None)  # type: ignore[misc]  # gcsfs's, without retries
+        if once is None:  # (another gcsfs): checked once its retries are over
+            try:
+                return await super()._request(method, path, *args, **kwargs)  # type: ignore[misc]
+            except Exception as e:
+                await self._missing_source(*composing, e)
+                raise
+        try:
+            return await once(self, method, path, *args, **kwargs)
+        except Exception as e:
+            await self._missing_source(*composing, e)
+            if isinstance(e, FileNotFoundError) or not is_transient(e):
+                raise
+        return await super()._request(method, path, *args, **kwargs)  # type: ignore[misc]
+
+    async def _missing_source(self, url: str, sources: list[str], error: Exception) -> None:
+        """After the compose request of ``url`` failed with ``error``: when the server answered it 404 or 5xx,
+        raise ObjectNotFoundError naming the first source that does not exist (BucketNotFoundError when the
+        bucket is missing), from ``error``. One metadata request per source up to that one (and one for the
+        bucket when the first is missing); nothing when every source is there or a check itself fails."""
+        code = 404 if isinstance(error, FileNotFoundError) else getattr(error, "code", None)
+        if not (code == 404 or (is_http_error(error) and isinstance(code, int) and 500 <= code < 600)):
+            return
+        for i, source in enumerate(dict.fromkeys(sources)):
+            try:
+                held = await self._stored(source)
+            except CloudioError as e:
+                log.info("%s: could not check the merge's source %s (%s)", url, source, e)
+                return
+            if held:
+                continue
+            path = parse_gcs(source, require_key=True)
+            if i == 0:  # none found yet: the bucket may be missing
+                try:
+                    await self._call("GET", "b/{}", path.bucket, json_out=True)
+                except FileNotFoundError:
+                    raise bucket_missing(path) from error
+                except CloudioError:
+                    pass
+            raise ObjectNotFoundError(f"{url}: not merged: its source {source} does not exist; nothing was "
+                                      "written. Check the source URLs; cloudio.filesystem().ls lists what a "
+                                      "folder holds.") from error
 
     async def _setxattrs(self, path: str, *args: Any, **kwargs: Any) -> Any:
         url = self._cloudio_url(path)
