@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -70,10 +71,6 @@ ORIGIN = _new_origin()
 def _forked() -> None:
     global ORIGIN
     ORIGIN = _new_origin()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
-    os.register_at_fork(after_in_child=_forked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +131,7 @@ class WriteJournal:
 
     def __init__(self, max_records: int = 100_000) -> None:
         self._lock = threading.Lock()
+        _journals.add(self)
         self._seq = itertools.count(1)
         self._last_seq = 0
         self._records: deque[Change] = deque(maxlen=max_records)
@@ -301,6 +299,39 @@ def _ensure_consumers() -> None:
                 if e.name != module:
                     raise
                 # this build of cloudio has no consumer for that library: nothing to tell
+
+
+#: every journal of this process, whose lock a fork must not copy held (:func:`_before_fork`)
+_journals: weakref.WeakSet[WriteJournal] = weakref.WeakSet()
+#: the locks :func:`_before_fork` took, to give back in the parent (a journal made meanwhile is not among them)
+_held: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    """Hold every journal's lock across a fork. Why: a thread recording at that moment is not in the child, and
+    a lock copied held by it would stop the child's first write for good; held here, it is copied with the
+    records whole (an append and ``seq`` agree) and made anew in the child."""
+    for j in list(_journals):
+        lock = j._lock
+        lock.acquire()
+        _held.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _held:
+        _held.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    _held.clear()
+    _forked()
+    for j in list(_journals):
+        j._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 _journal = WriteJournal()

@@ -1,0 +1,124 @@
+"""A review of the write journal and the consistency levels (``_journal``, ``_session``, ``_state``,
+``_threads``); each test failed before its fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from cloudio._journal import journal
+from cloudio._session import count, current_consistency, session
+
+fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="nothing forks here")
+
+
+@pytest.fixture(autouse=True)
+def _no_env_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CLOUDIO_CONSISTENCY", raising=False)
+
+
+def _child_exit_code(work: Callable[[], object], seconds: float = 5.0) -> int:
+    """Fork; the child runs ``work`` in a thread and exits 0 when it returned, 1 when it raised, 2 when it was
+    still running after ``seconds`` (a hang). The parent kills a child gone silent, so nothing hangs the suite."""
+    pid = os.fork()
+    if pid == 0:  # the child: leaves through os._exit on every path, never back into pytest
+        code = [2]
+
+        def run() -> None:
+            try:
+                work()
+                code[0] = 0
+            except BaseException:
+                code[0] = 1
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(seconds)
+        os._exit(code[0])
+    deadline = time.monotonic() + seconds + 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return 2
+        time.sleep(0.01)
+
+
+def _forks(work: Callable[[], object], n: int = 25) -> list[int]:
+    """The exit codes of up to ``n`` children forked one after another, up to the first that did not exit 0."""
+    codes: list[int] = []
+    while len(codes) < n and not any(codes):
+        codes.append(_child_exit_code(work))
+    return codes
+
+
+@pytest.fixture
+def busy_threads() -> Iterator[Callable[[Callable[[int], object]], None]]:
+    """Start 4 threads repeating ``step(i)`` until the test ends."""
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def start(step: Callable[[int], object]) -> None:
+        def loop() -> None:
+            i = 0
+            while not stop.is_set():
+                step(i)
+                i += 1
+
+        for _ in range(4):
+            threads.append(threading.Thread(target=loop, daemon=True))
+            threads[-1].start()
+
+    yield start
+    stop.set()
+    for t in threads:
+        t.join(10)
+
+
+# -- a fork while other threads record (multiprocessing's and Dask's fork) ---------------------------------------
+
+
+@fork_only
+@pytest.mark.timeout(120)
+def test_a_process_forked_while_other_threads_record_changes_can_record_its_own(busy_threads) -> None:
+    """Other threads record changes while this one forks (a ``multiprocessing`` pool started while uploads run).
+    The child must be able to journal its own writes, and read them back. The journal's lock was copied held by
+    a thread the child does not have: the child's first write hung for good."""
+    # local keys: no cache's consumer takes a lock of its own for them; only the journal is exercised
+    busy_threads(lambda i: journal().record(f"/tmp/cloudio-fork-review/{threading.get_ident()}/{i}", "write"))
+    time.sleep(0.05)
+
+    def in_child() -> None:
+        change = journal().record("/tmp/cloudio-fork-review/child", "write")
+        assert journal().since(change.seq - 1) == [change]
+
+    codes = _forks(in_child)
+    assert codes == [0] * 25, f"children that hung (2, -9) or failed (1): {codes}"
+
+
+@fork_only
+@pytest.mark.timeout(120)
+def test_a_process_forked_while_other_threads_count_can_open_sessions_and_count(busy_threads) -> None:
+    """Other threads count uploads in an open session while this one forks. The child must be able to enter a
+    session of its own and count what it does: the sessions' lock was copied held, and the child hung at its
+    first upload (``count``) or ``cloudio.session``."""
+    with session():
+        busy_threads(lambda i: count("uploads"))
+        time.sleep(0.05)
+
+        def in_child() -> None:
+            with session("strong") as s:
+                count("uploads")
+                assert current_consistency() == "strong"
+            assert s.stats.uploads == 1
+
+        codes = _forks(in_child)
+    assert codes == [0] * 25, f"children that hung (2, -9) or failed (1): {codes}"
