@@ -1834,26 +1834,31 @@ def _transient(e: BaseException) -> bool:
 
 @contextmanager
 def cloudio_errors(store: JournaledStore, *, writing: bool, node: str = "store",
-                   writer: str = "cloudio.to_zarr", group: str = "", mode: str = "w-") -> Iterator[None]:
+                   writer: str = "cloudio.to_zarr", group: str = "", mode: str = "w-",
+                   zarr_format: int | None = None) -> Iterator[None]:
     """Re-raise what zarr, xarray or gcsfs raise inside as :func:`cloudio_error` says, with it as the cause."""
     try:
         yield
     except Exception as e:
-        err = cloudio_error(store, e, writing=writing, node=node, writer=writer, group=group, mode=mode)
+        err = cloudio_error(store, e, writing=writing, node=node, writer=writer, group=group, mode=mode,
+                            zarr_format=zarr_format)
         if err is not None:
             raise err from e
         raise
 
 
 def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, node: str = "store",
-                  writer: str = "cloudio.to_zarr", group: str = "", mode: str = "w-") -> CloudioError | None:
+                  writer: str = "cloudio.to_zarr", group: str = "", mode: str = "w-",
+                  zarr_format: int | None = None) -> CloudioError | None:
     """The :class:`~cloudio.CloudioError` a user should see for ``e`` raised by zarr, xarray or gcsfs.
 
-    None when ``e`` is already cloudio's, or no error cloudio can name (a wrong argument that zarr or
-    xarray raises as a ValueError becomes a ConfigurationError naming the store). ``group``:
-    the group a read or write asked for (zarr says a missing one is a
+    None when ``e`` is already cloudio's, raised by a Dask computation (the user's own graph: a chunk's
+    task; the server's failures on the way are still named), or no error cloudio can name (a wrong
+    argument that zarr or xarray raises as a ValueError becomes a ConfigurationError naming the store).
+    ``group``: the group a read or write asked for (zarr says a missing one is a
     ``KeyError`` of the consolidated metadata, or a ``FileNotFoundError``);
-    ``mode``: a write's mode.
+    ``mode``: a write's mode; ``zarr_format``: the format a read asked for (a node of the other one is
+    named as such, not as missing).
     """
     from cloudio.errors import ConfigurationError, IntegrityError, TransientError
 
@@ -1866,6 +1871,8 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
                 "succeeds later cannot know what this one left" if writing else "try again later")
         return TransientError(f"{url}: the server or network kept failing past the retries "
                               f"({type(e).__name__}: {e}); {then}.")
+    if raised_computing(e) and _how_failed(e) is None:
+        return None  # the user's own graph failed (a ValueError is not input zarr refused): raised as it is
     if isinstance(e, json.JSONDecodeError | UnicodeDecodeError):
         return IntegrityError(f"{url}: a Zarr metadata document there is not valid JSON ({e}); the store is "
                               f"damaged: write it again with {writer}.")
@@ -1883,7 +1890,7 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
                                   "'/<name>')).")
     missing_member = isinstance(e, KeyError) and "not found in consolidated metadata" in str(e)
     if isinstance(e, FileNotFoundError) or (group and missing_member):
-        return _not_found(store, node, writer, group)
+        return _not_found(store, node, writer, group, zarr_format)
     if _how_failed(e) == "refused":
         from cloudio.errors import UploadError
 
@@ -1898,6 +1905,25 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
         return ConfigurationError(f"{url}: {writer if writing else 'the read'} refused its arguments "
                                   f"({type(e).__name__}: {e}). Change them and try again.")
     return None
+
+
+def raised_computing(e: BaseException) -> bool:
+    """Whether ``e`` came out of a Dask computation (the user's own graph, a chunk's task), not out of the
+    checks zarr, xarray or Dask make of their input before: a frame of Dask's ``compute``/``persist``, or of
+    distributed's, is on its way. Why not any of Dask's frames: opening with Dask chunks runs Dask's own
+    checks (``normalize_chunks``), whose ValueError is a wrong argument. Dask shortens the traceback of a
+    computation's failure (``admin.traceback.shorten``), but keeps the frame that computed."""
+    tb = e.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module.startswith("distributed.") or (module == "dask.base" and tb.tb_frame.f_code.co_name in _COMPUTING):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+#: the functions of ``dask.base`` that run a graph (each computation of a collection goes through one)
+_COMPUTING = frozenset({"compute", "persist", "compute_as_if_collection"})
 
 
 def holds_a_node(url: str) -> bool:
@@ -1984,12 +2010,20 @@ def _already_there(url: str, e: BaseException, writer: str, mode: str = "w-", gr
                               f"written. {then}, or write to another URL.")
 
 
-def _not_found(store: JournaledStore, node: str, writer: str, group: str = "") -> CloudioError:
-    """Why there is no Zarr node at the store's root (or no ``group`` in it): no bucket, an object in its
-    place, no such group, or nothing."""
+def _not_found(store: JournaledStore, node: str, writer: str, group: str = "",
+               zarr_format: int | None = None) -> CloudioError:
+    """Why there is no Zarr node at the store's root (or no ``group`` in it): a node of the other Zarr format
+    than ``zarr_format`` asked, no bucket, an object in its place, no such group, or nothing."""
     from cloudio.errors import ConfigurationError, ObjectNotFoundError
 
     url = store.root_url
+    other = _other_format(store, zarr_format, group)
+    if other is not None:
+        at = f"{url}/{group.strip('/')}" if group.strip("/") else url
+        fmt, document = other
+        return ConfigurationError(f"{at}: holds a Zarr format {fmt} {node if not group.strip('/') else 'group'} "
+                                  f"({document}), not format {zarr_format}; pass zarr_format={fmt} or leave it "
+                                  "out.")
     if group and holds_a_node(url):
         return ObjectNotFoundError(f"{url}: the Zarr store there has no group {group!r}; check the group name "
                                    f"(and its path from the store's root), or write it with {writer}(..., "
@@ -2017,3 +2051,21 @@ def _not_found(store: JournaledStore, node: str, writer: str, group: str = "") -
                                   f"cloudio.open({url!r}), or point at the store's directory.")
     return ObjectNotFoundError(f"{url}: no Zarr {node} there (no zarr.json, .zgroup or .zarray); check the URL, "
                                f"or write one with {writer}.")
+
+
+def _other_format(store: JournaledStore, zarr_format: int | None, group: str = "") -> tuple[int, str] | None:
+    """The other Zarr format than ``zarr_format`` (2 or 3) and its document, when one stands where the read
+    looked (the store's root, or ``group``), read through the store as its reads are; None when there is
+    none, or it cannot be told (the caller then says what else it finds)."""
+    if zarr_format not in (2, 3):
+        return None
+    prefix = key_prefix(group.strip("/"))
+    other, documents = (2, (".zgroup", ".zarray")) if zarr_format == 3 else (3, ("zarr.json",))
+    for document in documents:
+        try:
+            if run_sync(store.exists(prefix + document)):
+                return other, document
+        except (CloudioError, OSError) as e:  # cannot tell: said as not found
+            log.debug("%s: could not look for %s: %s", store.root_url, prefix + document, e)
+            return None
+    return None

@@ -45,6 +45,7 @@ from cloudio._zarr.store import (
     consolidated_is_stale,
     consolidated_seen,
     key_prefix,
+    raised_computing,
     refuse_replacing_others,
     revalidate,
     run_sync,
@@ -585,20 +586,7 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     succeeds while the graph has not started: xarray's template pattern),
     whatever the mode; see docs/consistency.md.
     """
-    try:
-        return _to_zarr(dataset, url, rechunk, kwargs)
-    except _GraphFailed as failed:
-        error = failed.error
-    raise error  # (outside the handler: not chained to _GraphFailed)
-
-
-class _GraphFailed(BaseException):
-    """Carries a failure of the Dask computation out of :func:`cloudio_errors`, which would name it as input
-    zarr or xarray refused (a ValueError): the user's own graph raises as it does."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(error)
-        self.error = error
+    return _to_zarr(dataset, url, rechunk, kwargs)
 
 
 def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStore, rechunk: bool,
@@ -690,10 +678,9 @@ def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledSto
             unheard = changes is not None and changes.unheard()  # chunks stored by processes not heard here
             changed = unheard or mark.changed()
             mark.fail(unheard)
-            if isinstance(e, ValueError | KeyError | TypeError) and not isinstance(e, CloudioError) and \
-                    _raised_computing(e):
-                raise _GraphFailed(e) from None  # the user's own graph (a chunk's task) failed: not its input
-            if changed and isinstance(e, ValueError | KeyError | TypeError) and not isinstance(
+            # the user's own graph (a chunk's task) failed, not its input: cloudio_errors raises it as it is
+            computing = raised_computing(e)
+            if changed and not computing and isinstance(e, ValueError | KeyError | TypeError) and not isinstance(
                     e, (CloudioError, *STORED_ALREADY)):  # (a node already there: cloudio_errors names it)
                 # xarray checks a variable's encoding as it comes to it: zarr had already written, or deleted
                 raise ConfigurationError(
@@ -704,7 +691,7 @@ def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledSto
                     + ("Fix the arguments and write again with mode='w' (it replaces what this write left)."
                        if mode in ("w", "w-") else "Fix the arguments and write again.")
                 ) from e
-            if not changed and isinstance(e, KeyError | TypeError) and _raised_by_xarray(e):
+            if not changed and not computing and isinstance(e, KeyError | TypeError) and _raised_by_xarray(e):
                 # xarray refused the input before anything was written (region="auto" with coordinates not
                 # stored); a ValueError there is named by cloudio_errors; the user's own graph raises as it does
                 raise ConfigurationError(
@@ -731,17 +718,6 @@ def _raised_by_xarray(e: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("xarray.")
-
-
-def _raised_computing(e: BaseException) -> bool:
-    """Whether ``e`` came out of a Dask computation (the user's own graph, a chunk's task), not out of xarray's
-    checks of its input: a frame of Dask's (or distributed's) is on its way."""
-    tb = e.__traceback__
-    while tb is not None:
-        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith(("dask.", "distributed.")):
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _says_write_empty_chunks(dataset: xarray.Dataset, kwargs: dict[str, Any]) -> bool:
@@ -843,7 +819,8 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
         No Zarr store at ``url``, or no ``group`` in it (:class:`~cloudio.BucketNotFoundError`: no such
         bucket).
     ConfigurationError
-        ``url`` is a single object (a GeoTIFF), not a store.
+        ``url`` is a single object (a GeoTIFF), not a store; or a store of the other Zarr format than the
+        ``zarr_format`` asked (the message says which to pass).
     IncompleteWriteError
         A write to ``url`` started and never committed.
     IntegrityError
@@ -867,7 +844,8 @@ def open_zarr(url: str | os.PathLike[str] | JournaledStore, **kwargs: Any) -> xa
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, True, storage_options)
     group = _group(kwargs)  # a write to url/group marks that store, not this one
-    with cloudio_errors(store, writing=False, group=group):
+    # a node of the other Zarr format than the one asked is named as such, not as missing
+    with cloudio_errors(store, writing=False, group=group, zarr_format=kwargs.get("zarr_format")):
         check = revalidate(store)
         if check is None:  # the session level (or a bound the last listing is within)
             check_complete(store, group=group)
