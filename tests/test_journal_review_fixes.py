@@ -1,5 +1,5 @@
 """A review of the write journal and the consistency levels (``_journal``, ``_session``, ``_state``,
-``_threads``); each test failed before its fix."""
+``_threads``); each test failed before its fix, but where its docstring says it guards one."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -122,3 +123,54 @@ def test_a_process_forked_while_other_threads_count_can_open_sessions_and_count(
 
         codes = _forks(in_child)
     assert codes == [0] * 25, f"children that hung (2, -9) or failed (1): {codes}"
+
+
+# -- the level worker threads take: the newest session block still open ------------------------------------------
+
+
+def _worker_level() -> object:
+    with ThreadPoolExecutor(1) as pool:  # a thread that entered no session: the newest block open in the process
+        return pool.submit(current_consistency).result()
+
+
+def test_leaving_a_session_entered_again_inside_another_puts_the_other_back_in_force_for_worker_threads() -> None:
+    """``with strong: with bounded: with strong: ...``: once the innermost block is left, the bounded one is the
+    newest still open, here and in worker threads. Leaving took off the first entry of ``strong`` (the outer
+    block's) instead of its own: worker threads went on reading at "strong", as if the left block were open."""
+    strong, bounded = session("strong"), session(5)
+    with strong:
+        with bounded:
+            with strong:
+                assert _worker_level() == "strong"
+            assert current_consistency() == 5
+            assert _worker_level() == 5
+        assert _worker_level() == "strong"
+    assert _worker_level() == "session"
+
+
+def test_a_session_left_in_one_thread_takes_off_that_threads_block_not_anothers() -> None:
+    """One session object entered in two threads: leaving it in one takes off that thread's block, so a block
+    the other thread entered later (inside one of its own) stays the newest. (A guard of the fix above: it
+    passed before it too, and fails if leaving takes off the object's last entry instead of the block's own.)"""
+    strong, bounded = session("strong"), session(5)
+    entered, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with strong:
+            entered.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert entered.wait(10)
+        with bounded:
+            with strong:  # the newest block open in the process
+                leave.set()
+                t.join(10)  # the other thread's (older) block of the same object is left
+                assert _worker_level() == "strong"
+            assert _worker_level() == 5
+    finally:
+        leave.set()
+        t.join(10)
+    assert _worker_level() == "session"

@@ -141,21 +141,29 @@ class session:
     def __enter__(self) -> session:
         # one token per block entered and not yet left, in this context (a thread, an asyncio task): the same
         # object may be entered again inside its block, and in several threads or tasks at once
-        _entered.set((*_entered.get(), (self, _state.current_session.set(self))))
+        token = _state.current_session.set(self)
+        _entered.set((*_entered.get(), (self, token)))
         with _state.sessions_lock:
             if self not in _state.open_sessions:
                 self.stats._start()
             _state.open_sessions.append(self)
+            _state.open_blocks.append(token)
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        with _state.sessions_lock:
-            if self in _state.open_sessions:
-                _state.open_sessions.remove(self)
-                if self not in _state.open_sessions:  # its outermost block
-                    self.stats._freeze()
         entered = _entered.get()
         mine = [i for i, (s, _) in enumerate(entered) if s is self]
+        block = entered[mine[-1]][1] if mine else None
+        with _state.sessions_lock:
+            # this block's own entry (the last of the object's when left in another context): worker threads take
+            # the level of the newest entry, and taking off the object's first one, an outer block's, left this
+            # block's level in force for them after it was left
+            at = [i for i, (s, b) in enumerate(zip(_state.open_sessions, _state.open_blocks, strict=False))
+                  if s is self and (block is None or b is block)]
+            if at:
+                del _state.open_sessions[at[-1]], _state.open_blocks[at[-1]]
+                if self not in _state.open_sessions:  # its outermost block
+                    self.stats._freeze()
         if mine:
             token = entered[mine[-1]][1]
             _entered.set(entered[:mine[-1]] + entered[mine[-1] + 1:])

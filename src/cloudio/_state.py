@@ -34,6 +34,9 @@ endpoints: list[str] = []
 current_session: contextvars.ContextVar[session | None] = contextvars.ContextVar("cloudio_session", default=None)
 #: every session open in the process, oldest first (worker threads take the level of the newest)
 open_sessions: list[session] = []
+#: the block that entered each element of ``open_sessions`` (its token), in the same order: one session object may
+#: be entered in several blocks at once, and leaving one must take off that block's entry, not another's
+open_blocks: list[object] = []
 #: guards ``open_sessions`` and the session counters
 sessions_lock = threading.Lock()
 #: datasets opened, process-wide: ``next()`` on a count is atomic and lock-free (the open fast path)
@@ -103,6 +106,7 @@ def reset() -> None:
     with sessions_lock:
         closing = list(open_sessions)
         open_sessions.clear()
+        open_blocks.clear()
     for s in closing:
         s.stats._freeze()
     current_session.set(None)
