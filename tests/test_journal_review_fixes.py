@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from cloudio._journal import journal
 from cloudio._session import count, current_consistency, session
+from cloudio.errors import ConfigurationError
 
 fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="nothing forks here")
 
@@ -174,3 +176,26 @@ def test_a_session_left_in_one_thread_takes_off_that_threads_block_not_anothers(
         leave.set()
         t.join(10)
     assert _worker_level() == "session"
+
+
+# -- every level refused is a ConfigurationError -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    (-(10**400), "seconds >= 0"),  # past a float's range: OverflowError
+    (np.array([1.0, 2.0]), "is not a level"),  # NumPy's "truth value of an array is ambiguous"
+    (np.array(["session", "strong"]), "is not a level"),
+])
+def test_a_level_that_is_no_level_is_a_configuration_error_naming_it(value: object, why: str) -> None:
+    """A level cloudio cannot use is a ConfigurationError naming the value and what to pass instead. An integer
+    too large for a float raised OverflowError, and an array NumPy's ValueError, from the checks themselves."""
+    with pytest.raises(ConfigurationError) as e:
+        session(value)  # type: ignore[arg-type]
+    assert why in str(e.value) and "'session'" in str(e.value) and "'strong'" in str(e.value)
+
+
+def test_a_bound_past_a_floats_range_is_the_session_level() -> None:
+    """More seconds than a float holds: no cached state is ever that old, so no revalidation (as ``inf``)."""
+    assert session(10**400).consistency == "session"
+    with session(10**400):
+        assert current_consistency() == "session"

@@ -91,20 +91,28 @@ class Stats:
 
 
 def _check_level(consistency: object) -> Consistency:
-    """The level ``consistency`` names; ``inf`` seconds never revalidates, so it is ``"session"``."""
-    if consistency in ("session", "strong"):
+    """The level ``consistency`` names; ``inf`` seconds never revalidates, so it is ``"session"``.
+
+    Anything else is a :class:`ConfigurationError`: compared with ``in``, an array raised NumPy's ValueError, and
+    an integer past a float's range raised OverflowError from ``math.isnan``.
+    """
+    if isinstance(consistency, str) and consistency in ("session", "strong"):
         return consistency  # type: ignore[return-value]
     if isinstance(consistency, numbers.Real) and not isinstance(consistency, bool):
-        if math.isnan(consistency) or consistency < 0:
+        try:
+            seconds = float(consistency)
+        except OverflowError:  # an int or Fraction past a float's range: as many seconds as infinity
+            seconds = math.inf if consistency > 0 else -math.inf
+        if math.isnan(seconds) or consistency < 0:  # type: ignore[operator]
             raise ConfigurationError(
                 f"consistency={consistency!r}: a staleness bound must be a number of seconds >= 0 "
                 "(or 'session', 'strong')"
             )
-        if math.isinf(consistency):
+        if math.isinf(seconds):
             return "session"
         if isinstance(consistency, int | float) and type(consistency) in (int, float):
             return consistency
-        return float(consistency)  # numpy scalars and other reals: a plain float, as from the environment
+        return seconds  # numpy scalars and other reals: a plain float, as from the environment
     raise ConfigurationError(
         f"consistency={consistency!r} is not a level; use 'session', 'strong' or a number of seconds >= 0"
     )
