@@ -118,9 +118,72 @@ _composing: contextvars.ContextVar[tuple[str, list[str]] | None] = contextvars.C
                                                                                           default=None)
 
 
+#: inside a tracked filesystem's :meth:`~_JournalingGCSMixin._call`: the answers its requests got so far
+_receiving: contextvars.ContextVar[_Received | None] = contextvars.ContextVar("cloudio_fsspec_receiving",
+                                                                             default=None)
+
 #: inside a put through gcsfs's own upload: the local file it reads, and the sum of what it read of it (see
 #: :meth:`_JournalingGCSMixin._put_file_gcsfs`)
 _reading: contextvars.ContextVar[_ReadSum | None] = contextvars.ContextVar("cloudio_fsspec_reading", default=None)
+
+
+class _Received:
+    """The successful answers (2xx) one call's requests got so far, each body's bytes counted by aiohttp as they
+    arrive: how :meth:`_JournalingGCSMixin._call` tells a long answer still arriving from a server gone silent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []  # aiohttp's StreamReader of each answer
+
+    def progress(self) -> int:
+        """Grows with every answer and every byte of its body that arrived."""
+        return len(self.bodies) + sum(int(body.total_bytes) for body in self.bodies)
+
+
+async def _answer_heard(session: Any, context: Any, params: Any) -> None:
+    """aiohttp's ``on_request_end`` (an answer's head arrived), in the task that sent the request: a successful
+    answer to a request of a tracked call is watched for its body's bytes (:class:`_Received`)."""
+    received = _receiving.get()
+    response = params.response
+    if received is not None and response.status < 300:
+        received.bodies.append(response.content)
+
+
+@functools.cache
+def _answers_traced() -> Any:
+    """The aiohttp trace that tells :func:`_answer_heard` of every answer (one for every session)."""
+    import aiohttp
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(_answer_heard)
+    trace.freeze()
+    return trace
+
+
+async def _while_arriving(call: Coroutine[Any, Any, Any], limit: float, progress: Callable[[], int]) -> Any:
+    """Await ``call`` for as long as ``progress()`` keeps changing: given up (TimeoutError) once it has not
+    changed for ``limit`` seconds, measured from the start or from the last change seen (checked at least every
+    quarter of ``limit``). Why not a bound on the whole call: a large answer over a slow link may take longer
+    than that in all, and is not stuck while its bytes arrive."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(call)
+    try:
+        seen = progress()
+        deadline = loop.time() + limit
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=max(min(limit / 4, deadline - loop.time()), 0))
+            if done:
+                return task.result()
+            now = progress()
+            if now != seen:
+                seen, deadline = now, loop.time() + limit
+            elif loop.time() >= deadline:
+                raise TimeoutError(f"no byte arrived for {limit:g} s")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # ended before the caller hears, as asyncio.wait_for does
+            if not task.cancelled():
+                task.exception()  # (its own failure meanwhile: retrieved, the caller's error stands)
 
 
 def _record(url: str, kind: Kind, *, generation: Any = None, size: Any = None, prefix: bool = False) -> None:
@@ -635,13 +698,24 @@ class _JournalingGCSMixin(_TextWrites):
         check_key(key, path if "://" in path else f"gs://{path}")
         return bucket, key, generation
 
+    async def _set_session(self) -> Any:
+        """gcsfs's session, traced so that :meth:`_call` sees the bytes of its answers arrive."""
+        session = await super()._set_session()  # type: ignore[misc]
+        traces = getattr(session, "trace_configs", None)
+        if isinstance(traces, list) and _answers_traced() not in traces:
+            traces.append(_answers_traced())
+        return session
+
     async def _call(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        """gcsfs's one request primitive, bounded in total time; transient failures become TransientError,
-        refusals UploadError or ReadError (404 and 412 stay FileNotFoundError and FileExistsError: callers
-        rely on them)."""
+        """gcsfs's one request primitive, retries included, given up once no byte of an answer has arrived for
+        the call limit (:func:`~cloudio._gcs.client.gcsfs_call_limit`), however long it takes while bytes keep
+        arriving (:func:`_while_arriving`); transient failures become TransientError, refusals UploadError or
+        ReadError (404 and 412 stay FileNotFoundError and FileExistsError: callers rely on them)."""
         from gcsfs.retry import HttpError
 
         limit = gcsfs_call_limit(self.requests_timeout)  # type: ignore[attr-defined]
+        received = _Received()
+        receiving = _receiving.set(received)
         tally = _attempts.get()
         if tally is not None:  # the tries of this request only (gcsfs retries inside)
             tally.clear()
@@ -650,7 +724,7 @@ class _JournalingGCSMixin(_TextWrites):
             kwargs.setdefault("ifGenerationMatch", str(replacing))
         try:
             call = super()._call(method, path, *args, **kwargs)  # type: ignore[misc]
-            out = await (call if limit is None else asyncio.wait_for(call, limit))
+            out = await (call if limit is None else _while_arriving(call, limit, received.progress))
             answered = _answered.get()
             if answered is not None and method in ("POST", "PUT"):
                 answered[:] = [r for r in [_object_resource(out)] if r is not None]
@@ -671,6 +745,8 @@ class _JournalingGCSMixin(_TextWrites):
                 raise kind(f"{url}: the {method} request was not sent: this process's connections to GCS were "
                            "closed as it exits (a daemon thread still working?); nothing was changed by it.") from e
             raise _refused(url, method, e) from e
+        finally:
+            _receiving.reset(receiving)
 
     def _get_headers(self, *args: Any, **kwargs: Any) -> Any:
         """gcsfs's headers, built once per attempt of a request: attempts are counted inside :meth:`_rm_file`."""
