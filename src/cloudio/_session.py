@@ -102,7 +102,7 @@ def _check_level(consistency: object) -> Consistency:
         try:
             seconds = float(consistency)
         except OverflowError:  # an int or Fraction past a float's range: as many seconds as infinity
-            seconds = math.inf if consistency > 0 else -math.inf
+            seconds = math.inf if consistency > 0 else -math.inf  # type: ignore[operator]
         if math.isnan(seconds) or consistency < 0:  # type: ignore[operator]
             raise ConfigurationError(
                 f"consistency={consistency!r}: a staleness bound must be a number of seconds >= 0 "
