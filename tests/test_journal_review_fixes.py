@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -199,3 +200,41 @@ def test_a_bound_past_a_floats_range_is_the_session_level() -> None:
     assert session(10**400).consistency == "session"
     with session(10**400):
         assert current_consistency() == "session"
+
+
+# -- a session's counts read from another thread -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_sessions_counts_read_from_another_thread_while_it_is_entered_and_left() -> None:
+    """A monitoring thread logs ``s.stats.as_dict()`` while the session is entered and left again and again.
+    Each read is a count, never an error: it met the count's start cleared between its test and its use
+    (TypeError: unsupported operand type(s) for -: 'int' and 'NoneType')."""
+    s = session()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def monitor() -> None:
+        while not stop.is_set():
+            try:
+                got = s.stats.as_dict()
+                assert isinstance(got["opens"], int) and got["opens"] >= 0
+            except BaseException as e:  # what the test reports
+                errors.append(e)
+                stop.set()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: the window between the two reads is met at once
+    t = threading.Thread(target=monitor)
+    t.start()
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not stop.is_set():
+            with s:
+                count("opens")
+    finally:
+        stop.set()
+        t.join(10)
+        sys.setswitchinterval(old)
+    assert errors == []
+    assert s.stats.opens >= 1

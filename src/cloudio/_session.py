@@ -69,16 +69,28 @@ class Stats:
 
     @property
     def opens(self) -> int:
-        """Datasets opened for reading through :func:`cloudio.open`."""
+        """Datasets opened for reading through :func:`cloudio.open`.
+
+        Read under the sessions' lock, which entering and leaving hold: read from another thread (a monitor
+        logging ``as_dict()``) while the session was left, it met ``_opens_from`` None between its test and its
+        use (TypeError), or counted the opens twice.
+        """
+        with _state.sessions_lock:
+            return self._opens_now()
+
+    def _opens_now(self) -> int:
+        """:attr:`opens`, for a caller holding ``_state.sessions_lock``."""
         if self._opens_from is None:
             return self._opens
         return self._opens + _state.opens_total() - self._opens_from
 
     def _start(self) -> None:
+        """Counting begins (the caller holds ``_state.sessions_lock``)."""
         self._opens_from = _state.opens_total()
 
     def _freeze(self) -> None:
-        self._opens, self._opens_from = self.opens, None
+        """Counting ends (the caller holds ``_state.sessions_lock``)."""
+        self._opens, self._opens_from = self._opens_now(), None
 
     def as_dict(self) -> dict[str, object]:
         return {

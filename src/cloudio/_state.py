@@ -103,12 +103,11 @@ def reset() -> None:
     cleared, GDAL path options cloudio set removed and GDAL's cache of
     those buckets cleared, ...). A module not imported yet has nothing to reset.
     """
-    with sessions_lock:
-        closing = list(open_sessions)
+    with sessions_lock:  # frozen under it, as when a session is left: a reader of their counts waits meanwhile
+        for s in dict.fromkeys(open_sessions):
+            s.stats._freeze()
         open_sessions.clear()
         open_blocks.clear()
-    for s in closing:
-        s.stats._freeze()
     current_session.set(None)
     endpoints.clear()
     with buckets_lock:
