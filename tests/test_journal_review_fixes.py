@@ -238,3 +238,50 @@ def test_a_sessions_counts_read_from_another_thread_while_it_is_entered_and_left
         sys.setswitchinterval(old)
     assert errors == []
     assert s.stats.opens >= 1
+
+
+# -- the first changes of a process, recorded by two threads at once ---------------------------------------------
+
+_FIRST_CHANGES = """
+import threading, time
+import cloudio
+from cloudio._journal import journal
+
+go = threading.Barrier(2)
+
+def first_write():  # the process's first change: its record loads the caches' consumers
+    go.wait()
+    journal().record("gs://cloudio-first-changes/a/x", "write")
+
+def invalidation():  # meanwhile, another thread says someone else changed a store
+    go.wait()
+    time.sleep(0.001)
+    cloudio.invalidate("gs://cloudio-first-changes/s.zarr")
+
+threads = [threading.Thread(target=first_write), threading.Thread(target=invalidation)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+from cloudio._zarr import consumer
+print(consumer.pending("gs://cloudio-first-changes/s.zarr"))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_invalidation_recorded_while_another_thread_loads_the_consumers_reaches_them() -> None:
+    """A fresh process: one thread's first write loads the caches' consumers (Zarr's is loaded by cloudio's first
+    change), while another calls ``cloudio.invalidate`` on a Zarr store. The next ``open_zarr`` of the store must
+    list its documents rather than trust its consolidated copy. The invalidation saw the consumer's module
+    being loaded (in ``sys.modules``, not registered yet), took it as loaded, and reached no consumer: the
+    announcement was lost (most runs here)."""
+    import subprocess
+
+    got = []
+    for _ in range(8):
+        run = subprocess.run([sys.executable, "-c", _FIRST_CHANGES], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        got.append(run.stdout.strip())
+        if got[-1] != "True":
+            break
+    assert set(got) == {"True"}, f"announced in each run: {got}"

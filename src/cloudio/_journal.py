@@ -290,15 +290,32 @@ def _let_go(held: concurrent.futures.Future[ExitStack]) -> None:
         held.result().close()
 
 
+#: the modules of :data:`_CONSUMER_MODULES` whose consumer is registered (or that this build lacks)
+_loaded: set[str] = set()
+
+
 def _ensure_consumers() -> None:
+    """Register the consumer of each library loaded, before the change is recorded.
+
+    Why not "is the module in ``sys.modules``": it is there from the moment another thread starts importing
+    it, before its consumer is registered; a change recorded meanwhile reached no consumer (a
+    ``cloudio.invalidate`` lost for Zarr). ``import_module`` waits for that import to end.
+    """
+    if len(_loaded) == len(_CONSUMER_MODULES):
+        return
     for lib, module in _CONSUMER_MODULES:
-        if lib in sys.modules and module not in sys.modules:
-            try:
-                importlib.import_module(module)  # registers its consumer with journal()
-            except ModuleNotFoundError as e:
-                if e.name != module:
-                    raise
-                # this build of cloudio has no consumer for that library: nothing to tell
+        if module in _loaded or lib not in sys.modules:
+            continue
+        try:
+            importlib.import_module(module)  # registers its consumer with journal(); waits for another importer
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            _loaded.add(module)  # this build of cloudio has no consumer for that library: nothing to tell
+            continue
+        # this thread's own import of it, not over yet (a change it records while loading), is not the end
+        if any(type(c).__module__ == module for c in list(_journal._consumers)):
+            _loaded.add(module)
 
 
 #: every journal of this process, whose lock a fork must not copy held (:func:`_before_fork`)
