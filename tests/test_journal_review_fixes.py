@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from cloudio._journal import journal
+from cloudio._journal import WriteJournal
 from cloudio._session import count, current_consistency, session
 from cloudio.errors import ConfigurationError
 
@@ -96,13 +96,15 @@ def test_a_process_forked_while_other_threads_record_changes_can_record_its_own(
     """Other threads record changes while this one forks (a ``multiprocessing`` pool started while uploads run).
     The child must be able to journal its own writes, and read them back. The journal's lock was copied held by
     a thread the child does not have: the child's first write hung for good."""
-    # local keys: no cache's consumer takes a lock of its own for them; only the journal is exercised
-    busy_threads(lambda i: journal().record(f"/tmp/cloudio-fork-review/{threading.get_ident()}/{i}", "write"))
+    # a journal of the test's own (a WriteJournal as the process's): the caches' consumers registered with the
+    # process journal take locks of their own (not this review's), and only the journal's is exercised here
+    j = WriteJournal()
+    busy_threads(lambda i: j.record(f"/tmp/cloudio-fork-review/{threading.get_ident()}/{i}", "write"))
     time.sleep(0.05)
 
     def in_child() -> None:
-        change = journal().record("/tmp/cloudio-fork-review/child", "write")
-        assert journal().since(change.seq - 1) == [change]
+        change = j.record("/tmp/cloudio-fork-review/child", "write")
+        assert j.since(change.seq - 1) == [change]
 
     codes = _forks(in_child)
     assert codes == [0] * 25, f"children that hung (2, -9) or failed (1): {codes}"
@@ -245,7 +247,7 @@ def test_a_sessions_counts_read_from_another_thread_while_it_is_entered_and_left
 _FIRST_CHANGES = """
 import threading, time
 import cloudio
-from cloudio._journal import journal
+from cloudio._journal import WriteJournal
 
 go = threading.Barrier(2)
 
@@ -285,3 +287,42 @@ def test_an_invalidation_recorded_while_another_thread_loads_the_consumers_reach
         if got[-1] != "True":
             break
     assert set(got) == {"True"}, f"announced in each run: {got}"
+
+
+# -- writes made while the interpreter shuts down ----------------------------------------------------------------
+
+_SAVED_AT_EXIT = """
+import atexit, os
+import numpy as np
+import cloudio
+
+url = os.environ["SAVED_AT_EXIT"]
+cloudio.save_array(np.zeros(4, "float32"), url + "/before.zarr")  # a program that wrote before: cloudio loaded
+
+def flush():  # the program saves its results as it exits
+    cloudio.save_array(np.arange(1024 * 1024, dtype="float32").reshape(1024, 1024), url + "/at-exit.zarr",
+                       chunks=(512, 1024))
+    print("saved", flush=True)
+
+atexit.register(flush)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_an_array_saved_in_an_atexit_handler_is_stored(gcs_emulator, gcs_bucket: str) -> None:
+    """A program saves its array from an ``atexit`` handler. It must be stored whole, as any other write. The
+    threads cloudio keeps for encoding and sending refused the work once the interpreter was shutting down
+    (RuntimeError: cannot schedule new futures after interpreter shutdown), and nothing was saved."""
+    import subprocess
+
+    import numpy as np
+
+    import cloudio
+
+    url = f"{gcs_bucket}/exit-{os.getpid()}"
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_emulator.url, "SAVED_AT_EXIT": url}
+    run = subprocess.run([sys.executable, "-c", _SAVED_AT_EXIT], env=env, capture_output=True, text=True,
+                         timeout=150)
+    assert run.returncode == 0 and "saved" in run.stdout, run.stderr[-3000:]
+    got = cloudio.load_array(f"{url}/at-exit.zarr")
+    assert np.array_equal(got, np.arange(1024 * 1024, dtype="float32").reshape(1024, 1024))

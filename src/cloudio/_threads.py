@@ -12,17 +12,52 @@ lock may also have been copied held by a thread the child does not have.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 #: seconds an interrupted call is given to cancel its requests and end (:func:`run_to_the_end`)
 CANCEL_WAIT = 30.0
+
+
+class _KeptExecutor(ThreadPoolExecutor):
+    """The executor of a :class:`KeptPool`: once the interpreter is shutting down (an ``atexit`` handler saving
+    an array), what it is given runs in a thread of its own. Why: ``ThreadPoolExecutor`` then refuses new work
+    (RuntimeError: cannot schedule new futures after interpreter shutdown), and a write or read made at exit
+    through cloudio failed with it."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except BrokenExecutor:
+            raise
+        except RuntimeError:
+            if self._shutdown:  # type: ignore[attr-defined]  # shut down on purpose (never by KeptPool): refused
+                raise
+        log.debug("%s: the interpreter is shutting down; running %r in a thread of its own", self._name, fn)
+        future: Future[T] = Future()
+        future.set_running_or_notify_cancel()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:
+                future.set_exception(e)
+
+        threading.Thread(target=run, name=f"{self._name}-at-exit", daemon=True).start()
+        return future
+
+    @property
+    def _name(self) -> str:
+        return str(self._thread_name_prefix)  # type: ignore[attr-defined]
 
 
 class KeptPool:
@@ -39,7 +74,7 @@ class KeptPool:
     def __call__(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers(), thread_name_prefix=self._name)
+                self._pool = _KeptExecutor(self._workers(), thread_name_prefix=self._name)
             return self._pool
 
     def _forget(self) -> None:
