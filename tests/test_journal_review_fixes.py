@@ -326,3 +326,36 @@ def test_an_array_saved_in_an_atexit_handler_is_stored(gcs_emulator, gcs_bucket:
     assert run.returncode == 0 and "saved" in run.stdout, run.stderr[-3000:]
     got = cloudio.load_array(f"{url}/at-exit.zarr")
     assert np.array_equal(got, np.arange(1024 * 1024, dtype="float32").reshape(1024, 1024))
+
+
+# -- a synchronous call made on the event loop it runs on --------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_synchronous_call_made_on_its_own_event_loop_is_refused_not_a_hang() -> None:
+    """cloudio's synchronous wrapper (``run_to_the_end``: zarr's ``run_sync``, the verified uploads) called from
+    a coroutine on the very loop it runs on must refuse at once, as zarr's and fsspec's ``sync`` do. It waited
+    for a coroutine that loop could never run: the loop, and every call of the process on it, hung for good.
+    (Shown at the wrapper: through the public entry points tried, zarr's own ``sync`` refuses first.)"""
+    import asyncio
+
+    from cloudio._threads import run_to_the_end
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        async def nothing() -> int:
+            return 1
+
+        async def on_the_loop() -> int:
+            return run_to_the_end(loop, nothing())  # a synchronous call inside a coroutine of that loop
+
+        outcome = asyncio.run_coroutine_threadsafe(on_the_loop(), loop)
+        with pytest.raises(NotImplementedError, match="within a running loop"):
+            outcome.result(timeout=10)
+        assert run_to_the_end(loop, nothing()) == 1  # from another thread, as before
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()

@@ -102,6 +102,15 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
     interrupted (Ctrl-C: ``KeyboardInterrupt``), the coroutine is cancelled and has ended (for up to
     :data:`CANCEL_WAIT` seconds) before the interrupt is raised. Why: fsspec's and zarr's ``sync`` leave it
     running, and a write would go on in the background after its caller was told it stopped."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:  # it would wait for itself for good: zarr's and fsspec's sync refuse it, so does this
+        coro.close()
+        raise NotImplementedError(
+            "Calling sync() from within a running loop: a synchronous cloudio call made on the event loop it runs "
+            "its requests on would wait for itself for good; make it from another thread (asyncio.to_thread)")
     ended = threading.Event()
 
     async def whole() -> T:
@@ -131,10 +140,4 @@ def sync_to_the_end(loop: asyncio.AbstractEventLoop | None, func: Callable[..., 
     leaves it running on its IO loop. Refused, as by fsspec, on a closed loop or from the loop's own thread."""
     if loop is None or loop.is_closed():
         raise RuntimeError("Loop is not running")
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
-        raise NotImplementedError("Calling sync() from within a running loop")
     return run_to_the_end(loop, func(*args, **kwargs))
