@@ -359,3 +359,51 @@ def test_a_synchronous_call_made_on_its_own_event_loop_is_refused_not_a_hang() -
         loop.call_soon_threadsafe(loop.stop)
         runner.join(10)
         loop.close()
+
+
+_FORK_WHILE_LOADING = """
+import os, sys, threading, time
+import fsspec, rasterio  # libraries whose caches the first change loads a consumer for
+from cloudio._journal import WriteJournal
+
+j = WriteJournal()
+go = threading.Event()
+
+def first():
+    go.wait()
+    j.record("/tmp/cloudio-fork-import/first", "write")
+
+threads = [threading.Thread(target=first) for _ in range(4)]
+for t in threads:
+    t.start()
+go.set()
+time.sleep(0.002)
+pid = os.fork()  # while the first changes load the consumers
+if pid == 0:
+    t = threading.Thread(target=lambda: j.record("/tmp/cloudio-fork-import/child", "write"), daemon=True)
+    t.start()
+    t.join(5)
+    os._exit(2 if t.is_alive() else 0)
+_, status = os.waitpid(pid, 0)
+for t in threads:
+    t.join()
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@fork_only
+@pytest.mark.timeout(180)
+def test_a_process_forked_while_the_first_changes_load_the_consumers_can_record() -> None:
+    """A fresh process: threads record its first changes (loading the caches' consumers) as it forks. The child
+    must be able to record. It waited for good for the import lock of a consumer module that a thread it does not
+    have was importing (about half the runs here, once f14b2a1 had records wait for that import)."""
+    import subprocess
+
+    got = []
+    for _ in range(8):
+        run = subprocess.run([sys.executable, "-c", _FORK_WHILE_LOADING], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr[-3000:]
+        got.append(run.stdout.strip())
+        if got[-1] != "0":
+            break
+    assert set(got) == {"0"}, f"the child's exit in each run (2: its record hung): {got}"

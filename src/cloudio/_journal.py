@@ -292,6 +292,9 @@ def _let_go(held: concurrent.futures.Future[ExitStack]) -> None:
 
 #: the modules of :data:`_CONSUMER_MODULES` whose consumer is registered (or that this build lacks)
 _loaded: set[str] = set()
+#: held while one of them is imported: a fork waits for that import to end (:func:`_before_fork`), or the child
+#: would wait for good for the lock of a module a thread it does not have was importing
+_loading = threading.RLock()
 
 
 def _ensure_consumers() -> None:
@@ -306,16 +309,17 @@ def _ensure_consumers() -> None:
     for lib, module in _CONSUMER_MODULES:
         if module in _loaded or lib not in sys.modules:
             continue
-        try:
-            importlib.import_module(module)  # registers its consumer with journal(); waits for another importer
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            _loaded.add(module)  # this build of cloudio has no consumer for that library: nothing to tell
-            continue
-        # this thread's own import of it, not over yet (a change it records while loading), is not the end
-        if any(type(c).__module__ == module for c in list(_journal._consumers)):
-            _loaded.add(module)
+        with _loading:  # one import at a time; another thread's is over when this is taken
+            try:
+                importlib.import_module(module)  # registers its consumer with journal()
+            except ModuleNotFoundError as e:
+                if e.name != module:
+                    raise
+                _loaded.add(module)  # this build of cloudio has no consumer for that library: nothing to tell
+                continue
+            # this thread's own import of it, not over yet (a change it records while loading), is not the end
+            if any(type(c).__module__ == module for c in list(_journal._consumers)):
+                _loaded.add(module)
 
 
 #: every journal of this process, whose lock a fork must not copy held (:func:`_before_fork`)
@@ -328,6 +332,7 @@ def _before_fork() -> None:
     """Hold every journal's lock across a fork. Why: a thread recording at that moment is not in the child, and
     a lock copied held by it would stop the child's first write for good; held here, it is copied with the
     records whole (an append and ``seq`` agree) and made anew in the child."""
+    _loading.acquire()  # first: an import of a consumer under way registers with a journal (its lock) as it ends
     for j in list(_journals):
         lock = j._lock
         lock.acquire()
@@ -337,10 +342,13 @@ def _before_fork() -> None:
 def _after_fork_in_parent() -> None:
     while _held:
         _held.pop().release()
+    _loading.release()
 
 
 def _after_fork_in_child() -> None:
+    global _loading
     _held.clear()
+    _loading = threading.RLock()
     _forked()
     for j in list(_journals):
         j._lock = threading.Lock()
