@@ -26,7 +26,6 @@ it raises :class:`~cloudio.StaleDatasetError`.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import io
@@ -63,6 +62,7 @@ from cloudio._gcs.client import (
     is_transient,
     read_refused,
     transient_error,
+    while_arriving,
 )
 from cloudio._gcs.transfer import (
     _check_stored,
@@ -157,33 +157,6 @@ def _answers_traced() -> Any:
     trace.on_request_end.append(_answer_heard)
     trace.freeze()
     return trace
-
-
-async def _while_arriving(call: Coroutine[Any, Any, Any], limit: float, progress: Callable[[], int]) -> Any:
-    """Await ``call`` for as long as ``progress()`` keeps changing: given up (TimeoutError) once it has not
-    changed for ``limit`` seconds, measured from the start or from the last change seen (checked at least every
-    quarter of ``limit``). Why not a bound on the whole call: a large answer over a slow link may take longer
-    than that in all, and is not stuck while its bytes arrive."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(call)
-    try:
-        seen = progress()
-        deadline = loop.time() + limit
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=max(min(limit / 4, deadline - loop.time()), 0))
-            if done:
-                return task.result()
-            now = progress()
-            if now != seen:
-                seen, deadline = now, loop.time() + limit
-            elif loop.time() >= deadline:
-                raise TimeoutError(f"no byte arrived for {limit:g} s")
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # ended before the caller hears, as asyncio.wait_for does
-            if not task.cancelled():
-                task.exception()  # (its own failure meanwhile: retrieved, the caller's error stands)
 
 
 def _record(url: str, kind: Kind, *, generation: Any = None, size: Any = None, prefix: bool = False) -> None:
@@ -709,8 +682,9 @@ class _JournalingGCSMixin(_TextWrites):
     async def _call(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
         """gcsfs's one request primitive, retries included, given up once no byte of an answer has arrived for
         the call limit (:func:`~cloudio._gcs.client.gcsfs_call_limit`), however long it takes while bytes keep
-        arriving (:func:`_while_arriving`); transient failures become TransientError, refusals UploadError or
-        ReadError (404 and 412 stay FileNotFoundError and FileExistsError: callers rely on them)."""
+        arriving (:func:`~cloudio._gcs.client.while_arriving`); transient failures become TransientError,
+        refusals UploadError or ReadError (404 and 412 stay FileNotFoundError and FileExistsError: callers rely
+        on them)."""
         from gcsfs.retry import HttpError
 
         limit = gcsfs_call_limit(self.requests_timeout)  # type: ignore[attr-defined]
@@ -724,7 +698,7 @@ class _JournalingGCSMixin(_TextWrites):
             kwargs.setdefault("ifGenerationMatch", str(replacing))
         try:
             call = super()._call(method, path, *args, **kwargs)  # type: ignore[misc]
-            out = await (call if limit is None else _while_arriving(call, limit, received.progress))
+            out = await (call if limit is None else while_arriving(call, limit, received.progress))
             answered = _answered.get()
             if answered is not None and method in ("POST", "PUT"):
                 answered[:] = [r for r in [_object_resource(out)] if r is not None]

@@ -13,11 +13,13 @@ answers hangs ``cat`` for good. Every filesystem cloudio makes (these, and
 ``CLOUDIO_HTTP_TIMEOUT`` seconds (default 30, :func:`cloudio._config.http_timeout`,
 shared with GDAL): a request may take as long as
 bytes keep arriving, but no step may stay silent longer. gcsfs retries such a
-failure up to 6 times with backoff; a tracked filesystem also bounds one
-whole call, retries included, to ``TOTAL_FACTOR`` times the limit, plus
-the longest wait gcsfs makes before its first retry (2 s: at a limit of a
-second, a request given up would otherwise leave its retry no time), and
-raises :class:`~cloudio.TransientError` past it. An explicit ``requests_timeout``
+failure up to 6 times with backoff; a tracked filesystem also gives up one
+whole call, retries included, once no byte of an answer has arrived for
+``TOTAL_FACTOR`` times the limit, plus the longest wait gcsfs makes before
+its first retry (2 s: at a limit of a second, a request given up would
+otherwise leave its retry no time), and raises :class:`~cloudio.TransientError`
+then; cloudio's own requests through :func:`bounded` are bounded in total to
+that time. An explicit ``requests_timeout``
 storage option wins over the environment variable.
 """
 
@@ -311,32 +313,40 @@ def call_bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
 
 
 async def bounded_while_arriving(fs: gcsfs.GCSFileSystem, call: Awaitable[T], arrived: Callable[[], int]) -> T:
-    """Await one gcsfs download for as long as its bytes keep arriving: given up (TimeoutError, an OSError) once
-    ``arrived()`` (an :class:`Arrivals`' ``progress``) has not changed for as long as one call may take
-    (:func:`gcsfs_call_limit`: a range of a download in ranges, read through a tracked filesystem's ``_call``,
-    takes at most that long before it arrives whole).
+    """Await one gcsfs download for as long as its bytes keep arriving (:func:`while_arriving`, ``arrived``: an
+    :class:`Arrivals`' ``progress``) within the time limit of one call (:func:`gcsfs_call_limit`: a range of a
+    download in ranges, read through a tracked filesystem's ``_call``, takes at most that long before it
+    arrives whole).
 
     Why not :func:`bounded`: a large download may take longer than that limit in all and must not be cut short,
     but gcsfs retries a download that never answers for minutes (its request bypasses ``_call``).
     """
     limit = gcsfs_call_limit(getattr(fs, "requests_timeout", None))
-    if limit is None:
-        return await call
+    return await (call if limit is None else while_arriving(call, limit, arrived))
+
+
+async def while_arriving(call: Awaitable[T], limit: float, progress: Callable[[], int]) -> T:
+    """Await ``call`` for as long as ``progress()`` keeps changing: given up (TimeoutError, an OSError) once it
+    has not changed for ``limit`` seconds, from the start or from the last change seen (looked at every quarter
+    of ``limit`` at least). The call has ended before the caller hears, as ``asyncio.wait_for``'s does: gcsfs
+    removes a partial local file as the cancel reaches it."""
+    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(call)
     try:
-        seen, idle = -1, 0.0
+        seen = progress()
+        deadline = loop.time() + limit
         while True:
-            done, _ = await asyncio.wait({task}, timeout=limit / 4)
+            done, _ = await asyncio.wait({task}, timeout=max(min(limit / 4, deadline - loop.time()), 0))
             if done:
                 return task.result()
-            now = arrived()
-            seen, idle = (now, 0.0) if now != seen else (seen, idle + limit / 4)
-            if idle >= limit:
+            now = progress()
+            if now != seen:
+                seen, deadline = now, loop.time() + limit
+            elif loop.time() >= deadline:
                 raise TimeoutError(f"no byte arrived for {limit:g} s")
     finally:
         if not task.done():
             task.cancel()
-            # ended before the caller hears: gcsfs removes a partial local file as the cancel reaches it
             await asyncio.wait({task})
             if not task.cancelled():
                 task.exception()  # (its own failure, if it failed meanwhile: retrieved, the caller's error stands)
