@@ -362,12 +362,12 @@ class _Crc32cChecker(checksums.Running):
         pass
 
 
-_OBJECT_IN_URL = re.compile(r"/b/([^/?]+)(?:/o/([^?]+)|/o\?(?:.*&)?name=([^&]+))?")
+_OBJECT_IN_URL = re.compile(r"/b/([^/?]+)(?:/o/([^?]+?)(?:/compose)?(?:\?|$)|/o\?(?:.*&)?name=([^&]+))?")
 
 
 def _request_url(fs: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """The ``gs://`` URL a gcsfs request is about (its HTTP URL when none can be told); a listing's is its
-    prefix (a keyword of gcsfs's ``_call``, not in the path)."""
+    prefix (a keyword of gcsfs's ``_call``, not in the path); a compose request's, the object it makes."""
     http = fs._format_path(path, args)
     m = _OBJECT_IN_URL.search(http)
     if m is None:
