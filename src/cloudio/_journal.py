@@ -44,7 +44,7 @@ from typing import Literal, overload
 
 from cloudio._paths import GCSPath, is_gcs, parse_gcs
 from cloudio._paths import is_under as _under
-from cloudio._threads import KeptPool
+from cloudio._threads import KeptPool, hold_across_fork
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def _let_go(held: concurrent.futures.Future[ExitStack]) -> None:
 
 #: the modules of :data:`_CONSUMER_MODULES` whose consumer is registered (or that this build lacks)
 _loaded: set[str] = set()
-#: held while one of them is imported: a fork waits for that import to end (:func:`_before_fork`), or the child
+#: held while one of them is imported: a fork waits for that import to end (held across it), or the child
 #: would wait for good for the lock of a module a thread it does not have was importing
 _loading = threading.RLock()
 
@@ -322,41 +322,26 @@ def _ensure_consumers() -> None:
                 _loaded.add(module)
 
 
-#: every journal of this process, whose lock a fork must not copy held (:func:`_before_fork`)
+#: every journal of this process, whose lock a fork must not copy held (:func:`cloudio._threads.hold_across_fork`):
+#: a thread recording at that moment is not in the child, and the child's first write would wait for good; held,
+#: it is copied with the records whole (an append and ``seq`` agree) and made anew in the child
 _journals: weakref.WeakSet[WriteJournal] = weakref.WeakSet()
-#: the locks :func:`_before_fork` took, to give back in the parent (a journal made meanwhile is not among them)
-_held: list[threading.Lock] = []
 
 
-def _before_fork() -> None:
-    """Hold every journal's lock across a fork. Why: a thread recording at that moment is not in the child, and
-    a lock copied held by it would stop the child's first write for good; held here, it is copied with the
-    records whole (an append and ``seq`` agree) and made anew in the child."""
-    _loading.acquire()  # first: an import of a consumer under way registers with a journal (its lock) as it ends
-    for j in list(_journals):
-        lock = j._lock
-        lock.acquire()
-        _held.append(lock)
-
-
-def _after_fork_in_parent() -> None:
-    while _held:
-        _held.pop().release()
-    _loading.release()
-
-
-def _after_fork_in_child() -> None:
+def _renew_loading() -> None:
     global _loading
-    _held.clear()
     _loading = threading.RLock()
+
+
+def _renew_journals() -> None:
     _forked()
     for j in list(_journals):
         j._lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)
+# the imports' lock before every other (an import under way registers with a journal, and may record)
+hold_across_fork("journal imports", lambda: (_loading,), _renew_loading)
+hold_across_fork("journals", lambda: [j._lock for j in list(_journals)], _renew_journals)
 
 
 _journal = WriteJournal()

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextvars
 import itertools
-import os
 import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from cloudio._threads import hold_across_fork
 
 if TYPE_CHECKING:
     from cloudio._session import session
@@ -48,36 +49,16 @@ buckets_lock = threading.Lock()
 #: asynchronous gcsfs instances cloudio made, kept alive (see :mod:`cloudio._gcs.client`)
 keep_async: list[Any] = []
 
-#: the locks above, by name: held across a fork and made anew in the child (:func:`_before_fork`)
-_FORK_LOCKS = ("sessions_lock", "buckets_lock")
-_held: list[threading.Lock] = []
+
+def _renew_locks() -> None:
+    """In a forked child: the locks above anew (read as ``_state.<name>`` everywhere, so the new one is taken)."""
+    global sessions_lock, buckets_lock
+    sessions_lock, buckets_lock = threading.Lock(), threading.Lock()
 
 
-def _before_fork() -> None:
-    """Hold this module's locks across a fork. Why: a thread counting an upload (or entering a session) at that
-    moment is not in the child, and a lock copied held by it would stop the child's first upload for good."""
-    module = sys.modules[__name__]
-    for name in _FORK_LOCKS:
-        lock: threading.Lock = getattr(module, name)
-        lock.acquire()
-        _held.append(lock)
-
-
-def _after_fork_in_parent() -> None:
-    while _held:
-        _held.pop().release()
-
-
-def _after_fork_in_child() -> None:
-    _held.clear()
-    module = sys.modules[__name__]
-    for name in _FORK_LOCKS:  # read as ``_state.<name>`` everywhere, so a new lock is the one taken
-        setattr(module, name, threading.Lock())
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)
+# held across a fork: a thread counting an upload (or entering a session) then is not in the child, and a lock
+# copied held by it would stop the child's first upload or session for good
+hold_across_fork("state", lambda: (sessions_lock, buckets_lock), _renew_locks)
 
 #: modules owning state elsewhere, and the name of their reset function (called when loaded)
 _RESET_HOOKS = (

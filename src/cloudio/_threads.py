@@ -16,9 +16,9 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -95,6 +95,67 @@ def _forked() -> None:
 
 if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
     os.register_at_fork(after_in_child=_forked)
+
+
+class _Lock(Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+#: The groups of locks a fork holds (:func:`hold_across_fork`), in the order it takes them. Why one order: a
+#: thread holding one of these may go on to take a later one, never an earlier one, so the forking thread, taking
+#: them in this order, never waits for a thread that waits for it (``os.register_at_fork`` would take them in the
+#: reverse order of the modules' imports instead, which no code nests them in).
+#:
+#: * "journal imports" (:data:`cloudio._journal._loading`): a consumer module imported under it registers with
+#:   the journal and may record a change, whose consumers take every lock below;
+#: * "gdal consumer" (``GdalConsumer._state``): :meth:`~cloudio._gdal.consumer.GdalConsumer.set_listing` asks the
+#:   journal (its lock) under it;
+#: * the rest take nothing under them (in-memory work: gates, tables, counters) but the journals' locks, last.
+FORK_ORDER = ("journal imports", "gdal consumer", "gdal gates", "zarr consumer", "transfer", "state", "journals")
+
+#: name -> (the group's locks now, what makes them anew in a forked child)
+_fork_groups: dict[str, tuple[Callable[[], Iterable[_Lock]], Callable[[], None]]] = {}
+#: the locks :func:`_before_fork` took, in order, to give back in the parent
+_fork_held: list[_Lock] = []
+
+
+def hold_across_fork(name: str, locks: Callable[[], Iterable[_Lock]], renew: Callable[[], None]) -> None:
+    """Hold ``locks()`` across every fork of this process (in the place :data:`FORK_ORDER` gives ``name``); in
+    the child, ``renew()`` makes them anew. Why: a thread holding one at the fork is not in the child, and a lock
+    copied held by it would stop the child's first use of it for good; held by the forking thread, what it guards
+    is copied whole. Registering a name again replaces its group (a module reloaded)."""
+    if name not in FORK_ORDER:
+        raise ValueError(f"{name!r} has no place in FORK_ORDER: add it where the code nests its locks")
+    _fork_groups[name] = (locks, renew)
+
+
+def _groups() -> list[tuple[Callable[[], Iterable[_Lock]], Callable[[], None]]]:
+    return [_fork_groups[n] for n in FORK_ORDER if n in _fork_groups]
+
+
+def _before_fork() -> None:
+    for locks, _ in _groups():
+        for lock in list(locks()):
+            lock.acquire()
+            _fork_held.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _fork_held:
+        _fork_held.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    _fork_held.clear()
+    for _, renew in _groups():
+        renew()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
