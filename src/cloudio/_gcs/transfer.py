@@ -61,7 +61,7 @@ from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count
 from cloudio._tables import drop_oldest, touch
-from cloudio._threads import run_to_the_end
+from cloudio._threads import hold_across_fork, run_to_the_end
 from cloudio.errors import (
     CloudioError,
     ConfigurationError,
@@ -173,6 +173,16 @@ class _GivenUp:
 
 
 _given_up = _GivenUp()
+
+
+def _renew_locks() -> None:
+    _last_generations._lock = threading.Lock()
+    _given_up._lock = threading.Lock()
+
+
+# held across a fork: a thread noting a generation or a body given up then is not in the child, and a lock copied
+# held by it would stop the child's first write for good (in-memory work under them, nothing else taken)
+hold_across_fork("transfer", lambda: (_last_generations._lock, _given_up._lock), _renew_locks)
 
 
 def given_up_under(prefix: str) -> bool:

@@ -1,0 +1,123 @@
+"""Locks of cloudio's caches held across a fork (:func:`cloudio._threads.hold_across_fork`): a process forked while
+another thread holds one of them (a ``multiprocessing`` pool or a Dask worker started while writes and reads run)
+must be able to use it. Each lock was copied held by a thread the child does not have, and the child's next use
+of it (a write recording its generation, an open through the GDAL face, an invalidation) hung for good: each test
+failed before its fix.
+
+Each test holds the lock in another thread, as that thread's work does (a fork landing mid-way in it; the work
+under these locks is in-memory, so a thread busy with it is rarely caught: holding it makes the fork land there
+every time), and forks meanwhile; the child does its ordinary next operation with a bounded wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from cloudio._journal import journal
+from cloudio._paths import parse_gcs
+
+fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="nothing forks here")
+
+#: how long the other thread holds the lock: the fork lands inside, the fixed fork waits it out
+_HOLD = 0.3
+
+
+def _child_exit_code(work: Callable[[], object], seconds: float = 5.0) -> int:
+    """Fork; the child runs ``work`` in its main thread (the forking one, as multiprocessing's children do) and exits
+    0 when it returned, 1 when it raised (its traceback on stderr), 2 when it was still running after ``seconds``
+    (a hang: a watchdog thread ends it). The parent kills a child gone silent.
+
+    Why not in a thread of its own: a new thread of the child may take the identity of the parent's thread that
+    held a lock (its stack is free again there), and then owns a reentrant lock copied held by that thread."""
+    pid = os.fork()
+    if pid == 0:  # the child: leaves through os._exit on every path, never back into pytest
+
+        def watchdog() -> None:
+            time.sleep(seconds)
+            os._exit(2)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        try:
+            work()
+        except BaseException:
+            sys.stderr.write(traceback.format_exc())
+            os._exit(1)
+        os._exit(0)
+    deadline = time.monotonic() + seconds + 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return 2
+        time.sleep(0.01)
+
+
+def _forked_while_held(lock: Any, work: Callable[[], object]) -> int:
+    """The exit code of a child running ``work``, forked while another thread holds ``lock`` (for :data:`_HOLD`)."""
+    held = threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            time.sleep(_HOLD)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert held.wait(5)
+    try:
+        return _child_exit_code(work)
+    finally:
+        t.join(10)
+
+
+# -- cloudio._gcs.transfer: the generations the journal last reported, the upload bodies given up ----------------
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_a_write_records_its_generation_can_write() -> None:
+    """Another thread's write is recording the generation it stored (the last generations' table, under its lock)
+    as this one forks. The child's write records its own and the next plain write takes it as the one it
+    replaces; the lock was copied held, and the child's first write hung for good."""
+    from cloudio._gcs import transfer
+
+    url = "gs://fork-review/generation.bin"
+
+    def in_child() -> None:
+        journal().record(url, "write", generation=7)  # what a write does once its object landed
+
+        async def send(generation: int) -> int:
+            return generation
+
+        assert asyncio.run(transfer.last_writer_wins(None, parse_gcs(url), 3, send)) == 7  # type: ignore[arg-type]
+
+    assert _forked_while_held(transfer._last_generations._lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_an_upload_is_given_up_can_write_a_store() -> None:
+    """Another thread notes an upload request given up (its body may land late) as this one forks. The child's
+    Zarr write asks whether such a request may land under the store (:func:`given_up_under`); the lock was copied
+    held, and that question hung for good."""
+    from cloudio._gcs import transfer
+
+    def in_child() -> None:
+        assert not transfer.given_up_under("gs://fork-review/store/")
+        transfer._given_up.add("gs://fork-review/store/c/0", 3, "AAAAAA==")
+        assert transfer.given_up_under("gs://fork-review/store/")
+
+    assert _forked_while_held(transfer._given_up._lock, in_child) == 0, "the child hung (2) or failed (1)"
