@@ -121,3 +121,22 @@ def test_a_process_forked_while_an_upload_is_given_up_can_write_a_store() -> Non
         assert transfer.given_up_under("gs://fork-review/store/")
 
     assert _forked_while_held(transfer._given_up._lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
+# -- cloudio._zarr.consumer: the announcements of other writers' changes --------------------------------------------
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_an_invalidation_is_kept_for_zarr_can_invalidate() -> None:
+    """Another thread's ``cloudio.invalidate`` is being kept for the Zarr face (under its lock) as this one forks.
+    The child's own invalidation must reach the Zarr face, whose next open of the store then lists it; the lock
+    was copied held, and the child's invalidation hung for good."""
+    import cloudio
+    from cloudio._zarr import consumer
+
+    def in_child() -> None:
+        cloudio.invalidate("gs://fork-review/store")
+        assert consumer.pending("gs://fork-review/store")
+
+    assert _forked_while_held(consumer._lock, in_child) == 0, "the child hung (2) or failed (1)"
