@@ -140,3 +140,26 @@ def test_a_process_forked_while_an_invalidation_is_kept_for_zarr_can_invalidate(
         assert consumer.pending("gs://fork-review/store")
 
     assert _forked_while_held(consumer._lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
+# -- cloudio._gdal: the GDAL consumer's state and the per-object gates -----------------------------------------------
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_gdal_caches_take_a_change_can_write() -> None:
+    """Another thread applies a change to what cloudio knows of GDAL's caches (the GDAL consumer's state, under its
+    lock) as this one forks. The child's write must be applied there too; the lock was copied held, and the
+    child's first write (and open through the GDAL face) hung for good."""
+    pytest.importorskip("rasterio")
+    import math
+
+    from cloudio._gdal.consumer import consumer
+
+    url = "gs://fork-review/d/written.tif"
+
+    def in_child() -> None:
+        journal().record(url, "write", generation=3)
+        assert consumer.last_check(url) == (3, -math.inf)
+
+    assert _forked_while_held(consumer._state, in_child) == 0, "the child hung (2) or failed (1)"

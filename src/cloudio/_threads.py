@@ -111,8 +111,10 @@ class _Lock(Protocol):
 #: * "journal imports" (:data:`cloudio._journal._loading`): a consumer module imported under it registers with
 #:   the journal and may record a change, whose consumers take every lock below;
 #: * "gdal consumer" (``GdalConsumer._state``): :meth:`~cloudio._gdal.consumer.GdalConsumer.set_listing` asks the
-#:   journal (its lock) under it;
-#: * the rest take nothing under them (in-memory work: gates, tables, counters) but the journals' locks, last.
+#:   journal (its lock) under it, and a clear of GDAL's cache under it counts the invalidation (the sessions' lock,
+#:   "state");
+#: * the rest take no other of these locks under them (in-memory work: gates, tables, counters), and nothing
+#:   takes one of them under the journals' locks, last.
 FORK_ORDER = ("journal imports", "gdal consumer", "gdal gates", "zarr consumer", "transfer", "state", "journals")
 
 #: name -> (the group's locks now, what makes them anew in a forked child)

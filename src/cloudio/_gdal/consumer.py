@@ -99,6 +99,7 @@ from cloudio._gdal.targets import Target, dir_key, is_sidecar, split_vsi
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, is_gcs, is_under, parse_gcs
 from cloudio._tables import drop_oldest, touch
+from cloudio._threads import hold_across_fork
 
 log = logging.getLogger(__name__)
 
@@ -811,6 +812,16 @@ def _is_open(ref: weakref.ref[Any]) -> bool:
 
 
 consumer: GdalConsumer = journal().register(GdalConsumer())  # type: ignore[assignment]
+
+
+def _renew_lock() -> None:
+    consumer._state = threading.RLock()
+
+
+# held across a fork: a thread applying a change or planning an open then is not in the child, and the lock copied
+# held by it would stop the child's first write and open through the GDAL face for good. Taken before the journals'
+# (set_listing asks the journal under it): see cloudio._threads.FORK_ORDER
+hold_across_fork("gdal consumer", lambda: (consumer._state,), _renew_lock)
 
 
 def listdir(url: str) -> list[str]:
