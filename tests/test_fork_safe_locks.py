@@ -163,3 +163,25 @@ def test_a_process_forked_while_gdal_caches_take_a_change_can_write() -> None:
         assert consumer.last_check(url) == (3, -math.inf)
 
     assert _forked_while_held(consumer._state, in_child) == 0, "the child hung (2) or failed (1)"
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_gdal_io_enters_its_gate_can_write_and_read() -> None:
+    """Another thread starts GDAL I/O of an object (its gate, under the gates' lock) as this one forks. The child's
+    write must hold its object and its read enter its own; the lock was copied held, and the child's first write
+    or open through the GDAL face hung for good."""
+    pytest.importorskip("rasterio")
+    import cloudio._gdal.consumer  # noqa: F401  # its consumer holds a written object's gate
+    from cloudio._gdal.gates import gates
+
+    url = "gs://fork-review/d/gated.tif"
+
+    def in_child() -> None:
+        with journal().changing(url):  # what a write through cloudio does before it sends the bytes
+            pass
+        vsi = parse_gcs(url).vsi
+        gates.enter(vsi)  # what an open through the GDAL face does around GDAL's I/O
+        gates.exit(vsi)
+
+    assert _forked_while_held(gates._mutex, in_child) == 0, "the child hung (2) or failed (1)"

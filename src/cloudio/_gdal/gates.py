@@ -17,6 +17,7 @@ import threading
 import time
 
 from cloudio._paths import is_under
+from cloudio._threads import hold_across_fork
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +188,13 @@ class _Busy(Exception):
 
 
 gates = _ObjectGates()
+
+
+def _renew_lock() -> None:
+    gates._mutex = threading.Lock()
+    gates._turn = threading.Condition(gates._mutex)  # its waiters were the parent's threads
+
+
+# held across a fork: a thread entering a gate (every open and read) or changing an object then is not in the
+# child, and the lock copied held by it would stop the child's first open or write through cloudio for good
+hold_across_fork("gdal gates", lambda: (gates._mutex,), _renew_lock)
