@@ -185,3 +185,55 @@ def test_a_process_forked_while_gdal_io_enters_its_gate_can_write_and_read() -> 
         gates.exit(vsi)
 
     assert _forked_while_held(gates._mutex, in_child) == 0, "the child hung (2) or failed (1)"
+
+
+# -- the order a fork takes them in (cloudio._threads.FORK_ORDER) ----------------------------------------------------
+
+_FORK_WHILE_NESTING = """
+import os, sys, threading
+from cloudio._gdal.consumer import consumer
+from cloudio._journal import journal
+from cloudio._paths import parse_gcs
+
+journal().record("/tmp/cloudio-fork-order/first", "write")
+path = parse_gcs("gs://fork-order/d/x.tif")
+stop = threading.Event()
+
+def nest():
+    while not stop.is_set():
+        consumer.set_listing(path, ["x.tif"], listed_after=0)  # asks the journal (its lock) under the consumer's
+        consumer.forget_listing(path)  # clears GDAL's listing under it: counts (the sessions' lock)
+
+threads = [threading.Thread(target=nest, daemon=True) for _ in range(3)]
+for t in threads:
+    t.start()
+for _ in range(300):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+stop.set()
+for t in threads:
+    t.join()
+print("forked")
+"""
+
+
+@fork_only
+@pytest.mark.timeout(180)
+def test_forks_while_threads_nest_the_locks_never_deadlock_the_parent() -> None:
+    """Threads take the GDAL consumer's lock and, under it, the journal's and the sessions' (as set_listing and a
+    clear of GDAL's cache do) while the process forks again and again. The fork takes every lock held across it:
+    in another order than the code nests them (the journals' first, say), the forking thread would wait for the
+    GDAL consumer's lock held by a thread waiting for the journal's, for good. (A guard of FORK_ORDER: it deadlocks
+    with "journals" or "state" put before "gdal consumer".)"""
+    pytest.importorskip("rasterio")
+    import subprocess
+
+    try:
+        run = subprocess.run([sys.executable, "-c", _FORK_WHILE_NESTING], capture_output=True, text=True,
+                             timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forking process deadlocked")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "forked"
