@@ -237,3 +237,65 @@ def test_forks_while_threads_nest_the_locks_never_deadlock_the_parent() -> None:
         pytest.fail("the forking process deadlocked")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "forked"
+
+
+# -- the gates themselves: an object's change or I/O under way in a thread the child does not have ------------------
+
+
+def _forked_while_gated(enter: Callable[[], None], leave: Callable[[], None], work: Callable[[], object]) -> int:
+    """The exit code of a child running ``work``, forked while another thread is inside ``enter()`` .. ``leave()``
+    (for :data:`_HOLD`)."""
+    inside = threading.Event()
+
+    def hold() -> None:
+        enter()
+        inside.set()
+        time.sleep(_HOLD)
+        leave()
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert inside.wait(5)
+    try:
+        return _child_exit_code(work)
+    finally:
+        t.join(10)
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_another_thread_writes_an_object_can_open_it() -> None:
+    """Another thread's write holds its object's gate (sending the bytes) as this one forks. The child's open of that
+    object must not wait for a write of a thread it does not have: it waited for good (no limit on that wait)."""
+    pytest.importorskip("rasterio")
+    from cloudio._gdal.gates import gates
+
+    vsi = parse_gcs("gs://fork-review/d/being-written.tif").vsi
+
+    def in_child() -> None:
+        gates.enter(vsi)  # what an open through the GDAL face does around GDAL's I/O
+        gates.exit(vsi)
+
+    code = _forked_while_gated(lambda: gates.begin_change(vsi), lambda: gates.end_change(vsi), in_child)
+    assert code == 0, "the child hung (2) or failed (1)"
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_another_thread_reads_an_object_can_write_it() -> None:
+    """Another thread's GDAL read of an object is under way (its gate entered) as this one forks. The child's write of
+    that object must not wait for a read of a thread it does not have: it waited CHANGE_WAIT (30 s), then wrote with
+    a warning that a read might mix two versions."""
+    pytest.importorskip("rasterio")
+    import cloudio._gdal.consumer  # noqa: F401  # its consumer holds a written object's gate
+    from cloudio._gdal.gates import gates
+
+    url = "gs://fork-review/d/being-read.tif"
+    vsi = parse_gcs(url).vsi
+
+    def in_child() -> None:
+        with journal().changing(url):  # what a write through cloudio does before it sends the bytes
+            pass
+
+    assert _forked_while_gated(lambda: gates.enter(vsi), lambda: gates.exit(vsi), in_child) == 0, \
+        "the child hung (2) or failed (1)"

@@ -174,11 +174,11 @@ class _ObjectGates:
     def end_change(self, vsi: str) -> None:
         """Let ``vsi``'s I/O resume."""
         with self._mutex:
-            n = self._changing[vsi] - 1
-            if n:
+            n = self._changing.get(vsi, 0) - 1  # none: begun before a fork, in the parent (:func:`_renew_lock`)
+            if n > 0:
                 self._changing[vsi] = n
             else:
-                del self._changing[vsi]
+                self._changing.pop(vsi, None)
                 self._forced.discard(vsi)
             self._turn.notify_all()
 
@@ -191,8 +191,16 @@ gates = _ObjectGates()
 
 
 def _renew_lock() -> None:
+    """In a forked child: the mutex anew, and only the forking thread's I/O still holds objects. Why: the other
+    threads are not here; their changes would hold their objects' opens off for good, their reads hold a write of
+    them off :data:`CHANGE_WAIT` seconds. (A change the forking thread itself had begun no longer holds reads off
+    in the child; its end is taken as such.)"""
     gates._mutex = threading.Lock()
     gates._turn = threading.Condition(gates._mutex)  # its waiters were the parent's threads
+    own = getattr(gates._local, "depth", None)
+    gates._tables = {threading.get_ident(): own} if own is not None else {}
+    gates._changing.clear()
+    gates._forced.clear()
 
 
 # held across a fork: a thread entering a gate (every open and read) or changing an object then is not in the
