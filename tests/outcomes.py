@@ -108,3 +108,41 @@ def settled(emu: Any) -> list[Any]:
         time.sleep(0.05)
         log = emu.requests()
     return log
+
+
+def forked_exit_code(work: Callable[[], object], seconds: float = 5.0) -> int:
+    """Fork; the child runs ``work`` in its main thread (the forking one, as multiprocessing's children do) and
+    exits 0 when it returned, 1 when it raised (its traceback on stderr), 2 when it was still running after
+    ``seconds`` (a hang: a watchdog thread ends it). The parent kills a child gone silent, so nothing hangs the
+    run.
+
+    Why not in a thread of its own: a new thread of the child may take the identity of the parent's thread that
+    held a lock (its stack is free again there), and then owns a reentrant lock copied held by that thread."""
+    import signal
+    import sys
+    import traceback
+
+    pid = os.fork()
+    if pid == 0:  # the child: leaves through os._exit on every path, never back into pytest
+
+        def watchdog() -> None:
+            time.sleep(seconds)
+            os._exit(2)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        try:
+            work()
+        except BaseException:
+            sys.stderr.write(traceback.format_exc())
+            os._exit(1)
+        os._exit(0)
+    deadline = time.monotonic() + seconds + 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return 2
+        time.sleep(0.01)

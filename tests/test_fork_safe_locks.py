@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from outcomes import forked_exit_code
 
 from cloudio._journal import journal
 from cloudio._paths import parse_gcs
@@ -30,39 +29,6 @@ fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="nothing forks he
 
 #: how long the other thread holds the lock: the fork lands inside, the fixed fork waits it out
 _HOLD = 0.3
-
-
-def _child_exit_code(work: Callable[[], object], seconds: float = 5.0) -> int:
-    """Fork; the child runs ``work`` in its main thread (the forking one, as multiprocessing's children do) and exits
-    0 when it returned, 1 when it raised (its traceback on stderr), 2 when it was still running after ``seconds``
-    (a hang: a watchdog thread ends it). The parent kills a child gone silent.
-
-    Why not in a thread of its own: a new thread of the child may take the identity of the parent's thread that
-    held a lock (its stack is free again there), and then owns a reentrant lock copied held by that thread."""
-    pid = os.fork()
-    if pid == 0:  # the child: leaves through os._exit on every path, never back into pytest
-
-        def watchdog() -> None:
-            time.sleep(seconds)
-            os._exit(2)
-
-        threading.Thread(target=watchdog, daemon=True).start()
-        try:
-            work()
-        except BaseException:
-            sys.stderr.write(traceback.format_exc())
-            os._exit(1)
-        os._exit(0)
-    deadline = time.monotonic() + seconds + 5
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return 2
-        time.sleep(0.01)
 
 
 def _forked_while_held(lock: Any, work: Callable[[], object]) -> int:
@@ -78,7 +44,7 @@ def _forked_while_held(lock: Any, work: Callable[[], object]) -> int:
     t.start()
     assert held.wait(5)
     try:
-        return _child_exit_code(work)
+        return forked_exit_code(work)
     finally:
         t.join(10)
 
@@ -257,7 +223,7 @@ def _forked_while_gated(enter: Callable[[], None], leave: Callable[[], None], wo
     t.start()
     assert inside.wait(5)
     try:
-        return _child_exit_code(work)
+        return forked_exit_code(work)
     finally:
         t.join(10)
 

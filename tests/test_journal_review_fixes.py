@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
@@ -13,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from outcomes import forked_exit_code
 
 from cloudio._journal import WriteJournal
 from cloudio._session import count, current_consistency, session
@@ -26,41 +26,11 @@ def _no_env_level(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CLOUDIO_CONSISTENCY", raising=False)
 
 
-def _child_exit_code(work: Callable[[], object], seconds: float = 5.0) -> int:
-    """Fork; the child runs ``work`` in a thread and exits 0 when it returned, 1 when it raised, 2 when it was
-    still running after ``seconds`` (a hang). The parent kills a child gone silent, so nothing hangs the suite."""
-    pid = os.fork()
-    if pid == 0:  # the child: leaves through os._exit on every path, never back into pytest
-        code = [2]
-
-        def run() -> None:
-            try:
-                work()
-                code[0] = 0
-            except BaseException:
-                code[0] = 1
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        t.join(seconds)
-        os._exit(code[0])
-    deadline = time.monotonic() + seconds + 5
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return 2
-        time.sleep(0.01)
-
-
 def _forks(work: Callable[[], object], n: int = 25) -> list[int]:
     """The exit codes of up to ``n`` children forked one after another, up to the first that did not exit 0."""
     codes: list[int] = []
     while len(codes) < n and not any(codes):
-        codes.append(_child_exit_code(work))
+        codes.append(forked_exit_code(work))
     return codes
 
 

@@ -24,16 +24,14 @@ Every bad read is checked to have one of these causes; the rest must be zero.
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
 
 import pytest
 import rasters
+from outcomes import forked_exit_code
 from rasterio.errors import RasterioIOError
 
 import cloudio
@@ -159,8 +157,6 @@ def _read_in_thread(ds: object, out: list[object]) -> threading.Thread:
 
 def _until(cond: object, what: str, seconds: float = 30.0) -> None:
     """Wait for ``cond()`` (a request reaching the proxy), failing the test instead of hanging."""
-    import time
-
     deadline = time.monotonic() + seconds
     while not cond():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"never happened: {what}"
@@ -300,29 +296,6 @@ def test_first_opens_of_a_bucket_in_eight_threads_set_its_options_once(
 # -- a kept pool in a forked child (Dask's and multiprocessing's fork) ----------------------------------------
 
 
-def _exit_code_in_forked_child(work: Callable[[], object], seconds: float = 20.0) -> int:
-    """Run ``work`` in a forked child: 0 when it returned, 1 when it raised. A child still running after
-    ``seconds`` is killed and fails the test, so a hang in the child cannot hang the suite."""
-    pid = os.fork()
-    if pid == 0:  # the child: leaves through os._exit on every path, never back into pytest
-        code = 1
-        try:
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + seconds
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"the forked child was still running after {seconds:g} s")
-        time.sleep(0.01)
-
-
 @pytest.mark.timeout(60)
 def test_a_kept_pool_runs_work_in_a_forked_child() -> None:
     """Regression: the child inherited the parent's executor, whose idle thread (counted, not there) it
@@ -333,7 +306,7 @@ def test_a_kept_pool_runs_work_in_a_forked_child() -> None:
     def in_child() -> None:
         assert pool().submit(int, "2").result(timeout=5) == 2  # ms when it runs: 5 s only on a failure
 
-    assert _exit_code_in_forked_child(in_child) == 0
+    assert forked_exit_code(in_child, 20.0) == 0
     assert pool().submit(int, "3").result(timeout=30) == 3  # the parent's pool is untouched
 
 
@@ -355,7 +328,7 @@ def test_a_kept_pool_being_made_during_a_fork_works_in_the_child() -> None:
     maker.start()
     try:
         assert entered.wait(30)
-        code = _exit_code_in_forked_child(lambda: pool().submit(int, "2").result(timeout=5))
+        code = forked_exit_code(lambda: pool().submit(int, "2").result(timeout=5), 20.0)
     finally:
         release.set()
         maker.join(30)
