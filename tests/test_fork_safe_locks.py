@@ -33,16 +33,23 @@ _HOLD = 0.3
 
 def _forked_while_held(lock: Any, work: Callable[[], object]) -> int:
     """The exit code of a child running ``work``, forked while another thread holds ``lock`` (for :data:`_HOLD`)."""
-    held = threading.Event()
+    return _forked_while_gated(lock.acquire, lock.release, work)
+
+
+def _forked_while_gated(enter: Callable[[], None], leave: Callable[[], None], work: Callable[[], object]) -> int:
+    """The exit code of a child running ``work``, forked while another thread is inside ``enter()`` .. ``leave()``
+    (for :data:`_HOLD`)."""
+    inside = threading.Event()
 
     def hold() -> None:
-        with lock:
-            held.set()
-            time.sleep(_HOLD)
+        enter()
+        inside.set()
+        time.sleep(_HOLD)
+        leave()
 
     t = threading.Thread(target=hold, daemon=True)
     t.start()
-    assert held.wait(5)
+    assert inside.wait(5)
     try:
         return forked_exit_code(work)
     finally:
@@ -206,26 +213,6 @@ def test_forks_while_threads_nest_the_locks_never_deadlock_the_parent() -> None:
 
 
 # -- the gates themselves: an object's change or I/O under way in a thread the child does not have ------------------
-
-
-def _forked_while_gated(enter: Callable[[], None], leave: Callable[[], None], work: Callable[[], object]) -> int:
-    """The exit code of a child running ``work``, forked while another thread is inside ``enter()`` .. ``leave()``
-    (for :data:`_HOLD`)."""
-    inside = threading.Event()
-
-    def hold() -> None:
-        enter()
-        inside.set()
-        time.sleep(_HOLD)
-        leave()
-
-    t = threading.Thread(target=hold, daemon=True)
-    t.start()
-    assert inside.wait(5)
-    try:
-        return forked_exit_code(work)
-    finally:
-        t.join(10)
 
 
 @fork_only
