@@ -30,24 +30,22 @@ def _failing_graph() -> object:
     return da.map_blocks(_fails_at_third_block, da.arange(8.0, chunks=2), dtype="f8")
 
 
-def test_save_array_raises_a_failure_of_the_users_own_dask_graph_as_it_is(gcs_bucket: str) -> None:
+@pytest.mark.parametrize("where", ["sync", "cluster"])
+def test_save_array_raises_a_failure_of_the_users_own_dask_graph_as_it_is(
+        gcs_bucket: str, where: str, request: pytest.FixtureRequest) -> None:
     """save_array of a Dask array whose task raised a ValueError said "cloudio.save_array refused its arguments
     ... Change them and try again" (a ConfigurationError): only to_zarr worked around cloudio_error's naming.
-    The user's own error is raised as it is, and the array stays marked incomplete."""
+    The user's own error is raised as it is, and the array stays marked incomplete: on Dask's synchronous
+    scheduler, and on a distributed cluster, whose client raises the task's error."""
+    import contextlib
+
     import dask
 
-    url = f"{gcs_bucket}/graph.zarr"
-    with dask.config.set(scheduler="sync"), pytest.raises(_Failed, match="own computation") as raised:
-        cloudio.save_array(_failing_graph(), url, chunks=(2,))
-    assert not isinstance(raised.value, cloudio.CloudioError)
-    with pytest.raises(cloudio.IncompleteWriteError):
-        cloudio.load_array(url)
-
-
-def test_save_array_on_a_cluster_raises_the_users_own_failure_as_it_is(gcs_bucket: str, thread_client: object) -> None:
-    """The same on a distributed cluster, whose client raises the task's error."""
-    url = f"{gcs_bucket}/graph-cluster.zarr"
-    with pytest.raises(_Failed, match="own computation") as raised:
+    url = f"{gcs_bucket}/graph-{where}.zarr"
+    if where == "cluster":
+        request.getfixturevalue("thread_client")
+    scheduler = dask.config.set(scheduler="sync") if where == "sync" else contextlib.nullcontext()
+    with scheduler, pytest.raises(_Failed, match="own computation") as raised:
         cloudio.save_array(_failing_graph(), url, chunks=(2,))
     assert not isinstance(raised.value, cloudio.CloudioError)
     with pytest.raises(cloudio.IncompleteWriteError):
