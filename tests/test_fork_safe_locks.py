@@ -115,6 +115,28 @@ def test_a_process_forked_while_an_invalidation_is_kept_for_zarr_can_invalidate(
     assert _forked_while_held(consumer._lock, in_child) == 0, "the child hung (2) or failed (1)"
 
 
+# -- cloudio._zarr.last_seen: the zarr.json of each array this process last wrote -------------------------------------
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_a_written_array_is_remembered_can_load_one() -> None:
+    """Another thread's write of an array keeps its ``zarr.json`` for load_array's guess (under the lock) as this one
+    forks. The child's load asks for its guess and its write keeps its own; the lock was copied held, and the
+    child's first load_array (or end of a write) hung for good."""
+    from cloudio._zarr import last_seen
+
+    url = "gs://fork-review/array/zarr.json"
+    doc = b'{"node_type": "array"}'
+
+    def in_child() -> None:
+        assert last_seen.guess(url) is None  # what load_array asks first
+        last_seen.remember(url, doc, 5)  # what a write's commit does once its marker is down
+        assert last_seen.guess(url) == (doc, 5)
+
+    assert _forked_while_held(last_seen._lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
 # -- cloudio._gdal: the GDAL consumer's state and the per-object gates -----------------------------------------------
 
 

@@ -113,9 +113,10 @@ class _Lock(Protocol):
 #: * "gdal consumer" (``GdalConsumer._state``): :meth:`~cloudio._gdal.consumer.GdalConsumer.set_listing` asks the
 #:   journal (its lock) under it, and a clear of GDAL's cache under it counts the invalidation (the sessions' lock,
 #:   "state");
-#: * the rest take no other of these locks under them (in-memory work: gates, tables, counters), and nothing
-#:   takes one of them under the journals' locks, last.
-FORK_ORDER = ("journal imports", "gdal consumer", "gdal gates", "zarr consumer", "transfer", "state", "journals")
+#: * the rest take no other of these locks under them (in-memory work: gates, tables, counters; the Zarr face's
+#:   documents last written), and nothing takes one of them under the journals' locks, last.
+FORK_ORDER = ("journal imports", "gdal consumer", "gdal gates", "zarr consumer", "zarr last seen", "transfer",
+              "state", "journals")
 
 #: name -> (the group's locks now, what makes them anew in a forked child)
 _fork_groups: dict[str, tuple[Callable[[], Iterable[_Lock]], Callable[[], None]]] = {}

@@ -20,6 +20,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+from cloudio._threads import hold_across_fork
+
 #: documents kept, the most recently seen
 _KEEP = 256
 #: the largest document kept (a group's consolidated metadata can take megabytes; an array's, a few KiB)
@@ -59,3 +61,13 @@ def forget_all() -> None:
     """Nothing seen: the next load of every array opens it first (for a fresh process's figures)."""
     with _lock:
         _docs.clear()
+
+
+def _renew_lock() -> None:
+    global _lock
+    _lock = threading.Lock()
+
+
+# held across a fork: a thread keeping or forgetting a document then is not in the child, and a lock copied held by
+# it would stop the child's first load_array (its guess) or write (its forget) for good (in-memory work under it)
+hold_across_fork("zarr last seen", lambda: (_lock,), _renew_lock)
