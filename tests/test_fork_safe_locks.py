@@ -137,6 +137,48 @@ def test_a_process_forked_while_a_written_array_is_remembered_can_load_one() -> 
     assert _forked_while_held(last_seen._lock, in_child) == 0, "the child hung (2) or failed (1)"
 
 
+# -- cloudio._zarr.changes: the store changes of each write, stopped on its failure -----------------------------------
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_a_write_begins_can_write_a_store() -> None:
+    """Another thread begins a write through a Zarr store (its changes listed, under the module's lock) as this one
+    forks. The child's write lists its own and its failure stops them; the lock was copied held, and the child's
+    first write through a Zarr store hung for good."""
+    from cloudio._zarr import changes
+
+    def in_child() -> None:
+        with pytest.raises(ValueError), changes.stopped_on_failure():
+            raise ValueError("a chunk failed")
+
+    assert _forked_while_held(changes._lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_a_store_change_starts_can_change_the_store() -> None:
+    """Another thread's store change (an upload of a chunk) starts or ends as part of a write (the write's own lock)
+    as this one forks. The child, a worker given the store naming that write, makes its own change of it; the
+    write's lock was copied held, and that change hung for good."""
+    from cloudio._zarr import changes
+
+    write = changes._joined("fork-review-write")  # the write's changes in this process (kept: a weak table)
+
+    class Store:
+        _cloudio_write = write.write
+
+        @changes.stops_with_its_write
+        async def set(self, key: str) -> str:
+            return key
+
+    def in_child() -> None:
+        assert asyncio.run(Store().set("c/0")) == "c/0"
+        assert changes.stop_write(write.write) == 0
+
+    assert _forked_while_held(write._lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
 # -- cloudio._gdal: the GDAL consumer's state and the per-object gates -----------------------------------------------
 
 

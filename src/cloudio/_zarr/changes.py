@@ -40,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar, cast
 
+from cloudio._threads import hold_across_fork
+
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -162,6 +164,28 @@ _lock = threading.Lock()
 _writes: weakref.WeakValueDictionary[str, _Changes] = weakref.WeakValueDictionary()
 #: writes stopped here, oldest first
 _stopped: OrderedDict[str, None] = OrderedDict()
+
+
+def _fork_locks() -> list[threading.Lock]:
+    """The module's lock, then each write's (taken one at a time: none is taken under another)."""
+    changes = [c for c in (r() for r in _writes.valuerefs()) if c is not None]  # a list made at once: no lock
+    return [_lock, *(c._lock for c in changes)]
+
+
+def _renew_locks() -> None:
+    """In a forked child: the locks anew. A write's changes still listed ran on event loops whose threads are not
+    in the child: its stop cancels tasks that never end there (it waits :data:`_STOP_SECONDS`, then warns)."""
+    global _lock
+    _lock = threading.Lock()
+    for ref in _writes.valuerefs():
+        changes = ref()
+        if changes is not None:
+            changes._lock = threading.Lock()
+
+
+# held across a fork: a thread starting or ending a store change (or a write) then is not in the child, and a lock
+# copied held by it would stop the child's next write through a Zarr store for good (in-memory work under them)
+hold_across_fork("zarr changes", _fork_locks, _renew_locks)
 
 
 def _joined(write: str) -> _Changes:
