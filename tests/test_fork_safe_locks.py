@@ -179,6 +179,57 @@ def test_a_process_forked_while_a_store_change_starts_can_change_the_store() -> 
     assert _forked_while_held(write._lock, in_child) == 0, "the child hung (2) or failed (1)"
 
 
+# -- cloudio._zarr.store: the stores' metadata log, generations stored, writes under way, listings ------------------
+
+_ROOT = "gs://fork-review/store"
+
+
+def _opens_a_store() -> None:
+    from cloudio._zarr import store
+
+    assert not store.consolidated_is_stale(_ROOT)  # what an open asks before it trusts the consolidated copy
+    store.consolidated_seen(_ROOT, True)  # what a listing that found the copy stale notes
+    assert store.consolidated_is_stale(_ROOT)
+
+
+def _stores_a_chunk() -> None:
+    from cloudio._zarr import store
+
+    store._stored_here_as(f"{_ROOT}/c/0", 4)  # what a write through a store notes once its object landed
+    assert store._stored_here[f"{_ROOT}/c/0"] == 4
+
+
+def _clears_a_store() -> None:
+    from cloudio._zarr import store
+
+    assert not store._marked(_ROOT)  # what a clear asks: is a write of this process under way there
+
+
+def _resets() -> None:
+    from cloudio._zarr import store
+
+    store.reset()  # what cloudio._state.reset does (a revalidation reads and keeps its listing under the same lock)
+    assert not store._checked
+
+
+@fork_only
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("lock", "work"), [
+    ("_metadata", _opens_a_store),
+    ("_stored_here_lock", _stores_a_chunk),
+    ("_marks_lock", _clears_a_store),
+    ("_checked_lock", _resets),
+], ids=["metadata-log", "stored-here", "marks", "checked"])
+def test_a_process_forked_while_a_store_notes_its_work_can_use_a_store(lock: str, work: Callable[[], None]) -> None:
+    """Another thread logs a metadata write, notes a generation stored, counts a write under way, or keeps a
+    revalidation's listing (each under its lock of cloudio._zarr.store) as this one forks. The child's open, write,
+    clear or revalidation of a store takes the same lock; it was copied held, and that hung for good."""
+    from cloudio._zarr import store
+
+    held = store._metadata._lock if lock == "_metadata" else getattr(store, lock)
+    assert _forked_while_held(held, work) == 0, "the child hung (2) or failed (1)"
+
+
 # -- cloudio._gdal: the GDAL consumer's state and the per-object gates -----------------------------------------------
 
 

@@ -114,10 +114,11 @@ class _Lock(Protocol):
 #:   journal (its lock) under it, and a clear of GDAL's cache under it counts the invalidation (the sessions' lock,
 #:   "state");
 #: * the rest take no other of these locks under them (in-memory work: gates, tables, counters; the Zarr face's
-#:   documents last written and its writes' store changes, each write's lock taken apart from the module's), and
-#:   nothing takes one of them under the journals' locks, last.
+#:   documents last written, its writes' store changes, each write's lock taken apart from the module's, and its
+#:   stores' metadata log, generations stored, writes under way and listings), and nothing takes one of them under
+#:   the journals' locks, last.
 FORK_ORDER = ("journal imports", "gdal consumer", "gdal gates", "zarr consumer", "zarr last seen", "zarr changes",
-              "transfer", "state", "journals")
+              "zarr store", "transfer", "state", "journals")
 
 #: name -> (the group's locks now, what makes them anew in a forked child)
 _fork_groups: dict[str, tuple[Callable[[], Iterable[_Lock]], Callable[[], None]]] = {}

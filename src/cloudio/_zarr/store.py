@@ -53,7 +53,7 @@ from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
 from cloudio._tables import drop_oldest, touch
-from cloudio._threads import run_to_the_end
+from cloudio._threads import hold_across_fork, run_to_the_end
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr import last_seen
 from cloudio._zarr.changes import stops_with_its_write
@@ -1717,6 +1717,27 @@ class MetadataCheck:
 #: first time: at a bound of seconds it is listed again, and what changed before that listing is not told apart)
 _checked_lock = threading.Lock()
 _checked: dict[str, tuple[float, MetadataCheck, int]] = {}
+
+
+def _fork_locks() -> tuple[threading.Lock, ...]:
+    return _metadata._lock, _stored_here_lock, _marks_lock, _checked_lock
+
+
+def _renew_locks() -> None:
+    """In a forked child: the locks anew. The child keeps the parent's counts of writes under way (``_marks``),
+    which no thread of the child ends but the forking one's own: a clear of such a store there keeps its marker
+    (the side that tells readers a write may be under way), and its documents wait for a marker taken down."""
+    global _stored_here_lock, _marks_lock, _checked_lock
+    _metadata._lock = threading.Lock()
+    _stored_here_lock = threading.Lock()
+    _marks_lock = threading.Lock()
+    _checked_lock = threading.Lock()
+
+
+# held across a fork: a thread logging a metadata write, noting a generation stored, counting a write under way or
+# keeping a listing then is not in the child, and a lock copied held by it would stop the child's next write, open
+# or revalidation of a store for good (in-memory work under each, none taken under another)
+hold_across_fork("zarr store", _fork_locks, _renew_locks)
 
 
 def revalidate(store: JournaledStore) -> MetadataCheck | None:
