@@ -230,6 +230,27 @@ def test_a_process_forked_while_a_store_notes_its_work_can_use_a_store(lock: str
     assert _forked_while_held(held, work) == 0, "the child hung (2) or failed (1)"
 
 
+# -- cloudio._zarr.arrays: the whole-array reads with NumPy's huge-page advice off -------------------------------------
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_a_read_turns_numpy_advice_off_can_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread's whole-array read turns NumPy's huge-page advice off (its count of reads, under the lock) as
+    this one forks. The child's load_array does the same around its decoding; the lock was copied held, and the
+    child's first load_array hung for good."""
+    pytest.importorskip("numpy._core.multiarray")
+    from cloudio._zarr import arrays
+
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)  # set, it leaves the advice (and the lock) alone
+
+    def in_child() -> None:
+        with arrays._no_hugepage_advice():  # what load_array does around zarr's decoding
+            pass
+
+    assert _forked_while_held(arrays._advice_lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
 # -- cloudio._gdal: the GDAL consumer's state and the per-object gates -----------------------------------------------
 
 
