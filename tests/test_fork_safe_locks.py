@@ -251,6 +251,32 @@ def test_a_process_forked_while_a_read_turns_numpy_advice_off_can_read(monkeypat
     assert _forked_while_held(arrays._advice_lock, in_child) == 0, "the child hung (2) or failed (1)"
 
 
+# -- cloudio._zarr.buffers: the shard buffers and outputs kept between whole-array reads -------------------------------
+
+
+@fork_only
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pool", ["shard_buffers", "outputs"])
+def test_a_process_forked_while_a_buffer_is_given_back_can_read(pool: str) -> None:
+    """Another thread's read gives a buffer back to a pool (or takes one, under the pool's lock) as this one forks.
+    The child's whole-array read takes one and gives it back, and the pool lets it go after KEEP_SECONDS (its
+    timer's thread is not in the child: a new one runs); the lock was copied held, and the child's first read hung
+    for good."""
+    import numpy as np
+
+    from cloudio._zarr import buffers
+
+    kept = getattr(buffers, pool)
+    kept.give(np.empty(16, dtype="u1"))  # the pool keeps a buffer, its timer running (a thread the child has not)
+
+    def in_child() -> None:
+        buf = kept.take(16)  # what a whole-array read does for each shard, or a large one for its output
+        kept.give(buf)
+        assert kept._timer is not None and kept._timer.is_alive()
+
+    assert _forked_while_held(kept._lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
 # -- cloudio._gdal: the GDAL consumer's state and the per-object gates -----------------------------------------------
 
 

@@ -47,6 +47,8 @@ import weakref
 import numpy as np
 from numpy.typing import DTypeLike
 
+from cloudio._threads import hold_across_fork
+
 #: the most the pool keeps, all buffers together
 KEEP_BYTES = 256 << 20
 #: seconds after the last return when the pool lets its buffers go (a keep-alive pool's order of time:
@@ -150,6 +152,20 @@ OUTPUT_KEEP_BYTES = 512 << 20
 
 #: the memory of large outputs of whole-array reads, back from callers that dropped them (:func:`lend`)
 outputs = BufferPool(keep_bytes=OUTPUT_KEEP_BYTES)
+
+
+def _renew_locks() -> None:
+    """In a forked child: the pools' locks anew, and no timer (its thread is not in the child, which would never
+    start another: its next give starts one, so what the child keeps goes after :data:`KEEP_SECONDS`). What they
+    keep stays: the forking thread held every lock, so no pool was half-changed."""
+    for pool in (shard_buffers, outputs):
+        pool._lock = threading.Lock()
+        pool._timer = None
+
+
+# held across a fork: a thread lending or taking back a buffer then is not in the child, and a lock copied held by it
+# would stop the child's next whole-array read or write of large shards for good (in-memory work under each)
+hold_across_fork("zarr buffers", lambda: (shard_buffers._lock, outputs._lock), _renew_locks)
 
 
 def lend(buf: np.ndarray, shape: tuple[int, ...], dtype: DTypeLike, pool: BufferPool = outputs) -> np.ndarray:
