@@ -277,6 +277,48 @@ def test_a_process_forked_while_a_buffer_is_given_back_can_read(pool: str) -> No
     assert _forked_while_held(kept._lock, in_child) == 0, "the child hung (2) or failed (1)"
 
 
+# -- cloudio._fsspec.consumer: the epochs of invalidations, the instances guarded --------------------------------------
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_fsspec_listings_are_invalidated_can_invalidate() -> None:
+    """Another thread's change bumps the epochs of the listings it makes stale (under their lock) as this one forks.
+    Every change of the child reaches the fsspec consumer, which bumps them too; the lock was copied held, and the
+    child's first write or invalidation hung for good."""
+    import cloudio
+    from cloudio._fsspec import consumer
+
+    def in_child() -> None:
+        before = consumer._epochs.now
+        cloudio.invalidate("gs://fork-review/listed")
+        assert consumer._epochs.now > before
+
+    assert _forked_while_held(consumer._epochs._lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_an_fsspec_instance_is_guarded_can_guard_one() -> None:
+    """Another thread guards a filesystem's listings (under the guarding lock) as this one forks. The child's next
+    change guards every live instance not yet guarded, its own included; the lock was copied held, and that hung
+    for good."""
+    from fsspec.dircache import DirCache
+
+    from cloudio._fsspec import consumer
+
+    class Listed:
+        def __init__(self) -> None:
+            self.dircache = DirCache()
+
+    def in_child() -> None:
+        fs = Listed()
+        consumer.guard_listings(fs)  # what the consumer does to each live instance at a change
+        assert type(fs.dircache) is consumer._EpochDirCache
+
+    assert _forked_while_held(consumer._guarding, in_child) == 0, "the child hung (2) or failed (1)"
+
+
 # -- cloudio._gdal: the GDAL consumer's state and the per-object gates -----------------------------------------------
 
 

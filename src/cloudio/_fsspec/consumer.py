@@ -59,6 +59,7 @@ from fsspec.dircache import DirCache
 from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import GCSPath, parse_gcs
 from cloudio._session import count, current_level
+from cloudio._threads import hold_across_fork
 from cloudio.errors import CloudioError
 
 __all__ = ["FsspecConsumer", "guard_listings", "track"]
@@ -464,6 +465,17 @@ class FsspecConsumer(Consumer):
             count("invalidations", touched, cache="fsspec")
             log.debug("fsspec: %s %s -> dropped listings in %d instance(s)", change.kind, change.url, touched)
 
+
+def _renew_locks() -> None:
+    global _guarding
+    _epochs._lock = threading.Lock()
+    _guarding = threading.Lock()
+
+
+# held across a fork: a thread bumping an invalidation's epochs or guarding an instance then is not in the child, and
+# a lock copied held by it would stop the child's next write or invalidation (every change reaches this consumer)
+# for good (in-memory work under each: epochs, an instance's methods wrapped)
+hold_across_fork("fsspec consumer", lambda: (_epochs._lock, _guarding), _renew_locks)
 
 _consumer = journal().register(FsspecConsumer())
 
