@@ -364,6 +364,27 @@ def test_a_process_forked_while_gdal_io_enters_its_gate_can_write_and_read() -> 
     assert _forked_while_held(gates._mutex, in_child) == 0, "the child hung (2) or failed (1)"
 
 
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_the_gdal_generation_is_bumped_can_write() -> None:
+    """Another thread bumps the GDAL face's generation (a change applied, a listing set, a bucket's options: under
+    its lock) as this one forks. The child's write is applied to GDAL's caches, which bumps it; the lock was copied
+    held, and the child's first write (and open through the GDAL face) hung for good."""
+    pytest.importorskip("rasterio")
+    from cloudio._gdal import generation
+    from cloudio._gdal.consumer import consumer
+
+    url = "gs://fork-review/d/bumped.tif"
+
+    def in_child() -> None:
+        before = generation.current[0]
+        journal().record(url, "write", generation=3)  # applied under the GDAL consumer's lock: bumps the generation
+        assert generation.current[0] > before
+        assert consumer.last_check(url)[0] == 3
+
+    assert _forked_while_held(generation._lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
 # -- the order a fork takes them in (cloudio._threads.FORK_ORDER) ----------------------------------------------------
 
 _FORK_WHILE_NESTING = """
@@ -378,8 +399,9 @@ stop = threading.Event()
 
 def nest():
     while not stop.is_set():
-        consumer.set_listing(path, ["x.tif"], listed_after=0)  # asks the journal (its lock) under the consumer's
-        consumer.forget_listing(path)  # clears GDAL's listing under it: counts (the sessions' lock)
+        consumer.set_listing(path, ["x.tif"], listed_after=0)  # asks the journal (its lock) under the consumer's,
+        consumer.forget_listing(path)  # clears GDAL's listing under it: counts (the sessions' lock); both bump the
+        # GDAL generation (its lock) under it
 
 threads = [threading.Thread(target=nest, daemon=True) for _ in range(3)]
 for t in threads:
@@ -399,11 +421,11 @@ print("forked")
 @fork_only
 @pytest.mark.timeout(180)
 def test_forks_while_threads_nest_the_locks_never_deadlock_the_parent() -> None:
-    """Threads take the GDAL consumer's lock and, under it, the journal's and the sessions' (as set_listing and a
-    clear of GDAL's cache do) while the process forks again and again. The fork takes every lock held across it:
-    in another order than the code nests them (the journals' first, say), the forking thread would wait for the
-    GDAL consumer's lock held by a thread waiting for the journal's, for good. (A guard of FORK_ORDER: it deadlocks
-    with "journals" or "state" put before "gdal consumer".)"""
+    """Threads take the GDAL consumer's lock and, under it, the journal's, the sessions' and the GDAL generation's
+    (as set_listing and a clear of GDAL's cache do) while the process forks again and again. The fork takes every
+    lock held across it: in another order than the code nests them (the journals' first, say), the forking thread
+    would wait for the GDAL consumer's lock held by a thread waiting for the journal's, for good. (A guard of
+    FORK_ORDER: it deadlocks with "journals", "state" or "gdal generation" put before "gdal consumer".)"""
     pytest.importorskip("rasterio")
     import subprocess
 
