@@ -385,10 +385,27 @@ def test_a_process_forked_while_the_gdal_generation_is_bumped_can_write() -> Non
     assert _forked_while_held(generation._lock, in_child) == 0, "the child hung (2) or failed (1)"
 
 
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_a_buckets_gdal_options_are_set_can_open_another() -> None:
+    """Another thread sets a bucket's GDAL options (the emulator, timeouts: under the endpoints' lock) as this one
+    forks. The child's first open through the GDAL face of another bucket sets that bucket's; the lock was copied
+    held, and that open hung for good."""
+    pytest.importorskip("rasterio")
+    from cloudio._gdal import endpoint
+
+    def in_child() -> None:
+        endpoint.ensure_endpoint("fork-review-endpoint")  # what an open through the GDAL face does first
+        assert endpoint.in_force("fork-review-endpoint")
+
+    assert _forked_while_held(endpoint._endpoints_lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
 # -- the order a fork takes them in (cloudio._threads.FORK_ORDER) ----------------------------------------------------
 
 _FORK_WHILE_NESTING = """
 import os, sys, threading
+from cloudio._gdal import endpoint
 from cloudio._gdal.consumer import consumer
 from cloudio._journal import journal
 from cloudio._paths import parse_gcs
@@ -403,7 +420,13 @@ def nest():
         consumer.forget_listing(path)  # clears GDAL's listing under it: counts (the sessions' lock); both bump the
         # GDAL generation (its lock) under it
 
+def set_options():
+    while not stop.is_set():
+        endpoint.reset()  # under the endpoints' lock: clears GDAL's cache (counts: the sessions' lock), bumps
+        endpoint.ensure_endpoint("fork-order")
+
 threads = [threading.Thread(target=nest, daemon=True) for _ in range(3)]
+threads += [threading.Thread(target=set_options, daemon=True) for _ in range(2)]
 for t in threads:
     t.start()
 for _ in range(300):
@@ -425,7 +448,8 @@ def test_forks_while_threads_nest_the_locks_never_deadlock_the_parent() -> None:
     (as set_listing and a clear of GDAL's cache do) while the process forks again and again. The fork takes every
     lock held across it: in another order than the code nests them (the journals' first, say), the forking thread
     would wait for the GDAL consumer's lock held by a thread waiting for the journal's, for good. (A guard of
-    FORK_ORDER: it deadlocks with "journals", "state" or "gdal generation" put before "gdal consumer".)"""
+    FORK_ORDER: it deadlocks with "journals", "state" or "gdal generation" put before "gdal consumer". Others set
+    buckets' GDAL options meanwhile, taking the sessions' and the generation's locks under the endpoints'.)"""
     pytest.importorskip("rasterio")
     import subprocess
 
