@@ -401,6 +401,24 @@ def test_a_process_forked_while_a_buckets_gdal_options_are_set_can_open_another(
     assert _forked_while_held(endpoint._endpoints_lock, in_child) == 0, "the child hung (2) or failed (1)"
 
 
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_a_gdal_writer_opens_can_write() -> None:
+    """Another thread opens a writer through the GDAL face (its temporary file noted as the object it becomes, under
+    the lock) as this one forks. The child's writer notes its own, and its write_vrt asks which object a file stands
+    for; the lock was copied held, and the child's first write through the GDAL face hung for good."""
+    pytest.importorskip("rasterio")
+    from cloudio._gdal import write
+
+    path = parse_gcs("gs://fork-review/d/written-here.tif")
+
+    def in_child() -> None:
+        write._remember_local("/tmp/cloudio-fork-review/written-here.tif", path)  # what opening a writer does
+        assert write.gcs_path_for_local("/tmp/cloudio-fork-review/written-here.tif") == path
+
+    assert _forked_while_held(write._local_lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
 # -- the order a fork takes them in (cloudio._threads.FORK_ORDER) ----------------------------------------------------
 
 _FORK_WHILE_NESTING = """
