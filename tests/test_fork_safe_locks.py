@@ -12,6 +12,7 @@ every time), and forks meanwhile; the child does its ordinary next operation wit
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import sys
 import threading
@@ -417,6 +418,31 @@ def test_a_process_forked_while_a_gdal_writer_opens_can_write() -> None:
         assert write.gcs_path_for_local("/tmp/cloudio-fork-review/written-here.tif") == path
 
     assert _forked_while_held(write._local_lock, in_child) == 0, "the child hung (2) or failed (1)"
+
+
+# -- cloudio.emulator: the spawner of the emulator's processes ---------------------------------------------------------
+
+
+@fork_only
+@pytest.mark.timeout(60)
+def test_a_process_forked_while_the_emulator_spawner_starts_can_start_a_process() -> None:
+    """Another thread starts the emulator's spawner (the thread that forks its servers, under its lock) as this one
+    forks. The child's start of a process from a thread other than its main one takes the lock, and hands the fork
+    to a spawner: the lock was copied held, and that start hung for good; the parent's spawner, whose thread the
+    child has not, would never have run it either."""
+    from cloudio import emulator
+
+    def spawn() -> int:
+        return emulator._popen(["true"]).wait()  # what Emulator.start does from a pool's thread
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the parent's spawner running, its queue kept
+        assert pool.submit(spawn).result(30) == 0
+
+    def in_child() -> None:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(spawn).result() == 0
+
+    assert _forked_while_held(emulator._spawn_lock, in_child) == 0, "the child hung (2) or failed (1)"
 
 
 # -- the order a fork takes them in (cloudio._threads.FORK_ORDER) ----------------------------------------------------

@@ -119,13 +119,13 @@ class _Lock(Protocol):
 #:   writers' temporary files; the Zarr face's documents last written, its writes' store changes, each write's
 #:   lock taken apart from the module's, its stores' metadata log, generations stored, writes under way and
 #:   listings, its count of reads with NumPy's advice off, its buffer pools, each taken apart; the fsspec
-#:   consumer's epochs and guarding, apart);
+#:   consumer's epochs and guarding, apart; the emulator's spawner);
 #: * "gdal generation" (:mod:`cloudio._gdal.generation`) takes nothing under it, but is taken under the GDAL
 #:   consumer's lock (each change applied there bumps it) and the endpoints': after those;
 #: * nothing takes one of them under the journals' locks, last.
 FORK_ORDER = ("journal imports", "gdal consumer", "gdal endpoint", "gdal gates", "gdal write", "zarr consumer",
               "zarr last seen", "zarr changes", "zarr store", "zarr arrays", "zarr buffers", "fsspec consumer",
-              "transfer", "gdal generation", "state", "journals")
+              "transfer", "emulator spawner", "gdal generation", "state", "journals")
 
 #: name -> (the group's locks now, what makes them anew in a forked child)
 _fork_groups: dict[str, tuple[Callable[[], Iterable[_Lock]], Callable[[], None]]] = {}

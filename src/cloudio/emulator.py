@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from cloudio import _config
+from cloudio._threads import hold_across_fork
 from cloudio.errors import ConfigurationError, EmulatorError
 
 if TYPE_CHECKING:
@@ -292,6 +293,19 @@ def _popen(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
     fut: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
     q.put((fut, args, kwargs))
     return fut.result()
+
+
+def _renew_spawner() -> None:
+    """In a forked child: the lock anew, and no spawner (its thread is not in the child, and a fork handed to its
+    queue would wait for good): the child's first :func:`_popen` from another thread starts its own."""
+    global _spawn_lock, _spawn_queue
+    _spawn_lock = threading.Lock()
+    _spawn_queue = None
+
+
+# held across a fork: a thread starting the spawner then is not in the child, and a lock copied held by it would stop
+# the child's first start of an emulator from a thread other than its main one for good (nothing taken under it)
+hold_across_fork("emulator spawner", lambda: (_spawn_lock,), _renew_spawner)
 
 
 class Emulator:
