@@ -32,7 +32,8 @@ class _KeptExecutor(ThreadPoolExecutor):
     """The executor of a :class:`KeptPool`: once the interpreter is shutting down (an ``atexit`` handler saving
     an array), what it is given runs in a thread of its own. Why: ``ThreadPoolExecutor`` then refuses new work
     (RuntimeError: cannot schedule new futures after interpreter shutdown), and a write or read made at exit
-    through cloudio failed with it."""
+    through cloudio failed with it. Python 3.11 only: from 3.12 the interpreter refuses any new thread then
+    (RuntimeError: can't create new thread at interpreter shutdown), and such a write still fails."""
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         try:
