@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cloudio._threads import hold_across_fork
+from cloudio._threads import hold_globals_across_fork
 
 if TYPE_CHECKING:
     from cloudio._session import session
@@ -50,15 +50,9 @@ buckets_lock = threading.Lock()
 keep_async: list[Any] = []
 
 
-def _renew_locks() -> None:
-    """In a forked child: the locks above anew (read as ``_state.<name>`` everywhere, so the new one is taken)."""
-    global sessions_lock, buckets_lock
-    sessions_lock, buckets_lock = threading.Lock(), threading.Lock()
-
-
 # held across a fork: a thread counting an upload (or entering a session) then is not in the child, and a lock
-# copied held by it would stop the child's first upload or session for good
-hold_across_fork("state", lambda: (sessions_lock, buckets_lock), _renew_locks)
+# copied held by it would stop the child's first upload or session for good (read as ``_state.<name>`` everywhere)
+hold_globals_across_fork("state", __name__, "sessions_lock", "buckets_lock")
 
 #: modules owning state elsewhere, and the name of their reset function (called when loaded)
 _RESET_HOOKS = (

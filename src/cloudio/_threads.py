@@ -144,6 +144,20 @@ def hold_across_fork(name: str, locks: Callable[[], Iterable[_Lock]], renew: Cal
     _fork_groups[name] = (locks, renew)
 
 
+def hold_globals_across_fork(name: str, module: str, *locks: str) -> None:
+    """:func:`hold_across_fork` for locks that are globals of ``module`` (read as module globals where taken, so
+    the new one is the one taken): each made anew in the child as a plain ``threading.Lock``."""
+    import sys
+
+    held = sys.modules[module]
+
+    def renew() -> None:
+        for lock in locks:
+            setattr(held, lock, threading.Lock())
+
+    hold_across_fork(name, lambda: [getattr(held, lock) for lock in locks], renew)
+
+
 def _groups() -> list[tuple[Callable[[], Iterable[_Lock]], Callable[[], None]]]:
     return [_fork_groups[n] for n in FORK_ORDER if n in _fork_groups]
 

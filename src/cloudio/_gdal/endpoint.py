@@ -23,7 +23,7 @@ from cloudio import _config
 from cloudio._config import emulator_endpoint
 from cloudio._gdal import generation
 from cloudio._gdal.bindings import clear, clear_path_options, set_path_option
-from cloudio._threads import hold_across_fork
+from cloudio._threads import hold_globals_across_fork
 
 __all__ = ["bucket_prefix", "ensure_endpoint", "in_force", "reset"]
 
@@ -154,16 +154,11 @@ def ensure_endpoint(bucket: str) -> None:
         generation.bump()
 
 
-def _renew_lock() -> None:
-    global _endpoints_lock
-    _endpoints_lock = threading.Lock()
-
-
 # held across a fork: a thread setting a bucket's options then is not in the child, and a lock copied held by it would
 # stop the child's first open through the GDAL face of a bucket not yet set (or after a change of endpoint) for good.
 # Under it a clear of GDAL's cache counts (the sessions' lock) and the GDAL generation is bumped: see
 # cloudio._threads.FORK_ORDER
-hold_across_fork("gdal endpoint", lambda: (_endpoints_lock,), _renew_lock)
+hold_globals_across_fork("gdal endpoint", __name__, "_endpoints_lock")
 
 
 def reset() -> None:

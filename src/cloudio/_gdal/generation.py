@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 
-from cloudio._threads import hold_across_fork
+from cloudio._threads import hold_globals_across_fork
 
 __all__ = ["bump", "current"]
 
@@ -27,12 +27,7 @@ def bump() -> None:
         current[0] += 1
 
 
-def _renew_lock() -> None:
-    global _lock
-    _lock = threading.Lock()
-
-
 # held across a fork: a thread bumping then is not in the child, and a lock copied held by it would stop the child's
 # first change applied to GDAL's caches (a write, under the GDAL consumer's lock) for good. Taken under the GDAL
 # consumer's lock and the endpoints' (nothing under it): see cloudio._threads.FORK_ORDER
-hold_across_fork("gdal generation", lambda: (_lock,), _renew_lock)
+hold_globals_across_fork("gdal generation", __name__, "_lock")

@@ -61,7 +61,7 @@ from cloudio._gcs.client import is_transient
 from cloudio._gcs.transfer import Uploaded, checked_guard, download, ensure_bucket, object_generation, upload
 from cloudio._journal import journal
 from cloudio._paths import GCSPath
-from cloudio._threads import hold_across_fork
+from cloudio._threads import hold_globals_across_fork
 from cloudio.errors import (
     ConfigurationError,
     ConflictError,
@@ -101,14 +101,9 @@ def _remember_local(local: str, path: GCSPath) -> None:
             _local_to_gcs.popitem(last=False)
 
 
-def _renew_local_lock() -> None:
-    global _local_lock
-    _local_lock = threading.Lock()
-
-
 # held across a fork: a thread opening a writer (its temporary file noted) then is not in the child, and a lock copied
 # held by it would stop the child's first write through the GDAL face (and write_vrt) for good (a table under it)
-hold_across_fork("gdal write", lambda: (_local_lock,), _renew_local_lock)
+hold_globals_across_fork("gdal write", __name__, "_local_lock")
 
 
 class _UploadOnClose:

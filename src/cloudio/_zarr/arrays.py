@@ -34,7 +34,7 @@ import numpy as np
 from cloudio import _config
 from cloudio._journal import journal
 from cloudio._session import current_level
-from cloudio._threads import hold_across_fork
+from cloudio._threads import hold_globals_across_fork
 from cloudio._zarr import last_seen
 from cloudio._zarr import shard_codec as _shardio
 from cloudio._zarr.buffers import lend, outputs
@@ -335,16 +335,11 @@ def _no_hugepage_advice() -> Iterator[None]:
                 _advice_saved = None
 
 
-def _renew_advice_lock() -> None:
-    """In a forked child: the lock anew. The child keeps the parent's count of reads under way, which none of its
-    threads but the forking one ends: NumPy's advice stays off there (a hint only, no result changes)."""
-    global _advice_lock
-    _advice_lock = threading.Lock()
-
-
 # held across a fork: a thread starting or ending a whole-array read then is not in the child, and a lock copied held
 # by it would stop the child's next load_array for good (nothing but NumPy's flag set under it)
-hold_across_fork("zarr arrays", lambda: (_advice_lock,), _renew_advice_lock)
+# (a forked child keeps the parent's count of reads under way, which none of its threads but the forking one ends:
+# NumPy's advice stays off there, a hint only)
+hold_globals_across_fork("zarr arrays", __name__, "_advice_lock")
 
 
 _PREFAULT_MIN_BYTES = 64 << 20

@@ -31,7 +31,7 @@ from cloudio._journal import Change, Consumer, journal
 from cloudio._paths import is_under
 from cloudio._session import count
 from cloudio._tables import drop_oldest, touch
-from cloudio._threads import hold_across_fork
+from cloudio._threads import hold_globals_across_fork
 
 #: announcements kept per bucket; past that, the bucket's fold into one of the whole bucket
 _KEEP = 1024
@@ -141,13 +141,8 @@ def reset() -> None:
         _checked.clear()
 
 
-def _renew_lock() -> None:
-    global _lock
-    _lock = threading.Lock()
-
-
 # held across a fork: a thread keeping an announcement then is not in the child, and a lock copied held by it would
 # stop the child's first invalidation (and open of a store announced) for good
-hold_across_fork("zarr consumer", lambda: (_lock,), _renew_lock)
+hold_globals_across_fork("zarr consumer", __name__, "_lock")
 
 _consumer = journal().register(ZarrConsumer())

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from cloudio._threads import hold_across_fork
+from cloudio._threads import hold_globals_across_fork
 
 #: documents kept, the most recently seen
 _KEEP = 256
@@ -63,11 +63,6 @@ def forget_all() -> None:
         _docs.clear()
 
 
-def _renew_lock() -> None:
-    global _lock
-    _lock = threading.Lock()
-
-
 # held across a fork: a thread keeping or forgetting a document then is not in the child, and a lock copied held by
 # it would stop the child's first load_array (its guess) or write (its forget) for good (in-memory work under it)
-hold_across_fork("zarr last seen", lambda: (_lock,), _renew_lock)
+hold_globals_across_fork("zarr last seen", __name__, "_lock")
