@@ -82,6 +82,7 @@ from cloudio.errors import (
     CloudioError,
     ConflictError,
     IntegrityError,
+    InvalidURLError,
     ObjectNotFoundError,
     ReadError,
     StaleDatasetError,
@@ -1024,10 +1025,19 @@ class _JournalingGCSMixin(_TextWrites):
 
     async def _merge(self, path: str, paths: Any, *args: Any, **kwargs: Any) -> Any:
         """gcsfs's compose, journaled; a source that does not exist raises ObjectNotFoundError naming it (see
-        :meth:`_request`)."""
+        :meth:`_request`). Sources in another bucket than the target's raise InvalidURLError before any request:
+        GCS composes within one bucket, and gcsfs sends each source's key alone, so the target bucket's objects
+        of those keys were composed instead."""
         url = self._cloudio_url(path)
         bucket = self.split_path(path)[0]  # type: ignore[attr-defined]
-        # what gcsfs composes: each source's key, in the target's bucket (GCS composes within one bucket)
+        elsewhere = [b for b in dict.fromkeys(self.split_path(p)[0] for p in paths) if b != bucket]  # type: ignore[attr-defined]
+        if elsewhere:
+            held = ", ".join(f"gs://{b}" for b in elsewhere)
+            raise InvalidURLError(
+                f"{url}: not merged: sources are in {held}, and GCS merges (composes) objects of the target's own "
+                f"bucket gs://{bucket} only; nothing was sent or written. Copy the sources into gs://{bucket} "
+                "first (cloudio.filesystem().copy), then merge the copies.")
+        # what gcsfs composes: each source's key, in the target's bucket
         sources = [_gcs_url(self, f"{bucket}/{self.split_path(p)[1]}") for p in paths]  # type: ignore[attr-defined]
         token = _composing.set((url, sources))
         try:
