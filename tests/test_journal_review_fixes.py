@@ -267,25 +267,33 @@ import numpy as np
 import cloudio
 
 url = os.environ["SAVED_AT_EXIT"]
-cloudio.save_array(np.zeros(4, "float32"), url + "/before.zarr")  # a program that wrote before: cloudio loaded
+want = np.arange(1024 * 1024, dtype="float32").reshape(1024, 1024)
+layouts = {  # what each write at exit is given to cloudio's threads for
+    "zstd": dict(chunks=(512, 1024)),  # 2 MiB chunks encoded by the coder threads
+    "sharded": dict(chunks=(128, 1024), shards=(1024, 1024)),  # a shard's bands compressed by every coder thread
+    "raw": dict(chunks=(128, 1024), shards=(512, 1024), compressors=None),  # 2 MiB bodies from sender threads
+}
+# a program that wrote and read large arrays before: cloudio's threads were started (and end at shutdown)
+cloudio.save_array(want, url + "/before.zarr", **layouts["sharded"])
+assert np.array_equal(cloudio.load_array(url + "/before.zarr"), want)
 
-def flush():  # the program saves its results as it exits
-    cloudio.save_array(np.arange(1024 * 1024, dtype="float32").reshape(1024, 1024), url + "/at-exit.zarr",
-                       chunks=(512, 1024))
-    print("saved", flush=True)
+def flush():  # the program saves its results as it exits, and reads them back (reader threads)
+    for name, layout in layouts.items():
+        cloudio.save_array(want, f"{url}/{name}.zarr", **layout)
+        print("saved", name, np.array_equal(cloudio.load_array(f"{url}/{name}.zarr"), want), flush=True)
 
 atexit.register(flush)
 """
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12), reason="Python 3.12 refuses to start a thread at interpreter "
-                    "shutdown (RuntimeError: can't create new thread at interpreter shutdown): cloudio's threads "
-                    "cannot take the work there either")
 @pytest.mark.timeout(180)
 def test_an_array_saved_in_an_atexit_handler_is_stored(gcs_emulator, gcs_bucket: str) -> None:
-    """A program saves its array from an ``atexit`` handler. It must be stored whole, as any other write. The
-    threads cloudio keeps for encoding and sending refused the work once the interpreter was shutting down
-    (RuntimeError: cannot schedule new futures after interpreter shutdown), and nothing was saved."""
+    """A program that wrote and read arrays saves its results from an ``atexit`` handler and reads them back
+    there. They must be stored whole, and read, as any other write. The threads cloudio keeps for encoding,
+    sending and reading refused the work once the interpreter was shutting down (RuntimeError: cannot schedule
+    new futures after shutdown; after interpreter shutdown when none had been started), and nothing was saved;
+    from Python 3.12 no new thread can take it either (RuntimeError: can't create new thread at interpreter
+    shutdown)."""
     import subprocess
 
     import numpy as np
@@ -296,9 +304,12 @@ def test_an_array_saved_in_an_atexit_handler_is_stored(gcs_emulator, gcs_bucket:
     env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_emulator.url, "SAVED_AT_EXIT": url}
     run = subprocess.run([sys.executable, "-c", _SAVED_AT_EXIT], env=env, capture_output=True, text=True,
                          timeout=150)
-    assert run.returncode == 0 and "saved" in run.stdout, run.stderr[-3000:]
-    got = cloudio.load_array(f"{url}/at-exit.zarr")
-    assert np.array_equal(got, np.arange(1024 * 1024, dtype="float32").reshape(1024, 1024))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[:3] == ["saved zstd True", "saved sharded True", "saved raw True"], \
+        run.stderr[-3000:]
+    for name in ("zstd", "sharded", "raw"):
+        got = cloudio.load_array(f"{url}/{name}.zarr")
+        assert np.array_equal(got, np.arange(1024 * 1024, dtype="float32").reshape(1024, 1024)), name
 
 
 # -- a synchronous call made on the event loop it runs on --------------------------------------------------------

@@ -28,12 +28,43 @@ log = logging.getLogger(__name__)
 CANCEL_WAIT = 30.0
 
 
+def started(thread: threading.Thread) -> bool:
+    """Start ``thread``; False when the interpreter is shutting down and starts no thread any more (from Python
+    3.12: RuntimeError: can't create new thread at interpreter shutdown). Why: work done at exit (an ``atexit``
+    handler saving an array) must then go on without it, where it can, rather than fail."""
+    try:
+        thread.start()
+    except RuntimeError:
+        if not shutting_down():  # out of threads, say: not ours to hide
+            raise
+        return False
+    return True
+
+
+def shutting_down() -> bool:
+    """Whether the interpreter is shutting down: its non-daemon threads have been joined, and with them every
+    ``ThreadPoolExecutor``'s (each then refuses new work); ``atexit`` handlers run after that."""
+    return bool(getattr(threading, "_SHUTTING_DOWN", False))  # set by threading._shutdown (3.9 to 3.13 at least)
+
+
 class _KeptExecutor(ThreadPoolExecutor):
     """The executor of a :class:`KeptPool`: once the interpreter is shutting down (an ``atexit`` handler saving
-    an array), what it is given runs in a thread of its own. Why: ``ThreadPoolExecutor`` then refuses new work
-    (RuntimeError: cannot schedule new futures after interpreter shutdown), and a write or read made at exit
-    through cloudio failed with it. Python 3.11 only: from 3.12 the interpreter refuses any new thread then
-    (RuntimeError: can't create new thread at interpreter shutdown), and such a write still fails."""
+    an array), what it is given runs in a thread of its own, or, where no thread can be started any more (Python
+    3.12 and later), at once in the calling thread, which gets a Future already done.
+
+    Why: ``ThreadPoolExecutor`` then refuses new work (RuntimeError: cannot
+    schedule new futures after shutdown, or after interpreter shutdown when it
+    had no thread yet: its threads have been joined, and as they ended they
+    marked it shut down), and a write or read made at exit through cloudio
+    failed with it;
+    from 3.12 the interpreter refuses any new thread then too (RuntimeError:
+    can't create new thread at interpreter shutdown). Run in the caller, the
+    work must not wait for other work given to a pool: none of cloudio's does
+    (encoding a shard or its bands, sending an upload's body, a read's worker
+    taking shards until none is left, waiting for GDAL's reads of an object);
+    given by a coroutine it holds the event loop meanwhile, which is slower
+    but ends.
+    """
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         try:
@@ -41,19 +72,25 @@ class _KeptExecutor(ThreadPoolExecutor):
         except BrokenExecutor:
             raise
         except RuntimeError:
-            if self._shutdown:  # type: ignore[attr-defined]  # shut down on purpose (never by KeptPool): refused
+            # not self._shutdown: the executor's own threads set it as they end at interpreter shutdown
+            if not shutting_down():
                 raise
-        log.debug("%s: the interpreter is shutting down; running %r in a thread of its own", self._name, fn)
         future: Future[T] = Future()
         future.set_running_or_notify_cancel()
 
         def run() -> None:
             try:
-                future.set_result(fn(*args, **kwargs))
+                result = fn(*args, **kwargs)
             except BaseException as e:
                 future.set_exception(e)
+            else:
+                future.set_result(result)
 
-        threading.Thread(target=run, name=f"{self._name}-at-exit", daemon=True).start()
+        if started(threading.Thread(target=run, name=f"{self._name}-at-exit", daemon=True)):
+            log.debug("%s: the interpreter is shutting down; running %r in a thread of its own", self._name, fn)
+        else:
+            log.debug("%s: the interpreter is shutting down; running %r in the calling thread", self._name, fn)
+            run()
         return future
 
     @property

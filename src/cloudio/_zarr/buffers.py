@@ -47,7 +47,7 @@ import weakref
 import numpy as np
 from numpy.typing import DTypeLike
 
-from cloudio._threads import hold_across_fork
+from cloudio._threads import hold_across_fork, started
 
 #: the most the pool keeps, all buffers together
 KEEP_BYTES = 256 << 20
@@ -130,9 +130,11 @@ class BufferPool:
             return sum(len(b) for b in self._free)
 
     def _start(self, seconds: float) -> None:
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        timer = threading.Timer(seconds, self._expire)
+        timer.daemon = True
+        # at interpreter shutdown from Python 3.12 no timer starts (an atexit handler's write gave its buffers
+        # back): they stay, for the handler's next read or write, and go with the process
+        self._timer = timer if started(timer) else None
 
     def _expire(self) -> None:
         with self._lock:
