@@ -391,3 +391,77 @@ def test_a_process_forked_while_the_first_changes_load_the_consumers_can_record(
         if got[-1] != "0":
             break
     assert set(got) == {"0"}, f"the child's exit in each run (2: its record hung): {got}"
+
+
+# -- a synchronous call on an event loop that no longer runs ------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_synchronous_call_on_a_closed_loop_is_a_clear_error() -> None:
+    """cloudio's synchronous wrapper (``run_to_the_end``) given a closed loop (zarr's, closed by zarr's own
+    ``atexit`` clean-up while another thread still calls cloudio) must raise a CloudioError saying what to do, and
+    leave no coroutine never awaited. It raised asyncio's plain RuntimeError (Event loop is closed), and Python
+    warned that the coroutine was never awaited. (Shown at the wrapper: zarr drops its closed loop at once.)"""
+    import asyncio
+    import gc
+    import warnings
+
+    from cloudio._threads import run_to_the_end
+    from cloudio.errors import CloudioError
+
+    async def work() -> int:
+        return 1
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CloudioError, match="is closed: this call could never end.*save and read before the "
+                                               "interpreter shuts down"):
+            run_to_the_end(loop, work())
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+_READ_AT_EXIT_EARLY = """
+import atexit, os, time
+
+def read():  # registered before cloudio (and zarr) are imported: runs after zarr's own clean-up closed its loop
+    import cloudio
+    for i in range(2):
+        began = time.monotonic()
+        try:
+            print("read", float(cloudio.load_array(os.environ["READ_AT_EXIT"]).sum()), flush=True)
+        except Exception as e:
+            print("error", type(e).__name__, isinstance(e, cloudio.CloudioError), time.monotonic() - began < 10,
+                  flush=True)
+
+atexit.register(read)
+import cloudio
+cloudio.filesystem().ls(os.path.dirname(os.environ["READ_AT_EXIT"]))  # the program used cloudio before
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_read_at_exit_after_zarrs_clean_up_reads_or_fails_at_once(gcs_emulator, gcs_bucket: str) -> None:
+    """An ``atexit`` handler registered before cloudio was imported runs after zarr's own clean-up, which closed
+    zarr's event loop; zarr then makes a new one, whose thread Python 3.12 refuses to start. ``load_array`` there,
+    twice (an array this process did not write: read through the store's own synchronous calls), must read the
+    array (3.11: zarr's new loop runs) or fail at once, never hang. On 3.12 the second call waited for good on the
+    loop no thread runs (killed here after 40 s); the first fails in zarr's own ``_get_loop`` (its RuntimeError,
+    raised as it is)."""
+    import subprocess
+
+    import cloudio
+
+    url = f"{gcs_bucket}/early-{os.getpid()}.zarr"
+    cloudio.save_array(np.ones(4, "float32"), url)  # written by another process: read by the store's own calls
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_emulator.url, "READ_AT_EXIT": url}
+    run = subprocess.run([sys.executable, "-W", "always", "-c", _READ_AT_EXIT_EARLY], env=env, capture_output=True,
+                         text=True, timeout=40)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    if sys.version_info < (3, 12):
+        assert lines == ["read 4.0", "read 4.0"], run.stderr[-3000:]
+    else:  # the first refusal is zarr's own (its loop's thread), raised as it is; the second is cloudio's
+        assert len(lines) == 2 and lines[1] == "error LoopNotRunningError True True", (lines, run.stderr[-3000:])

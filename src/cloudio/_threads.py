@@ -15,10 +15,13 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
+
+from cloudio.errors import CloudioError
 
 T = TypeVar("T")
 
@@ -231,6 +234,15 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
         running = asyncio.get_running_loop()
     except RuntimeError:
         running = None
+    if loop.is_closed() or (shutting_down() and not _runs(loop)):  # nothing would ever run the coroutine
+        coro.close()
+        state = "closed" if loop.is_closed() else "not running, and no thread can start it at interpreter shutdown"
+        raise LoopNotRunningError(
+            f"the event loop cloudio runs its requests on ({_name_of(loop)}) is {state}: this call could never end. "
+            "zarr's own atexit clean-up closes zarr's loop as the interpreter shuts down, and an atexit handler "
+            "registered before cloudio was imported runs after it (from Python 3.12 no thread can start another "
+            "loop then): save and read before the interpreter shuts down, or register that handler after "
+            "importing cloudio, so that it runs first")
     if running is loop:  # it would wait for itself for good: zarr's and fsspec's sync refuse it, so does this
         coro.close()
         raise NotImplementedError(
@@ -251,6 +263,38 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
         future.cancel()
         ended.wait(CANCEL_WAIT)
         raise
+
+
+class LoopNotRunningError(CloudioError, RuntimeError):
+    """A synchronous call found the event loop it runs its requests on closed, or, while the interpreter shuts
+    down, run by no thread: it would never end (a RuntimeError, as zarr's and fsspec's "Loop is not running")."""
+
+
+#: seconds a loop not running at interpreter shutdown is given to start (its thread just started: Python 3.11)
+_START_WAIT = 1.0
+
+
+def _runs(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` runs, or starts within :data:`_START_WAIT`. Why wait: zarr starts its loop's thread as
+    it makes the loop, and the loop runs a moment later; from Python 3.12 no thread starts at shutdown, and
+    zarr's loop, made after its clean-up closed the last one, is then run by none, for good."""
+    deadline = time.monotonic() + _START_WAIT
+    while not loop.is_running():
+        if loop.is_closed() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _name_of(loop: asyncio.AbstractEventLoop) -> str:
+    """Whose loop ``loop`` is, for a message: zarr's or fsspec's, else just a loop."""
+    import sys
+
+    for module, name in (("zarr.core.sync", "zarr's"), ("fsspec.asyn", "fsspec's")):
+        held = getattr(sys.modules.get(module), "loop", None)
+        if isinstance(held, list) and loop in held:
+            return name
+    return "a loop given to cloudio"
 
 
 def cores() -> int:
