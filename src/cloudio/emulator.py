@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -308,6 +309,58 @@ def _renew_spawner() -> None:
 hold_across_fork("emulator spawner", lambda: (_spawn_lock,), _renew_spawner)
 
 
+def _hopeless_attach(url: str, error: OSError, timeout: float) -> EmulatorError | None:
+    """The error for attaching to ``url`` (``STORAGE_EMULATOR_HOST``) when its probe's ``error`` says no waiting
+    will help, else None (``timeout``: the start timeout, what a server that accepts connections is given).
+
+    A refused connection means nothing listens there, a name that does not resolve names no host, and a TLS
+    failure an ``https://`` address of a server that does not speak TLS as asked: none of them is a server
+    starting up, and cloudio did not start this one. A server that accepts and then resets, stays silent or
+    answers an HTTP error may still be starting, and is waited for within the start timeout.
+    """
+    import ssl
+
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    var = _config.EMULATOR_HOST_ENV
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    fix = (f"Fix: start an emulator there (`cloudio emulator --port {port}`), or unset {var} for cloudio to "
+           "start its own.")
+    if isinstance(reason, ConnectionRefusedError):
+        return EmulatorError(
+            f"no answer from {url}/storage/v1/b: the connection was refused, nothing listens at {var}={url}. "
+            f"cloudio did not start that server, so there is nothing to wait for (a server that accepts "
+            f"connections is waited for within {timeout:g} s, {_config.EMULATOR_START_TIMEOUT_ENV}). {fix}"
+        )
+    if isinstance(reason, socket.gaierror) and reason.errno != socket.EAI_AGAIN:  # EAI_AGAIN: DNS may recover
+        return EmulatorError(
+            f"cannot attach to {var}={url}: the host name {parts.hostname!r} does not resolve ({reason.strerror}). "
+            f"Fix: correct the address (e.g. http://127.0.0.1:{port}), start an emulator there, or unset {var} for "
+            "cloudio to start its own."
+        )
+    if isinstance(reason, ssl.SSLError) and url.startswith("https://"):
+        plain = "http://" + url[len("https://"):]
+        try:
+            _urlopen(f"{plain}/storage/v1/b", timeout=2).close()
+            speaks_http = True
+        except urllib.error.HTTPError:
+            speaks_http = True  # an HTTP answer all the same
+        except OSError:
+            speaks_http = False
+        if speaks_http:
+            return EmulatorSettingError(
+                f"cannot attach to {var}={url}: the server there answers in plain HTTP, not TLS (cloudio's "
+                f"emulator, and fake-gcs-server started with -scheme http, speak plain HTTP). Fix: set "
+                f"{var}={plain}, or unset {var} for cloudio to start its own."
+            )
+        return EmulatorSettingError(
+            f"cannot attach to {var}={url}: its TLS handshake failed ({getattr(reason, 'reason', None) or reason}"
+            f"). Fix: run the emulator with -scheme http and set {var}={plain}, or unset {var} for cloudio to "
+            "start its own."
+        )
+    return None
+
+
 class Emulator:
     """A running fake-gcs-server; a context manager, usable with or without pytest.
 
@@ -508,6 +561,11 @@ class Emulator:
                             return
             except (urllib.error.URLError, OSError) as e:
                 last = e
+                if self.mode == "external" and self._url is not None:
+                    # cloudio did not start it: an answer that no waiting changes is the error, at once
+                    hopeless = _hopeless_attach(self._url, e, self.timeout)
+                    if hopeless is not None:
+                        raise hopeless from e
             time.sleep(delay)  # back-off between probes, not a guess at start-up time
             delay = min(delay * 2, 0.2)
         if self.mode == "external":  # no server of cloudio's, no output: what to do about the variable
