@@ -51,6 +51,7 @@ from cloudio._zarr.store import (
     in_the_way,
     key_prefix,
     open_complete_array,
+    refuse_on_zarrs_loop,
     refuse_replacing_others,
     revalidate,
     zarr_store,
@@ -148,6 +149,7 @@ def save_array(
     # any other value is the user's, passed on for zarr to refuse
     zarr_chunks = cast("tuple[int, ...] | Literal['auto']", chunks)
     zarr_shards = cast("tuple[int, ...] | Literal['auto'] | None", shards)
+    refuse_on_zarrs_loop(store.root_url, "cloudio.save_array")  # (zarr's refusal is no refusal of the arguments)
     try:
         probe = zarr.create_array(zarr.storage.MemoryStore(), shape=array.shape, dtype=array.dtype,
                                   chunks=zarr_chunks, shards=zarr_shards, **kwargs)

@@ -1853,16 +1853,98 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, Exception) and is_transient(e)
 
 
+#: what zarr's ``sync``, fsspec's and cloudio's own (:func:`~cloudio._threads.run_to_the_end`) say as they refuse
+#: a synchronous call made from a coroutine on the event loop it would wait for
+_SYNC_REFUSED = "Calling sync() from within a running loop"
+
+
+def sync_refused(e: BaseException | None) -> BaseException | None:
+    """The refusal of a synchronous call made on the event loop it would wait for (zarr's ``SyncError``;
+    fsspec's, or cloudio's, ``NotImplementedError``): ``e`` itself, or the cause of a cloudio error that took it
+    for something else (a write rehearsed in memory says its input was refused); None when ``e`` is none.
+
+    Why: the call cannot work there, whatever its arguments; only calling it from another thread helps."""
+    from zarr.core import sync as zsync
+
+    refusal: tuple[type[BaseException], ...] = tuple(t for t in (getattr(zsync, "SyncError", None),)
+                                                     if t is not None)
+    for err in (e, e.__cause__ if isinstance(e, CloudioError) else None):
+        if isinstance(err, refusal) or (isinstance(err, NotImplementedError) and str(err).startswith(_SYNC_REFUSED)):
+            return err
+    return None
+
+
+def called_on_its_loop(url: str, call: str, refusal: BaseException) -> CloudioError:
+    """The error for ``call`` (``cloudio.save_array``...) of ``url`` made from a coroutine on the event loop its
+    requests run on (raise it ``from refusal``, :func:`sync_refused`'s)."""
+    from cloudio.errors import ConfigurationError
+
+    return ConfigurationError(
+        f"{url}: {call} was called from a coroutine running on the event loop its requests run on (zarr's, or "
+        f"fsspec's), where a synchronous call would wait for itself for good, so it was refused "
+        f"({type(refusal).__name__}: {refusal}). Call it from another thread: await asyncio.to_thread({call}, ...) "
+        "in a coroutine, or from a thread of your own."
+    )
+
+
+def refuse_on_zarrs_loop(url: str, call: str) -> None:
+    """Raise :func:`called_on_its_loop`'s error, before anything is done, when the caller runs on zarr's own
+    event loop; its cause is zarr's refusal, asked of zarr's ``sync`` (a coroutine that does nothing, closed).
+
+    Why before: zarr's refusal comes at the first synchronous call, which cloudio's checks of the arguments
+    (an array made in memory) took for a refusal of the arguments, and every such call leaves a coroutine
+    never awaited."""
+    from zarr.core import sync as zsync
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    loops = getattr(zsync, "loop", None)
+    if not loops or running is not loops[0]:  # (zarr's loop is not made here when it is not there yet)
+        return
+    coro = _nothing()
+    try:
+        zsync.sync(coro)
+    except Exception as e:
+        refusal = sync_refused(e)
+        if refusal is None:
+            raise
+        raise called_on_its_loop(url, call, refusal) from refusal
+    finally:
+        coro.close()
+
+
+def _call_named(writing: bool, node: str, writer: str) -> str:
+    """The public call :func:`cloudio_errors` guards, as its caller's arguments tell it."""
+    if writing:
+        return writer
+    return {"array": "cloudio.load_array", "store": "cloudio.open_zarr"}.get(node, "the read")
+
+
 @contextmanager
 def cloudio_errors(store: JournaledStore, *, writing: bool, node: str = "store",
                    writer: str = "cloudio.to_zarr", group: str = "", mode: str = "w-",
                    zarr_format: int | None = None) -> Iterator[None]:
-    """Re-raise what zarr, xarray or gcsfs raise inside as :func:`cloudio_error` says, with it as the cause."""
+    """Re-raise what zarr, xarray or gcsfs raise inside as :func:`cloudio_error` says, with it as the cause.
+
+    Called from a coroutine on zarr's event loop, refuses before anything is done (:func:`refuse_on_zarrs_loop`)."""
+    call = _call_named(writing, node, writer)
+    refuse_on_zarrs_loop(store.root_url, call)
     try:
         yield
     except Exception as e:
-        err = cloudio_error(store, e, writing=writing, node=node, writer=writer, group=group, mode=mode,
-                            zarr_format=zarr_format)
+        refusal = sync_refused(e)
+        if refusal is not None:
+            raise called_on_its_loop(store.root_url, call, refusal) from refusal
+        try:
+            err = cloudio_error(store, e, writing=writing, node=node, writer=writer, group=group, mode=mode,
+                                zarr_format=zarr_format)
+        except Exception as naming:  # what naming ``e`` asked of the server was refused on this loop (fsspec's)
+            refusal = sync_refused(naming)
+            if refusal is None:
+                raise
+            raise called_on_its_loop(store.root_url, call, refusal) from refusal
         if err is not None:
             raise err from e
         raise
@@ -1884,6 +1966,8 @@ def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, nod
     from cloudio.errors import ConfigurationError, IntegrityError, TransientError
 
     url = store.root_url
+    if (refusal := sync_refused(e)) is not None and refusal is e:
+        return called_on_its_loop(url, _call_named(writing, node, writer), e)
     if isinstance(e, CloudioError):
         return None
     if _transient(e):
@@ -2050,19 +2134,19 @@ def _not_found(store: JournaledStore, node: str, writer: str, group: str = "",
                                    f"(and its path from the store's root), or write it with {writer}(..., "
                                    f"group={group!r}).")
     if is_gcs(url):
-        from cloudio._gcs.client import call_bounded, gcs_filesystem
+        from cloudio._gcs.client import gcs_filesystem
 
         path = parse_gcs(url)
         fs = gcs_filesystem()
         try:
-            call_bounded(fs, fs._call("GET", "b/{}", path.bucket, json_out=True))
+            _asked(fs, fs._call("GET", "b/{}", path.bucket, json_out=True))
         except FileNotFoundError:
             return BucketNotFoundError(f"{url}: bucket {path.bucket!r} does not exist; check the bucket name, "
                                        "or create the bucket first.")
         except OSError as e:  # cannot tell: say what is known
             log.debug("could not check bucket %s: %s", path.bucket, e)
         try:
-            is_object = call_bounded(fs, fs._info(path.fs_path)).get("type") == "file"
+            is_object = _asked(fs, fs._info(path.fs_path)).get("type") == "file"
         except OSError:
             is_object = False
     else:
@@ -2072,6 +2156,20 @@ def _not_found(store: JournaledStore, node: str, writer: str, group: str = "",
                                   f"cloudio.open({url!r}), or point at the store's directory.")
     return ObjectNotFoundError(f"{url}: no Zarr {node} there (no zarr.json, .zgroup or .zarray); check the URL, "
                                f"or write one with {writer}.")
+
+
+def _asked(fs: Any, call: Coroutine[Any, Any, T]) -> T:
+    """:func:`~cloudio._gcs.client.call_bounded`, ``call`` closed when it never ran (fsspec's ``sync`` refuses a
+    call made on its own loop, and leaves it never awaited)."""
+    import inspect
+
+    from cloudio._gcs.client import call_bounded
+
+    try:
+        return call_bounded(fs, call)
+    finally:
+        if inspect.getcoroutinestate(call) == inspect.CORO_CREATED:  # (one that ran is the loop's to end)
+            call.close()
 
 
 def _other_format(store: JournaledStore, zarr_format: int | None, group: str = "") -> tuple[int, str] | None:
