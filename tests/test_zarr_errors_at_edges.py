@@ -1,5 +1,5 @@
 """The Zarr face's errors at its edges: a synchronous call made on the event loop its requests run on (zarr's,
-or fsspec's), or from a coroutine on another loop."""
+or fsspec's), or from a coroutine on another loop; an array too large for this process's memory."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import zarr
 from outcomes import bounded, returned
 
 import cloudio
-from cloudio.errors import CloudioError, ConfigurationError
+from cloudio.errors import CloudioError, ConfigurationError, ReadError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part:UserWarning")
 
@@ -106,3 +106,15 @@ def test_calls_from_a_coroutine_on_the_users_own_loop_work(gcs_bucket: str) -> N
     np.testing.assert_array_equal(back, data)
     np.testing.assert_array_equal(zarr.open_array(cloudio.zarr_store(f"{gcs_bucket}/mine.zarr"), mode="r")[...], data)
     xr.testing.assert_identical(ds, _dataset())
+
+
+def test_an_array_larger_than_memory_is_not_said_to_be_refused_by_the_server(gcs_bucket: str) -> None:
+    """load_array of an array no process could hold (512 TiB: metadata only, every chunk the fill value): a
+    MemoryError, catchable as such, naming the URL and the lazy read; not a ReadError blaming the server and the
+    credentials."""
+    url = f"{gcs_bucket}/huge.zarr"
+    zarr.create_array(cloudio.zarr_store(url), shape=(2**46,), dtype="float64", chunks=(2**20,))
+    _, err, _ = bounded(lambda: cloudio.load_array(url))
+    assert isinstance(err, MemoryError) and not isinstance(err, ReadError), repr(err)
+    said = "\n".join([str(err), *getattr(err, "__notes__", [])])
+    assert url in said and "lazy=True" in said and "refused" not in said and "credentials" not in said, said

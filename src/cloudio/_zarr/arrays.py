@@ -383,7 +383,11 @@ def _output(shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, Callable[[]
     kept = outputs.take_kept(nbytes)
     if kept is not None:
         return lend(kept, shape, dt), _nothing
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:  # (ENOMEM) NumPy then tries, and raises its MemoryError saying how much it asked for
+        log.debug("no anonymous mapping of %d bytes (%s): NumPy allocates", nbytes, e)
+        return None
     huge = getattr(mmap, "MADV_HUGEPAGE", None)
     if huge is not None and _config.env("NUMPY_MADVISE_HUGEPAGE") != "0":
         buf.madvise(huge)

@@ -1928,7 +1928,8 @@ def cloudio_errors(store: JournaledStore, *, writing: bool, node: str = "store",
                    zarr_format: int | None = None) -> Iterator[None]:
     """Re-raise what zarr, xarray or gcsfs raise inside as :func:`cloudio_error` says, with it as the cause.
 
-    Called from a coroutine on zarr's event loop, refuses before anything is done (:func:`refuse_on_zarrs_loop`)."""
+    Called from a coroutine on zarr's event loop, refuses before anything is done (:func:`refuse_on_zarrs_loop`);
+    a ``MemoryError`` is raised as it is (catchable as such), with a note naming the store."""
     call = _call_named(writing, node, writer)
     refuse_on_zarrs_loop(store.root_url, call)
     try:
@@ -1947,7 +1948,21 @@ def cloudio_errors(store: JournaledStore, *, writing: bool, node: str = "store",
             raise called_on_its_loop(store.root_url, call, refusal) from refusal
         if err is not None:
             raise err from e
+        if isinstance(e, MemoryError):
+            e.add_note(_out_of_memory(store.root_url, writing, writer, node))
         raise
+
+
+def _out_of_memory(url: str, writing: bool, writer: str, node: str) -> str:
+    """The note a ``MemoryError`` of a read or write of ``url`` gets: what to do instead."""
+    if writing:
+        return (f"{url}: this process ran out of memory writing it; the store stays marked incomplete (cloudio's "
+                f"readers refuse it) until it is written again whole with {writer}, with more memory, or from "
+                "a Dask array (one task per shard).")
+    instead = ("cloudio.load_array(url, lazy=True) (one Dask task per shard), then a slice of it" if node == "array"
+               else "cloudio.open_zarr(url, chunks={}) (Dask arrays), then a selection of it")
+    return (f"{url}: this process could not allocate the memory to read it whole; nothing was read. Read it "
+            f"lazily and in parts: {instead}.")
 
 
 def cloudio_error(store: JournaledStore, e: BaseException, *, writing: bool, node: str = "store",
