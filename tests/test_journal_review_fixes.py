@@ -465,3 +465,45 @@ def test_a_read_at_exit_after_zarrs_clean_up_reads_or_fails_at_once(gcs_emulator
         assert lines == ["read 4.0", "read 4.0"], run.stderr[-3000:]
     else:  # the first refusal is zarr's own (its loop's thread), raised as it is; the second is cloudio's
         assert len(lines) == 2 and lines[1] == "error LoopNotRunningError True True", (lines, run.stderr[-3000:])
+
+
+_NEW_CONNECTIONS_AT_EXIT = """
+import atexit, os
+import numpy as np
+import cloudio
+
+url = os.environ["SAVED_AT_EXIT"]
+want = np.arange(256 * 1024, dtype="float32").reshape(256, 1024)
+cloudio.save_array(want, url + "/before.zarr", chunks=(64, 1024))  # cloudio's requests made before
+
+def flush():  # every answer closes its connection: each request at exit connects anew, to a host name
+    cloudio.save_array(want, url + "/at-exit.zarr", chunks=(64, 1024))
+    print("saved", np.array_equal(cloudio.load_array(url + "/at-exit.zarr"), want), flush=True)
+
+atexit.register(flush)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_array_saved_at_exit_over_new_connections_to_a_host_name_is_stored(fault_proxy, gcs_bucket: str) -> None:
+    """An ``atexit`` handler saves an array, and reads it back, when cloudio's kept connections are gone (on GCS:
+    closed by the server while the program did other things), its endpoint named by a host name, as GCS's is. Each
+    new connection of cloudio's transport resolved the name in the event loop's default executor, whose threads had
+    ended at interpreter shutdown: it refused the work (RuntimeError: cannot schedule new futures after shutdown),
+    on Python 3.11 and 3.12 alike, and nothing was saved."""
+    import subprocess
+
+    import numpy as np
+
+    import cloudio
+
+    fault_proxy.add("closes", times=None)
+    url = f"{gcs_bucket}/exit-{os.getpid()}"
+    endpoint = f"http://localhost:{fault_proxy.server.server_address[1]}"
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": endpoint, "SAVED_AT_EXIT": url}
+    run = subprocess.run([sys.executable, "-c", _NEW_CONNECTIONS_AT_EXIT], env=env, capture_output=True, text=True,
+                         timeout=100)
+    assert run.returncode == 0 and run.stdout.strip() == "saved True", run.stderr[-3000:]
+    fault_proxy.clear()
+    got = cloudio.load_array(f"{url}/at-exit.zarr")
+    assert np.array_equal(got, np.arange(256 * 1024, dtype="float32").reshape(256, 1024))
