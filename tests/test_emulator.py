@@ -407,8 +407,8 @@ def test_external_mode_attaches_to_storage_emulator_host(clean_env: pytest.Monke
 
 
 def test_external_mode_accepts_host_port_form(clean_env: pytest.MonkeyPatch) -> None:
-    with Emulator() as first:
-        clean_env.setenv("STORAGE_EMULATOR_HOST", first.url.removeprefix("http://"))
+    with Emulator() as first, pytest.MonkeyPatch.context() as attach:  # undone inside: see the test above
+        attach.setenv("STORAGE_EMULATOR_HOST", first.url.removeprefix("http://"))
         with Emulator(mode="external") as second:
             assert second.url == first.url
 
@@ -463,8 +463,8 @@ def test_emulator_options_are_anonymous_only_for_the_emulator(clean_env: pytest.
     assert _config.emulator_endpoint() is None
     assert _config.gdal_options() == {}
     assert _config.gcsfs_options() == {}
-    with Emulator() as emu:
-        clean_env.setenv("STORAGE_EMULATOR_HOST", emu.url)
+    with Emulator() as emu, pytest.MonkeyPatch.context() as attach:  # undone inside: see the tests above
+        attach.setenv("STORAGE_EMULATOR_HOST", emu.url)
         assert _config.gdal_options() == {"CPL_GS_ENDPOINT": emu.url + "/", "GS_NO_SIGN_REQUEST": "YES"}
         assert _config.gcsfs_options() == {"endpoint_url": emu.url, "token": "anon"}
 
