@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
-from cloudio.errors import CloudioError
+from cloudio.errors import LoopNotRunningError
 
 T = TypeVar("T")
 
@@ -263,11 +263,6 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
         future.cancel()
         ended.wait(CANCEL_WAIT)
         raise
-
-
-class LoopNotRunningError(CloudioError, RuntimeError):
-    """A synchronous call found the event loop it runs its requests on closed, or, while the interpreter shuts
-    down, run by no thread: it would never end (a RuntimeError, as zarr's and fsspec's "Loop is not running")."""
 
 
 #: seconds a loop not running at interpreter shutdown is given to start (its thread just started: Python 3.11)

@@ -19,6 +19,7 @@ __all__ = [
     "IntegrityError",
     "InvalidURLError",
     "LocalFileNotFoundError",
+    "LoopNotRunningError",
     "NotARasterError",
     "ObjectNotFoundError",
     "ReadError",
@@ -59,6 +60,11 @@ class UploadError(CloudioError, OSError):
 
 class EmulatorError(CloudioError, RuntimeError):
     """The GCS emulator could not be started or reached."""
+
+
+class LoopNotRunningError(CloudioError, RuntimeError):
+    """A synchronous call found the event loop it runs its requests on closed, or, while the interpreter shuts
+    down, run by no thread: it would never end (a RuntimeError, as zarr's and fsspec's "Loop is not running")."""
 
 
 class UnsafeChunkingError(CloudioError, ValueError):
