@@ -118,3 +118,20 @@ def test_an_array_larger_than_memory_is_not_said_to_be_refused_by_the_server(gcs
     assert isinstance(err, MemoryError) and not isinstance(err, ReadError), repr(err)
     said = "\n".join([str(err), *getattr(err, "__notes__", [])])
     assert url in said and "lazy=True" in said and "refused" not in said and "credentials" not in said, said
+
+
+def test_a_local_stores_own_os_failure_is_not_said_to_be_refused_by_the_server(tmp_path) -> None:
+    """load_array of a local store one of whose chunks the OS cannot open (a symbolic link to itself): the OS's
+    own error (an OSError with its errno, naming the file), not a ReadError saying the server refused the read
+    and to check the credentials."""
+    import errno
+    import os
+
+    url = str(tmp_path / "a.zarr")
+    cloudio.save_array(np.arange(6.0), url, chunks=(3,))
+    chunk = os.path.join(url, "c", "0")
+    os.remove(chunk)
+    os.symlink(chunk, chunk)
+    _, err, _ = bounded(lambda: cloudio.load_array(url))
+    assert isinstance(err, OSError) and err.errno == errno.ELOOP, repr(err)
+    assert "server" not in str(err) and "credentials" not in str(err), str(err)

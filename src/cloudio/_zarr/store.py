@@ -1005,7 +1005,9 @@ def _how_failed(e: BaseException) -> Literal["transient", "refused"] | None:
     the server (gcsfs's mapping of a refusal: 403 "Forbidden"; 400, 409: "refused"), or neither (None)."""
     if _transient(e) or isinstance(e, TimeoutError):
         return "transient"
-    return "refused" if type(e) is OSError or is_refusal(e) else None
+    # gcsfs's refusal is a bare OSError ("Forbidden: ..."); one with an errno is this machine's own (a local
+    # store's file the OS cannot open), not the server's answer
+    return "refused" if (type(e) is OSError and e.errno is None) or is_refusal(e) else None
 
 
 class _SyncJournaledStore(JournaledStore):
