@@ -135,3 +135,46 @@ def test_a_local_stores_own_os_failure_is_not_said_to_be_refused_by_the_server(t
     _, err, _ = bounded(lambda: cloudio.load_array(url))
     assert isinstance(err, OSError) and err.errno == errno.ELOOP, repr(err)
     assert "server" not in str(err) and "credentials" not in str(err), str(err)
+
+
+@pytest.mark.usefixtures("python_sigint")
+def test_an_interrupt_of_load_array_is_raised_as_it_is(gcs_bucket: str, fault_proxy: Any) -> None:
+    """Ctrl-C while load_array waits for a chunk (its answer held at the proxy): KeyboardInterrupt itself,
+    neither named as a cloudio error nor given a cause."""
+    import signal
+    import threading
+    import time
+
+    url = f"{gcs_bucket}/intr.zarr"
+    cloudio.save_array(np.arange(64.0), url, chunks=(16,))
+    release = threading.Event()
+    held = fault_proxy.add("delay", method="GET", path=r"intr\.zarr%2Fc", release=release, seconds=30, times=None)
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while not held.hits and time.monotonic() < deadline:
+            time.sleep(0.005)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            cloudio.load_array(url)
+    finally:
+        release.set()
+        t.join()
+    assert type(info.value) is KeyboardInterrupt and info.value.__cause__ is None, repr(info.value)
+    assert held.hits, "no chunk's GET was held: the interrupt came elsewhere"
+
+
+def test_save_array_with_a_dtype_says_to_convert_the_array_first(gcs_bucket: str, user_fs: Any) -> None:
+    """save_array(array, url, dtype=...) (an object array of strings asked to be float32): save_array stores the
+    array's own dtype, so the error says to convert the array first (array.astype), naming the URL; not zarr's
+    "got multiple values for keyword argument" with a hint about chunks and shards. Nothing was written."""
+    url = f"{gcs_bucket}/typed.zarr"
+    _, err, _ = bounded(lambda: cloudio.save_array(np.array(["1.5", "x"], dtype=object), url, dtype="float32"))
+    assert isinstance(err, ConfigurationError), repr(err)
+    msg = str(err)
+    assert url in msg and "astype" in msg and "multiple values" not in msg and "shards" not in msg, msg
+    assert user_fs.find(url.removeprefix("gs://")) == []

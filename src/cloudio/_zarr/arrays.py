@@ -131,6 +131,16 @@ def save_array(
     dask_input = _is_dask(array)
     if not dask_input:
         array = np.asarray(array)
+    # the array's own: zarr would say "got multiple values for keyword argument", which reads as a bug
+    if "dtype" in kwargs:
+        asked = repr(str(np.dtype(kwargs["dtype"]))) if _a_dtype(kwargs["dtype"]) else "..."
+        raise ConfigurationError(f"{store.root_url}: save_array stores the array's own dtype ({array.dtype}); "
+                                 f"nothing was written. Convert the array first: cloudio.save_array(array.astype("
+                                 f"{asked}), url).")
+    if "shape" in kwargs:
+        raise ConfigurationError(f"{store.root_url}: save_array stores the array's own shape {array.shape}; "
+                                 "nothing was written. Reshape the array first: cloudio.save_array(array.reshape("
+                                 "...), url).")
     if chunks is None:
         if dask_input:
             chunks = tuple(max(c) if c else 1 for c in cast("dask.array.Array", array).chunks)
@@ -204,6 +214,15 @@ def save_array(
             raise
         mark.commit()
     return z
+
+
+def _a_dtype(value: Any) -> bool:
+    """Whether NumPy takes ``value`` for a dtype (the error of :func:`save_array` then names it)."""
+    try:
+        np.dtype(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _fenced(store: JournaledStore, prefix: str, kwargs: dict[str, Any]) -> dict[str, Any]:
