@@ -108,12 +108,13 @@ def test_calls_from_a_coroutine_on_the_users_own_loop_work(gcs_bucket: str) -> N
     xr.testing.assert_identical(ds, _dataset())
 
 
-def test_an_array_larger_than_memory_is_not_said_to_be_refused_by_the_server(gcs_bucket: str) -> None:
-    """load_array of an array no process could hold (512 TiB: metadata only, every chunk the fill value): a
-    MemoryError, catchable as such, naming the URL and the lazy read; not a ReadError blaming the server and the
-    credentials."""
+@pytest.mark.parametrize("length", [2**46, 2**62])
+def test_an_array_larger_than_memory_is_not_said_to_be_refused_by_the_server(gcs_bucket: str, length: int) -> None:
+    """load_array of an array no process could hold (512 TiB; 32 EiB, more than a mapping's size can say:
+    metadata only, every chunk the fill value): a MemoryError, catchable as such, naming the URL and the lazy
+    read; not a ReadError blaming the server and the credentials, nor an OverflowError of the mapping."""
     url = f"{gcs_bucket}/huge.zarr"
-    zarr.create_array(cloudio.zarr_store(url), shape=(2**46,), dtype="float64", chunks=(2**20,))
+    zarr.create_array(cloudio.zarr_store(url), shape=(length,), dtype="float64", chunks=(2**20,))
     _, err, _ = bounded(lambda: cloudio.load_array(url))
     assert isinstance(err, MemoryError) and not isinstance(err, ReadError), repr(err)
     said = "\n".join([str(err), *getattr(err, "__notes__", [])])

@@ -404,9 +404,9 @@ def _output(shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, Callable[[]
         return lend(kept, shape, dt), _nothing
     try:
         buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except OSError as e:  # (ENOMEM) NumPy then tries, and raises its MemoryError saying how much it asked for
-        log.debug("no anonymous mapping of %d bytes (%s): NumPy allocates", nbytes, e)
-        return None
+    except (OSError, OverflowError) as e:  # ENOMEM, or more than a size_t: what NumPy's allocation would say
+        raise MemoryError(f"Unable to allocate {nbytes / 2**30:.4g} GiB for an array with shape {shape} and data "
+                          f"type {dt}") from e
     huge = getattr(mmap, "MADV_HUGEPAGE", None)
     if huge is not None and _config.env("NUMPY_MADVISE_HUGEPAGE") != "0":
         buf.madvise(huge)
