@@ -234,7 +234,7 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
         running = asyncio.get_running_loop()
     except RuntimeError:
         running = None
-    if loop.is_closed() or (shutting_down() and not _runs(loop)):  # nothing would ever run the coroutine
+    if loop.is_closed() or (shutting_down() and not runs_soon(loop)):  # nothing would ever run the coroutine
         coro.close()
         state = "closed" if loop.is_closed() else "not running, and no thread can start it at interpreter shutdown"
         raise LoopNotRunningError(
@@ -269,7 +269,7 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
 _START_WAIT = 1.0
 
 
-def _runs(loop: asyncio.AbstractEventLoop) -> bool:
+def runs_soon(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether ``loop`` runs, or starts within :data:`_START_WAIT`. Why wait: zarr starts its loop's thread as
     it makes the loop, and the loop runs a moment later; from Python 3.12 no thread starts at shutdown, and
     zarr's loop, made after its clean-up closed the last one, is then run by none, for good."""

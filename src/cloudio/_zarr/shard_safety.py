@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,12 +49,11 @@ def whole(value: object) -> int | None:
 
 
 def is_dask(obj: Any) -> bool:
-    """Is ``obj`` a Dask collection (whose chunks need aligning)? False when Dask is not installed."""
-    try:
-        from dask.base import is_dask_collection
-    except ImportError:  # no dask, no tasks, nothing to align
-        return False
-    return bool(is_dask_collection(obj))
+    """Is ``obj`` a Dask collection (whose chunks need aligning)? False when Dask is not loaded: a collection of
+    Dask's was made by Dask, imported by then. Why not import it: a NumPy array's write needs none of it, and Dask's
+    import fails once the interpreter shuts down (an ``atexit`` handler saving an array)."""
+    base = sys.modules.get("dask.base")
+    return base is not None and bool(base.is_dask_collection(obj))
 
 
 def misaligned_dims(chunks: Chunks, grid: Sequence[int], offsets: Sequence[int] | None = None) -> list[int]:

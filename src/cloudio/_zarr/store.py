@@ -53,11 +53,11 @@ from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
 from cloudio._tables import drop_oldest, touch
-from cloudio._threads import hold_across_fork, run_to_the_end
+from cloudio._threads import hold_across_fork, run_to_the_end, runs_soon, shutting_down
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr import last_seen
 from cloudio._zarr.changes import stops_with_its_write
-from cloudio.errors import BucketNotFoundError, CloudioError, ConflictError, UploadError
+from cloudio.errors import BucketNotFoundError, CloudioError, ConflictError, LoopNotRunningError, UploadError
 
 if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest, Store
@@ -1895,9 +1895,11 @@ def refuse_on_zarrs_loop(url: str, call: str) -> None:
 
     Why before: zarr's refusal comes at the first synchronous call, which cloudio's checks of the arguments
     (an array made in memory) took for a refusal of the arguments, and every such call leaves a coroutine
-    never awaited."""
+    never awaited. At interpreter shutdown, also when zarr's loop cannot run (:func:`_refuse_without_zarrs_loop`)."""
     from zarr.core import sync as zsync
 
+    if shutting_down():
+        _refuse_without_zarrs_loop(url, call)
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
@@ -1915,6 +1917,30 @@ def refuse_on_zarrs_loop(url: str, call: str) -> None:
         raise called_on_its_loop(url, call, refusal) from refusal
     finally:
         coro.close()
+
+
+def _refuse_without_zarrs_loop(url: str, call: str) -> None:
+    """At interpreter shutdown: raise LoopNotRunningError, before anything is read or written, when no thread runs
+    zarr's event loop (nor can: Python 3.12 starts no thread then). Why: an ``atexit`` handler registered before
+    cloudio was imported runs after zarr's own clean-up closed its loop; zarr's next synchronous call makes a new
+    loop and fails to start its thread (RuntimeError, taken for a refusal of the arguments), and every call after
+    it waited for good on that loop, which zarr keeps."""
+    from zarr.core import sync as zsync
+
+    loop_of = getattr(zsync, "_get_loop", None)
+    if loop_of is None:  # another zarr: its own sync
+        return
+    cause: BaseException | None = None
+    try:
+        runs = runs_soon(loop_of())
+    except RuntimeError as e:  # zarr's new loop's thread cannot start
+        runs, cause = False, e
+    if not runs:
+        raise LoopNotRunningError(
+            f"{url}: {call} was called as the interpreter shuts down, after zarr's own clean-up closed its event "
+            "loop, and no thread can run a new one now: nothing was read or written. Save and read before the "
+            "interpreter shuts down, or register the atexit handler after importing cloudio (it then runs before "
+            "zarr's clean-up).") from cause
 
 
 def _call_named(writing: bool, node: str, writer: str) -> str:
