@@ -455,10 +455,10 @@ cloudio.filesystem().ls(os.path.dirname(os.environ["READ_AT_EXIT"]))  # the prog
 def test_a_read_at_exit_after_zarrs_clean_up_reads_or_fails_at_once(gcs_emulator, gcs_bucket: str) -> None:
     """An ``atexit`` handler registered before cloudio was imported runs after zarr's own clean-up, which closed
     zarr's event loop; zarr then makes a new one, whose thread Python 3.12 refuses to start. ``load_array`` there,
-    twice (an array this process did not write: read through the store's own synchronous calls), must read the
-    array (3.11: zarr's new loop runs) or fail at once, never hang. On 3.12 the second call waited for good on the
-    loop no thread runs (killed here after 40 s); the first fails in zarr's own ``_get_loop`` (its RuntimeError,
-    raised as it is)."""
+    twice (an array this process did not write: read through the store's own synchronous calls), then two
+    ``save_array`` and a ``load_array`` of what they saved, must work (3.11: zarr's new loop runs) or fail at once
+    with cloudio's error naming the store, never hang. On 3.12 the second call waited for good on the loop no
+    thread runs (killed here after 40 s); on 3.11 the saves failed importing Dask at shutdown."""
     import subprocess
 
     import cloudio
