@@ -10,14 +10,21 @@ bytes received, so an upload over a slow but steady uplink is not cut short, and
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import threading
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from relay import Relay
 
 import cloudio
+from cloudio import _config
+from cloudio._gcs.client import GCSFS_FIRST_RETRY_WAIT, TOTAL_FACTOR
 
 
 def _run(fn: Any, seconds: float) -> tuple[Any, BaseException | None, float]:
@@ -85,3 +92,145 @@ def test_a_merge_within_one_bucket_spelled_either_way_still_composes(fault_proxy
     fs.merge(f"gs://{b}/out", [f"{b}/x", f"gs://{b}/y"])
     assert fs.cat(f"{b}/out") == b"this bucket's x,this bucket's y"
     assert len(fault_proxy.requests(r"/compose")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# long uploads over a slow uplink
+# ---------------------------------------------------------------------------------------------
+
+#: CLOUDIO_HTTP_TIMEOUT in these tests, and a tracked call's limit then: nothing moved for 3 x 2 s + gcsfs's wait
+TIMEOUT = 2.0
+CALL_LIMIT = TOTAL_FACTOR * TIMEOUT + GCSFS_FIRST_RETRY_WAIT
+#: 48 MiB at 4 MiB/s: 12 s in all, never still for long. Why so much: this machine's kernel takes up to 4 MiB
+#: of a connection's bytes at once (loopback), which then reach the server within 1 s, under the 2 s aiohttp waits
+#: for an answer once the last byte left; the rest is sent while the kernel takes it.
+UP = 4 << 20
+BIG = 48 << 20
+
+
+@pytest.fixture
+def slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", str(TIMEOUT))
+
+
+def _upload(fs: Any, url: str, data: bytes, how: str) -> None:
+    if how == "pipe":  # one multipart upload
+        fs.pipe(url, data)
+    else:  # a resumable upload, its one chunk sent at close
+        with fs.open(url, "wb", block_size=2 * len(data)) as f:
+            f.write(data)
+
+
+#: the request that carries the bytes of each kind of upload (its request line)
+CARRIES = {"pipe": rb"POST [^\r\n]*uploadType=multipart", "open": rb"POST [^\r\n]*upload_id="}
+
+
+# (in front of the emulator itself, not the fault proxy: a resumable upload's session URL then names the relay)
+@pytest.mark.parametrize("how", ["pipe", "open"])
+def test_a_long_upload_whose_bytes_keep_going_out_is_not_cut_short(gcs_emulator, b, slow, how):
+    """An upload taking longer than the call limit in all, its bytes going out steadily, is stored whole: it was
+    given up at the limit (TransientError, "no byte arrived") while its bytes still went out."""
+    data = os.urandom(BIG)
+    with Relay(gcs_emulator.url, up=UP, piece=64 << 10, needle=b"POST /upload/") as relay:
+        fs = cloudio.filesystem(f"gs://{b}")  # (this endpoint's instance)
+        _, error, took = _run(lambda: _upload(fs, f"{b}/big.bin", data, how), 120)
+    assert error is None, repr(error)
+    assert took > CALL_LIMIT + 2, f"took {took:.1f} s: not an upload longer than the limit"
+    assert relay.seen == {"pipe": 1, "open": 2}[how]  # never tried again (a resumable one: its start and chunk)
+    assert cloudio.filesystem(f"gs://{b}").cat(f"{b}/big.bin") == data
+
+
+class _Deaf:
+    """A TCP relay in front of cloudio's endpoint that stops reading a connection once a request whose start
+    matches ``pattern`` comes (and forwards nothing of it): a server that accepts no more of an upload's bytes, its
+    connection open and silent until the relay closes. Other requests pass unchanged."""
+
+    def __init__(self, upstream: str, pattern: bytes) -> None:
+        u = urlsplit(upstream)
+        self._to = (u.hostname, u.port)
+        self.pattern = re.compile(pattern)
+        self.deafened = 0
+        self._closing = threading.Event()
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
+        self._socks: list[socket.socket] = []
+
+    def __enter__(self) -> _Deaf:
+        threading.Thread(target=self._accept, daemon=True).start()
+        _config.push_endpoint(self.url)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _config.pop_endpoint()
+        self._closing.set()
+        self._srv.close()
+        for s in list(self._socks):
+            s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self._srv.accept()
+            except OSError:
+                return
+            s = socket.create_connection(self._to)
+            self._socks += [c, s]
+            threading.Thread(target=self._pump, args=(c, s, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(s, c, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        try:
+            while data := src.recv(64 << 10):
+                if upward and self.pattern.match(data):  # (a request starts a piece here: one at a time)
+                    self.deafened += 1
+                    self._closing.wait()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("how", ["pipe", "open"])
+def test_an_upload_the_server_stops_reading_is_given_up_at_the_limit(gcs_emulator, b, slow, how):
+    """The server takes none of the upload's bytes (what the kernel holds aside, sent at once): given up once
+    nothing moved for the call limit, with TransientError naming the object; nothing stored."""
+    data = os.urandom(16 << 20)
+    with _Deaf(gcs_emulator.url, CARRIES[how]) as deaf:
+        fs = cloudio.filesystem(f"gs://{b}")
+        _, error, took = _run(lambda: _upload(fs, f"{b}/deaf.bin", data, how), 60)
+        assert deaf.deafened == 1
+    assert isinstance(error, cloudio.TransientError), repr(error)
+    assert f"gs://{b}/deaf.bin" in str(error)
+    assert CALL_LIMIT - 0.5 < took < CALL_LIMIT * 1.25 + 2, f"took {took:.1f} s"
+    assert not cloudio.filesystem(f"gs://{b}").exists(f"{b}/deaf.bin")
+
+
+@pytest.mark.parametrize("how", ["pipe", "open"])
+def test_an_upload_sent_in_pieces_is_sent_whole_again_when_retried(fault_proxy, b, quick_retries, how):
+    """The body of an upload goes out in pieces (how its progress is seen); a try answered 503 is sent again,
+    whole, from its start: the object holds exactly the bytes written."""
+    data = os.urandom((1 << 20) + 12345)
+    fault_proxy.add("status", code=503, method="POST", body=re.escape(data[-64:]))
+    _upload(cloudio.filesystem(f"gs://{b}"), f"{b}/again.bin", data, how)
+    assert [e[2] for e in fault_proxy.log if e[0] == "POST" and "upload" in e[1]][-2:] == [503, 200]
+    assert cloudio.filesystem(f"gs://{b}").cat(f"{b}/again.bin") == data
+
+
+@pytest.mark.parametrize("how", ["pipe", "open"])
+def test_an_upload_never_answered_is_given_up_at_the_limit_though_each_try_sends_it_again(fault_proxy, b, slow, how):
+    """The server takes every byte of each try and never answers: gcsfs tries again (and again) once aiohttp's
+    wait for an answer ends, each try sending the body anew. Bytes sent again are no progress: given up at the
+    call limit, with TransientError naming the object, rather than when gcsfs's retries run out."""
+    data = os.urandom(1 << 20)
+    fault_proxy.add("hang", method="POST", body=re.escape(data[-64:]), times=None)
+    fs = cloudio.filesystem(f"gs://{b}")
+    _, error, took = _run(lambda: _upload(fs, f"{b}/mute.bin", data, how), 120)
+    assert isinstance(error, cloudio.TransientError), repr(error)
+    assert f"gs://{b}/mute.bin" in str(error)
+    assert len([e for e in fault_proxy.log if e[2] == "hang"]) >= 2  # tried again meanwhile
+    assert CALL_LIMIT - 0.5 < took < CALL_LIMIT * 1.25 + 2, f"took {took:.1f} s"

@@ -130,14 +130,16 @@ _reading: contextvars.ContextVar[_ReadSum | None] = contextvars.ContextVar("clou
 
 class _Received:
     """The successful answers (2xx) one call's requests got so far, each body's bytes counted by aiohttp as they
-    arrive: how :meth:`_JournalingGCSMixin._call` tells a long answer still arriving from a server gone silent."""
+    arrive, and the bytes its requests sent: how :meth:`_JournalingGCSMixin._call` tells a long answer still
+    arriving, or a long upload still going out, from a server gone silent (or no longer reading)."""
 
     def __init__(self) -> None:
         self.bodies: list[Any] = []  # aiohttp's StreamReader of each answer
+        self.sent = 0  # the most bytes of its body one try of the request handed to the connection (_piece_sent)
 
     def progress(self) -> int:
-        """Grows with every answer and every byte of its body that arrived."""
-        return len(self.bodies) + sum(int(body.total_bytes) for body in self.bodies)
+        """Grows with every answer, every byte of its body that arrived, and every piece of a body sent."""
+        return self.sent + len(self.bodies) + sum(int(body.total_bytes) for body in self.bodies)
 
 
 async def _answer_heard(session: Any, context: Any, params: Any) -> None:
@@ -149,15 +151,63 @@ async def _answer_heard(session: Any, context: Any, params: Any) -> None:
         received.bodies.append(response.content)
 
 
+async def _piece_sent(session: Any, context: Any, params: Any) -> None:
+    """aiohttp's ``on_request_chunk_sent`` (a piece of a request body is handed to the connection, the pieces
+    before it taken by the kernel), in a task of the request: the call's progress (:class:`_Received`) once this
+    try (``context``: one per try) has sent more than any try before it. Why not every piece: gcsfs sends the
+    body again with each retry of a request never answered, which would put off giving it up for good."""
+    received = _receiving.get()
+    if received is not None:
+        context.cloudio_sent = getattr(context, "cloudio_sent", 0) + len(params.chunk)
+        received.sent = max(received.sent, context.cloudio_sent)
+
+
 @functools.cache
 def _answers_traced() -> Any:
-    """The aiohttp trace that tells :func:`_answer_heard` of every answer (one for every session)."""
+    """The aiohttp trace that tells :func:`_answer_heard` of every answer and :func:`_piece_sent` of every piece
+    of a body sent (one for every session)."""
     import aiohttp
 
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(_answer_heard)
+    trace.on_request_chunk_sent.append(_piece_sent)
     trace.freeze()
     return trace
+
+
+#: the pieces an upload's body goes out in (aiohttp's write buffer limit: past it, it waits for the kernel)
+_PIECE = 64 << 10
+
+
+@functools.cache
+def _pieces_payload() -> type:
+    """aiohttp's payload of bytes, handed to the connection a piece at a time (see :func:`_in_pieces`)."""
+    from aiohttp.abc import AbstractStreamWriter
+    from aiohttp.payload import BytesPayload
+
+    class Pieces(BytesPayload):
+        async def write(self, writer: AbstractStreamWriter) -> None:
+            await self.write_with_length(writer, None)
+
+        async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+            view = memoryview(self._value).cast("B")
+            if content_length is not None:
+                view = view[:content_length]
+            for start in range(0, len(view), _PIECE):  # each write waits until the kernel took enough before
+                await writer.write(view[start:start + _PIECE])
+
+    return Pieces
+
+
+def _in_pieces(data: Any) -> Any:
+    """An upload's body (gcsfs sends bytes) as a payload aiohttp sends a piece at a time, each handed on once the
+    kernel took the ones before (:func:`_piece_sent` hears each): the bytes of a long upload count as progress
+    while they go out. aiohttp hands raw bytes to the connection whole, heard once, and then waits for them all."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data)
+        if view.nbytes > _PIECE and view.c_contiguous:
+            return _pieces_payload()(data)
+    return data
 
 
 def _record(url: str, kind: Kind, *, generation: Any = None, size: Any = None, prefix: bool = False) -> None:
@@ -673,7 +723,8 @@ class _JournalingGCSMixin(_TextWrites):
         return bucket, key, generation
 
     async def _set_session(self) -> Any:
-        """gcsfs's session, traced so that :meth:`_call` sees the bytes of its answers arrive."""
+        """gcsfs's session, traced so that :meth:`_call` sees the bytes of its answers arrive, and of its
+        uploads go out."""
         session = await super()._set_session()  # type: ignore[misc]
         traces = getattr(session, "trace_configs", None)
         if isinstance(traces, list) and _answers_traced() not in traces:
@@ -681,9 +732,10 @@ class _JournalingGCSMixin(_TextWrites):
         return session
 
     async def _call(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        """gcsfs's one request primitive, retries included, given up once no byte of an answer has arrived for
-        the call limit (:func:`~cloudio._gcs.client.gcsfs_call_limit`), however long it takes while bytes keep
-        arriving (:func:`~cloudio._gcs.client.while_arriving`); transient failures become TransientError,
+        """gcsfs's one request primitive, retries included, given up once no byte of an answer has arrived, and
+        no byte of an upload went out, for the call limit (:func:`~cloudio._gcs.client.gcsfs_call_limit`),
+        however long it takes while bytes keep moving (:func:`~cloudio._gcs.client.while_arriving`, an upload's
+        body sent in pieces: :func:`_in_pieces`); transient failures become TransientError,
         refusals UploadError or ReadError (404 and 412 stay FileNotFoundError and FileExistsError: callers rely
         on them)."""
         from gcsfs.retry import HttpError
@@ -697,6 +749,8 @@ class _JournalingGCSMixin(_TextWrites):
         replacing = _replacing.get()  # gcsfs's simple_upload and initiate_upload name their query as keywords
         if replacing is not None and method == "POST" and kwargs.get("uploadType") in ("multipart", "resumable"):
             kwargs.setdefault("ifGenerationMatch", str(replacing))
+        if "data" in kwargs:  # (reusable: each of gcsfs's retries sends it again from its start)
+            kwargs["data"] = _in_pieces(kwargs["data"])
         try:
             call = super()._call(method, path, *args, **kwargs)  # type: ignore[misc]
             out = await (call if limit is None else while_arriving(call, limit, received.progress))
