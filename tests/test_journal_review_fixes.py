@@ -416,8 +416,8 @@ def test_a_synchronous_call_on_a_closed_loop_is_a_clear_error() -> None:
     loop.close()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(CloudioError, match="is closed: this call could never end.*save and read before the "
-                                               "interpreter shuts down"):
+        with pytest.raises(CloudioError, match="is closed: this call could never end. a filesystem made on a loop "
+                                               r"closed since: make a new one \(cloudio.filesystem\(\)\)"):
             run_to_the_end(loop, work())
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)]
@@ -443,7 +443,7 @@ def at_exit():  # registered before cloudio (and zarr) are imported: runs after 
         except Exception as e:
             named = url in str(e) or written in str(e)
             print("error", type(e).__name__, isinstance(e, cloudio.CloudioError), named,
-                  time.monotonic() - began < 10, flush=True)
+                  time.monotonic() - began < 0.5, flush=True)
 
 atexit.register(at_exit)
 import cloudio
@@ -457,8 +457,9 @@ def test_a_read_at_exit_after_zarrs_clean_up_reads_or_fails_at_once(gcs_emulator
     zarr's event loop; zarr then makes a new one, whose thread Python 3.12 refuses to start. ``load_array`` there,
     twice (an array this process did not write: read through the store's own synchronous calls), then two
     ``save_array`` and a ``load_array`` of what they saved, must work (3.11: zarr's new loop runs) or fail at once
-    with cloudio's error naming the store, never hang. On 3.12 the second call waited for good on the loop no
-    thread runs (killed here after 40 s); on 3.11 the saves failed importing Dask at shutdown."""
+    with cloudio's error naming the store, at once, never hang. On 3.12 the second call waited for good on the loop
+    no thread runs (killed here after 40 s), then a second each; on 3.11 the saves failed importing Dask at
+    shutdown."""
     import subprocess
 
     import cloudio

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 #: seconds an interrupted call is given to cancel its requests and end (:func:`run_to_the_end`)
 CANCEL_WAIT = 30.0
+#: how zarr's and fsspec's ``sync``, and :func:`run_to_the_end`, begin their refusal of a synchronous call made on
+#: the event loop it would wait for
+SYNC_REFUSED = "Calling sync() from within a running loop"
 
 
 def started(thread: threading.Thread) -> bool:
@@ -45,9 +48,11 @@ def started(thread: threading.Thread) -> bool:
 
 
 def shutting_down() -> bool:
-    """Whether the interpreter is shutting down: its non-daemon threads have been joined, and with them every
-    ``ThreadPoolExecutor``'s (each then refuses new work); ``atexit`` handlers run after that."""
-    return bool(getattr(threading, "_SHUTTING_DOWN", False))  # set by threading._shutdown (3.9 to 3.13 at least)
+    """Whether the interpreter is shutting down. ``threading._shutdown`` sets the flag first, then stops every
+    ``ThreadPoolExecutor`` (each joins its threads and refuses new work from then on), then joins the non-daemon
+    threads; ``atexit`` handlers run after that. Read with a default: a Python without the private flag is never
+    taken for shutting down (3.9 to 3.13 have it), and work at exit then fails as before this was added."""
+    return bool(getattr(threading, "_SHUTTING_DOWN", False))
 
 
 class _KeptExecutor(ThreadPoolExecutor):
@@ -237,16 +242,18 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
     if loop.is_closed() or (shutting_down() and not runs_soon(loop)):  # nothing would ever run the coroutine
         coro.close()
         state = "closed" if loop.is_closed() else "not running, and no thread can start it at interpreter shutdown"
+        why = ("zarr's own atexit clean-up closes zarr's loop as the interpreter shuts down, and an atexit handler "
+               "registered before cloudio was imported runs after it (from Python 3.12 no thread can start another "
+               "loop then): save and read before the interpreter shuts down, or register that handler after "
+               "importing cloudio, so that it runs first" if shutting_down() else
+               "a filesystem made on a loop closed since: make a new one (cloudio.filesystem())")
         raise LoopNotRunningError(
             f"the event loop cloudio runs its requests on ({_name_of(loop)}) is {state}: this call could never end. "
-            "zarr's own atexit clean-up closes zarr's loop as the interpreter shuts down, and an atexit handler "
-            "registered before cloudio was imported runs after it (from Python 3.12 no thread can start another "
-            "loop then): save and read before the interpreter shuts down, or register that handler after "
-            "importing cloudio, so that it runs first")
+            f"{why}")
     if running is loop:  # it would wait for itself for good: zarr's and fsspec's sync refuse it, so does this
         coro.close()
         raise NotImplementedError(
-            "Calling sync() from within a running loop: a synchronous cloudio call made on the event loop it runs "
+            f"{SYNC_REFUSED}: a synchronous cloudio call made on the event loop it runs "
             "its requests on would wait for itself for good; make it from another thread (asyncio.to_thread)")
     ended = threading.Event()
 
@@ -269,13 +276,14 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
 _START_WAIT = 1.0
 
 
-def runs_soon(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``loop`` runs, or starts within :data:`_START_WAIT`. Why wait: zarr starts its loop's thread as
-    it makes the loop, and the loop runs a moment later; from Python 3.12 no thread starts at shutdown, and
-    zarr's loop, made after its clean-up closed the last one, is then run by none, for good."""
+def runs_soon(loop: asyncio.AbstractEventLoop, thread: threading.Thread | None = None) -> bool:
+    """Whether ``loop`` runs, or starts within :data:`_START_WAIT` (``thread``: the one meant to run it, when
+    known: one never started never will). Why wait: zarr starts its loop's thread as it makes the loop, and the
+    loop runs a moment later; from Python 3.12 no thread starts at shutdown, and zarr's loop, made after its
+    clean-up closed the last one, is then run by none, for good."""
     deadline = time.monotonic() + _START_WAIT
     while not loop.is_running():
-        if loop.is_closed() or time.monotonic() > deadline:
+        if loop.is_closed() or time.monotonic() > deadline or (thread is not None and thread.ident is None):
             return False
         time.sleep(0.01)
     return True

@@ -53,7 +53,7 @@ from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
 from cloudio._tables import drop_oldest, touch
-from cloudio._threads import hold_across_fork, run_to_the_end, runs_soon, shutting_down
+from cloudio._threads import SYNC_REFUSED, hold_across_fork, run_to_the_end, runs_soon, shutting_down
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr import last_seen
 from cloudio._zarr.changes import stops_with_its_write
@@ -1855,11 +1855,6 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, Exception) and is_transient(e)
 
 
-#: what zarr's ``sync``, fsspec's and cloudio's own (:func:`~cloudio._threads.run_to_the_end`) say as they refuse
-#: a synchronous call made from a coroutine on the event loop it would wait for
-_SYNC_REFUSED = "Calling sync() from within a running loop"
-
-
 def sync_refused(e: BaseException | None) -> BaseException | None:
     """The refusal of a synchronous call made on the event loop it would wait for (zarr's ``SyncError``;
     fsspec's, or cloudio's, ``NotImplementedError``): ``e`` itself, or the cause of a cloudio error that took it
@@ -1871,7 +1866,7 @@ def sync_refused(e: BaseException | None) -> BaseException | None:
     refusal: tuple[type[BaseException], ...] = tuple(t for t in (getattr(zsync, "SyncError", None),)
                                                      if t is not None)
     for err in (e, e.__cause__ if isinstance(e, CloudioError) else None):
-        if isinstance(err, refusal) or (isinstance(err, NotImplementedError) and str(err).startswith(_SYNC_REFUSED)):
+        if isinstance(err, refusal) or (isinstance(err, NotImplementedError) and str(err).startswith(SYNC_REFUSED)):
             return err
     return None
 
@@ -1932,15 +1927,17 @@ def _refuse_without_zarrs_loop(url: str, call: str) -> None:
         return
     cause: BaseException | None = None
     try:
-        runs = runs_soon(loop_of())
+        loop = loop_of()
+        threads = getattr(zsync, "iothread", None)
+        runs = runs_soon(loop, threads[0] if isinstance(threads, list) and threads else None)
     except RuntimeError as e:  # zarr's new loop's thread cannot start
         runs, cause = False, e
     if not runs:
         raise LoopNotRunningError(
-            f"{url}: {call} was called as the interpreter shuts down, after zarr's own clean-up closed its event "
-            "loop, and no thread can run a new one now: nothing was read or written. Save and read before the "
-            "interpreter shuts down, or register the atexit handler after importing cloudio (it then runs before "
-            "zarr's clean-up).") from cause
+            f"{url}: {call} was called as the interpreter shuts down, and no thread runs zarr's event loop (zarr's "
+            "own atexit clean-up closed it, or it was never started) nor can start now: nothing was read or "
+            "written. Save and read before the interpreter shuts down, or register the atexit handler after "
+            "importing cloudio (it then runs before zarr's clean-up).") from cause
 
 
 def _call_named(writing: bool, node: str, writer: str) -> str:
