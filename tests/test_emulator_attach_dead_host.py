@@ -1,9 +1,9 @@
 """Attaching to the server ``STORAGE_EMULATOR_HOST`` names, when nothing (or no HTTP emulator) is there.
 
-A refused connection is no server starting up: cloudio did not start it, so there is nothing to wait for, and
-every way a user attaches (``Emulator()``, ``with cloudio.Emulator()``, the ``gcs_emulator`` fixture,
-``CLOUDIO_EMULATOR=external cloudio demo``) fails at once, naming the address and what to do, instead of
-waiting the whole start timeout (30 s by default). A server that accepts connections but is not ready yet
+A connection refused for a few seconds is no server starting up: cloudio did not start it, so there is nothing
+more to wait for, and every way a user attaches (``Emulator()``, ``with cloudio.Emulator()``, the ``gcs_emulator``
+fixture, ``CLOUDIO_EMULATOR=external cloudio demo``) fails within seconds, naming the address and what to do,
+instead of waiting the whole start timeout (30 s by default); a server started a moment before is attached to. A server that accepts connections but is not ready yet
 (reset, 503, slow) is still waited for within the timeout. Each way of writing the variable is either taken
 as gcsfs takes it, or refused at once.
 """
@@ -168,6 +168,27 @@ def test_cloudio_demo_attaching_to_a_refusing_address_fails_at_once(dead_port: i
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert url in lines[-1] and "unset STORAGE_EMULATOR_HOST" in lines[-1], proc.stderr
     assert took < float(_LONG) - 15, f"the run took {took:.1f} s (start timeout {_LONG} s):\n{proc.stderr}"
+
+
+def test_a_server_started_a_moment_before_is_attached_to(clean_env: pytest.MonkeyPatch) -> None:
+    """``cloudio emulator --port P &`` (or a container) and the tests started together: the first probes are
+    refused while the server comes up. They must be waited for: the first version of the fast failure gave up
+    at the first refusal, 0.01 s in."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    url = f"http://127.0.0.1:{port}"
+    clean_env.setenv("STORAGE_EMULATOR_HOST", url)
+    late = Emulator(mode="binary", port=port)
+    starter = threading.Timer(1.0, late.start)  # listens about 1.3 s after the attach begins
+    starter.start()
+    try:
+        attached, err, _ = bounded(Emulator().start, float(_LONG) + 30)
+        assert err is None, f"gave up on a server starting up: {err}"
+        assert attached is not None and attached.mode == "external" and attached.url == url
+    finally:
+        starter.join(30)
+        late.stop()
 
 
 # -- something is there, not (yet) an emulator answering --------------------------------------

@@ -309,14 +309,21 @@ def _renew_spawner() -> None:
 hold_across_fork("emulator spawner", lambda: (_spawn_lock,), _renew_spawner)
 
 
-def _hopeless_attach(url: str, error: OSError, timeout: float) -> EmulatorError | None:
-    """The error for attaching to ``url`` (``STORAGE_EMULATOR_HOST``) when its probe's ``error`` says no waiting
-    will help, else None (``timeout``: the start timeout, what a server that accepts connections is given).
+#: seconds a refused connection, or a host name that does not resolve, is waited for when attaching: a server
+#: started a moment before (``cloudio emulator --port P &``, a container) listens within about a second
+REFUSED_GRACE = 3.0
 
-    A refused connection means nothing listens there, a name that does not resolve names no host, and a TLS
-    failure an ``https://`` address of a server that does not speak TLS as asked: none of them is a server
-    starting up, and cloudio did not start this one. A server that accepts and then resets, stays silent or
-    answers an HTTP error may still be starting, and is waited for within the start timeout.
+
+def _hopeless_attach(url: str, error: OSError, timeout: float, refused_for: float) -> EmulatorError | None:
+    """The error for attaching to ``url`` (``STORAGE_EMULATOR_HOST``) when its probe's ``error`` says no more
+    waiting will help, else None (``timeout``: the start timeout, what a server that accepts connections is given;
+    ``refused_for``: seconds since the first probe was refused or found no host).
+
+    A connection refused, or a name that does not resolve, for :data:`REFUSED_GRACE` seconds means nothing listens
+    there (a server started alongside listens by then), and a TLS failure an ``https://`` address of a server that
+    does not speak TLS as asked: cloudio did not start this server, and waiting the whole start timeout would not
+    help. A server that accepts and then resets, stays silent or answers an HTTP error may still be starting, and
+    is waited for within the start timeout.
     """
     import ssl
 
@@ -326,11 +333,13 @@ def _hopeless_attach(url: str, error: OSError, timeout: float) -> EmulatorError 
     port = parts.port or (443 if parts.scheme == "https" else 80)
     fix = (f"Fix: start an emulator there (`cloudio emulator --port {port}`), or unset {var} for cloudio to "
            "start its own.")
+    if isinstance(reason, ConnectionRefusedError | socket.gaierror) and refused_for < min(REFUSED_GRACE, timeout):
+        return None  # a server started a moment ago may not listen yet
     if isinstance(reason, ConnectionRefusedError):
         return EmulatorError(
-            f"no answer from {url}/storage/v1/b: the connection was refused, nothing listens at {var}={url}. "
-            f"cloudio did not start that server, so there is nothing to wait for (a server that accepts "
-            f"connections is waited for within {timeout:g} s, {_config.EMULATOR_START_TIMEOUT_ENV}). {fix}"
+            f"no answer from {url}/storage/v1/b: the connection was refused for {refused_for:.0f} s, nothing "
+            f"listens at {var}={url}. cloudio did not start that server, so it waits no longer (a server that "
+            f"accepts connections is waited for within {timeout:g} s, {_config.EMULATOR_START_TIMEOUT_ENV}). {fix}"
         )
     if isinstance(reason, socket.gaierror) and reason.errno != socket.EAI_AGAIN:  # EAI_AGAIN: DNS may recover
         return EmulatorError(
@@ -537,6 +546,7 @@ class Emulator:
         probe = f"{self._url}/storage/v1/b"
         last: Exception | None = None
         delay = 0.01
+        first_refused: float | None = None  # when an attach's probe was first refused or found no host
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 tail = self.log_tail()
@@ -562,8 +572,10 @@ class Emulator:
             except (urllib.error.URLError, OSError) as e:
                 last = e
                 if self.mode == "external" and self._url is not None:
-                    # cloudio did not start it: an answer that no waiting changes is the error, at once
-                    hopeless = _hopeless_attach(self._url, e, self.timeout)
+                    # cloudio did not start it: an answer that no waiting changes is the error, once it is clear
+                    if first_refused is None:
+                        first_refused = time.monotonic()
+                    hopeless = _hopeless_attach(self._url, e, self.timeout, time.monotonic() - first_refused)
                     if hopeless is not None:
                         raise hopeless from e
             time.sleep(delay)  # back-off between probes, not a guess at start-up time
