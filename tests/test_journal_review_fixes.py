@@ -477,6 +477,42 @@ def test_a_read_at_exit_after_zarrs_clean_up_reads_or_fails_at_once(gcs_emulator
         assert lines == ["error LoopNotRunningError True True True"] * 5, (lines, run.stderr[-3000:])
 
 
+_FIRST_USE_AT_EXIT = """
+import atexit, os
+import numpy as np
+import cloudio  # and nothing else of it before exit
+
+def at_exit():
+    url = os.environ["SAVED_AT_EXIT"]
+    for call in (lambda: cloudio.save_array(np.arange(4, dtype="float32"), url),
+                 lambda: float(cloudio.load_array(url).sum())):
+        try:
+            call()
+            print("ok", flush=True)
+        except Exception as e:
+            print("error", type(e).__name__, url in str(e), flush=True)
+
+atexit.register(at_exit)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_programs_first_cloudio_call_in_an_atexit_handler_works_or_says_why(gcs_emulator, gcs_bucket: str) -> None:
+    """A program imports cloudio and first calls it from an ``atexit`` handler. The save and the read must work
+    (3.11) or fail with cloudio's error naming the store (3.12, where zarr's loop's thread cannot start then). Both
+    failed with RuntimeError: can't register atexit after shutdown: cloudio's thread pools import
+    ``concurrent.futures.thread``, which registers a hook with ``threading`` as it loads."""
+    import subprocess
+
+    url = f"{gcs_bucket}/first-at-exit-{os.getpid()}.zarr"
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_emulator.url, "SAVED_AT_EXIT": url}
+    run = subprocess.run([sys.executable, "-c", _FIRST_USE_AT_EXIT], env=env, capture_output=True, text=True,
+                         timeout=90)
+    assert run.returncode == 0, run.stderr[-3000:]
+    want = ["ok", "ok"] if sys.version_info < (3, 12) else ["error LoopNotRunningError True"] * 2
+    assert run.stdout.splitlines() == want, (run.stdout, run.stderr[-3000:])
+
+
 _NEW_CONNECTIONS_AT_EXIT = """
 import atexit, os
 import numpy as np

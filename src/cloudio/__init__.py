@@ -7,6 +7,7 @@ first use, so no GDAL, gcsfs or emulator is touched until called.
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401  (see below)
 import importlib
 import logging
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,9 @@ from cloudio.errors import (
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+# concurrent.futures.thread, imported above (a few ms), registers its hook with threading as it loads, which the
+# interpreter refuses once it shuts down: a program whose first cloudio call is in an atexit handler got
+# "RuntimeError: can't register atexit after shutdown" from cloudio's thread pools' first import
 
 __version__ = "0.1.0"
 

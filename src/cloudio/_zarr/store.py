@@ -1936,8 +1936,9 @@ def _refuse_without_zarrs_loop(url: str, call: str) -> None:
         raise LoopNotRunningError(
             f"{url}: {call} was called as the interpreter shuts down, and no thread runs zarr's event loop (zarr's "
             "own atexit clean-up closed it, or it was never started) nor can start now: nothing was read or "
-            "written. Save and read before the interpreter shuts down, or register the atexit handler after "
-            "importing cloudio (it then runs before zarr's clean-up).") from cause
+            "written. Save and read before the interpreter shuts down; from an atexit handler, register it after "
+            "importing cloudio (it then runs before zarr's clean-up) and make a first Zarr call through cloudio "
+            "before exit (zarr starts its loop at its first call).") from cause
 
 
 def _call_named(writing: bool, node: str, writer: str) -> str:
