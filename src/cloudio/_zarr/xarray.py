@@ -451,10 +451,44 @@ def _rehearse(dataset: xarray.Dataset, where: str, mode: str, kwargs: Mapping[st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sample.to_zarr(MemoryStore(), mode="w", consolidated=False, **options)
-    except Exception as e:  # made in memory: whatever xarray or zarr raised is about the input
+    except MemoryError as e:  # (a chunk far larger than memory: zarr allocates it whole) not a refusal
+        e.add_note(f"{where}: this process ran out of memory writing a one-element sample of the dataset in memory, "
+                   "before anything was stored: nothing was written, the store is as it was. Chunks (or shards) "
+                   "far larger than memory do this: give smaller ones in the encoding and write again.")
+        raise _RehearsalOutOfMemory(e) from None
+    except Exception as e:  # made in memory: what xarray or zarr raised is about the input, said with its next step
         raise ConfigurationError(
             f"{where}: to_zarr(mode={mode!r}) refuses its input ({type(e).__name__}: {e}); nothing was written. "
-            "Fix the arguments (the encoding, the attributes, zarr_format...) and write again.") from e
+            + _next_step(e)) from e
+
+
+def _next_step(e: Exception) -> str:
+    """What to do about ``e``, raised writing the sample in memory (only when it failed: no cost otherwise)."""
+    import numcodecs.errors
+    import zarr.errors
+
+    unknown_codec = tuple(t for t in (getattr(numcodecs.errors, "UnknownCodecError", None),
+                                      getattr(zarr.errors, "UnknownCodecError", None)) if t is not None)
+    if isinstance(e, RecursionError):  # json.dumps of attributes (or an encoding) of lists in lists in lists...
+        return ("A value is nested too deeply to be stored as JSON (an attribute of the dataset or of a variable, "
+                "most likely): flatten it (or store it as a string) and write again.")
+    if isinstance(e, (ImportError, *unknown_codec)):  # an optional library of numcodecs' (zfpy, pcodec...)
+        return ("A codec the encoding names is not available in this environment (its library is not "
+                "installed): install it (the package named above where it is named: numcodecs[zfpy], pcodec...), "
+                "or choose another codec, and write again.")
+    return "Fix the arguments (the encoding, the attributes, zarr_format...) and write again."
+
+
+class _RehearsalOutOfMemory(BaseException):
+    """Carries the ``MemoryError`` of :func:`_rehearse` past ``cloudio_errors`` (which catches ``Exception`` only),
+    raised again as it is by :func:`to_zarr`.
+
+    Why: ``cloudio_errors`` notes on a ``MemoryError`` that the store stays marked incomplete; the rehearsal
+    comes before anything is written or marked."""
+
+    def __init__(self, error: MemoryError) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 def _is_array_document(doc: bytes | None) -> bool:
@@ -586,7 +620,10 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     succeeds while the graph has not started: xarray's template pattern),
     whatever the mode; see docs/consistency.md.
     """
-    return _to_zarr(dataset, url, rechunk, kwargs)
+    try:
+        return _to_zarr(dataset, url, rechunk, kwargs)
+    except _RehearsalOutOfMemory as carried:
+        raise carried.error from None
 
 
 def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStore, rechunk: bool,
