@@ -3,9 +3,9 @@
 A connection refused for a few seconds is no server starting up: cloudio did not start it, so there is nothing
 more to wait for, and every way a user attaches (``Emulator()``, ``with cloudio.Emulator()``, the ``gcs_emulator``
 fixture, ``CLOUDIO_EMULATOR=external cloudio demo``) fails within seconds, naming the address and what to do,
-instead of waiting the whole start timeout (30 s by default); a server started a moment before is attached to. A server that accepts connections but is not ready yet
-(reset, 503, slow) is still waited for within the timeout. Each way of writing the variable is either taken
-as gcsfs takes it, or refused at once.
+instead of waiting the whole start timeout (30 s by default); a server started a moment before is attached to.
+A server that accepts connections but is not ready yet (reset, 503, slow) is still waited for within the timeout.
+Each way of writing the variable is either taken as gcsfs takes it, or refused at once.
 """
 
 from __future__ import annotations
