@@ -14,38 +14,17 @@ import os
 import re
 import socket
 import threading
-import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from outcomes import bounded
 from relay import Relay
 
 import cloudio
 from cloudio import _config
 from cloudio._gcs.client import GCSFS_FIRST_RETRY_WAIT, TOTAL_FACTOR
-
-
-def _run(fn: Any, seconds: float) -> tuple[Any, BaseException | None, float]:
-    """``fn()`` in a daemon thread, waited for ``seconds`` at most: what it returned, raised, and how long it took
-    (a hang fails the test instead of blocking the run)."""
-    out: list[Any] = []
-    t0 = time.monotonic()
-
-    def run() -> None:
-        try:
-            out.append((fn(), None))
-        except BaseException as e:
-            out.append((None, e))
-        out.append(time.monotonic() - t0)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert out, f"still running after {seconds} s"
-    return out[0][0], out[0][1], out[1]
-
 
 # ---------------------------------------------------------------------------------------------
 # a merge of another bucket's objects
@@ -82,6 +61,48 @@ def test_a_merge_of_another_buckets_objects_is_refused_before_any_request(fault_
     assert fault_proxy.log[sent:] == []
     assert journal_records == []
     assert not fs.exists(f"{b}/out")
+
+
+@pytest.mark.parametrize("target, sources, says", [
+    ("{b}/out", [], "no sources"),
+    ("{b}/out", iter([]), "no sources"),
+    ("{b}", ["{b}/x", "{b}/y"], "names a bucket"),
+    ("{b}/out", ["{b}", "{b}/y"], "names a bucket"),
+    ("{b}/out", "{other}/x", "other"),  # one source, spelled as a string: its bucket, not its letters
+])
+def test_a_merge_of_no_objects_or_into_a_bucket_is_refused_before_any_request(fault_proxy, b, other, journal_records,
+                                                                              target, sources, says):
+    """An empty list (or generator) of sources composed an empty object, journaled as written; a target or a
+    source naming a bucket was sent to gcsfs as an object with an empty name; one source given as a string was
+    taken letter by letter (the refusal named buckets gs://g, gs://s, ...). Each is now InvalidURLError before any
+    request, nothing journaled."""
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe({f"{b}/x": b"x", f"{b}/y": b"y", f"{other}/x": b"x"})
+    target = target.format(b=b, other=other)
+    if isinstance(sources, str):
+        sources = sources.format(b=b, other=other)
+    elif isinstance(sources, list):
+        sources = [s.format(b=b, other=other) for s in sources]
+    journal_records.clear()
+    sent = len(fault_proxy.log)
+    with pytest.raises(cloudio.InvalidURLError) as caught:
+        fs.merge(target, sources)
+    message = str(caught.value)
+    assert "nothing was sent or written" in message, message
+    if says == "other":
+        assert f"gs://{other}" in message and "gs://g," not in message, message
+    else:
+        assert says in message, message
+    assert fault_proxy.log[sent:] == []
+    assert journal_records == []
+    assert not fs.exists(f"{b}/out")
+
+
+def test_a_merge_of_one_source_given_as_a_string_copies_it(fault_proxy, b):
+    fs = cloudio.filesystem(f"gs://{b}")
+    fs.pipe(f"{b}/x", b"only x")
+    fs.merge(f"{b}/out", f"gs://{b}/x")
+    assert fs.cat(f"{b}/out") == b"only x"
 
 
 def test_a_merge_within_one_bucket_spelled_either_way_still_composes(fault_proxy, b, other):
@@ -133,7 +154,7 @@ def test_a_long_upload_whose_bytes_keep_going_out_is_not_cut_short(gcs_emulator,
     data = os.urandom(BIG)
     with Relay(gcs_emulator.url, up=UP, piece=64 << 10, needle=b"POST /upload/") as relay:
         fs = cloudio.filesystem(f"gs://{b}")  # (this endpoint's instance)
-        _, error, took = _run(lambda: _upload(fs, f"{b}/big.bin", data, how), 120)
+        _, error, took = bounded(lambda: _upload(fs, f"{b}/big.bin", data, how), 120)
     assert error is None, repr(error)
     assert took > CALL_LIMIT + 2, f"took {took:.1f} s: not an upload longer than the limit"
     assert relay.seen == {"pipe": 1, "open": 2}[how]  # never tried again (a resumable one: its start and chunk)
@@ -202,7 +223,7 @@ def test_an_upload_the_server_stops_reading_is_given_up_at_the_limit(gcs_emulato
     data = os.urandom(16 << 20)
     with _Deaf(gcs_emulator.url, CARRIES[how]) as deaf:
         fs = cloudio.filesystem(f"gs://{b}")
-        _, error, took = _run(lambda: _upload(fs, f"{b}/deaf.bin", data, how), 60)
+        _, error, took = bounded(lambda: _upload(fs, f"{b}/deaf.bin", data, how), 60)
         assert deaf.deafened == 1
     assert isinstance(error, cloudio.TransientError), repr(error)
     assert f"gs://{b}/deaf.bin" in str(error)
@@ -229,7 +250,7 @@ def test_an_upload_never_answered_is_given_up_at_the_limit_though_each_try_sends
     data = os.urandom(1 << 20)
     fault_proxy.add("hang", method="POST", body=re.escape(data[-64:]), times=None)
     fs = cloudio.filesystem(f"gs://{b}")
-    _, error, took = _run(lambda: _upload(fs, f"{b}/mute.bin", data, how), 120)
+    _, error, took = bounded(lambda: _upload(fs, f"{b}/mute.bin", data, how), 120)
     assert isinstance(error, cloudio.TransientError), repr(error)
     assert f"gs://{b}/mute.bin" in str(error)
     assert len([e for e in fault_proxy.log if e[2] == "hang"]) >= 2  # tried again meanwhile

@@ -1081,9 +1081,20 @@ class _JournalingGCSMixin(_TextWrites):
         """gcsfs's compose, journaled; a source that does not exist raises ObjectNotFoundError naming it (see
         :meth:`_request`). Sources in another bucket than the target's raise InvalidURLError before any request:
         GCS composes within one bucket, and gcsfs sends each source's key alone, so the target bucket's objects
-        of those keys were composed instead."""
+        of those keys were composed instead. So do no sources (an empty object was composed), a target or source
+        naming a bucket (sent as an object of no name); one source may be given as a string (gcsfs took it
+        letter by letter)."""
         url = self._cloudio_url(path)
+        paths = [paths] if isinstance(paths, str) else list(paths)
         bucket = self.split_path(path)[0]  # type: ignore[attr-defined]
+        if not paths:
+            raise InvalidURLError(f"{url}: not merged: no sources given; nothing was sent or written. Name the "
+                                  "objects to merge, in order: fs.merge(target, [first, second, ...]).")
+        for named in [path, *paths]:
+            if not self.split_path(named)[1]:  # type: ignore[attr-defined]
+                raise InvalidURLError(
+                    f"{url}: not merged: {self._cloudio_url(named)} names a bucket, and a merge reads and makes "
+                    "objects; nothing was sent or written. Name each object as bucket/key.")
         elsewhere = [b for b in dict.fromkeys(self.split_path(p)[0] for p in paths) if b != bucket]  # type: ignore[attr-defined]
         if elsewhere:
             held = ", ".join(f"gs://{b}" for b in elsewhere)
