@@ -5,6 +5,8 @@ which must be left as it was (the rehearsal comes before zarr deletes anything).
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +101,40 @@ def test_an_interrupt_in_the_rehearsal_propagates_unchanged(gcs_bucket: str, mon
     assert type(info.value) is KeyboardInterrupt and info.value.__cause__ is None
     monkeypatch.undo()
     _kept(url, before)
+
+
+_WRITTEN_AT_EXIT = """
+import atexit, os, sys
+import numpy as np, xarray as xr
+import cloudio
+
+where = os.environ["WRITTEN_AT_EXIT"]
+ds = xr.Dataset({"a": ("x", np.arange(4.0))})
+cloudio.to_zarr(ds, where + "/before.zarr", mode="w", consolidated=False)  # zarr's loop started before exit
+
+def at_exit():
+    url = where + "/at-exit.zarr"
+    try:
+        cloudio.to_zarr(ds, url, mode="w", consolidated=False)
+        print("written", flush=True)
+    except BaseException as e:
+        print("error", type(e).__name__, url in str(e), "nothing was written" in str(e), flush=True)
+
+atexit.register(at_exit)  # after cloudio's import: runs before zarr's own clean-up
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_write_at_interpreter_shutdown_is_not_called_a_refusal_of_its_input(tmp_path: Path) -> None:
+    """``to_zarr`` from an ``atexit`` handler: zarr's codecs run their work in the event loop's default executor,
+    which refuses new work at shutdown (RuntimeError: cannot schedule new futures after interpreter shutdown). The
+    rehearsal in memory said so as a ConfigurationError "refuses its input ... Fix the arguments" (Python 3.11);
+    it is cloudio's LoopNotRunningError naming the store and saying nothing was written (or the write works)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WRITTEN_AT_EXIT": str(tmp_path), "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", _WRITTEN_AT_EXIT], env=env, capture_output=True,
+                         text=True, timeout=100)
+    lines = run.stdout.splitlines()
+    assert lines in (["written"], ["error LoopNotRunningError True True"]), (lines, run.stderr[-3000:])

@@ -31,6 +31,7 @@ import numpy as np
 
 from cloudio._paths import is_gcs, parse_gcs
 from cloudio._session import current_level
+from cloudio._threads import shutting_down
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr.changes import _Changes, stopped_on_failure
 from cloudio._zarr.shard_safety import align, whole
@@ -52,7 +53,7 @@ from cloudio._zarr.store import (
     written_here,
     zarr_store,
 )
-from cloudio.errors import CloudioError, ConfigurationError
+from cloudio.errors import CloudioError, ConfigurationError, LoopNotRunningError
 
 if TYPE_CHECKING:
     import xarray
@@ -457,6 +458,12 @@ def _rehearse(dataset: xarray.Dataset, where: str, mode: str, kwargs: Mapping[st
                    "far larger than memory do this: give smaller ones in the encoding and write again.")
         raise _RehearsalOutOfMemory(e) from None
     except Exception as e:  # made in memory: what xarray or zarr raised is about the input, said with its next step
+        if isinstance(e, RuntimeError) and not isinstance(e, RecursionError) and shutting_down():
+            # zarr's codecs run in the loop's default executor, which refuses new work at shutdown: not the input's
+            raise LoopNotRunningError(
+                f"{where}: cloudio.to_zarr was called as the interpreter shuts down, where zarr can no longer run "
+                f"its work in threads ({type(e).__name__}: {e}); nothing was written. Write before the "
+                "interpreter shuts down (at the end of the program, not from an atexit handler).") from e
         raise ConfigurationError(
             f"{where}: to_zarr(mode={mode!r}) refuses its input ({type(e).__name__}: {e}); nothing was written. "
             + _next_step(e)) from e
