@@ -513,6 +513,43 @@ def test_a_programs_first_cloudio_call_in_an_atexit_handler_works_or_says_why(gc
     assert run.stdout.splitlines() == want, (run.stdout, run.stderr[-3000:])
 
 
+_FSSPEC_AT_EXIT = """
+import atexit, os
+import fsspec.asyn
+import cloudio
+
+fsspec.asyn.get_loop()  # the program used fsspec before: its loop's thread runs (none can start at exit on 3.12)
+
+def at_exit():  # a filesystem first made here: its session's first connection looks the host name up
+    fs = cloudio.filesystem()
+    path = os.environ["WRITTEN_AT_EXIT"]
+    try:
+        fs.pipe(path, b"written at exit")
+        print("ok", fs.cat(path).decode(), flush=True)
+    except Exception as e:
+        print("error", type(e).__name__, e, flush=True)
+
+atexit.register(at_exit)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_filesystems_first_connection_made_at_exit_looks_its_host_name_up(gcs_emulator, gcs_bucket: str) -> None:
+    """The fsspec face at exit, reaching the server by a host name (``localhost`` here, GCS's on GCS): gcsfs's
+    session (aiohttp) looks the name up in the event loop's default executor, stopped with every other as the
+    interpreter shuts down: the write failed (ReadError or UploadError: RuntimeError: cannot schedule new futures
+    after shutdown). cloudio gives the loop an executor that takes the work then."""
+    import subprocess
+
+    port = gcs_emulator.url.rsplit(":", 1)[1]
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://localhost:{port}",
+           "WRITTEN_AT_EXIT": f"{gcs_bucket.removeprefix('gs://')}/at-exit-{os.getpid()}.txt"}
+    run = subprocess.run([sys.executable, "-c", _FSSPEC_AT_EXIT], env=env, capture_output=True, text=True,
+                         timeout=90)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines() == ["ok written at exit"], (run.stdout, run.stderr[-3000:])
+
+
 _NEW_CONNECTIONS_AT_EXIT = """
 import atexit, os
 import numpy as np

@@ -106,6 +106,21 @@ class _KeptExecutor(ThreadPoolExecutor):
         return str(self._thread_name_prefix)  # type: ignore[attr-defined]
 
 
+#: the event loops given a default executor that works at interpreter shutdown (:func:`resolving_at_exit`)
+_resolving_at_exit: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def resolving_at_exit(loop: asyncio.AbstractEventLoop) -> None:
+    """At interpreter shutdown, give ``loop`` a default executor that takes work then (:class:`_KeptExecutor`: in
+    a thread of its own, or in the loop's own thread). Why: asyncio looks host names up in it (every new
+    connection to ``storage.googleapis.com``: cloudio's own, gcsfs's aiohttp's), and the loop's own executor,
+    stopped with every other as the interpreter shuts down, refuses them (RuntimeError: cannot schedule new
+    futures after shutdown): an ``atexit`` handler's write or read failed once its kept connections had closed."""
+    if shutting_down() and loop not in _resolving_at_exit:
+        _resolving_at_exit.add(loop)
+        loop.set_default_executor(_KeptExecutor(1, thread_name_prefix="cloudio-resolve-at-exit"))
+
+
 class KeptPool:
     """A :class:`~concurrent.futures.ThreadPoolExecutor` of ``workers()`` threads named ``name``, made on
     the first call and returned by every later one (in a forked child: the first call there makes its own)."""
@@ -250,6 +265,7 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
         raise LoopNotRunningError(
             f"the event loop cloudio runs its requests on ({_name_of(loop)}) is {state}: this call could never end. "
             f"{why}")
+    resolving_at_exit(loop)
     if running is loop:  # it would wait for itself for good: zarr's and fsspec's sync refuse it, so does this
         coro.close()
         raise NotImplementedError(

@@ -26,6 +26,7 @@ it raises :class:`~cloudio.StaleDatasetError`.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import io
@@ -76,7 +77,7 @@ from cloudio._gcs.transfer import (
 from cloudio._journal import Kind, journal
 from cloudio._paths import check_key, is_gcs, normalize, parse_gcs
 from cloudio._session import count, current_level
-from cloudio._threads import sync_to_the_end
+from cloudio._threads import resolving_at_exit, sync_to_the_end
 from cloudio.errors import (
     AlreadyExistsError,
     CloudioError,
@@ -739,6 +740,8 @@ class _JournalingGCSMixin(_TextWrites):
         refusals UploadError or ReadError (404 and 412 stay FileNotFoundError and FileExistsError: callers rely
         on them)."""
         from gcsfs.retry import HttpError
+
+        resolving_at_exit(asyncio.get_running_loop())  # (fsspec's sync methods come here by fsspec's own sync)
 
         limit = gcsfs_call_limit(self.requests_timeout)  # type: ignore[attr-defined]
         received = _Received()

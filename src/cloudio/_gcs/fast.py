@@ -69,7 +69,7 @@ from cloudio._gcs.client import (
     transient_error,
 )
 from cloudio._paths import GCSPath
-from cloudio._threads import KeptPool, shutting_down
+from cloudio._threads import KeptPool
 from cloudio.errors import IntegrityError
 
 if TYPE_CHECKING:
@@ -1014,33 +1014,9 @@ async def _connection_to(origin: tuple[str, str, int]) -> tuple[_Answers, bool]:
         conn.close()
     scheme, host, port = origin
     tls = _tls() if scheme == "https" else None
-    loop = asyncio.get_running_loop()
-    try:
-        _, conn = await loop.create_connection(_Answers, host, port, ssl=tls, server_hostname=host if tls else None)
-    except RuntimeError:
-        if not shutting_down():
-            raise
-        conn = await _connection_at_exit(loop, host, port, tls)
+    _, conn = await asyncio.get_running_loop().create_connection(
+        _Answers, host, port, ssl=tls, server_hostname=host if tls else None)
     return conn, False  # asyncio sets TCP_NODELAY on its TCP connections
-
-
-async def _connection_at_exit(loop: asyncio.AbstractEventLoop, host: str, port: int,
-                              tls: ssl.SSLContext | None) -> _Answers:
-    """A new connection to ``host`` while the interpreter shuts down (an ``atexit`` handler's write), its name
-    resolved here, holding the loop meanwhile. Why: asyncio resolves it in the loop's default executor, whose
-    threads have ended then, and which refuses the work (RuntimeError: cannot schedule new futures after
-    shutdown); from Python 3.12 no thread can take it either."""
-    log.debug("%s: resolved on the event loop's thread (the interpreter is shutting down)", host)
-    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    last: OSError | None = None
-    for family, _, _, _, address in addresses:  # in the resolver's order, as asyncio tries them
-        try:
-            _, conn = await loop.create_connection(_Answers, str(address[0]), port, ssl=tls, family=family,
-                                                   server_hostname=host if tls else None)
-            return conn
-        except OSError as e:
-            last = e
-    raise last if last is not None else OSError(f"{host}: no address")
 
 
 def _keep(origin: tuple[str, str, int], conn: _Answers) -> None:

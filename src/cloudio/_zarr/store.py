@@ -53,7 +53,14 @@ from cloudio._journal import journal
 from cloudio._paths import GCSPath, is_gcs, normalize, parse_gcs
 from cloudio._paths import is_under as _under
 from cloudio._tables import drop_oldest, touch
-from cloudio._threads import SYNC_REFUSED, hold_across_fork, run_to_the_end, runs_soon, shutting_down
+from cloudio._threads import (
+    SYNC_REFUSED,
+    hold_across_fork,
+    resolving_at_exit,
+    run_to_the_end,
+    runs_soon,
+    shutting_down,
+)
 from cloudio._zarr import consumer as announcements
 from cloudio._zarr import last_seen
 from cloudio._zarr.changes import stops_with_its_write
@@ -1932,7 +1939,9 @@ def _refuse_without_zarrs_loop(url: str, call: str) -> None:
         runs = runs_soon(loop, threads[0] if isinstance(threads, list) and threads else None)
     except RuntimeError as e:  # zarr's new loop's thread cannot start
         runs, cause = False, e
-    if not runs:
+    if runs:
+        resolving_at_exit(loop)  # zarr's own synchronous calls run there too, not through run_to_the_end
+    else:
         raise LoopNotRunningError(
             f"{url}: {call} was called as the interpreter shuts down, and no thread runs zarr's event loop (zarr's "
             "own atexit clean-up closed it, or it was never started) nor can start now: nothing was read or "
