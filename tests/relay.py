@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -15,16 +16,21 @@ class Relay:
     """A TCP relay in front of the emulator (cloudio's endpoint while it runs). Bytes go up (client to server) and
     down at ``up`` and ``down`` bytes a second at most, a piece at a time: never silent for long. ``needle``: a
     request holding it is counted in :attr:`seen`; with ``stall_after``, the answer to it stops after that many
-    bytes and its connection stays open and silent until the relay closes (a server stopped mid-body)."""
+    bytes and its connection stays open and silent until the relay closes (a server stopped mid-body). ``deaf_to``:
+    a request whose start matches this pattern is not forwarded, and its connection no longer read (a server that
+    takes no more of an upload), counted in :attr:`deafened`."""
 
     def __init__(self, upstream: str, *, up: float | None = None, down: float | None = None,
-                 needle: bytes | None = None, stall_after: int | None = None, piece: int = 16 << 10) -> None:
+                 needle: bytes | None = None, stall_after: int | None = None, piece: int = 16 << 10,
+                 deaf_to: bytes | None = None) -> None:
         u = urlsplit(upstream)
         self._to = (u.hostname, u.port)
         self._up, self._down, self._piece = up, down, piece
         self.needle, self.stall_after = needle, stall_after
         self.seen = 0
         self.stalled = 0
+        self.deaf_to = re.compile(deaf_to) if deaf_to is not None else None
+        self.deafened = 0
         self._closing = threading.Event()
         self._srv = socket.socket()
         self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,6 +76,11 @@ class Relay:
                 data = src.recv(self._piece)
                 if not data:
                     break
+                if upward and self.deaf_to is not None and self.deaf_to.match(data):  # (a request starts a piece)
+                    with self._lock:
+                        self.deafened += 1
+                    self._closing.wait()
+                    return
                 if upward and self.needle is not None:
                     window = tail + data
                     if self.needle in window:

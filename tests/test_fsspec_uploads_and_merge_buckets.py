@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from outcomes import bounded
 from relay import Relay
 
 import cloudio
-from cloudio import _config
 from cloudio._gcs.client import GCSFS_FIRST_RETRY_WAIT, TOTAL_FACTOR
 
 # ---------------------------------------------------------------------------------------------
@@ -161,67 +157,12 @@ def test_a_long_upload_whose_bytes_keep_going_out_is_not_cut_short(gcs_emulator,
     assert cloudio.filesystem(f"gs://{b}").cat(f"{b}/big.bin") == data
 
 
-class _Deaf:
-    """A TCP relay in front of cloudio's endpoint that stops reading a connection once a request whose start
-    matches ``pattern`` comes (and forwards nothing of it): a server that accepts no more of an upload's bytes, its
-    connection open and silent until the relay closes. Other requests pass unchanged."""
-
-    def __init__(self, upstream: str, pattern: bytes) -> None:
-        u = urlsplit(upstream)
-        self._to = (u.hostname, u.port)
-        self.pattern = re.compile(pattern)
-        self.deafened = 0
-        self._closing = threading.Event()
-        self._srv = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
-        self._socks: list[socket.socket] = []
-
-    def __enter__(self) -> _Deaf:
-        threading.Thread(target=self._accept, daemon=True).start()
-        _config.push_endpoint(self.url)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _config.pop_endpoint()
-        self._closing.set()
-        self._srv.close()
-        for s in list(self._socks):
-            s.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self._srv.accept()
-            except OSError:
-                return
-            s = socket.create_connection(self._to)
-            self._socks += [c, s]
-            threading.Thread(target=self._pump, args=(c, s, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(s, c, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
-        try:
-            while data := src.recv(64 << 10):
-                if upward and self.pattern.match(data):  # (a request starts a piece here: one at a time)
-                    self.deafened += 1
-                    self._closing.wait()
-                    return
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-
 @pytest.mark.parametrize("how", ["pipe", "open"])
 def test_an_upload_the_server_stops_reading_is_given_up_at_the_limit(gcs_emulator, b, slow, how):
     """The server takes none of the upload's bytes (what the kernel holds aside, sent at once): given up once
     nothing moved for the call limit, with TransientError naming the object; nothing stored."""
     data = os.urandom(16 << 20)
-    with _Deaf(gcs_emulator.url, CARRIES[how]) as deaf:
+    with Relay(gcs_emulator.url, piece=64 << 10, deaf_to=CARRIES[how]) as deaf:
         fs = cloudio.filesystem(f"gs://{b}")
         _, error, took = bounded(lambda: _upload(fs, f"{b}/deaf.bin", data, how), 60)
         assert deaf.deafened == 1

@@ -306,10 +306,17 @@ async def bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
 
 def call_bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
     """:func:`bounded` from a thread outside ``fs``'s loop (blocking): a gcsfs call that ends within the time
-    limit, or raises TimeoutError (an OSError)."""
+    limit, or raises TimeoutError (an OSError). ``call`` is closed when it never ran (fsspec's ``sync`` refuses a
+    call made on that loop, or a closed loop, and leaves it never awaited)."""
+    import inspect
+
     from fsspec.asyn import sync
 
-    return sync(fs.loop, bounded, fs, call)  # type: ignore[no-any-return]
+    try:
+        return sync(fs.loop, bounded, fs, call)  # type: ignore[no-any-return]
+    finally:
+        if inspect.iscoroutine(call) and inspect.getcoroutinestate(call) == inspect.CORO_CREATED:
+            call.close()  # (one that ran is the loop's to end)
 
 
 async def bounded_while_arriving(fs: gcsfs.GCSFileSystem, call: Awaitable[T], arrived: Callable[[], int]) -> T:

@@ -2184,19 +2184,19 @@ def _not_found(store: JournaledStore, node: str, writer: str, group: str = "",
                                    f"(and its path from the store's root), or write it with {writer}(..., "
                                    f"group={group!r}).")
     if is_gcs(url):
-        from cloudio._gcs.client import gcs_filesystem
+        from cloudio._gcs.client import call_bounded, gcs_filesystem
 
         path = parse_gcs(url)
         fs = gcs_filesystem()
         try:
-            _asked(fs, fs._call("GET", "b/{}", path.bucket, json_out=True))
+            call_bounded(fs, fs._call("GET", "b/{}", path.bucket, json_out=True))
         except FileNotFoundError:
             return BucketNotFoundError(f"{url}: bucket {path.bucket!r} does not exist; check the bucket name, "
                                        "or create the bucket first.")
         except OSError as e:  # cannot tell: say what is known
             log.debug("could not check bucket %s: %s", path.bucket, e)
         try:
-            is_object = _asked(fs, fs._info(path.fs_path)).get("type") == "file"
+            is_object = call_bounded(fs, fs._info(path.fs_path)).get("type") == "file"
         except OSError:
             is_object = False
     else:
@@ -2206,20 +2206,6 @@ def _not_found(store: JournaledStore, node: str, writer: str, group: str = "",
                                   f"cloudio.open({url!r}), or point at the store's directory.")
     return ObjectNotFoundError(f"{url}: no Zarr {node} there (no zarr.json, .zgroup or .zarray); check the URL, "
                                f"or write one with {writer}.")
-
-
-def _asked(fs: Any, call: Coroutine[Any, Any, T]) -> T:
-    """:func:`~cloudio._gcs.client.call_bounded`, ``call`` closed when it never ran (fsspec's ``sync`` refuses a
-    call made on its own loop, and leaves it never awaited)."""
-    import inspect
-
-    from cloudio._gcs.client import call_bounded
-
-    try:
-        return call_bounded(fs, call)
-    finally:
-        if inspect.getcoroutinestate(call) == inspect.CORO_CREATED:  # (one that ran is the loop's to end)
-            call.close()
 
 
 def _other_format(store: JournaledStore, zarr_format: int | None, group: str = "") -> tuple[int, str] | None:
