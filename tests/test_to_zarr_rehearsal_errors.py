@@ -80,9 +80,11 @@ def test_a_codec_whose_library_is_not_installed_says_to_install_it(gcs_bucket: s
     _kept(url, before)
 
 
-def test_an_interrupt_in_the_rehearsal_propagates_unchanged(gcs_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupt_in_the_rehearsal_propagates_unchanged(gcs_bucket: str, monkeypatch: pytest.MonkeyPatch,
+                                                            python_sigint: None) -> None:
     """Ctrl-C while the sample is written in memory (delivered to the main thread, waiting on zarr's loop, as a
-    signal would be): a KeyboardInterrupt, never wrapped, nothing written."""
+    signal would be): a KeyboardInterrupt, never wrapped, nothing written. (``python_sigint``: Python's own SIGINT
+    handler, which ``interrupt_main`` calls; an earlier test's, flytekit's, does not raise KeyboardInterrupt.)"""
     import _thread
 
     from zarr.storage import MemoryStore
