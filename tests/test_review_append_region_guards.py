@@ -808,6 +808,7 @@ def test_compute_false_region_write_computed_on_a_process_cluster(gcs_emulator, 
     since = len(gcs_emulator.requests())
     for _ in range(times):
         returned(delayed.compute, 120)
+        _forgotten(proc_client)
     # the second computation's uploads need the generations listed before the first: refused (412) by the
     # server, then taken as stored because the object holds the same bytes (transfer.py put_verified, _is)
     sent = uploads_logged(gcs_emulator, since, f"cluster{times}.zarr/v/c/")
@@ -831,6 +832,15 @@ def test_dask_append_and_region_write_on_a_process_cluster(gcs_emulator, gcs_buc
     want = _base(19)
     want["v"][4:12] = -1
     np.testing.assert_array_equal(cloudio.open_zarr(url).v.values, want.v.values)
+
+
+def _forgotten(client: Any) -> None:
+    """Wait until the scheduler has forgotten every task: it lets a computation's results go a moment after it
+    returned, and the same graph computed again before that took them as they were (nothing uploaded again)."""
+    deadline = time.monotonic() + 30
+    while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+        assert time.monotonic() < deadline, "the scheduler kept the tasks of a computation that ended"
+        time.sleep(0.05)
 
 
 def _enforced_on_worker() -> None:
