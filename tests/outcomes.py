@@ -5,11 +5,12 @@ the uploads in it, with the generation each needed."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -146,3 +147,23 @@ def forked_exit_code(work: Callable[[], object], seconds: float = 5.0) -> int:
             os.waitpid(pid, 0)
             return 2
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def ctrl_c_once_hit(fault: Any, seconds: float = 30.0) -> Iterator[None]:
+    """Press Ctrl-C (SIGINT to the main thread) once the fault proxy's ``fault`` was hit (or after ``seconds``),
+    while the block runs; the pressing thread has ended when the block is left. (Use with ``python_sigint``.)"""
+    import signal
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + seconds
+        while not fault.hits and time.monotonic() < deadline:
+            time.sleep(0.005)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    try:
+        yield
+    finally:
+        t.join()

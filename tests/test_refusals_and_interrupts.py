@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from conftest import interrupted_while_marker_goes_up
+from outcomes import ctrl_c_once_hit
 
 import cloudio
 from cloudio.emulator import Emulator
@@ -135,8 +136,6 @@ def test_an_interrupt_while_a_vrt_upload_waits_to_try_again_sends_nothing_more(
     """Ctrl-C while ``write_vrt``'s upload waits to try again after a 503: the upload is cancelled before
     KeyboardInterrupt is raised, so the old VRT stays. It went on in the background (fsspec's ``sync``
     leaves its coroutine running): the new VRT landed after the caller had been told the write stopped."""
-    import signal
-    import threading
 
     from affine import Affine
 
@@ -152,21 +151,10 @@ def test_an_interrupt_while_a_vrt_upload_waits_to_try_again_sends_nothing_more(
     sent = len(fault_proxy.requests(upload))
     refused = fault_proxy.add("status", code=503, method="POST", path=upload)
 
-    def interrupt() -> None:
-        deadline = time.monotonic() + 60
-        while not refused.hits and time.monotonic() < deadline:
-            time.sleep(0.005)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    t = threading.Thread(target=interrupt)
-    t.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            cloudio.write_vrt(f"<VRTDataset rasterXSize='16' rasterYSize='16'><VRTRasterBand dataType='Byte' "
-                              f"band='1'><SimpleSource><SourceFilename>{src}</SourceFilename><SourceBand>2"
-                              "</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>", url)
-    finally:
-        t.join()
+    with ctrl_c_once_hit(refused, 60), pytest.raises(KeyboardInterrupt):
+        cloudio.write_vrt(f"<VRTDataset rasterXSize='16' rasterYSize='16'><VRTRasterBand dataType='Byte' "
+                          f"band='1'><SimpleSource><SourceFilename>{src}</SourceFilename><SourceBand>2"
+                          "</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>", url)
     time.sleep(3)  # what would go on in the background has had its time
     assert [status for _, _, status in fault_proxy.requests(upload)[sent:]] == [503]
     assert _stored_vrt(gcs_emulator, gcs_bucket) == before

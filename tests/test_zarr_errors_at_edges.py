@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from outcomes import bounded, returned
+from outcomes import bounded, ctrl_c_once_hit, returned
 
 import cloudio
 from cloudio.errors import CloudioError, ConfigurationError, ReadError
@@ -142,29 +142,18 @@ def test_a_local_stores_own_os_failure_is_not_said_to_be_refused_by_the_server(t
 def test_an_interrupt_of_load_array_is_raised_as_it_is(gcs_bucket: str, fault_proxy: Any) -> None:
     """Ctrl-C while load_array waits for a chunk (its answer held at the proxy): KeyboardInterrupt itself,
     neither named as a cloudio error nor given a cause."""
-    import signal
     import threading
-    import time
 
     url = f"{gcs_bucket}/intr.zarr"
     cloudio.save_array(np.arange(64.0), url, chunks=(16,))
     release = threading.Event()
     held = fault_proxy.add("delay", method="GET", path=r"intr\.zarr%2Fc", release=release, seconds=30, times=None)
 
-    def interrupt() -> None:
-        deadline = time.monotonic() + 30
-        while not held.hits and time.monotonic() < deadline:
-            time.sleep(0.005)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    t = threading.Thread(target=interrupt)
-    t.start()
     try:
-        with pytest.raises(KeyboardInterrupt) as info:
+        with ctrl_c_once_hit(held), pytest.raises(KeyboardInterrupt) as info:
             cloudio.load_array(url)
     finally:
         release.set()
-        t.join()
     assert type(info.value) is KeyboardInterrupt and info.value.__cause__ is None, repr(info.value)
     assert held.hits, "no chunk's GET was held: the interrupt came elsewhere"
 
