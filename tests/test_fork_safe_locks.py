@@ -473,7 +473,7 @@ threads = [threading.Thread(target=nest, daemon=True) for _ in range(3)]
 threads += [threading.Thread(target=set_options, daemon=True) for _ in range(2)]
 for t in threads:
     t.start()
-for _ in range(300):
+for _ in range(100):  # with "journals" first in FORK_ORDER, 30 forks deadlocked 5 times in 5
     pid = os.fork()
     if pid == 0:
         os._exit(0)

@@ -212,7 +212,8 @@ def test_uploads_that_all_stored_corrupt_copies_leave_nothing_and_say_so(
 
 @pytest.mark.parametrize("size", [5000, 300 * 1024], ids=["one request", "resumable"])
 def test_a_local_file_removed_after_its_upload_landed_unanswered_is_a_success(
-    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy, tmp_path, size: int
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy, tmp_path, size: int, quick_retries: None,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The upload of a local file lands, its answer and every retry's are lost, and the file is removed
     meanwhile (a temporary file cleaned up): the server, asked, holds exactly the bytes the landed try
@@ -220,6 +221,11 @@ def test_a_local_file_removed_after_its_upload_landed_unanswered_is_a_success(
     summing the file again; then TransientError and "invalidate", as the file could not be summed.)"""
     import threading
 
+    import cloudio._gcs.fast
+    import cloudio._gcs.transfer
+
+    for module in (cloudio._gcs.fast, cloudio._gcs.transfer):  # every retry is refused: no need to wait
+        monkeypatch.setattr(module, "BACKOFF", 0.01)
     url = f"{gcs_bucket}/d/removed.bin"
     local = tmp_path / "removed.bin"
     data = os.urandom(size)
