@@ -174,7 +174,7 @@ def save_array(
         grid, sharded = write_grid(probe)
         array = align(cast("dask.array.Array", array), grid, name="array", url=store.root_url, sharded=sharded,
                       rechunk=rechunk)
-    with cloudio_errors(store, writing=True, node="array", writer="cloudio.save_array"):
+    with cloudio_errors(store, writing=True, node="array", writer="cloudio.save_array") as failed:
         mark = WriteMark(store, "save_array", replaces=overwrite)  # overwrite=False deletes nothing of a failed write
         try:
             # on GCS (where a file may share a folder's name: the new chunks go up before the old are deleted)
@@ -210,7 +210,7 @@ def save_array(
                         with _no_hugepage_advice():  # zarr encodes into fresh buffers; see _no_hugepage_advice
                             z[...] = array
         except BaseException:
-            mark.fail()
+            failed.marked = mark.fail()
             raise
         mark.commit()
     return z

@@ -739,11 +739,26 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
         return f"{base}/{name}" if base else name
 
     async def all_of_it() -> None:
+        begun: asyncio.Task[None] | None = None
+        if replacing is not None:
+            # not one of the group's tasks, and awaited shielded: a shard failing must not cancel the marker's
+            # request on its way (it could land after the failed write found no marker to take off)
+            begun = asyncio.ensure_future(replacing.begin())
+        try:
+            await _written(begun)
+        finally:
+            if begun is not None:
+                await asyncio.wait([begun])  # its outcome known before the write's mark is failed or committed
+                if not begun.cancelled():
+                    begun.exception()  # raised to the shards that waited for it, if any did
+        if replacing is not None:
+            await replacing.sweep(kept)
+
+    async def _written(begun: asyncio.Task[None] | None) -> None:
         async with asyncio.TaskGroup() as tasks:  # one failing stops the others
-            begun: asyncio.Task[None] | None = None
-            if replacing is not None:
-                begun = tasks.create_task(replacing.begin())
-                tasks.create_task(_after(begun, replacing.create))
+            if begun is not None:
+                assert replacing is not None
+                tasks.create_task(_after(asyncio.shield(begun), replacing.create))
 
             async def batch_of_all() -> None:  # each shard encoded when the batch is ready to send it
                 encode = encoder()
@@ -759,7 +774,7 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                     return name, view
 
                 if begun is not None:
-                    await begun
+                    await asyncio.shield(begun)
                 await store.set_each(len(shards), body, workers)
 
             async def worker() -> None:
@@ -768,7 +783,7 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                     shard = shards.pop()
                     view = await _offload(layout, encode, shard, False)
                     if begun is not None:
-                        await begun
+                        await asyncio.shield(begun)
                     if view is None and listed(shard):
                         view = await _offload(layout, encode, shard, True)
                     if view is not None:
@@ -785,7 +800,7 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                 async def upload(shard: tuple[int, ...], view: memoryview, buf: np.ndarray) -> None:
                     try:
                         if begun is not None:
-                            await begun
+                            await asyncio.shield(begun)
                         name = key(shard)
                         kept.add(name)
                         await store.set(name, Buffer.from_array_like(np.frombuffer(view, dtype="u1")))
@@ -798,7 +813,7 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
                     encoding = False  # a coder thread writes into buf: stopped meanwhile, buf is not given back
                     try:
                         if begun is not None:
-                            await begun
+                            await asyncio.shield(begun)
                         if listed(shard):
                             encoding = True
                             view = await loop.run_in_executor(pool, encoder_into(buf), shard, True)
@@ -837,8 +852,6 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
             else:
                 for _ in range(1 if batch else workers):
                     tasks.create_task(batch_of_all() if batch else worker())
-        if replacing is not None:
-            await replacing.sweep(kept)
 
     from cloudio._zarr.store import run_sync
 

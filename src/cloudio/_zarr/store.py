@@ -1353,10 +1353,11 @@ class WriteMark:
             return {**writer, "rewritten": sorted({*_rewritten(writer), self.group})}
         return writer
 
-    def fail(self, unheard: bool = False) -> None:
+    def fail(self, unheard: bool = False) -> bool:
         """The write failed: its entry stays listed when it changed (or may have changed) the store, taken off
         when not. ``unheard``: other processes may have changed the store for it without this process
-        hearing (:meth:`cloudio._zarr.changes._Changes.unheard`): it stays."""
+        hearing (:meth:`cloudio._zarr.changes._Changes.unheard`): it stays. Returns whether the store stays
+        marked by this write (its entry left, or not known to be gone), which the write's error then says."""
         if not self._begun:  # the marker never went up (begin released its count), or may have, unanswered
             if self._maybe_up:
                 try:
@@ -1364,18 +1365,21 @@ class WriteMark:
                 except Exception as e:  # a marker left behind errs on the safe side
                     log.warning("%s: could not check the write marker after %s was stopped: %s",
                                 self.store.root_url, self.operation, e)
-            return
+                    return True
+            return False
         if unheard or self._changed():
             log.warning("%s: %s failed part way; the store stays marked incomplete", self.store.root_url,
                         self.operation)
             self.store._held.clear()
             self._release()
-            return
+            return True
         try:
             self.commit(replacing=False, filled=False)
         except Exception as e:  # any failure: a marker left behind errs on the safe side
             log.warning("%s: could not remove the write marker after a refused %s: %s", self.store.root_url,
                         self.operation, e)
+            return True
+        return False
 
     def changed(self) -> bool:
         """Whether the write began and changed (or may have changed) the store: see :meth:`_changed`."""
@@ -1957,18 +1961,27 @@ def _call_named(writing: bool, node: str, writer: str) -> str:
     return {"array": "cloudio.load_array", "store": "cloudio.open_zarr"}.get(node, "the read")
 
 
+@dataclass
+class Failed:
+    """What a write guarded by :func:`cloudio_errors` left when it failed, set by the write: its error says it."""
+
+    marked: bool = False  #: the store stays marked incomplete by this write (:meth:`WriteMark.fail`)
+
+
 @contextmanager
 def cloudio_errors(store: JournaledStore, *, writing: bool, node: str = "store",
                    writer: str = "cloudio.to_zarr", group: str = "", mode: str = "w-",
-                   zarr_format: int | None = None) -> Iterator[None]:
+                   zarr_format: int | None = None) -> Iterator[Failed]:
     """Re-raise what zarr, xarray or gcsfs raise inside as :func:`cloudio_error` says, with it as the cause.
 
     Called from a coroutine on zarr's event loop, refuses before anything is done (:func:`refuse_on_zarrs_loop`);
-    a ``MemoryError`` is raised as it is (catchable as such), with a note naming the store."""
+    a ``MemoryError`` is raised as it is (catchable as such), with a note naming the store unless one does. A
+    write sets what it left in the :class:`Failed` yielded."""
     call = _call_named(writing, node, writer)
     refuse_on_zarrs_loop(store.root_url, call)
+    failed = Failed()
     try:
-        yield
+        yield failed
     except Exception as e:
         refusal = sync_refused(e)
         if refusal is not None:
@@ -1983,17 +1996,19 @@ def cloudio_errors(store: JournaledStore, *, writing: bool, node: str = "store",
             raise called_on_its_loop(store.root_url, call, refusal) from refusal
         if err is not None:
             raise err from e
-        if isinstance(e, MemoryError):
-            e.add_note(_out_of_memory(store.root_url, writing, writer, node))
+        if isinstance(e, MemoryError) and not any(store.root_url in n for n in getattr(e, "__notes__", ())):
+            e.add_note(_out_of_memory(store.root_url, writing, writer, node, failed.marked))
         raise
 
 
-def _out_of_memory(url: str, writing: bool, writer: str, node: str) -> str:
+def _out_of_memory(url: str, writing: bool, writer: str, node: str, marked: bool) -> str:
     """The note a ``MemoryError`` of a read or write of ``url`` gets: what to do instead."""
     if writing:
-        return (f"{url}: this process ran out of memory writing it; the store stays marked incomplete (cloudio's "
-                f"readers refuse it) until it is written again whole with {writer}, with more memory, or from "
-                "a Dask array (one task per shard).")
+        left = (f"the store stays marked incomplete (cloudio's readers refuse it) until it is written again whole "
+                f"with {writer}" if marked else
+                "it stored nothing, and the store is as it was. Write it again")
+        return f"{url}: this process ran out of memory writing it; {left}, with more memory, or from a Dask " \
+               "array (one task per shard)."
     instead = ("cloudio.load_array(url, lazy=True) (one Dask task per shard), then a slice of it" if node == "array"
                else "cloudio.open_zarr(url, chunks={}) (Dask arrays), then a selection of it")
     return (f"{url}: this process could not allocate the memory to read it whole; nothing was read. Read it "

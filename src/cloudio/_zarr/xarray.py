@@ -456,7 +456,7 @@ def _rehearse(dataset: xarray.Dataset, where: str, mode: str, kwargs: Mapping[st
         e.add_note(f"{where}: this process ran out of memory writing a one-element sample of the dataset in memory, "
                    "before anything was stored: nothing was written, the store is as it was. Chunks (or shards) "
                    "far larger than memory do this: give smaller ones in the encoding and write again.")
-        raise _RehearsalOutOfMemory(e) from None
+        raise
     except Exception as e:  # made in memory: what xarray or zarr raised is about the input, said with its next step
         if isinstance(e, RuntimeError) and not isinstance(e, RecursionError) and shutting_down():
             # zarr's codecs run in the loop's default executor, which refuses new work at shutdown: not the input's
@@ -484,18 +484,6 @@ def _next_step(e: Exception) -> str:
                 "installed): install it (the package named above where it is named: numcodecs[zfpy], pcodec...), "
                 "or choose another codec, and write again.")
     return "Fix the arguments (the encoding, the attributes, zarr_format...) and write again."
-
-
-class _RehearsalOutOfMemory(BaseException):
-    """Carries the ``MemoryError`` of :func:`_rehearse` past ``cloudio_errors`` (which catches ``Exception`` only),
-    raised again as it is by :func:`to_zarr`.
-
-    Why: ``cloudio_errors`` notes on a ``MemoryError`` that the store stays marked incomplete; the rehearsal
-    comes before anything is written or marked."""
-
-    def __init__(self, error: MemoryError) -> None:
-        super().__init__(error)
-        self.error = error
 
 
 def _is_array_document(doc: bytes | None) -> bool:
@@ -627,10 +615,7 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     succeeds while the graph has not started: xarray's template pattern),
     whatever the mode; see docs/consistency.md.
     """
-    try:
-        return _to_zarr(dataset, url, rechunk, kwargs)
-    except _RehearsalOutOfMemory as carried:
-        raise carried.error from None
+    return _to_zarr(dataset, url, rechunk, kwargs)
 
 
 def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStore, rechunk: bool,
@@ -655,7 +640,7 @@ def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledSto
     if guarded:
         kwargs["consolidated"] = False
     log.debug("to_zarr %s (%s)", store.root_url, {k: v for k, v in kwargs.items() if k != "encoding"})
-    with cloudio_errors(store, writing=True, mode=mode, group=kwargs.get("group") or ""):
+    with cloudio_errors(store, writing=True, mode=mode, group=kwargs.get("group") or "") as failed:
         if mode == "r+":  # the only write mode in which xarray reads consolidated metadata: as open_zarr reads
             check = revalidate(store)  # at the strong and bounded levels, a listing: the documents, not the copy
             if check is None:
@@ -721,7 +706,7 @@ def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledSto
         except BaseException as e:
             unheard = changes is not None and changes.unheard()  # chunks stored by processes not heard here
             changed = unheard or mark.changed()
-            mark.fail(unheard)
+            failed.marked = mark.fail(unheard)
             # the user's own graph (a chunk's task) failed, not its input: cloudio_errors raises it as it is
             computing = raised_computing(e)
             if changed and not computing and isinstance(e, ValueError | KeyError | TypeError) and not isinstance(
