@@ -18,8 +18,9 @@ whole call, retries included, once no byte of an answer has arrived for
 ``TOTAL_FACTOR`` times the limit, plus the longest wait gcsfs makes before
 its first retry (2 s: at a limit of a second, a request given up would
 otherwise leave its retry no time), and raises :class:`~cloudio.TransientError`
-then; cloudio's own requests through :func:`bounded` are bounded in total to
-that time. An explicit ``requests_timeout``
+then; cloudio's own requests through :func:`bounded` are given up once
+nothing moved for that time (the bytes of its uploads going out count:
+:class:`Sent`). An explicit ``requests_timeout``
 storage option wins over the environment variable.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import json
 import logging
 import sys
@@ -292,16 +294,56 @@ def transient_error(url: str, doing: str, exc: BaseException) -> TransientError:
     )
 
 
+class Sent:
+    """The bytes of an upload's body the server took so far, told by the try sending it (:meth:`reached`), what
+    :func:`bounded` watches: a long upload is not given up while its bytes go out.
+
+    Only whole steps of :data:`STEP` bytes beyond what an earlier try of the call sent count: a body sent again
+    and again to a server that never answers (or takes no more of it) must not put off giving it up for good, and
+    the few bytes more a peer's window takes on each try did (16 s where 8 were the limit). Told from sender
+    threads too (one int, the GIL)."""
+
+    #: the bytes one step of progress takes (at the default limit, a link slower than 3 KiB/s is given up)
+    STEP = 1 << 18
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def reached(self, taken: int) -> None:
+        """This try's body has been taken up to ``taken`` bytes."""
+        steps = taken // self.STEP
+        if steps > self.steps:
+            self.steps = steps
+
+    def progress(self) -> int:
+        return self.steps
+
+
+#: inside :func:`bounded`: the progress of the call's upload, which the try sending it tells
+sending: contextvars.ContextVar[Sent | None] = contextvars.ContextVar("cloudio_gcs_sending", default=None)
+
+
 async def bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
-    """Await one gcsfs call (its retries included) for at most the time limit of ``fs``.
+    """Await one gcsfs call (its retries included), given up once nothing moved for the time limit of ``fs``:
+    an upload of cloudio's own transport tells the bytes it sent (:data:`sending`), and a call that tells
+    nothing is bounded in total to that time.
 
     gcsfs's per-request timeout does not bound its six retries and their
     back-off; a server that accepts and never answers would hold a write for
     minutes. The limit is the one tracked filesystems use
-    (:func:`gcsfs_call_limit`, from ``CLOUDIO_HTTP_TIMEOUT``).
+    (:func:`gcsfs_call_limit`, from ``CLOUDIO_HTTP_TIMEOUT``). Why not a limit in total: a large shard over a
+    slow uplink takes longer than that while its bytes still go out (48 MiB at 4 MiB/s was given up at 7 s
+    with ``CLOUDIO_HTTP_TIMEOUT=2``).
     """
     limit = gcsfs_call_limit(getattr(fs, "requests_timeout", None))
-    return await (call if limit is None else asyncio.wait_for(call, limit))
+    if limit is None:
+        return await call
+    sent = Sent()
+    token = sending.set(sent)  # (the call's task, made in while_arriving, copies it)
+    try:
+        return await while_arriving(call, limit, sent.progress)
+    finally:
+        sending.reset(token)
 
 
 def call_bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
@@ -332,16 +374,17 @@ async def bounded_while_arriving(fs: gcsfs.GCSFileSystem, call: Awaitable[T], ar
     return await (call if limit is None else while_arriving(call, limit, arrived))
 
 
-async def while_arriving(call: Awaitable[T], limit: float, progress: Callable[[], int]) -> T:
+async def while_arriving(call: Awaitable[T], limit: float, progress: Callable[[], int],
+                         first: float | None = None) -> T:
     """Await ``call`` for as long as ``progress()`` keeps changing: given up (TimeoutError, an OSError) once it
-    has not changed for ``limit`` seconds, from the start or from the last change seen (looked at every quarter
-    of ``limit`` at least). The call has ended before the caller hears, as ``asyncio.wait_for``'s does: gcsfs
-    removes a partial local file as the cancel reaches it."""
+    has not changed for ``limit`` seconds (``first`` seconds from the start, when given), or from the last change
+    seen (looked at every quarter of ``limit`` at least). The call has ended before the caller hears, as
+    ``asyncio.wait_for``'s does: gcsfs removes a partial local file as the cancel reaches it."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(call)
     try:
         seen = progress()
-        deadline = loop.time() + limit
+        deadline = loop.time() + (limit if first is None else first)
         while True:
             done, _ = await asyncio.wait({task}, timeout=max(min(limit / 4, deadline - loop.time()), 0))
             if done:

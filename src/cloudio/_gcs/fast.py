@@ -64,9 +64,12 @@ from cloudio._gcs.client import (
     ATTEMPTS,
     BACKOFF,
     TOTAL_FACTOR,
+    Sent,
     is_transient,
+    sending,
     total_time_limit,
     transient_error,
+    while_arriving,
 )
 from cloudio._paths import GCSPath
 from cloudio._threads import KeptPool
@@ -181,19 +184,21 @@ async def _post_large(fs: gcsfs.GCSFileSystem, url: str, data: Sequence[bytes | 
     thread gives up at the socket's time limit).
     """
     loop = asyncio.get_running_loop()
+    sent = sending.get()  # (the sender thread does not see the caller's context)
 
     async def once() -> dict[str, Any]:
-        return await loop.run_in_executor(_sender_threads(), _post_once, fs, url, data, content_type)
+        return await loop.run_in_executor(_sender_threads(), _post_once, fs, url, data, content_type, sent)
 
     return await _retrying(fs, once, functools.partial(_upload_pause, url))
 
 
 def _post_once(fs: gcsfs.GCSFileSystem, url: str, data: Sequence[bytes | memoryview],
-               content_type: str) -> dict[str, Any]:
-    """One POST of ``data`` (a body's pieces) to ``url`` on this thread's connection to its origin (blocking)."""
+               content_type: str, sent: Sent | None = None) -> dict[str, Any]:
+    """One POST of ``data`` (a body's pieces) to ``url`` on this thread's connection to its origin (blocking);
+    the bytes the server took told to ``sent``."""
     from gcsfs.retry import validate_response
 
-    origin, r = _ask(fs, url, "POST", data, {"Content-Type": content_type})
+    origin, r = _ask(fs, url, "POST", data, {"Content-Type": content_type}, sent)
     try:
         body = r.read()
     except BaseException:
@@ -372,10 +377,12 @@ def _fetch_once(fs: gcsfs.GCSFileSystem, url: str, buf: np.ndarray, deadline: fl
 
 
 def _ask(fs: gcsfs.GCSFileSystem, url: str, method: str = "GET", body: Sequence[bytes | memoryview] | None = None,
-         headers: dict[str, str] | None = None) -> tuple[tuple[str, str, int], http.client.HTTPResponse]:
+         headers: dict[str, str] | None = None,
+         sent: Sent | None = None) -> tuple[tuple[str, str, int], http.client.HTTPResponse]:
     """A request (a GET unless told) on this thread's connection to ``url``'s origin, answered up to the
     body. A body (its pieces in order) is sent from the caller's buffers (``sendall`` of memoryviews;
-    ``http.client`` would join a ``bytes`` body to the head, a copy)."""
+    ``http.client`` would join a ``bytes`` body to the head, a copy); the bytes of it the server took are told
+    to ``sent`` as they go."""
     parts = urlsplit(url)
     origin = _origin(parts)
     silence = _socket_timeout(fs)
@@ -386,9 +393,9 @@ def _ask(fs: gcsfs.GCSFileSystem, url: str, method: str = "GET", body: Sequence[
             conn.request(method, target, headers={**(headers or {}), **fs._get_headers(None)})
         else:  # sent a piece at a time: the socket's timeout then limits a silence, not the whole body
             views = [memoryview(piece).cast("B") for piece in body]
-            conn.request(method, target, body=_pieces(views), headers={
+            conn.request(method, target, body=_pieces(views, conn, sent), headers={
                 **(headers or {}), **fs._get_headers(None), "Content-Length": str(sum(v.nbytes for v in views))})
-            _sent(conn.sock, silence)
+            _sent(conn.sock, silence, sum(v.nbytes for v in views), sent)
         return origin, conn.getresponse()
     except BaseException:
         _drop(origin)
@@ -407,8 +414,18 @@ _OUTQ: int = getattr(termios, "TIOCOUTQ", 0) if _ioctl is not None else 0
 _PIECE = 1 << 18
 
 
-def _pieces(views: Sequence[memoryview]) -> Iterator[memoryview]:
-    return (view[i:i + _PIECE] for view in views for i in range(0, view.nbytes, _PIECE))
+def _pieces(views: Sequence[memoryview], conn: http.client.HTTPConnection,
+            sent: Sent | None) -> Iterator[memoryview]:
+    """The body's pieces, each asked for once the one before it was handed to the kernel: the bytes the server
+    took so far (handed over, less what the kernel still holds) told to ``sent``."""
+    handed = 0
+    for view in views:
+        for i in range(0, view.nbytes, _PIECE):
+            piece = view[i:i + _PIECE]
+            yield piece
+            handed += piece.nbytes
+            if sent is not None:
+                sent.reached(handed - _unsent(conn.sock))
 
 
 def _unsent(sock: Any) -> int:
@@ -422,11 +439,11 @@ def _unsent(sock: Any) -> int:
     return int.from_bytes(got, sys.byteorder, signed=True)
 
 
-def _sent(sock: socket.socket, silence: float) -> None:
+def _sent(sock: socket.socket, silence: float, size: int = 0, sent: Sent | None = None) -> None:
     """Wait until the peer took every byte of the request the kernel still holds, or answered: given up
-    (``TimeoutError``) once none moved for ``silence`` seconds. Why: the kernel takes MiBs of a body at once;
-    on a slow link they leave long after ``sendall`` returned, and waiting for the answer meanwhile would
-    count that time as silence."""
+    (``TimeoutError``) once none moved for ``silence`` seconds; the bytes of the ``size`` of the body taken
+    meanwhile told to ``sent``. Why: the kernel takes MiBs of a body at once; on a slow link they leave long
+    after ``sendall`` returned, and waiting for the answer meanwhile would count that time as silence."""
     left, moved = _unsent(sock), time.monotonic()
     if not left:
         return
@@ -438,6 +455,8 @@ def _sent(sock: socket.socket, silence: float) -> None:
             now, still = time.monotonic(), _unsent(sock)
             if still != left:
                 left, moved = still, now
+                if sent is not None:
+                    sent.reached(size - still)
             elif now - moved > silence:
                 raise TimeoutError(f"no bytes of the request left for {silence:g} s")
 
@@ -1491,22 +1510,31 @@ def _unanswered(e: Exception) -> bool:
 
 async def _retrying(fs: gcsfs.GCSFileSystem, once: Callable[[], Awaitable[T]],
                     pause: Callable[[Exception, int, int, float], float | None]) -> T:
-    """``once()`` until it succeeds, all within the time limit of one call; ``pause(e, retry, retries,
+    """``once()`` until it succeeds, all within the time limit of one call: from its start, or from the last
+    bytes of its upload the server took (inside :func:`~cloudio._gcs.client.bounded`, which tells them:
+    :data:`~cloudio._gcs.client.sending`); ``pause(e, retry, retries,
     deadline)`` says how long to wait after a failure, or None to raise it (or raises an error of its own).
     A try is not capped by the per-request limit as a whole: ``once`` gives up on a request that stays
     silent that long (:class:`_Watchdog`, a socket's timeout), and one moving slowly but steadily goes on."""
     limit, retries = _budget(fs)
     deadline = time.monotonic() + limit
+    sent = sending.get()
+    seen = sent.progress() if sent is not None else 0
     tally = tries.get()
     for retry in range(retries):
         if tally is not None:
             tally.append(retry)
         try:
-            async with asyncio.timeout(None if deadline == math.inf else max(0.0, deadline - time.monotonic())):
-                return await once()
+            left = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
+            if sent is None or left is None:
+                async with asyncio.timeout(left):
+                    return await once()
+            return await while_arriving(once(), limit, sent.progress, first=left)
         except Exception as e:
             if tally is not None and _unanswered(e):
                 tally.append(UNANSWERED)
+            if sent is not None and sent.progress() != seen:  # bytes went out: the limit counts from here
+                seen, deadline = sent.progress(), time.monotonic() + limit
             wait = pause(e, retry, retries, deadline)
             if wait is None:
                 raise
