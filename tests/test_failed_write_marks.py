@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from faultproxy import FaultProxy
+from outcomes import ctrl_c_once_hit
 
 import cloudio
 from cloudio._journal import journal
@@ -62,3 +63,30 @@ def test_a_marker_on_its_way_as_the_write_fails_is_not_left_behind(
     marker = f"{url}/{MARKER}"
     assert [c.kind for c in journal().since(0) if c.url == marker][-1] == "delete"  # as the server holds it
 
+
+
+def test_an_interrupt_while_the_marker_is_on_its_way_ends_at_once_and_counts_no_write_under_way(
+    gcs_emulator: Emulator, gcs_bucket: str, fault_proxy: FaultProxy, python_sigint: None
+) -> None:
+    """Ctrl-C while the marker's request is held 4 s before it reaches the server: the interrupt stops the
+    request at once (it waited for its answer, up to 30 s, in a first version of the fix above), and once the
+    request has ended the process counts no write of the store under way (the marker's step ending after the
+    write failed left its count). The marker may still land (the server had its bytes): the journal then says
+    what the server may hold."""
+    import time
+
+    from cloudio._zarr import store as zarr_store
+
+    url = f"{gcs_bucket}/interrupted.zarr"
+    cloudio.save_array(np.arange(6.0), url, chunks=(3,))
+    held = fault_proxy.add("delay", method="POST", path=r"^/upload/", body=MARKER.encode(), seconds=4)
+    start = time.monotonic()
+    with ctrl_c_once_hit(held), pytest.raises(KeyboardInterrupt):
+        cloudio.save_array(np.arange(8.0), url, chunks=(4,))
+    assert time.monotonic() - start < 3, "the interrupt waited for the marker's request"
+    assert held.answered.wait(10)
+    time.sleep(0.5)
+    assert not zarr_store._marked(url)
+    kinds = [c.kind for c in journal().since(0) if c.url == f"{url}/{MARKER}"]
+    assert kinds[-1] in (("invalidate", "write") if _marker_stored(gcs_emulator, url) else
+                         ("invalidate", "delete")), kinds

@@ -32,6 +32,7 @@ import contextvars
 import json
 import logging
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -301,19 +302,21 @@ class Sent:
     Only whole steps of :data:`STEP` bytes beyond what an earlier try of the call sent count: a body sent again
     and again to a server that never answers (or takes no more of it) must not put off giving it up for good, and
     the few bytes more a peer's window takes on each try did (16 s where 8 were the limit). Told from sender
-    threads too (one int, the GIL)."""
+    threads too: an abandoned try's and its retry's at once."""
 
     #: the bytes one step of progress takes (at the default limit, a link slower than 3 KiB/s is given up)
     STEP = 1 << 18
 
     def __init__(self) -> None:
         self.steps = 0
+        self._lock = threading.Lock()  # (a check and a set: never a step back)
 
     def reached(self, taken: int) -> None:
         """This try's body has been taken up to ``taken`` bytes."""
         steps = taken // self.STEP
         if steps > self.steps:
-            self.steps = steps
+            with self._lock:
+                self.steps = max(self.steps, steps)
 
     def progress(self) -> int:
         return self.steps
@@ -335,13 +338,10 @@ async def bounded(fs: gcsfs.GCSFileSystem, call: Awaitable[T]) -> T:
     slow uplink takes longer than that while its bytes still go out (48 MiB at 4 MiB/s was given up at 7 s
     with ``CLOUDIO_HTTP_TIMEOUT=2``).
     """
-    limit = gcsfs_call_limit(getattr(fs, "requests_timeout", None))
-    if limit is None:
-        return await call
     sent = Sent()
     token = sending.set(sent)  # (the call's task, made in while_arriving, copies it)
     try:
-        return await while_arriving(call, limit, sent.progress)
+        return await bounded_while_arriving(fs, call, sent.progress)
     finally:
         sending.reset(token)
 

@@ -393,9 +393,10 @@ def _ask(fs: gcsfs.GCSFileSystem, url: str, method: str = "GET", body: Sequence[
             conn.request(method, target, headers={**(headers or {}), **fs._get_headers(None)})
         else:  # sent a piece at a time: the socket's timeout then limits a silence, not the whole body
             views = [memoryview(piece).cast("B") for piece in body]
+            size = sum(v.nbytes for v in views)
             conn.request(method, target, body=_pieces(views, conn, sent), headers={
-                **(headers or {}), **fs._get_headers(None), "Content-Length": str(sum(v.nbytes for v in views))})
-            _sent(conn.sock, silence, sum(v.nbytes for v in views), sent)
+                **(headers or {}), **fs._get_headers(None), "Content-Length": str(size)})
+            _sent(conn.sock, silence, size, sent)
         return origin, conn.getresponse()
     except BaseException:
         _drop(origin)

@@ -742,10 +742,15 @@ def write(z: zarr.Array[Any], layout: Layout, array: np.ndarray, replacing: Repl
         begun: asyncio.Task[None] | None = None
         if replacing is not None:
             # not one of the group's tasks, and awaited shielded: a shard failing must not cancel the marker's
-            # request on its way (it could land after the failed write found no marker to take off)
+            # request on its way (it could land after the failed write found no marker to take off); an
+            # interrupt does, and the request may then land late, as any cancelled upload may
             begun = asyncio.ensure_future(replacing.begin())
         try:
             await _written(begun)
+        except asyncio.CancelledError:  # interrupted (Ctrl-C): the marker's request is stopped too, at once
+            if begun is not None:
+                begun.cancel()
+            raise
         finally:
             if begun is not None:
                 await asyncio.wait([begun])  # its outcome known before the write's mark is failed or committed

@@ -1214,6 +1214,9 @@ class WriteMark:
         self._before: list[dict[str, Any]] = []  # the writers listed when this one began
         self._maybe_up = False  # begin failed: its entry may be in the marker all the same
         self._begun = False
+        self._going = False  # begun is under way (a write's shards wait for it; fail may come first)
+        self._failed = False  # fail ran
+        self._state = threading.Lock()  # begun ending and fail: one sees the other's outcome
 
     def begin(self) -> Self:
         run_sync(self.begun())
@@ -1245,15 +1248,31 @@ class WriteMark:
             self._before = [w for w in writers if w.get("uuid") != self.token]
             return [*self._before, entry]
 
+        self._going = True
         try:
             # on GCS the marker is usually absent: one create-only request, read only when it is not
             await _update_marker(self.store, add, read_first=not is_gcs(root))
         except BaseException:
-            self._maybe_up = True  # sent, its answer not taken in (a refusal, or cancelled on its way)
+            with self._state:
+                self._maybe_up = True  # sent, its answer not taken in (a refusal, or cancelled on its way)
+                self._going = False
             self._release()
             raise
-        self._seq = journal().seq
-        self._begun = True
+        seq = journal().seq
+        with self._state:
+            self._going = False
+            failed = self._failed
+            if not failed:
+                self._seq, self._begun = seq, True
+        if failed:  # the write failed (an interrupt that did not wait for this): nothing of it went up
+            try:
+                await _update_marker(self.store, lambda writers: [w for w in writers if w.get("uuid") != self.token],
+                                     read_first=True)
+            except Exception as e:  # a marker left behind errs on the safe side
+                log.warning("%s: could not take the write marker off after %s was stopped: %s", root,
+                            self.operation, e)
+            finally:
+                self._release()
 
     @property
     def follows_others(self) -> bool:
@@ -1358,6 +1377,13 @@ class WriteMark:
         when not. ``unheard``: other processes may have changed the store for it without this process
         hearing (:meth:`cloudio._zarr.changes._Changes.unheard`): it stays. Returns whether the store stays
         marked by this write (its entry left, or not known to be gone), which the write's error then says."""
+        with self._state:
+            self._failed = True
+            going = self._going
+        if going:  # begun, still under way, takes the entry off when it ends (no shard went up before it)
+            log.warning("%s: %s was stopped while its write marker was on its way; it is taken off once its "
+                        "request ends", self.store.root_url, self.operation)
+            return True
         if not self._begun:  # the marker never went up (begin released its count), or may have, unanswered
             if self._maybe_up:
                 try:
