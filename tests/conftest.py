@@ -47,6 +47,14 @@ def fault_proxy(gcs_emulator: Emulator) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
+def slow_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLOUDIO_HTTP_TIMEOUT for tests of long uploads over a slow link (:data:`relay.SLOW_TIMEOUT`)."""
+    from relay import SLOW_TIMEOUT
+
+    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", str(SLOW_TIMEOUT))
+
+
+@pytest.fixture
 def b(gcs_bucket: str) -> str:
     """The bucket as an fsspec path (no protocol)."""
     return gcs_bucket[len("gs://"):]

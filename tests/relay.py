@@ -10,6 +10,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cloudio import _config
+from cloudio._gcs.client import GCSFS_FIRST_RETRY_WAIT, TOTAL_FACTOR
+
+#: CLOUDIO_HTTP_TIMEOUT in tests of long uploads over a slow link (the ``slow_link`` fixture), and the limit of one
+#: call then: nothing moved for 3 x 2 s + gcsfs's wait
+SLOW_TIMEOUT = 2.0
+CALL_LIMIT = TOTAL_FACTOR * SLOW_TIMEOUT + GCSFS_FIRST_RETRY_WAIT
+#: 48 MiB at 4 MiB/s: 12 s in all, about twice the limit, never still for long. Why so much: this machine's kernel
+#: takes up to 4 MiB of a connection's bytes at once (loopback), which then reach the server within 1 s, under the
+#: 2 s aiohttp waits for an answer once the last byte left; the rest is sent while the kernel takes it.
+UP = 4 << 20
+BIG = 48 << 20
 
 
 class Relay:

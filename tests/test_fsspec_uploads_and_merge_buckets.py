@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 from outcomes import bounded
-from relay import Relay
+from relay import BIG, CALL_LIMIT, UP, Relay
 
 import cloudio
-from cloudio._gcs.client import GCSFS_FIRST_RETRY_WAIT, TOTAL_FACTOR
 
 # ---------------------------------------------------------------------------------------------
 # a merge of another bucket's objects
@@ -115,20 +114,6 @@ def test_a_merge_within_one_bucket_spelled_either_way_still_composes(fault_proxy
 # long uploads over a slow uplink
 # ---------------------------------------------------------------------------------------------
 
-#: CLOUDIO_HTTP_TIMEOUT in these tests, and a tracked call's limit then: nothing moved for 3 x 2 s + gcsfs's wait
-TIMEOUT = 2.0
-CALL_LIMIT = TOTAL_FACTOR * TIMEOUT + GCSFS_FIRST_RETRY_WAIT
-#: 48 MiB at 4 MiB/s: 12 s in all, never still for long. Why so much: this machine's kernel takes up to 4 MiB
-#: of a connection's bytes at once (loopback), which then reach the server within 1 s, under the 2 s aiohttp waits
-#: for an answer once the last byte left; the rest is sent while the kernel takes it.
-UP = 4 << 20
-BIG = 48 << 20
-
-
-@pytest.fixture
-def slow(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", str(TIMEOUT))
-
 
 def _upload(fs: Any, url: str, data: bytes, how: str) -> None:
     if how == "pipe":  # one multipart upload
@@ -144,7 +129,7 @@ CARRIES = {"pipe": rb"POST [^\r\n]*uploadType=multipart", "open": rb"POST [^\r\n
 
 # (in front of the emulator itself, not the fault proxy: a resumable upload's session URL then names the relay)
 @pytest.mark.parametrize("how", ["pipe", "open"])
-def test_a_long_upload_whose_bytes_keep_going_out_is_not_cut_short(gcs_emulator, b, slow, how):
+def test_a_long_upload_whose_bytes_keep_going_out_is_not_cut_short(gcs_emulator, b, slow_link, how):
     """An upload taking longer than the call limit in all, its bytes going out steadily, is stored whole: it was
     given up at the limit (TransientError, "no byte arrived") while its bytes still went out."""
     data = os.urandom(BIG)
@@ -158,7 +143,7 @@ def test_a_long_upload_whose_bytes_keep_going_out_is_not_cut_short(gcs_emulator,
 
 
 @pytest.mark.parametrize("how", ["pipe", "open"])
-def test_an_upload_the_server_stops_reading_is_given_up_at_the_limit(gcs_emulator, b, slow, how):
+def test_an_upload_the_server_stops_reading_is_given_up_at_the_limit(gcs_emulator, b, slow_link, how):
     """The server takes none of the upload's bytes (what the kernel holds aside, sent at once): given up once
     nothing moved for the call limit, with TransientError naming the object; nothing stored."""
     data = os.urandom(16 << 20)
@@ -184,7 +169,8 @@ def test_an_upload_sent_in_pieces_is_sent_whole_again_when_retried(fault_proxy, 
 
 
 @pytest.mark.parametrize("how", ["pipe", "open"])
-def test_an_upload_never_answered_is_given_up_at_the_limit_though_each_try_sends_it_again(fault_proxy, b, slow, how):
+def test_an_upload_never_answered_is_given_up_at_the_limit_though_each_try_sends_it_again(fault_proxy, b, slow_link,
+                                                                                         how):
     """The server takes every byte of each try and never answers: gcsfs tries again (and again) once aiohttp's
     wait for an answer ends, each try sending the body anew. Bytes sent again are no progress: given up at the
     call limit, with TransientError naming the object, rather than when gcsfs's retries run out."""

@@ -10,26 +10,14 @@ import os
 import numpy as np
 import pytest
 from outcomes import bounded
-from relay import Relay
+from relay import BIG, CALL_LIMIT, SLOW_TIMEOUT, UP, Relay
 
 import cloudio
-from cloudio._gcs.client import GCSFS_FIRST_RETRY_WAIT, TOTAL_FACTOR
+from cloudio._gcs.client import TOTAL_FACTOR
 from cloudio._gcs.transfer import upload
 
-#: CLOUDIO_HTTP_TIMEOUT here, and the limit of one call then (nothing moved for 3 x 2 s, and gcsfs's wait)
-TIMEOUT = 2.0
-CALL_LIMIT = TOTAL_FACTOR * TIMEOUT + GCSFS_FIRST_RETRY_WAIT
-#: 48 MiB at 4 MiB/s: 12 s, about twice the limit, never still for long
-UP = 4 << 20
-BIG = 48 << 20
 
-
-@pytest.fixture
-def slow(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CLOUDIO_HTTP_TIMEOUT", str(TIMEOUT))
-
-
-def test_a_large_shard_going_out_slowly_is_stored_whole(gcs_emulator, gcs_bucket, slow):
+def test_a_large_shard_going_out_slowly_is_stored_whole(gcs_emulator, gcs_bucket, slow_link):
     """``save_array`` of one 48 MiB shard at 4 MiB/s: it was given up at the call limit (TransientError "upload
     failed past the retries (TimeoutError: no answer)" after 7 s, sent three times) while its bytes went out."""
     data = np.frombuffer(os.urandom(BIG), dtype="u1")
@@ -42,7 +30,7 @@ def test_a_large_shard_going_out_slowly_is_stored_whole(gcs_emulator, gcs_bucket
     np.testing.assert_array_equal(cloudio.load_array(url), data)
 
 
-def test_a_large_guarded_upload_going_out_slowly_is_stored_whole(gcs_emulator, gcs_bucket, slow):
+def test_a_large_guarded_upload_going_out_slowly_is_stored_whole(gcs_emulator, gcs_bucket, slow_link):
     """A guarded upload of 48 MiB in one request (``if_generation_match``) at 4 MiB/s."""
     data = os.urandom(BIG)
     url = f"{gcs_bucket}/big.bin"
@@ -54,7 +42,7 @@ def test_a_large_guarded_upload_going_out_slowly_is_stored_whole(gcs_emulator, g
     assert cloudio.filesystem(url).cat(url) == data
 
 
-def test_a_large_upload_the_server_stops_taking_is_given_up_at_the_limit(gcs_emulator, gcs_bucket, slow):
+def test_a_large_upload_the_server_stops_taking_is_given_up_at_the_limit(gcs_emulator, gcs_bucket, slow_link):
     """The server takes none of the shard's bytes (what the kernel holds aside): given up once nothing moved for
     the call limit, with TransientError naming the object; the store stays marked incomplete."""
     data = np.frombuffer(os.urandom(16 << 20), dtype="u1")
@@ -64,6 +52,6 @@ def test_a_large_upload_the_server_stops_taking_is_given_up_at_the_limit(gcs_emu
         assert deaf.deafened >= 1
     assert isinstance(error, cloudio.TransientError), repr(error)
     assert f"{url}/c/0" in str(error)
-    assert TOTAL_FACTOR * TIMEOUT - 0.5 < took < CALL_LIMIT * 1.5 + 2, f"took {took:.1f} s"
+    assert TOTAL_FACTOR * SLOW_TIMEOUT - 0.5 < took < CALL_LIMIT * 1.5 + 2, f"took {took:.1f} s"
     with pytest.raises(cloudio.IncompleteWriteError):
         cloudio.load_array(url)
