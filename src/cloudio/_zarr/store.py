@@ -1215,8 +1215,7 @@ class WriteMark:
         self._maybe_up = False  # begin failed: its entry may be in the marker all the same
         self._begun = False
         self._going = False  # begun is under way (a write's shards wait for it; fail may come first)
-        self._failed = False  # fail ran
-        self._state = threading.Lock()  # begun ending and fail: one sees the other's outcome
+        self._failed = False  # fail ran (begun ending and fail see each other's outcome under _marks_lock)
 
     def begin(self) -> Self:
         run_sync(self.begun())
@@ -1253,13 +1252,13 @@ class WriteMark:
             # on GCS the marker is usually absent: one create-only request, read only when it is not
             await _update_marker(self.store, add, read_first=not is_gcs(root))
         except BaseException:
-            with self._state:
+            with _marks_lock:
                 self._maybe_up = True  # sent, its answer not taken in (a refusal, or cancelled on its way)
                 self._going = False
             self._release()
             raise
         seq = journal().seq
-        with self._state:
+        with _marks_lock:
             self._going = False
             failed = self._failed
             if not failed:
@@ -1377,7 +1376,7 @@ class WriteMark:
         when not. ``unheard``: other processes may have changed the store for it without this process
         hearing (:meth:`cloudio._zarr.changes._Changes.unheard`): it stays. Returns whether the store stays
         marked by this write (its entry left, or not known to be gone), which the write's error then says."""
-        with self._state:
+        with _marks_lock:
             self._failed = True
             going = self._going
         if going:  # begun, still under way, takes the entry off when it ends (no shard went up before it)
