@@ -615,11 +615,6 @@ def to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStor
     succeeds while the graph has not started: xarray's template pattern),
     whatever the mode; see docs/consistency.md.
     """
-    return _to_zarr(dataset, url, rechunk, kwargs)
-
-
-def _to_zarr(dataset: xarray.Dataset, url: str | os.PathLike[str] | JournaledStore, rechunk: bool,
-             kwargs: dict[str, Any]) -> Any:
     current_level()  # an unusable CLOUDIO_CONSISTENCY is named before anything is written
     storage_options = kwargs.pop("storage_options", None)
     store = _store(url, False, storage_options)
